@@ -1,0 +1,1 @@
+"""cei-actors: the Common Execution Infrastructure as event-sourced actors."""
