@@ -1,0 +1,121 @@
+"""Domain events as frozen dataclasses, and the registry that turns them into records and back.
+
+A component declares its events once::
+
+    events = EventRegistry("provisioner")
+
+    @events.register("NodeRequested", version=2)
+    @dataclass(frozen=True, slots=True)
+    class NodeRequested:
+        node_id: str
+        site: str
+
+    @events.upcaster("NodeRequested", from_version=1)
+    def _add_site(body: dict) -> dict:
+        return {**body, "site": "default"}
+
+Field values must be msgpack-native (str, int, float, bool, None, bytes, list, dict).
+Older stored versions are upcast step by step; unknown types and newer versions are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import CorruptLog, NewerEventVersion, UnknownEventType
+from .records import PendingEvent, Record
+
+E = TypeVar("E")
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _EventType:
+    name: str
+    version: int
+    cls: type
+    fields: tuple[str, ...]
+
+
+class EventRegistry:
+    """Maps event type names to dataclasses, with schema versions and upcasters."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self._by_name: dict[str, _EventType] = {}
+        self._by_class: dict[type, _EventType] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def register(self, name: str, version: int = 1) -> Callable[[type[E]], type[E]]:
+        """Class decorator: register a frozen dataclass as event type ``name`` at ``version``."""
+
+        def decorate(cls: type[E]) -> type[E]:
+            if not dataclasses.is_dataclass(cls):
+                raise TypeError(f"event {name!r}: {cls.__name__} must be a dataclass")
+            if name in self._by_name:
+                raise ValueError(f"event type {name!r} is registered twice in {self.namespace!r}")
+            fields = tuple(f.name for f in dataclasses.fields(cls))
+            entry = _EventType(name, version, cls, fields)
+            self._by_name[name] = entry
+            self._by_class[cls] = entry
+            return cls
+
+        return decorate
+
+    def upcaster(self, name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Decorator: a function turning a ``from_version`` body into a ``from_version + 1`` body."""
+
+        def decorate(fn: Upcaster) -> Upcaster:
+            self._upcasters[(name, from_version)] = fn
+            return fn
+
+        return decorate
+
+    def type_name(self, event: object) -> str:
+        """The registered name of ``event``'s class."""
+        return self._entry_for(event).name
+
+    def _entry_for(self, event: object) -> _EventType:
+        try:
+            return self._by_class[type(event)]
+        except KeyError:
+            raise TypeError(
+                f"{type(event).__name__} is not an event registered in {self.namespace!r}"
+            ) from None
+
+    def to_pending(self, event: object, timestamp: float) -> PendingEvent:
+        """Turn a domain event into a :class:`PendingEvent` ready to append."""
+        entry = self._entry_for(event)
+        body = {f: getattr(event, f) for f in entry.fields}
+        return PendingEvent(entry.name, entry.version, timestamp, body)
+
+    def from_record(self, record: Record) -> Any:
+        """Turn a stored record back into its domain event, upcasting older versions."""
+        entry = self._by_name.get(record.type)
+        if entry is None:
+            raise UnknownEventType(record.stream, record.offset, record.type)
+        version, body = record.version, record.body
+        if version > entry.version:
+            raise NewerEventVersion(record.stream, record.offset, record.type, version, entry.version)
+        while version < entry.version:
+            step = self._upcasters.get((record.type, version))
+            if step is None:
+                raise CorruptLog(
+                    record.stream,
+                    record.offset,
+                    f"no upcaster for {record.type!r} from version {version}",
+                )
+            body = step(dict(body))
+            version += 1
+        try:
+            return entry.cls(**body)
+        except TypeError as exc:
+            raise CorruptLog(
+                record.stream, record.offset, f"body does not fit {record.type!r}: {exc}"
+            ) from exc
+
+    def names(self) -> list[str]:
+        """All registered event type names."""
+        return sorted(self._by_name)

@@ -1,0 +1,284 @@
+"""The event log interface and the batching, fencing and reading rules every backend shares.
+
+A backend implements a handful of storage primitives (``_put``, ``_get``, ``_index`` ...);
+:class:`EventLog` turns them into appends that are fenced, split, idempotent on retry and
+atomic per call, and into reads that check order, density and checksums.
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+
+from .batch import decode_batch, decode_snapshot, encode_batch, encode_snapshot, encoded_event_size
+from .errors import CorruptLog, EventLogError, Fenced, OffsetConflict
+from .records import Fence, PendingEvent, Record, Snapshot, check_stream
+
+
+class BatchExists(EventLogError):
+    """Raised by a backend's ``_put`` when a batch with that first offset is already stored."""
+
+    def __init__(self, stream: str, first: int) -> None:
+        super().__init__(f"stream {stream!r}: a batch at offset {first} exists")
+        self.stream, self.first = stream, first
+
+
+class EventLog(ABC):
+    """An append-only log of event streams with leader fencing, snapshots and an archive."""
+
+    #: Largest encoded batch a backend stores as one unit.
+    max_batch_bytes: int = 256 * 1024
+    #: Largest total of batches a backend can write atomically in one ``_put``.
+    max_atomic_bytes: int = 1 << 62
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._heads: dict[tuple[str, int], int] = {}
+        self._heads_lock = threading.Lock()
+
+    # ---- the public interface -------------------------------------------------------------
+
+    def streams(self) -> list[str]:
+        """Names of the streams that hold anything (events, an epoch or a snapshot)."""
+        return sorted(self._streams())
+
+    def epoch(self, stream: str) -> int:
+        """The stream's current leader epoch (0 before anyone acquired it)."""
+        return self._epoch(check_stream(stream))
+
+    def acquire(self, stream: str) -> Fence:
+        """Become the stream's writer: bump its epoch, fencing out every earlier writer.
+
+        An append that an earlier writer split over several atomic writes and never finished
+        is removed here, so the log never shows half of one append.
+        """
+        check_stream(stream)
+        epoch = self._bump_epoch(stream)
+        head, orphans = self._scan_tail(stream)
+        if orphans:
+            self._delete(stream, epoch, orphans)
+        with self._heads_lock:
+            self._heads[(stream, epoch)] = head
+        return Fence(stream, epoch)
+
+    def head(self, stream: str) -> int:
+        """The offset of the newest complete event (0 if none)."""
+        return self._scan_tail(check_stream(stream))[0]
+
+    def append(self, fence: Fence, after: int, events: Sequence[PendingEvent]) -> int:
+        """Append ``events`` at offsets ``after + 1 ...``; returns the new head.
+
+        Refused with :class:`Fenced` if a newer writer acquired the stream, with
+        :class:`OffsetConflict` if ``after`` is not the head. Retrying an append whose outcome
+        was unknown (e.g. a lost connection) is safe: an identical stored append counts as done.
+        """
+        stream, epoch = fence.stream, fence.epoch
+        if not events:
+            return after
+        key = (stream, epoch)
+        with self._heads_lock:
+            cached = self._heads.get(key)
+        if cached is None:
+            cached = self.head(stream)
+        if cached != after:
+            raise OffsetConflict(stream, after, cached)
+        puts = self._plan(stream, epoch, after, events)
+        for put in puts:
+            try:
+                self._put(stream, epoch, put)
+            except BatchExists:
+                if not all(self._get(stream, first) == blob for first, blob in put):
+                    raise OffsetConflict(stream, after, self.head(stream)) from None
+        new_head = after + len(events)
+        with self._heads_lock:
+            self._heads[key] = new_head
+        return new_head
+
+    def read(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[Record]:
+        """Yield the records with ``start <= offset <= stop`` in order, archive included."""
+        check_stream(stream)
+        firsts = self._all_firsts(stream)
+        if not firsts:
+            return
+        i = max(bisect.bisect_right(firsts, max(start, 1)) - 1, 0)
+        expected = firsts[i]
+        last_epoch = 0
+        held: list[Record] = []
+        for first in firsts[i:]:
+            if stop is not None and first > stop:
+                break
+            if first != expected:
+                raise CorruptLog(stream, expected, f"gap: next stored batch starts at {first}")
+            records, group_end = decode_batch(self._get(stream, first), stream, first)
+            if not records:
+                raise CorruptLog(stream, first, "empty batch")
+            epoch = records[0].epoch
+            if epoch < last_epoch:
+                raise CorruptLog(stream, first, f"epoch went back from {last_epoch} to {epoch}")
+            last_epoch = epoch
+            expected = first + len(records)
+            held.extend(r for r in records if r.offset >= start and (stop is None or r.offset <= stop))
+            if group_end:
+                yield from held
+                held = []
+
+    def tail(self, stream: str, after: int, timeout: float) -> list[Record]:
+        """Records after ``after``, waiting up to ``timeout`` seconds for at least one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = list(self.read(stream, after + 1))
+            remaining = deadline - time.monotonic()
+            if records or remaining <= 0:
+                return records
+            self._wait(stream, remaining)
+
+    def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Store ``snapshot`` as the stream's newest; it must not be past the head."""
+        check_stream(snapshot.stream)
+        head = self.head(snapshot.stream)
+        if snapshot.offset > head:
+            raise ValueError(
+                f"stream {snapshot.stream!r}: snapshot at {snapshot.offset} is past the head {head}"
+            )
+        self._put_snapshot(snapshot.stream, snapshot.offset, encode_snapshot(snapshot))
+
+    def load_snapshot(self, stream: str) -> Snapshot | None:
+        """The newest snapshot of ``stream``, or None."""
+        blob = self._get_snapshot(check_stream(stream))
+        return None if blob is None else decode_snapshot(blob, stream)
+
+    def truncate(self, stream: str, before: int) -> int:
+        """Move batches wholly below offset ``before`` to the archive; returns how many moved.
+
+        ``before`` may not pass the newest snapshot, so recovery never needs the archive.
+        Offsets keep counting from where they were; :meth:`read` still reaches archived events.
+        """
+        check_stream(stream)
+        snap = self.load_snapshot(stream)
+        limit = snap.offset + 1 if snap else 1
+        if before > limit:
+            raise ValueError(
+                f"stream {stream!r}: cannot truncate below {before}, newest snapshot covers up to {limit - 1}"
+            )
+        live = self._index(stream)
+        movable = [first for first, nxt in zip(live, live[1:], strict=False) if nxt <= before]
+        if movable:
+            self._archive(stream, movable)
+        return len(movable)
+
+    def close(self) -> None:
+        """Release connections; the data stays."""
+        return None
+
+    def __enter__(self) -> EventLog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- shared machinery -----------------------------------------------------------------
+
+    def _plan(
+        self, stream: str, epoch: int, after: int, events: Sequence[PendingEvent]
+    ) -> list[list[tuple[int, bytes]]]:
+        """Split an append into batches (<= max_batch_bytes) and atomic puts (<= max_atomic_bytes)."""
+        groups: list[list[PendingEvent]] = []
+        size = 0
+        for event in events:
+            n = encoded_event_size(event) + 16
+            if groups and size + n <= self.max_batch_bytes:
+                groups[-1].append(event)
+                size += n
+            else:
+                groups.append([event])
+                size = n
+        puts: list[list[tuple[int, bytes]]] = [[]]
+        put_size = 0
+        offset = after + 1
+        for k, group in enumerate(groups):
+            blob = encode_batch(stream, offset, epoch, group, group_end=k == len(groups) - 1)
+            if puts[-1] and put_size + len(blob) > self.max_atomic_bytes:
+                puts.append([])
+                put_size = 0
+            puts[-1].append((offset, blob))
+            put_size += len(blob)
+            offset += len(group)
+        return puts
+
+    def _all_firsts(self, stream: str) -> list[int]:
+        live = self._index(stream)
+        archived = self._archived_index(stream)
+        if archived:
+            cut = live[0] if live else None
+            return [f for f in archived if cut is None or f < cut] + live
+        return live
+
+    def _scan_tail(self, stream: str) -> tuple[int, list[int]]:
+        """The head, and the first offsets of trailing batches of an unfinished append."""
+        live = self._index(stream)
+        orphans: list[int] = []
+        for first in reversed(live):
+            records, group_end = decode_batch(self._get(stream, first), stream, first)
+            if group_end:
+                return first + len(records) - 1, orphans
+            orphans.insert(0, first)
+        archived = self._archived_index(stream)
+        if archived:
+            records, _ = decode_batch(self._get(stream, archived[-1]), stream, archived[-1])
+            return archived[-1] + len(records) - 1, orphans
+        return 0, orphans
+
+    def _wait(self, stream: str, timeout: float) -> None:
+        """Block until ``stream`` may have changed, at most ``timeout`` seconds."""
+        time.sleep(min(timeout, 0.02))
+
+    # ---- storage primitives a backend provides --------------------------------------------
+
+    @abstractmethod
+    def _streams(self) -> list[str]: ...
+
+    @abstractmethod
+    def _epoch(self, stream: str) -> int: ...
+
+    @abstractmethod
+    def _bump_epoch(self, stream: str) -> int:
+        """Atomically increment and return the stream's epoch."""
+
+    @abstractmethod
+    def _put(self, stream: str, epoch: int, batches: list[tuple[int, bytes]]) -> None:
+        """Store all ``(first_offset, blob)`` batches atomically if the epoch is still ``epoch``.
+
+        Raises :class:`Fenced` or :class:`BatchExists`; stores nothing when it raises.
+        """
+
+    @abstractmethod
+    def _get(self, stream: str, first: int) -> bytes:
+        """The blob of the batch at ``first``, live or archived."""
+
+    @abstractmethod
+    def _index(self, stream: str) -> list[int]:
+        """First offsets of the live (not archived) batches, ascending."""
+
+    @abstractmethod
+    def _archived_index(self, stream: str) -> list[int]:
+        """First offsets of archived batches, ascending."""
+
+    @abstractmethod
+    def _delete(self, stream: str, epoch: int, firsts: list[int]) -> None:
+        """Delete live batches, fenced by ``epoch`` (used to drop an unfinished append)."""
+
+    @abstractmethod
+    def _archive(self, stream: str, firsts: list[int]) -> None:
+        """Move live batches to the archive."""
+
+    @abstractmethod
+    def _put_snapshot(self, stream: str, offset: int, blob: bytes) -> None: ...
+
+    @abstractmethod
+    def _get_snapshot(self, stream: str) -> bytes | None: ...
+
+
+__all__ = ["BatchExists", "EventLog", "Fenced", "OffsetConflict"]

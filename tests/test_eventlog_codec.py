@@ -1,0 +1,104 @@
+"""Event types, schema versions, upcasting and the stored batch format."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cei_actors.eventlog import (
+    CorruptLog,
+    EventRegistry,
+    NewerEventVersion,
+    Record,
+    UnknownEventType,
+)
+from cei_actors.eventlog.batch import decode_batch, encode_batch
+from cei_actors.eventlog.records import PendingEvent
+
+events = EventRegistry("test")
+
+
+@events.register("NodeRequested", version=3)
+@dataclass(frozen=True, slots=True)
+class NodeRequested:
+    node_id: str
+    site: str
+    count: int
+
+
+@events.upcaster("NodeRequested", from_version=1)
+def _v1(body):
+    return {**body, "site": "default"}
+
+
+@events.upcaster("NodeRequested", from_version=2)
+def _v2(body):
+    return {**body, "count": 1}
+
+
+def rec(type_name: str, version: int, body: dict) -> Record:
+    return Record("s", 7, type_name, version, 0.0, 1, body)
+
+
+def test_round_trip():
+    e = NodeRequested("n1", "ec2", 2)
+    p = events.to_pending(e, 12.5)
+    assert (p.type, p.version, p.timestamp) == ("NodeRequested", 3, 12.5)
+    assert events.from_record(rec(p.type, p.version, p.body)) == e
+
+
+def test_older_versions_are_upcast_step_by_step():
+    assert events.from_record(rec("NodeRequested", 1, {"node_id": "n"})) == NodeRequested("n", "default", 1)
+    assert events.from_record(rec("NodeRequested", 2, {"node_id": "n", "site": "x"})) == NodeRequested("n", "x", 1)
+
+
+def test_unknown_and_newer_are_refused_naming_stream_and_offset():
+    with pytest.raises(UnknownEventType, match="'s' at offset 7.*'Nope'"):
+        events.from_record(rec("Nope", 1, {}))
+    with pytest.raises(NewerEventVersion, match="'s' at offset 7"):
+        events.from_record(rec("NodeRequested", 4, {}))
+    with pytest.raises(CorruptLog, match="does not fit"):
+        events.from_record(rec("NodeRequested", 3, {"node_id": "n", "bogus": 1}))
+
+
+def test_unregistered_class_and_double_registration():
+    with pytest.raises(TypeError):
+        events.to_pending(object(), 0.0)
+    with pytest.raises(ValueError):
+        events.register("NodeRequested")(NodeRequested)
+
+
+def test_batch_decode_checks_place_and_size():
+    blob = encode_batch("s", 5, 2, [PendingEvent("T", 1, 0.0, {"a": 1})])
+    records, end = decode_batch(blob, "s", 5)
+    assert end and records[0].offset == 5 and records[0].epoch == 2
+    with pytest.raises(CorruptLog, match="belongs to"):
+        decode_batch(blob, "s", 6)
+    with pytest.raises(CorruptLog, match="exceeds"):
+        decode_batch(blob, "s", 5, max_bytes=10)
+    with pytest.raises(CorruptLog, match="truncated"):
+        decode_batch(b"CE", "s", 5)
+
+
+bodies = st.dictionaries(
+    st.text(max_size=8),
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**63), 2**63 - 1), st.text(max_size=20), st.binary(max_size=20)),
+    max_size=5,
+)
+
+
+@given(st.lists(st.tuples(st.text(min_size=1, max_size=10), st.integers(1, 9), bodies), min_size=1, max_size=20))
+def test_batch_round_trip_property(rows):
+    pending = [PendingEvent(t, v, 1.5, b) for t, v, b in rows]
+    records, _ = decode_batch(encode_batch("s", 1, 3, pending), "s", 1)
+    assert [(r.type, r.version, r.body) for r in records] == [(p.type, p.version, p.body) for p in pending]
+    assert [r.offset for r in records] == list(range(1, len(rows) + 1))
+
+
+@given(st.binary(max_size=200))
+def test_random_bytes_never_decode_silently(data):
+    with pytest.raises(CorruptLog):
+        decode_batch(data, "s", 1)
