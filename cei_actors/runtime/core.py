@@ -1,0 +1,133 @@
+"""The contract of a pure event-sourced component, and the effects it may ask for.
+
+``decide(state, message, ctx)`` validates a message against the state and returns a
+:class:`Decision`: events to persist, effects to perform after they are persisted, and a
+reply. ``apply(state, event)`` folds one event into the state. Neither does I/O; time, ids
+and randomness come from the :class:`Context`.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from ..eventlog import EventRegistry
+
+S = TypeVar("S")
+
+
+class Rejected(Exception):  # noqa: N818 - it is a domain outcome, not a crash
+    """Raised by ``decide`` to refuse a message; becomes an ErrorReply, nothing is written."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def bad_request(message: str) -> Rejected:
+    return Rejected("bad_request", message)
+
+
+def not_found(message: str) -> Rejected:
+    return Rejected("not_found", message)
+
+
+def conflict(message: str) -> Rejected:
+    return Rejected("conflict", message)
+
+
+def forbidden(message: str) -> Rejected:
+    return Rejected("forbidden", message)
+
+
+# ---- effects: performed by the shell only after the decision's events are persisted ----------
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send ``message`` to the peer registered under ``to`` (a role or a node's agent id)."""
+
+    to: str
+    message: Any
+
+
+@dataclass(frozen=True)
+class SetTimer:
+    """Deliver ``message`` to this component after ``delay`` seconds; same ``key`` replaces."""
+
+    key: str
+    delay: float
+    message: Any
+
+
+@dataclass(frozen=True)
+class Work:
+    """Blocking work (a cloud call, a process launch) for the shell's worker pool.
+
+    The shell runs it with the component's work handler for ``kind`` and feeds the returned
+    message back into ``decide`` like any other message.
+    """
+
+    kind: str
+    payload: Any
+
+
+@dataclass
+class Decision:
+    """The outcome of one ``decide`` call."""
+
+    events: list[Any] = field(default_factory=list)
+    effects: list[Any] = field(default_factory=list)
+    reply: Any = None
+
+
+class Context:
+    """What ``decide`` may know besides state and message: the time, ids and randomness."""
+
+    def __init__(self, now: float, rng: random.Random | None = None) -> None:
+        self.now = now
+        self.rng = rng if rng is not None else random.Random()
+
+    def new_id(self, prefix: str = "") -> str:
+        """A fresh unique id drawn from the injected randomness."""
+        value = uuid.UUID(int=self.rng.getrandbits(128), version=4).hex
+        return f"{prefix}{value}"
+
+
+class Component(ABC, Generic[S]):
+    """A pure event-sourced core. Subclasses hold configuration, never runtime state."""
+
+    #: The events this component writes.
+    registry: EventRegistry
+    #: Default stream name.
+    stream: str = ""
+    #: Bump when the snapshot format changes; older snapshots are then ignored (full replay).
+    snapshot_version: int = 1
+
+    @abstractmethod
+    def initial_state(self) -> S:
+        """The state before any event."""
+
+    @abstractmethod
+    def apply(self, state: S, event: Any) -> S:
+        """Fold one event into ``state`` (may update it in place); total and pure."""
+
+    @abstractmethod
+    def decide(self, state: S, message: Any, ctx: Context) -> Decision:
+        """Events, effects and reply for ``message``; raise :class:`Rejected` to refuse it."""
+
+    def recovered(self, state: S, ctx: Context) -> Decision:
+        """Called once the state is rebuilt: re-drive open intents, start timers."""
+        return Decision()
+
+    def snapshot(self, state: S) -> Any:
+        """The state as msgpack-able plain data; None means this component takes no snapshots."""
+        return None
+
+    def restore(self, data: Any) -> S:
+        """The inverse of :meth:`snapshot`."""
+        raise NotImplementedError

@@ -1,0 +1,174 @@
+"""Drive a pure component against an event log: recover, decide, append (fenced), apply.
+
+The :class:`Runner` knows nothing of actors. The thespian shell, the simulator and replay
+tools all use it, so a component behaves the same under each.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic
+
+import msgpack
+
+from ..eventlog import EventLog, Fence, Record, Snapshot
+from .core import Component, Context, Decision, Rejected, S
+from .messages import ErrorReply, InvalidMessage, validate
+
+logger = logging.getLogger(__name__)
+
+
+class NotReady(Exception):  # noqa: N818
+    """The runner has no valid state: recover first (after start, or after a failed append)."""
+
+
+def fold(component: Component[S], records: Iterable[Record], state: S | None = None) -> S:
+    """Apply ``records`` to ``state`` (default: the initial state) and return the result."""
+    if state is None:
+        state = component.initial_state()
+    decode, apply = component.registry.from_record, component.apply
+    for record in records:
+        state = apply(state, decode(record))
+    return state
+
+
+def replay(component: Component[S], log: EventLog, stream: str, upto: int | None = None) -> S:
+    """The state rebuilt from the whole log (no snapshot) up to offset ``upto``."""
+    return fold(component, log.read(stream, 1, upto))
+
+
+class Runner(Generic[S]):
+    """One component instance: its state, its place in the log and its fence."""
+
+    def __init__(
+        self,
+        component: Component[S],
+        log: EventLog,
+        *,
+        stream: str | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        snapshot_every: int = 10_000,
+    ) -> None:
+        self.component = component
+        self.log = log
+        self.stream = stream or component.stream
+        self.clock = clock
+        self.rng = rng if rng is not None else random.Random()
+        self.snapshot_every = snapshot_every
+        self.state: S | None = None
+        self.head = 0
+        self.fence: Fence | None = None
+        self._since_snapshot = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.state is not None
+
+    def context(self) -> Context:
+        return Context(self.clock(), self.rng)
+
+    def recover(self) -> Decision:
+        """Fence out earlier writers, rebuild the state (snapshot + tail), then reconcile.
+
+        Returns the decision of ``component.recovered`` after persisting its events; the
+        caller performs its effects.
+        """
+        self.state = None
+        fence = self.log.acquire(self.stream)
+        state, head = None, 0
+        snap = self.log.load_snapshot(self.stream)
+        if snap is not None and snap.version == self.component.snapshot_version:
+            try:
+                state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+                head = snap.offset
+            except Exception:  # a bad snapshot costs a full replay, never a wrong state
+                logger.exception("stream %s: snapshot at %s unusable, replaying all", self.stream, snap.offset)
+                state, head = None, 0
+        if state is None:
+            state = self.component.initial_state()
+        decode, apply = self.component.registry.from_record, self.component.apply
+        for record in self.log.read(self.stream, head + 1):
+            state = apply(state, decode(record))
+            head = record.offset
+        self.state, self.head, self.fence = state, head, fence
+        self._since_snapshot = 0
+        ctx = self.context()
+        decision = self.component.recovered(state, ctx)
+        if decision.events:
+            self._commit([(decision, decision.events)], ctx.now)
+        return decision
+
+    def handle(self, message: Any) -> Decision:
+        """Decide on one message and persist its events; see :meth:`handle_many`."""
+        return self.handle_many([message])[0]
+
+    def handle_many(self, messages: Sequence[Any]) -> list[Decision]:
+        """Decide on each message in turn, then persist all their events in one append.
+
+        A refused or malformed message gets an :class:`ErrorReply` and changes nothing. If the
+        append fails the state is dropped (:class:`NotReady` until :meth:`recover`) and the
+        exception propagates: nothing was acknowledged, so nothing is lost.
+        """
+        if self.state is None:
+            raise NotReady(f"stream {self.stream}: not recovered")
+        ctx = self.context()
+        decisions: list[Decision] = []
+        applied: list[tuple[Decision, list[Any]]] = []
+        for message in messages:
+            decision = self._decide(message, ctx)
+            decisions.append(decision)
+            if decision.events:
+                try:
+                    for event in decision.events:
+                        self.state = self.component.apply(self.state, event)
+                except Exception:
+                    self.state = None
+                    raise
+                applied.append((decision, decision.events))
+        if applied:
+            self._commit(applied, ctx.now)
+        return decisions
+
+    def _decide(self, message: Any, ctx: Context) -> Decision:
+        name = type(message).__name__
+        try:
+            validate(message)
+            return self.component.decide(self.state, message, ctx)
+        except Rejected as exc:
+            return Decision(reply=ErrorReply(exc.code, exc.message, name))
+        except InvalidMessage as exc:
+            return Decision(reply=ErrorReply("bad_request", str(exc), name))
+        except Exception as exc:
+            logger.exception("stream %s: decide failed on %s", self.stream, name)
+            return Decision(reply=ErrorReply("internal", f"{type(exc).__name__}: {exc}", name))
+
+    def _commit(self, applied: list[tuple[Decision, list[Any]]], now: float) -> None:
+        to_pending = self.component.registry.to_pending
+        pending = [to_pending(event, now) for _, events in applied for event in events]
+        try:
+            assert self.fence is not None
+            self.head = self.log.append(self.fence, self.head, pending)
+        except BaseException:
+            self.state = None
+            raise
+        self._since_snapshot += len(pending)
+        if self._since_snapshot >= self.snapshot_every:
+            self.take_snapshot()
+
+    def take_snapshot(self) -> bool:
+        """Store the current state as a snapshot if the component supports it."""
+        if self.state is None:
+            return False
+        data = self.component.snapshot(self.state)
+        if data is None:
+            return False
+        blob = msgpack.packb(data, use_bin_type=True)
+        self.log.save_snapshot(
+            Snapshot(self.stream, self.head, self.clock(), self.component.snapshot_version, blob)
+        )
+        self._since_snapshot = 0
+        return True

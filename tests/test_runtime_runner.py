@@ -1,0 +1,139 @@
+"""The runner: decide, append under the fence, apply; recovery; snapshots; bad input."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from cei_actors.eventlog import Fenced, open_log
+from cei_actors.runtime.example import Add, Counters, Dump, Get, Tick
+from cei_actors.runtime.messages import ErrorReply, Message, Ok
+from cei_actors.runtime.runner import NotReady, Runner, replay
+
+
+def fresh(url=None, **kw):
+    log = open_log(url or f"memory://{uuid.uuid4().hex}")
+    runner = Runner(Counters(), log, clock=lambda: 100.0, rng=random.Random(1), **kw)
+    runner.recover()
+    return runner
+
+
+def test_decide_append_apply_and_reply():
+    r = fresh()
+    assert r.handle(Add("a", 5)).reply == Ok(5)
+    assert r.handle(Add("a", -2)).reply == Ok(3)
+    assert r.head == 2 and r.state.counters == {"a": 3}
+    assert r.handle(Get("a")).reply == Ok(3)
+    assert r.head == 2  # queries write nothing
+
+
+def test_refused_and_malformed_messages_change_nothing():
+    r = fresh()
+    r.handle(Add("a", 1))
+    before = (r.head, dict(r.state.counters))
+    for bad in [Add("a", -5), Get("zz"), Add("", 1), Add("a", "7"), Add(5, 1), "not a message", Message()]:
+        reply = r.handle(bad).reply
+        assert isinstance(reply, ErrorReply), bad
+        assert reply.code in ("bad_request", "not_found")
+    assert (r.head, r.state.counters) == before
+    assert "Add.amount: expected int" in r.handle(Add("a", "7")).reply.message
+
+
+def test_a_raising_core_is_contained():
+    class Broken(Counters):
+        def decide(self, state, message, ctx):
+            if isinstance(message, Get):
+                raise RuntimeError("boom")
+            return super().decide(state, message, ctx)
+
+    r = Runner(Broken(), open_log(f"memory://{uuid.uuid4().hex}"))
+    r.recover()
+    reply = r.handle(Get("x")).reply
+    assert reply.code == "internal" and "boom" in reply.message
+    assert r.handle(Add("x", 1)).reply == Ok(1)
+
+
+def test_group_commit_is_one_append():
+    r = fresh()
+    appends = []
+    real = r.log.append
+    r.log.append = lambda *a: appends.append(a) or real(*a)
+    decisions = r.handle_many([Add("a", 1), Add("a", -9), Add("b", 2), Get("a")])
+    assert [d.reply for d in decisions] == [Ok(1), decisions[1].reply, Ok(2), Ok(1)]
+    assert isinstance(decisions[1].reply, ErrorReply)
+    assert len(appends) == 1 and len(appends[0][2]) == 2
+
+
+def test_recovery_by_replay_equals_state_before():
+    url = f"memory://{uuid.uuid4().hex}"
+    r = fresh(url)
+    for i in range(50):
+        r.handle(Add(f"c{i % 7}", i))
+    again = fresh(url)
+    assert again.state == r.state and again.head == r.head == 50
+    assert replay(Counters(), again.log, "example") == r.state
+
+
+def test_deposed_runner_is_fenced_and_must_recover():
+    url = f"memory://{uuid.uuid4().hex}"
+    old = fresh(url)
+    old.handle(Add("a", 1))
+    new = fresh(url)
+    with pytest.raises(Fenced):
+        old.handle(Add("a", 1))
+    with pytest.raises(NotReady):
+        old.handle(Add("a", 1))
+    assert new.handle(Add("a", 1)).reply == Ok(2)
+    assert replay(Counters(), new.log, "example").counters == {"a": 2}
+
+
+def test_snapshot_then_tail(tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    r = fresh(url, snapshot_every=10)
+    for _ in range(25):
+        r.handle(Add("a", 1))
+    snap = r.log.load_snapshot("example")
+    assert snap is not None and snap.offset == 20
+    r.log.save_snapshot(snap)
+    again = fresh(url)
+    assert again.state.counters == {"a": 25} and again.head == 25
+
+
+def test_bad_snapshot_falls_back_to_full_replay(tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    r = fresh(url, snapshot_every=5)
+    for _ in range(7):
+        r.handle(Add("a", 1))
+
+    class NewFormat(Counters):
+        def restore(self, data):
+            raise KeyError("format changed")
+
+    again = Runner(NewFormat(), open_log(url))
+    again.recover()
+    assert again.state.counters == {"a": 7}
+
+
+def test_timers_are_effects_after_recovery():
+    r = Runner(Counters(tick=0.5), open_log(f"memory://{uuid.uuid4().hex}"))
+    d = r.recover()
+    assert [e.key for e in d.effects] == ["tick"]
+    d = r.handle(Tick())
+    assert r.state.ticks == 1 and [e.key for e in d.effects] == ["tick"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("abc"), st.integers(-5, 5)), max_size=40), st.integers(1, 8))
+def test_state_always_equals_replay_and_never_negative(ops, every):
+    url = f"memory://{uuid.uuid4().hex}"
+    r = fresh(url, snapshot_every=every)
+    for name, amount in ops:
+        r.handle(Add(name, amount))
+        assert all(v >= 0 for v in r.state.counters.values())
+    assert replay(Counters(), r.log, "example") == r.state
+    assert fresh(url).state == r.state
+    assert r.handle(Dump()).reply.value["counters"] == r.state.counters
