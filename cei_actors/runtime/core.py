@@ -131,3 +131,11 @@ class Component(ABC, Generic[S]):
     def restore(self, data: Any) -> S:
         """The inverse of :meth:`snapshot`."""
         raise NotImplementedError
+
+    def invariants(self, state: S) -> list[str]:
+        """Descriptions of every invariant ``state`` breaks (empty when sound).
+
+        ``cei log check`` replays a stream and reports the first event after which this list
+        is not empty; simulations check it after every step.
+        """
+        return []
