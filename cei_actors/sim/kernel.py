@@ -78,7 +78,7 @@ class Simulation:
         self.nodes: dict[str, SimNode] = {}
         self._heap: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
-        self._log_space = f"sim-{uuid.UUID(int=self.rng.getrandbits(128)).hex}"
+        self._log_space = f"sim-{uuid.uuid4().hex}"  # unique per run; not drawn from the seed
         self.delivered = 0
         self.dropped = 0
         self.step_hooks: list[Callable[[Simulation], None]] = []
@@ -127,8 +127,8 @@ class Simulation:
         return decision.reply
 
     def tell(self, name: str, message: Any, delay: float = 0.0) -> None:
-        """Schedule ``message`` for ``name`` after ``delay`` (no reply expected)."""
-        self._push(self.clock.t + delay, "deliver", (name, message, None))
+        """Send ``message`` to ``name`` after ``delay``, through the faulty network (no reply)."""
+        self._send(name, message, delay=delay)
 
     def step(self) -> bool:
         """Process the next scheduled thing; False when nothing is left."""
@@ -227,10 +227,10 @@ class Simulation:
                 delay = lo if hi <= lo else self.rng.uniform(lo, hi)
                 self._push(self.clock.t + delay, "work", (node.name, node.generation, handler, effect.payload))
 
-    def _send(self, to: str, message: Any, sender: str | None = None) -> None:
+    def _send(self, to: str, message: Any, sender: str | None = None, delay: float = 0.0) -> None:
         if self.faults.drop_rate and self.rng.random() < self.faults.drop_rate:
             self.dropped += 1
             return
-        self._push(self.clock.t + self._latency(), "deliver", (to, message, sender))
+        self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))
         if self.faults.duplicate_rate and self.rng.random() < self.faults.duplicate_rate:
-            self._push(self.clock.t + self._latency(), "deliver", (to, message, sender))
+            self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))
