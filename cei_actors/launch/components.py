@@ -1,0 +1,31 @@
+"""Which pure component owns which stream, for tools that replay a log without a running system."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..runtime.core import Component
+
+#: stream name -> "module:Class" of its component (built with its default configuration)
+COMPONENTS: dict[str, str] = {
+    "provisioner": "cei_actors.provisioner.logic:Provisioner",
+    "epum": "cei_actors.epum.logic:EPUM",
+    "pd": "cei_actors.pd.logic:ProcessDispatcher",
+    "example": "cei_actors.runtime.example:Counters",
+}
+
+
+class UnknownStream(LookupError):
+    """A stream no known component owns."""
+
+
+def component_for(stream: str, config: dict[str, Any] | None = None) -> Component[Any]:
+    """A component able to fold ``stream`` (its replicas share a stream, e.g. ``pd``)."""
+    spec = COMPONENTS.get(stream) or COMPONENTS.get(stream.split(".", 1)[0])
+    if spec is None:
+        known = ", ".join(sorted(COMPONENTS))
+        raise UnknownStream(f"no component owns stream {stream!r} (known: {known})")
+    module, _, name = spec.partition(":")
+    cls = getattr(importlib.import_module(module), name)
+    return cls(**(config or {}))

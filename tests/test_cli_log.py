@@ -1,0 +1,66 @@
+"""``cei log ...`` against a real SQLite log written by a real runner."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cei_actors.cli import main
+from cei_actors.eventlog import open_log
+from cei_actors.runtime.example import Add, Counters
+from cei_actors.runtime.runner import Runner
+
+
+@pytest.fixture
+def home(tmp_path):
+    runner = Runner(Counters(), open_log(f"sqlite:///{tmp_path / 'log.sqlite'}"), rng=random.Random(0))
+    runner.recover()
+    for i in range(1, 6):
+        runner.handle(Add("a", i))
+    runner.handle(Add("b", 7))
+    runner.log.close()
+    return tmp_path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_streams_show_state(home, capsys):
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "streams")
+    assert code == 0 and json.loads(out) == [{"stream": "example", "head": 6, "epoch": 1}]
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "show", "example", "--from", "2", "--to", "3")
+    events = json.loads(out)
+    assert [e["offset"] for e in events] == [2, 3] and events[0]["type"] == "CounterAdded"
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "state", "example", "--at", "3")
+    assert json.loads(out)["counters"] == {"a": 6}
+
+
+def test_diff_and_check(home, capsys):
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "diff", "example", "5", "2")
+    changes = {c["path"]: c for c in json.loads(out)}
+    assert changes["counters.a"]["before"] == 3 and changes["counters.a"]["after"] == 15
+    assert changes["counters.b"]["change"] == "added" or "counters.b" not in changes
+    code, out, _ = run(capsys, "--home", str(home), "log", "check", "example")
+    assert code == 0 and "every invariant held" in out
+
+
+def test_check_reports_first_broken_event(home, capsys, monkeypatch):
+    monkeypatch.setattr(Counters, "invariants", lambda self, s: ["a above 10"] if s.counters.get("a", 0) > 10 else [])
+    code, out, err = run(capsys, "--json", "--home", str(home), "log", "check", "example")
+    assert code == 1
+    assert json.loads(out) == {"ok": False, "offset": 5, "type": "CounterAdded", "broken": ["a above 10"]}
+
+
+def test_errors_are_one_line(home, capsys):
+    code, _, err = run(capsys, "--home", str(home), "log", "state", "nosuch")
+    assert code == 1 and err.count("\n") == 1 and "no component owns stream" in err
+    code, _, err = run(capsys, "--log", "bogus://x", "log", "streams")
+    assert code == 1 and "unknown scheme" in err
+    with pytest.raises(SystemExit) as info:
+        main(["log", "show"])
+    assert info.value.code == 2
