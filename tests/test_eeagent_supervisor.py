@@ -1,0 +1,536 @@
+"""ProcessSupervisor with real processes, plus the pure states and heartbeat helpers."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cei_actors.eeagent import states as st
+from cei_actors.eeagent.heartbeat import HeartbeatScheduler, build_heartbeat
+from cei_actors.eeagent.supervisor import (
+    DOWN_MSG,
+    ProcessLiveError,
+    ProcessSupervisor,
+    StateDirLockedError,
+    UnknownProcessError,
+    default_base_env,
+)
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def alive(pid: int) -> bool:
+    """True if ``pid`` exists and is not a zombie."""
+    try:
+        data = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
+
+
+def wait_until(pred, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def read_int(path: Path, timeout: float = 5.0) -> int:
+    return wait_until(
+        lambda: path.exists() and path.read_text().strip() and int(path.read_text()),
+        timeout,
+        f"{path}",
+    )
+
+
+def marked_pids(mark: str) -> list[int]:
+    """Processes whose environment carries this test's marker."""
+    found = []
+    needle = f"CEI_TEST_MARK={mark}".encode()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            env = Path(f"/proc/{name}/environ").read_bytes()
+        except OSError:
+            continue
+        if needle in env.split(b"\0") and alive(int(name)):
+            found.append(int(name))
+    return found
+
+
+@pytest.fixture
+def mark():
+    """A marker put into every test process's environment; leftovers are killed at the end."""
+    m = uuid.uuid4().hex
+    yield m
+    leftovers = marked_pids(m)
+    for pid in leftovers:
+        for kill in (os.killpg, os.kill):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                kill(pid, signal.SIGKILL)
+    for pid in leftovers:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    if leftovers:  # pragma: no cover - a test or the supervisor left something running
+        print(f"killed leftover processes {leftovers}")
+
+
+@pytest.fixture
+def make_sup(tmp_path, mark):
+    made: list[ProcessSupervisor] = []
+
+    def make(state_dir: Path | None = None, slots: int = 4, **kw) -> ProcessSupervisor:
+        kw.setdefault("grace", 2.0)
+        kw.setdefault(
+            "base_env", {"PATH": os.environ.get("PATH", os.defpath), "CEI_TEST_MARK": mark}
+        )
+        sup = ProcessSupervisor(state_dir or tmp_path / "agent", slots, **kw)
+        made.append(sup)
+        return sup
+
+    yield make
+    for sup in made:
+        sup.shutdown(kill=True, grace=0.2)
+
+
+# ------------------------------------------------------------------------------ exits
+
+
+def test_exit_codes_map_to_states(make_sup):
+    sup = make_sup()
+    sup.launch("ok", 0, ["true"])
+    sup.launch("no", 0, ["false"])
+    sup.launch("three", 0, ["sh", "-c", "exit 3"])
+    sup.launch("sig", 0, ["sh", "-c", "kill -KILL $$"])
+    ok = sup.wait("ok", 0, timeout=5)
+    assert (ok.state, ok.exit_code) == (st.EXITED, 0)
+    no = sup.wait("no", 0, timeout=5)
+    assert (no.state, no.exit_code) == (st.FAILED, 1)
+    three = sup.wait("three", 0, timeout=5)
+    assert (three.state, three.exit_code, three.msg) == (st.FAILED, 3, "exit code 3")
+    sig = sup.wait("sig", 0, timeout=5)
+    assert (sig.state, sig.exit_code) == (st.FAILED, -9)
+    assert "SIGKILL" in sig.msg
+    assert {p["upid"]: p["state"] for p in sup.dump()} == {
+        "no": st.FAILED,
+        "ok": st.EXITED,
+        "sig": st.FAILED,
+        "three": st.FAILED,
+    }
+    assert set(sup.dump()[0]) == {"upid", "round", "state", "msg", "exit_code", "pid"}
+
+
+def test_on_change_fires_at_once_on_exit(make_sup):
+    seen: list[tuple[float, list[dict]]] = []
+    fired = threading.Event()
+
+    def on_change(snapshot):
+        seen.append((time.time(), snapshot))
+        if any(p["upid"] == "quick" and p["state"] == st.EXITED for p in snapshot):
+            fired.set()
+
+    sup = make_sup(on_change=on_change)
+    info = sup.launch("quick", 0, ["true"])
+    assert info.state == st.RUNNING
+    assert seen and seen[0][1][0]["state"] == st.RUNNING  # launch is a change too
+    assert fired.wait(5), "on_change was not called for the exit"
+    # Behaviour only; the figure is printed for the curious (see benchmarks/).
+    status = json.loads(Path(info.stdout_path[: -len(".out")] + ".status").read_text())
+    t_cb = next(t for t, snap in seen if snap[0]["state"] == st.EXITED)
+    print(f"exit -> on_change: {(t_cb - status['ended_at']) * 1000:.2f} ms")
+
+
+def test_output_env_and_cwd(make_sup, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    sup = make_sup()
+    info = sup.launch(
+        "env",
+        0,
+        ["sh", "-c", 'echo "FOO=$FOO"; pwd; echo oops >&2'],
+        env={"FOO": "bar"},
+        cwd=str(work),
+    )
+    assert sup.wait("env", 0, timeout=5).state == st.EXITED
+    out = Path(info.stdout_path).read_text().split()
+    assert out == ["FOO=bar", str(work)]
+    assert Path(info.stderr_path).read_text() == "oops\n"
+
+
+def test_default_base_env_is_minimal():
+    env = default_base_env({"PATH": "/x", "HOME": "/h", "AWS_SECRET_ACCESS_KEY": "s", "FOO": "1"})
+    assert env == {"PATH": "/x", "HOME": "/h"}
+    assert default_base_env({})["PATH"] == os.defpath
+
+
+def test_bad_cwd_or_executable_is_failed_not_raised(make_sup, tmp_path):
+    sup = make_sup()
+    a = sup.launch("nocwd", 0, ["true"], cwd=str(tmp_path / "missing"))
+    assert a.state == st.FAILED and "working directory" in a.msg and a.pid is None
+    b = sup.launch("noexe", 0, ["no-such-program-xyz"])
+    assert b.state == st.FAILED and "not found" in b.msg
+    c = sup.launch("empty", 0, [])
+    assert c.state == st.FAILED and "non-empty" in c.msg
+    script = tmp_path / "notexec.sh"
+    script.write_text("#!/bin/sh\n")
+    d = sup.launch("noexec", 0, [str(script)])
+    assert d.state == st.FAILED and "not executable" in d.msg
+    # the slot accounting ignores them
+    assert sup.launch("fine", 0, ["true"]).state == st.RUNNING
+
+
+# ------------------------------------------------------------------------------ terminate
+
+
+def test_terminate_sigterm(make_sup):
+    sup = make_sup(grace=5.0)
+    info = sup.launch("sleeper", 0, ["sleep", "30"])
+    t0 = time.monotonic()
+    assert sup.terminate("sleeper", 0).state == st.TERMINATING
+    end = sup.wait("sleeper", 0, timeout=5)
+    assert end.state == st.TERMINATED
+    assert end.exit_code == -signal.SIGTERM
+    assert time.monotonic() - t0 < 2.0  # well inside the grace period
+    assert not alive(info.pid)
+    # terminating again, or a finished process, is a no-op
+    assert sup.terminate("sleeper", 0).state == st.TERMINATED
+    sup.launch("done", 0, ["true"])
+    sup.wait("done", 0, timeout=5)
+    assert sup.terminate("done", 0).state == st.EXITED
+
+
+def test_terminate_escalates_to_sigkill_after_grace(make_sup, tmp_path):
+    ready = tmp_path / "ready"
+    sup = make_sup()
+    sup.launch("stubborn", 0, ["sh", "-c", f"trap '' TERM; echo $$ > {ready}; exec sleep 30"])
+    read_int(ready)
+    t0 = time.monotonic()
+    sup.terminate("stubborn", 0, grace=0.4)
+    end = sup.wait("stubborn", 0, timeout=5)
+    took = time.monotonic() - t0
+    assert end.state == st.TERMINATED
+    assert "SIGKILL" in end.msg
+    assert 0.35 <= took < 3.0
+
+
+def test_terminate_kills_the_whole_group(make_sup, tmp_path):
+    child = tmp_path / "child"
+    sup = make_sup()
+    sup.launch("parent", 0, ["sh", "-c", f"sleep 30 & echo $! > {child}; wait"])
+    kid = read_int(child)
+    assert alive(kid)
+    sup.terminate("parent", 0, grace=2.0)
+    assert sup.wait("parent", 0, timeout=5).state == st.TERMINATED
+    wait_until(lambda: not alive(kid), 3, "the child to die")
+
+
+def test_leftovers_in_the_group_die_with_the_command(make_sup, tmp_path):
+    # The child ignores SIGTERM and the parent exits on its own: the group is swept on exit.
+    child = tmp_path / "child"
+    sup = make_sup()
+    sup.launch(
+        "daemonish", 0, ["sh", "-c", f"(trap '' TERM; exec sleep 30) & echo $! > {child}; exit 0"]
+    )
+    kid = read_int(child)
+    assert sup.wait("daemonish", 0, timeout=5).state == st.EXITED
+    wait_until(lambda: not alive(kid), 3, "the leftover child to die")
+
+
+def test_terminate_unknown_raises_keyerror(make_sup):
+    sup = make_sup()
+    with pytest.raises(UnknownProcessError) as exc:
+        sup.terminate("ghost", 0)
+    assert isinstance(exc.value, KeyError)
+    assert "ghost" in str(exc.value)
+
+
+# ------------------------------------------------------------------------------ slots, keys
+
+
+def test_slots_reject_extra_launches(make_sup):
+    sup = make_sup(slots=2)
+    sup.launch("a", 0, ["sleep", "30"])
+    sup.launch("b", 0, ["sleep", "30"])
+    c = sup.launch("c", 0, ["sleep", "30"])
+    assert c.state == st.REJECTED and c.pid is None and "slot" in c.msg
+    sup.terminate("a", 0, grace=1.0)
+    sup.wait("a", 0, timeout=5)
+    assert sup.launch("c", 1, ["true"]).state == st.RUNNING  # slot freed
+    zero = make_sup(state_dir=Path(sup.state_dir + "-zero"), slots=0)
+    assert zero.launch("z", 0, ["true"]).state == st.REJECTED
+
+
+def test_duplicate_launch_starts_one_process(make_sup, tmp_path):
+    count = tmp_path / "count"
+    sup = make_sup()
+    cmd = ["sh", "-c", f"echo x >> {count}; sleep 30"]
+    first = sup.launch("dup", 0, cmd)
+    second = sup.launch("dup", 0, cmd)
+    assert second.pid == first.pid
+    wait_until(count.exists, 5, "the process to start")
+    time.sleep(0.2)
+    assert count.read_text() == "x\n"
+    assert [p["upid"] for p in sup.dump()] == ["dup"]
+
+
+def test_higher_round_replaces_a_live_lower_round(make_sup, tmp_path):
+    ready = tmp_path / "ready"
+    sup = make_sup(slots=1, grace=0.3)
+    # the old round ignores SIGTERM, so it takes the SIGKILL after the grace period
+    old = sup.launch("u", 0, ["sh", "-c", f"trap '' TERM; echo $$ > {ready}; exec sleep 30"])
+    read_int(ready)
+    new = sup.launch("u", 1, ["sleep", "30"])  # the slot passes to the new round
+    assert new.state == st.PENDING  # it waits for the old round to be gone
+    assert [(p["round"], p["state"]) for p in sup.dump()] == [
+        (0, st.TERMINATING),
+        (1, st.PENDING),
+    ]
+    running = sup.wait("u", 1, states={st.RUNNING}, timeout=5)
+    assert not alive(old.pid)
+    assert sup.get("u", 0) is None  # terminated and cleaned up
+    assert running.pid != old.pid
+    # a stale request for the old round is answered with the newest record
+    stale = sup.launch("u", 0, ["sleep", "30"])
+    assert (stale.round, stale.pid) == (1, running.pid)
+    # a terminal lower round is simply forgotten
+    sup.terminate("u", 1, grace=1.0)
+    sup.wait("u", 1, timeout=5)
+    assert sup.launch("u", 2, ["true"]).state == st.RUNNING
+    assert [(p["upid"], p["round"]) for p in sup.dump()] == [("u", 2)]
+
+
+def test_cleanup(make_sup):
+    sup = make_sup()
+    sup.launch("live", 0, ["sleep", "30"])
+    with pytest.raises(ProcessLiveError):
+        sup.cleanup("live", 0)
+    sup.launch("done", 0, ["true"])
+    sup.wait("done", 0, timeout=5)
+    assert sup.cleanup("done", 0) is True
+    assert sup.get("done", 0) is None
+    assert sup.cleanup("done", 0) is False  # unknown: no-op
+    assert [p["upid"] for p in sup.dump()] == ["live"]
+
+
+# ------------------------------------------------------------------------------ restart
+
+
+def test_restart_readopts_running_and_reports_exited_meanwhile(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup1 = make_sup(state_dir=state)
+    a = sup1.launch("a", 0, ["sleep", "30"])
+    b = sup1.launch("b", 0, ["sh", "-c", "sleep 0.2; exit 3"])
+    with pytest.raises(StateDirLockedError):
+        ProcessSupervisor(state, 4)
+    sup1.close()
+    assert alive(a.pid)  # close() leaves processes running
+    wait_until(lambda: not alive(b.pid), 5, "b to end")  # its wrapper is a zombie now
+
+    sup2 = make_sup(state_dir=state)
+    ra, rb = sup2.get("a", 0), sup2.get("b", 0)
+    assert (ra.state, ra.pid) == (st.RUNNING, a.pid)
+    assert (rb.state, rb.exit_code) == (st.FAILED, 3)
+    assert DOWN_MSG in rb.msg
+    sup2.terminate("a", 0, grace=1.0)
+    assert sup2.wait("a", 0, timeout=5).state == st.TERMINATED
+    assert not alive(a.pid)
+
+
+def test_restart_keeps_the_sigkill_deadline_of_a_terminating_process(make_sup, tmp_path):
+    state, ready = tmp_path / "agent", tmp_path / "ready"
+    sup1 = make_sup(state_dir=state)
+    sup1.launch("s", 0, ["sh", "-c", f"trap '' TERM; echo $$ > {ready}; exec sleep 30"])
+    read_int(ready)
+    t0 = time.monotonic()
+    sup1.terminate("s", 0, grace=0.5)
+    sup1.close()
+    sup2 = make_sup(state_dir=state)
+    assert sup2.get("s", 0).state == st.TERMINATING
+    end = sup2.wait("s", 0, timeout=5)
+    assert end.state == st.TERMINATED and "SIGKILL" in end.msg
+    assert 0.45 <= time.monotonic() - t0 < 3.0
+
+
+AGENT1 = textwrap.dedent(
+    """
+    import json, os, sys
+    from cei_actors.eeagent.supervisor import ProcessSupervisor
+    env = {"PATH": os.environ["PATH"], "CEI_TEST_MARK": sys.argv[2]}
+    sup = ProcessSupervisor(sys.argv[1], 4, base_env=env)
+    sup.launch("a", 0, ["sleep", "30"])
+    sup.launch("b", 0, ["sh", "-c", "sleep 0.2; exit 3"])
+    sup.launch("c", 0, ["sh", "-c", "sleep 2; exit 5"])
+    print(json.dumps(sup.dump()), flush=True)
+    os._exit(0)  # an agent crash: no close()
+    """
+)
+
+# A subreaper that runs the first agent, adopts its orphans and reaps them at the end, so the
+# restarted agent (this test) watches processes that are not its children.
+REAPER = textwrap.dedent(
+    """
+    import ctypes, os, subprocess, sys
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    out = subprocess.run([sys.executable, "-c", sys.argv[1], *sys.argv[2:]],
+                         check=True, capture_output=True, text=True).stdout
+    print(out, end="", flush=True)
+    sys.stdin.read()
+    while True:
+        try:
+            os.wait()
+        except ChildProcessError:
+            break
+    """
+)
+
+
+def test_restart_after_crash_watches_non_children(make_sup, tmp_path, mark):
+    state = tmp_path / "agent"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    reaper = subprocess.Popen(
+        [sys.executable, "-c", REAPER, AGENT1, str(state), mark],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        first = {p["upid"]: p for p in json.loads(reaper.stdout.readline())}
+        assert all(p["state"] == st.RUNNING for p in first.values())
+        wait_until(lambda: not alive(first["b"]["pid"]), 5, "b to end")
+
+        changes = []
+        sup = make_sup(state_dir=state, on_change=changes.append)
+        a, b, c = sup.get("a", 0), sup.get("b", 0), sup.get("c", 0)
+        assert (a.state, a.pid) == (st.RUNNING, first["a"]["pid"])
+        assert (b.state, b.exit_code) == (st.FAILED, 3) and DOWN_MSG in b.msg
+        assert c.state == st.RUNNING, "c should still run when the agent comes back"
+        # c is not our child, yet its exit is noticed and its true exit code reported
+        c_end = sup.wait("c", 0, timeout=5)
+        assert (c_end.state, c_end.exit_code) == (st.FAILED, 5)
+        assert any(p["upid"] == "c" and p["state"] == st.FAILED for s in changes for p in s)
+        sup.terminate("a", 0, grace=1.0)
+        assert sup.wait("a", 0, timeout=5).state == st.TERMINATED
+        wait_until(lambda: not alive(first["a"]["pid"]), 3, "a to die")
+    finally:
+        for pid in marked_pids(mark):  # on failure, let the reaper finish
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        reaper.stdin.close()
+        reaper.wait(timeout=10)
+
+
+def test_reused_pid_is_not_adopted(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup1 = make_sup(state_dir=state)
+    sup1.launch("x", 0, ["sleep", "30"])
+    sup1.close()
+    table = json.loads((state / "processes.json").read_text())
+    real_pid = table["processes"][0]["pid"]
+    table["processes"][0]["start_ticks"] += 1  # as if the pid now belonged to another process
+    (state / "processes.json").write_text(json.dumps(table))
+    sup2 = make_sup(state_dir=state)
+    x = sup2.get("x", 0)
+    assert x.state == st.FAILED and DOWN_MSG in x.msg
+    assert alive(real_pid)  # and it was not signalled
+    os.killpg(real_pid, signal.SIGKILL)
+    os.waitpid(real_pid, 0)
+
+
+# ------------------------------------------------------------------------------ misc
+
+
+def test_shutdown_kills_everything(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    pids = [sup.launch(f"s{i}", 0, ["sleep", "30"]).pid for i in range(3)]
+    sup.shutdown(kill=True, grace=1.0)
+    assert not any(alive(p) for p in pids)
+    table = json.loads((state / "processes.json").read_text())
+    assert {p["state"] for p in table["processes"]} == {st.TERMINATED}
+
+
+def test_fallback_without_pidfd(make_sup):
+    sup = make_sup(_use_pidfd=False)
+    assert not sup.uses_pidfd
+    sup.launch("t", 0, ["sh", "-c", "exit 4"])
+    assert (sup.wait("t", 0, timeout=5).exit_code) == 4
+    sup.launch("s", 0, ["sleep", "30"])
+    sup.terminate("s", 0, grace=1.0)
+    assert sup.wait("s", 0, timeout=5).state == st.TERMINATED
+
+
+def test_states_order_and_helpers():
+    assert st.ORDER == (
+        "PENDING",
+        "RUNNING",
+        "TERMINATING",
+        "TERMINATED",
+        "EXITED",
+        "FAILED",
+        "REJECTED",
+    )
+    assert [st.rank(s) for s in st.ORDER] == sorted(st.rank(s) for s in st.ORDER)
+    assert [st.CODES[s] for s in st.ORDER] == sorted(st.CODES.values())
+    assert st.is_after(st.EXITED, st.TERMINATED) and not st.is_after(st.PENDING, st.RUNNING)
+    assert [s for s in st.ORDER if st.is_terminal(s)] == [
+        "TERMINATED",
+        "EXITED",
+        "FAILED",
+        "REJECTED",
+    ]
+    assert [s for s in st.ORDER if st.is_live(s)] == ["PENDING", "RUNNING", "TERMINATING"]
+    assert st.normalize("500-RUNNING") == st.normalize(("500", "RUNNING")) == "RUNNING"
+    assert st.with_code(st.FAILED) == "850-FAILED"
+    with pytest.raises(ValueError):
+        st.rank("RUNNNING")
+
+
+def test_heartbeat_message_and_schedule():
+    dump = [
+        {
+            "upid": "b",
+            "round": 1,
+            "state": "FAILED",
+            "msg": "exit code 3",
+            "exit_code": 3,
+            "pid": 9,
+        },
+        {"upid": "a", "round": 0, "state": "RUNNING", "msg": "", "exit_code": None, "pid": 8},
+    ]
+    hb = build_heartbeat("agent-1", "node-1", dump, 100.5)
+    assert hb == {
+        "eeagent_id": "agent-1",
+        "node_id": "node-1",
+        "timestamp": 100.5,
+        "processes": [
+            {"upid": "a", "round": 0, "state": "RUNNING", "msg": ""},
+            {"upid": "b", "round": 1, "state": "FAILED", "msg": "exit code 3"},
+        ],
+    }
+    sched = HeartbeatScheduler(interval=30)
+    assert sched.due(0) and sched.delay(0) == 0
+    sched.sent(10)
+    assert not sched.due(20) and sched.delay(20) == 20
+    sched.sent(25)  # an on-change heartbeat pushes the periodic one back
+    assert not sched.due(40) and sched.due(55)
