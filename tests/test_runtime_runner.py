@@ -137,3 +137,22 @@ def test_state_always_equals_replay_and_never_negative(ops, every):
     assert replay(Counters(), r.log, "example") == r.state
     assert fresh(url).state == r.state
     assert r.handle(Dump()).reply.value["counters"] == r.state.counters
+
+
+def test_events_from_recovered_are_applied_and_persisted():
+    from cei_actors.runtime.core import Decision
+    from cei_actors.runtime.example import CounterAdded
+
+    class Boot(Counters):
+        def recovered(self, state, ctx):
+            if "boot" not in state.counters:
+                return Decision(events=[CounterAdded("boot", 1, ctx.now)])
+            return Decision()
+
+    url = f"memory://{uuid.uuid4().hex}"
+    r = Runner(Boot(), open_log(url))
+    r.recover()
+    assert r.state.counters == {"boot": 1} and r.head == 1
+    again = Runner(Boot(), open_log(url))
+    again.recover()
+    assert again.state.counters == {"boot": 1} and again.head == 1

@@ -99,6 +99,12 @@ class Runner(Generic[S]):
         ctx = self.context()
         decision = self.component.recovered(state, ctx)
         if decision.events:
+            try:
+                for event in decision.events:
+                    self.state = self.component.apply(self.state, event)
+            except Exception:
+                self.state = None
+                raise
             self._commit([(decision, decision.events)], ctx.now)
         return decision
 

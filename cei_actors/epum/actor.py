@@ -1,0 +1,25 @@
+"""EPUM as a thespian actor: the runtime's event-sourced shell around :class:`EPUM`.
+
+``Start(log_url, config=...)`` configures it (keys of :class:`~.logic.EPUMConfig`); its
+peers must include ``"provisioner"`` (and the domains' subscribers, e.g. ``"pd"``). Pulled
+sensors run in the shell's worker pool (``Work("sensor", ...)``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ..runtime.shell import EventSourcedActor
+from .logic import EPUM
+from .sensors import run_sensor
+
+
+class EPUMActor(EventSourcedActor):
+    """The EPU Management Service actor."""
+
+    def make_component(self, config: dict[str, Any]) -> EPUM:
+        return EPUM(dict(config or {}))
+
+    def work_handlers(self) -> dict[str, Callable[[Any], Any]]:
+        return {"sensor": run_sensor}

@@ -1,0 +1,321 @@
+"""EPUM's pure core: domains, definitions, instance records, needs, notifications, replay."""
+
+from __future__ import annotations
+
+import logging
+
+from epum_harness import Sim, definition
+
+from cei_actors.epum.events import InstanceDestroyRequested, InstanceLaunchRequested
+from cei_actors.epum.logic import EPUM
+from cei_actors.epum.messages import (
+    AddDomain,
+    AddDomainDefinition,
+    DeciderPass,
+    DescribeDomain,
+    DescribeDomainDefinition,
+    ListDomainDefinitions,
+    ListDomains,
+    ReconfigureDomain,
+    RegisterNeed,
+    RemoveDomain,
+    RemoveDomainDefinition,
+    SubscribeDomain,
+    UpdateDomainDefinition,
+)
+from cei_actors.epum.state import restore, snapshot
+from cei_actors.provisioner.messages import NodeStateChanged, Provision
+from cei_actors.runtime.core import Send
+from cei_actors.runtime.messages import ErrorReply, Ok
+from cei_actors.runtime.runner import replay
+
+
+def sim_with(n: int = 2, engine: str = "preserve_n", **kw) -> Sim:
+    s = Sim(**kw)
+    assert s.send(AddDomainDefinition("def", definition(engine))) == Ok("def")
+    assert isinstance(s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": n}}, subscriber="pd")), Ok)
+    return s
+
+
+def err(reply) -> tuple[str, str]:
+    assert isinstance(reply, ErrorReply), reply
+    return reply.code, reply.message
+
+
+def events_of(s: Sim, cls) -> list:
+    decode = s.runner.component.registry.from_record
+    return [e for e in map(decode, s.runner.log.read("epum", 1)) if isinstance(e, cls)]
+
+
+def test_definitions_lifecycle():
+    s = Sim()
+    assert s.send(AddDomainDefinition("a", definition("needy"))) == Ok("a")
+    assert err(s.send(AddDomainDefinition("a", definition())))[0] == "conflict"
+    d = s.send(DescribeDomainDefinition("a")).value
+    assert d["name"] == "a" and "PD" in d["documentation"]
+    assert s.send(ListDomainDefinitions()) == Ok(["a"])
+    assert s.send(UpdateDomainDefinition("a", definition("sensor"))) == Ok("a")
+    assert s.send(RemoveDomainDefinition("a")) == Ok("a")
+    assert err(s.send(DescribeDomainDefinition("a")))[0] == "not_found"
+    code, msg = err(s.send(AddDomainDefinition("b", definition("no.such.Engine"))))
+    assert code == "bad_request" and "no.such.Engine" in msg
+    code, msg = err(s.send(AddDomainDefinition("c", {"general": {}, "bogus": {}})))
+    assert code == "bad_request" and "bogus" in msg
+
+
+def test_add_domain_merges_sections_and_validates():
+    s = Sim()
+    s.send(AddDomainDefinition("def", {"general": {"engine_class": "preserve_n"},
+                                       "engine_conf": {"preserve_n": 1, "site": "ec2"},
+                                       "health": {"boot_timeout": 50}}))
+    v = s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": 4}, "health": {"monitor_health": True}})).value
+    assert v["config"]["engine_conf"] == {"preserve_n": 4, "site": "ec2"}
+    assert v["config"]["health"] == {"boot_timeout": 50, "monitor_health": True}
+    code, msg = err(s.send(AddDomain("e", "def", {"engine_conf": {"preserve_n": 1, "colour": "red"}})))
+    assert code == "bad_request" and "unknown key(s) colour" in msg
+    s.send(AddDomainDefinition("bare", definition()))
+    code, msg = err(s.send(AddDomain("e", "bare", {})))
+    assert code == "bad_request" and "missing required key(s) preserve_n" in msg
+    code, msg = err(s.send(AddDomain("e", "bare", {"engine_conf": {"preserve_n": -1}})))
+    assert code == "bad_request" and "preserve_n" in msg
+    code, msg = err(s.send(AddDomain("e", "bare", {"engine_conf": {"preserve_n": 1}, "health": {"boot_timeout": "x"}})))
+    assert code == "bad_request" and "boot_timeout" in msg
+    assert err(s.send(AddDomain("e", "nodef", {})))[0] == "not_found"
+    assert err(s.send(AddDomain("d", "def", {})))[0] == "conflict"
+    assert err(s.send(AddDomain("a/b", "def", {})))[0] == "bad_request"
+    assert s.send(ListDomains()) == Ok(["d"])
+
+
+def test_domains_are_isolated_per_caller():
+    s = sim_with(1)
+    assert s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": 2}}, caller="alice")).value["domain_id"] == "d"
+    assert s.send(ListDomains("alice")) == Ok(["d"])
+    assert s.send(ListDomains("bob")) == Ok([])
+    assert err(s.send(DescribeDomain("d", "bob")))[0] == "not_found"
+    assert err(s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 0}}, "bob")))[0] == "not_found"
+    assert err(s.send(RemoveDomain("d", "bob")))[0] == "not_found"
+    s.run(20)
+    assert s.send(DescribeDomain("d", "alice")).value["counts"] == {"RUNNING": 2}
+    assert s.send(DescribeDomain("d")).value["counts"] == {"RUNNING": 1}
+    assert s.vms() == 3
+
+
+def test_reconfigure_rules():
+    s = sim_with(1)
+    code, msg = err(s.send(ReconfigureDomain("d", {"general": {"engine_class": "needy"}})))
+    assert code == "bad_request" and "engine_class" in msg
+    code, msg = err(s.send(ReconfigureDomain("d", {"engine_conf": {"site": "elsewhere"}})))
+    assert code == "bad_request" and "cannot be reconfigured" in msg
+    code, msg = err(s.send(ReconfigureDomain("d", {"engine_conf": {"nope": 1}})))
+    assert code == "bad_request" and "nope" in msg
+    assert err(s.send(ReconfigureDomain("zz", {})))[0] == "not_found"
+    assert s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 3}})).value["config_version"] == 2
+    s.run(20)
+    assert s.running() == 3
+    assert s.state.domains["default/d"].applied_version == 2
+
+
+def test_remove_drains_then_disappears():
+    s = sim_with(3)
+    s.run(20)
+    assert s.send(RemoveDomain("d")) == Ok({"domain_id": "d", "removing": True})
+    assert s.send(RemoveDomain("d")) == Ok({"domain_id": "d", "removing": True})
+    assert err(s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 1}})))[0] == "conflict"
+    assert err(s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": 1}})))[0] == "conflict"
+    s.step()
+    assert s.send(ListDomains()) == Ok(["d"])  # still draining
+    s.run(15)
+    assert s.send(ListDomains()) == Ok([]) and s.vms() == 0
+    assert s.state.instances == {} and not s.state.open_terminations
+    assert s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": 1}})).value["domain_id"] == "d"
+
+
+def test_instance_updates_ordering(caplog):
+    s = sim_with(1)
+    s.run(20)
+    iid = next(iter(s.state.instances))
+    inst = s.state.instances[iid]
+    assert inst.state == "RUNNING"
+    head, counter = s.runner.head, inst.update_counter
+    base = s.prov.nodes[iid].record()
+    caplog.set_level(logging.DEBUG, "cei_actors.epum")
+    for node in [
+        {**base, "state": "PENDING", "update_counter": counter + 5},  # older state
+        {**base, "update_counter": counter},  # duplicate
+        {**base, "update_counter": counter - 1},  # stale
+        {**base, "node_id": "i-unknown"},  # unknown instance
+        {**base, "state": "SMASHED"},  # malformed
+        {"node_id": iid},  # malformed
+    ]:
+        assert s.send(NodeStateChanged(node)) is None
+    assert s.runner.head == head
+    assert "unknown instance i-unknown" in caplog.text and "malformed" in caplog.text
+    s.send(NodeStateChanged({**base, "update_counter": counter + 1, "hostname": "new"}))
+    assert s.runner.head == head + 1 and s.state.instances[iid].properties["hostname"] == "new"
+
+
+def test_subscribers_hear_running_and_every_loss():
+    s = sim_with(2)
+    s.send(SubscribeDomain("d", "watcher"))
+    s.run(20)
+    assert [m.state for m in s.inbox["pd"]] == ["RUNNING", "RUNNING"]
+    assert [m.state for m in s.inbox["watcher"]] == ["RUNNING", "RUNNING"]
+    victim = s.inbox["pd"][0].node_id
+    node = s.prov.nodes[victim]
+    s.prov._move(node, "FAILED", "IAAS_PROBLEM")  # e.g. a FAILED report: loss too
+    s.deliver()
+    assert s.inbox["pd"][-1].state == "FAILED" and s.inbox["pd"][-1].node_id == victim
+    assert s.inbox["pd"][-1].domain_id == "d" and "hostname" in s.inbox["pd"][-1].properties
+
+
+def test_register_need_is_level_based_and_retires_first():
+    s = Sim()
+    s.send(AddDomainDefinition("pd", definition("needy")))
+    s.send(AddDomain("pd_domain_e", "pd", {}, subscriber="pd"))
+    assert s.send(RegisterNeed("pd_domain_e", 3, [])) == Ok({"domain_id": "pd_domain_e", "count": 3})
+    head = s.runner.head
+    assert s.send(RegisterNeed("pd_domain_e", 3, [])).value["count"] == 3
+    assert s.runner.head == head  # same level: nothing written
+    s.run(20)
+    assert s.running() == 3
+    newest = max(s.state.instances.values(), key=lambda i: i.seq).instance_id
+    s.send(RegisterNeed("pd_domain_e", 2, [newest]))
+    s.step()
+    assert s.state.instances[newest].state == "TERMINATING"
+    assert err(s.send(RegisterNeed("nope", 1, [])))[0] == "not_found"
+    s.send(AddDomainDefinition("plain", definition()))
+    s.send(AddDomain("p", "plain", {"engine_conf": {"preserve_n": 0}}))
+    code, msg = err(s.send(RegisterNeed("p", 1, ["x"])))
+    assert code == "bad_request" and "does not take needs" in msg
+
+
+def test_engine_failure_is_contained_to_its_domain():
+    s = Sim()
+    s.send(AddDomainDefinition("bad", definition("epum_harness:BrokenEngine")))
+    s.send(AddDomainDefinition("good", definition()))
+    s.send(AddDomain("b", "bad", {"engine_conf": {"preserve_n": 1, "broken": True}}))
+    s.send(AddDomain("g", "good", {"engine_conf": {"preserve_n": 2}}))
+    s.run(30)
+    assert s.running() == 2
+    desc = s.send(DescribeDomain("b")).value
+    assert desc["engine_error"] == "RuntimeError: engine exploded" and desc["counts"] == {}
+    from cei_actors.epum.events import EngineFailed
+
+    assert len(events_of(s, EngineFailed)) == 1  # recorded once, not every pass
+    s.send(ReconfigureDomain("b", {"engine_conf": {"broken": False}}))
+    s.run(20)
+    assert s.running() == 3 and s.send(DescribeDomain("b")).value["engine_error"] is None
+
+
+def test_engine_memory_survives_failover():
+    s = Sim()
+    s.send(AddDomainDefinition("c", definition("epum_harness:CountingEngine")))
+    s.send(AddDomain("d", "c", {}))
+    s.step()
+    assert s.state.domains["default/d"].engine_state == {"decides": 1}
+    s.recover()
+    s.step()
+    assert s.state.domains["default/d"].engine_state == {"decides": 2}
+
+
+def test_unacknowledged_launches_are_resent_not_redecided():
+    s = sim_with(0)
+    s.prov.handle = lambda msg: None  # the Provisioner is deaf for now
+    s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 2}}))
+    d = s.runner.handle(DeciderPass())
+    assert sum(isinstance(e, Send) and isinstance(e.message, Provision) for e in d.effects) == 2
+    s.clock.t += 1
+    d = s.runner.handle(DeciderPass())
+    assert d.effects == [] and d.events == []  # nothing dirty, not yet time to resend
+    s.clock.t += 5
+    d = s.runner.handle(DeciderPass())
+    assert sum(isinstance(e.message, Provision) for e in d.effects) == 2 and d.events == []
+    s.recover()  # a new leader resends at once, decides nothing new
+    d = s.runner.handle(DeciderPass())
+    assert sum(isinstance(e.message, Provision) for e in d.effects) == 2
+    assert len(events_of(s, InstanceLaunchRequested)) == 2
+
+
+def test_pass_decides_only_dirty_domains():
+    s = Sim()
+    s.send(AddDomainDefinition("def", definition()))
+    for i in range(20):
+        s.send(AddDomain(f"d{i}", "def", {"engine_conf": {"preserve_n": 1}}))
+    s.run(20)
+    assert s.running() == 20
+    assert s.send(DeciderPass()) == Ok({"decided": 0})
+    s.prov.kill(next(iter(s.prov.live_vms())).node_id)
+    s.deliver()
+    assert s.send(DeciderPass()) == Ok({"decided": 1})
+
+
+def test_state_equals_replay_and_snapshot_roundtrip():
+    s = sim_with(3)
+    s.send(AddDomain("x", "def", {"engine_conf": {"preserve_n": 2}}, caller="alice"))
+    s.run(20)
+    s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 1}}))
+    s.run(10)
+    s.send(RemoveDomain("x", "alice"))
+    s.step()
+    rebuilt = replay(EPUM(), s.runner.log, "epum")
+    assert rebuilt == s.state
+    import msgpack
+
+    data = msgpack.unpackb(msgpack.packb(snapshot(s.state)), strict_map_key=False)
+    assert restore(data) == s.state
+    assert len(events_of(s, InstanceDestroyRequested)) >= 2
+
+
+def test_initial_definitions_and_domains_from_config():
+    cfg = {"initial_definitions": {"def": definition()},
+           "initial_domains": {"boot": {"definition": "def", "config": {"engine_conf": {"preserve_n": 2}}},
+                               "broken": {"definition": "missing"}}}
+    s = Sim(config=cfg)
+    s.run(20)
+    assert s.send(ListDomains()) == Ok(["boot"]) and s.running() == 2
+    s.send(RemoveDomain("boot"))
+    s.run(10)
+    s.recover()
+    s.run(10)
+    assert s.send(ListDomains()) == Ok(["boot"])  # as the original: recreated at start
+
+
+def test_reaper_forgets_old_finished_records():
+    s = sim_with(2, config={"record_reaping_max_age": 100})
+    s.run(20)
+    victim = next(iter(s.state.instances))
+    s.prov.kill(victim)
+    s.run(20)
+    from cei_actors.epum.messages import ReapPass
+
+    s.send(ReapPass())
+    assert victim in s.state.instances  # not old enough yet
+    s.clock.t += 101
+    s.send(ReapPass())
+    assert victim not in s.state.instances and len(s.state.instances) == 2
+    assert victim not in s.state.domains["default/d"].instances
+    assert replay(EPUM(), s.runner.log, "epum") == s.state
+
+
+def test_recovery_from_a_snapshot(tmp_path):
+    import random
+
+    from epum_harness import Clock
+
+    from cei_actors.eventlog import open_log
+    from cei_actors.runtime.runner import Runner
+
+    clock = Clock()
+    url = f"sqlite:///{tmp_path}/epum.db"
+    r = Runner(EPUM(timers=False), open_log(url), clock=clock, rng=random.Random(5), snapshot_every=3)
+    r.recover()
+    r.handle(AddDomainDefinition("def", definition()))
+    r.handle(AddDomain("d", "def", {"engine_conf": {"preserve_n": 2}}))
+    d = r.handle(DeciderPass())
+    for e in d.effects:
+        if isinstance(e.message, Provision):
+            r.handle(NodeStateChanged({"node_id": e.message.node_ids[0], "state": "RUNNING", "update_counter": 1}))
+    assert r.log.load_snapshot("epum") is not None
+    again = Runner(EPUM(timers=False), open_log(url), clock=clock, rng=random.Random(6))
+    again.recover()
+    assert again.state == r.state and again.head == r.head
