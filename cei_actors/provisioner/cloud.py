@@ -1,0 +1,186 @@
+"""The Provisioner's cloud work: create, destroy and list through libcloud drivers.
+
+:class:`CloudWorker` turns the ``Work`` payloads of :mod:`.logic` into driver calls and
+their outcomes into result messages; every exception becomes an ``error_kind`` (timeout,
+quota, auth, not_found, other) and text, never a crash. The actor runs these handlers in
+its worker pool; tests and benchmarks call them directly.
+
+Drivers are built with :func:`~.drivers.driver_for_site` and cached per cloud account.
+Simulated and local sites keep one shared driver (it *is* the cloud); real clouds get one
+driver per worker thread, since libcloud connections are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from libcloud.common.types import InvalidCredsError
+from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
+
+from .drivers import driver_for_site, instance_state_for
+from .drivers.simcloud import Clock
+from .messages import CreateResult, DestroyResult, ListResult
+
+__all__ = ["CloudWorker", "DriverFactory", "classify_error", "vm_record"]
+
+#: ``(site definition, credentials) -> NodeDriver``.
+DriverFactory = Callable[[Mapping[str, Any], Mapping[str, Any] | None], NodeDriver]
+
+_SHARED_TYPES = ("sim", "local")
+_QUOTA_MARKERS = ("InstanceLimitExceeded", "InsufficientInstanceCapacity", "QuotaExceeded",
+                  "Quota exceeded", "VcpuLimitExceeded")
+_NOT_FOUND_MARKERS = ("InvalidInstanceID.NotFound", "InvalidInstanceID.Malformed")
+
+
+def classify_error(exc: BaseException) -> str:
+    """The ``error_kind`` of a cloud exception."""
+    text = str(exc)
+    if isinstance(exc, TimeoutError) or type(exc).__name__ in ("Timeout", "ReadTimeout",
+                                                               "ConnectTimeout"):
+        return "timeout"
+    if isinstance(exc, InvalidCredsError) or "AuthFailure" in text:
+        return "auth"
+    if any(marker in text for marker in _QUOTA_MARKERS):
+        return "quota"
+    if any(marker in text for marker in _NOT_FOUND_MARKERS):
+        return "not_found"
+    return "other"
+
+
+def _error_text(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text if text else type(exc).__name__
+
+
+def vm_record(node: Node) -> dict[str, Any]:
+    """A listed VM as the core sees it."""
+    extra = node.extra or {}
+    return {
+        "iaas_id": str(node.id),
+        "state": instance_state_for(node.state),
+        "client_token": extra.get("client_token") or None,
+        "public_ip": node.public_ips[0] if node.public_ips else None,
+        "private_ip": node.private_ips[0] if node.private_ips else None,
+        "hostname": extra.get("dns_name") or None,
+    }
+
+
+class CloudWorker:
+    """Create / destroy / list handlers over cached drivers (thread-safe)."""
+
+    def __init__(
+        self,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+        iaas_timeout: float | None = 60.0,
+        driver_factory: DriverFactory | None = None,
+    ) -> None:
+        self.clock = clock
+        self.rng = rng
+        self.iaas_timeout = iaas_timeout
+        self.driver_factory = driver_factory
+        self._lock = threading.Lock()
+        self._shared: dict[tuple[str, str], NodeDriver] = {}
+        self._local = threading.local()
+
+    def handlers(self) -> dict[str, Callable[[dict[str, Any]], Any]]:
+        return {"create": self.create, "destroy": self.destroy, "list": self.list}
+
+    # ---- drivers
+
+    def _build(self, definition: Mapping[str, Any], creds: Mapping[str, Any] | None) -> NodeDriver:
+        if self.driver_factory is not None:
+            return self.driver_factory(definition, creds)
+        timeout = None if definition.get("type") in _SHARED_TYPES else self.iaas_timeout
+        return driver_for_site(definition, creds, clock=self.clock, rng=self.rng, timeout=timeout)
+
+    def driver(self, payload: Mapping[str, Any]) -> NodeDriver:
+        """The driver for a work payload's account (built once per account and definition)."""
+        definition, creds = payload["definition"], payload.get("credentials")
+        key = (payload["account"], json.dumps([definition, creds], sort_keys=True, default=str))
+        if definition.get("type") in _SHARED_TYPES:
+            with self._lock:
+                driver = self._shared.get(key)
+                if driver is None:
+                    driver = self._shared[key] = self._build(definition, creds)
+            return driver
+        cache = getattr(self._local, "drivers", None)
+        if cache is None:
+            cache = self._local.drivers = {}
+        driver = cache.get(key)
+        if driver is None:
+            driver = cache[key] = self._build(definition, creds)
+        return driver
+
+    def shared_drivers(self) -> list[NodeDriver]:
+        with self._lock:
+            return list(self._shared.values())
+
+    def close(self) -> None:
+        with self._lock:
+            self._shared.clear()
+
+    # ---- work handlers
+
+    def create(self, payload: dict[str, Any]) -> CreateResult:
+        nid, token = payload["node_id"], payload["client_token"]
+        try:
+            driver = self.driver(payload)
+            kwargs: dict[str, Any] = {"ex_clienttoken": token}
+            if payload.get("userdata") is not None:
+                kwargs["ex_userdata"] = payload["userdata"]
+            if payload.get("keyname"):
+                kwargs["ex_keyname"] = payload["keyname"]
+            size_id = payload.get("size") or "default"
+            image_id = payload.get("image") or "default"
+            node = driver.create_node(
+                name=nid,
+                size=NodeSize(id=size_id, name=size_id, ram=None, disk=None, bandwidth=None,
+                              price=None, driver=driver),
+                image=NodeImage(id=image_id, name=image_id, driver=driver),
+                **kwargs,
+            )
+        except Exception as exc:  # every cloud failure becomes a result, never a crash
+            return CreateResult(nid, token, error_kind=classify_error(exc),
+                                error=_error_text(exc))
+        vm = vm_record(node)
+        return CreateResult(nid, token, iaas_id=vm["iaas_id"], public_ip=vm["public_ip"],
+                            private_ip=vm["private_ip"], hostname=vm["hostname"])
+
+    def destroy(self, payload: dict[str, Any]) -> DestroyResult:
+        iaas_id = payload["iaas_id"]
+        args = {"iaas_id": iaas_id, "account": payload["account"], "node_id": payload.get("node_id")}
+        try:
+            driver = self.driver(payload)
+            node = Node(id=iaas_id, name=None, state=None, public_ips=[], private_ips=[],
+                        driver=driver)
+            driver.destroy_node(node)
+        except Exception as exc:
+            return DestroyResult(**args, error_kind=classify_error(exc), error=_error_text(exc))
+        return DestroyResult(**args)
+
+    def list(self, payload: dict[str, Any]) -> ListResult:
+        """List the account's VMs; with ``node_ids`` only those (a partial listing)."""
+        account, seq = payload["account"], payload["seq"]
+        wanted = payload.get("node_ids")
+        partial = wanted is not None
+        try:
+            driver = self.driver(payload)
+            if partial:
+                try:
+                    nodes = driver.list_nodes(ex_node_ids=list(wanted))
+                except TypeError:  # the driver cannot filter: filter here
+                    ids = set(wanted)
+                    nodes = [n for n in driver.list_nodes() if str(n.id) in ids]
+            else:
+                nodes = driver.list_nodes()
+            vms = [vm_record(n) for n in nodes]
+        except Exception as exc:
+            return ListResult(account, seq, error_kind=classify_error(exc), error=_error_text(exc),
+                              partial=partial)
+        return ListResult(account, seq, vms, partial=partial)
