@@ -45,18 +45,30 @@ def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes:
         raise CorruptLog(stream, offset, f"undecodable payload: {exc}") from exc
 
 
+def encode_event(event: PendingEvent) -> bytes:
+    """One event's row as it stands inside a batch (packed once, sized and reused)."""
+    return msgpack.packb([event.type, event.version, event.timestamp, event.body], use_bin_type=True)
+
+
+def encode_rows(stream: str, first_offset: int, epoch: int, rows: Sequence[bytes], group_end: bool = True) -> bytes:
+    """A stored batch from rows already packed by :func:`encode_event`."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = (
+        packer.pack_array_header(5)
+        + packer.pack(stream)
+        + packer.pack(first_offset)
+        + packer.pack(epoch)
+        + packer.pack(group_end)
+        + packer.pack_array_header(len(rows))
+    )
+    return _seal(BATCH_MAGIC, head + b"".join(rows))
+
+
 def encode_batch(
     stream: str, first_offset: int, epoch: int, events: Sequence[PendingEvent], group_end: bool = True
 ) -> bytes:
     """Encode ``events`` as one stored batch starting at ``first_offset``."""
-    rows = [[e.type, e.version, e.timestamp, e.body] for e in events]
-    payload = msgpack.packb([stream, first_offset, epoch, group_end, rows], use_bin_type=True)
-    return _seal(BATCH_MAGIC, payload)
-
-
-def encoded_event_size(event: PendingEvent) -> int:
-    """The bytes ``event`` takes inside a batch (for splitting appends)."""
-    return len(msgpack.packb([event.type, event.version, event.timestamp, event.body], use_bin_type=True))
+    return encode_rows(stream, first_offset, epoch, [encode_event(e) for e in events], group_end)
 
 
 def decode_batch(

@@ -13,7 +13,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
-from .batch import decode_batch, decode_snapshot, encode_batch, encode_snapshot, encoded_event_size
+from .batch import decode_batch, decode_snapshot, encode_event, encode_rows, encode_snapshot
 from .errors import CorruptLog, EventLogError, Fenced, OffsetConflict
 from .records import Fence, PendingEvent, Record, Snapshot, check_stream
 
@@ -185,21 +185,22 @@ class EventLog(ABC):
         self, stream: str, epoch: int, after: int, events: Sequence[PendingEvent]
     ) -> list[list[tuple[int, bytes]]]:
         """Split an append into batches (<= max_batch_bytes) and atomic puts (<= max_atomic_bytes)."""
-        groups: list[list[PendingEvent]] = []
+        groups: list[list[bytes]] = []
         size = 0
         for event in events:
-            n = encoded_event_size(event) + 16
+            row = encode_event(event)
+            n = len(row)
             if groups and size + n <= self.max_batch_bytes:
-                groups[-1].append(event)
+                groups[-1].append(row)
                 size += n
             else:
-                groups.append([event])
+                groups.append([row])
                 size = n
         puts: list[list[tuple[int, bytes]]] = [[]]
         put_size = 0
         offset = after + 1
         for k, group in enumerate(groups):
-            blob = encode_batch(stream, offset, epoch, group, group_end=k == len(groups) - 1)
+            blob = encode_rows(stream, offset, epoch, group, group_end=k == len(groups) - 1)
             if puts[-1] and put_size + len(blob) > self.max_atomic_bytes:
                 puts.append([])
                 put_size = 0
