@@ -1,0 +1,123 @@
+"""Control messages of the runtime shell: start, peers, status, stop, and request envelopes.
+
+A component actor (:class:`~cei_actors.runtime.shell.EventSourcedActor`) does nothing until it
+gets :class:`Start`; it answers :class:`Started` once it leads its stream and has recovered.
+:class:`Request` / :class:`Response` wrap a message with a request id so that a client can tell
+the reply to its request from anything else it receives (thespian's ``ask`` returns the next
+message from anyone).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .messages import InvalidMessage, Message
+
+#: Leadership choices accepted by :class:`Start` (besides ``flock:DIR`` and ``zk://...``).
+LEADERSHIP_KINDS = ("auto", "always", "flock", "zk")
+
+
+@dataclass(frozen=True)
+class Start(Message):
+    """Open the log at ``log_url``, lead ``stream`` (default: the component's), recover, serve.
+
+    ``config`` goes to the actor's ``setup``/``make_component``; ``peers`` maps peer names to
+    actor addresses; ``leadership`` is ``auto`` (from the log URL: memory -> always,
+    sqlite -> a file lock next to the file, zk -> a ZooKeeper election), ``always``, ``flock``,
+    ``flock:DIR`` (lock file ``DIR/<stream>.lock``), ``zk`` (the log URL's servers) or
+    ``zk://HOST:PORT[,...]/PATH[?timeout=SECONDS]``.
+    """
+
+    log_url: str
+    stream: str | None = None
+    config: dict = field(default_factory=dict)
+    peers: dict = field(default_factory=dict)
+    leadership: str = "auto"
+    snapshot_every: int = 10_000
+
+    def check(self) -> None:
+        if "://" not in self.log_url:
+            raise InvalidMessage(f"Start.log_url: not a log URL: {self.log_url!r}")
+        if self.snapshot_every < 1:
+            raise InvalidMessage("Start.snapshot_every: must be at least 1")
+        kind = self.leadership
+        if not (kind in LEADERSHIP_KINDS or kind.startswith(("flock:", "zk://"))):
+            raise InvalidMessage(
+                f"Start.leadership: {kind!r} is none of auto, always, flock[:PATH], zk[://HOSTS/PATH]"
+            )
+        if not all(isinstance(k, str) and k for k in self.peers):
+            raise InvalidMessage("Start.peers: names must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class Started(Message):
+    """Reply to :class:`Start`: the actor leads ``stream`` at ``epoch`` and has replayed to ``head``."""
+
+    stream: str
+    epoch: int
+    head: int
+
+
+@dataclass(frozen=True)
+class Hello(Message):
+    """Introduce the sender as peer ``name`` (e.g. ``eeagent:<id>``); the reply is ``Ok(name)``."""
+
+    name: str
+
+    def check(self) -> None:
+        if not self.name:
+            raise InvalidMessage("Hello.name: must not be empty")
+
+
+@dataclass(frozen=True)
+class SetPeers(Message):
+    """Add or replace peers by name; a value of None removes that peer. Reply: ``Ok(names)``."""
+
+    peers: dict
+
+    def check(self) -> None:
+        if not all(isinstance(k, str) and k for k in self.peers):
+            raise InvalidMessage("SetPeers.peers: names must be non-empty strings")
+
+
+@dataclass(frozen=True)
+class Status(Message):
+    """Ask for the actor's status; the reply is ``Ok(dict)`` (see ``EventSourcedActor.status``)."""
+
+
+@dataclass(frozen=True)
+class Stop(Message):
+    """Stop serving, release the log, leadership and workers, and exit. Reply: ``Ok(None)``."""
+
+
+@dataclass(frozen=True)
+class Request(Message):
+    """``message`` sent with request id ``rid``; the reply comes back as ``Response(rid, ...)``.
+
+    An empty ``rid`` means no reply is wanted (a ``tell``).
+    """
+
+    rid: str
+    message: Any
+
+
+@dataclass(frozen=True)
+class Response(Message):
+    """The reply (an ``Ok`` or ``ErrorReply``) to the :class:`Request` with id ``rid``."""
+
+    rid: str
+    reply: Any
+
+
+__all__ = [
+    "LEADERSHIP_KINDS",
+    "Hello",
+    "Request",
+    "Response",
+    "SetPeers",
+    "Start",
+    "Started",
+    "Status",
+    "Stop",
+]

@@ -1,0 +1,708 @@
+"""The thespian shell around a :class:`~cei_actors.runtime.runner.Runner`.
+
+An :class:`EventSourcedActor` receives, lets the runner decide, appends the events under the
+fence, applies them, and only then performs the effects and replies. It never decides.
+
+Life cycle (``mode`` in :meth:`EventSourcedActor.status`):
+
+- ``idle``: created, waiting for :class:`~.control.Start`; other messages are held.
+- ``recovering``: contending for leadership, then ``runner.recover()``; messages are held and
+  served after recovery in arrival order (at most ``max_held``; beyond that: unavailable).
+- ``ready``: serving. Component messages handled in one burst share one append (group
+  commit, see below).
+- ``suspended``: the leadership is in doubt (ZooKeeper ``SUSPENDED``): no appends, no
+  effects; messages are held until it is confirmed again (``CONNECTED``) or lost.
+- ``down``: fenced by a newer writer, the log failed, or leadership was lost: state dropped,
+  leadership released, every request answered ``ErrorReply("unavailable")``; the actor
+  re-contends on a timer and recovers again when it wins.
+- ``stopped``: after :class:`~.control.Stop` or ``ActorExitRequest``.
+
+Replies. A message wrapped in :class:`~.control.Request` gets its reply as
+:class:`~.control.Response` with the same request id (an empty id: no reply). A bare message
+gets the bare reply (plain ``ask`` compatibility). Bare replies that arrive here (``Ok``,
+``ErrorReply``: peers answering our ``Send`` effects) are logged, never fed to the core and
+never answered, so two shells cannot ping-pong errors.
+
+Group commit. thespian hands over one message at a time. A component message is not decided
+at once: it joins a batch, and the first message of a batch asks for a zero-delay wakeup.
+thespian delivers messages that have already arrived before that wakeup, so the batch grows
+until the mailbox is drained; then ``runner.handle_many`` decides them in arrival order (each
+against the state left by the ones before it), appends all their events at once, and the
+effects and replies of every message follow the append. A batch never exceeds ``max_batch``.
+
+Timers: ``SetTimer`` becomes ``wakeupAfter`` with a ``(key, generation)`` payload; a newer
+timer with the same key (or a change of leadership term) makes older wakeups stale, and stale
+wakeups are ignored (thespian cannot cancel them). Work: a bounded thread pool runs the work
+handler; results come back through a queue and are collected on the actor's thread (woken by
+a pipe where the base supports ``ThespianWatch``, else by short polling wakeups while work is
+outstanding) and fed to the core like any other message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import queue
+import threading
+import traceback
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from thespian.actors import (
+    Actor,
+    ActorExitRequest,
+    ActorSystemMessage,
+    ChildActorExited,
+    DeadEnvelope,
+    PoisonMessage,
+    ThespianWatch,
+    WakeupMessage,
+    WatchMessage,
+)
+
+from ..eventlog import EventLogError, Fenced, open_log
+from .control import Hello, Request, Response, SetPeers, Start, Started, Status, Stop
+from .core import Component, Send, SetTimer, Work
+from .leadership import Leadership, leadership_for
+from .messages import ErrorReply, InvalidMessage, Message, Ok, validate
+from .runner import Runner
+
+_LOG_NAME = "cei_actors.runtime.shell"
+
+# Wakeup payloads (small, picklable): ("cei", kind, *args)
+_FLUSH = ("cei", "flush")
+_POLL = ("cei", "poll")
+_CHECK = ("cei", "check")
+
+_REPLY_TYPES = (Ok, ErrorReply, Response, Started)
+
+
+@dataclass
+class _Origin:
+    """Where a message came from and how to answer it."""
+
+    sender: Any = None  # ActorAddress, or None for timers and work results
+    rid: str | None = None  # None: bare message; "": a tell; else the request id
+    kind: str = ""  # the message's type name, for error replies
+
+
+_SELF = _Origin()
+
+
+class _Waker:
+    """A self-pipe: worker and election threads write a byte, the actor watches the read end.
+
+    ``notify`` and ``close`` share a lock so that a late notify can never write into a reused
+    descriptor number after the pipe was closed.
+    """
+
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        os.set_blocking(self.r, False)
+        os.set_blocking(self.w, False)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def notify(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            with contextlib.suppress(OSError):  # full pipe: a wakeup is already pending
+                os.write(self.w, b"!")
+
+    def drain(self) -> None:
+        with contextlib.suppress(OSError):
+            while os.read(self.r, 4096):
+                pass
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            for fd in (self.r, self.w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+
+class EventSourcedActor(Actor):
+    """A thespian actor that runs an event-sourced component; subclass and override the hooks.
+
+    Hooks: :meth:`make_component` (required), :meth:`setup`, :meth:`teardown`,
+    :meth:`work_handlers`, :meth:`make_leadership`. Tunables are class attributes; ``config``
+    keys of the same name (``workers``, ``group_commit``, ``max_batch``) override them per
+    instance.
+    """
+
+    #: Decide and append messages that arrive together as one batch.
+    group_commit: bool = True
+    #: Largest batch (messages) per append.
+    max_batch: int = 512
+    #: Worker threads for ``Work`` effects.
+    workers: int = 4
+    #: Seconds between leadership/recovery attempts while not leading (doubles up to 8x).
+    retry_interval: float = 0.2
+    #: Seconds between leadership checks while leading (a pipe wakes it sooner when it can).
+    check_interval: float = 0.5
+    #: Seconds between polls for work results on bases without ``ThespianWatch``.
+    poll_interval: float = 0.005
+    #: Most messages held while recovering or suspended; beyond that: unavailable.
+    max_held: int = 10_000
+
+    def __init__(self, capabilities: dict | None = None) -> None:
+        super().__init__()
+        self._watch_supported = bool((capabilities or {}).get("Thespian Watch Supported"))
+        self._mode = "idle"
+        self._runner: Runner | None = None
+        self._leadership: Leadership | None = None
+        self._start: Start | None = None
+        self._start_origin: _Origin | None = None
+        self._config: dict = {}
+        self._peers: dict[str, Any] = {}
+        self._held: deque[tuple[Any, _Origin]] = deque()
+        self._batch: list[tuple[Any, _Origin]] = []
+        self._flush_pending = False
+        self._timers: dict[str, tuple[int, Any]] = {}
+        self._gens = itertools.count(1)
+        self._term = 0
+        self._retry_gen = 0
+        self._retry_delay = self.retry_interval
+        self._check_pending = False
+        self._poll_pending = False
+        self._handlers: dict[str, Callable[[Any], Any]] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._outstanding = 0
+        self._waker: _Waker | None = None
+        self._set_up = False
+        self._log = logging.getLogger(_LOG_NAME)
+        self.stats = {"appends": 0, "messages": 0, "batches": 0}
+
+    # ---- hooks ------------------------------------------------------------------------------
+
+    def make_component(self, config: dict) -> Component:
+        """The pure core this actor runs, built from ``config``."""
+        raise NotImplementedError(f"{type(self).__name__} must override make_component")
+
+    def setup(self, config: dict) -> None:
+        """Acquire resources (cloud drivers, ...) before the component is built."""
+
+    def teardown(self) -> None:
+        """Release what :meth:`setup` acquired; called once when the actor stops."""
+
+    def work_handlers(self) -> dict[str, Callable[[Any], Message]]:
+        """Blocking handlers by ``Work.kind``; each returns a message for the core (or None)."""
+        return {}
+
+    def make_leadership(self, spec: str, log_url: str, stream: str) -> Leadership:
+        """The leadership for ``stream``; default :func:`~.leadership.leadership_for`."""
+        return leadership_for(spec, log_url, stream)
+
+    # ---- thespian entry point ----------------------------------------------------------------
+
+    def receiveMessage(self, msg: Any, sender: Any) -> Any:  # noqa: N802 - thespian's name
+        origin: _Origin | None = None
+        try:
+            origin = self._dispatch(msg, sender)
+        except Exception as exc:  # nothing may kill the actor
+            self._log.exception("%s: failed handling %s", self._name(), type(msg).__name__)
+            if origin is None and not isinstance(msg, ActorSystemMessage):
+                origin = self._origin_of(msg, sender)
+            if origin is not None:
+                self._reply(origin, ErrorReply("internal", f"{type(exc).__name__}: {exc}", origin.kind))
+        if self._watch_supported and self._waker is not None:
+            return ThespianWatch([self._waker.r])
+        return None
+
+    def _origin_of(self, msg: Any, sender: Any) -> _Origin:
+        if isinstance(msg, Request):
+            return _Origin(sender, msg.rid, type(msg.message).__name__)
+        return _Origin(sender, None, type(msg).__name__)
+
+    def _dispatch(self, msg: Any, sender: Any) -> _Origin | None:
+        if isinstance(msg, ActorSystemMessage):
+            self._system_message(msg, sender)
+            return None
+        if isinstance(msg, Request):
+            if not isinstance(msg.rid, str):
+                return None  # cannot be answered
+            origin = _Origin(sender, msg.rid, type(msg.message).__name__)
+            msg = msg.message
+        else:
+            origin = _Origin(sender, None, type(msg).__name__)
+        if isinstance(msg, _REPLY_TYPES):
+            self._peer_reply(msg, sender)
+            return None
+        control = _CONTROL.get(type(msg))
+        if control is not None:
+            try:
+                validate(msg)
+            except InvalidMessage as exc:
+                self._reply(origin, ErrorReply("bad_request", str(exc), origin.kind))
+                return origin
+            control(self, msg, origin)
+            return origin
+        self._submit(msg, origin)
+        return origin
+
+    def _system_message(self, msg: Any, sender: Any) -> None:
+        if isinstance(msg, WakeupMessage):
+            self._wakeup(msg.payload)
+        elif isinstance(msg, WatchMessage):
+            if self._waker is not None:
+                self._waker.drain()
+            self._collect_results()
+            if self._mode in ("recovering", "down"):
+                self._try_lead()  # an election may just have been won: do not wait for the timer
+            else:
+                self._check_leadership()
+        elif isinstance(msg, ActorExitRequest):
+            self._shutdown("exit requested")
+        elif isinstance(msg, ChildActorExited):
+            self._log.info("%s: child %s exited", self._name(), msg.childAddress)
+        elif isinstance(msg, PoisonMessage):
+            self._log.warning(
+                "%s: a message we sent made its receiver fail: %s", self._name(), msg.poisonMessage
+            )
+        elif isinstance(msg, DeadEnvelope):
+            self._log.warning("%s: undeliverable to %s: %s", self._name(), msg.deadAddress, msg.deadMessage)
+        else:
+            self._log.debug("%s: ignoring %s", self._name(), type(msg).__name__)
+
+    def _peer_reply(self, msg: Any, sender: Any) -> None:
+        if isinstance(msg, ErrorReply) or (isinstance(msg, Response) and isinstance(msg.reply, ErrorReply)):
+            self._log.warning("%s: peer %s refused: %s", self._name(), self._peer_name(sender), msg)
+        else:
+            self._log.debug("%s: reply from %s ignored: %s", self._name(), self._peer_name(sender), msg)
+
+    # ---- control messages ------------------------------------------------------------------
+
+    def _on_start(self, msg: Start, origin: _Origin) -> None:
+        if self._mode != "idle":
+            self._reply(origin, ErrorReply("conflict", f"already started ({self._mode})", "Start"))
+            return
+        config = dict(msg.config)
+        log = None
+        try:
+            self.setup(config)
+            self._set_up = True
+            component = self.make_component(config)
+            stream = msg.stream or component.stream
+            log = open_log(msg.log_url)
+            leadership = self.make_leadership(msg.leadership, msg.log_url, stream)
+        except Exception as exc:
+            self._log.exception("%s: Start failed", self._name())
+            if log is not None:
+                with contextlib.suppress(Exception):
+                    log.close()
+            self._teardown_once()
+            code = "bad_request" if isinstance(exc, ValueError | TypeError | KeyError) else "internal"
+            self._reply(origin, ErrorReply(code, f"Start failed: {type(exc).__name__}: {exc}", "Start"))
+            return
+        self._config = config
+        self.group_commit = bool(config.get("group_commit", self.group_commit))
+        self.max_batch = int(config.get("max_batch", self.max_batch))
+        self._runner = Runner(component, log, stream=stream, snapshot_every=msg.snapshot_every)
+        self._leadership = leadership
+        self._start, self._start_origin = msg, origin
+        self._peers.update({k: v for k, v in msg.peers.items() if v is not None})
+        self._handlers = dict(self.work_handlers())
+        self._executor = ThreadPoolExecutor(
+            max_workers=max(1, int(config.get("workers", self.workers))),
+            thread_name_prefix=f"work-{stream}",
+        )
+        if self._watch_supported:
+            self._waker = _Waker()
+            leadership.on_change = self._waker.notify
+        self._mode = "recovering"
+        self._log.info("%s: starting on %s, leadership %s", self._name(), msg.log_url, leadership.describe())
+        self._try_lead()
+
+    def _on_hello(self, msg: Hello, origin: _Origin) -> None:
+        if origin.sender is None:
+            return
+        self._peers[msg.name] = origin.sender
+        self._log.info("%s: peer %s is %s", self._name(), msg.name, origin.sender)
+        self._reply(origin, Ok(msg.name))
+
+    def _on_set_peers(self, msg: SetPeers, origin: _Origin) -> None:
+        for name, address in msg.peers.items():
+            if address is None:
+                self._peers.pop(name, None)
+            else:
+                self._peers[name] = address
+        self._reply(origin, Ok(sorted(self._peers)))
+
+    def _on_status(self, msg: Status, origin: _Origin) -> None:
+        self._reply(origin, Ok(self.status()))
+
+    def _on_stop(self, msg: Stop, origin: _Origin) -> None:
+        self._shutdown("stop requested")
+        self._reply(origin, Ok(None))
+        self.send(self.myAddress, ActorExitRequest())
+
+    def status(self) -> dict[str, Any]:
+        """Plain data: mode, ready, leader, stream, epoch, head, held, batch, work, peers, pid."""
+        runner = self._runner
+        leadership = self._leadership
+        return {
+            "mode": self._mode,
+            "ready": self._mode == "ready",
+            "leader": bool(leadership is not None and leadership.is_leader),
+            "leadership": leadership.describe() if leadership is not None else None,
+            "stream": runner.stream if runner else None,
+            "epoch": runner.fence.epoch if runner and runner.fence else 0,
+            "head": runner.head if runner else 0,
+            "held": len(self._held),
+            "batch": len(self._batch),
+            "work": self._outstanding,
+            "peers": sorted(self._peers),
+            "pid": os.getpid(),
+            "stats": dict(self.stats),
+        }
+
+    # ---- leadership and recovery -----------------------------------------------------------
+
+    def _try_lead(self) -> None:
+        if self._mode not in ("recovering", "down") or self._runner is None or self._leadership is None:
+            return
+        try:
+            won = self._leadership.try_acquire()
+        except Exception as exc:
+            self._log.warning("%s: contending failed: %s: %s", self._name(), type(exc).__name__, exc)
+            won = False
+        if not won:
+            self._schedule_retry()
+            return
+        try:
+            decision = self._runner.recover()
+        except Exception as exc:
+            self._log.warning("%s: recovery failed: %s: %s", self._name(), type(exc).__name__, exc)
+            with contextlib.suppress(Exception):
+                self._leadership.release()
+            self._schedule_retry(backoff=True)
+            return
+        self._term += 1
+        self._timers.clear()
+        self._mode = "ready"
+        self._retry_delay = self.retry_interval
+        runner = self._runner
+        assert runner.fence is not None
+        self._log.info(
+            "%s: leading %s at epoch %d, head %d", self._name(), runner.stream, runner.fence.epoch, runner.head
+        )
+        self._perform(decision.effects, _SELF)
+        if self._start_origin is not None:
+            self._reply(self._start_origin, Started(runner.stream, runner.fence.epoch, runner.head))
+            self._start_origin = None
+        self._schedule_check()
+        self._release_held()
+
+    def _schedule_retry(self, backoff: bool = False) -> None:
+        self._retry_gen += 1
+        delay = self._retry_delay
+        if backoff:
+            self._retry_delay = min(self._retry_delay * 2, self.retry_interval * 8)
+        self.wakeupAfter(timedelta(seconds=delay), ("cei", "retry", self._retry_gen))
+
+    def _schedule_check(self) -> None:
+        if not self._check_pending:
+            self._check_pending = True
+            self.wakeupAfter(timedelta(seconds=self.check_interval), _CHECK)
+
+    def _check_leadership(self) -> bool:
+        """Follow leadership changes while leading; True if the actor may act now."""
+        if self._mode not in ("ready", "suspended") or self._leadership is None:
+            return self._mode == "ready"
+        leadership = self._leadership
+        if leadership.is_leader:
+            if self._mode == "suspended":
+                self._log.warning("%s: leadership confirmed again, resuming", self._name())
+                self._mode = "ready"
+                self._release_held()
+            return True
+        if leadership.suspended:
+            if self._mode == "ready":
+                self._log.warning("%s: leadership in doubt, holding messages", self._name())
+                self._mode = "suspended"
+                self._hold_batch()
+            return False
+        self._step_down("leadership lost")
+        return False
+
+    def _step_down(self, reason: str, fenced: bool = False) -> None:
+        self._log.warning("%s: stepping down: %s", self._name(), reason)
+        self._mode = "down"
+        self._term += 1
+        self._timers.clear()
+        if self._runner is not None:
+            self._runner.state = None
+        unavailable = ErrorReply("unavailable", f"not serving: {reason}")
+        pending = list(self._batch) + list(self._held)
+        self._batch.clear()
+        self._held.clear()
+        for _, origin in pending:
+            self._reply(origin, unavailable)
+        if self._leadership is not None:
+            try:
+                if fenced:
+                    self._leadership.fenced()
+                else:
+                    self._leadership.release()
+            except Exception:
+                self._log.exception("%s: releasing leadership failed", self._name())
+        self._retry_delay = self.retry_interval
+        self._schedule_retry()
+
+    def _hold_batch(self) -> None:
+        # Undecided messages go back in front of the held ones, in arrival order.
+        for item in reversed(self._batch):
+            self._held.appendleft(item)
+        self._batch.clear()
+
+    def _release_held(self) -> None:
+        while self._held and self._mode == "ready":
+            msg, origin = self._held.popleft()
+            self._batch.append((msg, origin))
+            if len(self._batch) >= self.max_batch:
+                self._flush()
+        if self._batch and self._mode == "ready":
+            self._flush()
+
+    # ---- handling component messages -------------------------------------------------------
+
+    def _submit(self, msg: Any, origin: _Origin) -> None:
+        mode = self._mode
+        if mode == "ready":
+            self._batch.append((msg, origin))
+            if not self.group_commit or len(self._batch) >= self.max_batch:
+                self._flush()
+            elif not self._flush_pending:
+                self._flush_pending = True
+                self.wakeupAfter(timedelta(0), _FLUSH)
+        elif mode in ("idle", "recovering", "suspended"):
+            if len(self._held) >= self.max_held:
+                self._reply(origin, ErrorReply("unavailable", f"not serving yet ({mode}) and {self.max_held} messages held", origin.kind))
+            else:
+                self._held.append((msg, origin))
+        else:
+            self._reply(origin, ErrorReply("unavailable", f"not serving ({mode})", origin.kind))
+
+    def _flush(self) -> None:
+        if not self._batch:
+            return
+        if not self._check_leadership():
+            return  # held (suspended) or answered unavailable (stepped down)
+        batch, self._batch = self._batch, []
+        runner = self._runner
+        assert runner is not None
+        head_before = runner.head
+        try:
+            decisions = runner.handle_many([m for m, _ in batch])
+        except Exception as exc:
+            self._batch = batch + self._batch
+            fenced = isinstance(exc, Fenced)
+            if not isinstance(exc, EventLogError):
+                self._log.exception("%s: handling a batch failed", self._name())
+            self._step_down(f"{type(exc).__name__}: {exc}", fenced=fenced)
+            return
+        self.stats["batches"] += 1
+        self.stats["messages"] += len(batch)
+        if runner.head != head_before:
+            self.stats["appends"] += 1
+        for (_msg, origin), decision in zip(batch, decisions, strict=True):
+            failure = self._perform(decision.effects, origin)
+            reply = decision.reply
+            if failure is not None:
+                reply = ErrorReply(
+                    "internal", f"recorded, but an effect failed: {failure}", origin.kind
+                )
+            if reply is not None:
+                self._reply(origin, reply)
+            elif origin.rid:  # a request always gets an answer
+                self._reply(origin, Ok(None))
+
+    # ---- effects ---------------------------------------------------------------------------
+
+    def _perform(self, effects: list[Any], origin: _Origin) -> str | None:
+        """Perform effects in order; each is contained. Returns the first failure, if any."""
+        failure = None
+        for effect in effects:
+            try:
+                if isinstance(effect, Send):
+                    self._send_to_peer(effect)
+                elif isinstance(effect, SetTimer):
+                    gen = next(self._gens)
+                    self._timers[effect.key] = (gen, effect.message)
+                    self.wakeupAfter(timedelta(seconds=max(0.0, float(effect.delay))), ("cei", "timer", effect.key, gen))
+                elif isinstance(effect, Work):
+                    self._start_work(effect)
+                else:
+                    raise TypeError(f"unknown effect {type(effect).__name__}")
+            except Exception as exc:
+                self._log.exception("%s: effect %s failed", self._name(), type(effect).__name__)
+                failure = failure or f"{type(effect).__name__}: {type(exc).__name__}: {exc}"
+        return failure
+
+    def _send_to_peer(self, effect: Send) -> None:
+        address = self._peers.get(effect.to)
+        if address is None:
+            self._log.warning(
+                "%s: dropped %s to unknown peer %r", self._name(), type(effect.message).__name__, effect.to
+            )
+            return
+        self.send(address, effect.message)
+
+    def _start_work(self, effect: Work) -> None:
+        handler = self._handlers.get(effect.kind)
+        if handler is None:
+            raise LookupError(f"no work handler for kind {effect.kind!r}")
+        assert self._executor is not None
+        self._outstanding += 1
+        self._executor.submit(self._run_work, handler, effect.kind, effect.payload, self._term)
+        if not self._watch_supported:
+            self._schedule_poll()
+
+    def _run_work(self, handler: Callable[[Any], Any], kind: str, payload: Any, term: int) -> None:
+        # Runs on a worker thread: no logging or sending here, only hand the outcome over.
+        try:
+            outcome: tuple = (kind, term, handler(payload), None)
+        except BaseException as exc:  # noqa: BLE001 - reported on the actor thread
+            outcome = (kind, term, None, "".join(traceback.format_exception(exc)))
+        self._results.put(outcome)
+        waker = self._waker
+        if waker is not None:
+            waker.notify()
+
+    def _schedule_poll(self) -> None:
+        if not self._poll_pending:
+            self._poll_pending = True
+            self.wakeupAfter(timedelta(seconds=self.poll_interval), _POLL)
+
+    def _collect_results(self) -> None:
+        while True:
+            try:
+                kind, term, result, error = self._results.get_nowait()
+            except queue.Empty:
+                break
+            self._outstanding -= 1
+            if error is not None:
+                self._log.error("%s: work %r failed:\n%s", self._name(), kind, error)
+            elif term != self._term:
+                self._log.info("%s: dropped a result of %r from an earlier term", self._name(), kind)
+            elif result is not None:
+                self._submit(result, _Origin(None, None, type(result).__name__))
+        if self._outstanding > 0 and not self._watch_supported:
+            self._schedule_poll()
+
+    # ---- wakeups ---------------------------------------------------------------------------
+
+    def _wakeup(self, payload: Any) -> None:
+        if not (isinstance(payload, tuple) and payload[:1] == ("cei",)):
+            self._log.debug("%s: foreign wakeup %r", self._name(), payload)
+            return
+        kind = payload[1]
+        if kind == "flush":
+            self._flush_pending = False
+            self._flush()
+        elif kind == "timer":
+            key, gen = payload[2], payload[3]
+            current = self._timers.get(key)
+            if current is not None and current[0] == gen:
+                del self._timers[key]
+                self._submit(current[1], _Origin(None, None, type(current[1]).__name__))
+        elif kind == "poll":
+            self._poll_pending = False
+            self._collect_results()
+        elif kind == "check":
+            self._check_pending = False
+            if self._mode in ("ready", "suspended"):
+                self._check_leadership()
+                if self._mode in ("ready", "suspended"):
+                    self._schedule_check()
+        elif kind == "retry" and payload[2] == self._retry_gen:
+            self._try_lead()
+
+    # ---- replies and shutdown --------------------------------------------------------------
+
+    def _reply(self, origin: _Origin, reply: Any) -> None:
+        if origin.sender is None:
+            if isinstance(reply, ErrorReply):
+                self._log.warning("%s: internal %s refused: %s", self._name(), origin.kind, reply.message)
+            return
+        if origin.rid == "":
+            if isinstance(reply, ErrorReply):
+                self._log.warning("%s: %s (told, not asked) refused: %s", self._name(), origin.kind, reply.message)
+            return
+        message = reply if origin.rid is None else Response(origin.rid, reply)
+        try:
+            self.send(origin.sender, message)
+        except Exception:
+            self._log.exception("%s: reply to %s failed", self._name(), origin.sender)
+
+    def _teardown_once(self) -> None:
+        if self._set_up:
+            self._set_up = False
+            try:
+                self.teardown()
+            except Exception:
+                self._log.exception("%s: teardown failed", self._name())
+
+    def _shutdown(self, reason: str) -> None:
+        if self._mode == "stopped":
+            return
+        self._log.info("%s: stopping: %s", self._name(), reason)
+        self._mode = "stopped"
+        self._term += 1
+        self._timers.clear()
+        unavailable = ErrorReply("unavailable", f"stopped: {reason}")
+        pending = list(self._batch) + list(self._held)
+        self._batch.clear()
+        self._held.clear()
+        for _, origin in pending:
+            self._reply(origin, unavailable)
+        if self._start_origin is not None:
+            self._reply(self._start_origin, unavailable)
+            self._start_origin = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._leadership is not None:
+            with contextlib.suppress(Exception):
+                self._leadership.close()
+        if self._runner is not None:
+            self._runner.state = None
+            with contextlib.suppress(Exception):
+                self._runner.log.close()
+        self._teardown_once()
+        if self._waker is not None:
+            self._waker.close()
+            self._waker = None
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _name(self) -> str:
+        runner = self._runner
+        return f"{type(self).__name__}[{runner.stream if runner else '-'}]"
+
+    def _peer_name(self, address: Any) -> str:
+        for name, known in self._peers.items():
+            if known == address:
+                return name
+        return str(address)
+
+
+_CONTROL: dict[type, Callable[[EventSourcedActor, Any, _Origin], None]] = {
+    Start: EventSourcedActor._on_start,
+    Hello: EventSourcedActor._on_hello,
+    SetPeers: EventSourcedActor._on_set_peers,
+    Status: EventSourcedActor._on_status,
+    Stop: EventSourcedActor._on_stop,
+}
+
+__all__ = ["EventSourcedActor"]

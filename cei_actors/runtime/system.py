@@ -1,0 +1,253 @@
+"""Starting, attaching to and stopping thespian actor systems, on 127.0.0.1 only.
+
+Bases: ``simpleSystemBase`` (one thread, in process: tests, the simulator) and
+``multiprocTCPBase`` (an admin process and one process per actor, talking TCP).
+
+**Loopback only.** thespian's TCP transport binds every listening socket to all interfaces
+(``IPActorAddress.bindname`` is ``('', port)`` for any "external" address) and advertises the
+address it finds by routing toward a public IP. ``THESPIAN_BASE_IPADDR=127.0.0.1`` fixes only
+the advertised address. :func:`ensure_loopback` therefore also replaces the one property every
+bind goes through, ``IPActorAddress.bindArgs``, so that a wildcard bind (``''`` or
+``0.0.0.0``) becomes a bind to ``127.0.0.1``. That covers the admin's, the logger's, every
+actor's and every external endpoint's listening socket and the admin-port probe. The patch is
+applied in the starting process before the admin is forked, and the admin and actor
+processes are forked from it (the ``fork`` start method is forced), so they inherit it.
+``tests/test_runtime_shell.py`` checks every listening socket of a running system.
+
+**Another OS process** (e.g. an EEAgent in a "VM" process of the local cloud driver) reaches
+the system with :func:`attach_system`: it becomes an external endpoint of the running admin
+(its own listening socket, in its own process), starts no admin and no actor, and receives
+what actors send to it with ``asys.listen()``::
+
+    asys = attach_system(admin_port)            # raises if no system listens there
+    pd = lookup(asys, "pd")
+    asys.tell(pd, Hello("eeagent:node-1"))      # the PD shell records our endpoint as that peer
+    while running:
+        msg = asys.listen(0.5)                  # LaunchProcess etc. sent by the PD
+        ...
+        asys.tell(pd, heartbeat)
+    detach_system(asys)                         # never asys.shutdown(): that stops the system
+
+Everything of that endpoint lives in that OS process, so killing its process group leaves
+nothing behind. Starting a second admin that joins a convention (:func:`start_system` with
+``convention=``) is possible but not for that purpose: thespian's admin calls ``setsid()`` and
+double-forks, so it and its actors escape the caller's process group (see docs/decisions.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from typing import Any
+
+from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem
+
+LOOPBACK = "127.0.0.1"
+TCP_BASE = "multiprocTCPBase"
+SIMPLE_BASE = "simpleSystemBase"
+BASES = (SIMPLE_BASE, TCP_BASE)
+
+_WILDCARDS = ("", "0.0.0.0", None)
+
+
+class SystemNotRunning(RuntimeError):
+    """No actor system admin answers at the given port."""
+
+
+def ensure_loopback() -> None:
+    """Make thespian's IP transports bind and advertise 127.0.0.1 only (idempotent).
+
+    Sets ``THESPIAN_BASE_IPADDR`` (the advertised address) and patches
+    ``thespian.system.transport.IPBase.IPActorAddress.bindArgs`` so wildcard binds go to
+    127.0.0.1. Call it before the system starts (the functions here do).
+    """
+    os.environ["THESPIAN_BASE_IPADDR"] = LOOPBACK
+    from thespian.system.transport import IPBase
+
+    cls = IPBase.IPActorAddress
+    if getattr(cls, "_cei_loopback_only", False):
+        return
+
+    def bind_args(self: Any) -> tuple[tuple[Any, ...]]:
+        name = tuple(self.bindname)
+        if name and name[0] in _WILDCARDS:
+            name = (LOOPBACK, *name[1:])
+        return (name,)
+
+    cls.bindArgs = property(bind_args, doc="Bind address: wildcards become 127.0.0.1 (cei_actors).")
+    cls._cei_loopback_only = True
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+def _port_open(port: int, timeout: float = 0.5) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect((LOOPBACK, port))
+        except OSError:
+            return False
+        return True
+
+
+def _convention_address(convention: int | str) -> str:
+    if isinstance(convention, int):
+        return f"{LOOPBACK}:{convention}"
+    host, _, port = str(convention).rpartition(":")
+    if host not in (LOOPBACK, "localhost") or not port.isdigit():
+        raise ValueError(f"convention {convention!r}: expected a port or 127.0.0.1:PORT")
+    return f"{LOOPBACK}:{port}"
+
+
+def start_system(
+    base: str = TCP_BASE,
+    admin_port: int | None = None,
+    convention: int | str | None = None,
+    *,
+    capabilities: dict[str, Any] | None = None,
+    log_defs: Any = None,
+) -> ActorSystem:
+    """Start a new actor system and return a handle on it; shut it down with :func:`shutdown_system`.
+
+    TCP base: the admin listens on ``127.0.0.1:admin_port`` (a free port if None; if something
+    already listens on the given port this raises instead of joining it); ``convention`` (a
+    port or ``127.0.0.1:PORT``) makes it a member of the convention led by that admin. The
+    system outlives this process: always shut it down. Simple base: runs in this thread when
+    you ``ask``/``tell``/``listen``; it does not touch logging unless ``log_defs`` is given.
+    """
+    if base == SIMPLE_BASE:
+        asys = ActorSystem(SIMPLE_BASE, capabilities=dict(capabilities or {}),
+                           logDefs=False if log_defs is None else log_defs, transientUnique=True)
+        asys.cei_base, asys.cei_admin_port = SIMPLE_BASE, None
+        return asys
+    if base != TCP_BASE:
+        raise ValueError(f"unsupported actor system base {base!r}: use one of {', '.join(BASES)}")
+    ensure_loopback()
+    port = admin_port or free_port()
+    if admin_port and _port_open(admin_port):
+        raise RuntimeError(f"127.0.0.1:{admin_port} is in use: use attach_system() to join a running system")
+    caps: dict[str, Any] = {"Admin Port": port, "Process Startup Method": "fork"}
+    if convention is not None:
+        caps["Convention Address.IPv4"] = _convention_address(convention)
+    caps.update(capabilities or {})
+    asys = ActorSystem(TCP_BASE, capabilities=caps, logDefs=log_defs, transientUnique=True)
+    asys.cei_base, asys.cei_admin_port = TCP_BASE, port
+    return asys
+
+
+def attach_system(admin_port: int) -> ActorSystem:
+    """Join the running TCP actor system at ``127.0.0.1:admin_port`` as an external endpoint.
+
+    Starts nothing: raises :class:`SystemNotRunning` if no admin listens there. Close with
+    :func:`detach_system` (``shutdown()`` would stop the whole system).
+    """
+    ensure_loopback()
+    if not _port_open(admin_port):
+        raise SystemNotRunning(f"no actor system admin listens on {LOOPBACK}:{admin_port}")
+    asys = ActorSystem(TCP_BASE, capabilities={"Admin Port": admin_port}, transientUnique=True)
+    asys.cei_base, asys.cei_admin_port = TCP_BASE, admin_port
+    asys.cei_attached = True
+    return asys
+
+
+def detach_system(asys: ActorSystem) -> None:
+    """Close this process's endpoint of a system joined with :func:`attach_system`."""
+    base = getattr(asys, "_systemBase", None)
+    transport = getattr(base, "transport", None)
+    if transport is not None:
+        with contextlib.suppress(Exception):
+            transport.close()
+    asys._systemBase = None
+
+
+def shutdown_system(asys: ActorSystem) -> None:
+    """Stop every actor of ``asys`` (each gets ``ActorExitRequest``) and the system itself.
+
+    The simple base's own ``shutdown`` does not stop actors, so they are asked to exit first.
+    """
+    if getattr(asys, "_systemBase", None) is None:
+        return
+    if getattr(asys, "cei_attached", False):
+        detach_system(asys)
+        return
+    if getattr(asys, "cei_base", None) == SIMPLE_BASE:
+        for address in simple_actor_addresses(asys):
+            with contextlib.suppress(Exception):
+                asys.tell(address, ActorExitRequest())
+    asys.shutdown()
+
+
+def simple_actor_addresses(asys: ActorSystem) -> list[ActorAddress]:
+    """Addresses of the live user actors of a ``simpleSystemBase`` system."""
+    base = asys._systemBase
+    internal = set(getattr(base, "_internalAddresses", ()))
+    out = []
+    for key, ref in list(getattr(base, "actorRegistry", {}).items()):
+        if key in internal or key.startswith("System:") or ref is None or not ref.instance:
+            continue
+        out.append(ref.address)
+    return out
+
+
+def start_actor(
+    asys: ActorSystem,
+    actor_class: type | str,
+    start: Any,
+    *,
+    global_name: str | None = None,
+    wait: bool = True,
+    timeout: float = 30.0,
+) -> ActorAddress:
+    """Create an actor (registered as ``global_name`` if given) and send it ``start``.
+
+    With ``wait`` this returns once the actor answered ``Started`` (it leads and has
+    recovered) and raises the client's ``RequestFailed`` errors otherwise; without, it only
+    sends ``start`` (a standby that waits for leadership answers nobody).
+    """
+    from .client import ServiceClient
+
+    address = asys.createActor(actor_class, globalName=global_name)
+    with ServiceClient(asys, address, timeout=timeout) as client:
+        if wait:
+            client.call(start)
+        else:
+            client.tell(start)
+    return address
+
+
+def lookup(asys: ActorSystem, global_name: str, timeout: float = 5.0) -> ActorAddress | None:
+    """The address of the actor registered under ``global_name``, or None. Creates nothing."""
+    if getattr(asys, "cei_base", None) == SIMPLE_BASE or hasattr(asys._systemBase, "_globalNames"):
+        return asys._systemBase._globalNames.get(global_name)
+    from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
+
+    admin = asys._systemBase.adminAddr
+    with asys.private() as ctx:
+        reply = ctx.ask(admin, Thespian_StatusReq(), timeout)
+    if not isinstance(reply, Thespian_SystemStatus):
+        raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
+    return reply.globalActors.get(global_name)
+
+
+__all__ = [
+    "BASES",
+    "LOOPBACK",
+    "SIMPLE_BASE",
+    "TCP_BASE",
+    "SystemNotRunning",
+    "attach_system",
+    "detach_system",
+    "ensure_loopback",
+    "free_port",
+    "lookup",
+    "shutdown_system",
+    "simple_actor_addresses",
+    "start_actor",
+    "start_system",
+]
