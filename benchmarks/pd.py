@@ -1,0 +1,431 @@
+"""Process Dispatcher throughput: the matchmaker alone, and launches end to end.
+
+**Matchmaker** (pure, in process). A PD state with ``10,000 x scale`` nodes of 8 slots (one
+agent each) and ``100,000 x scale`` queued processes, built by folding events. Then one PD
+decision places everything that fits (80% of the queue): the real ``decide`` path, i.e. the
+matchmaker's index, the ``ProcessAssigned`` events applied as they are emitted, and the
+``LaunchProcess`` effects. Figures:
+
+- placements/s of that decision (goal >= 20,000/s) and of the bare index loop
+  (``next_placement`` + fold, no effects);
+- the cost of a second pass while the 20% left over match nothing (they are not rescanned);
+- baseline: the original's algorithm as a full rescan (``matchmaker.naive_place``: for each
+  queued process, gather every candidate resource, group per node, sort), measured on the
+  first ``--naive`` queued processes against the same nodes; ``ratio`` = ours / baseline.
+
+**End to end** (one host): a ZooKeeper server, the PD actor on the thespian TCP base with a
+ZooKeeper log, ``--agents`` EEAgent processes (``python -m cei_actors.eeagent``), nodes
+announced by hand. ``--launches`` processes running ``true`` are scheduled as fast as one
+client can send them (50 per ``ScheduleProcesses`` request, and one per request); the figure is
+launches per second from the first request until every process has started (RUNNING or
+EXITED). Baseline: one request per process with the shell's group commit off (one ZooKeeper
+append per message, as the original wrote one record per change). Also shown: the agents' own
+ceiling, ``ProcessSupervisor`` launching ``true`` with nothing around it, and the PD pipeline
+alone: the same runs with in-system simulated agents whose processes exit at once.
+
+    python -m benchmarks.pd [--scale 1.0] [--naive 300] [--launches 200] [--agents 4]
+                            [--slots 16] [--skip-e2e] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from datetime import timedelta
+from typing import Any
+
+try:
+    import cei_actors  # noqa: F401
+except ImportError:  # run as a file from a checkout
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from thespian.actors import ActorTypeDispatcher  # noqa: E402
+
+from cei_actors.pd import states as ps  # noqa: E402
+from cei_actors.pd.events import NodeAdded, ProcessAssigned, ProcessScheduled, ResourceAdded  # noqa: E402
+from cei_actors.pd.logic import ProcessDispatcher  # noqa: E402
+from cei_actors.pd.matchmaker import naive_place  # noqa: E402
+from cei_actors.pd.messages import Matchmake  # noqa: E402
+from cei_actors.pd.state import PDState  # noqa: E402
+from cei_actors.runtime.core import Context  # noqa: E402
+
+GOAL = "matchmaker >= 20,000 placements/s (100k queued, 10k nodes x 8 slots); end to end >= 1,000 launches/s"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SLOTS = 8
+
+
+# ---- the matchmaker ------------------------------------------------------------------------------
+
+
+def _spec() -> dict[str, Any]:
+    return {
+        "command": ["true"], "constraints": {"engine": "e1"}, "engine": "e1",
+        "node_exclusive": None, "queueing_mode": ps.QUEUE_ALWAYS,
+        "restart_mode": ps.RESTART_NEVER, "subscribers": [], "configuration": {},
+        "min_start_interval": None, "omit_from_system_restart": False, "env": None, "cwd": None,
+        "definition_id": None, "name": None,
+    }
+
+
+def build_state(nodes: int, queued: int) -> PDState:
+    s = PDState()
+    spec = _spec()
+    for i in range(queued):
+        s.apply(ProcessScheduled(f"p{i}", 0, spec, 0.0))
+    for n in range(nodes):
+        s.apply(NodeAdded(f"n{n}", "pd_domain_e1", "e1", {"hostname": f"h{n}"}, 0.0))
+        s.apply(ResourceAdded(f"a{n}", f"n{n}", SLOTS, 0.0))
+    return s
+
+
+def pd_component() -> ProcessDispatcher:
+    return ProcessDispatcher(
+        {"engines": {"e1": {"slots": SLOTS}}, "static_resources": True,
+         "restart_throttling_config": {"minimum_time_between_starts": 0}}
+    )
+
+
+def bench_matchmaker(scale: float, naive_n: int) -> list[dict[str, Any]]:
+    nodes, queued = max(1, int(10_000 * scale)), max(1, int(100_000 * scale))
+    t = time.perf_counter()
+    state = build_state(nodes, queued)
+    build_s = time.perf_counter() - t
+    fits = min(queued, nodes * SLOTS)
+
+    # the PD's decision: index + events applied as emitted + launch effects
+    pd = pd_component()
+    gc.collect()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        decision = pd.decide(state, Matchmake(), Context(1.0, random.Random(1)))
+        decide_s = time.perf_counter() - t
+        placed = sum(1 for e in decision.events if isinstance(e, ProcessAssigned))
+        state.pre.clear()
+        # a second pass: what is left matches nothing and must not be rescanned
+        t = time.perf_counter()
+        again = pd.decide(state, Matchmake(), Context(2.0, random.Random(1)))
+        idle_s = time.perf_counter() - t
+        state.pre.clear()
+    finally:
+        gc.enable()
+    assert placed == fits, (placed, fits)
+    assert not [e for e in again.events if isinstance(e, ProcessAssigned)]
+    waiting = state.state_count[ps.WAITING]
+
+    # the bare index loop on a fresh state
+    state2 = build_state(nodes, queued)
+    gc.collect()
+    gc.disable()
+    try:
+        t = time.perf_counter()
+        n = 0
+        mm = state2.mm
+        while (pick := mm.next_placement()) is not None:
+            p, res = pick
+            state2.apply(ProcessAssigned(p.upid, p.round, res.resource_id, 1.0))
+            n += 1
+        index_s = time.perf_counter() - t
+    finally:
+        gc.enable()
+    assert n == fits
+
+    # baseline: the full-rescan algorithm on the first naive_n processes, same nodes
+    state3 = build_state(nodes, min(queued, naive_n))
+    queue = [state3.processes[u] for u in state3.queue()]
+    t = time.perf_counter()
+    naive = naive_place(queue, state3.nodes, state3.resources)
+    naive_s = time.perf_counter() - t
+    naive_rate = len(naive) / naive_s
+    # the naive second pass: every leftover process scans every resource again
+    sample = [state.processes[u] for u in state.queue()[:50]]
+    t = time.perf_counter()
+    naive_place(sample, state.nodes, state.resources)
+    naive_idle_s = (time.perf_counter() - t) / max(1, len(sample)) * waiting
+
+    decide_rate = placed / decide_s
+    index_rate = n / index_s
+    return [
+        _r("matchmaker: PD decision placing the queue", decide_rate, "placements/s", naive_rate,
+           note=f"{placed:,} of {queued:,} queued on {nodes:,} nodes x {SLOTS} slots in {decide_s:.2f} s "
+           f"(state built in {build_s:.1f} s); baseline: full rescan on {len(naive):,} processes"),
+        _r("matchmaker: bare index loop", index_rate, "placements/s", naive_rate,
+           note="next_placement + fold, no events kept, no effects"),
+        _r("matchmaker: second pass, leftovers match nothing", idle_s * 1000, "ms", naive_idle_s * 1000,
+           lower_is_better=True,
+           note=f"{waiting:,} waiting; baseline rescans them all (extrapolated from 50)"),
+    ]
+
+
+def _r(metric: str, value: float, unit: str, baseline: float | None, *, lower_is_better: bool = False,
+       note: str = "") -> dict[str, Any]:
+    ratio = None
+    if baseline:
+        ratio = (baseline / value) if lower_is_better and value else (value / baseline)
+    return {"metric": metric, "value": round(value, 3), "unit": unit,
+            "baseline": None if baseline is None else round(baseline, 3),
+            "ratio": None if ratio is None else round(ratio, 2), "note": note}
+
+
+# ---- end to end ------------------------------------------------------------------------------------
+
+
+def supervisor_ceiling(n: int) -> float:
+    """Launches/s of a bare ProcessSupervisor running ``true`` (until all have exited)."""
+    from cei_actors.eeagent.supervisor import ProcessSupervisor
+
+    d = tempfile.mkdtemp(prefix="pdbench-sup-")
+    done = threading.Event()
+
+    def on_change(snapshot: list[dict[str, Any]]) -> None:
+        if sum(1 for p in snapshot if p["state"] in ("EXITED", "FAILED")) >= n:
+            done.set()
+
+    sup = ProcessSupervisor(d, n, on_change=on_change)
+    try:
+        t = time.perf_counter()
+        for i in range(n):
+            sup.launch(f"u{i}", 0, ["true"])
+        done.wait(120)
+        return n / (time.perf_counter() - t)
+    finally:
+        sup.shutdown()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class SimAgent(ActorTypeDispatcher):
+    """An in-system stand-in for an EEAgent whose processes exit at once (no real process).
+
+    ``("init", pd, agent_id, node_id)`` starts it; it answers the PD's requests like the real
+    agent and sends one level-based heartbeat per burst of requests.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pd: Any = None
+        self.agent_id = ""
+        self.node_id = ""
+        self.procs: dict[tuple[str, int], str] = {}
+        self.pending = False
+
+    def receiveMessage(self, msg: Any, sender: Any) -> None:  # noqa: N802
+        from thespian.actors import WakeupMessage
+
+        from cei_actors.eeagent.messages import (
+            AgentHeartbeat,
+            AgentRequests,
+            CleanupProcess,
+            LaunchProcess,
+            TerminateProcess,
+        )
+        from cei_actors.runtime.control import Hello
+
+        if isinstance(msg, tuple) and msg and msg[0] == "init":
+            _, self.pd, self.agent_id, self.node_id = msg
+            self.send(self.pd, Hello(f"eeagent:{self.agent_id}"))
+            self.send(sender, "ok")
+            msg = AgentRequests([])
+        if isinstance(msg, WakeupMessage):
+            self.pending = False
+            procs = [{"upid": u, "round": r, "state": st, "msg": ""} for (u, r), st in self.procs.items()]
+            self.send(self.pd, AgentHeartbeat(self.agent_id, self.node_id, time.time(), procs))
+            return
+        requests = msg.requests if isinstance(msg, AgentRequests) else [msg]
+        for m in requests:
+            if isinstance(m, LaunchProcess):
+                self.procs.setdefault((m.upid, m.round), "EXITED")
+            elif isinstance(m, CleanupProcess):
+                self.procs.pop((m.upid, m.round), None)
+            elif isinstance(m, TerminateProcess) and (m.upid, m.round) in self.procs:
+                self.procs[(m.upid, m.round)] = "TERMINATED"
+        if not self.pending and self.pd is not None:
+            self.pending = True
+            self.wakeupAfter(timedelta(0))
+
+
+class E2E:
+    """One PD + agents + ZooKeeper log; ``run()`` returns launches/s."""
+
+    def __init__(
+        self, zk_hosts: str, agents: int, slots: int, group_commit: bool, workdir: str, simulated: bool = False
+    ) -> None:
+        from cei_actors.pd.actor import ProcessDispatcherActor
+        from cei_actors.runtime.control import Start, Started
+        from cei_actors.runtime.system import start_system
+
+        self.workdir = workdir
+        self.asys = start_system()
+        self.procs: list[subprocess.Popen] = []
+        self.log_url = f"zk://{zk_hosts}/pdbench-{uuid.uuid4().hex[:8]}"
+        config = {
+            "engines": {"e1": {"slots": slots, "heartbeat_period": 5.0}},
+            "static_resources": True, "dispatch_retry_seconds": 30.0,
+            "group_commit": group_commit,
+        }
+        self.pd = self.asys.createActor(ProcessDispatcherActor, globalName="pd")
+        started = self.asys.ask(self.pd, Start(self.log_url, config=config), 60)
+        assert isinstance(started, Started), started
+        port = self.asys.cei_admin_port
+        for i in range(agents):
+            node = f"n{i}"
+            if simulated:
+                self.call(self._node_state(node))
+                sim = self.asys.createActor(SimAgent)
+                assert self.asys.ask(sim, ("init", self.pd, node, node), 30) == "ok"
+                continue
+            log = open(os.path.join(workdir, f"{node}.log"), "ab")  # noqa: SIM115
+            self.procs.append(subprocess.Popen(
+                [sys.executable, "-m", "cei_actors.eeagent", "--node-id", node, "--pd", f"127.0.0.1:{port}",
+                 "--slots", str(slots), "--state-dir", os.path.join(workdir, node), "--heartbeat", "5",
+                 "--log-level", "WARNING"],
+                cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            log.close()
+            self.call(self._node_state(node))
+        deadline = time.monotonic() + 60
+        while len(self.call(self._dump())["resources"]) < agents:
+            assert time.monotonic() < deadline, "agents did not report"
+            time.sleep(0.1)
+
+    @staticmethod
+    def _node_state(node: str) -> Any:
+        from cei_actors.epum.messages import NodeState
+
+        return NodeState(node, "pd_domain_e1", "RUNNING", {})
+
+    @staticmethod
+    def _dump() -> Any:
+        from cei_actors.pd.messages import Dump
+
+        return Dump()
+
+    def call(self, message: Any, timeout: float = 30.0) -> Any:
+        from cei_actors.runtime.control import Request, Response
+        from cei_actors.runtime.messages import Ok
+
+        rid = uuid.uuid4().hex
+        reply = self.asys.ask(self.pd, Request(rid, message), timeout)
+        assert isinstance(reply, Response) and isinstance(reply.reply, Ok), reply
+        return reply.reply.value
+
+    def run(self, launches: int, batch: int = 1) -> tuple[float, float]:
+        """(launches/s until all started, seconds spent sending the requests)."""
+        from cei_actors.pd.messages import ProcessCounts, ScheduleProcess, ScheduleProcesses
+        from cei_actors.runtime.control import Request
+
+        tag = uuid.uuid4().hex[:6]
+        before = self.call(ProcessCounts())
+        done0 = before.get(ps.RUNNING, 0) + before.get(ps.EXITED, 0)
+        reqs = [ScheduleProcess(f"{tag}-{i}", command=["true"], restart_mode="never") for i in range(launches)]
+        t0 = time.perf_counter()
+        for i in range(0, launches, batch):
+            chunk = reqs[i : i + batch]
+            msg = chunk[0] if batch == 1 else ScheduleProcesses(chunk)
+            self.asys.tell(self.pd, Request("", msg))
+        sent = time.perf_counter() - t0
+        deadline = time.monotonic() + 600
+        while True:
+            counts = self.call(ProcessCounts())
+            started = counts.get(ps.RUNNING, 0) + counts.get(ps.EXITED, 0) - done0
+            if started >= launches:
+                return launches / (time.perf_counter() - t0), sent
+            assert time.monotonic() < deadline, f"stuck at {counts}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        from cei_actors.runtime.system import shutdown_system
+
+        for p in self.procs:
+            with contextlib.suppress(ProcessLookupError):
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+        shutdown_system(self.asys)
+
+
+def bench_e2e(launches: int, agents: int, slots: int) -> list[dict[str, Any]]:
+    from cei_actors.testing.zkserver import ZkServer
+
+    out = []
+    work = tempfile.mkdtemp(prefix="pdbench-")
+    try:
+        ceiling = supervisor_ceiling(min(100, launches))
+        with ZkServer(os.path.join(work, "zk"), heap="512m") as zk:
+            rates = {}
+            runs = (
+                ("batched", True, 50, False), ("single", True, 1, False), ("base", False, 1, False),
+                ("sim", True, 50, True), ("sim-base", False, 1, True),
+            )
+            for name, gc_on, batch, simulated in runs:
+                sysdir = os.path.join(work, name)
+                os.makedirs(sysdir)
+                e2e = E2E(zk.hosts, agents, slots, gc_on, sysdir, simulated)
+                n = max(launches, 1000) if simulated else launches  # long enough to time
+                try:
+                    e2e.run(min(20, launches), batch)  # warm up: first launches, connections
+                    rates[name] = e2e.run(n, batch)
+                finally:
+                    e2e.close()
+        base = rates["base"][0]
+        where = f"{launches} x `true` on {agents} agents x {slots} slots, ZooKeeper log"
+        out.append(_r("end to end: launches reaching RUNNING", rates["batched"][0], "launches/s", base,
+                      note=f"{where}; 50 schedules per request (sent in {rates['batched'][1]:.2f} s); "
+                      "baseline: one request per process, group commit off"))
+        out.append(_r("end to end: one request per process", rates["single"][0], "launches/s", base,
+                      note=f"group commit on; requests sent in {rates['single'][1]:.2f} s"))
+        out.append(_r("PD pipeline with simulated agents", rates["sim"][0], "launches/s", rates["sim-base"][0],
+                      note=f"{max(launches, 1000)} launches; PD actor + ZooKeeper log + thespian; "
+                      "in-system agents whose processes exit at once; baseline: one request per "
+                      "process, group commit off"))
+        out.append(_r("end to end: bare ProcessSupervisor ceiling", ceiling, "launches/s", None,
+                      note="one agent's process machinery alone, same host, same run"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.pd", description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", type=float, default=1.0, help="matchmaker size (1.0 = 100k on 10k nodes)")
+    ap.add_argument("--naive", type=int, default=300, help="processes for the full-rescan baseline")
+    ap.add_argument("--launches", type=int, default=200)
+    ap.add_argument("--agents", type=int, default=4)
+    ap.add_argument("--slots", type=int, default=16, help="slots per agent (end to end)")
+    ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    results = bench_matchmaker(args.scale, args.naive)
+    if not args.skip_e2e:
+        results += bench_e2e(args.launches, args.agents, args.slots)
+    if args.json:
+        print(json.dumps({"benchmark": "pd", "goal": GOAL, "results": results}, indent=2))
+        return 0
+    print(f"goal: {GOAL}\n")
+    w = max(len(r["metric"]) for r in results)
+    print(f"{'metric':<{w}}  {'value':>14}  {'baseline':>12}  {'ratio':>8}")
+    for r in results:
+        base = "-" if r["baseline"] is None else f"{r['baseline']:,.1f}"
+        ratio = "-" if r["ratio"] is None else f"{r['ratio']:,.2f}x"
+        print(f"{r['metric']:<{w}}  {r['value']:>10,.1f} {r['unit'][:12]:<3}  {base:>12}  {ratio:>8}")
+        if r["note"]:
+            print(f"{'':<{w}}    {r['note']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

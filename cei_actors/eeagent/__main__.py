@@ -1,0 +1,128 @@
+"""``python -m cei_actors.eeagent``: the EEAgent process a local-cloud "VM" runs.
+
+It joins the running actor system at ``--pd`` as an external endpoint (the recipe of
+``runtime.system``), finds the PD by its global name, says ``Hello("eeagent:<id>")`` and then
+serves launch/terminate/cleanup requests and sends heartbeats until SIGTERM/SIGINT. On exit
+it terminates its processes (the "VM" is going away) unless ``--keep-processes``; a restarted
+agent on the same ``--state-dir`` re-adopts processes that are still running.
+
+    python -m cei_actors.eeagent --node-id N --pd 127.0.0.1:PORT[/NAME] --slots 4 --state-dir D
+        [--agent-id ID] [--pd-name pd] [--heartbeat 30] [--grace 10] [--keep-processes]
+
+``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
+the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import time
+
+from .actor import EndpointAgent
+
+
+def parse_pd(value: str) -> tuple[int, str | None]:
+    """``PORT``, ``127.0.0.1:PORT`` or either with ``/NAME``: (admin port, name or None)."""
+    name = None
+    if "/" in value:
+        value, name = value.split("/", 1)
+    host, _, port = value.rpartition(":")
+    if host not in ("", "127.0.0.1", "localhost") or not port.isdigit():
+        raise argparse.ArgumentTypeError(f"--pd {value!r}: expected PORT or 127.0.0.1:PORT[/NAME]")
+    return int(port), (name or None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m cei_actors.eeagent", description=__doc__.split("\n")[0])
+    p.add_argument("--node-id", default=os.environ.get("CEI_NODE_ID"))
+    p.add_argument("--agent-id", default=None)
+    p.add_argument("--pd", required=True, type=parse_pd, help="127.0.0.1:ADMIN_PORT[/NAME]")
+    p.add_argument("--pd-name", default=None, help="the PD's global actor name (default pd)")
+    p.add_argument("--slots", type=int, default=4)
+    p.add_argument("--state-dir", default=None)
+    p.add_argument("--heartbeat", type=float, default=30.0, help="heartbeat interval, seconds")
+    p.add_argument("--grace", type=float, default=10.0, help="SIGTERM to SIGKILL, seconds")
+    p.add_argument("--keep-processes", action="store_true", help="leave processes running on exit")
+    p.add_argument("--attach-timeout", type=float, default=30.0)
+    p.add_argument("--log-level", default=os.environ.get("CEI_LOG_LEVEL", "INFO"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s eeagent %(levelname)s %(message)s",
+    )
+    log = logging.getLogger("cei_actors.eeagent")
+    if not args.node_id:
+        print("eeagent: --node-id is required (or set CEI_NODE_ID)", file=sys.stderr)
+        return 2
+    state_dir = args.state_dir
+    if state_dir is None:
+        node_dir = os.environ.get("CEI_NODE_DIR")
+        if not node_dir:
+            print("eeagent: --state-dir is required (or set CEI_NODE_DIR)", file=sys.stderr)
+            return 2
+        state_dir = os.path.join(node_dir, "eeagent")
+    if args.slots < 0 or args.heartbeat <= 0 or args.grace < 0:
+        print("eeagent: --slots >= 0, --heartbeat > 0 and --grace >= 0 please", file=sys.stderr)
+        return 2
+    port, name = args.pd
+    pd_name = args.pd_name or name or "pd"
+
+    stop = {"flag": False}
+
+    def on_signal(signum: int, frame: object) -> None:
+        stop["flag"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
+    from ..runtime.system import SystemNotRunning, attach_system, detach_system
+
+    deadline = time.monotonic() + args.attach_timeout
+    while True:
+        try:
+            asys = attach_system(port)
+            break
+        except SystemNotRunning as exc:
+            if time.monotonic() > deadline or stop["flag"]:
+                print(f"eeagent: {exc}", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    try:
+        agent = EndpointAgent(
+            asys,
+            agent_id=args.agent_id or args.node_id,
+            node_id=args.node_id,
+            slots=args.slots,
+            state_dir=state_dir,
+            pd_name=pd_name,
+            heartbeat_interval=args.heartbeat,
+            grace=args.grace,
+        )
+    except Exception as exc:
+        print(f"eeagent: cannot start: {exc}", file=sys.stderr)
+        detach_system(asys)
+        return 1
+    log.info("agent %s on node %s: %d slots, state in %s", agent.agent_id, args.node_id, args.slots, state_dir)
+    try:
+        while not stop["flag"]:
+            try:
+                agent.step(max_wait=0.5)
+            except Exception:
+                log.exception("loop error")
+                time.sleep(0.1)
+    finally:
+        agent.close(kill=not args.keep_processes, grace=min(args.grace, 5.0))
+        detach_system(asys)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The messages an EEAgent receives, and the heartbeat it sends to the PD.
+
+Processes are keyed by ``(upid, round)``. ``LaunchProcess`` for a key the agent already has is
+a duplicate (ignored); a higher round of a live upid replaces the older round. Replies are
+``Ok(process dict)`` or ``ErrorReply``; the PD does not wait for them, it learns outcomes from
+heartbeats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..runtime.messages import InvalidMessage, Message, validate
+from . import states as st
+
+
+def _check_key(cls: str, upid: str, round_: int) -> None:
+    if not upid:
+        raise InvalidMessage(f"{cls}.upid: must not be empty")
+    if round_ < 0:
+        raise InvalidMessage(f"{cls}.round: must be >= 0")
+
+
+@dataclass(frozen=True)
+class LaunchProcess(Message):
+    """Run ``command`` (argv) as process ``(upid, round)`` with ``env`` merged over a safe base."""
+
+    upid: str
+    round: int
+    command: list[str]
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+
+    def check(self) -> None:
+        _check_key("LaunchProcess", self.upid, self.round)
+        if not self.command:
+            raise InvalidMessage("LaunchProcess.command: must not be empty")
+
+
+@dataclass(frozen=True)
+class TerminateProcess(Message):
+    """SIGTERM the process group of ``(upid, round)``, SIGKILL after the agent's grace."""
+
+    upid: str
+    round: int
+
+    def check(self) -> None:
+        _check_key("TerminateProcess", self.upid, self.round)
+
+
+@dataclass(frozen=True)
+class CleanupProcess(Message):
+    """Forget the terminal process ``(upid, round)``; a no-op if unknown."""
+
+    upid: str
+    round: int
+
+    def check(self) -> None:
+        _check_key("CleanupProcess", self.upid, self.round)
+
+
+@dataclass(frozen=True)
+class AgentRequests(Message):
+    """Several requests in one message, handled in order (the PD batches per agent)."""
+
+    requests: list[LaunchProcess | TerminateProcess | CleanupProcess]
+
+    def check(self) -> None:
+        for request in self.requests:
+            validate(request)
+
+
+@dataclass(frozen=True)
+class DumpAgentState(Message):
+    """Reply ``Ok(heartbeat dict)`` and send a heartbeat to the PD now."""
+
+
+@dataclass(frozen=True)
+class AgentHeartbeat(Message):
+    """Level-based: every process the agent knows, ``{upid, round, state, msg}`` each.
+
+    ``timestamp`` is the agent's clock (seconds since the epoch); ``state`` an agent state
+    name (``RUNNING``; the original's ``"500-RUNNING"`` is accepted too).
+    """
+
+    eeagent_id: str
+    node_id: str | None
+    timestamp: float
+    processes: list[dict]
+
+    def check(self) -> None:
+        if not self.eeagent_id:
+            raise InvalidMessage("AgentHeartbeat.eeagent_id: must not be empty")
+        for i, p in enumerate(self.processes):
+            where = f"AgentHeartbeat.processes[{i}]"
+            upid, round_ = p.get("upid"), p.get("round")
+            if not isinstance(upid, str) or not upid:
+                raise InvalidMessage(f"{where}.upid: expected a non-empty str, got {upid!r:.40}")
+            if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+                raise InvalidMessage(f"{where}.round: expected an int >= 0, got {round_!r:.40}")
+            try:
+                st.normalize(p.get("state"))
+            except ValueError as exc:
+                raise InvalidMessage(f"{where}.state: {exc}") from None
+            msg = p.get("msg")
+            if msg is not None and not isinstance(msg, str):
+                raise InvalidMessage(f"{where}.msg: expected a str")

@@ -1,0 +1,23 @@
+"""The Process Dispatcher as a thespian actor: the runtime's event-sourced shell around
+:class:`~.logic.ProcessDispatcher`.
+
+``Start(log_url, config=...)`` configures it (see :mod:`.logic` for the keys); its peers
+should include ``"epum"`` unless ``static_resources``. EEAgents introduce themselves with
+``Hello("eeagent:<id>")``; subscribers of processes are peer names too. Start it with
+``globalName="pd"`` so that agents in other OS processes can find it
+(``runtime.system.lookup``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..runtime.shell import EventSourcedActor
+from .logic import ProcessDispatcher
+
+
+class ProcessDispatcherActor(EventSourcedActor):
+    """The PD actor."""
+
+    def make_component(self, config: dict[str, Any]) -> ProcessDispatcher:
+        return ProcessDispatcher(dict(config or {}))

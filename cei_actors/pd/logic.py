@@ -1,0 +1,1093 @@
+"""The Process Dispatcher's pure core: a :class:`~cei_actors.runtime.core.Component`.
+
+``decide`` validates a request, emits events and asks for effects (launches and terminations
+to EEAgents, notices to subscribers, needs to EPUM). Every decision ends with a matchmaking
+pass (``matchmaker.py`` holds the rules) and a needs check (``needs.py``), so a placement
+follows at once from whatever freed a slot or queued a process.
+
+**Decide applies as it goes.** A decision often depends on its own earlier events (a node is
+lost, its processes are requeued, then placed elsewhere; a heartbeat frees slots, then the
+queue is matched). ``decide`` therefore applies each event to the state the moment it emits
+it and remembers it in ``state.pre``; the runner's following ``apply`` of the same event
+object is then a no-op. The state is always exactly the fold of the events returned, and
+replay (which never calls ``decide``) applies them normally. If ``decide`` fails after it
+emitted events, it returns those events with an error reply (they are valid, already
+applied); if applying an event fails, the state is marked broken and the runner's ``apply``
+raises, which drops the state until the shell recovers it from the log.
+
+Config keys (all optional except ``engines``; see :func:`parse_config`)::
+
+    engines: {id: {slots, replicas=1, spare_slots=0, base_need=0, maximum_vms=None,
+                   heartbeat_period=30, heartbeat_warning=None, heartbeat_missing=None,
+                   iaas_allocation=None, config=None}}
+    default_engine            # implicit when only one engine is defined
+    process_engines           # {dotted module/definition prefix: engine}
+    restart_throttling_config: {minimum_time_between_starts: 2.0}
+    dispatch_retry_seconds: 30.0
+    static_resources: false   # no EPUM: nodes are announced with NodeState by hand
+    epum: "epum"              # EPUM's peer name
+    self_name: "pd"           # our peer name (EPUM's subscriber)
+    domain_prefix: "pd_domain_"
+    domain_definition_id: "pd_default"   # EPUM domain definition the PD's domains use
+    domain_config: {}         # sections (general, engine_conf, health) for AddDomain
+    monitor_resource_heartbeats: true
+    monitor_interval: null    # default: from the engines' heartbeat settings
+    needs_interval: 1.0       # at most one RegisterNeed per engine per this many seconds
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..eeagent import states as agent_states
+from ..eeagent.messages import (
+    AgentHeartbeat,
+    AgentRequests,
+    CleanupProcess,
+    LaunchProcess,
+    TerminateProcess,
+)
+from ..epum.messages import AddDomain, NodeState, RegisterNeed, SubscribeDomain
+from ..runtime.core import (
+    Component,
+    Context,
+    Decision,
+    Rejected,
+    Send,
+    SetTimer,
+    bad_request,
+    conflict,
+    not_found,
+)
+from ..runtime.messages import ErrorReply, Ok
+from . import states as ps
+from .events import (
+    DefinitionRemoved,
+    DefinitionSet,
+    NodeAdded,
+    NodeRemoved,
+    NodeRetiring,
+    ProcessAssigned,
+    ProcessCreated,
+    ProcessMoved,
+    ProcessScheduled,
+    ResourceAdded,
+    ResourceOccupancy,
+    ResourceStateChanged,
+    SystemBootSet,
+    events,
+)
+from .messages import (
+    CreateDefinition,
+    CreateProcess,
+    DescribeDefinition,
+    DescribeProcess,
+    DescribeProcesses,
+    Dump,
+    FlushNeeds,
+    FlushOutbox,
+    KillProcess,
+    ListDefinitions,
+    Matchmake,
+    MonitorResources,
+    ProcessCounts,
+    ProcessStateChanged,
+    RemoveDefinition,
+    RestartProcess,
+    RetryDispatches,
+    ScheduleProcess,
+    ScheduleProcesses,
+    SetSystemBoot,
+    UpdateDefinition,
+)
+from .needs import EngineSpec, need, retirable
+from .state import Liveness, PDState, Process, Resource, Soft
+
+logger = logging.getLogger(__name__)
+
+#: Instance states before RUNNING (EPUM does not send them; ignored if it does).
+PRE_RUNNING = frozenset({"REQUESTING", "REQUESTED", "ERROR_RETRYING", "PENDING", "STARTED"})
+#: Instance states that mean the node is lost.
+NODE_LOST = frozenset({"RUNNING_FAILED", "TERMINATING", "TERMINATED", "FAILED", "REJECTED"})
+
+
+@dataclass(frozen=True)
+class PDConfig:
+    engines: dict[str, EngineSpec]
+    default_engine: str | None = None
+    process_engines: dict[str, str] = field(default_factory=dict)
+    minimum_time_between_starts: float = 2.0
+    dispatch_retry_seconds: float = 30.0
+    static_resources: bool = False
+    epum: str = "epum"
+    self_name: str = "pd"
+    domain_prefix: str = "pd_domain_"
+    domain_definition_id: str = "pd_default"
+    domain_config: dict[str, Any] = field(default_factory=dict)
+    monitor_resource_heartbeats: bool = True
+    monitor_interval: float | None = None
+    needs_interval: float = 1.0
+
+    def domain_id(self, engine: str) -> str:
+        return f"{self.domain_prefix}{engine}"
+
+    def engine_of_domain(self, domain_id: str) -> str | None:
+        if not domain_id.startswith(self.domain_prefix):
+            return None
+        engine = domain_id[len(self.domain_prefix) :]
+        return engine if engine in self.engines else None
+
+    def monitor_every(self) -> float | None:
+        """Seconds between resource monitor passes, or None when nothing is monitored."""
+        if not self.monitor_resource_heartbeats:
+            return None
+        if self.monitor_interval is not None:
+            return self.monitor_interval
+        gaps = [
+            min((e.heartbeat_missing - e.heartbeat_warning) / 4, e.heartbeat_period / 2)  # type: ignore[operator]
+            for e in self.engines.values()
+            if e.monitored
+        ]
+        return max(0.02, min(1.0, *gaps)) if gaps else None
+
+
+#: Keys the runtime shell reads from the same config (ignored here).
+SHELL_KEYS = frozenset({"workers", "group_commit", "max_batch"})
+_TOP_KEYS = set(PDConfig.__dataclass_fields__) | {"restart_throttling_config"} | SHELL_KEYS
+_TOP_KEYS.discard("minimum_time_between_starts")
+
+
+def parse_config(config: Mapping[str, Any] | None) -> PDConfig:
+    """Validate the PD config; ``ValueError`` names the first bad key."""
+    config = dict(config or {})
+    unknown = set(config) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"PD config: unknown keys {sorted(unknown)}")
+    raw_engines = config.get("engines")
+    if not isinstance(raw_engines, Mapping) or not raw_engines:
+        raise ValueError("PD config: 'engines' must map at least one engine id to its settings")
+    engines = {str(k): EngineSpec.from_config(str(k), v) for k, v in raw_engines.items()}
+    default = config.get("default_engine")
+    if default is None and len(engines) == 1:
+        default = next(iter(engines))
+    if default is not None and default not in engines:
+        raise ValueError(f"PD config: default_engine {default!r} is not among {sorted(engines)}")
+    pe = dict(config.get("process_engines") or {})
+    for prefix, eng in pe.items():
+        if eng not in engines:
+            raise ValueError(f"PD config: process_engines[{prefix!r}] = {eng!r} is not an engine")
+    throttle = config.get("restart_throttling_config") or {}
+    mtbs = float(throttle.get("minimum_time_between_starts", 2.0))
+    retry = float(config.get("dispatch_retry_seconds", 30.0))
+    if retry <= 0 or mtbs < 0:
+        raise ValueError("PD config: dispatch_retry_seconds must be > 0, throttling >= 0")
+    kw = {k: config[k] for k in PDConfig.__dataclass_fields__ if k in config}
+    kw.update(
+        engines=engines,
+        default_engine=default,
+        process_engines=pe,
+        minimum_time_between_starts=mtbs,
+        dispatch_retry_seconds=retry,
+    )
+    return PDConfig(**kw)
+
+
+class _Broken(Exception):  # noqa: N818
+    pass
+
+
+class Tx:
+    """One decision in the making: emits (and applies) events, collects effects."""
+
+    def __init__(self, pd: ProcessDispatcher, state: PDState, ctx: Context) -> None:
+        self.pd = pd
+        self.cfg = pd.cfg
+        self.s = state
+        self.ctx = ctx
+        self.now = ctx.now
+        self.events: list[Any] = []
+        self.effects: list[Any] = []
+        self.reply: Any = None
+        self.reply_process: str | None = None
+        self.reply_many: list[Any] | None = None
+
+    # ---- primitives ---------------------------------------------------------------------------
+
+    def emit(self, event: Any) -> None:
+        try:
+            self.s.apply(event)
+        except Exception as exc:
+            self.s.broken = f"{type(event).__name__}: {type(exc).__name__}: {exc}"
+            self.events.append(event)
+            raise _Broken(self.s.broken) from exc
+        self.s.pre.append(event)
+        self.events.append(event)
+
+    def send(self, to: str, message: Any) -> None:
+        self.effects.append(Send(to, message))
+
+    def timer(self, key: str, delay: float, message: Any) -> None:
+        self.effects.append(SetTimer(key, max(0.0, delay), message))
+
+    def forget_timers(self) -> None:
+        """This decision is dropped with its effects: timers it asked for will not come."""
+        soft = self.s.soft
+        for eff in self.effects:
+            if isinstance(eff, SetTimer):
+                if eff.key == "outbox":
+                    soft.outbox_timer = False
+                elif eff.key == "needs":
+                    soft.needs_timer = False
+                else:
+                    soft.timers.pop(eff.key, None)
+
+    @staticmethod
+    def agent(resource_id: str) -> str:
+        return f"eeagent:{resource_id}"
+
+    # ---- process moves ------------------------------------------------------------------------
+
+    def move(self, p: Process, round_: int, state: str, msg: str = "") -> None:
+        self.emit(ProcessMoved(p.upid, round_, state, self.now, msg))
+        self.notify(p)
+
+    def assign(self, p: Process, round_: int, res: Resource) -> None:
+        self.emit(ProcessAssigned(p.upid, round_, res.resource_id, self.now))
+        self.launch(p)
+        self.notify(p)
+
+    def to_agent(self, rid: str, message: Any) -> None:
+        """Queue a request for agent ``rid``: the outbox goes out as one message per agent
+        when the current burst of messages is done (a zero-delay timer)."""
+        soft = self.s.soft
+        soft.outbox.setdefault(rid, []).append(message)
+        if not soft.outbox_timer:
+            soft.outbox_timer = True
+            self.timer("outbox", 0.0, FlushOutbox())
+
+    def flush_outbox(self) -> None:
+        soft = self.s.soft
+        for rid, requests in soft.outbox.items():
+            msg: Any = requests[0] if len(requests) == 1 else AgentRequests(requests)
+            self.send(self.agent(rid), msg)
+        soft.outbox = {}
+
+    def launch(self, p: Process) -> None:
+        assert p.resource_id is not None
+        self.to_agent(p.resource_id, LaunchProcess(p.upid, p.round, list(p.command), p.env, p.cwd))
+        self.s.soft.launch_sent[p.upid] = self.now
+
+    def terminate(self, rid: str, upid: str, round_: int) -> None:
+        self.to_agent(rid, TerminateProcess(upid, round_))
+
+    def cleanup(self, rid: str, upid: str, round_: int) -> None:
+        self.to_agent(rid, CleanupProcess(upid, round_))
+
+    def notify(self, p: Process) -> None:
+        if not p.subscribers:
+            return
+        notice = ProcessStateChanged(
+            {
+                "upid": p.upid,
+                "round": p.round,
+                "state": p.state,
+                "node_id": p.node_id,
+                "assigned": p.resource_id,
+            }
+        )
+        for sub in p.subscribers:
+            self.send(sub, notice)
+
+    def ended(self, p: Process, reported: str, msg: str) -> None:
+        """The agent reports the end of ``p``'s current round (``reported`` is terminal)."""
+        if reported == ps.EXITED and p.state in (ps.ASSIGNED, ps.PENDING):
+            # It ran and exited between two heartbeats: record the start we did not see.
+            self.move(p, p.round, ps.RUNNING)
+        if p.state == ps.TERMINATING:
+            self.move(p, p.round, ps.TERMINATED, msg)
+        elif reported == ps.REJECTED:
+            # The agent had no slot: our view of it was wrong. Requeue, not a failure.
+            self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or "rejected by the agent")
+        elif ps.restarts_after_exit(p.restart_mode, reported):
+            self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or f"ended {reported}")
+        else:
+            self.move(p, p.round, reported, msg)
+
+    def evacuate(self, res: Resource, reason: str, *, boot: bool = False) -> None:
+        for upid in list(res.assigned):
+            p = self.s.processes[upid]
+            if p.state == ps.TERMINATING:
+                self.move(p, p.round, ps.TERMINATED, reason)
+            elif boot:
+                self.boot_park(p, reason)
+            elif ps.restarts_after_loss(p.restart_mode):
+                self.move(p, p.round + 1, ps.DIED_REQUESTED, reason)
+            else:
+                self.move(p, p.round, ps.FAILED, reason)
+
+    def boot_park(self, p: Process, reason: str) -> None:
+        if ps.restarts_after_loss(p.restart_mode) and not p.omit_from_system_restart:
+            self.move(p, p.round + 1, ps.UNSCHEDULED_PENDING, reason)
+        else:
+            self.move(p, p.round, ps.TERMINATED, reason)
+
+    def lose_node(self, node_id: str, state: str, reason: str) -> None:
+        node = self.s.nodes.get(node_id)
+        if node is None:
+            return
+        for rid in list(node.resources):
+            res = self.s.resources.get(rid)
+            if res is not None:
+                self.evacuate(res, reason)
+        self.forget_node(node_id)
+        self.emit(NodeRemoved(node_id, state, self.now))
+
+    def forget_node(self, node_id: str) -> None:
+        soft = self.s.soft
+        for rid in self.s.nodes[node_id].resources:
+            soft.live.pop(rid, None)
+            soft.heard.discard(rid)
+            soft.cleanups.pop(rid, None)
+            soft.stale_kills.pop(rid, None)
+
+    # ---- the end of every decision ------------------------------------------------------------
+
+    def matchmake(self) -> None:
+        s, mm = self.s, self.s.mm
+        mm.release_throttled(self.now)
+        while True:
+            pick = mm.next_placement()
+            if pick is None:
+                break
+            p, res = pick
+            self.assign(p, p.round, res)
+        if mm.fresh:
+            for upid in list(mm.fresh):
+                p = s.processes[upid]
+                if mm.is_throttled(upid) or ps.may_wait(p.queueing_mode, p.starts):
+                    if p.state != ps.WAITING:
+                        self.move(p, p.round, ps.WAITING)
+                    else:
+                        mm.waited(upid)
+                else:
+                    self.move(
+                        p, p.round, ps.REJECTED, f"no free slot (queueing mode {p.queueing_mode})"
+                    )
+        due = mm.next_throttle()
+        timers = s.soft.timers
+        if due is not None and timers.get("throttle") != due:
+            timers["throttle"] = due
+            self.timer("throttle", due - self.now, Matchmake())
+
+    def needs(self, force: bool = False) -> bool:
+        """Register changed needs with EPUM (rate-limited); True if a node was un-retired."""
+        cfg, s = self.cfg, self.s
+        if cfg.static_resources:
+            return False
+        soft = s.soft
+        changed = []
+        for eid, spec in cfg.engines.items():
+            n = need(spec, s.live_count[eid], s.occupied[eid])
+            sig = (n, len(s.engine_nodes.get(eid, ())), s.occupied[eid])
+            if force or soft.needs_sent.get(eid, (None,))[0:1] != (sig,):
+                changed.append((eid, spec, n, sig))
+        if not changed:
+            return False
+        wait = soft.needs_sent_at + cfg.needs_interval - self.now
+        if wait > 0 and not force:
+            if not soft.needs_timer:
+                soft.needs_timer = True
+                self.timer("needs", wait, FlushNeeds())
+            return False
+        soft.needs_sent_at = self.now
+        unretired = False
+        for eid, _spec, n, sig in changed:
+            nodes = s.engine_nodes.get(eid, {})
+            newest_first = (
+                (nid, s.nodes[nid].used > 0, self.broken(nid)) for nid in reversed(nodes)
+            )
+            retire = retirable(newest_first, len(nodes), n)
+            keep = set(retire)
+            for nid in nodes:
+                node = s.nodes[nid]
+                if node.retiring and nid not in keep:
+                    self.emit(NodeRetiring(nid, False, self.now))
+                    unretired = True
+            for nid in retire:
+                if not s.nodes[nid].retiring:
+                    self.emit(NodeRetiring(nid, True, self.now))
+            soft.needs_sent[eid] = (sig, n, tuple(retire))
+            self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
+        return unretired
+
+    def broken(self, node_id: str) -> bool:
+        """True if the node has agents and every one of them is MISSING."""
+        rids = self.s.nodes[node_id].resources
+        res = self.s.resources
+        return bool(rids) and all(res[r].state == ps.RESOURCE_MISSING for r in rids)
+
+    def finish(self) -> None:
+        self.matchmake()
+        if self.needs():
+            self.matchmake()  # a node given back to service may take queued processes
+
+    def decision(self) -> Decision:
+        reply = self.reply
+        if reply is None and self.reply_many is not None:
+            procs = self.s.processes
+            reply = Ok([procs[x].describe() if isinstance(x, str) else x for x in self.reply_many])
+        if reply is None and self.reply_process is not None:
+            p = self.s.processes.get(self.reply_process)
+            reply = Ok(p.describe() if p is not None else None)
+        return Decision(self.events, self.effects, reply)
+
+
+Handler = Callable[["ProcessDispatcher", Tx, Any], None]
+
+
+class ProcessDispatcher(Component[PDState]):
+    """Schedules processes onto EEAgents of elastic nodes; see the module docstring."""
+
+    registry = events
+    stream = "pd"
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        self.cfg = parse_config(config)
+
+    # ---- the component contract ---------------------------------------------------------------
+
+    def initial_state(self) -> PDState:
+        return PDState(self.cfg.minimum_time_between_starts)
+
+    def apply(self, state: PDState, event: Any) -> PDState:
+        if state.broken is not None:
+            raise RuntimeError(f"PD state is broken ({state.broken}); recover from the log")
+        pre = state.pre
+        if pre:
+            head = pre[0]
+            if head is event or head == event:
+                pre.popleft()
+                return state
+            pre.clear()  # left over from a decision whose events were applied elsewhere
+        state.apply(event)
+        return state
+
+    def decide(self, state: PDState, message: Any, ctx: Context) -> Decision:
+        state.pre.clear()
+        if state.broken is not None:
+            raise RuntimeError(f"PD state is broken ({state.broken}); recover from the log")
+        handler = _HANDLERS.get(type(message))
+        if handler is None:
+            if isinstance(message, Ok | ErrorReply):
+                if isinstance(message, ErrorReply):
+                    logger.info("pd: reply from a peer: %s %s", message.code, message.message)
+                return Decision()
+            raise bad_request(f"the PD does not handle {type(message).__name__}")
+        tx = Tx(self, state, ctx)
+        try:
+            handler(self, tx, message)
+            if type(message) not in _QUERIES:
+                tx.finish()
+        except _Broken:
+            logger.exception("pd: applying an event failed; the state must be recovered")
+            return Decision(events=tx.events)
+        except Rejected as exc:
+            if not tx.events:
+                tx.forget_timers()
+                raise
+            tx.reply = ErrorReply(exc.code, exc.message, type(message).__name__)
+        except Exception as exc:
+            if not tx.events:
+                tx.forget_timers()
+                raise
+            logger.exception("pd: %s failed after emitting events", type(message).__name__)
+            tx.reply = ErrorReply(
+                "internal", f"{type(exc).__name__}: {exc}", type(message).__name__
+            )
+        return tx.decision()
+
+    def recovered(self, state: PDState, ctx: Context) -> Decision:
+        state.pre.clear()
+        now = ctx.now
+        state.soft = Soft(recovered_at=now)
+        for rid in state.resources:
+            state.soft.live[rid] = Liveness(now, now)
+        tx = Tx(self, state, ctx)
+        cfg = self.cfg
+        if not cfg.static_resources:
+            for eid, spec in cfg.engines.items():
+                did = cfg.domain_id(eid)
+                tx.send(
+                    cfg.epum,
+                    AddDomain(
+                        did,
+                        cfg.domain_definition_id,
+                        self.domain_config(spec),
+                        subscriber=cfg.self_name,
+                    ),
+                )
+                tx.send(cfg.epum, SubscribeDomain(did, cfg.self_name))
+        try:
+            tx.matchmake()
+            if tx.needs(force=True):
+                tx.matchmake()
+        except _Broken:
+            logger.exception("pd: applying an event failed during recovery")
+            return Decision(events=tx.events)
+        every = cfg.monitor_every()
+        if every is not None:
+            tx.timer("monitor", every, MonitorResources())
+        tx.timer("retry", self.retry_every(), RetryDispatches())
+        # The runner commits these events without applying them again: nothing is pending.
+        decision = tx.decision()
+        return decision
+
+    def snapshot(self, state: PDState) -> Any:
+        return state.to_data()
+
+    def restore(self, data: Any) -> PDState:
+        return PDState.from_data(data, self.cfg.minimum_time_between_starts)
+
+    # ---- helpers ------------------------------------------------------------------------------
+
+    def retry_every(self) -> float:
+        return max(0.02, min(5.0, self.cfg.dispatch_retry_seconds / 4))
+
+    def domain_config(self, spec: EngineSpec) -> dict[str, Any]:
+        """The AddDomain config for an engine: ``domain_config`` plus the engine's sizing."""
+        conf = copy.deepcopy(self.cfg.domain_config)
+        ec = conf.setdefault("engine_conf", {})
+        ec.update(spec.config or {})
+        ec["preserve_n"] = 0
+        if spec.maximum_vms is not None:
+            ec["maximum_vms"] = spec.maximum_vms
+        if spec.iaas_allocation is not None:
+            ec["iaas_allocation"] = spec.iaas_allocation
+        pv = ec.setdefault("provisioner_vars", {})
+        pv.update(slots=spec.slots, replicas=spec.replicas, heartbeat=spec.heartbeat_period)
+        return conf
+
+    def resolve_engine(self, m: ScheduleProcess, definition: dict | None) -> str:
+        explicit = m.execution_engine_id
+        constrained = (m.constraints or {}).get("engine")
+        if constrained is not None and not isinstance(constrained, str):
+            raise bad_request(
+                "ScheduleProcess.constraints['engine']: must be one engine id (a str)"
+            )
+        if explicit and constrained and explicit != constrained:
+            raise bad_request(
+                f"execution_engine_id {explicit!r} contradicts constraints.engine {constrained!r}"
+            )
+        engine = explicit or constrained
+        if engine is None and definition is not None and self.cfg.process_engines:
+            ex = definition.get("executable") or {}
+            if ex.get("module") and ex.get("class"):
+                key = f"{ex['module']}.{ex['class']}"
+            else:
+                key = definition["definition_id"]
+            best = -1
+            for prefix, eng in self.cfg.process_engines.items():
+                if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
+                    engine, best = eng, len(prefix)
+        if engine is None:
+            engine = self.cfg.default_engine
+        if engine is None:
+            raise bad_request("no execution engine: give execution_engine_id (no default_engine)")
+        if engine not in self.cfg.engines:
+            raise bad_request(
+                f"unknown execution engine {engine!r} (known: {', '.join(sorted(self.cfg.engines))})"
+            )
+        return engine
+
+
+# ---- handlers ---------------------------------------------------------------------------------
+
+
+def _proc(tx: Tx, upid: str) -> Process:
+    p = tx.s.processes.get(upid)
+    if p is None:
+        raise not_found(f"no process {upid!r}")
+    return p
+
+
+def _definition_fields(m: CreateDefinition | UpdateDefinition) -> dict[str, Any]:
+    return {
+        "definition_id": m.definition_id,
+        "definition_type": m.definition_type,
+        "executable": m.executable,
+        "name": m.name,
+        "description": m.description,
+    }
+
+
+def _on_create_definition(pd: ProcessDispatcher, tx: Tx, m: CreateDefinition) -> None:
+    want = _definition_fields(m)
+    have = tx.s.definitions.get(m.definition_id)
+    if have is not None:
+        if have != want:
+            raise conflict(f"definition {m.definition_id!r} exists with different content")
+        tx.reply = Ok(dict(have))
+        return
+    tx.emit(DefinitionSet(**want, at=tx.now))
+    tx.reply = Ok(want)
+
+
+def _on_update_definition(pd: ProcessDispatcher, tx: Tx, m: UpdateDefinition) -> None:
+    if m.definition_id not in tx.s.definitions:
+        raise not_found(f"no definition {m.definition_id!r}")
+    want = _definition_fields(m)
+    if tx.s.definitions[m.definition_id] != want:
+        tx.emit(DefinitionSet(**want, at=tx.now))
+    tx.reply = Ok(want)
+
+
+def _on_describe_definition(pd: ProcessDispatcher, tx: Tx, m: DescribeDefinition) -> None:
+    d = tx.s.definitions.get(m.definition_id)
+    if d is None:
+        raise not_found(f"no definition {m.definition_id!r}")
+    tx.reply = Ok(dict(d))
+
+
+def _on_list_definitions(pd: ProcessDispatcher, tx: Tx, m: ListDefinitions) -> None:
+    tx.reply = Ok(sorted(tx.s.definitions))
+
+
+def _on_remove_definition(pd: ProcessDispatcher, tx: Tx, m: RemoveDefinition) -> None:
+    if m.definition_id not in tx.s.definitions:
+        raise not_found(f"no definition {m.definition_id!r}")
+    tx.emit(DefinitionRemoved(m.definition_id, tx.now))
+    tx.reply = Ok(None)
+
+
+def _on_create_process(pd: ProcessDispatcher, tx: Tx, m: CreateProcess) -> None:
+    if m.definition_id not in tx.s.definitions:
+        raise not_found(f"no definition {m.definition_id!r}")
+    p = tx.s.processes.get(m.upid)
+    if p is not None:
+        if p.definition_id != m.definition_id or (m.name is not None and p.name != m.name):
+            raise bad_request(
+                f"process {m.upid!r} exists with definition {p.definition_id!r} and name {p.name!r}"
+            )
+    else:
+        tx.emit(ProcessCreated(m.upid, m.definition_id, m.name, tx.now))
+    tx.reply_process = m.upid
+
+
+def _schedule_spec(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcess, p: Process | None) -> dict:
+    def_id = m.definition_id
+    if def_id is None and p is not None:
+        def_id = p.definition_id
+    definition = None
+    if def_id is not None:
+        definition = tx.s.definitions.get(def_id)
+        if definition is None:
+            raise not_found(f"no definition {def_id!r}")
+    ex = (definition or {}).get("executable") or {}
+    command = list(m.command) if m.command is not None else None
+    if command is None and ex.get("exec"):
+        command = [ex["exec"], *ex.get("argv", [])]
+    if not command:
+        raise bad_request(
+            f"process {m.upid!r}: no command (give command, or a definition with 'exec')"
+        )
+    env = dict(ex.get("env") or {})
+    env.update(m.env or {})
+    engine = pd.resolve_engine(m, definition)
+    constraints = dict(m.constraints or {})
+    constraints["engine"] = engine
+    configuration = m.configuration or {}
+    pconf = configuration.get("process") or {}
+    mtbs = pconf.get("minimum_time_between_starts")
+    return {
+        "definition_id": def_id,
+        "name": m.name if m.name is not None else (p.name if p is not None else None),
+        "command": command,
+        "env": env or None,
+        "cwd": m.cwd if m.cwd is not None else ex.get("working_directory"),
+        "configuration": configuration,
+        "subscribers": list(m.subscribers or []),
+        "constraints": constraints,
+        "engine": engine,
+        "queueing_mode": (m.queueing_mode or ps.QUEUE_ALWAYS).upper(),
+        "restart_mode": (m.restart_mode or ps.RESTART_ABNORMAL).upper(),
+        "node_exclusive": m.node_exclusive,
+        "min_start_interval": float(mtbs) if mtbs is not None else None,
+        "omit_from_system_restart": bool(pconf.get("omit_from_system_restart", False)),
+    }
+
+
+def _on_schedule(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcess) -> None:
+    p = tx.s.processes.get(m.upid)
+    if (
+        p is not None
+        and m.definition_id is not None
+        and p.state == ps.UNSCHEDULED
+        and p.definition_id != m.definition_id
+    ):
+        raise bad_request(
+            f"process {m.upid!r} was created with definition {p.definition_id!r}, "
+            f"not {m.definition_id!r}"
+        )
+    spec = _schedule_spec(pd, tx, m, p)
+    tx.reply_process = m.upid
+    if p is None:
+        round_ = 0
+    elif p.state == ps.UNSCHEDULED:
+        round_ = p.round
+    elif p.state in ps.TERMINAL:
+        round_ = p.round + 1
+    else:
+        have = p.spec()
+        if have != spec:
+            diff = sorted(k for k in spec if have.get(k) != spec[k])
+            raise conflict(
+                f"process {m.upid!r} is {p.state} (round {p.round}) with different "
+                f"parameters: {', '.join(diff)}"
+            )
+        return  # the same request again: the process as it stands
+    tx.emit(ProcessScheduled(m.upid, round_, spec, tx.now))
+    tx.notify(tx.s.processes[m.upid])
+
+
+def _on_schedule_many(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcesses) -> None:
+    out: list[Any] = []
+    for request in m.requests:
+        tx.reply_process = None
+        try:
+            _on_schedule(pd, tx, request)  # refuses before it emits anything
+        except Rejected as exc:
+            out.append({"upid": request.upid, "error": exc.code, "message": exc.message})
+            continue
+        out.append(request.upid)
+    tx.reply_process = None
+    tx.reply_many = out
+
+
+def _on_kill(pd: ProcessDispatcher, tx: Tx, m: KillProcess) -> None:
+    p = _proc(tx, m.upid)
+    tx.reply_process = m.upid
+    if p.state in ps.TERMINAL:
+        return
+    if p.state in (ps.ASSIGNED, ps.PENDING, ps.RUNNING):
+        tx.move(p, p.round, ps.TERMINATING, "terminate requested")
+        assert p.resource_id is not None
+        tx.terminate(p.resource_id, p.upid, p.round)
+        tx.s.soft.terminate_sent[p.upid] = tx.now
+    elif p.state == ps.TERMINATING:
+        if p.resource_id is not None:
+            tx.terminate(p.resource_id, p.upid, p.round)
+            tx.s.soft.terminate_sent[p.upid] = tx.now
+    else:  # queued, UNSCHEDULED, UNSCHEDULED_PENDING
+        tx.move(p, p.round, ps.TERMINATED, "terminate requested")
+
+
+def _on_restart(pd: ProcessDispatcher, tx: Tx, m: RestartProcess) -> None:
+    p = _proc(tx, m.upid)
+    tx.reply_process = m.upid
+    if p.state in (ps.ASSIGNED, ps.PENDING, ps.RUNNING):
+        res = tx.s.resources.get(p.resource_id or "")
+        if res is not None and res.state in (ps.RESOURCE_OK, ps.RESOURCE_WARNING):
+            # In place: the agent supersedes the older round (terminates it, then starts this).
+            tx.assign(p, p.round + 1, res)
+        else:
+            tx.move(p, p.round + 1, ps.DIED_REQUESTED, "restart requested")
+    elif p.state in ps.TERMINAL:
+        tx.move(p, p.round + 1, ps.REQUESTED, "restart requested")
+    else:
+        raise conflict(f"process {m.upid!r} is {p.state}: nothing to restart")
+
+
+def _on_describe(pd: ProcessDispatcher, tx: Tx, m: DescribeProcess) -> None:
+    tx.reply = Ok(_proc(tx, m.upid).describe())
+
+
+def _on_describe_many(pd: ProcessDispatcher, tx: Tx, m: DescribeProcesses) -> None:
+    procs = tx.s.processes
+    if m.upids is not None:
+        chosen = [procs[u] for u in m.upids if u in procs]
+    else:
+        chosen = list(procs.values())
+    if m.state is not None:
+        want = m.state.upper()
+        chosen = [p for p in chosen if p.state == want]
+    tx.reply = Ok([p.describe() for p in chosen])
+
+
+def _on_system_boot(pd: ProcessDispatcher, tx: Tx, m: SetSystemBoot) -> None:
+    s = tx.s
+    if m.on and not s.system_boot:
+        for nid in list(s.nodes):
+            node = s.nodes[nid]
+            for rid in list(node.resources):
+                res = s.resources.get(rid)
+                if res is not None:
+                    tx.evacuate(res, "system boot", boot=True)
+            tx.forget_node(nid)
+            tx.emit(NodeRemoved(nid, "SYSTEM_BOOT", tx.now))
+        for upid in s.queue():
+            tx.boot_park(s.processes[upid], "system boot")
+        tx.emit(SystemBootSet(True, tx.now))
+    elif not m.on and s.system_boot:
+        parked = [p for p in s.processes.values() if p.state == ps.UNSCHEDULED_PENDING]
+        for p in parked:
+            tx.move(p, p.round, ps.REQUESTED, "system boot ended")
+        tx.emit(SystemBootSet(False, tx.now))
+    tx.reply = Ok({"system_boot": s.system_boot})
+
+
+def _on_counts(pd: ProcessDispatcher, tx: Tx, m: ProcessCounts) -> None:
+    tx.reply = Ok({k: v for k, v in tx.s.state_count.items() if v})
+
+
+def _on_dump(pd: ProcessDispatcher, tx: Tx, m: Dump) -> None:
+    s = tx.s
+    tx.reply = Ok(
+        {
+            "processes": [p.describe() for p in s.processes.values()],
+            "nodes": [n.describe(s.resources) for n in s.nodes.values()],
+            "resources": [r.describe(s.nodes[r.node_id].retiring) for r in s.resources.values()],
+            "queue": s.queue(),
+            "definitions": sorted(s.definitions),
+            "system_boot": s.system_boot,
+            "needs": {
+                eid: {
+                    "need": need(spec, s.live_count[eid], s.occupied[eid]),
+                    "nodes": len(s.engine_nodes.get(eid, ())),
+                }
+                for eid, spec in pd.cfg.engines.items()
+            },
+            "counts": {k: v for k, v in s.state_count.items() if v},
+        }
+    )
+
+
+def _on_node_state(pd: ProcessDispatcher, tx: Tx, m: NodeState) -> None:
+    engine = pd.cfg.engine_of_domain(m.domain_id)
+    if engine is None:
+        raise bad_request(
+            f"node {m.node_id!r}: domain {m.domain_id!r} is not {pd.cfg.domain_prefix}<engine> "
+            f"for an engine of this PD ({', '.join(sorted(pd.cfg.engines))})"
+        )
+    state = m.state.upper()
+    node = tx.s.nodes.get(m.node_id)
+    if state == "RUNNING":
+        if node is None:
+            tx.emit(NodeAdded(m.node_id, m.domain_id, engine, dict(m.properties), tx.now))
+        elif node.engine != engine:
+            raise bad_request(f"node {m.node_id!r} is known in domain {node.domain_id!r}")
+    elif state in PRE_RUNNING:
+        pass
+    elif state in NODE_LOST:
+        if node is not None:
+            tx.lose_node(m.node_id, state, f"node {m.node_id} {state}")
+    else:
+        raise bad_request(f"node {m.node_id!r}: unknown node state {m.state!r}")
+    tx.reply = Ok(None)
+
+
+def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
+    s, soft, now = tx.s, tx.s.soft, tx.now
+    rid = m.eeagent_id
+    res = s.resources.get(rid)
+    if res is None:
+        node = s.nodes.get(m.node_id) if m.node_id else None
+        if node is None:
+            logger.info(
+                "pd: heartbeat from %s on unknown node %r ignored (still booting?)", rid, m.node_id
+            )
+            return
+        tx.emit(ResourceAdded(rid, node.node_id, pd.cfg.engines[node.engine].slots, now))
+        res = s.resources[rid]
+    elif m.node_id is not None and m.node_id != res.node_id:
+        logger.warning(
+            "pd: heartbeat from %s names node %r, but it is on %r; ignored",
+            rid,
+            m.node_id,
+            res.node_id,
+        )
+        return
+    ts = min(m.timestamp, now) if math.isfinite(m.timestamp) else now
+    lv = soft.live.get(rid)
+    in_order = True
+    if lv is None:
+        lv = soft.live[rid] = Liveness(ts, now)
+    else:
+        lv.seen = now  # any heartbeat proves the agent alive (its clock may have jumped back)
+        if ts >= lv.ts:
+            lv.ts = ts
+        else:
+            in_order = False
+    spec = pd.cfg.engines[res.engine]
+    if spec.monitored and res.state in (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING):
+        age = now - lv.ts
+        if age < spec.heartbeat_warning:  # type: ignore[operator]
+            tx.emit(ResourceStateChanged(rid, ps.RESOURCE_OK, now))
+        elif res.state == ps.RESOURCE_MISSING and age < spec.heartbeat_missing:  # type: ignore[operator]
+            tx.emit(ResourceStateChanged(rid, ps.RESOURCE_WARNING, now))
+            lv.warned_at = now
+    first = rid not in soft.heard
+    soft.heard.add(rid)
+    foreign = 0
+    seen: set[tuple[str, int]] = set()
+    # Cleanups and stale-copy terminations are level-triggered by what the agent reports,
+    # so they are repeated only every ``resend`` seconds while the agent still reports them.
+    resend = min(pd.cfg.dispatch_retry_seconds, 5.0)
+    old_cleanups = soft.cleanups.get(rid, {})
+    old_kills = soft.stale_kills.get(rid, {})
+    cleanups: dict[tuple[str, int], float] = {}
+    kills: dict[tuple[str, int], float] = {}
+    for d in m.processes:
+        upid, rnd = d["upid"], d["round"]
+        state = agent_states.normalize(d["state"])
+        msg = d.get("msg") or ""
+        live = state in ps.AGENT_LIVE
+        p = s.processes.get(upid)
+        key = (upid, rnd)
+        if p is None or p.resource_id != rid or p.round != rnd or p.state not in ps.PLACED:
+            # Not our placement here: a stale round, a copy the PD moved away or ended, or
+            # an unknown upid. Live ones hold a slot on the agent; stale ones are ended.
+            if live:
+                foreign += 1
+                if p is not None and state != ps.TERMINATING:
+                    last = old_kills.get(key)
+                    if last is None or now - last >= resend:
+                        tx.terminate(rid, upid, rnd)
+                        last = now
+                    kills[key] = last
+            else:
+                last = old_cleanups.get(key)
+                if last is None or now - last >= resend:
+                    tx.cleanup(rid, upid, rnd)
+                    last = now
+                cleanups[key] = last
+            continue
+        seen.add((upid, rnd))
+        if state in (ps.PENDING, ps.RUNNING):
+            if p.state in (ps.ASSIGNED, ps.PENDING) and ps.rank(state) > ps.rank(p.state):
+                tx.move(p, rnd, state, msg)
+            elif p.state == ps.TERMINATING and (first or upid not in soft.terminate_sent):
+                tx.terminate(rid, upid, rnd)
+                soft.terminate_sent[upid] = now
+        elif state == ps.TERMINATING:
+            pass
+        else:
+            tx.ended(p, state, msg)
+            tx.cleanup(rid, upid, rnd)
+            cleanups[key] = now
+    soft.cleanups[rid] = cleanups
+    soft.stale_kills[rid] = kills
+    if foreign != res.foreign:
+        tx.emit(ResourceOccupancy(rid, foreign, now))
+    for upid, rnd in list(res.assigned.items()):
+        if (upid, rnd) in seen:
+            continue
+        p = s.processes[upid]
+        if p.state == ps.ASSIGNED:
+            if first:
+                tx.launch(p)
+        elif not in_order:
+            continue
+        elif p.state in (ps.PENDING, ps.RUNNING):
+            tx.ended(p, ps.FAILED, "the agent no longer reports it")
+        elif p.state == ps.TERMINATING:
+            tx.move(p, p.round, ps.TERMINATED, "not on the agent")
+
+
+def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
+    s, soft, now = tx.s, tx.s.soft, tx.now
+    for rid in list(s.resources):
+        res = s.resources.get(rid)
+        if res is None:
+            continue
+        spec = pd.cfg.engines[res.engine]
+        if not spec.monitored:
+            continue
+        lv = soft.live.get(rid)
+        if lv is None:
+            lv = soft.live[rid] = Liveness(now, now)
+        warning, missing = spec.heartbeat_warning, spec.heartbeat_missing
+        assert warning is not None and missing is not None
+        if res.state == ps.RESOURCE_OK:
+            if now - lv.ts >= warning:
+                logger.warning(
+                    "pd: resource %s: no heartbeat for %.1f s (WARNING)", rid, now - lv.ts
+                )
+                tx.emit(ResourceStateChanged(rid, ps.RESOURCE_WARNING, now))
+                lv.warned_at = now
+        elif res.state == ps.RESOURCE_WARNING:
+            since = max(lv.seen, lv.warned_at if lv.warned_at is not None else lv.seen)
+            if now - since >= missing - warning:
+                logger.warning("pd: resource %s is MISSING; evacuating it", rid)
+                tx.emit(ResourceStateChanged(rid, ps.RESOURCE_MISSING, now))
+                tx.evacuate(res, f"resource {rid} missing")
+        elif res.state == ps.RESOURCE_MISSING and res.assigned:
+            tx.evacuate(res, f"resource {rid} missing")
+    every = pd.cfg.monitor_every()
+    if every is not None:
+        tx.timer("monitor", every, MonitorResources())
+
+
+def _on_retry(pd: ProcessDispatcher, tx: Tx, m: RetryDispatches) -> None:
+    s, soft, now = tx.s, tx.s.soft, tx.now
+    limit = pd.cfg.dispatch_retry_seconds
+    for upid in list(s.unacked):
+        p = s.processes[upid]
+        last = soft.launch_sent.get(upid, p.last_dispatch or 0.0)
+        if now - last >= limit:
+            tx.launch(p)
+    for upid in list(s.terminating):
+        p = s.processes[upid]
+        last = soft.terminate_sent.get(upid, p.state_at)
+        if p.resource_id is not None and now - last >= limit:
+            tx.terminate(p.resource_id, upid, p.round)
+            soft.terminate_sent[upid] = now
+    tx.timer("retry", pd.retry_every(), RetryDispatches())
+
+
+def _on_matchmake(pd: ProcessDispatcher, tx: Tx, m: Matchmake) -> None:
+    tx.s.soft.timers.pop("throttle", None)
+
+
+def _on_flush_needs(pd: ProcessDispatcher, tx: Tx, m: FlushNeeds) -> None:
+    tx.s.soft.needs_timer = False
+
+
+def _on_flush_outbox(pd: ProcessDispatcher, tx: Tx, m: FlushOutbox) -> None:
+    tx.s.soft.outbox_timer = False
+    tx.flush_outbox()
+
+
+#: Requests that only read: no matchmaking pass after them.
+_QUERIES = frozenset(
+    {DescribeDefinition, ListDefinitions, DescribeProcess, DescribeProcesses, Dump}
+)
+
+_HANDLERS: dict[type, Handler] = {
+    CreateDefinition: _on_create_definition,
+    UpdateDefinition: _on_update_definition,
+    DescribeDefinition: _on_describe_definition,
+    ListDefinitions: _on_list_definitions,
+    RemoveDefinition: _on_remove_definition,
+    CreateProcess: _on_create_process,
+    ScheduleProcess: _on_schedule,
+    ScheduleProcesses: _on_schedule_many,
+    KillProcess: _on_kill,
+    RestartProcess: _on_restart,
+    DescribeProcess: _on_describe,
+    DescribeProcesses: _on_describe_many,
+    SetSystemBoot: _on_system_boot,
+    Dump: _on_dump,
+    ProcessCounts: _on_counts,
+    NodeState: _on_node_state,
+    AgentHeartbeat: _on_heartbeat,
+    MonitorResources: _on_monitor,
+    RetryDispatches: _on_retry,
+    Matchmake: _on_matchmake,
+    FlushNeeds: _on_flush_needs,
+    FlushOutbox: _on_flush_outbox,
+}

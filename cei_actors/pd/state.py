@@ -1,0 +1,597 @@
+"""The PD's state as the fold of its events: processes, queue, nodes, resources, definitions.
+
+``apply(state, event)`` is total and pure (no clock, no I/O). Besides the records it keeps
+derived indices in step: the matchmaker's placement index, the set of unacknowledged
+dispatches, per-engine counts for needs. ``to_data``/``from_data`` are the snapshot format;
+two states are equal when their records are equal (indices and soft state are not compared).
+
+**Soft state** (:class:`Soft`) is what the leader knows only while it runs: when each agent
+was last heard from, which launches it resent, the last need it registered. It is never
+logged; after a recovery it starts empty (every resource gets a fresh heartbeat window).
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import states as ps
+from .events import (
+    DefinitionRemoved,
+    DefinitionSet,
+    NodeAdded,
+    NodeRemoved,
+    NodeRetiring,
+    ProcessAssigned,
+    ProcessCreated,
+    ProcessMoved,
+    ProcessScheduled,
+    ResourceAdded,
+    ResourceOccupancy,
+    ResourceStateChanged,
+    SystemBootSet,
+)
+from .matchmaker import Matchmaker
+
+#: Spec keys stored on a process (see ProcessScheduled).
+SPEC_KEYS: tuple[str, ...] = (
+    "definition_id",
+    "name",
+    "command",
+    "env",
+    "cwd",
+    "configuration",
+    "subscribers",
+    "constraints",
+    "engine",
+    "queueing_mode",
+    "restart_mode",
+    "node_exclusive",
+    "min_start_interval",
+    "omit_from_system_restart",
+)
+
+
+@dataclass(slots=True, eq=False)
+class Process:
+    upid: str
+    state: str
+    round: int
+    definition_id: str | None = None
+    name: str | None = None
+    command: list[str] = field(default_factory=list)
+    env: dict[str, str] | None = None
+    cwd: str | None = None
+    configuration: dict[str, Any] = field(default_factory=dict)
+    subscribers: list[str] = field(default_factory=list)
+    constraints: dict[str, Any] = field(default_factory=dict)
+    engine: str = ""
+    queueing_mode: str = ps.QUEUE_ALWAYS
+    restart_mode: str = ps.RESTART_ABNORMAL
+    node_exclusive: str | None = None
+    min_start_interval: float | None = None
+    omit_from_system_restart: bool = False
+    resource_id: str | None = None
+    node_id: str | None = None
+    starts: int = 0
+    dispatches: int = 0
+    last_dispatch: float | None = None
+    seq: int = 0
+    created_at: float = 0.0
+    state_at: float = 0.0
+    msg: str = ""
+
+    def spec(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in SPEC_KEYS}
+
+    def to_data(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}  # type: ignore[attr-defined]
+
+    def describe(self) -> dict[str, Any]:
+        """The process as clients see it."""
+        return {
+            "upid": self.upid,
+            "state": self.state,
+            "round": self.round,
+            "node_id": self.node_id,
+            "assigned": self.resource_id,
+            "definition_id": self.definition_id,
+            "name": self.name,
+            "command": list(self.command),
+            "env": dict(self.env) if self.env is not None else None,
+            "cwd": self.cwd,
+            "configuration": self.configuration,
+            "subscribers": list(self.subscribers),
+            "constraints": dict(self.constraints),
+            "engine": self.engine,
+            "queueing_mode": self.queueing_mode,
+            "restart_mode": self.restart_mode,
+            "node_exclusive": self.node_exclusive,
+            "starts": self.starts,
+            "dispatches": self.dispatches,
+            "msg": self.msg,
+            "state_time": self.state_at,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Node:
+    node_id: str
+    domain_id: str
+    engine: str
+    properties: dict[str, Any]
+    seq: int
+    added_at: float
+    resources: list[str] = field(default_factory=list)
+    tags: dict[str, str] = field(default_factory=dict)  # node_exclusive tag -> upid
+    retiring: bool = False
+    used: int = 0  # derived: slots used on all its resources (assigned + foreign)
+
+    def describe(self, resources: dict[str, Resource]) -> dict[str, Any]:
+        return {
+            "node_id": self.node_id,
+            "domain_id": self.domain_id,
+            "engine": self.engine,
+            "properties": dict(self.properties),
+            "resources": list(self.resources),
+            "node_exclusive": sorted(self.tags),
+            "retiring": self.retiring,
+            "used": self.used,
+            "slots": sum(resources[r].slots for r in self.resources if r in resources),
+            "state_time": self.added_at,
+        }
+
+
+@dataclass(slots=True, eq=False)
+class Resource:
+    resource_id: str
+    node_id: str
+    engine: str
+    slots: int
+    properties: dict[str, Any]
+    added_at: float
+    state: str = ps.RESOURCE_OK
+    assigned: dict[str, int] = field(default_factory=dict)  # upid -> round (insertion order)
+    foreign: int = 0
+
+    @property
+    def used(self) -> int:
+        return len(self.assigned) + self.foreign
+
+    def describe(self, retiring: bool = False) -> dict[str, Any]:
+        return {
+            "resource_id": self.resource_id,
+            "node_id": self.node_id,
+            "engine": self.engine,
+            "slots": self.slots,
+            "state": ps.RESOURCE_DISABLED if retiring else self.state,
+            "assigned": [[u, r] for u, r in self.assigned.items()],
+            "foreign": self.foreign,
+            "properties": dict(self.properties),
+        }
+
+
+@dataclass
+class Liveness:
+    """What the leader knows of one agent's heartbeats (soft state)."""
+
+    ts: float  # newest heartbeat timestamp (agent clock, clamped to ours)
+    seen: float  # our clock when we last received a newer heartbeat
+    warned_at: float | None = None  # our clock when the monitor set WARNING
+
+
+@dataclass
+class Soft:
+    """The leader's in-memory knowledge; never logged, empty after a recovery."""
+
+    live: dict[str, Liveness] = field(default_factory=dict)
+    heard: set[str] = field(default_factory=set)  # resources heard from since recovery
+    launch_sent: dict[str, float] = field(default_factory=dict)  # upid -> last LaunchProcess
+    terminate_sent: dict[str, float] = field(default_factory=dict)
+    #: per agent: (upid, round) -> when we last asked it to clean up / end a stale copy
+    cleanups: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    stale_kills: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
+    needs_sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # (signature, n, retire)
+    needs_sent_at: float = float("-inf")
+    needs_timer: bool = False
+    recovered_at: float | None = None
+    outbox: dict[str, list[Any]] = field(default_factory=dict)  # agent -> queued requests
+    outbox_timer: bool = False
+    timers: dict[str, float] = field(default_factory=dict)  # timer key -> due time
+
+
+class PDState:
+    """The fold of the ``pd`` stream plus derived indices and soft state."""
+
+    def __init__(self, min_start_interval: float = 2.0) -> None:
+        self.processes: dict[str, Process] = {}
+        self.definitions: dict[str, dict[str, Any]] = {}
+        self.nodes: dict[str, Node] = {}
+        self.resources: dict[str, Resource] = {}
+        self.system_boot = False
+        self.next_seq = 1
+        self.node_seq = 1
+        # derived
+        self.mm = Matchmaker(
+            self.processes, self.nodes, self.resources, min_start_interval=min_start_interval
+        )
+        self.unacked: dict[str, None] = {}  # ASSIGNED upids
+        self.terminating: dict[str, None] = {}  # TERMINATING upids
+        self.live_count: collections.Counter[str] = collections.Counter()  # engine -> n
+        self.occupied: collections.Counter[str] = collections.Counter()  # engine -> nodes used
+        self.engine_nodes: dict[str, dict[str, None]] = {}
+        self.state_count: collections.Counter[str] = collections.Counter()
+        # not derived from events at all
+        self.soft = Soft()
+        self.pre: collections.deque[Any] = collections.deque()  # events decide applied already
+        self.broken: str | None = None
+
+    # ---- equality and snapshots -----------------------------------------------------------
+
+    def to_data(self) -> dict[str, Any]:
+        return {
+            "processes": [p.to_data() for p in self.processes.values()],
+            "definitions": self.definitions,
+            "nodes": [
+                {
+                    "node_id": n.node_id,
+                    "domain_id": n.domain_id,
+                    "engine": n.engine,
+                    "properties": n.properties,
+                    "seq": n.seq,
+                    "added_at": n.added_at,
+                    "resources": list(n.resources),
+                    "retiring": n.retiring,
+                }
+                for n in self.nodes.values()
+            ],
+            "resources": [
+                {
+                    "resource_id": r.resource_id,
+                    "node_id": r.node_id,
+                    "engine": r.engine,
+                    "slots": r.slots,
+                    "properties": r.properties,
+                    "added_at": r.added_at,
+                    "state": r.state,
+                    "foreign": r.foreign,
+                }
+                for r in self.resources.values()
+            ],
+            "system_boot": self.system_boot,
+            "next_seq": self.next_seq,
+            "node_seq": self.node_seq,
+        }
+
+    @classmethod
+    def from_data(cls, data: dict[str, Any], min_start_interval: float = 2.0) -> PDState:
+        s = cls(min_start_interval)
+        s.definitions = dict(data["definitions"])
+        s.system_boot = bool(data["system_boot"])
+        s.next_seq = int(data["next_seq"])
+        s.node_seq = int(data["node_seq"])
+        for d in sorted(data["nodes"], key=lambda d: d["seq"]):
+            node = Node(
+                d["node_id"],
+                d["domain_id"],
+                d["engine"],
+                dict(d["properties"]),
+                d["seq"],
+                d["added_at"],
+                list(d["resources"]),
+                retiring=bool(d["retiring"]),
+            )
+            s.nodes[node.node_id] = node
+            s.engine_nodes.setdefault(node.engine, {})[node.node_id] = None
+        for d in data["resources"]:
+            res = Resource(
+                d["resource_id"],
+                d["node_id"],
+                d["engine"],
+                d["slots"],
+                dict(d["properties"]),
+                d["added_at"],
+                d["state"],
+                foreign=d["foreign"],
+            )
+            s.resources[res.resource_id] = res
+            s.nodes[res.node_id].used += res.foreign
+        queued: list[Process] = []
+        for d in data["processes"]:
+            p = Process(**d)
+            s.processes[p.upid] = p
+            s._recount(p)
+            if p.state in ps.PLACED and p.resource_id in s.resources:
+                res = s.resources[p.resource_id]
+                res.assigned[p.upid] = p.round
+                node = s.nodes[res.node_id]
+                node.used += 1
+                if p.node_exclusive is not None:
+                    node.tags[p.node_exclusive] = p.upid
+            if p.state in ps.QUEUED:
+                queued.append(p)
+        for node in s.nodes.values():
+            if node.used:
+                s.occupied[node.engine] += 1
+            s.mm.add_node(node)
+        for p in sorted(queued, key=lambda p: p.seq):
+            s.mm.enqueue(p)
+            if p.state == ps.WAITING:
+                s.mm.waited(p.upid)
+        return s
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PDState):
+            return NotImplemented
+        return _canon(self.to_data()) == _canon(other.to_data())
+
+    __hash__ = None  # type: ignore[assignment]
+
+    # ---- queries ----------------------------------------------------------------------------
+
+    def queue(self) -> list[str]:
+        """Queued upids in FIFO order."""
+        q = [p for p in self.processes.values() if p.state in ps.QUEUED]
+        q.sort(key=lambda p: p.seq)
+        return [p.upid for p in q]
+
+    # ---- the fold ---------------------------------------------------------------------------
+
+    def _uncount(self, p: Process) -> None:
+        self.state_count[p.state] -= 1
+        if _counts_for_need(p.state):
+            self.live_count[p.engine] -= 1
+        if p.state == ps.ASSIGNED:
+            self.unacked.pop(p.upid, None)
+        elif p.state == ps.TERMINATING:
+            self.terminating.pop(p.upid, None)
+
+    def _recount(self, p: Process) -> None:
+        self.state_count[p.state] += 1
+        if _counts_for_need(p.state):
+            self.live_count[p.engine] += 1
+        if p.state == ps.ASSIGNED:
+            self.unacked[p.upid] = None
+        elif p.state == ps.TERMINATING:
+            self.terminating[p.upid] = None
+
+    def _set_state(self, p: Process, state: str, round_: int, at: float) -> str:
+        old = p.state
+        self._uncount(p)
+        p.state = state
+        p.round = round_
+        p.state_at = at
+        self._recount(p)
+        return old
+
+    def _release(self, p: Process) -> None:
+        rid = p.resource_id
+        p.resource_id = None
+        p.node_id = None
+        if rid is None:
+            return
+        res = self.resources.get(rid)
+        if res is None or res.assigned.pop(p.upid, None) is None:
+            return
+        node = self.nodes[res.node_id]
+        self._use(node, -1)
+        if p.node_exclusive is not None and node.tags.get(p.node_exclusive) == p.upid:
+            del node.tags[p.node_exclusive]
+        self.mm.touch_node(node)
+
+    def _use(self, node: Node, delta: int) -> None:
+        before = node.used
+        node.used += delta
+        if before == 0 and node.used > 0:
+            self.occupied[node.engine] += 1
+        elif before > 0 and node.used == 0:
+            self.occupied[node.engine] -= 1
+
+    def _enqueue(self, p: Process) -> None:
+        p.seq = self.next_seq
+        self.next_seq += 1
+        self.mm.enqueue(p)
+
+    def apply(self, event: Any) -> None:
+        handler = _HANDLERS.get(type(event))
+        if handler is not None:
+            handler(self, event)
+
+    def _on_definition_set(self, e: DefinitionSet) -> None:
+        self.definitions[e.definition_id] = {
+            "definition_id": e.definition_id,
+            "definition_type": e.definition_type,
+            "executable": e.executable,
+            "name": e.name,
+            "description": e.description,
+        }
+
+    def _on_definition_removed(self, e: DefinitionRemoved) -> None:
+        self.definitions.pop(e.definition_id, None)
+
+    def _on_process_created(self, e: ProcessCreated) -> None:
+        if e.upid in self.processes:
+            return
+        p = Process(
+            e.upid,
+            ps.UNSCHEDULED,
+            0,
+            definition_id=e.definition_id,
+            name=e.name,
+            created_at=e.at,
+            state_at=e.at,
+        )
+        self.processes[e.upid] = p
+        self._recount(p)
+
+    def _on_process_scheduled(self, e: ProcessScheduled) -> None:
+        p = self.processes.get(e.upid)
+        if p is None:
+            p = Process(e.upid, ps.REQUESTED, e.round, created_at=e.at, state_at=e.at)
+            self.processes[e.upid] = p
+            self._apply_spec(p, e.spec)
+            self._recount(p)
+        else:
+            if p.state in ps.QUEUED:
+                self.mm.dequeue(p.upid)
+            self._release(p)
+            self._uncount(p)  # under the old engine: the spec may change it
+            self._apply_spec(p, e.spec)
+            p.state = ps.REQUESTED
+            p.round = e.round
+            p.state_at = e.at
+            p.msg = ""
+            self._recount(p)
+        self._enqueue(p)
+
+    @staticmethod
+    def _apply_spec(p: Process, spec: dict[str, Any]) -> None:
+        for key in SPEC_KEYS:
+            if key in spec:
+                setattr(p, key, spec[key])
+
+    def _on_process_moved(self, e: ProcessMoved) -> None:
+        p = self.processes.get(e.upid)
+        if p is None:
+            return
+        was_queued = p.state in ps.QUEUED
+        old = self._set_state(p, e.state, e.round, e.at)
+        if e.msg:
+            p.msg = e.msg
+        if e.state == ps.RUNNING and (old != ps.RUNNING):
+            p.starts += 1
+        if e.state not in ps.PLACED:
+            self._release(p)
+        if e.state in ps.FRESH:
+            if was_queued:
+                self.mm.dequeue(p.upid)
+            self._enqueue(p)
+        elif e.state == ps.WAITING:
+            if was_queued:
+                self.mm.waited(p.upid)
+            else:
+                self._enqueue(p)
+                self.mm.waited(p.upid)
+        elif was_queued:
+            self.mm.dequeue(p.upid)
+
+    def _on_process_assigned(self, e: ProcessAssigned) -> None:
+        p = self.processes.get(e.upid)
+        if p is None:
+            return
+        if p.state in ps.QUEUED:
+            self.mm.dequeue(p.upid)
+        self._release(p)
+        self._set_state(p, ps.ASSIGNED, e.round, e.at)
+        p.dispatches += 1
+        p.last_dispatch = e.at
+        p.msg = ""
+        res = self.resources.get(e.resource_id)
+        p.resource_id = e.resource_id
+        if res is None:
+            return
+        p.node_id = res.node_id
+        res.assigned[p.upid] = e.round
+        node = self.nodes[res.node_id]
+        self._use(node, 1)
+        if p.node_exclusive is not None:
+            node.tags[p.node_exclusive] = p.upid
+        self.mm.touch_node(node)
+
+    def _on_node_added(self, e: NodeAdded) -> None:
+        if e.node_id in self.nodes:
+            return
+        node = Node(e.node_id, e.domain_id, e.engine, dict(e.properties), self.node_seq, e.at)
+        self.node_seq += 1
+        self.nodes[e.node_id] = node
+        self.engine_nodes.setdefault(e.engine, {})[e.node_id] = None
+        self.mm.add_node(node)
+
+    def _on_node_removed(self, e: NodeRemoved) -> None:
+        node = self.nodes.get(e.node_id)
+        if node is None:
+            return
+        self.mm.remove_node(node)
+        for rid in node.resources:
+            res = self.resources.pop(rid, None)
+            if res is None:
+                continue
+            for upid in list(res.assigned):  # defensive: moved away by earlier events
+                p = self.processes.get(upid)
+                if p is not None and p.resource_id == rid:
+                    p.resource_id = None
+                    p.node_id = None
+        if node.used:
+            self.occupied[node.engine] -= 1
+        del self.nodes[e.node_id]
+        engine_nodes = self.engine_nodes.get(node.engine)
+        if engine_nodes is not None:
+            engine_nodes.pop(e.node_id, None)
+
+    def _on_node_retiring(self, e: NodeRetiring) -> None:
+        node = self.nodes.get(e.node_id)
+        if node is None or node.retiring == e.retiring:
+            return
+        node.retiring = e.retiring
+        self.mm.touch_node(node, grew=not e.retiring)
+
+    def _on_resource_added(self, e: ResourceAdded) -> None:
+        node = self.nodes.get(e.node_id)
+        if node is None or e.resource_id in self.resources:
+            return
+        props = dict(node.properties)
+        props.update(engine=node.engine, node_id=node.node_id, resource_id=e.resource_id)
+        self.resources[e.resource_id] = Resource(
+            e.resource_id, e.node_id, node.engine, e.slots, props, e.at
+        )
+        node.resources.append(e.resource_id)
+        self.mm.refresh_node(node)
+
+    def _on_resource_state(self, e: ResourceStateChanged) -> None:
+        res = self.resources.get(e.resource_id)
+        if res is None or res.state == e.state:
+            return
+        res.state = e.state
+        self.mm.touch_node(self.nodes[res.node_id], grew=e.state == ps.RESOURCE_OK)
+
+    def _on_resource_occupancy(self, e: ResourceOccupancy) -> None:
+        res = self.resources.get(e.resource_id)
+        if res is None or res.foreign == e.foreign:
+            return
+        node = self.nodes[res.node_id]
+        self._use(node, e.foreign - res.foreign)
+        res.foreign = e.foreign
+        self.mm.touch_node(node)
+
+    def _on_system_boot(self, e: SystemBootSet) -> None:
+        self.system_boot = e.on
+
+
+def _counts_for_need(state: str) -> bool:
+    return state in ps.QUEUED or state in ps.PLACED or state == ps.UNSCHEDULED_PENDING
+
+
+def _canon(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canon(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_canon(v) for v in value]
+    return value
+
+
+_HANDLERS = {
+    DefinitionSet: PDState._on_definition_set,
+    DefinitionRemoved: PDState._on_definition_removed,
+    ProcessCreated: PDState._on_process_created,
+    ProcessScheduled: PDState._on_process_scheduled,
+    ProcessMoved: PDState._on_process_moved,
+    ProcessAssigned: PDState._on_process_assigned,
+    NodeAdded: PDState._on_node_added,
+    NodeRemoved: PDState._on_node_removed,
+    NodeRetiring: PDState._on_node_retiring,
+    ResourceAdded: PDState._on_resource_added,
+    ResourceStateChanged: PDState._on_resource_state,
+    ResourceOccupancy: PDState._on_resource_occupancy,
+    SystemBootSet: PDState._on_system_boot,
+}

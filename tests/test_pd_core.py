@@ -1,0 +1,701 @@
+"""The Process Dispatcher's pure core, driven through a Runner with simulated agents."""
+
+from __future__ import annotations
+
+import pytest
+from pd_harness import ENGINE, Sim, check_invariants, config
+
+from cei_actors.eeagent.messages import AgentHeartbeat, LaunchProcess, TerminateProcess
+from cei_actors.epum.messages import AddDomain, NodeState, RegisterNeed, SubscribeDomain
+from cei_actors.pd import states as ps
+from cei_actors.pd.logic import ProcessDispatcher, parse_config
+from cei_actors.pd.messages import (
+    CreateDefinition,
+    CreateProcess,
+    DescribeDefinition,
+    DescribeProcess,
+    DescribeProcesses,
+    Dump,
+    KillProcess,
+    ListDefinitions,
+    Matchmake,
+    MonitorResources,
+    ProcessCounts,
+    RemoveDefinition,
+    RestartProcess,
+    RetryDispatches,
+    ScheduleProcess,
+    ScheduleProcesses,
+    SetSystemBoot,
+    UpdateDefinition,
+)
+from cei_actors.pd.needs import EngineSpec, need, retirable
+from cei_actors.runtime.core import Send
+
+
+def launches(sim: Sim) -> list[LaunchProcess]:
+    out = []
+    for s in sim.sent:
+        m = s.message
+        if isinstance(m, LaunchProcess):
+            out.append(m)
+    return out
+
+
+# ---- scheduling, idempotency, bad input -------------------------------------------------------
+
+
+def test_schedule_waits_then_runs_when_a_node_appears():
+    sim = Sim()
+    assert sim.ok(ScheduleProcess("p1", command=["true"]))["state"] == ps.WAITING
+    [aid] = sim.add_node("n1")
+    assert sim.pstate("p1") == ps.ASSIGNED
+    assert sim.agents[aid].procs == {("p1", 0): ps.RUNNING}
+    sim.heartbeat(aid)
+    p = sim.ok(DescribeProcess("p1"))
+    assert (p["state"], p["node_id"], p["assigned"], p["round"]) == (ps.RUNNING, "n1", aid, 0)
+    sim.finish("p1", ps.EXITED)
+    sim.heartbeat(aid)
+    assert sim.pstate("p1") == ps.EXITED and sim.agents[aid].procs == {}
+    check_invariants(sim.state)
+
+
+def test_same_schedule_twice_returns_current_state_and_different_is_refused():
+    sim = Sim()
+    sim.add_node("n1")
+    first = sim.ok(ScheduleProcess("p1", command=["sleep", "9"], restart_mode="never"))
+    again = sim.ok(ScheduleProcess("p1", command=["sleep", "9"], restart_mode="NEVER"))
+    assert first == again and again["state"] == ps.ASSIGNED
+    head = sim.runner.head
+    err = sim.err(ScheduleProcess("p1", command=["sleep", "10"]))
+    assert err.code == "conflict" and "command" in err.message and "restart_mode" in err.message
+    assert sim.runner.head == head
+    assert len(launches(sim)) == 1
+
+
+def test_schedule_many_in_one_request():
+    sim = Sim()
+    sim.add_node("n1")
+    out = sim.ok(
+        ScheduleProcesses(
+            [
+                ScheduleProcess("a", command=["x"]),
+                ScheduleProcess("b", command=["x"], execution_engine_id="nope"),
+                ScheduleProcess("c", command=["x"]),
+                ScheduleProcess("d", command=["x"]),
+            ]
+        )
+    )
+    assert [p.get("state") for p in out] == [ps.ASSIGNED, None, ps.ASSIGNED, ps.WAITING]
+    assert out[1]["error"] == "bad_request" and "nope" in out[1]["message"]
+    assert "b" not in sim.state.processes
+    assert sim.err(ScheduleProcesses([ScheduleProcess("", command=["x"])])).code == "bad_request"
+
+
+def test_rescheduling_a_finished_process_starts_a_new_round():
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["true"]))
+    sim.heartbeat(aid)
+    sim.finish("p1", ps.EXITED)
+    sim.heartbeat(aid)
+    assert sim.pstate("p1") == ps.EXITED
+    p = sim.ok(ScheduleProcess("p1", command=["true", "again"]))
+    assert (p["round"], p["state"], p["command"]) == (1, ps.ASSIGNED, ["true", "again"])
+
+
+@pytest.mark.parametrize(
+    "message, code, words",
+    [
+        (DescribeProcess("nope"), "not_found", "no process 'nope'"),
+        (KillProcess("nope"), "not_found", "no process"),
+        (RestartProcess("nope"), "not_found", "no process"),
+        (ScheduleProcess("p", definition_id="nodef"), "not_found", "no definition 'nodef'"),
+        (ScheduleProcess("p"), "bad_request", "no command"),
+        (ScheduleProcess("p", command=["x"], execution_engine_id="zz"), "bad_request", "unknown execution engine 'zz'"),
+        (ScheduleProcess("p", command=["x"], queueing_mode="sometimes"), "bad_request", "queueing_mode"),
+        (ScheduleProcess("p", command=["x"], restart_mode=3), "bad_request", "restart_mode: expected"),
+        (ScheduleProcess("p", command="true"), "bad_request", "command: expected"),
+        (ScheduleProcess("", command=["x"]), "bad_request", "upid: must not be empty"),
+        (ScheduleProcess("p", command=["x"], constraints={"k": {"a": 1}}), "bad_request", "constraints"),
+        (ScheduleProcess("p", command=["x"], execution_engine_id="e1", constraints={"engine": "e2"}), "bad_request", "contradicts"),
+        (CreateProcess("p", "nodef"), "not_found", "no definition"),
+        (NodeState("n9", "other_domain", "RUNNING", {}), "bad_request", "is not pd_domain_"),
+        (NodeState("n9", "pd_domain_e1", "EXPLODED", {}), "bad_request", "unknown node state"),
+        (AgentHeartbeat("a", "n1", 1.0, [{"upid": "u", "round": -1, "state": "RUNNING"}]), "bad_request", "round"),
+        (AgentHeartbeat("a", "n1", 1.0, [{"upid": "u", "round": 0, "state": "DANCING"}]), "bad_request", "state"),
+        (AgentHeartbeat("a", "n1", "now", []), "bad_request", "timestamp"),
+        (DescribeProcesses(state="SLEEPY"), "bad_request", "unknown state"),
+        (CreateDefinition("bad id!", {"exec": "x"}), "bad_request", "not a valid id"),
+        (CreateDefinition("d", {"argv": []}), "bad_request", "needs 'exec'"),
+        (UpdateDefinition("nodef", {"exec": "x"}), "not_found", "no definition"),
+        (RemoveDefinition("nodef"), "not_found", "no definition"),
+        ("not a message", "bad_request", "not a message"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_changes_nothing(message, code, words):
+    sim = Sim()
+    sim.add_node("n1")
+    sim.ok(ScheduleProcess("p0", command=["sleep", "1"]))
+    before, head = sim.state.to_data(), sim.runner.head
+    err = sim.err(message)
+    assert err.code == code and words in err.message, err
+    assert sim.runner.head == head and sim.state.to_data() == before
+
+
+def test_heartbeat_from_an_unknown_node_is_ignored():
+    sim = Sim()
+    head = sim.runner.head
+    reply = sim.handle(AgentHeartbeat("ghost", "nowhere", sim.now, [{"upid": "x", "round": 0, "state": "RUNNING"}]))
+    assert reply is None and sim.runner.head == head and not sim.state.resources
+
+
+def test_definitions_and_created_processes():
+    sim = Sim()
+    sim.add_node("n1")
+    d = sim.ok(CreateDefinition("sleeper", {"exec": "sleep", "argv": ["5"]}, name="Sleeper"))
+    assert sim.ok(CreateDefinition("sleeper", {"exec": "sleep", "argv": ["5"]}, name="Sleeper")) == d
+    assert sim.err(CreateDefinition("sleeper", {"exec": "sleep"})).code == "conflict"
+    assert sim.ok(ListDefinitions()) == ["sleeper"]
+    assert sim.ok(CreateProcess("p1", "sleeper"))["state"] == ps.UNSCHEDULED
+    assert sim.ok(CreateProcess("p1", "sleeper"))["state"] == ps.UNSCHEDULED
+    assert sim.err(CreateProcess("p1", "sleeper", name="other")).code == "bad_request"
+    p = sim.ok(ScheduleProcess("p1"))
+    assert p["state"] == ps.ASSIGNED and p["command"] == ["sleep", "5"] and p["definition_id"] == "sleeper"
+    p2 = sim.ok(ScheduleProcess("p2", definition_id="sleeper", command=["sleep", "1"]))
+    assert p2["command"] == ["sleep", "1"]
+    sim.ok(UpdateDefinition("sleeper", {"exec": "sleep", "argv": ["7"]}))
+    assert sim.ok(DescribeDefinition("sleeper"))["executable"]["argv"] == ["7"]
+    sim.ok(RemoveDefinition("sleeper"))
+    assert sim.ok(ListDefinitions()) == []
+    assert sim.proc("p1").command == ["sleep", "5"]
+
+
+def test_engine_selection_explicit_prefix_default():
+    conf = config(
+        engines={"e1": {"slots": 1}, "e2": {"slots": 1}, "e3": {"slots": 1}},
+        default_engine="e1",
+        process_engines={"ion.agents": "e2", "ion.agents.special": "e3"},
+    )
+    sim = Sim(conf)
+    sim.ok(CreateDefinition("a", {"module": "ion.agents.x", "class": "X"}, definition_type="pyon"))
+    sim.ok(CreateDefinition("b", {"module": "ion.agents.special.y", "class": "Y"}, definition_type="pyon"))
+    sim.ok(CreateDefinition("c", {"module": "other", "class": "Z"}, definition_type="pyon"))
+    assert sim.ok(ScheduleProcess("pa", "a", command=["x"]))["engine"] == "e2"
+    assert sim.ok(ScheduleProcess("pb", "b", command=["x"]))["engine"] == "e3"
+    assert sim.ok(ScheduleProcess("pc", "c", command=["x"]))["engine"] == "e1"
+    assert sim.ok(ScheduleProcess("pd", "b", command=["x"], execution_engine_id="e1"))["engine"] == "e1"
+    p = sim.ok(ScheduleProcess("pe", command=["x"], constraints={"engine": "e3"}))
+    assert p["engine"] == "e3" and p["constraints"] == {"engine": "e3"}
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="engines"):
+        parse_config({})
+    with pytest.raises(ValueError, match="slots"):
+        parse_config({"engines": {"e": {}}})
+    with pytest.raises(ValueError, match="go together"):
+        parse_config({"engines": {"e": {"slots": 1, "heartbeat_warning": 5}}})
+    with pytest.raises(ValueError, match="heartbeat_period < heartbeat_warning"):
+        parse_config({"engines": {"e": {"slots": 1, "heartbeat_warning": 5, "heartbeat_missing": 4}}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_config({"engines": {"e": {"slots": 1}}, "bogus": 1})
+    with pytest.raises(ValueError, match="default_engine"):
+        parse_config({"engines": {"e": {"slots": 1}, "f": {"slots": 1}}, "default_engine": "g"})
+    assert parse_config({"engines": {"e": {"slots": 1}}}).default_engine == "e"
+    assert parse_config({"engines": {"e": {"slots": 1}}, "group_commit": False, "workers": 2})
+
+
+# ---- restart and queueing modes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, ending, restarted",
+    [
+        ("ABNORMAL", ps.FAILED, True),
+        ("ABNORMAL", ps.EXITED, False),
+        ("ABNORMAL", ps.TERMINATED, True),
+        ("ALWAYS", ps.EXITED, True),
+        ("ALWAYS", ps.FAILED, True),
+        ("NEVER", ps.FAILED, False),
+        ("NEVER", ps.EXITED, False),
+    ],
+)
+def test_restart_modes(mode, ending, restarted):
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["x"], restart_mode=mode))
+    sim.heartbeat(aid)
+    sim.finish("p1", ending)
+    sim.heartbeat(aid)
+    p = sim.proc("p1")
+    if restarted:
+        assert (p.round, p.state) == (1, ps.ASSIGNED)
+        assert sim.agents[aid].procs == {("p1", 1): ps.RUNNING}
+    else:
+        assert (p.round, p.state) == (0, ending)
+        assert sim.agents[aid].procs == {}
+
+
+@pytest.mark.parametrize(
+    "mode, first_state, restart_state",
+    [
+        ("ALWAYS", ps.WAITING, ps.WAITING),
+        ("NEVER", ps.REJECTED, ps.REJECTED),
+        ("START_ONLY", ps.WAITING, ps.REJECTED),
+        ("RESTART_ONLY", ps.REJECTED, ps.WAITING),
+    ],
+)
+def test_queueing_modes(mode, first_state, restart_state):
+    sim = Sim()
+    assert sim.ok(ScheduleProcess("first", command=["x"], queueing_mode=mode))["state"] == first_state
+    # a process that ran once and must restart with no slot free
+    [aid] = sim.add_node("n1", slots=99)
+    sim.ok(ScheduleProcess("p", command=["x"], queueing_mode=mode, restart_mode="ALWAYS"))
+    sim.heartbeat(aid)
+    assert sim.pstate("p") == ps.RUNNING
+    for i in range(4):
+        sim.ok(ScheduleProcess(f"fill{i}", command=["x"]))
+    sim.lose_node("n1")
+    assert sim.proc("p").round == 1 and sim.pstate("p") == restart_state
+
+
+def test_throttling_holds_a_crash_loop_between_starts():
+    sim = Sim(config(restart_throttling_config={"minimum_time_between_starts": 5.0}))
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["false"], restart_mode="ALWAYS"))
+    for expected_round in (1, 2):
+        sim.heartbeat(aid)
+        sim.finish("p1", ps.FAILED)
+        sim.heartbeat(aid)
+        assert sim.proc("p1").round == expected_round
+    assert sim.pstate("p1") == ps.WAITING  # third dispatch: throttled
+    assert sim.timers["throttle"].delay == pytest.approx(5.0)
+    sim.now += 4.9
+    sim.handle(Matchmake())
+    assert sim.pstate("p1") == ps.WAITING
+    sim.now += 0.2
+    sim.handle(Matchmake())
+    assert sim.pstate("p1") == ps.ASSIGNED and sim.proc("p1").dispatches == 3
+
+
+def test_per_process_throttle_overrides_global():
+    sim = Sim(config(restart_throttling_config={"minimum_time_between_starts": 100.0}))
+    [aid] = sim.add_node("n1")
+    sim.ok(
+        ScheduleProcess(
+            "p1", command=["false"], restart_mode="ALWAYS",
+            configuration={"process": {"minimum_time_between_starts": 0}},
+        )
+    )
+    for _ in range(4):
+        sim.heartbeat(aid)
+        sim.finish("p1", ps.FAILED)
+        sim.heartbeat(aid)
+    assert sim.proc("p1").round == 4 and sim.pstate("p1") == ps.ASSIGNED
+
+
+# ---- terminate and restart ---------------------------------------------------------------------
+
+
+def test_terminate_queued_assigned_and_running():
+    sim = Sim(config(engines={ENGINE: {"slots": 1}}))
+    assert sim.ok(ScheduleProcess("q", command=["x"]))["state"] == ps.WAITING
+    assert sim.ok(KillProcess("q"))["state"] == ps.TERMINATED
+    assert sim.state.mm.where == {}
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("r", command=["x"]))
+    sim.heartbeat(aid)
+    p = sim.ok(KillProcess("r"))
+    assert p["state"] == ps.TERMINATING
+    assert any(isinstance(s.message, TerminateProcess) and s.message.upid == "r" for s in sim.sent)
+    sim.ok(ScheduleProcess("next", command=["x"]))
+    assert sim.pstate("next") == ps.WAITING  # the slot is still held while terminating
+    sim.heartbeat(aid)
+    assert sim.pstate("r") == ps.TERMINATED and sim.pstate("next") == ps.ASSIGNED
+    assert sim.ok(KillProcess("r"))["state"] == ps.TERMINATED  # at rest: a no-op
+
+
+def test_restart_process_in_place_end_to_end():
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["sleep", "9"]))
+    sim.heartbeat(aid)
+    p = sim.ok(RestartProcess("p1"))
+    assert (p["round"], p["state"], p["assigned"]) == (1, ps.ASSIGNED, aid)
+    assert sim.agents[aid].procs == {("p1", 1): ps.RUNNING}
+    sim.heartbeat(aid)
+    p = sim.proc("p1")
+    assert (p.round, p.state, p.starts, p.dispatches) == (1, ps.RUNNING, 2, 2)
+    # restart of a finished process requeues it in a new round
+    sim.finish("p1", ps.EXITED)
+    sim.heartbeat(aid)
+    assert sim.pstate("p1") == ps.EXITED
+    assert sim.ok(RestartProcess("p1"))["round"] == 2 and sim.pstate("p1") == ps.ASSIGNED
+    sim.ok(ScheduleProcess("w", command=["x"], constraints={"color": "red"}))
+    assert sim.err(RestartProcess("w")).code == "conflict"
+
+
+def test_stale_heartbeat_of_an_older_round_gets_terminated():
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["x"]))
+    sim.heartbeat(aid)
+    sim.ok(RestartProcess("p1"))
+    # an agent that still reports the old round RUNNING (e.g. it missed the supersede)
+    sim.agents[aid].procs[("p1", 0)] = ps.RUNNING
+    sim.sent.clear()
+    sim.heartbeat(aid)
+    assert [s.message for s in sim.sent if isinstance(s.message, TerminateProcess)] == [TerminateProcess("p1", 0)]
+    assert sim.state.resources[aid].foreign == 1
+
+
+# ---- nodes, resources, failures ---------------------------------------------------------------
+
+
+def test_node_loss_restarts_or_fails_by_mode_and_places_elsewhere():
+    sim = Sim()
+    [a1] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("abn", command=["x"]))
+    sim.ok(ScheduleProcess("never", command=["x"], restart_mode="NEVER"))
+    sim.heartbeat(a1)
+    [a2] = sim.add_node("n2")
+    sim.lose_node("n1", "FAILED")  # EPUM's FAILED counts as node loss
+    assert sim.proc("never").state == ps.FAILED
+    p = sim.proc("abn")
+    assert (p.round, p.state, p.resource_id) == (1, ps.ASSIGNED, a2)
+    assert "n1" not in sim.state.nodes and a1 not in sim.state.resources
+    check_invariants(sim.state)
+
+
+def test_terminating_process_on_a_lost_node_is_terminated():
+    sim = Sim()
+    [a1] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.heartbeat(a1)
+    sim.ok(KillProcess("p"))
+    sim.lose_node("n1")
+    assert sim.pstate("p") == ps.TERMINATED
+
+
+def test_resource_monitor_warning_missing_evacuation_and_return():
+    sim = Sim()
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.ok(ScheduleProcess("q", command=["x"], restart_mode="NEVER"))
+    host = sim.proc("p").resource_id
+    other = a2 if host == a1 else a1
+    sim.heartbeat_all()
+    sim.now += 2.5
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    assert sim.state.resources[host].state == ps.RESOURCE_OK
+    sim.now += 0.6  # 3.1 s without a heartbeat from host
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    assert sim.state.resources[host].state == ps.RESOURCE_WARNING
+    sim.now += 1.9
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    assert sim.state.resources[host].state == ps.RESOURCE_WARNING  # missing-warning = 2 s not over
+    sim.now += 0.2
+    sim.handle(MonitorResources())
+    assert sim.state.resources[host].state == ps.RESOURCE_MISSING
+    p, q = sim.proc("p"), sim.proc("q")
+    assert (p.round, p.state, p.resource_id) == (1, ps.ASSIGNED, other)
+    assert (q.round, q.state) == (0, ps.FAILED) and sim.state.resources[host].assigned == {}
+    # the agent comes back: its stale copies are terminated, the resource is OK again
+    sim.sent.clear()
+    sim.heartbeat(host)
+    assert sim.state.resources[host].state == ps.RESOURCE_OK
+    stale = {(m.upid, m.round) for m in (s.message for s in sim.sent) if isinstance(m, TerminateProcess)}
+    assert ("p", 0) in stale
+    check_invariants(sim.state)
+
+
+def test_monitor_tolerates_a_skewed_agent_clock():
+    sim = Sim()
+    [a1] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    for _ in range(20):  # the agent's clock is 10 s behind, but it keeps talking
+        sim.now += 1.0
+        sim.heartbeat(a1, timestamp=sim.now - 10.0)
+        sim.handle(MonitorResources())
+    assert sim.state.resources[a1].state == ps.RESOURCE_WARNING
+    assert sim.pstate("p") in (ps.ASSIGNED, ps.RUNNING) and sim.proc("p").round == 0
+    sim.heartbeat(a1, timestamp=sim.now + 50.0)  # future timestamps are clamped
+    assert sim.state.resources[a1].state == ps.RESOURCE_OK
+
+
+def test_constrained_process_waits_for_a_matching_node():
+    sim = Sim()
+    sim.add_node("plain")
+    sim.ok(ScheduleProcess("gpu", command=["x"], constraints={"gpu": "yes"}))
+    sim.ok(ScheduleProcess("any", command=["x"], constraints={"zone": ["a", "b"]}))
+    assert sim.pstate("gpu") == ps.WAITING and sim.pstate("any") == ps.WAITING
+    [g] = sim.add_node("g1", gpu="yes", zone="c")
+    assert sim.proc("gpu").resource_id == g and sim.pstate("any") == ps.WAITING
+    [z] = sim.add_node("z1", zone="b")
+    assert sim.proc("any").resource_id == z
+
+
+def test_node_exclusive_never_shares_a_node():
+    sim = Sim()
+    for i in range(3):
+        sim.add_node(f"n{i}")
+    for i in range(5):
+        sim.ok(ScheduleProcess(f"x{i}", command=["x"], node_exclusive="T"))
+    sim.ok(ScheduleProcess("plain", command=["x"]))
+    placed = [sim.proc(f"x{i}").node_id for i in range(5)]
+    assert sorted(n for n in placed if n) == ["n0", "n1", "n2"]
+    assert placed.count(None) == 2
+    check_invariants(sim.state)
+    sim.heartbeat_all()
+    first = next(f"x{i}" for i in range(5) if sim.proc(f"x{i}").node_id == "n1")
+    sim.ok(KillProcess(first))
+    sim.heartbeat_all()
+    assert sorted(sim.proc(f"x{i}").node_id or "-" for i in range(5)).count("n1") == 1
+    check_invariants(sim.state)
+
+
+def test_bin_packing_fills_occupied_nodes_and_balances_agents_within_a_node():
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "replicas": 2}}))
+    sim.add_node("n1", agents=2)
+    sim.add_node("n2", agents=2)
+    for i in range(4):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    nodes = [sim.proc(f"p{i}").node_id for i in range(4)]
+    assert nodes == ["n1"] * 4
+    agents = [sim.proc(f"p{i}").resource_id for i in range(4)]
+    assert agents == ["n1-a0", "n1-a1", "n1-a0", "n1-a1"]
+    sim.ok(ScheduleProcess("p4", command=["x"]))
+    assert sim.proc("p4").node_id == "n2"
+
+
+def test_agent_rejection_requeues():
+    sim = Sim()
+    [aid] = sim.add_node("n1", slots=1)  # the agent has fewer slots than the PD thinks (2)
+    sim.ok(ScheduleProcess("a", command=["x"]))
+    sim.ok(ScheduleProcess("b", command=["x"]))
+    assert sim.agents[aid].procs[("b", 0)] == ps.REJECTED
+    sim.heartbeat(aid)
+    b = sim.proc("b")
+    assert b.round == 1 and b.state in (ps.WAITING, ps.ASSIGNED)
+
+
+def test_lost_launch_is_resent_and_agent_forgetting_a_process_counts_as_failure():
+    sim = Sim(config(dispatch_retry_seconds=2.0))
+    [aid] = sim.add_node("n1")
+    sim.agents[aid].up = False  # the launch is lost
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.agents[aid].up = True
+    sim.now += 1.0
+    sim.handle(RetryDispatches())
+    assert sim.agents[aid].procs == {}
+    sim.now += 1.5
+    sim.handle(RetryDispatches())
+    assert sim.agents[aid].procs == {("p", 0): ps.RUNNING}
+    sim.heartbeat(aid)
+    assert sim.pstate("p") == ps.RUNNING
+    sim.agents[aid].procs.clear()  # e.g. its state dir was wiped
+    sim.now += 0.1
+    sim.heartbeat(aid)
+    p = sim.proc("p")
+    assert (p.round, p.state) == (1, ps.ASSIGNED)
+
+
+# ---- needs, system boot, EPUM ------------------------------------------------------------------
+
+
+def test_need_formula_and_retirement_order():
+    spec = EngineSpec("e", slots=4, replicas=2, spare_slots=3, base_need=1, maximum_vms=5)
+    assert need(spec, 0, 0) == 1
+    assert need(spec, 6, 0) == 2  # ceil((6 + 3) / 8)
+    assert need(spec, 1, 3) == 3  # occupied nodes
+    assert need(spec, 1000, 0) == 5  # capped
+    nodes = [("n5", False, False), ("n4", True, False), ("n3", False, False), ("n2", False, False), ("n1", False, True)]
+    assert retirable(nodes, 5, 2) == ["n1", "n5", "n3"]  # the broken one first, then newest
+    assert retirable(nodes, 5, 4) == ["n1"]
+    assert retirable(nodes, 5, 5) == []
+
+
+def test_needs_sent_to_epum_and_idle_nodes_retired_newest_first():
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "base_need": 1}}, needs_interval=0.0))
+    assert isinstance(sim.sent[0].message, AddDomain) and isinstance(sim.sent[1].message, SubscribeDomain)
+    assert sim.sent[0].message.config["engine_conf"]["provisioner_vars"]["slots"] == 2
+    assert sim.needs[-1] == RegisterNeed("pd_domain_e1", 1, [])
+    for i in range(5):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    assert sim.needs[-1].count == 3
+    for i in range(4):
+        sim.add_node(f"n{i}")
+    # 5 processes on 2 slots each: n0, n1, n2 hold them; n3 is idle and newest
+    assert sim.needs[-1] == RegisterNeed("pd_domain_e1", 3, ["n3"])
+    assert sim.state.nodes["n3"].retiring
+    for i in range(5):
+        sim.ok(KillProcess(f"p{i}"))
+    sim.heartbeat_all()
+    last = sim.needs[-1]
+    assert last.count == 1 and last.retirable_nodes == ["n3", "n2", "n1"]
+    sim.ok(ScheduleProcess("again", command=["x"]))
+    assert sim.proc("again").node_id == "n0"
+    for i in range(3):
+        sim.ok(ScheduleProcess(f"more{i}", command=["x"]))
+    assert sim.needs[-1].count == 2 and sim.needs[-1].retirable_nodes == ["n3", "n2"]
+    assert not sim.state.nodes["n1"].retiring
+
+
+def test_needs_are_rate_limited_and_flushed_by_timer():
+    sim = Sim(config(needs_interval=5.0))
+    sent = len(sim.needs)
+    sim.ok(ScheduleProcess("a", command=["x"]))
+    sim.ok(ScheduleProcess("b", command=["x"]))
+    sim.ok(ScheduleProcess("c", command=["x"]))
+    assert len(sim.needs) == sent and "needs" in sim.timers
+    sim.now += 5.0
+    sim.handle(sim.timers["needs"].message)
+    assert sim.needs[-1].count == 2 and len(sim.needs) == sent + 1
+
+
+def test_static_resources_send_nothing_to_epum():
+    sim = Sim(config(static_resources=True))
+    sim.add_node("n1")
+    sim.ok(ScheduleProcess("a", command=["x"]))
+    assert not [s for s in sim.sent if s.to == "epum"]
+
+
+def test_system_boot_parks_and_releases_processes():
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("r", command=["x"]))
+    sim.ok(ScheduleProcess("n", command=["x"], restart_mode="NEVER"))
+    sim.ok(ScheduleProcess("o", command=["x"], configuration={"process": {"omit_from_system_restart": True}}))
+    sim.ok(ScheduleProcess("w", command=["x"], constraints={"k": "v"}))
+    sim.heartbeat(aid)
+    assert sim.ok(SetSystemBoot(True)) == {"system_boot": True}
+    got = {u: (sim.proc(u).state, sim.proc(u).round) for u in "rnow"}
+    assert got == {
+        "r": (ps.UNSCHEDULED_PENDING, 1),
+        "n": (ps.TERMINATED, 0),
+        "o": (ps.TERMINATED, 0),
+        "w": (ps.UNSCHEDULED_PENDING, 1),
+    }
+    assert not sim.state.nodes
+    assert sim.ok(Dump())["needs"][ENGINE]["need"] == 1  # parked processes count
+    sim.ok(ScheduleProcess("new", command=["x"]))  # scheduling works while booting
+    [a2] = sim.add_node("n2")
+    assert sim.pstate("new") == ps.ASSIGNED and sim.pstate("r") == ps.UNSCHEDULED_PENDING
+    sim.ok(SetSystemBoot(False))
+    assert sim.pstate("r") == ps.ASSIGNED and sim.proc("r").round == 1
+    assert sim.pstate("w") == ps.WAITING
+    check_invariants(sim.state)
+
+
+def test_subscribers_are_notified_of_every_state_change():
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"], subscribers=["ha", "me"]))
+    sim.heartbeat(aid)
+    sim.finish("p", ps.EXITED)
+    sim.heartbeat(aid)
+    states = [n["state"] for to, n in sim.notices if to == "ha"]
+    assert states == [ps.REQUESTED, ps.ASSIGNED, ps.RUNNING, ps.EXITED]
+    assert len([1 for to, _ in sim.notices if to == "me"]) == 4
+    # an exit between two heartbeats still records the start
+    sim.ok(ScheduleProcess("quick", command=["true"], subscribers=["ha"]))
+    sim.finish("quick", ps.EXITED)
+    sim.heartbeat(aid)
+    assert sim.proc("quick").starts == 1
+    assert [n["state"] for to, n in sim.notices if to == "ha" and n["upid"] == "quick"][-2:] == [ps.RUNNING, ps.EXITED]
+    assert sim.ok(ProcessCounts()) == {ps.EXITED: 2}
+
+
+# ---- recovery ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("snapshot", [False, True])
+def test_crash_and_recover_keeps_every_process_and_places_the_queue(snapshot):
+    sim = Sim(config(engines={ENGINE: {"slots": 2}}))
+    [a1] = sim.add_node("n1")
+    for i in range(5):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    sim.heartbeat(a1)  # p0, p1 RUNNING; p2..p4 waiting
+    sim.agents[a1].up = False
+    sim.ok(NodeState("n2", "pd_domain_e1", "RUNNING", {}))  # known, but its agent not heard yet
+    before = sim.state.to_data()
+    sim.crash(snapshot=snapshot)
+    assert sim.state.to_data() == before and sim.state == sim.replayed()
+    check_invariants(sim.state)
+    sim.agents[a1].up = True
+    from pd_harness import Agent
+
+    sim.agents["n2-a0"] = Agent("n2-a0", "n2")
+    sim.heartbeat_all()
+    assert {sim.pstate(f"p{i}") for i in range(2)} == {ps.RUNNING}
+    assert sorted(sim.pstate(f"p{i}") for i in range(2, 5)) == [ps.ASSIGNED, ps.ASSIGNED, ps.WAITING]
+    copies = sim.running_copies()
+    assert all(len(v) == 1 for v in copies.values())
+    check_invariants(sim.state)
+
+
+def test_recovery_resends_unacknowledged_launches_on_the_first_heartbeat():
+    sim = Sim()
+    [a1] = sim.add_node("n1")
+    sim.agents[a1].up = False
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.crash()
+    sim.agents[a1].up = True
+    sim.heartbeat(a1)  # the first heartbeat to the new leader: launch resent
+    assert sim.agents[a1].procs == {("p", 0): ps.RUNNING}
+    sim.heartbeat(a1)
+    assert sim.pstate("p") == ps.RUNNING
+
+
+def test_decide_applies_as_it_goes_and_state_equals_replay():
+    sim = Sim()
+    sim.add_node("n1")
+    sim.add_node("n2")
+    for i in range(6):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"], restart_mode="ALWAYS"))
+    sim.heartbeat_all()
+    sim.lose_node("n1")
+    assert sim.state == sim.replayed()
+    assert not sim.state.pre
+    # the runner applied nothing twice: counts match the records
+    d = sim.ok(Dump())
+    assert sum(d["counts"].values()) == len(d["processes"]) == 6
+
+
+def test_unknown_message_type_and_replies_from_peers():
+    sim = Sim()
+    from cei_actors.runtime.messages import ErrorReply, Ok
+
+    assert sim.handle(Ok(1)) is None and sim.handle(ErrorReply("conflict", "exists")) is None
+    assert sim.err(Send("x", 1)).code == "bad_request"
+
+
+def test_a_failing_handler_does_not_leave_the_outbox_stuck(monkeypatch):
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.heartbeat(aid)
+    sim.finish("p", ps.EXITED)
+    import cei_actors.pd.logic as logic
+
+    real = logic.Tx.ended
+
+    def boom(self, *a):
+        self.cleanup(aid, "zz", 0)  # queued, then the handler fails before any event
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(logic.Tx, "ended", boom)
+    assert sim.err(AgentHeartbeat(aid, "n1", sim.now, [{"upid": "p", "round": 0, "state": "EXITED"}])).code == "internal"
+    monkeypatch.setattr(logic.Tx, "ended", real)
+    sim.heartbeat(aid)
+    assert sim.pstate("p") == ps.EXITED and sim.agents[aid].procs == {}
+
+
+def test_component_has_a_stream_and_registry():
+    pd = ProcessDispatcher(config())
+    assert pd.stream == "pd" and "ProcessAssigned" in pd.registry.names()
