@@ -15,6 +15,12 @@ COMPONENTS: dict[str, str] = {
     "example": "cei_actors.runtime.example:Counters",
 }
 
+#: configuration used when a tool replays a stream without the plan that wrote it (folding
+#: events does not depend on it; the PD merely refuses to be built without an engine)
+REPLAY_CONFIG: dict[str, dict[str, Any]] = {
+    "pd": {"config": {"engines": {"default": {"slots": 1}}}},
+}
+
 
 class UnknownStream(LookupError):
     """A stream no known component owns."""
@@ -28,4 +34,6 @@ def component_for(stream: str, config: dict[str, Any] | None = None) -> Componen
         raise UnknownStream(f"no component owns stream {stream!r} (known: {known})")
     module, _, name = spec.partition(":")
     cls = getattr(importlib.import_module(module), name)
-    return cls(**(config or {}))
+    if config is None:
+        config = REPLAY_CONFIG.get(stream.split(".", 1)[0], {})
+    return cls(**config)
