@@ -194,8 +194,17 @@ def test_server_gone_mid_life_raises_log_unavailable_then_recovers(tmp_path):
                 list(log.read("s"))
             assert time.monotonic() - t0 < 5
             server.restart()
-            # the failed append may or may not have been stored: retrying it is safe
-            assert log.append(fence, 1, [ev(2)]) == 2
+            # the failed append may or may not have been stored: retrying it is safe, and a
+            # caller retries until the client has reconnected (kazoo backs off between tries)
+            deadline = time.monotonic() + 20
+            while True:
+                try:
+                    assert log.append(fence, 1, [ev(2)]) == 2
+                    break
+                except LogUnavailable:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
             assert bodies(log) == [1, 2]
         finally:
             log.close()
