@@ -9,8 +9,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..eventlog import EventLogError
-from . import logcmds
+from ..runtime.client import RequestFailed
+from . import (
+    definition,
+    demo,
+    domain,
+    logcmds,
+    node,
+    process,
+    provisioner,
+    registry,
+    simcmds,
+    system,
+    systemboot,
+)
+from .common import UsageError
 from .output import CliError, Output
+
+#: The command groups, in the order ``cei --help`` lists them.
+GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,26 +40,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cei", description="Common Execution Infrastructure, as event-sourced actors")
     parser.add_argument("--json", action="store_true", help="machine output: one JSON document on stdout")
     parser.add_argument("--home", default=os.environ.get("CEI_HOME", ".cei"), help="runtime files and the embedded log (default ./.cei or $CEI_HOME)")
-    parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: sqlite under --home)")
+    parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: the running system's, else sqlite under --home)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
-    logcmds.register(sub)
+    for group in GROUPS:
+        group.register(sub)
     return parser
+
+
+def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse a command line; everything after the first ``--`` is the COMMAND to run
+    (``args.cmdline``), whatever options came before it."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    tail = None
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, tail = argv[:cut], argv[cut + 1:]
+    args = parser.parse_args(argv)
+    if tail is not None:
+        if not hasattr(args, "cmdline"):
+            parser.error(f"{args.command}: takes no COMMAND after --")
+        if args.cmdline:
+            parser.error(f"{args.command}: give the COMMAND after -- only")
+        args.cmdline = tail
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cei`` command; returns the exit status (the console script exits with it)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(argv)
     home = Path(args.home).absolute()
     args.home = home
-    if args.log_url is None:
-        args.log_url = f"sqlite:///{home / 'log.sqlite'}"
+    args.explicit_log_url = args.log_url
+    if args.log_url is None:  # the running system's log, else the embedded default
+        from ..launch.launcher import read_info
+
+        args.log_url = (read_info(home) or {}).get("log_url") or f"sqlite:///{home / 'log.sqlite'}"
     out = Output(args.json)
     try:
         return int(args.func(args, out) or 0)
+    except UsageError as exc:
+        print(f"cei: {exc}", file=sys.stderr)
+        return 2
+    except RequestFailed as exc:
+        print(f"cei: {exc.message}", file=sys.stderr)
+        return 1
     except CliError as exc:
         if not exc.quiet or not args.json:
             print(f"cei: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # e.g. piped into head: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (EventLogError, LookupError, ValueError, OSError) as exc:
         print(f"cei: {exc}", file=sys.stderr)

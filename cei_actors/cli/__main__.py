@@ -1,0 +1,5 @@
+"""``python -m cei_actors.cli``: the ``cei`` command."""
+
+from . import entry
+
+entry()

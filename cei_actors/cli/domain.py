@@ -1,0 +1,159 @@
+"""``cei domain ...`` and ``cei domain-definition ...``: EPUM's elastic domains of nodes."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..epum.client import dotted_config
+from ..runtime.client import NotFound
+from .common import UsageError, assignments, connected, done, load_mapping
+from .output import Output
+
+#: The columns of a domain table.
+COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version"]
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("domain", help="EPUM domains: sets of nodes a decision engine sizes")
+    cmds = group.add_subparsers(dest="domain_cmd", required=True, metavar="COMMAND")
+    p = cmds.add_parser("add", help="add a domain")
+    p.add_argument("domain_id", metavar="ID")
+    p.add_argument("--engine", default=None, metavar="ENGINE",
+                   help="decision engine: preserve_n, needy, sensor, overflow or a dotted class path")
+    p.add_argument("--definition", default=None, metavar="DEF",
+                   help="domain definition to start from (default: one named after the engine)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="engine_conf KEY (dotted keys reach other sections: health.monitor_health=true)")
+    p.add_argument("--subscriber", default=None, metavar="NAME", help="peer told of node state changes (e.g. pd)")
+    p.set_defaults(func=cmd_add)
+    p = cmds.add_parser("reconfigure", help="change a domain's configuration")
+    p.add_argument("domain_id", metavar="ID")
+    p.add_argument("--set", dest="settings", action="append", required=True, metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_reconfigure)
+    p = cmds.add_parser("list", help="domains")
+    p.set_defaults(func=cmd_list)
+    p = cmds.add_parser("describe", help="one domain with its instances")
+    p.add_argument("domain_id", metavar="ID")
+    p.set_defaults(func=cmd_describe)
+    p = cmds.add_parser("remove", help="remove a domain (its nodes are terminated)")
+    p.add_argument("domain_id", metavar="ID")
+    p.set_defaults(func=cmd_remove)
+
+    group = sub.add_parser("domain-definition", help="EPUM domain definitions (templates of domains)")
+    cmds = group.add_subparsers(dest="domain_definition_cmd", required=True, metavar="COMMAND")
+    for name, func in (("add", cmd_def_add), ("update", cmd_def_update)):
+        p = cmds.add_parser(name, help=f"{name} a definition from a YAML file (general, engine_conf, health)")
+        p.add_argument("definition_id", metavar="ID")
+        p.add_argument("--definition", dest="file", required=True, metavar="FILE.yml")
+        p.set_defaults(func=func)
+    for name, func in (("describe", cmd_def_describe), ("remove", cmd_def_remove)):
+        p = cmds.add_parser(name, help=f"{name} a definition")
+        p.add_argument("definition_id", metavar="ID")
+        p.set_defaults(func=func)
+    p = cmds.add_parser("list", help="definition ids")
+    p.set_defaults(func=cmd_def_list)
+
+
+def summary(domain: dict[str, Any]) -> dict[str, Any]:
+    """A domain as a table row: instance count and states instead of the instance records."""
+    instances = domain.get("instances") or []
+    states: dict[str, int] = {}
+    for inst in instances:
+        states[inst["state"]] = states.get(inst["state"], 0) + 1
+    return {
+        **domain,
+        "instances": len(instances),
+        "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
+    }
+
+
+def cmd_add(args: argparse.Namespace, out: Output) -> int:
+    if not args.engine and not args.definition:
+        raise UsageError("domain add: give --engine ENGINE (or --definition DEF)")
+    config = dotted_config(assignments(args.settings, "--set"))
+    with connected(args) as conn:
+        definition_id = args.definition
+        if definition_id is None:
+            definition_id = args.engine
+            try:
+                conn.epum.describe_domain_definition(definition_id)
+            except NotFound:
+                conn.epum.add_domain_definition(definition_id, {"general": {"engine_class": args.engine}})
+        if args.engine:
+            config.setdefault("general", {})["engine_class"] = args.engine
+        conn.epum.add_domain(args.domain_id, definition_id, config, subscriber=args.subscriber)
+        domain = conn.epum.describe_domain(args.domain_id)
+    done(out, domain, f"domain {args.domain_id} added (engine {domain['engine']})")
+    return 0
+
+
+def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
+    config = dotted_config(assignments(args.settings, "--set"))
+    with connected(args) as conn:
+        conn.epum.reconfigure_domain(args.domain_id, config)
+        domain = conn.epum.describe_domain(args.domain_id)
+    done(out, domain, f"domain {args.domain_id} reconfigured: engine_conf {domain['config'].get('engine_conf')}")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        domains = [conn.epum.describe_domain(d) for d in conn.epum.list_domains()]
+    if out.json:
+        out.emit(domains)
+    else:
+        out.table([summary(d) for d in domains], COLUMNS, title="domains")
+    return 0
+
+
+def cmd_describe(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        out.emit(conn.epum.describe_domain(args.domain_id))
+    return 0
+
+
+def cmd_remove(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        result = conn.epum.remove_domain(args.domain_id)
+    done(out, result, f"domain {args.domain_id} removing (its nodes are being terminated)")
+    return 0
+
+
+def cmd_def_add(args: argparse.Namespace, out: Output) -> int:
+    definition = load_mapping(args.file, "domain definition")
+    with connected(args) as conn:
+        conn.epum.add_domain_definition(args.definition_id, definition)
+    done(out, {"definition_id": args.definition_id, "definition": definition}, f"domain definition {args.definition_id} added")
+    return 0
+
+
+def cmd_def_update(args: argparse.Namespace, out: Output) -> int:
+    definition = load_mapping(args.file, "domain definition")
+    with connected(args) as conn:
+        conn.epum.update_domain_definition(args.definition_id, definition)
+    done(out, {"definition_id": args.definition_id, "definition": definition}, f"domain definition {args.definition_id} updated")
+    return 0
+
+
+def cmd_def_describe(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        out.emit(conn.epum.describe_domain_definition(args.definition_id))
+    return 0
+
+
+def cmd_def_remove(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        conn.epum.remove_domain_definition(args.definition_id)
+    done(out, {"definition_id": args.definition_id, "removed": True}, f"domain definition {args.definition_id} removed")
+    return 0
+
+
+def cmd_def_list(args: argparse.Namespace, out: Output) -> int:
+    with connected(args) as conn:
+        ids = conn.epum.list_domain_definitions()
+    if out.json:
+        out.emit(ids)
+    else:
+        out.table([{"definition_id": i} for i in ids], ["definition_id"], title="domain definitions")
+    return 0
