@@ -44,3 +44,49 @@ def test_same_seed_same_run():
         return dict(sim.state("c").counters), sim.delivered, sim.dropped
 
     assert run(7) == run(7)
+
+
+def test_a_timer_of_an_earlier_incarnation_never_fires():
+    sim = Simulation(seed=3)
+    sim.add("c", Counters(tick=5.0))  # ticks at +5, +10, +15 ...
+    sim.run_for(12.0)
+    sim.crash("c")  # its next tick was due at +15
+    sim.run_for(1.0)
+    sim.restart("c")  # the new incarnation ticks at +18, +23 ...
+    sim.run_for(3.5)  # +16.5: the dead incarnation's +15 tick must not have counted
+    assert sim.state("c").ticks == 2
+    sim.run_for(2.0)
+    assert sim.state("c").ticks == 3
+
+
+def test_peers_scheduled_calls_and_lossy_links():
+    got = []
+    sim = Simulation(seed=4, faults=Faults(drop_rate=1.0, lossy=lambda sender, to: to == "lossy"))
+    sim.add("c", Counters())
+    sim.add_peer("p", lambda message, sender: got.append((message, sender)))
+    sim.add_peer("lossy", lambda message, sender: got.append(("lost", message)))
+    sim.tell("c", Add("a", 2), sender="p")  # the reply goes to the peer
+    sim.schedule(1.0, lambda: sim.tell("lossy", Add("a", 1)))
+    sim.run_for(5.0)
+    assert got == [(Ok(2), "c")]
+    sim.remove_peer("p")
+    sim.tell("p", Add("a", 1))
+    sim.run_for(1.0)
+    assert len(got) == 1 and sim.dropped == 2
+
+
+def test_crash_inside_a_message_keeps_its_events_and_loses_its_effects():
+    sim = Simulation(seed=5)
+    sim.add("c", Counters())
+    sim.crash_on_next("c", persisted=True)
+    sim.tell("c", Add("a", 2))
+    sim.run_for(1.0)
+    assert not sim.nodes["c"].up
+    sim.restart("c")
+    assert sim.call("c", Get("a")) == Ok(2)
+    sim.crash_on_next("c", persisted=False)
+    sim.tell("c", Add("a", 5))
+    sim.run_for(1.0)
+    sim.restart("c")
+    assert sim.call("c", Get("a")) == Ok(2)
+    assert sim.check() == []

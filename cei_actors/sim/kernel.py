@@ -4,6 +4,9 @@ Every component runs as a :class:`~cei_actors.runtime.runner.Runner` on an in-me
 crash is "drop the runner" and a restart is "a new runner recovers from the same log": the
 very code path a real failover takes. Message delivery, timer firing and work completion are
 events on one heap ordered by (virtual time, sequence), so a seed fixes the whole run.
+Plain peers (:meth:`Simulation.add_peer`, e.g. simulated EEAgents) and scheduled calls
+(:meth:`Simulation.schedule`) share that heap; :class:`Faults` may limit drops and duplicates
+to some links (``lossy``).
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class Faults:
     drop_rate: float = 0.0
     duplicate_rate: float = 0.0
     work_latency: tuple[float, float] = (0.0, 0.0)
+    #: ``(sender, receiver) -> bool``: the links drops and duplicates apply to (None: all).
+    lossy: Callable[[str | None, str], bool] | None = None
 
 
 class Simulation:
@@ -81,7 +86,11 @@ class Simulation:
         self._log_space = f"sim-{uuid.uuid4().hex}"  # unique per run; not drawn from the seed
         self.delivered = 0
         self.dropped = 0
+        self.steps = 0
         self.step_hooks: list[Callable[[Simulation], None]] = []
+        #: Plain peers (not event-sourced, e.g. simulated EEAgents): name -> handler(message, sender).
+        self.peers: dict[str, Callable[[Any, str | None], None]] = {}
+        self._crash_next: dict[str, bool] = {}
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -93,6 +102,18 @@ class Simulation:
         self.restart(name)
         return node
 
+    def add_peer(self, name: str, handler: Callable[[Any, str | None], None]) -> None:
+        """Make ``name`` reachable: messages to it call ``handler(message, sender)``."""
+        self.peers[name] = handler
+
+    def remove_peer(self, name: str) -> None:
+        """``name`` is gone: messages to it are dropped from now on."""
+        self.peers.pop(name, None)
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after ``delay`` virtual seconds (one step of the simulation)."""
+        self._push(self.clock.t + max(delay, 0.0), "call", (fn,))
+
     # ---- faults -----------------------------------------------------------------------------
 
     def crash(self, name: str) -> None:
@@ -102,6 +123,15 @@ class Simulation:
         node.generation += 1
         node.timers.clear()
         node.crashes += 1
+
+    def crash_on_next(self, name: str, persisted: bool = True) -> None:
+        """Crash ``name`` inside its next delivered message: after its events are appended
+        (``persisted``) or before, and in either case before any of its effects happen."""
+        self._crash_next[name] = persisted
+
+    def disarm(self) -> None:
+        """Cancel every crash armed with :meth:`crash_on_next`."""
+        self._crash_next.clear()
 
     def restart(self, name: str) -> Decision:
         """Start the component again: a new runner recovers from its log."""
@@ -126,9 +156,10 @@ class Simulation:
         self._perform(node, decision, sender=None)
         return decision.reply
 
-    def tell(self, name: str, message: Any, delay: float = 0.0) -> None:
-        """Send ``message`` to ``name`` after ``delay``, through the faulty network (no reply)."""
-        self._send(name, message, delay=delay)
+    def tell(self, name: str, message: Any, delay: float = 0.0, sender: str | None = None) -> None:
+        """Send ``message`` to ``name`` after ``delay``, through the faulty network; a reply
+        goes to ``sender`` (None: no reply)."""
+        self._send(name, message, sender=sender, delay=delay)
 
     def step(self) -> bool:
         """Process the next scheduled thing; False when nothing is left."""
@@ -150,9 +181,16 @@ class Simulation:
             result = handler(payload)  # the side effect happens even if the node died meanwhile
             if node.up and node.generation == gen and result is not None:
                 self._deliver(name, result, None)
+        elif kind == "call":
+            args[0]()
+        self.steps += 1
         for hook in self.step_hooks:
             hook(self)
         return True
+
+    def next_at(self) -> float | None:
+        """The virtual time of the next scheduled thing (None: nothing is left)."""
+        return self._heap[0][0] if self._heap else None
 
     def run_until(self, t: float, max_steps: int = 10_000_000) -> int:
         """Run every scheduled thing up to virtual time ``t``; returns the steps taken."""
@@ -197,6 +235,10 @@ class Simulation:
 
     def _deliver(self, name: str, message: Any, sender: str | None) -> None:
         node = self.nodes.get(name)
+        if node is None and name in self.peers:
+            self.delivered += 1
+            self.peers[name](message, sender)
+            return
         if node is None or not node.up:
             self.dropped += 1
             return
@@ -205,17 +247,23 @@ class Simulation:
                 node.errors.append(message)
             return
         self.delivered += 1
+        if name in self._crash_next:
+            if self._crash_next.pop(name):
+                node.runner.handle(message)  # type: ignore[union-attr]
+            self.crash(name)
+            return
         decision = node.runner.handle(message)  # type: ignore[union-attr]
         self._perform(node, decision, sender)
 
     def _perform(self, node: SimNode, decision: Decision, sender: str | None) -> None:
         if sender is not None and decision.reply is not None:
-            self._send(sender, decision.reply)
+            self._send(sender, decision.reply, sender=node.name)
         for effect in decision.effects:
             if isinstance(effect, Send):
                 self._send(effect.to, effect.message, sender=node.name)
             elif isinstance(effect, SetTimer):
-                gen = node.timers.get(effect.key, 0) + 1
+                self._seq += 1
+                gen = self._seq  # unique, so a timer of an earlier incarnation never matches
                 node.timers[effect.key] = gen
                 self._push(self.clock.t + max(effect.delay, 0.0), "timer", (node.name, effect.key, gen, effect.message))
             elif isinstance(effect, Work):
@@ -228,9 +276,11 @@ class Simulation:
                 self._push(self.clock.t + delay, "work", (node.name, node.generation, handler, effect.payload))
 
     def _send(self, to: str, message: Any, sender: str | None = None, delay: float = 0.0) -> None:
-        if self.faults.drop_rate and self.rng.random() < self.faults.drop_rate:
+        f = self.faults
+        lossy = f.lossy is None or f.lossy(sender, to)
+        if lossy and f.drop_rate and self.rng.random() < f.drop_rate:
             self.dropped += 1
             return
         self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))
-        if self.faults.duplicate_rate and self.rng.random() < self.faults.duplicate_rate:
+        if lossy and f.duplicate_rate and self.rng.random() < f.duplicate_rate:
             self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))

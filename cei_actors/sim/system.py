@@ -1,0 +1,693 @@
+"""The whole CEI in one simulation: the real Provisioner, EPUM and PD cores plus model EEAgents.
+
+:class:`CEISystem` puts the three event-sourced cores on one :class:`~.kernel.Simulation`
+(peer names ``provisioner``, ``epum``, ``pd``). The Provisioner's cloud work runs through its
+own :class:`~cei_actors.provisioner.cloud.CloudWorker` over a
+:class:`~cei_actors.provisioner.drivers.SimulatedCloudDriver` on the simulation's clock and a
+seeded rng. The PD's engine ``default`` gets its nodes from EPUM (domain ``pd_domain_default``,
+engine ``needy``), exactly as in the real system.
+
+Only the EEAgent is a model (:class:`SimAgent`), because the real one runs unix processes: one
+per VM, started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``,
+heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
+command, ``["sim", DURATION, FAIL_ROUNDS]``: it runs DURATION virtual seconds (``inf``: until
+terminated) and exits 1 while its round is below FAIL_ROUNDS, else 0.
+
+:meth:`CEISystem.violations` checks the safety invariants (no VM doubled or leaked, no process
+lost, at most one live copy of a process round, every component's invariants and its state
+equal to the replay of its log); :meth:`CEISystem.convergence` checks, after
+:meth:`CEISystem.heal` and some quiet time, that everything settled.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import math
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..eeagent import states as ast
+from ..eeagent.messages import (
+    AgentHeartbeat,
+    AgentRequests,
+    CleanupProcess,
+    DumpAgentState,
+    LaunchProcess,
+    TerminateProcess,
+)
+from ..epum.logic import EPUM
+from ..epum.messages import AddDomain, AddDomainDefinition, ReconfigureDomain, RemoveDomain
+from ..pd import states as ps
+from ..pd.logic import ProcessDispatcher
+from ..pd.messages import KillProcess, ScheduleProcess
+from ..pd.needs import need
+from ..provisioner.cloud import CloudWorker
+from ..provisioner.drivers import (
+    SimulatedCloudDriver,
+    driver_for_site,
+    validate_credentials,
+    validate_site,
+)
+from ..provisioner.logic import Provisioner
+from ..provisioner.messages import AddDeployableType, AddSite
+from ..provisioner.states import FINAL_STATES
+from ..runtime.messages import ErrorReply, Ok
+from .kernel import Faults, Simulation
+
+__all__ = ["COMPONENTS", "ENGINE", "PD_DOMAIN", "CEISystem", "SimAgent", "SystemConfig", "sim_command"]
+
+ENGINE = "default"
+PD_DOMAIN = f"pd_domain_{ENGINE}"
+COMPONENTS = ("provisioner", "epum", "pd")
+_LIVE_VM = ("pending", "running")
+_ACCOUNTED = ps.QUEUED | ps.PLACED | ps.TERMINAL
+
+
+def sim_command(duration: float, fail_rounds: int = 0) -> list[str]:
+    """The command of a simulated process: runs ``duration`` s, fails its first rounds."""
+    return ["sim", "inf" if math.isinf(duration) else repr(float(duration)), str(fail_rounds)]
+
+
+@dataclass
+class SystemConfig:
+    """Sizes and timings of a simulated system (virtual seconds)."""
+
+    slots: int = 4
+    heartbeat_period: float = 5.0
+    heartbeat_warning: float = 20.0
+    heartbeat_missing: float = 40.0
+    boot_delay: tuple[float, float] = (5.0, 20.0)
+    terminate_grace: float = 1.0  # agent: TERMINATING -> TERMINATED
+    agent_poll: float = 1.0  # how often VMs are looked at for boots and deaths
+    maximum_vms: int | None = None
+    query_interval: float = 10.0
+    disappear_grace: float = 30.0
+    create_concurrency: int = 20
+    terminator_concurrency: int = 10
+    dispatch_retry_seconds: float = 10.0
+    min_time_between_starts: float = 1.0
+    decider_interval: float = 5.0
+    needs_interval: float = 1.0
+    work_latency: tuple[float, float] = (0.01, 0.5)
+    latency: tuple[float, float] = (0.001, 0.05)
+    leak_grace: float = 120.0  # a live VM this old must be owned (when the Provisioner was up)
+    extra: dict[str, Any] = field(default_factory=dict)  # per-component config overrides
+
+
+@dataclass
+class _Rec:
+    """One process record on a simulated agent."""
+
+    upid: str
+    round: int
+    state: str
+    msg: str = ""
+    superseded: bool = False
+    waiting_for: tuple[str, int] | None = None
+    command: tuple[str, ...] = ()
+    gen: int = 0  # bumps on every transition; stale scheduled ends are ignored
+
+
+class SimAgent:
+    """A deterministic EEAgent model: the supervisor's launch/terminate/cleanup rules on
+    virtual time, level-based heartbeats to the PD, nothing left when its VM dies."""
+
+    def __init__(self, system: CEISystem, node_id: str) -> None:
+        self.system = system
+        self.sim = system.sim
+        self.node_id = node_id
+        self.agent_id = node_id
+        self.name = f"eeagent:{node_id}"
+        self.slots = system.config.slots
+        self.period = system.config.heartbeat_period
+        self.grace = system.config.terminate_grace
+        self.records: dict[tuple[str, int], _Rec] = {}
+        self.alive = False
+        self.last_sent = -math.inf
+
+    # ---- lifecycle
+
+    def boot(self) -> None:
+        self.alive = True
+        self.sim.add_peer(self.name, self.receive)
+        self.heartbeat()
+        self._tick()
+
+    def die(self) -> None:
+        """The VM is gone: so are the agent and every process it ran."""
+        self.alive = False
+        self.records.clear()
+        self.sim.remove_peer(self.name)
+
+    def _tick(self) -> None:
+        if not self.alive:
+            return
+        now = self.sim.clock.now()
+        if now - self.last_sent >= self.period:
+            self.heartbeat()
+        self.sim.schedule(max(0.0, self.last_sent + self.period - now), self._tick)
+
+    # ---- messages
+
+    def receive(self, message: Any, sender: str | None) -> None:
+        if not self.alive or isinstance(message, Ok | ErrorReply):
+            return
+        requests = message.requests if isinstance(message, AgentRequests) else [message]
+        changed = False
+        for req in requests:
+            if isinstance(req, LaunchProcess):
+                changed |= self._launch(req)
+            elif isinstance(req, TerminateProcess):
+                changed |= self._terminate(req.upid, req.round)
+            elif isinstance(req, CleanupProcess):
+                rec = self.records.get((req.upid, req.round))
+                if rec is not None and ast.is_terminal(rec.state):
+                    del self.records[rec.upid, rec.round]
+            elif isinstance(req, DumpAgentState):
+                changed = True
+        if changed:
+            self.heartbeat()
+
+    def heartbeat(self) -> None:
+        now = self.sim.clock.now()
+        self.last_sent = now
+        procs = [
+            {"upid": r.upid, "round": r.round, "state": r.state, "msg": r.msg}
+            for r in sorted(self.records.values(), key=lambda r: (r.upid, r.round))
+        ]
+        self.sim.tell("pd", AgentHeartbeat(self.agent_id, self.node_id, now, procs), sender=self.name)
+
+    # ---- the supervisor's rules (eeagent/supervisor.py ProcessSupervisor.launch etc.)
+
+    def _newest(self, upid: str) -> _Rec | None:
+        recs = [r for r in self.records.values() if r.upid == upid]
+        return max(recs, key=lambda r: r.round) if recs else None
+
+    def _launch(self, req: LaunchProcess) -> bool:
+        key = (req.upid, req.round)
+        if key in self.records:
+            return False
+        newest = self._newest(req.upid)
+        if newest is not None and newest.round > req.round:
+            return False
+        rec = _Rec(req.upid, req.round, ast.PENDING, command=tuple(req.command))
+        live = sum(1 for r in self.records.values() if ast.is_live(r.state) and not r.superseded)
+        if newest is not None and ast.is_live(newest.state):
+            live -= 1
+        if not _valid(rec.command):
+            self._end(rec, ast.FAILED, "not a simulated command")
+        elif live >= self.slots:
+            self._end(rec, ast.REJECTED, f"no free slot: {live} of {self.slots} slots in use")
+        if newest is not None:
+            wait_for = None
+            if newest.state == ast.PENDING:
+                wait_for = newest.waiting_for
+                del self.records[newest.upid, newest.round]
+            elif ast.is_live(newest.state):
+                newest.superseded = True
+                if newest.state == ast.RUNNING:
+                    self._terminate(newest.upid, newest.round)
+                wait_for = (newest.upid, newest.round)
+            else:
+                del self.records[newest.upid, newest.round]
+            if rec.state == ast.PENDING and wait_for in self.records:
+                rec.waiting_for = wait_for
+        self.records[key] = rec
+        if rec.state == ast.PENDING and rec.waiting_for is None:
+            self._start(rec)
+        return True
+
+    def _start(self, rec: _Rec) -> None:
+        rec.state, rec.gen = ast.RUNNING, rec.gen + 1
+        self.system.launches += 1
+        duration = float(rec.command[1])
+        if math.isfinite(duration):
+            code = 1 if rec.round < int(rec.command[2]) else 0
+            gen = rec.gen
+            self.sim.schedule(duration, lambda: self._exited(rec, gen, code))
+
+    def _exited(self, rec: _Rec, gen: int, code: int) -> None:
+        if not self.alive or rec.gen != gen or self.records.get((rec.upid, rec.round)) is not rec:
+            return
+        self._end(rec, ast.EXITED if code == 0 else ast.FAILED, f"exit code {code}")
+        self.heartbeat()
+
+    def _terminate(self, upid: str, round_: int) -> bool:
+        rec = self.records.get((upid, round_))
+        if rec is None:
+            return False
+        if rec.state == ast.PENDING:
+            self._end(rec, ast.TERMINATED, "terminated before it started")
+            return True
+        if rec.state != ast.RUNNING:
+            return False
+        rec.state, rec.gen = ast.TERMINATING, rec.gen + 1
+        gen = rec.gen
+
+        def gone() -> None:
+            if self.alive and rec.gen == gen and self.records.get((rec.upid, rec.round)) is rec:
+                self._end(rec, ast.TERMINATED, "terminated")
+                self.heartbeat()
+
+        self.sim.schedule(self.grace, gone)
+        return True
+
+    def _end(self, rec: _Rec, state: str, msg: str) -> None:
+        rec.state, rec.msg, rec.gen = state, msg, rec.gen + 1
+        if rec.superseded:  # an older round that made way for a newer one: forget it
+            self.records.pop((rec.upid, rec.round), None)
+            for waiter in list(self.records.values()):
+                if waiter.waiting_for == (rec.upid, rec.round):
+                    waiter.waiting_for = None
+                    if waiter.state == ast.PENDING:
+                        self._start(waiter)
+
+    def live_keys(self) -> list[tuple[str, int]]:
+        return [k for k, r in self.records.items() if ast.is_live(r.state)]
+
+
+def _valid(command: tuple[str, ...]) -> bool:
+    if len(command) != 3 or command[0] != "sim":
+        return False
+    try:
+        float(command[1])
+        int(command[2])
+    except ValueError:
+        return False
+    return True
+
+
+class CEISystem:
+    """Provisioner, EPUM, PD and simulated EEAgents on one deterministic simulation."""
+
+    def __init__(self, seed: int = 0, config: SystemConfig | None = None,
+                 faults: Faults | None = None) -> None:
+        self.seed = seed
+        self.config = cfg = config or SystemConfig()
+        self.sim = Simulation(seed, faults or Faults(latency=cfg.latency, work_latency=cfg.work_latency))
+        self.start = self.sim.clock.now()
+        self.cloud: SimulatedCloudDriver | None = None
+        self.cloud_settings: dict[str, Any] = {}
+        self.worker = CloudWorker(clock=self.sim.clock, rng=random.Random(seed * 7919 + 1),
+                                  driver_factory=self._make_driver)
+        self.agents: dict[str, SimAgent] = {}
+        self.dead_agents = 0
+        self.launches = 0  # processes started on agents (every round)
+        self.peak_vms = 0  # most live VMs seen at once (sampled every ``agent_poll``)
+        self._vm_seen = 0
+        self._booting: dict[str, Any] = {}  # vm id -> internal VM record, not yet running
+        self._running: dict[str, Any] = {}  # node id -> VM record of its live agent
+        self.up_since: dict[str, float] = {}
+        self.faults: collections.Counter[str] = collections.Counter()
+        self.checks = 0
+        # what clients were told
+        self.scheduled: dict[str, dict[str, Any]] = {}  # upid -> {duration, fail_rounds}
+        self.killed: set[str] = set()
+        self.domains: dict[str, int] = {}  # extra preserve_n domains -> target
+        self.removed: set[str] = set()
+        self._build()
+
+    # ---- set-up
+
+    def _make_driver(self, definition: Mapping[str, Any], creds: Mapping[str, Any] | None) -> Any:
+        driver = driver_for_site(definition, creds, clock=self.sim.clock,
+                                 rng=random.Random(self.seed * 104729 + 3))
+        assert isinstance(driver, SimulatedCloudDriver)
+        for key, value in self.cloud_settings.items():
+            setattr(driver, key, value)
+        self.cloud = driver
+        return driver
+
+    def _build(self) -> None:
+        cfg, sim, extra = self.config, self.sim, self.config.extra
+        prov = Provisioner.from_config(
+            {"query_interval": cfg.query_interval, "disappear_grace": cfg.disappear_grace,
+             "create_concurrency": cfg.create_concurrency,
+             "terminator_concurrency": cfg.terminator_concurrency, "subscribers": ["epum"],
+             **extra.get("provisioner", {})},
+            site_validator=validate_site, credentials_validator=validate_credentials,
+        )
+        sim.add("provisioner", prov, self.worker.handlers())
+        self._ok("provisioner", AddSite("local", {
+            "type": "sim", "seed": self.seed, "boot_delay": list(cfg.boot_delay),
+            "terminated_linger": 60.0}))
+        self._ok("provisioner", AddDeployableType("eeagent", {
+            "mappings": {"local": {"iaas_image": "ami-sim-eeagent", "iaas_allocation": "t1.micro"}},
+            "contextualization": {"method": "userdata", "userdata": "cei node"}}))
+        sim.add("epum", EPUM({"decider_interval": cfg.decider_interval, **extra.get("epum", {})}))
+        self._ok("epum", AddDomainDefinition("pd_default", {
+            "general": {"engine_class": "needy"}, "engine_conf": {}, "health": {}}))
+        self._ok("epum", AddDomainDefinition("plain", {
+            "general": {"engine_class": "preserve_n"}, "engine_conf": {"preserve_n": 0},
+            "health": {}}))
+        engine: dict[str, Any] = {
+            "slots": cfg.slots, "heartbeat_period": cfg.heartbeat_period,
+            "heartbeat_warning": cfg.heartbeat_warning, "heartbeat_missing": cfg.heartbeat_missing,
+        }
+        if cfg.maximum_vms is not None:
+            engine["maximum_vms"] = cfg.maximum_vms
+        sim.add("pd", ProcessDispatcher({
+            "engines": {ENGINE: engine},
+            "dispatch_retry_seconds": cfg.dispatch_retry_seconds,
+            "restart_throttling_config": {"minimum_time_between_starts": cfg.min_time_between_starts},
+            "needs_interval": cfg.needs_interval, **extra.get("pd", {}),
+        }))
+        now = sim.clock.now()
+        self.up_since = dict.fromkeys(COMPONENTS, now)
+        sim.schedule(0.0, self._watch)
+
+    def _ok(self, name: str, message: Any) -> Any:
+        reply = self.sim.call(name, message)
+        if not isinstance(reply, Ok):
+            raise RuntimeError(f"{name} refused {type(message).__name__}: {reply}")
+        return reply.value
+
+    # ---- the VM watcher: boots and kills agents
+
+    def _watch(self) -> None:
+        cloud = self.cloud
+        if cloud is not None:
+            with cloud._lock:  # the simulator's view of the cloud's insides, not an API call
+                cloud._advance(self.sim.clock.now())
+                vms = cloud._vms
+                if len(vms) > self._vm_seen:
+                    for vm in list(vms.values())[self._vm_seen:]:
+                        self._booting[vm.id] = vm
+                    self._vm_seen = len(vms)
+                for vm_id, vm in list(self._booting.items()):
+                    if vm.status == "running":
+                        del self._booting[vm_id]
+                        self._boot_agent(vm)
+                    elif vm.status != "pending":
+                        del self._booting[vm_id]
+                self.peak_vms = max(self.peak_vms, cloud._live)
+                for nid, vm in list(self._running.items()):
+                    if vm.status != "running":
+                        del self._running[nid]
+                        agent = self.agents.pop(nid, None)
+                        if agent is not None:
+                            agent.die()
+                            self.dead_agents += 1
+        self.sim.schedule(self.config.agent_poll, self._watch)
+
+    def _boot_agent(self, vm: Any) -> None:
+        nid = vm.name
+        old = self.agents.pop(nid, None)
+        if old is not None:  # a second VM for one node: the invariant reports it
+            old.die()
+        agent = SimAgent(self, nid)
+        self.agents[nid] = agent
+        self._running[nid] = vm
+        agent.boot()
+
+    # ---- client operations (each returns the reply)
+
+    def schedule(self, upid: str, duration: float, fail_rounds: int = 0,
+                 restart_mode: str | None = None, queueing_mode: str | None = None) -> Any:
+        msg = ScheduleProcess(upid, command=sim_command(duration, fail_rounds),
+                              restart_mode=restart_mode, queueing_mode=queueing_mode)
+        reply = self.sim.call("pd", msg)
+        if isinstance(reply, Ok):
+            self.scheduled[upid] = {"duration": duration, "fail_rounds": fail_rounds}
+            self.killed.discard(upid)
+        return reply
+
+    def kill_process(self, upid: str) -> Any:
+        reply = self.sim.call("pd", KillProcess(upid))
+        if isinstance(reply, Ok):
+            self.killed.add(upid)
+        return reply
+
+    def add_domain(self, domain_id: str, n: int) -> Any:
+        reply = self.sim.call("epum", AddDomain(domain_id, "plain", {"engine_conf": {"preserve_n": n}}))
+        if isinstance(reply, Ok):
+            self.domains[domain_id] = n
+            self.removed.discard(domain_id)
+        return reply
+
+    def reconfigure_domain(self, domain_id: str, n: int) -> Any:
+        reply = self.sim.call("epum", ReconfigureDomain(domain_id, {"engine_conf": {"preserve_n": n}}))
+        if isinstance(reply, Ok) and domain_id in self.domains:
+            self.domains[domain_id] = n
+        return reply
+
+    def remove_domain(self, domain_id: str) -> Any:
+        reply = self.sim.call("epum", RemoveDomain(domain_id))
+        if isinstance(reply, Ok):
+            self.domains.pop(domain_id, None)
+            self.removed.add(domain_id)
+        return reply
+
+    # ---- faults
+
+    def kill_vm(self, index: int, vanish: bool = False) -> str | None:
+        """Kill (or make vanish) the ``index``-th live VM, out of band; its node id."""
+        cloud = self.cloud
+        if cloud is None:
+            return None
+        live = [vm for vm in self.cloud_vms() if vm.status in _LIVE_VM]
+        if not live:
+            return None
+        vm = live[index % len(live)]
+        if vanish:
+            cloud.vanish(vm.id)
+            self.faults["vm_vanished"] += 1
+        else:
+            cloud.kill(vm.id)
+            self.faults["vm_killed"] += 1
+        return str(vm.name)
+
+    def crash(self, name: str) -> None:
+        if self.sim.nodes[name].up:
+            self.sim.crash(name)
+            self.faults[f"crash_{name}"] += 1
+
+    def crash_mid_message(self, name: str, persisted: bool = True) -> None:
+        """Crash ``name`` inside its next message (after or before its append, before its
+        effects): the window a real leader can die in."""
+        self.sim.crash_on_next(name, persisted)
+        self.faults[f"crash_{name}_mid_message"] += 1
+
+    def restart(self, name: str) -> None:
+        """Fail over: a new runner recovers from the component's log."""
+        if self.sim.nodes[name].up:
+            self.sim.crash(name)
+            self.faults[f"crash_{name}"] += 1
+        self.sim.restart(name)
+        self.up_since[name] = self.sim.clock.now()
+
+    def set_cloud(self, **settings: Any) -> None:
+        """Cloud faults: ``max_instances``, ``create_failure_rate``, ``lose_reply_rate``..."""
+        self.cloud_settings.update(settings)
+        if self.cloud is not None:
+            for key, value in settings.items():
+                setattr(self.cloud, key, value)
+        for key, value in settings.items():
+            if value:
+                self.faults[f"cloud_{key}"] += 1
+
+    def set_network(self, drop_rate: float = 0.0, duplicate_rate: float = 0.0,
+                    latency: tuple[float, float] | None = None) -> None:
+        f = self.sim.faults
+        f.drop_rate, f.duplicate_rate = drop_rate, duplicate_rate
+        f.latency = latency or self.config.latency
+        if drop_rate or duplicate_rate:
+            self.faults["network"] += 1
+
+    def heal(self) -> None:
+        """Stop every fault: network clean, cloud without quota or failures, all components up."""
+        self.set_network()
+        self.set_cloud(max_instances=None, create_failure_rate=0.0, lose_reply_rate=0.0,
+                       timeout_rate=0.0, kill_rate=0.0, vanish_rate=0.0)
+        self.sim.disarm()
+        for name in COMPONENTS:
+            if not self.sim.nodes[name].up:
+                self.restart(name)
+
+    # ---- driving
+
+    def run_for(self, seconds: float, check_every: int = 0, replay: bool = True) -> list[str]:
+        """Run ``seconds`` of virtual time; with ``check_every`` > 0, check the invariants
+        every that many steps (and at the end); returns the first violations found."""
+        sim, end = self.sim, self.sim.clock.now() + seconds
+        n = 0
+        while (at := sim.next_at()) is not None and at <= end:
+            sim.step()
+            n += 1
+            if check_every and n % check_every == 0:
+                problems = self.violations(replay=replay)
+                if problems:
+                    return problems
+        sim.clock.t = max(sim.clock.t, end)
+        return self.violations(replay=replay) if check_every else []
+
+    # ---- views
+
+    def cloud_vms(self) -> list[Any]:
+        if self.cloud is None:
+            return []
+        with self.cloud._lock:
+            self.cloud._advance(self.sim.clock.now())
+            return list(self.cloud._vms.values())
+
+    def _steady(self, *names: str) -> bool:
+        """Every named component is up and has been for ``leak_grace`` seconds."""
+        now, grace = self.sim.clock.now(), self.config.leak_grace
+        return all(self.sim.nodes[n].up and now - self.up_since[n] >= grace for n in names)
+
+    # ---- invariants
+
+    def violations(self, replay: bool = True) -> list[str]:
+        """Every safety invariant broken now (empty: sound)."""
+        self.checks += 1
+        out: list[str] = []
+        now, grace = self.sim.clock.now(), self.config.leak_grace
+        vms = self.cloud_vms()
+        per_node = collections.Counter(vm.name for vm in vms if vm.status in _LIVE_VM)
+        out += [f"node {n} has {c} live VMs" for n, c in per_node.items() if c > 1]
+        prov, epum, pd = (self.sim.state(n) for n in COMPONENTS)
+        if prov is not None and self._steady("provisioner"):
+            for vm in vms:
+                if vm.status not in _LIVE_VM or now - vm.created_at < grace:
+                    continue
+                nid = prov.by_token.get(vm.client_token)
+                node = prov.nodes.get(nid) if nid else None
+                if node is None or node.state in FINAL_STATES or node.iaas_id != vm.id:
+                    out.append(f"VM {vm.id} (node {vm.name}) leaked: "
+                               f"{'unknown' if node is None else node.state} to the provisioner")
+                elif (epum is not None and self._steady("provisioner", "epum")
+                      and node.state != "TERMINATING"):
+                    inst = epum.instances.get(nid)
+                    if inst is None or inst.state in ("TERMINATED", "FAILED", "REJECTED"):
+                        out.append(f"VM {vm.id} (node {nid}) leaked: EPUM has "
+                                   f"{'no instance' if inst is None else inst.state}")
+        if pd is not None:
+            for upid in self.scheduled:
+                p = pd.processes.get(upid)
+                if p is None:
+                    out.append(f"process {upid} lost: not in the PD")
+                elif p.state not in _ACCOUNTED:
+                    out.append(f"process {upid} is {p.state}: neither queued, placed nor finished")
+                elif p.state in ps.PLACED and p.resource_id not in pd.resources:
+                    out.append(f"process {upid} {p.state} on unknown resource {p.resource_id}")
+            for nid, agent in self.agents.items():
+                for upid, rnd in agent.live_keys():
+                    p = pd.processes.get(upid)
+                    if p is None or p.round < rnd:
+                        out.append(f"agent {nid} runs {upid} round {rnd}, which the PD never placed")
+        copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+        for nid, agent in self.agents.items():
+            for key in agent.live_keys():
+                copies[key].append(nid)
+        out += [f"process {u} round {r} live on {len(ns)} agents: {sorted(ns)}"
+                for (u, r), ns in copies.items() if len(ns) > 1]
+        if replay:
+            out += self.sim.check()
+        return out
+
+    def pd_need(self) -> int | None:
+        pd = self.sim.state("pd")
+        if pd is None:
+            return None
+        spec = self.sim.nodes["pd"].component.cfg.engines[ENGINE]  # type: ignore[attr-defined]
+        return need(spec, pd.live_count[ENGINE], pd.occupied[ENGINE])
+
+    def convergence(self) -> list[str]:
+        """What has not settled (call after :meth:`heal` and enough quiet time)."""
+        out: list[str] = []
+        prov, epum, pd = (self.sim.state(n) for n in COMPONENTS)
+        if prov is None or epum is None or pd is None:
+            return ["a component is down"]
+        for upid, spec in self.scheduled.items():
+            p = pd.processes[upid]
+            if upid in self.killed:
+                if p.state not in (ps.TERMINATED, ps.EXITED, ps.FAILED, ps.REJECTED):
+                    out.append(f"killed process {upid} is {p.state}")
+            elif math.isinf(spec["duration"]):
+                if p.state != ps.RUNNING:
+                    out.append(f"service {upid} is {p.state}, not RUNNING")
+                else:
+                    agent = self.agents.get(p.resource_id or "")
+                    rec = agent.records.get((upid, p.round)) if agent else None
+                    if rec is None or rec.state != ast.RUNNING:
+                        out.append(f"service {upid} round {p.round} does not run on {p.resource_id}")
+            elif p.state not in (ps.EXITED, ps.FAILED, ps.TERMINATED, ps.REJECTED):
+                out.append(f"process {upid} is {p.state} (round {p.round}), not finished")
+        for nid, agent in self.agents.items():
+            for upid, rnd in agent.live_keys():
+                p = pd.processes.get(upid)
+                if p is None or p.round != rnd or p.resource_id != nid or p.state not in ps.PLACED:
+                    out.append(f"zombie process {upid} round {rnd} on agent {nid}")
+        dom = epum.domain("default", PD_DOMAIN)
+        want = self.pd_need()
+        if dom is None:
+            out.append(f"EPUM has no domain {PD_DOMAIN}")
+        else:
+            running = dom.count(["RUNNING"])
+            if dom.engine_conf.get("preserve_n") != want or running != want:
+                out.append(f"{PD_DOMAIN}: PD needs {want}, EPUM wants "
+                           f"{dom.engine_conf.get('preserve_n')}, {running} RUNNING")
+            pd_nodes = set(pd.engine_nodes.get(ENGINE, {}))
+            running_ids = set(dom.by_state.get("RUNNING", ()))
+            if pd_nodes != running_ids:
+                out.append(f"PD nodes {sorted(pd_nodes ^ running_ids)} differ from EPUM's")
+        for did, n in self.domains.items():
+            d = epum.domain("default", did)
+            if d is None or d.count(["RUNNING"]) != n:
+                out.append(f"domain {did}: want {n} RUNNING, have "
+                           f"{None if d is None else d.count(['RUNNING'])}")
+        for did in self.removed:
+            if epum.domain("default", did) is not None:
+                out.append(f"removed domain {did} still exists")
+        live_vms = [vm for vm in self.cloud_vms() if vm.status in _LIVE_VM]
+        expected = sum(self.domains.values()) + (want or 0)
+        if len(live_vms) != expected:
+            out.append(f"{len(live_vms)} live VMs, expected {expected}")
+        for vm in live_vms:
+            nid = prov.by_token.get(vm.client_token)
+            node = prov.nodes.get(nid) if nid else None
+            if node is None or node.state != "RUNNING":
+                out.append(f"VM {vm.id} is a zombie ({None if node is None else node.state})")
+        return out
+
+    # ---- reporting
+
+    def summary(self) -> dict[str, Any]:
+        pd = self.sim.state("pd")
+        states: collections.Counter[str] = collections.Counter()
+        if pd is not None:
+            states.update(pd.processes[u].state for u in self.scheduled if u in pd.processes)
+        stats = self.cloud.stats() if self.cloud is not None else None
+        return {
+            "seed": self.seed,
+            "virtual_time": round(self.sim.clock.now() - self.start, 6),
+            "steps": self.sim.steps,
+            "messages_delivered": self.sim.delivered,
+            "messages_dropped": self.sim.dropped,
+            "processes_scheduled": len(self.scheduled),
+            "processes_finished": sum(states[s] for s in (ps.EXITED, ps.FAILED, ps.TERMINATED, ps.REJECTED)),
+            "process_states": dict(sorted(states.items())),
+            "agent_launches": self.launches,
+            "vms_started": stats.vms_created if stats else 0,
+            "vms_live": stats.live if stats else 0,
+            "vms_peak": self.peak_vms,
+            "agents_live": len(self.agents),
+            "agents_died": self.dead_agents,
+            "faults_injected": dict(sorted(self.faults.items())),
+            "invariant_checks": self.checks,
+            "log_heads": {n: self.sim.nodes[n].log.head(n) for n in COMPONENTS},
+            "state_digest": self.digest(),
+        }
+
+    def digest(self) -> str:
+        """A short hash of every running component's state (equal runs, equal digests)."""
+        h = hashlib.sha256()
+        for name in COMPONENTS:
+            node = self.sim.nodes[name]
+            data = node.component.snapshot(node.runner.state) if node.up else None  # type: ignore[union-attr]
+            h.update(json.dumps(data, sort_keys=True, default=str).encode())
+        return h.hexdigest()[:16]
