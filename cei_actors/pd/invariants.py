@@ -1,0 +1,52 @@
+"""What must hold of the PD's state after every event (``cei log check``, simulations)."""
+
+from __future__ import annotations
+
+from . import states as ps
+from .state import PDState
+
+
+def broken(state: PDState) -> list[str]:
+    """Descriptions of every invariant ``state`` breaks."""
+    problems: list[str] = []
+    placed_on: dict[str, str] = {}
+    for rid, res in state.resources.items():
+        if res.resource_id != rid:
+            problems.append(f"resource {rid} is stored under another id ({res.resource_id})")
+        node = state.nodes.get(res.node_id)
+        if node is None:
+            problems.append(f"resource {rid} is on unknown node {res.node_id}")
+        elif rid not in node.resources:
+            problems.append(f"node {res.node_id} does not list its resource {rid}")
+        if len(res.assigned) > res.slots:
+            problems.append(f"resource {rid} holds {len(res.assigned)} processes for {res.slots} slots")
+        for upid, rnd in res.assigned.items():
+            other = placed_on.setdefault(upid, rid)
+            if other != rid:
+                problems.append(f"process {upid} is placed on both {other} and {rid}")
+            proc = state.processes.get(upid)
+            if proc is None:
+                problems.append(f"resource {rid} holds unknown process {upid}")
+            elif proc.round != rnd or proc.resource_id != rid or proc.state not in ps.PLACED:
+                problems.append(
+                    f"resource {rid} holds {upid} round {rnd}, but the process is "
+                    f"{proc.state} round {proc.round} on {proc.resource_id}"
+                )
+    tags: dict[tuple[str, str], str] = {}
+    for upid, proc in state.processes.items():
+        if not ps.is_state(proc.state):
+            problems.append(f"process {upid} has unknown state {proc.state!r}")
+            continue
+        if proc.state in ps.PLACED:
+            if proc.resource_id is None or placed_on.get(upid) != proc.resource_id:
+                problems.append(f"process {upid} is {proc.state} but not held by its resource {proc.resource_id}")
+            res = state.resources.get(proc.resource_id or "")
+            if proc.node_exclusive and res is not None:
+                other = tags.setdefault((res.node_id, proc.node_exclusive), upid)
+                if other != upid:
+                    problems.append(
+                        f"node {res.node_id} runs {other} and {upid}, both tagged {proc.node_exclusive!r}"
+                    )
+        elif proc.resource_id is not None and upid in placed_on:
+            problems.append(f"process {upid} is {proc.state} yet still holds a slot on {proc.resource_id}")
+    return problems
