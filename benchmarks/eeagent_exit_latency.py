@@ -37,7 +37,7 @@ except ImportError:  # run as a file from a checkout
 
 from cei_actors.eeagent import states  # noqa: E402
 from cei_actors.eeagent.heartbeat import build_heartbeat  # noqa: E402
-from cei_actors.eeagent.supervisor import ProcessSupervisor  # noqa: E402
+from cei_actors.eeagent.supervisor import ProcessSupervisor, read_status  # noqa: E402
 
 GOAL = "exit to heartbeat <= 50 ms"
 
@@ -83,8 +83,9 @@ def measure_supervisor(n: int) -> dict[str, list[float]]:
                 assert end is not None and end.state == states.EXITED, end
                 with open(info.stdout_path or "") as f:
                     printed = float(f.read().split()[-1])
-                with open((info.stdout_path or "")[: -len(".out")] + ".status") as f:
-                    noticed = float(json.load(f)["ended_at"])
+                status = read_status((info.stdout_path or "")[: -len(".out")] + ".status")
+                assert status is not None, key
+                noticed = float(status["ended_at"])
                 exit_ms.append((done[key] - printed) * 1000)
                 wrap_ms.append((done[key] - noticed) * 1000)
                 sup.cleanup(*key)

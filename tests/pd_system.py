@@ -8,7 +8,6 @@ Nodes are announced to the PD by hand (``static_resources``), as EPUM would.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -132,11 +131,13 @@ class PDSystem:
         self.client.service.call(NodeState(node_id, "pd_domain_e1", state, dict(props)))
 
     def agent_table(self, node_id: str) -> list[dict[str, Any]]:
+        from cei_actors.eeagent.supervisor import read_table  # table + journal (EA3)
+
         try:
-            with open(os.path.join(self.state_dir(node_id), "processes.json")) as f:
-                return json.load(f)["processes"]
+            doc = read_table(self.state_dir(node_id))
         except (OSError, ValueError):
             return []
+        return doc["processes"] if doc else []
 
     def live_copies(self) -> dict[tuple[str, int], list[str]]:
         """(upid, round) -> nodes whose agent table shows it live and whose pid is alive."""

@@ -12,6 +12,7 @@ import time
 
 import pytest
 from pd_system import REPO, FakePD, wait_for
+from thespian.actors import ActorTypeDispatcher
 
 from cei_actors.eeagent.actor import AgentConfig, AgentCore, AgentStop, EEAgentActor
 from cei_actors.eeagent.messages import (
@@ -22,7 +23,8 @@ from cei_actors.eeagent.messages import (
     LaunchProcess,
     TerminateProcess,
 )
-from cei_actors.runtime.messages import ErrorReply, Ok
+from cei_actors.epum.messages import HealthProbe, NodeHeartbeat
+from cei_actors.runtime.messages import ErrorReply, Ok, validate
 from cei_actors.runtime.system import shutdown_system, start_system
 
 
@@ -62,13 +64,14 @@ def test_core_runs_requests_and_sends_level_based_heartbeats(core):
     assert core.flush() and states(col.sent[-1]) == {("u1", 0): "RUNNING"}
     assert core.handle(LaunchProcess("u1", 0, ["sleep", "30"])).value["state"] == "RUNNING"  # dup
     batch = core.handle(
-        AgentRequests([LaunchProcess("u2", 0, ["true"]), LaunchProcess("u3", 0, ["true"]), TerminateProcess("x", 0)])
+        AgentRequests([LaunchProcess("u2", 0, ["sleep", "0.3"]), LaunchProcess("u3", 0, ["true"]),
+                       TerminateProcess("x", 0)])
     )
     assert [p.get("state") for p in batch.value] == ["RUNNING", "REJECTED", None]  # 2 slots
     assert batch.value[2]["error"] == "not_found"
     assert core.handle(AgentRequests([LaunchProcess("", 0, ["true"])])).code == "bad_request"
     core.flush()  # the host flushes after each request; a change after that wakes it
-    assert col.woken.wait(5)  # u2's exit, seen by the watcher thread
+    assert col.woken.wait(5)  # u2's exit (after this flush), seen by the watcher thread
     wait_for(lambda: core.flush() or ("u2", 0) in states(col.sent[-1]) and states(col.sent[-1])[("u2", 0)] == "EXITED")
     assert isinstance(core.handle(TerminateProcess("u1", 0)), Ok)
     wait_for(lambda: core.supervisor.get("u1", 0).state == "TERMINATED")
@@ -164,10 +167,9 @@ def test_agent_process_reports_exits_within_50ms_and_follows_a_new_pd(tmp_path):
             time.sleep(0.25)
         time.sleep(0.3)
         _, hbs = asys.ask(pd, "dump", 5)
-        import json
+        from cei_actors.eeagent.supervisor import read_table
 
-        with open(tmp_path / "n1" / "processes.json") as f:
-            ended = {p["upid"]: p["ended_at"] for p in json.load(f)["processes"]}
+        ended = {p["upid"]: p["ended_at"] for p in read_table(tmp_path / "n1")["processes"]}
         lat = []
         for upid, at in ended.items():
             seen = min(t for t, h in hbs if states(h).get((upid, 0)) == "EXITED")
@@ -201,3 +203,109 @@ def test_agent_process_usage_errors(tmp_path):
                         "--state-dir", str(tmp_path), "--attach-timeout", "0.2"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 1 and "no actor system admin" in r.stderr
+
+
+# ---- health heartbeats to EPUM -------------------------------------------------------------
+
+
+class FakeEPUM(ActorTypeDispatcher):
+    """Stands in for EPUM: records Hellos and (validated) NodeHeartbeats; ``("send", peer,
+    msg)`` sends to a greeted peer; ``"dump"`` answers ``(hellos, heartbeats)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.peers: dict = {}
+        self.hellos: list[str] = []
+        self.heartbeats: list = []
+
+    def receiveMessage(self, msg, sender):  # noqa: N802
+        from cei_actors.runtime.control import Hello
+
+        if isinstance(msg, Hello):
+            self.peers[msg.name] = sender
+            self.hellos.append(msg.name)
+            self.send(sender, Ok(msg.name))
+        elif isinstance(msg, NodeHeartbeat):
+            validate(msg)
+            self.heartbeats.append(msg)
+        elif isinstance(msg, tuple) and msg and msg[0] == "send":
+            self.send(self.peers[msg[1]], msg[2])
+        elif msg == "dump":
+            self.send(sender, (list(self.hellos), list(self.heartbeats)))
+
+
+def test_core_health_heartbeats_report_failures_once(tmp_path):
+    sent: list[NodeHeartbeat] = []
+    c = AgentCore("a1", "n1", 4, str(tmp_path / "sd"), send=lambda m: None, send_epum=sent.append)
+    try:
+        assert c.flush_health() and sent[-1].state == "OK" and sent[-1].agent == "eeagent:a1"
+        assert not c.flush_health()  # not due
+        c.handle(LaunchProcess("bad", 0, ["sh", "-c", "exit 3"]))
+        c.handle(LaunchProcess("good", 0, ["true"]))
+        c.supervisor.wait("bad", 0, timeout=5)
+        c.supervisor.wait("good", 0, timeout=5)
+        wait_for(lambda: c.node_heartbeat().state == "PROCESS_ERROR", timeout=5)
+        assert c.flush_health(force=True)
+        hb = sent[-1]
+        validate(hb)
+        assert (hb.node_id, hb.state) == ("n1", "PROCESS_ERROR") and "exit code 3" in hb.error
+        assert [(p["upid"], p["round"], p["state"]) for p in hb.failed_processes] == [("bad", 0, "FAILED")]
+        assert c.flush_health(force=True) and sent[-1].state == "OK"  # reported once
+        # a send that fails keeps the failure for the next heartbeat
+        c.handle(LaunchProcess("bad2", 0, ["false"]))
+        c.supervisor.wait("bad2", 0, timeout=5)
+        wait_for(lambda: c.node_heartbeat().state == "PROCESS_ERROR", timeout=5)
+
+        def broken(m):
+            raise RuntimeError("no EPUM")
+
+        assert not c.flush_health(force=True, send=broken)
+        assert c.flush_health(force=True) and sent[-1].failed_processes[0]["upid"] == "bad2"
+    finally:
+        c.close(kill=True, grace=0.5)
+    quiet = AgentCore("a2", None, 1, str(tmp_path / "sd2"), send=lambda m: None, send_epum=sent.append)
+    try:
+        assert not quiet.flush_health(force=True)  # no node id: nothing to report
+    finally:
+        quiet.close()
+
+
+def test_agent_actor_sends_health_and_answers_probes(tmp_path):
+    asys = start_system()
+    try:
+        pd = asys.createActor(FakePD)
+        epum = asys.createActor(FakeEPUM)
+        agent = asys.createActor(EEAgentActor)
+        conf = AgentConfig("a1", "n1", 2, str(tmp_path / "sd"), pd=pd, heartbeat_interval=30, epum=epum)
+        assert asys.ask(agent, conf, 10) == Ok("a1")
+        wait_for(lambda: asys.ask(epum, "dump", 5)[0] == ["eeagent:a1"] and asys.ask(epum, "dump", 5)[1])
+        assert [h.state for h in asys.ask(epum, "dump", 5)[1]] == ["OK"]
+        assert asys.ask(agent, LaunchProcess("bad", 0, ["false"]), 5).value["state"] == "RUNNING"
+        time.sleep(0.3)
+        asys.tell(epum, ("send", "eeagent:a1", HealthProbe("n1")))  # long before the interval
+        wait_for(lambda: len(asys.ask(epum, "dump", 5)[1]) == 2)
+        hb = asys.ask(epum, "dump", 5)[1][-1]
+        assert hb.state == "PROCESS_ERROR" and hb.failed_processes[0]["upid"] == "bad"
+        assert asys.ask(agent, AgentStop(kill=True), 10) == Ok(None)
+    finally:
+        shutdown_system(asys)
+
+
+def test_agent_process_finds_epum_by_name_and_answers_probes(tmp_path):
+    asys = start_system()
+    proc = None
+    try:
+        asys.createActor(FakePD, globalName="pd")
+        epum = asys.createActor(FakeEPUM, globalName="epum")
+        proc = _agent_proc(asys.cei_admin_port, tmp_path, heartbeat="30")
+        wait_for(lambda: asys.ask(epum, "dump", 5)[0] == ["eeagent:n1"] and asys.ask(epum, "dump", 5)[1],
+                 timeout=15)
+        first = asys.ask(epum, "dump", 5)[1]
+        assert [(h.node_id, h.state, h.agent) for h in first] == [("n1", "OK", "eeagent:n1")]
+        asys.tell(epum, ("send", "eeagent:n1", HealthProbe("n1")))
+        wait_for(lambda: len(asys.ask(epum, "dump", 5)[1]) == 2, timeout=5)
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        shutdown_system(asys)

@@ -25,6 +25,8 @@ from cei_actors.eeagent.supervisor import (
     StateDirLockedError,
     UnknownProcessError,
     default_base_env,
+    read_status,
+    read_table,
 )
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
@@ -155,7 +157,7 @@ def test_on_change_fires_at_once_on_exit(make_sup):
     assert seen and seen[0][1][0]["state"] == st.RUNNING  # launch is a change too
     assert fired.wait(5), "on_change was not called for the exit"
     # Behaviour only; the figure is printed for the curious (see benchmarks/).
-    status = json.loads(Path(info.stdout_path[: -len(".out")] + ".status").read_text())
+    status = read_status(info.stdout_path[: -len(".out")] + ".status")
     t_cb = next(t for t, snap in seen if snap[0]["state"] == st.EXITED)
     print(f"exit -> on_change: {(t_cb - status['ended_at']) * 1000:.2f} ms")
 
@@ -428,7 +430,11 @@ def test_restart_after_crash_watches_non_children(make_sup, tmp_path, mark):
         # c is not our child, yet its exit is noticed and its true exit code reported
         c_end = sup.wait("c", 0, timeout=5)
         assert (c_end.state, c_end.exit_code) == (st.FAILED, 5)
-        assert any(p["upid"] == "c" and p["state"] == st.FAILED for s in changes for p in s)
+        wait_until(  # delivered by the watcher just after wait() saw it
+            lambda: any(p["upid"] == "c" and p["state"] == st.FAILED for s in changes for p in s),
+            2,
+            "on_change with c FAILED",
+        )
         sup.terminate("a", 0, grace=1.0)
         assert sup.wait("a", 0, timeout=5).state == st.TERMINATED
         wait_until(lambda: not alive(first["a"]["pid"]), 3, "a to die")
@@ -534,3 +540,107 @@ def test_heartbeat_message_and_schedule():
     assert not sched.due(20) and sched.delay(20) == 20
     sched.sent(25)  # an on-change heartbeat pushes the periodic one back
     assert not sched.due(40) and sched.due(55)
+
+
+# ------------------------------------------------------------------------------ EA2: launch path
+
+
+def test_journal_is_compacted_and_reloaded(make_sup, tmp_path, monkeypatch):
+    from cei_actors.eeagent import supervisor as sv
+
+    monkeypatch.setattr(sv, "COMPACT_LINES", 8)
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state, slots=40)
+    for i in range(20):
+        sup.launch(f"j{i}", 0, ["true"])
+    for i in range(20):
+        sup.wait(f"j{i}", 0, timeout=5)
+    for i in range(0, 20, 2):
+        sup.cleanup(f"j{i}", 0)
+    table = json.loads((state / "processes.json").read_text())
+    assert table["journal"] > 1  # compacted on the way
+    assert read_table(state) is not None
+    saved = {(p["upid"], p["state"], p["exit_code"]) for p in read_table(state)["processes"]}
+    assert saved == {(f"j{i}", st.EXITED, 0) for i in range(1, 20, 2)}
+    sup.close()
+    sup2 = make_sup(state_dir=state)
+    assert {(p["upid"], p["state"]) for p in sup2.dump()} == {
+        (f"j{i}", st.EXITED) for i in range(1, 20, 2)
+    }
+
+
+def test_a_stale_journal_is_ignored(tmp_path):
+    # a crash between writing a compacted table and starting its journal
+    state = tmp_path / "agent"
+    state.mkdir()
+    rec = {"upid": "x", "round": 0, "state": "EXITED", "msg": "exit code 0", "exit_code": 0}
+    (state / "processes.json").write_text(
+        json.dumps({"version": 1, "boot_id": None, "journal": 5, "processes": [rec]})
+    )
+    (state / "processes.journal").write_text(
+        json.dumps({"journal": 4}) + "\n" + json.dumps({"del": ["x", 0]}) + "\n"
+    )
+    assert [p["upid"] for p in read_table(state)["processes"]] == ["x"]
+    (state / "processes.journal").write_text(
+        json.dumps({"journal": 5}) + "\n" + json.dumps({"del": ["x", 0]}) + "\n{\"put\": {\"up"
+    )
+    assert read_table(state)["processes"] == []  # applied; the torn last line is ignored
+
+
+def test_python_wrapper_still_works(make_sup):
+    sup = make_sup(wrapper="python")
+    sup.launch("p", 0, ["sh", "-c", "exit 7"])
+    assert sup.wait("p", 0, timeout=10).exit_code == 7
+    sup.launch("s", 0, ["sleep", "30"])
+    time.sleep(0.3)  # let the wrapper start (its own signal handling comes up with Python)
+    sup.terminate("s", 0, grace=2.0)
+    assert sup.wait("s", 0, timeout=5).state == st.TERMINATED
+
+
+def test_terminate_right_after_launch_is_prompt(make_sup):
+    # SIGTERM may arrive while the shell wrapper is still starting the command
+    sup = make_sup(grace=10.0)
+    for i in range(15):
+        sup.launch(f"t{i}", 0, ["sleep", "30"])
+        t0 = time.monotonic()
+        sup.terminate(f"t{i}", 0)
+        end = sup.wait(f"t{i}", 0, timeout=5)
+        assert end.state == st.TERMINATED and time.monotonic() - t0 < 2.0, end
+        sup.cleanup(f"t{i}", 0)
+
+
+def test_exit_status_from_the_shell_wrapper(make_sup, tmp_path):
+    sup = make_sup()
+    sup.launch("big", 0, ["sh", "-c", "exit 200"])  # above 128 + SIGRTMAX: a plain code
+    assert sup.wait("big", 0, timeout=5).exit_code == 200
+    sup.launch("builtin", 0, ["exec"])  # a shell builtin name is never run as a builtin
+    assert sup.wait("builtin", 0, timeout=5).state == st.FAILED
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    sup.launch("cwd", 0, ["true"], cwd=str(gone))
+    gone.rmdir()  # may vanish before the wrapper changes into it: FAILED with the reason
+    end = sup.wait("cwd", 0, timeout=5)
+    assert end.state in (st.EXITED, st.FAILED)
+    if end.state == st.FAILED:
+        assert "directory" in end.msg
+
+
+def test_a_blocking_on_change_does_not_block_launch(make_sup):
+    # on_change runs without any supervisor lock held: a callback that waits for a launch
+    # made on another thread must not deadlock (it did while delivery held a lock)
+    launched = threading.Event()
+    calls = []
+
+    def on_change(snapshot):
+        calls.append(len(snapshot))
+        if len(calls) == 1:
+            assert launched.wait(5), "launch() on the other thread was blocked"
+
+    sup = make_sup(on_change=on_change)
+    t = threading.Thread(target=lambda: sup.launch("first", 0, ["sleep", "30"]))
+    t.start()
+    wait_until(lambda: calls, 5, "the first callback")
+    sup.launch("second", 0, ["sleep", "30"])  # must return while the callback waits
+    launched.set()
+    t.join(5)
+    wait_until(lambda: calls[-1] == 2, 5, "the newest snapshot delivered")

@@ -2,12 +2,15 @@
 
 It joins the running actor system at ``--pd`` as an external endpoint (the recipe of
 ``runtime.system``), finds the PD by its global name, says ``Hello("eeagent:<id>")`` and then
-serves launch/terminate/cleanup requests and sends heartbeats until SIGTERM/SIGINT. On exit
+serves launch/terminate/cleanup requests and sends heartbeats until SIGTERM/SIGINT. If an actor
+named ``--epum-name`` (``epum``) exists, it greets it too and sends it health heartbeats
+(``NodeHeartbeat``) on the same interval and in answer to its ``HealthProbe``. On exit
 it terminates its processes (the "VM" is going away) unless ``--keep-processes``; a restarted
 agent on the same ``--state-dir`` re-adopts processes that are still running.
 
     python -m cei_actors.eeagent --node-id N --pd 127.0.0.1:PORT[/NAME] --slots 4 --state-dir D
-        [--agent-id ID] [--pd-name pd] [--heartbeat 30] [--grace 10] [--keep-processes]
+        [--agent-id ID] [--pd-name pd] [--epum-name epum] [--heartbeat 30] [--grace 10]
+        [--keep-processes]
 
 ``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
 the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``.
@@ -42,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-id", default=None)
     p.add_argument("--pd", required=True, type=parse_pd, help="127.0.0.1:ADMIN_PORT[/NAME]")
     p.add_argument("--pd-name", default=None, help="the PD's global actor name (default pd)")
+    p.add_argument("--epum-name", default="epum", help="EPUM's global actor name ('' = none)")
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--state-dir", default=None)
     p.add_argument("--heartbeat", type=float, default=30.0, help="heartbeat interval, seconds")
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             slots=args.slots,
             state_dir=state_dir,
             pd_name=pd_name,
+            epum_name=args.epum_name or None,
             heartbeat_interval=args.heartbeat,
             grace=args.grace,
         )

@@ -10,15 +10,18 @@ state, msg). It is hosted two ways:
   (``runtime.system.attach_system``), finds the PD by its global name and says
   ``Hello("eeagent:<id>")``.
 
-**Heartbeats** go out every ``heartbeat_interval`` seconds and at once on any change. A change
+**Heartbeats** to the PD go out every ``heartbeat_interval`` seconds and at once on any change.
+**Health heartbeats** to EPUM (``epum.messages.NodeHeartbeat``: OK, or PROCESS_ERROR with the
+processes that FAILED since the previous one) go out on the same interval and at once in
+answer to EPUM's ``HealthProbe``; without an EPUM (static nodes) they are skipped. A change
 made by a request (launch, terminate) is flushed right after the request. An exit is seen by
 the supervisor's watcher thread, which must hand it to the host's thread:
 
 - the endpoint loop blocks in ``listen()``; the watcher sets an event, and a small waker
   thread sends a ``Wakeup`` message to the loop's own address from a private thespian
   context (a self-pipe made of thespian's own transport: no polling, about a millisecond).
-  The watcher itself never sends: it holds the supervisor's notify lock, which the loop may
-  be waiting for inside ``launch``;
+  The watcher itself never sends: a send that blocks would hold up every other exit notice
+  (and, before EA4, deadlocked with ``launch``);
 - the actor cannot be woken from another thread, so while any process is live (only then
   can an exit happen unasked) it polls a flag every ``poll_interval`` (20 ms) with
   ``wakeupAfter``; when nothing is live it sleeps until the next periodic heartbeat.
@@ -37,6 +40,7 @@ from typing import Any
 
 from thespian.actors import ActorAddress, ActorExitRequest, ActorTypeDispatcher, WakeupMessage
 
+from ..epum.messages import HealthProbe, NodeHeartbeat
 from ..runtime.messages import ErrorReply, InvalidMessage, Message, Ok, validate
 from . import states as st
 from .heartbeat import HeartbeatScheduler, heartbeat_processes
@@ -58,14 +62,17 @@ from .supervisor import (
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02
+#: Most FAILED processes held for the next health heartbeat (the oldest are dropped, counted).
+MAX_FAILED_HELD = 100
 
 
 class AgentCore:
-    """One EEAgent: its supervisor, its heartbeat schedule and its request handling.
+    """One EEAgent: its supervisor, its heartbeat schedules and its request handling.
 
-    ``send`` delivers a message to the PD (raising if it cannot). ``wake`` is called from the
-    supervisor's watcher thread when a change needs a heartbeat; the host must then call
-    :meth:`flush` on its own thread soon. Everything else runs on the host's thread.
+    ``send`` delivers a message to the PD (raising if it cannot); ``send_epum`` one to EPUM
+    (None: no health heartbeats). ``wake`` is called from the supervisor's watcher thread when
+    a change needs a heartbeat; the host must then call :meth:`flush` on its own thread soon.
+    Everything else runs on the host's thread.
     """
 
     def __init__(
@@ -81,8 +88,16 @@ class AgentCore:
         clock: Callable[[], float] = time.time,
         wake: Callable[[], None] | None = None,
         supervisor_factory: Callable[..., ProcessSupervisor] = ProcessSupervisor,
+        send_epum: Callable[[Message], None] | None = None,
     ) -> None:
         self.agent_id = agent_id
+        self.send_epum = send_epum
+        self.health_sched = HeartbeatScheduler(heartbeat_interval)
+        #: FAILED processes not yet reported to EPUM, keyed (upid, round), in order seen
+        self._failed_new: dict[tuple[str, int], dict[str, Any]] = {}
+        self._failed_seen: set[tuple[str, int]] = set()
+        self._failed_dropped = 0
+        self.health_sent = 0
         self.node_id = node_id
         self.send = send
         self.clock = clock
@@ -97,6 +112,9 @@ class AgentCore:
         self.supervisor = supervisor_factory(
             state_dir, slots, clock=clock, on_change=self._changed, grace=grace
         )
+        if send_epum is not None:
+            with self._lock:
+                self._note_failures(self.supervisor.dump())  # e.g. ended while we were down
 
     # ---- changes ------------------------------------------------------------------------
 
@@ -104,11 +122,33 @@ class AgentCore:
         with self._lock:
             was = self._dirty
             self._dirty = True
+            if self.send_epum is not None:
+                self._note_failures(snapshot)
         if not was and self._wake is not None and threading.get_ident() != self._host:
             try:
                 self._wake()
             except Exception:  # the host polls too (periodic heartbeat): never kill the watcher
                 logger.exception("eeagent %s: waking the host failed", self.agent_id)
+
+    def _note_failures(self, snapshot: list[dict[str, Any]]) -> None:
+        """Remember processes that turned FAILED (each once) for the next health heartbeat."""
+        failed = set()
+        for p in snapshot:
+            if p["state"] == st.FAILED:
+                key = (p["upid"], p["round"])
+                failed.add(key)
+                if key not in self._failed_seen:
+                    self._failed_new[key] = {
+                        "upid": p["upid"],
+                        "round": p["round"],
+                        "state": st.FAILED,
+                        "msg": p.get("msg") or "",
+                        "exit_code": p.get("exit_code"),
+                    }
+                    if len(self._failed_new) > MAX_FAILED_HELD:  # no EPUM for a long time
+                        del self._failed_new[next(iter(self._failed_new))]
+                        self._failed_dropped += 1
+        self._failed_seen = failed  # a cleaned-up key may fail again in a later life
 
     @property
     def dirty(self) -> bool:
@@ -150,7 +190,62 @@ class AgentCore:
 
     def next_delay(self) -> float:
         """Seconds until the host should call :meth:`flush` again without being woken."""
-        return self.sched.delay(self.clock())
+        now = self.clock()
+        delay = self.sched.delay(now)
+        if self.send_epum is not None and self.node_id:
+            delay = min(delay, self.health_sched.delay(now))
+        return delay
+
+    # ---- health heartbeats to EPUM ---------------------------------------------------------
+
+    def node_heartbeat(self) -> NodeHeartbeat:
+        """The health heartbeat as of now: PROCESS_ERROR if a process FAILED since the last one."""
+        with self._lock:
+            failed = list(self._failed_new.values())
+            dropped = self._failed_dropped
+        if not failed:
+            return NodeHeartbeat(self.node_id or "", "OK", float(self.clock()),
+                                 agent=f"eeagent:{self.agent_id}")
+        shown = "; ".join(f"{p['upid']} round {p['round']}: {p['msg']}" for p in failed[:5])
+        more = f" (+{len(failed) - 5} more)" if len(failed) > 5 else ""
+        if dropped:
+            more += f" ({dropped} older failures not listed)"
+        return NodeHeartbeat(
+            self.node_id or "",
+            "PROCESS_ERROR",
+            float(self.clock()),
+            error=f"{len(failed) + dropped} process(es) failed: {shown}{more}",
+            failed_processes=failed,
+            agent=f"eeagent:{self.agent_id}",
+        )
+
+    def flush_health(
+        self, force: bool = False, send: Callable[[Message], None] | None = None
+    ) -> bool:
+        """Send a health heartbeat to EPUM if due or ``force``; True if sent.
+
+        ``send`` overrides ``send_epum`` (to answer a probe's sender). Failures stay queued
+        until a heartbeat carrying them is sent; nothing is sent without a node id.
+        """
+        send = send or self.send_epum
+        now = self.clock()
+        if send is None or not self.node_id or not (force or self.health_sched.due(now)):
+            return False
+        hb = self.node_heartbeat()
+        try:
+            send(hb)
+        except Exception as exc:
+            self.health_sched.sent(now)  # no EPUM (yet): try again next interval
+            logger.debug("eeagent %s: health heartbeat not sent: %s", self.agent_id, exc)
+            return False
+        self.health_sched.sent(now)
+        self.health_sent += 1
+        with self._lock:
+            for p in hb.failed_processes or ():
+                self._failed_new.pop((p["upid"], p["round"]), None)
+            if hb.failed_processes:
+                self._failed_dropped = 0
+        return True
 
     # ---- requests -----------------------------------------------------------------------
 
@@ -229,10 +324,11 @@ def _unwrap(message: Any) -> tuple[Any, str | None]:
 
 @dataclass(frozen=True)
 class AgentConfig(Message):
-    """Starts an :class:`EEAgentActor`; ``pd`` is the PD's actor address.
+    """Starts an :class:`EEAgentActor`; ``pd`` is the PD's actor address, ``epum`` EPUM's
+    (None: no health heartbeats).
 
-    Sent again to a running agent it only points the agent at a new PD (a new leader): the
-    agent says hello and sends a full heartbeat there.
+    Sent again to a running agent it only points the agent at a new PD and EPUM (new leaders):
+    the agent says hello and sends a full heartbeat there.
     """
 
     agent_id: str
@@ -243,6 +339,7 @@ class AgentConfig(Message):
     heartbeat_interval: float = 30.0
     grace: float = 10.0
     poll_interval: float = POLL_INTERVAL
+    epum: Any = None
 
 
 @dataclass(frozen=True)
@@ -260,6 +357,7 @@ class EEAgentActor(ActorTypeDispatcher):
         self.core: AgentCore | None = None
         self.conf: AgentConfig | None = None
         self.pd: ActorAddress | None = None
+        self.epum: ActorAddress | None = None
         self._gen = 0
         self._wake_at: float | None = None
         self._flush_pending = False
@@ -277,13 +375,14 @@ class EEAgentActor(ActorTypeDispatcher):
                     ErrorReply("conflict", f"this agent is {self.conf.agent_id!r}", "AgentConfig"),
                 )
                 return
-            self.pd = conf.pd
+            self.pd, self.epum = conf.pd, conf.epum
             self._hello()
             self.core.flush(force=True)
+            self.core.flush_health(force=True)
             self.send(sender, Ok(conf.agent_id))
             return
         self.conf = conf
-        self.pd = conf.pd
+        self.pd, self.epum = conf.pd, conf.epum
         try:
             self.core = AgentCore(
                 conf.agent_id,
@@ -293,6 +392,7 @@ class EEAgentActor(ActorTypeDispatcher):
                 send=self._send_pd,
                 heartbeat_interval=conf.heartbeat_interval,
                 grace=conf.grace,
+                send_epum=self._send_epum,
             )
         except Exception as exc:
             logger.exception("eeagent %s: cannot start", conf.agent_id)
@@ -300,14 +400,23 @@ class EEAgentActor(ActorTypeDispatcher):
             return
         self._hello()
         self.core.flush(force=True)
+        self.core.flush_health(force=True)
         self._schedule()
         self.send(sender, Ok(conf.agent_id))
 
     def _hello(self) -> None:
         from ..runtime.control import Hello
 
-        if self.pd is not None and self.conf is not None:
-            self.send(self.pd, Hello(f"eeagent:{self.conf.agent_id}"))
+        if self.conf is None:
+            return
+        for peer in (self.pd, self.epum):
+            if peer is not None:
+                self.send(peer, Hello(f"eeagent:{self.conf.agent_id}"))
+
+    def _send_epum(self, message: Message) -> None:
+        if self.epum is None:
+            raise RuntimeError("no EPUM address")
+        self.send(self.epum, message)
 
     def _send_pd(self, message: Message) -> None:
         if self.pd is None:
@@ -336,6 +445,7 @@ class EEAgentActor(ActorTypeDispatcher):
             self._wake_at = None
         if self.core is not None:
             self.core.flush()
+            self.core.flush_health()
         self._schedule()
 
     def receiveMsg_AgentStop(self, msg: AgentStop, sender: ActorAddress) -> None:  # noqa: N802
@@ -352,7 +462,11 @@ class EEAgentActor(ActorTypeDispatcher):
 
     def receiveMsg_Message(self, message: Message, sender: ActorAddress) -> Any:  # noqa: N802
         inner, rid = _unwrap(message)
-        if isinstance(inner, Ok | ErrorReply):  # the PD's answer to Hello
+        if isinstance(inner, Ok | ErrorReply):  # the PD's or EPUM's answer to Hello
+            return None
+        if isinstance(inner, HealthProbe):
+            if self.core is not None:  # answer the prober, whoever it is
+                self.core.flush_health(force=True, send=lambda m: self.send(sender, m))
             return None
         if self.core is None:
             reply: Any = ErrorReply(
@@ -399,10 +513,13 @@ class EndpointAgent:
         heartbeat_interval: float = 30.0,
         grace: float = 10.0,
         lookup_interval: float | None = None,
+        epum_name: str | None = "epum",
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
         self.pd: ActorAddress | None = None
+        self.epum_name = epum_name
+        self.epum: ActorAddress | None = None
         self.agent_id = agent_id
         self.lookup_interval = (
             lookup_interval if lookup_interval is not None else heartbeat_interval
@@ -424,6 +541,7 @@ class EndpointAgent:
             heartbeat_interval=heartbeat_interval,
             grace=grace,
             wake=self._wake,
+            send_epum=self._send_epum if epum_name else None,
         )
         self._waker_thread = threading.Thread(target=self._waker, name="eeagent-waker", daemon=True)
         self._waker_thread.start()
@@ -436,13 +554,14 @@ class EndpointAgent:
             return
         self._last_lookup = now
         from ..runtime.control import Hello
-        from ..runtime.system import lookup
 
         try:
-            addr = lookup(self.asys, self.pd_name, timeout=2.0)
+            found = _lookup_names(self.asys, [self.pd_name, self.epum_name], timeout=2.0)
         except Exception as exc:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
+        self._found_epum(found.get(self.epum_name) if self.epum_name else None)
+        addr = found.get(self.pd_name)
         if addr is None:
             logger.info("eeagent %s: no actor named %r yet", self.agent_id, self.pd_name)
             self.pd = None
@@ -452,6 +571,29 @@ class EndpointAgent:
             self.pd = addr
             self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
             self.core._dirty = True
+
+    def _found_epum(self, addr: ActorAddress | None) -> None:
+        """EPUM's address from a lookup: greet a new one (it probes ``eeagent:<id>``)."""
+        from ..runtime.control import Hello
+
+        if addr is None:
+            if self.epum is not None:
+                logger.info("eeagent %s: no actor named %r now", self.agent_id, self.epum_name)
+            self.epum = None
+            return
+        if addr != self.epum:
+            logger.info("eeagent %s: EPUM at %s", self.agent_id, addr)
+            self.epum = addr
+            self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
+
+    def _send_epum(self, message: Message) -> None:
+        if self.epum is None:
+            raise RuntimeError(f"no actor named {self.epum_name!r}")
+        try:
+            self.asys.tell(self.epum, message)
+        except Exception:
+            self.epum = None
+            raise
 
     def _send_pd(self, message: Message) -> None:
         self._find_pd()
@@ -466,8 +608,7 @@ class EndpointAgent:
     # -- the watcher's wake-up ----------------------------------------------------------------
 
     def _wake(self) -> None:
-        """Called on the supervisor's watcher thread: never block it (it holds the supervisor's
-        notify lock, which the loop thread may be waiting for inside ``launch``)."""
+        """Called on the supervisor's watcher thread: never block it (other exits wait)."""
         self._wake_event.set()
 
     def _waker(self) -> None:
@@ -510,6 +651,7 @@ class EndpointAgent:
             # Drain what has already arrived, then send one heartbeat for all of it.
             message = self.asys.listen(0)
         self.core.flush()
+        self.core.flush_health()
 
     def _handle(self, message: Any) -> None:
         inner, _ = _unwrap(message)
@@ -517,6 +659,13 @@ class EndpointAgent:
             logger.warning("eeagent %s: refused: %s: %s", self.agent_id, inner.code, inner.message)
             return
         if isinstance(inner, Wakeup | Ok):
+            return
+        if isinstance(inner, HealthProbe):
+            # listen() does not tell the sender: answer the EPUM known by name (looked up
+            # again if unknown, e.g. a new leader)
+            if self.epum is None:
+                self._find_pd(force=True)
+            self.core.flush_health(force=True)
             return
         reply = self.core.handle(inner)
         if isinstance(reply, ErrorReply):
@@ -539,3 +688,24 @@ class EndpointAgent:
         self.stopping = True
         self._wake_event.set()
         self._waker_thread.join(timeout=2)
+
+
+def _lookup_names(asys: Any, names: list[str | None], timeout: float = 2.0) -> dict[str, Any]:
+    """Addresses of the actors registered under ``names`` (missing ones left out), asking the
+    admin once (``runtime.system.lookup`` asks once per name)."""
+    from ..runtime.system import lookup
+
+    wanted = [n for n in names if n]
+    base = asys._systemBase
+    if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # simple base
+        found = {n: lookup(asys, n, timeout) for n in wanted}
+        return {n: a for n, a in found.items() if a is not None}
+    from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
+
+    from ..runtime.system import SystemNotRunning
+
+    with asys.private() as ctx:
+        reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
+    if not isinstance(reply, Thespian_SystemStatus):
+        raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
+    return {n: reply.globalActors[n] for n in wanted if reply.globalActors.get(n) is not None}

@@ -1,12 +1,14 @@
 """Runs real unix processes for the EEAgent and notices their exits at once.
 
 :class:`ProcessSupervisor` is the node-side machinery without any actor around it. Processes
-are keyed by ``(upid, round)``. Every command runs under a small wrapper
-(:mod:`cei_actors.eeagent.runwrap`) that is the leader of a new session and process group; the
-wrapper starts the command in that group, waits for it and writes the command's exit status to
-a file before it exits itself. The supervisor watches each wrapper with a pidfd in one watcher
-thread, so an exit is seen within a millisecond, and the exit code is read from the status file,
-which also works for processes that ended while no agent was running.
+are keyed by ``(upid, round)``. Every command runs under a small wrapper that is the leader of
+a new session and process group; the wrapper starts the command in that group, waits for it
+and writes the command's exit status to a file before it exits itself. The default wrapper is
+``/bin/sh`` running :data:`SH_WRAPPER` (about 1.5 ms of CPU per launch); ``wrapper="python"``
+selects the older :mod:`cei_actors.eeagent.runwrap` (about 15 ms). The supervisor watches
+each wrapper with a pidfd in one watcher thread, so an exit is seen within a millisecond, and
+the exit code is read from the status file, which also works for processes that ended while
+no agent was running.
 
 Decisions (also in the docstrings below):
 
@@ -16,27 +18,38 @@ Decisions (also in the docstrings below):
   merged over it. Nothing else of the agent's environment (credentials!) leaks into commands.
 - **cwd** ``None`` means the agent's current directory.
 - **States**: a started command is RUNNING at once (the executable and cwd are checked before
-  the start; an exec failure inside the wrapper turns it FAILED). PENDING is used only for a
-  new round waiting for its older round to die. Exit code 0 → EXITED; non-zero, or a signal
-  not sent by :meth:`terminate` → FAILED; anything ending after :meth:`terminate` → TERMINATED.
-  ``exit_code`` is ``-N`` for death by signal ``N``.
+  the start; a cwd that vanished before the wrapper got there turns it FAILED; an executable
+  that vanished gives exit code 127, as from a shell). PENDING is used only for a new round
+  waiting for its older round to die. Exit code 0 → EXITED; non-zero, or a signal not sent by
+  :meth:`terminate` → FAILED; anything ending after :meth:`terminate` → TERMINATED.
+  ``exit_code`` is ``-N`` for death by signal ``N``. The shell wrapper sees what a shell sees:
+  a command exiting with ``128+N`` (``N`` a signal number) is reported as killed by ``N``.
 - **The process group is the unit**: when a command ends, anything it left running in its group
   is killed (as systemd's ``KillMode=control-group`` does), so a terminal record never leaves
-  processes behind. ``terminate`` sends SIGTERM to the group, SIGKILL after the grace period.
-  A descendant that starts its own session or group (a daemon) escapes this, as it would
-  escape supervisord; only cgroups could hold it.
+  processes behind. ``terminate`` sends SIGTERM to the group, SIGKILL after the grace period;
+  a SIGTERM within 50 ms of the start is sent once more at 50 ms (it may have reached only the
+  shell wrapper, just before the command's exec). A descendant that starts its own session or
+  group (a daemon) escapes this, as it would escape supervisord; only cgroups could hold it.
 - **Unknown keys**: :meth:`terminate` raises :class:`UnknownProcessError` (a ``KeyError``);
   :meth:`cleanup` of an unknown key is a no-op returning ``False`` (cleanups are repeated).
 - **Output** goes to ``<state_dir>/proc/<name>.r<round>.out`` / ``.err`` (appended); cleanup
   keeps those files and removes only the status file.
-- **On disk**: ``<state_dir>/processes.json`` (mode 0600, it holds the launch environments),
-  replaced atomically with rename. No fsync: the table only matters across an agent restart on
+- **On disk** (mode 0600, it holds the launch environments): ``<state_dir>/processes.json``,
+  the whole table, replaced atomically with rename, plus ``processes.journal``, one JSON line
+  per changed record appended (one ``write(2)``) after every change. The journal is folded into
+  a new table every :data:`COMPACT_LINES` lines, at start and at :meth:`close`; each table names
+  its journal generation, so a crash while compacting never applies a stale journal.
+  :func:`read_table` reads both. No fsync: the table only matters across an agent restart on
   the same boot, and the page cache survives a process crash; after a reboot (a different
-  ``boot_id``) every recorded process is known to be gone.
+  ``boot_id``) every recorded process is known to be gone. ``journal=False`` rewrites the
+  whole table on every change instead (the old way, for comparison).
 - **on_change** is called with the full :meth:`dump` after every state change (launch, exit,
-  terminate), from the calling thread or from the watcher thread, never while the table lock
-  is held; not for :meth:`cleanup` (no state changes, the next heartbeat shows it gone). Snapshots are delivered in order; when changes race, an older snapshot
-  may be skipped (heartbeats are level-based, the newest one is what counts). It must be quick.
+  terminate), from the calling thread or from the watcher thread, with no supervisor lock
+  held; not for :meth:`cleanup` (no state changes, the next heartbeat shows it gone). One
+  thread delivers at a time, in order: a thread that finds a delivery running returns at once
+  and the running delivery then hands over the newest snapshot, so an intermediate snapshot
+  may be skipped (heartbeats are level-based, the newest one is what counts). A blocking
+  callback delays other notices (and the watcher) but cannot deadlock :meth:`launch`.
 """
 
 from __future__ import annotations
@@ -63,10 +76,30 @@ from cei_actors.eeagent import states as st
 
 log = logging.getLogger(__name__)
 
-#: The wrapper script; run as a file (``python -I -S``) so it needs no import path.
+#: The Python wrapper (``wrapper="python"``); run as a file (``python -I -S``).
 RUNWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runwrap.py")
+#: The shell wrapper (``wrapper="sh"``, the default), run as ``/bin/sh -c SH_WRAPPER runwrap
+#: STATUS CWD COMMAND...``. TERM/INT/HUP are caught (not ignored), so the subshell that execs
+#: the command gets default dispositions while the wrapper outlives a group-wide signal and, as
+#: a POSIX shell runs traps only after its foreground command ends, records the exit status. A
+#: signal caught before the command starts means "do not start it". ``exec`` never runs a
+#: builtin or function. The status is one short ``write(2)``: a reader sees all of it or none.
+SH_WRAPPER = (
+    "t=; trap t=143 TERM; trap t=130 INT; trap t=129 HUP\n"
+    "s=$1\n"
+    'if [ -n "$2" ]; then cd -- "$2" 2>/dev/null || {\n'
+    '  printf "error cannot change to directory %s\\n" "$2" >"$s"; exit 127; }; fi\n'
+    "shift 2\n"
+    'if [ -n "$t" ]; then printf "%d\\n" "$t" >"$s"; exit 1; fi\n'
+    '(exec "$@")\n'
+    'printf "%d\\n" $? >"$s"\n'
+)
+SHELL = "/bin/sh"
 TABLE_FILE = "processes.json"
+JOURNAL_FILE = "processes.journal"
 TABLE_VERSION = 1
+#: The journal is folded into the table once it has this many lines (and 4 per record).
+COMPACT_LINES = 2048
 #: Variables copied from the agent's environment into the base environment of every command.
 SAFE_ENV_KEYS: tuple[str, ...] = (
     "PATH",
@@ -84,7 +117,11 @@ DOWN_MSG = "exited while agent was down"
 _RESTORE_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
 )
+_SIGMAX = int(getattr(signal, "SIGRTMAX", 64))
 _POLL_INTERVAL = 0.2  # only for re-adopted processes when pidfd_open is unavailable
+#: A SIGTERM sent this soon after the start may reach the shell wrapper between its last check
+#: and the command's exec (a fork's time); it is sent once more when this age is reached.
+_YOUNG = 0.05
 
 Key = tuple[str, int]
 OnChange = Callable[[list[dict[str, Any]]], None]
@@ -163,6 +200,8 @@ class _Record:
     waiting_for: Key | None = None
     # runtime only
     kill_at: float | None = None
+    started_mono: float | None = None
+    resend_at: float | None = None
     pidfd: int | None = None
     is_child: bool = False
     poll_mode: bool = False
@@ -241,10 +280,15 @@ class _Record:
 def _proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, start time in clock ticks since boot) of ``pid``, or None if gone."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     rest = data[data.rfind(b")") + 2 :].split()
     try:
         return rest[0].decode(), int(rest[19])
@@ -341,12 +385,16 @@ class ProcessSupervisor:
         grace: float = 10.0,
         base_env: Mapping[str, str] | None = None,
         python: str | None = None,
+        wrapper: str = "sh",
+        journal: bool = True,
         _use_pidfd: bool | None = None,
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
             raise ValueError(f"slots must be an int >= 0, got {slots!r}")
         if grace < 0:
             raise ValueError("grace must be >= 0")
+        if wrapper not in ("sh", "python"):
+            raise ValueError(f"wrapper must be 'sh' or 'python', got {wrapper!r}")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
         self.slots = slots
         self.grace = float(grace)
@@ -354,6 +402,8 @@ class ProcessSupervisor:
         self._on_change = on_change
         self._base_env = dict(base_env) if base_env is not None else default_base_env()
         self._python = python or sys.executable or shutil.which("python3") or "python3"
+        self._wrapper = wrapper
+        self._journal = journal
         self._use_pidfd = hasattr(os, "pidfd_open") if _use_pidfd is None else _use_pidfd
         self._proc_dir = os.path.join(self.state_dir, "proc")
         os.makedirs(self._proc_dir, exist_ok=True)
@@ -367,7 +417,6 @@ class ProcessSupervisor:
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._notify_lock = threading.RLock()
         self._records: dict[Key, _Record] = {}
         self._version = 0
         self._delivered = 0
@@ -381,10 +430,15 @@ class ProcessSupervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._dirty: set[Key] = set()
+        self._jfd: int | None = None
+        self._jgen = 0
+        self._jlines = 0
+        self._delivering = False
 
         with self._lock:
             self._load_locked()
-            self._save_locked()
+            self._compact_locked()
         self._thread = threading.Thread(target=self._run, name="eeagent-watcher", daemon=True)
         self._thread.start()
         self._run_pending_sweeps()
@@ -432,7 +486,7 @@ class ProcessSupervisor:
             )
             problem = _validate_request(command, env, cwd)
             live = sum(
-                1 for r in self._records.values() if st.is_live(r.state) and not r.superseded
+                1 for r in self._records.values() if r.state in st.LIVE_STATES and not r.superseded
             )
             if newest is not None and st.is_live(newest.state):
                 live -= 1  # the old round's slot passes to the new round
@@ -442,6 +496,7 @@ class ProcessSupervisor:
                 self._end_locked(
                     rec, st.REJECTED, f"no free slot: {live} of {self.slots} slots in use"
                 )
+            superseding = newest is not None and newest.state == st.RUNNING
             if newest is not None:
                 # A newer round makes the older one stale, whatever becomes of the new one.
                 wait_for: Key | None = None
@@ -450,6 +505,7 @@ class ProcessSupervisor:
                     self._forget_locked(newest)
                 elif st.is_live(newest.state):
                     newest.superseded = True
+                    self._touch_locked(newest)
                     if newest.state == st.RUNNING:
                         self._signal_term_locked(newest, self.grace)
                     wait_for = newest.key
@@ -458,12 +514,14 @@ class ProcessSupervisor:
                 if rec.state == st.PENDING and wait_for in self._records:
                     rec.waiting_for = wait_for
             self._records[rec.key] = rec
+            self._touch_locked(rec)
             if rec.state == st.PENDING and rec.waiting_for is None:
                 self._start_locked(rec)
             self._changed_locked()
             self._save_locked()
             info = rec.info()
-        self._wake()  # a superseded round has a new SIGKILL deadline
+        if superseding:
+            self._wake()  # a superseded round has a new SIGKILL deadline
         self._deliver()
         return info
 
@@ -524,7 +582,22 @@ class ProcessSupervisor:
 
     def dump(self) -> list[dict[str, Any]]:
         """All records as ``{upid, round, state, msg, exit_code, pid}``, sorted by (upid, round)."""
-        return [p.to_dict() for p in self.processes()]
+        with self._lock:
+            return self._dump_locked()
+
+    def _dump_locked(self) -> list[dict[str, Any]]:
+        recs = self._records
+        return [
+            {
+                "upid": r.upid,
+                "round": r.round,
+                "state": r.state,
+                "msg": r.msg,
+                "exit_code": r.exit_code,
+                "pid": r.pid,
+            }
+            for r in (recs[k] for k in sorted(recs))
+        ]
 
     def wait(
         self,
@@ -566,7 +639,11 @@ class ProcessSupervisor:
         with self._lock:
             for rec in self._records.values():
                 self._unwatch_locked(rec)
-            self._save_locked()
+            self._compact_locked()
+            if self._jfd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(self._jfd)
+                self._jfd = None
             with contextlib.suppress(Exception):
                 self._selector.close()
             for fd in (self._wake_r, self._wake_w):
@@ -633,28 +710,40 @@ class ProcessSupervisor:
         self._version += 1
         self._cond.notify_all()
 
+    def _touch_locked(self, rec: _Record) -> None:
+        """``rec`` changed: the next :meth:`_save_locked` journals it."""
+        self._dirty.add(rec.key)
+
     def _end_locked(self, rec: _Record, state: str, msg: str) -> None:
+        self._touch_locked(rec)
         rec.state = state
         rec.msg = msg
         rec.kill_at = None
         rec.kill_at_wall = None
+        rec.resend_at = None
         if rec.ended_at is None:
             rec.ended_at = self._clock()
 
     def _forget_locked(self, rec: _Record) -> None:
         self._unwatch_locked(rec)
         self._records.pop(rec.key, None)
+        self._dirty.add(rec.key)
         for suffix in (".status", ".status.tmp"):
             with contextlib.suppress(OSError):
                 os.unlink(rec.base + suffix)
 
     def _signal_term_locked(self, rec: _Record, grace: float) -> None:
+        self._touch_locked(rec)
         rec.state = st.TERMINATING
         rec.grace = grace
         rec.kill_at = time.monotonic() + grace
         rec.kill_at_wall = time.time() + grace
         if rec.pid is not None:
             _killpg(rec.pid, signal.SIGTERM)
+            if rec.started_mono is not None and self._wrapper == "sh":
+                young_until = rec.started_mono + _YOUNG
+                if young_until > time.monotonic() and young_until < rec.kill_at:
+                    rec.resend_at = young_until
 
     def _start_locked(self, rec: _Record) -> None:
         env = dict(self._base_env)
@@ -673,10 +762,15 @@ class ProcessSupervisor:
             (os.POSIX_SPAWN_OPEN, 1, rec.base + ".out", flags, 0o644),
             (os.POSIX_SPAWN_OPEN, 2, rec.base + ".err", flags, 0o644),
         ]
-        argv = [self._python, "-I", "-S", RUNWRAP, status, rec.cwd or "", "--", *rec.command]
+        if self._wrapper == "sh":
+            exe = SHELL
+            argv = [SHELL, "-c", SH_WRAPPER, "runwrap", status, rec.cwd or "", *rec.command]
+        else:
+            exe = self._python
+            argv = [exe, "-I", "-S", RUNWRAP, status, rec.cwd or "", "--", *rec.command]
         try:
             pid = os.posix_spawn(
-                self._python,
+                exe,
                 argv,
                 env,
                 file_actions=actions,
@@ -687,6 +781,7 @@ class ProcessSupervisor:
         except (OSError, TypeError, ValueError) as exc:
             self._end_locked(rec, st.FAILED, f"cannot start the process wrapper: {exc}")
             return
+        self._touch_locked(rec)
         rec.pid = pid
         rec.is_child = True
         stat = _proc_stat(pid)
@@ -694,6 +789,7 @@ class ProcessSupervisor:
         rec.state = st.RUNNING
         rec.msg = ""
         rec.started_at = self._clock()
+        rec.started_mono = time.monotonic()
         self._watch_locked(rec)
 
     # -- internals: watching ---------------------------------------------------------------
@@ -752,7 +848,7 @@ class ProcessSupervisor:
         t: float | None = None
         for rec in self._records.values():
             if rec.kill_at is not None and rec.state == st.TERMINATING:
-                left = max(0.0, rec.kill_at - now)
+                left = max(0.0, min(rec.kill_at, rec.resend_at or rec.kill_at) - now)
                 t = left if t is None else min(t, left)
             if rec.poll_mode:
                 t = _POLL_INTERVAL if t is None else min(t, _POLL_INTERVAL)
@@ -786,10 +882,10 @@ class ProcessSupervisor:
                 log.exception("eeagent watcher: error handling events")
                 changed = False
             if changed:
-                self._deliver()
                 with self._lock:
                     if not self._closed:
                         self._save_locked()
+                self._deliver()
             self._run_pending_sweeps()
 
     def _handle(self, ended: list[Key]) -> bool:
@@ -800,6 +896,15 @@ class ProcessSupervisor:
             now = time.monotonic()
             for rec in list(self._records.values()):
                 if (
+                    rec.resend_at is not None
+                    and rec.resend_at <= now
+                    and rec.state == st.TERMINATING
+                    and rec.pid is not None
+                    and not rec.killed
+                ):
+                    rec.resend_at = None
+                    _killpg(rec.pid, signal.SIGTERM)
+                if (
                     rec.state == st.TERMINATING
                     and rec.kill_at is not None
                     and rec.kill_at <= now
@@ -808,6 +913,7 @@ class ProcessSupervisor:
                     rec.kill_at = None
                     rec.kill_at_wall = None
                     rec.killed = True
+                    self._touch_locked(rec)
                     _killpg(rec.pid, signal.SIGKILL)
                 if rec.poll_mode and rec.pid is not None and not _alive(rec):
                     ended.append(rec.key)
@@ -833,7 +939,7 @@ class ProcessSupervisor:
 
         ``pid_valid`` False means the pid may belong to someone else now: never signal it.
         """
-        status = _read_status(rec.base + ".status")
+        status = read_status(rec.base + ".status")
         wcode: int | None = None
         if rec.pid is not None and pid_valid:
             # Sweep what the command left in its group. killpg is safe while the wrapper (a
@@ -892,52 +998,114 @@ class ProcessSupervisor:
                 _killpg(pgid, signal.SIGKILL)
 
     def _deliver(self) -> None:
+        """Hand the newest snapshot to ``on_change``; no lock is held during the call.
+
+        One thread delivers at a time, in version order; a thread that finds another one
+        delivering returns at once and that one delivers the newer version after its call.
+        """
         if self._on_change is None:
             return
-        with self._notify_lock:
+        while True:
             with self._lock:
-                version = self._version
-                if version <= self._delivered:
+                if self._delivering or self._version <= self._delivered:
                     return
-                snapshot = [self._records[k].info().to_dict() for k in sorted(self._records)]
-            self._delivered = version
+                self._delivering = True
+                self._delivered = self._version
+                snapshot = self._dump_locked()
             try:
                 self._on_change(snapshot)
             except Exception:
                 log.exception("eeagent supervisor: on_change callback failed")
+            finally:
+                with self._lock:
+                    self._delivering = False
 
     # -- internals: persistence ------------------------------------------------------------
 
     def _save_locked(self) -> None:
+        """Persist the records changed since the last save: one journal append (no fsync).
+
+        Without ``journal`` (the old way, kept for benchmarks) the whole table is rewritten.
+        """
+        if not self._journal:
+            self._dirty.clear()
+            self._write_table_locked()
+            return
+        if not self._dirty:
+            return
+        if self._jfd is None:
+            self._compact_locked()  # writes every record; clears the dirty set if it worked
+            return
+        lines = []
+        for key in sorted(self._dirty):
+            rec = self._records.get(key)
+            entry = {"put": rec.to_json()} if rec is not None else {"del": list(key)}
+            lines.append(json.dumps(entry, separators=(",", ":")))
+        try:
+            os.write(self._jfd, ("\n".join(lines) + "\n").encode())
+        except OSError as exc:
+            log.error("eeagent supervisor: cannot append to the journal: %s", exc)
+            self._compact_locked()
+            return
+        self._dirty.clear()
+        self._jlines += len(lines)
+        if self._jlines >= max(COMPACT_LINES, 4 * len(self._records)):
+            self._compact_locked()
+
+    def _write_table_locked(self, gen: int | None = None) -> bool:
         path = os.path.join(self.state_dir, TABLE_FILE)
         doc = {
             "version": TABLE_VERSION,
             "boot_id": self._boot_id,
+            "journal": self._jgen if gen is None else gen,
             "processes": [self._records[k].to_json() for k in sorted(self._records)],
         }
         tmp = path + ".tmp"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, separators=(",", ":"))
+                f.write(json.dumps(doc, separators=(",", ":")))
             os.replace(tmp, path)
+            return True
         except OSError as exc:
             # Keep supervising; only a later restart would lose track of recent changes.
             log.error("eeagent supervisor: cannot write %s: %s", path, exc)
+            return False
+
+    def _compact_locked(self) -> None:
+        """Write the whole table under a new journal generation, then start that journal.
+
+        A crash in between leaves a table whose generation the old journal does not carry:
+        the loader ignores that journal, whose changes the table already holds.
+        """
+        gen = self._jgen + 1
+        if not self._write_table_locked(gen):
+            return  # the changes stay dirty: the next save appends them to the old journal
+        self._dirty.clear()
+        self._jgen = gen
+        if self._jfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._jfd)
+            self._jfd = None
+        if not self._journal:
+            return
+        path = os.path.join(self.state_dir, JOURNAL_FILE)
+        try:
+            fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o600)
+            header = {"journal": gen, "boot_id": self._boot_id}
+            os.write(fd, (json.dumps(header) + "\n").encode())
+            os.replace(path + ".tmp", path)
+        except OSError as exc:
+            log.error("eeagent supervisor: cannot start the journal %s: %s", path, exc)
+            return
+        self._jfd = fd
+        self._jlines = 0
 
     def _load_locked(self) -> None:
-        path = os.path.join(self.state_dir, TABLE_FILE)
-        try:
-            with open(path) as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+        doc = read_table(self.state_dir, quarantine=True)
+        if doc is None:
             return
-        except (OSError, ValueError) as exc:
-            log.error("eeagent supervisor: unreadable process table %s: %s", path, exc)
-            os.replace(path, path + ".corrupt")
-            return
-        if doc.get("version") != TABLE_VERSION:
-            raise SupervisorError(f"{path}: unsupported table version {doc.get('version')!r}")
+        self._jgen = int(doc.get("journal") or 0)
         same_boot = doc.get("boot_id") is not None and doc.get("boot_id") == self._boot_id
         for entry in doc.get("processes", []):
             rec = _Record.from_json(entry)
@@ -1009,13 +1177,93 @@ def _is_my_child(pid: int) -> bool:
         return False
 
 
-def _read_status(path: str) -> dict[str, Any] | None:
+def read_status(path: str) -> dict[str, Any] | None:
+    """The wrapper's status file as ``{exit_code, ended_at}`` or ``{error}``; None if absent.
+
+    The shell wrapper writes ``CODE`` (``128+N`` for death by signal ``N``, as the shell
+    reports it) or ``error MESSAGE``; its mtime is the end time (the kernel's coarse clock:
+    a few ms early at most). The Python wrapper writes JSON.
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+            mtime = os.fstat(f.fileno()).st_mtime_ns / 1e9
+    except OSError:
+        return None
+    text = data.decode(errors="replace").strip()
+    if text.startswith("{"):
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            return None
+        return doc if isinstance(doc, dict) else None
+    if text.startswith("error "):
+        return {"exit_code": None, "error": text[6:], "ended_at": mtime}
+    try:
+        code = int(text)
+    except ValueError:
+        return None  # empty: the wrapper was killed while writing
+    if 128 < code <= 128 + _SIGMAX:
+        code = -(code - 128)
+    return {"exit_code": code, "ended_at": mtime}
+
+
+def read_table(
+    state_dir: str | os.PathLike[str], *, quarantine: bool = False
+) -> dict[str, Any] | None:
+    """The process table of ``state_dir`` as saved: the table file with its journal applied.
+
+    Returns ``{version, boot_id, journal, processes: [record dicts]}`` or None if there is
+    none or the table is unreadable (with ``quarantine``, as the supervisor loads it, it is
+    then renamed ``*.corrupt``). A torn journal line (a crash while appending) is ignored.
+    Safe to call while a supervisor runs: the table is only ever replaced by rename.
+    """
+    state_dir = os.fspath(state_dir)
+    path = os.path.join(state_dir, TABLE_FILE)
     try:
         with open(path) as f:
             doc = json.load(f)
-    except (OSError, ValueError):
+    except FileNotFoundError:
+        doc = None
+    except (OSError, ValueError) as exc:
+        if quarantine:
+            log.error("eeagent supervisor: unreadable process table %s: %s", path, exc)
+            with contextlib.suppress(OSError):
+                os.replace(path, path + ".corrupt")
         return None
-    return doc if isinstance(doc, dict) else None
+    if doc is not None and doc.get("version") != TABLE_VERSION:
+        raise SupervisorError(f"{path}: unsupported table version {doc.get('version')!r}")
+    try:
+        with open(os.path.join(state_dir, JOURNAL_FILE), "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        lines = []
+    if doc is None:
+        if not lines:
+            return None
+        doc = {"version": TABLE_VERSION, "boot_id": None, "journal": None, "processes": []}
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except ValueError:
+        header = {}
+    if doc.get("boot_id") is None and isinstance(header, dict):
+        doc["boot_id"] = header.get("boot_id")
+    if lines and (doc.get("journal") is None or header.get("journal") == doc.get("journal")):
+        doc["journal"] = header.get("journal")
+        recs = {(p["upid"], int(p["round"])): p for p in doc.get("processes", [])}
+        for line in lines[1:]:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                log.warning("eeagent supervisor: torn journal line ignored")
+                continue
+            if "put" in entry:
+                p = entry["put"]
+                recs[(p["upid"], int(p["round"]))] = p
+            elif "del" in entry:
+                recs.pop((str(entry["del"][0]), int(entry["del"][1])), None)
+        doc["processes"] = [recs[k] for k in sorted(recs)]
+    return doc
 
 
 def _is_str_seq(value: object) -> bool:
@@ -1059,6 +1307,19 @@ def _precheck(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -
             return f"executable {exe!r} not found"
         if not os.access(path, os.X_OK):
             return f"{exe!r} is not executable"
-    elif shutil.which(exe, path=env.get("PATH", os.defpath)) is None:
-        return f"executable {exe!r} not found on PATH"
+    else:
+        search = env.get("PATH", os.defpath)
+        now = time.monotonic()
+        if _which_cache.get((exe, search), 0.0) > now:
+            return None
+        if shutil.which(exe, path=search) is None:
+            return f"executable {exe!r} not found on PATH"
+        if len(_which_cache) > 256:
+            _which_cache.clear()
+        _which_cache[(exe, search)] = now + _WHICH_TTL
     return None
+
+
+#: Commands found on a PATH lately: ``(name, PATH) -> monotonic time until which it is trusted``.
+_which_cache: dict[tuple[str, str], float] = {}
+_WHICH_TTL = 2.0
