@@ -163,9 +163,6 @@ def test_demo(tmp_path: Path) -> None:
         cleanup(demo_home)
 
 
-@pytest.mark.xfail(strict=True, raises=subprocess.TimeoutExpired,
-                   reason="launcher._stdio_to's saved copies of fds 0-2 are inherited by the forked "
-                          "admin and actors, so they hold the caller's stdout pipe open")
 def test_up_returns_with_piped_output(home: Path) -> None:
     """``out=$(cei --json up)`` must return: the background system may not hold the caller's pipes."""
     proc = subprocess.run([sys.executable, "-m", "cei_actors.cli", "--json", "--home", str(home), "up"],

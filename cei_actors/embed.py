@@ -1,0 +1,163 @@
+"""Embedding CEI in a host program (a capability container, a test, any Python process).
+
+    from cei_actors.embed import CEI
+
+    with CEI(home="/var/lib/myhost/cei") as cei:        # the built-in plan, SQLite log in home
+        cei.pd.schedule_process("p1", command=["sh", "-c", "echo hello"])
+        cei.pd.wait_process("p1", ["EXITED", "FAILED"])
+
+``base`` chooses thespian's system base: ``multiprocTCPBase`` (default; every component in a
+child process on 127.0.0.1, and the local cloud's EEAgent "VMs" can join it) or
+``simpleSystemBase`` (everything in the host's thread, run while a client call waits; the
+local cloud driver needs an admin port, so use a plan with ``static_nodes`` there).
+
+The host keeps its process: nothing here installs signal handlers, configures logging (on
+the TCP base the actors' log goes to ``HOME/system.log``; on the simple base records go to
+the host's own ``logging`` setup) or exits. The only process-wide change is the one every
+system start makes: thespian's TCP transport is bound to 127.0.0.1 (docs/decisions.md R1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .epum.client import EPUMClient
+from .launch.launcher import (
+    Connection,
+    LaunchError,
+    Progress,
+    log_defs,
+    start_components,
+    stop_components,
+    sweep_leftovers,
+)
+from .launch.plan import Plan, load_plan
+from .pd.client import PDClient
+from .provisioner.client import ProvisionerClient
+from .runtime.system import BASES, TCP_BASE, shutdown_system, start_system
+
+__all__ = ["CEI", "LaunchError"]
+
+
+class CEI:
+    """CEI services running inside this process's care; see the module docstring.
+
+    ``plan``: a :class:`~.launch.plan.Plan`, a path to a plan file, or None (built-in plan).
+    ``log_url`` overrides the plan's log. ``home`` holds the log and the nodes' files; None
+    means a fresh temporary directory, removed again by :meth:`stop` (and the log with it).
+    """
+
+    def __init__(
+        self,
+        plan: Plan | str | Path | None = None,
+        *,
+        base: str = TCP_BASE,
+        log_url: str | None = None,
+        home: str | Path | None = None,
+        timeout: float = 10.0,
+        progress: Progress | None = None,
+    ) -> None:
+        if base not in BASES:
+            raise ValueError(f"base {base!r}: expected one of {', '.join(BASES)}")
+        self.base = base
+        self.timeout = timeout
+        self._plan_arg = plan
+        self._log_url = log_url
+        self._home_arg = home
+        self._progress = progress or (lambda _line: None)
+        self.home: Path | None = None
+        self.plan: Plan | None = None
+        self.info: dict[str, Any] | None = None
+        self._asys: Any = None
+        self._conn: Connection | None = None
+        self._temporary = False
+
+    def start(self) -> CEI:
+        """Start the actor system and every component; returns once all are ready."""
+        if self._conn is not None:
+            raise LaunchError("already started")
+        if self._home_arg is None:
+            self.home = Path(tempfile.mkdtemp(prefix="cei-embed-"))
+            self._temporary = True
+        else:
+            self.home = Path(self._home_arg).expanduser().resolve()
+            self.home.mkdir(parents=True, exist_ok=True)
+        try:
+            plan = self._plan_arg
+            if isinstance(plan, Plan):
+                if self._log_url is not None:
+                    plan = dataclasses.replace(plan, log_url=self._log_url)
+            else:
+                plan = load_plan(None if plan is None else Path(plan), home=self.home,
+                                 log_url=self._log_url)
+            self.plan = plan
+            defs = log_defs(self.home / "system.log") if self.base == TCP_BASE else None
+            self._asys = start_system(self.base, log_defs=defs)
+            self.info = start_components(self._asys, plan, self.home, self._progress)
+            self._conn = Connection(self._asys, self.info, self.timeout, owned=True)
+        except BaseException:
+            self._teardown()
+            raise
+        return self
+
+    @property
+    def connection(self) -> Connection:
+        if self._conn is None:
+            raise LaunchError("CEI is not started")
+        return self._conn
+
+    @property
+    def pd(self) -> PDClient:
+        """A client of the Process Dispatcher's leader."""
+        return self.connection.pd
+
+    @property
+    def epum(self) -> EPUMClient:
+        """A client of EPUM's leader."""
+        return self.connection.epum
+
+    @property
+    def provisioner(self) -> ProvisionerClient:
+        """A client of the Provisioner's leader."""
+        return self.connection.provisioner
+
+    def status(self) -> dict[str, Any]:
+        return self.connection.status()
+
+    def stop(self) -> dict[str, Any]:
+        """Terminate the nodes, stop the components and the actor system (the log stays,
+        unless ``home`` was a temporary directory). Safe to call twice."""
+        result: dict[str, Any] = {"stopped": [], "nodes_terminated": None, "killed": []}
+        if self._conn is not None:
+            try:
+                stop_components(self._conn, self._progress, result)
+            finally:
+                self._conn.close()
+                self._conn = None
+        result["killed"] = self._teardown()
+        return result
+
+    def _teardown(self) -> list[int]:
+        killed: list[int] = []
+        if self._asys is not None:
+            try:
+                shutdown_system(self._asys)
+            finally:
+                self._asys = None
+        if self.home is not None:
+            dirs = [Path(d) for d in (self.info or {}).get("node_dirs", [])] + [self.home / "static"]
+            killed = sweep_leftovers(dirs)
+            if self._temporary:
+                shutil.rmtree(self.home, ignore_errors=True)
+                self._temporary = False
+        return killed
+
+    def __enter__(self) -> CEI:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,744 @@
+"""The lightweight launcher: `up` a whole CEI system in the background, `connect` to it, `down`.
+
+``up(plan, home)`` starts a thespian ``multiprocTCPBase`` system on 127.0.0.1 (its admin and
+one process per actor outlive the caller), creates every component replica under a global
+name (``pd``, ``epum``, ``provisioner`` for replica 0; ``pd.1``, ... for standbys), starts
+them on the plan's log with each other as peers, loads the registry into the Provisioner,
+starts the static nodes, writes ``HOME/system.json`` and returns. The actors' output goes to
+``HOME/system.log``. ``connect(home)`` joins the running system as an external endpoint and
+finds each component's leader; ``down(home)`` terminates every node, stops the components and
+the actor system and checks that nothing is left running. The log stays: the next ``up``
+recovers everything by replay.
+
+Replicas: every replica contends for its stream's leadership (file lock next to a SQLite
+log, ZooKeeper election for ``zk://``); the others are warm standbys. Clients find the
+leader by asking each replica's ``Status``; ``connect`` also points the other components at
+a new leader (``SetPeers``). See docs/decisions.md L1-L6.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from thespian.actors import ActorAddress, ActorSystem
+
+from ..eeagent.supervisor import SupervisorError, read_table
+from ..epum.client import EPUMClient
+from ..pd.client import PDClient
+from ..provisioner.client import ProvisionerClient
+from ..runtime.client import NotFound, RequestFailed, ServiceClient
+from ..runtime.control import SetPeers, Start, Started, Status, Stop
+from ..runtime.system import (
+    SIMPLE_BASE,
+    TCP_BASE,
+    SystemNotRunning,
+    attach_system,
+    detach_system,
+    lookup,
+    shutdown_system,
+    start_system,
+)
+from .plan import COMPONENTS, Plan
+
+__all__ = [
+    "ACTOR_CLASSES",
+    "Connection",
+    "LaunchError",
+    "NotRunning",
+    "Progress",
+    "connect",
+    "down",
+    "read_info",
+    "replica_name",
+    "start_components",
+    "stop_components",
+    "sweep_leftovers",
+    "up",
+]
+
+#: Actor class of each component.
+ACTOR_CLASSES = {
+    "provisioner": "cei_actors.provisioner.actor.ProvisionerActor",
+    "epum": "cei_actors.epum.actor.EPUMActor",
+    "pd": "cei_actors.pd.actor.ProcessDispatcherActor",
+}
+AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
+INFO_FILE = "system.json"
+LOG_FILE = "system.log"
+START_TIMEOUT = 60.0
+
+#: A progress callback: one human-readable line per step.
+Progress = Callable[[str], None]
+
+
+class LaunchError(RuntimeError):
+    """The system could not be started (or is already up)."""
+
+
+class NotRunning(RuntimeError):  # noqa: N818 - the name the CLI and embedders catch
+    """No system is up in this home (no system.json, or its admin does not answer)."""
+
+
+def replica_name(component: str, index: int) -> str:
+    """Global actor name of a replica: ``pd`` for the first, ``pd.1``, ``pd.2`` ... after."""
+    return component if index == 0 else f"{component}.{index}"
+
+
+def agent_name(node_id: str) -> str:
+    """Global actor name of a static node's EEAgent."""
+    return f"eeagent.{node_id}"
+
+
+# ---------------------------------------------------------------------------------------- up
+
+
+def up(plan: Plan, home: Path, progress: Progress | None = None, *,
+       join: int | str | None = None) -> dict[str, Any]:
+    """Start ``plan`` in the background; return the contents of ``HOME/system.json``.
+
+    ``join`` (``PORT`` or ``127.0.0.1:PORT``): make this actor system a member of the
+    convention led by that admin (another host's system) and find the components this plan
+    does not run there by their global names (see docs/multi-host.md).
+
+    Raises :class:`LaunchError` if a system is already up in ``home`` or a component does
+    not become ready (whatever was started is shut down again).
+    """
+    home = Path(home).expanduser().resolve()
+    home.mkdir(parents=True, exist_ok=True)
+    say = progress or (lambda _line: None)
+    old = read_info(home)
+    if old is not None:
+        if _port_answers(old["admin_port"]):
+            raise LaunchError(f"a system is already up in {home} (admin port {old['admin_port']}); "
+                              "run `cei down` first")
+        say("the previous system is gone without `down`; cleaning up what it left")
+        sweep_leftovers([Path(d) for d in old.get("node_dirs", [])] + [home / "static"],
+                        _recorded_pids(old), settle=0.0)
+        (home / INFO_FILE).unlink(missing_ok=True)
+    log_path = home / LOG_FILE
+    say(f"starting the actor system ({TCP_BASE}, 127.0.0.1), output in {log_path}")
+    remote = None
+    if join is not None:
+        try:
+            remote = attach_system(_port_of(join))
+        except SystemNotRunning as exc:
+            raise LaunchError(f"cannot join {join}: {exc}") from None
+    try:
+        with _stdio_to(log_path):
+            asys = start_system(TCP_BASE, convention=join, log_defs=log_defs(log_path))
+        try:
+            info = start_components(asys, plan, home, say, remote=remote)
+            info["admin_pid"] = _listener_pid(info["admin_port"])
+            # the admin's children: the actors and thespian's logger, which outlives a killed admin
+            info["helper_pids"] = [p for p in _children(info["admin_pid"]) if p not in _system_pids(info)]
+            info["pid_starts"] = {str(pid): _start_ticks(pid) for pid in _system_pids(info)}
+            write_info(home, info)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                shutdown_system(asys)
+            sweep_leftovers(_node_dirs(plan, home))
+            raise
+        detach_system(asys)  # the system runs on without this process
+    finally:
+        if remote is not None:
+            detach_system(remote)
+    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {plan.log_url}")
+    return info
+
+
+def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
+                     remote: ActorSystem | None = None) -> dict[str, Any]:
+    """Create and start every replica, load the registry, start static nodes (shared with embed).
+
+    ``remote``: a handle on the admin of the convention this system joined; components the
+    plan does not run are looked up there and told where this system's components are.
+    """
+    port = getattr(asys, "cei_admin_port", None)
+    addresses: dict[str, list[ActorAddress]] = {}
+    for comp in COMPONENTS:
+        if comp in plan.components:
+            n = plan.components[comp].replicas
+            addresses[comp] = [asys.createActor(ACTOR_CLASSES[comp], globalName=replica_name(comp, i))
+                               for i in range(n)]
+    peers = {comp: addrs[0] for comp, addrs in addresses.items()}
+    remote_peers: dict[str, ActorAddress] = {}
+    if remote is not None:
+        for comp in COMPONENTS:
+            if comp not in peers and (found := lookup(remote, comp)) is not None:
+                remote_peers[comp] = found
+        for address in remote_peers.values():
+            with ServiceClient(asys, address, timeout=10.0) as client:
+                client.call(SetPeers(dict(peers)))
+    needed = {"pd"} if plan.static_nodes else set(COMPONENTS)
+    missing = sorted(needed - set(peers) - set(remote_peers))
+    if missing and remote is not None:
+        raise LaunchError(f"no {', '.join(missing)}: neither in this plan's components nor in "
+                          f"the system at 127.0.0.1:{remote.cei_admin_port}")
+    if missing:
+        say(f"this system runs no {', '.join(missing)}: another system must join it (multi-host)")
+    peers.update(remote_peers)
+    heads: dict[str, int] = {}
+    for comp, addrs in addresses.items():
+        start = Start(plan.log_url, config=plan.start_config(comp),
+                      peers={k: v for k, v in peers.items() if k != comp})
+        say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
+        with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
+            try:
+                started = client.call(start)
+            except RequestFailed as exc:
+                raise LaunchError(f"{comp} did not start: {exc}") from None
+            if not isinstance(started, Started):
+                raise LaunchError(f"{comp} did not start: {started!r}")
+            for standby in addrs[1:]:
+                with ServiceClient(asys, standby) as other:
+                    other.tell(start)
+        heads[comp] = started.head
+        say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
+            f"replayed {started.head} events")
+    # EEAgents join the system whose admin knows the PD by name
+    if "provisioner" in addresses:
+        agent_port = port if "pd" in addresses or remote is None else remote.cei_admin_port
+        load_registry(ProvisionerClient(ServiceClient(asys, peers["provisioner"])), plan,
+                      agent_port, say)
+    elif "provisioner" in peers and "pd" in addresses:
+        point_agents_at(ProvisionerClient(ServiceClient(asys, peers["provisioner"])), port, say)
+    agents: list[str] = []
+    if "pd" in addresses:
+        pd = PDClient(ServiceClient(asys, peers["pd"], timeout=30.0))
+        if heads["pd"] > 0:
+            # The previous run's nodes are gone (down terminated them): evacuate and requeue.
+            pd.set_system_boot(True)
+            pd.set_system_boot(False)
+        agents = start_static_nodes(asys, plan, home, peers["pd"], pd, say)
+    pids = {}
+    for comp, addrs in addresses.items():
+        for i, addr in enumerate(addrs):
+            with ServiceClient(asys, addr, timeout=10.0) as client:
+                pids[replica_name(comp, i)] = client.call(Status())["pid"]
+    return {
+        "admin_port": port,
+        "base": getattr(asys, "cei_base", TCP_BASE),
+        "log_url": plan.log_url,
+        "plan": plan.source,
+        "home": str(home),
+        "components": {comp: [replica_name(comp, i) for i in range(len(addrs))]
+                       for comp, addrs in addresses.items()},
+        "remote": ({"admin_port": remote.cei_admin_port, "components": sorted(remote_peers)}
+                   if remote is not None else None),
+        "static_nodes": agents,
+        "node_dirs": [str(d) for d in _node_dirs(plan, home)],
+        "pids": pids,
+        "started_at": time.time(),
+    }
+
+
+def load_registry(prov: ProvisionerClient, plan: Plan, admin_port: int | None, say: Progress) -> None:
+    """Add or update the plan's sites, deployable types and credentials; enable provisioning."""
+    reg = plan.registry
+    for name, site in reg["sites"].items():
+        site = dict(site)
+        if site.get("type") == "local":
+            if admin_port is None:
+                raise LaunchError(f"site {name!r}: the local cloud needs the TCP base "
+                                  "(its EEAgent processes join the system by its admin port)")
+            site["vars"] = {**(site.get("vars") or {}), "admin_port": admin_port}
+        _put(prov.describe_site, prov.add_site, prov.update_site, name, site)
+    for name, dt in reg["deployable_types"].items():
+        _put(prov.describe_dt, prov.add_dt, prov.update_dt, name, dict(dt))
+    for site, creds in reg["credentials"].items():
+        _put(prov.describe_credentials, prov.add_credentials, prov.update_credentials, site, dict(creds))
+    prov.enable()  # `down` disabled it; does nothing when already enabled
+    say(f"registry: {len(reg['sites'])} site(s), {len(reg['deployable_types'])} deployable "
+        f"type(s), {len(reg['credentials'])} credential set(s)")
+
+
+def point_agents_at(prov: ProvisionerClient, admin_port: int | None, say: Progress) -> None:
+    """Make the local sites of a (remote) Provisioner start EEAgents that join ``admin_port``."""
+    for name in prov.list_sites():
+        site = prov.describe_site(name)
+        if site.get("type") == "local" and (site.get("vars") or {}).get("admin_port") != admin_port:
+            prov.update_site(name, {**site, "vars": {**(site.get("vars") or {}), "admin_port": admin_port}})
+            say(f"site {name}: new nodes join 127.0.0.1:{admin_port}")
+
+
+def _put(describe: Callable, add: Callable, update: Callable, name: str, value: dict) -> None:
+    try:
+        current = describe(name)
+    except NotFound:
+        add(name, value)
+        return
+    if current != value:
+        update(name, value)
+
+
+def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_address: ActorAddress,
+                       pd: PDClient, say: Progress) -> list[str]:
+    """Start an in-system EEAgent per static node and announce it to the PD."""
+    if not plan.static_nodes:
+        return []
+    from ..eeagent.actor import AgentConfig
+    from ..pd.logic import parse_config
+
+    cfg = parse_config(plan.start_config("pd"))
+    names = []
+    for node in plan.static_nodes:
+        engine = plan.engine_of(node)
+        name = agent_name(node.node_id)
+        addr = asys.createActor(AGENT_CLASS, globalName=name)
+        conf = AgentConfig(node.node_id, node.node_id, node.slots,
+                           str(home / "static" / node.node_id), pd_address,
+                           heartbeat_interval=float(engine.get("heartbeat_period", 30.0)), grace=2.0)
+        _ask_bare(asys, addr, conf)
+        pd.node_state(node.node_id, cfg.domain_id(node.engine), "RUNNING")
+        names.append(name)
+    say(f"static nodes: {', '.join(n.node_id for n in plan.static_nodes)}")
+    return names
+
+
+def _ask_bare(asys: ActorSystem, address: ActorAddress, message: Any, timeout: float = 20.0) -> Any:
+    from ..runtime.client import unwrap
+
+    if getattr(asys, "cei_base", None) == SIMPLE_BASE:
+        return unwrap(asys.ask(address, message, timeout))
+    with asys.private() as ctx:
+        return unwrap(ctx.ask(address, message, timeout))
+
+
+# ------------------------------------------------------------------------------------ connect
+
+
+@dataclass
+class _Member:
+    name: str
+    address: ActorAddress | None
+    status: dict[str, Any] | None
+
+
+class Connection:
+    """Clients for a running system: ``.pd``, ``.epum``, ``.provisioner`` talk to the leaders.
+
+    Each component's leader is found once (on first use) and kept: after a failover, connect
+    again (or call :meth:`close` and use a new connection).
+    """
+
+    def __init__(self, asys: ActorSystem, info: dict[str, Any], timeout: float = 10.0,
+                 owned: bool = False) -> None:
+        self.asys = asys
+        self.info = info
+        self.timeout = timeout
+        self._owned = owned  # embed: closing does not detach, the owner stops the system
+        self._services: dict[str, ServiceClient] = {}
+        self._remote: ActorSystem | None = None
+
+    def _where(self, component: str) -> tuple[list[str], ActorSystem | None]:
+        """The replica names of ``component`` and a handle on the admin that knows them."""
+        if component in self.info["components"]:
+            return self.info["components"][component], self.asys
+        remote = self.info.get("remote") or {}
+        if component in remote.get("components", []):
+            if self._remote is None:
+                try:
+                    self._remote = attach_system(int(remote["admin_port"]))
+                except SystemNotRunning:
+                    return [component], None
+            return [component], self._remote
+        raise NotRunning(f"this system runs no {component}")
+
+    def members(self, component: str) -> list[_Member]:
+        """Every replica of ``component`` with its status (None if it does not answer)."""
+        out = []
+        names, admin = self._where(component)
+        for name in names:
+            address = lookup(admin, name) if admin is not None else None
+            status = None
+            if address is not None:
+                try:
+                    with ServiceClient(self.asys, address, timeout=min(self.timeout, 5.0)) as c:
+                        status = c.call(Status())
+                except RequestFailed:
+                    status = None
+            out.append(_Member(name, address, status))
+        return out
+
+    def leader(self, component: str) -> ActorAddress:
+        """The address of ``component``'s serving replica (else its first live one)."""
+        members = self.members(component)
+        for i, member in enumerate(members):
+            if member.status and member.status.get("ready"):
+                if i > 0:
+                    self._repoint(component, member.address)
+                return member.address  # type: ignore[return-value]
+        for member in members:
+            if member.address is not None:
+                return member.address
+        raise NotRunning(f"no replica of {component} answers")
+
+    def _repoint(self, component: str, address: ActorAddress | None) -> None:
+        """Point the other components at ``component``'s new leader."""
+        for other, names in self.info["components"].items():
+            if other == component:
+                continue
+            for name in names:
+                target = lookup(self.asys, name)
+                if target is not None:
+                    with contextlib.suppress(RequestFailed), \
+                            ServiceClient(self.asys, target, timeout=5.0) as c:
+                        c.call(SetPeers({component: address}))
+
+    def service(self, component: str) -> ServiceClient:
+        """The request/response client of ``component``'s leader (found once, then kept)."""
+        svc = self._services.get(component)
+        if svc is None:
+            svc = self._services[component] = ServiceClient(self.asys, self.leader(component),
+                                                            timeout=self.timeout)
+        return svc
+
+    @property
+    def pd(self) -> PDClient:
+        return PDClient(self.service("pd"))
+
+    @property
+    def epum(self) -> EPUMClient:
+        return EPUMClient(self.service("epum"))
+
+    @property
+    def provisioner(self) -> ProvisionerClient:
+        return ProvisionerClient(self.service("provisioner"))
+
+    def status(self) -> dict[str, Any]:
+        """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
+        out: dict[str, Any] = {"admin_port": self.info.get("admin_port"),
+                               "log_url": self.info.get("log_url"), "components": {}}
+        keys = ("mode", "ready", "leader", "epoch", "head", "pid")
+        remote = (self.info.get("remote") or {}).get("components", [])
+        for comp in [*self.info["components"], *remote]:
+            out["components"][comp] = [
+                {"name": m.name, "running": m.status is not None,
+                 **{k: (m.status or {}).get(k) for k in keys}}
+                for m in self.members(comp)
+            ]
+        with contextlib.suppress(RequestFailed, NotRunning):
+            out["processes"] = self.pd.process_counts()
+        if "epum" in out["components"]:
+            with contextlib.suppress(RequestFailed, NotRunning):
+                out["domains"] = self.epum.list_domains()
+        if "provisioner" in out["components"]:
+            with contextlib.suppress(RequestFailed, NotRunning):
+                nodes: dict[str, int] = {}
+                for node in self.provisioner.describe_nodes():
+                    nodes[node["state"]] = nodes.get(node["state"], 0) + 1
+                out["nodes"] = nodes
+        return out
+
+    def close(self) -> None:
+        """Release the clients and this process's endpoint (the system keeps running)."""
+        for svc in self._services.values():
+            svc.close()
+        self._services.clear()
+        if self._remote is not None:
+            detach_system(self._remote)
+            self._remote = None
+        if not self._owned:
+            detach_system(self.asys)
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(home: Path, timeout: float = 10.0) -> Connection:
+    """A :class:`Connection` to the system up in ``home``; :class:`NotRunning` if there is none."""
+    home = Path(home).expanduser().resolve()
+    info = read_info(home)
+    if info is None:
+        raise NotRunning(f"system not up in {home} (no {INFO_FILE}): run `cei up`")
+    try:
+        asys = attach_system(int(info["admin_port"]))
+    except SystemNotRunning:
+        raise NotRunning(f"system not up in {home}: nothing answers on 127.0.0.1:"
+                         f"{info['admin_port']} (stale {INFO_FILE}?)") from None
+    return Connection(asys, info, timeout)
+
+
+# --------------------------------------------------------------------------------------- down
+
+
+def down(home: Path, progress: Progress | None = None) -> dict[str, Any]:
+    """Terminate every node, stop the components and the actor system; the log stays.
+
+    Returns what was done; after it returns no EEAgent, node process or actor process of
+    this system is left (anything that resisted is SIGKILLed and reported in ``killed``).
+    """
+    home = Path(home).expanduser().resolve()
+    say = progress or (lambda _line: None)
+    info = read_info(home)
+    if info is None:
+        raise NotRunning(f"system not up in {home} (no {INFO_FILE})")
+    result: dict[str, Any] = {"home": str(home), "stopped": [], "nodes_terminated": None, "killed": []}
+    try:
+        conn = connect(home)
+    except NotRunning:
+        conn = None
+        say("the actor system does not answer; cleaning up what it left")
+    if conn is not None:
+        try:
+            stop_components(conn, say, result)
+        finally:
+            conn.close()
+        with contextlib.suppress(SystemNotRunning):
+            asys = attach_system(int(info["admin_port"]))
+            asys.shutdown()
+        say("actor system shut down")
+    node_dirs = [Path(d) for d in info.get("node_dirs", [])] + [home / "static"]
+    result["killed"] = sweep_leftovers(node_dirs, _recorded_pids(info))
+    (home / INFO_FILE).unlink(missing_ok=True)
+    say("down" + (f" (killed leftovers: {result['killed']})" if result["killed"] else ""))
+    return result
+
+
+def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> None:
+    """Terminate the nodes (while EPUM and the PD still listen), stop agents, then replicas."""
+    asys = conn.asys
+    if "provisioner" in conn.info["components"]:
+        say("terminating every node")
+        try:
+            result["nodes_terminated"] = conn.provisioner.terminate_all(wait=True, timeout=60.0)
+        except RequestFailed as exc:
+            say(f"terminate-all failed ({exc}); the local nodes are cleaned up directly")
+    from ..eeagent.actor import AgentStop
+
+    for name in conn.info.get("static_nodes", []):
+        address = lookup(asys, name)
+        if address is not None:
+            with contextlib.suppress(Exception):
+                _ask_bare(asys, address, AgentStop(kill=True), timeout=15.0)
+    for comp in reversed(COMPONENTS):
+        for name in conn.info["components"].get(comp, []):
+            address = lookup(asys, name)
+            if address is None:
+                continue
+            with contextlib.suppress(RequestFailed), ServiceClient(asys, address, timeout=10.0) as c:
+                c.call(Stop())
+            result["stopped"].append(name)
+    say(f"stopped {', '.join(result['stopped']) or 'nothing'}")
+
+
+# ------------------------------------------------------------------------- files and processes
+
+
+def read_info(home: Path) -> dict[str, Any] | None:
+    """The contents of ``HOME/system.json``, or None."""
+    try:
+        return json.loads((Path(home) / INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_info(home: Path, info: dict[str, Any]) -> None:
+    path = Path(home) / INFO_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def log_defs(path: Path) -> dict[str, Any]:
+    """thespian logging definitions: everything at INFO and above into ``path``."""
+    return {
+        "version": 1,
+        "formatters": {"plain": {"format": "%(asctime)s %(process)d %(name)s %(levelname)s %(message)s"}},
+        "handlers": {"file": {"class": "logging.FileHandler", "filename": str(path),
+                              "formatter": "plain"}},
+        "root": {"handlers": ["file"], "level": "INFO"},
+    }
+
+
+#: the caller's stdio, saved by ``_stdio_to``; a process forked meanwhile must not keep them
+_SAVED_STDIO: list[int] = []
+
+
+def _close_saved_stdio() -> None:
+    for fd in _SAVED_STDIO:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _SAVED_STDIO.clear()
+
+
+os.register_at_fork(after_in_child=_close_saved_stdio)
+
+
+@contextlib.contextmanager
+def _stdio_to(path: Path) -> Iterator[None]:
+    """Point fds 0-2 at /dev/null and ``path`` while the admin is forked, so the background
+    system never holds the caller's terminal or pipes (nor the saved copies of them)."""
+    saved = [os.dup(fd) for fd in (0, 1, 2)]
+    _SAVED_STDIO[:] = saved
+    null = os.open(os.devnull, os.O_RDONLY)
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        yield
+    finally:
+        _SAVED_STDIO.clear()
+        for fd, copy_ in zip((0, 1, 2), saved, strict=True):
+            os.dup2(copy_, fd)
+            os.close(copy_)
+        os.close(null)
+        os.close(out)
+
+
+def _port_of(address: int | str) -> int:
+    text = str(address)
+    host, _, port = text.rpartition(":")
+    if host not in ("", "127.0.0.1", "localhost") or not port.isdigit():
+        raise LaunchError(f"join {address!r}: expected PORT or 127.0.0.1:PORT")
+    return int(port)
+
+
+def _port_answers(port: int) -> bool:
+    try:
+        asys = attach_system(int(port))
+    except SystemNotRunning:
+        return False
+    detach_system(asys)
+    return True
+
+
+def _node_dirs(plan: Plan, home: Path) -> list[Path]:
+    """Where this system's nodes live: its local sites (if it runs the Provisioner), static nodes."""
+    sites = plan.registry["sites"].values() if "provisioner" in plan.components else ()
+    return [Path(s["state_dir"]) for s in sites if s.get("type") == "local"] + [home / "static"]
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """(state, process group) of a live process, or None."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    state = fields[0].decode()
+    return None if state in ("Z", "X") else (state, int(fields[2]))
+
+
+def _listener_pid(port: int) -> int | None:
+    """The pid of the process listening on 127.0.0.1:``port`` (from /proc), or None."""
+    inodes = set()
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(parts[9])
+    if not inodes:
+        return None
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.scandir(f"/proc/{entry.name}/fd"):
+                link = os.readlink(fd.path)
+                if link.startswith("socket:[") and link[8:-1] in inodes:
+                    return int(entry.name)
+    return None
+
+
+def _system_pids(info: dict[str, Any]) -> list[int]:
+    pids = [int(p) for p in (info.get("pids") or {}).values() if p]
+    pids += [int(p) for p in info.get("helper_pids") or []]
+    return pids + ([int(info["admin_pid"])] if info.get("admin_pid") else [])
+
+
+def _children(pid: int | None) -> list[int]:
+    """Pids whose parent is ``pid`` (a /proc scan)."""
+    out = []
+    if pid is None:
+        return out
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError), \
+                    open(f"/proc/{entry.name}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+    return out
+
+
+def _recorded_pids(info: dict[str, Any]) -> list[int]:
+    """The system's actor and admin pids that still belong to it (same start time)."""
+    starts = info.get("pid_starts") or {}
+    return [p for p in _system_pids(info)
+            if starts.get(str(p)) is not None and _start_ticks(p) == starts[str(p)]]
+
+
+def _start_ticks(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return int(f.read().rsplit(b")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _node_pids(node_dirs: list[Path]) -> list[tuple[int, bool]]:
+    """(pid, kill as a group) of every process the EEAgents' tables name that still runs
+    (same pid and start time; whatever state the table gives it)."""
+    out: list[tuple[int, bool]] = []
+    for base in node_dirs:
+        for procs in list(base.glob("nodes/*/eeagent/processes.json")) + list(base.glob("*/processes.json")):
+            with contextlib.suppress(OSError, ValueError, TypeError, SupervisorError):
+                table = read_table(procs.parent) or {}
+                for p in table.get("processes", []):
+                    pid, ticks = p.get("pid"), p.get("start_ticks")
+                    if pid and (ticks is None or _start_ticks(int(pid)) == ticks):
+                        out.append((int(pid), True))
+    return out
+
+
+def sweep_leftovers(node_dirs: list[Path], pids: list[int] | None = None,
+                    grace: float = 3.0, settle: float = 3.0) -> list[int]:
+    """Destroy what is still running of the local nodes, their processes and ``pids``.
+
+    Node processes first get SIGTERM (an EEAgent then stops its own processes), then
+    SIGKILL after ``grace`` seconds; ``pids`` get ``settle`` seconds to exit by themselves
+    first. Returns the pids that had to be signalled.
+    """
+    from ..provisioner.drivers import LocalProcessDriver
+
+    killed: list[int] = []
+    for base in node_dirs:
+        if (base / "nodes.json").exists():
+            driver = LocalProcessDriver(base, grace_period=grace)
+            for node in driver.list_nodes():
+                if node.extra.get("status") == "running":
+                    killed.append(int(node.extra["pid"]))
+                    with contextlib.suppress(Exception):
+                        driver.destroy_node(node)
+    targets = _node_pids(node_dirs) + [(p, False) for p in pids or []]
+    deadline = time.monotonic() + settle
+    while time.monotonic() < deadline and any(_stat(p) is not None for p, _ in targets):
+        time.sleep(0.05)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        alive = [(p, g) for p, g in targets if _stat(p) is not None]
+        if not alive:
+            break
+        deadline = time.monotonic() + 5.0
+        for pid, group in alive:
+            if pid not in killed:
+                killed.append(pid)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                if group and (st := _stat(pid)) is not None and st[1] == pid:
+                    os.killpg(pid, sig)
+                else:
+                    os.kill(pid, sig)
+        while time.monotonic() < deadline and any(_stat(p) is not None for p, _ in alive):
+            time.sleep(0.05)
+    return killed

@@ -1,0 +1,348 @@
+"""Launch plans: which components run, how many replicas, their configuration, the registry.
+
+A plan is a YAML file (the built-in one is ``cei_actors/launch/default.yaml``; copy and edit
+it). Top-level keys, all optional except where noted::
+
+    log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME
+    components:                   # provisioner, epum, pd: {replicas: N, config: {...}}
+    registry:                     # loaded into the Provisioner at every `up` (idempotent)
+      sites: {NAME: {type: ..., ...}}
+      deployable_types: {NAME: {mappings: ..., contextualization: ...}}
+      credentials: {SITE: {access_key: ..., secret_key: ...}}
+    pd:
+      engines: {ID: {slots: N, maximum_vms: N, heartbeat_period: S, ...}}   # required
+      domain_definition: {...}    # the EPUM definition the PD's domains use
+      domain_definition_id: pd_default
+    epum:
+      definitions: {ID: {...}}    # more EPUM domain definitions
+      domains: {ID: {definition: ID, config: {...}}}
+    static_nodes:                 # EEAgents announced directly to the PD (no EPUM, no
+      - {node_id: n1, engine: default, slots: 4}   # Provisioner): the original's harness
+
+``${home}`` anywhere in a string is replaced by the home directory. Every error raises
+:class:`PlanError` naming the file, the dotted key and what was expected; unknown keys are
+refused.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = [
+    "COMPONENTS",
+    "ComponentPlan",
+    "Plan",
+    "PlanError",
+    "StaticNode",
+    "default_plan_text",
+    "load_plan",
+]
+
+#: Components in start order (each may reach the ones before it).
+COMPONENTS = ("provisioner", "epum", "pd")
+DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
+
+_TOP = {"log", "components", "registry", "pd", "epum", "static_nodes"}
+_COMPONENT_KEYS = {"replicas", "config"}
+_REGISTRY_KEYS = {"sites", "deployable_types", "credentials"}
+_PD_KEYS = {"engines", "domain_definition", "domain_definition_id"}
+_EPUM_KEYS = {"definitions", "domains"}
+_DOMAIN_KEYS = {"definition", "config"}
+_STATIC_KEYS = {"node_id", "engine", "slots"}
+
+
+class PlanError(ValueError):
+    """A launch plan is invalid; the message names the file, the key and what was expected."""
+
+    def __init__(self, source: str, key: str, expected: str) -> None:
+        super().__init__(f"{source}: {key or '(top level)'}: {expected}")
+        self.source = source
+        self.key = key
+        self.expected = expected
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """How one component runs: ``replicas`` actors (one leads) started with ``config``."""
+
+    replicas: int = 1
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StaticNode:
+    """An EEAgent announced directly to the PD on ``engine``'s domain."""
+
+    node_id: str
+    engine: str
+    slots: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated launch plan (see the module docstring)."""
+
+    log_url: str
+    components: dict[str, ComponentPlan]
+    registry: dict[str, dict[str, Any]]
+    pd: dict[str, Any]
+    epum: dict[str, Any]
+    static_nodes: tuple[StaticNode, ...] = ()
+    source: str = DEFAULT_SOURCE
+
+    def start_config(self, component: str) -> dict[str, Any]:
+        """The ``Start.config`` of ``component``: its own config plus what the plan implies."""
+        conf = copy.deepcopy(self.components[component].config)
+        if component == "pd":
+            conf["engines"] = copy.deepcopy(self.pd["engines"])
+            conf.setdefault("domain_definition_id", self.pd["domain_definition_id"])
+            if self.static_nodes:
+                conf["static_resources"] = True
+        elif component == "epum":
+            defs = dict(conf.get("initial_definitions") or {})
+            defs.update(copy.deepcopy(self.epum["definitions"]))
+            if not self.static_nodes:
+                defs.setdefault(self.pd["domain_definition_id"],
+                                copy.deepcopy(self.pd["domain_definition"]))
+            conf["initial_definitions"] = defs
+            doms = dict(conf.get("initial_domains") or {})
+            doms.update(copy.deepcopy(self.epum["domains"]))
+            conf["initial_domains"] = doms
+        return conf
+
+    def engine_of(self, node: StaticNode) -> dict[str, Any]:
+        return dict(self.pd["engines"][node.engine])
+
+
+def default_plan_text() -> str:
+    """The text of the built-in plan (``cei_actors/launch/default.yaml``)."""
+    return resources.files(__package__).joinpath("default.yaml").read_text()
+
+
+def load_plan(path: Path | None, *, home: Path, log_url: str | None = None) -> Plan:
+    """Load and validate a plan (``None``: the built-in default); ``log_url`` overrides ``log``."""
+    home = Path(home).expanduser().resolve()
+    if path is None:
+        source, text = DEFAULT_SOURCE, default_plan_text()
+    else:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise PlanError(source, "", f"cannot read the plan: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PlanError(source, "", f"expected YAML: {exc}") from None
+    if data is None:
+        data = {}
+    data = _substitute(data, str(home))
+    return _Validator(source).plan(data, log_url)
+
+
+def _substitute(value: Any, home: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("${home}", home)
+    if isinstance(value, dict):
+        return {k: _substitute(v, home) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, home) for v in value]
+    return value
+
+
+class _Validator:
+    def __init__(self, source: str) -> None:
+        self.source = source
+
+    def fail(self, key: str, expected: str) -> PlanError:
+        return PlanError(self.source, key, expected)
+
+    def mapping(self, value: Any, key: str, allowed: set[str] | None = None) -> dict[str, Any]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(key, f"expected a mapping, got {type(value).__name__}")
+        for k in value:
+            if not isinstance(k, str) or not k:
+                raise self.fail(key, f"expected string keys, got {k!r}")
+            if allowed is not None and k not in allowed:
+                where = f"{key}.{k}" if key else k
+                raise self.fail(where, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+        return dict(value)
+
+    def count(self, value: Any, key: str, low: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise self.fail(key, f"expected an integer >= {low}, got {value!r}")
+        return value
+
+    def plan(self, data: Any, log_url: str | None) -> Plan:
+        top = self.mapping(data, "", _TOP)
+        log = log_url if log_url is not None else top.get("log")
+        if not isinstance(log, str) or "://" not in log:
+            raise self.fail("log", f"expected a log URL (sqlite:///PATH, zk://HOSTS/PATH), got {log!r}")
+        if not log.startswith(("sqlite://", "zk://", "memory://")):
+            raise self.fail("log", f"expected sqlite://, zk:// or memory://, got {log!r}")
+        static = self.static_nodes(top.get("static_nodes"))
+        components = self.components(top.get("components"), bool(static))
+        pd = self.pd(top.get("pd"))
+        epum = self.epum(top.get("epum"))
+        registry = self.registry(top.get("registry"))
+        for i, node in enumerate(static):
+            engine = node.get("engine") or next(iter(pd["engines"]))
+            if engine not in pd["engines"]:
+                raise self.fail(f"static_nodes.{i}.engine",
+                                f"expected one of the pd.engines ({', '.join(pd['engines'])}), got {engine!r}")
+            node["engine"] = engine
+            node.setdefault("slots", pd["engines"][engine]["slots"])
+        plan = Plan(
+            log_url=log,
+            components=components,
+            registry=registry,
+            pd=pd,
+            epum=epum,
+            static_nodes=tuple(StaticNode(**n) for n in static),
+            source=self.source,
+        )
+        self.component_configs(plan)
+        return plan
+
+    def components(self, value: Any, static: bool) -> dict[str, ComponentPlan]:
+        # A plan may run a subset: the others are found in the system it joins (multi-host);
+        # `up` checks that every component it needs is reachable.
+        raw = self.mapping(value, "components", set(COMPONENTS))
+        if value is None:
+            raw = {name: {} for name in COMPONENTS}
+        if not raw:
+            raise self.fail("components", f"expected at least one of {', '.join(COMPONENTS)}")
+        if static and "pd" not in raw:
+            raise self.fail("components.pd", "expected the pd component: static_nodes are announced to it")
+        out = {}
+        for name in COMPONENTS:
+            if name not in raw:
+                continue
+            key = f"components.{name}"
+            entry = self.mapping(raw[name], key, _COMPONENT_KEYS)
+            replicas = self.count(entry.get("replicas", 1), f"{key}.replicas", 1)
+            config = self.mapping(entry.get("config"), f"{key}.config")
+            out[name] = ComponentPlan(replicas, config)
+        return out
+
+    def pd(self, value: Any) -> dict[str, Any]:
+        raw = self.mapping(value, "pd", _PD_KEYS)
+        engines = self.mapping(raw.get("engines"), "pd.engines")
+        if not engines:
+            raise self.fail("pd.engines", "expected at least one engine: {ID: {slots: N, ...}}")
+        from ..pd.needs import EngineSpec
+
+        for eid, conf in engines.items():
+            key = f"pd.engines.{eid}"
+            self.mapping(conf, key)
+            try:
+                EngineSpec.from_config(eid, conf)
+            except (ValueError, TypeError) as exc:
+                raise self.fail(key, str(exc)) from None
+        definition = self.mapping(raw.get("domain_definition", {"general": {"engine_class": "needy"}}),
+                                  "pd.domain_definition")
+        def_id = raw.get("domain_definition_id", "pd_default")
+        if not isinstance(def_id, str) or not def_id:
+            raise self.fail("pd.domain_definition_id", f"expected a definition id, got {def_id!r}")
+        return {"engines": engines, "domain_definition": definition, "domain_definition_id": def_id}
+
+    def epum(self, value: Any) -> dict[str, Any]:
+        raw = self.mapping(value, "epum", _EPUM_KEYS)
+        definitions = self.mapping(raw.get("definitions"), "epum.definitions")
+        for did, definition in definitions.items():
+            self.mapping(definition, f"epum.definitions.{did}")
+        domains = self.mapping(raw.get("domains"), "epum.domains")
+        for dom, spec in domains.items():
+            key = f"epum.domains.{dom}"
+            spec = self.mapping(spec, key, _DOMAIN_KEYS)
+            if not isinstance(spec.get("definition"), str):
+                raise self.fail(f"{key}.definition", "expected the id of a domain definition")
+            self.mapping(spec.get("config"), f"{key}.config")
+        return {"definitions": definitions, "domains": domains}
+
+    def registry(self, value: Any) -> dict[str, dict[str, Any]]:
+        from ..provisioner import registry as reg
+        from ..provisioner.drivers import validate_credentials, validate_site
+
+        raw = self.mapping(value, "registry", _REGISTRY_KEYS)
+        sites = self.mapping(raw.get("sites"), "registry.sites")
+        for name, definition in sites.items():
+            key = f"registry.sites.{name}"
+            self.mapping(definition, key)
+            try:
+                validate_site(definition)
+            except ValueError as exc:
+                sub = getattr(exc, "key", None)
+                raise self.fail(f"{key}.{sub}" if sub else key, str(exc)) from None
+            try:
+                reg.validate_site(name, definition, validate_site)
+            except ValueError as exc:
+                raise self.fail(key, str(exc)) from None
+        dts = self.mapping(raw.get("deployable_types"), "registry.deployable_types")
+        for name, definition in dts.items():
+            try:
+                reg.validate_dt(name, definition)
+            except ValueError as exc:
+                raise self.fail(f"registry.deployable_types.{name}", str(exc)) from None
+        creds = self.mapping(raw.get("credentials"), "registry.credentials")
+        for site, cred in creds.items():
+            key = f"registry.credentials.{site}"
+            if site not in sites:
+                raise self.fail(key, f"expected credentials for a site of registry.sites, got {site!r}")
+            try:
+                reg.validate_credentials(site, sites[site], cred, validator=validate_credentials)
+            except ValueError as exc:
+                raise self.fail(key, str(exc)) from None
+        return {"sites": sites, "deployable_types": dts, "credentials": creds}
+
+    def static_nodes(self, value: Any) -> list[dict[str, Any]]:
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail("static_nodes", f"expected a list of nodes, got {type(value).__name__}")
+        out, seen = [], set()
+        for i, entry in enumerate(value):
+            key = f"static_nodes.{i}"
+            node = self.mapping(entry, key, _STATIC_KEYS)
+            nid = node.get("node_id")
+            if not isinstance(nid, str) or not nid:
+                raise self.fail(f"{key}.node_id", f"expected a node id, got {nid!r}")
+            if nid in seen:
+                raise self.fail(f"{key}.node_id", f"expected a unique node id, {nid!r} is repeated")
+            seen.add(nid)
+            if "slots" in node:
+                self.count(node["slots"], f"{key}.slots", 1)
+            out.append(node)
+        return out
+
+    def component_configs(self, plan: Plan) -> None:
+        """Check each component's Start config with the component's own validation."""
+        from ..epum.logic import EPUMConfig
+        from ..pd.logic import parse_config
+        from ..provisioner.actor import ACTOR_KEYS
+        from ..provisioner.logic import CONFIG_KEYS
+
+        for name in plan.components:
+            key = f"components.{name}.config"
+            conf = plan.start_config(name)
+            try:
+                if name == "pd":
+                    parse_config(conf)
+                elif name == "epum":
+                    EPUMConfig.from_dict(conf)
+                else:
+                    shell = {"workers", "group_commit", "max_batch"}
+                    unknown = sorted(set(conf) - set(CONFIG_KEYS) - set(ACTOR_KEYS) - shell)
+                    if unknown:
+                        raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: "
+                                         f"{', '.join(sorted({*CONFIG_KEYS, *ACTOR_KEYS, *shell}))})")
+            except (ValueError, TypeError) as exc:
+                raise self.fail(key, str(exc)) from None

@@ -1,0 +1,190 @@
+"""`up` / `connect` / `down` end to end: real actor processes, real EEAgent "VMs" booted by the
+local cloud driver, real processes; SQLite and ZooKeeper logs; a standby taking over."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cei_actors.launch.launcher import LaunchError, NotRunning, connect, down, read_info, up
+from cei_actors.launch.plan import default_plan_text, load_plan
+
+
+def make_plan(tmp_path: Path, **replicas: int) -> Path:
+    """The built-in plan with short timings (and ``replicas`` per component)."""
+    data = yaml.safe_load(default_plan_text())
+    comps = data["components"]
+    comps["provisioner"]["config"].update(query_interval=0.5, boot_query_interval=0.2)
+    comps["epum"]["config"].update(decider_interval=0.3)
+    comps["pd"]["config"].update(dispatch_retry_seconds=2.0)
+    for name, n in replicas.items():
+        comps[name]["replicas"] = n
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def live(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    return data[data.rfind(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def processes_mentioning(*needles: str) -> list[tuple[int, str]]:
+    """Live processes whose command line contains any of ``needles`` (a /proc scan)."""
+    out = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if any(n in cmd for n in needles) and live(int(entry.name)):
+            out.append((int(entry.name), cmd))
+    return out
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def assert_nothing_left(home: Path, info: dict) -> None:
+    left = processes_mentioning(str(home), f"127.0.0.1:{info['admin_port']} ")
+    assert not left, f"left running after down: {left}"
+    pids = [*info["pids"].values(), *info["helper_pids"], info.get("admin_pid")]
+    assert not [p for p in pids if p and live(p)], info["pids"]
+    assert not port_open(info["admin_port"])
+
+
+@pytest.fixture
+def home(tmp_path):
+    path = tmp_path / "home"
+    try:
+        yield path
+    finally:
+        if read_info(path) is not None:
+            down(path)
+
+
+def wait_for(fn, timeout=30.0, every=0.1):
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value or time.monotonic() > end:
+            return value
+        time.sleep(every)
+
+
+@pytest.mark.parametrize("log", ["sqlite", "zk"])
+def test_up_schedule_down_and_up_again_recovers(home, tmp_path, log, request):
+    log_url = f"zk://{request.getfixturevalue('zk_hosts')}" if log == "zk" else None
+    plan = load_plan(make_plan(tmp_path), home=home, log_url=log_url)
+    steps: list[str] = []
+    info = up(plan, home, progress=steps.append)
+    assert any("pd ready" in s for s in steps) and any("registry" in s for s in steps)
+    assert read_info(home)["admin_port"] == info["admin_port"]
+    with pytest.raises(LaunchError, match="already up"):
+        up(plan, home)
+    with connect(home) as conn:
+        status = conn.status()
+        assert all(r["ready"] and r["leader"] for reps in status["components"].values() for r in reps)
+        assert status["domains"] == ["pd_domain_default"]
+        pd = conn.pd
+        pd.schedule_process("hello", command=["sh", "-c", "echo hello"])
+        pd.schedule_process("long", command=["sleep", "30"], restart_mode="never")
+        assert pd.wait_process("hello", ["EXITED", "FAILED"], timeout=40)["state"] == "EXITED"
+        assert pd.wait_process("long", "RUNNING", timeout=20)["state"] == "RUNNING"
+        nodes = conn.provisioner.describe_nodes()
+        assert [n["state"] for n in nodes] == ["RUNNING"]
+        assert processes_mentioning("cei_actors.eeagent", "sleep 30")
+    result = down(home)
+    assert result["nodes_terminated"] is True
+    assert sorted(result["stopped"]) == ["epum", "pd", "provisioner"]
+    assert_nothing_left(home, info)
+    assert not (home / "system.json").exists()
+    with pytest.raises(NotRunning):
+        connect(home)
+
+    again = up(plan, home)
+    with connect(home) as conn:
+        pd = conn.pd
+        assert pd.describe_process("hello")["state"] == "EXITED"
+        # it was RUNNING on a node that `down` terminated: never restarted, so it ended
+        assert pd.describe_process("long")["state"] in ("FAILED", "TERMINATED")
+        status = conn.status()
+        assert all(r["epoch"] >= 2 for reps in status["components"].values() for r in reps)
+        assert status["processes"].get("EXITED") == 1
+    down(home)
+    assert_nothing_left(home, again)
+
+
+def test_connect_without_a_system(home):
+    with pytest.raises(NotRunning, match="no system.json"):
+        connect(home)
+    home.mkdir(parents=True)
+    (home / "system.json").write_text('{"admin_port": 9, "components": {}}')
+    with pytest.raises(NotRunning, match="nothing answers"):
+        connect(home)
+    assert down(home)["stopped"] == []  # a dead system: only what it left is cleaned up
+    assert not (home / "system.json").exists()
+    with pytest.raises(NotRunning):
+        down(home)
+
+
+def test_standby_takes_over_after_kill_9(home, tmp_path):
+    plan = load_plan(make_plan(tmp_path, epum=2), home=home)
+    info = up(plan, home)
+    assert info["components"]["epum"] == ["epum", "epum.1"]
+    with connect(home) as conn:
+        reps = conn.status()["components"]["epum"]
+        assert [(r["name"], r["leader"]) for r in reps] == [("epum", True), ("epum.1", False)]
+        assert reps[1]["mode"] == "recovering" and reps[1]["running"]
+        os.kill(reps[0]["pid"], signal.SIGKILL)
+
+    def new_leader():
+        with connect(home) as conn:
+            reps = conn.status()["components"]["epum"]
+            return reps[1]["leader"] and conn
+    assert wait_for(new_leader, timeout=20)
+    with connect(home) as conn:
+        assert conn.epum.list_domains() == ["pd_domain_default"]  # served by epum.1
+        conn.pd.schedule_process("hello", command=["true"])
+        assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=40)["state"] == "EXITED"
+    down(home)
+    assert_nothing_left(home, info)
+
+
+def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):
+    plan = load_plan(make_plan(tmp_path), home=home)
+    info = up(plan, home)
+    with connect(home) as conn:
+        conn.pd.schedule_process("long", command=["sleep", "30"], restart_mode="never")
+        conn.pd.wait_process("long", "RUNNING", timeout=30)
+    agents = processes_mentioning(f"--pd 127.0.0.1:{info['admin_port']} ")
+    assert agents
+    assert info["helper_pids"]  # thespian's logger
+    for pid in [*info["pids"].values(), info["admin_pid"]]:  # the system dies, its logger lives
+        os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: not port_open(info["admin_port"]), timeout=10)
+    steps: list[str] = []
+    again = up(plan, home, progress=steps.append)
+    assert any("cleaning up" in s for s in steps)
+    assert not [p for p, _ in agents if live(p)]  # the orphaned "VMs" were stopped
+    assert not processes_mentioning(f"--pd 127.0.0.1:{info['admin_port']} ", "sleep 30")
+    with connect(home) as conn:
+        assert conn.pd.describe_process("long")["state"] in ("FAILED", "TERMINATED")
+    down(home)
+    assert_nothing_left(home, again)
