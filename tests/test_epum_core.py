@@ -319,3 +319,40 @@ def test_recovery_from_a_snapshot(tmp_path):
     again = Runner(EPUM(timers=False), open_log(url), clock=clock, rng=random.Random(6))
     again.recover()
     assert again.state == r.state and again.head == r.head
+
+
+def test_subscribe_answers_with_the_current_node_states():
+    s = sim_with(2)
+    s.run(20)
+    first, second = (m.node_id for m in s.inbox["pd"])
+    s.prov.kill(first)
+    s.deliver()
+    assert s.state.instances[first].state == "TERMINATED"
+    s.inbox.clear()
+    head = s.runner.head
+    # a subscriber naming the nodes it holds hears RUNNING and the loss of the ones it named
+    assert s.send(SubscribeDomain("d", "pd", known=[first, second, "i-unknown"])) == Ok(["pd"])
+    assert [(m.node_id, m.state) for m in s.inbox["pd"]] == [(second, "RUNNING"), (first, "TERMINATED")]
+    assert s.runner.head == head  # a repeat subscription writes nothing
+    assert s.send(SubscribeDomain("d", "pd", known=[second])) == Ok(["pd"])
+    assert [m.state for m in s.inbox["pd"][2:]] == ["RUNNING"]
+    # a new subscriber without ``known``: every loss still on record
+    s.send(SubscribeDomain("d", "late"))
+    assert [(m.node_id, m.state) for m in s.inbox["late"]] == [(second, "RUNNING"), (first, "TERMINATED")]
+    assert s.inbox["late"][0].domain_id == "d" and "hostname" in s.inbox["late"][0].properties
+
+
+def test_live_instances_unchanged_for_a_while_are_asked_for_again():
+    s = sim_with(1, config={"refresh_interval": 60.0})
+    s.run(20)
+    (iid,) = s.state.instances
+    assert s.state.instances[iid].state == "RUNNING"
+    s.prov.kill(iid)
+    s.prov.outbox.clear()  # the Provisioner's TERMINATED is lost
+    head = s.runner.head
+    s.run(40)
+    assert s.state.instances[iid].state == "RUNNING" and s.runner.head == head
+    s.run(30)  # past refresh_interval: a DumpState, answered TERMINATED; a replacement
+    assert s.state.instances[iid].state == "TERMINATED"
+    s.run(20)
+    assert s.running() == 1 and len(s.state.instances) == 2

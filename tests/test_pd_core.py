@@ -558,6 +558,26 @@ def test_needs_are_rate_limited_and_flushed_by_timer():
     assert sim.needs[-1].count == 2 and len(sim.needs) == sent + 1
 
 
+def test_needs_and_subscription_are_refreshed_even_when_unchanged():
+    sim = Sim(config(needs_interval=0.0, needs_refresh=30.0))
+    sim.ok(ScheduleProcess("a", command=["x"]))
+    sim.add_node("n1")
+    sent, head = len(sim.sent), sim.runner.head
+    sim.now += 10.0
+    sim.handle(RetryDispatches())
+    assert not [e for e in sim.sent[sent:] if e.to == "epum"]  # nothing changed, not yet due
+    sim.now += 25.0
+    sim.handle(RetryDispatches())
+    to_epum = [e.message for e in sim.sent[sent:] if e.to == "epum"]
+    assert to_epum == [SubscribeDomain("pd_domain_e1", "pd", known=["n1"]),
+                       RegisterNeed("pd_domain_e1", 1, [])]
+    assert sim.runner.head == head  # the refresh itself writes nothing
+    sent = len(sim.sent)
+    sim.now += 1.0
+    sim.handle(RetryDispatches())
+    assert not [e for e in sim.sent[sent:] if e.to == "epum"]  # next one in 30 s
+
+
 def test_static_resources_send_nothing_to_epum():
     sim = Sim(config(static_resources=True))
     sim.add_node("n1")

@@ -10,6 +10,10 @@ the state of every live instance (``DumpState``).
 The decider pass costs what changed: it decides only domains made dirty by an event (a
 node update, a reconfiguration, new sensor data) or woken by their engine, and resends only
 from the sets of unacknowledged launches and terminations.
+
+Node states are level-based both ways: every ``refresh_interval`` the decider asks the
+Provisioner again (``DumpState``) for the live instances it has heard nothing new of, and a
+``SubscribeDomain`` (new or repeated) is answered with the domain's current node states.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import Ok
+from . import invariants
 from ._provisioner import RANK, DumpState, NodeStateChanged, Provision, Subscribe, TerminateNodes
 from .engines import DEFAULT_ENGINE, Engine, EngineConfigError, load_engine
 from .engines.base import VALID_STATES, Control, State
@@ -119,6 +124,10 @@ class EPUMConfig:
     reaper_interval: float = 300.0
     record_reaping_max_age: float = 7200.0
     resend_interval: float = 5.0
+    #: every this many seconds, ask the Provisioner (``DumpState``) for the state of every
+    #: live instance whose state has not changed for as long (0: never); heals a lost
+    #: ``NodeStateChanged``
+    refresh_interval: float = 60.0
     provisioner: str = "provisioner"  # peer name
     self_name: str = "epum"  # our peer name: for Provisioner subscription and heartbeats
     default_user: str = "default"
@@ -264,6 +273,9 @@ class EPUM(Component[EPUMState]):
     def restore(self, data: Any) -> EPUMState:
         return restore(data)
 
+    def invariants(self, state: EPUMState) -> list[str]:
+        return invariants.broken(state)
+
     def recovered(self, state: EPUMState, ctx: Context) -> Decision:
         """Start afresh as leader: every domain dirty, health windows from now, ask the
         Provisioner for the truth of every live instance, run a decider pass at once.
@@ -272,12 +284,14 @@ class EPUM(Component[EPUMState]):
         from ``recovered`` are persisted but not folded by the Runner.)
         """
         cfg = self.config
-        state.vol = Volatile(dirty=set(state.domains), monitor_start=ctx.now)
+        state.vol = Volatile(dirty=set(state.domains), monitor_start=ctx.now,
+                             refresh_at=ctx.now + cfg.refresh_interval / 4)
         for key, dom in state.domains.items():
             if self._pulled_sensor(dom):
                 state.vol.sensor_next[key] = ctx.now
         effects: list[Any] = [Send(cfg.provisioner, Subscribe(cfg.self_name))]
         live = sorted(i.instance_id for i in state.instances.values() if i.rank < R_TERMINATED)
+        state.vol.refreshed = dict.fromkeys(live, ctx.now)
         for k in range(0, len(live), _DUMP_CHUNK):
             effects.append(Send(cfg.provisioner, DumpState(live[k:k + _DUMP_CHUNK])))
         if cfg.timers:
@@ -351,14 +365,36 @@ class EPUM(Component[EPUMState]):
         return Provision(ev.launch_id, ev.deployable_type, ev.site, [ev.instance_id],
                          dict(ev.vars), self.caller_for(ev.owner), ev.allocation)
 
-    def notifications(self, dom: Domain, inst: Instance, new_state: str) -> list[Send]:
-        if not dom.subscribers:
+    def notifications(self, dom: Domain, inst: Instance, new_state: str,
+                      to: Iterable[str] | None = None) -> list[Send]:
+        """``NodeState`` of ``inst`` to the domain's subscribers (or to ``to``)."""
+        subscribers = list(dom.subscribers if to is None else to)
+        if not subscribers:
             return []
         props = {k: inst.properties.get(k) for k in ("hostname", "public_ip", "private_ip", "iaas_id")}
         props.update(site=inst.site, launch_id=inst.launch_id,
                      deployable_type=inst.deployable_type, extravars=dict(inst.extravars))
         msg = NodeState(inst.instance_id, dom.domain_id, new_state, props)
-        return [Send(s, msg) for s in dom.subscribers]
+        return [Send(s, msg) for s in subscribers]
+
+    def current_states(self, state: EPUMState, dom: Domain, to: str,
+                       known: list[str] | None) -> list[Send]:
+        """The level-based answer to a ``SubscribeDomain``: ``NodeState`` RUNNING of every
+        running instance, and the loss of every instance past RUNNING that ``known`` names
+        (``known`` None: of every one still on record)."""
+        by, out = dom.by_state, []
+        order = state.instances
+        for iid in sorted(by.get("RUNNING", ()), key=lambda i: order[i].seq):
+            out += self.notifications(dom, order[iid], "RUNNING", [to])
+        if known is None:
+            past = [i for s, ids in by.items() if RANK[s] > R_RUNNING for i in ids]
+        else:
+            past = [i for i in dict.fromkeys(known) if i in order
+                    and order[i].domain_key == dom.key and order[i].rank > R_RUNNING]
+        for iid in sorted(past, key=lambda i: order[i].seq):
+            inst = order[iid]
+            out += self.notifications(dom, inst, inst.state, [to])
+        return out
 
     @staticmethod
     def _pulled_sensor(dom: Domain) -> bool:
@@ -512,9 +548,10 @@ class EPUM(Component[EPUMState]):
 
     def _subscribe(self, state: EPUMState, m: SubscribeDomain, ctx: Context) -> Decision:
         dom = self._domain(state, m.domain_id, m.caller)
+        effects = self.current_states(state, dom, m.subscriber, m.known)
         if m.subscriber in dom.subscribers:
-            return Decision(reply=Ok(list(dom.subscribers)))
-        return Decision([DomainSubscribed(dom.owner, dom.domain_id, m.subscriber)],
+            return Decision(effects=effects, reply=Ok(list(dom.subscribers)))
+        return Decision([DomainSubscribed(dom.owner, dom.domain_id, m.subscriber)], effects,
                         reply=Ok([*dom.subscribers, m.subscriber]))
 
     def _unsubscribe(self, state: EPUMState, m: UnsubscribeDomain, ctx: Context) -> Decision:
@@ -610,6 +647,7 @@ class EPUM(Component[EPUMState]):
             state.vol.bootstrapped = True
             out.events += self._bootstrap(state, ctx)
         self._resend(state, ctx, out)
+        self._refresh(state, ctx, out)
         self._pull_sensors(state, ctx, out)
         vol, now = state.vol, ctx.now
         due = vol.dirty
@@ -640,6 +678,26 @@ class EPUM(Component[EPUMState]):
                 by_caller.setdefault(self.caller_for(state.instances[iid].owner), []).append(iid)
         for caller, ids in by_caller.items():
             out.effects.append(Send(self.config.provisioner, TerminateNodes(ids, caller)))
+
+    def _refresh(self, state: EPUMState, ctx: Context, out: _Pass) -> None:
+        """``DumpState`` for the live instances neither changed nor asked for during the last
+        ``refresh_interval``, so a lost ``NodeStateChanged`` is answered again (the
+        Provisioner's answers for unchanged nodes are stale updates: no events). Looks every
+        quarter interval: an instance is asked for at most 1.25 intervals after its news."""
+        vol, now, gap = state.vol, ctx.now, self.config.refresh_interval
+        if gap <= 0 or now < vol.refresh_at:
+            return
+        vol.refresh_at = now + gap / 4
+        instances, asked, never = state.instances, vol.refreshed, float("-inf")
+        live = [i for dom in state.domains.values() for s in _BELOW_TERMINATED
+                for i in dom.by_state.get(s, ()) if i not in state.open_launches]
+        vol.refreshed = {i: asked[i] for i in live if i in asked}
+        stale = sorted(i for i in live
+                       if now - max(instances[i].state_time, asked.get(i, never)) >= gap)
+        for iid in stale:
+            vol.refreshed[iid] = now
+        for k in range(0, len(stale), _DUMP_CHUNK):
+            out.effects.append(Send(self.config.provisioner, DumpState(stale[k:k + _DUMP_CHUNK])))
 
     def _pull_sensors(self, state: EPUMState, ctx: Context, out: _Pass) -> None:
         vol, now = state.vol, ctx.now

@@ -135,11 +135,19 @@ class ListDomains(Message):
 
 @dataclass(frozen=True)
 class SubscribeDomain(Message):
-    """Send ``NodeState`` notifications of the domain's nodes to peer ``subscriber``."""
+    """Send ``NodeState`` notifications of the domain's nodes to peer ``subscriber``.
+
+    Idempotent and level-based: every ``SubscribeDomain`` (a new one or a repeat) is answered
+    with the current state of the domain's nodes: ``RUNNING`` for each running node, and the
+    loss of each node past RUNNING that ``known`` names (``known`` None: of every such node
+    EPUM still has a record of). A subscriber that re-subscribes now and then with the node
+    ids it holds thereby heals any ``NodeState`` it missed.
+    """
 
     domain_id: str
     subscriber: str
     caller: str | None = None
+    known: list[str] | None = None
 
     def check(self) -> None:
         _need("SubscribeDomain.subscriber", self.subscriber)

@@ -163,6 +163,8 @@ class Volatile:
     agents: dict[str, str] = field(default_factory=dict)
     sensor_next: dict[str, float] = field(default_factory=dict)
     monitor_start: float | None = None
+    refresh_at: float = 0.0  # next look for instances unchanged for refresh_interval
+    refreshed: dict[str, float] = field(default_factory=dict)  # live instance -> last DumpState
     bootstrapped: bool = False  # initial definitions/domains checked (first decider pass)
     engines: dict[str, Any] = field(default_factory=dict)
 

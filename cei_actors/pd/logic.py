@@ -33,6 +33,7 @@ Config keys (all optional except ``engines``; see :func:`parse_config`)::
     monitor_resource_heartbeats: true
     monitor_interval: null    # default: from the engines' heartbeat settings
     needs_interval: 1.0       # at most one RegisterNeed per engine per this many seconds
+    needs_refresh: 30.0       # re-send needs and re-subscribe this often even if unchanged (0: never)
 """
 
 from __future__ import annotations
@@ -65,6 +66,7 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import ErrorReply, Ok
+from . import invariants
 from . import states as ps
 from .events import (
     DefinitionRemoved,
@@ -132,6 +134,7 @@ class PDConfig:
     monitor_resource_heartbeats: bool = True
     monitor_interval: float | None = None
     needs_interval: float = 1.0
+    needs_refresh: float = 30.0
 
     def domain_id(self, engine: str) -> str:
         return f"{self.domain_prefix}{engine}"
@@ -385,11 +388,22 @@ class Tx:
             self.timer("throttle", due - self.now, Matchmake())
 
     def needs(self, force: bool = False) -> bool:
-        """Register changed needs with EPUM (rate-limited); True if a node was un-retired."""
+        """Register changed needs with EPUM (rate-limited); True if a node was un-retired.
+
+        Every ``needs_refresh`` seconds the current needs go out even when unchanged, each
+        with a ``SubscribeDomain`` naming the engine's nodes: a lost ``RegisterNeed`` or
+        ``NodeState`` is healed by the next refresh (EPUM writes nothing for an unchanged
+        need, and answers the subscription with its domain's node states)."""
         cfg, s = self.cfg, self.s
         if cfg.static_resources:
             return False
         soft = s.soft
+        if cfg.needs_refresh > 0 and self.now >= soft.needs_refresh_at:
+            if soft.needs_refresh_at > float("-inf"):  # not at recovery: it subscribes itself
+                for eid in cfg.engines:
+                    self.subscribe(eid)
+            soft.needs_refresh_at = self.now + cfg.needs_refresh
+            force = True
         changed = []
         for eid, spec in cfg.engines.items():
             n = need(spec, s.live_count[eid], s.occupied[eid])
@@ -424,6 +438,12 @@ class Tx:
             soft.needs_sent[eid] = (sig, n, tuple(retire))
             self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
         return unretired
+
+    def subscribe(self, engine: str) -> None:
+        """(Re-)subscribe to the engine's EPUM domain, naming the nodes we hold."""
+        cfg = self.cfg
+        known = list(self.s.engine_nodes.get(engine, ()))
+        self.send(cfg.epum, SubscribeDomain(cfg.domain_id(engine), cfg.self_name, known=known))
 
     def broken(self, node_id: str) -> bool:
         """True if the node has agents and every one of them is MISSING."""
@@ -531,7 +551,7 @@ class ProcessDispatcher(Component[PDState]):
                         subscriber=cfg.self_name,
                     ),
                 )
-                tx.send(cfg.epum, SubscribeDomain(did, cfg.self_name))
+                tx.subscribe(eid)
         try:
             tx.matchmake()
             if tx.needs(force=True):
@@ -552,6 +572,9 @@ class ProcessDispatcher(Component[PDState]):
 
     def restore(self, data: Any) -> PDState:
         return PDState.from_data(data, self.cfg.minimum_time_between_starts)
+
+    def invariants(self, state: PDState) -> list[str]:
+        return invariants.broken(state)
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -195,6 +195,7 @@ class Soft:
     needs_sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # (signature, n, retire)
     needs_sent_at: float = float("-inf")
     needs_timer: bool = False
+    needs_refresh_at: float = float("-inf")  # next unconditional RegisterNeed + SubscribeDomain
     recovered_at: float | None = None
     outbox: dict[str, list[Any]] = field(default_factory=dict)  # agent -> queued requests
     outbox_timer: bool = False

@@ -41,6 +41,7 @@ from ..runtime.core import (
 )
 from ..runtime.messages import Ok
 from . import events as ev
+from . import invariants
 from . import messages as m
 from . import registry as dtrs
 from .state import (
@@ -243,6 +244,9 @@ class Provisioner(Component[ProvisionerState]):
 
     def restore(self, data: Any) -> ProvisionerState:
         return ProvisionerState.from_data(data)
+
+    def invariants(self, state: ProvisionerState) -> list[str]:
+        return invariants.broken(state)
 
     def decide(self, state: ProvisionerState, message: Any, ctx: Context) -> Decision:
         handler = self._handlers.get(type(message))
