@@ -84,6 +84,7 @@ from .events import (
     SystemBootSet,
     events,
 )
+from .matchmaker import engine_by_definition
 from .messages import (
     CreateDefinition,
     CreateProcess,
@@ -607,18 +608,8 @@ class ProcessDispatcher(Component[PDState]):
                 f"execution_engine_id {explicit!r} contradicts constraints.engine {constrained!r}"
             )
         engine = explicit or constrained
-        if engine is None and definition is not None and self.cfg.process_engines:
-            ex = definition.get("executable") or {}
-            if ex.get("module") and ex.get("class"):
-                key = f"{ex['module']}.{ex['class']}"
-            else:
-                key = definition["definition_id"]
-            best = -1
-            for prefix, eng in self.cfg.process_engines.items():
-                if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
-                    engine, best = eng, len(prefix)
         if engine is None:
-            engine = self.cfg.default_engine
+            engine = engine_by_definition(definition, self.cfg.process_engines, self.cfg.default_engine)
         if engine is None:
             raise bad_request("no execution engine: give execution_engine_id (no default_engine)")
         if engine not in self.cfg.engines:

@@ -81,6 +81,26 @@ def satisfies(properties: Mapping[str, Any], ckey: tuple[tuple[str, Any], ...]) 
     return True
 
 
+def engine_by_definition(
+    definition: Mapping[str, Any] | None, process_engines: Mapping[str, str], default: str | None
+) -> str | None:
+    """Engine selection when the request names none: the longest dotted prefix of the
+    definition's ``module.class`` (or its id) in ``process_engines`` wins, else ``default``."""
+    if definition is not None and process_engines:
+        ex = definition.get("executable") or {}
+        if ex.get("module") and ex.get("class"):
+            key = f"{ex['module']}.{ex['class']}"
+        else:
+            key = definition["definition_id"]
+        best, engine = -1, None
+        for prefix, eng in process_engines.items():
+            if (key == prefix or key.startswith(prefix + ".")) and len(prefix) > best:
+                engine, best = eng, len(prefix)
+        if engine is not None:
+            return engine
+    return default
+
+
 def throttle_until(proc: Process, default_interval: float) -> float:
     """When ``proc`` may be dispatched again: only from its third dispatch on (original)."""
     if proc.dispatches < 2 or proc.last_dispatch is None:
