@@ -120,6 +120,9 @@ class EventLog(ABC):
                 raise CorruptLog(stream, first, f"epoch went back from {last_epoch} to {epoch}")
             last_epoch = epoch
             expected = first + len(records)
+            if group_end and not held and first >= start and (stop is None or expected - 1 <= stop):
+                yield from records  # the common case: a whole, complete batch in range
+                continue
             held.extend(r for r in records if r.offset >= start and (stop is None or r.offset <= stop))
             if group_end:
                 yield from held
