@@ -188,3 +188,46 @@ def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):
         assert conn.pd.describe_process("long")["state"] in ("FAILED", "TERMINATED")
     down(home)
     assert_nothing_left(home, again)
+
+
+def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):
+    """kill -9 of the PD leader: the standby leads, the EEAgents find it by asking each replica
+    for Status, EPUM learns it from its announcement (no client re-points anything here)."""
+    from cei_actors.pd.client import PDClient
+    from cei_actors.runtime.client import ServiceClient
+
+    plan = load_plan(make_plan(tmp_path, pd=2), home=home)
+    info = up(plan, home)
+    assert info["components"]["pd"] == ["pd", "pd.1"]
+    with connect(home) as conn:
+        conn.pd.schedule_process("long", command=["sleep", "60.25"])
+        before = conn.pd.wait_process("long", "RUNNING", timeout=30)
+        reps = conn.status()["components"]["pd"]
+        assert [(r["name"], r["leader"]) for r in reps] == [("pd", True), ("pd.1", False)]
+        os.kill(reps[0]["pid"], signal.SIGKILL)
+
+    def standby_leads(conn):
+        # members() only asks Status; Connection.pd would re-point EPUM (SetPeers) itself
+        members = conn.members("pd")
+        new = members[1]
+        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
+
+    with connect(home) as conn:
+        address = wait_for(lambda: standby_leads(conn), timeout=20)
+        assert address is not None
+        pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
+        # past heartbeat_missing (5 s): the node is still heard from, the process not moved
+        time.sleep(6)
+        after = pd.describe_process("long")
+        assert after["state"] == "RUNNING" and after["round"] == before["round"], (before, after)
+        # one on the running node (PD -> agent) and four more: a second node (PD -> EPUM -> PD)
+        for i in range(5):
+            pd.schedule_process(f"new{i}", command=["sleep", "60.5"])
+        for i in range(5):
+            assert pd.wait_process(f"new{i}", "RUNNING", timeout=40)["state"] == "RUNNING"
+        assert pd.describe_process("long")["round"] == before["round"]
+        # one copy (its /bin/sh wrapper mentions it too): never started again elsewhere
+        assert len([p for p, cmd in processes_mentioning("sleep 60.25") if cmd.startswith("sleep")]) == 1
+    down(home)
+    assert_nothing_left(home, info)
+    assert not processes_mentioning("sleep 60.25", "sleep 60.5")

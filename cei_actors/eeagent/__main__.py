@@ -1,7 +1,9 @@
 """``python -m cei_actors.eeagent``: the EEAgent process a local-cloud "VM" runs.
 
 It joins the running actor system at ``--pd`` as an external endpoint (the recipe of
-``runtime.system``), finds the PD by its global name, says ``Hello("eeagent:<id>")`` and then
+``runtime.system``), finds the PD leader by its global names (``pd``, or with replicas
+``pd.1``, ... whichever answers ``Status`` as the ready leader; re-checked every 2 s and
+switched after a failover), says ``Hello("eeagent:<id>")`` and then
 serves launch/terminate/cleanup requests and sends heartbeats until SIGTERM/SIGINT. If an actor
 named ``--epum-name`` (``epum``) exists, it greets it too and sends it health heartbeats
 (``NodeHeartbeat``) on the same interval and in answer to its ``HealthProbe``. On exit

@@ -7,8 +7,9 @@ state, msg). It is hosted two ways:
 - :class:`EEAgentActor`, a thespian actor in the PD's actor system (tests, embedding);
 - :class:`EndpointAgent`, the loop of ``python -m cei_actors.eeagent``: the process a
   local-cloud "VM" runs, which joins the running system as an external endpoint
-  (``runtime.system.attach_system``), finds the PD by its global name and says
-  ``Hello("eeagent:<id>")``.
+  (``runtime.system.attach_system``), finds the PD leader among its replicas' global names
+  (``pd``, ``pd.1``, ...; asking each for ``Status``, and the current one again every few
+  seconds, see docs/decisions.md F1) and says ``Hello("eeagent:<id>")``.
 
 **Heartbeats** to the PD go out every ``heartbeat_interval`` seconds and at once on any change.
 **Health heartbeats** to EPUM (``epum.messages.NodeHeartbeat``: OK, or PROCESS_ERROR with the
@@ -514,10 +515,20 @@ class EndpointAgent:
         grace: float = 10.0,
         lookup_interval: float | None = None,
         epum_name: str | None = "epum",
+        probe_interval: float = 2.0,
+        probe_timeout: float = 1.0,
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
         self.pd: ActorAddress | None = None
+        #: the global name the current PD address was found under (``pd``, ``pd.1``, ...)
+        self.pd_found_as: str | None = None
+        #: seconds between Status probes of the PD leader once replicas were seen
+        self.probe_interval = probe_interval
+        self.probe_timeout = probe_timeout
+        self._replicated = False
+        self._last_probe = float("-inf")
+        self.switches = 0
         self.epum_name = epum_name
         self.epum: ActorAddress | None = None
         self.agent_id = agent_id
@@ -549,28 +560,91 @@ class EndpointAgent:
     # -- the PD's address ----------------------------------------------------------------------
 
     def _find_pd(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and self.pd is not None and now - self._last_lookup < self.lookup_interval:
-            return
-        self._last_lookup = now
-        from ..runtime.control import Hello
+        """Find the PD leader among the replicas ``pd``, ``pd.1``, ... (global names).
 
+        With one replica its name is taken as it is (re-looked up every ``lookup_interval``
+        and after a failed send). Once replicas were seen, the current PD is asked for its
+        ``Status`` every ``probe_interval`` seconds; if it does not answer in
+        ``probe_timeout`` or is not the ready leader, every replica is asked and the agent
+        switches to the one that leads (F1).
+        """
+        now = time.monotonic()
+        if not force and self.pd is not None:
+            if self._replicated and now - self._last_probe >= self.probe_interval:
+                self._last_probe = now
+                if not _is_leader(self._status(self.pd)):
+                    logger.info("eeagent %s: the PD at %s (%s) is not the ready leader now",
+                                self.agent_id, self.pd, self.pd_found_as)
+                    force = True
+            if not force and now - self._last_lookup < self.lookup_interval:
+                return
+        self._last_lookup = now
+        self._last_probe = now
         try:
-            found = _lookup_names(self.asys, [self.pd_name, self.epum_name], timeout=2.0)
+            found = _global_actors(self.asys, timeout=2.0)
         except Exception as exc:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
         self._found_epum(found.get(self.epum_name) if self.epum_name else None)
-        addr = found.get(self.pd_name)
-        if addr is None:
-            logger.info("eeagent %s: no actor named %r yet", self.agent_id, self.pd_name)
-            self.pd = None
+        names = _replica_names(self.pd_name, found)
+        if not names:
+            if self.pd is not None or self.pd_found_as is None:
+                logger.info("eeagent %s: no actor named %r yet", self.agent_id, self.pd_name)
+            self.pd, self.pd_found_as = None, None
             return
-        if self.pd is None or addr != self.pd:
-            logger.info("eeagent %s: PD at %s", self.agent_id, addr)
-            self.pd = addr
+        if len(names) > 1:
+            self._replicated = True
+        current = [n for n in names if found[n] == self.pd]
+        if len(names) == 1:
+            chosen = names[0]
+        elif current and not force:
+            chosen = current[0]  # probed just now (or recently) and still registered
+        else:
+            chosen = self._choose_leader(names, found, skip=self.pd if force else None)
+        self._point_at(chosen, found[chosen])
+
+    def _choose_leader(self, names: list[str], found: dict[str, Any], skip: Any) -> str:
+        """The replica that says it is the ready leader; else one that answers; else the first.
+
+        ``skip``: the address just found not leading (asked last, if at all)."""
+        answering = None
+        order = [n for n in names if found[n] != skip] + [n for n in names if found[n] == skip]
+        for name in order:
+            status = self._status(found[name])
+            if _is_leader(status):
+                return name
+            if status is not None and answering is None and status.get("mode") != "stopped":
+                answering = name
+        return answering or names[0]
+
+    def _point_at(self, name: str, addr: ActorAddress) -> None:
+        if self.pd is not None and addr == self.pd:
+            self.pd_found_as = name
+            return
+        from ..runtime.control import Hello
+
+        logger.info("eeagent %s: PD at %s (%s)", self.agent_id, addr, name)
+        if self.pd is not None:
+            self.switches += 1
+        self.pd, self.pd_found_as = addr, name
+        try:
             self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
-            self.core._dirty = True
+        except Exception as exc:
+            logger.warning("eeagent %s: hello to %s failed: %s", self.agent_id, name, exc)
+        self.core._dirty = True  # a full heartbeat to the new PD at once
+
+    def _status(self, addr: ActorAddress) -> dict[str, Any] | None:
+        """The runtime ``Status`` of the actor at ``addr``, or None (no answer in time)."""
+        from ..runtime.client import ServiceClient
+        from ..runtime.control import Status
+
+        try:
+            with ServiceClient(self.asys, addr, timeout=self.probe_timeout) as client:
+                value = client.call(Status())
+        except Exception as exc:  # a probe never stops the loop: no answer is the answer
+            logger.debug("eeagent %s: no status from %s: %s", self.agent_id, addr, exc)
+            return None
+        return value if isinstance(value, dict) else None
 
     def _found_epum(self, addr: ActorAddress | None) -> None:
         """EPUM's address from a lookup: greet a new one (it probes ``eeagent:<id>``)."""
@@ -690,16 +764,25 @@ class EndpointAgent:
         self._waker_thread.join(timeout=2)
 
 
-def _lookup_names(asys: Any, names: list[str | None], timeout: float = 2.0) -> dict[str, Any]:
-    """Addresses of the actors registered under ``names`` (missing ones left out), asking the
-    admin once (``runtime.system.lookup`` asks once per name)."""
-    from ..runtime.system import lookup
+def _is_leader(status: dict[str, Any] | None) -> bool:
+    return bool(status and status.get("leader") and status.get("ready"))
 
-    wanted = [n for n in names if n]
+
+def _replica_names(base: str, found: dict[str, Any]) -> list[str]:
+    """``base`` and ``base.N`` among ``found``'s names, in replica order."""
+    out = [(0, base)] if base in found else []
+    prefix = base + "."
+    for name in found:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            out.append((int(name[len(prefix):]), name))
+    return [name for _, name in sorted(out)]
+
+
+def _global_actors(asys: Any, timeout: float = 2.0) -> dict[str, Any]:
+    """Every registered global name and its address, asking the admin once."""
     base = asys._systemBase
     if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # simple base
-        found = {n: lookup(asys, n, timeout) for n in wanted}
-        return {n: a for n, a in found.items() if a is not None}
+        return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
     from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
 
     from ..runtime.system import SystemNotRunning
@@ -708,4 +791,4 @@ def _lookup_names(asys: Any, names: list[str | None], timeout: float = 2.0) -> d
         reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
     if not isinstance(reply, Thespian_SystemStatus):
         raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
-    return {n: reply.globalActors[n] for n in wanted if reply.globalActors.get(n) is not None}
+    return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}

@@ -13,7 +13,8 @@ recovers everything by replay.
 Replicas: every replica contends for its stream's leadership (file lock next to a SQLite
 log, ZooKeeper election for ``zk://``); the others are warm standbys. Clients find the
 leader by asking each replica's ``Status``; ``connect`` also points the other components at
-a new leader (``SetPeers``). See docs/decisions.md L1-L6.
+a new leader (``SetPeers``), which a new leader's own ``Hello`` to its peers and the EEAgents'
+probes of the PD replicas make unnecessary after a failover. See docs/decisions.md L1-L6, F1.
 """
 
 from __future__ import annotations

@@ -23,6 +23,10 @@ gets the bare reply (plain ``ask`` compatibility). Bare replies that arrive here
 ``ErrorReply``: peers answering our ``Send`` effects) are logged, never fed to the core and
 never answered, so two shells cannot ping-pong errors.
 
+Peers. ``Start.peers`` and ``SetPeers`` name the configured peers; ``Hello(name)`` records its
+sender under ``name``. Whenever the actor starts leading it sends ``Hello(peer_name)`` to each
+configured peer, so a standby that took over is reached at once (docs/decisions.md F1).
+
 Group commit. thespian hands over one message at a time. A component message is not decided
 at once: it joins a batch, and the first message of a batch asks for a zero-delay wakeup.
 thespian delivers messages that have already arrived before that wakeup, so the batch grows
@@ -154,6 +158,9 @@ class EventSourcedActor(Actor):
     poll_interval: float = 0.005
     #: Most messages held while recovering or suspended; beyond that: unavailable.
     max_held: int = 10_000
+    #: The peer name this actor announces (``Hello``) to its configured peers when it starts
+    #: leading; None: the component's default stream (``pd``, ``epum``, ``provisioner``).
+    peer_name: str | None = None
 
     def __init__(self, capabilities: dict | None = None) -> None:
         super().__init__()
@@ -165,6 +172,8 @@ class EventSourcedActor(Actor):
         self._start_origin: _Origin | None = None
         self._config: dict = {}
         self._peers: dict[str, Any] = {}
+        self._configured: set[str] = set()  # peer names from Start/SetPeers: told when we lead
+        self._me: str | None = None
         self._held: deque[tuple[Any, _Origin]] = deque()
         self._batch: list[tuple[Any, _Origin]] = []
         self._flush_pending = False
@@ -312,6 +321,8 @@ class EventSourcedActor(Actor):
         self._leadership = leadership
         self._start, self._start_origin = msg, origin
         self._peers.update({k: v for k, v in msg.peers.items() if v is not None})
+        self._configured.update(k for k, v in msg.peers.items() if v is not None)
+        self._me = self.peer_name or type(component).stream or None
         self._handlers = dict(self.work_handlers())
         self._executor = ThreadPoolExecutor(
             max_workers=max(1, int(config.get("workers", self.workers))),
@@ -335,8 +346,10 @@ class EventSourcedActor(Actor):
         for name, address in msg.peers.items():
             if address is None:
                 self._peers.pop(name, None)
+                self._configured.discard(name)
             else:
                 self._peers[name] = address
+                self._configured.add(name)
         self._reply(origin, Ok(sorted(self._peers)))
 
     def _on_status(self, msg: Status, origin: _Origin) -> None:
@@ -397,12 +410,31 @@ class EventSourcedActor(Actor):
         self._log.info(
             "%s: leading %s at epoch %d, head %d", self._name(), runner.stream, runner.fence.epoch, runner.head
         )
+        self._announce()
         self._perform(decision.effects, _SELF)
         if self._start_origin is not None:
             self._reply(self._start_origin, Started(runner.stream, runner.fence.epoch, runner.head))
             self._start_origin = None
         self._schedule_check()
         self._release_held()
+
+    def _announce(self) -> None:
+        """Tell the configured peers that this replica now serves our peer name (F1).
+
+        Their shells record the sender under that name (``Hello``), so a standby that took
+        over is reached at once; the ``Ok`` they answer is logged here, never answered.
+        """
+        if not self._me:
+            return
+        hello = Hello(self._me)
+        for name in sorted(self._configured):
+            address = self._peers.get(name)
+            if address is None or address == self.myAddress:
+                continue
+            try:
+                self.send(address, hello)
+            except Exception:
+                self._log.exception("%s: announcing to %s failed", self._name(), name)
 
     def _schedule_retry(self, backoff: bool = False) -> None:
         self._retry_gen += 1
