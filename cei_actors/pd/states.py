@@ -8,19 +8,24 @@ prefix; compare them with :func:`rank`, never with ``<`` on the strings.
 
 from __future__ import annotations
 
+# the states an EEAgent reports are the agent's wire names; the PD adds the ones before them
+from ..eeagent.states import CODES as AGENT_CODES
+from ..eeagent.states import (
+    EXITED,
+    FAILED,
+    PENDING,
+    REJECTED,
+    RUNNING,
+    TERMINATED,
+    TERMINATING,
+)
+
 UNSCHEDULED = "UNSCHEDULED"
 UNSCHEDULED_PENDING = "UNSCHEDULED_PENDING"
 REQUESTED = "REQUESTED"
 DIED_REQUESTED = "DIED_REQUESTED"
 WAITING = "WAITING"
 ASSIGNED = "ASSIGNED"
-PENDING = "PENDING"
-RUNNING = "RUNNING"
-TERMINATING = "TERMINATING"
-TERMINATED = "TERMINATED"
-EXITED = "EXITED"
-FAILED = "FAILED"
-REJECTED = "REJECTED"
 
 #: Every process state in lifecycle order.
 ORDER: tuple[str, ...] = (
@@ -46,13 +51,7 @@ CODES: dict[str, int] = {
     DIED_REQUESTED: 250,
     WAITING: 300,
     ASSIGNED: 350,
-    PENDING: 400,
-    RUNNING: 500,
-    TERMINATING: 600,
-    TERMINATED: 700,
-    EXITED: 800,
-    FAILED: 850,
-    REJECTED: 900,
+    **AGENT_CODES,
 }
 _RANK = {name: i for i, name in enumerate(ORDER)}
 
