@@ -259,7 +259,8 @@ class E2E:
     """One PD + agents + ZooKeeper log; ``run()`` returns launches/s."""
 
     def __init__(
-        self, zk_hosts: str, agents: int, slots: int, group_commit: bool, workdir: str, simulated: bool = False
+        self, zk_hosts: str, agents: int, slots: int, group_commit: bool, workdir: str, simulated: bool = False,
+        pd_config: dict[str, Any] | None = None, agent_args: tuple[str, ...] = (),
     ) -> None:
         from cei_actors.pd.actor import ProcessDispatcherActor
         from cei_actors.runtime.control import Start, Started
@@ -272,7 +273,7 @@ class E2E:
         config = {
             "engines": {"e1": {"slots": slots, "heartbeat_period": 5.0}},
             "static_resources": True, "dispatch_retry_seconds": 30.0,
-            "group_commit": group_commit,
+            "group_commit": group_commit, **(pd_config or {}),
         }
         self.pd = self.asys.createActor(ProcessDispatcherActor, globalName="pd")
         started = self.asys.ask(self.pd, Start(self.log_url, config=config), 60)
@@ -289,7 +290,7 @@ class E2E:
             self.procs.append(subprocess.Popen(
                 [sys.executable, "-m", "cei_actors.eeagent", "--node-id", node, "--pd", f"127.0.0.1:{port}",
                  "--slots", str(slots), "--state-dir", os.path.join(workdir, node), "--heartbeat", "5",
-                 "--log-level", "WARNING"],
+                 "--log-level", "WARNING", *agent_args],
                 cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
             log.close()
             self.call(self._node_state(node))

@@ -43,7 +43,9 @@ class Collect:
 @pytest.fixture
 def core(tmp_path):
     col = Collect()
-    c = AgentCore("a1", "n1", 2, str(tmp_path / "sd"), send=col.send, wake=col.wake, grace=1.0)
+    c = AgentCore(
+        "a1", "n1", 2, str(tmp_path / "sd"), send=col.send, wake=col.wake, grace=1.0, min_gap=0.0
+    )
     c.col = col
     try:
         yield c
@@ -53,6 +55,28 @@ def core(tmp_path):
 
 def states(hb: AgentHeartbeat) -> dict:
     return {(p["upid"], p["round"]): p["state"] for p in hb.processes}
+
+
+def test_changes_within_the_gap_share_one_heartbeat(tmp_path):
+    col = Collect()
+    now = [1000.0]
+    c = AgentCore("a1", "n1", 4, str(tmp_path / "sd"), send=col.send, clock=lambda: now[0],
+                  heartbeat_interval=30.0, min_gap=0.01)
+    try:
+        assert c.flush()  # the first one at once
+        c.handle(LaunchProcess("u1", 0, ["sleep", "30"]))
+        now[0] += 0.004
+        assert not c.flush() and c.dirty  # 4 ms after the last one: held
+        assert c.next_delay() == pytest.approx(0.006)
+        c.handle(LaunchProcess("u2", 0, ["sleep", "30"]))
+        now[0] += 0.006
+        assert c.next_delay() == 0.0
+        assert c.flush() and states(col.sent[-1]) == {("u1", 0): "RUNNING", ("u2", 0): "RUNNING"}
+        assert len(col.sent) == 2 and not c.dirty
+        now[0] += 0.001
+        assert c.flush(force=True)  # forced (e.g. a dump) ignores the gap
+    finally:
+        c.close(kill=True, grace=0.5)
 
 
 def test_core_runs_requests_and_sends_level_based_heartbeats(core):

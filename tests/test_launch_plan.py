@@ -78,7 +78,7 @@ def mutate(tmp_path, change):
         (lambda d: d["components"]["epum"]["config"].update(decider=1),
          "components.epum.config", "unknown key(s) decider"),
         (lambda d: d["components"]["provisioner"]["config"].update(query=1),
-         "components.provisioner.config", "unknown key(s) query"),
+         "components.provisioner.config", "unknown provisioner config key(s): query"),
         (lambda d: d["pd"]["engines"]["default"].update(slots=0), "pd.engines.default",
          "slots must be an int >= 1"),
         (lambda d: d["pd"]["engines"]["default"].pop("heartbeat_missing"), "pd.engines.default",

@@ -27,7 +27,7 @@ import signal
 import sys
 import time
 
-from .actor import EndpointAgent
+from .actor import MIN_GAP, EndpointAgent
 
 
 def parse_pd(value: str) -> tuple[int, str | None]:
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slots", type=int, default=4)
     p.add_argument("--state-dir", default=None)
     p.add_argument("--heartbeat", type=float, default=30.0, help="heartbeat interval, seconds")
+    p.add_argument("--heartbeat-gap", type=float, default=MIN_GAP,
+                   help="least seconds between heartbeats sent for changes (a burst shares one)")
     p.add_argument("--grace", type=float, default=10.0, help="SIGTERM to SIGKILL, seconds")
     p.add_argument("--keep-processes", action="store_true", help="leave processes running on exit")
     p.add_argument("--attach-timeout", type=float, default=30.0)
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             epum_name=args.epum_name or None,
             heartbeat_interval=args.heartbeat,
             grace=args.grace,
+            min_gap=args.heartbeat_gap,
         )
     except Exception as exc:
         print(f"eeagent: cannot start: {exc}", file=sys.stderr)

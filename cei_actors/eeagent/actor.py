@@ -11,7 +11,8 @@ state, msg). It is hosted two ways:
   (``pd``, ``pd.1``, ...; asking each for ``Status``, and the current one again every few
   seconds, see docs/decisions.md F1) and says ``Hello("eeagent:<id>")``.
 
-**Heartbeats** to the PD go out every ``heartbeat_interval`` seconds and at once on any change.
+**Heartbeats** to the PD go out every ``heartbeat_interval`` seconds and at once on any change
+(at most one per ``MIN_GAP``, 25 ms: a burst of changes shares one heartbeat; decision EA6).
 **Health heartbeats** to EPUM (``epum.messages.NodeHeartbeat``: OK, or PROCESS_ERROR with the
 processes that FAILED since the previous one) go out on the same interval and at once in
 answer to EPUM's ``HealthProbe``; without an EPUM (static nodes) they are skipped. A change
@@ -63,6 +64,9 @@ from .supervisor import (
 logger = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02
+#: Least seconds between two heartbeats sent for changes: under a burst of exits one heartbeat
+#: covers many (each lists every process, so one per exit would cost O(slots) per exit).
+MIN_GAP = 0.025
 #: Most FAILED processes held for the next health heartbeat (the oldest are dropped, counted).
 MAX_FAILED_HELD = 100
 
@@ -90,8 +94,10 @@ class AgentCore:
         wake: Callable[[], None] | None = None,
         supervisor_factory: Callable[..., ProcessSupervisor] = ProcessSupervisor,
         send_epum: Callable[[Message], None] | None = None,
+        min_gap: float = MIN_GAP,
     ) -> None:
         self.agent_id = agent_id
+        self.min_gap = min_gap
         self.send_epum = send_epum
         self.health_sched = HeartbeatScheduler(heartbeat_interval)
         #: FAILED processes not yet reported to EPUM, keyed (upid, round), in order seen
@@ -171,7 +177,8 @@ class AgentCore:
         """Send a heartbeat if something changed, it is due, or ``force``; True if sent."""
         now = self.clock()
         with self._lock:
-            if not (force or self._dirty or self.sched.due(now)):
+            held = not self._dirty or self._gap_left(now) > 0
+            if not force and not self.sched.due(now) and held:
                 return False
             self._dirty = False
         hb = self.heartbeat()
@@ -189,10 +196,16 @@ class AgentCore:
         self.failed_at = None
         return True
 
+    def _gap_left(self, now: float) -> float:
+        last = self.sched.last_sent
+        return 0.0 if last is None else max(0.0, last + self.min_gap - now)
+
     def next_delay(self) -> float:
         """Seconds until the host should call :meth:`flush` again without being woken."""
         now = self.clock()
         delay = self.sched.delay(now)
+        if self._dirty:
+            delay = min(delay, self._gap_left(now))
         if self.send_epum is not None and self.node_id:
             delay = min(delay, self.health_sched.delay(now))
         return delay
@@ -517,6 +530,7 @@ class EndpointAgent:
         epum_name: str | None = "epum",
         probe_interval: float = 2.0,
         probe_timeout: float = 1.0,
+        min_gap: float = MIN_GAP,
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
@@ -553,6 +567,7 @@ class EndpointAgent:
             grace=grace,
             wake=self._wake,
             send_epum=self._send_epum if epum_name else None,
+            min_gap=min_gap,
         )
         self._waker_thread = threading.Thread(target=self._waker, name="eeagent-waker", daemon=True)
         self._waker_thread.start()
@@ -712,9 +727,9 @@ class EndpointAgent:
         """Wait for one message (or the next heartbeat time) and handle it."""
         self._find_pd()
         wait = max(0.0, min(max_wait, self.core.next_delay()))
-        if self.core.dirty:
-            # at once, unless the PD could not be reached just now (then retry shortly)
-            wait = 0.0 if self.core.failed_at is None else min(wait, self.retry_delay)
+        if self.core.dirty and self.core.failed_at is not None:
+            # the PD could not be reached just now: retry shortly, not at once
+            wait = max(wait, min(max_wait, self.retry_delay))
         message = self.asys.listen(wait)
         handled = 0
         while message is not None:

@@ -27,6 +27,7 @@ from typing import Any
 import msgpack
 
 from ..runtime.core import (
+    SHELL_CONFIG_KEYS,
     Component,
     Context,
     Decision,
@@ -141,7 +142,7 @@ class EPUMConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EPUMConfig:
-        data = dict(data or {})
+        data = {k: v for k, v in (data or {}).items() if k not in SHELL_CONFIG_KEYS}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -327,8 +327,7 @@ class _Validator:
         """Check each component's Start config with the component's own validation."""
         from ..epum.logic import EPUMConfig
         from ..pd.logic import parse_config
-        from ..provisioner.actor import ACTOR_KEYS
-        from ..provisioner.logic import CONFIG_KEYS
+        from ..provisioner.actor import check_config_keys
 
         for name in plan.components:
             key = f"components.{name}.config"
@@ -339,10 +338,6 @@ class _Validator:
                 elif name == "epum":
                     EPUMConfig.from_dict(conf)
                 else:
-                    shell = {"workers", "group_commit", "max_batch"}
-                    unknown = sorted(set(conf) - set(CONFIG_KEYS) - set(ACTOR_KEYS) - shell)
-                    if unknown:
-                        raise ValueError(f"unknown key(s) {', '.join(unknown)} (known: "
-                                         f"{', '.join(sorted({*CONFIG_KEYS, *ACTOR_KEYS, *shell}))})")
+                    check_config_keys(conf)
             except (ValueError, TypeError) as exc:
                 raise self.fail(key, str(exc)) from None

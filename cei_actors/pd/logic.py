@@ -55,6 +55,7 @@ from ..eeagent.messages import (
 )
 from ..epum.messages import AddDomain, NodeState, RegisterNeed, SubscribeDomain
 from ..runtime.core import (
+    SHELL_CONFIG_KEYS,
     Component,
     Context,
     Decision,
@@ -161,8 +162,7 @@ class PDConfig:
 
 
 #: Keys the runtime shell reads from the same config (ignored here).
-SHELL_KEYS = frozenset({"workers", "group_commit", "max_batch"})
-_TOP_KEYS = set(PDConfig.__dataclass_fields__) | {"restart_throttling_config"} | SHELL_KEYS
+_TOP_KEYS = set(PDConfig.__dataclass_fields__) | {"restart_throttling_config"} | SHELL_CONFIG_KEYS
 _TOP_KEYS.discard("minimum_time_between_starts")
 
 

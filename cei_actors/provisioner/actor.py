@@ -23,16 +23,16 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from ..runtime.core import SHELL_CONFIG_KEYS
 from ..runtime.shell import EventSourcedActor
 from .cloud import CloudWorker, DriverFactory
 from .drivers import validate_credentials, validate_site
 from .logic import CONFIG_KEYS, Provisioner
 
-__all__ = ["ACTOR_KEYS", "ProvisionerActor", "resolve_factory"]
+__all__ = ["ACTOR_KEYS", "ProvisionerActor", "check_config_keys", "resolve_factory"]
 
 #: Config keys of the actor itself (besides the core's and the shell's).
 ACTOR_KEYS = {"iaas_timeout": 60.0, "driver_factory": None}
-_SHELL_KEYS = frozenset({"workers", "group_commit", "max_batch"})
 
 
 def resolve_factory(spec: Any) -> DriverFactory | None:
@@ -48,18 +48,23 @@ def resolve_factory(spec: Any) -> DriverFactory | None:
     return factory
 
 
+def check_config_keys(config: dict) -> None:
+    """Raise ``ValueError`` naming any key that is not the core's, the actor's or the shell's."""
+    unknown = sorted(set(config) - set(CONFIG_KEYS) - set(ACTOR_KEYS) - SHELL_CONFIG_KEYS)
+    if unknown:
+        raise ValueError(
+            f"unknown provisioner config key(s): {', '.join(unknown)} (known: "
+            f"{', '.join([*CONFIG_KEYS, *ACTOR_KEYS, *sorted(SHELL_CONFIG_KEYS)])})"
+        )
+
+
 class ProvisionerActor(EventSourcedActor):
     """The Provisioner service actor (see the module docstring for its config)."""
 
     workers = 32
 
     def setup(self, config: dict) -> None:
-        unknown = sorted(set(config) - set(CONFIG_KEYS) - set(ACTOR_KEYS) - _SHELL_KEYS)
-        if unknown:
-            raise ValueError(
-                f"unknown provisioner config key(s): {', '.join(unknown)} (known: "
-                f"{', '.join([*CONFIG_KEYS, *ACTOR_KEYS, *sorted(_SHELL_KEYS)])})"
-            )
+        check_config_keys(config)
         if "workers" not in config:
             creates = int(config.get("create_concurrency", CONFIG_KEYS["create_concurrency"]))
             destroys = int(config.get("terminator_concurrency",

@@ -24,6 +24,39 @@ class Message:
     def check(self) -> None:
         """Value checks beyond types; subclasses raise :class:`InvalidMessage`."""
 
+    def __str__(self) -> str:
+        """A short summary (scalar fields, sizes of containers); ``repr`` stays complete.
+
+        thespian formats every message it sends or receives with ``str`` for a debug log line
+        even when that level is off: the full dataclass repr of a heartbeat listing a hundred
+        processes cost more than handling it.
+        """
+        parts = []
+        for name in _field_names(type(self)):
+            value = getattr(self, name, None)
+            if value is None or isinstance(value, bool | int | float):
+                parts.append(f"{name}={value!r}")
+            elif isinstance(value, str):
+                parts.append(f"{name}={value[:40]!r}")
+            elif isinstance(value, Message):
+                parts.append(f"{name}={value}")
+            elif hasattr(value, "__len__"):
+                parts.append(f"{name}=<{type(value).__name__} of {len(value)}>")
+            else:
+                parts.append(f"{name}=<{type(value).__name__}>")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+
+_field_names_cache: dict[type, tuple[str, ...]] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...]:
+    names = _field_names_cache.get(cls)
+    if names is None:
+        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
+        _field_names_cache[cls] = names
+    return names
+
 
 _hints_cache: dict[type, dict[str, Any]] = {}
 

@@ -140,12 +140,15 @@ class EventSourcedActor(Actor):
 
     Hooks: :meth:`make_component` (required), :meth:`setup`, :meth:`teardown`,
     :meth:`work_handlers`, :meth:`make_leadership`. Tunables are class attributes; ``config``
-    keys of the same name (``workers``, ``group_commit``, ``max_batch``) override them per
+    keys of the same name (``workers``, ``group_commit``, ``group_commit_delay``, ``max_batch``) override them per
     instance.
     """
 
     #: Decide and append messages that arrive together as one batch.
     group_commit: bool = True
+    #: Seconds a batch waits for more messages before it is decided and appended (0: only
+    #: what has already arrived). A few milliseconds trade latency for fewer, larger appends.
+    group_commit_delay: float = 0.0
     #: Largest batch (messages) per append.
     max_batch: int = 512
     #: Worker threads for ``Work`` effects.
@@ -316,6 +319,7 @@ class EventSourcedActor(Actor):
             return
         self._config = config
         self.group_commit = bool(config.get("group_commit", self.group_commit))
+        self.group_commit_delay = float(config.get("group_commit_delay", self.group_commit_delay))
         self.max_batch = int(config.get("max_batch", self.max_batch))
         self._runner = Runner(component, log, stream=stream, snapshot_every=msg.snapshot_every)
         self._leadership = leadership
@@ -517,7 +521,7 @@ class EventSourcedActor(Actor):
                 self._flush()
             elif not self._flush_pending:
                 self._flush_pending = True
-                self.wakeupAfter(timedelta(0), _FLUSH)
+                self.wakeupAfter(timedelta(seconds=self.group_commit_delay), _FLUSH)
         elif mode in ("idle", "recovering", "suspended"):
             if len(self._held) >= self.max_held:
                 self._reply(origin, ErrorReply("unavailable", f"not serving yet ({mode}) and {self.max_held} messages held", origin.kind))
