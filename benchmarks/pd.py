@@ -16,15 +16,18 @@ matchmaker's index, the ``ProcessAssigned`` events applied as they are emitted, 
 **End to end** (one host): a ZooKeeper server, the PD actor on the thespian TCP base with a
 ZooKeeper log, ``--agents`` EEAgent processes (``python -m cei_actors.eeagent``), nodes
 announced by hand. ``--launches`` processes running ``true`` are scheduled as fast as one
-client can send them (50 per ``ScheduleProcesses`` request, and one per request); the figure is
-launches per second from the first request until every process has started (RUNNING or
-EXITED). Baseline: one request per process with the shell's group commit off (one ZooKeeper
-append per message, as the original wrote one record per change). Also shown: the agents' own
-ceiling, ``ProcessSupervisor`` launching ``true`` with nothing around it, and the PD pipeline
-alone: the same runs with in-system simulated agents whose processes exit at once.
+client can send them (50 per ``ScheduleProcesses`` request); the figure is launches per second
+from the first request until every process has started (RUNNING or EXITED), sustained: slots
+are reused as processes exit. With it, the CPU each part used per launch (from ``/proc``: the
+PD's actor system, the agents, their reapers, the commands themselves, ZooKeeper, this
+harness). Baseline (500 launches at most, it is slow): one request per process, group commit
+off and a heartbeat for every change (one ZooKeeper append per message and one heartbeat per
+exit, as the original). Also shown: one request per process with today's settings, the agents'
+own ceiling (``ProcessSupervisor`` launching ``true`` with nothing around it), and the PD
+pipeline alone (in-system simulated agents whose processes exit at once).
 
-    python -m benchmarks.pd [--scale 1.0] [--naive 300] [--launches 200] [--agents 4]
-                            [--slots 16] [--skip-e2e] [--json]
+    python -m benchmarks.pd [--scale 1.0] [--naive 300] [--launches 3000] [--agents 2]
+                            [--slots 64] [--skip-e2e] [--json]
 """
 
 from __future__ import annotations
@@ -182,6 +185,73 @@ def _r(metric: str, value: float, unit: str, baseline: float | None, *, lower_is
 # ---- end to end ------------------------------------------------------------------------------------
 
 
+class CpuMeter:
+    """CPU seconds per role over a run, read from ``/proc`` (Linux), for a per-launch breakdown.
+
+    Roles: ``zookeeper`` (the server's pid), ``eeagents`` (``python -m cei_actors.eeagent``),
+    ``reapers`` (the agents' reaper processes), ``commands`` (reaped children of agents and
+    reapers: the processes themselves), ``harness`` (this process) and ``pd system`` (every
+    other process forked from this one: the actor system's admin, logger and the PD actor).
+    """
+
+    def __init__(self, zk_pid: int | None) -> None:
+        self.zk_pid = zk_pid
+        self.me = os.getpid()
+        self.hz = os.sysconf("SC_CLK_TCK")
+
+    def _role(self, pid: int, cmd: str) -> str | None:
+        if pid == self.zk_pid:
+            return "zookeeper"
+        if pid == self.me:
+            return "harness"
+        if "cei_actors.eeagent" in cmd and "reaper" not in cmd:
+            return "eeagents"
+        if "reaper" in cmd:
+            return "reapers"
+        if cmd == self.my_cmd:
+            return "pd system"
+        return None
+
+    def snap(self) -> dict[int, tuple[str, float, float]]:
+        """pid -> (role, own CPU s, reaped children's CPU s) for the processes of this run."""
+        self.my_cmd = _cmdline(self.me)
+        out = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    stat = f.read()
+                cmd = _cmdline(pid)
+            except OSError:
+                continue
+            role = self._role(pid, cmd)
+            if role is None:
+                continue
+            fields = stat[stat.rfind(")") + 2 :].split()
+            own = (int(fields[11]) + int(fields[12])) / self.hz
+            kids = (int(fields[13]) + int(fields[14])) / self.hz
+            out[pid] = (role, own, kids)
+        return out
+
+    @staticmethod
+    def per_role(before: dict[int, tuple[str, float, float]], after: dict[int, tuple[str, float, float]]) -> dict[str, float]:
+        """CPU seconds each role used between two snapshots (commands: children of agents/reapers)."""
+        roles: dict[str, float] = {}
+        for pid, (role, own, kids) in after.items():
+            _, own0, kids0 = before.get(pid, (role, 0.0, 0.0))
+            roles[role] = roles.get(role, 0.0) + own - own0
+            if role in ("eeagents", "reapers"):
+                roles["commands"] = roles.get("commands", 0.0) + kids - kids0
+        return roles
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+
+
 def supervisor_ceiling(n: int) -> float:
     """Launches/s of a bare ProcessSupervisor running ``true`` (until all have exited)."""
     from cei_actors.eeagent.supervisor import ProcessSupervisor
@@ -320,8 +390,8 @@ class E2E:
         assert isinstance(reply, Response) and isinstance(reply.reply, Ok), reply
         return reply.reply.value
 
-    def run(self, launches: int, batch: int = 1) -> tuple[float, float]:
-        """(launches/s until all started, seconds spent sending the requests)."""
+    def run(self, launches: int, batch: int = 1, meter: CpuMeter | None = None) -> tuple[float, float, dict[str, float]]:
+        """(launches/s until all started, seconds spent sending the requests, CPU s per role)."""
         from cei_actors.pd.messages import ProcessCounts, ScheduleProcess, ScheduleProcesses
         from cei_actors.runtime.control import Request
 
@@ -329,6 +399,7 @@ class E2E:
         before = self.call(ProcessCounts())
         done0 = before.get(ps.RUNNING, 0) + before.get(ps.EXITED, 0)
         reqs = [ScheduleProcess(f"{tag}-{i}", command=["true"], restart_mode="never") for i in range(launches)]
+        cpu0 = meter.snap() if meter else {}
         t0 = time.perf_counter()
         for i in range(0, launches, batch):
             chunk = reqs[i : i + batch]
@@ -340,9 +411,11 @@ class E2E:
             counts = self.call(ProcessCounts())
             started = counts.get(ps.RUNNING, 0) + counts.get(ps.EXITED, 0) - done0
             if started >= launches:
-                return launches / (time.perf_counter() - t0), sent
+                rate = launches / (time.perf_counter() - t0)
+                return rate, sent, (meter.per_role(cpu0, meter.snap()) if meter else {})
             assert time.monotonic() < deadline, f"stuck at {counts}"
-            time.sleep(0.02)
+            # each poll costs the PD a request: seldom until the end is near, then often
+            time.sleep(0.1 if started < 0.9 * launches else 0.01)
 
     def close(self) -> None:
         from cei_actors.runtime.system import shutdown_system
@@ -364,31 +437,47 @@ def bench_e2e(launches: int, agents: int, slots: int) -> list[dict[str, Any]]:
 
     out = []
     work = tempfile.mkdtemp(prefix="pdbench-")
+    small = min(launches, 500)  # the slow runs: long enough to time, short enough to wait for
+    naive_pd = {"group_commit_delay": 0.0}
+    naive_agent = ("--heartbeat-gap", "0")
     try:
         ceiling = supervisor_ceiling(min(100, launches))
         with ZkServer(os.path.join(work, "zk"), heap="512m") as zk:
             rates = {}
+            # name, group commit, schedules per request, simulated agents, launches, PD config, agent args
             runs = (
-                ("batched", True, 50, False), ("single", True, 1, False), ("base", False, 1, False),
-                ("sim", True, 50, True), ("sim-base", False, 1, True),
+                ("batched", True, 50, False, launches, {}, ()),
+                ("single", True, 1, False, small, {}, ()),
+                ("base", False, 1, False, small, naive_pd, naive_agent),
+                ("sim", True, 50, True, max(launches, 1000), {}, ()),
+                ("sim-base", False, 1, True, small, naive_pd, ()),
             )
-            for name, gc_on, batch, simulated in runs:
+            meter = CpuMeter(zk.pid)
+            for name, gc_on, batch, simulated, n, pd_config, agent_args in runs:
                 sysdir = os.path.join(work, name)
                 os.makedirs(sysdir)
-                e2e = E2E(zk.hosts, agents, slots, gc_on, sysdir, simulated)
-                n = max(launches, 1000) if simulated else launches  # long enough to time
+                e2e = E2E(zk.hosts, agents, slots, gc_on, sysdir, simulated, pd_config, agent_args)
                 try:
-                    e2e.run(min(20, launches), batch)  # warm up: first launches, connections
-                    rates[name] = e2e.run(n, batch)
+                    e2e.run(min(20, n), batch)  # warm up: first launches, connections
+                    rates[name] = e2e.run(n, batch, meter if name == "batched" else None)
                 finally:
                     e2e.close()
         base = rates["base"][0]
         where = f"{launches} x `true` on {agents} agents x {slots} slots, ZooKeeper log"
+        naive = (f"baseline: {small} launches, one request per process, group commit off, a "
+                 "heartbeat for every change")
         out.append(_r("end to end: launches reaching RUNNING", rates["batched"][0], "launches/s", base,
-                      note=f"{where}; 50 schedules per request (sent in {rates['batched'][1]:.2f} s); "
-                      "baseline: one request per process, group commit off"))
+                      note=f"{where}; 50 schedules per request (sent in {rates['batched'][1]:.2f} s); {naive}"))
+        roles = rates["batched"][2]
+        if roles:
+            total = sum(roles.values())
+            wall = launches / rates["batched"][0]
+            shown = ", ".join(f"{k} {v / launches * 1000:.2f}" for k, v in sorted(roles.items(), key=lambda kv: -kv[1]))
+            out.append(_r("end to end: CPU per launch", total / launches * 1000, "ms", None,
+                          note=f"{shown} (ms each); {total / wall / (os.cpu_count() or 1):.0%} of "
+                          f"{os.cpu_count()} CPUs busy"))
         out.append(_r("end to end: one request per process", rates["single"][0], "launches/s", base,
-                      note=f"group commit on; requests sent in {rates['single'][1]:.2f} s"))
+                      note=f"{small} launches; group commit on; requests sent in {rates['single'][1]:.2f} s"))
         out.append(_r("PD pipeline with simulated agents", rates["sim"][0], "launches/s", rates["sim-base"][0],
                       note=f"{max(launches, 1000)} launches; PD actor + ZooKeeper log + thespian; "
                       "in-system agents whose processes exit at once; baseline: one request per "
@@ -404,9 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.pd", description=__doc__.split("\n")[0])
     ap.add_argument("--scale", type=float, default=1.0, help="matchmaker size (1.0 = 100k on 10k nodes)")
     ap.add_argument("--naive", type=int, default=300, help="processes for the full-rescan baseline")
-    ap.add_argument("--launches", type=int, default=200)
-    ap.add_argument("--agents", type=int, default=4)
-    ap.add_argument("--slots", type=int, default=16, help="slots per agent (end to end)")
+    ap.add_argument("--launches", type=int, default=3000)
+    ap.add_argument("--agents", type=int, default=2)
+    ap.add_argument("--slots", type=int, default=64, help="slots per agent (end to end)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)

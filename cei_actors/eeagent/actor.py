@@ -267,15 +267,20 @@ class AgentCore:
         """Run one request; returns ``Ok``/``ErrorReply``. Never raises for bad input."""
         name = type(message).__name__
         try:
-            validate(message)
+            validate(message)  # a batch validates its items too
         except InvalidMessage as exc:
             logger.warning("eeagent %s: bad %s: %s", self.agent_id, name, exc)
             return ErrorReply("bad_request", str(exc), name)
+        if isinstance(message, AgentRequests):
+            return Ok([_reply_value(self._run(m)) for m in message.requests])
+        return self._run(message)
+
+    def _run(self, message: Any) -> Any:
+        """Run one valid request; ``Ok``/``ErrorReply``."""
+        name = type(message).__name__
         try:
             if isinstance(message, LaunchProcess):
                 return Ok(self._launch(message))
-            if isinstance(message, AgentRequests):
-                return Ok([_reply_value(self.handle(m)) for m in message.requests])
             if isinstance(message, TerminateProcess):
                 info = self.supervisor.terminate(message.upid, message.round)
                 return Ok(info.to_dict())

@@ -91,17 +91,22 @@ class AgentHeartbeat(Message):
     def check(self) -> None:
         if not self.eeagent_id:
             raise InvalidMessage("AgentHeartbeat.eeagent_id: must not be empty")
+        normalize = st.normalize
         for i, p in enumerate(self.processes):
-            where = f"AgentHeartbeat.processes[{i}]"
+            problem = None
             upid, round_ = p.get("upid"), p.get("round")
             if not isinstance(upid, str) or not upid:
-                raise InvalidMessage(f"{where}.upid: expected a non-empty str, got {upid!r:.40}")
-            if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
-                raise InvalidMessage(f"{where}.round: expected an int >= 0, got {round_!r:.40}")
-            try:
-                st.normalize(p.get("state"))
-            except ValueError as exc:
-                raise InvalidMessage(f"{where}.state: {exc}") from None
-            msg = p.get("msg")
-            if msg is not None and not isinstance(msg, str):
-                raise InvalidMessage(f"{where}.msg: expected a str")
+                problem = f"upid: expected a non-empty str, got {upid!r:.40}"
+            elif type(round_) is not int or round_ < 0:
+                problem = f"round: expected an int >= 0, got {round_!r:.40}"
+            else:
+                msg = p.get("msg")
+                if msg is not None and not isinstance(msg, str):
+                    problem = "msg: expected a str"
+                else:
+                    try:
+                        normalize(p.get("state"))
+                    except ValueError as exc:
+                        problem = f"state: {exc}"
+            if problem is not None:
+                raise InvalidMessage(f"AgentHeartbeat.processes[{i}].{problem}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
@@ -58,52 +59,74 @@ def _field_names(cls: type) -> tuple[str, ...]:
     return names
 
 
-_hints_cache: dict[type, dict[str, Any]] = {}
+Check = Callable[[Any], bool]
+_fields_cache: dict[type, list[tuple[str, Any, Check]]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    hints = _hints_cache.get(cls)
-    if hints is None:
-        hints = {
-            f.name: get_type_hints(cls)[f.name] for f in dataclasses.fields(cls) if f.init
-        }
-        _hints_cache[cls] = hints
-    return hints
+def _checked_fields(cls: type) -> list[tuple[str, Any, Check]]:
+    """``(name, hint, check)`` for each init field of message class ``cls`` (cached)."""
+    found = _fields_cache.get(cls)
+    if found is None:
+        hints = get_type_hints(cls)
+        found = [(f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+        _fields_cache[cls] = found
+    return found
 
 
-def _matches(value: Any, hint: Any) -> bool:
+_checkers: dict[Any, Check] = {}
+
+
+def _checker(hint: Any) -> Check:
+    """A function testing values against ``hint``, built once per hint (validation runs for
+    every message received, so the typing introspection must not)."""
+    try:
+        return _checkers[hint]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable hint: build it every time
+        return _build_checker(hint)
+    check = _checkers[hint] = _build_checker(hint)
+    return check
+
+
+def _build_checker(hint: Any) -> Check:
     if hint is Any or hint is object:
-        return True
+        return lambda v: True
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        return any(_matches(value, h) for h in get_args(hint))
+        options = tuple(_checker(h) for h in get_args(hint))
+        return lambda v: any(c(v) for c in options)
     if hint is None or hint is type(None):
-        return value is None
+        return lambda v: v is None
     if origin is typing.Literal:
-        return value in get_args(hint)
+        allowed = get_args(hint)
+        return lambda v: v in allowed
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return lambda v: isinstance(v, int | float) and not isinstance(v, bool)
     if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+        return lambda v: isinstance(v, int) and not isinstance(v, bool)
     if origin in (list, tuple, frozenset, set):
-        if not isinstance(value, origin):
-            return False
         args = get_args(hint)
         if origin is tuple and args and args[-1] is not Ellipsis:
-            return len(value) == len(args) and all(map(_matches, value, args))
-        return not args or all(_matches(v, args[0]) for v in value)
+            items = tuple(_checker(a) for a in args)
+            return lambda v: isinstance(v, tuple) and len(v) == len(items) and all(
+                c(x) for c, x in zip(items, v, strict=True)
+            )
+        if not args:
+            return lambda v: isinstance(v, origin)
+        item = _checker(args[0])
+        return lambda v: isinstance(v, origin) and all(map(item, v))
     if origin is dict:
-        if not isinstance(value, dict):
-            return False
         args = get_args(hint)
-        return not args or all(
-            _matches(k, args[0]) and _matches(v, args[1]) for k, v in value.items()
-        )
+        if not args:
+            return lambda v: isinstance(v, dict)
+        key, val = _checker(args[0]), _checker(args[1])
+        return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
     if origin is ClassVar:
-        return True
+        return lambda v: True
     if isinstance(hint, type):
-        return isinstance(value, hint)
-    return True
+        return lambda v: isinstance(v, hint)
+    return lambda v: True
 
 
 def validate(message: object) -> None:
@@ -111,12 +134,12 @@ def validate(message: object) -> None:
     if not isinstance(message, Message) or not dataclasses.is_dataclass(message):
         raise InvalidMessage(f"not a message: {type(message).__name__}")
     name = type(message).__name__
-    for field, hint in _hints(type(message)).items():
+    for field, hint, check in _checked_fields(type(message)):
         try:
             value = getattr(message, field)
         except AttributeError:
             raise InvalidMessage(f"{name}: field {field!r} is missing") from None
-        if not _matches(value, hint):
+        if not check(value):
             raise InvalidMessage(
                 f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {value!r:.60}"
             )
