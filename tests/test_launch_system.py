@@ -145,10 +145,14 @@ def test_connect_without_a_system(home):
 
 
 def test_standby_takes_over_after_kill_9(home, tmp_path):
+    """kill -9 of the EPUM leader: the standby serves, and the running EEAgent finds it among
+    the replicas and greets it (its health heartbeats go there)."""
     plan = load_plan(make_plan(tmp_path, epum=2), home=home)
     info = up(plan, home)
     assert info["components"]["epum"] == ["epum", "epum.1"]
     with connect(home) as conn:
+        conn.pd.schedule_process("long", command=["sleep", "60.75"])
+        conn.pd.wait_process("long", "RUNNING", timeout=40)  # a node, so an agent, exists
         reps = conn.status()["components"]["epum"]
         assert [(r["name"], r["leader"]) for r in reps] == [("epum", True), ("epum.1", False)]
         assert reps[1]["mode"] == "recovering" and reps[1]["running"]
@@ -159,12 +163,19 @@ def test_standby_takes_over_after_kill_9(home, tmp_path):
             reps = conn.status()["components"]["epum"]
             return reps[1]["leader"] and conn
     assert wait_for(new_leader, timeout=20)
+
+    def agents_greeted_standby():
+        with connect(home) as conn:
+            standby = conn.members("epum")[1].status or {}
+            return [p for p in standby.get("peers", []) if p.startswith("eeagent:")]
+    assert wait_for(agents_greeted_standby, timeout=20)
     with connect(home) as conn:
         assert conn.epum.list_domains() == ["pd_domain_default"]  # served by epum.1
         conn.pd.schedule_process("hello", command=["true"])
         assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=40)["state"] == "EXITED"
     down(home)
     assert_nothing_left(home, info)
+    assert not processes_mentioning("sleep 60.75")
 
 
 def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):

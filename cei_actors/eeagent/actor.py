@@ -7,9 +7,9 @@ state, msg). It is hosted two ways:
 - :class:`EEAgentActor`, a thespian actor in the PD's actor system (tests, embedding);
 - :class:`EndpointAgent`, the loop of ``python -m cei_actors.eeagent``: the process a
   local-cloud "VM" runs, which joins the running system as an external endpoint
-  (``runtime.system.attach_system``), finds the PD leader among its replicas' global names
-  (``pd``, ``pd.1``, ...; asking each for ``Status``, and the current one again every few
-  seconds, see docs/decisions.md F1) and says ``Hello("eeagent:<id>")``.
+  (``runtime.system.attach_system``), finds the PD and EPUM leaders among their replicas'
+  global names (``pd``, ``pd.1``, ...; asking each for ``Status``, and the current one again
+  every few seconds, see docs/decisions.md F1) and says ``Hello("eeagent:<id>")`` to each.
 
 **Heartbeats** to the PD go out every ``heartbeat_interval`` seconds and at once on any change
 (at most one per ``MIN_GAP``, 25 ms: a burst of changes shares one heartbeat; decision EA6).
@@ -539,17 +539,14 @@ class EndpointAgent:
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
-        self.pd: ActorAddress | None = None
-        #: the global name the current PD address was found under (``pd``, ``pd.1``, ...)
-        self.pd_found_as: str | None = None
-        #: seconds between Status probes of the PD leader once replicas were seen
+        self.epum_name = epum_name
+        #: the PD and EPUM leaders followed among their replicas
+        self.leaders = {"pd": _Leader(pd_name)}
+        if epum_name:
+            self.leaders["epum"] = _Leader(epum_name)
+        #: seconds between Status probes of a leader once its replicas were seen
         self.probe_interval = probe_interval
         self.probe_timeout = probe_timeout
-        self._replicated = False
-        self._last_probe = float("-inf")
-        self.switches = 0
-        self.epum_name = epum_name
-        self.epum: ActorAddress | None = None
         self.agent_id = agent_id
         self.lookup_interval = (
             lookup_interval if lookup_interval is not None else heartbeat_interval
@@ -577,51 +574,85 @@ class EndpointAgent:
         self._waker_thread = threading.Thread(target=self._waker, name="eeagent-waker", daemon=True)
         self._waker_thread.start()
 
-    # -- the PD's address ----------------------------------------------------------------------
+    # -- the PD's and EPUM's addresses ------------------------------------------------------------
+
+    @property
+    def pd(self) -> ActorAddress | None:
+        return self.leaders["pd"].addr
+
+    @property
+    def epum(self) -> ActorAddress | None:
+        leader = self.leaders.get("epum")
+        return leader.addr if leader is not None else None
 
     def _find_pd(self, force: bool = False) -> None:
-        """Find the PD leader among the replicas ``pd``, ``pd.1``, ... (global names).
+        """Find the PD and EPUM leaders among their replicas ``pd``, ``pd.1``, ... (global names).
 
-        With one replica its name is taken as it is (re-looked up every ``lookup_interval``
-        and after a failed send). Once replicas were seen, the current PD is asked for its
-        ``Status`` every ``probe_interval`` seconds; if it does not answer in
-        ``probe_timeout`` or is not the ready leader, every replica is asked and the agent
-        switches to the one that leads (F1).
+        One admin status request lists every name; it is repeated every ``lookup_interval``,
+        when a leader is unknown, and after a failed send. A service with one replica is taken
+        as it is. Once replicas of a service were seen, its current leader is asked for its
+        ``Status`` every ``probe_interval`` seconds; if it does not answer in ``probe_timeout``
+        or is not the ready leader, every replica is asked and the agent switches to the one
+        that leads (decision F1).
         """
         now = time.monotonic()
-        if not force and self.pd is not None:
-            if self._replicated and now - self._last_probe >= self.probe_interval:
-                self._last_probe = now
-                if not _is_leader(self._status(self.pd)):
-                    logger.info("eeagent %s: the PD at %s (%s) is not the ready leader now",
-                                self.agent_id, self.pd, self.pd_found_as)
-                    force = True
-            if not force and now - self._last_lookup < self.lookup_interval:
-                return
+        pd = self.leaders["pd"]
+        lookup = force or pd.addr is None or now - self._last_lookup >= self.lookup_interval
+        stale = {k for k, leader in self.leaders.items() if leader.addr is not None} if force else set()
+        for key, leader in self.leaders.items():
+            if leader.addr is not None and leader.replicated and now - leader.last_probe >= self.probe_interval:
+                leader.last_probe = now
+                if not _is_leader(self._status(leader.addr)):
+                    logger.info("eeagent %s: %s at %s (%s) is not the ready leader now",
+                                self.agent_id, key, leader.addr, leader.found_as)
+                    stale.add(key)
+                    lookup = True
+        if not lookup:
+            return
         self._last_lookup = now
-        self._last_probe = now
         try:
             found = _global_actors(self.asys, timeout=2.0)
         except Exception as exc:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
-        self._found_epum(found.get(self.epum_name) if self.epum_name else None)
-        names = _replica_names(self.pd_name, found)
+        for key, leader in self.leaders.items():
+            self._follow(key, leader, found, key in stale)
+            leader.last_probe = now
+
+    def _follow(self, key: str, leader: _Leader, found: dict[str, Any], force: bool) -> None:
+        """Point ``leader`` at the replica of its service that leads now (``force``: the
+        current one was found not leading, so it is asked last)."""
+        names = _replica_names(leader.name, found)
         if not names:
-            if self.pd is not None or self.pd_found_as is None:
-                logger.info("eeagent %s: no actor named %r yet", self.agent_id, self.pd_name)
-            self.pd, self.pd_found_as = None, None
+            if leader.addr is not None or leader.found_as is None:
+                logger.info("eeagent %s: no actor named %r now", self.agent_id, leader.name)
+            leader.addr, leader.found_as = None, ""
             return
         if len(names) > 1:
-            self._replicated = True
-        current = [n for n in names if found[n] == self.pd]
+            leader.replicated = True
+        current = [n for n in names if found[n] == leader.addr]
         if len(names) == 1:
             chosen = names[0]
         elif current and not force:
             chosen = current[0]  # probed just now (or recently) and still registered
         else:
-            chosen = self._choose_leader(names, found, skip=self.pd if force else None)
-        self._point_at(chosen, found[chosen])
+            chosen = self._choose_leader(names, found, skip=leader.addr if force else None)
+        addr = found[chosen]
+        leader.found_as = chosen
+        if leader.addr is not None and addr == leader.addr:
+            return
+        from ..runtime.control import Hello
+
+        logger.info("eeagent %s: %s at %s (%s)", self.agent_id, key, addr, chosen)
+        if leader.addr is not None:
+            leader.switches += 1
+        leader.addr = addr
+        try:
+            self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
+        except Exception as exc:
+            logger.warning("eeagent %s: hello to %s failed: %s", self.agent_id, chosen, exc)
+        if key == "pd":
+            self.core._dirty = True  # a full heartbeat to the new PD at once
 
     def _choose_leader(self, names: list[str], found: dict[str, Any], skip: Any) -> str:
         """The replica that says it is the ready leader; else one that answers; else the first.
@@ -637,22 +668,6 @@ class EndpointAgent:
                 answering = name
         return answering or names[0]
 
-    def _point_at(self, name: str, addr: ActorAddress) -> None:
-        if self.pd is not None and addr == self.pd:
-            self.pd_found_as = name
-            return
-        from ..runtime.control import Hello
-
-        logger.info("eeagent %s: PD at %s (%s)", self.agent_id, addr, name)
-        if self.pd is not None:
-            self.switches += 1
-        self.pd, self.pd_found_as = addr, name
-        try:
-            self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
-        except Exception as exc:
-            logger.warning("eeagent %s: hello to %s failed: %s", self.agent_id, name, exc)
-        self.core._dirty = True  # a full heartbeat to the new PD at once
-
     def _status(self, addr: ActorAddress) -> dict[str, Any] | None:
         """The runtime ``Status`` of the actor at ``addr``, or None (no answer in time)."""
         from ..runtime.client import ServiceClient
@@ -666,38 +681,26 @@ class EndpointAgent:
             return None
         return value if isinstance(value, dict) else None
 
-    def _found_epum(self, addr: ActorAddress | None) -> None:
-        """EPUM's address from a lookup: greet a new one (it probes ``eeagent:<id>``)."""
-        from ..runtime.control import Hello
-
-        if addr is None:
-            if self.epum is not None:
-                logger.info("eeagent %s: no actor named %r now", self.agent_id, self.epum_name)
-            self.epum = None
-            return
-        if addr != self.epum:
-            logger.info("eeagent %s: EPUM at %s", self.agent_id, addr)
-            self.epum = addr
-            self.asys.tell(addr, Hello(f"eeagent:{self.agent_id}"))
+    def _send_to(self, key: str, message: Message) -> None:
+        leader = self.leaders.get(key)
+        if leader is None:
+            raise RuntimeError(f"no {key} to send to")
+        if leader.addr is None:
+            self._find_pd()
+        if leader.addr is None:
+            raise RuntimeError(f"no actor named {leader.name!r}")
+        try:
+            self.asys.tell(leader.addr, message)
+        except Exception:
+            leader.addr = None  # look it up again next time
+            raise
 
     def _send_epum(self, message: Message) -> None:
-        if self.epum is None:
-            raise RuntimeError(f"no actor named {self.epum_name!r}")
-        try:
-            self.asys.tell(self.epum, message)
-        except Exception:
-            self.epum = None
-            raise
+        self._send_to("epum", message)
 
     def _send_pd(self, message: Message) -> None:
         self._find_pd()
-        if self.pd is None:
-            raise RuntimeError(f"no actor named {self.pd_name!r}")
-        try:
-            self.asys.tell(self.pd, message)
-        except Exception:
-            self.pd = None  # look it up again next time
-            raise
+        self._send_to("pd", message)
 
     # -- the watcher's wake-up ----------------------------------------------------------------
 
@@ -782,6 +785,19 @@ class EndpointAgent:
         self.stopping = True
         self._wake_event.set()
         self._waker_thread.join(timeout=2)
+
+
+@dataclass
+class _Leader:
+    """Where one service (the PD or EPUM) is followed: ``name`` is the first replica's global
+    name; ``addr`` the leader found (None: unknown), under the name ``found_as``."""
+
+    name: str
+    addr: Any = None
+    found_as: str | None = None
+    replicated: bool = False
+    last_probe: float = float("-inf")
+    switches: int = 0
 
 
 def _is_leader(status: dict[str, Any] | None) -> bool:
