@@ -79,6 +79,18 @@ def test_changes_within_the_gap_share_one_heartbeat(tmp_path):
         c.close(kill=True, grace=0.5)
 
 
+def test_a_batch_runs_in_order_with_launch_runs_started_together(core):
+    batch = core.handle(AgentRequests([
+        LaunchProcess("b1", 0, ["sleep", "30"]),
+        TerminateProcess("b1", 0),  # after b1's launch, before b2's
+        LaunchProcess("b2", 0, ["sleep", "30"]),
+        LaunchProcess("b3", 0, ["sleep", "30"]),  # 2 slots: b1 still holds one while terminating
+    ]))
+    assert isinstance(batch, Ok)
+    assert [v["state"] for v in batch.value] == ["RUNNING", "TERMINATING", "RUNNING", "REJECTED"]
+    wait_for(lambda: core.supervisor.get("b1", 0).state == "TERMINATED")
+
+
 def test_core_runs_requests_and_sends_level_based_heartbeats(core):
     col = core.col
     assert core.flush() and states(col.sent[-1]) == {}  # the first one goes out at once

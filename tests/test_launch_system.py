@@ -237,7 +237,7 @@ def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):
         for i in range(5):
             assert pd.wait_process(f"new{i}", "RUNNING", timeout=40)["state"] == "RUNNING"
         assert pd.describe_process("long")["round"] == before["round"]
-        # one copy (its /bin/sh wrapper mentions it too): never started again elsewhere
+        # one copy: never started again elsewhere
         assert len([p for p, cmd in processes_mentioning("sleep 60.25") if cmd.startswith("sleep")]) == 1
     down(home)
     assert_nothing_left(home, info)

@@ -272,8 +272,29 @@ class AgentCore:
             logger.warning("eeagent %s: bad %s: %s", self.agent_id, name, exc)
             return ErrorReply("bad_request", str(exc), name)
         if isinstance(message, AgentRequests):
-            return Ok([_reply_value(self._run(m)) for m in message.requests])
+            return Ok(self._run_batch(message.requests))
         return self._run(message)
+
+    def _run_batch(self, requests: list[Any]) -> list[Any]:
+        """Each request's reply value, in order; consecutive launches start in one round trip
+        to the supervisor's reaper."""
+        out: list[Any] = []
+        i = 0
+        while i < len(requests):
+            j = i
+            while j < len(requests) and isinstance(requests[j], LaunchProcess):
+                j += 1
+            if j == i:
+                out.append(_reply_value(self._run(requests[i])))
+                i += 1
+                continue
+            try:
+                out.extend(info.to_dict() for info in self.supervisor.launch_many(requests[i:j]))
+            except (SupervisorClosedError, ValueError) as exc:
+                code = "unavailable" if isinstance(exc, SupervisorClosedError) else "bad_request"
+                out.extend({"error": code, "message": str(exc)} for _ in range(i, j))
+            i = j
+        return out
 
     def _run(self, message: Any) -> Any:
         """Run one valid request; ``Ok``/``ErrorReply``."""
@@ -604,7 +625,7 @@ class EndpointAgent:
                 leader.last_probe = now
                 if not _is_leader(self._status(leader.addr)):
                     logger.info("eeagent %s: %s at %s (%s) is not the ready leader now",
-                                self.agent_id, key, leader.addr, leader.found_as)
+                                self.agent_id, key.upper(), leader.addr, leader.found_as)
                     stale.add(key)
                     lookup = True
         if not lookup:
@@ -643,7 +664,7 @@ class EndpointAgent:
             return
         from ..runtime.control import Hello
 
-        logger.info("eeagent %s: %s at %s (%s)", self.agent_id, key, addr, chosen)
+        logger.info("eeagent %s: %s at %s (%s)", self.agent_id, key.upper(), addr, chosen)
         if leader.addr is not None:
             leader.switches += 1
         leader.addr = addr

@@ -1,14 +1,15 @@
 """Runs real unix processes for the EEAgent and notices their exits at once.
 
 :class:`ProcessSupervisor` is the node-side machinery without any actor around it. Processes
-are keyed by ``(upid, round)``. Every command runs under a small wrapper that is the leader of
-a new session and process group; the wrapper starts the command in that group, waits for it
-and writes the command's exit status to a file before it exits itself. The default wrapper is
-``/bin/sh`` running :data:`SH_WRAPPER` (about 1.5 ms of CPU per launch); ``wrapper="python"``
-selects the older :mod:`cei_actors.eeagent.runwrap` (about 15 ms). The supervisor watches
-each wrapper with a pidfd in one watcher thread, so an exit is seen within a millisecond, and
-the exit code is read from the status file, which also works for processes that ended while
-no agent was running.
+are keyed by ``(upid, round)``. Every command is started by one long-lived **reaper** process
+per state directory (:mod:`cei_actors.eeagent.reaper`, a fork server in its own session, as
+supervisord was for the original EEAgent): the reaper ``posix_spawn``\\ s the command itself (no
+shell, no wrapper) as the leader of a new session and process group, is its parent, reaps it
+the moment it exits (SIGCHLD), records the exit in ``<state_dir>/reaper.exits`` and then
+reports it over a unix socket. The supervisor keeps the records, the slots, the rounds and the
+timers; the reaper only spawns, signals on request, and reaps. An exit reaches ``on_change``
+within about a millisecond, and an exit that happens while no agent runs is kept by the
+reaper until a supervisor acknowledges it (see docs/decisions.md EA2).
 
 Decisions (also in the docstrings below):
 
@@ -16,24 +17,32 @@ Decisions (also in the docstrings below):
   ``LOGNAME``, ``LANG``, ``LC_ALL``, ``LC_CTYPE``, ``TZ``, ``TMPDIR`` copied from the agent,
   ``PATH`` defaulting to ``os.defpath``; or ``base_env`` when given) with the launch's ``env``
   merged over it. Nothing else of the agent's environment (credentials!) leaks into commands.
-- **cwd** ``None`` means the agent's current directory.
+- **cwd** ``None`` means the agent's current directory (at launch time).
 - **States**: a started command is RUNNING at once (the executable and cwd are checked before
-  the start; a cwd that vanished before the wrapper got there turns it FAILED; an executable
-  that vanished gives exit code 127, as from a shell). PENDING is used only for a new round
-  waiting for its older round to die. Exit code 0 → EXITED; non-zero, or a signal not sent by
-  :meth:`terminate` → FAILED; anything ending after :meth:`terminate` → TERMINATED.
-  ``exit_code`` is ``-N`` for death by signal ``N``. The shell wrapper sees what a shell sees:
-  a command exiting with ``128+N`` (``N`` a signal number) is reported as killed by ``N``.
-- **The process group is the unit**: when a command ends, anything it left running in its group
-  is killed (as systemd's ``KillMode=control-group`` does), so a terminal record never leaves
-  processes behind. ``terminate`` sends SIGTERM to the group, SIGKILL after the grace period;
-  a SIGTERM within 50 ms of the start is sent once more at 50 ms (it may have reached only the
-  shell wrapper, just before the command's exec). A descendant that starts its own session or
-  group (a daemon) escapes this, as it would escape supervisord; only cgroups could hold it.
+  the start; if the reaper still cannot change into the cwd or exec the command, the launch is
+  FAILED with the reason). PENDING is used only for a new round waiting for its older round to
+  die. Exit code 0 → EXITED; non-zero, or a signal not sent by :meth:`terminate` → FAILED;
+  anything ending after :meth:`terminate` → TERMINATED. ``exit_code`` is the exact status the
+  reaper got from ``waitpid``: ``-N`` for death by signal ``N`` (no shell in between, so a
+  command exiting with ``128+N`` is reported as that code).
+- **The process group is the unit**: when a command ends, the reaper kills what it left running
+  in its group before reaping it (as systemd's ``KillMode=control-group`` does), so a terminal
+  record never leaves processes behind. ``terminate`` sends SIGTERM to the group, SIGKILL after
+  the grace period; the reaper signals a group only while its leader is an unreaped child, so a
+  reused pid is never signalled. A descendant that starts its own session or group (a daemon)
+  escapes this, as it would escape supervisord; only cgroups could hold it.
 - **Unknown keys**: :meth:`terminate` raises :class:`UnknownProcessError` (a ``KeyError``);
   :meth:`cleanup` of an unknown key is a no-op returning ``False`` (cleanups are repeated).
 - **Output** goes to ``<state_dir>/proc/<name>.r<round>.out`` / ``.err`` (appended); cleanup
-  keeps those files and removes only the status file.
+  keeps those files.
+- **Agent restarts**: :meth:`close` (or an agent crash) leaves the reaper and the processes
+  running; a new supervisor on the same state dir connects to the reaper, takes its live
+  children and the exits it holds (true exit codes, ``DOWN_MSG`` in the message) and
+  reconciles its records. If the reaper itself died, a new one is started; records whose
+  processes still run (same pid, start time and boot) are watched as orphans with a pidfd and
+  reported FAILED "exit status unknown" when they end. A reaper with no children and no
+  supervisor exits after a few seconds; :meth:`shutdown` with ``kill`` stops it at once. The
+  reaper's pid and start time are in the table (``read_table(dir)["reaper"]``) for sweepers.
 - **On disk** (mode 0600, it holds the launch environments): ``<state_dir>/processes.json``,
   the whole table, replaced atomically with rename, plus ``processes.journal``, one JSON line
   per changed record appended (one ``write(2)``) after every change. The journal is folded into
@@ -42,7 +51,8 @@ Decisions (also in the docstrings below):
   :func:`read_table` reads both. No fsync: the table only matters across an agent restart on
   the same boot, and the page cache survives a process crash; after a reboot (a different
   ``boot_id``) every recorded process is known to be gone. ``journal=False`` rewrites the
-  whole table on every change instead (the old way, for comparison).
+  whole table on every change instead (the old way, for comparison). An exit is acknowledged
+  to the reaper only after it is in the journal.
 - **on_change** is called with the full :meth:`dump` after every state change (launch, exit,
   terminate), from the calling thread or from the watcher thread, with no supervisor lock
   held; not for :meth:`cleanup` (no state changes, the next heartbeat shows it gone). One
@@ -54,6 +64,7 @@ Decisions (also in the docstrings below):
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -61,40 +72,27 @@ import json
 import logging
 import os
 import re
+import select
 import selectors
 import shutil
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
+from cei_actors.eeagent import reaper as _reaper
 from cei_actors.eeagent import states as st
 
 log = logging.getLogger(__name__)
 
-#: The Python wrapper (``wrapper="python"``); run as a file (``python -I -S``).
-RUNWRAP = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runwrap.py")
-#: The shell wrapper (``wrapper="sh"``, the default), run as ``/bin/sh -c SH_WRAPPER runwrap
-#: STATUS CWD COMMAND...``. TERM/INT/HUP are caught (not ignored), so the subshell that execs
-#: the command gets default dispositions while the wrapper outlives a group-wide signal and, as
-#: a POSIX shell runs traps only after its foreground command ends, records the exit status. A
-#: signal caught before the command starts means "do not start it". ``exec`` never runs a
-#: builtin or function. The status is one short ``write(2)``: a reader sees all of it or none.
-SH_WRAPPER = (
-    "t=; trap t=143 TERM; trap t=130 INT; trap t=129 HUP\n"
-    "s=$1\n"
-    'if [ -n "$2" ]; then cd -- "$2" 2>/dev/null || {\n'
-    '  printf "error cannot change to directory %s\\n" "$2" >"$s"; exit 127; }; fi\n'
-    "shift 2\n"
-    'if [ -n "$t" ]; then printf "%d\\n" "$t" >"$s"; exit 1; fi\n'
-    '(exec "$@")\n'
-    'printf "%d\\n" $? >"$s"\n'
-)
-SHELL = "/bin/sh"
+#: The reaper program, run as a file (``python -I -S reaper.py STATE_DIR IDLE``).
+REAPER = os.path.abspath(_reaper.__file__)
 TABLE_FILE = "processes.json"
 JOURNAL_FILE = "processes.journal"
 TABLE_VERSION = 1
@@ -113,18 +111,23 @@ SAFE_ENV_KEYS: tuple[str, ...] = (
     "TMPDIR",
 )
 DOWN_MSG = "exited while agent was down"
+#: Seconds a reaper with no children and no supervisor waits before it exits by itself.
+REAPER_IDLE = 5.0
+#: Seconds to wait for the reaper to start or to answer a request.
+REAPER_TIMEOUT = 10.0
 
 _RESTORE_SIGNALS = tuple(
     getattr(signal, name) for name in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, name)
 )
-_SIGMAX = int(getattr(signal, "SIGRTMAX", 64))
-_POLL_INTERVAL = 0.2  # only for re-adopted processes when pidfd_open is unavailable
-#: A SIGTERM sent this soon after the start may reach the shell wrapper between its last check
-#: and the command's exec (a fork's time); it is sent once more when this age is reached.
-_YOUNG = 0.05
+_POLL_INTERVAL = 0.2  # only for orphans when pidfd_open is unavailable
+_RETRY_REAPER = 1.0  # least seconds between attempts to start a lost reaper
 
 Key = tuple[str, int]
 OnChange = Callable[[list[dict[str, Any]]], None]
+
+#: Reapers this process started, reaped (``waitpid``) once they exit.
+_started_reapers: set[int] = set()
+_started_lock = threading.Lock()
 
 
 class SupervisorError(Exception):
@@ -150,9 +153,24 @@ class SupervisorClosedError(SupervisorError, RuntimeError):
     """The supervisor was closed."""
 
 
+class _ReaperLost(Exception):
+    """The connection to the reaper broke (the reaper died or closed it)."""
+
+
+class LaunchRequest(NamedTuple):
+    """One item of :meth:`ProcessSupervisor.launch_many` (a tuple, a mapping with these keys,
+    or any object with these attributes, such as a ``LaunchProcess`` message, also do)."""
+
+    upid: str
+    round: int
+    command: Sequence[str]
+    env: Mapping[str, str] | None = None
+    cwd: str | None = None
+
+
 @dataclass(frozen=True)
 class ProcessInfo:
-    """One process as the supervisor sees it. ``pid`` is the wrapper's pid = the process group id."""
+    """One process as the supervisor sees it. ``pid`` is the command's pid = its process group id."""
 
     upid: str
     round: int
@@ -200,10 +218,10 @@ class _Record:
     waiting_for: Key | None = None
     # runtime only
     kill_at: float | None = None
-    started_mono: float | None = None
-    resend_at: float | None = None
+    starting: bool = False  # queued for the reaper
+    exe: str | None = None
+    orphan: bool = False  # not a child of the running reaper: watched by pidfd or poll
     pidfd: int | None = None
-    is_child: bool = False
     poll_mode: bool = False
     watched: bool = False
     base: str = ""
@@ -296,14 +314,6 @@ def _proc_stat(pid: int) -> tuple[str, int] | None:
         return None
 
 
-def _boot_id() -> str | None:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
 def _group_has_members(pgid: int) -> bool:
     """True if some process other than ``pgid`` itself is in process group ``pgid``."""
     try:
@@ -350,6 +360,29 @@ def _file_stem(upid: str, round_: int) -> str:
     return f"{safe}-{digest}.r{round_}"
 
 
+def _key_of(value: object) -> Key | None:
+    if (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and isinstance(value[1], int)
+    ):
+        return (value[0], value[1])
+    return None
+
+
+def _reap_started_reapers() -> None:
+    """``waitpid`` the reapers this process started that have exited (no zombies left)."""
+    with _started_lock:
+        for pid in list(_started_reapers):
+            try:
+                done, _ = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                done = pid
+            if done == pid:
+                _started_reapers.discard(pid)
+
+
 def default_base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The minimal safe base environment taken from ``environ`` (default ``os.environ``)."""
     src = os.environ if environ is None else environ
@@ -364,15 +397,18 @@ def default_base_env(environ: Mapping[str, str] | None = None) -> dict[str, str]
 class ProcessSupervisor:
     """Launches, watches, terminates and forgets real processes on this node.
 
-    ``state_dir`` holds the process table, output and status files; only one supervisor may use
-    it at a time (an ``flock`` guards it: :class:`StateDirLockedError`). ``slots`` bounds the
-    live (PENDING/RUNNING/TERMINATING) processes. ``clock`` stamps ``started_at``/``ended_at``;
-    grace timers use the monotonic clock. ``grace`` is the default SIGTERM→SIGKILL delay.
+    ``state_dir`` holds the process table, the output files and the reaper's socket and exits
+    file; only one supervisor may use it at a time (an ``flock`` guards it:
+    :class:`StateDirLockedError`). ``slots`` bounds the live (PENDING/RUNNING/TERMINATING)
+    processes. ``clock`` stamps ``started_at``/``ended_at`` (an exit that happened while no
+    agent ran keeps the reaper's wall-clock time); grace timers use the monotonic clock.
+    ``grace`` is the default SIGTERM→SIGKILL delay. ``python`` runs the reaper (default: this
+    interpreter).
 
-    Creating a supervisor on a ``state_dir`` that has a table re-adopts the processes still
-    running (same pid, same start time, same boot) and settles those that ended meanwhile, from
-    their status files. ``on_change`` is not called for that; send a heartbeat after creating.
-    All methods are thread-safe.
+    Creating a supervisor connects to the state dir's reaper (starting one if none runs),
+    re-adopts the processes still running and settles those that ended meanwhile.
+    ``on_change`` is not called for that; send a heartbeat after creating. A reaper that cannot
+    be started raises :class:`SupervisorError`. All methods are thread-safe.
     """
 
     def __init__(
@@ -385,7 +421,6 @@ class ProcessSupervisor:
         grace: float = 10.0,
         base_env: Mapping[str, str] | None = None,
         python: str | None = None,
-        wrapper: str = "sh",
         journal: bool = True,
         _use_pidfd: bool | None = None,
     ) -> None:
@@ -393,8 +428,6 @@ class ProcessSupervisor:
             raise ValueError(f"slots must be an int >= 0, got {slots!r}")
         if grace < 0:
             raise ValueError("grace must be >= 0")
-        if wrapper not in ("sh", "python"):
-            raise ValueError(f"wrapper must be 'sh' or 'python', got {wrapper!r}")
         self.state_dir = os.path.abspath(os.fspath(state_dir))
         self.slots = slots
         self.grace = float(grace)
@@ -402,7 +435,6 @@ class ProcessSupervisor:
         self._on_change = on_change
         self._base_env = dict(base_env) if base_env is not None else default_base_env()
         self._python = python or sys.executable or shutil.which("python3") or "python3"
-        self._wrapper = wrapper
         self._journal = journal
         self._use_pidfd = hasattr(os, "pidfd_open") if _use_pidfd is None else _use_pidfd
         self._proc_dir = os.path.join(self.state_dir, "proc")
@@ -418,12 +450,20 @@ class ProcessSupervisor:
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._records: dict[Key, _Record] = {}
+        # The dump, kept up to date: sorted keys, their rows (in the same order), and the
+        # keys whose rows must be built again. on_change gets a dump after every change.
+        self._order: list[Key] = []
+        self._row_list: list[dict[str, Any] | None] = []
+        self._stale: set[Key] = set()
+        self._by_upid: dict[str, dict[int, _Record]] = {}  # upid -> round -> record
+        self._live: set[Key] = set()  # live records holding a slot, as of the last count
+        self._recount: set[Key] = set()  # keys touched since the last count
+        self._timed: set[Key] = set()  # may have a SIGKILL deadline or be polled
         self._version = 0
         self._delivered = 0
         self._closed = False
         self._stopping = False
-        self._boot_id = _boot_id()
-        self._fallback_q: deque[Key] = deque()
+        self._boot_id = _reaper.boot_id()
         self._sweeps: list[int] = []
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe()
@@ -435,10 +475,34 @@ class ProcessSupervisor:
         self._jgen = 0
         self._jlines = 0
         self._delivering = False
+        self._ended = False  # some record reached a terminal state since the last notice
+        # the reaper connection
+        self._dirfd: int | None = None
+        if _reaper.needs_dirfd(self.state_dir):
+            self._dirfd = os.open(self.state_dir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        self._conn: socket.socket | None = None
+        self._poller: select.poll | None = None
+        self._rbuf = b""
+        self._next_id = 1
+        self._replies: dict[int, dict[str, Any]] = {}
+        self._events: deque[dict[str, Any]] = deque()
+        self._acks: list[int] = []
+        self._spawn_q: list[_Record] = []
+        self._reaper: dict[str, Any] | None = None
+        self._reaper_stopping = False
+        self._reaper_error = ""
+        self._reaper_retry_at = 0.0
+        self._lost = ""  # why the connection broke, until handled
+        self._attaching = False
 
-        with self._lock:
-            self._load_locked()
-            self._compact_locked()
+        try:
+            with self._lock:
+                self._load_locked()
+                self._compact_locked()
+                self._send_acks_locked()
+        except BaseException:
+            self._release()
+            raise
         self._thread = threading.Thread(target=self._run, name="eeagent-watcher", daemon=True)
         self._thread.start()
         self._run_pending_sweeps()
@@ -463,67 +527,40 @@ class ProcessSupervisor:
         no free slot the record is REJECTED; a bad cwd or executable gives FAILED with a
         message. Neither raises; a malformed ``upid``/``round`` raises ``ValueError``.
         """
-        if not isinstance(upid, str) or not upid:
-            raise ValueError(f"upid must be a non-empty string, got {upid!r}")
-        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
-            raise ValueError(f"round must be an int >= 0, got {round!r}")
+        return self.launch_many([LaunchRequest(upid, round, command, env, cwd)])[0]
+
+    def launch_many(self, requests: Iterable[Any]) -> list[ProcessInfo]:
+        """:meth:`launch` each request in order; one round trip to the reaper for all of them.
+
+        Items are :class:`LaunchRequest`\\ s, ``(upid, round, command[, env[, cwd]])`` tuples,
+        mappings with those keys, or objects with those attributes. The result, item by item,
+        is what :meth:`launch` would have returned had the items been launched one after the
+        other. A malformed ``upid``/``round`` in any item raises ``ValueError`` before anything
+        starts.
+        """
+        items = [_as_request(r) for r in requests]
+        for upid, round_, *_ in items:
+            if not isinstance(upid, str) or not upid:
+                raise ValueError(f"upid must be a non-empty string, got {upid!r}")
+            if isinstance(round_, bool) or not isinstance(round_, int) or round_ < 0:
+                raise ValueError(f"round must be an int >= 0, got {round_!r}")
+        wake = False
         with self._lock:
             self._check_open()
-            cur = self._records.get((upid, round))
-            if cur is not None:
-                return cur.info()
-            newest = self._newest_locked(upid)
-            if newest is not None and newest.round > round:
-                return newest.info()
-            rec = _Record(
-                upid=upid,
-                round=round,
-                state=st.PENDING,
-                command=tuple(command) if _is_str_seq(command) else (),
-                env=dict(env) if isinstance(env, Mapping) else None,
-                cwd=cwd,
-                base=os.path.join(self._proc_dir, _file_stem(upid, round)),
-            )
-            problem = _validate_request(command, env, cwd)
-            live = sum(
-                1 for r in self._records.values() if r.state in st.LIVE_STATES and not r.superseded
-            )
-            if newest is not None and st.is_live(newest.state):
-                live -= 1  # the old round's slot passes to the new round
-            if problem:
-                self._end_locked(rec, st.FAILED, problem)
-            elif live >= self.slots:
-                self._end_locked(
-                    rec, st.REJECTED, f"no free slot: {live} of {self.slots} slots in use"
-                )
-            superseding = newest is not None and newest.state == st.RUNNING
-            if newest is not None:
-                # A newer round makes the older one stale, whatever becomes of the new one.
-                wait_for: Key | None = None
-                if newest.state == st.PENDING:
-                    wait_for = newest.waiting_for  # it never started; take over its wait
-                    self._forget_locked(newest)
-                elif st.is_live(newest.state):
-                    newest.superseded = True
-                    self._touch_locked(newest)
-                    if newest.state == st.RUNNING:
-                        self._signal_term_locked(newest, self.grace)
-                    wait_for = newest.key
-                else:
-                    self._forget_locked(newest)
-                if rec.state == st.PENDING and wait_for in self._records:
-                    rec.waiting_for = wait_for
-            self._records[rec.key] = rec
-            self._touch_locked(rec)
-            if rec.state == st.PENDING and rec.waiting_for is None:
-                self._start_locked(rec)
+            answer: list[_Record] = []
+            for upid, round_, command, env, cwd in items:
+                rec, superseding = self._launch_one_locked(upid, round_, command, env, cwd)
+                answer.append(rec)
+                wake = wake or superseding
+            self._flush_spawns_locked()
+            infos = [r.info() for r in answer]  # as started: exits read meanwhile come next
+            self._pump_locked()
             self._changed_locked()
-            self._save_locked()
-            info = rec.info()
-        if superseding:
+            self._commit_locked()
+        if wake:
             self._wake()  # a superseded round has a new SIGKILL deadline
         self._deliver()
-        return info
+        return infos
 
     def terminate(self, upid: str, round: int, grace: float | None = None) -> ProcessInfo:
         """SIGTERM the process group, SIGKILL it after ``grace`` (default: the supervisor's).
@@ -548,7 +585,7 @@ class ProcessSupervisor:
             else:
                 return rec.info()
             self._changed_locked()
-            self._save_locked()
+            self._commit_locked()
             info = rec.info()
         self._wake()
         self._deliver()
@@ -586,18 +623,21 @@ class ProcessSupervisor:
             return self._dump_locked()
 
     def _dump_locked(self) -> list[dict[str, Any]]:
-        recs = self._records
-        return [
-            {
-                "upid": r.upid,
-                "round": r.round,
-                "state": r.state,
-                "msg": r.msg,
-                "exit_code": r.exit_code,
-                "pid": r.pid,
-            }
-            for r in (recs[k] for k in sorted(recs))
-        ]
+        order, row_list = self._order, self._row_list
+        for key in self._stale:
+            r = self._records.get(key)
+            i = bisect.bisect_left(order, key)
+            if r is not None and i < len(order) and order[i] == key:
+                row_list[i] = {
+                    "upid": r.upid,
+                    "round": r.round,
+                    "state": r.state,
+                    "msg": r.msg,
+                    "exit_code": r.exit_code,
+                    "pid": r.pid,
+                }
+        self._stale.clear()
+        return list(map(dict.copy, row_list))  # type: ignore[arg-type]
 
     def wait(
         self,
@@ -627,7 +667,7 @@ class ProcessSupervisor:
                 self._cond.wait(left)
 
     def close(self) -> None:
-        """Stop watching; the processes keep running and a new supervisor can re-adopt them."""
+        """Stop watching; the reaper and the processes keep running for a new supervisor."""
         with self._lock:
             if self._closed:
                 return
@@ -640,24 +680,14 @@ class ProcessSupervisor:
             for rec in self._records.values():
                 self._unwatch_locked(rec)
             self._compact_locked()
-            if self._jfd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(self._jfd)
-                self._jfd = None
-            with contextlib.suppress(Exception):
-                self._selector.close()
-            for fd in (self._wake_r, self._wake_w):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-            with contextlib.suppress(OSError):
-                fcntl.flock(self._lock_file, fcntl.LOCK_UN)
-            self._lock_file.close()
+            self._release()
             self._cond.notify_all()
 
     def shutdown(self, kill: bool = True, grace: float | None = None) -> None:
-        """Terminate every live process (when ``kill``), wait for them, then :meth:`close`.
+        """Terminate every live process and stop the reaper (when ``kill``), then :meth:`close`.
 
-        Each gets SIGTERM, SIGKILL after ``grace`` (default: the supervisor's grace).
+        Each process gets SIGTERM, SIGKILL after ``grace`` (default: the supervisor's grace).
+        Without ``kill`` this is :meth:`close`.
         """
         if kill:
             g = self.grace if grace is None else float(grace)
@@ -672,7 +702,7 @@ class ProcessSupervisor:
                     elif rec.state == st.TERMINATING and rec.kill_at is not None:
                         rec.kill_at = min(rec.kill_at, time.monotonic() + g)
                 self._changed_locked()
-                self._save_locked()
+                self._commit_locked()
             self._wake()
             self._deliver()
             deadline = time.monotonic() + g + 5.0
@@ -683,6 +713,8 @@ class ProcessSupervisor:
                         log.warning("shutdown: processes still live after grace")
                         break
                     self._cond.wait(left)
+            self._stop_reaper()
+            self._deliver()
         self.close()
 
     def __enter__(self) -> ProcessSupervisor:
@@ -693,8 +725,24 @@ class ProcessSupervisor:
 
     @property
     def uses_pidfd(self) -> bool:
-        """True when exits are watched with pidfds (Linux >= 5.3)."""
+        """True when orphans (processes whose reaper died) are watched with pidfds (Linux >= 5.3)."""
         return self._use_pidfd
+
+    def reaper_stats(self) -> dict[str, Any] | None:
+        """CPU seconds of the reaper ``{self: [user, sys], children: [user, sys], live}``
+        (``children``: the commands it reaped), or None without a reaper."""
+        with self._lock:
+            replies, _ = self._exchange_locked([{"op": "stats"}])
+            self._settle_io_locked()
+        self._deliver()
+        reply = replies[0]
+        return reply if reply is not None and reply.get("ok") else None
+
+    @property
+    def reaper_pid(self) -> int | None:
+        """The pid of the reaper this supervisor is connected to, or None."""
+        with self._lock:
+            return self._reaper["pid"] if self._reaper and self._conn is not None else None
 
     # -- internals: records ----------------------------------------------------------------
 
@@ -703,16 +751,93 @@ class ProcessSupervisor:
             raise SupervisorClosedError("the supervisor is closed")
 
     def _newest_locked(self, upid: str) -> _Record | None:
-        mine = [r for r in self._records.values() if r.upid == upid and not r.superseded]
+        mine = [r for r in self._by_upid.get(upid, {}).values() if not r.superseded]
         return max(mine, key=lambda r: r.round) if mine else None
+
+    def _live_count_locked(self) -> int:
+        """Live records that hold a slot (not superseded), kept up to date from the touches."""
+        live = self._live
+        for key in self._recount:
+            rec = self._records.get(key)
+            if rec is not None and rec.state in st.LIVE_STATES and not rec.superseded:
+                live.add(key)
+            else:
+                live.discard(key)
+        self._recount.clear()
+        return len(live)
+
+    def _launch_one_locked(
+        self, upid: str, round_: int, command: Any, env: Any, cwd: Any
+    ) -> tuple[_Record, bool]:
+        """One :meth:`launch` under the lock: (the record to answer with, superseding?)."""
+        cur = self._records.get((upid, round_))
+        if cur is not None:
+            return cur, False
+        newest = self._newest_locked(upid)
+        if newest is not None and newest.round > round_:
+            return newest, False
+        if newest is not None and newest.starting:
+            self._flush_spawns_locked()  # as if launched one by one: it starts, then is replaced
+        rec = _Record(
+            upid=upid,
+            round=round_,
+            state=st.PENDING,
+            command=tuple(command) if _is_str_seq(command) else (),
+            env=dict(env) if isinstance(env, Mapping) else None,
+            cwd=cwd if isinstance(cwd, str) else None,
+            base=os.path.join(self._proc_dir, _file_stem(upid, round_)),
+        )
+        problem = _validate_request(command, env, cwd)
+        live = self._live_count_locked()
+        if newest is not None and st.is_live(newest.state):
+            live -= 1  # the old round's slot passes to the new round
+        if problem:
+            self._end_locked(rec, st.FAILED, problem)
+        elif live >= self.slots:
+            self._end_locked(rec, st.REJECTED, f"no free slot: {live} of {self.slots} slots in use")
+        superseding = newest is not None and newest.state == st.RUNNING
+        if newest is not None:
+            # A newer round makes the older one stale, whatever becomes of the new one.
+            wait_for: Key | None = None
+            if newest.state == st.PENDING:
+                wait_for = newest.waiting_for  # it never started; take over its wait
+                self._forget_locked(newest)
+            elif st.is_live(newest.state):
+                newest.superseded = True
+                self._touch_locked(newest)
+                if newest.state == st.RUNNING:
+                    self._signal_term_locked(newest, self.grace)
+                wait_for = newest.key
+            else:
+                self._forget_locked(newest)
+            if rec.state == st.PENDING and wait_for in self._records:
+                rec.waiting_for = wait_for
+        self._insert_locked(rec)
+        self._touch_locked(rec)
+        if rec.state == st.PENDING and rec.waiting_for is None:
+            self._start_locked(rec)
+        return rec, superseding
 
     def _changed_locked(self) -> None:
         self._version += 1
+        self._ended = False
         self._cond.notify_all()
 
     def _touch_locked(self, rec: _Record) -> None:
         """``rec`` changed: the next :meth:`_save_locked` journals it."""
         self._dirty.add(rec.key)
+        self._stale.add(rec.key)
+        self._recount.add(rec.key)
+
+    def _insert_locked(self, rec: _Record) -> None:
+        key = rec.key
+        self._records[key] = rec
+        self._by_upid.setdefault(rec.upid, {})[rec.round] = rec
+        self._recount.add(key)
+        i = bisect.bisect_left(self._order, key)
+        self._order.insert(i, key)
+        self._row_list.insert(i, None)
+        self._stale.add(key)
 
     def _end_locked(self, rec: _Record, state: str, msg: str) -> None:
         self._touch_locked(rec)
@@ -720,110 +845,576 @@ class ProcessSupervisor:
         rec.msg = msg
         rec.kill_at = None
         rec.kill_at_wall = None
-        rec.resend_at = None
+        rec.starting = False
+        self._ended = True
         if rec.ended_at is None:
             rec.ended_at = self._clock()
 
     def _forget_locked(self, rec: _Record) -> None:
         self._unwatch_locked(rec)
-        self._records.pop(rec.key, None)
-        self._dirty.add(rec.key)
-        for suffix in (".status", ".status.tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(rec.base + suffix)
+        rec.starting = False
+        key = rec.key
+        if self._records.pop(key, None) is not None:
+            i = bisect.bisect_left(self._order, key)
+            if i < len(self._order) and self._order[i] == key:
+                del self._order[i]
+                del self._row_list[i]
+        mine = self._by_upid.get(rec.upid)
+        if mine is not None and mine.get(rec.round) is rec:
+            del mine[rec.round]
+            if not mine:
+                del self._by_upid[rec.upid]
+        self._dirty.add(key)
+        self._stale.discard(key)
+        self._recount.add(key)
 
     def _signal_term_locked(self, rec: _Record, grace: float) -> None:
         self._touch_locked(rec)
         rec.state = st.TERMINATING
         rec.grace = grace
         rec.kill_at = time.monotonic() + grace
+        self._timed.add(rec.key)
         rec.kill_at_wall = time.time() + grace
-        if rec.pid is not None:
-            _killpg(rec.pid, signal.SIGTERM)
-            if rec.started_mono is not None and self._wrapper == "sh":
-                young_until = rec.started_mono + _YOUNG
-                if young_until > time.monotonic() and young_until < rec.kill_at:
-                    rec.resend_at = young_until
+        self._signal_locked(rec, signal.SIGTERM)
+
+    def _signal_locked(self, rec: _Record, sig: int) -> None:
+        """Signal ``rec``'s process group: through the reaper, or directly for an orphan."""
+        if rec.pid is None:
+            return
+        if rec.orphan:
+            stat = _proc_stat(rec.pid)
+            if stat is not None and stat[1] == rec.start_ticks:
+                _killpg(rec.pid, sig)  # alive or a zombie: the group id is still its own
+            elif stat is None and _group_has_members(rec.pid):
+                _killpg(rec.pid, sig)  # only what it left behind can hold the group id
+            return
+        self._post_locked([{"op": "signal", "key": [rec.upid, rec.round], "pid": rec.pid,
+                            "sig": int(sig)}])
 
     def _start_locked(self, rec: _Record) -> None:
+        """Check ``rec``'s command and queue it for the reaper (:meth:`_flush_spawns_locked`)."""
         env = dict(self._base_env)
         env.update(rec.env or {})
-        problem = _precheck(rec.command, env, rec.cwd)
+        problem, exe = _precheck(rec.command, env, rec.cwd)
         if problem:
             self._end_locked(rec, st.FAILED, problem)
             return
-        status = rec.base + ".status"
-        for suffix in (".status", ".status.tmp"):
-            with contextlib.suppress(OSError):
-                os.unlink(rec.base + suffix)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+        rec.exe = exe
+        rec.starting = True
+        self._spawn_q.append(rec)
+
+    def _settle_locked(
+        self,
+        rec: _Record,
+        code: int | None,
+        *,
+        ended_at: float | None = None,
+        while_down: bool = False,
+    ) -> None:
+        """``rec``'s process has ended with ``code`` (None: unknown): settle the record."""
+        self._unwatch_locked(rec)
+        rec.orphan = False
+        if while_down and ended_at is not None:
+            rec.ended_at = float(ended_at)
+        rec.exit_code = code
+        down = f" ({DOWN_MSG})" if while_down else ""
+        if rec.state == st.TERMINATING:
+            how = f"SIGKILL after {rec.grace:g} s grace" if rec.killed else _describe(code)
+            self._end_locked(rec, st.TERMINATED, f"terminated: {how}{down}")
+        elif code is None:
+            if while_down:
+                self._end_locked(rec, st.FAILED, f"{DOWN_MSG}; exit status unknown")
+            else:
+                self._end_locked(rec, st.FAILED, "exit status unknown (its reaper had died)")
+        elif code == 0:
+            self._end_locked(rec, st.EXITED, f"{_describe(code)}{down}")
+        else:
+            self._end_locked(rec, st.FAILED, f"{_describe(code)}{down}")
+        if rec.superseded:
+            self._forget_locked(rec)
+            for succ in self._records.values():
+                if succ.waiting_for == rec.key and succ.state == st.PENDING:
+                    succ.waiting_for = None
+                    self._start_locked(succ)
+
+    # -- internals: the reaper -------------------------------------------------------------
+
+    def _pump_locked(self) -> None:
+        """Start what is queued and settle the exits read, until neither is left."""
+        while self._spawn_q or self._events or (self._lost and not self._attaching):
+            if self._lost and not self._attaching:
+                self._reaper_lost_locked(self._lost)
+            if self._spawn_q:
+                self._flush_spawns_locked()
+            if self._events:
+                self._process_events_locked()
+
+    def _flush_spawns_locked(self) -> None:
+        """Send every queued start to the reaper in one write and apply the replies."""
+        while self._spawn_q:
+            batch = [r for r in self._spawn_q if r.starting and self._records.get(r.key) is r]
+            self._spawn_q = []
+            if not batch:
+                return
+            if self._conn is None and not self._ensure_reaper_locked():
+                why = self._reaper_error or "it could not be started lately"
+                for rec in batch:
+                    self._end_locked(rec, st.FAILED, f"no reaper to start the process: {why}")
+                continue
+            msgs = []
+            cwd_now: str | None = None
+            for rec in batch:
+                env = dict(self._base_env)
+                env.update(rec.env or {})
+                if rec.cwd is not None:
+                    cwd = os.path.abspath(rec.cwd)
+                else:
+                    if cwd_now is None:
+                        with contextlib.suppress(OSError):
+                            cwd_now = os.getcwd()
+                    cwd = cwd_now
+                msgs.append(
+                    {
+                        "op": "spawn",
+                        "key": [rec.upid, rec.round],
+                        "argv": list(rec.command),
+                        "exe": rec.exe,
+                        "env": env,
+                        "cwd": cwd,
+                        "out": rec.base + ".out",
+                        "err": rec.base + ".err",
+                    }
+                )
+            replies, error = self._exchange_locked(msgs)
+            for rec, reply in zip(batch, replies, strict=True):
+                if not rec.starting or self._records.get(rec.key) is not rec:
+                    continue
+                rec.starting = False
+                if reply is None:
+                    self._end_locked(rec, st.FAILED, f"the reaper did not start it: {error}")
+                elif not reply.get("ok"):
+                    self._end_locked(rec, st.FAILED, str(reply.get("error") or "launch refused"))
+                else:
+                    self._touch_locked(rec)
+                    rec.pid = int(reply["pid"])
+                    rec.start_ticks = reply.get("start_ticks")
+                    rec.state = st.RUNNING
+                    rec.msg = ""
+                    rec.orphan = False
+                    rec.started_at = self._clock()
+
+    def _process_events_locked(self) -> None:
+        """Settle the records whose exits the reaper reported."""
+        while self._events:
+            ev = self._events.popleft()
+            seq = ev.get("seq")
+            if isinstance(seq, int):
+                self._acks.append(seq)
+            key = _key_of(ev.get("key"))
+            rec = self._records.get(key) if key else None
+            if (
+                rec is None
+                or rec.orphan
+                or rec.pid != ev.get("pid")
+                or not st.is_live(rec.state)
+            ):
+                continue
+            code = ev.get("code")
+            self._settle_locked(rec, code if isinstance(code, int) else None)
+
+    def _commit_locked(self) -> None:
+        """Journal the changes, then acknowledge the exits they hold to the reaper."""
+        self._save_locked()
+        self._send_acks_locked()
+
+    def _send_acks_locked(self) -> None:
+        if self._acks and self._conn is not None:
+            acks, self._acks = self._acks, []
+            self._post_locked([{"op": "ack", "seqs": acks}])
+
+    def _post_locked(self, msgs: list[dict[str, Any]]) -> None:
+        """Send requests that need no reply (a broken connection is noticed by the watcher)."""
+        if self._conn is None:
+            return
+        data = "".join(json.dumps(m, separators=(",", ":")) + "\n" for m in msgs).encode()
+        try:
+            self._conn.sendall(data)
+        except OSError as exc:
+            log.warning("eeagent supervisor: cannot write to the reaper: %s", exc)
+            self._wake()
+
+    def _exchange_locked(
+        self, msgs: list[dict[str, Any]]
+    ) -> tuple[list[dict[str, Any] | None], str]:
+        """Send requests and wait for their replies: (replies, None where missing; error)."""
+        if self._conn is None:
+            return [None] * len(msgs), "no reaper"
+        first = self._next_id
+        lines = []
+        too_big: set[int] = set()
+        last = 0  # replies come in order: the last one sent answers for all
+        for m in msgs:
+            m["id"] = self._next_id
+            self._next_id += 1
+            line = json.dumps(m, separators=(",", ":"))
+            if len(line) > _reaper.MAX_LINE:
+                too_big.add(m["id"])
+                continue
+            lines.append(line)
+            last = m["id"]
+        self._replies = {k: v for k, v in self._replies.items() if k >= first}
+        for rid in too_big:
+            self._replies[rid] = {"re": rid, "ok": False, "error": "launch request too large"}
+        error = ""
+        # The watcher need not wake for what this thread reads itself.
+        fd = self._conn.fileno()
+        with contextlib.suppress(KeyError, ValueError):
+            self._selector.unregister(fd)
+        try:
+            if lines:
+                self._conn.sendall(("\n".join(lines) + "\n").encode())
+            deadline = time.monotonic() + REAPER_TIMEOUT
+            while last and last not in self._replies:
+                if not self._read_locked(deadline):
+                    error = f"no answer from the reaper within {REAPER_TIMEOUT:g} s"
+                    break
+        except (_ReaperLost, OSError) as exc:
+            error = f"lost the reaper: {exc}"
+            self._drop_conn_locked()
+            self._lost = str(exc)  # handled by _pump_locked, once the replies are applied
+        if self._conn is not None:  # exits read here are settled by the caller
+            self._selector.register(fd, selectors.EVENT_READ, "reaper")
+        return [self._replies.pop(i, None) for i in range(first, self._next_id)], error
+
+    def _read_locked(self, deadline: float | None = None) -> bool:
+        """Read and parse what the reaper has sent. Without ``deadline``, only what is there;
+        with one, wait until something arrives (False if the deadline passed first).
+        Raises :class:`_ReaperLost` at EOF or on an error."""
+        conn = self._conn
+        if conn is None:
+            raise _ReaperLost("not connected")
+        got = False
+        while True:
+            try:
+                data = conn.recv(1 << 18, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                if got or deadline is None:
+                    return True
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                assert self._poller is not None
+                self._poller.poll(left * 1000)
+                continue
+            except OSError as exc:
+                raise _ReaperLost(str(exc)) from None
+            if not data:
+                raise _ReaperLost("the reaper closed the connection")
+            got = True
+            buf = self._rbuf + data if self._rbuf else data
+            start = 0
+            while True:
+                nl = buf.find(b"\n", start)
+                if nl < 0:
+                    break
+                line = buf[start:nl]
+                start = nl + 1
+                try:
+                    doc = json.loads(line)
+                except ValueError:
+                    log.warning("eeagent supervisor: bad line from the reaper: %.200r", line)
+                    continue
+                if not isinstance(doc, dict):
+                    continue
+                if doc.get("ev") == "exit":
+                    self._events.append(doc)
+                elif isinstance(doc.get("re"), int):
+                    self._replies[doc["re"]] = doc
+                elif not doc.get("ok", True):
+                    log.warning("eeagent supervisor: the reaper says: %s", doc.get("error"))
+            self._rbuf = buf[start:]
+
+    def _connect_locked(self) -> socket.socket | None:
+        """A connection to a running reaper of this state dir, or None if none listens."""
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(_reaper.socket_address(self.state_dir, self._dirfd))
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            _, uid, _ = struct.unpack("3i", creds)
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            return None
+        except OSError:
+            sock.close()
+            raise
+        if uid != os.getuid():
+            sock.close()
+            raise SupervisorError(f"the reaper of {self.state_dir} runs as uid {uid}, not ours")
+        timeout = struct.pack("ll", int(REAPER_TIMEOUT), 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+        return sock
+
+    def _start_reaper_locked(self) -> socket.socket:
+        """Start a reaper for this state dir and connect to it."""
+        log_path = os.path.join(self.state_dir, _reaper.LOG_NAME)
         actions = [
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, rec.base + ".out", flags, 0o644),
-            (os.POSIX_SPAWN_OPEN, 2, rec.base + ".err", flags, 0o644),
+            (os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 2, log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600),
         ]
-        if self._wrapper == "sh":
-            exe = SHELL
-            argv = [SHELL, "-c", SH_WRAPPER, "runwrap", status, rec.cwd or "", *rec.command]
-        else:
-            exe = self._python
-            argv = [exe, "-I", "-S", RUNWRAP, status, rec.cwd or "", "--", *rec.command]
+        argv = [self._python, "-I", "-S", REAPER, self.state_dir, f"{REAPER_IDLE:g}"]
         try:
             pid = os.posix_spawn(
-                exe,
+                self._python,
                 argv,
-                env,
+                {"PATH": os.defpath},
                 file_actions=actions,
-                setsid=True,
+                setsid=True,  # a kill of the agent's process group does not reach it
                 setsigmask=(),
                 setsigdef=_RESTORE_SIGNALS,
             )
-        except (OSError, TypeError, ValueError) as exc:
-            self._end_locked(rec, st.FAILED, f"cannot start the process wrapper: {exc}")
+        except OSError as exc:
+            raise SupervisorError(f"cannot start the reaper {self._python!r}: {exc}") from None
+        with _started_lock:
+            _started_reapers.add(pid)
+        deadline = time.monotonic() + REAPER_TIMEOUT
+        exited: int | None = None
+        while True:
+            sock = self._connect_locked()
+            if sock is not None:
+                return sock
+            if exited is None:
+                with contextlib.suppress(ChildProcessError):
+                    done, status = os.waitpid(pid, os.WNOHANG)
+                    if done == pid:
+                        exited = os.waitstatus_to_exitcode(status)
+                        with _started_lock:
+                            _started_reapers.discard(pid)
+                if exited is not None and exited != _reaper.EX_LOCKED:
+                    raise SupervisorError(
+                        f"the reaper exited at once ({_describe(exited)}); see {log_path}"
+                    )
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"the reaper did not come up; see {log_path}")
+            time.sleep(0.002)
+
+    def _set_conn_locked(self, sock: socket.socket) -> None:
+        self._conn = sock
+        self._rbuf = b""
+        self._poller = select.poll()
+        self._poller.register(sock.fileno(), select.POLLIN)
+        self._selector.register(sock.fileno(), selectors.EVENT_READ, "reaper")
+
+    def _drop_conn_locked(self) -> None:
+        if self._conn is None:
             return
-        self._touch_locked(rec)
-        rec.pid = pid
-        rec.is_child = True
-        stat = _proc_stat(pid)
-        rec.start_ticks = stat[1] if stat else None
-        rec.state = st.RUNNING
-        rec.msg = ""
-        rec.started_at = self._clock()
-        rec.started_mono = time.monotonic()
-        self._watch_locked(rec)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(self._conn.fileno())
+        with contextlib.suppress(OSError):
+            self._conn.close()
+        self._conn = None
+        self._poller = None
+        self._rbuf = b""
+        _reap_started_reapers()
 
-    # -- internals: watching ---------------------------------------------------------------
+    def _attach_reaper_locked(self, initial: bool) -> None:
+        """Connect to the state dir's reaper (started if none runs) and reconcile the records.
 
-    def _watch_locked(self, rec: _Record) -> None:
-        """Arrange for ``_finish_locked(rec)`` when the wrapper ``rec.pid`` exits."""
+        Raises :class:`SupervisorError` if no reaper can be reached.
+        """
+        self._attaching = True
+        try:
+            for attempt in range(3):
+                sock = self._connect_locked()
+                if sock is None:
+                    sock = self._start_reaper_locked()
+                self._set_conn_locked(sock)
+                replies, error = self._exchange_locked([{"op": "hello"}])
+                hello = replies[0]
+                if hello is not None and hello.get("ok"):
+                    break
+                self._drop_conn_locked()  # e.g. it was just exiting for idleness: start another
+                if attempt == 2:
+                    raise SupervisorError(f"cannot talk to the reaper: {error or hello}")
+        finally:
+            self._attaching = False
+            self._lost = ""
+        assert hello is not None
+        self._reaper = {"pid": hello.get("pid"), "start_ticks": hello.get("start_ticks")}
+        self._reconcile_locked(hello, initial)
+
+    def _reconcile_locked(self, hello: dict[str, Any] | None, initial: bool) -> None:
+        """Match the records with the reaper's live children and held exits; what neither
+        knows is an orphan (or gone). ``initial``: the agent was down meanwhile."""
+        covered: set[Key] = set()
+        kills = []
+        for child in (hello or {}).get("children") or []:
+            key = _key_of(child.get("key"))
+            rec = self._records.get(key) if key else None
+            pid = child.get("pid")
+            if rec is not None and st.is_live(rec.state) and not rec.starting and (
+                rec.pid == pid or (rec.state == st.PENDING and rec.pid is None)
+            ):
+                self._touch_locked(rec)
+                self._unwatch_locked(rec)
+                rec.orphan = False
+                rec.pid = pid
+                rec.start_ticks = child.get("start_ticks")
+                if rec.state == st.PENDING:  # started just before a crash, never journaled
+                    rec.state = st.RUNNING
+                    rec.waiting_for = None
+                    rec.started_at = self._clock()
+                self._restore_kill_at(rec)
+                covered.add(rec.key)
+            else:
+                kills.append({"op": "signal", "key": child.get("key"), "pid": pid, "sig": 9})
+        if kills:  # started for a launch no record remembers: nobody would ever stop it
+            log.warning("eeagent supervisor: killing %d unknown processes of the reaper", len(kills))
+            self._post_locked(kills)
+        for ev in (hello or {}).get("exits") or []:
+            seq = ev.get("seq")
+            if isinstance(seq, int):
+                self._acks.append(seq)
+            key = _key_of(ev.get("key"))
+            rec = self._records.get(key) if key else None
+            if (
+                rec is not None
+                and key not in covered
+                and rec.pid == ev.get("pid")
+                and st.is_live(rec.state)
+            ):
+                code = ev.get("code")
+                self._settle_locked(
+                    rec,
+                    code if isinstance(code, int) else None,
+                    ended_at=ev.get("ended_at"),
+                    while_down=initial,
+                )
+                covered.add(rec.key)
+        for rec in list(self._records.values()):
+            if rec.key in covered or rec.state not in (st.RUNNING, st.TERMINATING):
+                continue
+            if rec.orphan and rec.watched:
+                continue  # already watched as an orphan
+            if rec.pid is None:
+                self._end_locked(rec, st.FAILED, "launch interrupted by an agent restart")
+                continue
+            self._adopt_orphan_locked(rec, while_down=initial)
+
+    def _restore_kill_at(self, rec: _Record) -> None:
+        if rec.state == st.TERMINATING and rec.kill_at is None and rec.kill_at_wall is not None:
+            rec.kill_at = time.monotonic() + max(0.0, rec.kill_at_wall - time.time())
+            self._timed.add(rec.key)
+
+    def _adopt_orphan_locked(self, rec: _Record, *, while_down: bool) -> None:
+        """Watch ``rec``'s process, which is not the reaper's child, if it still runs."""
         assert rec.pid is not None
-        rec.watched = True
+        fd: int | None = None
         if self._use_pidfd:
             try:
                 fd = os.pidfd_open(rec.pid)
-            except ProcessLookupError:
-                # gone (and reaped by someone else) before we could watch it
-                self._fallback_q.append(rec.key)
-                self._wake()
-                return
-            rec.pidfd = fd
-            self._selector.register(fd, selectors.EVENT_READ, rec.key)
+            except OSError:
+                fd = None
+        stat = _proc_stat(rec.pid)
+        same = stat is not None and stat[1] == rec.start_ticks
+        rec.orphan = True
+        if same and stat is not None and stat[0] not in ("Z", "X"):
+            self._touch_locked(rec)
+            self._restore_kill_at(rec)
+            rec.watched = True
+            if fd is not None:
+                rec.pidfd = fd
+                self._selector.register(fd, selectors.EVENT_READ, rec.key)
+            else:
+                rec.poll_mode = True
+                self._timed.add(rec.key)
             return
-        if rec.is_child:
-            pid, key = rec.pid, rec.key
+        if fd is not None:
+            os.close(fd)
+        if same:
+            _killpg(rec.pid, signal.SIGKILL)  # a zombie still holds the group id
+        elif stat is None:
+            self._sweeps.append(rec.pid)
+        # a reused pid (another start time) is left alone
+        self._settle_locked(rec, None, while_down=while_down)
 
-            def wait_child() -> None:
-                with contextlib.suppress(ChildProcessError, OSError):
-                    os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-                with self._lock:
-                    if not self._closed:
-                        self._fallback_q.append(key)
-                        self._wake()
+    def _orphan_ended_locked(self, rec: _Record) -> None:
+        assert rec.pid is not None
+        stat = _proc_stat(rec.pid)
+        if stat is not None and stat[1] == rec.start_ticks:
+            _killpg(rec.pid, signal.SIGKILL)
+        elif stat is None:
+            self._sweeps.append(rec.pid)
+        self._settle_locked(rec, None)
 
-            threading.Thread(target=wait_child, name=f"eeagent-wait-{pid}", daemon=True).start()
-        else:
-            rec.poll_mode = True
-            self._wake()
+    def _reaper_lost_locked(self, why: str) -> None:
+        """The reaper went away: adopt its children as orphans and start a new reaper."""
+        self._drop_conn_locked()
+        self._lost = ""
+        if self._closed or self._reaper_stopping:
+            return
+        log.error("eeagent supervisor: lost the reaper (%s); starting a new one", why)
+        self._reaper = None
+        self._reaper_retry_at = time.monotonic() + _RETRY_REAPER
+        try:
+            self._attach_reaper_locked(initial=False)
+        except SupervisorError as exc:
+            self._reaper_error = str(exc)
+            log.error("eeagent supervisor: %s", exc)
+            self._reconcile_locked(None, initial=False)
+        for rec in self._records.values():  # a SIGTERM may have been lost with the reaper
+            if rec.orphan and rec.state == st.TERMINATING and not rec.killed:
+                self._signal_locked(rec, signal.SIGTERM)
+        self._compact_locked()  # the table names the new reaper
+
+    def _ensure_reaper_locked(self) -> bool:
+        if self._conn is not None:
+            return True
+        if self._closed or self._reaper_stopping:
+            self._reaper_error = "the supervisor is stopping"
+            return False
+        if time.monotonic() < self._reaper_retry_at:
+            return False
+        self._reaper_retry_at = time.monotonic() + _RETRY_REAPER
+        try:
+            self._attach_reaper_locked(initial=False)
+        except SupervisorError as exc:
+            self._reaper_error = str(exc)
+            return False
+        self._compact_locked()
+        return True
+
+    def _stop_reaper(self) -> None:
+        """Ask the reaper to kill what is left and exit; wait until it is gone."""
+        with self._lock:
+            if self._conn is None or self._closed:
+                return
+            self._reaper_stopping = True
+            pid = (self._reaper or {}).get("pid")
+            ticks = (self._reaper or {}).get("start_ticks")
+            self._exchange_locked([{"op": "stop", "kill": True}])
+            deadline = time.monotonic() + 3.0
+            try:
+                while self._conn is not None and time.monotonic() < deadline:
+                    self._read_locked(deadline)
+                    self._pump_locked()
+            except _ReaperLost:
+                pass
+            self._drop_conn_locked()
+            self._pump_locked()
+            self._reaper = None
+            if self._dirty:
+                self._changed_locked()
+            self._commit_locked()
+        while isinstance(pid, int) and time.monotonic() < deadline:
+            _reap_started_reapers()
+            stat = _proc_stat(pid)
+            if stat is None or stat[1] != ticks or stat[0] in ("Z", "X"):
+                break
+            time.sleep(0.005)
+        _reap_started_reapers()
+
+    # -- internals: watching ---------------------------------------------------------------
 
     def _unwatch_locked(self, rec: _Record) -> None:
         if rec.pidfd is not None:
@@ -843,15 +1434,31 @@ class ProcessSupervisor:
             with contextlib.suppress(BlockingIOError, OSError):
                 os.write(self._wake_w, b"x")
 
+    def _timed_locked(self) -> list[_Record]:
+        """The records with a SIGKILL deadline or polled for their end (the rest wait for
+        events): the watcher looks only at these, not at the whole table, on every wake-up."""
+        out = []
+        for key in list(self._timed):
+            rec = self._records.get(key)
+            if rec is None or not (
+                (rec.kill_at is not None and rec.state == st.TERMINATING) or rec.poll_mode
+            ):
+                self._timed.discard(key)
+            else:
+                out.append(rec)
+        return out
+
     def _next_timeout_locked(self) -> float | None:
         now = time.monotonic()
         t: float | None = None
-        for rec in self._records.values():
+        for rec in self._timed_locked():
             if rec.kill_at is not None and rec.state == st.TERMINATING:
-                left = max(0.0, min(rec.kill_at, rec.resend_at or rec.kill_at) - now)
+                left = max(0.0, rec.kill_at - now)
                 t = left if t is None else min(t, left)
             if rec.poll_mode:
                 t = _POLL_INTERVAL if t is None else min(t, _POLL_INTERVAL)
+        if self._conn is None and not self._reaper_stopping:
+            t = _RETRY_REAPER if t is None else min(t, _RETRY_REAPER)
         return t
 
     def _run(self) -> None:
@@ -865,45 +1472,40 @@ class ProcessSupervisor:
             except (OSError, ValueError):
                 if self._stopping:
                     return
-                raise
+                time.sleep(0.01)  # a fd closed under us; the next round sees the new set
+                continue
             ended: list[Key] = []
+            readable = False
             for key, _ in events:
                 if key.data is None:
                     with contextlib.suppress(BlockingIOError, OSError):
                         while os.read(self._wake_r, 4096):
                             pass
+                elif key.data == "reaper":
+                    readable = True
                 else:
                     ended.append(key.data)
-            while self._fallback_q:
-                ended.append(self._fallback_q.popleft())
             try:
-                changed = self._handle(ended)
+                self._handle(ended, readable)
             except Exception:  # pragma: no cover - keep the watcher alive
                 log.exception("eeagent watcher: error handling events")
-                changed = False
-            if changed:
-                with self._lock:
-                    if not self._closed:
-                        self._save_locked()
-                self._deliver()
+            self._deliver()
             self._run_pending_sweeps()
 
-    def _handle(self, ended: list[Key]) -> bool:
-        changed = False
+    def _handle(self, ended: list[Key], readable: bool) -> None:
         with self._lock:
             if self._stopping:
-                return False
+                return
+            if readable and self._conn is not None:
+                try:
+                    self._read_locked()
+                except _ReaperLost as exc:
+                    self._drop_conn_locked()
+                    self._lost = str(exc)
+            elif self._conn is None and not self._reaper_stopping:
+                self._ensure_reaper_locked()
             now = time.monotonic()
-            for rec in list(self._records.values()):
-                if (
-                    rec.resend_at is not None
-                    and rec.resend_at <= now
-                    and rec.state == st.TERMINATING
-                    and rec.pid is not None
-                    and not rec.killed
-                ):
-                    rec.resend_at = None
-                    _killpg(rec.pid, signal.SIGTERM)
+            for rec in self._timed_locked():
                 if (
                     rec.state == st.TERMINATING
                     and rec.kill_at is not None
@@ -914,85 +1516,34 @@ class ProcessSupervisor:
                     rec.kill_at_wall = None
                     rec.killed = True
                     self._touch_locked(rec)
-                    _killpg(rec.pid, signal.SIGKILL)
+                    self._signal_locked(rec, signal.SIGKILL)
                 if rec.poll_mode and rec.pid is not None and not _alive(rec):
                     ended.append(rec.key)
             for key in ended:
                 rec = self._records.get(key)
-                if rec is None or not rec.watched:
+                if rec is None or not rec.watched or not rec.orphan:
                     continue
                 try:
-                    self._finish_locked(rec)
+                    self._orphan_ended_locked(rec)
                 except Exception as exc:  # pragma: no cover - never leave a fired pidfd armed
                     log.exception("eeagent watcher: settling %s failed", key)
                     self._unwatch_locked(rec)
                     self._end_locked(rec, st.FAILED, f"supervisor error: {exc}")
-                changed = True
-            if changed:
-                self._changed_locked()
-        return changed
+            self._settle_io_locked()
 
-    def _finish_locked(
-        self, rec: _Record, *, while_down: bool = False, pid_valid: bool = True
-    ) -> None:
-        """The wrapper ``rec.pid`` has exited (or is gone): settle the record.
-
-        ``pid_valid`` False means the pid may belong to someone else now: never signal it.
-        """
-        status = read_status(rec.base + ".status")
-        wcode: int | None = None
-        if rec.pid is not None and pid_valid:
-            # Sweep what the command left in its group. killpg is safe while the wrapper (a
-            # zombie now) still holds its pid; if the pid is free, only our leftovers can hold
-            # the group id (checked later, off the hot path); if it was reused, leave it alone.
-            stat = _proc_stat(rec.pid)
-            if stat is not None and stat[1] == rec.start_ticks:
-                _killpg(rec.pid, signal.SIGKILL)
-            elif stat is None:
-                self._sweeps.append(rec.pid)
-            if rec.is_child:
-                try:
-                    pid, wstatus = os.waitpid(rec.pid, os.WNOHANG)
-                    if pid == rec.pid:
-                        wcode = os.waitstatus_to_exitcode(wstatus)
-                except ChildProcessError:
-                    pass
-        self._unwatch_locked(rec)
-        if status is not None and status.get("ended_at") and while_down:
-            rec.ended_at = float(status["ended_at"])
-        code = status.get("exit_code") if status is not None else wcode
-        rec.exit_code = code
-        down = f" ({DOWN_MSG})" if while_down else ""
-        if rec.state == st.TERMINATING:
-            how = f"SIGKILL after {rec.grace:g} s grace" if rec.killed else _describe(code)
-            self._end_locked(rec, st.TERMINATED, f"terminated: {how}{down}")
-        elif status is not None and status.get("error"):
-            self._end_locked(rec, st.FAILED, f"{status['error']}{down}")
-        elif status is None:
-            if while_down:
-                self._end_locked(rec, st.FAILED, f"{DOWN_MSG}; exit status unknown")
-            else:
-                self._end_locked(
-                    rec,
-                    st.FAILED,
-                    f"process wrapper ended without an exit status ({_describe(wcode)})",
-                )
-        elif code == 0:
-            self._end_locked(rec, st.EXITED, f"{_describe(code)}{down}")
-        else:
-            self._end_locked(rec, st.FAILED, f"{_describe(code)}{down}")
-        if rec.superseded:
-            self._forget_locked(rec)
-            for succ in self._records.values():
-                if succ.waiting_for == rec.key and succ.state == st.PENDING:
-                    succ.waiting_for = None
-                    self._start_locked(succ)
+    def _settle_io_locked(self) -> None:
+        """After reading from the reaper: settle, start, journal, acknowledge, notify."""
+        self._pump_locked()
+        if self._ended:
+            self._changed_locked()
+        if self._dirty or self._acks:
+            self._commit_locked()
 
     def _run_pending_sweeps(self) -> None:
         with self._lock:
             sweeps, self._sweeps = self._sweeps, []
         for pgid in sweeps:
-            # Not our child: the pid may already be reaped. Kill the group only while some
+            # Not a child: the pid may already be reaped. Kill the group only while some
             # member still holds the group id (so it cannot belong to anyone else).
             if _group_has_members(pgid):
                 _killpg(pgid, signal.SIGKILL)
@@ -1019,6 +1570,25 @@ class ProcessSupervisor:
             finally:
                 with self._lock:
                     self._delivering = False
+
+    def _release(self) -> None:
+        """Close every fd (the reaper keeps running) and release the state dir."""
+        self._drop_conn_locked()
+        if self._jfd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._jfd)
+            self._jfd = None
+        with contextlib.suppress(Exception):
+            self._selector.close()
+        for fd in (self._wake_r, self._wake_w, self._dirfd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self._dirfd = None
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._lock_file, fcntl.LOCK_UN)
+        self._lock_file.close()
+        _reap_started_reapers()
 
     # -- internals: persistence ------------------------------------------------------------
 
@@ -1058,6 +1628,7 @@ class ProcessSupervisor:
             "version": TABLE_VERSION,
             "boot_id": self._boot_id,
             "journal": self._jgen if gen is None else gen,
+            "reaper": self._reaper,
             "processes": [self._records[k].to_json() for k in sorted(self._records)],
         }
         tmp = path + ".tmp"
@@ -1087,7 +1658,7 @@ class ProcessSupervisor:
             with contextlib.suppress(OSError):
                 os.close(self._jfd)
             self._jfd = None
-        if not self._journal:
+        if not self._journal or self._closed:
             return
         path = os.path.join(self.state_dir, JOURNAL_FILE)
         try:
@@ -1103,17 +1674,23 @@ class ProcessSupervisor:
 
     def _load_locked(self) -> None:
         doc = read_table(self.state_dir, quarantine=True)
-        if doc is None:
-            return
-        self._jgen = int(doc.get("journal") or 0)
-        same_boot = doc.get("boot_id") is not None and doc.get("boot_id") == self._boot_id
-        for entry in doc.get("processes", []):
-            rec = _Record.from_json(entry)
-            rec.base = os.path.join(self._proc_dir, _file_stem(rec.upid, rec.round))
-            self._records[rec.key] = rec
-        for rec in list(self._records.values()):
-            if rec.state in (st.RUNNING, st.TERMINATING):
-                self._adopt_locked(rec, same_boot)
+        same_boot = False
+        if doc is not None:
+            self._jgen = int(doc.get("journal") or 0)
+            same_boot = doc.get("boot_id") is not None and doc.get("boot_id") == self._boot_id
+            for entry in doc.get("processes", []):
+                rec = _Record.from_json(entry)
+                rec.base = os.path.join(self._proc_dir, _file_stem(rec.upid, rec.round))
+                self._insert_locked(rec)
+        if not same_boot:
+            # the pids mean nothing after a reboot
+            for rec in list(self._records.values()):
+                if rec.state in (st.RUNNING, st.TERMINATING):
+                    if rec.pid is None:
+                        self._end_locked(rec, st.FAILED, "launch interrupted by an agent restart")
+                    else:
+                        self._settle_locked(rec, None, while_down=True)
+        self._attach_reaper_locked(initial=True)
         for rec in list(self._records.values()):
             if rec.state != st.PENDING:
                 continue
@@ -1125,39 +1702,7 @@ class ProcessSupervisor:
             else:
                 rec.waiting_for = None
                 self._start_locked(rec)
-
-    def _adopt_locked(self, rec: _Record, same_boot: bool) -> None:
-        if rec.pid is None:
-            self._end_locked(rec, st.FAILED, "launch interrupted by an agent restart")
-            return
-        if not same_boot:
-            # the pid means nothing after a reboot
-            self._finish_locked(rec, while_down=True, pid_valid=False)
-            return
-        fd: int | None = None
-        if self._use_pidfd:
-            try:
-                fd = os.pidfd_open(rec.pid)
-            except ProcessLookupError:
-                fd = None
-        stat = _proc_stat(rec.pid)
-        same = stat is not None and stat[1] == rec.start_ticks
-        rec.is_child = same and _is_my_child(rec.pid)
-        alive = same and stat is not None and stat[0] not in ("Z", "X")
-        if alive:
-            if rec.state == st.TERMINATING and rec.kill_at_wall is not None:
-                rec.kill_at = time.monotonic() + max(0.0, rec.kill_at_wall - time.time())
-            if fd is not None:
-                rec.pidfd = fd
-                rec.watched = True
-                self._selector.register(fd, selectors.EVENT_READ, rec.key)
-            else:
-                self._watch_locked(rec)
-            return
-        if fd is not None:
-            os.close(fd)
-        # Ended (a zombie, or the pid is free or reused: _finish_locked tells them apart).
-        self._finish_locked(rec, while_down=True)
+        self._pump_locked()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1169,43 +1714,22 @@ def _alive(rec: _Record) -> bool:
     return stat is not None and stat[1] == rec.start_ticks and stat[0] not in ("Z", "X")
 
 
-def _is_my_child(pid: int) -> bool:
+def _as_request(item: Any) -> tuple[Any, Any, Any, Any, Any]:
+    """(upid, round, command, env, cwd) of one :meth:`ProcessSupervisor.launch_many` item."""
+    if isinstance(item, Mapping):
+        return (item.get("upid"), item.get("round"), item.get("command"), item.get("env"),
+                item.get("cwd"))
+    if isinstance(item, tuple):
+        if not 3 <= len(item) <= 5:
+            raise ValueError(f"a launch request needs 3 to 5 items, got {len(item)}")
+        padded = (*item, None, None)
+        return padded[0], padded[1], padded[2], padded[3], padded[4]
     try:
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-        return True
-    except ChildProcessError:
-        return False
-
-
-def read_status(path: str) -> dict[str, Any] | None:
-    """The wrapper's status file as ``{exit_code, ended_at}`` or ``{error}``; None if absent.
-
-    The shell wrapper writes ``CODE`` (``128+N`` for death by signal ``N``, as the shell
-    reports it) or ``error MESSAGE``; its mtime is the end time (the kernel's coarse clock:
-    a few ms early at most). The Python wrapper writes JSON.
-    """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-            mtime = os.fstat(f.fileno()).st_mtime_ns / 1e9
-    except OSError:
-        return None
-    text = data.decode(errors="replace").strip()
-    if text.startswith("{"):
-        try:
-            doc = json.loads(text)
-        except ValueError:
-            return None
-        return doc if isinstance(doc, dict) else None
-    if text.startswith("error "):
-        return {"exit_code": None, "error": text[6:], "ended_at": mtime}
-    try:
-        code = int(text)
-    except ValueError:
-        return None  # empty: the wrapper was killed while writing
-    if 128 < code <= 128 + _SIGMAX:
-        code = -(code - 128)
-    return {"exit_code": code, "ended_at": mtime}
+        return item.upid, item.round, item.command, getattr(item, "env", None), getattr(
+            item, "cwd", None
+        )
+    except AttributeError:
+        raise ValueError(f"not a launch request: {item!r:.80}") from None
 
 
 def read_table(
@@ -1213,7 +1737,8 @@ def read_table(
 ) -> dict[str, Any] | None:
     """The process table of ``state_dir`` as saved: the table file with its journal applied.
 
-    Returns ``{version, boot_id, journal, processes: [record dicts]}`` or None if there is
+    Returns ``{version, boot_id, journal, reaper, processes: [record dicts]}`` (``reaper``:
+    ``{pid, start_ticks}`` of the reaper last used, or None) or None if there is
     none or the table is unreadable (with ``quarantine``, as the supervisor loads it, it is
     then renamed ``*.corrupt``). A torn journal line (a crash while appending) is ignored.
     Safe to call while a supervisor runs: the table is only ever replaced by rename.
@@ -1242,6 +1767,7 @@ def read_table(
         if not lines:
             return None
         doc = {"version": TABLE_VERSION, "boot_id": None, "journal": None, "processes": []}
+    doc.setdefault("reaper", None)
     try:
         header = json.loads(lines[0]) if lines else {}
     except ValueError:
@@ -1293,33 +1819,39 @@ def _validate_request(command: object, env: object, cwd: object) -> str | None:
     return None
 
 
-def _precheck(command: Sequence[str], env: Mapping[str, str], cwd: str | None) -> str | None:
-    """Why ``command`` cannot start in ``cwd`` with ``env``, or None if it looks runnable."""
+def _precheck(
+    command: Sequence[str], env: Mapping[str, str], cwd: str | None
+) -> tuple[str | None, str | None]:
+    """(why ``command`` cannot start in ``cwd`` with ``env``, or None; the executable's path)."""
     if cwd is not None:
         if not os.path.isdir(cwd):
-            return f"working directory {cwd!r} does not exist or is not a directory"
+            return f"working directory {cwd!r} does not exist or is not a directory", None
         if not os.access(cwd, os.X_OK):
-            return f"working directory {cwd!r} is not accessible"
+            return f"working directory {cwd!r} is not accessible", None
     exe = command[0]
     if "/" in exe:
         path = exe if os.path.isabs(exe) else os.path.join(cwd or os.getcwd(), exe)
         if not os.path.isfile(path):
-            return f"executable {exe!r} not found"
+            return f"executable {exe!r} not found", None
         if not os.access(path, os.X_OK):
-            return f"{exe!r} is not executable"
-    else:
-        search = env.get("PATH", os.defpath)
-        now = time.monotonic()
-        if _which_cache.get((exe, search), 0.0) > now:
-            return None
-        if shutil.which(exe, path=search) is None:
-            return f"executable {exe!r} not found on PATH"
-        if len(_which_cache) > 256:
-            _which_cache.clear()
-        _which_cache[(exe, search)] = now + _WHICH_TTL
-    return None
+            return f"{exe!r} is not executable", None
+        return None, path
+    search = env.get("PATH", os.defpath)
+    now = time.monotonic()
+    hit = _which_cache.get((exe, search))
+    if hit is not None and hit[0] > now:
+        return None, hit[1]
+    found = shutil.which(exe, path=search)
+    if found is None:
+        return f"executable {exe!r} not found on PATH", None
+    found = os.path.abspath(found)
+    if len(_which_cache) > 256:
+        _which_cache.clear()
+    _which_cache[(exe, search)] = (now + _WHICH_TTL, found)
+    return None, found
 
 
-#: Commands found on a PATH lately: ``(name, PATH) -> monotonic time until which it is trusted``.
-_which_cache: dict[tuple[str, str], float] = {}
+#: Commands found on a PATH lately: ``(name, PATH) -> (monotonic time until which it is
+#: trusted, path)``.
+_which_cache: dict[tuple[str, str], tuple[float, str]] = {}
 _WHICH_TTL = 2.0

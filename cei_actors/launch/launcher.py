@@ -691,13 +691,15 @@ def _start_ticks(pid: int) -> int | None:
 
 def _node_pids(node_dirs: list[Path]) -> list[tuple[int, bool]]:
     """(pid, kill as a group) of every process the EEAgents' tables name that still runs
-    (same pid and start time; whatever state the table gives it)."""
+    (same pid and start time; whatever state the table gives it), and of each table's reaper
+    (the parent of those processes, in its own session: on SIGTERM it terminates what it
+    still runs and exits)."""
     out: list[tuple[int, bool]] = []
     for base in node_dirs:
         for procs in list(base.glob("nodes/*/eeagent/processes.json")) + list(base.glob("*/processes.json")):
             with contextlib.suppress(OSError, ValueError, TypeError, SupervisorError):
                 table = read_table(procs.parent) or {}
-                for p in table.get("processes", []):
+                for p in [*table.get("processes", []), table.get("reaper") or {}]:
                     pid, ticks = p.get("pid"), p.get("start_ticks")
                     if pid and (ticks is None or _start_ticks(int(pid)) == ticks):
                         out.append((int(pid), True))
