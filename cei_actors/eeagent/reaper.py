@@ -137,13 +137,15 @@ class _Child:
 
 
 class _Client:
-    __slots__ = ("sock", "fd", "rbuf", "wbuf", "discard", "want_write")
+    __slots__ = ("sock", "fd", "rbuf", "wbuf", "replies", "discard", "want_write")
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.fd = sock.fileno()
         self.rbuf = b""
         self.wbuf = bytearray()
+        #: replies to the requests of the current read, written out at its end
+        self.replies: list[dict] = []
         self.discard = False
         self.want_write = False
 
@@ -463,9 +465,29 @@ class Reaper:
                 client.discard = True
             rest = b""
         client.rbuf = rest
+        self._send_replies(client)
         if len(client.wbuf) > MAX_OUT:
             _log("a client does not read its replies: disconnected")
             self._close(client)
+
+    def _send_replies(self, client: _Client) -> None:
+        """Serialize the replies of one read, after the start times of the children it
+        spawned are read: a child read right after its exec costs twice as much (its exec
+        and dynamic loading hold its memory map)."""
+        if not client.replies:
+            return
+        out = []
+        for doc in client.replies:
+            pid = doc.get("pid") if "start_ticks" in doc else None
+            if pid is not None and doc["start_ticks"] is None:
+                child = self.children.get(pid)
+                ticks = start_ticks(pid)
+                if child is not None:
+                    child.ticks = ticks
+                doc["start_ticks"] = ticks
+            out.append(json.dumps(doc, separators=(",", ":")))
+        client.replies.clear()
+        client.wbuf += ("\n".join(out) + "\n").encode()
 
     def _flush(self, client: _Client) -> None:
         try:
@@ -491,7 +513,7 @@ class Reaper:
             doc = {"re": rid, "ok": True}
             if result:
                 doc.update(result)
-        client.wbuf += (json.dumps(doc, separators=(",", ":")) + "\n").encode()
+        client.replies.append(doc)
 
     def _handle(self, client: _Client, line: bytes) -> None:
         rid = None
@@ -598,9 +620,8 @@ class Reaper:
                 os.close(fd)
             if cwd is not None:
                 os.chdir("/")
-        ticks = start_ticks(pid)
-        self.children[pid] = _Child(key, pid, ticks)
-        return {"pid": pid, "start_ticks": ticks}
+        self.children[pid] = _Child(key, pid, None)
+        return {"pid": pid, "start_ticks": None}  # read before the reply goes out
 
     def op_signal(self, client: _Client, msg: dict) -> dict:
         key = _key(msg.get("key"))
