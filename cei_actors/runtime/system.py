@@ -41,7 +41,7 @@ import os
 import socket
 from typing import Any
 
-from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem
+from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem, InvalidActorAddress
 
 LOOPBACK = "127.0.0.1"
 TCP_BASE = "multiprocTCPBase"
@@ -129,16 +129,26 @@ def start_system(
     if base != TCP_BASE:
         raise ValueError(f"unsupported actor system base {base!r}: use one of {', '.join(BASES)}")
     ensure_loopback()
-    port = admin_port or free_port()
     if admin_port and _port_open(admin_port):
         raise RuntimeError(f"127.0.0.1:{admin_port} is in use: use attach_system() to join a running system")
-    caps: dict[str, Any] = {"Admin Port": port, "Process Startup Method": "fork"}
-    if convention is not None:
-        caps["Convention Address.IPv4"] = _convention_address(convention)
-    caps.update(capabilities or {})
-    asys = ActorSystem(TCP_BASE, capabilities=caps, logDefs=log_defs, transientUnique=True)
-    asys.cei_base, asys.cei_admin_port = TCP_BASE, port
-    return asys
+    attempts = 1 if admin_port else 3
+    for attempt in range(attempts):
+        port = admin_port or free_port()
+        caps: dict[str, Any] = {"Admin Port": port, "Process Startup Method": "fork"}
+        if convention is not None:
+            caps["Convention Address.IPv4"] = _convention_address(convention)
+        caps.update(capabilities or {})
+        try:
+            asys = ActorSystem(TCP_BASE, capabilities=caps, logDefs=log_defs, transientUnique=True)
+        except InvalidActorAddress:
+            # the free port was taken between our probe and the admin's bind (an outgoing
+            # connection's ephemeral port, say): try another one
+            if attempt + 1 == attempts:
+                raise
+            continue
+        asys.cei_base, asys.cei_admin_port = TCP_BASE, port
+        return asys
+    raise AssertionError("unreachable")
 
 
 def attach_system(admin_port: int) -> ActorSystem:
