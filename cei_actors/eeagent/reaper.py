@@ -97,6 +97,12 @@ def needs_dirfd(state_dir: str) -> bool:
     return len(os.fsencode(os.path.join(state_dir, SOCK_NAME))) > _SUN_PATH_MAX
 
 
+def split_lines(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
+    """The complete lines of ``pending + data`` (without newlines) and the unfinished rest."""
+    *lines, rest = (pending + data if pending else data).split(b"\n")
+    return lines, rest
+
+
 def start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (with the pid, its identity)."""
     try:
@@ -442,14 +448,8 @@ class Reaper:
         if not data:
             self._close(client)
             return
-        buf = client.rbuf + data if client.rbuf else data
-        start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            line = buf[start:nl]
-            start = nl + 1
+        lines, rest = split_lines(client.rbuf, data)
+        for line in lines:
             if client.discard:  # the tail of an oversized line
                 client.discard = False
                 continue
@@ -458,7 +458,6 @@ class Reaper:
                 continue
             if line.strip():
                 self._handle(client, line)
-        rest = buf[start:]
         if len(rest) > MAX_LINE:
             if not client.discard:
                 self._reply(client, None, error=f"line longer than {MAX_LINE} bytes")

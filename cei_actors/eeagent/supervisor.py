@@ -1111,14 +1111,8 @@ class ProcessSupervisor:
             if not data:
                 raise _ReaperLost("the reaper closed the connection")
             got = True
-            buf = self._rbuf + data if self._rbuf else data
-            start = 0
-            while True:
-                nl = buf.find(b"\n", start)
-                if nl < 0:
-                    break
-                line = buf[start:nl]
-                start = nl + 1
+            lines, self._rbuf = _reaper.split_lines(self._rbuf, data)
+            for line in lines:
                 try:
                     doc = json.loads(line)
                 except ValueError:
@@ -1132,7 +1126,6 @@ class ProcessSupervisor:
                     self._replies[doc["re"]] = doc
                 elif not doc.get("ok", True):
                     log.warning("eeagent supervisor: the reaper says: %s", doc.get("error"))
-            self._rbuf = buf[start:]
 
     def _connect_locked(self) -> socket.socket | None:
         """A connection to a running reaper of this state dir, or None if none listens."""
