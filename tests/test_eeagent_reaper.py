@@ -376,3 +376,37 @@ def test_exits_recorded_by_a_dead_reaper_are_used(make_sup, tmp_path):
     rb = sup2.get("b", 0)
     assert (rb.state, rb.exit_code) == (st.FAILED, 3) and DOWN_MSG in rb.msg
     assert sup2.get("a", 0).state == st.RUNNING and alive(a.pid)
+
+
+def test_reaper_killed_in_the_middle_of_a_batch_leaves_nothing_untracked(make_sup, tmp_path, mark):
+    """The reaper dies while starting a batch: the processes it started before dying (whose
+    replies were lost) are found by their environment and adopted, the rest are FAILED; no
+    process runs that no record tracks, and shutdown stops them all."""
+    import threading
+
+    from tests.test_eeagent_supervisor import marked_pids
+
+    state = tmp_path / "agent"
+    n = 300
+    sup = make_sup(state_dir=state, slots=n)
+    reaper = sup.reaper_pid
+    result: list = []
+    batch = threading.Thread(
+        target=lambda: result.extend(sup.launch_many([(f"b{i}", 0, ["sleep", "30"]) for i in range(n)]))
+    )
+    batch.start()
+    wait_until(lambda: len(marked_pids(mark)) >= 20, 10, "starts")
+    os.kill(reaper, signal.SIGKILL)
+    batch.join(30)
+    assert len(result) == n
+    wait_until(lambda: all(p.state != st.PENDING for p in sup.processes()), 10, "lost starts settled")
+    procs = {p.upid: p for p in sup.processes()}
+    running = {p.pid for p in procs.values() if p.state == st.RUNNING}
+    failed = [p for p in procs.values() if p.state == st.FAILED]
+    assert running and failed, "the kill should land inside the batch"
+    assert all("reaper" in p.msg for p in failed)
+    # each live process is one a record tracks (one caught inside the spawn is killed)
+    wait_until(lambda: set(marked_pids(mark)) == running, 5, "only tracked processes")
+    assert all(p.pid is not None for p in procs.values() if p.state == st.RUNNING)
+    sup.shutdown(kill=True, grace=1.0)
+    wait_until(lambda: not marked_pids(mark), 10, "every process stopped")

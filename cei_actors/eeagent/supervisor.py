@@ -16,7 +16,11 @@ Decisions (also in the docstrings below):
 - **Environment**: the command gets a minimal safe base (``PATH``, ``HOME``, ``USER``,
   ``LOGNAME``, ``LANG``, ``LC_ALL``, ``LC_CTYPE``, ``TZ``, ``TMPDIR`` copied from the agent,
   ``PATH`` defaulting to ``os.defpath``; or ``base_env`` when given) with the launch's ``env``
-  merged over it. Nothing else of the agent's environment (credentials!) leaks into commands.
+  merged over it, then ``CEI_UPID``, ``CEI_ROUND`` and ``CEI_EEAGENT_DIR`` (the state dir; as
+  supervisord sets ``SUPERVISOR_PROCESS_NAME``). Nothing else of the agent's environment
+  (credentials!) leaks into commands. The markers are how the processes a reaper started are
+  found when it dies before answering: adopted if a start is unanswered, killed if no record
+  tracks them.
 - **cwd** ``None`` means the agent's current directory (at launch time).
 - **States**: a started command is RUNNING at once (the executable and cwd are checked before
   the start; if the reaper still cannot change into the cwd or exec the command, the launch is
@@ -123,6 +127,9 @@ _POLL_INTERVAL = 0.2  # only for orphans when pidfd_open is unavailable
 _RETRY_REAPER = 1.0  # least seconds between attempts to start a lost reaper
 
 Key = tuple[str, int]
+#: Set in every command's environment: its upid, its round and the state dir of the agent
+#: that started it (how processes a dead reaper started are found again).
+UPID_ENV, ROUND_ENV, OWNER_ENV = "CEI_UPID", "CEI_ROUND", "CEI_EEAGENT_DIR"
 OnChange = Callable[[list[dict[str, Any]]], None]
 
 #: Reapers this process started, reaped (``waitpid``) once they exit.
@@ -293,6 +300,29 @@ class _Record:
 
 # ---------------------------------------------------------------------------------------------
 # small OS helpers
+
+
+def _marked_processes(state_dir: str) -> dict[int, Key]:
+    """Live processes started for the supervisor of ``state_dir`` (by their environment's
+    :data:`OWNER_ENV`), with their ``(upid, round)``: a scan of ``/proc``."""
+    owner = f"{OWNER_ENV}={state_dir}".encode()
+    found: dict[int, Key] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                entries = f.read().split(b"\0")
+        except OSError:
+            continue
+        if owner not in entries:
+            continue
+        env = dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
+        stat = _proc_stat(int(name))
+        if stat is None or stat[0] in ("Z", "X") or not env.get(ROUND_ENV, "").isdigit():
+            continue
+        found[int(name)] = (env.get(UPID_ENV, ""), int(env[ROUND_ENV]))
+    return found
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -493,6 +523,8 @@ class ProcessSupervisor:
         self._reaper_error = ""
         self._reaper_retry_at = 0.0
         self._lost = ""  # why the connection broke, until handled
+        #: starts whose reply was lost with the reaper: PENDING until the reaper's file tells
+        self._lost_starts: list[Key] = []
         self._attaching = False
 
         try:
@@ -966,6 +998,7 @@ class ProcessSupervisor:
             for rec in batch:
                 env = dict(self._base_env)
                 env.update(rec.env or {})
+                env.update({UPID_ENV: rec.upid, ROUND_ENV: str(rec.round), OWNER_ENV: self.state_dir})
                 if rec.cwd is not None:
                     cwd = os.path.abspath(rec.cwd)
                 else:
@@ -990,7 +1023,9 @@ class ProcessSupervisor:
                 if not rec.starting or self._records.get(rec.key) is not rec:
                     continue
                 rec.starting = False
-                if reply is None:
+                if reply is None and self._lost:
+                    self._lost_starts.append(rec.key)  # maybe started: settled once reconnected
+                elif reply is None:
                     self._end_locked(rec, st.FAILED, f"the reaper did not start it: {error}")
                 elif not reply.get("ok"):
                     self._end_locked(rec, st.FAILED, str(reply.get("error") or "launch refused"))
@@ -1355,10 +1390,44 @@ class ProcessSupervisor:
             self._reaper_error = str(exc)
             log.error("eeagent supervisor: %s", exc)
             self._reconcile_locked(None, initial=False)
+        self._settle_lost_starts_locked(_marked_processes(self.state_dir))
         for rec in self._records.values():  # a SIGTERM may have been lost with the reaper
             if rec.orphan and rec.state == st.TERMINATING and not rec.killed:
                 self._signal_locked(rec, signal.SIGTERM)
         self._compact_locked()  # the table names the new reaper
+
+    def _settle_lost_starts_locked(self, marked: dict[int, Key]) -> None:
+        """After the reaper died: ``marked`` are the processes started for this agent (their
+        environment says so) that still run. A start whose reply was lost adopts its process,
+        or is FAILED if there is none; a marked process no record tracks (its reaper died
+        inside the spawn) is killed: nobody would ever stop it."""
+        lost, self._lost_starts = self._lost_starts, []
+        tracked = {rec.pid for rec in self._records.values() if rec.pid is not None}
+        found: dict[Key, int] = {}
+        for pid, key in marked.items():
+            if pid not in tracked:
+                found.setdefault(key, pid)
+        for key in lost:
+            rec = self._records.get(key)
+            if rec is None or rec.state != st.PENDING or rec.pid is not None or rec.starting:
+                continue
+            pid = found.pop(key, None)
+            stat = _proc_stat(pid) if pid is not None else None
+            if pid is None or stat is None:
+                self._end_locked(rec, st.FAILED, "the reaper died while starting it (not started)")
+                continue
+            self._touch_locked(rec)
+            rec.pid, rec.start_ticks = pid, stat[1]
+            rec.state, rec.msg, rec.started_at = st.RUNNING, "", self._clock()
+            self._adopt_orphan_locked(rec, while_down=False)
+            tracked.add(pid)
+        stray = [pid for pid in marked if pid not in tracked]
+        if stray:
+            log.warning("eeagent supervisor: killing %d processes no record tracks", len(stray))
+            for pid in stray:
+                _killpg(pid, signal.SIGKILL)  # each leads its own session and group
+        if lost:
+            self._changed_locked()
 
     def _ensure_reaper_locked(self) -> bool:
         if self._conn is not None:
