@@ -84,10 +84,13 @@ def test_a_batch_runs_in_order_with_launch_runs_started_together(core):
         LaunchProcess("b1", 0, ["sleep", "30"]),
         TerminateProcess("b1", 0),  # after b1's launch, before b2's
         LaunchProcess("b2", 0, ["sleep", "30"]),
-        LaunchProcess("b3", 0, ["sleep", "30"]),  # 2 slots: b1 still holds one while terminating
+        LaunchProcess("b3", 0, ["sleep", "30"]),  # 2 slots: free only if b1 died already
     ]))
     assert isinstance(batch, Ok)
-    assert [v["state"] for v in batch.value] == ["RUNNING", "TERMINATING", "RUNNING", "REJECTED"]
+    states_ = [v["state"] for v in batch.value]
+    # the terminate saw the launch before it; b2 started after it
+    assert states_[:3] == ["RUNNING", "TERMINATING", "RUNNING"]
+    assert states_[3] in ("REJECTED", "RUNNING")  # b1's SIGTERM may have ended it meanwhile
     wait_for(lambda: core.supervisor.get("b1", 0).state == "TERMINATED")
 
 
