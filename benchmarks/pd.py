@@ -20,14 +20,16 @@ client can send them (50 per ``ScheduleProcesses`` request); the figure is launc
 from the first request until every process has started (RUNNING or EXITED), sustained: slots
 are reused as processes exit. With it, the CPU each part used per launch (from ``/proc``: the
 PD's actor system, the agents, their reapers, the commands themselves, ZooKeeper, this
-harness). Baseline (500 launches at most, it is slow): one request per process, group commit
+harness) and what creating one file costs in the work dir (``--workdir``; each launch creates
+two output files, and on this VM that cost varies 30x between directories). Baseline (500
+launches at most, it is slow): one request per process, group commit
 off and a heartbeat for every change (one ZooKeeper append per message and one heartbeat per
 exit, as the original). Also shown: one request per process with today's settings, the agents'
 own ceiling (``ProcessSupervisor`` launching ``true`` with nothing around it), and the PD
 pipeline alone (in-system simulated agents whose processes exit at once).
 
     python -m benchmarks.pd [--scale 1.0] [--naive 300] [--launches 3000] [--agents 2]
-                            [--slots 64] [--skip-e2e] [--json]
+                            [--slots 64] [--workdir DIR] [--skip-e2e] [--json]
 """
 
 from __future__ import annotations
@@ -427,11 +429,24 @@ class E2E:
         shutdown_system(self.asys)
 
 
-def bench_e2e(launches: int, agents: int, slots: int) -> list[dict[str, Any]]:
+def file_create_cost(directory: str, n: int = 400) -> float:
+    """CPU ms to create (and close) one empty file in ``directory``: what each output file of
+    a launch costs on this disk, measured in the same run."""
+    d = tempfile.mkdtemp(prefix="create-", dir=directory)
+    try:
+        t = time.process_time()
+        for i in range(n):
+            os.close(os.open(os.path.join(d, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+        return (time.process_time() - t) / n * 1000
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def bench_e2e(launches: int, agents: int, slots: int, workdir: str | None = None) -> list[dict[str, Any]]:
     from cei_actors.testing.zkserver import ZkServer
 
     out = []
-    work = tempfile.mkdtemp(prefix="pdbench-")
+    work = tempfile.mkdtemp(prefix="pdbench-", dir=workdir)
     small = min(launches, 500)  # the slow runs: long enough to time, short enough to wait for
     naive_pd = {"group_commit_delay": 0.0}
     naive_agent = ("--heartbeat-gap", "0")
@@ -470,7 +485,8 @@ def bench_e2e(launches: int, agents: int, slots: int) -> list[dict[str, Any]]:
             shown = ", ".join(f"{k} {v / launches * 1000:.2f}" for k, v in sorted(roles.items(), key=lambda kv: -kv[1]))
             out.append(_r("end to end: CPU per launch", total / launches * 1000, "ms", None,
                           note=f"{shown} (ms each); {total / wall / (os.cpu_count() or 1):.0%} of "
-                          f"{os.cpu_count()} CPUs busy"))
+                          f"{os.cpu_count()} CPUs busy; creating a file in {os.path.dirname(work)} "
+                          f"costs {file_create_cost(work):.3f} ms (a launch creates two)"))
         out.append(_r("end to end: one request per process", rates["single"][0], "launches/s", base,
                       note=f"{small} launches; group commit on; requests sent in {rates['single'][1]:.2f} s"))
         out.append(_r("PD pipeline with simulated agents", rates["sim"][0], "launches/s", rates["sim-base"][0],
@@ -492,12 +508,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--launches", type=int, default=3000)
     ap.add_argument("--agents", type=int, default=2)
     ap.add_argument("--slots", type=int, default=64, help="slots per agent (end to end)")
+    ap.add_argument("--workdir", default=None,
+                    help="where the end-to-end run keeps its state (default: the temp dir)")
     ap.add_argument("--skip-e2e", action="store_true")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     results = bench_matchmaker(args.scale, args.naive)
     if not args.skip_e2e:
-        results += bench_e2e(args.launches, args.agents, args.slots)
+        results += bench_e2e(args.launches, args.agents, args.slots, args.workdir)
     if args.json:
         print(json.dumps({"benchmark": "pd", "goal": GOAL, "results": results}, indent=2))
         return 0
