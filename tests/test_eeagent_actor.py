@@ -94,6 +94,22 @@ def test_a_batch_runs_in_order_with_launch_runs_started_together(core):
     wait_for(lambda: core.supervisor.get("b1", 0).state == "TERMINATED")
 
 
+def test_a_long_batch_lets_heartbeats_out_between_chunks(tmp_path):
+    from cei_actors.eeagent.actor import LAUNCH_CHUNK
+
+    col = Collect()
+    n = 2 * LAUNCH_CHUNK + 3
+    c = AgentCore("a1", "n1", n, str(tmp_path / "sd"), send=col.send, min_gap=0.0)
+    try:
+        assert c.flush()
+        batch = c.handle(AgentRequests([LaunchProcess(f"c{i}", 0, ["true"]) for i in range(n)]))
+        assert [v["state"] for v in batch.value] == ["RUNNING"] * n
+        assert len(col.sent) == 3  # the first one, then one after each of the first two chunks
+        assert len(col.sent[-1].processes) == 2 * LAUNCH_CHUNK
+    finally:
+        c.close(kill=True, grace=0.5)
+
+
 def test_core_runs_requests_and_sends_level_based_heartbeats(core):
     col = core.col
     assert core.flush() and states(col.sent[-1]) == {}  # the first one goes out at once
