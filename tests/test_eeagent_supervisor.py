@@ -340,7 +340,7 @@ def test_restart_readopts_running_and_reports_exited_meanwhile(make_sup, tmp_pat
     state = tmp_path / "agent"
     sup1 = make_sup(state_dir=state)
     a = sup1.launch("a", 0, ["sleep", "30"])
-    b = sup1.launch("b", 0, ["sh", "-c", "sleep 0.2; exit 3"])
+    b = sup1.launch("b", 0, ["sh", "-c", "sleep 1; exit 3"])
     with pytest.raises(StateDirLockedError):
         ProcessSupervisor(state, 4)
     sup1.close()
