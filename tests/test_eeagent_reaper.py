@@ -194,7 +194,7 @@ def test_an_idle_reaper_exits_by_itself(make_sup, tmp_path, monkeypatch):
     monkeypatch.setattr(sv, "REAPER_IDLE", 0.3)
     state = tmp_path / "agent"
     sup = make_sup(state_dir=state)
-    sup.launch("t", 0, ["sleep", "0.5"])
+    sup.launch("t", 0, ["sleep", "1"])
     reaper = sup.reaper_pid
     sup.close()  # no supervisor; it still has a child, so it stays
     time.sleep(0.4)
@@ -292,8 +292,8 @@ def test_reaper_killed_then_a_new_supervisor_adopts_orphans(make_sup, tmp_path):
     state, ready = tmp_path / "agent", tmp_path / "ready"
     sup1 = make_sup(state_dir=state)
     a = sup1.launch("a", 0, ["sleep", "30"])
-    b = sup1.launch("b", 0, ["sh", "-c", "sleep 0.3; exit 3"])
-    c = sup1.launch("c", 0, ["sh", "-c", f"echo $$ > {ready}; sleep 1.5; exit 5"])
+    b = sup1.launch("b", 0, ["sh", "-c", "sleep 1; exit 3"])
+    c = sup1.launch("c", 0, ["sh", "-c", f"echo $$ > {ready}; sleep 2.5; exit 5"])
     read_int(ready)
     reaper = sup1.reaper_pid
     sup1.close()
@@ -360,7 +360,7 @@ def test_exits_recorded_by_a_dead_reaper_are_used(make_sup, tmp_path):
     done = sup1.launch("done", 0, ["sh", "-c", "exit 7"])
     assert sup1.wait("done", 0, timeout=5).exit_code == 7  # reported and acknowledged
     sup1.cleanup("done", 0)
-    b = sup1.launch("b", 0, ["sh", "-c", "sleep 0.3; exit 3"])
+    b = sup1.launch("b", 0, ["sh", "-c", "sleep 1; exit 3"])
     a = sup1.launch("a", 0, ["sleep", "30"])
     reaper = sup1.reaper_pid
     sup1.close()
