@@ -1042,20 +1042,23 @@ class ProcessSupervisor:
         """Settle the records whose exits the reaper reported."""
         while self._events:
             ev = self._events.popleft()
-            seq = ev.get("seq")
-            if isinstance(seq, int):
-                self._acks.append(seq)
-            key = _key_of(ev.get("key"))
-            rec = self._records.get(key) if key else None
-            if (
-                rec is None
-                or rec.orphan
-                or rec.pid != ev.get("pid")
-                or not st.is_live(rec.state)
-            ):
+            rec = self._exit_record_locked(ev)
+            if rec is None or rec.orphan:
                 continue
             code = ev.get("code")
             self._settle_locked(rec, code if isinstance(code, int) else None)
+
+    def _exit_record_locked(self, ev: Mapping[str, Any]) -> _Record | None:
+        """Queue the acknowledgement of the reaper's exit event ``ev``; the live record it
+        settles (same key and pid), or None."""
+        seq = ev.get("seq")
+        if isinstance(seq, int):
+            self._acks.append(seq)
+        key = _key_of(ev.get("key"))
+        rec = self._records.get(key) if key else None
+        if rec is None or rec.pid != ev.get("pid") or not st.is_live(rec.state):
+            return None
+        return rec
 
     def _commit_locked(self) -> None:
         """Journal the changes, then acknowledge the exits they hold to the reaper."""
@@ -1300,17 +1303,8 @@ class ProcessSupervisor:
             log.warning("eeagent supervisor: killing %d unknown processes of the reaper", len(kills))
             self._post_locked(kills)
         for ev in (hello or {}).get("exits") or []:
-            seq = ev.get("seq")
-            if isinstance(seq, int):
-                self._acks.append(seq)
-            key = _key_of(ev.get("key"))
-            rec = self._records.get(key) if key else None
-            if (
-                rec is not None
-                and key not in covered
-                and rec.pid == ev.get("pid")
-                and st.is_live(rec.state)
-            ):
+            rec = self._exit_record_locked(ev)
+            if rec is not None and rec.key not in covered:
                 code = ev.get("code")
                 self._settle_locked(
                     rec,

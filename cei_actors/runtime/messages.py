@@ -33,7 +33,7 @@ class Message:
         processes cost more than handling it.
         """
         parts = []
-        for name in _field_names(type(self)):
+        for name, _, _ in _checked_fields(type(self)):
             value = getattr(self, name, None)
             if value is None or isinstance(value, bool | int | float):
                 parts.append(f"{name}={value!r}")
@@ -48,17 +48,6 @@ class Message:
         return f"{type(self).__name__}({', '.join(parts)})"
 
 
-_field_names_cache: dict[type, tuple[str, ...]] = {}
-
-
-def _field_names(cls: type) -> tuple[str, ...]:
-    names = _field_names_cache.get(cls)
-    if names is None:
-        names = tuple(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else ()
-        _field_names_cache[cls] = names
-    return names
-
-
 Check = Callable[[Any], bool]
 _fields_cache: dict[type, list[tuple[str, Any, Check]]] = {}
 
@@ -67,6 +56,8 @@ def _checked_fields(cls: type) -> list[tuple[str, Any, Check]]:
     """``(name, hint, check)`` for each init field of message class ``cls`` (cached)."""
     found = _fields_cache.get(cls)
     if found is None:
+        if not dataclasses.is_dataclass(cls):
+            return []
         hints = get_type_hints(cls)
         found = [(f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
         _fields_cache[cls] = found
