@@ -17,7 +17,7 @@ from cei_actors.eeagent import states as st
 from cei_actors.eeagent import supervisor as sv
 from cei_actors.eeagent.supervisor import DOWN_MSG, LaunchRequest, ProcessSupervisor, read_table
 from tests import test_eeagent_supervisor as _sup_tests
-from tests.test_eeagent_supervisor import alive, read_int, wait_until
+from tests.test_eeagent_supervisor import alive, exit_recorded, read_int, wait_until
 
 # the supervisor tests' fixtures: make_sup (shut down at the end), mark (leftovers killed)
 make_sup = _sup_tests.make_sup
@@ -364,7 +364,7 @@ def test_exits_recorded_by_a_dead_reaper_are_used(make_sup, tmp_path):
     a = sup1.launch("a", 0, ["sleep", "30"])
     reaper = sup1.reaper_pid
     sup1.close()
-    wait_until(lambda: not alive(b.pid), 5, "b to end")
+    wait_until(lambda: exit_recorded(state, b.pid), 5, "b's exit recorded")
     lines = [json.loads(x) for x in (state / "reaper.exits").read_text().splitlines()]
     acked = {s for e in lines for s in e.get("ack", [])}
     exits = {e["pid"]: e for e in lines if "seq" in e}

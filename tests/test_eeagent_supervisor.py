@@ -45,6 +45,15 @@ def alive(pid: int) -> bool:
     return data[data.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
+def exit_recorded(state_dir: Path, pid: int) -> bool:
+    """Has the reaper of ``state_dir`` recorded the exit of ``pid`` (not just seen it end)?"""
+    try:
+        lines = (state_dir / "reaper.exits").read_text().splitlines()
+    except OSError:
+        return False
+    return any(f'"pid":{pid},' in line and '"seq"' in line for line in lines)
+
+
 def wait_until(pred, timeout: float = 5.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -345,7 +354,7 @@ def test_restart_readopts_running_and_reports_exited_meanwhile(make_sup, tmp_pat
         ProcessSupervisor(state, 4)
     sup1.close()
     assert alive(a.pid)  # close() leaves processes running
-    wait_until(lambda: not alive(b.pid), 5, "b to end")  # reaped by the reaper, recorded
+    wait_until(lambda: exit_recorded(state, b.pid), 5, "b's exit recorded by the reaper")
 
     sup2 = make_sup(state_dir=state)
     ra, rb = sup2.get("a", 0), sup2.get("b", 0)
