@@ -18,15 +18,22 @@ ZooKeeper log, ``--agents`` EEAgent processes (``python -m cei_actors.eeagent``)
 announced by hand. ``--launches`` processes running ``true`` are scheduled as fast as one
 client can send them (50 per ``ScheduleProcesses`` request); the figure is launches per second
 from the first request until every process has started (RUNNING or EXITED), sustained: slots
-are reused as processes exit. With it, the CPU each part used per launch (from ``/proc``: the
-PD's actor system, the agents, their reapers, the commands themselves, ZooKeeper, this
-harness) and what creating one file costs in the work dir (``--workdir``; each launch creates
-two output files, and on this VM that cost varies 30x between directories). Baseline (500
-launches at most, it is slow): one request per process, group commit
-off and a heartbeat for every change (one ZooKeeper append per message and one heartbeat per
-exit, as the original). Also shown: one request per process with today's settings, the agents'
-own ceiling (``ProcessSupervisor`` launching ``true`` with nothing around it), and the PD
-pipeline alone (in-system simulated agents whose processes exit at once).
+are reused as processes exit. ZooKeeper is first warmed with 4,000 writes (a fresh JVM burns
+~4 ms CPU per write until it has compiled itself, ~0.5-1 ms after), and each run has a warm-up
+run before it (a fifth as many launches, 500 at most). With it, the CPU each part used per
+launch (from ``/proc``: the PD's actor system, the agents, their reapers, the commands
+themselves, ZooKeeper, this harness) and what creating one file costs in the work dir
+(``--workdir``; each launch creates two output files). On ext4 without a journal (this VM's
+disk) a create scans past every recently deleted inode of its block group (the kernel's
+``recently_deleted``): it costs 0.03 ms, or up to 1 ms for minutes after a burst of deletions
+nearby (such as the cleanup of this benchmark's last run). So the harness deletes nothing until
+the end, runs the agents' own ceiling last, and prints the create cost it measured before the
+runs (with a warning when it is high). Baseline (500 launches at most, it is slow): one request
+per process, group commit off and a heartbeat for every change (one ZooKeeper append per
+message and one heartbeat per exit, as the original). Also shown: one request per process with
+today's settings, the agents' own ceiling (``ProcessSupervisor`` launching ``true`` with
+nothing around it), and the PD pipeline alone (in-system simulated agents whose processes exit
+at once).
 
     python -m benchmarks.pd [--scale 1.0] [--naive 300] [--launches 3000] [--agents 2]
                             [--slots 64] [--workdir DIR] [--skip-e2e] [--json]
@@ -253,12 +260,12 @@ def _cmdline(pid: int) -> str:
         return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
 
 
-def supervisor_ceiling(n: int) -> float:
+def supervisor_ceiling(n: int, workdir: str | None = None) -> float:
     """Launches/s of a bare ProcessSupervisor running ``true``, 50 per ``launch_many`` (until all
     have exited); ``on_change`` does nothing, as the agent's only marks its heartbeat dirty."""
     from cei_actors.eeagent.supervisor import ProcessSupervisor
 
-    d = tempfile.mkdtemp(prefix="pdbench-sup-")
+    d = tempfile.mkdtemp(prefix="pdbench-sup-", dir=workdir)
     sup = ProcessSupervisor(d, n, on_change=lambda snapshot: None)
     try:
         t = time.perf_counter()
@@ -429,17 +436,63 @@ class E2E:
         shutdown_system(self.asys)
 
 
+#: A file create slower than this (CPU ms) makes the end-to-end figure a figure of the disk.
+SLOW_CREATE_MS = 0.2
+
+
 def file_create_cost(directory: str, n: int = 400) -> float:
     """CPU ms to create (and close) one empty file in ``directory``: what each output file of
-    a launch costs on this disk, measured in the same run."""
+    a launch costs on this disk, measured in the same run. The files are left in place (the
+    caller removes ``directory``): deleting them would make the next creates slow."""
     d = tempfile.mkdtemp(prefix="create-", dir=directory)
+    t = time.process_time()
+    for i in range(n):
+        os.close(os.open(os.path.join(d, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
+    return (time.process_time() - t) / n * 1000
+
+
+def check_disk(directory: str) -> float:
+    """What creating a file in ``directory`` costs now (CPU ms), with a warning when it is slow.
+
+    On ext4 without a journal (this VM's disk), a create scans past every inode of its block
+    group deleted in the last 5 s, or in the last 305 s while that inode's table block is dirty
+    (the kernel's ``recently_deleted``): after a burst of deletions nearby, say the cleanup of
+    the last run of this benchmark, creates cost up to 1 ms instead of 0.03 for minutes."""
+    cost = file_create_cost(directory)
+    if cost > SLOW_CREATE_MS:
+        print(f"warning: creating a file in {directory} costs {cost:.2f} ms now (many files were "
+              "deleted near it in the last minutes); each launch creates two, so the end-to-end "
+              "figures are low: wait some minutes or pass --workdir on another file system",
+              file=sys.stderr)
+    return cost
+
+
+def warm_zookeeper(hosts: str, writes: int = 4000, size: int = 16_000) -> float:
+    """Commit ``writes`` transactions of ``size`` bytes (a PD batch's shape) to a scratch path,
+    50 in flight, then remove them: a fresh server's JVM spends the first thousands of requests
+    compiling itself (measured here: ~4 ms CPU per write cold, ~0.5 warm), and a running system's
+    ZooKeeper is warm. Returns the seconds it took."""
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=hosts)
+    client.start(timeout=30)
+    t = time.perf_counter()
     try:
-        t = time.process_time()
-        for i in range(n):
-            os.close(os.open(os.path.join(d, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-        return (time.process_time() - t) / n * 1000
+        client.ensure_path("/bench-warmup")
+        data = b"x" * size
+        for i in range(0, writes, 50):
+            pending = []
+            for j in range(i, min(writes, i + 50)):
+                tx = client.transaction()
+                tx.create(f"/bench-warmup/n{j}", data)
+                pending.append(tx.commit_async())
+            for result in pending:
+                result.get(timeout=30)
+        client.delete("/bench-warmup", recursive=True)
     finally:
-        shutil.rmtree(d, ignore_errors=True)
+        client.stop()
+        client.close()
+    return time.perf_counter() - t
 
 
 def bench_e2e(launches: int, agents: int, slots: int, workdir: str | None = None) -> list[dict[str, Any]]:
@@ -451,8 +504,10 @@ def bench_e2e(launches: int, agents: int, slots: int, workdir: str | None = None
     naive_pd = {"group_commit_delay": 0.0}
     naive_agent = ("--heartbeat-gap", "0")
     try:
-        ceiling = supervisor_ceiling(min(1000, launches))
-        with ZkServer(os.path.join(work, "zk"), heap="512m") as zk:
+        create_ms = check_disk(work)
+        # ZooKeeper stays on the default temp dir's disk whatever --workdir says (its log fsyncs)
+        with ZkServer(heap="512m") as zk:  # its own temp dir, removed when it stops
+            warm_zookeeper(zk.hosts)
             rates = {}
             # name, group commit, schedules per request, simulated agents, launches, PD config, agent args
             runs = (
@@ -468,10 +523,13 @@ def bench_e2e(launches: int, agents: int, slots: int, workdir: str | None = None
                 os.makedirs(sysdir)
                 e2e = E2E(zk.hosts, agents, slots, gc_on, sysdir, simulated, pd_config, agent_args)
                 try:
-                    e2e.run(min(20, n), batch)  # warm up: first launches, connections
+                    # warm up (connections, caches, ZooKeeper's JIT): the figure is the
+                    # sustained rate of a running system, not its first seconds
+                    e2e.run(max(20, min(500, n // 5)), batch)
                     rates[name] = e2e.run(n, batch, meter if name == "batched" else None)
                 finally:
                     e2e.close()
+        ceiling = supervisor_ceiling(min(1000, launches), work)
         base = rates["base"][0]
         where = f"{launches} x `true` on {agents} agents x {slots} slots, ZooKeeper log"
         naive = (f"baseline: {small} launches, one request per process, group commit off, a "
@@ -486,7 +544,7 @@ def bench_e2e(launches: int, agents: int, slots: int, workdir: str | None = None
             out.append(_r("end to end: CPU per launch", total / launches * 1000, "ms", None,
                           note=f"{shown} (ms each); {total / wall / (os.cpu_count() or 1):.0%} of "
                           f"{os.cpu_count()} CPUs busy; creating a file in {os.path.dirname(work)} "
-                          f"costs {file_create_cost(work):.3f} ms (a launch creates two)"))
+                          f"cost {create_ms:.3f} ms before the run (a launch creates two)"))
         out.append(_r("end to end: one request per process", rates["single"][0], "launches/s", base,
                       note=f"{small} launches; group commit on; requests sent in {rates['single'][1]:.2f} s"))
         out.append(_r("PD pipeline with simulated agents", rates["sim"][0], "launches/s", rates["sim-base"][0],

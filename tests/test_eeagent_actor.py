@@ -94,6 +94,20 @@ def test_a_batch_runs_in_order_with_launch_runs_started_together(core):
     wait_for(lambda: core.supervisor.get("b1", 0).state == "TERMINATED")
 
 
+def test_a_batch_of_cleanups_answers_each(core):
+    core.handle(AgentRequests([LaunchProcess("c1", 0, ["true"]), LaunchProcess("c2", 0, ["sleep", "30"])]))
+    wait_for(lambda: core.supervisor.get("c1", 0).state == "EXITED")
+    batch = core.handle(AgentRequests([
+        CleanupProcess("c1", 0), CleanupProcess("c2", 0), CleanupProcess("zz", 0), CleanupProcess("c1", 0),
+    ]))
+    assert isinstance(batch, Ok)
+    assert batch.value[0] is True and batch.value[2] is False and batch.value[3] is False
+    assert batch.value[1]["error"] == "conflict"  # c2 still runs
+    assert core.supervisor.get("c1", 0) is None and core.supervisor.get("c2", 0).state == "RUNNING"
+    mixed = core.handle(AgentRequests([CleanupProcess("c1", 0), LaunchProcess("c3", 0, ["true"])]))
+    assert mixed.value[0] is False and mixed.value[1]["state"] in ("RUNNING", "EXITED")
+
+
 def test_a_long_batch_lets_heartbeats_out_between_chunks(tmp_path):
     from cei_actors.eeagent.actor import LAUNCH_CHUNK
 

@@ -342,6 +342,22 @@ def test_cleanup(make_sup):
     assert [p["upid"] for p in sup.dump()] == ["live"]
 
 
+def test_cleanup_many_answers_per_key_and_survives_a_restart(make_sup):
+    sup = make_sup()
+    sup.launch("live", 0, ["sleep", "30"])
+    for u in ("d1", "d2"):
+        sup.launch(u, 0, ["true"])
+        sup.wait(u, 0, timeout=5)
+    got = sup.cleanup_many([("d1", 0), ("live", 0), ("nope", 3), ("d2", 0)])
+    assert got[0] is True and got[2] is False and got[3] is True
+    assert isinstance(got[1], ProcessLiveError)  # returned, not raised: the others still ran
+    assert [p["upid"] for p in sup.dump()] == ["live"]
+    state_dir = sup.state_dir
+    sup.close()
+    again = make_sup(state_dir=state_dir)
+    assert [p["upid"] for p in again.dump()] == ["live"]  # the journal has the removals
+
+
 # ------------------------------------------------------------------------------ restart
 
 

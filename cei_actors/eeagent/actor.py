@@ -280,11 +280,17 @@ class AgentCore:
 
     def _run_batch(self, requests: list[Any]) -> list[Any]:
         """Each request's reply value, in order; consecutive launches start in one round trip
-        to the supervisor's reaper."""
+        to the supervisor's reaper, consecutive cleanups are journaled in one write."""
         out: list[Any] = []
         i = 0
         while i < len(requests):
             j = i
+            while j < len(requests) and isinstance(requests[j], CleanupProcess):
+                j += 1
+            if j > i:
+                out.extend(self._cleanup_many(requests[i:j]))
+                i = j
+                continue
             while j < len(requests) and isinstance(requests[j], LaunchProcess):
                 j += 1
             if j == i:
@@ -302,6 +308,16 @@ class AgentCore:
                     self.flush()  # exits seen meanwhile are not held up by a long batch
             i = j
         return out
+
+    def _cleanup_many(self, requests: list[CleanupProcess]) -> list[Any]:
+        try:
+            results = self.supervisor.cleanup_many((m.upid, m.round) for m in requests)
+        except SupervisorClosedError as exc:
+            return [{"error": "unavailable", "message": str(exc)} for _ in requests]
+        return [
+            {"error": "conflict", "message": str(r)} if isinstance(r, ProcessLiveError) else r
+            for r in results
+        ]
 
     def _run(self, message: Any) -> Any:
         """Run one valid request; ``Ok``/``ErrorReply``."""

@@ -106,8 +106,11 @@ def split_lines(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
 def start_ticks(pid: int) -> int | None:
     """Start time of ``pid`` in clock ticks since boot (with the pid, its identity)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.read(fd, 4096)  # one read: the kernel builds the whole line at once
+        finally:
+            os.close(fd)
         return int(data[data.rfind(b")") + 2 :].split()[19])
     except (OSError, IndexError, ValueError):
         return None

@@ -625,18 +625,30 @@ class ProcessSupervisor:
 
     def cleanup(self, upid: str, round: int) -> bool:
         """Forget a terminal process; ``False`` if unknown. A live one raises ProcessLiveError."""
+        (result,) = self.cleanup_many([(upid, round)])
+        if isinstance(result, ProcessLiveError):
+            raise result
+        return result
+
+    def cleanup_many(self, keys: Iterable[tuple[str, int]]) -> list[bool | ProcessLiveError]:
+        """:meth:`cleanup` each ``(upid, round)`` with one journal append for all: per key
+        True, False if unknown, or (returned, not raised) the ProcessLiveError of a live one."""
+        out: list[bool | ProcessLiveError] = []
         with self._lock:
             self._check_open()
-            rec = self._records.get((upid, round))
-            if rec is None:
-                return False
-            if not st.is_terminal(rec.state):
-                raise ProcessLiveError(
-                    f"process {upid!r} round {round} is {rec.state}; terminate it first"
-                )
-            self._forget_locked(rec)
+            for upid, round_ in keys:
+                rec = self._records.get((upid, round_))
+                if rec is None:
+                    out.append(False)
+                elif not st.is_terminal(rec.state):
+                    out.append(ProcessLiveError(
+                        f"process {upid!r} round {round_} is {rec.state}; terminate it first"
+                    ))
+                else:
+                    self._forget_locked(rec)
+                    out.append(True)
             self._save_locked()
-            return True
+        return out
 
     def get(self, upid: str, round: int) -> ProcessInfo | None:
         """The record of ``(upid, round)``, or None."""

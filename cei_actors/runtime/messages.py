@@ -85,7 +85,12 @@ def _build_checker(hint: Any) -> Check:
         return lambda v: True
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
-        options = tuple(_checker(h) for h in get_args(hint))
+        args = get_args(hint)
+        rest = tuple(h for h in args if h is not type(None))
+        if len(rest) < len(args):  # Optional: the common case, tested without a loop
+            inner = _checker(rest[0] if len(rest) == 1 else Union[rest])  # noqa: UP007
+            return lambda v: v is None or inner(v)
+        options = tuple(_checker(h) for h in args)
         return lambda v: any(c(v) for c in options)
     if hint is None or hint is type(None):
         return lambda v: v is None
