@@ -288,6 +288,47 @@ def test_a_process_no_record_knows_is_killed_on_readoption(make_sup, tmp_path, m
 # ------------------------------------------------------------------------------ reaper death
 
 
+def test_agent_and_reaper_both_dead_nothing_started_runs_untracked(make_sup, tmp_path, mark):
+    """The agent and its reaper die together: a start the agent journaled (PENDING) but whose
+    reply it never saw adopts its process; a process no record knows (started just before the
+    crash) is killed; journaled processes, and a command's own children, are left running."""
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    keep = sup.launch("keep", 0, ["sh", "-c", "sleep 30 & wait"])  # its child shares the markers
+    c = Client(str(state))
+    pids = {}
+    for key in ("lost", "ghost"):
+        env = {"PATH": os.environ.get("PATH", os.defpath), "CEI_TEST_MARK": mark,
+               sv.UPID_ENV: key, sv.ROUND_ENV: "0", sv.OWNER_ENV: str(state)}
+        r = c.ask({"op": "spawn", "id": 1, "key": [key, 0], "argv": ["sleep", "30"], "env": env,
+                   "out": str(tmp_path / f"{key}.out"), "err": str(tmp_path / f"{key}.err")})
+        assert r["ok"] and alive(r["pid"])
+        pids[key] = r["pid"]
+    c.close()
+    reaper = sup.reaper_pid
+    sup.close()
+    os.kill(reaper, signal.SIGKILL)
+    wait_until(lambda: not alive(reaper), 5, "the reaper to die")
+    # "lost" was journaled as a start in flight (PENDING, no pid), as the agent does first
+    table = json.loads((state / "processes.json").read_text())
+    entry = dict(next(p for p in table["processes"] if p["upid"] == "keep"))
+    entry.update(upid="lost", state=st.PENDING, pid=None, start_ticks=None, started_at=None)
+    table["processes"].append(entry)
+    (state / "processes.json").write_text(json.dumps(table))
+
+    sup2 = make_sup(state_dir=state)
+    assert sup2.reaper_pid != reaper
+    wait_until(lambda: not alive(pids["ghost"]), 5, "the untracked process to be killed")
+    lost = sup2.get("lost", 0)
+    assert (lost.state, lost.pid) == (st.RUNNING, pids["lost"]) and alive(pids["lost"])
+    assert sup2.get("keep", 0).state == st.RUNNING and alive(keep.pid)
+    assert len([p for p in _sup_tests.marked_pids(mark) if p not in pids.values()]) == 2, (
+        "keep and its child still run"
+    )
+    sup2.terminate("lost", 0, grace=1.0)  # an adopted orphan is signalled directly
+    assert sup2.wait("lost", 0, timeout=5).state == st.TERMINATED
+
+
 def test_reaper_killed_then_a_new_supervisor_adopts_orphans(make_sup, tmp_path):
     state, ready = tmp_path / "agent", tmp_path / "ready"
     sup1 = make_sup(state_dir=state)

@@ -44,7 +44,9 @@ Decisions (also in the docstrings below):
   children and the exits it holds (true exit codes, ``DOWN_MSG`` in the message) and
   reconciles its records. If the reaper itself died, a new one is started; records whose
   processes still run (same pid, start time and boot) are watched as orphans with a pidfd and
-  reported FAILED "exit status unknown" when they end. A reaper with no children and no
+  reported FAILED "exit status unknown" when they end; the commands' environment
+  (``CEI_EEAGENT_DIR``) finds what the dead reaper started that no record tracks: a journaled
+  start whose reply was lost adopts its process, anything else is killed. A reaper with no children and no
   supervisor exits after a few seconds; :meth:`shutdown` with ``kill`` stops it at once. The
   reaper's pid and start time are in the table (``read_table(dir)["reaper"]``) for sweepers.
 - **On disk** (mode 0600, it holds the launch environments): ``<state_dir>/processes.json``,
@@ -304,7 +306,8 @@ class _Record:
 
 def _marked_processes(state_dir: str) -> dict[int, Key]:
     """Live processes started for the supervisor of ``state_dir`` (by their environment's
-    :data:`OWNER_ENV`), with their ``(upid, round)``: a scan of ``/proc``."""
+    :data:`OWNER_ENV`), with their ``(upid, round)``: a scan of ``/proc``. Only session leaders
+    count: every command leads its own session, its descendants inherit the environment."""
     owner = f"{OWNER_ENV}={state_dir}".encode()
     found: dict[int, Key] = {}
     for name in os.listdir("/proc"):
@@ -321,8 +324,17 @@ def _marked_processes(state_dir: str) -> dict[int, Key]:
         stat = _proc_stat(int(name))
         if stat is None or stat[0] in ("Z", "X") or not env.get(ROUND_ENV, "").isdigit():
             continue
+        if _session_id(int(name)) != int(name):
+            continue
         found[int(name)] = (env.get(UPID_ENV, ""), int(env[ROUND_ENV]))
     return found
+
+
+def _session_id(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:
@@ -1260,17 +1272,20 @@ class ProcessSupervisor:
         self._rbuf = b""
         _reap_started_reapers()
 
-    def _attach_reaper_locked(self, initial: bool) -> None:
-        """Connect to the state dir's reaper (started if none runs) and reconcile the records.
+    def _attach_reaper_locked(self, initial: bool) -> bool:
+        """Connect to the state dir's reaper (started if none runs) and reconcile the records;
+        True if no reaper ran and a new one was started.
 
         Raises :class:`SupervisorError` if no reaper can be reached.
         """
         self._attaching = True
+        started = False
         try:
             for attempt in range(3):
                 sock = self._connect_locked()
                 if sock is None:
                     sock = self._start_reaper_locked()
+                    started = True
                 self._set_conn_locked(sock)
                 replies, error = self._exchange_locked([{"op": "hello"}])
                 hello = replies[0]
@@ -1285,6 +1300,7 @@ class ProcessSupervisor:
         assert hello is not None
         self._reaper = {"pid": hello.get("pid"), "start_ticks": hello.get("start_ticks")}
         self._reconcile_locked(hello, initial)
+        return started
 
     def _reconcile_locked(self, hello: dict[str, Any] | None, initial: bool) -> None:
         """Match the records with the reaper's live children and held exits; what neither
@@ -1758,7 +1774,15 @@ class ProcessSupervisor:
                         self._end_locked(rec, st.FAILED, "launch interrupted by an agent restart")
                     else:
                         self._settle_locked(rec, None, while_down=True)
-        self._attach_reaper_locked(initial=True)
+        if self._attach_reaper_locked(initial=True) and same_boot:
+            # The old reaper died too: what it started is found by the commands' environment.
+            # A start never journaled adopts its process; a process no record tracks is killed.
+            self._lost_starts = [
+                rec.key
+                for rec in self._records.values()
+                if rec.state == st.PENDING and rec.waiting_for is None and rec.pid is None
+            ]
+            self._settle_lost_starts_locked(_marked_processes(self.state_dir))
         for rec in list(self._records.values()):
             if rec.state != st.PENDING:
                 continue
