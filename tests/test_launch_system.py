@@ -242,3 +242,35 @@ def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):
     down(home)
     assert_nothing_left(home, info)
     assert not processes_mentioning("sleep 60.25", "sleep 60.5")
+
+
+def test_static_node_agent_follows_a_pd_failover(home, tmp_path):
+    """kill -9 of the PD leader with a static node (an in-system EEAgent, no EPUM): the standby
+    holds the agent as a peer, greets it when it leads, and the agent heartbeats there; its
+    process keeps running in the same round and new ones are dispatched to it."""
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({
+        "log": "sqlite:///${home}/log.sqlite",
+        "components": {"pd": {"replicas": 2, "config": {"dispatch_retry_seconds": 2.0}}},
+        "pd": {"engines": {"e1": {"slots": 3, "heartbeat_period": 1, "heartbeat_warning": 2,
+                                  "heartbeat_missing": 3}}},
+        "static_nodes": [{"node_id": "n1"}],
+    }))
+    info = up(load_plan(path, home=home), home)
+    with connect(home) as conn:
+        before = conn.pd.schedule_process("long", command=["sleep", "60.125"])
+        before = conn.pd.wait_process("long", "RUNNING", timeout=30)
+        reps = conn.status()["components"]["pd"]
+        assert [(r["name"], r["leader"]) for r in reps] == [("pd", True), ("pd.1", False)]
+        assert "eeagent:n1" in (conn.members("pd")[1].status or {}).get("peers", [])
+        os.kill(reps[0]["pid"], signal.SIGKILL)
+    with connect(home) as conn:
+        assert wait_for(lambda: (conn.members("pd")[1].status or {}).get("ready"), timeout=20)
+        time.sleep(4)  # past heartbeat_missing: only heartbeats to the new leader keep n1 OK
+        after = conn.pd.describe_process("long")
+        assert (after["state"], after["round"]) == ("RUNNING", before["round"]), (before, after)
+        conn.pd.schedule_process("hello", command=["true"])
+        assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=30)["state"] == "EXITED"
+    down(home)
+    assert_nothing_left(home, info)
+    assert not processes_mentioning("sleep 60.125")

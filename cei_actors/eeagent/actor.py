@@ -4,7 +4,9 @@
 cleanup requests on the supervisor and builds heartbeats (every process with upid, round,
 state, msg). It is hosted two ways:
 
-- :class:`EEAgentActor`, a thespian actor in the PD's actor system (tests, embedding);
+- :class:`EEAgentActor`, a thespian actor in the PD's actor system (static nodes, tests,
+  embedding): a PD or EPUM replica that starts leading says ``Hello("pd")``/``Hello("epum")``
+  to the agents it holds as peers, and the agent follows it there;
 - :class:`EndpointAgent`, the loop of ``python -m cei_actors.eeagent``: the process a
   local-cloud "VM" runs, which joins the running system as an external endpoint
   (``runtime.system.attach_system``), finds the PD and EPUM leaders among their replicas'
@@ -43,6 +45,7 @@ from typing import Any
 from thespian.actors import ActorAddress, ActorExitRequest, ActorTypeDispatcher, WakeupMessage
 
 from ..epum.messages import HealthProbe, NodeHeartbeat
+from ..runtime.control import Hello
 from ..runtime.messages import ErrorReply, InvalidMessage, Message, Ok, validate
 from . import states as st
 from .heartbeat import HeartbeatScheduler, heartbeat_processes
@@ -72,6 +75,8 @@ MIN_GAP = 0.025
 LAUNCH_CHUNK = 32
 #: Most FAILED processes held for the next health heartbeat (the oldest are dropped, counted).
 MAX_FAILED_HELD = 100
+#: The peer names a PD and an EPUM replica announce themselves by when they start leading.
+PD_PEER, EPUM_PEER = "pd", "epum"
 
 
 class AgentCore:
@@ -467,9 +472,27 @@ class EEAgentActor(ActorTypeDispatcher):
         self._schedule()
         self.send(sender, Ok(conf.agent_id))
 
-    def _hello(self) -> None:
-        from ..runtime.control import Hello
+    def _follow(self, peer: str, sender: ActorAddress) -> None:
+        """A replica of the PD or EPUM leads now (its shell's ``Hello``): send there, and
+        introduce ourselves and our processes to it."""
+        if self.conf is None or self.core is None:
+            return
+        if peer == PD_PEER:
+            if sender == self.pd:
+                return
+            self.pd = sender
+        else:
+            if sender == self.epum:
+                return
+            self.epum = sender
+        logger.info("eeagent %s: %s at %s", self.conf.agent_id, peer.upper(), sender)
+        self.send(sender, Hello(f"eeagent:{self.conf.agent_id}"))
+        if peer == PD_PEER:
+            self.core.flush(force=True)
+        else:
+            self.core.flush_health(force=True)
 
+    def _hello(self) -> None:
         if self.conf is None:
             return
         for peer in (self.pd, self.epum):
@@ -526,6 +549,9 @@ class EEAgentActor(ActorTypeDispatcher):
     def receiveMsg_Message(self, message: Message, sender: ActorAddress) -> Any:  # noqa: N802
         inner, rid = _unwrap(message)
         if isinstance(inner, Ok | ErrorReply):  # the PD's or EPUM's answer to Hello
+            return None
+        if isinstance(inner, Hello) and inner.name in (PD_PEER, EPUM_PEER):
+            self._follow(inner.name, sender)
             return None
         if isinstance(inner, HealthProbe):
             if self.core is not None:  # answer the prober, whoever it is
@@ -685,8 +711,6 @@ class EndpointAgent:
         leader.found_as = chosen
         if leader.addr is not None and addr == leader.addr:
             return
-        from ..runtime.control import Hello
-
         logger.info("eeagent %s: %s at %s (%s)", self.agent_id, key.upper(), addr, chosen)
         if leader.addr is not None:
             leader.switches += 1

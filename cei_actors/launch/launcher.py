@@ -218,7 +218,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             # The previous run's nodes are gone (down terminated them): evacuate and requeue.
             pd.set_system_boot(True)
             pd.set_system_boot(False)
-        agents = start_static_nodes(asys, plan, home, peers["pd"], pd, say)
+        agents = start_static_nodes(asys, plan, home, addresses["pd"], pd, say)
     pids = {}
     for comp, addrs in addresses.items():
         for i, addr in enumerate(addrs):
@@ -280,9 +280,12 @@ def _put(describe: Callable, add: Callable, update: Callable, name: str, value: 
         update(name, value)
 
 
-def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_address: ActorAddress,
+def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: list[ActorAddress],
                        pd: PDClient, say: Progress) -> list[str]:
-    """Start an in-system EEAgent per static node and announce it to the PD."""
+    """Start an in-system EEAgent per static node and announce it to the PD.
+
+    Every PD replica holds the agent as a peer, so the one that leads after a failover says
+    ``Hello`` to it and the agent follows (``pd_replicas[0]`` leads at first)."""
     if not plan.static_nodes:
         return []
     from ..eeagent.actor import AgentConfig
@@ -295,9 +298,12 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_address: Ac
         name = agent_name(node.node_id)
         addr = asys.createActor(AGENT_CLASS, globalName=name)
         conf = AgentConfig(node.node_id, node.node_id, node.slots,
-                           str(home / "static" / node.node_id), pd_address,
+                           str(home / "static" / node.node_id), pd_replicas[0],
                            heartbeat_interval=float(engine.get("heartbeat_period", 30.0)), grace=2.0)
         _ask_bare(asys, addr, conf)
+        for replica in pd_replicas:
+            with ServiceClient(asys, replica, timeout=10.0) as client:
+                client.call(SetPeers({f"eeagent:{node.node_id}": addr}))
         pd.node_state(node.node_id, cfg.domain_id(node.engine), "RUNNING")
         names.append(name)
     say(f"static nodes: {', '.join(n.node_id for n in plan.static_nodes)}")
