@@ -4,7 +4,8 @@ Launches ``--n`` processes running ``true`` and times until every one has exited
 reaped it and the record is EXITED), against a baseline measured in the same run: a bare
 ``os.posix_spawn`` of ``true`` followed by ``waitpid``, in a loop (the cost of the process
 itself, with no supervision at all). Configurations, each on a fresh state directory with
-its own reaper:
+its own reaper (under one work dir, ``--workdir``, removed at the end: deletions between the
+configurations would make the next one's file creates slow, see ``benchmarks/disk.py``):
 
 - ``baseline``: ``posix_spawn`` + ``waitpid`` of ``true``, one after another;
 - ``reaper, launch()``: one :meth:`~ProcessSupervisor.launch` call per process;
@@ -17,7 +18,7 @@ time and ``children`` the commands' (for the baseline: the reaped ``true``\\ s).
 launches/s over the baseline's; ``ceiling`` is the CPU-bound rate on this machine's CPUs
 (CPUs / total CPU per launch).
 
-    python -m benchmarks.eeagent_launch [--n 1000] [--batch 50] [--repeat 1] [--json]
+    python -m benchmarks.eeagent_launch [--n 1000] [--batch 50] [--repeat 1] [--workdir DIR] [--json]
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ try:
 except ImportError:  # run as a file from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.disk import check_disk  # noqa: E402
 from cei_actors.eeagent import states  # noqa: E402
 from cei_actors.eeagent.supervisor import LaunchRequest, ProcessSupervisor  # noqa: E402
 
@@ -62,9 +64,9 @@ def run_baseline(n: int) -> dict[str, float]:
                 _cpu(resource.RUSAGE_CHILDREN) - ch0)
 
 
-def run_reaper(n: int, batch: int) -> dict[str, float]:
+def run_reaper(n: int, batch: int, work: str) -> dict[str, float]:
     """``n`` x ``true`` through a supervisor; ``batch`` 0 means one ``launch`` call each."""
-    d = tempfile.mkdtemp(prefix="eeagent-launch-")
+    d = tempfile.mkdtemp(prefix="agent-", dir=work)
     calls = [0]
     lock = threading.Lock()
 
@@ -95,7 +97,6 @@ def run_reaper(n: int, batch: int) -> dict[str, float]:
         assert r1 is not None
     finally:
         sup.shutdown(kill=True, grace=1.0)
-        shutil.rmtree(d, ignore_errors=True)
     reaper = sum(r1["self"]) - sum(r0["self"])
     children = sum(r1["children"]) - sum(r0["children"])
     row = _row(n, total, agent, reaper, children)
@@ -120,31 +121,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=1000, help="launches per configuration")
     ap.add_argument("--batch", type=int, default=50, help="items per launch_many call")
     ap.add_argument("--repeat", type=int, default=1, help="runs per configuration (best kept)")
+    ap.add_argument("--workdir", default=None, help="where the state dirs go (default: the temp dir)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    work = tempfile.mkdtemp(prefix="eeagent-launch-", dir=args.workdir)
     configs = [
         ("baseline: posix_spawn + waitpid", lambda: run_baseline(args.n)),
-        ("reaper, launch()", lambda: run_reaper(args.n, 0)),
-        (f"reaper, launch_many({args.batch})", lambda: run_reaper(args.n, args.batch)),
+        ("reaper, launch()", lambda: run_reaper(args.n, 0, work)),
+        (f"reaper, launch_many({args.batch})", lambda: run_reaper(args.n, args.batch, work)),
     ]
     rows = []
-    for name, run in configs:
-        best: dict[str, float] | None = None
-        for _ in range(args.repeat):
-            r = run()
-            if best is None or r["total_cpu_ms_per_launch"] < best["total_cpu_ms_per_launch"]:
-                best = r
-        assert best is not None
-        rows.append({"config": name, **{k: round(v, 3) for k, v in best.items()}})
+    try:
+        create_ms = check_disk(work)
+        for name, run in configs:
+            best: dict[str, float] | None = None
+            for _ in range(args.repeat):
+                r = run()
+                if best is None or r["total_cpu_ms_per_launch"] < best["total_cpu_ms_per_launch"]:
+                    best = r
+            assert best is not None
+            rows.append({"config": name, **{k: round(v, 3) for k, v in best.items()}})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     base = rows[0]["launches_per_s"]
     for r in rows:
         r["ratio"] = round(r["launches_per_s"] / base, 3)
     if args.json:
         print(json.dumps({"benchmark": "eeagent_launch", "n": args.n, "cpus": os.cpu_count(),
-                          "goal": GOAL, "results": rows}, indent=2))
+                          "goal": GOAL, "file_create_ms": round(create_ms, 3), "results": rows},
+                         indent=2))
         return 0
     print(f"launches of `true`, n={args.n}, {os.cpu_count()} CPUs ({GOAL}); "
-          "CPU in ms per launch")
+          f"CPU in ms per launch; creating a file in the work dir cost {create_ms:.3f} ms")
     print(f"  {'config':<32} {'launches/s':>10} {'ratio':>6} {'agent':>7} {'reaper':>7} "
           f"{'children':>8} {'total':>7} {'ceiling':>9}")
     for r in rows:

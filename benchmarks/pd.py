@@ -64,6 +64,7 @@ except ImportError:  # run as a file from a checkout
 
 from thespian.actors import ActorTypeDispatcher  # noqa: E402
 
+from benchmarks.disk import check_disk  # noqa: E402
 from cei_actors.pd import states as ps  # noqa: E402
 from cei_actors.pd.events import NodeAdded, ProcessAssigned, ProcessScheduled, ResourceAdded  # noqa: E402
 from cei_actors.pd.logic import ProcessDispatcher  # noqa: E402
@@ -434,37 +435,6 @@ class E2E:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
         shutdown_system(self.asys)
-
-
-#: A file create slower than this (CPU ms) makes the end-to-end figure a figure of the disk.
-SLOW_CREATE_MS = 0.2
-
-
-def file_create_cost(directory: str, n: int = 400) -> float:
-    """CPU ms to create (and close) one empty file in ``directory``: what each output file of
-    a launch costs on this disk, measured in the same run. The files are left in place (the
-    caller removes ``directory``): deleting them would make the next creates slow."""
-    d = tempfile.mkdtemp(prefix="create-", dir=directory)
-    t = time.process_time()
-    for i in range(n):
-        os.close(os.open(os.path.join(d, f"f{i}"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644))
-    return (time.process_time() - t) / n * 1000
-
-
-def check_disk(directory: str) -> float:
-    """What creating a file in ``directory`` costs now (CPU ms), with a warning when it is slow.
-
-    On ext4 without a journal (this VM's disk), a create scans past every inode of its block
-    group deleted in the last 5 s, or in the last 305 s while that inode's table block is dirty
-    (the kernel's ``recently_deleted``): after a burst of deletions nearby, say the cleanup of
-    the last run of this benchmark, creates cost up to 1 ms instead of 0.03 for minutes."""
-    cost = file_create_cost(directory)
-    if cost > SLOW_CREATE_MS:
-        print(f"warning: creating a file in {directory} costs {cost:.2f} ms now (many files were "
-              "deleted near it in the last minutes); each launch creates two, so the end-to-end "
-              "figures are low: wait some minutes or pass --workdir on another file system",
-              file=sys.stderr)
-    return cost
 
 
 def warm_zookeeper(hosts: str, writes: int = 4000, size: int = 16_000) -> float:
