@@ -274,3 +274,41 @@ def test_static_node_agent_follows_a_pd_failover(home, tmp_path):
     down(home)
     assert_nothing_left(home, info)
     assert not processes_mentioning("sleep 60.125")
+
+
+def test_epum_then_pd_failover_each_new_leader_knows_the_other(home, tmp_path):
+    """kill -9 of the EPUM leader, then of the PD leader, no client re-pointing anything: the
+    PD standby heard the new EPUM leader's announcement while it was still a standby (every
+    replica of a peer is told), so when it leads its needs reach that EPUM, and its own
+    announcement reaches EPUM: processes that need a new node get one."""
+    from cei_actors.pd.client import PDClient
+    from cei_actors.runtime.client import ServiceClient
+
+    plan = load_plan(make_plan(tmp_path, pd=2, epum=2), home=home)
+    info = up(plan, home)
+    with connect(home) as conn:
+        conn.pd.schedule_process("long", command=["sleep", "60.375"])
+        before = conn.pd.wait_process("long", "RUNNING", timeout=30)
+        reps = conn.status()["components"]
+    os.kill(reps["epum"][0]["pid"], signal.SIGKILL)
+
+    def leads(conn, component):
+        new = conn.members(component)[1]  # Status only: Connection.pd/.epum would re-point
+        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
+
+    with connect(home) as conn:
+        assert wait_for(lambda: leads(conn, "epum"), timeout=20)
+    os.kill(reps["pd"][0]["pid"], signal.SIGKILL)
+    with connect(home) as conn:
+        address = wait_for(lambda: leads(conn, "pd"), timeout=20)
+        assert address is not None
+        pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
+        for i in range(5):  # more than the running node holds: a second node must boot
+            pd.schedule_process(f"more{i}", command=["sleep", "60.5"])
+        for i in range(5):
+            assert pd.wait_process(f"more{i}", "RUNNING", timeout=40)["state"] == "RUNNING"
+        after = pd.describe_process("long")
+        assert (after["state"], after["round"]) == ("RUNNING", before["round"])
+    down(home)
+    assert_nothing_left(home, info)
+    assert not processes_mentioning("sleep 60.375", "sleep 60.5")

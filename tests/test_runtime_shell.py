@@ -262,6 +262,8 @@ def test_start_twice_is_a_conflict_and_bad_start_is_refused(started, tmp_path):
             c2.call(Start("nowhere"))
         with pytest.raises(BadRequest, match="unknown scheme"):
             c2.call(Start("ftp://x/y"))
+        with pytest.raises(BadRequest, match="Start.replicas"):
+            c2.call(Start(url, replicas={"pd": "not a list"}))
         c2.call(Stop())
 
 

@@ -189,7 +189,8 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     heads: dict[str, int] = {}
     for comp, addrs in addresses.items():
         start = Start(plan.log_url, config=plan.start_config(comp),
-                      peers={k: v for k, v in peers.items() if k != comp})
+                      peers={k: v for k, v in peers.items() if k != comp},
+                      replicas={k: list(v) for k, v in addresses.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
         with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
             try:

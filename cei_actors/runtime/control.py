@@ -23,7 +23,9 @@ class Start(Message):
     """Open the log at ``log_url``, lead ``stream`` (default: the component's), recover, serve.
 
     ``config`` goes to the actor's ``setup``/``make_component``; ``peers`` maps peer names to
-    actor addresses; ``leadership`` is ``auto`` (from the log URL: memory -> always,
+    actor addresses; ``replicas`` maps peer names to the addresses of all their replicas (each
+    is told when this actor starts leading, so a standby that leads later knows it);
+    ``leadership`` is ``auto`` (from the log URL: memory -> always,
     sqlite -> a file lock next to the file, zk -> a ZooKeeper election), ``always``, ``flock``,
     ``flock:DIR`` (lock file ``DIR/<stream>.lock``), ``zk`` (the log URL's servers) or
     ``zk://HOST:PORT[,...]/PATH[?timeout=SECONDS]``.
@@ -35,8 +37,11 @@ class Start(Message):
     peers: dict = field(default_factory=dict)
     leadership: str = "auto"
     snapshot_every: int = 10_000
+    replicas: dict = field(default_factory=dict)
 
     def check(self) -> None:
+        if not all(isinstance(k, str) and k and isinstance(v, list) for k, v in self.replicas.items()):
+            raise InvalidMessage("Start.replicas: expected {peer name: [address, ...]}")
         if "://" not in self.log_url:
             raise InvalidMessage(f"Start.log_url: not a log URL: {self.log_url!r}")
         if self.snapshot_every < 1:

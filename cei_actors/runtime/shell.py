@@ -25,7 +25,9 @@ never answered, so two shells cannot ping-pong errors.
 
 Peers. ``Start.peers`` and ``SetPeers`` name the configured peers; ``Hello(name)`` records its
 sender under ``name``. Whenever the actor starts leading it sends ``Hello(peer_name)`` to each
-configured peer, so a standby that took over is reached at once (docs/decisions.md F1).
+configured peer and to every replica of it named in ``Start.replicas``, so a standby that took
+over is reached at once, and a standby of the peer that leads later already holds this
+leader's address (docs/decisions.md F1).
 
 Group commit. thespian hands over one message at a time. A component message is not decided
 at once: it joins a batch, and the first message of a batch asks for a zero-delay wakeup.
@@ -176,6 +178,7 @@ class EventSourcedActor(Actor):
         self._config: dict = {}
         self._peers: dict[str, Any] = {}
         self._configured: set[str] = set()  # peer names from Start/SetPeers: told when we lead
+        self._replicas: dict[str, list[Any]] = {}  # every replica of a peer, from Start: told too
         self._me: str | None = None
         self._held: deque[tuple[Any, _Origin]] = deque()
         self._batch: list[tuple[Any, _Origin]] = []
@@ -326,6 +329,8 @@ class EventSourcedActor(Actor):
         self._start, self._start_origin = msg, origin
         self._peers.update({k: v for k, v in msg.peers.items() if v is not None})
         self._configured.update(k for k, v in msg.peers.items() if v is not None)
+        self._replicas = {k: list(v) for k, v in msg.replicas.items()}
+        self._configured.update(k for k, v in self._replicas.items() if v)
         self._me = self.peer_name or type(component).stream or None
         self._handlers = dict(self.work_handlers())
         self._executor = ThreadPoolExecutor(
@@ -432,13 +437,16 @@ class EventSourcedActor(Actor):
             return
         hello = Hello(self._me)
         for name in sorted(self._configured):
-            address = self._peers.get(name)
-            if address is None or address == self.myAddress:
-                continue
-            try:
-                self.send(address, hello)
-            except Exception:
-                self._log.exception("%s: announcing to %s failed", self._name(), name)
+            targets = [self._peers.get(name), *self._replicas.get(name, ())]
+            told: list[Any] = []
+            for address in targets:
+                if address is None or address == self.myAddress or address in told:
+                    continue
+                told.append(address)
+                try:
+                    self.send(address, hello)
+                except Exception:
+                    self._log.exception("%s: announcing to %s failed", self._name(), name)
 
     def _schedule_retry(self, backoff: bool = False) -> None:
         self._retry_gen += 1
