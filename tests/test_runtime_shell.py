@@ -576,3 +576,38 @@ def test_started_reply_and_lookup(simple_system, tmp_path):
     reply = simple_system.ask(address, Start(f"memory://{uuid.uuid4().hex}"), 10)
     assert reply == Started("example", 1, 0)
     simple_system.ask(address, Stop(), 10)
+
+
+def test_attach_starts_no_admin_where_none_answers():
+    """A port held by something that never answers (as a killed admin's logger holds its
+    socket) is no system: attach_system says so, and starts no admin of its own even when the
+    port comes free while thespian retries."""
+    import socket
+    import threading
+
+    from cei_actors.runtime.system import SystemNotRunning, attach_system
+
+    def children() -> set[int]:
+        out = set()
+        for entry in os.scandir("/proc"):
+            if entry.name.isdigit():
+                try:
+                    with open(f"/proc/{entry.name}/stat", "rb") as f:
+                        if int(f.read().rsplit(b")", 1)[1].split()[1]) == os.getpid():
+                            out.add(int(entry.name))
+                except (OSError, IndexError, ValueError):
+                    pass
+        return out
+
+    before = children()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(8)
+    port = holder.getsockname()[1]
+    threading.Timer(1.0, holder.close).start()  # the "logger" exits while thespian retries
+    with pytest.raises(SystemNotRunning):
+        attach_system(port)
+    time.sleep(0.5)
+    assert children() - before == set(), "attach started a process"
+    with socket.socket() as probe:  # and nothing listens there now
+        assert probe.connect_ex(("127.0.0.1", port)) != 0

@@ -117,7 +117,7 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     say = progress or (lambda _line: None)
     old = read_info(home)
     if old is not None:
-        if _port_answers(old["admin_port"]):
+        if not _admin_gone(old) and _port_answers(old["admin_port"]):
             raise LaunchError(f"a system is already up in {home} (admin port {old['admin_port']}); "
                               "run `cei down` first")
         say("the previous system is gone without `down`; cleaning up what it left")
@@ -470,6 +470,8 @@ def connect(home: Path, timeout: float = 10.0) -> Connection:
     info = read_info(home)
     if info is None:
         raise NotRunning(f"system not up in {home} (no {INFO_FILE}): run `cei up`")
+    if _admin_gone(info):
+        raise NotRunning(f"system not up in {home}: its admin (pid {info['admin_pid']}) is gone")
     try:
         asys = attach_system(int(info["admin_port"]))
     except SystemNotRunning:
@@ -682,10 +684,19 @@ def _children(pid: int | None) -> list[int]:
 
 
 def _recorded_pids(info: dict[str, Any]) -> list[int]:
-    """The system's actor and admin pids that still belong to it (same start time)."""
+    """The system's actor and admin pids that still run and belong to it (same start time)."""
     starts = info.get("pid_starts") or {}
     return [p for p in _system_pids(info)
-            if starts.get(str(p)) is not None and _start_ticks(p) == starts[str(p)]]
+            if starts.get(str(p)) is not None and _start_ticks(p) == starts[str(p)]
+            and _stat(p) is not None]
+
+
+def _admin_gone(info: dict[str, Any]) -> bool:
+    """True when the recorded admin process is known to be dead (killed, or a zombie). thespian's
+    logger inherits the admin's listening socket and outlives a killed admin for a few
+    seconds, so the port answering does not prove the system up."""
+    admin = info.get("admin_pid")
+    return "pid_starts" in info and admin is not None and int(admin) not in _recorded_pids(info)
 
 
 def _start_ticks(pid: int) -> int | None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import threading
 from typing import Any
 
 from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem, InvalidActorAddress
@@ -154,16 +155,46 @@ def start_system(
 def attach_system(admin_port: int) -> ActorSystem:
     """Join the running TCP actor system at ``127.0.0.1:admin_port`` as an external endpoint.
 
-    Starts nothing: raises :class:`SystemNotRunning` if no admin listens there. Close with
-    :func:`detach_system` (``shutdown()`` would stop the whole system).
+    Starts nothing: raises :class:`SystemNotRunning` if no admin listens there or the one that
+    listens does not answer (thespian's own constructor would start an admin of its own once
+    the port is free: a killed admin's logger holds its listening socket for a few seconds).
+    Close with :func:`detach_system` (``shutdown()`` would stop the whole system).
     """
     ensure_loopback()
+    _guard_admin_start()
     if not _port_open(admin_port):
         raise SystemNotRunning(f"no actor system admin listens on {LOOPBACK}:{admin_port}")
-    asys = ActorSystem(TCP_BASE, capabilities={"Admin Port": admin_port}, transientUnique=True)
+    _attach_only.on = True
+    try:
+        asys = ActorSystem(TCP_BASE, capabilities={"Admin Port": admin_port}, transientUnique=True)
+    except (SystemNotRunning, InvalidActorAddress):
+        raise SystemNotRunning(f"no actor system admin answers on {LOOPBACK}:{admin_port}") from None
+    finally:
+        _attach_only.on = False
     asys.cei_base, asys.cei_admin_port = TCP_BASE, admin_port
     asys.cei_attached = True
     return asys
+
+
+#: Set while this thread attaches: thespian must not start an admin then.
+_attach_only = threading.local()
+
+
+def _guard_admin_start() -> None:
+    """Make thespian's ``_startAdmin`` refuse (idempotent) while this thread attaches."""
+    from thespian.system.multiprocCommon import multiprocessCommon
+
+    if getattr(multiprocessCommon, "_cei_guarded", False):
+        return
+    original = multiprocessCommon._startAdmin
+
+    def start_admin(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_attach_only, "on", False):
+            raise SystemNotRunning("attaching: no admin answered, and none is started here")
+        return original(self, *args, **kwargs)
+
+    multiprocessCommon._startAdmin = start_admin
+    multiprocessCommon._cei_guarded = True
 
 
 def detach_system(asys: ActorSystem) -> None:
