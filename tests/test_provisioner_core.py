@@ -474,6 +474,42 @@ def test_reaper_removes_old_finished_records(h):
     assert h.replayed() == h.state
 
 
+def test_a_reaped_record_still_answers_a_late_dump_state(h):
+    """A subscriber that missed a node's end for longer than record_max_age (EPUM down) asks
+    DumpState: it gets the node's last record, across a restart from the log or a snapshot."""
+    h.ok(Subscribe("epum"))
+    h.ok(prov("L1", ["n1"]))
+    h.drain()
+    h.ok(TerminateNodes(["n1"]))
+    h.drain()
+    last = [s.message.node for s in h.sent if s.to == "epum"][-1]
+    assert last["state"] == "TERMINATED"
+    h.clock.advance(7201)
+    h.handle(ReapRecords())
+    assert "n1" not in h.state.nodes
+    for restart in (None, "replay", "snapshot"):
+        if restart == "replay":
+            h.crash()
+        elif restart == "snapshot":
+            h.runner.take_snapshot()
+            h.crash()
+        h.sent.clear()
+        assert h.ok(DumpState(["n1", "never"])) == 1
+        (notice,) = [s.message for s in h.sent if s.to == "epum"]
+        assert notice.node == last
+    assert h.replayed() == h.state
+
+
+def test_tombstones_are_bounded(monkeypatch):
+    from cei_actors.provisioner import state as pstate
+
+    monkeypatch.setattr(pstate, "MAX_TOMBSTONES", 3)
+    s = pstate.ProvisionerState()
+    for i in range(5):
+        s.bury(pstate.Node(f"n{i}", "L", None, "TERMINATED"))
+    assert list(s.reaped) == ["n2", "n3", "n4"]
+
+
 def test_events_per_node_in_a_plain_lifecycle(h):
     head = h.runner.head
     ids = [f"n{i}" for i in range(50)]

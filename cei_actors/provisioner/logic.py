@@ -282,8 +282,9 @@ class Provisioner(Component[ProvisionerState]):
         if subs and txn.touched:
             for nid in txn.touched:
                 node = txn.node(nid)
-                if node is not None:
-                    notice = m.NodeStateChanged(public_node(node))
+                record = public_node(node) if node is not None else state.reaped.get(nid)
+                if record is not None:
+                    notice = m.NodeStateChanged(dict(record))
                     txn.effects.extend(Send(sub, notice) for sub in subs)
         return Decision(events=txn.events, effects=txn.effects, reply=reply)
 
@@ -587,9 +588,10 @@ class Provisioner(Component[ProvisionerState]):
         return Ok(out)
 
     def _dump_state(self, state: ProvisionerState, msg: m.DumpState, txn: _Txn) -> Any:
+        """Re-send the listed records; a reaped one is answered with its last record."""
         sent = 0
         for nid in msg.node_ids:
-            if nid in state.nodes:
+            if nid in state.nodes or nid in state.reaped:
                 txn.touched[nid] = None
                 sent += 1
         return Ok(sent)

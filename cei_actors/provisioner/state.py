@@ -120,6 +120,8 @@ class ProvisionerState:
     active: dict[str, None] = field(default_factory=dict)  # below TERMINATING
     by_account: dict[str, dict[str, None]] = field(default_factory=dict)  # not final
     finished: dict[str, float] = field(default_factory=dict)  # final, in order reached
+    #: reaped records, oldest first (at most MAX_TOMBSTONES): what a late DumpState is answered
+    reaped: dict[str, dict[str, Any]] = field(default_factory=dict)
     volatile: Volatile = field(default_factory=Volatile, compare=False, repr=False)
 
     # ---- index maintenance
@@ -188,6 +190,7 @@ class ProvisionerState:
             "registry": self.registry.to_data(),
             "subscribers": list(self.subscribers),
             "disabled": self.disabled,
+            "reaped": list(self.reaped.values()),
         }
 
     @classmethod
@@ -205,9 +208,22 @@ class ProvisionerState:
             launch = Launch(*row)
             launch.node_ids = list(launch.node_ids)
             state.launches[launch.launch_id] = launch
+        for record in data.get("reaped", ()):  # snapshots before tombstones have none
+            state.reaped[record["node_id"]] = dict(record)
         state.reindex()
         return state
 
+    def bury(self, node: Node) -> None:
+        """Keep a reaped node's last public record (the oldest go beyond MAX_TOMBSTONES)."""
+        self.reaped.pop(node.node_id, None)
+        self.reaped[node.node_id] = public_node(node)
+        while len(self.reaped) > MAX_TOMBSTONES:
+            del self.reaped[next(iter(self.reaped))]
+
+
+#: Reaped records remembered, so a subscriber that missed a node's end (EPUM down for longer
+#: than ``record_max_age``) still hears it when it asks (``DumpState``).
+MAX_TOMBSTONES = 20_000
 
 _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(Node))
 _LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launch))
@@ -268,6 +284,7 @@ class NodeView:
         node = self.state.nodes.pop(node_id, None)
         if node is not None:
             self.state._unindex(node)
+            self.state.bury(node)
 
 
 def _set_state(node: Node, new: str, desc: str | None, at: float) -> bool:
