@@ -69,6 +69,13 @@ def assert_nothing_left(home: Path, info: dict) -> None:
     assert not port_open(info["admin_port"])
 
 
+def down_clean(home: Path, info: dict, *commands: str) -> None:
+    """`down`, then nothing of the system is left, nor any process running ``commands``."""
+    down(home)
+    assert_nothing_left(home, info)
+    assert not processes_mentioning(*commands)
+
+
 @pytest.fixture
 def home(tmp_path):
     path = tmp_path / "home"
@@ -173,9 +180,7 @@ def test_standby_takes_over_after_kill_9(home, tmp_path):
         assert conn.epum.list_domains() == ["pd_domain_default"]  # served by epum.1
         conn.pd.schedule_process("hello", command=["true"])
         assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=40)["state"] == "EXITED"
-    down(home)
-    assert_nothing_left(home, info)
-    assert not processes_mentioning("sleep 60.75")
+    down_clean(home, info, "sleep 60.75")
 
 
 def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):
@@ -240,9 +245,7 @@ def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):
         assert pd.describe_process("long")["round"] == before["round"]
         # one copy: never started again elsewhere
         assert len([p for p, cmd in processes_mentioning("sleep 60.25") if cmd.startswith("sleep")]) == 1
-    down(home)
-    assert_nothing_left(home, info)
-    assert not processes_mentioning("sleep 60.25", "sleep 60.5")
+    down_clean(home, info, "sleep 60.25", "sleep 60.5")
 
 
 def test_static_node_agent_follows_a_pd_failover(home, tmp_path):
@@ -272,9 +275,7 @@ def test_static_node_agent_follows_a_pd_failover(home, tmp_path):
         assert (after["state"], after["round"]) == ("RUNNING", before["round"]), (before, after)
         conn.pd.schedule_process("hello", command=["true"])
         assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=30)["state"] == "EXITED"
-    down(home)
-    assert_nothing_left(home, info)
-    assert not processes_mentioning("sleep 60.125")
+    down_clean(home, info, "sleep 60.125")
 
 
 def test_epum_then_pd_failover_each_new_leader_knows_the_other(home, tmp_path):
@@ -310,6 +311,4 @@ def test_epum_then_pd_failover_each_new_leader_knows_the_other(home, tmp_path):
             assert pd.wait_process(f"more{i}", "RUNNING", timeout=40)["state"] == "RUNNING"
         after = pd.describe_process("long")
         assert (after["state"], after["round"]) == ("RUNNING", before["round"])
-    down(home)
-    assert_nothing_left(home, info)
-    assert not processes_mentioning("sleep 60.375", "sleep 60.5")
+    down_clean(home, info, "sleep 60.375", "sleep 60.5")
