@@ -46,9 +46,10 @@ Decisions (also in the docstrings below):
   processes still run (same pid, start time and boot) are watched as orphans with a pidfd and
   reported FAILED "exit status unknown" when they end; the commands' environment
   (``CEI_EEAGENT_DIR``) finds what the dead reaper started that no record tracks: a journaled
-  start whose reply was lost adopts its process, anything else is killed. A reaper with no children and no
-  supervisor exits after a few seconds; :meth:`shutdown` with ``kill`` stops it at once. The
-  reaper's pid and start time are in the table (``read_table(dir)["reaper"]``) for sweepers.
+  start whose reply was lost adopts its process, anything else is killed. A reaper with no
+  children and no supervisor exits after a few seconds; :meth:`shutdown` with ``kill`` stops
+  it at once. The reaper's pid and start time are in the table (``read_table(dir)["reaper"]``)
+  for sweepers.
 - **On disk** (mode 0600, it holds the launch environments): ``<state_dir>/processes.json``,
   the whole table, replaced atomically with rename, plus ``processes.journal``, one JSON line
   per changed record appended (one ``write(2)``) after every change. The journal is folded into
