@@ -687,8 +687,7 @@ def _recorded_pids(info: dict[str, Any]) -> list[int]:
     """The system's actor and admin pids that still run and belong to it (same start time)."""
     starts = info.get("pid_starts") or {}
     return [p for p in _system_pids(info)
-            if starts.get(str(p)) is not None and _start_ticks(p) == starts[str(p)]
-            and _stat(p) is not None]
+            if starts.get(str(p)) is not None and _start_ticks(p) == starts[str(p)]]
 
 
 def _admin_gone(info: dict[str, Any]) -> bool:
@@ -700,9 +699,11 @@ def _admin_gone(info: dict[str, Any]) -> bool:
 
 
 def _start_ticks(pid: int) -> int | None:
+    """Start time (clock ticks since boot) of a running process; None if gone or a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return int(f.read().rsplit(b")", 1)[1].split()[19])
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return None if fields[0] in (b"Z", b"X") else int(fields[19])
     except (OSError, IndexError, ValueError):
         return None
 
