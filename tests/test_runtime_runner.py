@@ -103,6 +103,29 @@ def test_snapshot_then_tail(tmp_path):
     assert again.state.counters == {"a": 25} and again.head == 25
 
 
+def test_a_big_state_is_snapshotted_in_proportion_to_its_size(tmp_path):
+    from cei_actors.runtime.runner import SNAPSHOT_BYTES_PER_EVENT
+
+    url = f"sqlite:///{tmp_path}/log.db"
+    r = fresh(url, snapshot_every=10)
+    for i in range(10):  # ten counters with long names: a snapshot far bigger than 10 events
+        r.handle(Add(f"counter-{i:03d}-" + "x" * 2000, 1))
+    first = r.log.load_snapshot("example")
+    assert first is not None and first.offset == 10
+    wait = len(first.data) // SNAPSHOT_BYTES_PER_EVENT
+    assert wait > 100
+    for _ in range(wait - 1):
+        r.handle(Add("a", 1))
+    assert r.log.load_snapshot("example").offset == 10
+    r.handle(Add("a", 1))
+    assert r.log.load_snapshot("example").offset == 10 + wait
+    # a runner that recovers from that snapshot keeps the same pace
+    again = fresh(url, snapshot_every=10)
+    for _ in range(20):
+        again.handle(Add("a", 1))
+    assert again.log.load_snapshot("example").offset == 10 + wait
+
+
 def test_bad_snapshot_falls_back_to_full_replay(tmp_path):
     url = f"sqlite:///{tmp_path}/log.db"
     r = fresh(url, snapshot_every=5)

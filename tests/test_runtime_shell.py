@@ -56,6 +56,7 @@ from cei_actors.runtime.example_actor import (
 from cei_actors.runtime.leadership import FileLockLeadership
 from cei_actors.runtime.messages import ErrorReply, Message, Ok
 from cei_actors.runtime.runner import replay
+from cei_actors.runtime.shell import EventSourcedActor
 from cei_actors.runtime.system import (
     SIMPLE_BASE,
     TCP_BASE,
@@ -273,6 +274,20 @@ class _Burst(Actor):
             target, messages = msg
             for m in messages:
                 self.send(target, m)
+
+
+def test_an_actor_raises_its_process_gc_threshold(simple_system, tmp_path):
+    import gc
+
+    saved = gc.get_threshold()
+    gc.set_threshold(700, *saved[1:])
+    try:
+        address = start_actor(simple_system, ACTOR, Start(f"sqlite:///{tmp_path}/log.db"))
+        assert gc.get_threshold()[0] == EventSourcedActor.gc_young_threshold
+        assert gc.get_threshold()[1:] == saved[1:]
+        simple_system.tell(address, ActorExitRequest())
+    finally:
+        gc.set_threshold(*saved)
 
 
 def test_group_commit_shares_one_append(simple_system):

@@ -64,6 +64,9 @@ MAX_LINE = 4 << 20
 #: A client whose unsent replies exceed this is disconnected (its exits are kept).
 MAX_OUT = 64 << 20
 MAX_CLIENTS = 16
+#: Bytes asked of each ``recv``: under glibc's 128 KiB mmap threshold, since CPython allocates
+#: the whole buffer first (a 256 KiB one was mapped and unmapped on every call: ~27 us).
+READ_SIZE = 64 << 10
 IDLE = 5.0
 #: Exit code when another reaper holds the state dir.
 EX_LOCKED = 75
@@ -442,7 +445,7 @@ class Reaper:
 
     def _read(self, client: _Client) -> None:
         try:
-            data = client.sock.recv(1 << 18)
+            data = client.sock.recv(READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:

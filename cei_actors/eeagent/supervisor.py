@@ -1159,7 +1159,7 @@ class ProcessSupervisor:
         got = False
         while True:
             try:
-                data = conn.recv(1 << 18, socket.MSG_DONTWAIT)
+                data = conn.recv(_reaper.READ_SIZE, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 if got or deadline is None:
                     return True

@@ -40,6 +40,13 @@ def replay(component: Component[S], log: EventLog, stream: str, upto: int | None
     return fold(component, log.read(stream, 1, upto))
 
 
+#: Bytes of snapshot per event of tail: a snapshot is taken once the events since the last one
+#: number ``snapshot_every`` and also the last snapshot's size over this. A big state (a PD
+#: holding every process it ran) is then snapshotted in proportion to its size, so snapshots
+#: cost O(1) per event as it grows, and a replay reads a tail about as big as the snapshot.
+SNAPSHOT_BYTES_PER_EVENT = 128
+
+
 class Runner(Generic[S]):
     """One component instance: its state, its place in the log and its fence."""
 
@@ -63,6 +70,7 @@ class Runner(Generic[S]):
         self.head = 0
         self.fence: Fence | None = None
         self._since_snapshot = 0
+        self._snapshot_due = snapshot_every
 
     @property
     def ready(self) -> bool:
@@ -80,11 +88,13 @@ class Runner(Generic[S]):
         self.state = None
         fence = self.log.acquire(self.stream)
         state, head = None, 0
+        self._snapshot_due = self.snapshot_every
         snap = self.log.load_snapshot(self.stream)
         if snap is not None and snap.version == self.component.snapshot_version:
             try:
                 state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
                 head = snap.offset
+                self._snapshot_due = self._due_after(len(snap.data))
             except Exception:  # a bad snapshot costs a full replay, never a wrong state
                 logger.exception("stream %s: snapshot at %s unusable, replaying all", self.stream, snap.offset)
                 state, head = None, 0
@@ -162,8 +172,12 @@ class Runner(Generic[S]):
             self.state = None
             raise
         self._since_snapshot += len(pending)
-        if self._since_snapshot >= self.snapshot_every:
+        if self._since_snapshot >= self._snapshot_due:
             self.take_snapshot()
+
+    def _due_after(self, snapshot_bytes: int) -> int:
+        """Events to wait for after a snapshot of ``snapshot_bytes`` before the next one."""
+        return max(self.snapshot_every, snapshot_bytes // SNAPSHOT_BYTES_PER_EVENT)
 
     def take_snapshot(self) -> bool:
         """Store the current state as a snapshot if the component supports it."""
@@ -177,4 +191,5 @@ class Runner(Generic[S]):
             Snapshot(self.stream, self.head, self.clock(), self.component.snapshot_version, blob)
         )
         self._since_snapshot = 0
+        self._snapshot_due = self._due_after(len(blob))
         return True

@@ -47,6 +47,7 @@ outstanding) and fed to the core like any other message.
 from __future__ import annotations
 
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -163,6 +164,10 @@ class EventSourcedActor(Actor):
     poll_interval: float = 0.005
     #: Most messages held while recovering or suspended; beyond that: unavailable.
     max_held: int = 10_000
+    #: The youngest generation's GC threshold in the actor's process (CPython's default: 700).
+    #: An actor allocates a few objects per message and keeps a big state for long; with the
+    #: default, the PD spent 5.5% of its CPU in the collector, 1% with this (measured).
+    gc_young_threshold: int = 20_000
     #: The peer name this actor announces (``Hello``) to its configured peers when it starts
     #: leading; None: the component's default stream (``pd``, ``epum``, ``provisioner``).
     peer_name: str | None = None
@@ -321,6 +326,9 @@ class EventSourcedActor(Actor):
             self._reply(origin, ErrorReply(code, f"Start failed: {type(exc).__name__}: {exc}", "Start"))
             return
         self._config = config
+        young, *older = gc.get_threshold()
+        if 0 < young < self.gc_young_threshold:  # 0: the collector is off; leave it so
+            gc.set_threshold(self.gc_young_threshold, *older)
         self.group_commit = bool(config.get("group_commit", self.group_commit))
         self.group_commit_delay = float(config.get("group_commit_delay", self.group_commit_delay))
         self.max_batch = int(config.get("max_batch", self.max_batch))
