@@ -342,6 +342,24 @@ def test_subscribe_answers_with_the_current_node_states():
     assert s.inbox["late"][0].domain_id == "d" and "hostname" in s.inbox["late"][0].properties
 
 
+def test_an_instance_the_provisioner_no_longer_knows_is_replaced():
+    """The Provisioner lost its record of a running node (a new log, or reaped past its
+    tombstones): asked after it, it answers UNKNOWN_NODE, and EPUM replaces the instance
+    instead of asking forever."""
+    s = sim_with(1, config={"refresh_interval": 60.0})
+    s.run(20)
+    (iid,) = s.state.instances
+    assert s.state.instances[iid].state == "RUNNING"
+    del s.prov.nodes[iid]  # forgotten, without a word to EPUM
+    s.run(40)
+    assert s.state.instances[iid].state == "RUNNING"
+    s.run(30)  # past refresh_interval: a DumpState, answered UNKNOWN_NODE
+    inst = s.state.instances[iid]
+    assert inst.state == "TERMINATED" and inst.properties["state_desc"] == "UNKNOWN_NODE"
+    s.run(20)
+    assert s.running() == 1 and len(s.state.instances) == 2
+
+
 def test_live_instances_unchanged_for_a_while_are_asked_for_again():
     s = sim_with(1, config={"refresh_interval": 60.0})
     s.run(20)

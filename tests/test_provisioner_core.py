@@ -443,8 +443,14 @@ def test_subscribers_get_every_change_with_a_growing_counter(h):
                     ("TERMINATED", 5)]
     assert all(isinstance(s.message, NodeStateChanged) for s in h.sent)
     h.sent.clear()
-    assert h.ok(DumpState(["n1", "unknown"])) == 1
-    assert [s.message.node["update_counter"] for s in h.sent] == [5]
+    head = h.runner.head
+    assert h.ok(DumpState(["n1", "unknown"])) == 2
+    (known, unknown) = [s.message.node for s in h.sent]
+    assert known["node_id"] == "n1" and known["update_counter"] == 5
+    # an id never had is answered as gone, and nothing is stored for it
+    assert (unknown["node_id"], unknown["state"], unknown["state_desc"]) == (
+        "unknown", "TERMINATED", "UNKNOWN_NODE")
+    assert "unknown" not in h.state.nodes and h.runner.head == head
     assert h.ok(DumpState([])) == 0
 
 
@@ -494,9 +500,10 @@ def test_a_reaped_record_still_answers_a_late_dump_state(h):
             h.runner.take_snapshot()
             h.crash()
         h.sent.clear()
-        assert h.ok(DumpState(["n1", "never"])) == 1
-        (notice,) = [s.message for s in h.sent if s.to == "epum"]
+        assert h.ok(DumpState(["n1", "never"])) == 2
+        notice, never = [s.message for s in h.sent if s.to == "epum"]
         assert notice.node == last
+        assert never.node["node_id"] == "never" and never.node["state_desc"] == "UNKNOWN_NODE"
     assert h.replayed() == h.state
 
 

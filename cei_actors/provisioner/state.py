@@ -229,6 +229,22 @@ _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(Node))
 _LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launch))
 
 
+def unknown_node(node_id: str, caller: str | None, at: float) -> Node:
+    """The record that answers for a node id this Provisioner never had (or has forgotten):
+    TERMINATED, ``UNKNOWN_NODE``, so whoever counts it as live stops doing so."""
+    return Node(
+        node_id=node_id,
+        launch_id=UNKNOWN_LAUNCH,
+        caller=caller,
+        state="TERMINATED",
+        state_desc="UNKNOWN_NODE",
+        update_counter=1,
+        requested_at=at,
+        changed_at=at,
+        state_changes=[["TERMINATED", at]],
+    )
+
+
 def public_node(node: Node, full: bool = False) -> dict[str, Any]:
     """A node as subscribers and callers see it (never userdata or credentials)."""
     out: dict[str, Any] = {
@@ -381,19 +397,7 @@ def apply_nodes(view: NodeView, e: Any) -> Iterable[str]:
                 touched.append(nid)
         for nid in e.unknown:
             if view.get(nid) is None:
-                view.add(
-                    Node(
-                        node_id=nid,
-                        launch_id=UNKNOWN_LAUNCH,
-                        caller=e.caller,
-                        state="TERMINATED",
-                        state_desc="UNKNOWN_NODE",
-                        update_counter=1,
-                        requested_at=e.at,
-                        changed_at=e.at,
-                        state_changes=[["TERMINATED", e.at]],
-                    )
-                )
+                view.add(unknown_node(nid, e.caller, e.at))
                 touched.append(nid)
     elif isinstance(e, ev.NodeTerminated):
         node = view.get(e.node_id)
