@@ -151,7 +151,8 @@ class DescribeNodes(Message):
 
 @dataclass(frozen=True)
 class DumpState(Message):
-    """Re-send the listed nodes' current records to the subscribers (empty: nothing)."""
+    """Re-send the listed nodes' current records to the subscribers (empty: nothing); an id
+    with no record is answered as TERMINATED ``UNKNOWN_NODE``. Replies the count sent."""
 
     node_ids: list[str]
 
