@@ -272,6 +272,29 @@ def test_agent_process_usage_errors(tmp_path):
                         "--state-dir", str(tmp_path), "--attach-timeout", "0.2"],
                        cwd=REPO, capture_output=True, text=True)
     assert r.returncode == 1 and "no actor system admin" in r.stderr
+    for bad in ("-5", "soon", "nan"):
+        r = subprocess.run([sys.executable, "-m", "cei_actors.eeagent", "--pd", "1", "--node-id", "n",
+                            "--output-retention", bad], cwd=REPO, capture_output=True, text=True)
+        assert r.returncode == 2 and "--output-retention" in r.stderr
+
+
+def test_output_retention_reaches_the_supervisor(tmp_path):
+    from cei_actors.eeagent.__main__ import build_parser
+    from cei_actors.eeagent.actor import AgentConfig
+    from cei_actors.eeagent.retention import DEFAULT_OUTPUT_RETENTION
+    from cei_actors.runtime.messages import InvalidMessage
+
+    parse = build_parser().parse_args
+    assert parse(["--pd", "1"]).output_retention == DEFAULT_OUTPUT_RETENTION
+    assert parse(["--pd", "1", "--output-retention", "forever"]).output_retention is None
+    assert parse(["--pd", "1", "--output-retention", "0"]).output_retention == 0.0
+    with pytest.raises(InvalidMessage):
+        validate(AgentConfig("a", "n", 1, str(tmp_path), output_retention=-1.0))
+    c = AgentCore("a1", "n1", 1, str(tmp_path / "sd"), send=lambda m: None, output_retention=None)
+    try:
+        assert c.supervisor._retention.retention is None
+    finally:
+        c.close(kill=True, grace=0.5)
 
 
 # ---- health heartbeats to EPUM -------------------------------------------------------------

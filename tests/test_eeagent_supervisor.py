@@ -608,3 +608,81 @@ def test_a_blocking_on_change_does_not_block_launch(make_sup):
     launched.set()
     t.join(5)
     wait_until(lambda: calls[-1] == 2, 5, "the newest snapshot delivered")
+
+
+# ------------------------------------------------------------------------------ output retention
+
+
+def test_output_retention_schedule_is_pure_and_ordered():
+    from cei_actors.eeagent.retention import OutputRetention, output_stem
+
+    r = OutputRetention(10.0)
+    r.adopt([("old", 50.0), ("older", 40.0)])
+    r.schedule("a", 100.0)
+    r.schedule("b", 101.0)
+    r.cancel("b")
+    assert r.next_deadline() == 50.0
+    assert r.take_due(60.0, 10) == ["older", "old"]
+    assert r.take_due(109.9, 10) == []
+    r.schedule("c", 100.5)
+    assert r.take_due(200.0, 1) == ["a"] and r.take_due(200.0, 5) == ["c"] and len(r) == 0
+    keep = OutputRetention(None)
+    keep.schedule("a", 1.0)
+    keep.adopt([("b", 1.0)])
+    assert keep.next_deadline() is None and keep.take_due(1e12, 10) == []
+    for bad in (-1.0, float("nan")):
+        with pytest.raises(ValueError):
+            OutputRetention(bad)
+    assert output_stem("x.r0.out") == "x.r0" and output_stem("x.r0.err") == "x.r0"
+    assert output_stem(".out") is None and output_stem("notes.txt") is None
+
+
+def test_output_files_are_removed_a_retention_after_cleanup(make_sup):
+    sup = make_sup(output_retention=0.5)
+    sup.launch("a", 0, ["sh", "-c", "echo out; echo err >&2"])
+    sup.launch("kept", 0, ["true"])
+    sup.wait("a", 0, timeout=5)
+    sup.wait("kept", 0, timeout=5)
+    info = sup.get("a", 0)
+    out, err = Path(info.stdout_path), Path(info.stderr_path)
+    kept = Path(sup.get("kept", 0).stdout_path)
+    assert out.read_text() == "out\n" and err.read_text() == "err\n"
+    assert sup.cleanup("a", 0)
+    time.sleep(0.2)
+    assert out.exists() and err.exists()  # still within the retention
+    wait_until(lambda: not out.exists() and not err.exists(), 5, "the old output to go")
+    assert kept.exists()  # never cleaned up: kept
+
+
+def test_a_relaunch_of_a_cleaned_up_key_keeps_its_output(make_sup):
+    sup = make_sup(output_retention=0.3)
+    sup.launch("a", 0, ["sh", "-c", "echo one"])
+    sup.wait("a", 0, timeout=5)
+    path = Path(sup.get("a", 0).stdout_path)
+    sup.cleanup("a", 0)
+    sup.launch("a", 0, ["sh", "-c", "sleep 0.8; echo two"])
+    time.sleep(0.6)
+    assert path.exists()
+    sup.wait("a", 0, timeout=5)
+    assert path.read_text() == "one\ntwo\n"
+
+
+def test_a_new_supervisor_removes_old_leftover_output(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    sup.launch("live", 0, ["sleep", "30"])
+    wait_until(lambda: sup.get("live", 0).state == st.RUNNING, 5, "RUNNING")
+    owned = Path(sup.get("live", 0).stdout_path)
+    sup.close()  # the process keeps running; the next supervisor adopts it
+    proc = state / "proc"
+    old = [proc / "gone-1.r0.out", proc / "gone-1.r0.err"]
+    young, other = proc / "gone-2.r0.out", proc / "notes.txt"
+    hour_ago = time.time() - 3600
+    for p in [*old, young, other]:
+        p.write_text("x")
+    for p in [*old, other, owned]:
+        os.utime(p, (hour_ago, hour_ago))
+    again = make_sup(state_dir=state, output_retention=600)
+    wait_until(lambda: not any(p.exists() for p in old), 5, "the leftovers to go")
+    assert young.exists() and other.exists() and owned.exists()
+    assert again.get("live", 0).state == st.RUNNING

@@ -28,6 +28,7 @@ import sys
 import time
 
 from .actor import MIN_GAP, EndpointAgent
+from .retention import DEFAULT_OUTPUT_RETENTION
 
 
 def parse_pd(value: str) -> tuple[int, str | None]:
@@ -39,6 +40,19 @@ def parse_pd(value: str) -> tuple[int, str | None]:
     if host not in ("", "127.0.0.1", "localhost") or not port.isdigit():
         raise argparse.ArgumentTypeError(f"--pd {value!r}: expected PORT or 127.0.0.1:PORT[/NAME]")
     return int(port), (name or None)
+
+
+def parse_retention(value: str) -> float | None:
+    """``--output-retention``: seconds >= 0, or ``forever``."""
+    if value.strip().lower() == "forever":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"--output-retention {value!r}: expected seconds >= 0 or 'forever'")
+    return seconds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="least seconds between heartbeats sent for changes (a burst shares one)")
     p.add_argument("--grace", type=float, default=10.0, help="SIGTERM to SIGKILL, seconds")
     p.add_argument("--keep-processes", action="store_true", help="leave processes running on exit")
+    p.add_argument("--output-retention", type=parse_retention, default=DEFAULT_OUTPUT_RETENTION,
+                   help="seconds a cleaned-up process's output files are kept ('forever': never removed)")
     p.add_argument("--attach-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default=os.environ.get("CEI_LOG_LEVEL", "INFO"))
     return p
@@ -115,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             heartbeat_interval=args.heartbeat,
             grace=args.grace,
             min_gap=args.heartbeat_gap,
+            output_retention=args.output_retention,
         )
     except Exception as exc:
         print(f"eeagent: cannot start: {exc}", file=sys.stderr)

@@ -57,6 +57,7 @@ from .messages import (
     LaunchProcess,
     TerminateProcess,
 )
+from .retention import DEFAULT_OUTPUT_RETENTION
 from .supervisor import (
     ProcessLiveError,
     ProcessSupervisor,
@@ -103,6 +104,7 @@ class AgentCore:
         supervisor_factory: Callable[..., ProcessSupervisor] = ProcessSupervisor,
         send_epum: Callable[[Message], None] | None = None,
         min_gap: float = MIN_GAP,
+        output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
     ) -> None:
         self.agent_id = agent_id
         self.min_gap = min_gap
@@ -125,7 +127,8 @@ class AgentCore:
         self.send_failures = 0
         self.failed_at: float | None = None  # our clock at the last failed send
         self.supervisor = supervisor_factory(
-            state_dir, slots, clock=clock, on_change=self._changed, grace=grace
+            state_dir, slots, clock=clock, on_change=self._changed, grace=grace,
+            output_retention=output_retention,
         )
         if send_epum is not None:
             with self._lock:
@@ -408,6 +411,12 @@ class AgentConfig(Message):
     grace: float = 10.0
     poll_interval: float = POLL_INTERVAL
     epum: Any = None
+    #: seconds a cleaned-up process's output files are kept (None: for ever)
+    output_retention: float | None = DEFAULT_OUTPUT_RETENTION
+
+    def check(self) -> None:
+        if self.output_retention is not None and not self.output_retention >= 0:
+            raise InvalidMessage("AgentConfig.output_retention: must be >= 0 or None")
 
 
 @dataclass(frozen=True)
@@ -461,6 +470,7 @@ class EEAgentActor(ActorTypeDispatcher):
                 heartbeat_interval=conf.heartbeat_interval,
                 grace=conf.grace,
                 send_epum=self._send_epum,
+                output_retention=conf.output_retention,
             )
         except Exception as exc:
             logger.exception("eeagent %s: cannot start", conf.agent_id)
@@ -606,6 +616,7 @@ class EndpointAgent:
         probe_interval: float = 2.0,
         probe_timeout: float = 1.0,
         min_gap: float = MIN_GAP,
+        output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
@@ -640,6 +651,7 @@ class EndpointAgent:
             wake=self._wake,
             send_epum=self._send_epum if epum_name else None,
             min_gap=min_gap,
+            output_retention=output_retention,
         )
         self._waker_thread = threading.Thread(target=self._waker, name="eeagent-waker", daemon=True)
         self._waker_thread.start()

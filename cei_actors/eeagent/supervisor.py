@@ -95,6 +95,12 @@ from typing import Any, NamedTuple
 
 from cei_actors.eeagent import reaper as _reaper
 from cei_actors.eeagent import states as st
+from cei_actors.eeagent.retention import (
+    DEFAULT_OUTPUT_RETENTION,
+    OUTPUT_SUFFIXES,
+    OutputRetention,
+    output_stem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +134,7 @@ _RESTORE_SIGNALS = tuple(
 )
 _POLL_INTERVAL = 0.2  # only for orphans when pidfd_open is unavailable
 _RETRY_REAPER = 1.0  # least seconds between attempts to start a lost reaper
+_REMOVE_BATCH = 64  # old output files removed per watcher pass (each pair ~0.1 ms)
 
 Key = tuple[str, int]
 #: Set in every command's environment: its upid, its round and the state dir of the agent
@@ -465,6 +472,7 @@ class ProcessSupervisor:
         base_env: Mapping[str, str] | None = None,
         python: str | None = None,
         journal: bool = True,
+        output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
         _use_pidfd: bool | None = None,
     ) -> None:
         if isinstance(slots, bool) or not isinstance(slots, int) or slots < 0:
@@ -479,6 +487,7 @@ class ProcessSupervisor:
         self._base_env = dict(base_env) if base_env is not None else default_base_env()
         self._python = python or sys.executable or shutil.which("python3") or "python3"
         self._journal = journal
+        self._retention = OutputRetention(output_retention)
         self._use_pidfd = hasattr(os, "pidfd_open") if _use_pidfd is None else _use_pidfd
         self._proc_dir = os.path.join(self.state_dir, "proc")
         os.makedirs(self._proc_dir, exist_ok=True)
@@ -545,6 +554,7 @@ class ProcessSupervisor:
                 self._load_locked()
                 self._compact_locked()
                 self._send_acks_locked()
+                self._adopt_outputs_locked()
         except BaseException:
             self._release()
             raise
@@ -889,6 +899,8 @@ class ProcessSupervisor:
     def _insert_locked(self, rec: _Record) -> None:
         key = rec.key
         self._records[key] = rec
+        if rec.base:
+            self._retention.cancel(os.path.basename(rec.base))
         self._by_upid.setdefault(rec.upid, {})[rec.round] = rec
         self._recount.add(key)
         i = bisect.bisect_left(self._order, key)
@@ -911,6 +923,11 @@ class ProcessSupervisor:
         self._unwatch_locked(rec)
         rec.starting = False
         key = rec.key
+        if self._records.get(key) is rec and rec.base:
+            idle = self._retention.next_deadline() is None
+            self._retention.schedule(os.path.basename(rec.base), self._clock())
+            if idle and self._retention.next_deadline() is not None:
+                self._wake()  # the watcher waits with no removal deadline yet
         if self._records.pop(key, None) is not None:
             i = bisect.bisect_left(self._order, key)
             if i < len(self._order) and self._order[i] == key:
@@ -1544,6 +1561,10 @@ class ProcessSupervisor:
                 t = _POLL_INTERVAL if t is None else min(t, _POLL_INTERVAL)
         if self._conn is None and not self._reaper_stopping:
             t = _RETRY_REAPER if t is None else min(t, _RETRY_REAPER)
+        due = self._retention.next_deadline()
+        if due is not None:
+            left = max(0.0, due - self._clock())
+            t = left if t is None else min(t, left)
         return t
 
     def _run(self) -> None:
@@ -1576,6 +1597,7 @@ class ProcessSupervisor:
                 log.exception("eeagent watcher: error handling events")
             self._deliver()
             self._run_pending_sweeps()
+            self._remove_old_outputs()
 
     def _handle(self, ended: list[Key], readable: bool) -> None:
         with self._lock:
@@ -1623,6 +1645,39 @@ class ProcessSupervisor:
             self._changed_locked()
         if self._dirty or self._acks:
             self._commit_locked()
+
+    def _remove_old_outputs(self) -> None:
+        """Delete the output files whose retention ran out, a batch per pass (under the lock,
+        so a launch of the same key cannot create them meanwhile)."""
+        with self._lock:
+            if self._stopping:
+                return
+            for stem in self._retention.take_due(self._clock(), _REMOVE_BATCH):
+                for suffix in OUTPUT_SUFFIXES:
+                    try:
+                        os.unlink(os.path.join(self._proc_dir, stem + suffix))
+                    except FileNotFoundError:
+                        pass
+                    except OSError as exc:
+                        log.warning("eeagent supervisor: cannot remove old output: %s", exc)
+
+    def _adopt_outputs_locked(self) -> None:
+        """Schedule the output files in the proc dir that no record owns, by their age."""
+        owned = {os.path.basename(rec.base) for rec in self._records.values() if rec.base}
+        found: dict[str, float] = {}
+        try:
+            entries = list(os.scandir(self._proc_dir))
+        except OSError as exc:
+            log.warning("eeagent supervisor: cannot list %s: %s", self._proc_dir, exc)
+            return
+        for entry in entries:
+            stem = output_stem(entry.name)
+            if stem is None or stem in owned:
+                continue
+            with contextlib.suppress(OSError):
+                mtime = entry.stat(follow_symlinks=False).st_mtime
+                found[stem] = max(found.get(stem, mtime), mtime)
+        self._retention.adopt(found.items())
 
     def _run_pending_sweeps(self) -> None:
         with self._lock:
