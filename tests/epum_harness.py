@@ -25,7 +25,6 @@ from cei_actors.provisioner.messages import (
     Subscribe,
     TerminateNodes,
 )
-from cei_actors.provisioner.state import public_node, unknown_node
 from cei_actors.provisioner.states import rank
 from cei_actors.runtime.core import Send, SetTimer, Work
 from cei_actors.runtime.runner import Runner
@@ -118,8 +117,10 @@ class FakeProvisioner:
             for nid in msg.node_ids:
                 if nid in self.nodes:
                     self.outbox.append(NodeStateChanged(self.nodes[nid].record()))
-                else:  # as the real one: a record for an id it never had, not kept
-                    self.outbox.append(NodeStateChanged(public_node(unknown_node(nid, None, now))))
+                else:  # as the real one: an id it never had is recorded as gone
+                    n = FakeNode(nid, "provisioner-unknown-launch", "?", "?", "TERMINATED", desc="UNKNOWN_NODE")
+                    self.nodes[nid] = n
+                    self.outbox.append(NodeStateChanged(n.record()))
         elif isinstance(msg, Subscribe):
             pass
         else:

@@ -447,11 +447,18 @@ def test_subscribers_get_every_change_with_a_growing_counter(h):
     assert h.ok(DumpState(["n1", "unknown"])) == 2
     (known, unknown) = [s.message.node for s in h.sent]
     assert known["node_id"] == "n1" and known["update_counter"] == 5
-    # an id never had is answered as gone, and nothing is stored for it
+    # an id never had is answered as gone, and recorded so: a provision of it arriving
+    # later (a message overtaken by this DumpState) makes no VM
     assert (unknown["node_id"], unknown["state"], unknown["state_desc"]) == (
         "unknown", "TERMINATED", "UNKNOWN_NODE")
-    assert "unknown" not in h.state.nodes and h.runner.head == head
-    assert h.ok(DumpState([])) == 0
+    assert h.state.nodes["unknown"].state == "TERMINATED" and h.runner.head == head + 1
+    work = len(h.work)
+    value = h.ok(prov("L9", ["unknown"]))
+    assert [n["state"] for n in value["nodes"]] == ["TERMINATED"] and len(h.work) == work
+    head = h.runner.head
+    assert h.ok(DumpState([])) == 0 and h.ok(DumpState(["n1", "n1"])) == 1
+    assert h.runner.head == head  # a known id is only re-sent
+    assert h.error(DumpState(["n1", " "])).code == "bad_request"
 
 
 def test_configured_subscribers_and_ip_refresh_counts():

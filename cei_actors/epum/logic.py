@@ -291,7 +291,10 @@ class EPUM(Component[EPUMState]):
             if self._pulled_sensor(dom):
                 state.vol.sensor_next[key] = ctx.now
         effects: list[Any] = [Send(cfg.provisioner, Subscribe(cfg.self_name))]
-        live = sorted(i.instance_id for i in state.instances.values() if i.rank < R_TERMINATED)
+        # Not the open launches: their Provision is sent again, and a DumpState overtaking it
+        # would find no record and be answered UNKNOWN_NODE (TERMINATED).
+        live = sorted(i.instance_id for i in state.instances.values()
+                      if i.rank < R_TERMINATED and i.instance_id not in state.open_launches)
         state.vol.refreshed = dict.fromkeys(live, ctx.now)
         for k in range(0, len(live), _DUMP_CHUNK):
             effects.append(Send(cfg.provisioner, DumpState(live[k:k + _DUMP_CHUNK])))

@@ -91,6 +91,17 @@ class NodeTerminated:
     at: float
 
 
+@events.register("UnknownNodesAnswered")
+@dataclass(frozen=True, slots=True)
+class UnknownNodesAnswered:
+    """Ids asked after (``DumpState``) that no record or tombstone had: they become
+    TERMINATED ``UNKNOWN_NODE`` stubs, as with a terminate, so a provision of them that
+    arrives later makes no VM."""
+
+    node_ids: list[str]
+    at: float
+
+
 @events.register("NodesObserved")
 @dataclass(frozen=True, slots=True)
 class NodesObserved:

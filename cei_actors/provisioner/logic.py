@@ -55,7 +55,6 @@ from .state import (
     apply_event,
     apply_nodes,
     public_node,
-    unknown_node,
 )
 from .states import FINAL_STATES, Reason, codes, rank
 
@@ -105,8 +104,6 @@ class _Txn:
         self.events: list[Any] = []
         self.effects: list[Any] = []
         self.touched: dict[str, None] = {}
-        #: ids asked after that no record or tombstone answers for (``DumpState``)
-        self.unknown: dict[str, None] = {}
         self.disabled = state.disabled
         self.launches: dict[str, Launch] = {}
 
@@ -289,9 +286,6 @@ class Provisioner(Component[ProvisionerState]):
                 if record is not None:
                     notice = m.NodeStateChanged(dict(record))
                     txn.effects.extend(Send(sub, notice) for sub in subs)
-        for nid in txn.unknown if subs else ():
-            notice = m.NodeStateChanged(public_node(unknown_node(nid, None, txn.now)))
-            txn.effects.extend(Send(sub, notice) for sub in subs)
         return Decision(events=txn.events, effects=txn.effects, reply=reply)
 
     def _subscribers(self, state: ProvisionerState) -> list[str]:
@@ -594,15 +588,19 @@ class Provisioner(Component[ProvisionerState]):
         return Ok(out)
 
     def _dump_state(self, state: ProvisionerState, msg: m.DumpState, txn: _Txn) -> Any:
-        """Re-send the listed records: a reaped one is answered with its last record, an id
-        never had (or forgotten past the tombstones) with an ``UNKNOWN_NODE`` record that is
-        not stored, so a subscriber asking after it stops counting it as live."""
-        for nid in msg.node_ids:
+        """Re-send the listed records: a reaped one is answered with its last record; an id
+        with neither (never had, or forgotten past the tombstones) becomes a TERMINATED
+        ``UNKNOWN_NODE`` stub, as with a terminate, so a subscriber asking after it stops
+        counting it as live and a provision of it that arrives later makes no VM."""
+        unknown = []
+        for nid in dict.fromkeys(msg.node_ids):
             if nid in state.nodes or nid in state.reaped:
                 txn.touched[nid] = None
             else:
-                txn.unknown[nid] = None
-        return Ok(len(txn.touched) + len(txn.unknown))
+                unknown.append(nid)
+        for k in range(0, len(unknown), EVENT_CHUNK):
+            txn.emit(ev.UnknownNodesAnswered(unknown[k : k + EVENT_CHUNK], txn.now))
+        return Ok(len(txn.touched))
 
     def _subscribe(self, state: ProvisionerState, msg: m.Subscribe, txn: _Txn) -> Any:
         if msg.name not in state.subscribers:

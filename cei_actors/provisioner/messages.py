@@ -152,9 +152,14 @@ class DescribeNodes(Message):
 @dataclass(frozen=True)
 class DumpState(Message):
     """Re-send the listed nodes' current records to the subscribers (empty: nothing); an id
-    with no record is answered as TERMINATED ``UNKNOWN_NODE``. Replies the count sent."""
+    with no record is recorded TERMINATED ``UNKNOWN_NODE`` (as by a terminate) and that is
+    sent. Replies the count sent."""
 
     node_ids: list[str]
+
+    def check(self) -> None:
+        if not all(nid.strip() for nid in self.node_ids):
+            raise InvalidMessage("DumpState.node_ids: node ids must not be empty")
 
 
 @dataclass(frozen=True)

@@ -419,6 +419,11 @@ def apply_nodes(view: NodeView, e: Any) -> Iterable[str]:
                 node.update_counter += 1
             if node.update_counter != counter:
                 touched.append(node.node_id)
+    elif isinstance(e, ev.UnknownNodesAnswered):
+        for nid in e.node_ids:
+            if view.get(nid) is None:
+                view.add(unknown_node(nid, None, e.at))
+                touched.append(nid)
     elif isinstance(e, ev.NodesReaped):
         for nid in e.node_ids:
             view.remove(nid)
@@ -490,6 +495,7 @@ _NODE_EVENTS = frozenset(
         ev.NodeTerminated,
         ev.NodesObserved,
         ev.NodesReaped,
+        ev.UnknownNodesAnswered,
     }
 )
 
