@@ -1663,6 +1663,8 @@ class ProcessSupervisor:
 
     def _adopt_outputs_locked(self) -> None:
         """Schedule the output files in the proc dir that no record owns, by their age."""
+        if self._retention.retention is None:
+            return  # kept for ever: no need to list them
         owned = {os.path.basename(rec.base) for rec in self._records.values() if rec.base}
         found: dict[str, float] = {}
         try:
