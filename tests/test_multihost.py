@@ -3,16 +3,19 @@ ports of this machine), with the log on ZooKeeper."""
 
 from __future__ import annotations
 
+import os
+import signal
+
 import pytest
 import yaml
-from test_launch_system import assert_nothing_left, make_plan, processes_mentioning
+from test_launch_system import assert_nothing_left, make_plan, processes_mentioning, wait_for
 
 from cei_actors.launch.launcher import LaunchError, connect, down, read_info, up
 from cei_actors.launch.plan import load_plan
 
 
-def split_plan(tmp_path, name, components):
-    data = yaml.safe_load(make_plan(tmp_path).read_text())
+def split_plan(tmp_path, name, components, **replicas):
+    data = yaml.safe_load(make_plan(tmp_path, **replicas).read_text())
     data["components"] = {k: v for k, v in data["components"].items() if k in components}
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
@@ -59,3 +62,49 @@ def test_provisioner_and_epum_on_one_system_pd_on_another(homes, tmp_path, zk_ho
     down(home_a)
     assert_nothing_left(home_b, info_b)
     assert_nothing_left(home_a, info_a)
+
+
+def test_failovers_on_either_system_reach_the_other(homes, tmp_path, zk_hosts):
+    """EPUM (2 replicas) on one system, the PD (2 replicas) on another. kill -9 of the EPUM
+    leader, then of the PD leader, no client re-pointing anything: every replica on each side
+    knows every replica on the other (the joining system tells them all, and they are in its
+    own components' Start), so each new leader's greeting crosses the systems, and processes
+    that need a new node get one."""
+    from cei_actors.pd.client import PDClient
+    from cei_actors.runtime.client import ServiceClient
+
+    home_a, home_b = homes
+    log = f"zk://{zk_hosts}"
+    plan_a = load_plan(split_plan(tmp_path, "a", {"provisioner", "epum"}, epum=2), home=home_a, log_url=log)
+    plan_b = load_plan(split_plan(tmp_path, "b", {"pd"}, pd=2), home=home_b, log_url=log)
+    info_a = up(plan_a, home_a)
+    info_b = up(plan_b, home_b, join=f"127.0.0.1:{info_a['admin_port']}")
+    with connect(home_b) as conn:
+        conn.pd.schedule_process("long", command=["sleep", "60.625"])
+        before = conn.pd.wait_process("long", "RUNNING", timeout=40)
+        pd_pid = conn.status()["components"]["pd"][0]["pid"]
+    with connect(home_a) as conn:  # each system sees its own replicas by name
+        epum_pid = conn.status()["components"]["epum"][0]["pid"]
+
+    def leads(conn, component):
+        new = conn.members(component)[1]  # Status only: Connection.pd/.epum would re-point
+        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
+
+    os.kill(epum_pid, signal.SIGKILL)
+    with connect(home_a) as conn:
+        assert wait_for(lambda: leads(conn, "epum"), timeout=20)
+    os.kill(pd_pid, signal.SIGKILL)
+    with connect(home_b) as conn:
+        address = wait_for(lambda: leads(conn, "pd"), timeout=20)
+        pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
+        for i in range(5):  # more than the running node holds: a second node must boot
+            pd.schedule_process(f"more{i}", command=["sleep", "60.75"])
+        for i in range(5):
+            assert pd.wait_process(f"more{i}", "RUNNING", timeout=30)["state"] == "RUNNING"
+        after = pd.describe_process("long")
+        assert (after["state"], after["round"]) == ("RUNNING", before["round"])
+    down(home_b)
+    down(home_a)
+    assert_nothing_left(home_b, info_b)
+    assert_nothing_left(home_a, info_a)
+    assert not processes_mentioning("sleep 60.625", "sleep 60.75")

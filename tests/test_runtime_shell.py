@@ -240,6 +240,32 @@ def test_hello_records_a_peer_and_sends_reach_it(started):
     assert client.call(SetPeers({"watcher": None})) == []
 
 
+class _Greeted(Actor):
+    """Records the ``Hello`` it gets; ``"got"`` answers them."""
+
+    def __init__(self):
+        super().__init__()
+        self.hellos = []
+
+    def receiveMessage(self, msg, sender):  # noqa: N802
+        if isinstance(msg, Hello):
+            self.hellos.append(msg.name)
+        elif msg == "got":
+            self.send(sender, list(self.hellos))
+
+
+def test_set_peers_replicas_are_greeted_by_a_leader(started):
+    """Replicas of a peer on another system, handed over by SetPeers, hear the leader at once
+    (and are greeted again whenever this actor leads)."""
+    asys, _, client, _ = started
+    other = asys.createActor(_Greeted)
+    assert client.call(SetPeers({}, replicas={"watcher": [other]})) == []
+    assert wait_for(lambda: asys.ask(other, "got", 5), timeout=10) == ["example"]
+    assert "watcher" not in client.call(Status())["peers"]  # replicas are not the peer itself
+    with pytest.raises(BadRequest, match="SetPeers.replicas"):
+        client.call(SetPeers({}, replicas={"watcher": "not a list"}))
+
+
 class _same:
     def __init__(self, asys):
         self.asys = asys

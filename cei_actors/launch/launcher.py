@@ -93,6 +93,14 @@ def replica_name(component: str, index: int) -> str:
     return component if index == 0 else f"{component}.{index}"
 
 
+def remote_replicas_of(asys: ActorSystem, component: str) -> list[ActorAddress]:
+    """The replicas of ``component`` registered in ``asys``'s admin, in replica order."""
+    found: list[ActorAddress] = []
+    while (address := lookup(asys, replica_name(component, len(found)))) is not None:
+        found.append(address)
+    return found
+
+
 def agent_name(node_id: str) -> str:
     """Global actor name of a static node's EEAgent."""
     return f"eeagent.{node_id}"
@@ -171,13 +179,26 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                                for i in range(n)]
     peers = {comp: addrs[0] for comp, addrs in addresses.items()}
     remote_peers: dict[str, ActorAddress] = {}
+    remote_replicas: dict[str, list[ActorAddress]] = {}
     if remote is not None:
         for comp in COMPONENTS:
-            if comp not in peers and (found := lookup(remote, comp)) is not None:
-                remote_peers[comp] = found
-        for address in remote_peers.values():
-            with ServiceClient(asys, address, timeout=10.0) as client:
-                client.call(SetPeers(dict(peers)))
+            if comp not in peers and (found := remote_replicas_of(remote, comp)):
+                remote_peers[comp], remote_replicas[comp] = found[0], found
+        # Every replica over there learns this system's replicas, so whichever leads there,
+        # now or after a failover, greets the ones here (and the reverse, through Start).
+        tell = SetPeers(dict(peers), replicas={k: list(v) for k, v in addresses.items()})
+        for comp, found in remote_replicas.items():
+            answered = 0
+            for address in found:
+                try:
+                    with ServiceClient(asys, address, timeout=10.0) as client:
+                        client.call(tell)
+                    answered += 1
+                except RequestFailed as exc:
+                    say(f"{comp} replica at {address} did not take this system's peers: {exc}")
+            if not answered:
+                raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
+                                  f"{remote.cei_admin_port} answers")
     needed = {"pd"} if plan.static_nodes else set(COMPONENTS)
     missing = sorted(needed - set(peers) - set(remote_peers))
     if missing and remote is not None:
@@ -188,9 +209,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     peers.update(remote_peers)
     heads: dict[str, int] = {}
     for comp, addrs in addresses.items():
+        replicas = {**remote_replicas, **addresses}
         start = Start(plan.log_url, config=plan.start_config(comp),
                       peers={k: v for k, v in peers.items() if k != comp},
-                      replicas={k: list(v) for k, v in addresses.items() if k != comp and len(v) > 1})
+                      replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
         with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
             try:

@@ -77,13 +77,19 @@ class Hello(Message):
 
 @dataclass(frozen=True)
 class SetPeers(Message):
-    """Add or replace peers by name; a value of None removes that peer. Reply: ``Ok(names)``."""
+    """Add or replace peers by name; a value of None removes that peer. ``replicas`` replaces
+    the list of every replica of a peer (as ``Start.replicas``: told when this actor leads),
+    e.g. those of a component on another actor system; a leader tells them at once. Reply:
+    ``Ok(names)``."""
 
     peers: dict
+    replicas: dict = field(default_factory=dict)
 
     def check(self) -> None:
         if not all(isinstance(k, str) and k for k in self.peers):
             raise InvalidMessage("SetPeers.peers: names must be non-empty strings")
+        if not all(isinstance(k, str) and k and isinstance(v, list) for k, v in self.replicas.items()):
+            raise InvalidMessage("SetPeers.replicas: expected {peer name: [address, ...]}")
 
 
 @dataclass(frozen=True)

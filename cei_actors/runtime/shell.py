@@ -25,9 +25,10 @@ never answered, so two shells cannot ping-pong errors.
 
 Peers. ``Start.peers`` and ``SetPeers`` name the configured peers; ``Hello(name)`` records its
 sender under ``name``. Whenever the actor starts leading it sends ``Hello(peer_name)`` to each
-configured peer and to every replica of it named in ``Start.replicas``, so a standby that took
-over is reached at once, and a standby of the peer that leads later already holds this
-leader's address (docs/decisions.md F1).
+configured peer and to every replica of it named in ``Start.replicas`` or ``SetPeers.replicas``
+(a leader also greets those when they arrive), so a standby that took over is reached at once,
+and a standby of the peer that leads later already holds this leader's address
+(docs/decisions.md F1).
 
 Group commit. thespian hands over one message at a time. A component message is not decided
 at once: it joins a batch, and the first message of a batch asks for a zero-delay wakeup.
@@ -367,6 +368,12 @@ class EventSourcedActor(Actor):
             else:
                 self._peers[name] = address
                 self._configured.add(name)
+        for name, addresses in msg.replicas.items():
+            self._replicas[name] = list(addresses)
+            if addresses:
+                self._configured.add(name)
+        if msg.replicas and self._mode == "ready":
+            self._announce()  # replicas that never heard of this leader (another system's)
         self._reply(origin, Ok(sorted(self._peers)))
 
     def _on_status(self, msg: Status, origin: _Origin) -> None:
