@@ -223,14 +223,8 @@ def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):
         assert [(r["name"], r["leader"]) for r in reps] == [("pd", True), ("pd.1", False)]
         os.kill(reps[0]["pid"], signal.SIGKILL)
 
-    def standby_leads(conn):
-        # members() only asks Status; Connection.pd would re-point EPUM (SetPeers) itself
-        members = conn.members("pd")
-        new = members[1]
-        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
-
     with connect(home) as conn:
-        address = wait_for(lambda: standby_leads(conn), timeout=20)
+        address = wait_for(lambda: second_leads(conn, "pd"), timeout=20)
         assert address is not None
         pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
         # past heartbeat_missing (5 s): the node is still heard from, the process not moved
@@ -278,14 +272,34 @@ def test_static_node_agent_follows_a_pd_failover(home, tmp_path):
     down_clean(home, info, "sleep 60.125")
 
 
+def second_leads(conn, component):
+    """The address of ``component``'s second replica once it is the ready leader (asked by
+    ``Status`` only: ``Connection.pd``/``.epum`` would re-point the connection)."""
+    new = conn.members(component)[1]
+    return new.address if new.status and new.status["leader"] and new.status["ready"] else None
+
+
+def new_pd_leader_places_more(conn, before: dict, command: list[str], timeout: float) -> None:
+    """Once the PD's second replica leads: five processes more than the running node holds
+    run (a second node must boot), and ``long`` still runs in its round ``before``."""
+    from cei_actors.pd.client import PDClient
+    from cei_actors.runtime.client import ServiceClient
+
+    address = wait_for(lambda: second_leads(conn, "pd"), timeout=20)
+    pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
+    for i in range(5):
+        pd.schedule_process(f"more{i}", command=command)
+    for i in range(5):
+        assert pd.wait_process(f"more{i}", "RUNNING", timeout=timeout)["state"] == "RUNNING"
+    after = pd.describe_process("long")
+    assert (after["state"], after["round"]) == ("RUNNING", before["round"])
+
+
 def test_epum_then_pd_failover_each_new_leader_knows_the_other(home, tmp_path):
     """kill -9 of the EPUM leader, then of the PD leader, no client re-pointing anything: the
     PD standby heard the new EPUM leader's announcement while it was still a standby (every
     replica of a peer is told), so when it leads its needs reach that EPUM, and its own
     announcement reaches EPUM: processes that need a new node get one."""
-    from cei_actors.pd.client import PDClient
-    from cei_actors.runtime.client import ServiceClient
-
     plan = load_plan(make_plan(tmp_path, pd=2, epum=2), home=home)
     info = up(plan, home)
     with connect(home) as conn:
@@ -293,22 +307,9 @@ def test_epum_then_pd_failover_each_new_leader_knows_the_other(home, tmp_path):
         before = conn.pd.wait_process("long", "RUNNING", timeout=30)
         reps = conn.status()["components"]
     os.kill(reps["epum"][0]["pid"], signal.SIGKILL)
-
-    def leads(conn, component):
-        new = conn.members(component)[1]  # Status only: Connection.pd/.epum would re-point
-        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
-
     with connect(home) as conn:
-        assert wait_for(lambda: leads(conn, "epum"), timeout=20)
+        assert wait_for(lambda: second_leads(conn, "epum"), timeout=20)
     os.kill(reps["pd"][0]["pid"], signal.SIGKILL)
     with connect(home) as conn:
-        address = wait_for(lambda: leads(conn, "pd"), timeout=20)
-        assert address is not None
-        pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
-        for i in range(5):  # more than the running node holds: a second node must boot
-            pd.schedule_process(f"more{i}", command=["sleep", "60.5"])
-        for i in range(5):
-            assert pd.wait_process(f"more{i}", "RUNNING", timeout=40)["state"] == "RUNNING"
-        after = pd.describe_process("long")
-        assert (after["state"], after["round"]) == ("RUNNING", before["round"])
+        new_pd_leader_places_more(conn, before, ["sleep", "60.5"], timeout=40)
     down_clean(home, info, "sleep 60.375", "sleep 60.5")

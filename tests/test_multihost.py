@@ -8,7 +8,14 @@ import signal
 
 import pytest
 import yaml
-from test_launch_system import assert_nothing_left, make_plan, processes_mentioning, wait_for
+from test_launch_system import (
+    assert_nothing_left,
+    make_plan,
+    new_pd_leader_places_more,
+    processes_mentioning,
+    second_leads,
+    wait_for,
+)
 
 from cei_actors.launch.launcher import LaunchError, connect, down, read_info, up
 from cei_actors.launch.plan import load_plan
@@ -70,9 +77,6 @@ def test_failovers_on_either_system_reach_the_other(homes, tmp_path, zk_hosts):
     knows every replica on the other (the joining system tells them all, and they are in its
     own components' Start), so each new leader's greeting crosses the systems, and processes
     that need a new node get one."""
-    from cei_actors.pd.client import PDClient
-    from cei_actors.runtime.client import ServiceClient
-
     home_a, home_b = homes
     log = f"zk://{zk_hosts}"
     plan_a = load_plan(split_plan(tmp_path, "a", {"provisioner", "epum"}, epum=2), home=home_a, log_url=log)
@@ -86,23 +90,12 @@ def test_failovers_on_either_system_reach_the_other(homes, tmp_path, zk_hosts):
     with connect(home_a) as conn:  # each system sees its own replicas by name
         epum_pid = conn.status()["components"]["epum"][0]["pid"]
 
-    def leads(conn, component):
-        new = conn.members(component)[1]  # Status only: Connection.pd/.epum would re-point
-        return new.address if new.status and new.status["leader"] and new.status["ready"] else None
-
     os.kill(epum_pid, signal.SIGKILL)
     with connect(home_a) as conn:
-        assert wait_for(lambda: leads(conn, "epum"), timeout=20)
+        assert wait_for(lambda: second_leads(conn, "epum"), timeout=20)
     os.kill(pd_pid, signal.SIGKILL)
     with connect(home_b) as conn:
-        address = wait_for(lambda: leads(conn, "pd"), timeout=20)
-        pd = PDClient(ServiceClient(conn.asys, address, timeout=10.0))
-        for i in range(5):  # more than the running node holds: a second node must boot
-            pd.schedule_process(f"more{i}", command=["sleep", "60.75"])
-        for i in range(5):
-            assert pd.wait_process(f"more{i}", "RUNNING", timeout=30)["state"] == "RUNNING"
-        after = pd.describe_process("long")
-        assert (after["state"], after["round"]) == ("RUNNING", before["round"])
+        new_pd_leader_places_more(conn, before, ["sleep", "60.75"], timeout=30)
     down(home_b)
     down(home_a)
     assert_nothing_left(home_b, info_b)
