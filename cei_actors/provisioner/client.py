@@ -86,7 +86,7 @@ class ProvisionerClient:
         return self.describe_nodes([node_id])[0]
 
     def dump_state(self, node_ids: list[str]) -> int:
-        """Have the subscribers sent each node's record again; the number of records sent."""
+        """Have each node's record sent to the subscribers again; the number of records sent."""
         return self._call(DumpState(list(node_ids)))
 
     def subscribe(self, name: str) -> None:
