@@ -47,6 +47,7 @@ from thespian.actors import ActorAddress, ActorExitRequest, ActorTypeDispatcher,
 from ..epum.messages import HealthProbe, NodeHeartbeat
 from ..runtime.control import Hello
 from ..runtime.messages import ErrorReply, InvalidMessage, Message, Ok, validate
+from ..runtime.system import global_actors, replica_names
 from . import states as st
 from .heartbeat import HeartbeatScheduler, heartbeat_processes
 from .messages import (
@@ -693,7 +694,7 @@ class EndpointAgent:
             return
         self._last_lookup = now
         try:
-            found = _global_actors(self.asys, timeout=2.0)
+            found = global_actors(self.asys, timeout=2.0)
         except Exception as exc:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
@@ -704,7 +705,7 @@ class EndpointAgent:
     def _follow(self, key: str, leader: _Leader, found: dict[str, Any], force: bool) -> None:
         """Point ``leader`` at the replica of its service that leads now (``force``: the
         current one was found not leading, so it is asked last)."""
-        names = _replica_names(leader.name, found)
+        names = replica_names(leader.name, found)
         if not names:
             if leader.addr is not None or leader.found_as is None:
                 logger.info("eeagent %s: no actor named %r now", self.agent_id, leader.name)
@@ -884,27 +885,3 @@ def _is_leader(status: dict[str, Any] | None) -> bool:
     return bool(status and status.get("leader") and status.get("ready"))
 
 
-def _replica_names(base: str, found: dict[str, Any]) -> list[str]:
-    """``base`` and ``base.N`` among ``found``'s names, in replica order."""
-    out = [(0, base)] if base in found else []
-    prefix = base + "."
-    for name in found:
-        if name.startswith(prefix) and name[len(prefix):].isdigit():
-            out.append((int(name[len(prefix):]), name))
-    return [name for _, name in sorted(out)]
-
-
-def _global_actors(asys: Any, timeout: float = 2.0) -> dict[str, Any]:
-    """Every registered global name and its address, asking the admin once."""
-    base = asys._systemBase
-    if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # simple base
-        return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
-    from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
-
-    from ..runtime.system import SystemNotRunning
-
-    with asys.private() as ctx:
-        reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
-    if not isinstance(reply, Thespian_SystemStatus):
-        raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
-    return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}

@@ -43,7 +43,9 @@ from ..runtime.system import (
     SystemNotRunning,
     attach_system,
     detach_system,
+    global_actors,
     lookup,
+    replica_names,
     shutdown_system,
     start_system,
 )
@@ -91,14 +93,6 @@ class NotRunning(RuntimeError):  # noqa: N818 - the name the CLI and embedders c
 def replica_name(component: str, index: int) -> str:
     """Global actor name of a replica: ``pd`` for the first, ``pd.1``, ``pd.2`` ... after."""
     return component if index == 0 else f"{component}.{index}"
-
-
-def remote_replicas_of(asys: ActorSystem, component: str) -> list[ActorAddress]:
-    """The replicas of ``component`` registered in ``asys``'s admin, in replica order."""
-    found: list[ActorAddress] = []
-    while (address := lookup(asys, replica_name(component, len(found)))) is not None:
-        found.append(address)
-    return found
 
 
 def agent_name(node_id: str) -> str:
@@ -181,8 +175,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     remote_peers: dict[str, ActorAddress] = {}
     remote_replicas: dict[str, list[ActorAddress]] = {}
     if remote is not None:
+        registered = global_actors(remote)
         for comp in COMPONENTS:
-            if comp not in peers and (found := remote_replicas_of(remote, comp)):
+            found = [registered[n] for n in replica_names(comp, registered)]
+            if comp not in peers and found:
                 remote_peers[comp], remote_replicas[comp] = found[0], found
         # Every replica over there learns this system's replicas, so whichever leads there,
         # now or after a failover, greets the ones here (and the reverse, through Start).

@@ -40,6 +40,7 @@ import contextlib
 import os
 import socket
 import threading
+from collections.abc import Iterable
 from typing import Any
 
 from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem, InvalidActorAddress
@@ -262,18 +263,36 @@ def start_actor(
     return address
 
 
-def lookup(asys: ActorSystem, global_name: str, timeout: float = 5.0) -> ActorAddress | None:
-    """The address of the actor registered under ``global_name``, or None. Creates nothing."""
-    if getattr(asys, "cei_base", None) == SIMPLE_BASE or hasattr(asys._systemBase, "_globalNames"):
-        return asys._systemBase._globalNames.get(global_name)
+def global_actors(asys: ActorSystem, timeout: float = 5.0) -> dict[str, ActorAddress]:
+    """Every registered global name and its address, asking the admin once. Creates nothing."""
+    base = asys._systemBase
+    if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # the simple base
+        return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
     from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
 
-    admin = asys._systemBase.adminAddr
     with asys.private() as ctx:
-        reply = ctx.ask(admin, Thespian_StatusReq(), timeout)
+        reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
     if not isinstance(reply, Thespian_SystemStatus):
         raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
-    return reply.globalActors.get(global_name)
+    return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}
+
+
+def lookup(asys: ActorSystem, global_name: str, timeout: float = 5.0) -> ActorAddress | None:
+    """The address of the actor registered under ``global_name``, or None. Creates nothing."""
+    return global_actors(asys, timeout).get(global_name)
+
+
+def replica_names(base: str, names: Iterable[str]) -> list[str]:
+    """``base`` and ``base.N`` (the names of a component's replicas) among ``names``, in
+    replica order."""
+    out = []
+    prefix = base + "."
+    for name in names:
+        if name == base:
+            out.append((0, name))
+        elif name.startswith(prefix) and name[len(prefix):].isdigit():
+            out.append((int(name[len(prefix):]), name))
+    return [name for _, name in sorted(out)]
 
 
 __all__ = [
@@ -286,7 +305,9 @@ __all__ = [
     "detach_system",
     "ensure_loopback",
     "free_port",
+    "global_actors",
     "lookup",
+    "replica_names",
     "shutdown_system",
     "simple_actor_addresses",
     "start_actor",
