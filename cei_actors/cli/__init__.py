@@ -30,9 +30,16 @@ from .output import CliError, Output
 GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds)
 
 
+def say_error(message: object) -> None:
+    """Print ``cei: MESSAGE`` on stderr as one line: control characters that came from the
+    user's input (newlines, carriage returns, escapes) are shown escaped, never obeyed."""
+    text = "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(message).strip())
+    print(f"cei: {text}", file=sys.stderr)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
-        print(f"cei: {message}", file=sys.stderr)
+        say_error(message)
         raise SystemExit(2)
 
 
@@ -80,20 +87,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args, out) or 0)
     except UsageError as exc:
-        print(f"cei: {exc}", file=sys.stderr)
+        say_error(exc)
         return 2
     except RequestFailed as exc:
-        print(f"cei: {exc.message}", file=sys.stderr)
+        say_error(exc.message)
         return 1
     except CliError as exc:
         if not exc.quiet or not args.json:
-            print(f"cei: {exc}", file=sys.stderr)
+            say_error(exc)
         return 1
     except BrokenPipeError:  # e.g. piped into head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
     except (EventLogError, LookupError, ValueError, OSError) as exc:
-        print(f"cei: {exc}", file=sys.stderr)
+        say_error(exc)
         return 1
     except KeyboardInterrupt:
         print("cei: interrupted", file=sys.stderr)
