@@ -98,8 +98,10 @@ from kazoo.protocol.serialization import (
     stat_struct,
 )
 
+from ..private_files import private_dir
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, LogUnavailable
 from .log import BatchExists, EventLog
+from .sqlite import private_log_files
 
 #: Largest znode this backend writes (jute.maxbuffer is 1,048,575 bytes for a whole request).
 ZNODE_MAX_BYTES = 1_000_000
@@ -200,6 +202,7 @@ class _SqliteArchive:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_log_files(self.path, f"archive sqlite:///{path}")
             self._db().execute(
                 "CREATE TABLE IF NOT EXISTS zk_archive (log TEXT NOT NULL, stream TEXT NOT NULL, "
                 "first INTEGER NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (log, stream, first))"
@@ -268,7 +271,8 @@ class _DirArchive:
     def __init__(self, directory: str, namespace: str) -> None:
         self.root = Path(directory) / quote(namespace, safe="")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
         except OSError as exc:
             raise LogUnavailable(f"archive {directory}: {exc}") from exc
 
@@ -277,7 +281,7 @@ class _DirArchive:
 
     def put(self, stream: str, items: list[tuple[int, bytes]]) -> None:
         folder = self.root / stream
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(exist_ok=True, mode=0o700)
         for first, blob in items:
             target = self._file(stream, first)
             if target.exists():
@@ -285,7 +289,7 @@ class _DirArchive:
                     raise CorruptLog(stream, first, "the archive holds a different batch here")
                 continue
             tmp = folder / f".{first:020d}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())

@@ -34,6 +34,7 @@ from thespian.actors import ActorAddress, ActorSystem
 from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
 from ..pd.client import PDClient
+from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
 from ..runtime.client import NotFound, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
@@ -61,6 +62,7 @@ __all__ = [
     "down",
     "read_info",
     "replica_name",
+    "secure_home",
     "start_components",
     "stop_components",
     "sweep_leftovers",
@@ -115,8 +117,8 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     not become ready (whatever was started is shut down again).
     """
     home = Path(home).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda _line: None)
+    secure_home(home, say)
     old = read_info(home)
     if old is not None:
         if not _admin_gone(old) and _port_answers(old["admin_port"]):
@@ -164,6 +166,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     ``remote``: a handle on the admin of the convention this system joined; components the
     plan does not run are looked up there and told where this system's components are.
     """
+    secure_home(home, say)
     port = getattr(asys, "cei_admin_port", None)
     addresses: dict[str, list[ActorAddress]] = {}
     for comp in COMPONENTS:
@@ -575,8 +578,18 @@ def read_info(home: Path) -> dict[str, Any] | None:
 def write_info(home: Path, info: dict[str, Any]) -> None:
     path = Path(home) / INFO_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.unlink(missing_ok=True)
+    write_secret_file(tmp, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
+
+
+def secure_home(home: Path, say: Progress) -> None:
+    """Make ``home`` 0700 and its system log 0600 (created so, or tightened with a note)."""
+    if private_dir(home):
+        say(f"{home} was open to other users: its mode is now 0700")
+    log = home / LOG_FILE
+    if log.exists() and private_file(log):
+        say(f"{log} was open to other users: its mode is now 0600")
 
 
 def log_defs(path: Path) -> dict[str, Any]:
@@ -611,7 +624,7 @@ def _stdio_to(path: Path) -> Iterator[None]:
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     _SAVED_STDIO[:] = saved
     null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.dup2(null, 0)
         os.dup2(out, 1)
