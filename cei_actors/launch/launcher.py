@@ -36,6 +36,7 @@ from ..epum.client import EPUMClient
 from ..pd.client import PDClient
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
+from ..provisioner.sealing import CredentialsKey
 from ..runtime.client import NotFound, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
 from ..runtime.system import (
@@ -50,7 +51,7 @@ from ..runtime.system import (
     shutdown_system,
     start_system,
 )
-from .plan import COMPONENTS, Plan
+from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, Plan
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -167,6 +168,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     plan does not run are looked up there and told where this system's components are.
     """
     secure_home(home, say)
+    ensure_credentials_key(plan, home, say)
     port = getattr(asys, "cei_admin_port", None)
     addresses: dict[str, list[ActorAddress]] = {}
     for comp in COMPONENTS:
@@ -581,6 +583,20 @@ def write_info(home: Path, info: dict[str, Any]) -> None:
     tmp.unlink(missing_ok=True)
     write_secret_file(tmp, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
+
+
+def ensure_credentials_key(plan: Plan, home: Path, say: Progress) -> None:
+    """Create the default credentials key ``HOME/credentials.key`` (0600) if the plan's
+    Provisioner uses it and it is missing. A key file named elsewhere must exist already."""
+    if "provisioner" not in plan.components:
+        return
+    path = plan.components["provisioner"].config.get("credentials_key_file")
+    default = home / CREDENTIALS_KEY_FILE
+    if path is None or Path(path) != default or default.exists():
+        return
+    CredentialsKey.create(default)
+    say(f"created the credentials key {default} (mode 0600); every host that runs a "
+        "Provisioner replica needs a copy of it")
 
 
 def secure_home(home: Path, say: Progress) -> None:

@@ -19,7 +19,10 @@ it). Top-level keys, all optional except where noted::
     static_nodes:                 # EEAgents announced directly to the PD (no EPUM, no
       - {node_id: n1, engine: default, slots: 4}   # Provisioner): the original's harness
 
-``${home}`` anywhere in a string is replaced by the home directory. Every error raises
+``${home}`` anywhere in a string is replaced by the home directory. The Provisioner's
+``credentials_key_file`` (the key that seals credentials at rest, mode 0600) defaults to
+``${home}/credentials.key``, which ``up`` creates if it is missing; every host running a
+Provisioner replica needs the same key (name a copy of it in each host's plan). Every error raises
 :class:`PlanError` naming the file, the dotted key and what was expected; unknown keys are
 refused.
 """
@@ -36,6 +39,7 @@ import yaml
 
 __all__ = [
     "COMPONENTS",
+    "CREDENTIALS_KEY_FILE",
     "ComponentPlan",
     "Plan",
     "PlanError",
@@ -47,6 +51,8 @@ __all__ = [
 #: Components in start order (each may reach the ones before it).
 COMPONENTS = ("provisioner", "epum", "pd")
 DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
+#: The default credentials key file under the home.
+CREDENTIALS_KEY_FILE = "credentials.key"
 
 _TOP = {"log", "components", "registry", "pd", "epum", "static_nodes"}
 _COMPONENT_KEYS = {"replicas", "config"}
@@ -143,7 +149,11 @@ def load_plan(path: Path | None, *, home: Path, log_url: str | None = None) -> P
     if data is None:
         data = {}
     data = _substitute(data, str(home))
-    return _Validator(source).plan(data, log_url)
+    plan = _Validator(source).plan(data, log_url)
+    if "provisioner" in plan.components:
+        plan.components["provisioner"].config.setdefault(
+            "credentials_key_file", str(home / CREDENTIALS_KEY_FILE))
+    return plan
 
 
 def _substitute(value: Any, home: str) -> Any:
