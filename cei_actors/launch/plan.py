@@ -3,7 +3,9 @@
 A plan is a YAML file (the built-in one is ``cei_actors/launch/default.yaml``; copy and edit
 it). Top-level keys, all optional except where noted::
 
-    log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME
+    log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME; a
+                                  # ZooKeeper chroot protected by digest credentials:
+                                  # zk://HOSTS/CHROOT?auth_file=${home}/zk.auth (0600, USER:PASSWORD)
     components:                   # provisioner, epum, pd: {replicas: N, config: {...}}
     registry:                     # loaded into the Provisioner at every `up` (idempotent)
       sites: {NAME: {type: ..., ...}}
@@ -34,6 +36,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
@@ -198,6 +201,14 @@ class _Validator:
             raise self.fail("log", f"expected a log URL (sqlite:///PATH, zk://HOSTS/PATH), got {log!r}")
         if not log.startswith(("sqlite://", "zk://", "memory://")):
             raise self.fail("log", f"expected sqlite://, zk:// or memory://, got {log!r}")
+        if log.startswith("zk://"):
+            from ..eventlog import BadLogUrl
+            from ..eventlog.zookeeper import zk_auth
+
+            try:  # a credentials file that is missing or open to others fails here, not at up
+                zk_auth(dict(parse_qsl(urlsplit(log).query)).get("auth_file"))
+            except BadLogUrl as exc:
+                raise self.fail("log", str(exc)) from None
         static = self.static_nodes(top.get("static_nodes"))
         components = self.components(top.get("components"), bool(static))
         pd = self.pd(top.get("pd"))

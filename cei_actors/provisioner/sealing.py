@@ -11,7 +11,7 @@ view for display), and the next save of those credentials seals them.
 
 The key file (``credentials_key_file``, mode 0600, a Fernet key: 32 url-safe base64 bytes) is
 read by the Provisioner actor; every host that runs a Provisioner replica needs the same key
-(see docs/decisions.md S2).
+(see docs/decisions.md SA2).
 """
 
 from __future__ import annotations
