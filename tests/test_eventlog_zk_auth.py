@@ -118,6 +118,9 @@ def test_auth_file_must_be_private_and_well_formed(zk_hosts, tmp_path) -> None:
     assert PASSWORD not in str(info.value)
     with pytest.raises(BadLogUrl, match="No such file"):
         open_log(f"zk://{zk_hosts}?auth_file={tmp_path / 'missing'}")
+    hosts, _ = split(zk_hosts)
+    with pytest.raises(BadLogUrl, match="needs a chroot"):
+        open_log(f"zk://{hosts}/?auth_file={auth_file(tmp_path / 'ok')}")
 
 
 def test_leader_election_under_a_protected_chroot(zk_hosts, secured) -> None:

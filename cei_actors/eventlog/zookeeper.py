@@ -398,6 +398,9 @@ class ZkLog(EventLog):
             raise BadLogUrl(f"log URL {url!r}: chroot must be an absolute znode path")
         self.hosts = hosts
         self.chroot = chroot.rstrip("/") or "/"
+        if self._acl is not None and self.chroot == "/":
+            raise BadLogUrl(f"log URL {url!r}: auth_file needs a chroot (zk://HOSTS/CHROOT), "
+                            "not the server's root")
         self._root = chroot.rstrip("/")
 
         self._lock = threading.Lock()
