@@ -13,6 +13,7 @@ from cei_actors.provisioner.cloud import CloudWorker
 from cei_actors.provisioner.drivers import validate_credentials, validate_site
 from cei_actors.provisioner.logic import Provisioner
 from cei_actors.provisioner.messages import AddDeployableType, AddSite
+from cei_actors.provisioner.sealing import CredentialsKey
 from cei_actors.runtime.core import Decision, Send, SetTimer, Work
 from cei_actors.runtime.messages import ErrorReply, Ok
 from cei_actors.runtime.runner import Runner, replay
@@ -40,11 +41,17 @@ class FakeClock:
         self.t += dt
 
 
-def make_core(**config: Any) -> Provisioner:
+#: The operator's credentials key of every harness (the core seals with it, the worker opens).
+KEY_BYTES = CredentialsKey.generate()
+KEY = CredentialsKey(KEY_BYTES)
+
+
+def make_core(credentials_key: CredentialsKey | None = KEY, **config: Any) -> Provisioner:
     base = {"query_interval": 10.0, "disappear_grace": 30.0}
     base.update(config)
     return Provisioner.from_config(
-        base, site_validator=validate_site, credentials_validator=validate_credentials
+        base, site_validator=validate_site, credentials_validator=validate_credentials,
+        credentials_key=credentials_key,
     )
 
 
@@ -56,7 +63,8 @@ class Harness:
                  snapshot_every: int = 10**9, **config: Any) -> None:
         self.url = url or f"memory://{uuid.uuid4().hex}"
         self.clock = clock or FakeClock()
-        self.worker = worker or CloudWorker(clock=self.clock, rng=random.Random(seed))
+        self.worker = worker or CloudWorker(clock=self.clock, rng=random.Random(seed),
+                                            credentials_key=KEY)
         self.config = config
         self.seed = seed
         self.snapshot_every = snapshot_every

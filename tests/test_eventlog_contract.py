@@ -21,8 +21,10 @@ from cei_actors.eventlog import (
     open_log,
 )
 from cei_actors.eventlog.batch import encode_batch
+from cei_actors.private_files import write_secret_file
 
-BACKENDS = ["memory", "sqlite", pytest.param("zk", marks=pytest.mark.zk)]
+BACKENDS = ["memory", "sqlite", pytest.param("zk", marks=pytest.mark.zk),
+            pytest.param("zk-acl", marks=pytest.mark.zk)]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -36,6 +38,10 @@ def make_log(request, tmp_path):
     else:
         # truncate moves batches out of ZooKeeper, so a ZooKeeper log needs an archive
         url = f"zk://{request.getfixturevalue('zk_hosts')}?archive=sqlite:///{tmp_path}/zk-archive.db"
+        if kind == "zk-acl":  # the same contract on a chroot protected by digest credentials
+            auth = tmp_path / "zk-auth"
+            write_secret_file(auth, b"cei:contract-password")
+            url += f"&auth_file={auth}"
     opened: list[EventLog] = []
 
     def make(**options) -> EventLog:

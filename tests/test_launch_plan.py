@@ -117,3 +117,20 @@ def test_unreadable_and_malformed_files(tmp_path):
         load_plan(write(tmp_path, "log: [unclosed"), home=tmp_path)
     with pytest.raises(PlanError, match=r"\(top level\): expected a mapping, got list"):
         load_plan(write(tmp_path, "- 1\n- 2\n"), home=tmp_path)
+
+
+def test_secrets_in_the_plan_are_files_only_their_owner_may_read(tmp_path):
+    """The credentials key defaults to HOME/credentials.key; a ZooKeeper credentials file
+    named by the log URL must be 0600 (checked at load, never echoing its contents)."""
+    plan = load_plan(None, home=tmp_path)
+    assert plan.start_config("provisioner")["credentials_key_file"] == str(
+        tmp_path.resolve() / "credentials.key")
+    auth = tmp_path / "zk.auth"
+    auth.write_text("cei:hunter2")
+    auth.chmod(0o644)
+    url = f"zk://127.0.0.1:2181/cei?auth_file={auth}"
+    with pytest.raises(PlanError, match="chmod 600") as info:
+        load_plan(None, home=tmp_path, log_url=url)
+    assert info.value.key == "log" and "hunter2" not in str(info.value)
+    auth.chmod(0o600)
+    assert load_plan(None, home=tmp_path, log_url=url).log_url == url

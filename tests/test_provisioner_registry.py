@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from provisioner_harness import DT, SIM_SITE, Harness
+from provisioner_harness import DT, KEY, SIM_SITE, Harness
 
 from cei_actors.provisioner import registry as dtrs
 from cei_actors.provisioner.drivers import REAL_SITE_TYPES
@@ -27,6 +27,7 @@ from cei_actors.provisioner.messages import (
     UpdateDeployableType,
     UpdateSite,
 )
+from cei_actors.provisioner.sealing import mask, open_entry
 
 EC2 = {"type": "ec2", "region": "us-west-2"}
 CREDS = {"access_key": "AK", "secret_key": "SK", "key_name": "mykey"}
@@ -154,7 +155,7 @@ def test_credentials_are_per_caller_and_needed_for_real_clouds(h):
     assert "not supported" in h.error(AddCredentials("ec2", CREDS, "alice", "chef")).message
     h.ok(AddCredentials("ec2", CREDS, caller="alice"))
     assert h.error(AddCredentials("ec2", CREDS, caller="alice")).code == "conflict"
-    assert h.ok(DescribeCredentials("ec2", caller="alice")) == CREDS
+    assert h.ok(DescribeCredentials("ec2", caller="alice")) == mask(CREDS, KEY.fingerprint)
     assert h.error(DescribeCredentials("ec2", caller="bob")).code == "not_found"
     assert h.ok(ListCredentials(caller="alice")) == ["ec2"]
     node = h.ok(Lookup("web", "ec2", caller="alice"))["node"]
@@ -176,7 +177,8 @@ def test_credentials_in_use_cannot_be_removed(h):
     h.ok(Provision("L1", "web", "ec2", ["a1"], {}, caller="alice"))
     assert h.error(RemoveCredentials("ec2", caller="alice")).code == "conflict"
     work = h.work[0]
-    assert work.payload["credentials"] == CREDS and work.payload["keyname"] == "mykey"
+    assert open_entry(work.payload["credentials"], KEY) == CREDS
+    assert work.payload["keyname"] == "mykey"
 
 
 def test_lookup_errors(h):

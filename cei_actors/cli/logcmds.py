@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..eventlog import open_log
-from ..launch.components import component_for
+from ..launch.components import UnknownStream, component_for
 from ..runtime.runner import fold
 from .output import CliError, Output, plain
 
@@ -46,21 +46,33 @@ def cmd_streams(args: argparse.Namespace, out: Output) -> int:
     return 0
 
 
+def _redactor(stream: str, hook: str) -> Any:
+    """The stream's component's ``redact_event`` / ``redact_snapshot`` (what never to show,
+    e.g. credentials), or the identity for components and streams without one."""
+    try:
+        found = getattr(component_for(stream), hook, None)
+    except UnknownStream:
+        found = None
+    return found if found is not None else (lambda *args: args[-1])  # the data, unchanged
+
+
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
+    redact = _redactor(args.stream, "redact_event")
     with _open(args) as log:
         records = log.read(args.stream, args.start, args.stop)
         if out.json:
-            out.emit([_record(r) for r in records])
+            out.emit([_record(r, redact(r.type, r.body)) for r in records])
         else:
             for r in records:
-                out.line(f"{r.offset:>8} e{r.epoch} {r.timestamp:.3f} {r.type} {plain(r.body)}")
+                body = redact(r.type, r.body)
+                out.line(f"{r.offset:>8} e{r.epoch} {r.timestamp:.3f} {r.type} {plain(body)}")
     return 0
 
 
-def _record(r: Any) -> dict[str, Any]:
+def _record(r: Any, body: Any) -> dict[str, Any]:
     return {
         "offset": r.offset, "epoch": r.epoch, "timestamp": r.timestamp,
-        "type": r.type, "version": r.version, "body": plain(r.body, as_text=False),
+        "type": r.type, "version": r.version, "body": plain(body, as_text=False),
     }
 
 
@@ -73,7 +85,8 @@ def _state_at(args: argparse.Namespace, upto: int | None) -> tuple[Any, Any]:
 
 def cmd_state(args: argparse.Namespace, out: Output) -> int:
     component, state = _state_at(args, args.at)
-    out.emit(plain(component.snapshot(state), as_text=False))
+    redact = _redactor(args.stream, "redact_snapshot")
+    out.emit(plain(redact(component.snapshot(state)), as_text=False))
     return 0
 
 
@@ -99,10 +112,11 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     lo, hi = sorted((args.seq_a, args.seq_b))
     component = component_for(args.stream)
     with _open(args) as log:
+        redact = _redactor(args.stream, "redact_snapshot")
         before = fold(component, log.read(args.stream, 1, lo))
-        before_data = plain(component.snapshot(before), as_text=False)
+        before_data = plain(redact(component.snapshot(before)), as_text=False)
         after = fold(component, log.read(args.stream, lo + 1, hi), before)
-        after_data = plain(component.snapshot(after), as_text=False)
+        after_data = plain(redact(component.snapshot(after)), as_text=False)
     changes = diff(before_data, after_data)
     if out.json:
         out.emit(changes)

@@ -52,6 +52,8 @@ def _command(group_name: str, op: str) -> Any:
             if op in ("add", "update"):
                 definition = load_mapping(args.file, f"{group_name} definition")
                 result = method(args.name, definition, **extra)
+                if group_name == "credentials":  # echo what was stored, masked; never the file
+                    definition = conn.provisioner.describe_credentials(args.name, **extra)
                 done(out, result if result is not None else {"name": args.name, group_name: definition},
                      f"{group_name} {args.name} {op}{'d' if op.endswith('e') else 'ed'}")
             elif op == "remove":

@@ -1,6 +1,8 @@
 """``sqlite:///PATH``: the embedded default log, one file, no server.
 
 WAL mode lets readers run while the writer appends. Each thread gets its own connection.
+The file and its ``-wal`` / ``-shm`` companions are 0600 whatever the umask (SQLite gives the
+companions the database file's mode); an existing log that is more open is tightened.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
+from ..private_files import private_file
 from .errors import Fenced, LogUnavailable
 from .log import BatchExists, EventLog
 
@@ -19,6 +22,18 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (stream, first));
 CREATE TABLE IF NOT EXISTS snapshots (stream TEXT PRIMARY KEY, offset INTEGER NOT NULL, blob BLOB NOT NULL);
 """
+
+
+def private_log_files(path: Path, url: str) -> None:
+    """Create the SQLite file ``path`` as 0600 if missing; tighten it and its -wal / -shm."""
+    try:
+        private_file(path)
+        for suffix in ("-wal", "-shm"):
+            companion = path.with_name(path.name + suffix)
+            if companion.exists():
+                private_file(companion)
+    except OSError as exc:
+        raise LogUnavailable(f"{url}: cannot create {path}: {exc}") from exc
 
 
 class SqliteLog(EventLog):
@@ -33,6 +48,7 @@ class SqliteLog(EventLog):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LogUnavailable(f"{url}: cannot create {self.path.parent}: {exc}") from exc
+        private_log_files(self.path, url)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()

@@ -51,11 +51,22 @@ history needs the same archive.
 Snapshots: chunks are created under a fresh ``<id>``, then one multi checks every chunk and swaps
 the manifest, so a half-written snapshot is never loaded; the replaced snapshot is deleted after.
 
+Access control: ``auth_file=PATH`` names a file (mode 0600, refused if others may read it)
+holding ``USER:PASSWORD``. The client then authenticates with ZooKeeper's ``digest`` scheme, and
+every znode under CHROOT (the chroot itself, streams, epochs, batches, snapshots, the leader
+elections) carries the ACL ``digest:USER:<hash>`` with all permissions and nothing for anyone
+else: a client without the credentials can neither read the log nor bump an epoch (fence). A
+chroot that is not yet protected this way (created open, or before ``auth_file`` was set) is
+protected when the log opens: every znode under it gets the ACL, the chroot last. The
+credentials never appear in the URL, a command line or an error message (see docs/decisions.md
+SA3). Without ``auth_file`` znodes are open (``world:anyone``), as before.
+
 Options (URL query or keyword): ``timeout`` (s, default 10: connecting, and the longest any call
 waits for an unreachable server before :class:`LogUnavailable`), ``session_timeout`` (s, 10),
 ``archive``, ``bucket`` (10000, fixed per stream when it is created), ``cache_bytes`` (32 MiB),
 ``readahead`` (bytes of batches requested ahead of a reader, 2 MiB), ``multiread`` (true: read
-many znodes per request with ZooKeeper's read-only multi, servers >= 3.6; probed at start).
+many znodes per request with ZooKeeper's read-only multi, servers >= 3.6; probed at start),
+``auth_file`` (see above).
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ from kazoo.exceptions import (
     ConnectionClosedError,
     ConnectionLoss,
     KazooException,
+    NoAuthError,
     NodeExistsError,
     NoNodeError,
     NotEmptyError,
@@ -97,9 +109,12 @@ from kazoo.protocol.serialization import (
     read_string,
     stat_struct,
 )
+from kazoo.security import make_digest_acl
 
+from ..private_files import SecretFileError, private_dir, read_secret_file
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, LogUnavailable
 from .log import BatchExists, EventLog
+from .sqlite import private_log_files
 
 #: Largest znode this backend writes (jute.maxbuffer is 1,048,575 bytes for a whole request).
 ZNODE_MAX_BYTES = 1_000_000
@@ -114,6 +129,27 @@ _LOST = (ConnectionLoss, SessionExpiredError)
 
 class ArchiveNotConfigured(EventLogError):
     """``truncate`` on a ZooKeeper log that has no ``archive=`` option."""
+
+
+class AccessDenied(EventLogError):
+    """ZooKeeper refused this client (no credentials, or other ones) access to the log."""
+
+
+def zk_auth(auth_file: str | None) -> dict[str, Any]:
+    """``KazooClient`` keywords for ``auth_file`` (``auth_data``, ``default_acl``); ``{}``
+    without one. Raises :class:`BadLogUrl` (never showing the password) if the file is
+    missing, open to others, or not ``USER:PASSWORD``."""
+    if not auth_file:
+        return {}
+    try:
+        text = read_secret_file(auth_file, "ZooKeeper credentials file").decode().strip()
+    except (SecretFileError, UnicodeDecodeError) as exc:
+        raise BadLogUrl(str(exc)) from None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password or "\n" in text:
+        raise BadLogUrl(f"ZooKeeper credentials file {auth_file}: expected one line USER:PASSWORD")
+    return {"auth_data": [("digest", f"{user}:{password}")],
+            "default_acl": [make_digest_acl(user, password, all=True)]}
 
 
 class _MissingBucket(Exception):
@@ -200,6 +236,7 @@ class _SqliteArchive:
         self._lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            private_log_files(self.path, f"archive sqlite:///{path}")
             self._db().execute(
                 "CREATE TABLE IF NOT EXISTS zk_archive (log TEXT NOT NULL, stream TEXT NOT NULL, "
                 "first INTEGER NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (log, stream, first))"
@@ -268,7 +305,8 @@ class _DirArchive:
     def __init__(self, directory: str, namespace: str) -> None:
         self.root = Path(directory) / quote(namespace, safe="")
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            private_dir(self.root)
         except OSError as exc:
             raise LogUnavailable(f"archive {directory}: {exc}") from exc
 
@@ -277,7 +315,7 @@ class _DirArchive:
 
     def put(self, stream: str, items: list[tuple[int, bytes]]) -> None:
         folder = self.root / stream
-        folder.mkdir(exist_ok=True)
+        folder.mkdir(exist_ok=True, mode=0o700)
         for first, blob in items:
             target = self._file(stream, first)
             if target.exists():
@@ -285,7 +323,7 @@ class _DirArchive:
                     raise CorruptLog(stream, first, "the archive holds a different batch here")
                 continue
             tmp = folder / f".{first:020d}.{uuid.uuid4().hex[:8]}.tmp"
-            with open(tmp, "wb") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
                 f.write(blob)
                 f.flush()
                 os.fsync(f.fileno())
@@ -335,14 +373,17 @@ class ZkLog(EventLog):
         cache_bytes: int | str = 32 * 1024 * 1024,
         readahead: int | str = 2 * 1024 * 1024,
         multiread: bool | str = True,
+        auth_file: str | None = None,
         **unknown: object,
     ) -> None:
         super().__init__(url)
         if unknown:
             raise BadLogUrl(
                 f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} (known: timeout, "
-                "session_timeout, archive, bucket, cache_bytes, readahead, multiread)"
+                "session_timeout, archive, bucket, cache_bytes, readahead, multiread, auth_file)"
             )
+        auth = zk_auth(auth_file)
+        self._acl: list[Any] | None = auth.get("default_acl")
         try:
             self.timeout = float(timeout)
             session = float(session_timeout)
@@ -357,6 +398,9 @@ class ZkLog(EventLog):
             raise BadLogUrl(f"log URL {url!r}: chroot must be an absolute znode path")
         self.hosts = hosts
         self.chroot = chroot.rstrip("/") or "/"
+        if self._acl is not None and self.chroot == "/":
+            raise BadLogUrl(f"log URL {url!r}: auth_file needs a chroot (zk://HOSTS/CHROOT), "
+                            "not the server's root")
         self._root = chroot.rstrip("/")
 
         self._lock = threading.Lock()
@@ -394,6 +438,7 @@ class ZkLog(EventLog):
                 hosts=hosts,
                 timeout=session,
                 connection_retry={"max_tries": -1, "delay": 0.05, "backoff": 1.5, "max_delay": 1.0},
+                **auth,
             )
         except (ValueError, KazooException) as exc:
             raise BadLogUrl(f"log URL {url!r}: bad hosts {hosts!r} ({exc})") from None
@@ -415,11 +460,46 @@ class ZkLog(EventLog):
             self._call(
                 "creating the log root", lambda: self._client.ensure_path_async(self._p("/streams"))
             )
+            if self._acl is not None:
+                self._protect()
+            self._call("reading the log root", lambda: self._client.get_children_async(self._p("/streams")))
+        except NoAuthError:
+            self.close()
+            raise AccessDenied(
+                f"ZooKeeper at {hosts} refused access to {self.chroot}: the log is protected by an "
+                "ACL; this client has " + ("other credentials" if self._acl else "no credentials "
+                                           "(give them with ?auth_file=PATH)") + f" (log {url})"
+            ) from None
         except BaseException:
             self.close()
             raise
         if self._multiread:
             self._multiread = self._probe_multiread()
+
+    def _protect(self) -> None:
+        """Give every znode under the chroot this log's ACL, unless the chroot has it already.
+
+        Deepest first and the chroot last, so an interrupted run is redone at the next open."""
+        root = self._root or "/"
+        acls, _ = self._call("reading the log root's ACL", lambda: self._client.get_acls_async(root))
+        if list(acls) == self._acl:
+            return
+        paths, i = [root], 0
+        while i < len(paths):
+            group = paths[i : i + 200]
+            i += len(group)
+            futures = [(p, self._client.get_children_async(p)) for p in group]
+            for parent, future in futures:
+                children = self._result(future, "listing the log to protect it",
+                                        lambda p=parent: self._client.get_children_async(p))
+                paths += [f"{parent.rstrip('/')}/{child}" for child in children]
+        deepest_first = paths[:0:-1]
+        for group in [deepest_first[k : k + 500] for k in range(0, len(deepest_first), 500)] + [[root]]:
+            futures = [(p, self._client.set_acls_async(p, self._acl)) for p in group]
+            for path, future in futures:
+                with contextlib.suppress(NoNodeError):  # deleted meanwhile
+                    self._result(future, "protecting the log",
+                                 lambda p=path: self._client.set_acls_async(p, self._acl))
 
     def _probe_multiread(self) -> bool:
         """Whether this server and kazoo answer a multiRead (else reads fall back to one get each)."""

@@ -34,7 +34,9 @@ from thespian.actors import ActorAddress, ActorSystem
 from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
 from ..pd.client import PDClient
+from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
+from ..provisioner.sealing import CredentialsKey
 from ..runtime.client import NotFound, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
 from ..runtime.system import (
@@ -49,7 +51,7 @@ from ..runtime.system import (
     shutdown_system,
     start_system,
 )
-from .plan import COMPONENTS, Plan
+from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, Plan
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -61,6 +63,7 @@ __all__ = [
     "down",
     "read_info",
     "replica_name",
+    "secure_home",
     "start_components",
     "stop_components",
     "sweep_leftovers",
@@ -115,8 +118,8 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     not become ready (whatever was started is shut down again).
     """
     home = Path(home).expanduser().resolve()
-    home.mkdir(parents=True, exist_ok=True)
     say = progress or (lambda _line: None)
+    secure_home(home, say)
     old = read_info(home)
     if old is not None:
         if not _admin_gone(old) and _port_answers(old["admin_port"]):
@@ -164,6 +167,8 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
     ``remote``: a handle on the admin of the convention this system joined; components the
     plan does not run are looked up there and told where this system's components are.
     """
+    secure_home(home, say)
+    ensure_credentials_key(plan, home, say)
     port = getattr(asys, "cei_admin_port", None)
     addresses: dict[str, list[ActorAddress]] = {}
     for comp in COMPONENTS:
@@ -575,8 +580,32 @@ def read_info(home: Path) -> dict[str, Any] | None:
 def write_info(home: Path, info: dict[str, Any]) -> None:
     path = Path(home) / INFO_FILE
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    tmp.unlink(missing_ok=True)
+    write_secret_file(tmp, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode())
     os.replace(tmp, path)
+
+
+def ensure_credentials_key(plan: Plan, home: Path, say: Progress) -> None:
+    """Create the default credentials key ``HOME/credentials.key`` (0600) if the plan's
+    Provisioner uses it and it is missing. A key file named elsewhere must exist already."""
+    if "provisioner" not in plan.components:
+        return
+    path = plan.components["provisioner"].config.get("credentials_key_file")
+    default = home / CREDENTIALS_KEY_FILE
+    if path is None or Path(path) != default or default.exists():
+        return
+    CredentialsKey.create(default)
+    say(f"created the credentials key {default} (mode 0600); every host that runs a "
+        "Provisioner replica needs a copy of it")
+
+
+def secure_home(home: Path, say: Progress) -> None:
+    """Make ``home`` 0700 and its system log 0600 (created so, or tightened with a note)."""
+    if private_dir(home):
+        say(f"{home} was open to other users: its mode is now 0700")
+    log = home / LOG_FILE
+    if log.exists() and private_file(log):
+        say(f"{log} was open to other users: its mode is now 0600")
 
 
 def log_defs(path: Path) -> dict[str, Any]:
@@ -611,7 +640,7 @@ def _stdio_to(path: Path) -> Iterator[None]:
     saved = [os.dup(fd) for fd in (0, 1, 2)]
     _SAVED_STDIO[:] = saved
     null = os.open(os.devnull, os.O_RDONLY)
-    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         os.dup2(null, 0)
         os.dup2(out, 1)

@@ -3,7 +3,9 @@
 A plan is a YAML file (the built-in one is ``cei_actors/launch/default.yaml``; copy and edit
 it). Top-level keys, all optional except where noted::
 
-    log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME
+    log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME; a
+                                  # ZooKeeper chroot protected by digest credentials:
+                                  # zk://HOSTS/CHROOT?auth_file=${home}/zk.auth (0600, USER:PASSWORD)
     components:                   # provisioner, epum, pd: {replicas: N, config: {...}}
     registry:                     # loaded into the Provisioner at every `up` (idempotent)
       sites: {NAME: {type: ..., ...}}
@@ -19,7 +21,10 @@ it). Top-level keys, all optional except where noted::
     static_nodes:                 # EEAgents announced directly to the PD (no EPUM, no
       - {node_id: n1, engine: default, slots: 4}   # Provisioner): the original's harness
 
-``${home}`` anywhere in a string is replaced by the home directory. Every error raises
+``${home}`` anywhere in a string is replaced by the home directory. The Provisioner's
+``credentials_key_file`` (the key that seals credentials at rest, mode 0600) defaults to
+``${home}/credentials.key``, which ``up`` creates if it is missing; every host running a
+Provisioner replica needs the same key (name a copy of it in each host's plan). Every error raises
 :class:`PlanError` naming the file, the dotted key and what was expected; unknown keys are
 refused.
 """
@@ -31,11 +36,13 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import yaml
 
 __all__ = [
     "COMPONENTS",
+    "CREDENTIALS_KEY_FILE",
     "ComponentPlan",
     "Plan",
     "PlanError",
@@ -47,6 +54,8 @@ __all__ = [
 #: Components in start order (each may reach the ones before it).
 COMPONENTS = ("provisioner", "epum", "pd")
 DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
+#: The default credentials key file under the home.
+CREDENTIALS_KEY_FILE = "credentials.key"
 
 _TOP = {"log", "components", "registry", "pd", "epum", "static_nodes"}
 _COMPONENT_KEYS = {"replicas", "config"}
@@ -143,7 +152,11 @@ def load_plan(path: Path | None, *, home: Path, log_url: str | None = None) -> P
     if data is None:
         data = {}
     data = _substitute(data, str(home))
-    return _Validator(source).plan(data, log_url)
+    plan = _Validator(source).plan(data, log_url)
+    if "provisioner" in plan.components:
+        plan.components["provisioner"].config.setdefault(
+            "credentials_key_file", str(home / CREDENTIALS_KEY_FILE))
+    return plan
 
 
 def _substitute(value: Any, home: str) -> Any:
@@ -188,6 +201,14 @@ class _Validator:
             raise self.fail("log", f"expected a log URL (sqlite:///PATH, zk://HOSTS/PATH), got {log!r}")
         if not log.startswith(("sqlite://", "zk://", "memory://")):
             raise self.fail("log", f"expected sqlite://, zk:// or memory://, got {log!r}")
+        if log.startswith("zk://"):
+            from ..eventlog import BadLogUrl
+            from ..eventlog.zookeeper import zk_auth
+
+            try:  # a credentials file that is missing or open to others fails here, not at up
+                zk_auth(dict(parse_qsl(urlsplit(log).query)).get("auth_file"))
+            except BadLogUrl as exc:
+                raise self.fail("log", str(exc)) from None
         static = self.static_nodes(top.get("static_nodes"))
         components = self.components(top.get("components"), bool(static))
         pd = self.pd(top.get("pd"))

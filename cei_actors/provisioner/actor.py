@@ -7,6 +7,9 @@
   ``destroy_retry_delay``, ``reaper_interval``, ``record_max_age``, ``client_token_prefix``,
   ``default_user``, ``subscribers``, ``destroy_zombies``;
 - ``iaas_timeout``: seconds per real-cloud API request (default 60);
+- ``credentials_key_file``: the operator's key file (mode 0600) that seals credentials at
+  rest (see :mod:`.sealing`); without it, credentials are refused. The launcher sets it to
+  ``HOME/credentials.key`` unless the plan names one;
 - ``driver_factory``: ``"module:function"`` (or a callable) ``(site, credentials) ->
   NodeDriver`` replacing :func:`~.drivers.driver_for_site` (tests, custom clouds);
 - the shell's ``workers`` (default: enough for every create, destroy and listing in flight),
@@ -28,11 +31,12 @@ from ..runtime.shell import EventSourcedActor
 from .cloud import CloudWorker, DriverFactory
 from .drivers import validate_credentials, validate_site
 from .logic import CONFIG_KEYS, Provisioner
+from .sealing import CredentialsKey
 
 __all__ = ["ACTOR_KEYS", "ProvisionerActor", "check_config_keys", "resolve_factory"]
 
 #: Config keys of the actor itself (besides the core's and the shell's).
-ACTOR_KEYS = {"iaas_timeout": 60.0, "driver_factory": None}
+ACTOR_KEYS = {"iaas_timeout": 60.0, "driver_factory": None, "credentials_key_file": None}
 
 
 def resolve_factory(spec: Any) -> DriverFactory | None:
@@ -71,15 +75,19 @@ class ProvisionerActor(EventSourcedActor):
                                       CONFIG_KEYS["terminator_concurrency"]))
             config["workers"] = creates + destroys + 4
         timeout = config.get("iaas_timeout", ACTOR_KEYS["iaas_timeout"])
+        path = config.get("credentials_key_file")
+        self.credentials_key = None if path is None else CredentialsKey.load(path)
         self.cloud = CloudWorker(
             iaas_timeout=None if timeout is None else float(timeout),
             driver_factory=resolve_factory(config.get("driver_factory")),
+            credentials_key=self.credentials_key,
         )
 
     def make_component(self, config: dict) -> Provisioner:
         core = {k: v for k, v in config.items() if k in CONFIG_KEYS}
         return Provisioner.from_config(
-            core, site_validator=validate_site, credentials_validator=validate_credentials
+            core, site_validator=validate_site, credentials_validator=validate_credentials,
+            credentials_key=self.credentials_key,
         )
 
     def teardown(self) -> None:

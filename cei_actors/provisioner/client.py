@@ -146,6 +146,7 @@ class ProvisionerClient:
         self._call(RemoveCredentials(site, self.caller, credential_type))
 
     def describe_credentials(self, site: str, credential_type: str = "site") -> dict:
+        """The stored credentials, masked: each secret value is ``****`` and a fingerprint."""
         return self._call(DescribeCredentials(site, self.caller, credential_type))
 
     def list_credentials(self, credential_type: str = "site") -> list[str]:

@@ -5,7 +5,9 @@ their outcomes into result messages; every exception becomes an ``error_kind`` (
 quota, auth, not_found, other) and text, never a crash. The actor runs these handlers in
 its worker pool; tests and benchmarks call them directly.
 
-Drivers are built with :func:`~.drivers.driver_for_site` and cached per cloud account.
+Drivers are built with :func:`~.drivers.driver_for_site` and cached per cloud account. The
+payload's credentials are a sealed entry (:mod:`.sealing`), opened here with the operator's
+key just before a driver is built; a clear value never goes back into a message or event.
 Simulated and local sites keep one shared driver (it *is* the cloud); real clouds get one
 driver per worker thread, since libcloud connections are not thread-safe.
 """
@@ -24,6 +26,7 @@ from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 from .drivers import driver_for_site, instance_state_for
 from .drivers.simcloud import Clock
 from .messages import CreateResult, DestroyResult, ListResult
+from .sealing import CredentialsKey, open_entry
 
 __all__ = ["CloudWorker", "DriverFactory", "classify_error", "vm_record"]
 
@@ -79,11 +82,13 @@ class CloudWorker:
         rng: random.Random | None = None,
         iaas_timeout: float | None = 60.0,
         driver_factory: DriverFactory | None = None,
+        credentials_key: CredentialsKey | None = None,
     ) -> None:
         self.clock = clock
         self.rng = rng
         self.iaas_timeout = iaas_timeout
         self.driver_factory = driver_factory
+        self.credentials_key = credentials_key
         self._lock = threading.Lock()
         self._shared: dict[tuple[str, str], NodeDriver] = {}
         self._local = threading.local()
@@ -100,22 +105,27 @@ class CloudWorker:
         return driver_for_site(definition, creds, clock=self.clock, rng=self.rng, timeout=timeout)
 
     def driver(self, payload: Mapping[str, Any]) -> NodeDriver:
-        """The driver for a work payload's account (built once per account and definition)."""
-        definition, creds = payload["definition"], payload.get("credentials")
-        key = (payload["account"], json.dumps([definition, creds], sort_keys=True, default=str))
+        """The driver for a work payload's account (built once per account and definition).
+
+        Raises :class:`~.sealing.SealError` if the account's credentials cannot be opened."""
+        definition, entry = payload["definition"], payload.get("credentials")
+        key = (payload["account"], json.dumps([definition, entry], sort_keys=True, default=str))
         if definition.get("type") in _SHARED_TYPES:
             with self._lock:
                 driver = self._shared.get(key)
                 if driver is None:
-                    driver = self._shared[key] = self._build(definition, creds)
+                    driver = self._shared[key] = self._build(definition, self._open(entry))
             return driver
         cache = getattr(self._local, "drivers", None)
         if cache is None:
             cache = self._local.drivers = {}
         driver = cache.get(key)
         if driver is None:
-            driver = cache[key] = self._build(definition, creds)
+            driver = cache[key] = self._build(definition, self._open(entry))
         return driver
+
+    def _open(self, entry: Mapping[str, Any] | None) -> dict[str, Any] | None:
+        return None if entry is None else open_entry(entry, self.credentials_key)
 
     def shared_drivers(self) -> list[NodeDriver]:
         with self._lock:

@@ -183,14 +183,24 @@ class DeployableTypeRemoved:
     at: float
 
 
-@events.register("CredentialsSaved")
+@events.register("CredentialsSaved", version=2)
 @dataclass(frozen=True, slots=True)
 class CredentialsSaved:
+    """Credentials of ``owner`` for ``site``. Version 2: ``credentials`` is the masked view
+    (no secret value) and ``sealed`` the Fernet token, key id and digest (see ``sealing``).
+    Version 1 (older logs) held the clear credentials and no ``sealed``."""
+
     owner: str
     site: str
     credential_type: str
     credentials: dict[str, Any]
     at: float
+    sealed: dict[str, Any] | None = None
+
+
+@events.upcaster("CredentialsSaved", from_version=1)
+def _clear_credentials(body: dict[str, Any]) -> dict[str, Any]:
+    return {**body, "sealed": None}
 
 
 @events.register("CredentialsRemoved")

@@ -44,6 +44,7 @@ from . import events as ev
 from . import invariants
 from . import messages as m
 from . import registry as dtrs
+from .sealing import CredentialsKey, entry_from_event, entry_view, redact_entry, upgrade_entry
 from .state import (
     _NODE_EVENTS,
     UNKNOWN_LAUNCH,
@@ -135,7 +136,9 @@ class Provisioner(Component[ProvisionerState]):
 
     Configuration: the keys of :data:`CONFIG_KEYS`, plus ``site_validator`` and
     ``credentials_validator`` (callables; the actor passes the drivers' validators, the
-    default checks only that a site has a ``type``).
+    default checks only that a site has a ``type``) and ``credentials_key`` (the operator's
+    :class:`~.sealing.CredentialsKey`; without one, credentials are refused, never stored in
+    clear).
     """
 
     registry = ev.events
@@ -158,6 +161,7 @@ class Provisioner(Component[ProvisionerState]):
         destroy_zombies: bool = True,
         site_validator: dtrs.SiteValidator | None = None,
         credentials_validator: dtrs.CredentialsValidator | None = None,
+        credentials_key: CredentialsKey | None = None,
     ) -> None:
         if not client_token_prefix or len(client_token_prefix) > 24:
             raise ValueError("client_token_prefix must be 1-24 characters")
@@ -185,6 +189,7 @@ class Provisioner(Component[ProvisionerState]):
         self.destroy_zombies = bool(destroy_zombies)
         self.site_validator = site_validator
         self.credentials_validator = credentials_validator
+        self.credentials_key = credentials_key
         self._handlers: dict[type, Callable[[ProvisionerState, Any, _Txn], Any]] = {
             m.Provision: self._provision,
             m.TerminateNodes: self._terminate_nodes,
@@ -247,6 +252,25 @@ class Provisioner(Component[ProvisionerState]):
 
     def invariants(self, state: ProvisionerState) -> list[str]:
         return invariants.broken(state)
+
+    # ---- what `cei log` shows: never a credential (for `show`, `state` and `diff`)
+
+    @staticmethod
+    def redact_event(type_name: str, body: dict[str, Any]) -> dict[str, Any]:
+        """An event body as displayed: credentials masked, the sealed token left out."""
+        if type_name != "CredentialsSaved":
+            return body
+        entry = redact_entry(entry_from_event(body["credentials"], body.get("sealed")))
+        return {**body, "credentials": entry["view"],
+                "sealed": {"key_id": entry["key_id"]} if "key_id" in entry else None}
+
+    @staticmethod
+    def redact_snapshot(data: Any) -> Any:
+        """A snapshot (``snapshot(state)``) as displayed: each credentials entry redacted."""
+        creds = data["registry"]["credentials"]
+        redacted = {o: {k: redact_entry(upgrade_entry(v)) for k, v in items.items()}
+                    for o, items in creds.items()}
+        return {**data, "registry": {**data["registry"], "credentials": redacted}}
 
     def decide(self, state: ProvisionerState, message: Any, ctx: Context) -> Decision:
         handler = self._handlers.get(type(message))
@@ -755,7 +779,16 @@ class Provisioner(Component[ProvisionerState]):
                                               msg.credential_type, self.credentials_validator)
         except dtrs.RegistryError as exc:
             raise self._refuse(exc) from None
-        txn.emit(ev.CredentialsSaved(owner, msg.site, msg.credential_type, creds, txn.now))
+        key = self.credentials_key
+        if key is None:
+            raise bad_request("this Provisioner has no credentials key (credentials_key_file), "
+                              "and credentials are never stored in clear")
+        current = txn.state.registry.credentials.get(owner, {}).get(
+            dtrs.credential_key(msg.site, msg.credential_type))
+        if current is not None and key.same(current, creds):
+            return Ok(None)  # already sealed with these values: nothing to write
+        view, sealed = key.seal(creds, txn.now)
+        txn.emit(ev.CredentialsSaved(owner, msg.site, msg.credential_type, view, txn.now, sealed))
         return Ok(None)
 
     def _remove_credentials(self, state: ProvisionerState, msg: m.RemoveCredentials,
@@ -779,7 +812,7 @@ class Provisioner(Component[ProvisionerState]):
         )
         if creds is None:
             raise not_found(f"no credentials for site {msg.site!r}")
-        return Ok(dict(creds))
+        return Ok(entry_view(creds))
 
     def _list_credentials(self, state: ProvisionerState, msg: m.ListCredentials,
                           txn: _Txn) -> Any:

@@ -292,6 +292,8 @@ class RemoveCredentials(Message):
 
 @dataclass(frozen=True)
 class DescribeCredentials(Message):
+    """Answered with the credentials masked (secret values as ``****`` + a fingerprint)."""
+
     site: str
     caller: str | None = None
     credential_type: str = "site"

@@ -17,6 +17,8 @@ What it holds (the Provisioner's state keeps a :class:`Registry`; events change 
   is a validation failure. Chef and the Nimbus context broker are not supported.
 - **credentials** per caller and site (``access_key``, ``secret_key``, ``key_name``). Only
   the caller's own credentials are ever used; real cloud sites need them, sim/local do not.
+  They are held as entries of :mod:`.sealing` (sealed, masked for display), never in clear
+  except in legacy entries replayed from logs written before sealing.
 
 Site descriptions are checked by an injected validator (the actor passes the drivers'
 ``validate_site``; this module never imports libcloud).
@@ -31,6 +33,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .sealing import entry_view, upgrade_entry
 from .states import Reason
 
 __all__ = [
@@ -92,7 +95,7 @@ class Registry:
 
     sites: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
     dts: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
-    #: owner -> "<type>:<site>" -> credentials
+    #: owner -> "<type>:<site>" -> a credentials entry of :mod:`.sealing`
     credentials: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
     def to_data(self) -> dict[str, Any]:
@@ -103,7 +106,9 @@ class Registry:
         def copy(d: Mapping[str, Any]) -> dict[str, dict[str, dict[str, Any]]]:
             return {o: {n: dict(v) for n, v in items.items()} for o, items in d.items()}
 
-        return cls(copy(data["sites"]), copy(data["dts"]), copy(data["credentials"]))
+        creds = {o: {n: upgrade_entry(v) for n, v in items.items()}
+                 for o, items in data["credentials"].items()}
+        return cls(copy(data["sites"]), copy(data["dts"]), creds)
 
 
 def owner_key(caller: str | None) -> str:
@@ -348,7 +353,7 @@ def lookup(
             raise LookupFailed(
                 Reason.DTRS_LOOKUP_FAILED, f"{who} has no credentials for site {site!r}"
             )
-        keyname = creds.get("key_name")
+        keyname = entry_view(creds).get("key_name")
     ctx = definition.get("contextualization") or {}
     method = ctx.get("method", "none")
     userdata = render(ctx["userdata"], vars or {}) if method == "userdata" else None

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import events as ev
 from .registry import Registry, credential_key
+from .sealing import entry_from_event
 from .states import FINAL_STATES, rank
 
 __all__ = [
@@ -472,7 +473,8 @@ def apply_event(state: ProvisionerState, e: Any) -> ProvisionerState:
         _drop(state.registry.dts, e.owner, e.name)
     elif kind is ev.CredentialsSaved:
         key = credential_key(e.site, e.credential_type)
-        state.registry.credentials.setdefault(e.owner, {})[key] = dict(e.credentials)
+        state.registry.credentials.setdefault(e.owner, {})[key] = entry_from_event(
+            e.credentials, e.sealed)
     elif kind is ev.CredentialsRemoved:
         _drop(state.registry.credentials, e.owner, credential_key(e.site, e.credential_type))
     return state

@@ -27,7 +27,8 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
 logger = logging.getLogger(__name__)
 
@@ -187,7 +188,8 @@ class ZkLeadership(Leadership):
 
     ``hosts`` is a kazoo host string (``"127.0.0.1:2181[,...][/chroot]"``); ``timeout`` is the
     session timeout in seconds. Pass ``client`` to share a started ``KazooClient`` (then it is
-    not stopped by :meth:`close`).
+    not stopped by :meth:`close`), or ``client_options`` for the one it starts (e.g. the
+    ``auth_data`` and ``default_acl`` of a log's ``auth_file``).
     """
 
     def __init__(
@@ -198,8 +200,10 @@ class ZkLeadership(Leadership):
         *,
         timeout: float = 10.0,
         client: object | None = None,
+        client_options: dict[str, Any] | None = None,
     ) -> None:
         self.hosts, self.path, self.timeout = hosts, path, timeout
+        self._client_options = dict(client_options or {})
         self.identifier = identifier or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._own_client = client is None
         self._client = client
@@ -280,7 +284,7 @@ class ZkLeadership(Leadership):
         from kazoo.client import KazooClient
 
         if self._client is None:
-            self._client = KazooClient(hosts=self.hosts, timeout=self.timeout)
+            self._client = KazooClient(hosts=self.hosts, timeout=self.timeout, **self._client_options)
         client = self._client
         if not self._listening:
             client.add_listener(self._on_state)
@@ -368,7 +372,10 @@ def leadership_for(spec: str, log_url: str, stream: str, identifier: str | None 
         base = (parts.path or "/cei").rstrip("/")
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
         timeout = float(query.get("timeout", 10.0))
-        return ZkLeadership(parts.netloc, f"{base}/leaders/{stream}", identifier, timeout=timeout)
+        from ..eventlog.zookeeper import zk_auth  # the log's credentials protect the election too
+
+        return ZkLeadership(parts.netloc, f"{base}/leaders/{stream}", identifier, timeout=timeout,
+                            client_options=zk_auth(unquote(query.get("auth_file", ""))))
     raise ValueError(f"unknown leadership {spec!r}")
 
 
