@@ -19,6 +19,7 @@ the ``CEI_LOCAL_VM`` marker in their environment.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import signal
@@ -72,10 +73,8 @@ def kill_all(sig: int) -> int:
     """Send ``sig`` to every descendant; how many there were."""
     pids = descendants(os.getpid())
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass
     return len(pids)
 
 
@@ -107,10 +106,8 @@ def main(argv: list[str]) -> int:
         info = signal.sigtimedwait(WATCHED, wait)
         if info is not None and info.si_signo in STOP_SIGNALS and stop_at is None:
             stop_at = time.monotonic() + grace
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
     # Everything left of the unit: SIGTERM, then SIGKILL until none is left.
     deadline = time.monotonic() + (grace if stop_at is None else max(0.0, stop_at - time.monotonic()))
     if kill_all(signal.SIGTERM):
