@@ -275,7 +275,8 @@ def escaped_node(d: LocalProcessDriver):
     node = d.create_node("vm", None, None)
     node_dir = Path(node.extra["node_dir"])
     escaped, main = _pid_in(node_dir / "escaped.pid"), _pid_in(node_dir / "main.pid")
-    assert os.getsid(escaped) == escaped != node.extra["pgid"]  # out of the node's group
+    assert wait_for(lambda: os.getsid(escaped) == escaped)  # out of the node's session
+    assert escaped != node.extra["pgid"]
     return node, escaped, main
 
 
