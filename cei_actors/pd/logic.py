@@ -664,7 +664,12 @@ class ProcessDispatcher(Component[PDState]):
         if spec.iaas_allocation is not None:
             ec["iaas_allocation"] = spec.iaas_allocation
         pv = ec.setdefault("provisioner_vars", {})
-        pv.update(slots=spec.slots, replicas=spec.replicas, heartbeat=spec.heartbeat_period)
+        pv.update(
+            slots=spec.slots,
+            replicas=spec.replicas,
+            heartbeat=spec.heartbeat_period,
+            fence=self.cfg.fence_time,
+        )
         return conf
 
     def resolve_engine(self, m: ScheduleProcess, definition: dict | None) -> str:
