@@ -13,18 +13,21 @@ def test_a_grant_runs_from_when_the_heartbeat_was_sent():
     s1 = lease.sending(105.0)
     s2 = lease.sending(106.0)
     assert lease.granted(s2, 10.0) and lease.until == 116.0
+    s3 = lease.sending(107.0)
+    assert lease.granted(s3, 2.0) and lease.until == 116.0  # never shortened
     assert not lease.granted(s1, 10.0)  # older than a grant already taken: forgotten
     assert lease.until == 116.0
 
 
-def test_a_grant_names_the_pds_fence_and_never_shortens_the_lease():
+def test_the_first_grant_replaces_the_agents_guess_later_ones_only_extend():
     lease = AgentLease.start(30.0, now=0.0)
     s = lease.sending(1.0)
     assert lease.granted(s, 5.0)
-    assert lease.fence == 5.0 and lease.until == 30.0  # the start lease still holds
+    assert lease.fence == 5.0 and lease.until == 6.0  # the PD's fence, not our 30 s
     assert lease.renew_every() == 1.25
-    s = lease.sending(28.0)
-    assert lease.granted(s, 5.0) and lease.until == 33.0
+    s1, s2 = lease.sending(4.0), lease.sending(5.0)
+    assert lease.granted(s2, 5.0) and lease.until == 10.0
+    assert not lease.granted(s1, 5.0) and lease.until == 10.0
 
 
 def test_unknown_grants_and_bad_fences():

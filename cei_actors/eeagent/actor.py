@@ -148,6 +148,15 @@ class AgentCore:
         if send_epum is not None:
             with self._lock:
                 self._note_failures(self.supervisor.dump())  # e.g. ended while we were down
+        # The lease is kept by its own thread: the host's thread may be stuck in a send to a
+        # PD that does not answer (thespian waits for the receiver's acknowledgement).
+        self._fence_event = threading.Event()
+        self._closing = False
+        self._granted_once = False
+        self._fence_thread = threading.Thread(
+            target=self._fence_loop, name=f"eeagent-fence-{agent_id}", daemon=True
+        )
+        self._fence_thread.start()
 
     # ---- changes ------------------------------------------------------------------------
 
@@ -225,9 +234,27 @@ class AgentCore:
         return stopped
 
     def _granted(self, m: LeaseGrant) -> bool:
+        first = self.lease.fence != m.fence or not self._granted_once
         ok = self.lease.granted(m.seq, m.fence)
+        if ok and first:
+            self._granted_once = True
+            logger.info("eeagent %s: lease from the PD: %.1f s", self.agent_id, m.fence)
         self.sched.interval = min(self.heartbeat_interval, self.lease.renew_every())
+        self._fence_event.set()
         return ok
+
+    def _fence_loop(self) -> None:
+        """Stop the live processes when the lease runs out, whatever the host thread does."""
+        while not self._closing:
+            left = self.lease.remaining(self.mono())
+            if left <= 0:
+                try:
+                    self.check_lease()
+                except Exception:  # never let the fence thread die
+                    logger.exception("eeagent %s: stopping processes failed", self.agent_id)
+                left = 0.5  # launches that come while it has no lease are stopped too
+            self._fence_event.wait(min(left, 60.0))
+            self._fence_event.clear()
 
     def flush(self, force: bool = False) -> bool:
         """Send a heartbeat if something changed, it is due, or ``force``; True if sent.
@@ -409,6 +436,8 @@ class AgentCore:
 
     def close(self, kill: bool = False, grace: float | None = None) -> None:
         """Stop the supervisor; with ``kill`` its processes are terminated first."""
+        self._closing = True
+        self._fence_event.set()
         with contextlib.suppress(Exception):
             if kill:
                 self.supervisor.shutdown(kill=True, grace=grace)

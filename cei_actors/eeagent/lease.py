@@ -5,7 +5,8 @@ Each heartbeat to the PD carries a new ``seq``; the PD answers some with
 ``LeaseGrant(seq, fence)``. The agent may run its processes until ``fence`` seconds after it
 *sent* the granted heartbeat; the PD received it later, and moves the work elsewhere only
 ``fence + margin`` after that, so the agent has stopped them by then. Before the first grant
-the lease runs ``fence`` (the agent's configured value) from the agent's start.
+the lease runs ``fence`` (the agent's configured value) from the agent's start; the first
+grant replaces that guess (the PD's fence may be shorter), later ones only extend the lease.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class AgentLease:
     fence: float
     until: float
     seq: int = 0
+    #: True until the first grant: ``until`` is then our own ``fence`` from our start
+    provisional: bool = True
     _sent: dict[int, float] = field(default_factory=dict)
 
     @classmethod
@@ -47,7 +50,11 @@ class AgentLease:
         for s in [s for s in self._sent if s <= seq]:
             del self._sent[s]
         self.fence = float(fence)
-        self.until = max(self.until, sent + self.fence)
+        if self.provisional:  # the PD's first word replaces our own guess
+            self.until = sent + self.fence
+            self.provisional = False
+        else:
+            self.until = max(self.until, sent + self.fence)
         return True
 
     def expired(self, now: float) -> bool:
