@@ -151,6 +151,7 @@ class AgentCore:
         # The lease is kept by its own thread: the host's thread may be stuck in a send to a
         # PD that does not answer (thespian waits for the receiver's acknowledgement).
         self._fence_event = threading.Event()
+        self._fence_lock = threading.Lock()
         self._closing = False
         self._granted_once = False
         self._fence_thread = threading.Thread(
@@ -217,6 +218,10 @@ class AgentCore:
         once it is over, plus its margin); how many were stopped."""
         if not self.lease.expired(self.mono()):
             return 0
+        with self._fence_lock:  # the host's flush and the fence thread: one at a time
+            return self._fence()
+
+    def _fence(self) -> int:
         stopped = 0
         for p in self.supervisor.processes():
             if p.state in (st.PENDING, st.RUNNING):
