@@ -72,7 +72,7 @@ def worker_pids(home: Path, iaas_id: str, round_: int) -> dict[str, int]:
     }
 
 
-def start_four(conn) -> tuple[str, dict[str, int]]:
+def start_four(conn, home: Path) -> tuple[str, dict[str, int]]:
     pd = conn.pd
     for upid in UPIDS:
         pd.schedule_process(upid, command=["sleep", "300"], restart_mode="always")
@@ -80,13 +80,9 @@ def start_four(conn) -> tuple[str, dict[str, int]]:
         assert pd.wait_process(upid, "RUNNING", timeout=60)["state"] == "RUNNING"
     [node] = {pd.describe_process(u)["node_id"] for u in UPIDS}
     iaas_id = conn.provisioner.describe_node(node)["iaas_id"]
-    pids = wait_for(lambda: (p := worker_pids(conn_home(conn), iaas_id, 0)) and len(p) == 4 and p)
+    pids = wait_for(lambda: (p := worker_pids(home, iaas_id, 0)) and len(p) == 4 and p)
     assert pids and all(live(p) for p in pids.values()), pids
     return iaas_id, pids
-
-
-def conn_home(conn) -> Path:
-    return conn.home  # set by the tests below
 
 
 def test_killed_agent_round_0_is_gone_before_round_1_runs(home, tmp_path):
@@ -95,8 +91,7 @@ def test_killed_agent_round_0_is_gone_before_round_1_runs(home, tmp_path):
     plan = load_plan(make_plan(tmp_path), home=home)
     info = up(plan, home)
     with connect(home) as conn:
-        conn.home = home
-        iaas_id, pids = start_four(conn)
+        iaas_id, pids = start_four(conn, home)
         agent = node_record(home, iaas_id)["pid"]  # the node's process: the agent or its init
         if b"cei_actors.eeagent" not in Path(f"/proc/{agent}/cmdline").read_bytes():
             agent = int(Path(f"/proc/{agent}/task/{agent}/children").read_text().split()[0])
@@ -123,8 +118,7 @@ def test_agent_cut_off_from_its_pd_stops_its_work_after_the_fence_time(home, tmp
     plan = load_plan(make_plan(tmp_path, fence_time=fence, fence_margin=2.0), home=home)
     up(plan, home)
     with connect(home) as conn:
-        conn.home = home
-        iaas_id, pids = start_four(conn)
+        iaas_id, pids = start_four(conn, home)
         pd_pid = conn.status()["components"]["pd"][0]["pid"]
         os.kill(pd_pid, signal.SIGSTOP)
         stopped_at = time.monotonic()
