@@ -188,12 +188,14 @@ class Sim:
             if a.node_id == node_id:
                 a.up = False
 
-    def heartbeat(self, agent_id: str, timestamp: float | None = None) -> Any:
+    def heartbeat(self, agent_id: str, timestamp: float | None = None, seq: int = 0) -> Any:
         a = self.agents[agent_id]
         procs = [
             {"upid": u, "round": r, "state": s, "msg": ""} for (u, r), s in sorted(a.procs.items())
         ]
-        return self.handle(AgentHeartbeat(agent_id, a.node_id, self.now if timestamp is None else timestamp, procs))
+        return self.handle(
+            AgentHeartbeat(agent_id, a.node_id, self.now if timestamp is None else timestamp, procs, seq)
+        )
 
     def heartbeat_all(self) -> None:
         for aid, a in list(self.agents.items()):

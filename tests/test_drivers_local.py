@@ -117,7 +117,7 @@ def test_second_driver_instance_sees_and_destroys_nodes(tmp_path, drivers):
     d1 = drivers(tmp_path, FAMILY)
     node = d1.create_node("vm", None, None, ex_clienttoken="tok")
     pgid = node.extra["pgid"]
-    assert wait_for(lambda: len(group_members(pgid)) == 3)  # sh + two sleeps
+    assert wait_for(lambda: len(group_members(pgid)) == 4)  # init + sh + two sleeps
 
     d2 = drivers(tmp_path, FAMILY)  # e.g. after a Provisioner restart
     seen = by_id(d2)[node.id]
@@ -134,10 +134,10 @@ def test_destroy_escalates_to_sigkill(tmp_path, drivers):
     d = LocalProcessDriver(tmp_path, stubborn, grace_period=0.3)
     node = d.create_node("vm", None, None)
     pgid = node.extra["pgid"]
-    assert wait_for(lambda: len(group_members(pgid)) == 2)
+    assert wait_for(lambda: len(group_members(pgid)) == 3)  # init + sh + sleep
     t0 = time.monotonic()
     d.destroy_node(node)
-    assert time.monotonic() - t0 >= 0.3
+    assert time.monotonic() - t0 >= 0.15  # the init gives its command half the grace
     assert group_members(pgid) == []
 
 
@@ -247,3 +247,62 @@ def test_bad_template_and_missing_command_create_nothing(tmp_path, drivers):
 def test_unknown_node(tmp_path, drivers):
     with pytest.raises(LocalNodeNotFound):
         drivers(tmp_path).destroy_node("local-999999")
+
+
+# A command that leaves a process in its own session behind a double fork (as the EEAgent's
+# reaper and its commands are), writes that process's pid and its own, and waits.
+ESCAPER = [
+    "sh", "-c",
+    "(setsid sleep 300 & echo $! > {node_dir}/escaped.pid) ; echo $$ > {node_dir}/main.pid; "
+    "while true; do sleep 1; done",
+]
+
+
+def _pid_in(path: Path) -> int:
+    assert wait_for(lambda: path.exists() and path.read_text().strip(), timeout=10)
+    return int(path.read_text())
+
+
+def alive(pid: int) -> bool:
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+def escaped_node(d: LocalProcessDriver):
+    node = d.create_node("vm", None, None)
+    node_dir = Path(node.extra["node_dir"])
+    escaped, main = _pid_in(node_dir / "escaped.pid"), _pid_in(node_dir / "main.pid")
+    assert wait_for(lambda: os.getsid(escaped) == escaped)  # out of the node's session
+    assert escaped != node.extra["pgid"]
+    return node, escaped, main
+
+
+def test_destroy_ends_processes_that_left_the_nodes_session(tmp_path, drivers):
+    d = drivers(tmp_path, ESCAPER)
+    node, escaped, _ = escaped_node(d)
+    d.destroy_node(node)
+    assert not alive(escaped)
+    assert by_id(d)[node.id].state == NodeState.TERMINATED
+
+
+def test_node_whose_command_dies_ends_whole_before_it_is_terminated(tmp_path, drivers):
+    """The command (an EEAgent) is SIGKILLed: its init ends the rest of the node, and the
+    node is TERMINATED only once nothing of it runs."""
+    d = drivers(tmp_path, ESCAPER)
+    node, escaped, main = escaped_node(d)
+    os.kill(main, 9)
+    assert wait_for(lambda: by_id(d)[node.id].state == NodeState.TERMINATED, timeout=10)
+    assert not alive(escaped)
+    assert by_id(d)[node.id].extra["exit_code"] == 128 + 9
+
+
+def test_node_whose_init_is_killed_is_swept_by_its_marker(tmp_path, drivers):
+    """Even the init SIGKILLed: the driver finds the node's processes by their marker."""
+    d = drivers(tmp_path, ESCAPER)
+    node, escaped, main = escaped_node(d)
+    os.kill(node.extra["pid"], 9)
+    assert wait_for(lambda: by_id(d)[node.id].state == NodeState.TERMINATED, timeout=10)
+    assert not alive(escaped) and not alive(main)

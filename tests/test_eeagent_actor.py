@@ -21,6 +21,7 @@ from cei_actors.eeagent.messages import (
     CleanupProcess,
     DumpAgentState,
     LaunchProcess,
+    LeaseGrant,
     TerminateProcess,
 )
 from cei_actors.epum.messages import HealthProbe, NodeHeartbeat
@@ -180,7 +181,8 @@ def test_core_cleanup_of_a_live_process_is_refused(core):
 def test_heartbeat_is_due_on_the_interval(tmp_path):
     t = [100.0]
     col = Collect()
-    c = AgentCore("a", "n", 1, str(tmp_path), send=col.send, heartbeat_interval=5.0, clock=lambda: t[0])
+    c = AgentCore("a", "n", 1, str(tmp_path), send=col.send, heartbeat_interval=5.0, clock=lambda: t[0],
+                  fence=40.0)  # renewals (every fence / 4) come less often than heartbeats
     try:
         assert c.flush() and not c.flush()
         assert c.next_delay() == 5.0
@@ -401,3 +403,59 @@ def test_agent_process_finds_epum_by_name_and_answers_probes(tmp_path):
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(15) == 0
         shutdown_system(asys)
+
+
+# ---- the lease (decision PD9) -----------------------------------------------------------------
+
+
+def test_agent_stops_its_processes_when_its_lease_runs_out(tmp_path):
+    """Real processes; the agent's monotonic clock is driven by the test."""
+    mono = [500.0]
+    col = Collect()
+    c = AgentCore("a", "n", 2, str(tmp_path), send=col.send, heartbeat_interval=1.0, fence=10.0,
+                  mono=lambda: mono[0], grace=5.0)
+    try:
+        c.handle(LaunchProcess("u", 0, ["sleep", "30"]))
+        c.handle(LaunchProcess("v", 0, ["sleep", "30"]))
+        assert wait_for(lambda: all(p.state == "RUNNING" for p in c.supervisor.processes()))
+        pids = [p.pid for p in c.supervisor.processes()]
+        assert c.flush(force=True)
+        seq = col.sent[-1].seq
+        assert seq > 0  # it asks for a lease
+        mono[0] += 4.0
+        assert c.handle(AgentRequests([LeaseGrant(seq, 10.0)])) == Ok([True])
+        assert c.lease.until == 510.0  # from when that heartbeat was sent, not received
+        assert c.next_delay() <= 6.0
+        mono[0] = 509.9
+        assert c.check_lease() == 0
+        mono[0] = 510.0
+        c.flush()
+        assert wait_for(lambda: all(p.state == "TERMINATED" for p in c.supervisor.processes()), 5)
+        assert not any(os.path.exists(f"/proc/{pid}") and _live(pid) for pid in pids)
+        assert c.fenced == 1
+        # a grant for a heartbeat it never sent changes nothing
+        assert c.handle(LeaseGrant(9999, 10.0)) == Ok(False)
+    finally:
+        c.close(kill=True, grace=0.5)
+
+
+def test_agent_lease_before_the_first_grant_is_its_own_fence(tmp_path):
+    mono = [0.0]
+    c = AgentCore("a", "n", 1, str(tmp_path), send=Collect().send, fence=3.0, mono=lambda: mono[0])
+    try:
+        c.handle(LaunchProcess("u", 0, ["sleep", "30"]))
+        mono[0] = 2.9
+        assert c.check_lease() == 0
+        mono[0] = 3.0
+        assert c.check_lease() == 1
+    finally:
+        c.close(kill=True, grace=0.5)
+
+
+def _live(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")

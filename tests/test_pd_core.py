@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pd_harness import ENGINE, Sim, check_invariants, config
 
-from cei_actors.eeagent.messages import AgentHeartbeat, LaunchProcess, TerminateProcess
+from cei_actors.eeagent.messages import AgentHeartbeat, LaunchProcess, LeaseGrant, TerminateProcess
 from cei_actors.epum.messages import AddDomain, NodeState, RegisterNeed, SubscribeDomain
 from cei_actors.pd import states as ps
 from cei_actors.pd.logic import ProcessDispatcher, parse_config
@@ -402,6 +402,16 @@ def test_resource_monitor_warning_missing_evacuation_and_return():
     sim.now += 0.2
     sim.handle(MonitorResources())
     assert sim.state.resources[host].state == ps.RESOURCE_MISSING
+    # MISSING, but its agent may still run them until its lease has run out (PD9): the
+    # fence time (15 s) plus the margin (3 s) since its last heartbeat
+    assert (sim.proc("p").round, sim.proc("p").resource_id) == (0, host)
+    sim.now += 18.0 - 5.2 - 0.01
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    assert (sim.proc("p").round, sim.proc("p").resource_id) == (0, host)
+    sim.now += 0.02
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
     p, q = sim.proc("p"), sim.proc("q")
     assert (p.round, p.state, p.resource_id) == (1, ps.ASSIGNED, other)
     assert (q.round, q.state) == (0, ps.FAILED) and sim.state.resources[host].assigned == {}
@@ -719,3 +729,120 @@ def test_a_failing_handler_does_not_leave_the_outbox_stuck(monkeypatch):
 def test_component_has_a_stream_and_registry():
     pd = ProcessDispatcher(config())
     assert pd.stream == "pd" and "ProcessAssigned" in pd.registry.names()
+
+
+# ---- the agents' lease (decision PD9) ---------------------------------------------------------
+
+
+def grants(sim: Sim) -> list[tuple[str, LeaseGrant]]:
+    return [(s.to, s.message) for s in sim.sent if isinstance(s.message, LeaseGrant)]
+
+
+def test_lease_grants_answer_heartbeats_that_ask_and_are_rate_limited():
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    [a1] = sim.add_node("n1")
+    sim.sent.clear()
+    sim.heartbeat(a1, seq=1)
+    assert grants(sim) == [(f"eeagent:{a1}", LeaseGrant(1, 8.0))]
+    sim.now += 0.5  # within fence_time / 8: not granted again
+    sim.heartbeat(a1, seq=2)
+    assert len(grants(sim)) == 1
+    sim.now += 0.5
+    sim.heartbeat(a1, seq=3)
+    assert grants(sim)[-1] == (f"eeagent:{a1}", LeaseGrant(3, 8.0))
+
+
+def test_silent_agent_work_moves_only_after_fence_plus_margin_since_its_last_grant():
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    host = sim.proc("p").resource_id
+    other = a2 if host == a1 else a1
+    sim.heartbeat(host, seq=1)  # granted at t0
+    t0 = sim.now
+    sim.now += 0.5
+    sim.heartbeat(host, seq=2)  # heard, but not granted: the agent's lease still ends at t0 + 8
+    while sim.now < t0 + 9.0 - 0.25:
+        sim.now += 0.2
+        sim.heartbeat(other, seq=0)
+        sim.handle(MonitorResources())
+        assert (sim.proc("p").round, sim.proc("p").resource_id) == (0, host), sim.now - t0
+    assert sim.state.resources[host].state == ps.RESOURCE_MISSING
+    sim.now = t0 + 9.0
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    p = sim.proc("p")
+    assert (p.round, p.resource_id) == (1, other)
+    check_invariants(sim.state)
+
+
+def test_node_lost_but_not_dead_keeps_its_work_until_the_lease_runs_out():
+    """RUNNING_FAILED (or TERMINATING) says the node is lost, not that its processes ended:
+    nothing more is placed there, but its work moves only once its agent must have fenced."""
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    [a1] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.heartbeat(a1, seq=1)
+    t0 = sim.now
+    sim.ok(NodeState("n1", "pd_domain_" + ENGINE, "RUNNING_FAILED", {}))
+    assert sim.state.resources[a1].state == ps.RESOURCE_MISSING
+    assert (sim.proc("p").round, sim.proc("p").resource_id) == (0, a1)
+    [a2] = sim.add_node("n2")  # a new node: new work goes there, p stays
+    sim.ok(ScheduleProcess("q", command=["x"]))
+    assert sim.proc("q").resource_id == a2 and sim.proc("p").resource_id == a1
+    sim.sent.clear()
+    sim.now = t0 + 5.0
+    sim.heartbeat(a1, seq=2)  # the doomed node's agent still talks: heard, never renewed
+    assert grants(sim) == [] and sim.state.resources[a1].state == ps.RESOURCE_MISSING
+    sim.handle(RetryDispatches())
+    assert "n1" in sim.state.nodes and sim.proc("p").round == 0
+    sim.now = t0 + 9.0
+    sim.handle(RetryDispatches())
+    assert "n1" not in sim.state.nodes
+    p = sim.proc("p")
+    assert (p.round, p.resource_id) == (1, a2)
+    check_invariants(sim.state)
+
+
+def test_confirmed_dead_node_loses_its_work_at_once():
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    host = sim.proc("p").resource_id
+    sim.heartbeat(host, seq=1)
+    sim.ok(NodeState("n1" if host == a1 else "n2", "pd_domain_" + ENGINE, "RUNNING_FAILED", {}))
+    sim.lose_node("n1" if host == a1 else "n2", "TERMINATED")  # its VM is gone
+    p = sim.proc("p")
+    assert p.round == 1 and p.resource_id == (a2 if host == a1 else a1)
+
+
+def test_a_new_leader_starts_every_lease_afresh():
+    """After a recovery the PD has no record of grants: it assumes one at its recovery."""
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    host = sim.proc("p").resource_id
+    other = a2 if host == a1 else a1
+    sim.heartbeat(host, seq=1)
+    sim.now += 7.0
+    sim.crash()
+    sim.handle(MonitorResources())
+    t1 = sim.now
+    while sim.now + 0.5 < t1 + 9.0:
+        sim.now += 0.5
+        sim.heartbeat(other)
+        sim.handle(MonitorResources())
+        assert sim.proc("p").resource_id == host
+    sim.now = t1 + 9.0
+    sim.heartbeat(other)
+    sim.handle(MonitorResources())
+    assert sim.proc("p").resource_id == other
+
+
+@pytest.mark.parametrize("bad", [{"fence_time": 0}, {"fence_time": "x"}, {"fence_margin": -1}, {"fence_time": True}])
+def test_fence_config_is_checked(bad):
+    with pytest.raises(ValueError, match="fence_.* must be seconds"):
+        parse_config(config(**bad))

@@ -12,7 +12,7 @@ agent on the same ``--state-dir`` re-adopts processes that are still running.
 
     python -m cei_actors.eeagent --node-id N --pd 127.0.0.1:PORT[/NAME] --slots 4 --state-dir D
         [--agent-id ID] [--pd-name pd] [--epum-name epum] [--heartbeat 30] [--grace 10]
-        [--keep-processes]
+        [--fence 15] [--keep-processes]
 
 ``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
 the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``.
@@ -28,6 +28,7 @@ import sys
 import time
 
 from .actor import MIN_GAP, EndpointAgent
+from .lease import DEFAULT_FENCE
 from .retention import DEFAULT_OUTPUT_RETENTION
 
 
@@ -68,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-gap", type=float, default=MIN_GAP,
                    help="least seconds between heartbeats sent for changes (a burst shares one)")
     p.add_argument("--grace", type=float, default=10.0, help="SIGTERM to SIGKILL, seconds")
+    p.add_argument("--fence", type=float, default=DEFAULT_FENCE,
+                   help="seconds without a lease from the PD after which the agent stops its "
+                        "processes, until the PD's first grant names its own (decision PD9)")
     p.add_argument("--keep-processes", action="store_true", help="leave processes running on exit")
     p.add_argument("--output-retention", type=parse_retention, default=DEFAULT_OUTPUT_RETENTION,
                    help="seconds a cleaned-up process's output files are kept ('forever': never removed)")
@@ -93,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
             print("eeagent: --state-dir is required (or set CEI_NODE_DIR)", file=sys.stderr)
             return 2
         state_dir = os.path.join(node_dir, "eeagent")
-    if args.slots < 0 or args.heartbeat <= 0 or args.grace < 0:
-        print("eeagent: --slots >= 0, --heartbeat > 0 and --grace >= 0 please", file=sys.stderr)
+    if args.slots < 0 or args.heartbeat <= 0 or args.grace < 0 or not args.fence > 0:
+        print("eeagent: --slots >= 0, --heartbeat > 0, --grace >= 0 and --fence > 0 please",
+              file=sys.stderr)
         return 2
     port, name = args.pd
     pd_name = args.pd_name or name or "pd"
@@ -132,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             grace=args.grace,
             min_gap=args.heartbeat_gap,
             output_retention=args.output_retention,
+            fence=args.fence,
         )
     except Exception as exc:
         print(f"eeagent: cannot start: {exc}", file=sys.stderr)

@@ -50,12 +50,14 @@ from ..runtime.messages import ErrorReply, InvalidMessage, Message, Ok, validate
 from ..runtime.system import global_actors, replica_names
 from . import states as st
 from .heartbeat import HeartbeatScheduler, heartbeat_processes
+from .lease import DEFAULT_FENCE, AgentLease
 from .messages import (
     AgentHeartbeat,
     AgentRequests,
     CleanupProcess,
     DumpAgentState,
     LaunchProcess,
+    LeaseGrant,
     TerminateProcess,
 )
 from .retention import DEFAULT_OUTPUT_RETENTION
@@ -79,6 +81,9 @@ LAUNCH_CHUNK = 32
 MAX_FAILED_HELD = 100
 #: The peer names a PD and an EPUM replica announce themselves by when they start leading.
 PD_PEER, EPUM_PEER = "pd", "epum"
+#: Most seconds between SIGTERM and SIGKILL when the lease runs out: the PD's margin
+#: (``fence_margin``, 3 s by default) must cover it.
+FENCE_GRACE = 1.0
 
 
 class AgentCore:
@@ -106,9 +111,18 @@ class AgentCore:
         send_epum: Callable[[Message], None] | None = None,
         min_gap: float = MIN_GAP,
         output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
+        fence: float = DEFAULT_FENCE,
+        mono: Callable[[], float] = time.monotonic,
     ) -> None:
         self.agent_id = agent_id
         self.min_gap = min_gap
+        self.grace = grace
+        #: the PD's lease on our processes, on our monotonic clock ``mono`` (decision PD9)
+        self.mono = mono
+        self.lease = AgentLease.start(fence, mono())
+        self.heartbeat_interval = heartbeat_interval
+        #: times the lease ran out and the live processes were stopped
+        self.fenced = 0
         self.send_epum = send_epum
         self.health_sched = HeartbeatScheduler(heartbeat_interval)
         #: FAILED processes not yet reported to EPUM, keyed (upid, round), in order seen
@@ -119,7 +133,7 @@ class AgentCore:
         self.node_id = node_id
         self.send = send
         self.clock = clock
-        self.sched = HeartbeatScheduler(heartbeat_interval)
+        self.sched = HeartbeatScheduler(min(heartbeat_interval, self.lease.renew_every()))
         self._wake = wake
         self._host = threading.get_ident()
         self._dirty = True  # the first heartbeat goes out at once
@@ -134,6 +148,16 @@ class AgentCore:
         if send_epum is not None:
             with self._lock:
                 self._note_failures(self.supervisor.dump())  # e.g. ended while we were down
+        # The lease is kept by its own thread: the host's thread may be stuck in a send to a
+        # PD that does not answer (thespian waits for the receiver's acknowledgement).
+        self._fence_event = threading.Event()
+        self._fence_lock = threading.Lock()
+        self._closing = False
+        self._granted_once = False
+        self._fence_thread = threading.Thread(
+            target=self._fence_loop, name=f"eeagent-fence-{agent_id}", daemon=True
+        )
+        self._fence_thread.start()
 
     # ---- changes ------------------------------------------------------------------------
 
@@ -178,22 +202,76 @@ class AgentCore:
 
     # ---- heartbeats ---------------------------------------------------------------------
 
-    def heartbeat(self) -> AgentHeartbeat:
-        """The heartbeat as of now (every process the agent knows)."""
+    def heartbeat(self, seq: int = 0) -> AgentHeartbeat:
+        """The heartbeat as of now (every process the agent knows); ``seq`` asks for a lease."""
         now = self.clock()
         return AgentHeartbeat(
-            self.agent_id, self.node_id, float(now), heartbeat_processes(self.supervisor.dump())
+            self.agent_id,
+            self.node_id,
+            float(now),
+            heartbeat_processes(self.supervisor.dump()),
+            seq,
         )
 
+    def check_lease(self) -> int:
+        """Stop every live process if the lease has run out (the PD may place them elsewhere
+        once it is over, plus its margin); how many were stopped."""
+        if not self.lease.expired(self.mono()):
+            return 0
+        with self._fence_lock:  # the host's flush and the fence thread: one at a time
+            return self._fence()
+
+    def _fence(self) -> int:
+        stopped = 0
+        for p in self.supervisor.processes():
+            if p.state in (st.PENDING, st.RUNNING):
+                with contextlib.suppress(UnknownProcessError, SupervisorClosedError):
+                    self.supervisor.terminate(p.upid, p.round, grace=min(self.grace, FENCE_GRACE))
+                    stopped += 1
+        if stopped:
+            self.fenced += 1
+            logger.warning(
+                "eeagent %s: no lease from the PD for %.1f s: stopped %d process(es)",
+                self.agent_id,
+                self.lease.fence - self.lease.remaining(self.mono()),
+                stopped,
+            )
+        return stopped
+
+    def _granted(self, m: LeaseGrant) -> bool:
+        first = self.lease.fence != m.fence or not self._granted_once
+        ok = self.lease.granted(m.seq, m.fence)
+        if ok and first:
+            self._granted_once = True
+            logger.info("eeagent %s: lease from the PD: %.1f s", self.agent_id, m.fence)
+        self.sched.interval = min(self.heartbeat_interval, self.lease.renew_every())
+        self._fence_event.set()
+        return ok
+
+    def _fence_loop(self) -> None:
+        """Stop the live processes when the lease runs out, whatever the host thread does."""
+        while not self._closing:
+            left = self.lease.remaining(self.mono())
+            if left <= 0:
+                try:
+                    self.check_lease()
+                except Exception:  # never let the fence thread die
+                    logger.exception("eeagent %s: stopping processes failed", self.agent_id)
+                left = 0.5  # launches that come while it has no lease are stopped too
+            self._fence_event.wait(min(left, 60.0))
+            self._fence_event.clear()
+
     def flush(self, force: bool = False) -> bool:
-        """Send a heartbeat if something changed, it is due, or ``force``; True if sent."""
+        """Send a heartbeat if something changed, it is due, or ``force``; True if sent.
+        A lease that ran out stops the live processes first."""
+        self.check_lease()
         now = self.clock()
         with self._lock:
             held = not self._dirty or self._gap_left(now) > 0
             if not force and not self.sched.due(now) and held:
                 return False
             self._dirty = False
-        hb = self.heartbeat()
+        hb = self.heartbeat(self.lease.sending(self.mono()))
         try:
             self.send(hb)
         except Exception as exc:
@@ -218,6 +296,8 @@ class AgentCore:
         delay = self.sched.delay(now)
         if self._dirty:
             delay = min(delay, self._gap_left(now))
+        if self.live_count():
+            delay = min(delay, max(0.0, self.lease.remaining(self.mono())))
         if self.send_epum is not None and self.node_id:
             delay = min(delay, self.health_sched.delay(now))
         return delay
@@ -339,6 +419,8 @@ class AgentCore:
                 return Ok(info.to_dict())
             if isinstance(message, CleanupProcess):
                 return Ok(self.supervisor.cleanup(message.upid, message.round))
+            if isinstance(message, LeaseGrant):
+                return Ok(self._granted(message))
             if isinstance(message, DumpAgentState):
                 self._dirty = True
                 return Ok(_heartbeat_dict(self.heartbeat()))
@@ -359,6 +441,8 @@ class AgentCore:
 
     def close(self, kill: bool = False, grace: float | None = None) -> None:
         """Stop the supervisor; with ``kill`` its processes are terminated first."""
+        self._closing = True
+        self._fence_event.set()
         with contextlib.suppress(Exception):
             if kill:
                 self.supervisor.shutdown(kill=True, grace=grace)
@@ -414,10 +498,14 @@ class AgentConfig(Message):
     epum: Any = None
     #: seconds a cleaned-up process's output files are kept (None: for ever)
     output_retention: float | None = DEFAULT_OUTPUT_RETENTION
+    #: the lease before the PD's first grant (whose ``fence`` then counts); decision PD9
+    fence: float = DEFAULT_FENCE
 
     def check(self) -> None:
         if self.output_retention is not None and not self.output_retention >= 0:
             raise InvalidMessage("AgentConfig.output_retention: must be >= 0 or None")
+        if not (isinstance(self.fence, int | float) and 0 < self.fence < 1e9):
+            raise InvalidMessage("AgentConfig.fence: must be seconds > 0")
 
 
 @dataclass(frozen=True)
@@ -472,6 +560,7 @@ class EEAgentActor(ActorTypeDispatcher):
                 grace=conf.grace,
                 send_epum=self._send_epum,
                 output_retention=conf.output_retention,
+                fence=conf.fence,
             )
         except Exception as exc:
             logger.exception("eeagent %s: cannot start", conf.agent_id)
@@ -618,6 +707,7 @@ class EndpointAgent:
         probe_timeout: float = 1.0,
         min_gap: float = MIN_GAP,
         output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
+        fence: float = DEFAULT_FENCE,
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
@@ -653,6 +743,7 @@ class EndpointAgent:
             send_epum=self._send_epum if epum_name else None,
             min_gap=min_gap,
             output_retention=output_retention,
+            fence=fence,
         )
         self._waker_thread = threading.Thread(target=self._waker, name="eeagent-waker", daemon=True)
         self._waker_thread.start()

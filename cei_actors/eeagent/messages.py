@@ -60,10 +60,25 @@ class CleanupProcess(Message):
 
 
 @dataclass(frozen=True)
+class LeaseGrant(Message):
+    """The PD's answer to heartbeat ``seq``: the agent may run its processes until ``fence``
+    seconds after it sent that heartbeat (its own monotonic clock); decision PD9."""
+
+    seq: int
+    fence: float
+
+    def check(self) -> None:
+        if type(self.seq) is not int or self.seq < 1:
+            raise InvalidMessage("LeaseGrant.seq: must be an int >= 1")
+        if not (isinstance(self.fence, int | float) and 0 < self.fence < 1e9):
+            raise InvalidMessage("LeaseGrant.fence: must be seconds > 0")
+
+
+@dataclass(frozen=True)
 class AgentRequests(Message):
     """Several requests in one message, handled in order (the PD batches per agent)."""
 
-    requests: list[LaunchProcess | TerminateProcess | CleanupProcess]
+    requests: list[LaunchProcess | TerminateProcess | CleanupProcess | LeaseGrant]
 
     def check(self) -> None:
         for request in self.requests:
@@ -80,17 +95,21 @@ class AgentHeartbeat(Message):
     """Level-based: every process the agent knows, ``{upid, round, state, msg}`` each.
 
     ``timestamp`` is the agent's clock (seconds since the epoch); ``state`` an agent state
-    name (``RUNNING``; the original's ``"500-RUNNING"`` is accepted too).
+    name (``RUNNING``; the original's ``"500-RUNNING"`` is accepted too). ``seq`` > 0 asks
+    the PD for a :class:`LeaseGrant` naming it (0: the agent holds no lease).
     """
 
     eeagent_id: str
     node_id: str | None
     timestamp: float
     processes: list[dict]
+    seq: int = 0
 
     def check(self) -> None:
         if not self.eeagent_id:
             raise InvalidMessage("AgentHeartbeat.eeagent_id: must not be empty")
+        if type(self.seq) is not int or self.seq < 0:
+            raise InvalidMessage("AgentHeartbeat.seq: must be an int >= 0")
         normalize = st.normalize
         for i, p in enumerate(self.processes):
             problem = None

@@ -122,6 +122,8 @@ SAFE_ENV_KEYS: tuple[str, ...] = (
     "LC_CTYPE",
     "TZ",
     "TMPDIR",
+    # the local driver's "VM" marker: the node ends every process that carries it (PV1)
+    "CEI_LOCAL_VM",
 )
 DOWN_MSG = "exited while agent was down"
 #: Seconds a reaper with no children and no supervisor waits before it exits by itself.

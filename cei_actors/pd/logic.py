@@ -34,6 +34,10 @@ Config keys (all optional except ``engines``; see :func:`parse_config`)::
     monitor_interval: null    # default: from the engines' heartbeat settings
     needs_interval: 1.0       # at most one RegisterNeed per engine per this many seconds
     needs_refresh: 30.0       # re-send needs and re-subscribe this often even if unchanged (0: never)
+    fence_time: 15.0          # an agent's lease: it stops its processes this long after the
+                              # heartbeat the PD last granted, unless renewed (decision PD9)
+    fence_margin: 3.0         # the PD moves work off a silent node not known dead only
+                              # fence_time + fence_margin after it last renewed its lease
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from ..eeagent.messages import (
     AgentRequests,
     CleanupProcess,
     LaunchProcess,
+    LeaseGrant,
     TerminateProcess,
 )
 from ..epum.messages import AddDomain, NodeState, RegisterNeed, SubscribeDomain
@@ -118,6 +123,10 @@ logger = logging.getLogger(__name__)
 PRE_RUNNING = frozenset({"REQUESTING", "REQUESTED", "ERROR_RETRYING", "PENDING", "STARTED"})
 #: Instance states that mean the node is lost.
 NODE_LOST = frozenset({"RUNNING_FAILED", "TERMINATING", "TERMINATED", "FAILED", "REJECTED"})
+#: Losses that mean the node's processes are gone too (its VM ended, or never ran): work
+#: moves at once. After the others (RUNNING_FAILED, TERMINATING) the agent may still run
+#: it, so it moves when the agent's lease has run out (decision PD9).
+NODE_DEAD = frozenset({"TERMINATED", "FAILED", "REJECTED"})
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class PDConfig:
     monitor_interval: float | None = None
     needs_interval: float = 1.0
     needs_refresh: float = 30.0
+    fence_time: float = 15.0
+    fence_margin: float = 3.0
 
     def domain_id(self, engine: str) -> str:
         return f"{self.domain_prefix}{engine}"
@@ -146,6 +157,16 @@ class PDConfig:
             return None
         engine = domain_id[len(self.domain_prefix) :]
         return engine if engine in self.engines else None
+
+    def lease_expired(self, lv: Liveness, now: float) -> bool:
+        """True once an agent last renewed at ``lv.granted`` must have stopped its processes
+        (decision PD9): ``fence_time`` after the heartbeat that renewed its lease, which it
+        sent before we received it, plus ``fence_margin`` for its kill and clock rates."""
+        return now - lv.granted >= self.fence_time + self.fence_margin
+
+    def grant_every(self) -> float:
+        """Least seconds between two lease grants to one agent."""
+        return self.fence_time / 8
 
     def monitor_every(self) -> float | None:
         """Seconds between resource monitor passes, or None when nothing is monitored."""
@@ -190,6 +211,17 @@ def parse_config(config: Mapping[str, Any] | None) -> PDConfig:
     retry = float(config.get("dispatch_retry_seconds", 30.0))
     if retry <= 0 or mtbs < 0:
         raise ValueError("PD config: dispatch_retry_seconds must be > 0, throttling >= 0")
+    for key, least in (("fence_time", 0.0), ("fence_margin", -1.0)):
+        if key in config:
+            value = config[key]
+            if isinstance(value, bool) or not isinstance(value, int | float) or not (
+                least < value < 1e6
+            ):
+                raise ValueError(
+                    f"PD config: {key} must be seconds {'> 0' if least == 0 else '>= 0'}, "
+                    f"got {value!r}"
+                )
+            config[key] = float(value)
     kw = {k: config[k] for k in PDConfig.__dataclass_fields__ if k in config}
     kw.update(
         engines=engines,
@@ -351,8 +383,47 @@ class Tx:
         self.forget_node(node_id)
         self.emit(NodeRemoved(node_id, state, self.now))
 
+    def doom_node(self, node_id: str, state: str) -> None:
+        """EPUM reports the node lost, but not that its processes are gone: nothing is placed
+        there any more, and its work moves once every agent's lease there has run out."""
+        node = self.s.nodes.get(node_id)
+        if node is None:
+            return
+        soft = self.s.soft
+        if node_id not in soft.doomed:
+            logger.warning(
+                "pd: node %s is %s; its processes move when its agents' leases run out",
+                node_id,
+                state,
+            )
+        soft.doomed[node_id] = state
+        for rid in node.resources:
+            res = self.s.resources.get(rid)
+            if res is not None and res.state != ps.RESOURCE_MISSING:
+                self.emit(ResourceStateChanged(rid, ps.RESOURCE_MISSING, self.now))
+        self.expire_doomed()
+
+    def fenced(self, rid: str) -> bool:
+        """True once agent ``rid`` must have stopped its processes (its lease ran out)."""
+        soft = self.s.soft
+        lv = soft.live.get(rid)
+        if lv is None:
+            lv = soft.live[rid] = Liveness(self.now, self.now)
+        return self.cfg.lease_expired(lv, self.now)
+
+    def expire_doomed(self) -> None:
+        """Lose the doomed nodes whose agents' leases have all run out."""
+        soft = self.s.soft
+        for node_id, state in list(soft.doomed.items()):
+            node = self.s.nodes.get(node_id)
+            if node is None:
+                del soft.doomed[node_id]
+            elif all(self.fenced(rid) for rid in node.resources):
+                self.lose_node(node_id, state, f"node {node_id} {state}")
+
     def forget_node(self, node_id: str) -> None:
         soft = self.s.soft
+        soft.doomed.pop(node_id, None)
         for rid in self.s.nodes[node_id].resources:
             soft.live.pop(rid, None)
             soft.heard.discard(rid)
@@ -593,7 +664,12 @@ class ProcessDispatcher(Component[PDState]):
         if spec.iaas_allocation is not None:
             ec["iaas_allocation"] = spec.iaas_allocation
         pv = ec.setdefault("provisioner_vars", {})
-        pv.update(slots=spec.slots, replicas=spec.replicas, heartbeat=spec.heartbeat_period)
+        pv.update(
+            slots=spec.slots,
+            replicas=spec.replicas,
+            heartbeat=spec.heartbeat_period,
+            fence=self.cfg.fence_time,
+        )
         return conf
 
     def resolve_engine(self, m: ScheduleProcess, definition: dict | None) -> str:
@@ -896,9 +972,12 @@ def _on_node_state(pd: ProcessDispatcher, tx: Tx, m: NodeState) -> None:
             raise bad_request(f"node {m.node_id!r} is known in domain {node.domain_id!r}")
     elif state in PRE_RUNNING:
         pass
-    elif state in NODE_LOST:
+    elif state in NODE_DEAD:
         if node is not None:
             tx.lose_node(m.node_id, state, f"node {m.node_id} {state}")
+    elif state in NODE_LOST:
+        if node is not None:
+            tx.doom_node(m.node_id, state)
     else:
         raise bad_request(f"node {m.node_id!r}: unknown node state {m.state!r}")
     tx.reply = Ok(None)
@@ -936,8 +1015,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             lv.ts = ts
         else:
             in_order = False
+    doomed = res.node_id in soft.doomed
+    if m.seq == 0:
+        lv.granted = now  # it asks for no lease: all we know is that it was alive now
+    elif not doomed and now - lv.grant_sent >= pd.cfg.grant_every():
+        # first in the outbox: a batch that also relaunches work here is run after it
+        tx.to_agent(rid, LeaseGrant(m.seq, pd.cfg.fence_time))
+        lv.granted = lv.grant_sent = now
     spec = pd.cfg.engines[res.engine]
-    if spec.monitored and res.state in (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING):
+    if doomed:
+        pass  # lost by EPUM's word: it stays MISSING until its node is gone
+    elif spec.monitored and res.state in (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING):
         age = now - lv.ts
         if age < spec.heartbeat_warning:  # type: ignore[operator]
             tx.emit(ResourceStateChanged(rid, ps.RESOURCE_OK, now))
@@ -1036,11 +1124,14 @@ def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
         elif res.state == ps.RESOURCE_WARNING:
             since = max(lv.seen, lv.warned_at if lv.warned_at is not None else lv.seen)
             if now - since >= missing - warning:
-                logger.warning("pd: resource %s is MISSING; evacuating it", rid)
+                logger.warning("pd: resource %s is MISSING; its processes move when its lease "
+                               "has run out", rid)
                 tx.emit(ResourceStateChanged(rid, ps.RESOURCE_MISSING, now))
-                tx.evacuate(res, f"resource {rid} missing")
-        elif res.state == ps.RESOURCE_MISSING and res.assigned:
+                if tx.fenced(rid):
+                    tx.evacuate(res, f"resource {rid} missing")
+        elif res.state == ps.RESOURCE_MISSING and res.assigned and tx.fenced(rid):
             tx.evacuate(res, f"resource {rid} missing")
+    tx.expire_doomed()
     every = pd.cfg.monitor_every()
     if every is not None:
         tx.timer("monitor", every, MonitorResources())
@@ -1060,6 +1151,7 @@ def _on_retry(pd: ProcessDispatcher, tx: Tx, m: RetryDispatches) -> None:
         if p.resource_id is not None and now - last >= limit:
             tx.terminate(p.resource_id, upid, p.round)
             soft.terminate_sent[upid] = now
+    tx.expire_doomed()
     tx.timer("retry", pd.retry_every(), RetryDispatches())
 
 

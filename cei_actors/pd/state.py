@@ -179,6 +179,16 @@ class Liveness:
     ts: float  # newest heartbeat timestamp (agent clock, clamped to ours)
     seen: float  # our clock when we last received a newer heartbeat
     warned_at: float | None = None  # our clock when the monitor set WARNING
+    #: our clock when we last received a heartbeat that renewed the agent's lease (one we
+    #: granted, or any heartbeat of an agent that asks for none): the agent may run its
+    #: processes until ``granted + fence_time``, so they are not moved before
+    #: ``granted + fence_time + fence_margin`` (decision PD9)
+    granted: float = float("-inf")
+    grant_sent: float = float("-inf")  # our clock when we last sent it a LeaseGrant
+
+    def __post_init__(self) -> None:
+        if self.granted == float("-inf"):
+            self.granted = self.seen
 
 
 @dataclass
@@ -200,6 +210,9 @@ class Soft:
     outbox: dict[str, list[Any]] = field(default_factory=dict)  # agent -> queued requests
     outbox_timer: bool = False
     timers: dict[str, float] = field(default_factory=dict)  # timer key -> due time
+    #: node_id -> the loss state EPUM reported, for nodes lost but not known dead: their
+    #: processes move once every agent's lease there has run out (decision PD9)
+    doomed: dict[str, str] = field(default_factory=dict)
 
 
 class PDState:

@@ -1,7 +1,10 @@
 """A libcloud ``NodeDriver`` whose "VMs" are processes on this host.
 
-Each node is one command (later: an EEAgent) started in its own session and process group,
-with its output in ``<state_dir>/nodes/<node_id>/output.log``. The driver keeps a small JSON
+Each node is one command (an EEAgent) started in its own session and process group under a
+small init (``vminit.py``, a child subreaper), so that the node dies whole: when the command
+ends or the node is destroyed, the init ends every descendant, even ``setsid``'d ones; if the
+init itself is killed, the driver finds what is left by the ``CEI_LOCAL_VM`` marker each
+process inherits (decision PV1). Output goes in ``<state_dir>/nodes/<node_id>/output.log``. The driver keeps a small JSON
 table of its nodes in ``<state_dir>/nodes.json`` (under a file lock), so a new driver
 instance, e.g. after a Provisioner restart, still lists and destroys the nodes of the old
 one. A node is RUNNING while its process lives and TERMINATED once it has exited; a reused
@@ -41,6 +44,10 @@ CommandSpec = Callable[[str, str | None, dict[str, Any]], Sequence[str]] | str |
 
 LOOPBACK = "127.0.0.1"
 _TABLE_VERSION = 1
+#: Set to the node's directory in the environment of a node's every process (the EEAgent
+#: passes it on to its commands): how the remains of a node whose init died are found.
+VM_MARKER_ENV = "CEI_LOCAL_VM"
+_VMINIT = str(Path(__file__).with_name("vminit.py"))
 
 
 class LocalNodeNotFound(LibcloudError):
@@ -70,8 +77,10 @@ class LocalProcessDriver(NodeDriver):
       (``sys.executable``), the driver's ``vars``, the create's ``ex_vars``, then ``name``,
       ``node_id``, ``node_dir``, ``state_dir``, ``userdata``, ``userdata_file``.
     - ``vars``, ``env``: extra template vars / environment for every node. Each node also
-      gets ``CEI_NODE_ID``, ``CEI_NODE_NAME``, ``CEI_NODE_DIR``, ``CEI_USERDATA_FILE``.
-    - ``grace_period``: seconds between SIGTERM and SIGKILL on destroy.
+      gets ``CEI_NODE_ID``, ``CEI_NODE_NAME``, ``CEI_NODE_DIR``, ``CEI_USERDATA_FILE`` and
+      the marker ``CEI_LOCAL_VM``.
+    - ``grace_period``: seconds between SIGTERM and SIGKILL on destroy (the node's init
+      gives its command half of it, then ends the rest of the node).
     - ``terminated_linger``: seconds a TERMINATED node stays listed.
     - ``forget_after``: seconds after which unlisted nodes (and their client tokens) are
       dropped from the table.
@@ -185,11 +194,13 @@ class LocalProcessDriver(NodeDriver):
                 "CEI_NODE_NAME": name,
                 "CEI_NODE_DIR": str(node_dir),
                 "CEI_USERDATA_FILE": str(userdata_file),
+                VM_MARKER_ENV: str(node_dir),
             }
+            init = [sys.executable, "-I", "-S", _VMINIT, repr(self.grace_period / 2), "--"]
             log_path = node_dir / "output.log"
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    argv,
+                    [*init, *argv],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=subprocess.STDOUT,
@@ -250,6 +261,7 @@ class LocalProcessDriver(NodeDriver):
             pid, pgid, ticks = rec["pid"], rec["pgid"], rec["start_ticks"]
         # Kill outside the lock: waiting for the grace period must not block other calls.
         _kill_group(pid, pgid, ticks, self.grace_period)
+        _kill_marked(rec["node_dir"])
         with self._locked_table() as table:
             rec = table["nodes"].get(node_id)
             if rec is not None:
@@ -285,6 +297,9 @@ class LocalProcessDriver(NodeDriver):
     def _refresh(self, rec: dict[str, Any], now: float) -> None:
         """Notice an exit, and the end of the TERMINATED listing window."""
         if rec["exited_at"] is None and not _process_alive(rec["pid"], rec["start_ticks"]):
+            # The init is gone: normally it ended the node first; if it was killed, what it
+            # left is ended here, before anyone is told the node is TERMINATED.
+            _kill_marked(rec["node_dir"])
             rec["exited_at"] = now
         if rec["exited_at"] is not None and rec["exit_code"] is None:
             rec["exit_code"] = _take_exit_code(rec["pid"])
@@ -453,6 +468,45 @@ def _kill_group(pid: int, pgid: int, start_ticks: int | None, grace: float) -> N
         if _wait_group_empty(pid, pgid, wait):
             break
     _reap(pid)
+
+
+def marked_processes(node_dir: str) -> list[int]:
+    """Live processes whose environment carries ``CEI_LOCAL_VM=<node_dir>`` (a /proc scan)."""
+    marker = f"{VM_MARKER_ENV}={node_dir}".encode()
+    me = os.getpid()
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+        except OSError:
+            continue
+        stat = _read_stat(int(entry.name))
+        if stat is not None and stat.state not in ("Z", "X"):
+            found.append(int(entry.name))
+    return found
+
+
+def _kill_marked(node_dir: str, timeout: float = 5.0) -> list[int]:
+    """SIGKILL every process of the node (by its marker) until none is left; their pids."""
+    killed: list[int] = []
+    deadline = time.monotonic() + timeout
+    while pids := marked_processes(node_dir):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+            if pid not in killed:
+                killed.append(pid)
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.01)
+        with _children_lock:
+            for proc in _children.values():
+                proc.poll()
+    return killed
 
 
 def _object_id(obj: Any) -> str | None:
