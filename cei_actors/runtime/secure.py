@@ -265,21 +265,17 @@ def allowed(module: str, name: str, obj: Any) -> bool:
     defined = getattr(obj, "__module__", "") or ""
     return any(
         (module == p or module.startswith(p + ".")) and (defined == p or defined.startswith(p + "."))
-        for p in ALLOWED_PACKAGES + _extra_packages()
+        for p in ALLOWED_PACKAGES
     )
-
-
-def _extra_packages() -> tuple[str, ...]:
-    """Further module prefixes from ``$CEI_PICKLE_MODULES`` (comma-separated; e.g. a test's
-    own actor classes). Read at every check, so forked processes see what their parent set."""
-    raw = os.environ.get("CEI_PICKLE_MODULES", "")
-    return tuple(p.strip() for p in raw.split(",") if p.strip())
 
 
 class RestrictedUnpickler(pickle.Unpickler):
     """An unpickler whose ``find_class`` admits only :func:`allowed` classes."""
 
     def find_class(self, module: str, name: str) -> Any:
+        obj = _admitted.get((module, name))
+        if obj is not None:
+            return obj
         if "." in name or name.startswith("__"):
             obj = None
         else:
@@ -291,7 +287,12 @@ class RestrictedUnpickler(pickle.Unpickler):
             _refused(f"authenticated frame names {module}.{name}, which is not an allowed class; "
                      "nothing of it was built")
             raise RefusedFrame(f"class {module}.{name} is not allowed")
+        _admitted[(module, name)] = obj
         return obj
+
+
+#: Classes admitted before, by (module, name): the check runs once per class and process.
+_admitted: dict[tuple[str, str], Any] = {}
 
 
 def restricted_loads(data: bytes | memoryview) -> Any:
