@@ -15,7 +15,7 @@ The host keeps its process: nothing here installs signal handlers, configures lo
 the TCP base the actors' log goes to ``HOME/system.log``; on the simple base records go to
 the host's own ``logging`` setup) or exits. The only process-wide change is the one every
 system start makes: thespian's TCP transport is bound to 127.0.0.1 (docs/decisions.md R1) and
-authenticates every message with the key in ``HOME/secret`` (S1), one key per process.
+authenticates every message with the key in ``HOME/secret`` (TA1), one key per process.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     does not run there by their global names (see docs/multi-host.md). The joined system's
     secret file (``secret_file``, else ``$CEI_SECRET_FILE``) becomes this home's ``secret``;
     without ``join`` the home keeps its own (created at the first ``up``). Every message of
-    the system is authenticated with it (docs/decisions.md S1).
+    the system is authenticated with it (docs/decisions.md TA1).
 
     Raises :class:`LaunchError` if a system is already up in ``home`` or a component does
     not become ready (whatever was started is shut down again).

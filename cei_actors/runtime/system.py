@@ -14,6 +14,12 @@ applied in the starting process before the admin is forked, and the admin and ac
 processes are forked from it (the ``fork`` start method is forced), so they inherit it.
 ``tests/test_runtime_shell.py`` checks every listening socket of a running system.
 
+**Authenticated.** Every frame the TCP transport sends carries an HMAC-SHA256 of the system's
+secret, and every frame received is checked before anything is unpickled, then unpickled with
+an allowlist of classes (:mod:`.secure`, docs/decisions.md TA1). :func:`start_system` and
+:func:`attach_system` load the secret file (``secret_file=``, else ``$CEI_SECRET_FILE``) and
+name it in ``$CEI_SECRET_FILE`` for the processes started from here; one key per process.
+
 **Another OS process** (e.g. an EEAgent in a "VM" process of the local cloud driver) reaches
 the system with :func:`attach_system`: it becomes an external endpoint of the running admin
 (its own listening socket, in its own process), starts no admin and no actor, and receives
