@@ -269,3 +269,21 @@ def test_a_local_agent_without_a_secret_file_refuses_to_start(tmp_path):
                           "--state-dir", str(tmp_path)], env=env, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 2 and "--secret-file" in out.stderr, out.stderr
+
+
+def test_a_system_starts_after_an_embedded_temporary_home_is_gone():
+    """``CEI()`` with a temporary home names its secret in $CEI_SECRET_FILE and removes it at
+    stop; a later ``start_system()`` in the same process gets a fresh secret instead of failing."""
+    from cei_actors.embed import CEI
+    from cei_actors.runtime.system import shutdown_system, start_system
+
+    with CEI(plan=None) as cei:
+        named = Path(os.environ[secure.SECRET_ENV])
+        assert named == cei.home / "secret"
+    assert not named.exists()
+    asys = start_system()
+    try:
+        assert Path(os.environ[secure.SECRET_ENV]).exists()
+        assert global_actors(asys) == {}
+    finally:
+        shutdown_system(asys)

@@ -147,15 +147,16 @@ _process_secret: dict[str, Any] = {}
 
 
 def resolve_secret_file(secret_file: str | Path | None = None, *, create: bool = False) -> Path:
-    """The secret file to use: ``secret_file``, else ``$CEI_SECRET_FILE``, else (``create``)
-    a fresh one in a private temporary directory, removed when this process exits.
+    """The secret file to use: ``secret_file``, else ``$CEI_SECRET_FILE``, else (``create``, also
+    when that file is gone) a fresh one in a private temporary directory, removed when this
+    process exits.
 
     Raises :class:`SecretError` when there is none and ``create`` is false.
     """
     if secret_file is not None:
         return Path(secret_file)
     named = os.environ.get(SECRET_ENV)
-    if named:
+    if named and (not create or os.path.exists(named)):  # a removed temporary home's: start anew
         return Path(named)
     if not create:
         raise SecretError(f"no actor system secret: pass its secret file (a system's HOME/{SECRET_FILE}) "
