@@ -14,7 +14,8 @@ local cloud driver needs an admin port, so use a plan with ``static_nodes`` ther
 The host keeps its process: nothing here installs signal handlers, configures logging (on
 the TCP base the actors' log goes to ``HOME/system.log``; on the simple base records go to
 the host's own ``logging`` setup) or exits. The only process-wide change is the one every
-system start makes: thespian's TCP transport is bound to 127.0.0.1 (docs/decisions.md R1).
+system start makes: thespian's TCP transport is bound to 127.0.0.1 (docs/decisions.md R1) and
+authenticates every message with the key in ``HOME/secret`` (TA1), one key per process.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from .launch.launcher import (
 from .launch.plan import Plan, load_plan
 from .pd.client import PDClient
 from .provisioner.client import ProvisionerClient
+from .runtime.secure import SECRET_FILE, ensure_secret_file
 from .runtime.system import BASES, TCP_BASE, shutdown_system, start_system
 
 __all__ = ["CEI", "LaunchError"]
@@ -96,7 +98,8 @@ class CEI:
                                  log_url=self._log_url)
             self.plan = plan
             defs = log_defs(self.home / "system.log") if self.base == TCP_BASE else None
-            self._asys = start_system(self.base, log_defs=defs)
+            secret = ensure_secret_file(self.home / SECRET_FILE) if self.base == TCP_BASE else None
+            self._asys = start_system(self.base, log_defs=defs, secret_file=secret)
             self.info = start_components(self._asys, plan, self.home, self._progress)
             self._conn = Connection(self._asys, self.info, self.timeout, owned=True)
         except BaseException:

@@ -14,6 +14,7 @@ import yaml
 
 from cei_actors.launch.launcher import LaunchError, NotRunning, connect, down, read_info, up
 from cei_actors.launch.plan import default_plan_text, load_plan
+from cei_actors.runtime.secure import new_secret_file
 
 
 def make_plan(tmp_path: Path, **replicas: int) -> Path:
@@ -143,6 +144,9 @@ def test_connect_without_a_system(home):
         connect(home)
     home.mkdir(parents=True)
     (home / "system.json").write_text('{"admin_port": 9, "components": {}}')
+    with pytest.raises(NotRunning, match="no secret"):
+        connect(home)
+    new_secret_file(home / "secret")
     with pytest.raises(NotRunning, match="nothing answers"):
         connect(home)
     assert down(home)["stopped"] == []  # a dead system: only what it left is cleaned up

@@ -12,10 +12,12 @@ agent on the same ``--state-dir`` re-adopts processes that are still running.
 
     python -m cei_actors.eeagent --node-id N --pd 127.0.0.1:PORT[/NAME] --slots 4 --state-dir D
         [--agent-id ID] [--pd-name pd] [--epum-name epum] [--heartbeat 30] [--grace 10]
-        [--fence 15] [--keep-processes]
+        [--fence 15] [--keep-processes] [--secret-file F]
 
 ``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
-the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``.
+the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``, ``--secret-file`` (the system's
+key, which every message is authenticated with) to ``$CEI_SECRET_FILE``, which the local
+driver's agents inherit from the Provisioner's process.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-processes", action="store_true", help="leave processes running on exit")
     p.add_argument("--output-retention", type=parse_retention, default=DEFAULT_OUTPUT_RETENTION,
                    help="seconds a cleaned-up process's output files are kept ('forever': never removed)")
+    p.add_argument("--secret-file", default=os.environ.get("CEI_SECRET_FILE"),
+                   help="the actor system's secret file (default $CEI_SECRET_FILE, set by the local driver)")
     p.add_argument("--attach-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default=os.environ.get("CEI_LOG_LEVEL", "INFO"))
     return p
@@ -101,6 +105,9 @@ def main(argv: list[str] | None = None) -> int:
         print("eeagent: --slots >= 0, --heartbeat > 0, --grace >= 0 and --fence > 0 please",
               file=sys.stderr)
         return 2
+    if not args.secret_file:
+        print("eeagent: --secret-file is required (or set CEI_SECRET_FILE)", file=sys.stderr)
+        return 2
     port, name = args.pd
     pd_name = args.pd_name or name or "pd"
 
@@ -112,13 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from ..runtime.secure import SecretError
     from ..runtime.system import SystemNotRunning, attach_system, detach_system
 
     deadline = time.monotonic() + args.attach_timeout
     while True:
         try:
-            asys = attach_system(port)
+            asys = attach_system(port, secret_file=args.secret_file)
             break
+        except SecretError as exc:
+            print(f"eeagent: {exc}", file=sys.stderr)
+            return 2
         except SystemNotRunning as exc:
             if time.monotonic() > deadline or stop["flag"]:
                 print(f"eeagent: {exc}", file=sys.stderr)

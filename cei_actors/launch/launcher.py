@@ -39,6 +39,14 @@ from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
 from ..runtime.client import NotFound, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
+from ..runtime.secure import (
+    SECRET_FILE,
+    ensure_secret_file,
+    new_secret_file,
+    read_secret,
+    resolve_secret_file,
+    use_secret_file,
+)
 from ..runtime.system import (
     SIMPLE_BASE,
     TCP_BASE,
@@ -107,12 +115,15 @@ def agent_name(node_id: str) -> str:
 
 
 def up(plan: Plan, home: Path, progress: Progress | None = None, *,
-       join: int | str | None = None) -> dict[str, Any]:
+       join: int | str | None = None, secret_file: str | Path | None = None) -> dict[str, Any]:
     """Start ``plan`` in the background; return the contents of ``HOME/system.json``.
 
     ``join`` (``PORT`` or ``127.0.0.1:PORT``): make this actor system a member of the
     convention led by that admin (another host's system) and find the components this plan
-    does not run there by their global names (see docs/multi-host.md).
+    does not run there by their global names (see docs/multi-host.md). The joined system's
+    secret file (``secret_file``, else ``$CEI_SECRET_FILE``) becomes this home's ``secret``;
+    without ``join`` the home keeps its own (created at the first ``up``). Every message of
+    the system is authenticated with it (docs/decisions.md TA1).
 
     Raises :class:`LaunchError` if a system is already up in ``home`` or a component does
     not become ready (whatever was started is shut down again).
@@ -120,6 +131,10 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     home = Path(home).expanduser().resolve()
     say = progress or (lambda _line: None)
     secure_home(home, say)
+
+    joined_secret = read_secret(resolve_secret_file(secret_file)) if join is not None else None
+    # this home's secret: the previous system here (probed below) holds it
+    secret = use_secret_file(ensure_secret_file(home / SECRET_FILE))
     old = read_info(home)
     if old is not None:
         if not _admin_gone(old) and _port_answers(old["admin_port"]):
@@ -132,7 +147,8 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     log_path = home / LOG_FILE
     say(f"starting the actor system ({TCP_BASE}, 127.0.0.1), output in {log_path}")
     remote = None
-    if join is not None:
+    if joined_secret is not None:  # one convention, one key
+        use_secret_file(new_secret_file(secret, joined_secret))
         try:
             remote = attach_system(_port_of(join))
         except SystemNotRunning as exc:
@@ -495,6 +511,10 @@ def connect(home: Path, timeout: float = 10.0) -> Connection:
         raise NotRunning(f"system not up in {home} (no {INFO_FILE}): run `cei up`")
     if _admin_gone(info):
         raise NotRunning(f"system not up in {home}: its admin (pid {info['admin_pid']}) is gone")
+    if not (home / SECRET_FILE).exists():
+        raise NotRunning(f"system not up in {home}: no {SECRET_FILE} file to talk to it with "
+                         f"(stale {INFO_FILE}?)")
+    use_secret_file(home / SECRET_FILE)
     try:
         asys = attach_system(int(info["admin_port"]))
     except SystemNotRunning:

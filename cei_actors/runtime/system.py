@@ -14,6 +14,12 @@ applied in the starting process before the admin is forked, and the admin and ac
 processes are forked from it (the ``fork`` start method is forced), so they inherit it.
 ``tests/test_runtime_shell.py`` checks every listening socket of a running system.
 
+**Authenticated.** Every frame the TCP transport sends carries an HMAC-SHA256 of the system's
+secret, and every frame received is checked before anything is unpickled, then unpickled with
+an allowlist of classes (:mod:`.secure`, docs/decisions.md TA1). :func:`start_system` and
+:func:`attach_system` load the secret file (``secret_file=``, else ``$CEI_SECRET_FILE``) and
+name it in ``$CEI_SECRET_FILE`` for the processes started from here; one key per process.
+
 **Another OS process** (e.g. an EEAgent in a "VM" process of the local cloud driver) reaches
 the system with :func:`attach_system`: it becomes an external endpoint of the running admin
 (its own listening socket, in its own process), starts no admin and no actor, and receives
@@ -41,9 +47,12 @@ import os
 import socket
 import threading
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem, InvalidActorAddress
+
+from .secure import resolve_secret_file, use_secret_file
 
 LOOPBACK = "127.0.0.1"
 TCP_BASE = "multiprocTCPBase"
@@ -114,6 +123,7 @@ def start_system(
     *,
     capabilities: dict[str, Any] | None = None,
     log_defs: Any = None,
+    secret_file: str | Path | None = None,
 ) -> ActorSystem:
     """Start a new actor system and return a handle on it; shut it down with :func:`shutdown_system`.
 
@@ -122,6 +132,11 @@ def start_system(
     port or ``127.0.0.1:PORT``) makes it a member of the convention led by that admin. The
     system outlives this process: always shut it down. Simple base: runs in this thread when
     you ``ask``/``tell``/``listen``; it does not touch logging unless ``log_defs`` is given.
+
+    TCP base: every message is authenticated with the key in ``secret_file`` (else
+    ``$CEI_SECRET_FILE``, else a fresh private one for this process; see
+    :mod:`.secure`); the admin and actors inherit it, and whatever joins the system
+    (:func:`attach_system`) must hold the same file.
     """
     if base == SIMPLE_BASE:
         asys = ActorSystem(SIMPLE_BASE, capabilities=dict(capabilities or {}),
@@ -131,6 +146,7 @@ def start_system(
     if base != TCP_BASE:
         raise ValueError(f"unsupported actor system base {base!r}: use one of {', '.join(BASES)}")
     ensure_loopback()
+    use_secret_file(resolve_secret_file(secret_file, create=True))
     if admin_port and _port_open(admin_port):
         raise RuntimeError(f"127.0.0.1:{admin_port} is in use: use attach_system() to join a running system")
     attempts = 1 if admin_port else 3
@@ -153,15 +169,19 @@ def start_system(
     raise AssertionError("unreachable")
 
 
-def attach_system(admin_port: int) -> ActorSystem:
+def attach_system(admin_port: int, secret_file: str | Path | None = None) -> ActorSystem:
     """Join the running TCP actor system at ``127.0.0.1:admin_port`` as an external endpoint.
 
     Starts nothing: raises :class:`SystemNotRunning` if no admin listens there or the one that
     listens does not answer (thespian's own constructor would start an admin of its own once
     the port is free: a killed admin's logger holds its listening socket for a few seconds).
     Close with :func:`detach_system` (``shutdown()`` would stop the whole system).
+    The system's secret comes from ``secret_file``, else ``$CEI_SECRET_FILE``
+    (:class:`.secure.SecretError` if neither); an admin holding another key refuses us,
+    which also reads as :class:`SystemNotRunning`.
     """
     ensure_loopback()
+    secret = use_secret_file(resolve_secret_file(secret_file))
     _guard_admin_start()
     if not _port_open(admin_port):
         raise SystemNotRunning(f"no actor system admin listens on {LOOPBACK}:{admin_port}")
@@ -169,7 +189,8 @@ def attach_system(admin_port: int) -> ActorSystem:
     try:
         asys = ActorSystem(TCP_BASE, capabilities={"Admin Port": admin_port}, transientUnique=True)
     except (SystemNotRunning, InvalidActorAddress):
-        raise SystemNotRunning(f"no actor system admin answers on {LOOPBACK}:{admin_port}") from None
+        raise SystemNotRunning(f"no actor system admin answers on {LOOPBACK}:{admin_port} "
+                               f"(or it holds another secret than {secret})") from None
     finally:
         _attach_only.on = False
     asys.cei_base, asys.cei_admin_port = TCP_BASE, admin_port
