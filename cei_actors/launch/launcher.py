@@ -35,7 +35,7 @@ from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
 from ..pd.client import PDClient
 from ..provisioner.client import ProvisionerClient
-from ..runtime.client import NotFound, RequestFailed, ServiceClient
+from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
 from ..runtime.system import (
     SIMPLE_BASE,
@@ -190,7 +190,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                     with ServiceClient(asys, address, timeout=10.0) as client:
                         client.call(tell)
                     answered += 1
-                except RequestFailed as exc:
+                except (RequestFailed, OutcomeUnknown) as exc:
                     say(f"{comp} replica at {address} did not take this system's peers: {exc}")
             if not answered:
                 raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
@@ -213,7 +213,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
             try:
                 started = client.call(start)
-            except RequestFailed as exc:
+            except (RequestFailed, OutcomeUnknown) as exc:
                 raise LaunchError(f"{comp} did not start: {exc}") from None
             if not isinstance(started, Started):
                 raise LaunchError(f"{comp} did not start: {started!r}")
@@ -389,7 +389,7 @@ class Connection:
                 try:
                     with ServiceClient(self.asys, address, timeout=min(self.timeout, 5.0)) as c:
                         status = c.call(Status())
-                except RequestFailed:
+                except (RequestFailed, OutcomeUnknown):
                     status = None
             out.append(_Member(name, address, status))
         return out
@@ -415,7 +415,7 @@ class Connection:
             for name in names:
                 target = lookup(self.asys, name)
                 if target is not None:
-                    with contextlib.suppress(RequestFailed), \
+                    with contextlib.suppress(RequestFailed, OutcomeUnknown), \
                             ServiceClient(self.asys, target, timeout=5.0) as c:
                         c.call(SetPeers({component: address}))
 
@@ -451,13 +451,13 @@ class Connection:
                  **{k: (m.status or {}).get(k) for k in keys}}
                 for m in self.members(comp)
             ]
-        with contextlib.suppress(RequestFailed, NotRunning):
+        with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
             out["processes"] = self.pd.process_counts()
         if "epum" in out["components"]:
-            with contextlib.suppress(RequestFailed, NotRunning):
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 out["domains"] = self.epum.list_domains()
         if "provisioner" in out["components"]:
-            with contextlib.suppress(RequestFailed, NotRunning):
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 nodes: dict[str, int] = {}
                 for node in self.provisioner.describe_nodes():
                     nodes[node["state"]] = nodes.get(node["state"], 0) + 1
@@ -541,7 +541,7 @@ def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> 
         say("terminating every node")
         try:
             result["nodes_terminated"] = conn.provisioner.terminate_all(wait=True, timeout=60.0)
-        except RequestFailed as exc:
+        except (RequestFailed, OutcomeUnknown) as exc:
             say(f"terminate-all failed ({exc}); the local nodes are cleaned up directly")
     from ..eeagent.actor import AgentStop
 
@@ -555,7 +555,8 @@ def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> 
             address = lookup(asys, name)
             if address is None:
                 continue
-            with contextlib.suppress(RequestFailed), ServiceClient(asys, address, timeout=10.0) as c:
+            with contextlib.suppress(RequestFailed, OutcomeUnknown), \
+                    ServiceClient(asys, address, timeout=10.0) as c:
                 c.call(Stop())
             result["stopped"].append(name)
     say(f"stopped {', '.join(result['stopped']) or 'nothing'}")
