@@ -77,6 +77,9 @@ AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
 INFO_FILE = "system.json"
 LOG_FILE = "system.log"
 START_TIMEOUT = 60.0
+#: Errors of a failed recovery that retrying cannot cure (the stored data is bad): ``up`` and
+#: the embedding API report them as soon as the component reports them (``Status.last_error``).
+FATAL_RECOVERY_ERRORS = ("CorruptLog", "UnknownEventType", "NewerEventVersion")
 
 #: A progress callback: one human-readable line per step.
 Progress = Callable[[str], None]
@@ -210,16 +213,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
-        with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
-            try:
-                started = client.call(start)
-            except (RequestFailed, OutcomeUnknown) as exc:
-                raise LaunchError(f"{comp} did not start: {exc}") from None
-            if not isinstance(started, Started):
-                raise LaunchError(f"{comp} did not start: {started!r}")
-            for standby in addrs[1:]:
-                with ServiceClient(asys, standby) as other:
-                    other.tell(start)
+        started = _start_first(asys, comp, addrs[0], start)
+        for standby in addrs[1:]:
+            with ServiceClient(asys, standby) as other:
+                other.tell(start)
         heads[comp] = started.head
         say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
             f"replayed {started.head} events")
@@ -258,6 +255,38 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         "pids": pids,
         "started_at": time.time(),
     }
+
+
+def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Start) -> Started:
+    """Send ``start`` to a component's first replica and wait (``START_TIMEOUT``) for ``Started``.
+
+    While it waits it asks the replica's ``Status`` every half second: a recovery that failed
+    for a reason waiting does not cure (``FATAL_RECOVERY_ERRORS``) ends the wait at once with
+    the replica's own reason; a timeout names the last error the replica reported.
+    """
+    last: dict[str, str] = {}
+    with ServiceClient(asys, address, timeout=START_TIMEOUT) as client, \
+            ServiceClient(asys, address, timeout=2.0) as probe:
+
+        def waiting() -> None:
+            try:
+                error = probe.call(Status()).get("last_error")
+            except (RequestFailed, OutcomeUnknown):
+                return
+            if error:
+                last.update(error)
+                if error.get("type") in FATAL_RECOVERY_ERRORS:
+                    raise LaunchError(f"{comp} cannot recover from its log: "
+                                      f"{error['type']}: {error.get('message')}")
+
+        try:
+            started = client.call(start, waiting=waiting, every=0.5)
+        except (RequestFailed, OutcomeUnknown) as exc:
+            why = f" (last error: {last['type']}: {last.get('message')})" if last else ""
+            raise LaunchError(f"{comp} did not start: {exc.message}{why}") from None
+    if not isinstance(started, Started):
+        raise LaunchError(f"{comp} did not start: {started!r}")
+    return started
 
 
 def load_registry(prov: ProvisionerClient, plan: Plan, admin_port: int | None, say: Progress) -> None:
