@@ -11,6 +11,11 @@ child process on 127.0.0.1, and the local cloud's EEAgent "VMs" can join it) or
 ``simpleSystemBase`` (everything in the host's thread, run while a client call waits; the
 local cloud driver needs an admin port, so use a plan with ``static_nodes`` there).
 
+Errors: a refused request raises a ``RequestFailed`` subclass (nothing happened); a request
+sent without a reply within ``timeout`` raises :class:`OutcomeUnknown` (it may have taken
+effect, or may still: look before acting; ``schedule_process(..., once=True)`` is safe to
+retry with the same upid).
+
 The host keeps its process: nothing here installs signal handlers, configures logging (on
 the TCP base the actors' log goes to ``HOME/system.log``; on the simple base records go to
 the host's own ``logging`` setup) or exits. The only process-wide change is the one every
@@ -39,10 +44,11 @@ from .launch.launcher import (
 from .launch.plan import Plan, load_plan
 from .pd.client import PDClient
 from .provisioner.client import ProvisionerClient
+from .runtime.client import OutcomeUnknown, RequestFailed
 from .runtime.secure import SECRET_FILE, ensure_secret_file
 from .runtime.system import BASES, TCP_BASE, shutdown_system, start_system
 
-__all__ = ["CEI", "LaunchError"]
+__all__ = ["CEI", "LaunchError", "OutcomeUnknown", "RequestFailed"]
 
 
 class CEI:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import random
+import re
 
+import msgpack
 import pytest
 
 from cei_actors.cli import main
-from cei_actors.eventlog import open_log
+from cei_actors.eventlog import CorruptLog, LogLost, Snapshot, open_log
 from cei_actors.runtime.example import Add, Counters
 from cei_actors.runtime.runner import Runner
 
@@ -66,3 +68,89 @@ def test_errors_are_one_line(home, capsys):
     with pytest.raises(SystemExit) as info:
         main(["log", "show"])
     assert info.value.code == 2
+
+
+# ---- snapshots: `check` verifies them (issue 12 §5) -------------------------------------------
+
+
+def _runner(home):
+    return Runner(Counters(), open_log(f"sqlite:///{home / 'log.sqlite'}"), rng=random.Random(0))
+
+
+def test_check_passes_a_good_snapshot(home, capsys):
+    runner = _runner(home)
+    runner.recover()
+    assert runner.take_snapshot()
+    runner.handle(Add("a", 100))
+    runner.log.close()
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "check", "example")
+    assert code == 0 and json.loads(out) == {
+        "ok": True, "checked": 7, "snapshot": {"offset": 6, "ok": True, "problem": None}}
+
+
+def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys):
+    log = open_log(f"sqlite:///{home / 'log.sqlite'}")
+    log._put_snapshot("example", 4, b"garbage, not a snapshot")
+    log.close()
+    runner = _runner(home)
+    with pytest.raises(CorruptLog):  # the component cannot recover from it
+        runner.recover()
+    runner.log.close()
+    code, out, err = run(capsys, "--home", str(home), "log", "check", "example")
+    assert code == 1
+    assert "every invariant held" in out and "snapshot: snapshot does not decode" in out
+    assert err.startswith("cei: stream 'example': bad snapshot: snapshot does not decode")
+
+
+def test_check_fails_on_a_snapshot_other_than_the_replay(home, capsys):
+    log = open_log(f"sqlite:///{home / 'log.sqlite'}")
+    wrong = msgpack.packb({"counters": {"a": 999}, "ticks": 0}, use_bin_type=True)
+    assert Counters().restore(msgpack.unpackb(wrong)).counters == {"a": 999}
+    log.save_snapshot(Snapshot("example", 3, 0.0, Counters.snapshot_version, wrong))
+    log.close()
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "check", "example")
+    result = json.loads(out)
+    assert code == 1 and result["ok"] is False and result["snapshot"]["offset"] == 3
+    assert "restores to a state other than the replay up to offset 3" in result["snapshot"]["problem"]
+    assert "counters.a" in result["snapshot"]["problem"]
+
+
+# ---- the SQLite file's marker (issue 12 §5) ---------------------------------------------------
+
+
+def test_a_new_sqlite_log_is_marked_and_reopens(tmp_path):
+    url = f"sqlite:///{tmp_path / 'new.sqlite'}"
+    with open_log(url) as log:
+        assert log.streams() == []
+    marker = tmp_path / "new.sqlite.id"
+    assert len(marker.read_text().strip()) == 32
+    with open_log(url) as log:
+        assert log.head("example") == 0
+
+
+@pytest.mark.parametrize("damage", ["emptied", "deleted", "truncated"])
+def test_a_log_file_that_lost_its_events_is_refused_naming_the_file(home, capsys, damage):
+    path = home / "log.sqlite"
+    if damage == "emptied":
+        path.write_bytes(b"")
+    elif damage == "deleted":
+        path.unlink()
+    else:
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    before = sorted(p.name for p in home.iterdir())
+    size = path.stat().st_size if path.exists() else None
+    with pytest.raises(LogLost, match=re.escape(str(path).lstrip("/"))):
+        open_log(f"sqlite:///{path}")
+    code, out, err = run(capsys, "--home", str(home), "log", "streams")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert str(path).lstrip("/") in err
+    assert ("is missing" if damage == "deleted" else "is empty" if damage == "emptied" else "damaged") in err
+    if damage != "truncated":  # (SQLite's -wal/-shm appear when it reads a damaged header)
+        assert sorted(p.name for p in home.iterdir()) == before  # nothing created in its place
+    assert (path.stat().st_size if path.exists() else None) == size  # nor written
+    # removing the marker starts a new, empty log on purpose
+    if damage != "truncated":
+        (home / "log.sqlite.id").unlink()
+        with open_log(f"sqlite:///{path}") as log:
+            assert log.streams() == []

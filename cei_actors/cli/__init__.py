@@ -1,4 +1,5 @@
-"""The ``cei`` command (DESIGN.md §6): errors are one line on stderr, exit 1; usage errors exit 2."""
+"""The ``cei`` command (DESIGN.md §6): errors are one line on stderr, exit 1; usage errors exit 2;
+a request sent without a reply in time exits 3 (outcome unknown, see :data:`EXIT_STATUS`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..eventlog import EventLogError
-from ..runtime.client import RequestFailed
+from ..runtime.client import OutcomeUnknown, RequestFailed
 from . import (
     definition,
     demo,
@@ -26,6 +27,20 @@ from . import (
 from .common import UsageError
 from .output import CliError, Output
 
+#: Exit statuses, as ``cei --help`` lists them.
+EXIT_STATUS = """exit status:
+  0  done
+  1  error: refused or failed; nothing it asked for happened (or a check failed)
+  2  usage error
+  3  outcome unknown: the request was sent but no reply came in time (a failover, an
+     overloaded or stopped component); it may have taken effect, or may still. Check with
+     the matching describe (the message names it) before you act. A retry never does the
+     work twice for `process schedule` (same --upid; without --upid the id it sends is
+     printed first), `process terminate`, `definition create|update|remove`, `domain
+     add|reconfigure|remove` (a retried add may answer "already exists"), `node terminate`,
+     `system-boot` and `provisioner provision` (same --node-id, printed likewise); it does
+     for `process restart` (each call is a new round: check the round first)."""
+
 #: The command groups, in the order ``cei --help`` lists them.
 GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds)
 
@@ -37,6 +52,13 @@ def say_error(message: object) -> None:
     print(f"cei: {text}", file=sys.stderr)
 
 
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
         say_error(message)
@@ -44,9 +66,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="cei", description="Common Execution Infrastructure, as event-sourced actors")
+    parser = _Parser(prog="cei", description="Common Execution Infrastructure, as event-sourced actors",
+                     epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", action="store_true", help="machine output: one JSON document on stdout")
     parser.add_argument("--home", default=os.environ.get("CEI_HOME", ".cei"), help="runtime files and the embedded log (default ./.cei or $CEI_HOME)")
+    parser.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                        help="how long to wait for each reply of the system (default 10; "
+                             "no reply in time: exit 3)")
     parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: the running system's, else sqlite under --home)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for group in GROUPS:
@@ -92,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RequestFailed as exc:
         say_error(exc.message)
         return 1
+    except OutcomeUnknown as exc:
+        check = f"; check with `{exc.check}`" if exc.check else ""
+        print(f"cei: outcome unknown: {exc.message}{check}", file=sys.stderr)
+        return 3
     except CliError as exc:
         if not exc.quiet or not args.json:
             say_error(exc)

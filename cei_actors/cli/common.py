@@ -36,13 +36,26 @@ def connected(args: argparse.Namespace) -> Iterator[Any]:
     if not (home / "system.json").exists():
         raise CliError(not_up_message(home))
     try:
-        conn = connect(home)
+        conn = connect(home, timeout=getattr(args, "request_timeout", 10.0))
     except NotRunning as exc:
         raise CliError(str(exc) or not_up_message(home)) from None
     try:
         yield conn
     finally:
         conn.close()
+
+
+@contextlib.contextmanager
+def check_with(command: str) -> Iterator[None]:
+    """Name ``command`` (e.g. ``cei process describe P``) as the way to see whether a request
+    whose outcome is unknown (:class:`~..runtime.client.OutcomeUnknown`) took effect."""
+    from ..runtime.client import OutcomeUnknown
+
+    try:
+        yield
+    except OutcomeUnknown as exc:
+        exc.check = exc.check or command
+        raise
 
 
 def scalar(text: str) -> Any:

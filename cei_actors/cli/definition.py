@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .common import UsageError, connected, done, load_mapping
+from .common import UsageError, check_with, connected, done, load_mapping
 from .output import Output
 
 
@@ -57,7 +57,7 @@ def _definition(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_create(args: argparse.Namespace, out: Output) -> int:
     fields = _definition(args)
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei definition describe {args.definition_id}"):
         result = conn.pd.create_definition(args.definition_id, **fields)
     done(out, result, f"definition {args.definition_id} created")
     return 0
@@ -65,7 +65,7 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_update(args: argparse.Namespace, out: Output) -> int:
     fields = _definition(args)
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei definition describe {args.definition_id}"):
         result = conn.pd.update_definition(args.definition_id, **fields)
     done(out, result, f"definition {args.definition_id} updated")
     return 0
@@ -88,7 +88,7 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei definition describe {args.definition_id}"):
         conn.pd.remove_definition(args.definition_id)
     done(out, {"definition_id": args.definition_id, "removed": True}, f"definition {args.definition_id} removed")
     return 0

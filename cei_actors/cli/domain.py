@@ -7,7 +7,7 @@ from typing import Any
 
 from ..epum.client import dotted_config
 from ..runtime.client import NotFound
-from .common import UsageError, assignments, connected, done, load_mapping
+from .common import UsageError, assignments, check_with, connected, done, load_mapping
 from .output import Output
 
 #: The columns of a domain table.
@@ -72,7 +72,7 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
     if not args.engine and not args.definition:
         raise UsageError("domain add: give --engine ENGINE (or --definition DEF)")
     config = dotted_config(assignments(args.settings, "--set"))
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
         definition_id = args.definition
         if definition_id is None:
             definition_id = args.engine
@@ -90,7 +90,7 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
     config = dotted_config(assignments(args.settings, "--set"))
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
         conn.epum.reconfigure_domain(args.domain_id, config)
         domain = conn.epum.describe_domain(args.domain_id)
     done(out, domain, f"domain {args.domain_id} reconfigured: engine_conf {domain['config'].get('engine_conf')}")
@@ -114,7 +114,7 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_remove(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
         result = conn.epum.remove_domain(args.domain_id)
     done(out, result, f"domain {args.domain_id} removing (its nodes are being terminated)")
     return 0

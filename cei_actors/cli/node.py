@@ -9,7 +9,7 @@ import signal
 from typing import Any
 
 from ..runtime.client import NotFound
-from .common import connected, done
+from .common import check_with, connected, done
 from .output import CliError, Output
 
 #: The columns of a node table.
@@ -104,7 +104,7 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_terminate(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei node describe {args.node_id}"):
         result = conn.provisioner.terminate_nodes([args.node_id])
     node = result[0] if isinstance(result, list) and result else result
     state = node.get("state") if isinstance(node, dict) else None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import uuid
 from typing import Any
 
 from ..pd import states as ps
-from .common import UsageError, assignments, connected, done, upper_choice
+from .common import UsageError, assignments, check_with, connected, done, upper_choice
 from .output import CliError, Output
 
 #: The columns of a process table.
@@ -18,8 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("process", help="processes of the Process Dispatcher")
     cmds = group.add_subparsers(dest="process_cmd", required=True, metavar="COMMAND")
 
-    p = cmds.add_parser("schedule", help="schedule a process (COMMAND after --, or --definition)")
-    p.add_argument("--upid", default=None, help="the process id (default: a new one)")
+    p = cmds.add_parser("schedule", help="schedule a process (COMMAND after --, or --definition); "
+                                         "at most once per upid: a retry with the same --upid "
+                                         "never runs it again (`process restart` does)")
+    p.add_argument("--upid", default=None,
+                   help="the process id (default: a new one, printed on stderr before it is sent)")
     p.add_argument("--restart-mode", type=upper_choice(ps.RESTART_MODES), default=None,
                    metavar="{never,always,abnormal}")
     p.add_argument("--queueing-mode", type=upper_choice(ps.QUEUEING_MODES), default=None,
@@ -42,7 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name, func, text in (
         ("describe", "cmd_describe", "one process in full"),
         ("terminate", "cmd_terminate", "terminate a process"),
-        ("restart", "cmd_restart", "restart a RUNNING process (next round)"),
+        ("restart", "cmd_restart", "run a process again in its next round (in place if it runs, else "
+                                   "requeued); not retry-safe: each call is a new round"),
     ):
         p = cmds.add_parser(name, help=text)
         p.add_argument("upid")
@@ -96,8 +101,11 @@ def cmd_schedule(args: argparse.Namespace, out: Output) -> int:
         raise UsageError("process schedule: give a COMMAND after -- or --definition ID")
     constraints = assignments(args.constraint, "--constraint", parse=False)
     env = assignments(args.env, "--env", parse=False)
-    upid = args.upid or f"p-{uuid.uuid4().hex[:10]}"
-    with connected(args) as conn:
+    upid = args.upid
+    if upid is None:  # named before it is sent, so a retry after exit 3 can use it
+        upid = f"p-{uuid.uuid4().hex[:10]}"
+        print(f"cei: scheduling process {upid} (to retry: --upid {upid})", file=sys.stderr, flush=True)
+    with connected(args) as conn, check_with(f"cei process describe {upid}"):
         process = conn.pd.schedule_process(
             upid,
             args.definition,
@@ -110,6 +118,7 @@ def cmd_schedule(args: argparse.Namespace, out: Output) -> int:
             execution_engine_id=args.engine,
             node_exclusive=args.node_exclusive,
             name=args.name,
+            once=True,
         )
     brief(process, out)
     return 0
@@ -129,14 +138,14 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_terminate(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei process describe {args.upid}"):
         process = conn.pd.terminate_process(args.upid)
     brief(process, out)
     return 0
 
 
 def cmd_restart(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with(f"cei process describe {args.upid} (its round)"):
         process = conn.pd.restart_process(args.upid)
     brief(process, out)
     return 0

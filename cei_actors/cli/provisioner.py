@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import sys
 import uuid
 
-from .common import connected, done, load_mapping
+from .common import check_with, connected, done, load_mapping
 from .output import CliError, Output
 
 
@@ -22,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("site")
     p.add_argument("--allocation", default=None)
     p.add_argument("--vars", default=None, metavar="FILE", help="YAML/JSON mapping of template vars")
-    p.add_argument("--node-id", default=None, help="the new node's id (default: a new one)")
+    p.add_argument("--node-id", default=None,
+                   help="the new node's id (default: a new one, printed on stderr before it is sent; "
+                        "a retry with the same --node-id launches nothing more)")
     p.set_defaults(func=cmd_provision)
     p = cmds.add_parser("terminate-all", help="disable provisioning and terminate every node")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for all nodes to go")
@@ -53,9 +56,13 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_provision(args: argparse.Namespace, out: Output) -> int:
     variables = load_mapping(args.vars, "vars file") if args.vars else {}
-    node_id = args.node_id or f"node-{uuid.uuid4().hex[:10]}"
-    with connected(args) as conn:
-        result = conn.provisioner.provision(f"launch-{uuid.uuid4().hex[:10]}", args.deployable_type,
+    node_id = args.node_id
+    if node_id is None:  # named before it is sent, so a retry after exit 3 can use it
+        node_id = f"node-{uuid.uuid4().hex[:10]}"
+        print(f"cei: provisioning node {node_id} (to retry: --node-id {node_id})", file=sys.stderr, flush=True)
+    # the launch id follows from the node id: a retry is the same call, which changes nothing
+    with connected(args) as conn, check_with(f"cei provisioner describe {node_id}"):
+        result = conn.provisioner.provision(f"launch-{node_id}", args.deployable_type,
                                             args.site, [node_id], variables, args.allocation)
     done(out, result, f"node {node_id} requested (launch {result.get('launch_id')})")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import connected, done
+from .common import check_with, connected, done
 from .output import Output
 
 
@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_system_boot(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, check_with("cei process dump (system_boot)"):
         result = conn.pd.set_system_boot(args.mode == "on")
     done(out, result, f"system boot {args.mode}")
     return 0

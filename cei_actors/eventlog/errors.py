@@ -65,3 +65,7 @@ class LogUnavailable(EventLogError):
 
 class BadLogUrl(EventLogError, ValueError):
     """A log URL that names no known backend or is malformed."""
+
+
+class LogLost(EventLogError):
+    """A log that held data is gone: its file was deleted, emptied, truncated or replaced."""

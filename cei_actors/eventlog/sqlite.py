@@ -3,16 +3,24 @@
 WAL mode lets readers run while the writer appends. Each thread gets its own connection.
 The file and its ``-wal`` / ``-shm`` companions are 0600 whatever the umask (SQLite gives the
 companions the database file's mode); an existing log that is more open is tightened.
+
+The marker: a new log stores a random id in its ``meta`` table and in ``PATH.id`` next to the
+file. A marker whose log file is missing, empty (SQLite would silently start a new log),
+truncated or holds another id is :class:`LogLost`, naming both files; remove the marker to
+start a new log there on purpose (docs/decisions.md C4).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
 import threading
+import uuid
 from pathlib import Path
 
 from ..private_files import private_file
-from .errors import Fenced, LogUnavailable
+from .errors import Fenced, LogLost, LogUnavailable
 from .log import BatchExists, EventLog
 
 _SCHEMA = """
@@ -36,6 +44,17 @@ def private_log_files(path: Path, url: str) -> None:
         raise LogUnavailable(f"{url}: cannot create {path}: {exc}") from exc
 
 
+def _stored_id(db: sqlite3.Connection) -> str | None:
+    """The log id in the file's ``meta`` table, or None (no table: a new or emptied file)."""
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='log_id'").fetchone()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return None
+        raise
+    return row[0] if row else None
+
+
 class SqliteLog(EventLog):
     """A log in one SQLite file."""
 
@@ -48,12 +67,68 @@ class SqliteLog(EventLog):
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LogUnavailable(f"{url}: cannot create {self.path.parent}: {exc}") from exc
-        private_log_files(self.path, url)
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
+        self._claim()
         with self._conn() as db:
             db.executescript(_SCHEMA)
+
+    def _claim(self) -> None:
+        """Check the file against its marker (see the module docstring); mark a new log."""
+        marker = Path(f"{self.path}.id")
+        try:
+            expected = marker.read_text().strip() or None
+        except FileNotFoundError:
+            expected = None
+        except OSError as exc:
+            raise LogUnavailable(f"{self.url}: cannot read {marker}: {exc}") from exc
+        lost = (f"{self.url}: {marker} says {self.path} held the log {expected}, but the file "
+                "{how}; restore it, or remove the marker to start a new, empty log there")
+        if expected is not None:  # looked at before SQLite opens (and writes) the file
+            if not self.path.exists():
+                raise LogLost(lost.format(how="is missing"))
+            if self.path.stat().st_size == 0:
+                raise LogLost(lost.format(how="is empty (emptied or truncated)"))
+        private_log_files(self.path, self.url)  # 0600 before SQLite creates or opens it
+        try:
+            try:
+                db = self._conn()
+            except LogUnavailable as exc:  # connecting reads the header: damage shows here
+                cause = exc.__cause__
+                if isinstance(cause, sqlite3.DatabaseError) and not isinstance(cause, sqlite3.OperationalError):
+                    raise cause from None
+                raise
+            stored = _stored_id(db)
+            if expected is not None:
+                if stored is None:
+                    raise LogLost(lost.format(how="is empty (emptied or truncated)"))
+                if stored != expected:
+                    raise LogLost(lost.format(how=f"holds another log ({stored})"))
+                return
+            if stored is None:
+                db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+                db.execute("INSERT OR IGNORE INTO meta(key, value) VALUES ('log_id', ?)", (uuid.uuid4().hex,))
+                stored = _stored_id(db)
+        except LogLost:
+            self.close()
+            raise
+        except sqlite3.OperationalError as exc:  # locked, unreadable: not the data's fault
+            self.close()
+            raise LogUnavailable(f"{self.url}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # a damaged file: the header or a page
+            self.close()
+            raise LogLost(f"{self.url}: {self.path} is damaged: {exc}") from exc
+        tmp = marker.with_name(f"{marker.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{stored}\n")
+            os.replace(tmp, marker)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise LogUnavailable(f"{self.url}: cannot write {marker}: {exc}") from exc
 
     def _conn(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)

@@ -37,7 +37,7 @@ from ..pd.client import PDClient
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
-from ..runtime.client import NotFound, RequestFailed, ServiceClient
+from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
 from ..runtime.secure import (
     SECRET_FILE,
@@ -88,6 +88,9 @@ AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
 INFO_FILE = "system.json"
 LOG_FILE = "system.log"
 START_TIMEOUT = 60.0
+#: Errors of a failed recovery that retrying cannot cure (the stored data is bad): ``up`` and
+#: the embedding API report them as soon as the component reports them (``Status.last_error``).
+FATAL_RECOVERY_ERRORS = ("CorruptLog", "UnknownEventType", "NewerEventVersion")
 
 #: A progress callback: one human-readable line per step.
 Progress = Callable[[str], None]
@@ -211,7 +214,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                     with ServiceClient(asys, address, timeout=10.0) as client:
                         client.call(tell)
                     answered += 1
-                except RequestFailed as exc:
+                except (RequestFailed, OutcomeUnknown) as exc:
                     say(f"{comp} replica at {address} did not take this system's peers: {exc}")
             if not answered:
                 raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
@@ -231,16 +234,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
-        with ServiceClient(asys, addrs[0], timeout=START_TIMEOUT) as client:
-            try:
-                started = client.call(start)
-            except RequestFailed as exc:
-                raise LaunchError(f"{comp} did not start: {exc}") from None
-            if not isinstance(started, Started):
-                raise LaunchError(f"{comp} did not start: {started!r}")
-            for standby in addrs[1:]:
-                with ServiceClient(asys, standby) as other:
-                    other.tell(start)
+        started = _start_first(asys, comp, addrs[0], start)
+        for standby in addrs[1:]:
+            with ServiceClient(asys, standby) as other:
+                other.tell(start)
         heads[comp] = started.head
         say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
             f"replayed {started.head} events")
@@ -279,6 +276,38 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         "pids": pids,
         "started_at": time.time(),
     }
+
+
+def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Start) -> Started:
+    """Send ``start`` to a component's first replica and wait (``START_TIMEOUT``) for ``Started``.
+
+    While it waits it asks the replica's ``Status`` every half second: a recovery that failed
+    for a reason waiting does not cure (``FATAL_RECOVERY_ERRORS``) ends the wait at once with
+    the replica's own reason; a timeout names the last error the replica reported.
+    """
+    last: dict[str, str] = {}
+    with ServiceClient(asys, address, timeout=START_TIMEOUT) as client, \
+            ServiceClient(asys, address, timeout=2.0) as probe:
+
+        def waiting() -> None:
+            try:
+                error = probe.call(Status()).get("last_error")
+            except (RequestFailed, OutcomeUnknown):
+                return
+            if error:
+                last.update(error)
+                if error.get("type") in FATAL_RECOVERY_ERRORS:
+                    raise LaunchError(f"{comp} cannot recover from its log: "
+                                      f"{error['type']}: {error.get('message')}")
+
+        try:
+            started = client.call(start, waiting=waiting, every=0.5)
+        except (RequestFailed, OutcomeUnknown) as exc:
+            why = f" (last error: {last['type']}: {last.get('message')})" if last else ""
+            raise LaunchError(f"{comp} did not start: {exc.message}{why}") from None
+    if not isinstance(started, Started):
+        raise LaunchError(f"{comp} did not start: {started!r}")
+    return started
 
 
 def load_registry(prov: ProvisionerClient, plan: Plan, admin_port: int | None, say: Progress) -> None:
@@ -410,7 +439,7 @@ class Connection:
                 try:
                     with ServiceClient(self.asys, address, timeout=min(self.timeout, 5.0)) as c:
                         status = c.call(Status())
-                except RequestFailed:
+                except (RequestFailed, OutcomeUnknown):
                     status = None
             out.append(_Member(name, address, status))
         return out
@@ -436,7 +465,7 @@ class Connection:
             for name in names:
                 target = lookup(self.asys, name)
                 if target is not None:
-                    with contextlib.suppress(RequestFailed), \
+                    with contextlib.suppress(RequestFailed, OutcomeUnknown), \
                             ServiceClient(self.asys, target, timeout=5.0) as c:
                         c.call(SetPeers({component: address}))
 
@@ -472,13 +501,13 @@ class Connection:
                  **{k: (m.status or {}).get(k) for k in keys}}
                 for m in self.members(comp)
             ]
-        with contextlib.suppress(RequestFailed, NotRunning):
+        with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
             out["processes"] = self.pd.process_counts()
         if "epum" in out["components"]:
-            with contextlib.suppress(RequestFailed, NotRunning):
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 out["domains"] = self.epum.list_domains()
         if "provisioner" in out["components"]:
-            with contextlib.suppress(RequestFailed, NotRunning):
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 nodes: dict[str, int] = {}
                 for node in self.provisioner.describe_nodes():
                     nodes[node["state"]] = nodes.get(node["state"], 0) + 1
@@ -566,7 +595,7 @@ def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> 
         say("terminating every node")
         try:
             result["nodes_terminated"] = conn.provisioner.terminate_all(wait=True, timeout=60.0)
-        except RequestFailed as exc:
+        except (RequestFailed, OutcomeUnknown) as exc:
             say(f"terminate-all failed ({exc}); the local nodes are cleaned up directly")
     from ..eeagent.actor import AgentStop
 
@@ -580,7 +609,8 @@ def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> 
             address = lookup(asys, name)
             if address is None:
                 continue
-            with contextlib.suppress(RequestFailed), ServiceClient(asys, address, timeout=10.0) as c:
+            with contextlib.suppress(RequestFailed, OutcomeUnknown), \
+                    ServiceClient(asys, address, timeout=10.0) as c:
                 c.call(Stop())
             result["stopped"].append(name)
     say(f"stopped {', '.join(result['stopped']) or 'nothing'}")

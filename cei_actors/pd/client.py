@@ -98,7 +98,10 @@ class PDClient:
         execution_engine_id: str | None = None,
         node_exclusive: str | None = None,
         name: str | None = None,
+        once: bool = False,
     ) -> dict:
+        """Schedule ``upid``; the process as it stands after the call. ``once``: a upid the PD
+        already has (even ended) is not run again, so a retry after ``OutcomeUnknown`` is safe."""
         return self._call(
             ScheduleProcess(
                 upid,
@@ -114,6 +117,7 @@ class PDClient:
                 execution_engine_id,
                 node_exclusive,
                 name,
+                once,
             )
         )
 

@@ -829,9 +829,9 @@ def _on_schedule(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcess) -> None:
         round_ = 0
     elif p.state == ps.UNSCHEDULED:
         round_ = p.round
-    elif p.state in ps.TERMINAL:
+    elif p.state in ps.TERMINAL and not m.once:
         round_ = p.round + 1
-    else:
+    else:  # live, or ended and asked ``once``: the same request again changes nothing
         have = p.spec()
         if have != spec:
             diff = sorted(k for k in spec if have.get(k) != spec[k])

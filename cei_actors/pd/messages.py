@@ -143,7 +143,9 @@ class ScheduleProcess(Message):
     is the same as ``constraints["engine"]``. Modes are case-insensitive. Scheduling a live
     upid again with the same parameters returns it unchanged; different ones are refused.
     ``configuration["process"]`` may hold ``minimum_time_between_starts`` and
-    ``omit_from_system_restart``.
+    ``omit_from_system_restart``. ``once``: never a new round, so a retry after an unknown
+    outcome cannot run the work twice: a upid the PD has in any state (ended too) is
+    returned as it stands (same parameters) or refused (docs/decisions.md C2).
     """
 
     upid: str
@@ -159,6 +161,7 @@ class ScheduleProcess(Message):
     execution_engine_id: str | None = None
     node_exclusive: str | None = None
     name: str | None = None
+    once: bool = False
 
     def check(self) -> None:
         _check_upid("ScheduleProcess", self.upid)

@@ -3,8 +3,11 @@
 ``ServiceClient(asys, address).call(message)`` sends ``Request(rid, message)`` and waits for
 the ``Response`` with that request id, skipping anything else that arrives (a late reply to an
 earlier, timed-out call, for instance). ``Ok(value)`` gives ``value``; an ``ErrorReply``
-raises the :class:`RequestFailed` subclass for its code; no reply in time raises
-:class:`Unavailable`.
+raises the :class:`RequestFailed` subclass for its code. A request that cannot be delivered
+raises :class:`Unavailable` (nothing happened). A request that was sent but got no reply in
+time raises :class:`OutcomeUnknown`, which is *not* a ``RequestFailed``: the actor may have
+recorded it, or may still (a held request is served after a failover), so the caller must
+look before it acts as if nothing happened (docs/decisions.md C1).
 
 On the TCP base each client uses its own private endpoint of the actor system (its own
 socket), so clients in different threads do not take each other's replies; one client is
@@ -17,6 +20,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from thespian.actors import ActorAddress, ActorSystem, PoisonMessage
@@ -64,6 +68,23 @@ class InternalError(RequestFailed):
     code = "internal"
 
 
+class OutcomeUnknown(Exception):  # noqa: N818 - the name says what the caller knows
+    """A request was sent and no reply came in time: it may have taken effect, or may still.
+
+    Not a :class:`RequestFailed` (whose promise is that nothing happened). ``request`` is the
+    message's type name; ``check`` is how to find out (set by callers who know, e.g. the CLI's
+    ``cei process describe UPID``), else empty.
+    """
+
+    code = "outcome_unknown"
+
+    def __init__(self, message: str, request: str = "", check: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.request = request
+        self.check = check
+
+
 _BY_CODE: dict[str, type[RequestFailed]] = {
     cls.code: cls for cls in (BadRequest, NotFound, Conflict, Forbidden, Unavailable, InternalError)
 }
@@ -108,8 +129,15 @@ class ServiceClient:
                 self._ctx = self._ctx_manager.__enter__()
         return self._ctx
 
-    def call(self, message: Any, timeout: float | None = None) -> Any:
-        """Send ``message`` and return the reply's value; raise :class:`RequestFailed` subclasses."""
+    def call(self, message: Any, timeout: float | None = None, *,
+             waiting: Callable[[], None] | None = None, every: float = 0.5) -> Any:
+        """Send ``message`` and return the reply's value.
+
+        Raises :class:`RequestFailed` subclasses (refused, or not delivered: nothing happened)
+        and :class:`OutcomeUnknown` (sent, no reply within ``timeout``). ``waiting``, if given,
+        is called about every ``every`` seconds while no reply has come; an exception it raises
+        ends the wait (the request stays sent).
+        """
         limit = self.timeout if timeout is None else timeout
         rid = uuid.uuid4().hex
         name = type(message).__name__
@@ -117,9 +145,11 @@ class ServiceClient:
             if self._closed:
                 raise RuntimeError("ServiceClient is closed")
             ctx = self._endpoint()
-            deadline = time.monotonic() + limit
-            reply = ctx.ask(self.address, Request(rid, message), limit)
-            if reply is None and deadline - time.monotonic() > 0.05:
+            start = time.monotonic()
+            deadline = start + limit
+            first = limit if waiting is None else min(limit, every)
+            reply = ctx.ask(self.address, Request(rid, message), first)
+            if reply is None and time.monotonic() - start < first - 0.05:
                 raise Unavailable(f"{name}: could not deliver to {self.address} (no such actor?)", request=name)
             while True:
                 if isinstance(reply, Response) and reply.rid == rid:
@@ -131,12 +161,17 @@ class ServiceClient:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                reply = ctx.listen(remaining)
+                if reply is None and waiting is not None:
+                    waiting()
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                reply = ctx.listen(remaining if waiting is None else min(remaining, every))
                 if reply is None and deadline - time.monotonic() <= 0:
                     break
-        raise Unavailable(
-            f"{name}: no reply from {self.address} within {limit:g}s "
-            "(actor not running, not leading, or overloaded)",
+        raise OutcomeUnknown(
+            f"{name}: sent to {self.address}, no reply within {limit:g}s (actor stopped, "
+            "failing over, or overloaded): it may have taken effect, or may still",
             request=name,
         )
 
@@ -168,6 +203,7 @@ __all__ = [
     "Forbidden",
     "InternalError",
     "NotFound",
+    "OutcomeUnknown",
     "RequestFailed",
     "ServiceClient",
     "Unavailable",

@@ -204,6 +204,7 @@ class EventSourcedActor(Actor):
         self._set_up = False
         self._log = logging.getLogger(_LOG_NAME)
         self.stats = {"appends": 0, "messages": 0, "batches": 0}
+        self._last_error: dict[str, str] | None = None
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -385,7 +386,9 @@ class EventSourcedActor(Actor):
         self.send(self.myAddress, ActorExitRequest())
 
     def status(self) -> dict[str, Any]:
-        """Plain data: mode, ready, leader, stream, epoch, head, held, batch, work, peers, pid."""
+        """Plain data: mode, ready, leader, stream, epoch, head, held, batch, work, peers, pid,
+        and ``last_error`` (``{type, message}`` of the last failed attempt to lead or recover,
+        None once it leads)."""
         runner = self._runner
         leadership = self._leadership
         return {
@@ -402,6 +405,7 @@ class EventSourcedActor(Actor):
             "peers": sorted(self._peers),
             "pid": os.getpid(),
             "stats": dict(self.stats),
+            "last_error": self._last_error,
         }
 
     # ---- leadership and recovery -----------------------------------------------------------
@@ -413,6 +417,7 @@ class EventSourcedActor(Actor):
             won = self._leadership.try_acquire()
         except Exception as exc:
             self._log.warning("%s: contending failed: %s: %s", self._name(), type(exc).__name__, exc)
+            self._last_error = {"type": type(exc).__name__, "message": str(exc)}
             won = False
         if not won:
             self._schedule_retry()
@@ -421,6 +426,7 @@ class EventSourcedActor(Actor):
             decision = self._runner.recover()
         except Exception as exc:
             self._log.warning("%s: recovery failed: %s: %s", self._name(), type(exc).__name__, exc)
+            self._last_error = {"type": type(exc).__name__, "message": str(exc)}
             with contextlib.suppress(Exception):
                 self._leadership.release()
             self._schedule_retry(backoff=True)
@@ -428,6 +434,7 @@ class EventSourcedActor(Actor):
         self._term += 1
         self._timers.clear()
         self._mode = "ready"
+        self._last_error = None
         self._retry_delay = self.retry_interval
         runner = self._runner
         assert runner.fence is not None

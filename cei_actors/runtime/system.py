@@ -270,7 +270,8 @@ def start_actor(
     """Create an actor (registered as ``global_name`` if given) and send it ``start``.
 
     With ``wait`` this returns once the actor answered ``Started`` (it leads and has
-    recovered) and raises the client's ``RequestFailed`` errors otherwise; without, it only
+    recovered) and raises the client's ``RequestFailed`` errors (``OutcomeUnknown`` on a timeout)
+    otherwise; without, it only
     sends ``start`` (a standby that waits for leadership answers nobody).
     """
     from .client import ServiceClient
