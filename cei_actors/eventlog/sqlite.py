@@ -33,10 +33,10 @@ CREATE TABLE IF NOT EXISTS snapshots (stream TEXT PRIMARY KEY, offset INTEGER NO
 
 
 def private_log_files(path: Path, url: str) -> None:
-    """Create the SQLite file ``path`` as 0600 if missing; tighten it and its -wal / -shm."""
+    """Create the SQLite file ``path`` as 0600 if missing; tighten it, its -wal / -shm and its marker."""
     try:
         private_file(path)
-        for suffix in ("-wal", "-shm"):
+        for suffix in ("-wal", "-shm", ".id"):
             companion = path.with_name(path.name + suffix)
             if companion.exists():
                 private_file(companion)
