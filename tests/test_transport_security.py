@@ -287,3 +287,32 @@ def test_a_system_starts_after_an_embedded_temporary_home_is_gone():
         assert global_actors(asys) == {}
     finally:
         shutdown_system(asys)
+
+
+def test_a_process_that_talks_to_two_systems_keeps_both_keys(tmp_path):
+    """A process given a second system's key still reaches (and stops) the first one: each key
+    it was given stays in its keyring, and a system still refuses a key it was never given."""
+    from cei_actors.runtime.control import Start
+    from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
+
+    systems, pids = [], []
+    try:
+        for name in ("a", "b"):
+            secure.use_secret_file(new_secret_file(tmp_path / f"{name}.secret"))
+            asys = start_system(TCP_BASE)
+            systems.append(asys)
+            actor = start_actor(asys, "cei_actors.runtime.example_actor.ExampleActor",
+                                Start(f"memory://{name}{secrets.token_hex(4)}"))
+            reply = asys.ask(actor, Request("r1", Status()), 15)
+            assert isinstance(reply, Response), reply
+            pids.append(reply.reply.value["pid"])
+        first = systems[0]
+        actor = start_actor(first, "cei_actors.runtime.example_actor.ExampleActor",
+                            Start(f"memory://again{secrets.token_hex(4)}"))
+        assert isinstance(first.ask(actor, Request("r2", Status()), 15), Response)
+        assert secure.read_secret(tmp_path / "a.secret") != secure.read_secret(tmp_path / "b.secret")
+    finally:
+        for asys in systems:
+            shutdown_system(asys)
+    assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=20), \
+        "an actor of a system outlived its shutdown"

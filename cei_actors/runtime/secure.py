@@ -5,7 +5,7 @@ unpickles whatever a socket delivers. :func:`install` replaces the transport's s
 (the module global ``thespian.system.transport.TCPTransport.serializer``, looked up at every
 send and every new receive buffer) so that
 
-- every frame this process sends is ``HMAC-SHA256(key, pickle) + pickle``;
+- every frame this process sends carries ``HMAC-SHA256(key, pickle)`` before the pickle;
 - every frame it receives is checked against that tag *before* anything is unpickled
   (constant-time compare); a frame without the right tag is refused;
 - an authenticated frame is unpickled by :class:`RestrictedUnpickler`, whose ``find_class``
@@ -23,7 +23,12 @@ The key is 32 random bytes in a file only its owner may read (:func:`new_secret_
 ``HOME/secret`` for a launched system). A process loads it with :func:`use_secret_file`,
 which also sets ``CEI_SECRET_FILE`` to the file's *path* (never the key), so every process
 forked or started from it (thespian's admin and actors, the local cloud's EEAgent "VMs")
-finds the same file. One key per process: the transport is process-wide.
+finds the same file. The transport is process-wide, so a process that talks to several
+systems (a test, a host embedding two) holds a keyring: every key it was given, newest first
+(:data:`MAX_KEYS` at most). A frame carries one tag per key of its sender
+(``count | tags | pickle``) and is accepted when one of them is the receiver's; a system's own
+processes hold its key alone. The price: a process that holds the keys of two systems signs
+for both, so either could replay a frame it received from that process to the other.
 """
 
 from __future__ import annotations
@@ -176,31 +181,49 @@ def _remove_process_secret(pid: int, directory: str) -> None:
 # ------------------------------------------------------------------------------- the frames
 
 
-def seal(key: bytes, obj: Any) -> bytes:
-    """The payload of a frame carrying ``obj``: its tag, then its pickle."""
+#: Keys a process holds at most (the oldest is dropped past it).
+MAX_KEYS = 8
+
+
+def seal(keys: bytes | list[bytes], obj: Any) -> bytes:
+    """The payload of a frame carrying ``obj``: the number of tags, a tag per key, its pickle."""
+    keys = [keys] if isinstance(keys, bytes) else keys
     data = pickle.dumps(obj)
-    return hmac.digest(key, data, _DIGEST) + data
+    return bytes([len(keys)]) + b"".join(hmac.digest(k, data, _DIGEST) for k in keys) + data
 
 
 class _Codec:
     """What thespian's TCP transport calls as ``serializer.dumps`` / ``serializer.loads``."""
 
     def __init__(self, key: bytes) -> None:
-        self.key = key
+        self.keys = [key]
+
+    def add(self, key: bytes) -> None:
+        """Make ``key`` the newest of the keyring (kept once, at most :data:`MAX_KEYS`)."""
+        self.keys = [key, *(k for k in self.keys if k != key)][:MAX_KEYS]
 
     def dumps(self, obj: Any) -> bytes:
-        return seal(self.key, obj)
+        return seal(self.keys, obj)
 
     def loads(self, frame: bytes) -> Any:
         plain = _PLAIN_ACKS.get(bytes(frame)) if len(frame) < _ACK_MAX else None
         if plain is not None:
             return plain
         view = memoryview(frame)
-        if len(view) < _TAG_BYTES or not hmac.compare_digest(
-                view[:_TAG_BYTES], hmac.digest(self.key, view[_TAG_BYTES:], _DIGEST)):
+        count = view[0] if len(view) else 0
+        start = 1 + count * _TAG_BYTES
+        if not 0 < count <= MAX_KEYS or len(view) < start or not self._authentic(view[1:start], view[start:]):
             _refused(f"unauthenticated frame of {len(view)} bytes (no or wrong secret); nothing unpickled")
             raise RefusedFrame("frame not authenticated")
-        return restricted_loads(view[_TAG_BYTES:])
+        return restricted_loads(view[start:])
+
+    def _authentic(self, tags: memoryview, data: memoryview) -> bool:
+        found = False
+        for key in self.keys:
+            mine = hmac.digest(key, data, _DIGEST)
+            for at in range(0, len(tags), _TAG_BYTES):  # no early exit: time does not tell which
+                found |= hmac.compare_digest(tags[at:at + _TAG_BYTES], mine)
+        return found
 
 
 def _plain_acks() -> dict[bytes, str]:
@@ -214,15 +237,16 @@ _ACK_MAX = max(map(len, _PLAIN_ACKS)) + 1
 
 
 def install(key: bytes) -> None:
-    """Make thespian's TCP transport in this process sign with and require ``key`` (idempotent;
-    a new key replaces the old one). Call it before the system starts or is attached to."""
+    """Make thespian's TCP transport in this process sign with and accept ``key`` (idempotent;
+    a new key joins the keyring, newest first). Call it before the system starts or is
+    attached to."""
     if len(key) != KEY_BYTES:
         raise ValueError(f"key of {len(key)} bytes, expected {KEY_BYTES}")
     from thespian.system.transport import TCPTransport
 
     codec = TCPTransport.serializer
     if isinstance(codec, _Codec):
-        codec.key = key
+        codec.add(key)
     else:
         TCPTransport.serializer = _Codec(key)
 
