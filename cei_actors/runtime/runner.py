@@ -151,9 +151,7 @@ class Runner(Generic[S]):
                 try:
                     checked = self._checked(decision.events, ctx.now)
                 except UnstorableEvent as exc:
-                    decision = self._refuse(message, exc, pending)
-                    pending = []
-                    decisions.append(decision)
+                    decisions.append(self._refuse(message, exc, pending))
                     continue
                 try:
                     for event in decision.events:
@@ -175,9 +173,9 @@ class Runner(Generic[S]):
         """``bad_request`` for a message whose events cannot be stored; nothing of it is written.
 
         A component that applies inside ``decide`` has already changed its state: the events
-        of the batch so far are appended, then the state is rebuilt from the log under the same
-        fence and reconciled (``recovered``; its effects go with this reply), as after a
-        failover but without one.
+        of the batch so far (``pending``, emptied here) are appended, then the state is rebuilt
+        from the log under the same fence and reconciled (``recovered``; its effects go with
+        this reply), as after a failover but without one.
         """
         name = type(message).__name__
         logger.warning("stream %s: refused %s: %s", self.stream, name, problem)
@@ -186,6 +184,7 @@ class Runner(Generic[S]):
             return Decision(reply=reply)
         if pending:
             self._commit(pending)
+            pending.clear()
         redo = self._rebuild()
         return Decision(effects=redo.effects, reply=reply)
 
