@@ -83,6 +83,8 @@ class AgentHeartbeat(Message):
     name (``RUNNING``; the original's ``"500-RUNNING"`` is accepted too).
     """
 
+    max_bytes = None  # sized by the agent's process table, not a client (decisions M2)
+
     eeagent_id: str
     node_id: str | None
     timestamp: float

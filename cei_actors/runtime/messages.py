@@ -168,6 +168,11 @@ def _build_checker(hint: Any, plain: bool) -> Check:  # noqa: PLR0911, PLR0912
             if plain:
                 return lambda v: isinstance(v, origin) and all(map(is_plain, v))
             return lambda v: isinstance(v, origin)
+        if plain and origin is list and args[0] in (dict, list, Any):  # one round trip for all
+            kind = None if args[0] is Any else args[0]
+            return lambda v: (
+                type(v) is list and (kind is None or all(type(x) is kind for x in v)) and is_plain(v)
+            )
         item = _checker(args[0], plain)
         return lambda v: isinstance(v, origin) and all(map(item, v))
     if origin is dict or hint is dict:
@@ -245,6 +250,8 @@ def _check_size(message: Message, name: str, fields: list[str], limit: int) -> N
 
 
 def _show(hint: Any) -> str:
+    if get_args(hint):  # list[dict] has the __name__ "list"
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
