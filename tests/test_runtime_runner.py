@@ -179,3 +179,76 @@ def test_events_from_recovered_are_applied_and_persisted():
     again = Runner(Boot(), open_log(url))
     again.recover()
     assert again.state.counters == {"boot": 1} and again.head == 1
+
+
+# ---- an event that would not read back is never written (issue 12) ---------------------------
+
+
+class Sloppy(Counters):
+    """A core with bugs: for some names it emits events that cannot be stored."""
+
+    def decide(self, state, message, ctx):
+        from cei_actors.runtime.core import Decision
+        from cei_actors.runtime.example import CounterAdded
+
+        bad = {
+            "tuple": CounterAdded(("t", 1), 1, ctx.now),  # a tuple reads back as a list
+            "huge": CounterAdded("h", 2**70, ctx.now),  # over msgpack's ints
+            "nan": CounterAdded("n", 1, float("nan")),  # never equal to itself
+            "big": CounterAdded("b" * 600_000, 1, ctx.now),  # over MAX_EVENT_BYTES
+        }.get(getattr(message, "name", None))
+        if bad is not None:
+            return Decision(events=[CounterAdded("x", 1, ctx.now), bad], reply=Ok("sloppy"))
+        return super().decide(state, message, ctx)
+
+
+class EagerSloppy(Sloppy):
+    """Applies its events inside decide, as the PD does (docs/decisions.md PD1)."""
+
+    applies_in_decide = True
+
+    def decide(self, state, message, ctx):
+        decision = super().decide(state, message, ctx)
+        state.pre = list(decision.events)
+        for event in decision.events:
+            Counters.apply(self, state, event)
+        return decision
+
+    def apply(self, state, event):
+        pre = getattr(state, "pre", None)
+        if pre and pre[0] is event:
+            pre.pop(0)
+            return state
+        return super().apply(state, event)
+
+
+def test_unstorable_events_are_refused_and_the_rest_of_the_batch_is_kept():
+    r = Runner(Sloppy(), open_log(f"memory://{uuid.uuid4().hex}"), clock=lambda: 100.0)
+    r.recover()
+    epoch = r.fence.epoch
+    batch = [Add("a", 1), Add("tuple", 1), Add("a", 2), Add("huge", 1), Add("nan", 1), Add("big", 1), Add("b", 1)]
+    replies = [d.reply for d in r.handle_many(batch)]
+    assert [replies[i] for i in (0, 2, 6)] == [Ok(1), Ok(3), Ok(1)]
+    refused = {batch[i].name: replies[i] for i in (1, 3, 4, 5)}
+    assert all(x.code == "bad_request" and x.request == "Add" for x in refused.values()), refused
+    assert "event CounterAdded: name: a tuple reads back as a list" in refused["tuple"].message
+    assert "event CounterAdded: amount: int 1180591620717411303424 is out of msgpack's range" in refused["huge"].message
+    assert "event CounterAdded: at: NaN" in refused["nan"].message
+    assert "over the limit of 524288 bytes for one event (its field name is" in refused["big"].message
+    assert r.ready and r.fence.epoch == epoch and r.head == 3  # nothing of the refused ones
+    assert r.state.counters == {"a": 3, "b": 1}
+    assert replay(Sloppy(), r.log, "example") == r.state
+
+
+def test_a_core_that_applies_in_decide_is_rebuilt_from_the_log_after_a_refusal():
+    url = f"memory://{uuid.uuid4().hex}"
+    r = Runner(EagerSloppy(tick=0.5), open_log(url), clock=lambda: 100.0)
+    r.recover()
+    epoch = r.fence.epoch
+    decisions = r.handle_many([Add("a", 1), Add("tuple", 1), Add("a", 2)])
+    assert [d.reply for d in decisions][::2] == [Ok(1), Ok(3)]
+    assert decisions[1].reply.code == "bad_request"
+    assert [e.key for e in decisions[1].effects] == ["tick"]  # the rebuild's reconciliation
+    assert r.ready and r.fence.epoch == epoch and r.head == 2
+    assert r.state.counters == {"a": 3}  # neither "x" nor ("t", 1) from the refused decision
+    assert replay(EagerSloppy(), r.log, "example") == r.state

@@ -487,6 +487,9 @@ class AgentConfig(Message):
     the agent says hello and sends a full heartbeat there.
     """
 
+    plain_data = False  # holds actor addresses; never stored (decisions M1)
+    max_bytes = None
+
     agent_id: str
     node_id: str | None
     slots: int

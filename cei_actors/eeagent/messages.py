@@ -99,6 +99,8 @@ class AgentHeartbeat(Message):
     the PD for a :class:`LeaseGrant` naming it (0: the agent holds no lease).
     """
 
+    max_bytes = None  # sized by the agent's process table, not a client (decisions M2)
+
     eeagent_id: str
     node_id: str | None
     timestamp: float

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from urllib.parse import parse_qsl, urlsplit
 
-from .codec import EventRegistry
+from .codec import EventRegistry, UnstorableEvent
 from .errors import (
     BadLogUrl,
     CorruptLog,
@@ -69,5 +69,6 @@ __all__ = [
     "Record",
     "Snapshot",
     "UnknownEventType",
+    "UnstorableEvent",
     "open_log",
 ]

@@ -5,6 +5,12 @@ A batch blob is ``MAGIC | crc32(payload) | payload`` where the payload is the ms
 Bodies are nested msgpack maps (not re-encoded bytes), so one ``unpackb`` decodes a batch.
 ``group_end`` is false on every batch but the last of an append that had to be split over
 several atomic writes; readers stop before a group that never got its last batch.
+
+Plain data. Everything stored must read back equal to what was written: :func:`is_plain` is
+that rule for one value (msgpack data of exact types: None, bool, int in [-2**63, 2**64),
+float but not NaN, str, bytes, list, dict with such keys and values; no tuple, set or other
+object, since those read back as something else or not at all), :func:`why_not_plain` names
+the first offending item. One event row is at most :data:`MAX_EVENT_BYTES` on every backend.
 """
 
 from __future__ import annotations
@@ -22,6 +28,69 @@ BATCH_MAGIC = b"CEB1"
 SNAPSHOT_MAGIC = b"CES1"
 _HEADER = struct.Struct(">4sI")
 DEFAULT_MAX_DECODE_BYTES = 64 * 1024 * 1024
+
+#: Largest encoded event (its row, :func:`encode_event`), the same on every backend. With the
+#: batch framing (< 300 bytes: magic, CRC, stream name, offsets) one event fits a ZooKeeper
+#: znode (1,000,000 bytes) and one atomic write (900 KiB, under ``jute.maxbuffer``) alone, so
+#: an append of events within this limit can always be split into writes that fit (D3).
+MAX_EVENT_BYTES = 512 * 1024
+
+_INT_MIN, _INT_END = -(2**63), 2**64
+
+
+def is_plain(value: object) -> bool:
+    """True if ``value`` is msgpack data that encodes and decodes back to an equal value."""
+    try:
+        packed = msgpack.packb(value, use_bin_type=True, strict_types=True)
+        return bool(msgpack.unpackb(packed, raw=False, strict_map_key=False) == value)
+    except Exception:  # msgpack raises several unrelated types (TypeError, OverflowError, ...)
+        return False
+
+
+def why_not_plain(value: object, path: str = "") -> str | None:
+    """The first item of ``value`` that keeps it from being plain (at ``path``), or None."""
+    return _why(value, path, 0)
+
+
+def _why(value: object, path: str, depth: int) -> str | None:  # noqa: PLR0911
+    t = type(value)
+    where = path or "value"
+    if value is None or t is bool or t is bytes:
+        return None
+    if t is int:
+        if _INT_MIN <= value < _INT_END:  # type: ignore[operator]
+            return None
+        return f"{where}: int {str(value)[:30]} is out of msgpack's range [-2**63, 2**64)"
+    if t is float:
+        return None if value == value else f"{where}: NaN never reads back equal"
+    if t is str:
+        try:
+            value.encode("utf-8")  # type: ignore[attr-defined]
+        except UnicodeEncodeError:
+            return f"{where}: str is not valid UTF-8 (it holds a lone surrogate)"
+        return None
+    if depth >= 500:
+        return f"{where}: nested deeper than 500 levels"
+    if t is list:
+        for i, item in enumerate(value):  # type: ignore[call-overload]
+            found = _why(item, f"{path}[{i}]", depth + 1)
+            if found:
+                return found
+        return None
+    if t is dict:
+        for key, item in value.items():  # type: ignore[attr-defined]
+            at = f"{path}[{key!r:.40}]"
+            if type(key) not in (str, int, float, bool, bytes, type(None)):
+                return f"{at}: a map key of type {type(key).__name__} (use str or int keys)"
+            found = _why(key, at, depth + 1) or _why(item, at, depth + 1)
+            if found:
+                return found
+        return None
+    if t is tuple:
+        return f"{where}: a tuple reads back as a list (send a list)"
+    if t in (set, frozenset):
+        return f"{where}: a {t.__name__} is not msgpack data (send a list)"
+    return f"{where}: {t.__name__} is not plain data (use None, bool, int, float, str, bytes, list or dict)"
 
 
 def _seal(magic: bytes, payload: bytes) -> bytes:

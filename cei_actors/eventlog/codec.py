@@ -14,7 +14,8 @@ A component declares its events once::
     def _add_site(body: dict) -> dict:
         return {**body, "site": "default"}
 
-Field values must be msgpack-native (str, int, float, bool, None, bytes, list, dict).
+Field values must be plain msgpack data (see :func:`~.batch.is_plain`): an event that would
+not read back equal is refused before it is written (:meth:`EventRegistry.to_checked`).
 Older stored versions are upcast step by step; unknown types and newer versions are refused.
 """
 
@@ -24,11 +25,18 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import msgpack
+
+from .batch import MAX_EVENT_BYTES, encode_event, why_not_plain
 from .errors import CorruptLog, NewerEventVersion, UnknownEventType
 from .records import PendingEvent, Record
 
 E = TypeVar("E")
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class UnstorableEvent(ValueError):
+    """An event that would not read back equal, or is over :data:`~.batch.MAX_EVENT_BYTES`."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -90,6 +98,43 @@ class EventRegistry:
         entry = self._entry_for(event)
         body = {f: getattr(event, f) for f in entry.fields}
         return PendingEvent(entry.name, entry.version, timestamp, body)
+
+    def to_checked(self, event: object, timestamp: float) -> PendingEvent:
+        """:meth:`to_pending`, once the event is known to encode within :data:`MAX_EVENT_BYTES`
+        and to decode (:meth:`from_record`) to an equal event; else :class:`UnstorableEvent`
+        naming the field."""
+        pending = self.to_pending(event, timestamp)
+        name = pending.type
+        try:
+            row = encode_event(pending)
+        except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, UnicodeError
+            raise UnstorableEvent(self._why(name, pending.body) or f"event {name}: {exc}") from None
+        if len(row) > MAX_EVENT_BYTES:
+            sizes = {f: len(msgpack.packb(v, use_bin_type=True)) for f, v in pending.body.items()}
+            big = max(sizes, key=sizes.__getitem__) if sizes else "?"
+            raise UnstorableEvent(
+                f"event {name} is {len(row)} bytes encoded, over the limit of {MAX_EVENT_BYTES} "
+                f"bytes for one event (its field {big} is {sizes.get(big, 0)} bytes)"
+            )
+        try:
+            t, v, ts, body = msgpack.unpackb(row, raw=False, strict_map_key=False)
+            back = self.from_record(Record("", 0, t, v, ts, 0, body))
+            same = back == event
+        except Exception:
+            same = False
+        if not same:
+            raise UnstorableEvent(
+                self._why(name, pending.body) or f"event {name}: does not read back equal"
+            )
+        return pending
+
+    @staticmethod
+    def _why(name: str, body: dict[str, Any]) -> str | None:
+        for field, value in body.items():
+            found = why_not_plain(value, field)
+            if found:
+                return f"event {name}: {found}"
+        return None
 
     def from_record(self, record: Record) -> Any:
         """Turn a stored record back into its domain event, upcasting older versions."""

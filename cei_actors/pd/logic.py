@@ -547,6 +547,7 @@ class ProcessDispatcher(Component[PDState]):
 
     registry = events
     stream = "pd"
+    applies_in_decide = True  # PD1
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.cfg = parse_config(config)

@@ -373,6 +373,8 @@ class ListResult(Message):
     private_ip, hostname}`` with ``state`` an instance state name; or an error.
     ``partial``: only some VMs were asked about (a boot query), so absence means nothing."""
 
+    max_bytes = None  # a cloud listing, sized by the cloud (decisions M2)
+
     account: str
     seq: int
     vms: list = field(default_factory=list)  # of dicts; not checked one by one (can be large)

@@ -31,6 +31,9 @@ class Start(Message):
     ``zk://HOST:PORT[,...]/PATH[?timeout=SECONDS]``.
     """
 
+    plain_data = False  # holds actor addresses or a message; never stored
+    max_bytes = None
+
     log_url: str
     stream: str | None = None
     config: dict = field(default_factory=dict)
@@ -82,6 +85,9 @@ class SetPeers(Message):
     e.g. those of a component on another actor system; a leader tells them at once. Reply:
     ``Ok(names)``."""
 
+    plain_data = False  # holds actor addresses or a message; never stored
+    max_bytes = None
+
     peers: dict
     replicas: dict = field(default_factory=dict)
 
@@ -109,6 +115,9 @@ class Request(Message):
     An empty ``rid`` means no reply is wanted (a ``tell``).
     """
 
+    plain_data = False  # holds actor addresses or a message; never stored
+    max_bytes = None
+
     rid: str
     message: Any
 
@@ -116,6 +125,9 @@ class Request(Message):
 @dataclass(frozen=True)
 class Response(Message):
     """The reply (an ``Ok`` or ``ErrorReply``) to the :class:`Request` with id ``rid``."""
+
+    plain_data = False  # holds actor addresses or a message; never stored
+    max_bytes = None
 
     rid: str
     reply: Any

@@ -111,6 +111,10 @@ class Component(ABC, Generic[S]):
     stream: str = ""
     #: Bump when the snapshot format changes; older snapshots are then ignored (full replay).
     snapshot_version: int = 1
+    #: True if ``decide`` applies its events to the state itself (the PD, docs/decisions.md
+    #: PD1): a decision refused after ``decide`` (an event that cannot be stored) then makes
+    #: the runner rebuild the state from the log.
+    applies_in_decide: bool = False
 
     @abstractmethod
     def initial_state(self) -> S:

@@ -2,6 +2,19 @@
 
 Messages cross thespian's process boundary pickled, which skips ``__init__``; the receiving
 shell therefore calls :func:`validate` on every message before the core sees it.
+
+Besides the declared types, :func:`validate` holds every message to two rules that keep a
+request from producing an event that cannot be stored or read back (docs/decisions.md):
+
+- Plain data: free-form content (fields typed ``Any``, bare ``dict``/``list``/``tuple``, and
+  their items) must be msgpack data that reads back equal (``eventlog.batch.is_plain``: no
+  tuples, sets, objects or NaN inside, ints in [-2**63, 2**64), str valid UTF-8); typed ``int``
+  fields hold ints in that range, ``float`` fields no NaN, ``str`` fields valid UTF-8.
+  Messages that never reach a log and carry actor addresses (the runtime's control messages)
+  set ``plain_data = False``.
+- Size: the fields of one message encode to at most ``max_bytes`` (default
+  :data:`MAX_REQUEST_BYTES`, 256 KiB); over it the request is refused naming its largest field.
+  Each event is also held to ``eventlog.batch.MAX_EVENT_BYTES`` (512 KiB) by the runner.
 """
 
 from __future__ import annotations
@@ -13,6 +26,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
+import msgpack
+
+from ..eventlog.batch import is_plain, why_not_plain
+
+#: Largest encoded size (msgpack) of one message's fields, unless its class sets ``max_bytes``.
+#: Half of ``eventlog.batch.MAX_EVENT_BYTES``, so the event a request becomes fits its limit.
+MAX_REQUEST_BYTES = 256 * 1024
+
+_INT_MIN, _INT_END = -(2**63), 2**64
+
 
 class InvalidMessage(ValueError):
     """A message whose fields do not have the declared types or values."""
@@ -21,6 +44,12 @@ class InvalidMessage(ValueError):
 @dataclass(frozen=True)
 class Message:
     """Base of every request and notification; subclasses are frozen dataclasses."""
+
+    #: Free-form fields hold only plain msgpack data (see the module docstring).
+    plain_data: ClassVar[bool] = True
+    #: Largest encoded size of the fields in bytes; None: not limited here (content sized by
+    #: the system, not by a client; its events are still held to the event limit).
+    max_bytes: ClassVar[int | None] = MAX_REQUEST_BYTES
 
     def check(self) -> None:
         """Value checks beyond types; subclasses raise :class:`InvalidMessage`."""
@@ -59,38 +88,54 @@ def _checked_fields(cls: type) -> list[tuple[str, Any, Check]]:
         if not dataclasses.is_dataclass(cls):
             return []
         hints = get_type_hints(cls)
-        found = [(f.name, hints[f.name], _checker(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+        plain = bool(getattr(cls, "plain_data", False))
+        found = [
+            (f.name, hints[f.name], _checker(hints[f.name], plain))
+            for f in dataclasses.fields(cls)
+            if f.init
+        ]
         _fields_cache[cls] = found
     return found
 
 
-_checkers: dict[Any, Check] = {}
+_checkers: dict[tuple[Any, bool], Check] = {}
 
 
-def _checker(hint: Any) -> Check:
-    """A function testing values against ``hint``, built once per hint (validation runs for
-    every message received, so the typing introspection must not)."""
+def _checker(hint: Any, plain: bool) -> Check:
+    """A function testing values against ``hint`` (and, if ``plain``, the plain-data rule),
+    built once per hint (validation runs for every message received, so the typing
+    introspection must not)."""
     try:
-        return _checkers[hint]
+        return _checkers[(hint, plain)]
     except KeyError:
         pass
     except TypeError:  # an unhashable hint: build it every time
-        return _build_checker(hint)
-    check = _checkers[hint] = _build_checker(hint)
+        return _build_checker(hint, plain)
+    check = _checkers[(hint, plain)] = _build_checker(hint, plain)
     return check
 
 
-def _build_checker(hint: Any) -> Check:
+def _utf8(v: str) -> bool:
+    if v.isascii():
+        return True
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _build_checker(hint: Any, plain: bool) -> Check:  # noqa: PLR0911, PLR0912
     if hint is Any or hint is object:
-        return lambda v: True
+        return is_plain if plain else lambda v: True
     origin = get_origin(hint)
     if origin in (Union, types.UnionType):
         args = get_args(hint)
         rest = tuple(h for h in args if h is not type(None))
         if len(rest) < len(args):  # Optional: the common case, tested without a loop
-            inner = _checker(rest[0] if len(rest) == 1 else Union[rest])  # noqa: UP007
+            inner = _checker(rest[0] if len(rest) == 1 else Union[rest], plain)  # noqa: UP007
             return lambda v: v is None or inner(v)
-        options = tuple(_checker(h) for h in args)
+        options = tuple(_checker(h, plain) for h in args)
         return lambda v: any(c(v) for c in options)
     if hint is None or hint is type(None):
         return lambda v: v is None
@@ -98,25 +143,45 @@ def _build_checker(hint: Any) -> Check:
         allowed = get_args(hint)
         return lambda v: v in allowed
     if hint is float:
+        if plain:
+            return lambda v: (type(v) is float and v == v) or (
+                type(v) is int and _INT_MIN <= v < _INT_END
+            )
         return lambda v: isinstance(v, int | float) and not isinstance(v, bool)
     if hint is int:
+        if plain:
+            return lambda v: type(v) is int and _INT_MIN <= v < _INT_END
         return lambda v: isinstance(v, int) and not isinstance(v, bool)
-    if origin in (list, tuple, frozenset, set):
+    if hint is str and plain:
+        return lambda v: type(v) is str and _utf8(v)
+    if origin in (list, tuple, frozenset, set) or hint in (list, tuple, frozenset, set):
+        origin = origin or hint
         args = get_args(hint)
         if origin is tuple and args and args[-1] is not Ellipsis:
-            items = tuple(_checker(a) for a in args)
+            items = tuple(_checker(a, plain) for a in args)
             return lambda v: isinstance(v, tuple) and len(v) == len(items) and all(
                 c(x) for c, x in zip(items, v, strict=True)
             )
         if not args:
+            if plain and origin is list:
+                return lambda v: type(v) is list and is_plain(v)
+            if plain:
+                return lambda v: isinstance(v, origin) and all(map(is_plain, v))
             return lambda v: isinstance(v, origin)
-        item = _checker(args[0])
+        if plain and origin is list and args[0] in (dict, list, Any):  # one round trip for all
+            kind = None if args[0] is Any else args[0]
+            return lambda v: (
+                type(v) is list and (kind is None or all(type(x) is kind for x in v)) and is_plain(v)
+            )
+        item = _checker(args[0], plain)
         return lambda v: isinstance(v, origin) and all(map(item, v))
-    if origin is dict:
+    if origin is dict or hint is dict:
         args = get_args(hint)
         if not args:
+            if plain:
+                return lambda v: type(v) is dict and is_plain(v)
             return lambda v: isinstance(v, dict)
-        key, val = _checker(args[0]), _checker(args[1])
+        key, val = _checker(args[0], plain), _checker(args[1], plain)
         return lambda v: isinstance(v, dict) and all(key(k) and val(x) for k, x in v.items())
     if origin is ClassVar:
         return lambda v: True
@@ -129,20 +194,64 @@ def validate(message: object) -> None:
     """Raise :class:`InvalidMessage` unless ``message`` is a well-formed :class:`Message`."""
     if not isinstance(message, Message) or not dataclasses.is_dataclass(message):
         raise InvalidMessage(f"not a message: {type(message).__name__}")
-    name = type(message).__name__
-    for field, hint, check in _checked_fields(type(message)):
+    cls = type(message)
+    name = cls.__name__
+    fields = _checked_fields(cls)
+    for field, hint, check in fields:
         try:
             value = getattr(message, field)
         except AttributeError:
             raise InvalidMessage(f"{name}: field {field!r} is missing") from None
         if not check(value):
+            if cls.plain_data and _checker(hint, False)(value):  # the type is right, the data not
+                why = why_not_plain(value, f"{name}.{field}") or f"{name}.{field}: does not read back equal"
+                raise InvalidMessage(f"{why} (requests hold plain msgpack data only)")
             raise InvalidMessage(
-                f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {value!r:.60}"
+                f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {_short(value)}"
             )
+    limit = cls.max_bytes
+    if limit is not None:
+        _check_size(message, name, [f for f, _, _ in fields], limit)
     message.check()
 
 
+def _short(value: Any) -> str:
+    try:
+        return f"{value!r:.60}"
+    except Exception:  # a hostile __repr__ must not turn a bad request into a crash
+        return "(unprintable)"
+
+
+def _packable(o: Any) -> Any:
+    if dataclasses.is_dataclass(o) and not isinstance(o, type):
+        return [getattr(o, f.name) for f in dataclasses.fields(o)]
+    if isinstance(o, set | frozenset):
+        return list(o)
+    raise TypeError(f"{type(o).__name__} is not msgpack data")
+
+
+def _encoded_size(value: Any) -> int:
+    return len(msgpack.packb(value, use_bin_type=True, default=_packable))
+
+
+def _check_size(message: Message, name: str, fields: list[str], limit: int) -> None:
+    values = [getattr(message, f) for f in fields]
+    try:
+        size = _encoded_size(values)
+    except Exception as exc:  # not plain though typed (a declared non-msgpack type): not ours to size
+        raise InvalidMessage(f"{name}: cannot be encoded: {exc}") from None
+    if size > limit:
+        sizes = {f: _encoded_size(v) for f, v in zip(fields, values, strict=True)}
+        big = max(sizes, key=sizes.__getitem__)
+        raise InvalidMessage(
+            f"{name}.{big}: {sizes[big]} bytes encoded; the whole request is {size} bytes, over "
+            f"the limit of {limit} bytes for one {name}"
+        )
+
+
 def _show(hint: Any) -> str:
+    if get_args(hint):  # list[dict] has the __name__ "list"
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -159,9 +268,14 @@ class ErrorReply(Message):
     message: str
     request: str = ""
 
+    max_bytes = None  # a reply, never stored
+
 
 @dataclass(frozen=True)
 class Ok(Message):
     """A request succeeded; ``value`` is its result (plain data)."""
 
     value: Any = None
+
+    plain_data = False  # a reply, never stored: its value may be any picklable result
+    max_bytes = None

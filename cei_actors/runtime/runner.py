@@ -14,7 +14,7 @@ from typing import Any, Generic
 
 import msgpack
 
-from ..eventlog import EventLog, Fence, Record, Snapshot
+from ..eventlog import EventLog, Fence, PendingEvent, Record, Snapshot, UnstorableEvent
 from .core import Component, Context, Decision, Rejected, S
 from .messages import ErrorReply, InvalidMessage, validate
 
@@ -86,7 +86,12 @@ class Runner(Generic[S]):
         caller performs its effects.
         """
         self.state = None
-        fence = self.log.acquire(self.stream)
+        self.fence = self.log.acquire(self.stream)
+        return self._rebuild()
+
+    def _rebuild(self) -> Decision:
+        """Load the state from the log (snapshot + tail) under the current fence, reconcile."""
+        self.state = None
         state, head = None, 0
         self._snapshot_due = self.snapshot_every
         snap = self.log.load_snapshot(self.stream)
@@ -104,18 +109,19 @@ class Runner(Generic[S]):
         for record in self.log.read(self.stream, head + 1):
             state = apply(state, decode(record))
             head = record.offset
-        self.state, self.head, self.fence = state, head, fence
+        self.state, self.head = state, head
         self._since_snapshot = 0
         ctx = self.context()
         decision = self.component.recovered(state, ctx)
         if decision.events:
             try:
+                pending = self._checked(decision.events, ctx.now)
                 for event in decision.events:
                     self.state = self.component.apply(self.state, event)
             except Exception:
                 self.state = None
                 raise
-            self._commit([(decision, decision.events)], ctx.now)
+            self._commit(pending)
         return decision
 
     def handle(self, message: Any) -> Decision:
@@ -125,29 +131,62 @@ class Runner(Generic[S]):
     def handle_many(self, messages: Sequence[Any]) -> list[Decision]:
         """Decide on each message in turn, then persist all their events in one append.
 
-        A refused or malformed message gets an :class:`ErrorReply` and changes nothing. If the
-        append fails the state is dropped (:class:`NotReady` until :meth:`recover`) and the
-        exception propagates: nothing was acknowledged, so nothing is lost.
+        A refused or malformed message gets an :class:`ErrorReply` and changes nothing. So does
+        a message whose events would not read back equal or are too large
+        (:meth:`~cei_actors.eventlog.EventRegistry.to_checked`): it gets ``bad_request``, none
+        of its events is written, the other messages are unaffected, and if the component
+        applies events inside ``decide`` (``applies_in_decide``) the state is rebuilt from the
+        log under the same fence (the leader keeps leading; see :meth:`_refuse`). If the append
+        fails the state is dropped (:class:`NotReady` until :meth:`recover`) and the exception
+        propagates: nothing was acknowledged, so nothing is lost.
         """
         if self.state is None:
             raise NotReady(f"stream {self.stream}: not recovered")
         ctx = self.context()
         decisions: list[Decision] = []
-        applied: list[tuple[Decision, list[Any]]] = []
+        pending: list[PendingEvent] = []
         for message in messages:
             decision = self._decide(message, ctx)
-            decisions.append(decision)
             if decision.events:
+                try:
+                    checked = self._checked(decision.events, ctx.now)
+                except UnstorableEvent as exc:
+                    decisions.append(self._refuse(message, exc, pending))
+                    continue
                 try:
                     for event in decision.events:
                         self.state = self.component.apply(self.state, event)
                 except Exception:
                     self.state = None
                     raise
-                applied.append((decision, decision.events))
-        if applied:
-            self._commit(applied, ctx.now)
+                pending.extend(checked)
+            decisions.append(decision)
+        if pending:
+            self._commit(pending)
         return decisions
+
+    def _checked(self, events: list[Any], now: float) -> list[PendingEvent]:
+        to_checked = self.component.registry.to_checked
+        return [to_checked(event, now) for event in events]
+
+    def _refuse(self, message: Any, problem: Exception, pending: list[PendingEvent]) -> Decision:
+        """``bad_request`` for a message whose events cannot be stored; nothing of it is written.
+
+        A component that applies inside ``decide`` has already changed its state: the events
+        of the batch so far (``pending``, emptied here) are appended, then the state is rebuilt
+        from the log under the same fence and reconciled (``recovered``; its effects go with
+        this reply), as after a failover but without one.
+        """
+        name = type(message).__name__
+        logger.warning("stream %s: refused %s: %s", self.stream, name, problem)
+        reply = ErrorReply("bad_request", f"{problem} (nothing was done)", name)
+        if not self.component.applies_in_decide:
+            return Decision(reply=reply)
+        if pending:
+            self._commit(pending)
+            pending.clear()
+        redo = self._rebuild()
+        return Decision(effects=redo.effects, reply=reply)
 
     def _decide(self, message: Any, ctx: Context) -> Decision:
         name = type(message).__name__
@@ -162,9 +201,7 @@ class Runner(Generic[S]):
             logger.exception("stream %s: decide failed on %s", self.stream, name)
             return Decision(reply=ErrorReply("internal", f"{type(exc).__name__}: {exc}", name))
 
-    def _commit(self, applied: list[tuple[Decision, list[Any]]], now: float) -> None:
-        to_pending = self.component.registry.to_pending
-        pending = [to_pending(event, now) for _, events in applied for event in events]
+    def _commit(self, pending: list[PendingEvent]) -> None:
         try:
             assert self.fence is not None
             self.head = self.log.append(self.fence, self.head, pending)
