@@ -14,6 +14,7 @@ from . import (
     definition,
     demo,
     domain,
+    ha,
     logcmds,
     node,
     process,
@@ -27,7 +28,7 @@ from .common import UsageError
 from .output import CliError, Output
 
 #: The command groups, in the order ``cei --help`` lists them.
-GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds)
+GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha)
 
 
 def say_error(message: object) -> None:
