@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .epum.client import EPUMClient
+from .ha.client import HAClient
 from .launch.launcher import (
     Connection,
     LaunchError,
@@ -133,6 +134,11 @@ class CEI:
     def provisioner(self) -> ProvisionerClient:
         """A client of the Provisioner's leader."""
         return self.connection.provisioner
+
+    @property
+    def ha(self) -> HAClient:
+        """A client of the HA service's leader."""
+        return self.connection.ha
 
     def status(self) -> dict[str, Any]:
         return self.connection.status()

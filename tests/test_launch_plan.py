@@ -26,7 +26,7 @@ def test_default_plan(tmp_path):
     plan = load_plan(None, home=tmp_path)
     assert plan.source == DEFAULT_SOURCE
     assert plan.log_url == f"sqlite:///{tmp_path.resolve()}/log.sqlite"
-    assert {c: p.replicas for c, p in plan.components.items()} == {"provisioner": 1, "epum": 1, "pd": 1}
+    assert {c: p.replicas for c, p in plan.components.items()} == {"provisioner": 1, "epum": 1, "pd": 1, "ha": 1}
     site = plan.registry["sites"]["local"]
     assert site["type"] == "local" and site["state_dir"] == f"{tmp_path.resolve()}/nodes"
     assert "{admin_port}" in site["command"]
@@ -77,6 +77,8 @@ def mutate(tmp_path, change):
          "components.pd.config", "unknown keys ['dispatch_retry']"),
         (lambda d: d["components"]["epum"]["config"].update(decider=1),
          "components.epum.config", "unknown key(s) decider"),
+        (lambda d: d["components"]["ha"]["config"].update(poll=1),
+         "components.ha.config", "unknown key(s) poll"),
         (lambda d: d["components"]["provisioner"]["config"].update(query=1),
          "components.provisioner.config", "unknown provisioner config key(s): query"),
         (lambda d: d["pd"]["engines"]["default"].update(slots=0), "pd.engines.default",

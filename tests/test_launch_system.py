@@ -120,7 +120,7 @@ def test_up_schedule_down_and_up_again_recovers(home, tmp_path, log, request):
         assert processes_mentioning("cei_actors.eeagent", "sleep 30")
     result = down(home)
     assert result["nodes_terminated"] is True
-    assert sorted(result["stopped"]) == ["epum", "pd", "provisioner"]
+    assert sorted(result["stopped"]) == ["epum", "ha", "pd", "provisioner"]
     assert_nothing_left(home, info)
     assert not (home / "system.json").exists()
     with pytest.raises(NotRunning):

@@ -15,6 +15,7 @@ from . import (
     definition,
     demo,
     domain,
+    ha,
     logcmds,
     node,
     process,
@@ -42,7 +43,7 @@ EXIT_STATUS = """exit status:
      for `process restart` (each call is a new round: check the round first)."""
 
 #: The command groups, in the order ``cei --help`` lists them.
-GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds)
+GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha)
 
 
 def say_error(message: object) -> None:

@@ -12,6 +12,7 @@ COMPONENTS: dict[str, str] = {
     "provisioner": "cei_actors.provisioner.logic:Provisioner",
     "epum": "cei_actors.epum.logic:EPUM",
     "pd": "cei_actors.pd.logic:ProcessDispatcher",
+    "ha": "cei_actors.ha.logic:HA",
     "example": "cei_actors.runtime.example:Counters",
 }
 

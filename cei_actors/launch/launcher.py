@@ -33,6 +33,7 @@ from thespian.actors import ActorAddress, ActorSystem
 
 from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
+from ..ha.client import HAClient
 from ..pd.client import PDClient
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
@@ -59,7 +60,7 @@ from ..runtime.system import (
     shutdown_system,
     start_system,
 )
-from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, Plan
+from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -83,6 +84,7 @@ ACTOR_CLASSES = {
     "provisioner": "cei_actors.provisioner.actor.ProvisionerActor",
     "epum": "cei_actors.epum.actor.EPUMActor",
     "pd": "cei_actors.pd.actor.ProcessDispatcherActor",
+    "ha": "cei_actors.ha.actor.HAActor",
 }
 AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
 INFO_FILE = "system.json"
@@ -219,7 +221,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             if not answered:
                 raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
                                   f"{remote.cei_admin_port} answers")
-    needed = {"pd"} if plan.static_nodes else set(COMPONENTS)
+    needed = {"pd"} if plan.static_nodes else set(REQUIRED)
     missing = sorted(needed - set(peers) - set(remote_peers))
     if missing and remote is not None:
         raise LaunchError(f"no {', '.join(missing)}: neither in this plan's components nor in "
@@ -488,6 +490,10 @@ class Connection:
     @property
     def provisioner(self) -> ProvisionerClient:
         return ProvisionerClient(self.service("provisioner"))
+
+    @property
+    def ha(self) -> HAClient:
+        return HAClient(self.service("ha"))
 
     def status(self) -> dict[str, Any]:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""

@@ -6,7 +6,7 @@ it). Top-level keys, all optional except where noted::
     log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME; a
                                   # ZooKeeper chroot protected by digest credentials:
                                   # zk://HOSTS/CHROOT?auth_file=${home}/zk.auth (0600, USER:PASSWORD)
-    components:                   # provisioner, epum, pd: {replicas: N, config: {...}}
+    components:                   # provisioner, epum, pd, ha: {replicas: N, config: {...}}
     registry:                     # loaded into the Provisioner at every `up` (idempotent)
       sites: {NAME: {type: ..., ...}}
       deployable_types: {NAME: {mappings: ..., contextualization: ...}}
@@ -46,13 +46,16 @@ __all__ = [
     "ComponentPlan",
     "Plan",
     "PlanError",
+    "REQUIRED",
     "StaticNode",
     "default_plan_text",
     "load_plan",
 ]
 
 #: Components in start order (each may reach the ones before it).
-COMPONENTS = ("provisioner", "epum", "pd")
+COMPONENTS = ("provisioner", "epum", "pd", "ha")
+#: Components a system needs somewhere (HA is optional).
+REQUIRED = ("provisioner", "epum", "pd")
 DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
 #: The default credentials key file under the home.
 CREDENTIALS_KEY_FILE = "credentials.key"
@@ -347,6 +350,7 @@ class _Validator:
     def component_configs(self, plan: Plan) -> None:
         """Check each component's Start config with the component's own validation."""
         from ..epum.logic import EPUMConfig
+        from ..ha.logic import HAConfig
         from ..pd.logic import parse_config
         from ..provisioner.actor import check_config_keys
 
@@ -358,6 +362,8 @@ class _Validator:
                     parse_config(conf)
                 elif name == "epum":
                     EPUMConfig.from_dict(conf)
+                elif name == "ha":
+                    HAConfig.from_dict(conf)
                 else:
                     check_config_keys(conf)
             except (ValueError, TypeError) as exc:

@@ -222,6 +222,12 @@ class EventSourcedActor(Actor):
         """Blocking handlers by ``Work.kind``; each returns a message for the core (or None)."""
         return {}
 
+    def peer_response(self, response: Response) -> Message | None:
+        """A message for the core made of a peer's ``Response`` to a ``Request`` this actor
+        sent (a ``Send`` effect may carry one); None (the default): the response is only
+        logged. Either way it is never answered (R3)."""
+        return None
+
     def make_leadership(self, spec: str, log_url: str, stream: str) -> Leadership:
         """The leadership for ``stream``; default :func:`~.leadership.leadership_for`."""
         return leadership_for(spec, log_url, stream)
@@ -298,6 +304,11 @@ class EventSourcedActor(Actor):
             self._log.debug("%s: ignoring %s", self._name(), type(msg).__name__)
 
     def _peer_reply(self, msg: Any, sender: Any) -> None:
+        if isinstance(msg, Response):
+            made = self.peer_response(msg)
+            if made is not None:
+                self._submit(made, _Origin(None, None, type(made).__name__))
+                return
         if isinstance(msg, ErrorReply) or (isinstance(msg, Response) and isinstance(msg.reply, ErrorReply)):
             self._log.warning("%s: peer %s refused: %s", self._name(), self._peer_name(sender), msg)
         else:
