@@ -29,6 +29,7 @@ from provisioner_harness import DT, SIM_SITE, make_core
 
 import cei_actors.eeagent.messages as eeagent_messages
 import cei_actors.epum.messages as epum_messages
+import cei_actors.ha.messages as ha_messages
 import cei_actors.pd.messages as pd_messages
 import cei_actors.provisioner.messages as provisioner_messages
 import cei_actors.runtime.example as example
@@ -38,6 +39,8 @@ from cei_actors.epum.logic import EPUM
 from cei_actors.epum.messages import AddDomain, AddDomainDefinition, NodeState
 from cei_actors.eventlog import codec, open_log
 from cei_actors.eventlog.batch import MAX_EVENT_BYTES
+from cei_actors.ha.logic import HA
+from cei_actors.ha.messages import CreateGroup, HAPass
 from cei_actors.pd.logic import ProcessDispatcher
 from cei_actors.pd.messages import CreateDefinition, DescribeProcess, ScheduleProcess
 from cei_actors.provisioner.messages import AddDeployableType, AddSite, Provision
@@ -269,6 +272,16 @@ FIELD_VALUES: dict[str, list[Any]] = {
     "eeagent_id": ["n1-a0", "n2-a0"],
     "site": ["sim1"],
     "deployable_type": ["dt1"],
+    # HA: groups, policies and what they run
+    "name": ["g1", "g2"],
+    "policy": ["npreserving", "sensor"],
+    "parameters": [{"preserve_n": 1}, {"preserve_n": 3}, {"preserve_n": 0},
+                   {"minimum_processes": 1, "maximum_processes": 3, "metric": "load",
+                    "scale_up_threshold": 2.0, "scale_down_threshold": 0.5}],
+    "process": [{"command": ["true"]}, {"command": ["sleep", "9"], "restart_mode": "NEVER"},
+                {"definition_id": "d1", "constraints": {"site": "a"}}],
+    "pd": ["pd"],
+    "kind": ["describe", "counts", "schedule", "kill"],
 }
 
 
@@ -360,12 +373,23 @@ def _example() -> Runner:
     return r
 
 
+def _ha() -> Runner:
+    r = Runner(HA({"pds": ["pd"], "timers": False}), open_log(f"memory://{uuid.uuid4().hex}"),
+               clock=lambda: 1000.0, rng=random.Random(1))
+    r.recover()
+    group = CreateGroup("g1", "npreserving", {"preserve_n": 2}, {"command": ["sleep", "9"]})
+    assert isinstance(r.handle(group).reply, Ok), group
+    r.handle(HAPass())
+    return r
+
+
 #: component -> (a warmed-up runner, the messages it handles, every other message it may get)
 COMPONENTS = {
     "pd": (_pd, [*_messages_of(pd_messages), AgentHeartbeat, NodeState], _messages_of(eeagent_messages, epum_messages)),
     "epum": (_epum, _messages_of(epum_messages), _messages_of(provisioner_messages)),
     "provisioner": (_provisioner, _messages_of(provisioner_messages), _messages_of(epum_messages)),
     "example": (_example, _messages_of(example, example_actor), _messages_of(pd_messages)),
+    "ha": (_ha, _messages_of(ha_messages), _messages_of(pd_messages)),
 }
 COUNTS: collections.Counter[str] = collections.Counter()
 INTERNAL: dict[str, str] = {}  # "internal" replies (decide raised on some input), one per kind
@@ -407,6 +431,7 @@ KNOWN_POISON = {
     "epum": AddDomainDefinition("def2", definition(engine_conf={"preserve_n": 1, "k": {(1, 2): 1}})),
     "provisioner": Provision("l1", "dt1", "sim1", ["n\udcff"]),
     "example": example.Add("b", 2**70),
+    "ha": CreateGroup("g2", "npreserving", {"preserve_n": 1, (1, 2): 3}, {"command": ["true"]}),
 }
 
 
@@ -432,7 +457,9 @@ test_fuzz_pd = _fuzz_test("pd", 150)
 test_fuzz_epum = _fuzz_test("epum", 100)
 test_fuzz_provisioner = _fuzz_test("provisioner", 100)
 test_fuzz_example = _fuzz_test("example", 60)
+test_fuzz_ha = _fuzz_test("ha", 100)
 test_fuzz_pd_long = _fuzz_test("pd", 3000, slow=True)
 test_fuzz_epum_long = _fuzz_test("epum", 2000, slow=True)
 test_fuzz_provisioner_long = _fuzz_test("provisioner", 2000, slow=True)
 test_fuzz_example_long = _fuzz_test("example", 1000, slow=True)
+test_fuzz_ha_long = _fuzz_test("ha", 2000, slow=True)
