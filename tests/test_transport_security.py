@@ -316,3 +316,17 @@ def test_a_process_that_talks_to_two_systems_keeps_both_keys(tmp_path):
             shutdown_system(asys)
     assert wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), timeout=20), \
         "an actor of a system outlived its shutdown"
+
+
+def test_enum_members_pickled_by_global_name_are_admitted():
+    """Debian's Python 3.11.2 pickles ``socket.AF_INET`` as the global ``socket.AF_INET`` (3.11.7
+    by value): a member of an allowed enum class is admitted, other globals of that module not
+    (found by running the demo as a non-root user with Debian's Python)."""
+    import socket
+
+    by_name = b"\x80\x04\x8c\x06socket\x94\x8c\x07AF_INET\x94\x93\x94."
+    assert restricted_loads(by_name) is socket.AF_INET
+    with pytest.raises(RefusedFrame):
+        restricted_loads(b"\x80\x04\x8c\x06socket\x94\x8c\x06socket\x94\x93\x94.")
+    with pytest.raises(RefusedFrame):  # a member of an enum class outside the allowlist
+        restricted_loads(b"\x80\x04\x8c\x06signal\x94\x8c\x07SIGKILL\x94\x93\x94.")

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import enum
 import hmac
 import io
 import logging
@@ -280,7 +281,11 @@ _SAFE_STDLIB = frozenset({
 def allowed(module: str, name: str, obj: Any) -> bool:
     """Whether ``module.name`` (resolved to ``obj``) may be unpickled: a class, and either a
     builtin of plain data or an exception, one of a few standard-library value classes, or a
-    class defined in this project or in thespian."""
+    class defined in this project or in thespian; or a member of such an enum class (some
+    Python versions pickle ``socket.AF_INET`` by its global name, not by value)."""
+    if isinstance(obj, enum.Enum):
+        cls = type(obj)
+        return allowed(cls.__module__, cls.__qualname__, cls)
     if not isinstance(obj, type):
         return False
     if module == "builtins":
