@@ -377,7 +377,15 @@ class ListResult(Message):
 
     account: str
     seq: int
-    vms: list = field(default_factory=list)  # of dicts; not checked one by one (can be large)
+    vms: list = field(default_factory=list)  # of dicts, checked for the keys the core reads
     error_kind: str | None = None
     error: str | None = None
     partial: bool = False
+
+    def check(self) -> None:
+        for i, vm in enumerate(self.vms):
+            if not isinstance(vm, dict) or not isinstance(vm.get("iaas_id"), str):
+                raise InvalidMessage(f"ListResult.vms[{i}]: expected a mapping with a string iaas_id")
+            for key in ("state", "client_token", "public_ip", "private_ip", "hostname"):
+                if not isinstance(vm.get(key), str | None):
+                    raise InvalidMessage(f"ListResult.vms[{i}].{key}: expected a string or nothing")
