@@ -417,6 +417,8 @@ def _fuzz_one(name: str, messages: list[Any]) -> None:
         COUNTS[f"{name}.{code}"] += 1
         if code == "internal":
             INTERNAL.setdefault(f"{name}: {d.reply.request}: {d.reply.message}"[:160], "")
+            # decide raising is a bug: bad input gets a clear error (the example's Crash is on purpose)
+            assert d.reply.request == "Crash", d.reply
     COUNTS[f"{name}.events"] += runner.head - head
     component = runner.component
     replayed = replay(component, runner.log, runner.stream)  # every stored event decodes
