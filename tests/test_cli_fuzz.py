@@ -181,3 +181,13 @@ def test_fuzzed_command_lines_leave_every_leader_and_log_sound(system: Path, tmp
 @pytest.mark.slow
 def test_fuzzed_command_lines_many(system: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     fuzz(system, tmp_path_factory, 2_000)
+
+
+@pytest.mark.parametrize("argv", [["node", "terminate", "nonode"], ["node", "kill", "nonode"],
+                                  ["node", "describe", "nonode"], ["node", "terminate", "nonode"]])
+def test_unknown_node_ids_are_one_line_errors(system: Path, argv: list[str]) -> None:
+    """A terminate of an unknown id is recorded by the Provisioner (decision P3), but the operator
+    is told the node is unknown, and no command trips over the stub it leaves (issue 15)."""
+    code, out, err = run_main(["--home", str(system), *argv])
+    assert (code, out) == (1, ""), (code, out, err)
+    assert err.strip() == "cei: unknown node 'nonode'", err

@@ -104,12 +104,26 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_terminate(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn, check_with(f"cei node describe {args.node_id}"):
-        result = conn.provisioner.terminate_nodes([args.node_id])
+    with connected(args) as conn:
+        _known(conn, args.node_id)  # the Provisioner records a terminate of an id it never had
+        with check_with(f"cei node describe {args.node_id}"):
+            result = conn.provisioner.terminate_nodes([args.node_id])
     node = result[0] if isinstance(result, list) and result else result
     state = node.get("state") if isinstance(node, dict) else None
     done(out, node, f"node {args.node_id} {state or 'terminating'}")
     return 0
+
+
+def _known(conn: Any, node_id: str) -> dict[str, Any]:
+    """The Provisioner's record of ``node_id``; :class:`CliError` for an id it was never asked to
+    launch (unknown, or only a stub left by a terminate or a state dump of that id)."""
+    try:
+        rec = conn.provisioner.describe_node(node_id)
+    except (NotFound, KeyError, IndexError):
+        rec = None
+    if not rec or rec.get("site") is None:
+        raise CliError(f"unknown node {node_id!r}")
+    return rec
 
 
 def crash_node(conn: Any, node_id: str) -> dict[str, Any]:
@@ -121,10 +135,7 @@ def crash_node(conn: Any, node_id: str) -> dict[str, Any]:
     """
     from ..provisioner.drivers.local import LocalProcessDriver
 
-    try:
-        rec = conn.provisioner.describe_node(node_id)
-    except (NotFound, KeyError, IndexError):
-        raise CliError(f"unknown node {node_id!r}") from None
+    rec = _known(conn, node_id)
     site = conn.provisioner.describe_site(rec["site"])
     if site.get("type") != "local" or not rec.get("iaas_id"):
         raise CliError(f"node {node_id}: only nodes of a local site can be killed (site {rec['site']!r})")
