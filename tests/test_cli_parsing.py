@@ -214,3 +214,16 @@ def test_tables_without_json(capsys, stub_home) -> None:
     assert code == 0 and "u1" in out and "RUNNING" in out
     code, out, _ = run(capsys, "--home", str(stub_home), "status")
     assert code == 0 and "components" in out and "pd_domain_default" in out and "processes: RUNNING 1" in out
+
+
+def test_library_logging_stays_off_the_terminal_unless_asked(tmp_path) -> None:
+    """kazoo logs every failed reconnect; without -v the user sees only the one-line error
+    (issue 15: 19 kazoo lines came before it)."""
+    from test_cli_e2e import run_cli
+
+    url = "zk://127.0.0.1:1/x?timeout=2"  # port 1: nothing listens, every connect is refused
+    quiet = run_cli("--home", str(tmp_path), "--log", url, "log", "streams", timeout=60)
+    assert quiet.returncode == 1 and quiet.stdout == ""
+    assert quiet.stderr.count("\n") == 1 and quiet.stderr.startswith("cei: "), quiet.stderr
+    loud = run_cli("-v", "--home", str(tmp_path), "--log", url, "log", "streams", timeout=60)
+    assert loud.returncode == 1 and "Connection dropped" in loud.stderr

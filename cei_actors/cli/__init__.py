@@ -4,6 +4,7 @@ a request sent without a reply in time exits 3 (outcome unknown, see :data:`EXIT
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -75,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how long to wait for each reply of the system (default 10; "
                              "no reply in time: exit 3)")
     parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: the running system's, else sqlite under --home)")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="show library logging on stderr (-v: info, -vv: debug); off by default")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for group in GROUPS:
         group.register(sub)
@@ -100,9 +103,21 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def quiet_libraries(verbose: int) -> None:
+    """Library logging (kazoo's reconnect attempts, thespian's) stays off the terminal unless
+    asked for: errors reach the user as the command's one line. ``-v``: INFO, ``-vv``: DEBUG."""
+    root = logging.getLogger()
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG if verbose > 1 else logging.INFO, stream=sys.stderr,
+                            format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    elif not root.handlers:
+        root.addHandler(logging.NullHandler())  # no handler would mean logging's lastResort: stderr
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cei`` command; returns the exit status (the console script exits with it)."""
     args = parse(argv)
+    quiet_libraries(args.verbose)
     home = Path(args.home).absolute()
     args.home = home
     args.explicit_log_url = args.log_url
