@@ -1,20 +1,29 @@
 """Hot standbys in the runner: ``follow`` keeps a state current without writing, ``recover``
-takes over from it (the shell and real processes: tests/test_runtime_shell.py)."""
+takes over from it; then the shell in real processes on SQLite and ZooKeeper."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
+import time
 import uuid
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from thespian.actors import ActorExitRequest
 
 from cei_actors.eventlog import Fenced, open_log
+from cei_actors.runtime.client import BadRequest, ServiceClient
+from cei_actors.runtime.control import Request, Response, Start, Status, Stop
 from cei_actors.runtime.core import Decision, SetTimer
-from cei_actors.runtime.example import Add, Counters, Tick
+from cei_actors.runtime.example import Add, Counters, Dump, Tick
 from cei_actors.runtime.messages import Ok
 from cei_actors.runtime.runner import Runner, replay
+from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
+
+ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
 
 
 def runner(log, **kw) -> Runner:
@@ -137,3 +146,106 @@ def test_an_unusable_followed_state_is_rebuilt_from_the_log():
         standby._followed = (standby.followed_state, 99)  # ahead of the log: cannot be right
         standby.recover()
         assert standby.head == 1 and standby.state.counters == {"a": 1}
+
+
+# ---- real processes: a leader and a hot standby on the TCP base ------------------------------
+
+
+@pytest.fixture(scope="module")
+def tcp_system():
+    asys = start_system(TCP_BASE)
+    try:
+        yield asys
+    finally:
+        shutdown_system(asys)
+
+
+def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def kill9(pid: int) -> None:
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: _dead(pid), timeout=10, what=f"pid {pid} to die")
+
+
+def _dead(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+
+
+def _standby_follows_then_serves(asys, url: str) -> None:
+    a = start_actor(asys, ACTOR, Start(url, snapshot_every=4))
+    b = start_actor(asys, ACTOR, Start(url, snapshot_every=4), wait=False)
+    ca, cb = ServiceClient(asys, a, timeout=20), ServiceClient(asys, b, timeout=30)
+    try:
+        expected: dict[str, int] = {}
+        for i in range(12):
+            name = f"k{i % 5}"
+            assert ca.call(Add(name, i)) == expected.get(name, 0) + i
+            expected[name] = expected.get(name, 0) + i
+            head = ca.call(Status())["head"]
+            status = wait_for(lambda h=head: (s := cb.call(Status()))["head"] == h and s,
+                              what="the standby to follow")
+            assert status["mode"] == "standby" and not status["leader"] and status["epoch"] == 0
+            assert cb.call(Status(state=True))["state"] == ca.call(Status(state=True))["state"]
+        with asys.private() as ctx:
+            ctx.tell(b, Request("held", Add("k0", 100)))  # held by the standby, never answered by it
+            assert ctx.listen(0.3) is None
+            kill9(ca.call(Status())["pid"])
+            reply = ctx.listen(30)
+        assert reply == Response("held", Ok(expected["k0"] + 100))
+        expected["k0"] += 100
+        status = cb.call(Status())
+        assert status["leader"] and status["mode"] == "ready" and status["epoch"] == 2
+        assert status["head"] == 13  # nothing lost, nothing doubled
+        assert cb.call(Dump())["counters"] == expected
+        cb.call(Stop())
+    finally:
+        ca.close()
+        cb.close()
+    with open_log(url) as log:
+        assert log.head("example") == 13
+        assert replay(Counters(), log, "example").counters == expected
+
+
+def test_a_hot_standby_process_follows_and_takes_over_after_kill9_on_sqlite(tcp_system, tmp_path):
+    _standby_follows_then_serves(tcp_system, f"sqlite:///{tmp_path}/log.db")
+
+
+def test_a_hot_standby_process_follows_and_takes_over_after_kill9_on_zookeeper(tcp_system, zk_hosts):
+    _standby_follows_then_serves(tcp_system, f"zk://{zk_hosts}?session_timeout=2")
+
+
+def test_a_cold_standby_waits_without_a_state_and_still_takes_over(tcp_system, tmp_path):
+    url = f"sqlite:///{tmp_path}/log.db"
+    start = Start(url, config={"standby": "cold"})
+    a = start_actor(tcp_system, ACTOR, start)
+    b = start_actor(tcp_system, ACTOR, start, wait=False)
+    with ServiceClient(tcp_system, a) as ca, ServiceClient(tcp_system, b, timeout=30) as cb:
+        assert ca.call(Add("c", 3)) == 3
+        status = cb.call(Status(state=True))
+        assert status["mode"] == "recovering" and status["standby"] == "cold"
+        assert status["head"] == 0 and status["state"] is None
+        kill9(ca.call(Status())["pid"])
+        assert cb.call(Add("c", 1)) == 4
+        cb.call(Stop())
+
+
+def test_a_bad_standby_setting_is_refused(tcp_system, tmp_path):
+    address = tcp_system.createActor(ACTOR)
+    with ServiceClient(tcp_system, address) as client:
+        with pytest.raises(BadRequest, match="standby: expected hot or cold"):
+            client.call(Start(f"sqlite:///{tmp_path}/log.db", config={"standby": "warm"}))
+        assert client.call(Status())["mode"] == "idle"  # nothing changed: it may start again
+    tcp_system.tell(address, ActorExitRequest())
