@@ -67,6 +67,12 @@ STREAM = "example"
 TAIL = 1_000  # events after the snapshot, at most half the history
 FILL_BATCH = 1_000  # events per append while filling
 SIZES = (1_000, 100_000)
+#: The actors' logging: warnings and worse, to stderr (stdout is the table or the JSON).
+LOG_DEFS = {
+    "version": 1,
+    "handlers": {"err": {"class": "logging.StreamHandler", "stream": "ext://sys.stderr", "level": "WARNING"}},
+    "root": {"handlers": ["err"], "level": "WARNING"},
+}
 SCALE_SIZES = (1_000, 100_000, 1_000_000)
 
 
@@ -204,7 +210,7 @@ def run(sizes: tuple[int, ...], logs: tuple[str, ...], kills: int, session: floa
             admin.start(timeout=30)
             stack.callback(admin.close)
             stack.callback(admin.stop)
-        asys = start_system(TCP_BASE)
+        asys = start_system(TCP_BASE, log_defs=LOG_DEFS)
         stack.callback(shutdown_system, asys)
         for log in logs:
             for n in sizes:
