@@ -10,7 +10,8 @@ the standby caught up (hot: its followed head equals the leader's; cold: it wait
 ``recovering``), then ``SIGKILL`` to the leader's process and at once one command (``Add``) to
 the standby, which holds it until it leads. The figure is the time from the kill to that
 command's reply (min / median / max). The successor then leads and a fresh standby is started
-for the next kill. Every reply is checked (nothing lost or doubled).
+for the next kill. Every reply is checked (nothing lost or doubled). Cold runs first, then hot
+on the same log. A configuration that fails is reported (``config.errors``) and skipped.
 
 - ``cold`` (component config ``standby: cold``, the old behaviour and the baseline, measured
   in the same run): the standby loads the snapshot and replays the tail after it wins.
@@ -123,7 +124,7 @@ class Pair:
         self.start = Start(url, config={"standby": mode})
         self.leader = start_actor(asys, ACTOR, self.start, timeout=600)
         self.standby = self._standby()
-        self.value = 0
+        self.key, self.value = f"x-{mode}", 0  # a counter of this pair's own
 
     def _standby(self):
         return start_actor(self.asys, ACTOR, self.start, wait=False)
@@ -136,7 +137,7 @@ class Pair:
         """A command through the leader, then the standby caught up (hot) or waiting (cold)."""
         with ServiceClient(self.asys, self.leader, timeout=60) as c:
             self.value += 1
-            got = c.call(Add("k", 1))
+            got = c.call(Add(self.key, 1))
             if got != self.value:
                 raise RuntimeError(f"leader answered {got}, expected {self.value}")
             head = c.call(Status())["head"]
@@ -155,7 +156,7 @@ class Pair:
         with self.asys.private() as ctx:
             t0 = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            ctx.tell(self.standby, Request(rid, Add("k", 1)))
+            ctx.tell(self.standby, Request(rid, Add(self.key, 1)))
             deadline = t0 + timeout
             while True:
                 msg = ctx.listen(max(deadline - time.monotonic(), 0.01))
@@ -200,7 +201,8 @@ def run(sizes: tuple[int, ...], logs: tuple[str, ...], kills: int, session: floa
     work = tempfile.mkdtemp(prefix="bench-failover-")
     figures: dict[tuple[str, int, str], list[float]] = {}
     config: dict = {"kills": kills, "sizes": list(sizes), "logs": list(logs), "tail": TAIL,
-                    "session_timeout_s": session, "zk_tick_ms": None}
+                    "session_timeout_s": session, "zk_tick_ms": None, "errors": []}
+    errors: list[str] = config["errors"]
     stack = contextlib.ExitStack()
     try:
         zk = stack.enter_context(zookeeper()) if "zk" in logs else None
@@ -214,31 +216,39 @@ def run(sizes: tuple[int, ...], logs: tuple[str, ...], kills: int, session: floa
         stack.callback(shutdown_system, asys)
         for log in logs:
             for n in sizes:
-                for mode in ("cold", "hot"):
-                    if log == "zk":
-                        chroot = f"/bench-failover/{uuid.uuid4().hex[:8]}"
-                        url = f"zk://{zk.hosts}{chroot}?session_timeout={session:g}"
-                    else:
-                        chroot = None
-                        url = f"sqlite:///{work}/{log}-{n}-{mode}.db"
-                    t = time.monotonic()
-                    fill(url, n)
-                    say(f"  {log} {n:,} events: filled in {time.monotonic() - t:.1f} s; {mode}: ", end="")
-                    times = measure(asys, url, mode, kills, serve_timeout=session + 600)
+                if log == "zk":
+                    chroot = f"/bench-failover/{uuid.uuid4().hex[:8]}"
+                    url = f"zk://{zk.hosts}{chroot}?session_timeout={session:g}"
+                else:
+                    chroot = None
+                    url = f"sqlite:///{work}/{log}-{n}.db"
+                t = time.monotonic()
+                fill(url, n)
+                say(f"  {log} {n:,} events: filled in {time.monotonic() - t:.1f} s")
+                for mode in ("cold", "hot"):  # on the same log: a few events more for hot
+                    say(f"    {mode}: ", end="")
+                    try:
+                        times = measure(asys, url, mode, kills, serve_timeout=session + 600)
+                    except Exception as exc:
+                        errors.append(f"{log}, {_size(n)} events, {mode}: {type(exc).__name__}: {exc}")
+                        say(f"FAILED: {errors[-1]}")
+                        continue
                     figures[(log, n, mode)] = times
                     say(f"min {min(times):.3f} median {statistics.median(times):.3f} max {max(times):.3f} s")
-                    if chroot is not None:
-                        admin.delete(chroot, recursive=True)
+                if chroot is not None:
+                    admin.delete(chroot, recursive=True)
     finally:
         stack.close()
         shutil.rmtree(work, ignore_errors=True)
     results = []
     for log in logs:
         for n in sizes:
-            cold = figures[(log, n, "cold")]
-            hot = figures[(log, n, "hot")]
+            cold = figures.get((log, n, "cold"))
+            hot = figures.get((log, n, "hot"))
             size = _size(n)
             for mode, times, base in (("cold", cold, None), ("hot", hot, cold)):
+                if times is None:
+                    continue  # failed: see config["errors"]
                 for stat, fn in (("min", min), ("median", statistics.median), ("max", max)):
                     value = fn(times)
                     baseline = fn(base) if base is not None else None
@@ -313,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             print("  ".join("-" * w for w in widths))
     for line in verdicts(results, args.session_timeout):
         print("  " + line)
+    for line in config["errors"]:
+        print("  FAILED " + line)
     return 0
 
 
