@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import threading
 import time
 import uuid
 
@@ -249,3 +250,27 @@ def test_a_bad_standby_setting_is_refused(tcp_system, tmp_path):
             client.call(Start(f"sqlite:///{tmp_path}/log.db", config={"standby": "warm"}))
         assert client.call(Status())["mode"] == "idle"  # nothing changed: it may start again
     tcp_system.tell(address, ActorExitRequest())
+
+
+def test_an_idle_sqlite_follower_lists_the_stream_only_when_something_was_appended(tmp_path):
+    """A standby tails all the time: waiting must not list every batch of the stream every
+    20 ms (on a long history of small batches that cost a whole core)."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    with open_log(url) as log, open_log(url) as follower:
+        leader = runner(log)
+        leader.recover()
+        for i in range(50):
+            leader.handle(Add(f"c{i}", 1))
+        listings = []
+        real = follower._index
+        follower._index = lambda stream: listings.append(stream) or real(stream)
+        assert follower.tail("example", 50, timeout=0.5) == []
+        assert len(listings) <= 2  # the read before the wait and the one after it
+        listings.clear()
+        timer = threading.Timer(0.2, lambda: leader.handle(Add("late", 1)))
+        timer.start()
+        t0 = time.monotonic()
+        got = follower.tail("example", 50, timeout=10)
+        timer.join()
+        assert [r.offset for r in got] == [51] and time.monotonic() - t0 < 5
+        assert len(listings) <= 3
