@@ -136,3 +136,21 @@ def test_secrets_in_the_plan_are_files_only_their_owner_may_read(tmp_path):
     assert info.value.key == "log" and "hunter2" not in str(info.value)
     auth.chmod(0o600)
     assert load_plan(None, home=tmp_path, log_url=url).log_url == url
+
+
+def test_session_timeout_goes_into_a_zookeeper_log_url(tmp_path):
+    data = default_data()
+    data["session_timeout"] = 3
+    path = write(tmp_path, data)
+    plan = load_plan(path, home=tmp_path, log_url="zk://127.0.0.1:2181/cei?timeout=5")
+    assert plan.log_url == "zk://127.0.0.1:2181/cei?timeout=5&session_timeout=3"
+    assert load_plan(path, home=tmp_path, log_url="zk://h:1/c").log_url == "zk://h:1/c?session_timeout=3"
+    assert load_plan(path, home=tmp_path, log_url="zk://h:1/c?session_timeout=3.0").log_url.count("session") == 1
+    # SQLite: the kernel frees a dead leader's lock at once; nothing to set
+    assert load_plan(path, home=tmp_path).log_url == f"sqlite:///{tmp_path.resolve()}/log.sqlite"
+    with pytest.raises(PlanError, match="session_timeout: 3, but the log URL sets session_timeout=7"):
+        load_plan(path, home=tmp_path, log_url="zk://h:1/c?session_timeout=7")
+    for bad in (0, -1, "4s", True):
+        data["session_timeout"] = bad
+        with pytest.raises(PlanError, match="session_timeout: expected a number of seconds > 0"):
+            load_plan(write(tmp_path, data), home=tmp_path)

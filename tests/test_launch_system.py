@@ -166,7 +166,7 @@ def test_standby_takes_over_after_kill_9(home, tmp_path):
         conn.pd.wait_process("long", "RUNNING", timeout=40)  # a node, so an agent, exists
         reps = conn.status()["components"]["epum"]
         assert [(r["name"], r["leader"]) for r in reps] == [("epum", True), ("epum.1", False)]
-        assert reps[1]["mode"] == "recovering" and reps[1]["running"]
+        assert reps[1]["mode"] == "standby" and reps[1]["running"]
         os.kill(reps[0]["pid"], signal.SIGKILL)
 
     def new_leader():

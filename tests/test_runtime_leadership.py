@@ -140,6 +140,9 @@ def test_leadership_is_derived_from_the_log_url(tmp_path):
     assert zk.hosts == "127.0.0.1:2181,127.0.0.1:2182" and zk.path == "/cei/leaders/epum"
     zk = leadership_for("zk://127.0.0.1:2181/x?timeout=3", f"sqlite:///{tmp_path}/l.db", "pd")
     assert zk.path == "/x/leaders/pd" and zk.timeout == 3.0
+    # the log URL's session_timeout (the plan's session_timeout key) is the election's
+    zk = leadership_for("auto", "zk://127.0.0.1:2181/c?timeout=30&session_timeout=2.5", "pd")
+    assert zk.timeout == 2.5
     assert isinstance(leadership_for("always", f"sqlite:///{tmp_path}/l.db", "pd"), AlwaysLeader)
     with pytest.raises(ValueError):
         leadership_for("flock", "memory://x", "s")

@@ -342,7 +342,7 @@ def test_messages_held_until_recovery_are_served_in_order(system, tmp_path):
         for rid, amount in zip(rids, [1, 2, 3, 4], strict=True):
             ctx.tell(address, Request(rid, Add("h", amount)))
         status = ctx.ask(address, Request("s", Status()), 10)
-        assert status.reply.value["mode"] == "recovering" and status.reply.value["held"] == 4
+        assert status.reply.value["mode"] == "standby" and status.reply.value["held"] == 4
         lock.release()
         replies = []
         while len(replies) < 4:
@@ -451,7 +451,7 @@ def test_standby_takes_over_when_the_leader_dies_and_a_paused_leader_is_fenced(t
     try:
         assert ca.call(Add("x", 1)) == 1
         sb = cb.call(Status())
-        assert sb["mode"] == "recovering" and not sb["leader"]
+        assert sb["mode"] == "standby" and not sb["leader"]
         with tcp_system.private() as ctx:
             ctx.tell(b, Request("held", Add("x", 10)))  # held by the standby
             kill9(ca.call(Status())["pid"])

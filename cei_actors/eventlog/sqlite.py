@@ -16,6 +16,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -216,7 +217,26 @@ class SqliteLog(EventLog):
         rows = self._conn().execute(
             "SELECT first FROM batches WHERE stream=? AND archived=0 ORDER BY first", (stream,)
         )
-        return [r[0] for r in rows]
+        firsts = [r[0] for r in rows]
+        self._local.__dict__.setdefault("seen", {})[stream] = firsts[-1] if firsts else None
+        return firsts
+
+    def _newest(self, stream: str) -> int | None:
+        return self._conn().execute(
+            "SELECT max(first) FROM batches WHERE stream=? AND archived=0", (stream,)
+        ).fetchone()[0]
+
+    def _wait(self, stream: str, timeout: float) -> None:
+        """Poll (every 20 ms, one indexed lookup) until the newest batch differs from the one
+        this thread's last listing ended with, at most ``timeout`` s: a follower (``tail``)
+        then lists the whole stream only when something was appended."""
+        seen = self._local.__dict__.get("seen", {}).get(stream, -1)
+        deadline = time.monotonic() + timeout
+        while self._newest(stream) == seen:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            time.sleep(min(left, 0.02))
 
     def _archived_index(self, stream: str) -> list[int]:
         rows = self._conn().execute(

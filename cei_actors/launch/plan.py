@@ -6,6 +6,12 @@ it). Top-level keys, all optional except where noted::
     log: URL                      # sqlite:///PATH, zk://HOSTS/CHROOT or memory://NAME; a
                                   # ZooKeeper chroot protected by digest credentials:
                                   # zk://HOSTS/CHROOT?auth_file=${home}/zk.auth (0600, USER:PASSWORD)
+    session_timeout: SECONDS      # zk:// logs only: the ZooKeeper session timeout of every
+                                  # component's log client and leader election (default 10). A
+                                  # leader killed outright leads until its session expires, so
+                                  # this bounds failover; the server clamps it to [2, 20] x its
+                                  # tickTime (cei_actors.testing.zkserver: tickTime 500 ms, so
+                                  # 1 to 10 s). Set into the log URL as ?session_timeout=.
     components:                   # provisioner, epum, pd, ha: {replicas: N, config: {...}}
     registry:                     # loaded into the Provisioner at every `up` (idempotent)
       sites: {NAME: {type: ..., ...}}
@@ -60,7 +66,7 @@ DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
 #: The default credentials key file under the home.
 CREDENTIALS_KEY_FILE = "credentials.key"
 
-_TOP = {"log", "components", "registry", "pd", "epum", "static_nodes"}
+_TOP = {"log", "session_timeout", "components", "registry", "pd", "epum", "static_nodes"}
 _COMPONENT_KEYS = {"replicas", "config"}
 _REGISTRY_KEYS = {"sites", "deployable_types", "credentials"}
 _PD_KEYS = {"engines", "domain_definition", "domain_definition_id"}
@@ -212,6 +218,7 @@ class _Validator:
                 zk_auth(dict(parse_qsl(urlsplit(log).query)).get("auth_file"))
             except BadLogUrl as exc:
                 raise self.fail("log", str(exc)) from None
+        log = self.session_timeout(top.get("session_timeout"), log)
         static = self.static_nodes(top.get("static_nodes"))
         components = self.components(top.get("components"), bool(static))
         pd = self.pd(top.get("pd"))
@@ -235,6 +242,26 @@ class _Validator:
         )
         self.component_configs(plan)
         return plan
+
+    def session_timeout(self, value: Any, log: str) -> str:
+        """``log`` with ``session_timeout=value`` in its query (zk:// only; others unchanged)."""
+        if value is None:
+            return log
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.fail("session_timeout", f"expected a number of seconds > 0, got {value!r}")
+        if not log.startswith("zk://"):
+            return log  # SQLite: the kernel releases a dead leader's lock at once
+        query = dict(parse_qsl(urlsplit(log).query))
+        given = query.get("session_timeout")
+        if given is not None:
+            try:
+                same = float(given) == float(value)
+            except ValueError:
+                same = False
+            if not same:
+                raise self.fail("session_timeout", f"{value!r}, but the log URL sets session_timeout={given}")
+            return log
+        return f"{log}{'&' if urlsplit(log).query else '?'}session_timeout={float(value):g}"
 
     def components(self, value: Any, static: bool) -> dict[str, ComponentPlan]:
         # A plan may run a subset: the others are found in the system it joins (multi-host);

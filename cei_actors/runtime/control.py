@@ -100,7 +100,14 @@ class SetPeers(Message):
 
 @dataclass(frozen=True)
 class Status(Message):
-    """Ask for the actor's status; the reply is ``Ok(dict)`` (see ``EventSourcedActor.status``)."""
+    """Ask for the actor's status; the reply is ``Ok(dict)`` (see ``EventSourcedActor.status``).
+
+    ``state``: also include, under ``"state"``, the component's snapshot data of the state this
+    replica holds (a leader's, or a hot standby's followed state; None without one or when the
+    component takes no snapshots). It can be large: for tests and debugging.
+    """
+
+    state: bool = False
 
 
 @dataclass(frozen=True)

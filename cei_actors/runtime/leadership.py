@@ -187,7 +187,10 @@ class ZkLeadership(Leadership):
     """kazoo's ``Election`` on ``path``, contended in a background thread.
 
     ``hosts`` is a kazoo host string (``"127.0.0.1:2181[,...][/chroot]"``); ``timeout`` is the
-    session timeout in seconds. Pass ``client`` to share a started ``KazooClient`` (then it is
+    session timeout in seconds: a leader that dies (kill -9) holds the election until its
+    session expires, so this bounds failover. The server clamps it to
+    [``minSessionTimeout``, ``maxSessionTimeout``], by default [2, 20] x ``tickTime``
+    (``cei_actors.testing.zkserver`` runs tickTime 500 ms: 1 to 10 s). Pass ``client`` to share a started ``KazooClient`` (then it is
     not stopped by :meth:`close`), or ``client_options`` for the one it starts (e.g. the
     ``auth_data`` and ``default_acl`` of a log's ``auth_file``).
     """
@@ -345,7 +348,8 @@ def leadership_for(spec: str, log_url: str, stream: str, identifier: str | None 
 
     ``auto`` derives it from the log URL: ``memory://`` -> :class:`AlwaysLeader`,
     ``sqlite:///P`` -> :class:`FileLockLeadership` on ``P.<stream>.lock``, ``zk://H/C`` ->
-    :class:`ZkLeadership` on ``C/leaders/<stream>`` at ``H``.
+    :class:`ZkLeadership` on ``C/leaders/<stream>`` at ``H``, whose session timeout is the
+    URL's ``session_timeout`` (or ``timeout``; default 10 s).
     """
     scheme = log_url.split("://", 1)[0] if "://" in log_url else ""
     kind = spec or "auto"
@@ -371,7 +375,9 @@ def leadership_for(spec: str, log_url: str, stream: str, identifier: str | None 
             raise ValueError(f"leadership URL {url!r}: no hosts")
         base = (parts.path or "/cei").rstrip("/")
         query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
-        timeout = float(query.get("timeout", 10.0))
+        # the session timeout is the failure detector: a dead leader's election node goes
+        # when its session expires (see ZkLeadership); ``timeout`` is the older spelling
+        timeout = float(query.get("session_timeout", query.get("timeout", 10.0)))
         from ..eventlog.zookeeper import zk_auth  # the log's credentials protect the election too
 
         return ZkLeadership(parts.netloc, f"{base}/leaders/{stream}", identifier, timeout=timeout,

@@ -71,6 +71,7 @@ class Runner(Generic[S]):
         self.fence: Fence | None = None
         self._since_snapshot = 0
         self._snapshot_due = snapshot_every
+        self._followed: tuple[S, int] | None = None  # a hot standby's (state, head)
 
     @property
     def ready(self) -> bool:
@@ -82,16 +83,24 @@ class Runner(Generic[S]):
     def recover(self) -> Decision:
         """Fence out earlier writers, rebuild the state (snapshot + tail), then reconcile.
 
-        Returns the decision of ``component.recovered`` after persisting its events; the
-        caller performs its effects.
+        A hot standby (:meth:`follow`) takes over from the state it followed instead: only the
+        records after its followed head are read. Returns the decision of
+        ``component.recovered`` after persisting its events; the caller performs its effects.
         """
         self.state = None
         self.fence = self.log.acquire(self.stream)
+        if self._followed is not None:
+            return self._take_over()
         return self._rebuild()
 
     def _rebuild(self) -> Decision:
         """Load the state from the log (snapshot + tail) under the current fence, reconcile."""
         self.state = None
+        state, head = self._load()
+        return self._reconcile(state, head)
+
+    def _load(self) -> tuple[S, int]:
+        """The newest usable snapshot plus the records after it: (state, head)."""
         state, head = None, 0
         self._snapshot_due = self.snapshot_every
         snap = self.log.load_snapshot(self.stream)
@@ -109,6 +118,10 @@ class Runner(Generic[S]):
         for record in self.log.read(self.stream, head + 1):
             state = apply(state, decode(record))
             head = record.offset
+        return state, head
+
+    def _reconcile(self, state: S, head: int) -> Decision:
+        """Lead from ``state`` at ``head``: run ``component.recovered`` and persist its events."""
         self.state, self.head = state, head
         self._since_snapshot = 0
         ctx = self.context()
@@ -230,3 +243,77 @@ class Runner(Generic[S]):
         self._since_snapshot = 0
         self._snapshot_due = self._due_after(len(blob))
         return True
+
+    # ---- a hot standby: follow the log without writing --------------------------------------
+
+    @property
+    def following(self) -> bool:
+        """True while this runner holds a followed (standby) state."""
+        return self._followed is not None
+
+    @property
+    def followed_head(self) -> int:
+        """The offset the followed state reflects (0 when not following)."""
+        return self._followed[1] if self._followed is not None else 0
+
+    @property
+    def followed_state(self) -> S | None:
+        """The followed state (read it, never change it), or None."""
+        return self._followed[0] if self._followed is not None else None
+
+    def follow(self, records: Sequence[Record] | None = None) -> int:
+        """As a standby: bring the followed state up to date without writing; returns how many
+        records it applied.
+
+        The first call loads the newest snapshot and the records after it. Later calls apply
+        ``records`` (as :meth:`EventLog.tail` returns them; those at or below the followed head
+        are skipped, and a gap makes it read the log instead), or, without ``records``, what
+        the log holds after the followed head. Never acquires the stream, appends, or calls
+        ``recovered``, so it causes no effects; :meth:`recover` then takes over from this
+        state. Refused (``RuntimeError``) while leading. If applying fails the followed state
+        is dropped (the next call reloads it) and the error propagates.
+        """
+        if self.state is not None:
+            raise RuntimeError(f"stream {self.stream}: leading, not following")
+        if self._followed is None:
+            state, head = self._load()
+            self._followed = (state, head)
+            return head
+        state, head = self._followed
+        if records is None or (records and records[0].offset > head + 1):
+            records = list(self.log.read(self.stream, head + 1))
+        decode, apply = self.component.registry.from_record, self.component.apply
+        applied = 0
+        try:
+            for record in records:
+                if record.offset <= head:
+                    continue
+                if record.offset != head + 1:
+                    raise RuntimeError(f"stream {self.stream}: followed {head}, next record is {record.offset}")
+                state = apply(state, decode(record))
+                head = record.offset
+                applied += 1
+        except BaseException:
+            self._followed = None
+            raise
+        self._followed = (state, head)
+        return applied
+
+    def stop_following(self) -> None:
+        """Drop the followed state (a later :meth:`recover` rebuilds from the log)."""
+        self._followed = None
+
+    def _take_over(self) -> Decision:
+        """Lead from the followed state: apply the records after it, then reconcile."""
+        assert self._followed is not None
+        try:
+            self.follow()
+            state, head = self._followed
+            if self.log.head(self.stream) < head:  # the log went back (restored?): trust it, not us
+                raise RuntimeError(f"stream {self.stream}: the log's head is below the followed {head}")
+        except Exception:
+            logger.exception("stream %s: the followed state is unusable, rebuilding", self.stream)
+            self._followed = None
+            return self._rebuild()
+        self._followed = None
+        return self._reconcile(state, head)

@@ -6,15 +6,23 @@ fence, applies them, and only then performs the effects and replies. It never de
 Life cycle (``mode`` in :meth:`EventSourcedActor.status`):
 
 - ``idle``: created, waiting for :class:`~.control.Start`; other messages are held.
-- ``recovering``: contending for leadership, then ``runner.recover()``; messages are held and
-  served after recovery in arrival order (at most ``max_held``; beyond that: unavailable).
+- ``standby``: a hot standby (config ``standby: hot``, the default): contending for
+  leadership while following the log (``runner.follow``), so its state stays current and
+  taking over costs the fence write plus the records after the followed head. It performs no
+  effects and answers nothing as leader; messages are held as in ``recovering``. A
+  :class:`_Follower` thread waits on the log (``EventLog.tail``: a ZooKeeper watch, a poll
+  elsewhere) and hands new records to the actor, which applies them on its own thread (woken
+  by the pipe where the base supports ``ThespianWatch``, else at each leadership retry).
+- ``recovering``: a cold standby (``standby: cold``): contending for leadership, then
+  ``runner.recover()`` replays snapshot + tail; messages are held and served after recovery
+  in arrival order (at most ``max_held``; beyond that: unavailable).
 - ``ready``: serving. Component messages handled in one burst share one append (group
   commit, see below).
 - ``suspended``: the leadership is in doubt (ZooKeeper ``SUSPENDED``): no appends, no
   effects; messages are held until it is confirmed again (``CONNECTED``) or lost.
 - ``down``: fenced by a newer writer, the log failed, or leadership was lost: state dropped,
   leadership released, every request answered ``ErrorReply("unavailable")``; the actor
-  re-contends on a timer and recovers again when it wins.
+  re-contends on a timer and recovers again when it wins (a hot one follows the log meanwhile).
 - ``stopped``: after :class:`~.control.Stop` or ``ActorExitRequest``.
 
 Replies. A message wrapped in :class:`~.control.Request` gets its reply as
@@ -139,12 +147,49 @@ class _Waker:
                     os.close(fd)
 
 
+class _Follower:
+    """A thread that waits on the log for records after ``after`` (``EventLog.tail``) and queues
+    them for the actor; errors are queued too (the actor logs them), then it pauses and goes on.
+    It never touches the runner: the actor applies what it queued."""
+
+    wait = 1.0  #: longest single tail wait (s); a stop takes effect within it
+    pause = 0.5  #: seconds to wait after a failed read
+
+    def __init__(self, log: Any, stream: str, after: int, notify: Callable[[], None] | None) -> None:
+        self.items: queue.SimpleQueue = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._run, args=(log, stream, after, notify), name=f"follow-{stream}", daemon=True
+        )
+        self._thread.start()
+
+    def _run(self, log: Any, stream: str, after: int, notify: Callable[[], None] | None) -> None:
+        stop = self._stop
+        while not stop.is_set():
+            try:
+                records = log.tail(stream, after, self.wait)
+            except Exception as exc:  # noqa: BLE001 - reported on the actor thread
+                if stop.is_set():
+                    return
+                self.items.put(exc)
+                stop.wait(self.pause)
+                continue
+            if records and not stop.is_set():
+                after = records[-1].offset
+                self.items.put(records)
+                if notify is not None:
+                    notify()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
 class EventSourcedActor(Actor):
     """A thespian actor that runs an event-sourced component; subclass and override the hooks.
 
     Hooks: :meth:`make_component` (required), :meth:`setup`, :meth:`teardown`,
     :meth:`work_handlers`, :meth:`make_leadership`. Tunables are class attributes; ``config``
-    keys of the same name (``workers``, ``group_commit``, ``group_commit_delay``, ``max_batch``) override them per
+    keys of the same name (``workers``, ``group_commit``, ``group_commit_delay``, ``max_batch``, ``standby``) override them per
     instance.
     """
 
@@ -157,6 +202,9 @@ class EventSourcedActor(Actor):
     max_batch: int = 512
     #: Worker threads for ``Work`` effects.
     workers: int = 4
+    #: ``hot``: a replica that does not lead follows the log (mode ``standby``); ``cold``: it
+    #: waits in ``recovering`` and replays snapshot + tail only once it wins.
+    standby: str = "hot"
     #: Seconds between leadership/recovery attempts while not leading (doubles up to 8x).
     retry_interval: float = 0.2
     #: Seconds between leadership checks while leading (a pipe wakes it sooner when it can).
@@ -205,6 +253,7 @@ class EventSourcedActor(Actor):
         self._log = logging.getLogger(_LOG_NAME)
         self.stats = {"appends": 0, "messages": 0, "batches": 0}
         self._last_error: dict[str, str] | None = None
+        self._follower: _Follower | None = None
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -286,8 +335,9 @@ class EventSourcedActor(Actor):
             if self._waker is not None:
                 self._waker.drain()
             self._collect_results()
-            if self._mode in ("recovering", "down"):
-                self._try_lead()  # an election may just have been won: do not wait for the timer
+            if self._mode in ("standby", "recovering", "down"):
+                self._catch_up()
+                self._try_lead(retry=False)  # an election may just have been won: do not wait
             else:
                 self._check_leadership()
         elif isinstance(msg, ActorExitRequest):
@@ -323,6 +373,9 @@ class EventSourcedActor(Actor):
         config = dict(msg.config)
         log = None
         try:
+            standby = str(config.get("standby", self.standby))
+            if standby not in ("hot", "cold"):
+                raise ValueError(f"config standby: expected hot or cold, got {standby!r}")
             self.setup(config)
             self._set_up = True
             component = self.make_component(config)
@@ -339,6 +392,7 @@ class EventSourcedActor(Actor):
             self._reply(origin, ErrorReply(code, f"Start failed: {type(exc).__name__}: {exc}", "Start"))
             return
         self._config = config
+        self.standby = standby
         young, *older = gc.get_threshold()
         if 0 < young < self.gc_young_threshold:  # 0: the collector is off; leave it so
             gc.set_threshold(self.gc_young_threshold, *older)
@@ -361,8 +415,9 @@ class EventSourcedActor(Actor):
         if self._watch_supported:
             self._waker = _Waker()
             leadership.on_change = self._waker.notify
-        self._mode = "recovering"
-        self._log.info("%s: starting on %s, leadership %s", self._name(), msg.log_url, leadership.describe())
+        self._mode = "standby" if standby == "hot" else "recovering"
+        self._log.info("%s: starting on %s, leadership %s, %s standby", self._name(), msg.log_url,
+                       leadership.describe(), standby)
         self._try_lead()
 
     def _on_hello(self, msg: Hello, origin: _Origin) -> None:
@@ -389,7 +444,14 @@ class EventSourcedActor(Actor):
         self._reply(origin, Ok(sorted(self._peers)))
 
     def _on_status(self, msg: Status, origin: _Origin) -> None:
-        self._reply(origin, Ok(self.status()))
+        status = self.status()
+        if msg.state:
+            runner = self._runner
+            state = None
+            if runner is not None:
+                state = runner.state if runner.state is not None else runner.followed_state
+            status["state"] = None if state is None else runner.component.snapshot(state)
+        self._reply(origin, Ok(status))
 
     def _on_stop(self, msg: Stop, origin: _Origin) -> None:
         self._shutdown("stop requested")
@@ -398,18 +460,23 @@ class EventSourcedActor(Actor):
 
     def status(self) -> dict[str, Any]:
         """Plain data: mode, ready, leader, stream, epoch, head, held, batch, work, peers, pid,
-        and ``last_error`` (``{type, message}`` of the last failed attempt to lead or recover,
-        None once it leads)."""
+        standby (hot or cold), and ``last_error`` (``{type, message}`` of the last failed
+        attempt to lead or recover, None once it leads). ``head`` is the offset the replica's
+        state reflects: a hot standby's followed head while it does not lead."""
         runner = self._runner
         leadership = self._leadership
+        head = 0
+        if runner is not None:
+            head = runner.followed_head if runner.state is None and runner.following else runner.head
         return {
             "mode": self._mode,
+            "standby": self.standby,
             "ready": self._mode == "ready",
             "leader": bool(leadership is not None and leadership.is_leader),
             "leadership": leadership.describe() if leadership is not None else None,
             "stream": runner.stream if runner else None,
             "epoch": runner.fence.epoch if runner and runner.fence else 0,
-            "head": runner.head if runner else 0,
+            "head": head,
             "held": len(self._held),
             "batch": len(self._batch),
             "work": self._outstanding,
@@ -421,8 +488,11 @@ class EventSourcedActor(Actor):
 
     # ---- leadership and recovery -----------------------------------------------------------
 
-    def _try_lead(self) -> None:
-        if self._mode not in ("recovering", "down") or self._runner is None or self._leadership is None:
+    def _try_lead(self, retry: bool = True) -> None:
+        """Contend; on a win recover (a hot standby takes over) and serve. ``retry``: schedule
+        the next attempt if this one does not win (False for extra attempts made between the
+        timer's, which keeps running)."""
+        if self._mode not in ("standby", "recovering", "down") or self._runner is None or self._leadership is None:
             return
         try:
             won = self._leadership.try_acquire()
@@ -431,8 +501,12 @@ class EventSourcedActor(Actor):
             self._last_error = {"type": type(exc).__name__, "message": str(exc)}
             won = False
         if not won:
-            self._schedule_retry()
+            self._catch_up()
+            if retry:
+                self._schedule_retry()
             return
+        self._catch_up(start=False)  # what the follower already read need not be read again
+        self._stop_following()
         try:
             decision = self._runner.recover()
         except Exception as exc:
@@ -459,6 +533,50 @@ class EventSourcedActor(Actor):
             self._start_origin = None
         self._schedule_check()
         self._release_held()
+
+    # ---- a hot standby ------------------------------------------------------------------------
+
+    def _catch_up(self, start: bool = True) -> None:
+        """A hot standby that does not lead: load the state and start following the log if it
+        is not yet (and ``start``), else apply the records the follower queued. Failures are
+        logged; the next call starts over from the log."""
+        runner = self._runner
+        if self.standby != "hot" or runner is None or self._mode not in ("standby", "down"):
+            return
+        if runner.state is not None:
+            return
+        try:
+            if self._follower is None or not runner.following:
+                if not start:
+                    return
+                self._stop_following()
+                runner.stop_following()
+                runner.follow()
+                waker = self._waker
+                self._follower = _Follower(runner.log, runner.stream, runner.followed_head,
+                                           waker.notify if waker is not None else None)
+                self._log.info("%s: hot standby following from %d", self._name(), runner.followed_head)
+                return
+            items = self._follower.items
+            while True:
+                try:
+                    item = items.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, BaseException):
+                    self._log.warning("%s: following the log: %s: %s", self._name(), type(item).__name__, item)
+                else:
+                    runner.follow(item)
+        except Exception as exc:
+            self._log.warning("%s: following the log failed: %s: %s", self._name(), type(exc).__name__, exc)
+            self._last_error = {"type": type(exc).__name__, "message": str(exc)}
+            self._stop_following()
+            runner.stop_following()
+
+    def _stop_following(self) -> None:
+        follower, self._follower = self._follower, None
+        if follower is not None:
+            follower.stop()
 
     def _announce(self) -> None:
         """Tell the configured peers that this replica now serves our peer name (F1).
@@ -563,7 +681,7 @@ class EventSourcedActor(Actor):
             elif not self._flush_pending:
                 self._flush_pending = True
                 self.wakeupAfter(timedelta(seconds=self.group_commit_delay), _FLUSH)
-        elif mode in ("idle", "recovering", "suspended"):
+        elif mode in ("idle", "standby", "recovering", "suspended"):
             if len(self._held) >= self.max_held:
                 self._reply(origin, ErrorReply("unavailable", f"not serving yet ({mode}) and {self.max_held} messages held", origin.kind))
             else:
@@ -747,6 +865,7 @@ class EventSourcedActor(Actor):
         if self._start_origin is not None:
             self._reply(self._start_origin, unavailable)
             self._start_origin = None
+        self._stop_following()
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._leadership is not None:
@@ -754,6 +873,7 @@ class EventSourcedActor(Actor):
                 self._leadership.close()
         if self._runner is not None:
             self._runner.state = None
+            self._runner.stop_following()
             with contextlib.suppress(Exception):
                 self._runner.log.close()
         self._teardown_once()
