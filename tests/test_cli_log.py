@@ -88,13 +88,16 @@ def test_check_passes_a_good_snapshot(home, capsys):
         "ok": True, "checked": 7, "snapshot": {"offset": 6, "ok": True, "problem": None}}
 
 
-def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys):
+def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys, caplog):
     log = open_log(f"sqlite:///{home / 'log.sqlite'}")
-    log._put_snapshot("example", 4, b"garbage, not a snapshot")
+    log._put_snapshot("example", 4, [b"garbage, not a snapshot"], 2)
+    with pytest.raises(CorruptLog):
+        log.load_snapshot("example")
     log.close()
     runner = _runner(home)
-    with pytest.raises(CorruptLog):  # the component cannot recover from it
-        runner.recover()
+    runner.recover()  # the component recovers by replay, and says why
+    assert runner.state.counters == {"a": 15, "b": 7}
+    assert "snapshot at offset 4 unreadable" in caplog.text
     runner.log.close()
     code, out, err = run(capsys, "--home", str(home), "log", "check", "example")
     assert code == 1
