@@ -85,7 +85,8 @@ def test_check_passes_a_good_snapshot(home, capsys):
     runner.log.close()
     code, out, _ = run(capsys, "--json", "--home", str(home), "log", "check", "example")
     assert code == 0 and json.loads(out) == {
-        "ok": True, "checked": 7, "snapshot": {"offset": 6, "ok": True, "problem": None}}
+        "ok": True, "checked": 7, "snapshot": {"offset": 6, "ok": True, "problem": None},
+        "snapshots": [{"offset": 6, "ok": True, "problem": None}]}
 
 
 def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys, caplog):
@@ -101,8 +102,8 @@ def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys, caplog):
     runner.log.close()
     code, out, err = run(capsys, "--home", str(home), "log", "check", "example")
     assert code == 1
-    assert "every invariant held" in out and "snapshot: snapshot does not decode" in out
-    assert err.startswith("cei: stream 'example': bad snapshot: snapshot does not decode")
+    assert "every invariant held" in out and "snapshot at offset 4: snapshot does not decode" in out
+    assert err.startswith("cei: stream 'example': bad snapshot at offset 4: snapshot does not decode")
 
 
 def test_check_fails_on_a_snapshot_other_than_the_replay(home, capsys):
