@@ -94,6 +94,7 @@ class Runner(Generic[S]):
         self.background_snapshots = hasattr(os, "fork")
         self._snapshot_bytes = 0  # size of the last snapshot saved or loaded
         self._history_job: threading.Thread | None = None
+        self._truncate_again = False
 
     @property
     def ready(self) -> bool:
@@ -297,7 +298,8 @@ class Runner(Generic[S]):
         self._since_snapshot = 0
         self._snapshot_bytes = len(blob)
         self._snapshot_due = self._due_after(len(blob))
-        self._start_history_job(self._truncate_history)
+        if not self._start_history_job(self._truncate_history):
+            self._truncate_again = True  # the running job truncates once more when done
         return True
 
     def wait_history(self, timeout: float | None = None) -> bool:
@@ -325,14 +327,19 @@ class Runner(Generic[S]):
         failures are logged, never raised (the next snapshot tries again)."""
         if self.log.archive is None:
             return
-        try:
-            offsets = self.log.snapshots(self.stream)
-            if offsets:
-                moved = self.log.truncate(self.stream, min(offsets) + 1)
-                if moved:
-                    logger.debug("stream %s: %s batches below offset %s archived", self.stream, moved, min(offsets) + 1)
-        except Exception:
-            logger.warning("stream %s: truncating the log failed", self.stream, exc_info=True)
+        self._truncate_again = True
+        while self._truncate_again:
+            self._truncate_again = False
+            try:
+                offsets = self.log.snapshots(self.stream)
+                if offsets:
+                    moved = self.log.truncate(self.stream, min(offsets) + 1)
+                    if moved:
+                        logger.debug("stream %s: %s batches below offset %s archived",
+                                     self.stream, moved, min(offsets) + 1)
+            except Exception:
+                logger.warning("stream %s: truncating the log failed", self.stream, exc_info=True)
+                return
 
     def _snapshot_in_child(self) -> bool:
         """Take a snapshot without stalling: a forked child serializes the state from its
