@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 
@@ -24,6 +25,14 @@ def home(tmp_path):
     runner.handle(Add("b", 7))
     runner.log.close()
     return tmp_path
+
+
+def runner_logs(caplog):
+    """Let the runner's warnings reach caplog even if a logging config ran before (e.g. an
+    actor system's, which disables existing loggers)."""
+    logger = logging.getLogger("cei_actors.runtime.runner")
+    logger.disabled, logger.propagate = False, True
+    caplog.set_level(logging.WARNING, logger="cei_actors.runtime.runner")
 
 
 def run(capsys, *argv):
@@ -90,6 +99,7 @@ def test_check_passes_a_good_snapshot(home, capsys):
 
 
 def test_check_fails_on_a_snapshot_that_does_not_decode(home, capsys, caplog):
+    runner_logs(caplog)
     log = open_log(f"sqlite:///{home / 'log.sqlite'}")
     log._put_snapshot("example", 4, [b"garbage, not a snapshot"], 2)
     with pytest.raises(CorruptLog):

@@ -52,6 +52,14 @@ def run(url: str, messages: int, snapshot_every: int = 10) -> Runner:
     return r
 
 
+def runner_logs(caplog) -> None:
+    """Let the runner's warnings reach caplog even if a logging config ran before (e.g. an
+    actor system's, which disables existing loggers)."""
+    logger = logging.getLogger("cei_actors.runtime.runner")
+    logger.disabled, logger.propagate = False, True
+    caplog.set_level(logging.WARNING, logger="cei_actors.runtime.runner")
+
+
 def cli(capsys, url: str, *argv: str) -> object:
     code = main(["--json", "--log", url, "log", *argv])
     out, err = capsys.readouterr()
@@ -84,7 +92,7 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_one(log_url, caplo
     assert r.log.snapshots("example") == [20, 10]
     want = r.state.counters
     r.log._corrupt_snapshot("example", 20)
-    caplog.set_level(logging.WARNING, logger="cei_actors.runtime.runner")
+    runner_logs(caplog)
     again = Runner(Counters(), open_log(url.split("?")[0]), clock=lambda: 100.0, snapshot_every=10)
     again.recover()
     assert again.state.counters == want and again.head == 25
@@ -101,6 +109,7 @@ def test_a_corrupt_newest_snapshot_falls_back_to_the_previous_one(log_url, caplo
 
 
 def test_every_snapshot_unreadable_replays_the_archive(tmp_path, caplog):
+    runner_logs(caplog)
     url = f"sqlite:///{tmp_path}/log.db?archive={tmp_path}/archive"
     r = run(url, 35)
     assert r.log._index("example")[0] == 21
@@ -115,6 +124,7 @@ def test_every_snapshot_unreadable_replays_the_archive(tmp_path, caplog):
 def test_a_snapshot_over_the_old_decode_limit_recovers(tmp_path, monkeypatch, caplog):
     """Issue 13: a 70.7 MB snapshot was saved, then refused on load (64 MiB), forever. The
     limit is set to 256 KiB here so that the test stays fast; the state is ~1.2 MB."""
+    runner_logs(caplog)
     monkeypatch.setattr(batch, "DEFAULT_MAX_DECODE_BYTES", 256 * 1024)
     url = f"sqlite:///{tmp_path}/log.db"
     r = run(url, 0)
