@@ -339,24 +339,35 @@ def test_archive_shrinks_zookeeper_and_keeps_history(open_zk, zk_client, tmp_pat
     assert bodies(reader) == list(range(300))
     assert bodies(reader, start=150)[:2] == [149, 150]
     assert reader.head("s") == 300
-    # a log without the archive still recovers from the snapshot, and says why it can't go back
+    # a log opened without the option finds the archive the writer recorded in the chroot
     plain = open_zk()
-    assert bodies(plain, start=291) == list(range(290, 300))
-    with pytest.raises(ArchiveNotConfigured, match="archive"):
-        list(plain.read("s"))
+    assert plain.archive == archive
+    assert bodies(plain) == list(range(300))
     for i in range(300, 310):
         head = log.append(fence, head, [ev(i)])
     log.save_snapshot(Snapshot("s", 305, 0.0, 1, b"state"))
-    with pytest.raises(ArchiveNotConfigured, match=r"\?archive="):
-        plain.truncate("s", 306)
+    plain.truncate("s", 306)
     assert bodies(reader, start=291) == list(range(290, 310))
 
 
+def test_a_log_that_never_had_an_archive_refuses_to_truncate(zk_hosts):
+    log = open_log(f"zk://{zk_hosts}/never-archived")
+    try:
+        fence = log.acquire("s")
+        log.append(fence, log.append(fence, 0, [ev(1)]), [ev(2)])
+        log.save_snapshot(Snapshot("s", 2, 0.0, 1, b"state"))
+        with pytest.raises(ArchiveNotConfigured, match=r"\?archive="):
+            log.truncate("s", 2)
+        assert bodies(log) == [1, 2]
+    finally:
+        log.close()
+
+
 def test_snapshots_are_chunked_and_the_old_one_is_removed(open_zk, zk_client):
-    log = open_zk()
+    log = open_zk(keep_snapshots=1)
     fence = log.acquire("s")
-    log.append(fence, 0, [ev(1), ev(2)])
-    big = bytes(range(256)) * 10_000  # 2.5 MB: five chunks
+    log.append(fence, 0, [ev(1), ev(2), ev(3)])
+    big = bytes(range(256)) * 10_000  # 2.5 MB: five data chunks and a head
     log.save_snapshot(Snapshot("s", 1, 1.0, 3, big))
     log.save_snapshot(Snapshot("s", 2, 2.0, 3, big[::-1]))
     snap = open_zk().load_snapshot("s")
@@ -368,7 +379,15 @@ def test_snapshots_are_chunked_and_the_old_one_is_removed(open_zk, zk_client):
         zk_client.exists(f"/streams/s/snap/{chunk_dir}/{c}").dataLength
         for c in zk_client.get_children(f"/streams/s/snap/{chunk_dir}")
     ]
-    assert len(sizes) == 5 and max(sizes) <= 512 * 1024
+    assert len(sizes) == 6 and max(sizes) <= 512 * 1024 + 8
+    # two kept (the default): a third snapshot drops the oldest
+    two = open_zk()
+    two.save_snapshot(Snapshot("s", 3, 3.0, 3, b"three"))
+    assert two.snapshots("s") == [3, 2]
+    two.save_snapshot(Snapshot("s", 1, 1.0, 3, b"late"))  # older than both kept: dropped
+    assert two.snapshots("s") == [3, 2]
+    assert len(zk_client.get_children("/streams/s/snap")) == 3
+    assert two.load_snapshot("s", 2).data == big[::-1]
 
 
 def test_half_written_snapshot_is_never_loaded(open_zk):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import parse_qsl
 
 import pytest
 import yaml
@@ -25,7 +26,10 @@ def default_data() -> dict:
 def test_default_plan(tmp_path):
     plan = load_plan(None, home=tmp_path)
     assert plan.source == DEFAULT_SOURCE
-    assert plan.log_url == f"sqlite:///{tmp_path.resolve()}/log.sqlite"
+    base, query = plan.log_url.split("?")
+    assert base == f"sqlite:///{tmp_path.resolve()}/log.sqlite"
+    assert dict(parse_qsl(query)) == {"archive": f"sqlite:///{tmp_path.resolve()}/archive.sqlite",
+                                      "keep_snapshots": "2"}
     assert {c: p.replicas for c, p in plan.components.items()} == {"provisioner": 1, "epum": 1, "pd": 1, "ha": 1}
     site = plan.registry["sites"]["local"]
     assert site["type"] == "local" and site["state_dir"] == f"{tmp_path.resolve()}/nodes"
@@ -40,7 +44,7 @@ def test_default_plan(tmp_path):
 
 def test_log_override_and_home(tmp_path):
     plan = load_plan(None, home=tmp_path / "h", log_url="zk://127.0.0.1:2181/cei")
-    assert plan.log_url == "zk://127.0.0.1:2181/cei"
+    assert plan.log_url.split("?")[0] == "zk://127.0.0.1:2181/cei"
     assert plan.registry["sites"]["local"]["state_dir"].endswith("/h/nodes")
 
 
@@ -135,7 +139,7 @@ def test_secrets_in_the_plan_are_files_only_their_owner_may_read(tmp_path):
         load_plan(None, home=tmp_path, log_url=url)
     assert info.value.key == "log" and "hunter2" not in str(info.value)
     auth.chmod(0o600)
-    assert load_plan(None, home=tmp_path, log_url=url).log_url == url
+    assert load_plan(None, home=tmp_path, log_url=url).log_url.startswith(url + "&archive=")
 
 
 def test_session_timeout_goes_into_a_zookeeper_log_url(tmp_path):
@@ -154,3 +158,33 @@ def test_session_timeout_goes_into_a_zookeeper_log_url(tmp_path):
         data["session_timeout"] = bad
         with pytest.raises(PlanError, match="session_timeout: expected a number of seconds > 0"):
             load_plan(write(tmp_path, data), home=tmp_path)
+
+
+
+def test_log_history_becomes_the_log_urls_options(tmp_path):
+    """log_history's archive and keep_snapshots are options of the log URL (so every reader of
+    the log, `cei log` too, finds the archive); the URL's own options win; bad values are named."""
+    def plan_with(history, log="sqlite:///${home}/log.sqlite"):
+        path = tmp_path / "plan.yaml"
+        data = default_data()
+        data["log"] = log
+        data["log_history"] = history
+        path.write_text(yaml.safe_dump(data))
+        return load_plan(path, home=tmp_path)
+
+    url = plan_with({"archive": "${home}/archive", "keep_snapshots": 3}).log_url
+    assert dict(parse_qsl(url.split("?")[1])) == {"archive": f"{tmp_path.resolve()}/archive",
+                                                  "keep_snapshots": "3"}
+    assert "?" not in plan_with({"archive": "none"}).log_url
+    url = plan_with({"archive": "/elsewhere"}, log="zk://127.0.0.1:2181/cei?archive=/mine").log_url
+    assert dict(parse_qsl(url.split("?")[1])) == {"archive": "/mine"}
+    assert plan_with({}, log="memory://x").log_url == "memory://x"
+    with pytest.raises(PlanError, match="absolute") as info:
+        plan_with({"archive": "relative/dir"})
+    assert info.value.key == "log_history.archive"
+    with pytest.raises(PlanError) as info:
+        plan_with({"keep_snapshots": 0})
+    assert info.value.key == "log_history.keep_snapshots"
+    with pytest.raises(PlanError) as info:
+        plan_with({"keep": 1})
+    assert info.value.key == "log_history.keep"

@@ -204,7 +204,7 @@ def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):
     again = up(plan, home, progress=steps.append)
     assert any("cleaning up" in s for s in steps)
     assert not [p for p, _ in agents if live(p)]  # the orphaned "VMs" were stopped
-    assert not processes_mentioning(f"--pd 127.0.0.1:{info['admin_port']} ", "sleep 30")
+    assert not processes_mentioning(f"--pd 127.0.0.1:{info['admin_port']} ", "sleep 30 ")  # not "sleep 300"
     with connect(home) as conn:
         assert conn.pd.describe_process("long")["state"] in ("FAILED", "TERMINATED")
     down(home)

@@ -136,19 +136,25 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     state = component.initial_state()
     checked = 0
     with _open(args) as log:
-        try:
-            snap = log.load_snapshot(args.stream)
-        except CorruptLog as exc:  # recovery would fail on it just the same
-            snap, bad_snapshot = None, f"snapshot does not decode: {exc}"
-        else:
-            bad_snapshot = None
-        # the state replayed up to the snapshot, as data (states may change in place)
-        at_snapshot = _normal(component.snapshot(state)) if snap is not None and snap.offset == 0 else None
+        # every kept snapshot: recovery falls back from the newest to the older ones
+        snaps: list[Snapshot] = []
+        problems: dict[int, str] = {}
+        for offset in log.snapshots(args.stream):
+            try:
+                snap = log.load_snapshot(args.stream, offset)
+            except CorruptLog as exc:  # recovery skips it just the same
+                problems[offset] = f"snapshot does not decode: {exc}"
+                continue
+            if snap is not None:
+                snaps.append(snap)
+        # the state replayed up to each snapshot, as data (states may change in place)
+        wanted = {s.offset for s in snaps}
+        at: dict[int, Any] = {0: _normal(component.snapshot(state))} if 0 in wanted else {}
         for record in log.read(args.stream):
             state = component.apply(state, component.registry.from_record(record))
             checked = record.offset
-            if snap is not None and record.offset == snap.offset:
-                at_snapshot = _normal(component.snapshot(state))
+            if record.offset in wanted:
+                at[record.offset] = _normal(component.snapshot(state))
             broken = component.invariants(state)
             if broken:
                 result = {"ok": False, "offset": record.offset, "type": record.type, "broken": broken}
@@ -157,22 +163,25 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
                 else:
                     out.line(f"offset {record.offset} ({record.type}) breaks: " + "; ".join(broken))
                 raise CliError(f"stream {args.stream!r}: invariant broken at offset {record.offset}", quiet=True)
-    snapshot: dict[str, Any] | None = None
-    if bad_snapshot is not None:
-        snapshot = {"offset": None, "ok": False, "problem": bad_snapshot}
-    elif snap is not None:
-        problem = check_snapshot(component, snap, at_snapshot, checked)
-        snapshot = {"offset": snap.offset, "ok": problem is None, "problem": problem}
-    ok = snapshot is None or snapshot["ok"]
+    for snap in snaps:
+        problem = check_snapshot(component, snap, at.get(snap.offset), checked)
+        if problem is not None:
+            problems[snap.offset] = problem
+    reports = [{"offset": o, "ok": o not in problems, "problem": problems.get(o)}
+               for o in sorted({*problems, *wanted}, reverse=True)]
+    snapshot = reports[0] if reports else None
+    ok = not problems
     if out.json:
-        out.emit({"ok": ok, "checked": checked, "snapshot": snapshot})
+        out.emit({"ok": ok, "checked": checked, "snapshot": snapshot, "snapshots": reports})
     else:
         out.line(f"{args.stream}: {checked} events replayed, every invariant held")
-        if snapshot is not None:
-            where = f"snapshot at offset {snapshot['offset']}" if snapshot["offset"] is not None else "snapshot"
-            out.line(f"{where}: " + (snapshot["problem"] or "restores to the state replayed up to it"))
+        for report in reports:
+            out.line(f"snapshot at offset {report['offset']}: "
+                     + (report["problem"] or "restores to the state replayed up to it"))
     if not ok:
-        raise CliError(f"stream {args.stream!r}: bad snapshot: {snapshot['problem']}", quiet=True)
+        bad = next(r for r in reports if not r["ok"])
+        raise CliError(f"stream {args.stream!r}: bad snapshot at offset {bad['offset']}: {bad['problem']}",
+                       quiet=True)
     return 0
 
 

@@ -1,7 +1,9 @@
 """The event log: streams of events with fencing, snapshots and an archive, on three backends.
 
 ``open_log(url)`` picks the backend: ``memory://NAME``, ``sqlite:///PATH`` (the embedded
-default) or ``zk://HOST:PORT[,HOST:PORT...]/CHROOT`` (ZooKeeper).
+default) or ``zk://HOST:PORT[,HOST:PORT...]/CHROOT`` (ZooKeeper). Every backend takes the
+options ``archive`` (where ``truncate`` moves history: ``sqlite:///PATH`` or a directory,
+URL-quoted in a query) and ``keep_snapshots`` (snapshots kept per stream, default 2).
 """
 
 from __future__ import annotations
@@ -30,17 +32,18 @@ def open_log(url: str, **options: object) -> EventLog:
     if not isinstance(url, str) or "://" not in url:
         raise BadLogUrl(f"log URL {url!r}: expected memory://NAME, sqlite:///PATH or zk://HOSTS/CHROOT")
     scheme, rest = url.split("://", 1)
+    rest, _, query_text = rest.partition("?")
+    query = {**dict(parse_qsl(query_text)), **options}
     if scheme == "memory":
         from .memory import MemoryLog
 
-        return MemoryLog(url, rest or "default")
+        return MemoryLog(url, rest or "default", **query)
     if scheme == "sqlite":
         from .sqlite import SqliteLog
 
-        path = rest.split("?", 1)[0]
-        if not path.startswith("/") or path == "/":
+        if not rest.startswith("/") or rest == "/":
             raise BadLogUrl(f"log URL {url!r}: sqlite needs an absolute path, sqlite:///PATH")
-        return SqliteLog(url, path)
+        return SqliteLog(url, rest, **query)
     if scheme == "zk":
         from .zookeeper import ZkLog
 

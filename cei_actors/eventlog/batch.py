@@ -5,6 +5,8 @@ A batch blob is ``MAGIC | crc32(payload) | payload`` where the payload is the ms
 Bodies are nested msgpack maps (not re-encoded bytes), so one ``unpackb`` decodes a batch.
 ``group_end`` is false on every batch but the last of an append that had to be split over
 several atomic writes; readers stop before a group that never got its last batch.
+A snapshot is stored as chunks (:func:`encode_snapshot`), each sealed and size-checked on its
+own, so a snapshot of any size that was saved can be loaded by the same code.
 
 Plain data. Everything stored must read back equal to what was written: :func:`is_plain` is
 that rule for one value (msgpack data of exact types: None, bool, int in [-2**63, 2**64),
@@ -25,7 +27,9 @@ from .errors import CorruptLog
 from .records import PendingEvent, Record, Snapshot
 
 BATCH_MAGIC = b"CEB1"
-SNAPSHOT_MAGIC = b"CES1"
+SNAPSHOT_MAGIC = b"CES1"  # a whole snapshot in one blob (before chunking)
+SNAPSHOT2_MAGIC = b"CES2"  # the head chunk of a chunked snapshot
+CHUNK_MAGIC = b"CEC2"  # one data chunk of a chunked snapshot
 _HEADER = struct.Struct(">4sI")
 DEFAULT_MAX_DECODE_BYTES = 64 * 1024 * 1024
 
@@ -141,13 +145,14 @@ def encode_batch(
 
 
 def decode_batch(
-    blob: bytes, stream: str, first_offset: int, max_bytes: int = DEFAULT_MAX_DECODE_BYTES
+    blob: bytes, stream: str, first_offset: int, max_bytes: int | None = None
 ) -> tuple[list[Record], bool]:
     """Decode a stored batch; returns its records and its ``group_end`` flag.
 
     Raises :class:`CorruptLog` if the blob is damaged or does not belong where it was found.
     """
-    value = _open(BATCH_MAGIC, blob, stream, first_offset, max_bytes)
+    limit = DEFAULT_MAX_DECODE_BYTES if max_bytes is None else max_bytes
+    value = _open(BATCH_MAGIC, blob, stream, first_offset, limit)
     try:
         b_stream, b_first, epoch, group_end, rows = value  # type: ignore[misc]
     except (TypeError, ValueError) as exc:
@@ -167,22 +172,71 @@ def decode_batch(
     return records, bool(group_end)
 
 
-def encode_snapshot(snapshot: Snapshot) -> bytes:
-    """Encode a snapshot for storage (the caller may chunk the result)."""
-    payload = msgpack.packb(
-        [snapshot.stream, snapshot.offset, snapshot.timestamp, snapshot.version, snapshot.data],
+def snapshot_chunk_limit(backend_chunk: int) -> int:
+    """Data bytes per stored snapshot chunk: the backend's size, and always within what
+    :func:`decode_snapshot` accepts per chunk, so a snapshot that was saved can be loaded."""
+    return max(1, min(backend_chunk, DEFAULT_MAX_DECODE_BYTES - 1024))
+
+
+def encode_snapshot(snapshot: Snapshot, chunk_bytes: int = 4 * 1024 * 1024) -> list[bytes]:
+    """A snapshot as stored: a head chunk (``CES2``: stream, offset, timestamp, version, the
+    number of data chunks, the data's size and CRC) then the data in sealed ``CEC2`` chunks of
+    at most ``chunk_bytes`` (bounded by :func:`snapshot_chunk_limit`). Each chunk is checked
+    on its own when read, so no whole-snapshot size limit exists that a writer could exceed."""
+    data = memoryview(snapshot.data)
+    step = snapshot_chunk_limit(chunk_bytes)
+    pieces = [data[i : i + step] for i in range(0, len(data), step)]
+    head = msgpack.packb(
+        [snapshot.stream, snapshot.offset, snapshot.timestamp, snapshot.version,
+         len(pieces), len(data), zlib.crc32(data)],
         use_bin_type=True,
     )
-    return _seal(SNAPSHOT_MAGIC, payload)
+    return [_seal(SNAPSHOT2_MAGIC, head)] + [_seal(CHUNK_MAGIC, bytes(p)) for p in pieces]
 
 
-def decode_snapshot(blob: bytes, stream: str, max_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> Snapshot:
-    """Decode a stored snapshot of ``stream``; raises :class:`CorruptLog` when damaged."""
-    value = _open(SNAPSHOT_MAGIC, blob, stream, None, max_bytes)
+def decode_snapshot(
+    chunks: list[bytes] | bytes, stream: str, max_bytes: int | None = None
+) -> Snapshot:
+    """Decode a stored snapshot of ``stream`` (its chunks, or one legacy ``CES1`` blob);
+    raises :class:`CorruptLog` when damaged. ``max_bytes`` bounds each chunk (default
+    :data:`DEFAULT_MAX_DECODE_BYTES`, read at call time), never the whole snapshot."""
+    limit = DEFAULT_MAX_DECODE_BYTES if max_bytes is None else max_bytes
+    if isinstance(chunks, (bytes, bytearray, memoryview)):
+        chunks = [bytes(chunks)]
+    if not chunks:
+        raise CorruptLog(stream, None, "snapshot has no chunks")
+    if bytes(chunks[0][:4]) == SNAPSHOT_MAGIC and len(chunks) == 1:
+        # written before chunking: one blob, already in memory, so no size limit applies
+        value = _open(SNAPSHOT_MAGIC, chunks[0], stream, None, max(limit, len(chunks[0])))
+        try:
+            s_stream, offset, ts, version, data = value  # type: ignore[misc]
+        except (TypeError, ValueError) as exc:
+            raise CorruptLog(stream, None, "snapshot payload has the wrong shape") from exc
+        if s_stream != stream:
+            raise CorruptLog(stream, None, f"snapshot belongs to stream {s_stream!r}")
+        return Snapshot(stream, offset, ts, version, bytes(data))
+    value = _open(SNAPSHOT2_MAGIC, chunks[0], stream, None, limit)
     try:
-        s_stream, offset, ts, version, data = value  # type: ignore[misc]
+        s_stream, offset, ts, version, count, size, crc = value  # type: ignore[misc]
     except (TypeError, ValueError) as exc:
-        raise CorruptLog(stream, None, "snapshot payload has the wrong shape") from exc
+        raise CorruptLog(stream, None, "snapshot head has the wrong shape") from exc
     if s_stream != stream:
         raise CorruptLog(stream, None, f"snapshot belongs to stream {s_stream!r}")
+    if count != len(chunks) - 1:
+        raise CorruptLog(stream, None, f"snapshot at {offset}: {len(chunks) - 1} of {count} chunks stored")
+    data = bytearray()
+    for k, chunk in enumerate(chunks[1:]):
+        if len(chunk) > limit + _HEADER.size:
+            raise CorruptLog(
+                stream, None,
+                f"snapshot at {offset}: chunk {k} of {len(chunk)} bytes exceeds the {limit}-byte chunk limit",
+            )
+        if len(chunk) < _HEADER.size or bytes(chunk[:4]) != CHUNK_MAGIC:
+            raise CorruptLog(stream, None, f"snapshot at {offset}: chunk {k} is damaged")
+        payload = memoryview(chunk)[_HEADER.size :]
+        if zlib.crc32(payload) != _HEADER.unpack_from(chunk)[1]:
+            raise CorruptLog(stream, None, f"snapshot at {offset}: chunk {k} fails its checksum")
+        data += payload
+    if len(data) != size or zlib.crc32(data) != crc:
+        raise CorruptLog(stream, None, f"snapshot at {offset}: data does not match its head")
     return Snapshot(stream, offset, ts, version, bytes(data))

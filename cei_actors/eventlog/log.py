@@ -13,8 +13,9 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
+from .archive import Archive, check_archive_spec, open_archive
 from .batch import decode_batch, decode_snapshot, encode_event, encode_rows, encode_snapshot
-from .errors import CorruptLog, EventLogError, Fenced, OffsetConflict
+from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, OffsetConflict
 from .records import Fence, PendingEvent, Record, Snapshot, check_stream
 
 
@@ -33,11 +34,43 @@ class EventLog(ABC):
     max_batch_bytes: int = 256 * 1024
     #: Largest total of batches a backend can write atomically in one ``_put``.
     max_atomic_bytes: int = 1 << 62
+    #: Data bytes per stored snapshot chunk.
+    snapshot_chunk_bytes: int = 4 * 1024 * 1024
 
     def __init__(self, url: str) -> None:
         self.url = url
         self._heads: dict[tuple[str, int], int] = {}
         self._heads_lock = threading.Lock()
+        #: Snapshots kept per stream (the newest by offset); the runtime truncates below the
+        #: oldest of them, so recovery can fall back that far without the archive.
+        self.keep_snapshots = 2
+        self._archive_store: Archive | None = None
+
+    def _history_options(self, archive: object, keep_snapshots: object) -> str | None:
+        """Check the ``archive`` and ``keep_snapshots`` options; returns the archive spec."""
+        try:
+            keep = int(keep_snapshots)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            keep = 0
+        if keep < 1:
+            raise BadLogUrl(f"log URL {self.url!r}: keep_snapshots must be an integer >= 1, got {keep_snapshots!r}")
+        self.keep_snapshots = keep
+        if archive in (None, ""):
+            return None
+        return check_archive_spec(str(archive), self.url)
+
+    def _use_archive(self, given: str | None, recorded: str | None, namespace: str) -> str | None:
+        """Open the archive named by the option (``given``) or, without one, the archive this
+        log recorded when it was last opened with one; returns the spec to record (or None)."""
+        spec = given or recorded
+        if spec:
+            self._archive_store = open_archive(spec, namespace, self.url)
+        return given if given and given != recorded else None
+
+    @property
+    def archive(self) -> str | None:
+        """The archive this log moves truncated history to (its spec), or None."""
+        return self._archive_store.spec if self._archive_store is not None else None
 
     # ---- the public interface -------------------------------------------------------------
 
@@ -139,29 +172,51 @@ class EventLog(ABC):
             self._wait(stream, remaining)
 
     def save_snapshot(self, snapshot: Snapshot) -> None:
-        """Store ``snapshot`` as the stream's newest; it must not be past the head."""
+        """Store ``snapshot``; it must not be past the head. The stream keeps its
+        :attr:`keep_snapshots` newest snapshots by offset (an older one saved late is dropped)."""
         check_stream(snapshot.stream)
         head = self.head(snapshot.stream)
         if snapshot.offset > head:
             raise ValueError(
                 f"stream {snapshot.stream!r}: snapshot at {snapshot.offset} is past the head {head}"
             )
-        self._put_snapshot(snapshot.stream, snapshot.offset, encode_snapshot(snapshot))
+        chunks = encode_snapshot(snapshot, self.snapshot_chunk_bytes)
+        self._put_snapshot(snapshot.stream, snapshot.offset, chunks, self.keep_snapshots)
 
-    def load_snapshot(self, stream: str) -> Snapshot | None:
-        """The newest snapshot of ``stream``, or None."""
-        blob = self._get_snapshot(check_stream(stream))
-        return None if blob is None else decode_snapshot(blob, stream)
+    def snapshots(self, stream: str) -> list[int]:
+        """Offsets of the stream's stored snapshots, newest first."""
+        return sorted(self._snapshot_offsets(check_stream(stream)), reverse=True)
+
+    def load_snapshot(self, stream: str, offset: int | None = None) -> Snapshot | None:
+        """The newest snapshot of ``stream`` (or the one at ``offset``), or None.
+
+        Raises :class:`CorruptLog` if that snapshot is damaged (see :meth:`snapshots` for the
+        older ones to fall back to)."""
+        check_stream(stream)
+        if offset is None:
+            offsets = self._snapshot_offsets(stream)
+            if not offsets:
+                return None
+            offset = max(offsets)
+        chunks = self._get_snapshot(stream, offset)
+        if chunks is None:
+            return None
+        snap = decode_snapshot(chunks, stream)
+        if snap.offset != offset:
+            raise CorruptLog(stream, None, f"the snapshot stored at {offset} says it is at {snap.offset}")
+        return snap
 
     def truncate(self, stream: str, before: int) -> int:
         """Move batches wholly below offset ``before`` to the archive; returns how many moved.
 
         ``before`` may not pass the newest snapshot, so recovery never needs the archive.
         Offsets keep counting from where they were; :meth:`read` still reaches archived events.
+        Each batch is in the archive before it leaves the live log, so a crash in between
+        leaves it in both (readers take one copy), never in neither.
         """
         check_stream(stream)
-        snap = self.load_snapshot(stream)
-        limit = snap.offset + 1 if snap else 1
+        offsets = self._snapshot_offsets(stream)
+        limit = max(offsets) + 1 if offsets else 1
         if before > limit:
             raise ValueError(
                 f"stream {stream!r}: cannot truncate below {before}, newest snapshot covers up to {limit - 1}"
@@ -174,7 +229,8 @@ class EventLog(ABC):
 
     def close(self) -> None:
         """Release connections; the data stays."""
-        return None
+        if self._archive_store is not None:
+            self._archive_store.close()
 
     def __enter__(self) -> EventLog:
         return self
@@ -279,10 +335,17 @@ class EventLog(ABC):
         """Move live batches to the archive."""
 
     @abstractmethod
-    def _put_snapshot(self, stream: str, offset: int, blob: bytes) -> None: ...
+    def _put_snapshot(self, stream: str, offset: int, chunks: list[bytes], keep: int) -> None:
+        """Store the snapshot at ``offset`` (replacing one there) atomically, then drop all
+        but the ``keep`` snapshots with the highest offsets."""
 
     @abstractmethod
-    def _get_snapshot(self, stream: str) -> bytes | None: ...
+    def _snapshot_offsets(self, stream: str) -> list[int]:
+        """Offsets of the stored snapshots (any order)."""
+
+    @abstractmethod
+    def _get_snapshot(self, stream: str, offset: int) -> list[bytes] | None:
+        """The chunks of the snapshot at ``offset`` (a legacy one: its single blob), or None."""
 
 
 __all__ = ["BatchExists", "EventLog", "Fenced", "OffsetConflict"]

@@ -1,11 +1,15 @@
-"""``memory://NAME``: an in-process log; every log opened with the same NAME shares the data."""
+"""``memory://NAME``: an in-process log; every log opened with the same NAME shares the data.
+
+Options: ``archive`` (truncated history goes there, see :mod:`.archive`; without one it stays
+in this process's memory, apart from the live batches) and ``keep_snapshots`` (default 2).
+"""
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
 
-from .errors import Fenced
+from .errors import BadLogUrl, CorruptLog, Fenced
 from .log import BatchExists, EventLog
 
 
@@ -14,13 +18,14 @@ class _Stream:
     epoch: int = 0
     batches: dict[int, bytes] = field(default_factory=dict)
     archive: dict[int, bytes] = field(default_factory=dict)
-    snapshot: bytes | None = None
+    snapshots: dict[int, list[bytes]] = field(default_factory=dict)
 
 
 class _Space:
     def __init__(self) -> None:
         self.streams: dict[str, _Stream] = {}
         self.changed = threading.Condition()
+        self.archive: str | None = None  # the archive last configured for this space
 
 
 _SPACES: dict[str, _Space] = {}
@@ -41,10 +46,20 @@ def forget(name: str) -> None:
 class MemoryLog(EventLog):
     """A log held in this process's memory; fast, and gone when the process ends."""
 
-    def __init__(self, url: str, name: str) -> None:
+    def __init__(
+        self, url: str, name: str, *, archive: str | None = None, keep_snapshots: int | str = 2,
+        **unknown: object,
+    ) -> None:
         super().__init__(url)
+        if unknown:
+            raise BadLogUrl(f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
+                            "(known: archive, keep_snapshots)")
+        given = self._history_options(archive, keep_snapshots)
         self._space = _space(name)
         self._lock = self._space.changed
+        record = self._use_archive(given, self._space.archive, f"memory:{name}")
+        if record:
+            self._space.archive = record
 
     def _s(self, stream: str) -> _Stream:
         return self._space.streams.setdefault(stream, _Stream())
@@ -79,7 +94,13 @@ class MemoryLog(EventLog):
         with self._lock:
             s = self._s(stream)
             blob = s.batches.get(first)
-            return blob if blob is not None else s.archive[first]
+            if blob is None:
+                blob = s.archive.get(first)
+        if blob is None and self._archive_store is not None:
+            blob = self._archive_store.get(stream, first)
+        if blob is None:
+            raise CorruptLog(stream, first, "batch neither in the live log nor in the archive")
+        return blob
 
     def _index(self, stream: str) -> list[int]:
         with self._lock:
@@ -89,7 +110,10 @@ class MemoryLog(EventLog):
     def _archived_index(self, stream: str) -> list[int]:
         with self._lock:
             s = self._space.streams.get(stream)
-            return sorted(s.archive) if s else []
+            held = list(s.archive) if s else []
+        if self._archive_store is not None:
+            held += self._archive_store.index(stream)
+        return sorted(set(held))
 
     def _delete(self, stream: str, epoch: int, firsts: list[int]) -> None:
         with self._lock:
@@ -102,23 +126,44 @@ class MemoryLog(EventLog):
     def _archive(self, stream: str, firsts: list[int]) -> None:
         with self._lock:
             s = self._s(stream)
-            for first in firsts:
-                s.archive[first] = s.batches.pop(first)
-
-    def _put_snapshot(self, stream: str, offset: int, blob: bytes) -> None:
+            blobs = [(first, s.batches[first]) for first in firsts if first in s.batches]
+        store = self._archive_store
+        if store is not None:
+            store.put(stream, blobs)  # durable before the live copies go
         with self._lock:
-            self._s(stream).snapshot = blob
+            for first, blob in blobs:
+                s.batches.pop(first, None)
+                if store is None:
+                    s.archive[first] = blob
 
-    def _get_snapshot(self, stream: str) -> bytes | None:
+    def _put_snapshot(self, stream: str, offset: int, chunks: list[bytes], keep: int) -> None:
+        with self._lock:
+            snaps = self._s(stream).snapshots
+            snaps[offset] = list(chunks)
+            for old in sorted(snaps, reverse=True)[keep:]:
+                del snaps[old]
+
+    def _snapshot_offsets(self, stream: str) -> list[int]:
         with self._lock:
             s = self._space.streams.get(stream)
-            return s.snapshot if s else None
+            return list(s.snapshots) if s else []
+
+    def _get_snapshot(self, stream: str, offset: int) -> list[bytes] | None:
+        with self._lock:
+            s = self._space.streams.get(stream)
+            chunks = s.snapshots.get(offset) if s else None
+            return list(chunks) if chunks is not None else None
 
     def _wait(self, stream: str, timeout: float) -> None:
         with self._lock:
             self._lock.wait(timeout)
 
-    # test hook: damage a stored batch in place
+    # test hooks: damage a stored batch, or a stored snapshot's last chunk, in place
     def _corrupt(self, stream: str, first: int, blob: bytes) -> None:
         with self._lock:
             self._s(stream).batches[first] = blob
+
+    def _corrupt_snapshot(self, stream: str, offset: int) -> None:
+        with self._lock:
+            chunks = self._s(stream).snapshots[offset]
+            chunks[-1] = chunks[-1][:-1] + bytes([chunks[-1][-1] ^ 0xFF])

@@ -8,6 +8,15 @@ The marker: a new log stores a random id in its ``meta`` table and in ``PATH.id`
 file. A marker whose log file is missing, empty (SQLite would silently start a new log),
 truncated or holds another id is :class:`LogLost`, naming both files; remove the marker to
 start a new log there on purpose (docs/decisions.md C4).
+
+Options (URL query or keyword): ``archive`` (``sqlite:///PATH`` or a directory: ``truncate``
+moves history there and the batches leave this file; without it they are only marked archived
+here) and ``keep_snapshots`` (default 2). The archive is recorded in the file, so a reader that
+opens the log without the option (``cei log`` while the system is down) still finds it.
+
+Snapshots are stored in chunks, the data chunks first, each in its own short transaction (an
+append never waits behind a whole snapshot), the head chunk last with the removal of the
+snapshots no longer kept: a snapshot without its head is invisible.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from ..private_files import private_file
-from .errors import Fenced, LogLost, LogUnavailable
+from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, LogLost, LogUnavailable
 from .log import BatchExists, EventLog
 
 _SCHEMA = """
@@ -30,6 +39,9 @@ CREATE TABLE IF NOT EXISTS batches (
     stream TEXT NOT NULL, first INTEGER NOT NULL, blob BLOB NOT NULL, archived INTEGER NOT NULL DEFAULT 0,
     PRIMARY KEY (stream, first));
 CREATE TABLE IF NOT EXISTS snapshots (stream TEXT PRIMARY KEY, offset INTEGER NOT NULL, blob BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS snapshot_chunks (
+    stream TEXT NOT NULL, offset INTEGER NOT NULL, k INTEGER NOT NULL, blob BLOB NOT NULL,
+    PRIMARY KEY (stream, offset, k));
 """
 
 
@@ -61,8 +73,15 @@ class SqliteLog(EventLog):
 
     max_batch_bytes = 1024 * 1024
 
-    def __init__(self, url: str, path: str) -> None:
+    def __init__(
+        self, url: str, path: str, *, archive: str | None = None, keep_snapshots: int | str = 2,
+        **unknown: object,
+    ) -> None:
         super().__init__(url)
+        if unknown:
+            raise BadLogUrl(f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
+                            "(known: archive, keep_snapshots)")
+        given = self._history_options(archive, keep_snapshots)
         self.path = Path(path)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,6 +93,15 @@ class SqliteLog(EventLog):
         self._claim()
         with self._conn() as db:
             db.executescript(_SCHEMA)
+        db = self._conn()
+        row = db.execute("SELECT value FROM meta WHERE key='archive'").fetchone()
+        try:
+            record = self._use_archive(given, row[0] if row else None, f"sqlite:{_stored_id(db)}")
+        except BaseException:
+            self.close()
+            raise
+        if record:
+            db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('archive', ?)", (record,))
 
     def _claim(self) -> None:
         """Check the file against its marker (see the module docstring); mark a new log."""
@@ -148,6 +176,7 @@ class SqliteLog(EventLog):
         return db
 
     def close(self) -> None:
+        super().close()
         with self._all_lock:
             for db in self._all:
                 db.close()
@@ -157,7 +186,7 @@ class SqliteLog(EventLog):
     def _streams(self) -> list[str]:
         rows = self._conn().execute(
             "SELECT name FROM streams UNION SELECT DISTINCT stream FROM batches "
-            "UNION SELECT stream FROM snapshots"
+            "UNION SELECT stream FROM snapshots UNION SELECT DISTINCT stream FROM snapshot_chunks"
         )
         return [r[0] for r in rows]
 
@@ -209,9 +238,12 @@ class SqliteLog(EventLog):
         row = self._conn().execute(
             "SELECT blob FROM batches WHERE stream=? AND first=?", (stream, first)
         ).fetchone()
-        if row is None:
-            raise KeyError(f"stream {stream!r}: no batch at {first}")
-        return row[0]
+        if row is not None:
+            return row[0]
+        blob = self._archive_store.get(stream, first) if self._archive_store is not None else None
+        if blob is None:
+            raise CorruptLog(stream, first, "batch neither in the live log nor in the archive")
+        return blob
 
     def _index(self, stream: str) -> list[int]:
         rows = self._conn().execute(
@@ -242,7 +274,10 @@ class SqliteLog(EventLog):
         rows = self._conn().execute(
             "SELECT first FROM batches WHERE stream=? AND archived=1 ORDER BY first", (stream,)
         )
-        return [r[0] for r in rows]
+        marked = [r[0] for r in rows]
+        if self._archive_store is None:
+            return marked
+        return sorted(set(marked).union(self._archive_store.index(stream)))
 
     def _delete(self, stream: str, epoch: int, firsts: list[int]) -> None:
         db = self._conn()
@@ -260,6 +295,26 @@ class SqliteLog(EventLog):
 
     def _archive(self, stream: str, firsts: list[int]) -> None:
         db = self._conn()
+        store = self._archive_store
+        if store is not None:
+            for k in range(0, len(firsts), 500):  # archived (durably) first, then deleted here
+                part = firsts[k : k + 500]
+                marks = ",".join("?" * len(part))
+                items = db.execute(
+                    f"SELECT first, blob FROM batches WHERE stream=? AND first IN ({marks})",  # noqa: S608
+                    (stream, *part),
+                ).fetchall()
+                store.put(stream, [(f, bytes(b)) for f, b in items])
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany(
+                        "DELETE FROM batches WHERE stream=? AND first=?", [(stream, f) for f, _ in items]
+                    )
+                    db.execute("COMMIT")
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+            return
         db.execute("BEGIN IMMEDIATE")
         try:
             db.executemany(
@@ -271,21 +326,80 @@ class SqliteLog(EventLog):
             db.execute("ROLLBACK")
             raise
 
-    def _put_snapshot(self, stream: str, offset: int, blob: bytes) -> None:
-        self._conn().execute(
-            "INSERT INTO snapshots(stream, offset, blob) VALUES (?, ?, ?) "
-            "ON CONFLICT(stream) DO UPDATE SET offset=excluded.offset, blob=excluded.blob",
-            (stream, offset, blob),
+    def _put_snapshot(self, stream: str, offset: int, chunks: list[bytes], keep: int) -> None:
+        db = self._conn()
+        db.execute("DELETE FROM snapshot_chunks WHERE stream=? AND offset=?", (stream, offset))
+        for k in range(len(chunks) - 1, 0, -1):  # data first, each chunk its own transaction
+            db.execute(
+                "INSERT OR REPLACE INTO snapshot_chunks(stream, offset, k, blob) VALUES (?, ?, ?, ?)",
+                (stream, offset, k, chunks[k]),
+            )
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            stored = db.execute(
+                "SELECT count(*) FROM snapshot_chunks WHERE stream=? AND offset=? AND k>0",
+                (stream, offset),
+            ).fetchone()[0]
+            if stored != len(chunks) - 1:
+                raise EventLogError(f"stream {stream!r}: the snapshot at {offset} was overwritten while being saved")
+            db.execute(
+                "INSERT INTO snapshot_chunks(stream, offset, k, blob) VALUES (?, ?, 0, ?)",
+                (stream, offset, chunks[0]),
+            )
+            offsets = sorted(self._snapshot_offsets(stream), reverse=True)
+            for old in offsets[keep:]:
+                db.execute("DELETE FROM snapshot_chunks WHERE stream=? AND offset=?", (stream, old))
+                db.execute("DELETE FROM snapshots WHERE stream=? AND offset=?", (stream, old))
+            # data chunks that lost their head (a writer that died) below what is kept
+            db.execute(
+                "DELETE FROM snapshot_chunks WHERE stream=? AND offset<? AND offset NOT IN "
+                "(SELECT offset FROM snapshot_chunks WHERE stream=? AND k=0)",
+                (stream, min(offsets[:keep]), stream),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _snapshot_offsets(self, stream: str) -> list[int]:
+        rows = self._conn().execute(
+            "SELECT offset FROM snapshot_chunks WHERE stream=? AND k=0 "
+            "UNION SELECT offset FROM snapshots WHERE stream=?",
+            (stream, stream),
         )
+        return [r[0] for r in rows]
 
-    def _get_snapshot(self, stream: str) -> bytes | None:
-        row = self._conn().execute(
-            "SELECT blob FROM snapshots WHERE stream=?", (stream,)
-        ).fetchone()
-        return row[0] if row else None
+    def _get_snapshot(self, stream: str, offset: int) -> list[bytes] | None:
+        db = self._conn()
+        db.execute("BEGIN")  # one read snapshot of the chunks
+        try:
+            rows = db.execute(
+                "SELECT k, blob FROM snapshot_chunks WHERE stream=? AND offset=? ORDER BY k",
+                (stream, offset),
+            ).fetchall()
+            if rows and rows[0][0] == 0:
+                return [bytes(b) for _, b in rows]
+            row = db.execute(
+                "SELECT blob FROM snapshots WHERE stream=? AND offset=?", (stream, offset)
+            ).fetchone()
+            return [bytes(row[0])] if row else None
+        finally:
+            db.execute("COMMIT")
 
-    # test hook: damage a stored batch in place
+    # test hooks: damage a stored batch, or a stored snapshot's last chunk, in place
     def _corrupt(self, stream: str, first: int, blob: bytes) -> None:
         self._conn().execute(
             "UPDATE batches SET blob=? WHERE stream=? AND first=?", (blob, stream, first)
+        )
+
+    def _corrupt_snapshot(self, stream: str, offset: int) -> None:
+        db = self._conn()
+        k, blob = db.execute(
+            "SELECT k, blob FROM snapshot_chunks WHERE stream=? AND offset=? ORDER BY k DESC LIMIT 1",
+            (stream, offset),
+        ).fetchone()
+        damaged = bytes(blob[:-1]) + bytes([blob[-1] ^ 0xFF])
+        db.execute(
+            "UPDATE snapshot_chunks SET blob=? WHERE stream=? AND offset=? AND k=?",
+            (damaged, stream, offset, k),
         )

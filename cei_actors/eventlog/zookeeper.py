@@ -8,8 +8,11 @@ Znode layout under CHROOT (created if missing; paths are prefixed here, not by k
     /streams/<s>/b/<bucket>/<first>     one batch (the blob of batch.py) per znode, named by the
                                         writer: <first> is its first offset (20 digits), <bucket>
                                         is first // width (16 digits)
-    /streams/<s>/snap/manifest          msgpack {id, offset, chunks, size, crc} of the newest snapshot
-    /streams/<s>/snap/<id>/<k>          that snapshot's blob in chunks of 512 KiB
+    /streams/<s>/snap/manifest          msgpack {snaps: [{id, offset, chunks}, ...]}: the kept
+                                        snapshots, newest first (``keep_snapshots``; an older
+                                        manifest {id, offset, chunks, size, crc} still reads)
+    /streams/<s>/snap/<id>/<k>          that snapshot's chunks (batch.encode_snapshot), <= 512 KiB
+    /archive                            the archive's spec, recorded by a log opened with one
 
 Writes and fencing:
 
@@ -44,12 +47,14 @@ Archive: ``truncate`` moves batches out of ZooKeeper (whose whole tree lives in 
 RAM) to ``archive=sqlite:///PATH`` (a ``zk_archive`` table, keyed by chroot) or
 ``archive=DIRECTORY`` (one file per batch under ``DIRECTORY/<quoted chroot>/<stream>/``). A batch
 is written to the archive durably before its znode is deleted; ``read()`` reaches both. Without
-``archive=`` truncate raises :class:`ArchiveNotConfigured`, and so does reading from before the
-live range (reads from a snapshot on never need the archive). Every process that reads archived
-history needs the same archive.
+``archive=`` (given or recorded in ``CHROOT/archive`` by a log that had one) truncate raises
+:class:`ArchiveNotConfigured`, and so does reading from before the live range (reads from a
+snapshot on never need the archive). Every process that reads archived history needs the same
+archive (a directory archive: on its host).
 
 Snapshots: chunks are created under a fresh ``<id>``, then one multi checks every chunk and swaps
-the manifest, so a half-written snapshot is never loaded; the replaced snapshot is deleted after.
+the manifest, so a half-written snapshot is never loaded; the snapshots no longer kept are
+deleted after.
 
 Access control: ``auth_file=PATH`` names a file (mode 0600, refused if others may read it)
 holding ``USER:PASSWORD``. The client then authenticates with ZooKeeper's ``digest`` scheme, and
@@ -63,7 +68,7 @@ SA3). Without ``auth_file`` znodes are open (``world:anyone``), as before.
 
 Options (URL query or keyword): ``timeout`` (s, default 10: connecting, and the longest any call
 waits for an unreachable server before :class:`LogUnavailable`), ``session_timeout`` (s, 10),
-``archive``, ``bucket`` (10000, fixed per stream when it is created), ``cache_bytes`` (32 MiB),
+``archive``, ``keep_snapshots`` (2), ``bucket`` (10000, fixed per stream when it is created), ``cache_bytes`` (32 MiB),
 ``readahead`` (bytes of batches requested ahead of a reader, 2 MiB), ``multiread`` (true: read
 many znodes per request with ZooKeeper's read-only multi, servers >= 3.6; probed at start),
 ``auth_file`` (see above).
@@ -73,17 +78,13 @@ from __future__ import annotations
 
 import bisect
 import contextlib
-import os
-import sqlite3
 import threading
 import time
 import uuid
 import zlib
 from collections import OrderedDict, namedtuple
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import msgpack
 from kazoo.client import KazooClient, KazooState
@@ -111,14 +112,13 @@ from kazoo.protocol.serialization import (
 )
 from kazoo.security import make_digest_acl
 
-from ..private_files import SecretFileError, private_dir, read_secret_file
+from ..private_files import SecretFileError, read_secret_file
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, LogUnavailable
 from .log import BatchExists, EventLog
-from .sqlite import private_log_files
 
 #: Largest znode this backend writes (jute.maxbuffer is 1,048,575 bytes for a whole request).
 ZNODE_MAX_BYTES = 1_000_000
-SNAPSHOT_CHUNK_BYTES = 512 * 1024
+SNAPSHOT_CHUNK_BYTES = 512 * 1024  # data per snapshot chunk znode (plus an 8-byte seal)
 _MAX_WAIT = 1.0  # longest single wait for a watch (a watch lost with a session costs at most this)
 _RETRY_PAUSE = 0.02
 _DELETES_PER_MULTI = 500
@@ -222,135 +222,6 @@ class _MultiRead(namedtuple("_MultiRead", "ops")):
                 raise ValueError(f"unexpected multiRead result type {kind}")
 
 
-# ---- archives --------------------------------------------------------------------------------
-
-
-class _SqliteArchive:
-    """Archived batches in a table of a SQLite file (one connection per thread)."""
-
-    def __init__(self, path: str, namespace: str) -> None:
-        self.path = Path(path)
-        self.namespace = namespace
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            private_log_files(self.path, f"archive sqlite:///{path}")
-            self._db().execute(
-                "CREATE TABLE IF NOT EXISTS zk_archive (log TEXT NOT NULL, stream TEXT NOT NULL, "
-                "first INTEGER NOT NULL, blob BLOB NOT NULL, PRIMARY KEY (log, stream, first))"
-            )
-        except (OSError, sqlite3.Error) as exc:
-            raise LogUnavailable(f"archive sqlite:///{path}: {exc}") from exc
-
-    def _db(self) -> sqlite3.Connection:
-        db = getattr(self._local, "db", None)
-        if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            self._local.db = db
-            with self._lock:
-                self._all.append(db)
-        return db
-
-    def put(self, stream: str, items: list[tuple[int, bytes]]) -> None:
-        db = self._db()
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            for first, blob in items:
-                cur = db.execute(
-                    "INSERT INTO zk_archive(log, stream, first, blob) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT DO NOTHING",
-                    (self.namespace, stream, first, blob),
-                )
-                if cur.rowcount == 0 and self.get(stream, first) != blob:
-                    raise CorruptLog(stream, first, "the archive holds a different batch here")
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-
-    def get(self, stream: str, first: int) -> bytes | None:
-        row = (
-            self._db()
-            .execute(
-                "SELECT blob FROM zk_archive WHERE log=? AND stream=? AND first=?",
-                (self.namespace, stream, first),
-            )
-            .fetchone()
-        )
-        return None if row is None else bytes(row[0])
-
-    def index(self, stream: str) -> list[int]:
-        rows = self._db().execute(
-            "SELECT first FROM zk_archive WHERE log=? AND stream=? ORDER BY first",
-            (self.namespace, stream),
-        )
-        return [r[0] for r in rows]
-
-    def close(self) -> None:
-        with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
-        self._local = threading.local()
-
-
-class _DirArchive:
-    """Archived batches as files ``DIR/<quoted chroot>/<stream>/<first>``, written atomically."""
-
-    def __init__(self, directory: str, namespace: str) -> None:
-        self.root = Path(directory) / quote(namespace, safe="")
-        try:
-            Path(directory).mkdir(parents=True, exist_ok=True)
-            private_dir(self.root)
-        except OSError as exc:
-            raise LogUnavailable(f"archive {directory}: {exc}") from exc
-
-    def _file(self, stream: str, first: int) -> Path:
-        return self.root / stream / f"{first:020d}"
-
-    def put(self, stream: str, items: list[tuple[int, bytes]]) -> None:
-        folder = self.root / stream
-        folder.mkdir(exist_ok=True, mode=0o700)
-        for first, blob in items:
-            target = self._file(stream, first)
-            if target.exists():
-                if target.read_bytes() != blob:
-                    raise CorruptLog(stream, first, "the archive holds a different batch here")
-                continue
-            tmp = folder / f".{first:020d}.{uuid.uuid4().hex[:8]}.tmp"
-            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as f:
-                f.write(blob)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
-        fd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-    def get(self, stream: str, first: int) -> bytes | None:
-        try:
-            return self._file(stream, first).read_bytes()
-        except FileNotFoundError:
-            return None
-
-    def index(self, stream: str) -> list[int]:
-        try:
-            names = os.listdir(self.root / stream)
-        except FileNotFoundError:
-            return []
-        return [int(n) for n in _digits(names)]
-
-    def close(self) -> None:
-        return None
-
-
 # ---- the log ---------------------------------------------------------------------------------
 
 
@@ -359,6 +230,7 @@ class ZkLog(EventLog):
 
     max_batch_bytes = 256 * 1024
     max_atomic_bytes = 900 * 1024
+    snapshot_chunk_bytes = SNAPSHOT_CHUNK_BYTES
 
     def __init__(
         self,
@@ -374,14 +246,17 @@ class ZkLog(EventLog):
         readahead: int | str = 2 * 1024 * 1024,
         multiread: bool | str = True,
         auth_file: str | None = None,
+        keep_snapshots: int | str = 2,
         **unknown: object,
     ) -> None:
         super().__init__(url)
         if unknown:
             raise BadLogUrl(
                 f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} (known: timeout, "
-                "session_timeout, archive, bucket, cache_bytes, readahead, multiread, auth_file)"
+                "session_timeout, archive, keep_snapshots, bucket, cache_bytes, readahead, "
+                "multiread, auth_file)"
             )
+        given_archive = self._history_options(archive, keep_snapshots)
         auth = zk_auth(auth_file)
         self._acl: list[Any] | None = auth.get("default_acl")
         try:
@@ -420,18 +295,6 @@ class ZkLog(EventLog):
         self._losses = 0
         self._closed = False
 
-        self._archive_store: _SqliteArchive | _DirArchive | None = None
-        if archive:
-            archive = str(archive)
-            if archive.startswith("sqlite://"):
-                path = archive[len("sqlite://") :]
-                if not path.startswith("/") or path == "/":
-                    raise BadLogUrl(f"log URL {url!r}: archive needs sqlite:///ABSOLUTE_PATH")
-                self._archive_store = _SqliteArchive(path, self.chroot)
-            elif "://" in archive:
-                raise BadLogUrl(f"log URL {url!r}: archive must be sqlite:///PATH or a directory")
-            else:
-                self._archive_store = _DirArchive(archive, self.chroot)
 
         try:
             self._client = KazooClient(
@@ -449,8 +312,6 @@ class ZkLog(EventLog):
         except self._timeout_exc:
             with contextlib.suppress(Exception):
                 self._client.close()
-            if self._archive_store is not None:
-                self._archive_store.close()
             raise LogUnavailable(
                 f"ZooKeeper at {hosts} is unreachable: no connection within {self.timeout:g}s "
                 f"(log {url}; set ?timeout= to wait longer)"
@@ -463,6 +324,7 @@ class ZkLog(EventLog):
             if self._acl is not None:
                 self._protect()
             self._call("reading the log root", lambda: self._client.get_children_async(self._p("/streams")))
+            self._adopt_archive(given_archive)
         except NoAuthError:
             self.close()
             raise AccessDenied(
@@ -500,6 +362,22 @@ class ZkLog(EventLog):
                 with contextlib.suppress(NoNodeError):  # deleted meanwhile
                     self._result(future, "protecting the log",
                                  lambda p=path: self._client.set_acls_async(p, self._acl))
+
+    def _adopt_archive(self, given: str | None) -> None:
+        """Open the ``archive=`` option's archive, or the one recorded in ``CHROOT/archive``
+        by the last writer that had one (so readers without the option find it); record a new one."""
+        path = self._p("/archive")
+        try:
+            data, _ = self._call("reading the archive's name", lambda: self._client.get_async(path))
+            recorded: str | None = data.decode() or None
+        except NoNodeError:
+            recorded = None
+        record = self._use_archive(given, recorded, self.chroot)
+        if record:
+            try:
+                self._call("naming the archive", lambda: self._client.create_async(path, record.encode()))
+            except NodeExistsError:
+                self._call("naming the archive", lambda: self._client.set_async(path, record.encode()))
 
     def _probe_multiread(self) -> bool:
         """Whether this server and kazoo answer a multiRead (else reads fall back to one get each)."""
@@ -1118,13 +996,32 @@ class ZkLog(EventLog):
 
     # ---- snapshots ----------------------------------------------------------------------------
 
-    def _put_snapshot(self, stream: str, offset: int, blob: bytes) -> None:
+    def _read_manifest(self, stream: str, deadline: float | None = None) -> tuple[list[dict[str, Any]], Any]:
+        """The stream's snapshot entries, newest first, and the manifest's stat (None: none).
+
+        An entry is ``{id, offset, chunks}``; a manifest written before several snapshots were
+        kept is one entry with ``legacy``, ``size`` and ``crc`` (its chunks slice one blob)."""
+        path = f"{self._sp(stream)}/snap/manifest"
+        try:
+            data, stat = self._call(
+                "reading the snapshot manifest", lambda: self._client.get_async(path), deadline
+            )
+        except NoNodeError:
+            return [], None
+        try:
+            manifest = msgpack.unpackb(data)
+            if "snaps" in manifest:
+                entries = list(manifest["snaps"])
+            else:
+                entries = [{**manifest, "legacy": True}]
+        except Exception as exc:
+            raise CorruptLog(stream, None, f"snapshot manifest {path} does not decode") from exc
+        entries.sort(key=lambda e: e["offset"], reverse=True)
+        return entries, stat
+
+    def _put_snapshot(self, stream: str, offset: int, chunks: list[bytes], keep: int) -> None:
         self._ensure_stream(stream)
         snap = f"{self._sp(stream)}/snap"
-        manifest_path = f"{snap}/manifest"
-        chunks = [
-            blob[i : i + SNAPSHOT_CHUNK_BYTES] for i in range(0, len(blob), SNAPSHOT_CHUNK_BYTES)
-        ]
         deadline = time.monotonic() + self.timeout
         while True:
             sid = f"{offset:020d}-{uuid.uuid4().hex[:12]}"
@@ -1144,43 +1041,33 @@ class ZkLog(EventLog):
                 if time.monotonic() >= deadline:
                     raise self._unavailable("writing a snapshot") from None
                 continue
-            manifest = msgpack.packb(
-                {
-                    "id": sid,
-                    "offset": offset,
-                    "chunks": len(chunks),
-                    "size": len(blob),
-                    "crc": zlib.crc32(blob),
-                }
-            )
-            replaced = self._swap_manifest(stream, manifest_path, paths, sid, manifest, deadline)
-            if replaced is not None:
-                self._delete_tree(f"{snap}/{replaced}")
-            self._collect_snapshot_garbage(snap, keep=sid)
+            entry = {"id": sid, "offset": offset, "chunks": len(chunks)}
+            dropped = self._swap_manifest(stream, paths, entry, keep, deadline)
+            for old in dropped:
+                self._delete_tree(f"{snap}/{old}")
+            self._collect_snapshot_garbage(stream, keep=sid)
             return
 
     def _swap_manifest(
-        self,
-        stream: str,
-        path: str,
-        chunk_paths: list[str],
-        sid: str,
-        manifest: bytes,
-        deadline: float,
-    ) -> str | None:
-        """Point the manifest at ``sid`` once every chunk exists; return the replaced id."""
-        replaced: str | None = None
+        self, stream: str, chunk_paths: list[str], entry: dict[str, Any], keep: int, deadline: float
+    ) -> list[str]:
+        """Add ``entry`` to the manifest once every chunk exists, keeping the ``keep`` newest
+        snapshots by offset; returns the ids no longer listed (to delete)."""
+        path = f"{self._sp(stream)}/snap/manifest"
+        sid = entry["id"]
         while True:
-            try:
-                data, stat = self._call(
-                    "reading the snapshot manifest", lambda: self._client.get_async(path), deadline
-                )
-                old: str | None = msgpack.unpackb(data)["id"]
-            except NoNodeError:
-                stat, old = None, None
-            if old == sid:  # an earlier attempt went through; only its reply was lost
-                return replaced
-            replaced = old
+            old, stat = self._read_manifest(stream, deadline)
+            if any(e["id"] == sid for e in old):  # an earlier attempt went through; only its reply was lost
+                return []
+            merged = [e for e in old if e["offset"] != entry["offset"]] + [entry]
+            merged.sort(key=lambda e: e["offset"], reverse=True)
+            kept = merged[:keep]
+            dropped = [e["id"] for e in merged[keep:]] + [
+                e["id"] for e in old if e["offset"] == entry["offset"]
+            ]
+            if entry not in kept:  # older than every snapshot kept: not needed
+                return [sid]
+            manifest = msgpack.packb({"snaps": [{k: e[k] for k in ("id", "offset", "chunks", "legacy", "size", "crc") if k in e} for e in kept]})
             txn = self._client.transaction()
             for p in chunk_paths:
                 txn.check(p, 0)
@@ -1197,26 +1084,22 @@ class ZkLog(EventLog):
                 time.sleep(_RETRY_PAUSE)
                 continue  # the re-read shows whether it went through
             if not any(isinstance(r, Exception) for r in results):
-                return replaced
+                return dropped
             if any(isinstance(r, NoNodeError) for r in results[: len(chunk_paths)]):
                 raise EventLogError(
                     f"stream {stream!r}: snapshot chunks vanished while being written"
                 )
-            # another snapshot was saved meanwhile (BadVersion/NodeExists): the last write wins
+            # another snapshot was saved meanwhile (BadVersion/NodeExists): merge again
 
-    def _collect_snapshot_garbage(self, snap: str, keep: str, age: float = 60.0) -> None:
+    def _collect_snapshot_garbage(self, stream: str, keep: str, age: float = 60.0) -> None:
         """Remove snapshot directories that writers abandoned (older than ``age`` seconds)."""
+        snap = f"{self._sp(stream)}/snap"
         try:
             names = self._call("listing snapshots", lambda: self._client.get_children_async(snap))
-            current = msgpack.unpackb(
-                self._call(
-                    "reading the snapshot manifest",
-                    lambda: self._client.get_async(f"{snap}/manifest"),
-                )[0]
-            )["id"]
+            listed = {e["id"] for e in self._read_manifest(stream)[0]}
         except (KazooException, EventLogError):
             return
-        stale = [n for n in names if n not in ("manifest", keep, current)]
+        stale = [n for n in names if n != "manifest" and n != keep and n not in listed]
         futures = [self._client.exists_async(f"{snap}/{n}") for n in stale]
         now_ms = time.time() * 1000
         for name, future in zip(stale, futures, strict=True):
@@ -1238,32 +1121,33 @@ class ZkLog(EventLog):
         except (KazooException, EventLogError):
             pass
 
-    def _get_snapshot(self, stream: str) -> bytes | None:
-        path = f"{self._sp(stream)}/snap/manifest"
+    def _snapshot_offsets(self, stream: str) -> list[int]:
+        return [e["offset"] for e in self._read_manifest(stream)[0]]
+
+    def _get_snapshot(self, stream: str, offset: int) -> list[bytes] | None:
         deadline = time.monotonic() + self.timeout
         for _ in range(20):
-            try:
-                data, _ = self._call(
-                    "reading the snapshot manifest", lambda: self._client.get_async(path), deadline
-                )
-            except NoNodeError:
+            entries, _stat = self._read_manifest(stream, deadline)
+            entry = next((e for e in entries if e["offset"] == offset), None)
+            if entry is None:
                 return None
-            manifest = msgpack.unpackb(data)
-            sdir = f"{self._sp(stream)}/snap/{manifest['id']}"
-            futures = [self._client.get_async(f"{sdir}/{k:06d}") for k in range(manifest["chunks"])]
+            sdir = f"{self._sp(stream)}/snap/{entry['id']}"
+            futures = [self._client.get_async(f"{sdir}/{k:06d}") for k in range(entry["chunks"])]
             try:
                 parts = [f.get(timeout=self._left(deadline))[0] for f in futures]
             except NoNodeError:
-                continue  # replaced and deleted while we read it: read the new manifest
+                continue  # replaced and deleted while we read it: read the manifest again
             except self._timeout_exc:
                 raise self._unavailable("reading a snapshot") from None
             except _LOST:
                 time.sleep(_RETRY_PAUSE)
                 continue
+            if not entry.get("legacy"):
+                return parts
             blob = b"".join(parts)
-            if len(blob) != manifest["size"] or zlib.crc32(blob) != manifest["crc"]:
+            if len(blob) != entry["size"] or zlib.crc32(blob) != entry["crc"]:
                 raise CorruptLog(stream, None, "snapshot chunks do not match their manifest")
-            return blob
+            return [blob]
         raise CorruptLog(stream, None, "snapshot chunks keep vanishing while being read")
 
     # ---- test hooks ---------------------------------------------------------------------------
@@ -1273,6 +1157,14 @@ class ZkLog(EventLog):
         self._forget(stream, [first])
         path = self._batch_path(stream, first)
         self._call("corrupting a batch", lambda: self._client.set_async(path, blob))
+
+    def _corrupt_snapshot(self, stream: str, offset: int) -> None:
+        """Flip the last byte of the last chunk of the snapshot at ``offset`` (tests only)."""
+        entry = next(e for e in self._read_manifest(stream)[0] if e["offset"] == offset)
+        path = f"{self._sp(stream)}/snap/{entry['id']}/{entry['chunks'] - 1:06d}"
+        data, _ = self._call("reading a chunk", lambda: self._client.get_async(path))
+        damaged = data[:-1] + bytes([data[-1] ^ 0xFF])
+        self._call("corrupting a snapshot", lambda: self._client.set_async(path, damaged))
 
 
 __all__ = ["ArchiveNotConfigured", "ZkLog"]

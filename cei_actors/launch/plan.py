@@ -12,6 +12,9 @@ it). Top-level keys, all optional except where noted::
                                   # this bounds failover; the server clamps it to [2, 20] x its
                                   # tickTime (cei_actors.testing.zkserver: tickTime 500 ms, so
                                   # 1 to 10 s). Set into the log URL as ?session_timeout=.
+    log_history:                  # the bounded log (docs/decisions.md LT1)
+      archive: sqlite:///${home}/archive.sqlite   # or an absolute directory; none: never truncate
+      keep_snapshots: 2           # snapshots kept per stream; the log is truncated below the oldest
     components:                   # provisioner, epum, pd, ha: {replicas: N, config: {...}}
     registry:                     # loaded into the Provisioner at every `up` (idempotent)
       sites: {NAME: {type: ..., ...}}
@@ -27,7 +30,10 @@ it). Top-level keys, all optional except where noted::
     static_nodes:                 # EEAgents announced directly to the PD (no EPUM, no
       - {node_id: n1, engine: default, slots: 4}   # Provisioner): the original's harness
 
-``${home}`` anywhere in a string is replaced by the home directory. The Provisioner's
+``log_history`` becomes the log URL's ``archive`` and ``keep_snapshots`` options (unless the URL
+sets them itself; not for ``memory://``), so every process that opens the log, ``cei log``
+included, reaches the archived history. ``${home}`` anywhere in a string is replaced by the
+home directory. The Provisioner's
 ``credentials_key_file`` (the key that seals credentials at rest, mode 0600) defaults to
 ``${home}/credentials.key``, which ``up`` creates if it is missing; every host running a
 Provisioner replica needs the same key (name a copy of it in each host's plan). Every error raises
@@ -42,7 +48,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
 
@@ -66,7 +72,8 @@ DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
 #: The default credentials key file under the home.
 CREDENTIALS_KEY_FILE = "credentials.key"
 
-_TOP = {"log", "session_timeout", "components", "registry", "pd", "epum", "static_nodes"}
+_TOP = {"log", "session_timeout", "log_history", "components", "registry", "pd", "epum", "static_nodes"}
+_HISTORY_KEYS = {"archive", "keep_snapshots"}
 _COMPONENT_KEYS = {"replicas", "config"}
 _REGISTRY_KEYS = {"sites", "deployable_types", "credentials"}
 _PD_KEYS = {"engines", "domain_definition", "domain_definition_id"}
@@ -210,6 +217,7 @@ class _Validator:
             raise self.fail("log", f"expected a log URL (sqlite:///PATH, zk://HOSTS/PATH), got {log!r}")
         if not log.startswith(("sqlite://", "zk://", "memory://")):
             raise self.fail("log", f"expected sqlite://, zk:// or memory://, got {log!r}")
+        log = self.log_history(top.get("log_history"), log)
         if log.startswith("zk://"):
             from ..eventlog import BadLogUrl
             from ..eventlog.zookeeper import zk_auth
@@ -262,6 +270,29 @@ class _Validator:
                 raise self.fail("session_timeout", f"{value!r}, but the log URL sets session_timeout={given}")
             return log
         return f"{log}{'&' if urlsplit(log).query else '?'}session_timeout={float(value):g}"
+
+    def log_history(self, value: Any, log: str) -> str:
+        """The log URL with ``log_history``'s archive and keep_snapshots as its options."""
+        raw = self.mapping(value, "log_history", _HISTORY_KEYS)
+        options: dict[str, Any] = {}
+        archive = raw.get("archive")
+        if archive not in (None, "none"):
+            from ..eventlog import BadLogUrl
+            from ..eventlog.archive import check_archive_spec
+
+            if not isinstance(archive, str):
+                raise self.fail("log_history.archive", f"expected sqlite:///PATH or a directory, got {archive!r}")
+            try:
+                options["archive"] = check_archive_spec(archive, log)
+            except BadLogUrl as exc:
+                raise self.fail("log_history.archive", str(exc)) from None
+        if "keep_snapshots" in raw:
+            options["keep_snapshots"] = self.count(raw["keep_snapshots"], "log_history.keep_snapshots", 1)
+        given = dict(parse_qsl(urlsplit(log).query))
+        options = {k: v for k, v in options.items() if k not in given}
+        if not options or log.startswith("memory://"):
+            return log
+        return log + ("&" if "?" in log else "?") + urlencode(options)
 
     def components(self, value: Any, static: bool) -> dict[str, ComponentPlan]:
         # A plan may run a subset: the others are found in the system it joins (multi-host);

@@ -6,15 +6,28 @@ tools all use it, so a component behaves the same under each.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
+import signal
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Generic
+from typing import Any, Generic, cast
 
 import msgpack
 
-from ..eventlog import EventLog, Fence, PendingEvent, Record, Snapshot, UnstorableEvent
+from ..eventlog import (
+    CorruptLog,
+    EventLog,
+    Fence,
+    PendingEvent,
+    Record,
+    Snapshot,
+    UnstorableEvent,
+)
 from .core import Component, Context, Decision, Rejected, S
 from .messages import ErrorReply, InvalidMessage, validate
 
@@ -46,6 +59,12 @@ def replay(component: Component[S], log: EventLog, stream: str, upto: int | None
 #: cost O(1) per event as it grows, and a replay reads a tail about as big as the snapshot.
 SNAPSHOT_BYTES_PER_EVENT = 128
 
+#: A state whose last snapshot was at least this big is snapshotted by a forked child from
+#: copy-on-write memory, so the actor stalls for the fork only (docs/decisions.md LT3); a
+#: smaller one is serialized in place (a few ms at most).
+BACKGROUND_SNAPSHOT_BYTES = 256 * 1024
+_LENGTH = struct.Struct(">Q")
+
 
 class Runner(Generic[S]):
     """One component instance: its state, its place in the log and its fence."""
@@ -72,6 +91,11 @@ class Runner(Generic[S]):
         self._since_snapshot = 0
         self._snapshot_due = snapshot_every
         self._followed: tuple[S, int] | None = None  # a hot standby's (state, head)
+        #: Take due snapshots of big states in a forked child (see :meth:`_snapshot_in_child`).
+        self.background_snapshots = hasattr(os, "fork")
+        self._snapshot_bytes = 0  # size of the last snapshot saved or loaded
+        self._history_job: threading.Thread | None = None
+        self._truncate_again = False
 
     @property
     def ready(self) -> bool:
@@ -101,17 +125,10 @@ class Runner(Generic[S]):
 
     def _load(self) -> tuple[S, int]:
         """The newest usable snapshot plus the records after it: (state, head)."""
-        state, head = None, 0
         self._snapshot_due = self.snapshot_every
-        snap = self.log.load_snapshot(self.stream)
-        if snap is not None and snap.version == self.component.snapshot_version:
-            try:
-                state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
-                head = snap.offset
-                self._snapshot_due = self._due_after(len(snap.data))
-            except Exception:  # a bad snapshot costs a full replay, never a wrong state
-                logger.exception("stream %s: snapshot at %s unusable, replaying all", self.stream, snap.offset)
-                state, head = None, 0
+        state, head, fell_back = self._restore_snapshot()
+        if fell_back:  # replace the unreadable snapshot at the next append
+            self._snapshot_due = 1
         if state is None:
             state = self.component.initial_state()
         decode, apply = self.component.registry.from_record, self.component.apply
@@ -136,6 +153,49 @@ class Runner(Generic[S]):
                 raise
             self._commit(pending)
         return decision
+
+    def _restore_snapshot(self) -> tuple[S | None, int, bool]:
+        """The state of the newest usable snapshot, its offset, and whether a newer one was
+        skipped. A snapshot that cannot be read or restored costs a fall back to the one before
+        (or a full replay, archive included), said in a warning, never a wrong state or a dead
+        component."""
+        try:
+            offsets = self.log.snapshots(self.stream)
+        except CorruptLog as exc:
+            logger.warning("stream %s: snapshots unreadable (%s); replaying from offset 1", self.stream, exc)
+            return None, 0, True
+        skipped: list[int] = []
+        for offset in offsets:
+            problem = None
+            try:
+                snap = self.log.load_snapshot(self.stream, offset)
+            except CorruptLog as exc:
+                snap, problem = None, f"unreadable: {exc}"
+            if snap is not None and snap.version != self.component.snapshot_version:
+                snap, problem = None, f"schema version {snap.version}, this code writes {self.component.snapshot_version}"
+            state = None
+            if snap is not None:
+                try:
+                    state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+                except Exception as exc:  # a bad snapshot costs a longer replay, never a wrong state
+                    problem = f"cannot be restored: {type(exc).__name__}: {exc}"
+            if state is None:
+                if problem is not None:
+                    skipped.append(offset)
+                    logger.warning("stream %s: snapshot at offset %s %s", self.stream, offset, problem)
+                continue
+            assert snap is not None
+            if skipped:
+                logger.warning(
+                    "stream %s: recovering from the snapshot at offset %s instead of offset %s, "
+                    "replaying the events after %s", self.stream, offset, skipped[0], offset)
+            self._snapshot_bytes = len(snap.data)
+            self._snapshot_due = self._due_after(len(snap.data))
+            return state, offset, bool(skipped)
+        if skipped:
+            logger.warning("stream %s: no usable snapshot (skipped offsets %s); replaying from offset 1",
+                           self.stream, ", ".join(map(str, skipped)))
+        return None, 0, bool(skipped)
 
     def handle(self, message: Any) -> Decision:
         """Decide on one message and persist its events; see :meth:`handle_many`."""
@@ -223,14 +283,22 @@ class Runner(Generic[S]):
             raise
         self._since_snapshot += len(pending)
         if self._since_snapshot >= self._snapshot_due:
-            self.take_snapshot()
+            try:
+                if self.background_snapshots and self._snapshot_bytes >= BACKGROUND_SNAPSHOT_BYTES:
+                    self._snapshot_in_child()
+                else:
+                    self.take_snapshot()
+            except Exception:  # the events are stored; a snapshot is only a shortcut
+                logger.warning("stream %s: snapshot at offset %s failed", self.stream, self.head, exc_info=True)
+                self._since_snapshot = 0
 
     def _due_after(self, snapshot_bytes: int) -> int:
         """Events to wait for after a snapshot of ``snapshot_bytes`` before the next one."""
         return max(self.snapshot_every, snapshot_bytes // SNAPSHOT_BYTES_PER_EVENT)
 
     def take_snapshot(self) -> bool:
-        """Store the current state as a snapshot if the component supports it."""
+        """Store the current state as a snapshot now, if the component supports it; then
+        truncate the log in the background (see :meth:`_truncate_history`)."""
         if self.state is None:
             return False
         data = self.component.snapshot(self.state)
@@ -241,7 +309,10 @@ class Runner(Generic[S]):
             Snapshot(self.stream, self.head, self.clock(), self.component.snapshot_version, blob)
         )
         self._since_snapshot = 0
+        self._snapshot_bytes = len(blob)
         self._snapshot_due = self._due_after(len(blob))
+        if not self._start_history_job(self._truncate_history):
+            self._truncate_again = True  # the running job truncates once more when done
         return True
 
     # ---- a hot standby: follow the log without writing --------------------------------------
@@ -317,3 +388,123 @@ class Runner(Generic[S]):
             return self._rebuild()
         self._followed = None
         return self._reconcile(state, head)
+
+    def wait_history(self, timeout: float | None = None) -> bool:
+        """Wait for a background snapshot or truncation to finish; False if still running."""
+        job = self._history_job
+        if job is not None:
+            job.join(timeout)
+            return not job.is_alive()
+        return True
+
+    def _start_history_job(self, target: Callable[..., None], *args: Any) -> bool:
+        """Run ``target`` in the one background history thread, unless it is busy."""
+        job = self._history_job
+        if job is not None and job.is_alive():
+            return False
+        self._history_job = threading.Thread(
+            target=target, args=args, name=f"history-{self.stream}", daemon=True
+        )
+        self._history_job.start()
+        return True
+
+    def _truncate_history(self) -> None:
+        """The truncation policy: once a snapshot is saved, move the batches below the oldest
+        snapshot kept (the log keeps ``keep_snapshots``) to the archive. Only with an archive;
+        failures are logged, never raised (the next snapshot tries again)."""
+        if self.log.archive is None:
+            return
+        self._truncate_again = True
+        while self._truncate_again:
+            self._truncate_again = False
+            try:
+                offsets = self.log.snapshots(self.stream)
+                if offsets:
+                    moved = self.log.truncate(self.stream, min(offsets) + 1)
+                    if moved:
+                        logger.debug("stream %s: %s batches below offset %s archived",
+                                     self.stream, moved, min(offsets) + 1)
+            except Exception:
+                logger.warning("stream %s: truncating the log failed", self.stream, exc_info=True)
+                return
+
+    def _snapshot_in_child(self) -> bool:
+        """Take a snapshot without stalling: a forked child serializes the state from its
+        copy-on-write memory into a pipe and exits; a background thread here stores it and
+        truncates. The actor waits for the fork only. Returns False if one is still running."""
+        job = self._history_job
+        if self.state is None or (job is not None and job.is_alive()):
+            return False
+        offset, ts, version = self.head, self.clock(), self.component.snapshot_version
+        read_fd, write_fd = os.pipe()
+        try:
+            pid = os.fork()
+        except OSError:
+            os.close(read_fd)
+            os.close(write_fd)
+            return self.take_snapshot()
+        if pid == 0:  # pragma: no cover - the child; it touches nothing but the state and the pipe
+            code = 1
+            try:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+                    with contextlib.suppress(Exception):
+                        signal.signal(sig, signal.SIG_DFL)
+                os.close(read_fd)
+                data = self.component.snapshot(self.state)
+                blob = b"" if data is None else msgpack.packb(data, use_bin_type=True)
+                _write_all(write_fd, _LENGTH.pack(len(blob)))
+                _write_all(write_fd, blob)
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self._since_snapshot = 0
+        return self._start_history_job(self._finish_child_snapshot, pid, read_fd, offset, ts, version)
+
+    def _finish_child_snapshot(self, pid: int, fd: int, offset: int, ts: float, version: int) -> None:
+        """Background thread: read the child's snapshot, store it, reap the child, truncate."""
+        try:
+            with os.fdopen(fd, "rb", buffering=0) as pipe:
+                head = _read_exactly(pipe, _LENGTH.size)
+                size = _LENGTH.unpack(head)[0] if len(head) == _LENGTH.size else -1
+                blob = _read_exactly(pipe, size) if size >= 0 else None
+                if blob is not None and len(blob) != size:
+                    blob = None  # the child died mid-write
+        except OSError:
+            blob = None
+        status = None
+        with contextlib.suppress(ChildProcessError):
+            status = os.waitpid(pid, 0)[1]
+        if blob is None or (status is not None and status != 0):
+            logger.warning("stream %s: the snapshot child for offset %s failed (wait status %s)",
+                           self.stream, offset, status)
+            return
+        if not blob:
+            return  # the component keeps no snapshots
+        try:
+            # a bytearray stands in for bytes: copying it would hold the GIL for the copy
+            self.log.save_snapshot(Snapshot(self.stream, offset, ts, version, cast(bytes, blob)))
+        except Exception:
+            logger.warning("stream %s: saving the snapshot at offset %s failed", self.stream, offset, exc_info=True)
+            return
+        self._snapshot_bytes = len(blob)
+        self._snapshot_due = self._due_after(len(blob))
+        self._truncate_history()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_exactly(pipe: Any, n: int) -> bytearray:
+    """Up to ``n`` bytes (fewer only at end of file), read without holding the GIL to copy."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = pipe.readinto(view[got:])
+        if not k:
+            return buf[:got]
+        got += k
+    return buf
