@@ -3,6 +3,7 @@ notice, and the agent as an actor and as a separate "VM" process reaching the PD
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -450,6 +451,70 @@ def test_agent_lease_before_the_first_grant_is_its_own_fence(tmp_path):
         assert c.check_lease() == 1
     finally:
         c.close(kill=True, grace=0.5)
+
+
+def test_a_frozen_agent_s_reaper_stops_its_processes_when_the_lease_runs_out(tmp_path):
+    """Issue 12 §3 (decision EA8): the agent process is SIGSTOPped after a short grant, so its
+    fence thread is frozen too; its reaper stops the commands within the lease (+ the kill
+    grace) while the agent is still stopped. Resumed, the agent reports them ended."""
+    from cei_actors.eeagent.supervisor import FENCED_MSG, read_table
+    from tests.test_eeagent_reaper import STUBBORN, Client
+
+    asys = start_system()
+    proc = None
+    try:
+        pd = asys.createActor(FakePD, globalName="pd")
+        proc = _agent_proc(asys.cei_admin_port, tmp_path, heartbeat="0.5")  # fence 15 s
+        wait_for(lambda: asys.ask(pd, "dump", 5)[0] == ["eeagent:n1"], timeout=15)
+        asys.tell(pd, ("send", "eeagent:n1", LaunchProcess("soft", 0, ["sleep", "300"])))
+        asys.tell(pd, ("send", "eeagent:n1", LaunchProcess("hard", 0, STUBBORN)))
+        both = {("hard", 0): "RUNNING", ("soft", 0): "RUNNING"}
+        hb = wait_for(lambda: (h := asys.ask(pd, "dump", 5)[1]) and states(h[-1][1]) == both
+                      and h[-1][1], timeout=15)
+        pids = {p["upid"]: p["pid"] for p in read_table(tmp_path / "n1")["processes"]}
+        lease = 3.0
+        asys.tell(pd, ("send", "eeagent:n1", LeaseGrant(hb.seq, lease)))
+        reaper = Client(str(tmp_path / "n1"))
+        try:  # the agent passed the grant on to its reaper: far less than its own 15 s left
+            left = wait_for(lambda: (x := reaper.ask({"op": "stats", "id": 1})["lease"]) is not None
+                            and x <= lease and x, timeout=10)
+            deadline = time.monotonic() + left  # the reaper's, at most the agent's
+        finally:
+            reaper.close()
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert all(_live(p) for p in pids.values())
+            wait_for(lambda: not any(_live(p) for p in pids.values()), timeout=left + 10, every=0.02)
+            gone = time.monotonic()
+            assert gone <= deadline + 1.0 + 1.5, gone - deadline  # the grace, and some slack
+            assert _stopped(proc.pid), "the agent was resumed meanwhile"
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        resumed = time.time()
+
+        def reported():
+            hbs = asys.ask(pd, "dump", 5)[1]
+            return any(t > resumed and states(h) == {k: "TERMINATED" for k in both} for t, h in hbs)
+
+        wait_for(reported, timeout=15)
+        assert proc.poll() is None  # no crash
+        table = {p["upid"]: p for p in read_table(tmp_path / "n1")["processes"]}
+        assert (table["soft"]["state"], table["soft"]["exit_code"]) == ("TERMINATED", -signal.SIGTERM)
+        assert (table["hard"]["state"], table["hard"]["exit_code"]) == ("TERMINATED", -signal.SIGKILL)
+        assert all(FENCED_MSG in table[u]["msg"] for u, _ in both), table
+    finally:
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+        shutdown_system(asys)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        raw = f.read()
+    return raw[raw.rindex(b")") + 2 :][:1] == b"T"
 
 
 def _live(pid: int) -> bool:

@@ -451,3 +451,124 @@ def test_reaper_killed_in_the_middle_of_a_batch_leaves_nothing_untracked(make_su
     assert all(p.pid is not None for p in procs.values() if p.state == st.RUNNING)
     sup.shutdown(kill=True, grace=1.0)
     wait_until(lambda: not marked_pids(mark), 10, "every process stopped")
+
+
+# ------------------------------------------------------------------------------ the lease (EA8)
+
+#: a group that ignores SIGTERM (the shell and its sleeps): only the SIGKILL after grace ends it
+STUBBORN = ["sh", "-c", "trap '' TERM; while :; do sleep 0.05; done"]
+
+
+def test_lease_expiry_stops_every_group_and_refuses_spawns_until_renewed(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    soft = sup.launch("soft", 0, ["sleep", "30"])
+    hard = sup.launch("hard", 0, STUBBORN)
+    assert soft.state == hard.state == st.RUNNING
+    c = Client(str(state))
+    assert c.ask({"op": "stats", "id": 1})["lease"] is None
+    lease, grace = 0.6, 0.4
+    until = time.monotonic() + lease
+    sup.set_lease(until, grace)
+    left = wait_until(lambda: c.ask({"op": "stats", "id": 2})["lease"], 5, "the lease")
+    assert 0 < left <= lease
+    assert alive(soft.pid) and alive(hard.pid)
+    s = sup.wait("soft", 0, timeout=10)
+    h = sup.wait("hard", 0, timeout=10)
+    gone = time.monotonic()
+    assert not alive(soft.pid) and not alive(hard.pid)
+    assert until <= gone < until + grace + 2.0, gone - until  # not before the deadline
+    # the reaper stopped them (the supervisor never asked) and says why; the exits are exact
+    assert (s.state, s.exit_code) == (st.TERMINATED, -signal.SIGTERM), s
+    assert (h.state, h.exit_code) == (st.TERMINATED, -signal.SIGKILL), h
+    assert sv.FENCED_MSG in s.msg and sv.FENCED_MSG in h.msg
+    events = [json.loads(x) for x in (state / "reaper.exits").read_text().splitlines()]
+    assert {e["pid"] for e in events if e.get("fenced")} >= {soft.pid, hard.pid}
+    # no spawn until a new lease: the error names the expired lease
+    late = sup.launch("late", 0, ["sleep", "30"])
+    assert late.state == st.FAILED and "lease ran out" in late.msg, late
+    raw = c.ask({"op": "spawn", "id": 3, "key": ["raw", 0], "argv": ["true"], "env": {},
+                 "out": str(tmp_path / "r.out"), "err": str(tmp_path / "r.err")})
+    assert raw["ok"] is False and f"until {until:.3f}" in raw["error"], raw
+    # a new lease: spawns again, and it is enforced in turn
+    sup.set_lease(time.monotonic() + 30, grace)
+    again = sup.launch("again", 0, ["sleep", "30"])
+    assert again.state == st.RUNNING and alive(again.pid)
+    assert 29 < c.ask({"op": "stats", "id": 4})["lease"] <= 30
+    c.close()
+
+
+def test_lease_renewed_in_time_keeps_the_processes(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    p = sup.launch("p", 0, ["sleep", "30"])
+    lease = 0.5
+    end = time.monotonic() + 4 * lease
+    while time.monotonic() < end:  # renewed every lease / 5
+        sup.set_lease(time.monotonic() + lease, 0.2)
+        time.sleep(lease / 5)
+        assert alive(p.pid) and sup.get("p", 0).state == st.RUNNING
+    last = time.monotonic() + lease
+    sup.set_lease(last, 0.2)
+    info = sup.wait("p", 0, timeout=10)  # not renewed any more
+    assert time.monotonic() >= last and info.state == st.TERMINATED and sv.FENCED_MSG in info.msg
+
+
+def test_a_new_reaper_gets_the_lease_again(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    sup.set_lease(time.monotonic() + 30, 0.2)
+    old = sup.reaper_pid
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: sup.reaper_pid not in (None, old), 10, "a new reaper")
+    c = Client(str(state))
+    assert 0 < c.ask({"op": "stats", "id": 1})["lease"] <= 30
+    c.close()
+
+
+def test_without_a_lease_nothing_is_enforced(make_sup, tmp_path):
+    """Standalone use and agents that predate the lease: no deadline, nothing stopped."""
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    sup.launch("p", 0, ["sleep", "30"])
+    c = Client(str(state))
+    stats = c.ask({"op": "stats", "id": 1})
+    assert stats["ok"] and stats["lease"] is None and stats["live"] == 1
+    c.close()
+    assert sup.launch("q", 0, ["sleep", "30"]).state == st.RUNNING
+    assert sup.get("p", 0).state == st.RUNNING
+
+
+def test_a_malformed_lease_request_is_an_error_and_changes_nothing(make_sup, tmp_path):
+    state = tmp_path / "agent"
+    sup = make_sup(state_dir=state)
+    p = sup.launch("p", 0, ["sleep", "30"])
+    c = Client(str(state))
+    bad = [
+        b'{"op": "lease", "id": 1}\n',
+        b'{"op": "lease", "id": 2, "until": "soon"}\n',
+        b'{"op": "lease", "id": 3, "until": true}\n',
+        b'{"op": "lease", "id": 4, "until": NaN}\n',
+        b'{"op": "lease", "id": 5, "until": -Infinity}\n',
+        b'{"op": "lease", "id": 6, "until": 1, "grace": -1}\n',
+        b'{"op": "lease", "id": 7, "until": 1, "grace": "x"}\n',
+        b'{"op": "lease", "id": 8, "until": 1, "grace": 1e9}\n',
+    ]
+
+    def check_all() -> None:
+        for data in bad:
+            c.send(data)
+            reply = c.line()
+            named = "until" in reply["error"] or "grace" in reply["error"]
+            assert reply["ok"] is False and named, (data, reply)
+
+    check_all()  # every deadline given is long past: one taken would stop p at once
+    assert c.ask({"op": "stats", "id": 20})["lease"] is None
+    # with a lease in force, a bad one leaves it as it was
+    good = c.ask({"op": "lease", "id": 21, "until": time.monotonic() + 30, "grace": 0.5})
+    assert good["ok"] and 29 < good["left"] <= 30
+    check_all()
+    assert 28 < c.ask({"op": "stats", "id": 22})["lease"] <= 30
+    c.close()
+    assert alive(p.pid) and sup.get("p", 0).state == st.RUNNING
+    assert sup.launch("q", 0, ["true"]).state in (st.RUNNING, st.EXITED)

@@ -140,3 +140,34 @@ def test_agent_cut_off_from_its_pd_stops_its_work_after_the_fence_time(home, tmp
         assert wait_for(round_1_running, timeout=60), [conn.pd.describe_process(u) for u in UPIDS]
         assert not any(live(p) for p in pids.values())
     down(home)
+
+
+def test_frozen_agent_round_0_is_gone_before_round_1_runs(home, tmp_path):
+    """The node's agent is frozen (SIGSTOP), so its own fence is frozen too: its reaper stops
+    round 0 when the lease runs out, before the PD (fence_time + fence_margin later) moves the
+    work to round 1 (decision EA8)."""
+    fence = 4.0
+    plan = load_plan(make_plan(tmp_path, fence_time=fence, fence_margin=2.0), home=home)
+    up(plan, home)
+    with connect(home) as conn:
+        iaas_id, pids = start_four(conn, home)
+        agent = node_record(home, iaas_id)["pid"]  # the node's process: its init (PV1) ...
+        while b"vminit.py" in Path(f"/proc/{agent}/cmdline").read_bytes():  # ... whose command
+            agent = int(Path(f"/proc/{agent}/task/{agent}/children").read_text().split()[0])
+        argv = Path(f"/proc/{agent}/cmdline").read_bytes().split(b"\0")
+        assert argv[1:3] == [b"-m", b"cei_actors.eeagent"], argv
+        os.kill(agent, signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            assert wait_for(lambda: not any(live(p) for p in pids.values()), timeout=fence + 5)
+            took = time.monotonic() - stopped_at
+            assert took <= fence + 1.0 + 2.0, took  # the lease, the kill grace, some slack
+
+            def moved():  # round 1 may wait for a node: the frozen one's VM still lives
+                return all(conn.pd.describe_process(u)["round"] >= 1 for u in UPIDS)
+
+            assert wait_for(moved, timeout=60), [conn.pd.describe_process(u) for u in UPIDS]
+            assert not any(live(p) for p in pids.values())
+        finally:
+            os.kill(agent, signal.SIGCONT)
+    down(home)

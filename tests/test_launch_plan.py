@@ -145,6 +145,7 @@ def test_secrets_in_the_plan_are_files_only_their_owner_may_read(tmp_path):
 def test_session_timeout_goes_into_a_zookeeper_log_url(tmp_path):
     data = default_data()
     data["session_timeout"] = 3
+    data["log_history"] = {"archive": "none"}  # its options are the next test's
     path = write(tmp_path, data)
     plan = load_plan(path, home=tmp_path, log_url="zk://127.0.0.1:2181/cei?timeout=5")
     assert plan.log_url == "zk://127.0.0.1:2181/cei?timeout=5&session_timeout=3"

@@ -145,6 +145,9 @@ class AgentCore:
             state_dir, slots, clock=clock, on_change=self._changed, grace=grace,
             output_retention=output_retention,
         )
+        #: the lease deadline (our ``mono``) last given to the reaper
+        self._reaper_until: float | None = None
+        self._send_lease()  # the provisional lease, before any launch
         if send_epum is not None:
             with self._lock:
                 self._note_failures(self.supervisor.dump())  # e.g. ended while we were down
@@ -226,8 +229,11 @@ class AgentCore:
         for p in self.supervisor.processes():
             if p.state in (st.PENDING, st.RUNNING):
                 with contextlib.suppress(UnknownProcessError, SupervisorClosedError):
-                    self.supervisor.terminate(p.upid, p.round, grace=min(self.grace, FENCE_GRACE))
-                    stopped += 1
+                    info = self.supervisor.terminate(
+                        p.upid, p.round, grace=min(self.grace, FENCE_GRACE)
+                    )
+                    # not one the reaper stopped already (its exit settled in terminate)
+                    stopped += p.state == st.PENDING or info.state == st.TERMINATING
         if stopped:
             self.fenced += 1
             logger.warning(
@@ -241,12 +247,28 @@ class AgentCore:
     def _granted(self, m: LeaseGrant) -> bool:
         first = self.lease.fence != m.fence or not self._granted_once
         ok = self.lease.granted(m.seq, m.fence)
+        if ok:
+            self._send_lease()
         if ok and first:
             self._granted_once = True
             logger.info("eeagent %s: lease from the PD: %.1f s", self.agent_id, m.fence)
         self.sched.interval = min(self.heartbeat_interval, self.lease.renew_every())
         self._fence_event.set()
         return ok
+
+    def _send_lease(self) -> None:
+        """Give the lease to the reaper, which stops the processes itself when it runs out,
+        even while this process is frozen (decision EA8). The reaper's clock is read before
+        the lease is measured, so the deadline it gets is never later than ours."""
+        if self.lease.until == self._reaper_until:
+            return
+        now = time.monotonic()
+        left = self.lease.remaining(self.mono())
+        try:
+            self.supervisor.set_lease(now + left, min(self.grace, FENCE_GRACE))
+        except SupervisorClosedError:
+            return
+        self._reaper_until = self.lease.until
 
     def _fence_loop(self) -> None:
         """Stop the live processes when the lease runs out, whatever the host thread does."""

@@ -20,6 +20,15 @@ What it does:
   line; a reaper started after this one died reports the pending ones).
 - **signal**: a group is signalled only on request and only while its leader is an unreaped
   child, so a reused pid is never signalled.
+- **lease** (decision EA8): once a ``lease`` arrives, commands may run only until its
+  deadline, on ``CLOCK_MONOTONIC`` (``time.monotonic``: the supervisor that started this
+  reaper runs on the same host and clock, so the deadline is the agent's own, not one
+  shifted by the time the request took to arrive). When it passes unextended, every group
+  gets SIGTERM, and SIGKILL ``grace`` seconds later if its leader is still unreaped; their
+  exits are reported as usual, marked ``"fenced": true``; spawns are refused until a later
+  lease arrives. This is the backstop of the agent's own fence (PD9) for an agent that is
+  frozen (SIGSTOP, a hang): the reaper runs in its own session. A reaper that never got a
+  ``lease`` enforces nothing (standalone use, an agent older than this request).
 - **lifetime**: ``stop`` (with ``kill``: SIGKILL to every group) or SIGTERM (SIGTERM to every
   group) makes it exit once it has no children. With no children and no supervisor
   connected for ``IDLE_SECONDS`` (default 5) it exits by itself.
@@ -38,6 +47,10 @@ recorded in the exits file) to the client that said ``hello`` last. Requests:
 - ``ack {seqs}`` forgets those exits.
 - ``stats`` → CPU seconds ``{self: [user, sys], children: [user, sys]}``.
 - ``stop {kill}`` → ``{children: n}``; the reaper exits once it has no children.
+- ``lease {until, grace}`` → ``{left}``: commands may run until ``until`` (seconds on
+  ``CLOCK_MONOTONIC``); ``grace`` (optional, default :data:`LEASE_GRACE`) is the SIGTERM to
+  SIGKILL delay when it runs out. Each lease replaces the previous one. ``stats`` also
+  reports ``lease``: the seconds left, or null without a lease.
 """
 
 from __future__ import annotations
@@ -45,6 +58,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import resource
 import selectors
@@ -68,6 +82,10 @@ MAX_CLIENTS = 16
 #: the whole buffer first (a 256 KiB one was mapped and unmapped on every call: ~27 us).
 READ_SIZE = 64 << 10
 IDLE = 5.0
+#: Default seconds between SIGTERM and SIGKILL when the lease runs out (the agent's FENCE_GRACE).
+LEASE_GRACE = 1.0
+#: Longest accepted ``grace`` of a lease (seconds).
+MAX_LEASE_GRACE = 3600.0
 #: Exit code when another reaper holds the state dir.
 EX_LOCKED = 75
 #: The exits file is emptied once all its exits are acknowledged and it has this many lines,
@@ -140,12 +158,14 @@ class BadRequest(Exception):
 
 
 class _Child:
-    __slots__ = ("key", "pid", "ticks")
+    __slots__ = ("key", "pid", "ticks", "fenced")
 
     def __init__(self, key: list, pid: int, ticks: int | None) -> None:
         self.key = key
         self.pid = pid
         self.ticks = ticks
+        #: stopped because the lease ran out
+        self.fenced = False
 
 
 class _Client:
@@ -191,6 +211,13 @@ def _int(msg: dict, name: str) -> int:
     return value
 
 
+def _seconds(msg: dict, name: str) -> float:
+    value = msg.get(name)
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise BadRequest(f"{name} must be a finite number of seconds")
+    return float(value)
+
+
 def _which(name: str, env: dict) -> str:
     for d in (env.get("PATH") or os.defpath).split(os.pathsep):
         p = os.path.join(d or ".", name)
@@ -222,6 +249,13 @@ class Reaper:
         self.clients: dict[int, _Client] = {}
         self.supervisor: _Client | None = None
         self.idle_since = time.monotonic()
+        #: the lease's deadline (``time.monotonic``), None: no lease ever received
+        self.lease_until: float | None = None
+        self.lease_grace = LEASE_GRACE
+        #: the deadline passed unextended and the groups were signalled
+        self.lease_out = False
+        #: when the groups stopped for the lease get SIGKILL
+        self.fence_kill_at: float | None = None
         self._load_exits()
 
         os.chdir("/")
@@ -297,9 +331,11 @@ class Reaper:
             try:
                 if self._done():
                     break
-                timeout = None
+                now = time.monotonic()
+                timeout = self._check_lease(now)
                 if not self.children and self.supervisor is None and not self.stopping:
-                    timeout = max(0.0, self.idle_since + self.idle - time.monotonic())
+                    idle = max(0.0, self.idle_since + self.idle - now)
+                    timeout = idle if timeout is None else min(timeout, idle)
                 events = self.sel.select(timeout)
                 woken = False
                 for key, mask in events:
@@ -359,6 +395,35 @@ class Reaper:
             self.stopping = True
             self._signal_all(signal.SIGTERM)
 
+    def _check_lease(self, now: float) -> float | None:
+        """Stop the groups when the lease runs out (SIGTERM, SIGKILL after its grace);
+        seconds until the next lease deadline or kill, None if there is none."""
+        until = self.lease_until
+        if until is not None and not self.lease_out and now >= until:
+            self.lease_out = True
+            if self.children:
+                _log(f"the lease ran out ({now - until:.3f} s ago): stopping "
+                     f"{len(self.children)} group(s), no spawn until a new lease")
+                for child in self.children.values():
+                    child.fenced = True
+                self._signal_all(signal.SIGTERM)
+                kill_at = now + self.lease_grace
+                self.fence_kill_at = (
+                    kill_at if self.fence_kill_at is None else min(self.fence_kill_at, kill_at)
+                )
+        if self.fence_kill_at is not None and now >= self.fence_kill_at:
+            self.fence_kill_at = None
+            for pid, child in list(self.children.items()):
+                if child.fenced:  # still an unreaped child: the group id is its own
+                    with contextlib.suppress(OSError):
+                        os.killpg(pid, signal.SIGKILL)
+        waits = []
+        if until is not None and not self.lease_out:
+            waits.append(until - now)
+        if self.fence_kill_at is not None:
+            waits.append(self.fence_kill_at - now)
+        return max(0.0, min(waits)) if waits else None
+
     def _signal_all(self, sig: int) -> None:
         for pid in list(self.children):
             with contextlib.suppress(OSError):
@@ -384,17 +449,18 @@ class Reaper:
             if child is None:
                 continue
             self.seq += 1
-            new.append(
-                {
-                    "ev": "exit",
-                    "seq": self.seq,
-                    "key": child.key,
-                    "pid": pid,
-                    "code": os.waitstatus_to_exitcode(status),
-                    "ended_at": time.time(),
-                    "boot": self.boot,
-                }
-            )
+            ev = {
+                "ev": "exit",
+                "seq": self.seq,
+                "key": child.key,
+                "pid": pid,
+                "code": os.waitstatus_to_exitcode(status),
+                "ended_at": time.time(),
+                "boot": self.boot,
+            }
+            if child.fenced:
+                ev["fenced"] = True
+            new.append(ev)
         if not new:
             return
         lines = "".join(_line(e) for e in new).encode()  # the record is the event
@@ -584,6 +650,14 @@ class Reaper:
         exe = _str(msg, "exe", optional=True) or argv[0]
         if self.stopping:
             raise BadRequest("the reaper is stopping")
+        until = self.lease_until
+        if until is not None:
+            now = time.monotonic()
+            if now >= until:
+                raise BadRequest(
+                    f"the lease ran out {now - until:.3f} s ago (it ran until {until:.3f} on "
+                    "the monotonic clock): no spawn until a new lease"
+                )
         if "/" not in exe:
             exe = _which(exe, env)
         # The files are opened here, not in the child: one process creates them one after the
@@ -665,7 +739,18 @@ class Reaper:
             "self": [me.ru_utime, me.ru_stime],
             "children": [ch.ru_utime, ch.ru_stime],
             "live": len(self.children),
+            "lease": None if self.lease_until is None else self.lease_until - time.monotonic(),
         }
+
+    def op_lease(self, client: _Client, msg: dict) -> dict:
+        until = _seconds(msg, "until")
+        grace = LEASE_GRACE if msg.get("grace") is None else _seconds(msg, "grace")
+        if not 0 <= grace <= MAX_LEASE_GRACE:
+            raise BadRequest(f"grace must be within 0 and {MAX_LEASE_GRACE:g} seconds")
+        self.lease_until = until
+        self.lease_grace = grace
+        self.lease_out = False  # checked again, with the new deadline, before the next wait
+        return {"left": until - time.monotonic()}
 
     def op_stop(self, client: _Client, msg: dict) -> dict:
         self.stopping = True
@@ -681,6 +766,7 @@ _OPS = {
     "ack": Reaper.op_ack,
     "stats": Reaper.op_stats,
     "stop": Reaper.op_stop,
+    "lease": Reaper.op_lease,
 }
 
 

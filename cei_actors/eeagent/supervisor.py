@@ -48,7 +48,11 @@ Decisions (also in the docstrings below):
   (``CEI_EEAGENT_DIR``) finds what the dead reaper started that no record tracks: a journaled
   start whose reply was lost adopts its process, anything else is killed. A reaper with no
   children and no supervisor exits after a few seconds; :meth:`shutdown` with ``kill`` stops
-  it at once. The reaper's pid and start time are in the table (``read_table(dir)["reaper"]``)
+  it at once.
+- **Lease** (decision EA8): after :meth:`set_lease` the reaper itself stops every command
+  when the deadline passes unextended and refuses starts until a new one: the backstop of the
+  agent's own fence when the agent is frozen. The lease is sent again to a new reaper. An exit
+  the reaper caused that way settles a RUNNING record as TERMINATED ("the lease ran out"). The reaper's pid and start time are in the table (``read_table(dir)["reaper"]``)
   for sweepers.
 - **On disk** (mode 0600, it holds the launch environments): ``<state_dir>/processes.json``,
   the whole table, replaced atomically with rename, plus ``processes.journal``, one JSON line
@@ -77,6 +81,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import select
@@ -126,6 +131,8 @@ SAFE_ENV_KEYS: tuple[str, ...] = (
     "CEI_LOCAL_VM",
 )
 DOWN_MSG = "exited while agent was down"
+#: The message of a process the reaper stopped because the lease ran out.
+FENCED_MSG = "the lease ran out: stopped by the reaper"
 #: Seconds a reaper with no children and no supervisor waits before it exits by itself.
 REAPER_IDLE = 5.0
 #: Seconds to wait for the reaper to start or to answer a request.
@@ -550,6 +557,8 @@ class ProcessSupervisor:
         #: starts whose reply was lost with the reaper: PENDING until the reaper's file tells
         self._lost_starts: list[Key] = []
         self._attaching = False
+        #: (deadline on time.monotonic, SIGTERM to SIGKILL grace) given to the reaper
+        self._lease: tuple[float, float] | None = None
 
         try:
             with self._lock:
@@ -625,27 +634,34 @@ class ProcessSupervisor:
         The record goes TERMINATING and, once the process is gone, TERMINATED whatever its exit
         code. A terminal or already TERMINATING process is left alone (no-op). A PENDING one
         (waiting for its older round) becomes TERMINATED without starting. An unknown key raises
-        :class:`UnknownProcessError`.
+        :class:`UnknownProcessError`. Exits the reaper already sent are settled first (a
+        process frozen meanwhile, e.g. by SIGSTOP, finds its records as they are).
         """
         g = self.grace if grace is None else float(grace)
         if g < 0:
             raise ValueError("grace must be >= 0")
         with self._lock:
             self._check_open()
+            self._settle_reported_locked()
             rec = self._records.get((upid, round))
+            changed = rec is not None
             if rec is None:
-                raise UnknownProcessError(f"no process {upid!r} round {round}")
-            if rec.state == st.PENDING:
+                pass
+            elif rec.state == st.PENDING:
                 self._end_locked(rec, st.TERMINATED, "terminated before it started")
             elif rec.state == st.RUNNING:
                 self._signal_term_locked(rec, g)
             else:
-                return rec.info()
-            self._changed_locked()
-            self._commit_locked()
-            info = rec.info()
-        self._wake()
+                changed = False
+            if changed:
+                self._changed_locked()
+                self._commit_locked()
+            info = rec.info() if rec is not None else None
+        if changed:
+            self._wake()
         self._deliver()
+        if info is None:
+            raise UnknownProcessError(f"no process {upid!r} round {round}")
         return info
 
     def cleanup(self, upid: str, round: int) -> bool:
@@ -806,6 +822,19 @@ class ProcessSupervisor:
         self._deliver()
         reply = replies[0]
         return reply if reply is not None and reply.get("ok") else None
+
+    def set_lease(self, until: float, grace: float) -> None:
+        """Let the processes run only until ``until`` (``time.monotonic()``): the reaper then
+        SIGTERMs every group (SIGKILL ``grace`` seconds later) and refuses starts until a
+        later lease. Each call replaces the previous lease; without any, nothing is enforced.
+        A reaper started later gets the lease too."""
+        until, grace = float(until), float(grace)
+        if not (math.isfinite(until) and math.isfinite(grace) and grace >= 0):
+            raise ValueError("until and grace must be finite, grace >= 0")
+        with self._lock:
+            self._check_open()
+            self._lease = (until, grace)
+            self._post_locked([_lease_request(self._lease)])
 
     @property
     def reaper_pid(self) -> int | None:
@@ -986,8 +1015,10 @@ class ProcessSupervisor:
         *,
         ended_at: float | None = None,
         while_down: bool = False,
+        fenced: bool = False,
     ) -> None:
-        """``rec``'s process has ended with ``code`` (None: unknown): settle the record."""
+        """``rec``'s process has ended with ``code`` (None: unknown): settle the record.
+        ``fenced``: the reaper stopped it because the lease ran out."""
         self._unwatch_locked(rec)
         rec.orphan = False
         if while_down and ended_at is not None:
@@ -997,6 +1028,8 @@ class ProcessSupervisor:
         if rec.state == st.TERMINATING:
             how = f"SIGKILL after {rec.grace:g} s grace" if rec.killed else _describe(code)
             self._end_locked(rec, st.TERMINATED, f"terminated: {how}{down}")
+        elif fenced:
+            self._end_locked(rec, st.TERMINATED, f"{FENCED_MSG} ({_describe(code)}){down}")
         elif code is None:
             if while_down:
                 self._end_locked(rec, st.FAILED, f"{DOWN_MSG}; exit status unknown")
@@ -1090,7 +1123,9 @@ class ProcessSupervisor:
             if rec is None or rec.orphan:
                 continue
             code = ev.get("code")
-            self._settle_locked(rec, code if isinstance(code, int) else None)
+            self._settle_locked(
+                rec, code if isinstance(code, int) else None, fenced=ev.get("fenced") is True
+            )
 
     def _exit_record_locked(self, ev: Mapping[str, Any]) -> _Record | None:
         """Queue the acknowledgement of the reaper's exit event ``ev``; the live record it
@@ -1319,6 +1354,8 @@ class ProcessSupervisor:
             self._lost = ""
         assert hello is not None
         self._reaper = {"pid": hello.get("pid"), "start_ticks": hello.get("start_ticks")}
+        if self._lease is not None:  # before any start on this connection
+            self._post_locked([_lease_request(self._lease)])
         self._reconcile_locked(hello, initial)
         return started
 
@@ -1359,6 +1396,7 @@ class ProcessSupervisor:
                     code if isinstance(code, int) else None,
                     ended_at=ev.get("ended_at"),
                     while_down=initial,
+                    fenced=ev.get("fenced") is True,
                 )
                 covered.add(rec.key)
         for rec in list(self._records.values()):
@@ -1640,6 +1678,17 @@ class ProcessSupervisor:
                     self._end_locked(rec, st.FAILED, f"supervisor error: {exc}")
             self._settle_io_locked()
 
+    def _settle_reported_locked(self) -> None:
+        """Read and settle what the reaper has sent and the watcher has not read yet."""
+        if self._conn is None:
+            return
+        try:
+            self._read_locked()
+        except _ReaperLost as exc:
+            self._drop_conn_locked()
+            self._lost = str(exc)
+        self._settle_io_locked()
+
     def _settle_io_locked(self) -> None:
         """After reading from the reaper: settle, start, journal, acknowledge, notify."""
         self._pump_locked()
@@ -1858,6 +1907,10 @@ class ProcessSupervisor:
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _lease_request(lease: tuple[float, float]) -> dict[str, Any]:
+    return {"op": "lease", "until": lease[0], "grace": lease[1]}
 
 
 def _alive(rec: _Record) -> bool:
