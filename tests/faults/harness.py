@@ -40,7 +40,7 @@ KILLED = ("pd", "epum", "provisioner")
 POINTS = {
     "pd": ["after_append", "after_effects", "after_recovery"],
     "epum": ["after_append", "after_effects", "after_recovery"],
-    "provisioner": ["after_work.create", "after_work.destroy", "after_append", "after_effects"],
+    "provisioner": ["after_work.create", "after_work.list", "after_append", "after_effects"],
 }
 FAILURES = (RequestFailed, OutcomeUnknown)
 
@@ -132,6 +132,13 @@ class FaultSystem:
     restarts: int = 0
     sigkilled: set[int] = field(default_factory=set)
     pids: dict[str, int] = field(default_factory=dict)  # replica name -> its process
+    #: chance that a restarted replica is armed with a crash point, and how many per
+    #: component may be (None: no limit)
+    arm_chance: float = 0.5
+    arm_budget: int | None = None
+    armed_restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KILLED, 0))
+    #: node churn also terminates the PD's own nodes (else only the test domain's)
+    churn_pd_nodes: bool = True
 
     # ---- connection and leaders ------------------------------------------------------------
 
@@ -205,7 +212,8 @@ class FaultSystem:
                 self.domain_target = target
             else:
                 prov = self.client("provisioner")
-                running = [n for n in prov.describe_nodes() if n["state"] == "RUNNING"]
+                running = [n for n in prov.describe_nodes() if n["state"] == "RUNNING"
+                           and (self.churn_pd_nodes or n["deployable_type"] == "faultnode")]
                 if running:
                     prov.terminate_nodes([self.rng.choice(running)["node_id"]])
         except FAILURES:
@@ -233,9 +241,9 @@ class FaultSystem:
         wait_for(lambda: not live(pid), 10, 0.02, f"{comp} leader pid {pid} to die")
         return how
 
-    def restart_dead(self, armed: float = 0.5) -> None:
+    def restart_dead(self) -> None:
         """Start every dead replica again under its name, as a standby; with probability
-        ``armed`` it carries a random crash point (so it may die at one once it leads). Every
+        ``arm_chance`` it carries a random crash point (so it may die at one once it leads). Every
         replica of the other components learns the new replica list (as an operator's tool
         would tell them)."""
         conn = self.connection()
@@ -251,9 +259,12 @@ class FaultSystem:
                     self.crash_kills[comp] += 1
                 wait_for(lambda n=name: lookup(conn.asys, n) is None, 15, what=f"{name} to be freed")
                 config = self.plan.start_config(comp)
-                if self.rng.random() < armed:
+                budget = self.arm_budget is None or self.armed_restarts[comp] < self.arm_budget
+                if budget and self.rng.random() < self.arm_chance:
                     point = self.rng.choice(POINTS[comp])
-                    config["crash_at"] = f"{comp}:{point}:{self.rng.choice([0.2, 0.5, 1.0])}"
+                    p = 1.0 if self.arm_chance >= 1.0 else self.rng.choice([0.2, 0.5, 1.0])
+                    config["crash_at"] = f"{comp}:{point}:{p}"
+                    self.armed_restarts[comp] += 1
                 peers = {}
                 for other in ("pd", "epum", "provisioner", "ha"):
                     if other == comp:
@@ -358,6 +369,19 @@ class FaultSystem:
             return f"{type(exc).__name__}: {exc}"
         return None
 
+    def diagnosis(self) -> str:
+        """What the PD and EPUM leaders say about nodes and needs (for a failure message)."""
+        try:
+            dump = self.client("pd", timeout=10.0).dump()
+            epum = self.client("epum", timeout=10.0)
+            doms = {d: [(i["instance_id"][:10], i["state"]) for i in epum.describe_domain(d)["instances"]]
+                    for d in epum.list_domains()}
+            pids = {c: {n: (s or {}).get("pid") for n, _, s in self.members(c)} for c in KILLED}
+            return (f"PD needs {dump.get('needs')}, nodes {[(n.get('node_id'), n.get('state')) for n in dump['nodes']]}, "
+                    f"resources {len(dump['resources'])}; EPUM domains {doms}; replicas {pids}")
+        except Exception as exc:  # noqa: BLE001 - a diagnosis only
+            return f"(no diagnosis: {exc})"
+
     def check_epochs(self, killed: str | None) -> None:
         for comp in KILLED:
             found = self.leader(comp)
@@ -420,7 +444,8 @@ class FaultSystem:
         try:
             wait_for(settled, timeout, 0.25, "convergence")
         except AssertionError:
-            raise AssertionError(f"no convergence after killing {killed}: {last[0]}") from None
+            raise NotConverged(f"no convergence after killing {killed}: {last[0]}; "
+                                 f"{self.diagnosis()}") from None
         self.check_epochs(killed)
 
         def replay_matches() -> bool:
@@ -431,6 +456,10 @@ class FaultSystem:
             return True
 
         wait_for(replay_matches, 30, 0.2, "a quiet moment to compare live state and replay")
+
+
+class NotConverged(AssertionError):
+    """The system did not settle in time after a kill (a liveness failure, not a safety one)."""
 
 
 class _Moved(Exception):

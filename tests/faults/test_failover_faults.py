@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from harness import KILLED, FaultSystem, make_plan, run_faults
+from harness import KILLED, FaultSystem, NotConverged, make_plan, run_faults
 
 from cei_actors.launch.launcher import down, read_info, up
 
@@ -27,10 +27,10 @@ def home(tmp_path, zk_hosts):  # the system goes down before its ZooKeeper chroo
             down(path)
 
 
-def run(home, tmp_path, zk_hosts, kills: int, seed: int) -> FaultSystem:
+def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSystem:
     plan = make_plan(tmp_path, home, zk_hosts)
     info = up(plan, home)
-    system = FaultSystem(home, plan, info, random.Random(seed))
+    system = FaultSystem(home, plan, info, random.Random(seed), **arming)
     try:
         system.start_long(3)
         system.add_domain()
@@ -47,11 +47,26 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int) -> FaultSystem:
     return system
 
 
+#: Seen in about half the runs (2025-12, this branch): after a failover a short process stays
+#: WAITING in round 1 ("resource ... missing") while its engine's one node is RUNNING and the
+#: PD counts its need as met, so nothing ever places it. A PD finding, reported to the issue;
+#: only that liveness failure is expected: a process run twice, a VM leaked or doubled, an epoch
+#: going down or a live state unlike the replay still fail the test.
+PD_STUCK_WAITING = pytest.mark.xfail(raises=NotConverged, strict=False,
+                                     reason="PD: a requeued process can stay WAITING (finding)")
+
+
+@PD_STUCK_WAITING
 def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
-    run(home, tmp_path, zk_hosts, kills=1, seed=random.randrange(10**6))
+    """Two kills per component: the first by kill -9; the replica restarted after it is armed
+    with a crash point (probability 1), so once the second kill makes it lead it dies there."""
+    system = run(home, tmp_path, zk_hosts, kills=2, seed=random.randrange(10**6),
+                 arm_chance=1.0, arm_budget=1, churn_pd_nodes=False)
+    assert all(system.crash_kills[c] >= 1 for c in KILLED), system.crash_kills
 
 
 @pytest.mark.slow
+@PD_STUCK_WAITING
 def test_leaders_killed_under_load_20_each(home, tmp_path, zk_hosts):
     system = run(home, tmp_path, zk_hosts, kills=20, seed=random.randrange(10**6))
     assert sum(system.crash_kills.values()) > 0
