@@ -427,7 +427,7 @@ class FaultSystem:
             assert _normal(live_views[comp]) == _normal(replay_views[comp]), \
                 f"{comp}: live state differs from the replay of its log at head {heads[comp]}"
 
-    def settle_and_check(self, killed: str | None, timeout: float = 60.0) -> None:
+    def settle_and_check(self, killed: str | None, timeout: float = 45.0) -> None:
         """Wait (no load) for convergence, then check epochs and live state vs replay."""
         self.restart_dead()
         last = [""]
