@@ -18,7 +18,8 @@ from ..eventlog import EventRegistry
 
 #: Component config keys that tune the actor shell (``runtime.shell.EventSourcedActor``), not the
 #: component; every component's config check accepts them.
-SHELL_CONFIG_KEYS = frozenset({"workers", "group_commit", "group_commit_delay", "max_batch", "standby"})
+SHELL_CONFIG_KEYS = frozenset({"workers", "group_commit", "group_commit_delay", "max_batch", "standby",
+                               "crash_at"})  # crash_at: runtime/faults.py, tests only
 
 S = TypeVar("S")
 

@@ -83,6 +83,7 @@ from thespian.actors import (
 )
 
 from ..eventlog import EventLogError, Fenced, open_log
+from . import faults
 from .control import Hello, Request, Response, SetPeers, Start, Started, Status, Stop
 from .core import Component, Send, SetTimer, Work
 from .leadership import Leadership, leadership_for
@@ -380,6 +381,7 @@ class EventSourcedActor(Actor):
             self._set_up = True
             component = self.make_component(config)
             stream = msg.stream or component.stream
+            faults.arm(config.get("crash_at"), stream)  # crash points: tests only (FT1)
             log = open_log(msg.log_url)
             leadership = self.make_leadership(msg.leadership, msg.log_url, stream)
         except Exception as exc:
@@ -526,6 +528,7 @@ class EventSourcedActor(Actor):
         self._log.info(
             "%s: leading %s at epoch %d, head %d", self._name(), runner.stream, runner.fence.epoch, runner.head
         )
+        faults.crash_point("after_recovery")
         self._announce()
         self._perform(decision.effects, _SELF)
         if self._start_origin is not None:
@@ -711,6 +714,7 @@ class EventSourcedActor(Actor):
         self.stats["messages"] += len(batch)
         if runner.head != head_before:
             self.stats["appends"] += 1
+            faults.crash_point("after_append")
         for (_msg, origin), decision in zip(batch, decisions, strict=True):
             failure = self._perform(decision.effects, origin)
             reply = decision.reply
@@ -722,6 +726,7 @@ class EventSourcedActor(Actor):
                 self._reply(origin, reply)
             elif origin.rid:  # a request always gets an answer
                 self._reply(origin, Ok(None))
+        faults.crash_point("after_effects")
 
     # ---- effects ---------------------------------------------------------------------------
 
@@ -770,6 +775,7 @@ class EventSourcedActor(Actor):
             outcome: tuple = (kind, term, handler(payload), None)
         except BaseException as exc:  # noqa: BLE001 - reported on the actor thread
             outcome = (kind, term, None, "".join(traceback.format_exception(exc)))
+        faults.crash_point("after_work", kind)
         self._results.put(outcome)
         waker = self._waker
         if waker is not None:

@@ -1,0 +1,490 @@
+"""A real CEI system under load for the fault suite, and the checks made after every kill.
+
+The system is the launcher's (``up``): thespian TCP base, ZooKeeper log, two replicas each of
+PD, EPUM and Provisioner, EEAgent "VMs" booted by the local cloud driver. The test looks only
+at its own processes: the replicas' pids (``Status``), the VMs of its home's local driver
+(``nodes.json``) and the worker processes it scheduled, whose command line carries a marker
+made of this run's random tag.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cei_actors.cli.logcmds import check_snapshot
+from cei_actors.epum.client import EPUMClient
+from cei_actors.eventlog import open_log
+from cei_actors.launch.components import component_for
+from cei_actors.launch.launcher import ACTOR_CLASSES, Connection, connect
+from cei_actors.launch.plan import Plan, default_plan_text, load_plan
+from cei_actors.pd.client import PDClient
+from cei_actors.provisioner.client import ProvisionerClient
+from cei_actors.runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
+from cei_actors.runtime.control import SetPeers, Start, Status
+from cei_actors.runtime.core import Context
+from cei_actors.runtime.messages import ErrorReply, Ok
+from cei_actors.runtime.system import lookup
+
+KILLED = ("pd", "epum", "provisioner")
+#: Crash points a restarted replica may be armed with, per component (runtime/faults.py).
+POINTS = {
+    "pd": ["after_append", "after_effects", "after_recovery"],
+    "epum": ["after_append", "after_effects", "after_recovery"],
+    "provisioner": ["after_work.create", "after_work.list", "after_append", "after_effects"],
+}
+FAILURES = (RequestFailed, OutcomeUnknown)
+
+
+def wait_for(fn, timeout: float, every: float = 0.1, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while True:
+        value = fn()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(every)
+
+
+def live(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    return raw[raw.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def make_plan(tmp_path: Path, home: Path, zk_hosts: str) -> Plan:
+    """The built-in plan, short timings, 2 replicas of each killed component, a 3 s session."""
+    data = yaml.safe_load(default_plan_text())
+    comps = data["components"]
+    comps["provisioner"]["config"].update(query_interval=0.5, boot_query_interval=0.2)
+    comps["epum"]["config"].update(decider_interval=0.3)
+    comps["pd"]["config"].update(dispatch_retry_seconds=2.0, fence_time=8.0, fence_margin=2.0)
+    for name in KILLED:
+        comps[name]["replicas"] = 2
+    # the test's own domain boots EEAgents with fixed settings (no PD engine passes them)
+    dts = data["registry"]["deployable_types"]
+    dts["faultnode"] = {**dts["eeagent"], "contextualization": {
+        "method": "userdata", "userdata": "--slots 1 --heartbeat 1"}}
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_plan(path, home=home, log_url=f"zk://{zk_hosts}?timeout=3")
+
+
+class ReplayService:
+    """Answers a client's read-only request from a state rebuilt by replaying the log."""
+
+    def __init__(self, component: Any, state: Any) -> None:
+        self.component, self.state = component, state
+
+    def call(self, message: Any, timeout: float | None = None) -> Any:
+        decision = self.component.decide(self.state, message, Context(time.time()))
+        assert not decision.events, f"{type(message).__name__} is not read-only"
+        reply = decision.reply
+        if isinstance(reply, ErrorReply):
+            raise AssertionError(f"replay refused {type(message).__name__}: {reply}")
+        assert isinstance(reply, Ok), reply
+        return reply.value
+
+
+def _views(clients: dict[str, Any]) -> dict[str, Any]:
+    """What each component answers to its read-only requests (compared live vs replay)."""
+    pd, epum, prov = clients["pd"], clients["epum"], clients["provisioner"]
+    dump = pd.dump()
+    return {
+        "pd": {k: dump[k] for k in ("processes", "nodes", "resources", "queue", "definitions")},
+        "epum": {d: epum.describe_domain(d) for d in sorted(epum.list_domains())},
+        "provisioner": sorted(prov.describe_nodes(), key=lambda n: n["node_id"]),
+    }
+
+
+@dataclass
+class FaultSystem:
+    """The system in ``home`` and what the load did to it."""
+
+    home: Path
+    plan: Plan
+    info: dict[str, Any]
+    rng: random.Random
+    tag: str = field(default_factory=lambda: f"{random.randrange(10**6):06d}")
+    conn: Connection | None = None
+    long_upids: list[str] = field(default_factory=list)
+    short_acked: set[str] = field(default_factory=set)
+    short_unknown: set[str] = field(default_factory=set)
+    short_n: int = 0
+    domain_target: int | None = None
+    epochs: dict[str, int] = field(default_factory=dict)
+    kills: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KILLED, 0))
+    crash_kills: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KILLED, 0))
+    restarts: int = 0
+    sigkilled: set[int] = field(default_factory=set)
+    pids: dict[str, int] = field(default_factory=dict)  # replica name -> its process
+    #: chance that a restarted replica is armed with a crash point, and how many per
+    #: component may be (None: no limit)
+    arm_chance: float = 0.5
+    arm_budget: int | None = None
+    armed_restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KILLED, 0))
+    #: node churn also terminates the PD's own nodes (else only the test domain's)
+    churn_pd_nodes: bool = True
+
+    # ---- connection and leaders ------------------------------------------------------------
+
+    def connection(self) -> Connection:
+        if self.conn is None:
+            self.conn = connect(self.home, timeout=5.0)
+        return self.conn
+
+    def close(self) -> None:
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+            self.conn = None
+
+    def members(self, comp: str) -> list[tuple[str, Any, dict | None]]:
+        conn = self.connection()
+        return [(m.name, m.address, m.status) for m in conn.members(comp)]
+
+    def leader(self, comp: str) -> tuple[Any, dict] | None:
+        """The ready leader's (address, status), found by ``Status`` (nothing is re-pointed)."""
+        for _, address, status in self.members(comp):
+            if status and status.get("ready") and status.get("leader"):
+                return address, status
+        return None
+
+    def client(self, comp: str, timeout: float = 5.0) -> Any:
+        found = self.leader(comp)
+        if found is None:
+            raise OutcomeUnknown(f"{comp}: no ready leader", request="leader")
+        service = ServiceClient(self.connection().asys, found[0], timeout=timeout)
+        return {"pd": PDClient, "epum": EPUMClient, "provisioner": ProvisionerClient}[comp](service)
+
+    # ---- load ------------------------------------------------------------------------------
+
+    def marker(self, i: int) -> str:
+        return f"{8600 + i}.{self.tag}"
+
+    def start_long(self, n: int) -> None:
+        pd = self.client("pd", timeout=20.0)
+        for i in range(n):
+            upid = f"long{i}"
+            pd.schedule_process(upid, command=["sleep", self.marker(i)], restart_mode="always")
+            self.long_upids.append(upid)
+
+    def add_domain(self) -> None:
+        epum = self.client("epum", timeout=20.0)
+        with contextlib.suppress(RequestFailed):
+            epum.add_domain_definition("preserve_n", {"general": {"engine_class": "preserve_n"}})
+        epum.add_domain("fdom", "preserve_n", {
+            "general": {"engine_class": "preserve_n"},
+            "engine_conf": {"preserve_n": 1, "deployable_type": "faultnode"}})
+        self.domain_target = 1
+
+    def load_step(self) -> None:
+        """One random operation: schedules, a domain change or node churn; failures (the leader
+        is being killed) are tolerated: a schedule with an unknown outcome is resolved later."""
+        op = self.rng.random()
+        try:
+            if op < 0.6:
+                pd = self.client("pd")
+                for _ in range(3):
+                    upid = f"s{self.short_n}"
+                    self.short_n += 1
+                    self.short_unknown.add(upid)
+                    pd.schedule_process(upid, command=["true"], restart_mode="abnormal")
+                    self.short_unknown.discard(upid)
+                    self.short_acked.add(upid)
+            elif op < 0.8:
+                target = self.rng.choice([0, 1, 2])
+                self.client("epum").reconfigure_domain("fdom", {"engine_conf": {"preserve_n": target}})
+                self.domain_target = target
+            else:
+                prov = self.client("provisioner")
+                running = [n for n in prov.describe_nodes() if n["state"] == "RUNNING"
+                           and (self.churn_pd_nodes or n["deployable_type"] == "faultnode")]
+                if running:
+                    prov.terminate_nodes([self.rng.choice(running)["node_id"]])
+        except FAILURES:
+            pass
+        self.check_no_double_run()
+
+    # ---- kills -----------------------------------------------------------------------------
+
+    def replica_pids(self, comp: str) -> dict[str, int | None]:
+        return {name: (status or {}).get("pid") for name, _, status in self.members(comp)}
+
+    def kill_leader(self, comp: str, deadline: float) -> str:
+        """Wait under load for an armed leader to crash by itself (until ``deadline``), else
+        kill -9 it; returns how it died."""
+        found = wait_for(lambda: self.leader(comp), 30, what=f"a {comp} leader")
+        pid = found[1]["pid"]
+        self.pids.update({n: (s or {}).get("pid") for n, _, s in self.members(comp)})
+        while time.monotonic() < deadline and live(pid):
+            self.load_step()
+        how = "crash point"
+        if live(pid):
+            self.sigkilled.add(pid)
+            os.kill(pid, 9)
+            how = "kill -9"
+        wait_for(lambda: not live(pid), 10, 0.02, f"{comp} leader pid {pid} to die")
+        return how
+
+    def restart_dead(self) -> None:
+        """Start every dead replica again under its name, as a standby; with probability
+        ``arm_chance`` it carries a random crash point (so it may die at one once it leads). Every
+        replica of the other components learns the new replica list (as an operator's tool
+        would tell them)."""
+        conn = self.connection()
+        for comp in KILLED:
+            dead = 0
+            for name, _address, status in self.members(comp):
+                if status is not None and live(status.get("pid")):
+                    continue
+                dead += 1
+                pid = self.pids.get(name)
+                self.kills[comp] += 1  # every death is a kill: ours, or a crash point's
+                if pid not in self.sigkilled:
+                    self.crash_kills[comp] += 1
+                wait_for(lambda n=name: lookup(conn.asys, n) is None, 15, what=f"{name} to be freed")
+                config = self.plan.start_config(comp)
+                budget = self.arm_budget is None or self.armed_restarts[comp] < self.arm_budget
+                if budget and self.rng.random() < self.arm_chance:
+                    point = self.rng.choice(POINTS[comp])
+                    p = 1.0 if self.arm_chance >= 1.0 else self.rng.choice([0.2, 0.5, 1.0])
+                    config["crash_at"] = f"{comp}:{point}:{p}"
+                    self.armed_restarts[comp] += 1
+                peers = {}
+                for other in ("pd", "epum", "provisioner", "ha"):
+                    if other == comp:
+                        continue
+                    found = self.leader(other)
+                    peers[other] = found[0] if found else lookup(conn.asys, other)
+                replicas = {o: [a for _, a, _ in self.members(o) if a is not None]
+                            for o in KILLED if o != comp}
+                new = conn.asys.createActor(ACTOR_CLASSES[comp], globalName=name)
+                with ServiceClient(conn.asys, new) as c:
+                    c.tell(Start(self.plan.log_url, config=config, peers=peers, replicas=replicas))
+                    self.pids[name] = c.call(Status())["pid"]
+                self.restarts += 1
+            if not dead:
+                continue
+            mine = [a for _, a, _ in self.members(comp) if a is not None]
+            for other in ("pd", "epum", "provisioner", "ha"):
+                if other == comp:
+                    continue
+                for _, address, _ in self.members(other):
+                    if address is not None:
+                        with contextlib.suppress(*FAILURES), \
+                                ServiceClient(conn.asys, address, timeout=5.0) as c:
+                            c.call(SetPeers({}, replicas={comp: mine}))
+
+    # ---- checks ----------------------------------------------------------------------------
+
+    def marker_pids(self) -> dict[str, list[int]]:
+        """upid -> live pids of this run's long workers (a /proc scan for the markers)."""
+        pattern = re.compile(rb"^sleep\x00(86\d\d)\." + self.tag.encode() + rb"\x00?$")
+        out: dict[str, list[int]] = {}
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                cmd = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            m = pattern.match(cmd)
+            if m and live(int(entry.name)):
+                out.setdefault(f"long{int(m.group(1)) - 8600}", []).append(int(entry.name))
+        return out
+
+    def check_no_double_run(self) -> None:
+        doubled = {u: p for u, p in self.marker_pids().items() if len(p) > 1}
+        assert not doubled, f"a process runs twice: {doubled}"
+
+    def vms(self) -> dict[str, dict]:
+        """iaas_id -> the local driver's record, for every VM whose process lives."""
+        path = self.home / "nodes" / "nodes.json"
+        table = json.loads(path.read_text()) if path.exists() else {"nodes": {}}
+        return {k: r for k, r in table["nodes"].items() if live(r["pid"])}
+
+    def converged(self) -> str | None:
+        """None once everything has settled; else what has not yet."""
+        try:
+            for comp in KILLED:
+                reps = self.members(comp)
+                if any(s is None for _, _, s in reps):
+                    return f"{comp}: a replica does not answer"
+                if self.leader(comp) is None:
+                    return f"{comp}: no ready leader"
+            pd, epum, prov = (self.client(c, timeout=10.0) for c in KILLED)
+            for upid in sorted(self.short_unknown):  # a schedule whose outcome is unknown
+                try:
+                    pd.describe_process(upid)
+                except NotFound:
+                    pd.schedule_process(upid, command=["true"], restart_mode="abnormal")
+                self.short_unknown.discard(upid)
+                self.short_acked.add(upid)
+            procs = {p["upid"]: p for p in pd.describe_processes()}
+            lost = sorted(u for u in [*self.short_acked, *self.long_upids] if u not in procs)
+            assert not lost, f"processes lost by the PD: {lost}"
+            waiting = [u for u in self.short_acked if procs[u]["state"] not in ("EXITED",)]
+            if waiting:
+                return f"{len(waiting)} short processes not EXITED yet (e.g. {procs[waiting[0]]})"
+            markers = self.marker_pids()
+            for upid in self.long_upids:
+                p = procs[upid]
+                if p["state"] != "RUNNING":
+                    return f"{upid} is {p['state']}"
+                if len(markers.get(upid, [])) != 1:
+                    return f"{upid}: {len(markers.get(upid, []))} live copies"
+            dom = epum.describe_domain("fdom")
+            insts = [i for i in dom["instances"] if i["state"] not in ("TERMINATED", "FAILED", "REJECTED")]
+            if len(insts) != self.domain_target or any(i["state"] != "RUNNING" for i in insts):
+                return f"fdom: {[i['state'] for i in insts]} for a target of {self.domain_target}"
+            nodes = prov.describe_nodes()
+            vms = self.vms()
+            held = [n for n in nodes if n.get("iaas_id") and n["state"] not in ("TERMINATED", "FAILED", "REJECTED")]
+            iaas = [n["iaas_id"] for n in held]
+            assert len(iaas) == len(set(iaas)), f"a VM is held by two nodes: {held}"
+            leaked = sorted(set(vms) - set(iaas))
+            if leaked:
+                return f"VMs no node holds (yet): {leaked}"
+            missing = sorted(n["node_id"] for n in held if n["state"] == "RUNNING" and n["iaas_id"] not in vms)
+            if missing:
+                return f"RUNNING nodes without a live VM: {missing}"
+            if any(n["state"] != "RUNNING" for n in held):
+                return f"nodes still changing: {sorted(n['state'] for n in held)}"
+        except FAILURES as exc:
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def diagnosis(self) -> str:
+        """What the PD and EPUM leaders say about nodes and needs (for a failure message)."""
+        try:
+            dump = self.client("pd", timeout=10.0).dump()
+            epum = self.client("epum", timeout=10.0)
+            doms = {d: [(i["instance_id"][:10], i["state"]) for i in epum.describe_domain(d)["instances"]]
+                    for d in epum.list_domains()}
+            pids = {c: {n: (s or {}).get("pid") for n, _, s in self.members(c)} for c in KILLED}
+            return (f"PD needs {dump.get('needs')}, nodes {[(n.get('node_id'), n.get('state')) for n in dump['nodes']]}, "
+                    f"resources {len(dump['resources'])}; EPUM domains {doms}; replicas {pids}")
+        except Exception as exc:  # noqa: BLE001 - a diagnosis only
+            return f"(no diagnosis: {exc})"
+
+    def check_epochs(self, killed: str | None) -> None:
+        for comp in KILLED:
+            found = self.leader(comp)
+            assert found is not None, comp
+            epoch = found[1]["epoch"]
+            before = self.epochs.get(comp, 0)
+            assert epoch >= before, f"{comp}: epoch went down from {before} to {epoch}"
+            if comp == killed:
+                assert epoch > before, f"{comp}: a new leader at the old epoch {epoch}"
+            self.epochs[comp] = epoch
+
+    def check_replay(self) -> None:
+        """Each leader's answers equal the answers of its log's replay at the same head, and
+        ``cei log check``'s checks hold (every invariant after every event; the snapshot
+        restores to the replay up to it)."""
+        heads = {c: self.leader(c)[1]["head"] for c in KILLED}  # type: ignore[index]
+        live_views = _views({c: self.client(c, timeout=10.0) for c in KILLED})
+        after = {c: self.leader(c)[1]["head"] for c in KILLED}  # type: ignore[index]
+        if heads != after:
+            raise _Moved(f"heads moved {heads} -> {after}")
+        replayed: dict[str, Any] = {}
+        with open_log(self.plan.log_url) as log:
+            for comp in KILLED:
+                config = {"config": self.plan.start_config("pd")} if comp == "pd" else None
+                component = component_for(comp, config)
+                state = component.initial_state()
+                snap = log.load_snapshot(comp)
+                at_snap = None
+                for record in log.read(comp, 1, heads[comp]):
+                    state = component.apply(state, component.registry.from_record(record))
+                    broken = component.invariants(state)
+                    assert not broken, f"{comp} offset {record.offset}: {broken}"
+                    if snap is not None and record.offset == snap.offset:
+                        at_snap = _normal(component.snapshot(state))
+                if snap is not None and snap.offset <= heads[comp]:
+                    problem = check_snapshot(component, snap, at_snap, heads[comp])
+                    assert problem is None, f"{comp} snapshot: {problem}"
+                replayed[comp] = ReplayService(component, state)
+        replay_views = _views({
+            "pd": PDClient(replayed["pd"]), "epum": EPUMClient(replayed["epum"]),
+            "provisioner": ProvisionerClient(replayed["provisioner"])})
+        for comp in KILLED:
+            assert _normal(live_views[comp]) == _normal(replay_views[comp]), \
+                f"{comp}: live state differs from the replay of its log at head {heads[comp]}"
+
+    def settle_and_check(self, killed: str | None, timeout: float = 45.0) -> None:
+        """Wait (no load) for convergence, then check epochs and live state vs replay."""
+        self.restart_dead()
+        last = [""]
+
+        def settled() -> bool:
+            self.restart_dead()  # a standby armed with a crash point may die as it leads
+            problem = self.converged()
+            last[0] = problem or ""
+            self.check_no_double_run()
+            if problem is None and any(self.leader(c) is None for c in KILLED):
+                return False
+            return problem is None
+
+        try:
+            wait_for(settled, timeout, 0.25, "convergence")
+        except AssertionError:
+            raise NotConverged(f"no convergence after killing {killed}: {last[0]}; "
+                                 f"{self.diagnosis()}") from None
+        self.check_epochs(killed)
+
+        def replay_matches() -> bool:
+            try:
+                self.check_replay()
+            except (_Moved, *FAILURES):
+                return False
+            return True
+
+        wait_for(replay_matches, 30, 0.2, "a quiet moment to compare live state and replay")
+
+
+class NotConverged(AssertionError):
+    """The system did not settle in time after a kill (a liveness failure, not a safety one)."""
+
+
+class _Moved(Exception):
+    """The log moved while the live state was read: try again."""
+
+
+def _normal(data: Any) -> Any:
+    import msgpack
+
+    return msgpack.unpackb(msgpack.packb(data, use_bin_type=True, default=str), raw=False,
+                           strict_map_key=False)
+
+
+def run_faults(system: FaultSystem, kills_per_component: int, dwell: tuple[float, float]) -> list[str]:
+    """Kill each component's leader ``kills_per_component`` times (components in a random
+    order each round), each at a random moment within ``dwell`` seconds of load, checking
+    everything after each. Returns one line per kill."""
+    lines = []
+    for _ in range(kills_per_component):
+        for comp in system.rng.sample(KILLED, len(KILLED)):
+            before = system.kills[comp]
+            deadline = time.monotonic() + system.rng.uniform(*dwell)
+            t0 = time.monotonic()
+            how = system.kill_leader(comp, deadline)
+            system.settle_and_check(comp)
+            assert system.kills[comp] >= before + 1
+            lines.append(f"{comp}: {how}, settled in {time.monotonic() - t0:.1f}s")
+    return lines

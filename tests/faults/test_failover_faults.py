@@ -1,0 +1,72 @@
+"""Issue 13's fault suite: under a steady load of schedules, domain changes and node churn, the
+leader of the PD, EPUM and the Provisioner is killed at random moments: by kill -9, or by a
+crash point (runtime/faults.py) of a restarted replica once it leads: between a cloud call and
+the event recording it, between an append and its effects, after its effects, after recovery.
+After every kill (harness.FaultSystem.settle_and_check): no process lost or running twice, no
+VM leaked or doubled, the domain converges, epochs never decrease, and each leader's answers
+equal those of its log's replay at the same head (invariants and snapshot checked as by
+``cei log check``)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from harness import KILLED, FaultSystem, NotConverged, make_plan, run_faults
+
+from cei_actors.launch.launcher import down, read_info, up
+
+
+@pytest.fixture
+def home(tmp_path, zk_hosts):  # the system goes down before its ZooKeeper chroot is removed
+    path = tmp_path / "home"
+    try:
+        yield path
+    finally:
+        if read_info(path) is not None:
+            down(path)
+
+
+def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSystem:
+    plan = make_plan(tmp_path, home, zk_hosts)
+    info = up(plan, home)
+    system = FaultSystem(home, plan, info, random.Random(seed), **arming)
+    try:
+        system.start_long(3)
+        system.add_domain()
+        system.settle_and_check(None, timeout=45)
+        lines = run_faults(system, kills, dwell=(0.5, 4.0))
+        print("\n".join(lines))
+        print(f"kills {system.kills}, by crash points {system.crash_kills}, restarts {system.restarts}")
+        for comp in KILLED:
+            assert system.kills[comp] >= kills
+    finally:
+        system.close()
+    down(home)
+    assert not system.marker_pids() and not system.vms()
+    return system
+
+
+#: Seen in about half the runs (2025-12, this branch): after a failover a short process stays
+#: WAITING in round 1 ("resource ... missing") while its engine's one node is RUNNING and the
+#: PD counts its need as met, so nothing ever places it. A PD finding, reported to the issue;
+#: only that liveness failure is expected: a process run twice, a VM leaked or doubled, an epoch
+#: going down or a live state unlike the replay still fail the test.
+PD_STUCK_WAITING = pytest.mark.xfail(raises=NotConverged, strict=False,
+                                     reason="PD: a requeued process can stay WAITING (finding)")
+
+
+@PD_STUCK_WAITING
+def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
+    """Two kills per component: the first by kill -9; the replica restarted after it is armed
+    with a crash point (probability 1), so once the second kill makes it lead it dies there."""
+    system = run(home, tmp_path, zk_hosts, kills=2, seed=random.randrange(10**6),
+                 arm_chance=1.0, arm_budget=1, churn_pd_nodes=False)
+    assert all(system.crash_kills[c] >= 1 for c in KILLED), system.crash_kills
+
+
+@pytest.mark.slow
+@PD_STUCK_WAITING
+def test_leaders_killed_under_load_20_each(home, tmp_path, zk_hosts):
+    system = run(home, tmp_path, zk_hosts, kills=20, seed=random.randrange(10**6))
+    assert sum(system.crash_kills.values()) > 0
