@@ -40,11 +40,11 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import Ok
+from ..runtime.tombstones import DEFAULT_LIMIT, DEFAULT_MAX_AGE, parse_tombstone_bounds
 from . import events as ev
 from . import invariants
 from . import messages as m
 from . import registry as dtrs
-from ..runtime.tombstones import DEFAULT_LIMIT, DEFAULT_MAX_AGE, parse_tombstone_bounds
 from .sealing import CredentialsKey, entry_from_event, entry_view, redact_entry, upgrade_entry
 from .state import (
     _NODE_EVENTS,
