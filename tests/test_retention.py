@@ -193,8 +193,14 @@ def test_the_default_plan_sets_the_retention_and_the_plan_check_refuses_a_bad_on
     assert plan.components["pd"].config["retention"] == 3600
     path = tmp_path / "p.yaml"
     path.write_text(default_plan_text().replace("retention: 3600", "retention: sometimes"))
-    with pytest.raises(PlanError, match="retention"):
+    with pytest.raises(PlanError, match="components.pd.config.*retention"):
         load_plan(path, home=tmp_path)
+    for component, anchor in (("epum", "      decider_interval: 1.0\n"),
+                              ("provisioner", "      query_interval: 2.0\n")):
+        bad = default_plan_text().replace(anchor, anchor + "      tombstone_limit: -1\n")
+        path.write_text(bad)
+        with pytest.raises(PlanError, match=f"components.{component}.config.*tombstone_limit"):
+            load_plan(path, home=tmp_path)
 
 
 def test_tombstones_are_bounded_and_the_bounds_replay_without_config():
