@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from epum_harness import Sim, definition
 
 from cei_actors.epum.events import InstanceDestroyRequested, InstanceLaunchRequested
@@ -374,3 +375,91 @@ def test_live_instances_unchanged_for_a_while_are_asked_for_again():
     assert s.state.instances[iid].state == "TERMINATED"
     s.run(20)
     assert s.running() == 1 and len(s.state.instances) == 2
+
+
+# ---- bounded state: tombstones of forgotten instances and removed domains (decision E5) -----
+
+
+def _reaped_victim(s: Sim, **config):
+    from cei_actors.epum.messages import ReapPass
+
+    s.run(20)
+    victim = next(iter(s.state.instances))
+    s.prov.kill(victim)
+    s.run(20)
+    last = s.state.instances[victim].describe()
+    s.clock.t += 101
+    s.send(ReapPass())
+    assert victim not in s.state.instances and victim in s.state.forgotten
+    return victim, last
+
+
+def test_a_forgotten_instance_is_answered_from_its_tombstone(caplog):
+    """After the reaper forgot an instance: a late node state of it writes nothing and never
+    brings it back; a heartbeat from it is dropped (a zombie: the Provisioner's listing
+    destroys it); a subscriber that still holds it hears its end; snapshots keep it."""
+    from cei_actors.epum.messages import NodeHeartbeat, SubscribeDomain
+
+    s = sim_with(2, config={"record_reaping_max_age": 100})
+    victim, last = _reaped_victim(s)
+    assert last["state"] in ("TERMINATED", "FAILED")
+    head = s.runner.head
+    caplog.set_level(logging.INFO, logger="cei_actors.epum.logic")
+    late = {"node_id": victim, "state": "RUNNING", "update_counter": 99}
+    s.send(NodeStateChanged(late))
+    s.send(NodeHeartbeat(victim, "OK", s.clock.t))
+    assert victim not in s.state.instances and s.runner.head == head
+    assert "forgotten instance" in caplog.text
+    s.inbox.clear()
+    assert isinstance(s.send(SubscribeDomain("d", "pd", known=[victim, "never"])), Ok)
+    ends = [m for m in s.inbox["pd"] if m.node_id == victim]
+    assert [(m.state, m.domain_id) for m in ends] == [(last["state"], "d")]
+    assert restore(snapshot(s.state)) == s.state
+    assert replay(EPUM(), s.runner.log, "epum") == s.state
+    assert s.state.forgotten.get(victim).record["owner"] == "default"
+
+
+def test_epum_tombstones_are_bounded_by_config_and_replay_without_it():
+    from cei_actors.epum.messages import ReapPass
+
+    s = sim_with(2, config={"record_reaping_max_age": 100, "tombstone_max_age": 50})
+    victim, _ = _reaped_victim(s)
+    s.clock.t += 51
+    s.send(ReapPass())
+    assert victim not in s.state.forgotten
+    assert replay(EPUM(), s.runner.log, "epum") == s.state  # default config, same map
+    for bad in ({"tombstone_limit": -1}, {"tombstone_max_age": "later"}):
+        with pytest.raises(ValueError, match="epum config: tombstone_"):
+            EPUM(bad)
+
+
+def test_a_removed_domain_leaves_tombstones():
+    s = sim_with(2)
+    s.run(20)
+    ids = set(s.state.instances)
+    s.send(RemoveDomain("d"))
+    s.run(20)
+    assert s.state.domains == {} and s.state.instances == {}
+    assert ids <= set(s.state.forgotten) and "default/d" in s.state.removed
+    code, msg = err(s.send(DescribeDomain("d")))
+    assert code == "not_found" and "removed at" in msg
+    assert err(s.send(DescribeDomain("other")))[1] == "no domain 'other'"
+    assert replay(EPUM(), s.runner.log, "epum") == s.state
+    assert restore(snapshot(s.state)) == s.state
+    assert s.send(AddDomain("d", "def", {"engine_conf": {"preserve_n": 1}})).value["domain_id"] == "d"
+    assert "default/d" not in s.state.removed
+
+
+def test_an_epum_snapshot_and_reap_events_from_before_tombstones_still_restore():
+    from cei_actors.epum.events import InstancesReaped
+    from cei_actors.epum.state import apply
+
+    s = sim_with(2)
+    s.run(20)
+    data = snapshot(s.state)
+    del data["forgotten"], data["removed_domains"]
+    state = restore(data)
+    assert state == s.state and len(state.forgotten) == 0
+    iid = next(iter(state.instances))
+    apply(state, InstancesReaped([iid]))  # an event written before tombstones: no time
+    assert state.forgotten.get(iid).forgotten_at == state.forgotten.get(iid).ended_at

@@ -161,3 +161,27 @@ def test_start_with_a_bad_config_is_refused(system):
     other = system.asys.createActor(ProcessDispatcherActor)
     reply = system.asys.ask(other, Start(system.log_url, config={"engines": {"e1": {}}}), 10)
     assert isinstance(reply, ErrorReply) and "'slots' is required" in reply.message
+
+
+@pytest.mark.parametrize("system", [{"retention": 1.0}], indirect=True, ids=["retention-1s"])
+def test_a_finished_process_is_forgotten_by_the_real_pd_and_still_answered(system):
+    """Retention 1 s on the real actor and a ZooKeeper log: the PD's own timer forgets a
+    process that exited; describe answers from its tombstone; a schedule runs a new round
+    past it; a ``once`` retry is answered as it ended, and a kill -9 changes nothing."""
+    c = system.client
+    system.add_node("n1", slots=2)
+    c.schedule_process("short", command=["true"], restart_mode="never")
+    assert c.wait_process("short", ps.EXITED)["round"] == 0
+    wait_for(lambda: c.describe_process("short").get("forgotten"), timeout=30)
+    gone = c.describe_process("short")
+    assert (gone["state"], gone["round"]) == (ps.EXITED, 0) and gone["forgotten_at"] >= gone["ended_at"]
+    assert [p["upid"] for p in c.dump()["processes"]] == []
+    same = c.schedule_process("short", command=["true"], restart_mode="never", once=True)
+    assert same["forgotten"] is True and same["round"] == 0
+    system.kill_pd()
+    system.start_pd()
+    c = system.client
+    assert c.describe_process("short")["forgotten"] is True
+    again = c.schedule_process("short", command=["true"], restart_mode="never")
+    assert again["round"] == 1 and "forgotten" not in again
+    assert c.wait_process("short", ps.EXITED)["round"] == 1

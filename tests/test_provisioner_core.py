@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-from provisioner_harness import DT, SIM_SITE, FakeClock, Harness, sim_vms
+from provisioner_harness import DT, SIM_SITE, FakeClock, Harness, make_core, sim_vms
 
 from cei_actors.provisioner import events as ev
 from cei_actors.provisioner.cloud import CloudWorker
@@ -33,6 +33,7 @@ from cei_actors.provisioner.messages import (
 )
 from cei_actors.provisioner.states import InstanceState, rank
 from cei_actors.runtime.messages import ErrorReply
+from cei_actors.runtime.runner import replay
 
 
 def prov(launch, ids, site="sim1", dt="dt1", caller=None, **vars):
@@ -514,14 +515,52 @@ def test_a_reaped_record_still_answers_a_late_dump_state(h):
     assert h.replayed() == h.state
 
 
-def test_tombstones_are_bounded(monkeypatch):
-    from cei_actors.provisioner import state as pstate
-
-    monkeypatch.setattr(pstate, "MAX_TOMBSTONES", 3)
-    s = pstate.ProvisionerState()
+def test_tombstones_are_bounded_by_count_and_age_and_replay_the_same():
+    """tombstone_limit and tombstone_max_age bound the reaped records' tombstones; the bounds
+    travel in the NodesReaped event, so a replay under another config gives the same map."""
+    h = Harness(tombstone_limit=3, tombstone_max_age=100_000.0)
+    h.setup_sim()
     for i in range(5):
-        s.bury(pstate.Node(f"n{i}", "L", None, "TERMINATED"))
-    assert list(s.reaped) == ["n2", "n3", "n4"]
+        h.ok(prov(f"L{i}", [f"n{i}"]))
+        h.drain()
+        h.ok(TerminateNodes([f"n{i}"]))
+        h.drain()
+        h.clock.advance(7201)
+        h.handle(ReapRecords())
+    assert list(h.state.reaped) == ["n2", "n3", "n4"]
+    assert h.state.reaped.get("n4").forgotten_at == h.clock.now()
+    other = replay(make_core(tombstone_limit=100, tombstone_max_age="forever"),
+                   h.runner.log, "provisioner")
+    assert other == h.state
+    h.clock.advance(100_001)  # older than tombstone_max_age: all go, by an event
+    head = h.runner.head
+    h.handle(ReapRecords())
+    assert len(h.state.reaped) == 0 and h.runner.head == head + 1
+    h.handle(ReapRecords())
+    assert h.runner.head == head + 1  # nothing left to bound: no event
+    assert h.replayed() == h.state
+
+
+def test_tombstone_bounds_are_checked():
+    for bad in ({"tombstone_limit": -1}, {"tombstone_limit": 2.5},
+                {"tombstone_max_age": "soon"}, {"tombstone_max_age": -1}):
+        with pytest.raises(ValueError, match="tombstone_"):
+            make_core(**bad)
+
+
+def test_a_legacy_snapshot_and_legacy_reap_events_still_restore():
+    """A snapshot written before the shared tombstones (bare records under ``reaped``) and
+    a NodesReaped without bounds (the old fold's 20,000 cap) still read."""
+    from cei_actors.provisioner import events as pev
+    from cei_actors.provisioner.state import MAX_TOMBSTONES, ProvisionerState, apply_event
+
+    data = ProvisionerState().to_data()
+    del data["tombstones"]
+    data["reaped"] = [{"node_id": "old", "state": "TERMINATED"}]
+    state = ProvisionerState.from_data(data)
+    assert state.reaped.get("old").record["state"] == "TERMINATED"
+    apply_event(state, pev.NodesReaped([], 5.0))
+    assert list(state.reaped) == ["old"] and MAX_TOMBSTONES == 20_000
 
 
 def test_events_per_node_in_a_plain_lifecycle(h):

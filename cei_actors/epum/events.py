@@ -90,11 +90,15 @@ class DomainRemoveRequested:
 @events.register("DomainRemoved")
 @dataclass(frozen=True, slots=True)
 class DomainRemoved:
-    """Every instance drained; the domain and its instance records are forgotten."""
+    """Every instance drained; the domain and its instance records are forgotten, each for a
+    tombstone. Then both tombstone maps are bounded: ``before`` (tombstones forgotten before
+    it go) and ``keep`` (at most this many; None: the default)."""
 
     owner: str
     domain_id: str
     at: float
+    keep: int | None = None
+    before: float | None = None
 
 
 @events.register("EngineConfigApplied")
@@ -188,4 +192,10 @@ class InstanceHealthChanged:
 @events.register("InstancesReaped")
 @dataclass(frozen=True, slots=True)
 class InstancesReaped:
+    """Old finished instances, forgotten, each for a tombstone; then both tombstone maps are
+    bounded as by ``DomainRemoved`` (events written before tombstones have no ``at``)."""
+
     instance_ids: list
+    at: float | None = None
+    keep: int | None = None
+    before: float | None = None

@@ -42,4 +42,10 @@ def broken(state: EPUMState) -> list[str]:
     for iid in state.open_terminations:
         if iid not in state.instances:
             problems.append(f"open termination of unknown instance {iid}")
+    for iid in state.forgotten:
+        if iid in state.instances:
+            problems.append(f"instance {iid} is both a live record and a tombstone")
+    for key in state.removed:
+        if key in state.domains:
+            problems.append(f"domain {key} is both live and removed")
     return problems

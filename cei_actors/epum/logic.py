@@ -40,6 +40,7 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import Ok
+from ..runtime.tombstones import DEFAULT_LIMIT, DEFAULT_MAX_AGE, parse_tombstone_bounds
 from . import invariants
 from ._provisioner import RANK, DumpState, NodeStateChanged, Provision, Subscribe, TerminateNodes
 from .engines import DEFAULT_ENGINE, Engine, EngineConfigError, load_engine
@@ -101,6 +102,7 @@ from .state import (
     Instance,
     Volatile,
     apply,
+    dkey,
     merge_config,
     restore,
     snapshot,
@@ -114,6 +116,17 @@ TERMINAL_STATES = ("TERMINATED", "FAILED", "REJECTED")
 _BELOW_TERMINATED = tuple(s for s, r in RANK.items() if r < R_TERMINATED)
 _NODE_PROPERTIES = ("iaas_id", "public_ip", "private_ip", "hostname", "state_desc")
 _DUMP_CHUNK = 1000
+_REAP_CHUNK = 500  # ids per InstancesReaped (no event outgrows a znode; decision P8)
+
+
+def _from_record(record: dict[str, Any]) -> Instance:
+    """An Instance standing in for a forgotten one, from its tombstone (for notifications)."""
+    keys = ("hostname", "public_ip", "private_ip", "iaas_id")
+    return Instance(record["instance_id"], record["owner"], record["domain_id"],
+                    record["launch_id"], record["deployable_type"], record["site"],
+                    record.get("allocation"), dict(record.get("extravars") or {}), {}, 0,
+                    record["state"], record["state_time"],
+                    properties={k: record.get(k) for k in keys})
 
 
 @dataclass
@@ -139,6 +152,19 @@ class EPUMConfig:
     initial_definitions: dict = field(default_factory=dict)  # id -> definition
     initial_domains: dict = field(default_factory=dict)  # id -> {definition, config}
     timers: bool = True  # False: passes only when sent explicitly (tests, simulator)
+    #: forgotten instances and removed domains remembered (each), and for how long
+    #: (seconds, or 'forever'); decision E5
+    tombstone_limit: int = DEFAULT_LIMIT
+    tombstone_max_age: float | str | None = DEFAULT_MAX_AGE
+
+    def __post_init__(self) -> None:
+        self.tombstone_limit, self.tombstone_max_age = parse_tombstone_bounds(
+            "epum", self.tombstone_limit, self.tombstone_max_age)
+
+    def tombstone_bounds(self, now: float) -> tuple[int, float | None]:
+        """``(keep, before)`` for an event that forgets at ``now``."""
+        age = self.tombstone_max_age
+        return self.tombstone_limit, None if age is None else now - float(age)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EPUMConfig:
@@ -188,7 +214,7 @@ class _Control(Control):
                allocation: str | None = None, extravars: dict | None = None) -> str:
         epum, dom, ctx = self._epum, self._dom, self._ctx
         iid = ctx.new_id("i-")
-        while iid in self._state.instances:  # a reseeded rng must never reuse an id
+        while iid in self._state.instances or iid in self._state.forgotten:  # never reuse an id
             iid = ctx.new_id("i-")
         launch_id = ctx.new_id("l-")
         dt = deployable_type or self.default_deployable_type
@@ -358,8 +384,12 @@ class EPUM(Component[EPUMState]):
 
     def _domain(self, state: EPUMState, domain_id: str, caller: str | None,
                 removing_ok: bool = True) -> Domain:
-        dom = state.domain(self.owner(caller), domain_id)
+        owner = self.owner(caller)
+        dom = state.domain(owner, domain_id)
         if dom is None:
+            stone = state.removed.get(dkey(owner, domain_id))
+            if stone is not None:
+                raise not_found(f"no domain {domain_id!r}: it was removed at {stone.forgotten_at:.3f}")
             raise not_found(f"no domain {domain_id!r}")
         if dom.removing and not removing_ok:
             raise conflict(f"domain {domain_id!r} is being removed")
@@ -398,6 +428,11 @@ class EPUM(Component[EPUMState]):
         for iid in sorted(past, key=lambda i: order[i].seq):
             inst = order[iid]
             out += self.notifications(dom, inst, inst.state, [to])
+        for iid in dict.fromkeys(known or ()):  # forgotten ones the subscriber still holds
+            stone = state.forgotten.get(iid) if iid not in order else None
+            rec = stone.record if stone is not None else None
+            if rec is not None and dkey(rec["owner"], rec["domain_id"]) == dom.key:
+                out += self.notifications(dom, _from_record(rec), rec["state"], [to])
         return out
 
     @staticmethod
@@ -588,7 +623,12 @@ class EPUM(Component[EPUMState]):
             return Decision()
         inst = state.instances.get(node_id)
         if inst is None:
-            logger.info("epum: update for unknown instance %s (%s) dropped", node_id, new)
+            stone = state.forgotten.get(node_id)
+            if stone is not None:  # ended long ago: a late or reordered report, never revived
+                logger.info("epum: update for forgotten instance %s (%s; it ended %s at %.3f) "
+                            "dropped", node_id, new, stone.record["state"], stone.ended_at)
+            else:
+                logger.info("epum: update for unknown instance %s (%s) dropped", node_id, new)
             return Decision()
         r_new, r_old = RANK[new], inst.rank
         if r_new < r_old or (r_new == r_old and counter <= inst.update_counter):
@@ -608,7 +648,15 @@ class EPUM(Component[EPUMState]):
     def _heartbeat(self, state: EPUMState, m: NodeHeartbeat, ctx: Context) -> Decision:
         inst = state.instances.get(m.node_id)
         if inst is None:
-            logger.info("epum: heartbeat from unknown node %s dropped", m.node_id)
+            stone = state.forgotten.get(m.node_id)
+            if stone is not None:
+                # a zombie past the ZOMBIE window: its record is final at the Provisioner (or
+                # gone), whose listings destroy such a VM (decision P4); nothing to record
+                logger.warning("epum: heartbeat from forgotten instance %s (it ended %s at "
+                               "%.3f); dropped, the Provisioner's listing destroys its VM",
+                               m.node_id, stone.record["state"], stone.ended_at)
+            else:
+                logger.info("epum: heartbeat from unknown node %s dropped", m.node_id)
             return Decision()
         dom = state.domains[inst.domain_key]
         conf = health_config(dom.health_conf)
@@ -782,7 +830,8 @@ class EPUM(Component[EPUMState]):
             engine.dying(control)
         except Exception as exc:
             logger.warning("epum: engine of removed domain %s failed while dying: %s", dom.domain_id, exc)
-        out.events.append(DomainRemoved(dom.owner, dom.domain_id, ctx.now))
+        out.events.append(DomainRemoved(dom.owner, dom.domain_id, ctx.now,
+                                        *self.config.tombstone_bounds(ctx.now)))
 
     # ---- the doctor and the reaper ------------------------------------------------------------
 
@@ -825,7 +874,13 @@ class EPUM(Component[EPUMState]):
                 old += [i for i in dom.by_state.get(s, ()) if state.instances[i].state_time < cutoff
                         and state.instances[i].health != "ZOMBIE"]
         effects = self._timers(reaper=True)
-        return Decision([InstancesReaped(sorted(old))] if old else [], effects)
+        keep, before = self.config.tombstone_bounds(ctx.now)
+        if not old and not state.forgotten.over(keep, before) and not state.removed.over(keep, before):
+            return Decision([], effects)
+        old.sort()
+        evs = [InstancesReaped(old[k:k + _REAP_CHUNK], ctx.now, keep, before)
+               for k in range(0, max(len(old), 1), _REAP_CHUNK)]
+        return Decision(evs, effects)
 
     _handlers: dict[type, Any] = {
         AddDomainDefinition: _add_definition,

@@ -16,6 +16,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.tombstones import DEFAULT_LIMIT, Tombstones
 from ._provisioner import RANK
 from .events import (
     DefinitionAdded,
@@ -177,6 +178,10 @@ class EPUMState:
     open_launches: set[str] = field(default_factory=set)
     open_terminations: set[str] = field(default_factory=set)
     launch_seq: int = 0
+    #: forgotten instances (reaped, or of a removed domain): their last record (decision E5)
+    forgotten: Tombstones = field(default_factory=Tombstones)
+    #: removed domains, by domain key
+    removed: Tombstones = field(default_factory=Tombstones)
     vol: Volatile = field(default_factory=Volatile, compare=False, repr=False)
 
     def domain(self, owner: str, domain_id: str) -> Domain | None:
@@ -208,6 +213,22 @@ def _reindex_health(dom: Domain, inst: Instance) -> None:
         dom.unhealthy.add(inst.instance_id)
     else:
         dom.unhealthy.discard(inst.instance_id)
+
+
+def _bury(state: EPUMState, iid: str, at: float | None) -> None:
+    """Forget instance ``iid`` for a tombstone holding its last record."""
+    inst = state.instances.get(iid)
+    if inst is None:
+        return
+    record = {**inst.describe(), "owner": inst.owner}
+    state.forgotten.bury(iid, record, inst.state_time, inst.state_time if at is None else at)
+    _forget_instance(state, iid)
+
+
+def _bound(state: EPUMState, keep: int | None, before: float | None) -> None:
+    keep = DEFAULT_LIMIT if keep is None else keep
+    state.forgotten.bound(keep, before)
+    state.removed.bound(keep, before)
 
 
 def _forget_instance(state: EPUMState, iid: str) -> None:
@@ -272,6 +293,7 @@ def apply(state: EPUMState, event: Any) -> EPUMState:
             dict(event.vars), state.launch_seq, "REQUESTING", event.at,
         )
         state.instances[inst.instance_id] = inst
+        state.forgotten.remove(inst.instance_id)
         dom.instances[inst.instance_id] = None
         dom.by_state.setdefault("REQUESTING", set()).add(inst.instance_id)
         state.open_launches.add(inst.instance_id)
@@ -316,6 +338,7 @@ def apply(state: EPUMState, event: Any) -> EPUMState:
             merge_config({}, event.config), list(event.subscribers), event.at,
         )
         state.domains[dom.key] = dom
+        state.removed.remove(dom.key)
         vol.dirty.add(dom.key)
     elif t is DomainRemoveRequested:
         dom = state.domains[dkey(event.owner, event.domain_id)]
@@ -326,8 +349,12 @@ def apply(state: EPUMState, event: Any) -> EPUMState:
         dom = state.domains.get(key)
         if dom is not None:
             for iid in list(dom.instances):
-                _forget_instance(state, iid)
+                _bury(state, iid, event.at)
             del state.domains[key]
+            state.removed.bury(key, {"domain_id": dom.domain_id, "owner": dom.owner,
+                                     "definition_id": dom.definition_id,
+                                     "created": dom.created}, event.at, event.at)
+            _bound(state, event.keep, event.before)
         vol.dirty.discard(key)
         vol.wake.pop(key, None)
         vol.sensor_next.pop(key, None)
@@ -342,7 +369,8 @@ def apply(state: EPUMState, event: Any) -> EPUMState:
             dom.subscribers.remove(event.subscriber)
     elif t is InstancesReaped:
         for iid in event.instance_ids:
-            _forget_instance(state, iid)
+            _bury(state, iid, event.at)
+        _bound(state, event.keep, event.before)
     elif t is DefinitionAdded or t is DefinitionUpdated:
         state.definitions[event.definition_id] = copy.deepcopy(event.definition)
     elif t is DefinitionRemoved:
@@ -378,6 +406,8 @@ def snapshot(state: EPUMState) -> dict[str, Any]:
         "instances": [[getattr(i, f) for f in _INSTANCE_FIELDS] for i in state.instances.values()],
         "open_launches": sorted(state.open_launches),
         "open_terminations": sorted(state.open_terminations),
+        "forgotten": state.forgotten.to_data(),
+        "removed_domains": state.removed.to_data(),
     }
 
 
@@ -399,4 +429,6 @@ def restore(data: dict[str, Any]) -> EPUMState:
         state.domains[dom.key] = dom
     state.open_launches = set(data["open_launches"])
     state.open_terminations = set(data["open_terminations"])
+    state.forgotten = Tombstones.from_data(data.get("forgotten"))  # none before E5
+    state.removed = Tombstones.from_data(data.get("removed_domains"))
     return state

@@ -411,6 +411,7 @@ class _Validator:
         from ..ha.logic import HAConfig
         from ..pd.logic import parse_config
         from ..provisioner.actor import check_config_keys
+        from ..runtime.tombstones import DEFAULT_LIMIT, DEFAULT_MAX_AGE, parse_tombstone_bounds
 
         for name in plan.components:
             key = f"components.{name}.config"
@@ -424,5 +425,8 @@ class _Validator:
                     HAConfig.from_dict(conf)
                 else:
                     check_config_keys(conf)
+                    parse_tombstone_bounds(  # the core's other values are checked at start
+                        "provisioner", conf.get("tombstone_limit", DEFAULT_LIMIT),
+                        conf.get("tombstone_max_age", DEFAULT_MAX_AGE))
             except (ValueError, TypeError) as exc:
                 raise self.fail(key, str(exc)) from None

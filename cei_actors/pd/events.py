@@ -32,12 +32,14 @@ class DefinitionRemoved:
 @events.register("ProcessCreated")
 @dataclass(frozen=True, slots=True)
 class ProcessCreated:
-    """``create_process``: a new process, UNSCHEDULED at round 0."""
+    """``create_process``: a new process, UNSCHEDULED at ``round`` (0, or one past the last
+    round of a forgotten process of the same upid)."""
 
     upid: str
     definition_id: str
     name: str | None
     at: float
+    round: int = 0
 
 
 @events.register("ProcessScheduled")
@@ -148,6 +150,20 @@ class ResourceOccupancy:
     at: float
 
 
+@events.register("ProcessesForgotten")
+@dataclass(frozen=True, slots=True)
+class ProcessesForgotten:
+    """Finished processes (TERMINATED, EXITED, FAILED, REJECTED) past the retention leave the
+    state, each for a tombstone (its last record, round and a digest of its parameters). A
+    process that is not finished when this applies stays (nothing live is forgotten). Then
+    tombstones forgotten before ``before`` go, and the oldest beyond ``keep``."""
+
+    upids: list[str]
+    at: float
+    keep: int | None = None
+    before: float | None = None
+
+
 @events.register("SystemBootSet")
 @dataclass(frozen=True, slots=True)
 class SystemBootSet:
@@ -155,4 +171,6 @@ class SystemBootSet:
     at: float
 
 
-ProcessEvent = ProcessCreated | ProcessScheduled | ProcessMoved | ProcessAssigned
+ProcessEvent = (
+    ProcessCreated | ProcessScheduled | ProcessMoved | ProcessAssigned | ProcessesForgotten
+)

@@ -49,4 +49,10 @@ def broken(state: PDState) -> list[str]:
                     )
         elif proc.resource_id is not None and upid in placed_on:
             problems.append(f"process {upid} is {proc.state} yet still holds a slot on {proc.resource_id}")
+    for upid in state.tombstones:
+        if upid in state.processes:
+            problems.append(f"process {upid} is both a live record and a tombstone")
+        stone = state.tombstones.get(upid)
+        if stone is not None and stone.record.get("state") not in ps.TERMINAL:
+            problems.append(f"process {upid} was forgotten while {stone.record.get('state')}")
     return problems

@@ -38,6 +38,10 @@ Config keys (all optional except ``engines``; see :func:`parse_config`)::
                               # heartbeat the PD last granted, unless renewed (decision PD9)
     fence_margin: 3.0         # the PD moves work off a silent node not known dead only
                               # fence_time + fence_margin after it last renewed its lease
+    retention: 3600           # seconds a finished process is kept before it is forgotten
+                              # for a tombstone ('forever': never; decision PD10)
+    tombstone_limit: 20000    # tombstones kept at most (the oldest go first)
+    tombstone_max_age: 604800 # seconds a tombstone is kept ('forever': no limit)
 """
 
 from __future__ import annotations
@@ -72,6 +76,13 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import ErrorReply, Ok
+from ..runtime.tombstones import (
+    DEFAULT_LIMIT,
+    DEFAULT_MAX_AGE,
+    Tombstone,
+    parse_seconds,
+    parse_tombstone_bounds,
+)
 from . import invariants
 from . import states as ps
 from .events import (
@@ -82,6 +93,7 @@ from .events import (
     NodeRetiring,
     ProcessAssigned,
     ProcessCreated,
+    ProcessesForgotten,
     ProcessMoved,
     ProcessScheduled,
     ResourceAdded,
@@ -100,6 +112,7 @@ from .messages import (
     Dump,
     FlushNeeds,
     FlushOutbox,
+    ForgetProcesses,
     KillProcess,
     ListDefinitions,
     Matchmake,
@@ -115,7 +128,7 @@ from .messages import (
     UpdateDefinition,
 )
 from .needs import EngineSpec, need, retirable
-from .state import Liveness, PDState, Process, Resource, Soft
+from .state import Liveness, PDState, Process, Resource, Soft, spec_digest
 
 logger = logging.getLogger(__name__)
 
@@ -127,6 +140,10 @@ NODE_LOST = frozenset({"RUNNING_FAILED", "TERMINATING", "TERMINATED", "FAILED", 
 #: moves at once. After the others (RUNNING_FAILED, TERMINATING) the agent may still run
 #: it, so it moves when the agent's lease has run out (decision PD9).
 NODE_DEAD = frozenset({"TERMINATED", "FAILED", "REJECTED"})
+#: Processes forgotten per pass at most (the rest follow at once, in the next pass) and per
+#: event (so no event outgrows a znode; decision P8).
+FORGET_PER_PASS = 5_000
+FORGET_PER_EVENT = 500
 
 
 @dataclass(frozen=True)
@@ -148,6 +165,15 @@ class PDConfig:
     needs_refresh: float = 30.0
     fence_time: float = 15.0
     fence_margin: float = 3.0
+    retention: float | None = 3600.0  # None: forever
+    tombstone_limit: int = DEFAULT_LIMIT
+    tombstone_max_age: float | None = DEFAULT_MAX_AGE  # None: forever
+
+    def forget_every(self) -> float | None:
+        """Seconds between two passes that forget finished processes (None: never)."""
+        if self.retention is None:
+            return None
+        return max(1.0, min(300.0, self.retention / 4))
 
     def domain_id(self, engine: str) -> str:
         return f"{self.domain_prefix}{engine}"
@@ -222,6 +248,13 @@ def parse_config(config: Mapping[str, Any] | None) -> PDConfig:
                     f"got {value!r}"
                 )
             config[key] = float(value)
+    if "retention" in config:
+        config["retention"] = parse_seconds("PD config: retention", config["retention"])
+    limit, max_age = parse_tombstone_bounds(
+        "PD", config.get("tombstone_limit", DEFAULT_LIMIT),
+        config.get("tombstone_max_age", DEFAULT_MAX_AGE),
+    )
+    config["tombstone_limit"], config["tombstone_max_age"] = limit, max_age
     kw = {k: config[k] for k in PDConfig.__dataclass_fields__ if k in config}
     kw.update(
         engines=engines,
@@ -636,6 +669,9 @@ class ProcessDispatcher(Component[PDState]):
         if every is not None:
             tx.timer("monitor", every, MonitorResources())
         tx.timer("retry", self.retry_every(), RetryDispatches())
+        forget = cfg.forget_every()
+        if forget is not None:
+            tx.timer("forget", forget, ForgetProcesses())
         # The runner commits these events without applying them again: nothing is pending.
         decision = tx.decision()
         return decision
@@ -706,6 +742,13 @@ def _proc(tx: Tx, upid: str) -> Process:
     return p
 
 
+def _ended(stone: Tombstone) -> str:
+    """How a forgotten process ended, for messages."""
+    r = stone.record
+    return (f"ended {r['state']} (round {r['round']}) and was forgotten at "
+            f"{stone.forgotten_at:.3f} after the PD's retention")
+
+
 def _definition_fields(m: CreateDefinition | UpdateDefinition) -> dict[str, Any]:
     return {
         "definition_id": m.definition_id,
@@ -765,7 +808,9 @@ def _on_create_process(pd: ProcessDispatcher, tx: Tx, m: CreateProcess) -> None:
                 f"process {m.upid!r} exists with definition {p.definition_id!r} and name {p.name!r}"
             )
     else:
-        tx.emit(ProcessCreated(m.upid, m.definition_id, m.name, tx.now))
+        stone = tx.s.tombstones.get(m.upid)
+        round_ = 0 if stone is None else stone.record["round"] + 1  # past any late report
+        tx.emit(ProcessCreated(m.upid, m.definition_id, m.name, tx.now, round_))
     tx.reply_process = m.upid
 
 
@@ -826,7 +871,18 @@ def _on_schedule(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcess) -> None:
         )
     spec = _schedule_spec(pd, tx, m, p)
     tx.reply_process = m.upid
-    if p is None:
+    stone = tx.s.tombstones.get(m.upid) if p is None else None
+    if stone is not None and m.once:
+        # ended and forgotten: answered as it stands, never run again (C2)
+        if stone.record.get("spec_digest") != spec_digest(spec):
+            raise conflict(f"process {m.upid!r} {_ended(stone)}, with different parameters")
+        tx.reply_process = None
+        tx.reply = Ok(stone.describe())
+        return
+    if stone is not None:
+        # a new round past the forgotten one's, so a late report of it is never taken for this
+        round_ = stone.record["round"] + 1
+    elif p is None:
         round_ = 0
     elif p.state == ps.UNSCHEDULED:
         round_ = p.round
@@ -849,17 +905,23 @@ def _on_schedule_many(pd: ProcessDispatcher, tx: Tx, m: ScheduleProcesses) -> No
     out: list[Any] = []
     for request in m.requests:
         tx.reply_process = None
+        tx.reply = None
         try:
             _on_schedule(pd, tx, request)  # refuses before it emits anything
         except Rejected as exc:
             out.append({"upid": request.upid, "error": exc.code, "message": exc.message})
             continue
-        out.append(request.upid)
+        out.append(request.upid if tx.reply is None else tx.reply.value)
+    tx.reply = None
     tx.reply_process = None
     tx.reply_many = out
 
 
 def _on_kill(pd: ProcessDispatcher, tx: Tx, m: KillProcess) -> None:
+    stone = tx.s.tombstones.get(m.upid)
+    if stone is not None:  # ended long ago: nothing to do, answered as it stands
+        tx.reply = Ok(stone.describe())
+        return
     p = _proc(tx, m.upid)
     tx.reply_process = m.upid
     if p.state in ps.TERMINAL:
@@ -878,6 +940,9 @@ def _on_kill(pd: ProcessDispatcher, tx: Tx, m: KillProcess) -> None:
 
 
 def _on_restart(pd: ProcessDispatcher, tx: Tx, m: RestartProcess) -> None:
+    stone = tx.s.tombstones.get(m.upid)
+    if stone is not None:  # its parameters were forgotten with it
+        raise conflict(f"process {m.upid!r} {_ended(stone)}: schedule it again to run it")
     p = _proc(tx, m.upid)
     tx.reply_process = m.upid
     if p.state in (ps.ASSIGNED, ps.PENDING, ps.RUNNING):
@@ -894,19 +959,30 @@ def _on_restart(pd: ProcessDispatcher, tx: Tx, m: RestartProcess) -> None:
 
 
 def _on_describe(pd: ProcessDispatcher, tx: Tx, m: DescribeProcess) -> None:
+    stone = tx.s.tombstones.get(m.upid)
+    if stone is not None:
+        tx.reply = Ok(stone.describe())  # marked forgotten, with when it ended and was forgotten
+        return
     tx.reply = Ok(_proc(tx, m.upid).describe())
 
 
 def _on_describe_many(pd: ProcessDispatcher, tx: Tx, m: DescribeProcesses) -> None:
-    procs = tx.s.processes
+    """The named processes (a forgotten one by its tombstone), or every live record."""
+    procs, stones = tx.s.processes, tx.s.tombstones
     if m.upids is not None:
-        chosen = [procs[u] for u in m.upids if u in procs]
+        chosen: list[dict[str, Any]] = []
+        for u in m.upids:
+            p = procs.get(u)
+            if p is not None:
+                chosen.append(p.describe())
+            elif (stone := stones.get(u)) is not None:
+                chosen.append(stone.describe())
     else:
-        chosen = list(procs.values())
+        chosen = [p.describe() for p in procs.values()]
     if m.state is not None:
         want = m.state.upper()
-        chosen = [p for p in chosen if p.state == want]
-    tx.reply = Ok([p.describe() for p in chosen])
+        chosen = [d for d in chosen if d["state"] == want]
+    tx.reply = Ok(chosen)
 
 
 def _on_system_boot(pd: ProcessDispatcher, tx: Tx, m: SetSystemBoot) -> None:
@@ -953,6 +1029,7 @@ def _on_dump(pd: ProcessDispatcher, tx: Tx, m: Dump) -> None:
                 for eid, spec in pd.cfg.engines.items()
             },
             "counts": {k: v for k, v in s.state_count.items() if v},
+            "forgotten": len(s.tombstones),
         }
     )
 
@@ -1052,11 +1129,12 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         p = s.processes.get(upid)
         key = (upid, rnd)
         if p is None or p.resource_id != rid or p.round != rnd or p.state not in ps.PLACED:
-            # Not our placement here: a stale round, a copy the PD moved away or ended, or
-            # an unknown upid. Live ones hold a slot on the agent; stale ones are ended.
+            # Not our placement here: a stale round, a copy the PD moved away or ended (or
+            # forgot: a tombstone), or an unknown upid. Live ones hold a slot on the agent;
+            # stale ones are ended; finished ones are cleaned up, never brought back.
             if live:
                 foreign += 1
-                if p is not None and state != ps.TERMINATING:
+                if (p is not None or upid in s.tombstones) and state != ps.TERMINATING:
                     last = old_kills.get(key)
                     if last is None or now - last >= resend:
                         tx.terminate(rid, upid, rnd)
@@ -1156,6 +1234,27 @@ def _on_retry(pd: ProcessDispatcher, tx: Tx, m: RetryDispatches) -> None:
     tx.timer("retry", pd.retry_every(), RetryDispatches())
 
 
+def _on_forget(pd: ProcessDispatcher, tx: Tx, m: ForgetProcesses) -> None:
+    """Forget the processes finished for longer than the retention (oldest first), and bound
+    the tombstones; the bounds go into the event, so replay needs no config (PD10)."""
+    s, cfg = tx.s, pd.cfg
+    every = cfg.forget_every()
+    if every is None or cfg.retention is None:
+        return
+    cutoff = tx.now - cfg.retention
+    due: list[str] = []
+    for upid, at in s.ended.items():
+        if at > cutoff or len(due) >= FORGET_PER_PASS:
+            break
+        due.append(upid)
+    keep = cfg.tombstone_limit
+    before = None if cfg.tombstone_max_age is None else tx.now - cfg.tombstone_max_age
+    if due or s.tombstones.over(keep, before):
+        for k in range(0, max(len(due), 1), FORGET_PER_EVENT):
+            tx.emit(ProcessesForgotten(due[k : k + FORGET_PER_EVENT], tx.now, keep, before))
+    tx.timer("forget", 0.0 if len(due) >= FORGET_PER_PASS else every, ForgetProcesses())
+
+
 def _on_matchmake(pd: ProcessDispatcher, tx: Tx, m: Matchmake) -> None:
     tx.s.soft.timers.pop("throttle", None)
 
@@ -1194,6 +1293,7 @@ _HANDLERS: dict[type, Handler] = {
     AgentHeartbeat: _on_heartbeat,
     MonitorResources: _on_monitor,
     RetryDispatches: _on_retry,
+    ForgetProcesses: _on_forget,
     Matchmake: _on_matchmake,
     FlushNeeds: _on_flush_needs,
     FlushOutbox: _on_flush_outbox,

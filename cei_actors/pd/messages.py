@@ -284,6 +284,11 @@ class RetryDispatches(Message):
 
 
 @dataclass(frozen=True)
+class ForgetProcesses(Message):
+    """Forget finished processes older than the retention (each leaves a tombstone)."""
+
+
+@dataclass(frozen=True)
 class Matchmake(Message):
     """Run a matchmaking pass (throttled processes that came due)."""
 

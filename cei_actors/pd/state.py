@@ -13,9 +13,13 @@ logged; after a recovery it starts empty (every resource gets a fresh heartbeat 
 from __future__ import annotations
 
 import collections
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
+
+from ..runtime.tombstones import DEFAULT_LIMIT, Tombstones
 from . import states as ps
 from .events import (
     DefinitionRemoved,
@@ -25,6 +29,7 @@ from .events import (
     NodeRetiring,
     ProcessAssigned,
     ProcessCreated,
+    ProcessesForgotten,
     ProcessMoved,
     ProcessScheduled,
     ResourceAdded,
@@ -113,6 +118,33 @@ class Process:
             "msg": self.msg,
             "state_time": self.state_at,
         }
+
+    def tombstone(self) -> dict[str, Any]:
+        """What is kept of a forgotten process: its describe() without the bulky parameters
+        (command, env, cwd, configuration, subscribers), plus a digest of all of them, so a
+        ``once`` retry can still be told same from different."""
+        out = self.describe()
+        for key in ("command", "env", "cwd", "configuration", "subscribers"):
+            del out[key]
+        out["spec_digest"] = spec_digest(self.spec())
+        return out
+
+
+def spec_digest(spec: dict[str, Any]) -> str:
+    """A short digest of a process's parameters, the same for equal specs whatever the order
+    of their maps."""
+    packed = msgpack.packb(_ordered(spec), use_bin_type=True)
+    return hashlib.sha256(packed).hexdigest()[:32]
+
+
+def _ordered(value: Any) -> Any:
+    if isinstance(value, dict):
+        pairs = [[k, _ordered(v)] for k, v in value.items()]
+        pairs.sort(key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        return ["<map>", pairs]
+    if isinstance(value, list | tuple):
+        return [_ordered(v) for v in value]
+    return value
 
 
 @dataclass(slots=True, eq=False)
@@ -226,6 +258,8 @@ class PDState:
         self.system_boot = False
         self.next_seq = 1
         self.node_seq = 1
+        #: forgotten processes (decision PD10): upid -> last record, round, when
+        self.tombstones = Tombstones()
         # derived
         self.mm = Matchmaker(
             self.processes, self.nodes, self.resources, min_start_interval=min_start_interval
@@ -236,6 +270,8 @@ class PDState:
         self.occupied: collections.Counter[str] = collections.Counter()  # engine -> nodes used
         self.engine_nodes: dict[str, dict[str, None]] = {}
         self.state_count: collections.Counter[str] = collections.Counter()
+        #: finished (TERMINAL) upids -> when they finished, in the order they did
+        self.ended: dict[str, float] = {}
         # not derived from events at all
         self.soft = Soft()
         self.pre: collections.deque[Any] = collections.deque()  # events decide applied already
@@ -276,6 +312,7 @@ class PDState:
             "system_boot": self.system_boot,
             "next_seq": self.next_seq,
             "node_seq": self.node_seq,
+            "tombstones": self.tombstones.to_data(),
         }
 
     @classmethod
@@ -285,6 +322,7 @@ class PDState:
         s.system_boot = bool(data["system_boot"])
         s.next_seq = int(data["next_seq"])
         s.node_seq = int(data["node_seq"])
+        s.tombstones = Tombstones.from_data(data.get("tombstones"))  # none before PD10
         for d in sorted(data["nodes"], key=lambda d: d["seq"]):
             node = Node(
                 d["node_id"],
@@ -333,6 +371,7 @@ class PDState:
             s.mm.enqueue(p)
             if p.state == ps.WAITING:
                 s.mm.waited(p.upid)
+        s.ended = dict(sorted(s.ended.items(), key=lambda kv: kv[1]))
         return s
 
     def __eq__(self, other: object) -> bool:
@@ -360,6 +399,8 @@ class PDState:
             self.unacked.pop(p.upid, None)
         elif p.state == ps.TERMINATING:
             self.terminating.pop(p.upid, None)
+        elif p.state in ps.TERMINAL:
+            self.ended.pop(p.upid, None)
 
     def _recount(self, p: Process) -> None:
         self.state_count[p.state] += 1
@@ -369,6 +410,8 @@ class PDState:
             self.unacked[p.upid] = None
         elif p.state == ps.TERMINATING:
             self.terminating[p.upid] = None
+        elif p.state in ps.TERMINAL:
+            self.ended[p.upid] = p.state_at
 
     def _set_state(self, p: Process, state: str, round_: int, at: float) -> str:
         old = p.state
@@ -427,10 +470,11 @@ class PDState:
     def _on_process_created(self, e: ProcessCreated) -> None:
         if e.upid in self.processes:
             return
+        self.tombstones.remove(e.upid)
         p = Process(
             e.upid,
             ps.UNSCHEDULED,
-            0,
+            e.round,
             definition_id=e.definition_id,
             name=e.name,
             created_at=e.at,
@@ -442,6 +486,7 @@ class PDState:
     def _on_process_scheduled(self, e: ProcessScheduled) -> None:
         p = self.processes.get(e.upid)
         if p is None:
+            self.tombstones.remove(e.upid)
             p = Process(e.upid, ps.REQUESTED, e.round, created_at=e.at, state_at=e.at)
             self.processes[e.upid] = p
             self._apply_spec(p, e.spec)
@@ -578,6 +623,18 @@ class PDState:
         res.foreign = e.foreign
         self.mm.touch_node(node)
 
+    def _on_processes_forgotten(self, e: ProcessesForgotten) -> None:
+        for upid in e.upids:
+            p = self.processes.get(upid)
+            if p is None or p.state not in ps.TERMINAL:
+                continue  # never forget a live process, whatever the event says
+            self._uncount(p)
+            del self.processes[upid]
+            self.tombstones.bury(upid, p.tombstone(), p.state_at, e.at)
+        if not self.ended:
+            self.ended = {}  # a drained dict keeps its capacity (decision E3)
+        self.tombstones.bound(DEFAULT_LIMIT if e.keep is None else e.keep, e.before)
+
     def _on_system_boot(self, e: SystemBootSet) -> None:
         self.system_boot = e.on
 
@@ -601,6 +658,7 @@ _HANDLERS = {
     ProcessScheduled: PDState._on_process_scheduled,
     ProcessMoved: PDState._on_process_moved,
     ProcessAssigned: PDState._on_process_assigned,
+    ProcessesForgotten: PDState._on_processes_forgotten,
     NodeAdded: PDState._on_node_added,
     NodeRemoved: PDState._on_node_removed,
     NodeRetiring: PDState._on_node_retiring,

@@ -116,10 +116,14 @@ class NodesObserved:
 @events.register("NodesReaped")
 @dataclass(frozen=True, slots=True)
 class NodesReaped:
-    """Old records in a final state, removed (with launches left empty)."""
+    """Old records in a final state, removed (with launches left empty); each leaves a
+    tombstone. Then tombstones buried before ``before`` go, and the oldest beyond ``keep``
+    (None: 20,000, the bound before it was config; events written then name none)."""
 
     node_ids: list[str]
     at: float
+    keep: int | None = None
+    before: float | None = None
 
 
 @events.register("ProvisionerDisabled")

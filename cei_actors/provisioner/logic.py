@@ -40,6 +40,7 @@ from ..runtime.core import (
     not_found,
 )
 from ..runtime.messages import Ok
+from ..runtime.tombstones import DEFAULT_LIMIT, DEFAULT_MAX_AGE, parse_tombstone_bounds
 from . import events as ev
 from . import invariants
 from . import messages as m
@@ -78,6 +79,8 @@ CONFIG_KEYS: dict[str, Any] = {
     "destroy_retry_delay": 5.0,  # seconds before a failed destroy is retried
     "reaper_interval": 300.0,  # seconds between reaper runs
     "record_max_age": 7200.0,  # finished node records older than this are removed
+    "tombstone_limit": DEFAULT_LIMIT,  # removed records remembered (last public record)
+    "tombstone_max_age": DEFAULT_MAX_AGE,  # seconds they are remembered ('forever': no limit)
     "client_token_prefix": "cei-",  # marks our VMs; zombies carry it
     "default_user": None,  # the caller assumed when a request names none
     "subscribers": [],  # peer names notified of every node change (besides Subscribe)
@@ -155,6 +158,8 @@ class Provisioner(Component[ProvisionerState]):
         destroy_retry_delay: float = 5.0,
         reaper_interval: float = 300.0,
         record_max_age: float = 7200.0,
+        tombstone_limit: int = DEFAULT_LIMIT,
+        tombstone_max_age: float | str | None = DEFAULT_MAX_AGE,
         client_token_prefix: str = "cei-",
         default_user: str | None = None,
         subscribers: list[str] | tuple[str, ...] = (),
@@ -183,6 +188,8 @@ class Provisioner(Component[ProvisionerState]):
         self.destroy_retry_delay = float(destroy_retry_delay)
         self.reaper_interval = float(reaper_interval)
         self.record_max_age = float(record_max_age)
+        self.tombstones = parse_tombstone_bounds("provisioner", tombstone_limit,
+                                                 tombstone_max_age)
         self.prefix = client_token_prefix
         self.default_user = default_user
         self.subscribers = tuple(subscribers)
@@ -306,7 +313,9 @@ class Provisioner(Component[ProvisionerState]):
         if subs and txn.touched:
             for nid in txn.touched:
                 node = txn.node(nid)
-                record = public_node(node) if node is not None else state.reaped.get(nid)
+                stone = state.reaped.get(nid) if node is None else None
+                record = public_node(node) if node is not None else (
+                    stone.record if stone is not None else None)
                 if record is not None:
                     notice = m.NodeStateChanged(dict(record))
                     txn.effects.extend(Send(sub, notice) for sub in subs)
@@ -883,9 +892,11 @@ class Provisioner(Component[ProvisionerState]):
             if at > cutoff:
                 break
             old.append(nid)
-        for part in _chunks(old):
-            if part:
-                txn.emit(ev.NodesReaped(part, txn.now))
+        keep, max_age = self.tombstones
+        before = None if max_age is None else txn.now - max_age
+        if old or state.reaped.over(keep, before):
+            for part in _chunks(old):
+                txn.emit(ev.NodesReaped(part, txn.now, keep, before))
         if self.reaper_interval > 0:
             txn.effects.append(SetTimer("reap", self.reaper_interval, m.ReapRecords()))
         return None

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..runtime.tombstones import DEFAULT_LIMIT, Tombstones
 from . import events as ev
 from .registry import Registry, credential_key
 from .sealing import entry_from_event
@@ -121,8 +122,8 @@ class ProvisionerState:
     active: dict[str, None] = field(default_factory=dict)  # below TERMINATING
     by_account: dict[str, dict[str, None]] = field(default_factory=dict)  # not final
     finished: dict[str, float] = field(default_factory=dict)  # final, in order reached
-    #: reaped records, oldest first (at most MAX_TOMBSTONES): what a late DumpState is answered
-    reaped: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: reaped records' last public form, oldest first: what a late DumpState is answered
+    reaped: Tombstones = field(default_factory=Tombstones)
     volatile: Volatile = field(default_factory=Volatile, compare=False, repr=False)
 
     # ---- index maintenance
@@ -191,7 +192,7 @@ class ProvisionerState:
             "registry": self.registry.to_data(),
             "subscribers": list(self.subscribers),
             "disabled": self.disabled,
-            "reaped": list(self.reaped.values()),
+            "tombstones": self.reaped.to_data(),
         }
 
     @classmethod
@@ -209,22 +210,22 @@ class ProvisionerState:
             launch = Launch(*row)
             launch.node_ids = list(launch.node_ids)
             state.launches[launch.launch_id] = launch
-        for record in data.get("reaped", ()):  # snapshots before tombstones have none
-            state.reaped[record["node_id"]] = dict(record)
+        if "tombstones" in data:
+            state.reaped = Tombstones.from_data(data["tombstones"])
+        else:  # older snapshots: bare records (times unknown: 0.0), or none at all
+            for record in data.get("reaped", ()):
+                state.reaped.bury(record["node_id"], dict(record), 0.0, 0.0)
         state.reindex()
         return state
 
-    def bury(self, node: Node) -> None:
-        """Keep a reaped node's last public record (the oldest go beyond MAX_TOMBSTONES)."""
-        self.reaped.pop(node.node_id, None)
-        self.reaped[node.node_id] = public_node(node)
-        while len(self.reaped) > MAX_TOMBSTONES:
-            del self.reaped[next(iter(self.reaped))]
+    def bury(self, node: Node, at: float) -> None:
+        """Keep a reaped node's last public record (``bound`` trims the tombstones)."""
+        self.reaped.bury(node.node_id, public_node(node), node.changed_at, at)
 
 
-#: Reaped records remembered, so a subscriber that missed a node's end (EPUM down for longer
-#: than ``record_max_age``) still hears it when it asks (``DumpState``).
-MAX_TOMBSTONES = 20_000
+#: Tombstones kept when a ``NodesReaped`` event names no bound (written before bounds were
+#: config): the bound the fold applied then.
+MAX_TOMBSTONES = DEFAULT_LIMIT
 
 _NODE_FIELDS = tuple(f.name for f in dataclasses.fields(Node))
 _LAUNCH_FIELDS = tuple(f.name for f in dataclasses.fields(Launch))
@@ -297,11 +298,11 @@ class NodeView:
     def changed(self, node: Node, old_state: str) -> None:
         self.state._index(node, old_state)
 
-    def remove(self, node_id: str) -> None:
+    def remove(self, node_id: str, at: float) -> None:
         node = self.state.nodes.pop(node_id, None)
         if node is not None:
             self.state._unindex(node)
-            self.state.bury(node)
+            self.state.bury(node, at)
 
 
 def _set_state(node: Node, new: str, desc: str | None, at: float) -> bool:
@@ -427,7 +428,7 @@ def apply_nodes(view: NodeView, e: Any) -> Iterable[str]:
                 touched.append(nid)
     elif isinstance(e, ev.NodesReaped):
         for nid in e.node_ids:
-            view.remove(nid)
+            view.remove(nid, e.at)
     return touched
 
 
@@ -453,6 +454,8 @@ def apply_event(state: ProvisionerState, e: Any) -> ProvisionerState:
                     if not launch.node_ids:
                         del state.launches[launch.launch_id]
         apply_nodes(NodeView(state), e)
+        if kind is ev.NodesReaped:
+            state.reaped.bound(MAX_TOMBSTONES if e.keep is None else e.keep, e.before)
     elif kind is ev.ProvisionerDisabled:
         state.disabled = True
     elif kind is ev.ProvisionerEnabled:
@@ -535,5 +538,5 @@ class PreviewView(NodeView):
     def changed(self, node: Node, old_state: str) -> None:
         self.entered[node.node_id] = node.state
 
-    def remove(self, node_id: str) -> None:
+    def remove(self, node_id: str, at: float) -> None:
         self.nodes[node_id] = None

@@ -568,6 +568,8 @@ class CEISystem:
         if pd is not None:
             for upid in self.scheduled:
                 p = pd.processes.get(upid)
+                if p is None and upid in pd.tombstones:
+                    continue  # finished, and forgotten after the PD's retention (PD10)
                 if p is None:
                     out.append(f"process {upid} lost: not in the PD")
                 elif p.state not in _ACCOUNTED:
@@ -577,7 +579,10 @@ class CEISystem:
             for nid, agent in self.agents.items():
                 for upid, rnd in agent.live_keys():
                     p = pd.processes.get(upid)
-                    if p is None or p.round < rnd:
+                    stone = pd.tombstones.get(upid) if p is None else None
+                    last = p.round if p is not None else (
+                        stone.record["round"] if stone is not None else -1)
+                    if last < rnd:
                         out.append(f"agent {nid} runs {upid} round {rnd}, which the PD never placed")
         copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
         for nid, agent in self.agents.items():
@@ -603,7 +608,12 @@ class CEISystem:
         if prov is None or epum is None or pd is None:
             return ["a component is down"]
         for upid, spec in self.scheduled.items():
-            p = pd.processes[upid]
+            p = pd.processes.get(upid)
+            if p is None:  # finished and forgotten after the PD's retention (decision PD10)
+                stone = pd.tombstones.get(upid)
+                if stone is None or math.isinf(spec["duration"]):
+                    out.append(f"process {upid} is unknown to the PD")
+                continue
             if upid in self.killed:
                 if p.state not in (ps.TERMINATED, ps.EXITED, ps.FAILED, ps.REJECTED):
                     out.append(f"killed process {upid} is {p.state}")
