@@ -601,5 +601,5 @@ def test_backoff_config_is_checked():
             w.pds["pd"].finish(upid, ps.FAILED)
         w.tick(0.25)
     at = [r.body["at"] for r in w.runner.log.read("ha") if r.type == "CopyScheduled"]
-    assert max(b - a for a, b in zip(at, at[1:], strict=False)) < 1.5
+    assert max(b - a for a, b in zip(at, at[1:], strict=False)) <= 1.5 and len(at) >= 8, at
     assert w.ok(DescribeGroup("web"))["backoff"]["failures"] == 0
