@@ -11,6 +11,18 @@ child process on 127.0.0.1, and the local cloud's EEAgent "VMs" can join it) or
 ``simpleSystemBase`` (everything in the host's thread, run while a client call waits; the
 local cloud driver needs an admin port, so use a plan with ``static_nodes`` there).
 
+Being told what happens: :meth:`CEI.subscribe` delivers process, node, domain and HA status
+changes, read from the components' logs (``cei_actors.subscribe``), to a callback on a thread
+it owns, as an iterator or an asyncio stream, resumable from a saved ``cursor``::
+
+    sub = cei.subscribe(lambda c: print(c.kind, c.key, c.state), kinds=["process", "ha"])
+    ...
+    sub.close()
+
+``wait_process`` and ``wait_group`` of ``cei.pd`` and ``cei.ha`` wait on these changes instead
+of asking every few milliseconds. On the simple base the actors run only while the host is
+inside a CEI call: let them run with :meth:`CEI.run_for` while waiting for callbacks.
+
 Errors: a refused request raises a ``RequestFailed`` subclass (nothing happened); a request
 sent without a reply within ``timeout`` raises :class:`OutcomeUnknown` (it may have taken
 effect, or may still: look before acting; ``schedule_process(..., once=True)`` is safe to
@@ -28,6 +40,9 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +62,10 @@ from .pd.client import PDClient
 from .provisioner.client import ProvisionerClient
 from .runtime.client import OutcomeUnknown, RequestFailed
 from .runtime.secure import SECRET_FILE, ensure_secret_file
-from .runtime.system import BASES, TCP_BASE, shutdown_system, start_system
+from .runtime.system import BASES, SIMPLE_BASE, TCP_BASE, shutdown_system, start_system
+from .subscribe import Change, Subscription, Watcher
 
-__all__ = ["CEI", "LaunchError", "OutcomeUnknown", "RequestFailed"]
+__all__ = ["CEI", "Change", "LaunchError", "OutcomeUnknown", "RequestFailed", "Subscription"]
 
 
 class CEI:
@@ -84,6 +100,9 @@ class CEI:
         self._asys: Any = None
         self._conn: Connection | None = None
         self._temporary = False
+        self._watcher: Watcher | None = None
+        self._watchers: list[Watcher] = []  # resumed subscriptions' own
+        self._watch_lock = threading.Lock()
 
     def start(self) -> CEI:
         """Start the actor system and every component; returns once all are ready."""
@@ -122,8 +141,11 @@ class CEI:
 
     @property
     def pd(self) -> PDClient:
-        """A client of the Process Dispatcher's leader."""
-        return self.connection.pd
+        """A client of the Process Dispatcher's leader (its waits use the subscriptions)."""
+        pd = self.connection.pd
+        if self._can_watch():
+            pd.changes, pd.pump = self.watcher, self._pump()
+        return pd
 
     @property
     def epum(self) -> EPUMClient:
@@ -137,8 +159,79 @@ class CEI:
 
     @property
     def ha(self) -> HAClient:
-        """A client of the HA service's leader."""
-        return self.connection.ha
+        """A client of the HA service's leader (its waits use the subscriptions)."""
+        ha = self.connection.ha
+        if self._can_watch():
+            ha.changes, ha.pump = self.watcher, self._pump()
+        return ha
+
+    # ---- being told what happens ----------------------------------------------------------
+
+    def _can_watch(self) -> bool:
+        url = (self.info or {}).get("log_url") or ""
+        return not (url.startswith("memory://") and self.base != SIMPLE_BASE)
+
+    def _watcher_args(self) -> dict[str, Any]:
+        if not self._can_watch():
+            raise LaunchError("subscriptions read the log, and a memory:// log lives in the "
+                              "components' processes on the TCP base: use a SQLite or ZooKeeper log")
+        info = self.connection.info
+        running = set(info["components"]) | set((info.get("remote") or {}).get("components", []))
+        return {"log": info["log_url"], "epum": "epum" if "epum" in running else None,
+                "ha": "ha" if "ha" in running else None}
+
+    def watcher(self) -> Watcher:
+        """The shared :class:`~cei_actors.subscribe.Watcher` (started on first use, at the
+        current heads; stopped by :meth:`stop`)."""
+        with self._watch_lock:
+            if self._watcher is None or not self._watcher.running:
+                self._watcher = Watcher(**self._watcher_args()).start()
+            return self._watcher
+
+    def subscribe(self, callback: Callable[[Change], Any] | None = None, *,
+                  kinds: Iterable[str] | None = None, upids: Iterable[str] | None = None,
+                  groups: Iterable[str] | None = None, nodes: Iterable[str] | None = None,
+                  domains: Iterable[str] | None = None,
+                  since: Mapping[str, int] | str | None = None,
+                  max_pending: int = 10_000) -> Subscription:
+        """Changes (``kinds`` of process, node, domain, ha; all by default) of the named
+        entities (processes by ``upids`` or HA ``groups``; no names: every entity).
+
+        ``since``: None: first the current state of each matching entity (``resync``), then
+        every change; ``"now"``: only changes from now; a cursor (a change's ``cursor``, or
+        the subscription's): every change after it, the same a host that kept running would
+        have had. ``callback``: called on a thread the subscription owns, one change at a
+        time; without one, take the changes with ``get``, by iterating, or ``stream()``."""
+        filters = {"kinds": kinds, "upids": upids, "groups": groups, "nodes": nodes,
+                   "domains": domains, "max_pending": max_pending}
+        if since is None or since == "now":
+            return self.watcher().subscribe(callback, current=since is None, **filters)
+        if not isinstance(since, Mapping) or not all(
+                isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in since.items()):
+            raise ValueError(f"since: expected None, 'now' or a cursor {{stream: offset}}, not {since!r}")
+        w = Watcher(**self._watcher_args(), since=since)
+        try:
+            w.start()
+        except BaseException:
+            w.stop()
+            raise
+        with self._watch_lock:
+            self._watchers = [x for x in self._watchers if x.running]
+            self._watchers.append(w)
+        return w.subscribe(callback, owns_watcher=True, **filters)
+
+    def _pump(self) -> Callable[[float], None] | None:
+        if self.base != SIMPLE_BASE:
+            return None
+        return self.run_for
+
+    def run_for(self, seconds: float) -> None:
+        """Let the system run for ``seconds``: on the simple base the actors run only while
+        the host is inside a CEI call; on the TCP base this just sleeps."""
+        if self.base != SIMPLE_BASE:
+            time.sleep(seconds)
+            return
+        self.connection.service("pd").pump(seconds)
 
     def status(self) -> dict[str, Any]:
         return self.connection.status()
@@ -147,6 +240,11 @@ class CEI:
         """Terminate the nodes, stop the components and the actor system (the log stays,
         unless ``home`` was a temporary directory). Safe to call twice."""
         result: dict[str, Any] = {"stopped": [], "nodes_terminated": None, "killed": []}
+        with self._watch_lock:
+            watchers = [w for w in (self._watcher, *self._watchers) if w is not None]
+            self._watcher, self._watchers = None, []
+        for w in watchers:
+            w.stop()
         if self._conn is not None:
             try:
                 stop_components(self._conn, self._progress, result)

@@ -19,6 +19,7 @@ SCENARIOS: dict[str, str] = {
     "steady": "two virtual hours of mixed work on an elastic pool, no faults; converges",
     "chaos": "random operations and every fault (VM kills, crashes, drops, quotas, lost replies)",
     "scale": "10,000 processes on 2,000 VMs, with VM kills and a PD failover",
+    "ha": "HA groups over two PDs while copies, VMs and the HA leader are killed; converges",
 }
 
 

@@ -24,9 +24,23 @@ def test_host_container_example_runs(tmp_path, base):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(EXAMPLE), "--base", base, "--home", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "process hello: EXITED (exit code 0)" in proc.stdout
-    assert "[cei] pd ready" in proc.stdout
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    assert "process hello: EXITED (exit code 0)" in out
+    assert "[cei] pd ready" in out
+    # the host reacted to what it was told: HA kept 2 copies through the loss of one
+    assert "[callback] process hello EXITED round 0" in out
+    lines = out.splitlines()
+    steady = [i for i, line in enumerate(lines) if line.startswith("[callback] ha web STEADY (2 of 2")]
+    killed = next(i for i, line in enumerate(lines) if line.startswith("killing "))
+    assert steady and steady[0] < killed < steady[-1], out
+    victim = next(line for line in lines if "(replaced " in line).split("(replaced ")[1].rstrip(")")
+    assert any(line.startswith(f"[callback] process {victim} FAILED") for line in lines[killed:]), out
+    if base == "multiprocTCPBase":  # the node itself died
+        node = lines[killed].split()[2]
+        assert f"[callback] node {node} TERMINATED [epum]" in lines[killed:], out
+    assert "[callback] ha web REMOVED" in out
+    assert "callbacks received: ha " in out
 
 
 def static_plan(tmp_path: Path):

@@ -485,7 +485,9 @@ class HAMachine(RuleBasedStateMachine):
 
     def __init__(self) -> None:
         super().__init__()
-        self.w = World(pds=("pd", "pd2"))
+        # kills in a row are a crash loop to HA: a short backoff cap keeps the walk's quiet
+        # time bounded (the backoff itself is tested above)
+        self.w = World(pds=("pd", "pd2"), backoff_max=2.0)
         self.n = 2
         npreserving(self.w, self.n)
 
@@ -532,7 +534,7 @@ class HAMachine(RuleBasedStateMachine):
         self.w.check()
 
     def teardown(self) -> None:
-        g = converge(self.w, passes=4)
+        g = converge(self.w, passes=7)
         assert g["status"] == "STEADY", g
         assert len(self.w.running("web")) == self.n and len(self.w.live("web")) == self.n
         assert sorted(c["upid"] for c in g["copies"]) == self.w.live("web")
@@ -546,3 +548,58 @@ test_random_walk = HAMachine.TestCase
 def test_a_pass_needs_no_groups():
     w = World()
     assert w.ok(HAPass()) == {"groups": 0}
+
+
+def test_a_crash_loop_backs_off_exponentially_up_to_a_cap():
+    w = World(backoff_base=1.0, backoff_max=8.0, min_lifetime=5.0)
+    npreserving(w, 1)
+    wants = set()
+    for _ in range(160):  # every copy fails as soon as it runs
+        for upid in w.running("web"):
+            w.pds["pd"].finish(upid, ps.FAILED)
+        w.tick(0.25)
+        wants.add(w.ok(DescribeGroup("web"))["wants"].split(" (")[0])
+    at = [r.body["at"] for r in w.runner.log.read("ha") if r.type == "CopyScheduled"]
+    gaps = [b - a for a, b in zip(at, at[1:], strict=False)]
+    # a copy takes about 0.5 s from its schedule to its failure: that, plus the backoff
+    # (none after the first quick failure, then 1, 2, 4, 8 s, capped at 8)
+    assert gaps[0] < 1.0, gaps
+    assert 1.0 <= gaps[1] < 2.0 and 2.0 <= gaps[2] < 3.0 and 4.0 <= gaps[3] < 5.0, gaps
+    assert all(8.0 <= g < 9.0 for g in gaps[4:]) and len(gaps) >= 6, gaps
+    g = w.ok(DescribeGroup("web"))
+    assert g["backoff"]["failures"] == len(at) - (1 if g["copies"] else 0)
+    assert "back off" in wants
+    w.check()
+    # a copy that lives long enough resets the count: the next replacement is immediate
+    for _ in range(40):
+        w.tick(0.25)
+    g = w.ok(DescribeGroup("web"))
+    assert g["status"] == "STEADY"
+    w.pds["pd"].finish(g["copies"][0]["upid"], ps.FAILED)
+    w.tick(0.25)
+    w.tick(0.25)
+    g = w.ok(DescribeGroup("web"))
+    assert g["backoff"] == {"failures": 0, "retry_at": 0.0} and len(g["copies"]) == 1
+    # a reconfigure (even to the same parameters) clears a backoff
+    for _ in range(12):
+        for upid in w.running("web"):
+            w.pds["pd"].finish(upid, ps.FAILED)
+        w.tick(0.25)
+    assert w.ok(DescribeGroup("web"))["backoff"]["failures"] >= 2
+    g = w.ok(ReconfigureGroup("web", parameters={"preserve_n": 1}))
+    assert g["backoff"] == {"failures": 0, "retry_at": 0.0}
+    w.check()
+
+
+def test_backoff_config_is_checked():
+    with pytest.raises(ValueError, match="backoff_max"):
+        HAConfig.from_dict({"backoff_max": -1})
+    w = World(backoff_base=0)  # 0: never back off
+    npreserving(w, 1)
+    for _ in range(30):
+        for upid in w.running("web"):
+            w.pds["pd"].finish(upid, ps.FAILED)
+        w.tick(0.25)
+    at = [r.body["at"] for r in w.runner.log.read("ha") if r.type == "CopyScheduled"]
+    assert max(b - a for a, b in zip(at, at[1:], strict=False)) <= 1.5 and len(at) >= 8, at
+    assert w.ok(DescribeGroup("web"))["backoff"]["failures"] == 0

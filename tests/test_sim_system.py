@@ -176,7 +176,8 @@ def _run_scenario(name: str, seed: int, hashseed: str, **kw) -> str:
     return out.stdout
 
 
-@pytest.mark.parametrize("name, kw", [("steady", {"arrivals": 80}), ("chaos", {"operations": 30})])
+@pytest.mark.parametrize("name, kw", [("steady", {"arrivals": 80}), ("chaos", {"operations": 30}),
+                                      ("ha", {"operations": 40})])
 def test_same_seed_same_summary(name, kw):
     """Two runs in fresh interpreters (different hash seeds) give the same summary."""
     a = _run_scenario(name, 5, "1", **kw)
@@ -193,6 +194,35 @@ def test_steady_converges():
     assert s["processes_finished"] > 0 and s["vms_started"] > 0
 
 
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_ha_keeps_n_copies_across_pds_through_kills_and_ha_crashes(seed):
+    from sims import ha
+
+    s = ha.run(seed, operations=80)
+    assert s["violations"] == [], s["violations"]
+    assert s["converged"], s["convergence_problems"]
+    assert s["faults_injected"].get("crash_ha_mid_message", 0) + s["faults_injected"].get("crash_ha", 0) > 0
+    assert s["faults_injected"].get("copy_killed", 0) > 0
+    assert set(s["ha_copies"]) == {"web", "api"}
+    assert {pd for by_pd in s["ha_copies"].values() for pd in by_pd} == {"pd", "pd2"}, s["ha_copies"]
+
+
+def test_sim_invariant_catches_a_live_copy_ha_does_not_hold():
+    from cei_actors.ha.events import CopyEnded
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(7, SystemConfig(slots=3, pds=2, ha=True))
+    system.run_for(10.0)
+    system.create_group("web", 2)
+    assert system.run_for(300.0, check_every=50) == []
+    assert system.convergence() == []
+    # HA "forgets" a running copy (its state only, as a bug would): the copy still runs
+    node = system.sim.nodes["ha"]
+    upid = next(iter(node.runner.state.groups["web"].copies))
+    node.component.apply(node.runner.state, CopyEnded("web", upid, "UNKNOWN", 0.0))
+    assert any(f"HA copy {upid} runs" in v for v in system.violations(replay=False))
+
+
 def test_cli_lists_and_refuses(capsys):
     import json
 
@@ -200,6 +230,6 @@ def test_cli_lists_and_refuses(capsys):
 
     assert main(["--json", "sim", "list"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale"}
+    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha"}
     assert main(["sim", "run", "nope"]) == 1
     assert "no scenario 'nope'" in capsys.readouterr().err

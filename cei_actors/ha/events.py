@@ -86,6 +86,19 @@ class CopyEnded:
     at: float
 
 
+@events.register("GroupBackoff")
+@dataclass(frozen=True, slots=True)
+class GroupBackoff:
+    """Copies of the group ended on their own soon after they were scheduled ``failures``
+    times in a row (0: one lived long enough, the count starts again); no new copy is
+    scheduled before ``retry_at`` (0: no wait)."""
+
+    name: str
+    failures: int
+    retry_at: float
+    at: float
+
+
 @events.register("GroupFailed")
 @dataclass(frozen=True, slots=True)
 class GroupFailed:

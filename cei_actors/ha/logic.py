@@ -30,6 +30,15 @@ Config keys (:class:`HAConfig`)::
     pd_timeout: 0        # seconds without an answer after which a PD's copies are
                          # replaced elsewhere (they are killed when it answers); 0: never
     timers: true         # false: passes only when sent (tests, simulator)
+    min_lifetime: 5.0    # a copy that ends on its own sooner after it was scheduled is a
+                         # quick failure; from the 2nd in a row new copies back off:
+    backoff_base: 1.0    # wait 1, 2, 4 ... s (0: never back off)
+    backoff_max: 60.0    # at most this long
+
+Crash loops: a group whose copies keep failing at once is not replaced without limit. The
+``GroupBackoff`` event counts quick failures in a row; from the second on, the next copy waits
+``backoff_base * 2 ** (failures - 2)`` seconds (at most ``backoff_max``). A copy that lived
+``min_lifetime`` resets the count; a ``reconfigure`` clears it. ``describe`` shows both.
 """
 
 from __future__ import annotations
@@ -69,6 +78,7 @@ from .events import (
     CopyEnded,
     CopyScheduled,
     CopyTerminating,
+    GroupBackoff,
     GroupCreated,
     GroupFailed,
     GroupRemoved,
@@ -107,6 +117,9 @@ class HAConfig:
     poll_interval: float = 5.0
     pd_timeout: float = 0.0
     timers: bool = True
+    min_lifetime: float = 5.0
+    backoff_base: float = 1.0
+    backoff_max: float = 60.0
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> HAConfig:
@@ -122,6 +135,10 @@ class HAConfig:
             raise ValueError("ha config: poll_interval must be > 0")
         if not isinstance(conf.pd_timeout, int | float) or conf.pd_timeout < 0:
             raise ValueError("ha config: pd_timeout must be >= 0")
+        for key in ("min_lifetime", "backoff_base", "backoff_max"):
+            value = getattr(conf, key)
+            if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"ha config: {key} must be a number >= 0")
         return conf
 
 
@@ -257,7 +274,8 @@ class HA(Component[HAState]):
         else:
             params = dict(m.parameters or {})
         self._check(policy, params)
-        if policy == g.policy and params == g.parameters and g.failed is None:
+        if policy == g.policy and params == g.parameters and g.failed is None \
+                and not (g.failures or g.retry_at):
             return Ok(self.describe(tx.s, g))
         keep = g.target if policy == "sensor" else None  # within the new bounds
         target = policies.initial_target(policy, params, keep)
@@ -317,7 +335,7 @@ class HA(Component[HAState]):
                         continue
                     g, c = found
                     if c.terminating or upid in vol.acked:
-                        tx.emit(CopyEnded(g.name, upid, "UNKNOWN", tx.now))
+                        self._ended(tx, g, upid, "UNKNOWN")
                         touched.add(g.name)
                     else:  # never reached the PD: ask again (idempotent per upid)
                         self._send_schedule(tx, g, upid, m.pd)
@@ -373,8 +391,23 @@ class HA(Component[HAState]):
         vol.observed[upid] = Observed(st, rnd, node if isinstance(node, str) else None)
         vol.acked.add(upid)
         if st in ps.TERMINAL:
-            tx.emit(CopyEnded(g.name, upid, st, tx.now))
+            self._ended(tx, g, upid, st)
         return {g.name}
+
+    def _ended(self, tx: _Tx, g: Group, upid: str, state: str) -> None:
+        """The copy is gone; one that ended on its own soon after it was scheduled counts
+        towards the group's crash-loop backoff, one that lived long enough resets it."""
+        c = g.copies[upid]
+        tx.emit(CopyEnded(g.name, upid, state, tx.now))
+        if c.terminating or self.config.backoff_base <= 0:
+            return
+        if tx.now - c.at < self.config.min_lifetime:
+            failures = g.failures + 1
+            delay = 0.0 if failures < 2 else min(self.config.backoff_base * 2 ** (failures - 2),
+                                                 self.config.backoff_max)
+            tx.emit(GroupBackoff(g.name, failures, tx.now + delay if delay > 0 else 0.0, tx.now))
+        elif g.failures or g.retry_at:
+            tx.emit(GroupBackoff(g.name, 0, 0.0, tx.now))
 
     # ---- sensors ------------------------------------------------------------------------------
 
@@ -471,7 +504,11 @@ class HA(Component[HAState]):
                 self._terminate_surplus(tx, g, target)
                 tx.emit(TargetChanged(g.name, target, value, tx.now + cooldown, tx.now))
         self._terminate_surplus(tx, g, g.target)
-        if g.failed is None:
+        if g.failed is None and len(g.active()) < g.target:
+            if tx.now < g.retry_at:  # backing off a crash loop: come back when it is over
+                if self.config.timers:
+                    tx.effects.append(SetTimer(f"retry|{g.name}", g.retry_at - tx.now, HAPass()))
+                return
             for _ in range(g.target - len(g.active())):
                 if not self._schedule(tx, g):
                     break
@@ -549,7 +586,12 @@ class HA(Component[HAState]):
             return "nothing until a reconfigure (FAILED)"
         parts = []
         if len(active) < g.target:
-            parts.append(f"schedule {g.target - len(active)} on the least-loaded PD")
+            if g.retry_at > 0 and g.retry_at > max((c.at for c in g.copies.values()), default=0.0):
+                parts.append(f"back off ({g.failures} copies in a row ended within "
+                             f"{self.config.min_lifetime:g}s), then schedule {g.target - len(active)} "
+                             f"at {g.retry_at:.1f}")
+            else:
+                parts.append(f"schedule {g.target - len(active)} on the least-loaded PD")
         pending = [c for c in active
                    if getattr(state.vol.observed.get(c.upid), "state", None) != ps.RUNNING]
         if pending:
@@ -581,6 +623,7 @@ class HA(Component[HAState]):
             "status": st, "why": why, "wants": self.wants(state, g), "failed": g.failed,
             "removing": g.removing, "copies": copies, "cooldown_until": g.cooldown_until,
             "last_value": g.last_value, "created_at": g.created_at,
+            "backoff": {"failures": g.failures, "retry_at": g.retry_at},
         }
 
     _handlers: dict[type, Any] = {

@@ -15,6 +15,7 @@ from .events import (
     CopyEnded,
     CopyScheduled,
     CopyTerminating,
+    GroupBackoff,
     GroupCreated,
     GroupFailed,
     GroupRemoved,
@@ -47,6 +48,8 @@ class Group:
     removing: bool = False
     cooldown_until: float = 0.0
     last_value: float | None = None
+    failures: int = 0  # copies that ended on their own soon after scheduling, in a row
+    retry_at: float = 0.0  # no new copy before (crash-loop backoff)
 
     def active(self) -> list[Copy]:
         """The copies that count (not being terminated), oldest first."""
@@ -116,6 +119,7 @@ def _policy(s: HAState, e: PolicyChanged) -> None:
     g.policy, g.parameters, g.target = e.policy, copy.deepcopy(e.parameters), e.target
     g.failed = None
     g.cooldown_until = 0.0
+    g.failures, g.retry_at = 0, 0.0
 
 
 def _target(s: HAState, e: TargetChanged) -> None:
@@ -145,6 +149,11 @@ def _ended(s: HAState, e: CopyEnded) -> None:
     s.vol.sent_at.pop(e.upid, None)
 
 
+def _backoff(s: HAState, e: GroupBackoff) -> None:
+    g = s.groups[e.name]
+    g.failures, g.retry_at = e.failures, e.retry_at
+
+
 def _failed(s: HAState, e: GroupFailed) -> None:
     s.groups[e.name].failed = e.reason
 
@@ -170,6 +179,7 @@ _HANDLERS: dict[type, Any] = {
     CopyScheduled: _scheduled,
     CopyTerminating: _terminating,
     CopyEnded: _ended,
+    GroupBackoff: _backoff,
     GroupFailed: _failed,
     GroupRemoveRequested: _remove_requested,
     GroupRemoved: _removed,
@@ -183,6 +193,7 @@ def snapshot(state: HAState) -> dict[str, Any]:
                 "name": g.name, "policy": g.policy, "parameters": g.parameters, "process": g.process,
                 "pds": g.pds, "target": g.target, "created_at": g.created_at, "failed": g.failed,
                 "removing": g.removing, "cooldown_until": g.cooldown_until, "last_value": g.last_value,
+                "failures": g.failures, "retry_at": g.retry_at,
                 "copies": [[c.upid, c.pd, c.at, c.terminating, c.reason] for c in g.copies.values()],
             }
             for g in state.groups.values()
@@ -195,7 +206,8 @@ def restore(data: dict[str, Any]) -> HAState:
     for d in data["groups"]:
         g = Group(d["name"], d["policy"], d["parameters"], d["process"], list(d["pds"]), d["target"],
                   d["created_at"], failed=d["failed"], removing=d["removing"],
-                  cooldown_until=d["cooldown_until"], last_value=d["last_value"])
+                  cooldown_until=d["cooldown_until"], last_value=d["last_value"],
+                  failures=d.get("failures", 0), retry_at=d.get("retry_at", 0.0))
         for upid, pd, at, terminating, reason in d["copies"]:
             g.copies[upid] = Copy(upid, pd, at, terminating, reason)
             state.owner[upid] = g.name

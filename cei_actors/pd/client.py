@@ -9,8 +9,8 @@ constraints, engine, ...``).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from ..epum.messages import NodeState
 from .messages import (
@@ -30,14 +30,25 @@ from .messages import (
     SetSystemBoot,
     UpdateDefinition,
 )
+from .states import advances
+
+if TYPE_CHECKING:
+    from ..subscribe import Watcher
 
 
 class PDClient:
     """Requests to the PD, each returning the reply's value; errors raise (from the transport)."""
 
-    def __init__(self, service: Any, timeout: float | None = None) -> None:
+    def __init__(self, service: Any, timeout: float | None = None, *,
+                 changes: Callable[[], Watcher] | None = None,
+                 pump: Callable[[float], None] | None = None) -> None:
+        """``changes``: the :class:`~cei_actors.subscribe.Watcher` to wait on (waits poll
+        without one); ``pump(seconds)``: runs the actors meanwhile (the simple base runs
+        them only while the caller is inside a call)."""
         self.service = service
         self.timeout = timeout
+        self.changes = changes
+        self.pump = pump
 
     def _call(self, message: Any) -> Any:
         return self.service.call(message, timeout=self.timeout)
@@ -159,9 +170,14 @@ class PDClient:
     def wait_process(
         self, upid: str, states: str | Iterable[str], timeout: float = 30.0, every: float = 0.05
     ) -> dict:
-        """Poll until ``upid`` is in one of ``states``; ``TimeoutError`` with its last state."""
+        """Wait until ``upid`` is in one of ``states``; ``TimeoutError`` with its last state.
+
+        With ``changes`` it asks once, then waits for the PD's recorded changes of the
+        process; without, it asks every ``every`` seconds."""
         want = {states} if isinstance(states, str) else set(states)
         deadline = time.monotonic() + timeout
+        if self.changes is not None:
+            return self._wait_changes(upid, want, deadline)
         while True:
             p = self.describe_process(upid)
             if p["state"] in want:
@@ -171,3 +187,34 @@ class PDClient:
                     f"process {upid} is {p['state']} (round {p['round']}), not {sorted(want)}"
                 )
             time.sleep(every)
+
+    def _wait_changes(self, upid: str, want: set[str], deadline: float) -> dict:
+        assert self.changes is not None
+        sub = self.changes().subscribe(kinds=["process"], upids=[upid])
+        try:
+            p = self.describe_process(upid)  # after subscribing: no change can fall between
+            while p["state"] not in want:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(
+                        f"process {upid} is {p['state']} (round {p['round']}), not {sorted(want)}"
+                    )
+                if self.pump is not None:
+                    self.pump(min(remaining, 0.05))
+                    change = sub.get(0)
+                else:
+                    change = sub.get(remaining)
+                if change is None and sub.closed:
+                    raise RuntimeError(f"waiting for process {upid}: the subscription ended ({sub.error})")
+                while change is not None:
+                    d = change.data
+                    # a change the watcher had not yet folded when we asked is older news
+                    if d is not None and (d["round"], d["state"]) != (p["round"], p["state"]) and \
+                            advances(p["round"], p["state"], d["round"], d["state"]):
+                        p = d
+                        if p["state"] in want:
+                            break
+                    change = sub.get(0)
+            return p
+        finally:
+            sub.close()

@@ -175,6 +175,21 @@ class ServiceClient:
             request=name,
         )
 
+    def pump(self, seconds: float) -> None:
+        """Let the actors run for ``seconds``: the simple base runs them only while a caller
+        waits in it (a stray late reply that arrives meanwhile is dropped, as a call would);
+        on the TCP base, where they run on their own, just wait."""
+        end = time.monotonic() + max(seconds, 0.0)
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("ServiceClient is closed")
+            ctx = self._endpoint()
+            if ctx is not self.asys:
+                time.sleep(max(seconds, 0.0))
+                return
+            while (remaining := end - time.monotonic()) > 0:
+                ctx.listen(remaining)
+
     def tell(self, message: Any) -> None:
         """Send ``message`` without waiting; the actor sends no reply (refusals are only logged)."""
         with self._lock:

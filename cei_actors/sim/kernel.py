@@ -7,6 +7,10 @@ events on one heap ordered by (virtual time, sequence), so a seed fixes the whol
 Plain peers (:meth:`Simulation.add_peer`, e.g. simulated EEAgents) and scheduled calls
 (:meth:`Simulation.schedule`) share that heap; :class:`Faults` may limit drops and duplicates
 to some links (``lossy``).
+
+As in the actor shell, a ``Request(rid, message)`` is handled as ``message`` and answered with
+``Response(rid, reply)``; a component receives a ``Response`` only as what its node's
+``peer_response`` makes of it (the HA service's ``PDReply``), else it is dropped (R3).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..eventlog import EventLog, open_log
+from ..runtime.control import Request, Response
 from ..runtime.core import Component, Decision, Send, SetTimer, Work
 from ..runtime.messages import ErrorReply, Ok
 from ..runtime.runner import Runner, replay
@@ -54,6 +59,8 @@ class SimNode:
     timers: dict[str, int] = field(default_factory=dict)
     crashes: int = 0
     errors: list[ErrorReply] = field(default_factory=list)
+    #: what a ``Response`` to one of its requests becomes for the component (None: dropped)
+    peer_response: Callable[[Response], Any] | None = None
 
     @property
     def up(self) -> bool:
@@ -94,10 +101,11 @@ class Simulation:
 
     # ---- set-up -----------------------------------------------------------------------------
 
-    def add(self, name: str, component: Component[Any], work: dict[str, WorkHandler] | None = None) -> SimNode:
+    def add(self, name: str, component: Component[Any], work: dict[str, WorkHandler] | None = None,
+            peer_response: Callable[[Response], Any] | None = None) -> SimNode:
         """Add a component under peer ``name`` with its own stream, and recover it."""
         log = open_log(f"memory://{self._log_space}-{name}")
-        node = SimNode(name, component, log, dict(work or {}))
+        node = SimNode(name, component, log, dict(work or {}), peer_response=peer_response)
         self.nodes[name] = node
         self.restart(name)
         return node
@@ -242,10 +250,18 @@ class Simulation:
         if node is None or not node.up:
             self.dropped += 1
             return
+        if isinstance(message, Response):
+            made = node.peer_response(message) if node.peer_response is not None else None
+            if made is None:
+                return
+            message, sender = made, None
         if isinstance(message, Ok | ErrorReply):
             if isinstance(message, ErrorReply):
                 node.errors.append(message)
             return
+        rid = None
+        if isinstance(message, Request):
+            rid, message = message.rid, message.message
         self.delivered += 1
         if name in self._crash_next:
             if self._crash_next.pop(name):
@@ -253,11 +269,13 @@ class Simulation:
             self.crash(name)
             return
         decision = node.runner.handle(message)  # type: ignore[union-attr]
-        self._perform(node, decision, sender)
+        self._perform(node, decision, sender, rid)
 
-    def _perform(self, node: SimNode, decision: Decision, sender: str | None) -> None:
+    def _perform(self, node: SimNode, decision: Decision, sender: str | None, rid: str | None = None) -> None:
         if sender is not None and decision.reply is not None:
-            self._send(sender, decision.reply, sender=node.name)
+            reply = decision.reply if rid is None else Response(rid, decision.reply)
+            if rid != "":
+                self._send(sender, reply, sender=node.name)
         for effect in decision.effects:
             if isinstance(effect, Send):
                 self._send(effect.to, effect.message, sender=node.name)

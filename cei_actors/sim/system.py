@@ -1,4 +1,4 @@
-"""The whole CEI in one simulation: the real Provisioner, EPUM and PD cores plus model EEAgents.
+"""The whole CEI in one simulation: the real Provisioner, EPUM, PD and HA cores plus model EEAgents.
 
 :class:`CEISystem` puts the three event-sourced cores on one :class:`~.kernel.Simulation`
 (peer names ``provisioner``, ``epum``, ``pd``). The Provisioner's cloud work runs through its
@@ -13,9 +13,15 @@ heartbeating level-based to the PD, and gone with its VM. A process's behaviour 
 command, ``["sim", DURATION, FAIL_ROUNDS]``: it runs DURATION virtual seconds (``inf``: until
 terminated) and exits 1 while its round is below FAIL_ROUNDS, else 0.
 
+With ``SystemConfig(pds=2, ha=True)`` a second PD (``pd2``, its own EPUM domain
+``pd2_domain_default``) and the HA service (``ha``, over both PDs) run too; each agent reports
+to the PD whose domain its VM belongs to. HA's requests to a PD are ``Request``s whose
+``Response`` comes back to it as a ``PDReply``, as in the actor shell.
+
 :meth:`CEISystem.violations` checks the safety invariants (no VM doubled or leaked, no process
-lost, at most one live copy of a process round, every component's invariants and its state
-equal to the replay of its log); :meth:`CEISystem.convergence` checks, after
+lost, at most one live copy of a process round, no live HA copy that HA does not hold (so
+never more than N once its terminations are confirmed), every component's invariants and its
+state equal to the replay of its log); :meth:`CEISystem.convergence` checks, after
 :meth:`CEISystem.heal` and some quiet time, that everything settled.
 """
 
@@ -41,6 +47,9 @@ from ..eeagent.messages import (
 )
 from ..epum.logic import EPUM
 from ..epum.messages import AddDomain, AddDomainDefinition, ReconfigureDomain, RemoveDomain
+from ..ha.actor import pd_reply
+from ..ha.logic import HA
+from ..ha.messages import CreateGroup, ReconfigureGroup, RemoveGroup
 from ..pd import states as ps
 from ..pd.logic import ProcessDispatcher
 from ..pd.messages import KillProcess, ScheduleProcess
@@ -95,6 +104,9 @@ class SystemConfig:
     work_latency: tuple[float, float] = (0.01, 0.5)
     latency: tuple[float, float] = (0.001, 0.05)
     leak_grace: float = 120.0  # a live VM this old must be owned (when the Provisioner was up)
+    pds: int = 1  # PDs: "pd", then "pd2", "pd3" ... each with its own EPUM domain
+    ha: bool = False  # run the HA service over every PD
+    ha_poll: float = 5.0  # HA's poll_interval
     extra: dict[str, Any] = field(default_factory=dict)  # per-component config overrides
 
 
@@ -128,6 +140,7 @@ class SimAgent:
         self.records: dict[tuple[str, int], _Rec] = {}
         self.alive = False
         self.last_sent = -math.inf
+        self.pd = system.pd_of(node_id)  # the PD it reports to
 
     # ---- lifecycle
 
@@ -179,7 +192,7 @@ class SimAgent:
             {"upid": r.upid, "round": r.round, "state": r.state, "msg": r.msg}
             for r in sorted(self.records.values(), key=lambda r: (r.upid, r.round))
         ]
-        self.sim.tell("pd", AgentHeartbeat(self.agent_id, self.node_id, now, procs), sender=self.name)
+        self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs), sender=self.name)
 
     # ---- the supervisor's rules (eeagent/supervisor.py ProcessSupervisor.launch etc.)
 
@@ -270,6 +283,13 @@ class SimAgent:
         return [k for k, r in self.records.items() if ast.is_live(r.state)]
 
 
+class _NoProcesses:
+    processes: dict[str, Any] = {}
+
+
+ps_empty = _NoProcesses()
+
+
 def _valid(command: tuple[str, ...]) -> bool:
     if len(command) != 3 or command[0] != "sim":
         return False
@@ -309,6 +329,11 @@ class CEISystem:
         self.killed: set[str] = set()
         self.domains: dict[str, int] = {}  # extra preserve_n domains -> target
         self.removed: set[str] = set()
+        self.pd_names = ["pd", *(f"pd{i}" for i in range(2, cfg.pds + 1))]
+        self.components = (*COMPONENTS, *self.pd_names[1:], *(("ha",) if cfg.ha else ()))
+        self._node_pd: dict[str, str] = {}  # node id -> its PD (from EPUM's instances)
+        self.groups: dict[str, int] = {}  # HA groups -> target, as clients asked
+        self.removed_groups: set[str] = set()
         self._build()
 
     # ---- set-up
@@ -350,14 +375,19 @@ class CEISystem:
         }
         if cfg.maximum_vms is not None:
             engine["maximum_vms"] = cfg.maximum_vms
-        sim.add("pd", ProcessDispatcher({
-            "engines": {ENGINE: engine},
-            "dispatch_retry_seconds": cfg.dispatch_retry_seconds,
-            "restart_throttling_config": {"minimum_time_between_starts": cfg.min_time_between_starts},
-            "needs_interval": cfg.needs_interval, **extra.get("pd", {}),
-        }))
+        for name in self.pd_names:
+            sim.add(name, ProcessDispatcher({
+                "engines": {ENGINE: engine},
+                "dispatch_retry_seconds": cfg.dispatch_retry_seconds,
+                "restart_throttling_config": {"minimum_time_between_starts": cfg.min_time_between_starts},
+                "needs_interval": cfg.needs_interval, "self_name": name,
+                "domain_prefix": f"{name}_domain_", **extra.get("pd", {}), **extra.get(name, {}),
+            }))
+        if cfg.ha:
+            sim.add("ha", HA({"pds": list(self.pd_names), "poll_interval": cfg.ha_poll,
+                              **extra.get("ha", {})}), peer_response=pd_reply)
         now = sim.clock.now()
-        self.up_since = dict.fromkeys(COMPONENTS, now)
+        self.up_since = dict.fromkeys(self.components, now)
         sim.schedule(0.0, self._watch)
 
     def _ok(self, name: str, message: Any) -> Any:
@@ -393,6 +423,17 @@ class CEISystem:
                             agent.die()
                             self.dead_agents += 1
         self.sim.schedule(self.config.agent_poll, self._watch)
+
+    def pd_of(self, node_id: str) -> str:
+        """The PD a node belongs to: the owner of its EPUM domain (``<pd>_domain_<engine>``)."""
+        pd = self._node_pd.get(node_id)
+        if pd is None:
+            epum = self.sim.state("epum")
+            inst = epum.instances.get(node_id) if epum is not None else None
+            if inst is not None:
+                pd = next((n for n in self.pd_names if inst.domain_id.startswith(f"{n}_domain_")), "pd")
+                self._node_pd[node_id] = pd
+        return pd or "pd"
 
     def _boot_agent(self, vm: Any) -> None:
         nid = vm.name
@@ -441,6 +482,43 @@ class CEISystem:
             self.domains.pop(domain_id, None)
             self.removed.add(domain_id)
         return reply
+
+    def create_group(self, name: str, n: int, duration: float = math.inf, fail_rounds: int = 0) -> Any:
+        """An HA group keeping ``n`` copies of a simulated process (never restarted by the PD)."""
+        reply = self.sim.call("ha", CreateGroup(name, "npreserving", {"preserve_n": n}, {
+            "command": sim_command(duration, fail_rounds), "restart_mode": "never"}))
+        if isinstance(reply, Ok):
+            self.groups[name] = n
+            self.removed_groups.discard(name)
+        return reply
+
+    def reconfigure_group(self, name: str, n: int) -> Any:
+        reply = self.sim.call("ha", ReconfigureGroup(name, parameters={"preserve_n": n}))
+        if isinstance(reply, Ok):
+            self.groups[name] = n
+        return reply
+
+    def remove_group(self, name: str) -> Any:
+        reply = self.sim.call("ha", RemoveGroup(name))
+        if isinstance(reply, Ok):
+            self.groups.pop(name, None)
+            self.removed_groups.add(name)
+        return reply
+
+    def kill_copy(self, index: int) -> str | None:
+        """A live HA copy's process dies on its agent (exit 1); its upid."""
+        live = sorted((u, r, nid) for nid, a in self.agents.items() for (u, r) in a.live_keys()
+                      if any(u.startswith(f"{g}-") for g in self.groups))
+        if not live:
+            return None
+        upid, rnd, nid = live[index % len(live)]
+        agent = self.agents[nid]
+        rec = agent.records[(upid, rnd)]
+        if rec.state == ast.RUNNING:
+            agent._end(rec, ast.FAILED, "killed")
+            agent.heartbeat()
+            self.faults["copy_killed"] += 1
+        return upid
 
     # ---- faults
 
@@ -504,7 +582,7 @@ class CEISystem:
         self.set_cloud(max_instances=None, create_failure_rate=0.0, lose_reply_rate=0.0,
                        timeout_rate=0.0, kill_rate=0.0, vanish_rate=0.0)
         self.sim.disarm()
-        for name in COMPONENTS:
+        for name in self.components:
             if not self.sim.nodes[name].up:
                 self.restart(name)
 
@@ -576,29 +654,44 @@ class CEISystem:
                     out.append(f"process {upid} is {p.state}: neither queued, placed nor finished")
                 elif p.state in ps.PLACED and p.resource_id not in pd.resources:
                     out.append(f"process {upid} {p.state} on unknown resource {p.resource_id}")
-            for nid, agent in self.agents.items():
-                for upid, rnd in agent.live_keys():
-                    p = pd.processes.get(upid)
-                    stone = pd.tombstones.get(upid) if p is None else None
-                    last = p.round if p is not None else (
-                        stone.record["round"] if stone is not None else -1)
-                    if last < rnd:
-                        out.append(f"agent {nid} runs {upid} round {rnd}, which the PD never placed")
+        for nid, agent in self.agents.items():
+            apd = self.sim.state(agent.pd)
+            if apd is None:
+                continue
+            for upid, rnd in agent.live_keys():
+                p = apd.processes.get(upid)
+                stone = apd.tombstones.get(upid) if p is None else None
+                last = p.round if p is not None else (stone.record["round"] if stone is not None else -1)
+                if last < rnd:
+                    out.append(f"agent {nid} runs {upid} round {rnd}, which {agent.pd} never placed")
         copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
         for nid, agent in self.agents.items():
             for key in agent.live_keys():
                 copies[key].append(nid)
         out += [f"process {u} round {r} live on {len(ns)} agents: {sorted(ns)}"
                 for (u, r), ns in copies.items() if len(ns) > 1]
+        ha = self.sim.state("ha") if self.config.ha else None
+        if ha is not None:
+            # none forgotten, none doubled: every live copy on an agent is one HA holds, on
+            # the PD HA placed it with; so at most N run once the terminations are confirmed
+            for (upid, _rnd), ns in copies.items():
+                name = next((g for g in (*self.groups, *self.removed_groups) if upid.startswith(f"{g}-")), None)
+                if name is None:
+                    continue
+                found = ha.copy_of(upid)
+                if found is None:
+                    out.append(f"HA copy {upid} runs on {sorted(ns)} but HA does not hold it")
+                elif any(self.agents[n].pd != found[1].pd for n in ns):
+                    out.append(f"HA copy {upid} runs under another PD than {found[1].pd}")
         if replay:
             out += self.sim.check()
         return out
 
-    def pd_need(self) -> int | None:
-        pd = self.sim.state("pd")
+    def pd_need(self, name: str = "pd") -> int | None:
+        pd = self.sim.state(name)
         if pd is None:
             return None
-        spec = self.sim.nodes["pd"].component.cfg.engines[ENGINE]  # type: ignore[attr-defined]
+        spec = self.sim.nodes[name].component.cfg.engines[ENGINE]  # type: ignore[attr-defined]
         return need(spec, pd.live_count[ENGINE], pd.occupied[ENGINE])
 
     def convergence(self) -> list[str]:
@@ -628,23 +721,33 @@ class CEISystem:
             elif p.state not in (ps.EXITED, ps.FAILED, ps.TERMINATED, ps.REJECTED):
                 out.append(f"process {upid} is {p.state} (round {p.round}), not finished")
         for nid, agent in self.agents.items():
+            apd = self.sim.state(agent.pd)
             for upid, rnd in agent.live_keys():
-                p = pd.processes.get(upid)
+                p = apd.processes.get(upid) if apd is not None else None
                 if p is None or p.round != rnd or p.resource_id != nid or p.state not in ps.PLACED:
                     out.append(f"zombie process {upid} round {rnd} on agent {nid}")
-        dom = epum.domain("default", PD_DOMAIN)
-        want = self.pd_need()
-        if dom is None:
-            out.append(f"EPUM has no domain {PD_DOMAIN}")
-        else:
-            running = dom.count(["RUNNING"])
-            if dom.engine_conf.get("preserve_n") != want or running != want:
-                out.append(f"{PD_DOMAIN}: PD needs {want}, EPUM wants "
-                           f"{dom.engine_conf.get('preserve_n')}, {running} RUNNING")
-            pd_nodes = set(pd.engine_nodes.get(ENGINE, {}))
-            running_ids = set(dom.by_state.get("RUNNING", ()))
-            if pd_nodes != running_ids:
-                out.append(f"PD nodes {sorted(pd_nodes ^ running_ids)} differ from EPUM's")
+        wanted = 0
+        for name in self.pd_names:
+            npd = self.sim.state(name)
+            domain_id = f"{name}_domain_{ENGINE}"
+            dom = epum.domain("default", domain_id)
+            want = self.pd_need(name)
+            wanted += want or 0
+            if npd is None:
+                out.append(f"{name} is down")
+            elif dom is None:
+                if want:
+                    out.append(f"EPUM has no domain {domain_id}")
+            else:
+                running = dom.count(["RUNNING"])
+                if dom.engine_conf.get("preserve_n") != want or running != want:
+                    out.append(f"{domain_id}: {name} needs {want}, EPUM wants "
+                               f"{dom.engine_conf.get('preserve_n')}, {running} RUNNING")
+                pd_nodes = set(npd.engine_nodes.get(ENGINE, {}))
+                running_ids = set(dom.by_state.get("RUNNING", ()))
+                if pd_nodes != running_ids:
+                    out.append(f"{name} nodes {sorted(pd_nodes ^ running_ids)} differ from EPUM's")
+        out += self._ha_convergence()
         for did, n in self.domains.items():
             d = epum.domain("default", did)
             if d is None or d.count(["RUNNING"]) != n:
@@ -654,7 +757,7 @@ class CEISystem:
             if epum.domain("default", did) is not None:
                 out.append(f"removed domain {did} still exists")
         live_vms = [vm for vm in self.cloud_vms() if vm.status in _LIVE_VM]
-        expected = sum(self.domains.values()) + (want or 0)
+        expected = sum(self.domains.values()) + wanted
         if len(live_vms) != expected:
             out.append(f"{len(live_vms)} live VMs, expected {expected}")
         for vm in live_vms:
@@ -663,6 +766,45 @@ class CEISystem:
             if node is None or node.state != "RUNNING":
                 out.append(f"VM {vm.id} is a zombie ({None if node is None else node.state})")
         return out
+
+    def _ha_convergence(self) -> list[str]:
+        """Each HA group STEADY with exactly N copies RUNNING where HA placed them."""
+        if not self.config.ha:
+            return []
+        ha = self.sim.state("ha")
+        if ha is None:
+            return ["ha is down"]
+        out: list[str] = []
+        comp = self.sim.nodes["ha"].component
+        for name, n in self.groups.items():
+            g = ha.groups.get(name)
+            if g is None:
+                out.append(f"HA group {name} is missing")
+                continue
+            running = []
+            for c in g.copies.values():
+                p = (self.sim.state(c.pd) or ps_empty).processes.get(c.upid)
+                if p is not None and p.state == ps.RUNNING and not c.terminating:
+                    running.append(c)
+            status, why = comp.status(ha, g)  # type: ignore[attr-defined]
+            if len(g.copies) != n or len(running) != n or status != "STEADY":
+                out.append(f"HA group {name}: want {n} RUNNING, {len(running)} of {len(g.copies)} "
+                           f"copies are; HA says {status} ({why})")
+            live = {u for a in self.agents.values() for u, _ in a.live_keys() if u.startswith(f"{name}-")}
+            if live != {c.upid for c in g.copies.values()}:
+                out.append(f"HA group {name}: copies {sorted(g.copies)} but live on agents {sorted(live)}")
+        for name in self.removed_groups:
+            if name in ha.groups:
+                out.append(f"removed HA group {name} still exists")
+        return out
+
+    def ha_spread(self) -> dict[str, dict[str, int]]:
+        """Per HA group, how many of its copies each PD holds."""
+        ha = self.sim.state("ha") if self.config.ha else None
+        if ha is None:
+            return {}
+        return {name: dict(sorted(collections.Counter(c.pd for c in g.copies.values()).items()))
+                for name, g in sorted(ha.groups.items())}
 
     # ---- reporting
 
@@ -689,14 +831,16 @@ class CEISystem:
             "agents_died": self.dead_agents,
             "faults_injected": dict(sorted(self.faults.items())),
             "invariant_checks": self.checks,
-            "log_heads": {n: self.sim.nodes[n].log.head(n) for n in COMPONENTS},
+            "log_heads": {n: self.sim.nodes[n].log.head(self.sim.nodes[n].component.stream)
+                          for n in self.components},
+            **({"ha_copies": self.ha_spread()} if self.config.ha else {}),
             "state_digest": self.digest(),
         }
 
     def digest(self) -> str:
         """A short hash of every running component's state (equal runs, equal digests)."""
         h = hashlib.sha256()
-        for name in COMPONENTS:
+        for name in self.components:
             node = self.sim.nodes[name]
             data = node.component.snapshot(node.runner.state) if node.up else None  # type: ignore[union-attr]
             h.update(json.dumps(data, sort_keys=True, default=str).encode())
