@@ -185,3 +185,31 @@ def test_a_finished_process_is_forgotten_by_the_real_pd_and_still_answered(syste
     again = c.schedule_process("short", command=["true"], restart_mode="never")
     assert again["round"] == 1 and "forgotten" not in again
     assert c.wait_process("short", ps.EXITED)["round"] == 1
+
+
+def test_an_agent_whose_hello_was_lost_is_reached_from_its_heartbeats(system):
+    """Found by the fault suite: an agent greeted a PD replica that was being replaced, its
+    ``Hello`` never reached the replica that then led, and every LaunchProcess and LeaseGrant
+    to it was "dropped ... unknown peer" while its heartbeats arrived. A heartbeat names its
+    agent, so the PD holds the sender under that name (level-based) and reaches it."""
+    from cei_actors.eeagent.messages import AgentHeartbeat, AgentRequests, LaunchProcess, LeaseGrant
+    from cei_actors.runtime.system import attach_system, detach_system, lookup
+
+    system.announce("mute")
+    asys = attach_system(system.port)
+    try:
+        pd = lookup(asys, "pd")
+        system.client.schedule_process("hb-only", command=["true"])
+        got: list[type] = []
+        deadline = time.monotonic() + 20
+        seq = 0
+        while time.monotonic() < deadline and not ({LaunchProcess, LeaseGrant} <= set(got)):
+            seq += 1
+            asys.tell(pd, AgentHeartbeat("mute", "mute", time.time(), [], seq))  # never a Hello
+            msg = asys.listen(0.3)
+            while msg is not None:
+                got += [type(r) for r in msg.requests] if isinstance(msg, AgentRequests) else [type(msg)]
+                msg = asys.listen(0.05)
+        assert {LaunchProcess, LeaseGrant} <= set(got), got
+    finally:
+        detach_system(asys)

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..runtime.shell import EventSourcedActor
 from .logic import EPUM
+from .messages import NodeHeartbeat
 from .sensors import run_sensor
 
 
@@ -23,3 +24,8 @@ class EPUMActor(EventSourcedActor):
 
     def work_handlers(self) -> dict[str, Callable[[Any], Any]]:
         return {"sensor": run_sensor}
+
+    def peer_named_by(self, msg: Any) -> str | None:
+        """A node's health heartbeat names the agent that sent it (the peer probed by
+        ``HealthProbe``), whether or not its ``Hello`` came."""
+        return msg.agent if isinstance(msg, NodeHeartbeat) and isinstance(msg.agent, str) else None

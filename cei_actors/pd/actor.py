@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..eeagent.messages import AgentHeartbeat
 from ..runtime.shell import EventSourcedActor
 from .logic import ProcessDispatcher
 
@@ -25,3 +26,7 @@ class ProcessDispatcherActor(EventSourcedActor):
 
     def make_component(self, config: dict[str, Any]) -> ProcessDispatcher:
         return ProcessDispatcher(dict(config or {}))
+
+    def peer_named_by(self, msg: Any) -> str | None:
+        """An agent's heartbeat names it (``eeagent:<id>``), whether or not its ``Hello`` came."""
+        return f"eeagent:{msg.eeagent_id}" if isinstance(msg, AgentHeartbeat) and isinstance(msg.eeagent_id, str) else None

@@ -278,6 +278,13 @@ class EventSourcedActor(Actor):
         logged. Either way it is never answered (R3)."""
         return None
 
+    def peer_named_by(self, msg: Any) -> str | None:
+        """The peer name a message says its sender has (e.g. ``eeagent:<id>`` for an agent's
+        heartbeat), or None (the default). The shell then holds the sender under that name, as
+        a ``Hello`` would: level-based, so a peer whose ``Hello`` was lost (sent to a replica
+        that was just being replaced) is still reached."""
+        return None
+
     def make_leadership(self, spec: str, log_url: str, stream: str) -> Leadership:
         """The leadership for ``stream``; default :func:`~.leadership.leadership_for`."""
         return leadership_for(spec, log_url, stream)
@@ -326,8 +333,19 @@ class EventSourcedActor(Actor):
                 return origin
             control(self, msg, origin)
             return origin
+        if sender is not None:
+            self._learn_peer(msg, sender)
         self._submit(msg, origin)
         return origin
+
+    def _learn_peer(self, msg: Any, sender: Any) -> None:
+        try:
+            name = self.peer_named_by(msg)
+        except Exception:  # a malformed message names nobody; validation answers it
+            return
+        if isinstance(name, str) and name and self._peers.get(name) != sender:
+            self._peers[name] = sender
+            self._log.info("%s: peer %s is %s (from its %s)", self._name(), name, sender, type(msg).__name__)
 
     def _system_message(self, msg: Any, sender: Any) -> None:
         if isinstance(msg, WakeupMessage):
