@@ -524,3 +524,39 @@ def _live(pid: int) -> bool:
     except OSError:
         return False
     return raw[raw.rindex(b")") + 2 :][:1] not in (b"Z", b"X")
+
+
+def test_an_agent_that_took_a_standby_switches_to_the_leader_that_comes_later(monkeypatch):
+    """Found by the fault suite: during a failover no replica leads, so the agent takes one that
+    answers (a standby); the other then wins. Lookups every heartbeat (1 s) used to count as
+    probes, so with a 2 s probe interval the agent never asked again and stayed with the
+    standby: its heartbeats and leases went nowhere. A lookup alone is no probe now."""
+    import cei_actors.eeagent.actor as agent_mod
+
+    clock = [100.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
+    found = {"pd": "addr-pd", "pd.1": "addr-pd1"}
+    monkeypatch.setattr(agent_mod, "global_actors", lambda asys, timeout=2.0: dict(found))
+    leading: set[str] = set()
+
+    class Core:
+        _dirty = False
+
+    class Asys:
+        def tell(self, addr, msg):
+            pass
+
+    agent = agent_mod.EndpointAgent.__new__(agent_mod.EndpointAgent)
+    agent.asys, agent.core, agent.agent_id = Asys(), Core(), "a1"
+    agent.leaders = {"pd": agent_mod._Leader("pd")}
+    agent.probe_interval, agent.probe_timeout, agent.lookup_interval = 2.0, 1.0, 1.0
+    agent._last_lookup = float("-inf")
+    monkeypatch.setattr(agent, "_status", lambda addr: {"leader": addr in leading, "ready": addr in leading,
+                                                        "mode": "ready" if addr in leading else "standby"})
+    agent._find_pd()
+    assert agent.pd == "addr-pd"  # nobody leads: one that answers
+    leading.add("addr-pd1")  # the other replica wins the election
+    for _ in range(8):  # 4 s of steps, a lookup every second
+        clock[0] += 0.5
+        agent._find_pd()
+    assert agent.pd == "addr-pd1"

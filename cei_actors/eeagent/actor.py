@@ -815,31 +815,34 @@ class EndpointAgent:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
         for key, leader in self.leaders.items():
-            self._follow(key, leader, found, key in stale)
-            leader.last_probe = now
+            if self._follow(key, leader, found, key in stale):
+                leader.last_probe = now  # the replicas were just asked; a lookup alone is no probe
 
-    def _follow(self, key: str, leader: _Leader, found: dict[str, Any], force: bool) -> None:
+    def _follow(self, key: str, leader: _Leader, found: dict[str, Any], force: bool) -> bool:
         """Point ``leader`` at the replica of its service that leads now (``force``: the
-        current one was found not leading, so it is asked last)."""
+        current one was found not leading, so it is asked last). True if the replicas were
+        asked (a probe), False if the current one was kept unasked."""
         names = replica_names(leader.name, found)
         if not names:
             if leader.addr is not None or leader.found_as is None:
                 logger.info("eeagent %s: no actor named %r now", self.agent_id, leader.name)
             leader.addr, leader.found_as = None, ""
-            return
+            return False
         if len(names) > 1:
             leader.replicated = True
         current = [n for n in names if found[n] == leader.addr]
+        asked = False
         if len(names) == 1:
             chosen = names[0]
         elif current and not force:
-            chosen = current[0]  # probed just now (or recently) and still registered
+            chosen = current[0]  # still registered: the next probe tells whether it leads
         else:
             chosen = self._choose_leader(names, found, skip=leader.addr if force else None)
+            asked = True
         addr = found[chosen]
         leader.found_as = chosen
         if leader.addr is not None and addr == leader.addr:
-            return
+            return asked
         logger.info("eeagent %s: %s at %s (%s)", self.agent_id, key.upper(), addr, chosen)
         if leader.addr is not None:
             leader.switches += 1
@@ -850,6 +853,7 @@ class EndpointAgent:
             logger.warning("eeagent %s: hello to %s failed: %s", self.agent_id, chosen, exc)
         if key == "pd":
             self.core._dirty = True  # a full heartbeat to the new PD at once
+        return asked
 
     def _choose_leader(self, names: list[str], found: dict[str, Any], skip: Any) -> str:
         """The replica that says it is the ready leader; else one that answers; else the first.
