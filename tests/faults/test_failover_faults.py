@@ -47,16 +47,18 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
     return system
 
 
-#: Seen in about half the runs (2025-12, this branch): after a failover a short process stays
-#: WAITING in round 1 ("resource ... missing") while its engine's one node is RUNNING and the
-#: PD counts its need as met, so nothing ever places it. A PD finding, reported to the issue;
-#: only that liveness failure is expected: a process run twice, a VM leaked or doubled, an epoch
-#: going down or a live state unlike the replay still fail the test.
-PD_STUCK_WAITING = pytest.mark.xfail(raises=NotConverged, strict=False,
-                                     reason="PD: a requeued process can stay WAITING (finding)")
+#: Liveness findings of this suite. Two causes of "a requeued process stays WAITING after a PD
+#: failover" are fixed (an agent whose Hello was lost is now learnt from its heartbeats; an agent
+#: that took a standby while no replica led now probes again and switches); after them
+#: short runs passed (4 of 6). Still open: after a Provisioner leader died by the crash point
+#: ``after_append`` (an event appended, its effects never performed), an EPUM instance stayed
+#: TERMINATING for the 45 s the suite waits. Only "did not converge" is expected: a process run
+#: twice, a VM leaked or doubled, an epoch going down or a live state unlike the replay still fail.
+LIVENESS_FINDING = pytest.mark.xfail(raises=NotConverged, strict=False,
+                                     reason="liveness after some failovers (see above): a finding, not yet fixed")
 
 
-@PD_STUCK_WAITING
+@LIVENESS_FINDING
 def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
     """Two kills per component: the first by kill -9; the replica restarted after it is armed
     with a crash point (probability 1), so once the second kill makes it lead it dies there."""
@@ -66,7 +68,7 @@ def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
 
 
 @pytest.mark.slow
-@PD_STUCK_WAITING
+@LIVENESS_FINDING
 def test_leaders_killed_under_load_20_each(home, tmp_path, zk_hosts):
     system = run(home, tmp_path, zk_hosts, kills=20, seed=random.randrange(10**6))
     assert sum(system.crash_kills.values()) > 0
