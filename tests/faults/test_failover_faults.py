@@ -49,8 +49,8 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
 
 #: Liveness findings of this suite. Two causes of "a requeued process stays WAITING after a PD
 #: failover" are fixed (an agent whose Hello was lost is now learnt from its heartbeats; an agent
-#: that took a standby while no replica led now probes again and switches); after them
-#: short runs passed (4 of 6). Still open: after a Provisioner leader died by the crash point
+#: that took a standby while no replica led now probes again and switches); after them 4 of 6
+#: short runs passed. Still open: after a Provisioner leader died by the crash point
 #: ``after_append`` (an event appended, its effects never performed), an EPUM instance stayed
 #: TERMINATING for the 45 s the suite waits. Only "did not converge" is expected: a process run
 #: twice, a VM leaked or doubled, an epoch going down or a live state unlike the replay still fail.
