@@ -210,15 +210,16 @@ class CEI:
                 isinstance(k, str) and isinstance(v, int) and v >= 0 for k, v in since.items()):
             raise ValueError(f"since: expected None, 'now' or a cursor {{stream: offset}}, not {since!r}")
         w = Watcher(**self._watcher_args(), since=since)
-        try:
-            w.start()
+        subs: list[Subscription] = []
+        try:  # subscribed before the watcher follows on: a change right after the cursor is not lost
+            w.start(lambda: subs.append(w.subscribe(callback, owns_watcher=True, **filters)))
         except BaseException:
             w.stop()
             raise
         with self._watch_lock:
             self._watchers = [x for x in self._watchers if x.running]
             self._watchers.append(w)
-        return w.subscribe(callback, owns_watcher=True, **filters)
+        return subs[0]
 
     def _pump(self) -> Callable[[float], None] | None:
         if self.base != SIMPLE_BASE:

@@ -286,8 +286,12 @@ class Watcher:
 
     # ---- life
 
-    def start(self) -> Watcher:
-        """Fold up to the start position, then follow the streams in a thread of its own."""
+    def start(self, before_following: Callable[[], Any] | None = None) -> Watcher:
+        """Fold up to the start position, then follow the streams in a thread of its own.
+
+        ``before_following`` runs once the fold is done and before the thread reads anything
+        more (a resumed subscription registers there, so no change after its cursor is offered
+        to nobody)."""
         with self._lock:
             if self._thread is not None:
                 return self
@@ -297,6 +301,8 @@ class Watcher:
                 st = self._ha_status(name)
                 if st is not None:
                     self._ha_last[name] = (st[0], st[1])
+            if before_following is not None:
+                before_following()
             self._thread = threading.Thread(target=self._run, name="cei-watcher", daemon=True)
             self._thread.start()
         return self
