@@ -150,7 +150,7 @@ def test_exit_codes_map_to_states(make_sup):
     assert set(sup.dump()[0]) == {"upid", "round", "state", "msg", "exit_code", "pid"}
 
 
-def test_on_change_fires_at_once_on_exit(make_sup):
+def test_on_change_fires_at_once_on_exit(make_sup, tmp_path):
     seen: list[tuple[float, list[dict]]] = []
     fired = threading.Event()
 
@@ -160,10 +160,14 @@ def test_on_change_fires_at_once_on_exit(make_sup):
             fired.set()
 
     sup = make_sup(on_change=on_change)
-    info = sup.launch("quick", 0, ["true"])
+    # the command ends when told (a bare `true` could end before the launch's own change is
+    # taken on a busy machine, and that change would then already say EXITED)
+    go = tmp_path / "go"
+    info = sup.launch("quick", 0, ["sh", "-c", f'while [ ! -e "{go}" ]; do sleep 0.01; done'])
     assert info.state == st.RUNNING
     assert seen and seen[0][1][0]["state"] == st.RUNNING  # launch is a change too
-    assert fired.wait(5), "on_change was not called for the exit"
+    go.touch()
+    assert fired.wait(10), "on_change was not called for the exit"
     # Behaviour only; the figure is printed for the curious (see benchmarks/).
     end = sup.get("quick", 0)
     t_cb = next(t for t, snap in seen if snap[0]["state"] == st.EXITED)
