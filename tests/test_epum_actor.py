@@ -78,3 +78,51 @@ def test_epum_actor_with_provisioner_on_zookeeper(zk_hosts):
         wait_for(lambda: call(asys, epum2, ListDomains()).value == [])
     finally:
         shutdown_system(asys)
+
+
+def test_a_new_provisioner_leader_is_asked_at_once_for_every_live_instance(zk_hosts):
+    """Decision H4: a Provisioner replica that starts leading greets EPUM (``Hello``), and EPUM
+    asks it for every live instance at once (``DumpState``), not a refresh interval (here 600 s)
+    later: what its predecessor recorded but never sent is heard again."""
+    from thespian.actors import Actor
+
+    from cei_actors.provisioner.messages import DumpState
+    from cei_actors.runtime.control import Hello
+
+    class Recorder(Actor):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def receiveMessage(self, msg, sender):  # noqa: N802
+            if isinstance(msg, tuple) and msg[0] == "greet":
+                self.send(msg[1], Hello("provisioner"))
+            elif msg == "seen":
+                self.send(sender, list(self.seen))
+            else:
+                inner = msg.message if isinstance(msg, Request) else msg
+                if isinstance(inner, DumpState):
+                    self.seen.extend(inner.node_ids)
+
+    log_url = f"zk://{zk_hosts}"
+    asys = start_system(SIMPLE_BASE)
+    try:
+        prov = asys.createActor(prov_actor.ProvisionerActor)
+        epum = asys.createActor(EPUMActor)
+        epum_cfg = {"decider_interval": 0.2, "default_site": "sim1", "default_deployable_type": "dt1",
+                    "refresh_interval": 600.0}
+        assert isinstance(asys.ask(prov, Start(log_url, peers={"epum": epum}), 20), Started)
+        assert isinstance(asys.ask(epum, Start(log_url, config=epum_cfg, peers={"provisioner": prov}), 20), Started)
+        assert isinstance(call(asys, prov, AddSite("sim1", {"type": "sim", "seed": 1, "boot_delay": 0.2})), Ok)
+        assert isinstance(call(asys, prov, AddDeployableType("dt1", {
+            "mappings": {"sim1": {"iaas_image": "ami-sim-base", "iaas_allocation": "t1.micro"}},
+            "contextualization": {"method": "userdata", "userdata": "cei"}})), Ok)
+        call(asys, epum, AddDomainDefinition("def", {"general": {"engine_class": "preserve_n"}}))
+        assert isinstance(call(asys, epum, AddDomain("d", "def", {"engine_conf": {"preserve_n": 2}})), Ok)
+        done = wait_for(lambda: (v := call(asys, epum, DescribeDomain("d")).value)["counts"].get("RUNNING", 0) == 2 and v)
+        live = sorted(i["instance_id"] for i in done["instances"])
+        recorder = asys.createActor(Recorder)
+        asys.tell(recorder, ("greet", epum))
+        assert wait_for(lambda: sorted(set(asys.ask(recorder, "seen", 5))) == live, timeout=10)
+    finally:
+        shutdown_system(asys)

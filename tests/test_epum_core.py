@@ -377,6 +377,30 @@ def test_live_instances_unchanged_for_a_while_are_asked_for_again():
     assert s.running() == 1 and len(s.state.instances) == 2
 
 
+def test_a_new_provisioner_leader_is_asked_for_every_live_instance_at_once():
+    """Decision H4: a Provisioner leader that died between recording TERMINATED and telling
+    EPUM lost that notice; its successor's ``Hello`` makes EPUM ask at once, long before the
+    refresh interval."""
+    from cei_actors.epum.messages import ProvisionerLeads
+
+    s = sim_with(2, config={"refresh_interval": 600.0})
+    s.run(20)
+    first, second = sorted(s.state.instances)
+    s.prov.kill(first)
+    s.prov.outbox.clear()  # the old leader's TERMINATED is lost with it
+    s.run(5)
+    assert s.state.instances[first].state == "RUNNING"
+    head = s.runner.head
+    decision = s.runner.handle(ProvisionerLeads())
+    asked = sorted(i for e in decision.effects if isinstance(e, Send) for i in e.message.node_ids)
+    assert asked == [first, second] and s.runner.head == head
+    s.perform(decision.effects)
+    s.deliver()
+    assert s.state.instances[first].state == "TERMINATED"
+    s.run(20)
+    assert s.running() == 2
+
+
 # ---- bounded state: tombstones of forgotten instances and removed domains (decision E5) -----
 
 

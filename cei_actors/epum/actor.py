@@ -12,7 +12,7 @@ from typing import Any
 
 from ..runtime.shell import EventSourcedActor
 from .logic import EPUM
-from .messages import NodeHeartbeat
+from .messages import NodeHeartbeat, ProvisionerLeads
 from .sensors import run_sensor
 
 
@@ -29,3 +29,9 @@ class EPUMActor(EventSourcedActor):
         """A node's health heartbeat names the agent that sent it (the peer probed by
         ``HealthProbe``), whether or not its ``Hello`` came."""
         return msg.agent if isinstance(msg, NodeHeartbeat) and isinstance(msg.agent, str) else None
+
+    def greeted(self, name: str) -> ProvisionerLeads | None:
+        """A new Provisioner leader: ask it for every live instance at once (decision H4)."""
+        component = self._runner.component if self._runner is not None else None
+        provisioner = component.config.provisioner if isinstance(component, EPUM) else "provisioner"
+        return ProvisionerLeads() if name == provisioner else None

@@ -80,6 +80,7 @@ from .messages import (
     ListDomains,
     NodeHeartbeat,
     NodeState,
+    ProvisionerLeads,
     ReapPass,
     ReconfigureDomain,
     RegisterNeed,
@@ -317,17 +318,27 @@ class EPUM(Component[EPUMState]):
             if self._pulled_sensor(dom):
                 state.vol.sensor_next[key] = ctx.now
         effects: list[Any] = [Send(cfg.provisioner, Subscribe(cfg.self_name))]
-        # Not the open launches: their Provision is sent again, and a DumpState overtaking it
-        # would find no record and be answered UNKNOWN_NODE (TERMINATED).
-        live = sorted(i.instance_id for i in state.instances.values()
-                      if i.rank < R_TERMINATED and i.instance_id not in state.open_launches)
-        state.vol.refreshed = dict.fromkeys(live, ctx.now)
-        for k in range(0, len(live), _DUMP_CHUNK):
-            effects.append(Send(cfg.provisioner, DumpState(live[k:k + _DUMP_CHUNK])))
+        effects += self._ask_every_live(state, ctx.now)
         if cfg.timers:
             effects.append(SetTimer("decider", 0.0, DeciderPass()))
             effects += self._timers(doctor=True, reaper=True)
         return Decision(effects=effects)
+
+    def _ask_every_live(self, state: EPUMState, now: float) -> list[Send]:
+        """``DumpState`` for every live instance, as asked at ``now``.
+
+        Not the open launches: their Provision is sent again, and a DumpState overtaking it
+        would find no record and be answered UNKNOWN_NODE (TERMINATED)."""
+        live = sorted(i.instance_id for i in state.instances.values()
+                      if i.rank < R_TERMINATED and i.instance_id not in state.open_launches)
+        state.vol.refreshed.update(dict.fromkeys(live, now))
+        return [Send(self.config.provisioner, DumpState(live[k:k + _DUMP_CHUNK]))
+                for k in range(0, len(live), _DUMP_CHUNK)]
+
+    def _provisioner_leads(self, state: EPUMState, m: ProvisionerLeads, ctx: Context) -> Decision:
+        """A new Provisioner leader: what its predecessor recorded but never told us is asked
+        for now, not a refresh interval later (H4)."""
+        return Decision(effects=self._ask_every_live(state, ctx.now))
 
     def _bootstrap(self, state: EPUMState, ctx: Context) -> list[Any]:
         """Events creating the configured initial definitions and domains that are missing."""
@@ -903,6 +914,7 @@ class EPUM(Component[EPUMState]):
         DeciderPass: _decider_pass,
         DoctorPass: _doctor_pass,
         ReapPass: _reap_pass,
+        ProvisionerLeads: _provisioner_leads,
     }
 
 

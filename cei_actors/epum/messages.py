@@ -243,6 +243,13 @@ class DoctorPass(Message):
 
 
 @dataclass(frozen=True)
+class ProvisionerLeads(Message):
+    """A Provisioner replica has just started leading (its ``Hello``): ask it at once for
+    every live instance (``DumpState``), since its predecessor may have died between recording
+    a change and telling us (decision H4)."""
+
+
+@dataclass(frozen=True)
 class ReapPass(Message):
     """Forget instance records long past TERMINATED/FAILED/REJECTED."""
 

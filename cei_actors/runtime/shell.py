@@ -285,6 +285,14 @@ class EventSourcedActor(Actor):
         that was just being replaced) is still reached."""
         return None
 
+    def greeted(self, name: str) -> Message | None:
+        """A message for the core when peer ``name`` says (``Hello``) that it now leads, or
+        None (the default). A peer's failover may have lost what it was about to send (its
+        leader died between an append and its effects): this lets the core ask again at once
+        instead of waiting for its periodic refresh. Only a leading actor gets it; a standby
+        asks everything when it takes over anyway."""
+        return None
+
     def make_leadership(self, spec: str, log_url: str, stream: str) -> Leadership:
         """The leadership for ``stream``; default :func:`~.leadership.leadership_for`."""
         return leadership_for(spec, log_url, stream)
@@ -446,6 +454,10 @@ class EventSourcedActor(Actor):
         self._peers[msg.name] = origin.sender
         self._log.info("%s: peer %s is %s", self._name(), msg.name, origin.sender)
         self._reply(origin, Ok(msg.name))
+        if self._mode in ("ready", "suspended"):
+            made = self.greeted(msg.name)
+            if made is not None:
+                self._submit(made, _Origin(None, None, type(made).__name__))
 
     def _on_set_peers(self, msg: SetPeers, origin: _Origin) -> None:
         for name, address in msg.peers.items():
