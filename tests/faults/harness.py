@@ -24,6 +24,7 @@ import yaml
 from cei_actors.cli.logcmds import check_snapshot
 from cei_actors.epum.client import EPUMClient
 from cei_actors.eventlog import open_log
+from cei_actors.ha.client import HAClient
 from cei_actors.launch.components import component_for
 from cei_actors.launch.launcher import ACTOR_CLASSES, Connection, connect
 from cei_actors.launch.plan import Plan, default_plan_text, load_plan
@@ -35,11 +36,15 @@ from cei_actors.runtime.core import Context
 from cei_actors.runtime.messages import ErrorReply, Ok
 from cei_actors.runtime.system import lookup
 
-KILLED = ("pd", "epum", "provisioner")
+KILLED = ("pd", "epum", "provisioner", "ha")
+CLIENTS = {"pd": PDClient, "epum": EPUMClient, "provisioner": ProvisionerClient, "ha": HAClient}
+#: the HA group the load keeps alive, and its size
+HA_GROUP, HA_N = "fgroup", 2
 #: Crash points a restarted replica may be armed with, per component (runtime/faults.py).
 POINTS = {
     "pd": ["after_append", "after_effects", "after_recovery"],
     "epum": ["after_append", "after_effects", "after_recovery"],
+    "ha": ["after_append", "after_effects", "after_recovery"],
     "provisioner": ["after_work.create", "after_work.list", "after_append", "after_effects"],
 }
 FAILURES = (RequestFailed, OutcomeUnknown)
@@ -73,6 +78,7 @@ def make_plan(tmp_path: Path, home: Path, zk_hosts: str) -> Plan:
     comps["provisioner"]["config"].update(query_interval=0.5, boot_query_interval=0.2)
     comps["epum"]["config"].update(decider_interval=0.3)
     comps["pd"]["config"].update(dispatch_retry_seconds=2.0, fence_time=8.0, fence_margin=2.0)
+    comps["ha"]["config"].update(poll_interval=0.5)
     for name in KILLED:
         comps[name]["replicas"] = 2
     # the test's own domain boots EEAgents with fixed settings (no PD engine passes them)
@@ -102,12 +108,17 @@ class ReplayService:
 
 def _views(clients: dict[str, Any]) -> dict[str, Any]:
     """What each component answers to its read-only requests (compared live vs replay)."""
-    pd, epum, prov = clients["pd"], clients["epum"], clients["provisioner"]
+    pd, epum, prov, ha = (clients[c] for c in KILLED)
     dump = pd.dump()
     return {
         "pd": {k: dump[k] for k in ("processes", "nodes", "resources", "queue", "definitions")},
         "epum": {d: epum.describe_domain(d) for d in sorted(epum.list_domains())},
         "provisioner": sorted(prov.describe_nodes(), key=lambda n: n["node_id"]),
+        # what HA persists (what it observed of the PDs is volatile, rebuilt by asking them)
+        "ha": [{"name": g["name"], "policy": g["policy"], "parameters": g["parameters"],
+                "target": g["target"], "failed": g["failed"], "removing": g["removing"],
+                "copies": sorted((c["upid"], c["pd"], c["terminating"]) for c in g["copies"])}
+               for g in (ha.describe_group(x["name"]) for x in ha.list_groups())],
     }
 
 
@@ -139,6 +150,8 @@ class FaultSystem:
     armed_restarts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KILLED, 0))
     #: node churn also terminates the PD's own nodes (else only the test domain's)
     churn_pd_nodes: bool = True
+    #: the HA group has reached its N copies once (from then on never more than N may run)
+    ha_converged: bool = False
 
     # ---- connection and leaders ------------------------------------------------------------
 
@@ -169,7 +182,7 @@ class FaultSystem:
         if found is None:
             raise OutcomeUnknown(f"{comp}: no ready leader", request="leader")
         service = ServiceClient(self.connection().asys, found[0], timeout=timeout)
-        return {"pd": PDClient, "epum": EPUMClient, "provisioner": ProvisionerClient}[comp](service)
+        return CLIENTS[comp](service)
 
     # ---- load ------------------------------------------------------------------------------
 
@@ -182,6 +195,15 @@ class FaultSystem:
             upid = f"long{i}"
             pd.schedule_process(upid, command=["sleep", self.marker(i)], restart_mode="always")
             self.long_upids.append(upid)
+
+    def ha_marker(self) -> str:
+        return f"9700.{self.tag}"
+
+    def add_ha_group(self) -> None:
+        """An npreserving group of HA_N copies, each a ``sleep`` carrying this run's HA marker."""
+        self.client("ha", timeout=20.0).create_group(
+            HA_GROUP, "npreserving", {"preserve_n": HA_N},
+            {"command": ["sleep", self.ha_marker()], "restart_mode": "never"})
 
     def add_domain(self) -> None:
         epum = self.client("epum", timeout=20.0)
@@ -210,6 +232,11 @@ class FaultSystem:
                 target = self.rng.choice([0, 1, 2])
                 self.client("epum").reconfigure_domain("fdom", {"engine_conf": {"preserve_n": target}})
                 self.domain_target = target
+            elif op < 0.9 and self.ha_converged:
+                copies = self.marker_pids().get("ha", [])
+                if copies:  # a copy dies: HA starts another, never more than N at once
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(self.rng.choice(copies), 9)
             else:
                 prov = self.client("provisioner")
                 running = [n for n in prov.describe_nodes() if n["state"] == "RUNNING"
@@ -266,7 +293,7 @@ class FaultSystem:
                     config["crash_at"] = f"{comp}:{point}:{p}"
                     self.armed_restarts[comp] += 1
                 peers = {}
-                for other in ("pd", "epum", "provisioner", "ha"):
+                for other in KILLED:
                     if other == comp:
                         continue
                     found = self.leader(other)
@@ -281,7 +308,7 @@ class FaultSystem:
             if not dead:
                 continue
             mine = [a for _, a, _ in self.members(comp) if a is not None]
-            for other in ("pd", "epum", "provisioner", "ha"):
+            for other in KILLED:
                 if other == comp:
                     continue
                 for _, address, _ in self.members(other):
@@ -293,8 +320,9 @@ class FaultSystem:
     # ---- checks ----------------------------------------------------------------------------
 
     def marker_pids(self) -> dict[str, list[int]]:
-        """upid -> live pids of this run's long workers (a /proc scan for the markers)."""
-        pattern = re.compile(rb"^sleep\x00(86\d\d)\." + self.tag.encode() + rb"\x00?$")
+        """upid -> live pids of this run's long workers, and "ha" -> those of its HA group's
+        copies (a /proc scan for the markers)."""
+        pattern = re.compile(rb"^sleep\x00(86\d\d|9700)\." + self.tag.encode() + rb"\x00?$")
         out: dict[str, list[int]] = {}
         for entry in os.scandir("/proc"):
             if not entry.name.isdigit():
@@ -305,12 +333,17 @@ class FaultSystem:
                 continue
             m = pattern.match(cmd)
             if m and live(int(entry.name)):
-                out.setdefault(f"long{int(m.group(1)) - 8600}", []).append(int(entry.name))
+                key = "ha" if m.group(1) == b"9700" else f"long{int(m.group(1)) - 8600}"
+                out.setdefault(key, []).append(int(entry.name))
         return out
 
     def check_no_double_run(self) -> None:
-        doubled = {u: p for u, p in self.marker_pids().items() if len(p) > 1}
+        pids = self.marker_pids()
+        copies = pids.pop("ha", [])
+        doubled = {u: p for u, p in pids.items() if len(p) > 1}
         assert not doubled, f"a process runs twice: {doubled}"
+        if self.ha_converged:
+            assert len(copies) <= HA_N, f"{len(copies)} HA copies run for a group of {HA_N}: {copies}"
 
     def vms(self) -> dict[str, dict]:
         """iaas_id -> the local driver's record, for every VM whose process lives."""
@@ -327,7 +360,7 @@ class FaultSystem:
                     return f"{comp}: a replica does not answer"
                 if self.leader(comp) is None:
                     return f"{comp}: no ready leader"
-            pd, epum, prov = (self.client(c, timeout=10.0) for c in KILLED)
+            pd, epum, prov = (self.client(c, timeout=10.0) for c in ("pd", "epum", "provisioner"))
             for upid in sorted(self.short_unknown):  # a schedule whose outcome is unknown
                 try:
                     pd.describe_process(upid)
@@ -348,6 +381,13 @@ class FaultSystem:
                     return f"{upid} is {p['state']}"
                 if len(markers.get(upid, [])) != 1:
                     return f"{upid}: {len(markers.get(upid, []))} live copies"
+            group = self.client("ha", timeout=10.0).describe_group(HA_GROUP)
+            if group["status"] != "STEADY":
+                return f"{HA_GROUP}: {group['status']} ({group['why']})"
+            copies = markers.get("ha", [])
+            if len(copies) != HA_N:
+                return f"{HA_GROUP}: {len(copies)} copies run, {HA_N} wanted"
+            self.ha_converged = True
             dom = epum.describe_domain("fdom")
             insts = [i for i in dom["instances"] if i["state"] not in ("TERMINATED", "FAILED", "REJECTED")]
             if len(insts) != self.domain_target or any(i["state"] != "RUNNING" for i in insts):
@@ -420,9 +460,7 @@ class FaultSystem:
                     problem = check_snapshot(component, snap, at_snap, heads[comp])
                     assert problem is None, f"{comp} snapshot: {problem}"
                 replayed[comp] = ReplayService(component, state)
-        replay_views = _views({
-            "pd": PDClient(replayed["pd"]), "epum": EPUMClient(replayed["epum"]),
-            "provisioner": ProvisionerClient(replayed["provisioner"])})
+        replay_views = _views({c: CLIENTS[c](replayed[c]) for c in KILLED})
         for comp in KILLED:
             assert _normal(live_views[comp]) == _normal(replay_views[comp]), \
                 f"{comp}: live state differs from the replay of its log at head {heads[comp]}"

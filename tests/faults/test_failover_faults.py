@@ -1,8 +1,9 @@
 """Issue 13's fault suite: under a steady load of schedules, domain changes and node churn, the
-leader of the PD, EPUM and the Provisioner is killed at random moments: by kill -9, or by a
+leader of the PD, EPUM, the Provisioner and HA is killed at random moments: by kill -9, or by a
 crash point (runtime/faults.py) of a restarted replica once it leads: between a cloud call and
 the event recording it, between an append and its effects, after its effects, after recovery.
 After every kill (harness.FaultSystem.settle_and_check): no process lost or running twice, no
+more than N copies of the HA group running once it had N, no
 VM leaked or doubled, the domain converges, epochs never decrease, and each leader's answers
 equal those of its log's replay at the same head (invariants and snapshot checked as by
 ``cei log check``)."""
@@ -34,6 +35,7 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
     try:
         system.start_long(3)
         system.add_domain()
+        system.add_ha_group()
         system.settle_and_check(None, timeout=45)
         lines = run_faults(system, kills, dwell=(0.5, 4.0))
         print("\n".join(lines))
