@@ -219,7 +219,7 @@ class FaultSystem:
         is being killed) are tolerated: a schedule with an unknown outcome is resolved later."""
         op = self.rng.random()
         try:
-            if op < 0.6:
+            if op < 0.5:
                 pd = self.client("pd")
                 for _ in range(3):
                     upid = f"s{self.short_n}"
@@ -228,11 +228,11 @@ class FaultSystem:
                     pd.schedule_process(upid, command=["true"], restart_mode="abnormal")
                     self.short_unknown.discard(upid)
                     self.short_acked.add(upid)
-            elif op < 0.8:
+            elif op < 0.65:
                 target = self.rng.choice([0, 1, 2])
                 self.client("epum").reconfigure_domain("fdom", {"engine_conf": {"preserve_n": target}})
                 self.domain_target = target
-            elif op < 0.9 and self.ha_converged:
+            elif op < 0.8 and self.ha_converged:
                 copies = self.marker_pids().get("ha", [])
                 if copies:  # a copy dies: HA starts another, never more than N at once
                     with contextlib.suppress(ProcessLookupError):
