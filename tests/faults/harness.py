@@ -152,6 +152,12 @@ class FaultSystem:
     churn_pd_nodes: bool = True
     #: the HA group has reached its N copies once (from then on never more than N may run)
     ha_converged: bool = False
+    #: replica name -> the crash point it was started with (until its pid is known), and
+    #: pid -> that point
+    armed_pids_pending: dict[str, str] = field(default_factory=dict)
+    armed_pids: dict[int, str] = field(default_factory=dict)
+    #: seconds of load an armed leader gets to reach its crash point before kill -9
+    armed_grace: float = 20.0
 
     # ---- connection and leaders ------------------------------------------------------------
 
@@ -253,10 +259,13 @@ class FaultSystem:
         return {name: (status or {}).get("pid") for name, _, status in self.members(comp)}
 
     def kill_leader(self, comp: str, deadline: float) -> str:
-        """Wait under load for an armed leader to crash by itself (until ``deadline``), else
+        """Wait under load for an armed leader to crash by itself (until ``deadline``, at least
+        ``armed_grace`` s for one armed with a crash point), else
         kill -9 it; returns how it died."""
         found = wait_for(lambda: self.leader(comp), 30, what=f"a {comp} leader")
         pid = found[1]["pid"]
+        if pid in self.armed_pids:  # its point may need a kind of load (a create, an append)
+            deadline = max(deadline, time.monotonic() + self.armed_grace)
         self.pids.update({n: (s or {}).get("pid") for n, _, s in self.members(comp)})
         while time.monotonic() < deadline and live(pid):
             self.load_step()
@@ -291,6 +300,7 @@ class FaultSystem:
                     point = self.rng.choice(POINTS[comp])
                     p = 1.0 if self.arm_chance >= 1.0 else self.rng.choice([0.2, 0.5, 1.0])
                     config["crash_at"] = f"{comp}:{point}:{p}"
+                    self.armed_pids_pending[name] = point
                     self.armed_restarts[comp] += 1
                 peers = {}
                 for other in KILLED:
@@ -304,6 +314,8 @@ class FaultSystem:
                 with ServiceClient(conn.asys, new) as c:
                     c.tell(Start(self.plan.log_url, config=config, peers=peers, replicas=replicas))
                     self.pids[name] = c.call(Status())["pid"]
+                if name in self.armed_pids_pending:
+                    self.armed_pids[self.pids[name]] = self.armed_pids_pending.pop(name)
                 self.restarts += 1
             if not dead:
                 continue
@@ -525,4 +537,13 @@ def run_faults(system: FaultSystem, kills_per_component: int, dwell: tuple[float
             system.settle_and_check(comp)
             assert system.kills[comp] >= before + 1
             lines.append(f"{comp}: {how}, settled in {time.monotonic() - t0:.1f}s")
+    # an armed replica that came to lead at the last kill gets its load too (some points need
+    # a create or an append, which a settling system without load does not make)
+    for comp in KILLED:
+        found = system.leader(comp)
+        if found is not None and found[1]["pid"] in system.armed_pids:
+            t0 = time.monotonic()
+            how = system.kill_leader(comp, t0)
+            system.settle_and_check(comp)
+            lines.append(f"{comp} (armed, last): {how}, settled in {time.monotonic() - t0:.1f}s")
     return lines
