@@ -12,21 +12,25 @@ import threading
 import time
 from pathlib import Path
 
+import msgpack
 import pytest
 import yaml
 
 from cei_actors.embed import CEI
-from cei_actors.eventlog import open_log
+from cei_actors.eventlog import Snapshot, open_log
+from cei_actors.launch.components import component_for
 from cei_actors.launch.plan import load_plan
+from cei_actors.runtime.runner import replay
 from cei_actors.subscribe import Change
 
 PROCESS_EVENTS = {"ProcessCreated", "ProcessScheduled", "ProcessMoved", "ProcessAssigned"}
 
 
-def plan(home: Path, slots: int = 4):
+def plan(home: Path, slots: int = 4, log: str = "sqlite:///${home}/log.sqlite", **more):
     path = home / "plan.yaml"
     path.write_text(yaml.safe_dump({
-        "log": "sqlite:///${home}/log.sqlite",
+        **more,
+        "log": log,
         "components": {"pd": {"config": {"dispatch_retry_seconds": 2.0}}},
         "pd": {"engines": {"e1": {"slots": slots, "heartbeat_period": 1}}},
         "static_nodes": [{"node_id": "n1"}],
@@ -34,12 +38,13 @@ def plan(home: Path, slots: int = 4):
     return load_plan(path, home=home)
 
 
-def recorded(home: Path, after: int = 0) -> dict[str, list[tuple[int, str, int]]]:
-    """Per upid, the (offset, state, round) of every process event in the PD's log."""
+def recorded(home: Path, after: int = 0, url: str | None = None) -> dict[str, list[tuple[int, str, int]]]:
+    """Per upid, the (offset, state, round) of every process event in the PD's log (archive
+    included)."""
     state_of = {"ProcessCreated": "UNSCHEDULED", "ProcessScheduled": "REQUESTED",
                 "ProcessAssigned": "ASSIGNED"}
     out: dict[str, list[tuple[int, str, int]]] = collections.defaultdict(list)
-    with open_log(f"sqlite:///{home}/log.sqlite") as log:
+    with open_log(url or f"sqlite:///{home}/log.sqlite") as log:
         for rec in log.read("pd", after + 1):
             if rec.type in PROCESS_EVENTS:
                 st = rec.body.get("state") or state_of[rec.type]
@@ -283,3 +288,31 @@ def test_ha_group_changes_and_a_resume_inside_one_event(tmp_path):
     first = next(c for c in resumed if c.kind == "process")
     assert (first.key, first.state, first.stream, first.seq) == (a.key, a.state, a.stream, a.seq)
     assert all(c.seq > a.cursor[c.stream] for c in resumed)
+
+
+@pytest.mark.parametrize("log", ["zk", "sqlite"])
+def test_from_the_start_of_a_truncated_log_on_zookeeper_and_sqlite(tmp_path, log, request):
+    """A subscriber that resumes from offset 0 of a log whose early history was truncated into
+    the archive (LT1) still gets every change the PD recorded, on ZooKeeper as on SQLite."""
+    if log == "zk":
+        url = f"zk://{request.getfixturevalue('zk_hosts')}"
+    else:
+        url = f"sqlite:///{tmp_path}/log.sqlite"
+    the_plan = plan(tmp_path, log=url, log_history={"archive": "sqlite:///${home}/archive.sqlite"})
+    with CEI(the_plan, base="simpleSystemBase", home=tmp_path) as cei:
+        scripted_run(cei, "t")
+        with open_log(the_plan.log_url) as opened:
+            head = opened.head("pd")
+            pd = component_for("pd", {"config": the_plan.start_config("pd")})
+            at = head - 3  # a snapshot there, then the truncation the runner makes after one
+            blob = msgpack.packb(pd.snapshot(replay(pd, opened, "pd", at)), use_bin_type=True)
+            opened.save_snapshot(Snapshot("pd", at, time.time(), pd.snapshot_version, blob))
+            moved = opened.truncate("pd", at)
+            assert moved > 0 and opened.archive is not None
+        sub = cei.subscribe(kinds=["process"], since={})
+        got: list[Change] = []
+        wait_until(lambda: (got.extend(iter(lambda: sub.get(0), None)) or
+                            sub.cursor.get("pd", 0) >= head), cei=cei)
+        sub.close()
+    want = recorded(tmp_path, url=the_plan.log_url)
+    assert delivered(got) == want and len(want) == 4
