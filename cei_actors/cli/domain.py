@@ -14,7 +14,7 @@ from .watch import watch, watch_option
 
 #: The columns of a domain table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version"]
-WIDE = ["owner", "subscriber", "engine_conf", "removing"]
+WIDE = ["owner", "subscribers", "engine_conf", "engine_error", "removing"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -16,7 +16,7 @@ from .watch import watch, watch_option
 
 #: The columns of a node table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["node_id", "state", "domain_id", "site", "iaas_id", "processes"]
-WIDE = ["ctx_name", "public_ip", "hostname", "state_desc", "creator", "state_time"]
+WIDE = ["public_ip", "deployable_type", "launch_id", "state_desc", "requested_at", "changed_at"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
