@@ -5,6 +5,7 @@ terminal only. The end-to-end part shares one real system (module fixture)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -20,7 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
-from test_cli_e2e import REPO, cei, cleanup, data, run_cli
+from test_cli_e2e import REPO, cleanup, run_cli
+from test_cli_e2e import data as data_in_child
 
 from cei_actors.cli import build_parser, main, parse
 from cei_actors.cli.completion import bash_script
@@ -174,7 +176,9 @@ def test_ids_by_unique_prefix() -> None:
 def home(tmp_path_factory) -> Any:
     path = tmp_path_factory.mktemp("surface") / "cei"
     try:
-        data(path, "up")
+        data_in_child(path, "up")
+        # one node stays up: processes start without a node boot each (the tests stay quick)
+        data(path, "domain", "reconfigure", "pd_domain_default", "--set", "preserve_n=1")
         yield path
     finally:
         cleanup(path)
@@ -192,11 +196,23 @@ def wait_for(what, timeout: float = 60.0, every: float = 0.2) -> Any:
 
 
 def human(home: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``cei --home HOME ARGV`` without --json (output piped to a file)."""
-    proc = run_cli("--home", str(home), *argv)
+    """``cei --home HOME ARGV`` run in this process (as the console script runs it, stdout and
+    stderr not terminals): its exit status and output."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(["--home", str(home), *argv])
+        except SystemExit as exc:
+            code = int(exc.code or 0)
+    proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"cei {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
     return proc
+
+
+def data(home: Path, *argv: str) -> Any:
+    """The JSON result of ``cei --json ARGV`` (in this process)."""
+    return json.loads(human(home, "--json", *argv).stdout)
 
 
 def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> None:
@@ -293,7 +309,7 @@ def test_watch_prints_the_list_again_when_it_changes(home: Path) -> None:
     finally:
         code, err = _interrupt(watch)
     assert code == 0 and err == ""
-    cei(home, "process", "terminate", "watched-1")
+    data(home, "process", "terminate", "watched-1")
     for argv in (("node", "list"), ("domain", "list"), ("status",)):
         proc = _popen(home, *argv, "--watch", "--json")
         try:

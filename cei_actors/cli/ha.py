@@ -9,7 +9,8 @@ from ..ha.logic import STATUSES
 from ..pd import states as ps
 from . import ids
 from .common import UsageError, assignments, connected, done, load_mapping, upper_choice
-from .output import CliError, Output
+from .output import CliError, Output, progress
+from .watch import watch, watch_option
 
 #: The columns of a group table.
 COLUMNS = ["name", "policy", "status", "target", "copies", "removing"]
@@ -45,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_create)
 
     p = cmds.add_parser("list", help="groups with their status")
+    watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one group: its copies (where, in which state) and what "
                                          "the policy wants next")
@@ -103,9 +105,7 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        groups = conn.ha.list_groups()
-    out.table(groups, COLUMNS, title="HA groups")
-    return 0
+        return watch(args, out, conn.ha.list_groups, lambda groups: out.table(groups, COLUMNS, title="HA groups"))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
@@ -147,7 +147,7 @@ def cmd_remove(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     want = set(args.status or ["STEADY"])
-    with connected(args) as conn:
+    with connected(args) as conn, progress(out, f"waiting for HA group {args.name}"):
         args.name = ids.group_name(conn, args.name)
         try:
             group = conn.ha.wait_group(args.name, want | {"FAILED"}, timeout=args.timeout, every=0.2)
