@@ -366,3 +366,22 @@ def test_progress_on_a_terminal_only(home: Path) -> None:
     data(home, "process", "restart", "slow-start")
     piped = human(home, "process", "wait", "slow-start", "--state", "EXITED", "--timeout", "60")
     assert piped.stdout == "slow-start EXITED (round 1)\n" and piped.stderr == ""
+
+
+def test_output_files_are_found_on_local_site_and_static_nodes(tmp_path: Path) -> None:
+    """``process logs`` finds the files real agents wrote, in both node layouts a system has."""
+    from cei_actors.cli.process import output_file
+    from cei_actors.eeagent.supervisor import ProcessSupervisor
+
+    site, static = tmp_path / "nodes", tmp_path / "static"
+    for state_dir, upid, rnd in ((site / "nodes" / "local-000001" / "eeagent", "on-site", 0),
+                                 (static / "n2", "on-static", 3)):
+        with ProcessSupervisor(state_dir, 1, output_retention=None) as sup:
+            sup.launch(upid, rnd, ["sh", "-c", f"echo {upid}; echo err >&2"])
+            sup.wait(upid, rnd, timeout=30)
+            sup.cleanup(upid, rnd)
+    found = output_file([site, static], "on-site", 0, ".out")
+    assert found is not None and found.read_text() == "on-site\n"
+    assert output_file([site, static], "on-static", 3, ".err").read_text() == "err\n"
+    assert output_file([site, static], "on-static", 2, ".out") is None
+    assert output_file([site], "on-static", 3, ".out") is None
