@@ -88,6 +88,7 @@ def test_bash_completion_is_valid_and_completes_commands_and_options(tmp_path: P
     assert "--follow" in _complete(str(script), "--home", "x", "process", "logs", "--")
     assert _complete(str(script), "node", "list", "-o", "") == ["json", "yaml", "wide", "name"]
     assert _complete(str(script), "completion", "z") == ["zsh"]
+    assert _complete(str(script), "--home", str(tmp_path / "cei.ba")) == [str(script)]  # a value: files
     zsh = run_cli("completion", "zsh")
     assert zsh.returncode == 0 and "bashcompinit" in zsh.stdout and "_cei()" in zsh.stdout
 

@@ -82,6 +82,7 @@ _cei() {{
     case "$path" in
 {chr(10).join(_choice_cases(parser))}
     esac
+    ((${{#COMPREPLY[@]}})) || COMPREPLY=($(compgen -f -- "$cur"))  # a value: files, as bash would
     return 0
   }}
   case "$path" in

@@ -148,7 +148,8 @@ def cmd_def_update(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_def_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.epum.describe_domain_definition(args.definition_id))
+        out.describe(conn.epum.describe_domain_definition(args.definition_id),
+                     title=f"domain definition {args.definition_id}")
     return 0
 
 

@@ -50,7 +50,7 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.provisioner.status())
+        out.describe(conn.provisioner.status(), title="provisioner")
     return 0
 
 
