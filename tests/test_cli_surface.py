@@ -268,6 +268,10 @@ def test_ids_by_prefix_against_the_system(home: Path) -> None:
     node = data(home, "node", "list", "--all")[0]["node_id"]
     assert data(home, "node", "describe", node[:12])["node_id"] == node
     assert data(home, "domain", "describe", "pd_dom")["domain_id"] == "pd_domain_default"
+    data(home, "ha", "create", "web-frontend", "--preserve-n", "1", "--", "sleep", "300")
+    assert data(home, "ha", "describe", "web-f")["name"] == "web-frontend"
+    assert data(home, "ha", "status", "web")["name"] == "web-frontend"
+    data(home, "ha", "remove", "web-")
     unknown = human(home, "node", "describe", "zz-no-such-node", check=False)
     assert unknown.returncode == 1 and unknown.stderr == "cei: unknown node 'zz-no-such-node'\n"
 
