@@ -253,6 +253,20 @@ def test_process_logs_follow_until_the_process_ends(home: Path) -> None:
     proc = human(home, "process", "logs", "follow-", "--follow")
     assert proc.stdout == "one\ntwo\n" and proc.stderr == ""
     assert data(home, "process", "describe", "follow-me")["state"] == "EXITED"
+    assert human(home, "process", "logs", "follow-me", "--tail", "1").stdout == "two\n"
+    bad = human(home, "process", "logs", "follow-me", "--tail", "-1", check=False)
+    assert bad.returncode == 1 and bad.stderr == "cei: --tail: expected a number of lines >= 0, got -1\n"
+
+
+@pytest.mark.parametrize("text", ["", "a\n", "a\nb\nc\n", "a\nb\nc", "\n\n\n", "line of output\n" * 400])
+def test_tail_offset_gives_the_last_lines(tmp_path: Path, text: str) -> None:
+    from cei_actors.cli.process import tail_offset
+
+    path = tmp_path / "p.out"
+    path.write_text(text)
+    lines = text.splitlines(keepends=True)
+    for n in (0, 1, 2, 3, 50, 1000):
+        assert text[tail_offset(path, n, block=7):] == ("".join(lines[-n:]) if n else ""), n
 
 
 def test_ids_by_prefix_against_the_system(home: Path) -> None:

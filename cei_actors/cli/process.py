@@ -71,6 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes until the round ends")
     p.add_argument("--stderr", action="store_true", help="its standard error instead of its output")
     p.add_argument("--round", type=int, default=None, metavar="N", help="that round (default: the latest)")
+    p.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines (then follow)")
     p.set_defaults(func=cmd_logs)
     p = cmds.add_parser("dump", help="the PD's whole view: processes, nodes, resources, queue, needs")
     p.set_defaults(func=cmd_dump)
@@ -224,6 +225,8 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
         round_ = process["round"] if args.round is None else args.round
         if not 0 <= round_ <= process["round"]:
             raise CliError(f"process {upid} has rounds 0 to {process['round']}, not {round_}")
+        if args.tail is not None and args.tail < 0:
+            raise CliError(f"--tail: expected a number of lines >= 0, got {args.tail}")
         node_dirs = [Path(d) for d in conn.info.get("node_dirs") or []]
         path = output_file(node_dirs, upid, round_, suffix)
         if path is None and not args.follow:
@@ -232,17 +235,41 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
                            + (f" (node {where})" if where else "") + ": not started yet, its node is "
                            "remote, or its files went after the agent's output retention")
         try:
-            return _print_output(conn, out, upid, round_, suffix, node_dirs, path, args.follow)
+            start = 0 if path is None or args.tail is None else tail_offset(path, args.tail)
+            return _print_output(conn, out, upid, round_, suffix, node_dirs, path, args.follow, start)
         except KeyboardInterrupt:  # the usual way to stop --follow
             return 0
 
 
+def tail_offset(path: Path, lines: int, block: int = 1 << 16) -> int:
+    """The offset in ``path`` where its last ``lines`` lines begin (a last line without its
+    newline counts as one; 0 if it has fewer)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        if lines == 0:
+            return end
+        pos, data = end, b""
+        while pos > 0:  # read back from the end until enough lines are in
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+            if data[:-1].count(b"\n") >= lines:
+                break
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return 0
+    return pos + cut + 1
+
+
 def _print_output(conn: Any, out: Output, upid: str, round_: int, suffix: str, node_dirs: list[Path],
-                  path: Path | None, follow: bool) -> int:
-    """Print the file's bytes from the start; with ``follow``, keep printing until the round is
+                  path: Path | None, follow: bool, offset: int = 0) -> int:
+    """Print the file's bytes from ``offset``; with ``follow``, keep printing until the round is
     over (the process left it, or ended) and every byte is out."""
     stream = "stderr" if suffix == ".err" else "stdout"
-    offset, last_check, over = 0, 0.0, False
+    last_check, over = 0.0, False
     while True:
         if path is None:
             path = output_file(node_dirs, upid, round_, suffix)
