@@ -98,12 +98,15 @@ def brief(process: dict[str, Any], out: Output) -> None:
 
 
 def show_list(processes: list[dict[str, Any]], out: Output) -> None:
-    """Processes as a list (JSON) or a table (``age``: time in its state)."""
+    """Processes as a list (JSON) or a table (``age``: time in its state; ``node_id``: for an
+    ended process, the node it last ran on)."""
     if out.json:
         out.emit(processes)
         return
     now = time.time()
     rows = [{**p, "command": " ".join(p.get("command") or []) or p.get("definition_id"),
+             # an ended process: the node it ran on (as kubectl shows a completed pod's)
+             "node_id": p.get("node_id") or (p.get("last_node_id") if p.get("state") in ps.TERMINAL else None),
              "age": age(now - p["state_time"]) if p.get("state_time") else None,
              "constraints": ",".join(f"{k}={v}" for k, v in sorted((p.get("constraints") or {}).items()))}
             for p in processes]
