@@ -28,6 +28,9 @@ from cei_actors.cli import build_parser, main
 #: Commands that start, stop or block on the system, or run for long: not fuzzed here.
 SKIPPED = {("up",), ("down",), ("demo",), ("sim", "run"), ("process", "wait"), ("ha", "wait"), ("provisioner", "terminate-all")}
 
+#: Options that make a command run until Ctrl-C (``--watch``, ``--follow``): not fuzzed here.
+UNENDING = {"watch", "follow"}
+
 #: Exit codes the CLI documents: 0 ok, 1 error, 2 usage, 3 outcome unknown (a timeout).
 EXIT_CODES = {0, 1, 2, 3}
 
@@ -92,7 +95,7 @@ def argvs(draw: st.DrawFn, tmp: Path) -> list[str]:
     argv += list(words)
     tail: list[str] = []
     for action in parser._actions:
-        if isinstance(action, argparse._HelpAction):
+        if isinstance(action, argparse._HelpAction) or action.dest in UNENDING:
             continue
         if not action.option_strings:  # positional
             if action.dest == "cmdline":

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..eventlog import EventLogError
 from ..runtime.client import OutcomeUnknown, RequestFailed
 from . import (
+    completion,
     definition,
     demo,
     domain,
@@ -27,7 +28,7 @@ from . import (
     systemboot,
 )
 from .common import UsageError
-from .output import CliError, Output
+from .output import FORMATS, CliError, Output
 
 #: Exit statuses, as ``cei --help`` lists them.
 EXIT_STATUS = """exit status:
@@ -44,7 +45,32 @@ EXIT_STATUS = """exit status:
      for `process restart` (each call is a new round: check the round first)."""
 
 #: The command groups, in the order ``cei --help`` lists them.
-GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha)
+GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha,
+          completion)
+
+
+def version() -> str:
+    """This package's version (as installed), e.g. ``0.1.0``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("cei-actors")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def output_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    """``--json``, ``-o FORMAT`` and ``--no-headers``: on the top parser with defaults, on every
+    subcommand's parser without (SUPPRESS), so they count wherever they are given."""
+    kw: dict = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("--json", action="store_true", help="machine output: one JSON document on stdout "
+                        "(same as -o json)", **kw)
+    parser.add_argument("-o", "--output", choices=FORMATS, metavar="FORMAT",
+                        help=f"output format: {', '.join(FORMATS)} (default: tables for people)",
+                        **({"default": None} if top else kw))
+    parser.add_argument("--no-headers", action="store_true", help="tables without titles and header rows",
+                        **kw)
 
 
 def say_error(message: object) -> None:
@@ -70,7 +96,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="cei", description="Common Execution Infrastructure, as event-sourced actors",
                      epilog=EXIT_STATUS, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--json", action="store_true", help="machine output: one JSON document on stdout")
+    output_options(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"cei {version()}")
     parser.add_argument("--home", default=os.environ.get("CEI_HOME", ".cei"), help="runtime files and the embedded log (default ./.cei or $CEI_HOME)")
     parser.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for each reply of the system (default 10; "
@@ -81,7 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for group in GROUPS:
         group.register(sub)
+    for p in _subcommand_parsers(parser):
+        output_options(p, top=False)
     return parser
+
+
+def _subcommand_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every parser below ``parser`` (each once, aliases included)."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subcommand_parsers(child)]
+    return found
 
 
 def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -94,6 +133,10 @@ def parse(argv: Sequence[str] | None = None) -> argparse.Namespace:
         cut = argv.index("--")
         argv, tail = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if args.json and args.output not in (None, "json"):
+        parser.error(f"--json and -o {args.output}: give one")
+    args.output = args.output or ("json" if args.json else None)
+    args.json = args.output in ("json", "yaml", "name")
     if tail is not None:
         if not hasattr(args, "cmdline"):
             parser.error(f"{args.command}: takes no COMMAND after --")
@@ -125,7 +168,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from ..launch.launcher import read_info
 
         args.log_url = (read_info(home) or {}).get("log_url") or f"sqlite:///{home / 'log.sqlite'}"
-    out = Output(args.json)
+    out = Output(args.output, headers=not args.no_headers)
     try:
         return int(args.func(args, out) or 0)
     except UsageError as exc:

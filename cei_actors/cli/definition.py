@@ -73,7 +73,7 @@ def cmd_update(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.pd.describe_definition(args.definition_id))
+        out.describe(conn.pd.describe_definition(args.definition_id), title=f"definition {args.definition_id}")
     return 0
 
 

@@ -7,11 +7,14 @@ from typing import Any
 
 from ..epum.client import dotted_config
 from ..runtime.client import NotFound
+from . import ids
 from .common import UsageError, assignments, check_with, connected, done, load_mapping
 from .output import Output
+from .watch import watch, watch_option
 
-#: The columns of a domain table.
+#: The columns of a domain table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version"]
+WIDE = ["owner", "subscribers", "engine_conf", "engine_error", "removing"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="settings", action="append", required=True, metavar="KEY=VALUE")
     p.set_defaults(func=cmd_reconfigure)
     p = cmds.add_parser("list", help="domains")
+    watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one domain with its instances")
     p.add_argument("domain_id", metavar="ID")
@@ -63,6 +67,8 @@ def summary(domain: dict[str, Any]) -> dict[str, Any]:
         states[inst["state"]] = states.get(inst["state"], 0) + 1
     return {
         **domain,
+        "engine_conf": ",".join(f"{k}={v}" for k, v in sorted(((domain.get("config") or {}).get("engine_conf")
+                                                              or {}).items())),
         "instances": len(instances),
         "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
     }
@@ -91,6 +97,7 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
 def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
     config = dotted_config(assignments(args.settings, "--set"))
     with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
+        args.domain_id = ids.domain_id(conn, args.domain_id)
         conn.epum.reconfigure_domain(args.domain_id, config)
         domain = conn.epum.describe_domain(args.domain_id)
     done(out, domain, f"domain {args.domain_id} reconfigured: engine_conf {domain['config'].get('engine_conf')}")
@@ -98,23 +105,26 @@ def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    def show(domains: list[dict[str, Any]]) -> None:
+        if out.json:
+            out.emit(domains)
+        else:
+            out.table([summary(d) for d in domains], COLUMNS, title="domains", wide=WIDE)
+
     with connected(args) as conn:
-        domains = [conn.epum.describe_domain(d) for d in conn.epum.list_domains()]
-    if out.json:
-        out.emit(domains)
-    else:
-        out.table([summary(d) for d in domains], COLUMNS, title="domains")
-    return 0
+        return watch(args, out, lambda: [conn.epum.describe_domain(d) for d in conn.epum.list_domains()], show)
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.epum.describe_domain(args.domain_id))
+        domain_id = ids.domain_id(conn, args.domain_id)
+        out.describe(conn.epum.describe_domain(domain_id), title=f"domain {domain_id}")
     return 0
 
 
 def cmd_remove(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
+        args.domain_id = ids.domain_id(conn, args.domain_id)
         result = conn.epum.remove_domain(args.domain_id)
     done(out, result, f"domain {args.domain_id} removing (its nodes are being terminated)")
     return 0
@@ -138,7 +148,8 @@ def cmd_def_update(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_def_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.epum.describe_domain_definition(args.definition_id))
+        out.describe(conn.epum.describe_domain_definition(args.definition_id),
+                     title=f"domain definition {args.definition_id}")
     return 0
 
 

@@ -7,8 +7,10 @@ from typing import Any
 
 from ..ha.logic import STATUSES
 from ..pd import states as ps
+from . import ids
 from .common import UsageError, assignments, connected, done, load_mapping, upper_choice
-from .output import CliError, Output
+from .output import CliError, Output, progress
+from .watch import watch, watch_option
 
 #: The columns of a group table.
 COLUMNS = ["name", "policy", "status", "target", "copies", "removing"]
@@ -44,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_create)
 
     p = cmds.add_parser("list", help="groups with their status")
+    watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one group: its copies (where, in which state) and what "
                                          "the policy wants next")
@@ -102,14 +105,13 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        groups = conn.ha.list_groups()
-    out.table(groups, COLUMNS, title="HA groups")
-    return 0
+        return watch(args, out, conn.ha.list_groups, lambda groups: out.table(groups, COLUMNS, title="HA groups"))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.ha.describe_group(args.name))
+        name = ids.group_name(conn, args.name)
+        out.describe(conn.ha.describe_group(name), title=f"HA group {name}")
     return 0
 
 
@@ -119,7 +121,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
             rows = [{"name": g["name"], "status": g["status"]} for g in conn.ha.list_groups()]
             out.table(rows, ["name", "status"], title="HA status")
             return 0
-        group = conn.ha.describe_group(args.name)
+        group = conn.ha.describe_group(ids.group_name(conn, args.name))
     row = {"name": group["name"], "status": group["status"], "why": group["why"], "wants": group["wants"]}
     done(out, row, f"{group['status']}: {group['why']}")
     return 0
@@ -128,6 +130,7 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
 def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
     params = _parameters(args)
     with connected(args) as conn:
+        args.name = ids.group_name(conn, args.name)
         group = conn.ha.reconfigure_group(args.name, args.policy, params)
     done(out, group, f"HA group {args.name} reconfigured: {group['policy']} {group['parameters']}, "
                      f"target {group['target']}")
@@ -136,6 +139,7 @@ def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_remove(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
+        args.name = ids.group_name(conn, args.name)
         result = conn.ha.remove_group(args.name)
     done(out, result, f"HA group {args.name} removing (its copies are being terminated)")
     return 0
@@ -143,7 +147,8 @@ def cmd_remove(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
     want = set(args.status or ["STEADY"])
-    with connected(args) as conn:
+    with connected(args) as conn, progress(out, f"waiting for HA group {args.name}"):
+        args.name = ids.group_name(conn, args.name)
         try:
             group = conn.ha.wait_group(args.name, want | {"FAILED"}, timeout=args.timeout, every=0.2)
         except TimeoutError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import msgpack
@@ -22,6 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("stream")
     p.add_argument("--from", dest="start", type=int, default=1, metavar="SEQ")
     p.add_argument("--to", dest="stop", type=int, default=None, metavar="SEQ")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="then print each new event as it is appended (until Ctrl-C or --to)")
     p.set_defaults(func=cmd_show)
     p = cmds.add_parser("state", help="the state rebuilt by replay up to SEQ")
     p.add_argument("stream")
@@ -63,13 +66,41 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     redact = _redactor(args.stream, "redact_event")
     with _open(args) as log:
         records = log.read(args.stream, args.start, args.stop)
+        if args.follow:
+            return _follow(args, out, log, records, redact)
         if out.json:
             out.emit([_record(r, redact(r.type, r.body)) for r in records])
         else:
             for r in records:
-                body = redact(r.type, r.body)
-                out.line(f"{r.offset:>8} e{r.epoch} {r.timestamp:.3f} {r.type} {plain(body)}")
+                _show_line(out, r, redact(r.type, r.body))
     return 0
+
+
+def _show_line(out: Output, r: Any, body: Any) -> None:
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.timestamp)) + f".{int(r.timestamp * 1000) % 1000:03d}"
+    out.line(f"{r.offset:>8} e{r.epoch} {stamp} {r.type} {plain(body)}")
+
+
+def _follow(args: argparse.Namespace, out: Output, log: Any, records: Any, redact: Any) -> int:
+    """``log show --follow``: the events so far, then each new one as it is appended, one per
+    line (one JSON document per line with ``--json``); ends at ``--to`` or on Ctrl-C."""
+    last = args.start - 1
+    try:
+        while True:
+            for r in records:
+                if args.stop is not None and r.offset > args.stop:
+                    return 0
+                if out.json:
+                    out.emit(_record(r, redact(r.type, r.body)))
+                else:
+                    _show_line(out, r, redact(r.type, r.body))
+                last = r.offset
+            out.stream.flush()
+            if args.stop is not None and last >= args.stop:
+                return 0
+            records = log.tail(args.stream, last, timeout=1.0)
+    except KeyboardInterrupt:  # the way a follow ends
+        return 0
 
 
 def _record(r: Any, body: Any) -> dict[str, Any]:

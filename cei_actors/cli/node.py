@@ -9,11 +9,14 @@ import signal
 from typing import Any
 
 from ..runtime.client import NotFound
+from . import ids
 from .common import check_with, connected, done
 from .output import CliError, Output
+from .watch import watch, watch_option
 
-#: The columns of a node table.
+#: The columns of a node table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["node_id", "state", "domain_id", "site", "iaas_id", "processes"]
+WIDE = ["public_ip", "deployable_type", "launch_id", "state_desc", "requested_at", "changed_at"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = group.add_subparsers(dest="node_cmd", required=True, metavar="COMMAND")
     p = cmds.add_parser("list", help="every node")
     p.add_argument("--all", action="store_true", help="include TERMINATED and FAILED nodes")
+    watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one node: Provisioner record, EPUM instance, PD resources, processes")
     p.add_argument("node_id", metavar="ID")
@@ -73,14 +77,15 @@ def gather(conn: Any, include_gone: bool = True) -> list[dict[str, Any]]:
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        nodes = gather(conn, include_gone=args.all)
-    out.table(nodes, COLUMNS, title=f"{len(nodes)} nodes")
-    return 0
+        return watch(args, out, lambda: gather(conn, include_gone=args.all),
+                     lambda nodes: out.table(nodes, COLUMNS, title=f"{len(nodes)} nodes", wide=WIDE))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        node = next((n for n in gather(conn) if n["node_id"] == args.node_id), None)
+        nodes = gather(conn)
+        args.node_id = ids.node_id(nodes, args.node_id)
+        node = next((n for n in nodes if n["node_id"] == args.node_id), None)
         if node is None:
             raise CliError(f"unknown node {args.node_id!r}")
         try:
@@ -99,12 +104,13 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
             {"upid": p["upid"], "state": p["state"], "round": p["round"]}
             for p in dump["processes"] if p.get("node_id") == args.node_id
         ]
-    out.emit(node)
+    out.describe(node, title=f"node {args.node_id}")
     return 0
 
 
 def cmd_terminate(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
+        args.node_id = ids.node_id(conn.provisioner.describe_nodes(), args.node_id)
         _known(conn, args.node_id)  # the Provisioner records a terminate of an id it never had
         with check_with(f"cei node describe {args.node_id}"):
             result = conn.provisioner.terminate_nodes([args.node_id])
@@ -173,6 +179,7 @@ def _descendants(root: int) -> list[tuple[int, int]]:
 
 def cmd_kill(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
+        args.node_id = ids.node_id(conn.provisioner.describe_nodes(), args.node_id)
         result = crash_node(conn, args.node_id)
     done(out, result, f"node {args.node_id} killed (EEAgent group {result['pgid']}, "
                       f"{len(result['process_groups'])} process group(s))")

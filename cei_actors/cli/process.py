@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from ..pd import states as ps
+from . import ids
 from .common import UsageError, assignments, check_with, connected, done, upper_choice
-from .output import CliError, Output
+from .output import CliError, Output, age, progress
+from .watch import watch, watch_option
 
-#: The columns of a process table.
-COLUMNS = ["upid", "state", "round", "node_id", "restart_mode", "queueing_mode", "command"]
+#: The columns of a process table (``-o wide`` adds :data:`WIDE`).
+COLUMNS = ["upid", "state", "round", "node_id", "age", "restart_mode", "command"]
+WIDE = ["name", "queueing_mode", "engine", "constraints", "starts", "last_node_id", "state_time", "msg"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -42,6 +47,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = cmds.add_parser("list", help="processes (all, or in one state)")
     p.add_argument("--state", type=upper_choice(ps.ORDER, lower=False), default=None, metavar="STATE")
+    watch_option(p)
     p.set_defaults(func=cmd_list)
     for name, func, text in (
         ("describe", "cmd_describe", "one process in full"),
@@ -59,6 +65,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="STATE", help="the state to wait for (repeat for any of several)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_wait)
+    p = cmds.add_parser("logs", help="a process's output (stdout, or --stderr) from its node's files, "
+                                     "in any round; --follow streams it until the round ends")
+    p.add_argument("upid")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes until the round ends")
+    p.add_argument("--stderr", action="store_true", help="its standard error instead of its output")
+    p.add_argument("--round", type=int, default=None, metavar="N", help="that round (default: the latest)")
+    p.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines (then follow)")
+    p.set_defaults(func=cmd_logs)
     p = cmds.add_parser("dump", help="the PD's whole view: processes, nodes, resources, queue, needs")
     p.set_defaults(func=cmd_dump)
     p = cmds.add_parser("nodestate", help="tell the PD a node's state by hand, as EPUM would (RUNNING adds "
@@ -70,12 +84,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def show(process: dict[str, Any], out: Output) -> None:
-    """One process: the whole record in JSON mode, a key/value table otherwise."""
-    if out.json:
-        out.emit(process)
-        return
-    rows = [{"field": k, "value": v} for k, v in process.items()]
-    out.table(rows, ["field", "value"], title=f"process {process.get('upid')}")
+    """One process: the whole record in a machine format, ``key: value`` lines otherwise."""
+    out.describe(process, title=f"process {process.get('upid')}")
 
 
 def brief(process: dict[str, Any], out: Output) -> None:
@@ -88,12 +98,19 @@ def brief(process: dict[str, Any], out: Output) -> None:
 
 
 def show_list(processes: list[dict[str, Any]], out: Output) -> None:
-    """Processes as a list (JSON) or a table."""
+    """Processes as a list (JSON) or a table (``age``: time in its state; ``node_id``: for an
+    ended process, the node it last ran on)."""
     if out.json:
         out.emit(processes)
         return
-    rows = [{**p, "command": " ".join(p.get("command") or []) or p.get("definition_id")} for p in processes]
-    out.table(rows, COLUMNS, title=f"{len(rows)} processes")
+    now = time.time()
+    rows = [{**p, "command": " ".join(p.get("command") or []) or p.get("definition_id"),
+             # an ended process: the node it ran on (as kubectl shows a completed pod's)
+             "node_id": p.get("node_id") or (p.get("last_node_id") if p.get("state") in ps.TERMINAL else None),
+             "age": age(now - p["state_time"]) if p.get("state_time") else None,
+             "constraints": ",".join(f"{k}={v}" for k, v in sorted((p.get("constraints") or {}).items()))}
+            for p in processes]
+    out.table(rows, COLUMNS, title=f"{len(rows)} processes", wide=WIDE)
 
 
 def cmd_schedule(args: argparse.Namespace, out: Output) -> int:
@@ -126,37 +143,51 @@ def cmd_schedule(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        processes = conn.pd.describe_processes(state=args.state)
-    show_list(processes, out)
-    return 0
+        return watch(args, out, lambda: conn.pd.describe_processes(state=args.state),
+                     lambda processes: show_list(processes, out))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        show(conn.pd.describe_process(args.upid), out)
+        show(conn.pd.describe_process(ids.process_id(conn, args.upid)), out)
     return 0
 
 
 def cmd_terminate(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn, check_with(f"cei process describe {args.upid}"):
-        process = conn.pd.terminate_process(args.upid)
+    with connected(args) as conn:
+        upid = ids.process_id(conn, args.upid)
+        with check_with(f"cei process describe {upid}"):
+            process = conn.pd.terminate_process(upid)
     brief(process, out)
     return 0
 
 
 def cmd_restart(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn, check_with(f"cei process describe {args.upid} (its round)"):
-        process = conn.pd.restart_process(args.upid)
+    with connected(args) as conn:
+        upid = ids.process_id(conn, args.upid)
+        with check_with(f"cei process describe {upid} (its round)"):
+            process = conn.pd.restart_process(upid)
     brief(process, out)
     return 0
 
 
 def cmd_wait(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
-        try:
-            process = conn.pd.wait_process(args.upid, {*args.state, *ps.TERMINAL}, timeout=args.timeout, every=0.2)
-        except TimeoutError as exc:
-            raise CliError(f"timed out after {args.timeout:g}s: {exc}") from None
+    want = {*args.state, *ps.TERMINAL}
+    deadline = time.monotonic() + args.timeout
+    with connected(args) as conn, progress(out, f"waiting for {args.upid}") as say:
+        args.upid = ids.process_id(conn, args.upid)
+        seen = None
+        while True:  # in steps of a second, so a terminal shows where it is
+            try:
+                process = conn.pd.wait_process(args.upid, want, every=0.2,
+                                               timeout=max(0.0, min(1.0, deadline - time.monotonic())))
+                break
+            except TimeoutError as exc:
+                if time.monotonic() >= deadline:
+                    raise CliError(f"timed out after {args.timeout:g}s: {exc}") from None
+                if str(exc) != seen:
+                    seen = str(exc)
+                    say(seen)
     if process["state"] not in args.state:
         raise CliError(f"process {args.upid} ended {process['state']} (round {process['round']}), "
                        f"not {' or '.join(args.state)}")
@@ -175,3 +206,103 @@ def cmd_nodestate(args: argparse.Namespace, out: Output) -> int:
         result = conn.pd.node_state(args.node_id, args.domain_id, args.state)
     done(out, result, f"PD told: node {args.node_id} of {args.domain_id} is {args.state}")
     return 0
+
+
+def output_file(node_dirs: list[Path], upid: str, round_: int, suffix: str) -> Path | None:
+    """The EEAgent output file of ``(upid, round_)`` (``suffix`` ``.out`` or ``.err``) on a node
+    of this host: under a local site's ``nodes/<id>/eeagent/proc/`` or a static node's
+    ``<id>/proc/`` (decision EA7 names the files); the newest if several."""
+    from ..eeagent.supervisor import _file_stem  # the agent's own naming of output files
+
+    name = _file_stem(upid, round_) + suffix
+    found = [f for base in node_dirs for pattern in (f"nodes/*/eeagent/proc/{name}", f"*/proc/{name}")
+             for f in base.glob(pattern)]
+    return max(found, key=lambda f: f.stat().st_mtime, default=None)
+
+
+def cmd_logs(args: argparse.Namespace, out: Output) -> int:
+    suffix = ".err" if args.stderr else ".out"
+    with connected(args) as conn:
+        upid = ids.process_id(conn, args.upid)
+        process = conn.pd.describe_process(upid)
+        round_ = process["round"] if args.round is None else args.round
+        if not 0 <= round_ <= process["round"]:
+            raise CliError(f"process {upid} has rounds 0 to {process['round']}, not {round_}")
+        if args.tail is not None and args.tail < 0:
+            raise CliError(f"--tail: expected a number of lines >= 0, got {args.tail}")
+        node_dirs = [Path(d) for d in conn.info.get("node_dirs") or []]
+        path = output_file(node_dirs, upid, round_, suffix)
+        if path is None and not args.follow:
+            where = process.get("node_id") or process.get("last_node_id")
+            raise CliError(f"no output of process {upid} round {round_} on this host"
+                           + (f" (node {where})" if where else "") + ": not started yet, its node is "
+                           "remote, or its files went after the agent's output retention")
+        try:
+            start = 0 if path is None or args.tail is None else tail_offset(path, args.tail)
+            return _print_output(conn, out, upid, round_, suffix, node_dirs, path, args.follow, start)
+        except KeyboardInterrupt:  # the usual way to stop --follow
+            return 0
+
+
+def tail_offset(path: Path, lines: int, block: int = 1 << 16) -> int:
+    """The offset in ``path`` where its last ``lines`` lines begin (a last line without its
+    newline counts as one; 0 if it has fewer)."""
+    with open(path, "rb") as f:
+        end = f.seek(0, 2)
+        if lines == 0:
+            return end
+        pos, data = end, b""
+        while pos > 0:  # read back from the end until enough lines are in
+            step = min(block, pos)
+            pos -= step
+            f.seek(pos)
+            data = f.read(step) + data
+            if data[:-1].count(b"\n") >= lines:
+                break
+    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, cut)
+        if cut < 0:
+            return 0
+    return pos + cut + 1
+
+
+def _print_output(conn: Any, out: Output, upid: str, round_: int, suffix: str, node_dirs: list[Path],
+                  path: Path | None, follow: bool, offset: int = 0) -> int:
+    """Print the file's bytes from ``offset``; with ``follow``, keep printing until the round is
+    over (the process left it, or ended) and every byte is out."""
+    stream = "stderr" if suffix == ".err" else "stdout"
+    last_check, over = 0.0, False
+    while True:
+        if path is None:
+            path = output_file(node_dirs, upid, round_, suffix)
+        chunk = b""
+        if path is not None:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    chunk = f.read(1 << 20)
+            except FileNotFoundError:  # removed after the retention
+                chunk = b""
+            offset += len(chunk)
+        if chunk:
+            if out.json:
+                out.emit({"upid": upid, "round": round_, "stream": stream, "path": str(path),
+                          "text": chunk.decode(errors="replace")})
+            else:
+                out.stream.flush()
+                raw = getattr(out.stream, "buffer", None)
+                if raw is None:
+                    out.stream.write(chunk.decode(errors="replace"))
+                else:
+                    raw.write(chunk)
+                    raw.flush()
+            continue  # more may be there already
+        if not follow or over:
+            return 0
+        if time.monotonic() - last_check > 0.5:
+            p = conn.pd.describe_process(upid)
+            last_check = time.monotonic()
+            over = p["round"] != round_ or p["state"] in ps.TERMINAL  # one more read, then stop
+            continue
+        time.sleep(0.1)  # a poll interval: the file is written by another process

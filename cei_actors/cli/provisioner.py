@@ -7,7 +7,7 @@ import sys
 import uuid
 
 from .common import check_with, connected, done, load_mapping
-from .output import CliError, Output
+from .output import CliError, Output, progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +50,7 @@ def cmd_describe(args: argparse.Namespace, out: Output) -> int:
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
-        out.emit(conn.provisioner.status())
+        out.describe(conn.provisioner.status(), title="provisioner")
     return 0
 
 
@@ -69,7 +69,7 @@ def cmd_provision(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_terminate_all(args: argparse.Namespace, out: Output) -> int:
-    with connected(args) as conn:
+    with connected(args) as conn, progress(out, "terminating every node"):
         finished = conn.provisioner.terminate_all(wait=not args.no_wait, timeout=args.timeout)
     if not finished and not args.no_wait:
         raise CliError(f"terminate-all: nodes still running after {args.timeout:g}s")

@@ -60,7 +60,7 @@ def _command(group_name: str, op: str) -> Any:
                 method(args.name, **extra)
                 done(out, {"name": args.name, "removed": True}, f"{group_name} {args.name} removed")
             elif op == "describe":
-                out.emit(method(args.name, **extra))
+                out.describe(method(args.name, **extra), title=f"{group_name} {args.name}")
             else:
                 names = method(**extra)
                 if out.json:

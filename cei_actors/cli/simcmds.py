@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from .output import CliError, Output
+from .output import CliError, Output, progress
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -47,7 +47,8 @@ def cmd_run(args: argparse.Namespace, out: Output) -> int:
     if args.scenario not in scenarios:
         raise CliError(f"no scenario {args.scenario!r} (known: {', '.join(scenarios)})")
     module = importlib.import_module(f"sims.{args.scenario}")
-    summary = module.run(args.seed, args.report)
+    with progress(out, f"simulating {args.scenario} (seed {args.seed})"):
+        summary = module.run(args.seed, args.report)
     if out.json:
         out.emit(summary)
         return 0 if not summary.get("violations") else 1

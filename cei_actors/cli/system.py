@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from .common import connected, not_up_message
-from .output import CliError, Output
+from .output import CliError, Output, progress
+from .watch import watch, watch_option
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -20,6 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("down", help="stop the system (components, nodes, processes); the log stays")
     p.set_defaults(func=cmd_down)
     p = sub.add_parser("status", help="leaders, domains, nodes, resources, process counts")
+    watch_option(p)
     p.set_defaults(func=cmd_status)
 
 
@@ -42,20 +44,9 @@ def start(args: argparse.Namespace, out: Output) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def progress_shown(out: Output, title: str) -> Iterator[Callable[[str], None]]:
-    """A progress callback: a spinner with each step logged (silent in JSON mode)."""
-    if out.json:
-        yield lambda _line: None
-        return
-    from rich.console import Console
-
-    console = Console(file=out.stream, log_path=False)
-    with console.status(f"{title} ...") as spinner:
-
-        def progress(line: str) -> None:
-            spinner.update(line)
-            console.log(line)
-
-        yield progress
+    """A progress callback (:func:`.output.progress`; piped, the steps as plain lines)."""
+    with progress(out, title, steps=True) as say:
+        yield say
 
 
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
@@ -86,13 +77,14 @@ def cmd_down(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_status(args: argparse.Namespace, out: Output) -> int:
+    def show(status: dict[str, Any]) -> None:
+        if out.json:
+            out.emit(status)
+        else:
+            show_status(status, out)
+
     with connected(args) as conn:
-        status = collect_status(conn)
-    if out.json:
-        out.emit(status)
-    else:
-        show_status(status, out)
-    return 0
+        return watch(args, out, lambda: collect_status(conn), show)
 
 
 def collect_status(conn: Any) -> dict[str, Any]:
@@ -125,8 +117,6 @@ def collect_status(conn: Any) -> dict[str, Any]:
 
 def show_status(status: dict[str, Any], out: Output) -> None:
     """The status as tables: components, domains, nodes, resources, process counts."""
-    from rich.console import Console
-
     rows = [{"component": comp, **replica}
             for comp, replicas in sorted((status.get("components") or {}).items()) for replica in replicas]
     out.table(rows, ["component", "name", "mode", "leader", "epoch", "head", "pid"], title="components")
@@ -136,5 +126,5 @@ def show_status(status: dict[str, Any], out: Output) -> None:
               title="resources")
     counts = status.get("processes") or {}
     text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
-    Console(file=out.stream).print(f"processes: {text}")
-    Console(file=out.stream).print(f"log: {status.get('log_url')}  admin port: {status.get('admin_port')}")
+    out.line(f"processes: {text}")
+    out.line(f"log: {status.get('log_url')}  admin port: {status.get('admin_port')}")

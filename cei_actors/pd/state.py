@@ -79,6 +79,7 @@ class Process:
     omit_from_system_restart: bool = False
     resource_id: str | None = None
     node_id: str | None = None
+    last_node_id: str | None = None  # the node of its latest placement, kept once it ends
     starts: int = 0
     dispatches: int = 0
     last_dispatch: float | None = None
@@ -100,6 +101,7 @@ class Process:
             "state": self.state,
             "round": self.round,
             "node_id": self.node_id,
+            "last_node_id": self.last_node_id,
             "assigned": self.resource_id,
             "definition_id": self.definition_id,
             "name": self.name,
@@ -551,6 +553,7 @@ class PDState:
         if res is None:
             return
         p.node_id = res.node_id
+        p.last_node_id = res.node_id
         res.assigned[p.upid] = e.round
         node = self.nodes[res.node_id]
         self._use(node, 1)
