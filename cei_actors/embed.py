@@ -127,7 +127,7 @@ class CEI:
             secret = ensure_secret_file(self.home / SECRET_FILE) if self.base == TCP_BASE else None
             self._asys = start_system(self.base, log_defs=defs, secret_file=secret)
             self.info = start_components(self._asys, plan, self.home, self._progress)
-            self._conn = Connection(self._asys, self.info, self.timeout, owned=True)
+            self._conn = Connection(self._asys, self.info, self.timeout, owned=True, watch=False)
         except BaseException:
             self._teardown()
             raise
@@ -175,10 +175,7 @@ class CEI:
         if not self._can_watch():
             raise LaunchError("subscriptions read the log, and a memory:// log lives in the "
                               "components' processes on the TCP base: use a SQLite or ZooKeeper log")
-        info = self.connection.info
-        running = set(info["components"]) | set((info.get("remote") or {}).get("components", []))
-        return {"log": info["log_url"], "epum": "epum" if "epum" in running else None,
-                "ha": "ha" if "ha" in running else None}
+        return self.connection.watcher_args()
 
     def watcher(self) -> Watcher:
         """The shared :class:`~cei_actors.subscribe.Watcher` (started on first use, at the

@@ -405,3 +405,21 @@ def test_output_files_are_found_on_local_site_and_static_nodes(tmp_path: Path) -
     assert output_file([site, static], "on-static", 3, ".err").read_text() == "err\n"
     assert output_file([site, static], "on-static", 2, ".out") is None
     assert output_file([site], "on-static", 3, ".out") is None
+
+
+def test_a_connection_waits_on_the_logs_not_by_asking_again(home: Path) -> None:
+    """``cei process wait`` and ``ha wait`` (and any ``connect()`` user) follow the logs: a wait
+    that would only ask again after 30 s returns as soon as the PD records the change."""
+    from cei_actors.launch.launcher import connect
+
+    data(home, "process", "schedule", "--upid", "waited-on", "--restart-mode", "never", "--",
+         "sh", "-c", "sleep 1")
+    with connect(home) as conn:
+        pd = conn.pd
+        assert pd.changes is not None
+        t0 = time.monotonic()
+        assert pd.wait_process("waited-on", "EXITED", timeout=60, every=30)["state"] == "EXITED"
+        assert time.monotonic() - t0 < 25
+        watcher = conn.watcher()
+        assert watcher.running
+    assert not watcher.running  # closing the connection stops its watcher

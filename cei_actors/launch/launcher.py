@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,7 @@ from ..runtime.system import (
     shutdown_system,
     start_system,
 )
+from ..subscribe import Watcher
 from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan
 
 __all__ = [
@@ -408,13 +410,32 @@ class Connection:
     """
 
     def __init__(self, asys: ActorSystem, info: dict[str, Any], timeout: float = 10.0,
-                 owned: bool = False) -> None:
+                 owned: bool = False, watch: bool = True) -> None:
+        """``watch``: the ``pd`` and ``ha`` clients wait by following the logs (a
+        :class:`~cei_actors.subscribe.Watcher` started on first use, stopped by :meth:`close`)
+        instead of asking again and again; not for a ``memory://`` log."""
         self.asys = asys
         self.info = info
         self.timeout = timeout
         self._owned = owned  # embed: closing does not detach, the owner stops the system
         self._services: dict[str, ServiceClient] = {}
         self._remote: ActorSystem | None = None
+        self._watch = watch and not str(info.get("log_url") or "").startswith("memory://")
+        self._watcher: Watcher | None = None
+        self._watch_lock = threading.Lock()
+
+    def watcher_args(self) -> dict[str, Any]:
+        """What a :class:`~cei_actors.subscribe.Watcher` of this system's logs is made with."""
+        running = set(self.info["components"]) | set((self.info.get("remote") or {}).get("components", []))
+        return {"log": self.info["log_url"], "epum": "epum" if "epum" in running else None,
+                "ha": "ha" if "ha" in running else None}
+
+    def watcher(self) -> Watcher:
+        """The connection's shared log watcher, started on first use."""
+        with self._watch_lock:
+            if self._watcher is None or not self._watcher.running:
+                self._watcher = Watcher(**self.watcher_args()).start()
+            return self._watcher
 
     def _where(self, component: str) -> tuple[list[str], ActorSystem | None]:
         """The replica names of ``component`` and a handle on the admin that knows them."""
@@ -481,7 +502,7 @@ class Connection:
 
     @property
     def pd(self) -> PDClient:
-        return PDClient(self.service("pd"))
+        return PDClient(self.service("pd"), changes=self.watcher if self._watch else None)
 
     @property
     def epum(self) -> EPUMClient:
@@ -493,7 +514,7 @@ class Connection:
 
     @property
     def ha(self) -> HAClient:
-        return HAClient(self.service("ha"))
+        return HAClient(self.service("ha"), changes=self.watcher if self._watch else None)
 
     def status(self) -> dict[str, Any]:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
@@ -521,7 +542,12 @@ class Connection:
         return out
 
     def close(self) -> None:
-        """Release the clients and this process's endpoint (the system keeps running)."""
+        """Release the clients, the watcher and this process's endpoint (the system keeps
+        running)."""
+        with self._watch_lock:
+            watcher, self._watcher = self._watcher, None
+        if watcher is not None:
+            watcher.stop()
         for svc in self._services.values():
             svc.close()
         self._services.clear()
