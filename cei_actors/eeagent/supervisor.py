@@ -106,6 +106,7 @@ from cei_actors.eeagent.retention import (
     OutputRetention,
     output_stem,
 )
+from cei_actors.runtime import procfs
 
 log = logging.getLogger(__name__)
 
@@ -338,58 +339,22 @@ def _marked_processes(state_dir: str) -> dict[int, Key]:
         if owner not in entries:
             continue
         env = dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
-        stat = _proc_stat(int(name))
-        if stat is None or stat[0] in ("Z", "X") or not env.get(ROUND_ENV, "").isdigit():
+        stat = procfs.stat(int(name))
+        if stat is None or stat.dead or not env.get(ROUND_ENV, "").isdigit():
             continue
-        if _session_id(int(name)) != int(name):
+        if stat.session != int(name):
             continue
         found[int(name)] = (env.get(UPID_ENV, ""), int(env[ROUND_ENV]))
     return found
 
 
-def _session_id(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) of ``pid``, or None if gone."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    rest = data[data.rfind(b")") + 2 :].split()
-    try:
-        return rest[0].decode(), int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def _group_has_members(pgid: int) -> bool:
     """True if some process other than ``pgid`` itself is in process group ``pgid``."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return False
-    for name in names:
-        if not name.isdigit() or int(name) == pgid:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if len(rest) > 2 and rest[2] == str(pgid).encode():
-            return True
+    for pid in procfs.pids():
+        if pid != pgid:
+            s = procfs.stat(pid)
+            if s is not None and s.pgrp == pgid:
+                return True
     return False
 
 
@@ -987,8 +952,8 @@ class ProcessSupervisor:
         if rec.pid is None:
             return
         if rec.orphan:
-            stat = _proc_stat(rec.pid)
-            if stat is not None and stat[1] == rec.start_ticks:
+            stat = procfs.stat(rec.pid)
+            if stat is not None and stat.start_ticks == rec.start_ticks:
                 _killpg(rec.pid, sig)  # alive or a zombie: the group id is still its own
             elif stat is None and _group_has_members(rec.pid):
                 _killpg(rec.pid, sig)  # only what it left behind can hold the group id
@@ -1423,10 +1388,10 @@ class ProcessSupervisor:
                 fd = os.pidfd_open(rec.pid)
             except OSError:
                 fd = None
-        stat = _proc_stat(rec.pid)
-        same = stat is not None and stat[1] == rec.start_ticks
+        stat = procfs.stat(rec.pid)
+        same = stat is not None and stat.start_ticks == rec.start_ticks
         rec.orphan = True
-        if same and stat is not None and stat[0] not in ("Z", "X"):
+        if same and stat is not None and not stat.dead:
             self._touch_locked(rec)
             self._restore_kill_at(rec)
             rec.watched = True
@@ -1448,8 +1413,8 @@ class ProcessSupervisor:
 
     def _orphan_ended_locked(self, rec: _Record) -> None:
         assert rec.pid is not None
-        stat = _proc_stat(rec.pid)
-        if stat is not None and stat[1] == rec.start_ticks:
+        stat = procfs.stat(rec.pid)
+        if stat is not None and stat.start_ticks == rec.start_ticks:
             _killpg(rec.pid, signal.SIGKILL)
         elif stat is None:
             self._sweeps.append(rec.pid)
@@ -1492,12 +1457,12 @@ class ProcessSupervisor:
             if rec is None or rec.state != st.PENDING or rec.pid is not None or rec.starting:
                 continue
             pid = found.pop(key, None)
-            stat = _proc_stat(pid) if pid is not None else None
+            stat = procfs.stat(pid) if pid is not None else None
             if pid is None or stat is None:
                 self._end_locked(rec, st.FAILED, "the reaper died while starting it (not started)")
                 continue
             self._touch_locked(rec)
-            rec.pid, rec.start_ticks = pid, stat[1]
+            rec.pid, rec.start_ticks = pid, stat.start_ticks
             rec.state, rec.msg, rec.started_at = st.RUNNING, "", self._clock()
             self._adopt_orphan_locked(rec, while_down=False)
             tracked.add(pid)
@@ -1550,8 +1515,8 @@ class ProcessSupervisor:
             self._commit_locked()
         while isinstance(pid, int) and time.monotonic() < deadline:
             _reap_started_reapers()
-            stat = _proc_stat(pid)
-            if stat is None or stat[1] != ticks or stat[0] in ("Z", "X"):
+            stat = procfs.stat(pid)
+            if stat is None or stat.start_ticks != ticks or stat.dead:
                 break
             time.sleep(0.005)
         _reap_started_reapers()
@@ -1915,8 +1880,8 @@ def _lease_request(lease: tuple[float, float]) -> dict[str, Any]:
 
 def _alive(rec: _Record) -> bool:
     assert rec.pid is not None
-    stat = _proc_stat(rec.pid)
-    return stat is not None and stat[1] == rec.start_ticks and stat[0] not in ("Z", "X")
+    stat = procfs.stat(rec.pid)
+    return stat is not None and stat.start_ticks == rec.start_ticks and not stat.dead
 
 
 def _as_request(item: Any) -> tuple[Any, Any, Any, Any, Any]:
