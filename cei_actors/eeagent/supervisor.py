@@ -7,7 +7,10 @@ supervisord was for the original EEAgent): the reaper ``posix_spawn``\\ s the co
 shell, no wrapper) as the leader of a new session and process group, is its parent, reaps it
 the moment it exits (SIGCHLD), records the exit in ``<state_dir>/reaper.exits`` and then
 reports it over a unix socket. The supervisor keeps the records, the slots, the rounds and the
-timers; the reaper only spawns, signals on request, and reaps. An exit reaches ``on_change``
+timers; the reaper only spawns, signals on request, and reaps. The rules of the records (slots,
+rounds, supersede, exit messages) are the pure core in :mod:`.state` and :mod:`.logic`, shared
+with the simulator; this module is its shell: the reaper's wire client, the journal, recovery,
+/proc identity, output retention and the watcher thread (docs/decisions.md EA9). An exit reaches ``on_change``
 within about a millisecond, and an exit that happens while no agent runs is kept by the
 reaper until a supervisor acknowledges it (see docs/decisions.md EA2).
 
@@ -347,8 +350,8 @@ class ProcessSupervisor:
 
     ``state_dir`` holds the process table, the output files and the reaper's socket and exits
     file; only one supervisor may use it at a time (an ``flock`` guards it:
-    :class:`StateDirLockedError`). ``slots`` bounds the live (PENDING/RUNNING/TERMINATING)
-    processes. ``clock`` stamps ``started_at``/``ended_at`` (an exit that happened while no
+    :class:`StateDirLockedError`). ``slots`` bounds the upids with a live
+    (PENDING/RUNNING/TERMINATING) record (a new round and the older one it waits for share one). ``clock`` stamps ``started_at``/``ended_at`` (an exit that happened while no
     agent ran keeps the reaper's wall-clock time); grace timers use the monotonic clock.
     ``grace`` is the default SIGTERM→SIGKILL delay. ``python`` runs the reaper (default: this
     interpreter).
@@ -471,7 +474,8 @@ class ProcessSupervisor:
         request with a lower round than the upid's newest record is stale and returns that
         newest record. A higher round replaces the upid's older round: a terminal older record
         is forgotten; a live one is terminated (SIGTERM, SIGKILL after ``grace``) and forgotten
-        once it ended, and the new round waits PENDING until then (it holds the slot). With
+        once it ended, and the new round waits PENDING until then (in the same slot; also for
+        an older round still ending whose successor failed, EA10). With
         no free slot the record is REJECTED; a bad cwd or executable gives FAILED with a
         message. Neither raises; a malformed ``upid``/``round`` raises ``ValueError``.
         """
