@@ -690,3 +690,90 @@ def test_a_new_supervisor_removes_old_leftover_output(make_sup, tmp_path):
     wait_until(lambda: not any(p.exists() for p in old), 5, "the leftovers to go")
     assert young.exists() and other.exists() and owned.exists()
     assert again.get("live", 0).state == st.RUNNING
+
+
+# ------------------------------------------------------------------------------ one table, real and pure
+
+
+class _PureAgent:
+    """The pure table driven as the simulator drives it, with model processes: ``sleep``
+    ends on SIGTERM; a command that traps TERM ends only on SIGKILL."""
+
+    def __init__(self, slots: int, grace: float) -> None:
+        from cei_actors.eeagent.state import ProcessTable
+
+        self.t, self.slots, self.grace, self.now, self.pid = ProcessTable(), slots, grace, 0.0, 0
+
+    def launch(self, upid: str, round_: int, command: list[str]) -> None:
+        from cei_actors.eeagent import logic
+
+        self._apply(logic.launch(self.t, upid, round_, command, slots=self.slots,
+                                 grace=self.grace, now=self.now, stamp=self.now).actions)
+
+    def after(self, seconds: float) -> None:
+        from cei_actors.eeagent import logic
+
+        self.now += seconds
+        self._apply(logic.kill_due(self.t, list(self.t), self.now))
+
+    def _apply(self, actions) -> None:
+        from cei_actors.eeagent import logic
+
+        for a in actions:
+            if isinstance(a, logic.Start):
+                self.pid += 1
+                logic.started(self.t, a.record, self.pid, None, self.now)
+            elif isinstance(a, logic.Signal):
+                traps = "trap" in " ".join(a.record.command)
+                if a.sig == signal.SIGKILL or not traps:
+                    self._apply(logic.exited(self.t, a.record.key, a.record.pid, -a.sig, self.now)[1])
+
+    def rows(self) -> list[tuple]:
+        return [(r["upid"], r["round"], r["state"], r["msg"]) for r in self.t.dump()]
+
+
+def _rows(sup: ProcessSupervisor) -> list[tuple]:
+    return [(r["upid"], r["round"], r["state"], r["msg"]) for r in sup.dump()]
+
+
+def test_real_agent_and_pure_table_obey_the_same_slot_and_supersede_rules(make_sup):
+    """The same launches on the real supervisor (real processes, the real reaper) and on the
+    pure table the simulator drives give the same records, step by step: the slot limit, a
+    superseding round waiting for the old one, a stale round, and an old round still ending
+    (it ignores SIGTERM) after its successor failed: it keeps its slot and blocks its upid."""
+    grace = 1.5
+    sup = make_sup(slots=2, grace=grace)
+    pure = _PureAgent(slots=2, grace=grace)
+    sleep = ["sleep", "30"]
+    stubborn = ["sh", "-c", "trap '' TERM; sleep 30"]
+
+    def both(upid: str, round_: int, command: list[str]) -> None:
+        sup.launch(upid, round_, command)
+        pure.launch(upid, round_, command)
+
+    both("a", 0, sleep)
+    both("b", 0, stubborn)
+    both("c", 0, sleep)  # no slot left
+    assert _rows(sup) == pure.rows()
+    assert pure.rows()[2] == ("c", 0, st.REJECTED, "no free slot: 2 of 2 slots in use")
+
+    both("a", 1, sleep)  # supersedes a0: SIGTERM, a1 waits, then runs
+    sup.wait("a", 1, states=[st.RUNNING], timeout=10)
+    assert sup.get("a", 0) is None
+    both("a", 0, sleep)  # stale: nothing happens
+    assert _rows(sup) == pure.rows()
+    assert [r[:3] for r in pure.rows()] == [("a", 1, st.RUNNING), ("b", 0, st.RUNNING),
+                                           ("c", 0, st.REJECTED)]
+
+    both("b", 1, [])  # a malformed round: FAILED, and b0 is told to stop (it ignores SIGTERM)
+    both("c", 1, sleep)  # b0 still runs: its slot is not free
+    both("b", 2, sleep)  # waits for b0, in b0's slot
+    assert _rows(sup) == pure.rows()
+    assert [r[:3] for r in pure.rows()] == [
+        ("a", 1, st.RUNNING), ("b", 0, st.TERMINATING), ("b", 2, st.PENDING),
+        ("c", 1, st.REJECTED)]
+
+    sup.wait("b", 2, states=[st.RUNNING], timeout=grace + 10)  # b0 SIGKILLed after the grace
+    pure.after(grace)
+    assert _rows(sup) == pure.rows()
+    assert sup.get("b", 0) is None and pure.t.get(("b", 0)) is None

@@ -233,3 +233,28 @@ def test_cli_lists_and_refuses(capsys):
     assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha"}
     assert main(["sim", "run", "nope"]) == 1
     assert "no scenario 'nope'" in capsys.readouterr().err
+
+
+def test_sim_agent_runs_the_real_agent_rules():
+    """The simulated agent keeps the real process table (eeagent/logic.py): the same slot
+    limit, supersede and messages as the real supervisor."""
+    from cei_actors.eeagent import states as ast
+    from cei_actors.eeagent.messages import LaunchProcess
+    from cei_actors.eeagent.state import ProcessTable
+    from cei_actors.sim.system import CEISystem, SimAgent, SystemConfig, sim_command
+
+    s = CEISystem(seed=1, config=SystemConfig(slots=1, terminate_grace=1.0))
+    agent = SimAgent(s, "n-test")
+    agent.boot()
+    assert isinstance(agent.table, ProcessTable)
+    forever = sim_command(math.inf)
+    agent.receive(LaunchProcess("a", 0, forever), None)
+    agent.receive(LaunchProcess("b", 0, forever), None)
+    agent.receive(LaunchProcess("a", 1, forever), None)
+    rows = {(r["upid"], r["round"]): (r["state"], r["msg"]) for r in agent.table.dump()}
+    assert rows == {("a", 0): (ast.TERMINATING, ""), ("a", 1): (ast.PENDING, ""),
+                    ("b", 0): (ast.REJECTED, "no free slot: 1 of 1 slots in use")}
+    s.run_for(1.5)
+    rows = {(r["upid"], r["round"]): (r["state"], r["msg"]) for r in agent.table.dump()}
+    assert rows == {("a", 1): (ast.RUNNING, ""),
+                    ("b", 0): (ast.REJECTED, "no free slot: 1 of 1 slots in use")}

@@ -8,6 +8,7 @@ import os
 import signal
 from typing import Any
 
+from ..runtime import procfs
 from ..runtime.client import NotFound
 from . import ids
 from .common import check_with, connected, done
@@ -158,21 +159,11 @@ def crash_node(conn: Any, node_id: str) -> dict[str, Any]:
 
 def _descendants(root: int) -> list[tuple[int, int]]:
     """``(pid, pgid)`` of every live descendant of ``root`` (from /proc)."""
-    children: dict[int, list[tuple[int, int]]] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        ppid, pgrp = int(fields[1]), int(fields[2])
-        children.setdefault(ppid, []).append((int(entry.name), pgrp))
+    children = procfs.children()
     out, todo = [], [root]
     while todo:
-        for pid, pgrp in children.get(todo.pop(), []):
-            out.append((pid, pgrp))
+        for pid, s in children.get(todo.pop(), []):
+            out.append((pid, s.pgrp))
             todo.append(pid)
     return out
 

@@ -68,6 +68,7 @@ import struct
 import sys
 import time
 import traceback
+import types
 
 SOCK_NAME = "reaper.sock"
 EXITS_NAME = "reaper.exits"
@@ -124,17 +125,30 @@ def split_lines(pending: bytes, data: bytes) -> tuple[list[bytes], bytes]:
     return lines, rest
 
 
-def start_ticks(pid: int) -> int | None:
-    """Start time of ``pid`` in clock ticks since boot (with the pid, its identity)."""
+def _load_procfs(up: int) -> types.ModuleType:
+    """:mod:`cei_actors.runtime.procfs`: imported, or loaded by its path when this runs as a
+    file (``python -I -S``, no package on the path); ``up``: directories up to ``cei_actors``."""
     try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            data = os.read(fd, 4096)  # one read: the kernel builds the whole line at once
-        finally:
-            os.close(fd)
-        return int(data[data.rfind(b")") + 2 :].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
+        from cei_actors.runtime import procfs
+    except ImportError:
+        import importlib.util
+
+        base = os.path.abspath(__file__)
+        for _ in range(up + 1):
+            base = os.path.dirname(base)
+        spec = importlib.util.spec_from_file_location(
+            "_cei_procfs", os.path.join(base, "runtime", "procfs.py")
+        )
+        assert spec is not None and spec.loader is not None
+        procfs = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = procfs
+        spec.loader.exec_module(procfs)
+    return procfs
+
+
+procfs = _load_procfs(1)
+#: Start time of a pid in clock ticks since boot (with the pid, its identity), or None.
+start_ticks = procfs.start_ticks
 
 
 def boot_id() -> str | None:

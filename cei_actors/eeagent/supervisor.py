@@ -7,7 +7,10 @@ supervisord was for the original EEAgent): the reaper ``posix_spawn``\\ s the co
 shell, no wrapper) as the leader of a new session and process group, is its parent, reaps it
 the moment it exits (SIGCHLD), records the exit in ``<state_dir>/reaper.exits`` and then
 reports it over a unix socket. The supervisor keeps the records, the slots, the rounds and the
-timers; the reaper only spawns, signals on request, and reaps. An exit reaches ``on_change``
+timers; the reaper only spawns, signals on request, and reaps. The rules of the records (slots,
+rounds, supersede, exit messages) are the pure core in :mod:`.state` and :mod:`.logic`, shared
+with the simulator; this module is its shell: the reaper's wire client, the journal, recovery,
+/proc identity, output retention and the watcher thread (docs/decisions.md EA9). An exit reaches ``on_change``
 within about a millisecond, and an exit that happens while no agent runs is kept by the
 reaper until a supervisor acknowledges it (see docs/decisions.md EA2).
 
@@ -75,7 +78,6 @@ Decisions (also in the docstrings below):
 
 from __future__ import annotations
 
-import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -98,14 +100,19 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from cei_actors.eeagent import logic
 from cei_actors.eeagent import reaper as _reaper
 from cei_actors.eeagent import states as st
+from cei_actors.eeagent.logic import DOWN_MSG as DOWN_MSG  # re-exported
+from cei_actors.eeagent.logic import FENCED_MSG as FENCED_MSG  # re-exported
 from cei_actors.eeagent.retention import (
     DEFAULT_OUTPUT_RETENTION,
     OUTPUT_SUFFIXES,
     OutputRetention,
     output_stem,
 )
+from cei_actors.eeagent.state import Key, ProcessTable, Record
+from cei_actors.runtime import procfs
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +137,6 @@ SAFE_ENV_KEYS: tuple[str, ...] = (
     # the local driver's "VM" marker: the node ends every process that carries it (PV1)
     "CEI_LOCAL_VM",
 )
-DOWN_MSG = "exited while agent was down"
-#: The message of a process the reaper stopped because the lease ran out.
-FENCED_MSG = "the lease ran out: stopped by the reaper"
 #: Seconds a reaper with no children and no supervisor waits before it exits by itself.
 REAPER_IDLE = 5.0
 #: Seconds to wait for the reaper to start or to answer a request.
@@ -145,7 +149,6 @@ _POLL_INTERVAL = 0.2  # only for orphans when pidfd_open is unavailable
 _RETRY_REAPER = 1.0  # least seconds between attempts to start a lost reaper
 _REMOVE_BATCH = 64  # old output files removed per watcher pass (each pair ~0.1 ms)
 
-Key = tuple[str, int]
 #: Set in every command's environment: its upid, its round and the state dir of the agent
 #: that started it (how processes a dead reaper started are found again).
 UPID_ENV, ROUND_ENV, OWNER_ENV = "CEI_UPID", "CEI_ROUND", "CEI_EEAGENT_DIR"
@@ -223,38 +226,16 @@ class ProcessInfo:
         }
 
 
-@dataclass
-class _Record:
-    upid: str
-    round: int
-    state: str
-    msg: str = ""
-    exit_code: int | None = None
-    pid: int | None = None
-    command: tuple[str, ...] = ()
-    env: dict[str, str] | None = None
-    cwd: str | None = None
-    started_at: float | None = None
-    ended_at: float | None = None
-    start_ticks: int | None = None
-    kill_at_wall: float | None = None
-    grace: float | None = None
-    killed: bool = False
-    superseded: bool = False
-    waiting_for: Key | None = None
-    # runtime only
-    kill_at: float | None = None
-    starting: bool = False  # queued for the reaper
+@dataclass(eq=False)
+class _Record(Record):
+    """A record of the table plus what only this shell knows of it."""
+
     exe: str | None = None
     orphan: bool = False  # not a child of the running reaper: watched by pidfd or poll
     pidfd: int | None = None
     poll_mode: bool = False
     watched: bool = False
-    base: str = ""
-
-    @property
-    def key(self) -> Key:
-        return (self.upid, self.round)
+    base: str = ""  # the output files' path without their suffix
 
     def info(self) -> ProcessInfo:
         return ProcessInfo(
@@ -270,50 +251,6 @@ class _Record:
             ended_at=self.ended_at,
             stdout_path=self.base + ".out" if self.pid is not None else None,
             stderr_path=self.base + ".err" if self.pid is not None else None,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "upid": self.upid,
-            "round": self.round,
-            "state": self.state,
-            "msg": self.msg,
-            "exit_code": self.exit_code,
-            "pid": self.pid,
-            "command": list(self.command),
-            "env": self.env,
-            "cwd": self.cwd,
-            "started_at": self.started_at,
-            "ended_at": self.ended_at,
-            "start_ticks": self.start_ticks,
-            "kill_at_wall": self.kill_at_wall,
-            "grace": self.grace,
-            "killed": self.killed,
-            "superseded": self.superseded,
-            "waiting_for": list(self.waiting_for) if self.waiting_for else None,
-        }
-
-    @classmethod
-    def from_json(cls, d: Mapping[str, Any]) -> _Record:
-        wf = d.get("waiting_for")
-        return cls(
-            upid=d["upid"],
-            round=int(d["round"]),
-            state=st.normalize(d["state"]),
-            msg=d.get("msg") or "",
-            exit_code=d.get("exit_code"),
-            pid=d.get("pid"),
-            command=tuple(d.get("command") or ()),
-            env=d.get("env"),
-            cwd=d.get("cwd"),
-            started_at=d.get("started_at"),
-            ended_at=d.get("ended_at"),
-            start_ticks=d.get("start_ticks"),
-            kill_at_wall=d.get("kill_at_wall"),
-            grace=d.get("grace"),
-            killed=bool(d.get("killed")),
-            superseded=bool(d.get("superseded")),
-            waiting_for=(str(wf[0]), int(wf[1])) if wf else None,
         )
 
 
@@ -338,58 +275,22 @@ def _marked_processes(state_dir: str) -> dict[int, Key]:
         if owner not in entries:
             continue
         env = dict(e.decode(errors="replace").partition("=")[::2] for e in entries if b"=" in e)
-        stat = _proc_stat(int(name))
-        if stat is None or stat[0] in ("Z", "X") or not env.get(ROUND_ENV, "").isdigit():
+        stat = procfs.stat(int(name))
+        if stat is None or stat.dead or not env.get(ROUND_ENV, "").isdigit():
             continue
-        if _session_id(int(name)) != int(name):
+        if stat.session != int(name):
             continue
         found[int(name)] = (env.get(UPID_ENV, ""), int(env[ROUND_ENV]))
     return found
 
 
-def _session_id(pid: int) -> int | None:
-    try:
-        return os.getsid(pid)
-    except OSError:
-        return None
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) of ``pid``, or None if gone."""
-    try:
-        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        data = os.read(fd, 4096)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    rest = data[data.rfind(b")") + 2 :].split()
-    try:
-        return rest[0].decode(), int(rest[19])
-    except (IndexError, ValueError):
-        return None
-
-
 def _group_has_members(pgid: int) -> bool:
     """True if some process other than ``pgid`` itself is in process group ``pgid``."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return False
-    for name in names:
-        if not name.isdigit() or int(name) == pgid:
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                data = f.read()
-        except OSError:
-            continue
-        rest = data[data.rfind(b")") + 2 :].split()
-        if len(rest) > 2 and rest[2] == str(pgid).encode():
-            return True
+    for pid in procfs.pids():
+        if pid != pgid:
+            s = procfs.stat(pid)
+            if s is not None and s.pgrp == pgid:
+                return True
     return False
 
 
@@ -401,16 +302,7 @@ def _killpg(pgid: int, sig: int) -> bool:
         return False
 
 
-def _describe(code: int | None) -> str:
-    if code is None:
-        return "exit status unknown"
-    if code >= 0:
-        return f"exit code {code}"
-    try:
-        name = signal.Signals(-code).name
-    except ValueError:
-        name = str(-code)
-    return f"killed by signal {name}"
+_describe = logic.describe
 
 
 def _file_stem(upid: str, round_: int) -> str:
@@ -458,8 +350,8 @@ class ProcessSupervisor:
 
     ``state_dir`` holds the process table, the output files and the reaper's socket and exits
     file; only one supervisor may use it at a time (an ``flock`` guards it:
-    :class:`StateDirLockedError`). ``slots`` bounds the live (PENDING/RUNNING/TERMINATING)
-    processes. ``clock`` stamps ``started_at``/``ended_at`` (an exit that happened while no
+    :class:`StateDirLockedError`). ``slots`` bounds the upids with a live
+    (PENDING/RUNNING/TERMINATING) record (a new round and the older one it waits for share one). ``clock`` stamps ``started_at``/``ended_at`` (an exit that happened while no
     agent ran keeps the reaper's wall-clock time); grace timers use the monotonic clock.
     ``grace`` is the default SIGTERM→SIGKILL delay. ``python`` runs the reaper (default: this
     interpreter).
@@ -510,15 +402,9 @@ class ProcessSupervisor:
 
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
-        self._records: dict[Key, _Record] = {}
-        # The dump, kept up to date: sorted keys, their rows (in the same order), and the
-        # keys whose rows must be built again. on_change gets a dump after every change.
-        self._order: list[Key] = []
-        self._row_list: list[dict[str, Any] | None] = []
-        self._stale: set[Key] = set()
-        self._by_upid: dict[str, dict[int, _Record]] = {}  # upid -> round -> record
-        self._live: set[Key] = set()  # live records holding a slot, as of the last count
-        self._recount: set[Key] = set()  # keys touched since the last count
+        # The pure process table (eeagent/state.py); its rules are in eeagent/logic.py.
+        self._table = ProcessTable(make=self._make_record)
+        self._records: dict[Key, _Record] = self._table.records  # type: ignore[assignment]
         self._timed: set[Key] = set()  # may have a SIGKILL deadline or be polled
         self._version = 0
         self._delivered = 0
@@ -531,12 +417,11 @@ class ProcessSupervisor:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._dirty: set[Key] = set()
+        self._dirty: set[Key] = self._table.dirty  # the changes the journal has not got
         self._jfd: int | None = None
         self._jgen = 0
         self._jlines = 0
         self._delivering = False
-        self._ended = False  # some record reached a terminal state since the last notice
         # the reaper connection
         self._dirfd: int | None = None
         if _reaper.needs_dirfd(self.state_dir):
@@ -589,7 +474,8 @@ class ProcessSupervisor:
         request with a lower round than the upid's newest record is stale and returns that
         newest record. A higher round replaces the upid's older round: a terminal older record
         is forgotten; a live one is terminated (SIGTERM, SIGKILL after ``grace``) and forgotten
-        once it ended, and the new round waits PENDING until then (it holds the slot). With
+        once it ended, and the new round waits PENDING until then (in the same slot; also for
+        an older round still ending whose successor failed, EA10). With
         no free slot the record is REJECTED; a bad cwd or executable gives FAILED with a
         message. Neither raises; a malformed ``upid``/``round`` raises ``ValueError``.
         """
@@ -643,16 +529,10 @@ class ProcessSupervisor:
         with self._lock:
             self._check_open()
             self._settle_reported_locked()
-            rec = self._records.get((upid, round))
-            changed = rec is not None
-            if rec is None:
-                pass
-            elif rec.state == st.PENDING:
-                self._end_locked(rec, st.TERMINATED, "terminated before it started")
-            elif rec.state == st.RUNNING:
-                self._signal_term_locked(rec, g)
-            else:
-                changed = False
+            rec, changed, actions = logic.terminate(
+                self._table, (upid, round), g, now=time.monotonic(), stamp=self._clock()
+            )
+            self._apply_locked(actions)
             if changed:
                 self._changed_locked()
                 self._commit_locked()
@@ -678,16 +558,9 @@ class ProcessSupervisor:
         with self._lock:
             self._check_open()
             for upid, round_ in keys:
-                rec = self._records.get((upid, round_))
-                if rec is None:
-                    out.append(False)
-                elif not st.is_terminal(rec.state):
-                    out.append(ProcessLiveError(
-                        f"process {upid!r} round {round_} is {rec.state}; terminate it first"
-                    ))
-                else:
-                    self._forget_locked(rec)
-                    out.append(True)
+                result, actions = logic.cleanup(self._table, (upid, round_))
+                self._apply_locked(actions)
+                out.append(ProcessLiveError(result) if isinstance(result, str) else result)
             self._save_locked()
         return out
 
@@ -708,21 +581,7 @@ class ProcessSupervisor:
             return self._dump_locked()
 
     def _dump_locked(self) -> list[dict[str, Any]]:
-        order, row_list = self._order, self._row_list
-        for key in self._stale:
-            r = self._records.get(key)
-            i = bisect.bisect_left(order, key)
-            if r is not None and i < len(order) and order[i] == key:
-                row_list[i] = {
-                    "upid": r.upid,
-                    "round": r.round,
-                    "state": r.state,
-                    "msg": r.msg,
-                    "exit_code": r.exit_code,
-                    "pid": r.pid,
-                }
-        self._stale.clear()
-        return list(map(dict.copy, row_list))  # type: ignore[arg-type]
+        return self._table.dump()
 
     def wait(
         self,
@@ -779,13 +638,9 @@ class ProcessSupervisor:
             with self._lock:
                 if self._closed:
                     return
-                for rec in list(self._records.values()):
-                    if rec.state == st.PENDING:
-                        self._end_locked(rec, st.TERMINATED, "terminated before it started")
-                    elif rec.state == st.RUNNING:
-                        self._signal_term_locked(rec, g)
-                    elif rec.state == st.TERMINATING and rec.kill_at is not None:
-                        rec.kill_at = min(rec.kill_at, time.monotonic() + g)
+                self._apply_locked(
+                    logic.terminate_all(self._table, g, now=time.monotonic(), stamp=self._clock())
+                )
                 self._changed_locked()
                 self._commit_locked()
             self._wake()
@@ -848,147 +703,73 @@ class ProcessSupervisor:
         if self._closed:
             raise SupervisorClosedError("the supervisor is closed")
 
-    def _newest_locked(self, upid: str) -> _Record | None:
-        mine = [r for r in self._by_upid.get(upid, {}).values() if not r.superseded]
-        return max(mine, key=lambda r: r.round) if mine else None
-
-    def _live_count_locked(self) -> int:
-        """Live records that hold a slot (not superseded), kept up to date from the touches."""
-        live = self._live
-        for key in self._recount:
-            rec = self._records.get(key)
-            if rec is not None and rec.state in st.LIVE_STATES and not rec.superseded:
-                live.add(key)
-            else:
-                live.discard(key)
-        self._recount.clear()
-        return len(live)
+    def _make_record(self, **fields: Any) -> _Record:
+        """A new record of the table, with its output files' path (no longer due for removal)."""
+        rec = _Record(**fields)
+        rec.base = os.path.join(self._proc_dir, _file_stem(rec.upid, rec.round))
+        self._retention.cancel(os.path.basename(rec.base))
+        return rec
 
     def _launch_one_locked(
         self, upid: str, round_: int, command: Any, env: Any, cwd: Any
     ) -> tuple[_Record, bool]:
         """One :meth:`launch` under the lock: (the record to answer with, superseding?)."""
-        cur = self._records.get((upid, round_))
-        if cur is not None:
-            return cur, False
-        newest = self._newest_locked(upid)
-        if newest is not None and newest.round > round_:
-            return newest, False
-        if newest is not None and newest.starting:
-            self._flush_spawns_locked()  # as if launched one by one: it starts, then is replaced
-        rec = _Record(
-            upid=upid,
-            round=round_,
-            state=st.PENDING,
-            command=tuple(command) if _is_str_seq(command) else (),
-            env=dict(env) if isinstance(env, Mapping) else None,
-            cwd=cwd if isinstance(cwd, str) else None,
-            base=os.path.join(self._proc_dir, _file_stem(upid, round_)),
+        if (upid, round_) not in self._records:
+            newest = self._table.newest(upid)
+            if newest is not None and newest.round < round_ and newest.starting:
+                self._flush_spawns_locked()  # as if launched one by one: it starts, then is replaced
+        rec, _, actions = logic.launch(
+            self._table, upid, round_, command, env, cwd,
+            slots=self.slots, grace=self.grace, now=time.monotonic(), stamp=self._clock(),
         )
-        problem = _validate_request(command, env, cwd)
-        live = self._live_count_locked()
-        if newest is not None and st.is_live(newest.state):
-            live -= 1  # the old round's slot passes to the new round
-        if problem:
-            self._end_locked(rec, st.FAILED, problem)
-        elif live >= self.slots:
-            self._end_locked(rec, st.REJECTED, f"no free slot: {live} of {self.slots} slots in use")
-        superseding = newest is not None and newest.state == st.RUNNING
-        if newest is not None:
-            # A newer round makes the older one stale, whatever becomes of the new one.
-            wait_for: Key | None = None
-            if newest.state == st.PENDING:
-                wait_for = newest.waiting_for  # it never started; take over its wait
-                self._forget_locked(newest)
-            elif st.is_live(newest.state):
-                newest.superseded = True
-                self._touch_locked(newest)
-                if newest.state == st.RUNNING:
-                    self._signal_term_locked(newest, self.grace)
-                wait_for = newest.key
-            else:
-                self._forget_locked(newest)
-            if rec.state == st.PENDING and wait_for in self._records:
-                rec.waiting_for = wait_for
-        self._insert_locked(rec)
-        self._touch_locked(rec)
-        if rec.state == st.PENDING and rec.waiting_for is None:
-            self._start_locked(rec)
-        return rec, superseding
+        return rec, self._apply_locked(actions)  # type: ignore[return-value]
+
+    def _apply_locked(self, actions: Iterable[logic.Action]) -> bool:
+        """Carry out the core's actions; True if a SIGTERM went out (a new SIGKILL deadline)."""
+        term = False
+        for action in actions:
+            rec: _Record = action.record  # type: ignore[assignment]
+            if isinstance(action, logic.Start):
+                self._start_locked(rec)
+            elif isinstance(action, logic.Signal):
+                if action.sig == signal.SIGTERM and rec.kill_at is not None:
+                    term = True
+                    self._timed.add(rec.key)
+                    rec.kill_at_wall = time.time() + (rec.grace or 0.0)
+                self._signal_locked(rec, action.sig)
+            else:  # Forgotten: nothing watches it; its output files go after the retention
+                self._unwatch_locked(rec)
+                if rec.base:
+                    idle = self._retention.next_deadline() is None
+                    self._retention.schedule(os.path.basename(rec.base), self._clock())
+                    if idle and self._retention.next_deadline() is not None:
+                        self._wake()  # the watcher waits with no removal deadline yet
+        return term
 
     def _changed_locked(self) -> None:
         self._version += 1
-        self._ended = False
+        self._table.ended = False
         self._cond.notify_all()
 
     def _touch_locked(self, rec: _Record) -> None:
         """``rec`` changed: the next :meth:`_save_locked` journals it."""
-        self._dirty.add(rec.key)
-        self._stale.add(rec.key)
-        self._recount.add(rec.key)
+        self._table.touch(rec)
 
     def _insert_locked(self, rec: _Record) -> None:
-        key = rec.key
-        self._records[key] = rec
+        self._table.insert(rec)
         if rec.base:
             self._retention.cancel(os.path.basename(rec.base))
-        self._by_upid.setdefault(rec.upid, {})[rec.round] = rec
-        self._recount.add(key)
-        i = bisect.bisect_left(self._order, key)
-        self._order.insert(i, key)
-        self._row_list.insert(i, None)
-        self._stale.add(key)
 
     def _end_locked(self, rec: _Record, state: str, msg: str) -> None:
-        self._touch_locked(rec)
-        rec.state = state
-        rec.msg = msg
-        rec.kill_at = None
-        rec.kill_at_wall = None
-        rec.starting = False
-        self._ended = True
-        if rec.ended_at is None:
-            rec.ended_at = self._clock()
-
-    def _forget_locked(self, rec: _Record) -> None:
-        self._unwatch_locked(rec)
-        rec.starting = False
-        key = rec.key
-        if self._records.get(key) is rec and rec.base:
-            idle = self._retention.next_deadline() is None
-            self._retention.schedule(os.path.basename(rec.base), self._clock())
-            if idle and self._retention.next_deadline() is not None:
-                self._wake()  # the watcher waits with no removal deadline yet
-        if self._records.pop(key, None) is not None:
-            i = bisect.bisect_left(self._order, key)
-            if i < len(self._order) and self._order[i] == key:
-                del self._order[i]
-                del self._row_list[i]
-        mine = self._by_upid.get(rec.upid)
-        if mine is not None and mine.get(rec.round) is rec:
-            del mine[rec.round]
-            if not mine:
-                del self._by_upid[rec.upid]
-        self._dirty.add(key)
-        self._stale.discard(key)
-        self._recount.add(key)
-
-    def _signal_term_locked(self, rec: _Record, grace: float) -> None:
-        self._touch_locked(rec)
-        rec.state = st.TERMINATING
-        rec.grace = grace
-        rec.kill_at = time.monotonic() + grace
-        self._timed.add(rec.key)
-        rec.kill_at_wall = time.time() + grace
-        self._signal_locked(rec, signal.SIGTERM)
+        logic.end(self._table, rec, state, msg, self._clock())
 
     def _signal_locked(self, rec: _Record, sig: int) -> None:
         """Signal ``rec``'s process group: through the reaper, or directly for an orphan."""
         if rec.pid is None:
             return
         if rec.orphan:
-            stat = _proc_stat(rec.pid)
-            if stat is not None and stat[1] == rec.start_ticks:
+            stat = procfs.stat(rec.pid)
+            if stat is not None and stat.start_ticks == rec.start_ticks:
                 _killpg(rec.pid, sig)  # alive or a zombie: the group id is still its own
             elif stat is None and _group_has_members(rec.pid):
                 _killpg(rec.pid, sig)  # only what it left behind can hold the group id
@@ -997,12 +778,13 @@ class ProcessSupervisor:
                             "sig": int(sig)}])
 
     def _start_locked(self, rec: _Record) -> None:
-        """Check ``rec``'s command and queue it for the reaper (:meth:`_flush_spawns_locked`)."""
+        """The core's Start: check ``rec``'s command and queue it for the reaper
+        (:meth:`_flush_spawns_locked`)."""
         env = dict(self._base_env)
         env.update(rec.env or {})
         problem, exe = _precheck(rec.command, env, rec.cwd)
         if problem:
-            self._end_locked(rec, st.FAILED, problem)
+            logic.start_failed(self._table, rec, problem, self._clock())
             return
         rec.exe = exe
         rec.starting = True
@@ -1021,30 +803,10 @@ class ProcessSupervisor:
         ``fenced``: the reaper stopped it because the lease ran out."""
         self._unwatch_locked(rec)
         rec.orphan = False
-        if while_down and ended_at is not None:
-            rec.ended_at = float(ended_at)
-        rec.exit_code = code
-        down = f" ({DOWN_MSG})" if while_down else ""
-        if rec.state == st.TERMINATING:
-            how = f"SIGKILL after {rec.grace:g} s grace" if rec.killed else _describe(code)
-            self._end_locked(rec, st.TERMINATED, f"terminated: {how}{down}")
-        elif fenced:
-            self._end_locked(rec, st.TERMINATED, f"{FENCED_MSG} ({_describe(code)}){down}")
-        elif code is None:
-            if while_down:
-                self._end_locked(rec, st.FAILED, f"{DOWN_MSG}; exit status unknown")
-            else:
-                self._end_locked(rec, st.FAILED, "exit status unknown (its reaper had died)")
-        elif code == 0:
-            self._end_locked(rec, st.EXITED, f"{_describe(code)}{down}")
-        else:
-            self._end_locked(rec, st.FAILED, f"{_describe(code)}{down}")
-        if rec.superseded:
-            self._forget_locked(rec)
-            for succ in self._records.values():
-                if succ.waiting_for == rec.key and succ.state == st.PENDING:
-                    succ.waiting_for = None
-                    self._start_locked(succ)
+        self._apply_locked(logic.settle(
+            self._table, rec, code, stamp=self._clock(), ended_at=ended_at,
+            while_down=while_down, fenced=fenced,
+        ))
 
     # -- internals: the reaper -------------------------------------------------------------
 
@@ -1107,13 +869,10 @@ class ProcessSupervisor:
                 elif not reply.get("ok"):
                     self._end_locked(rec, st.FAILED, str(reply.get("error") or "launch refused"))
                 else:
-                    self._touch_locked(rec)
-                    rec.pid = int(reply["pid"])
-                    rec.start_ticks = reply.get("start_ticks")
-                    rec.state = st.RUNNING
-                    rec.msg = ""
+                    logic.started(
+                        self._table, rec, int(reply["pid"]), reply.get("start_ticks"), self._clock()
+                    )
                     rec.orphan = False
-                    rec.started_at = self._clock()
 
     def _process_events_locked(self) -> None:
         """Settle the records whose exits the reaper reported."""
@@ -1133,11 +892,7 @@ class ProcessSupervisor:
         seq = ev.get("seq")
         if isinstance(seq, int):
             self._acks.append(seq)
-        key = _key_of(ev.get("key"))
-        rec = self._records.get(key) if key else None
-        if rec is None or rec.pid != ev.get("pid") or not st.is_live(rec.state):
-            return None
-        return rec
+        return logic.exit_record(self._table, _key_of(ev.get("key")), ev.get("pid"))  # type: ignore[return-value]
 
     def _commit_locked(self) -> None:
         """Journal the changes, then acknowledge the exits they hold to the reaper."""
@@ -1423,10 +1178,10 @@ class ProcessSupervisor:
                 fd = os.pidfd_open(rec.pid)
             except OSError:
                 fd = None
-        stat = _proc_stat(rec.pid)
-        same = stat is not None and stat[1] == rec.start_ticks
+        stat = procfs.stat(rec.pid)
+        same = stat is not None and stat.start_ticks == rec.start_ticks
         rec.orphan = True
-        if same and stat is not None and stat[0] not in ("Z", "X"):
+        if same and stat is not None and not stat.dead:
             self._touch_locked(rec)
             self._restore_kill_at(rec)
             rec.watched = True
@@ -1448,8 +1203,8 @@ class ProcessSupervisor:
 
     def _orphan_ended_locked(self, rec: _Record) -> None:
         assert rec.pid is not None
-        stat = _proc_stat(rec.pid)
-        if stat is not None and stat[1] == rec.start_ticks:
+        stat = procfs.stat(rec.pid)
+        if stat is not None and stat.start_ticks == rec.start_ticks:
             _killpg(rec.pid, signal.SIGKILL)
         elif stat is None:
             self._sweeps.append(rec.pid)
@@ -1492,12 +1247,12 @@ class ProcessSupervisor:
             if rec is None or rec.state != st.PENDING or rec.pid is not None or rec.starting:
                 continue
             pid = found.pop(key, None)
-            stat = _proc_stat(pid) if pid is not None else None
+            stat = procfs.stat(pid) if pid is not None else None
             if pid is None or stat is None:
                 self._end_locked(rec, st.FAILED, "the reaper died while starting it (not started)")
                 continue
             self._touch_locked(rec)
-            rec.pid, rec.start_ticks = pid, stat[1]
+            rec.pid, rec.start_ticks = pid, stat.start_ticks
             rec.state, rec.msg, rec.started_at = st.RUNNING, "", self._clock()
             self._adopt_orphan_locked(rec, while_down=False)
             tracked.add(pid)
@@ -1550,8 +1305,8 @@ class ProcessSupervisor:
             self._commit_locked()
         while isinstance(pid, int) and time.monotonic() < deadline:
             _reap_started_reapers()
-            stat = _proc_stat(pid)
-            if stat is None or stat[1] != ticks or stat[0] in ("Z", "X"):
+            stat = procfs.stat(pid)
+            if stat is None or stat.start_ticks != ticks or stat.dead:
                 break
             time.sleep(0.005)
         _reap_started_reapers()
@@ -1653,17 +1408,7 @@ class ProcessSupervisor:
                 self._ensure_reaper_locked()
             now = time.monotonic()
             for rec in self._timed_locked():
-                if (
-                    rec.state == st.TERMINATING
-                    and rec.kill_at is not None
-                    and rec.kill_at <= now
-                    and rec.pid is not None
-                ):
-                    rec.kill_at = None
-                    rec.kill_at_wall = None
-                    rec.killed = True
-                    self._touch_locked(rec)
-                    self._signal_locked(rec, signal.SIGKILL)
+                self._apply_locked(logic.kill_due(self._table, (rec,), now))
                 if rec.poll_mode and rec.pid is not None and not _alive(rec):
                     ended.append(rec.key)
             for key in ended:
@@ -1692,7 +1437,7 @@ class ProcessSupervisor:
     def _settle_io_locked(self) -> None:
         """After reading from the reaper: settle, start, journal, acknowledge, notify."""
         self._pump_locked()
-        if self._ended:
+        if self._table.ended:
             self._changed_locked()
         if self._dirty or self._acks:
             self._commit_locked()
@@ -1902,7 +1647,7 @@ class ProcessSupervisor:
                 self._end_locked(rec, st.FAILED, "launch interrupted by an agent restart")
             else:
                 rec.waiting_for = None
-                self._start_locked(rec)
+                self._apply_locked([logic.start(rec)])
         self._pump_locked()
 
 
@@ -1915,8 +1660,8 @@ def _lease_request(lease: tuple[float, float]) -> dict[str, Any]:
 
 def _alive(rec: _Record) -> bool:
     assert rec.pid is not None
-    stat = _proc_stat(rec.pid)
-    return stat is not None and stat[1] == rec.start_ticks and stat[0] not in ("Z", "X")
+    stat = procfs.stat(rec.pid)
+    return stat is not None and stat.start_ticks == rec.start_ticks and not stat.dead
 
 
 def _as_request(item: Any) -> tuple[Any, Any, Any, Any, Any]:
@@ -1995,33 +1740,6 @@ def read_table(
                 recs.pop((str(entry["del"][0]), int(entry["del"][1])), None)
         doc["processes"] = [recs[k] for k in sorted(recs)]
     return doc
-
-
-def _is_str_seq(value: object) -> bool:
-    return (
-        isinstance(value, Sequence)
-        and not isinstance(value, (str, bytes))
-        and all(isinstance(a, str) for a in value)
-    )
-
-
-def _validate_request(command: object, env: object, cwd: object) -> str | None:
-    """A message for a malformed request, or None."""
-    if not _is_str_seq(command) or not command:
-        return "command must be a non-empty list of strings"
-    if any("\0" in a for a in command):  # type: ignore[union-attr]
-        return "command contains a NUL character"
-    if env is not None:
-        if not isinstance(env, Mapping):
-            return "env must be a mapping of strings"
-        for k, v in env.items():
-            if not isinstance(k, str) or not isinstance(v, str) or not k or "=" in k:
-                return f"bad environment entry {k!r}"
-            if "\0" in k or "\0" in v:
-                return f"environment entry {k!r} contains a NUL character"
-    if cwd is not None and not isinstance(cwd, str):
-        return "cwd must be a string"
-    return None
 
 
 def _precheck(

@@ -39,6 +39,7 @@ from ..pd.client import PDClient
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
+from ..runtime import procfs
 from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
 from ..runtime.secure import (
@@ -762,13 +763,8 @@ def _node_dirs(plan: Plan, home: Path) -> list[Path]:
 
 def _stat(pid: int) -> tuple[str, int] | None:
     """(state, process group) of a live process, or None."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    state = fields[0].decode()
-    return None if state in ("Z", "X") else (state, int(fields[2]))
+    s = procfs.stat(pid)
+    return None if s is None or s.dead else (s.state, s.pgrp)
 
 
 def _listener_pid(port: int) -> int | None:
@@ -800,16 +796,9 @@ def _system_pids(info: dict[str, Any]) -> list[int]:
 
 def _children(pid: int | None) -> list[int]:
     """Pids whose parent is ``pid`` (a /proc scan)."""
-    out = []
     if pid is None:
-        return out
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError), \
-                    open(f"/proc/{entry.name}/stat", "rb") as f:
-                if int(f.read().rsplit(b")", 1)[1].split()[1]) == pid:
-                    out.append(int(entry.name))
-    return out
+        return []
+    return [child for child, _ in procfs.children().get(pid, [])]
 
 
 def _recorded_pids(info: dict[str, Any]) -> list[int]:
@@ -829,12 +818,8 @@ def _admin_gone(info: dict[str, Any]) -> bool:
 
 def _start_ticks(pid: int) -> int | None:
     """Start time (clock ticks since boot) of a running process; None if gone or a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-        return None if fields[0] in (b"Z", b"X") else int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    s = procfs.stat(pid)
+    return None if s is None or s.dead else s.start_ticks
 
 
 def _node_pids(node_dirs: list[Path]) -> list[tuple[int, bool]]:

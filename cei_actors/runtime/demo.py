@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..eventlog import open_log
+from . import procfs
 from .client import ServiceClient
 from .control import Start, Status, Stop
 from .example import Add, Counters, Dump
@@ -34,11 +35,8 @@ def _say(text: str) -> None:
 def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-                    return True
-        except FileNotFoundError:
+        s = procfs.stat(pid)
+        if s is None or s.dead:
             return True
         time.sleep(0.02)
     return False

@@ -1,4 +1,4 @@
-"""The whole CEI in one simulation: the real Provisioner, EPUM, PD and HA cores plus model EEAgents.
+"""The whole CEI in one simulation: the real Provisioner, EPUM, PD, HA and EEAgent cores.
 
 :class:`CEISystem` puts the three event-sourced cores on one :class:`~.kernel.Simulation`
 (peer names ``provisioner``, ``epum``, ``pd``). The Provisioner's cloud work runs through its
@@ -7,9 +7,9 @@ own :class:`~cei_actors.provisioner.cloud.CloudWorker` over a
 seeded rng. The PD's engine ``default`` gets its nodes from EPUM (domain ``pd_domain_default``,
 engine ``needy``), exactly as in the real system.
 
-Only the EEAgent is a model (:class:`SimAgent`), because the real one runs unix processes: one
-per VM, started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``,
-heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
+The EEAgent (:class:`SimAgent`) keeps the real agent's process table and rules
+(:mod:`cei_actors.eeagent.logic`) and simulates only the unix processes: one agent per VM,
+started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``, heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
 command, ``["sim", DURATION, FAIL_ROUNDS]``: it runs DURATION virtual seconds (``inf``: until
 terminated) and exits 1 while its round is below FAIL_ROUNDS, else 0.
 
@@ -32,10 +32,12 @@ import hashlib
 import json
 import math
 import random
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..eeagent import logic as core
 from ..eeagent import states as ast
 from ..eeagent.messages import (
     AgentHeartbeat,
@@ -45,6 +47,7 @@ from ..eeagent.messages import (
     LaunchProcess,
     TerminateProcess,
 )
+from ..eeagent.state import ProcessTable, Record
 from ..epum.logic import EPUM
 from ..epum.messages import AddDomain, AddDomainDefinition, ReconfigureDomain, RemoveDomain
 from ..ha.actor import pd_reply
@@ -74,6 +77,8 @@ PD_DOMAIN = f"pd_domain_{ENGINE}"
 COMPONENTS = ("provisioner", "epum", "pd")
 _LIVE_VM = ("pending", "running")
 _ACCOUNTED = ps.QUEUED | ps.PLACED | ps.TERMINAL
+#: A simulated agent's SIGTERM-to-SIGKILL grace, in terminate_graces (commands obey SIGTERM).
+KILL_GRACE_FACTOR = 10.0
 
 
 def sim_command(duration: float, fail_rounds: int = 0) -> list[str]:
@@ -110,23 +115,14 @@ class SystemConfig:
     extra: dict[str, Any] = field(default_factory=dict)  # per-component config overrides
 
 
-@dataclass
-class _Rec:
-    """One process record on a simulated agent."""
-
-    upid: str
-    round: int
-    state: str
-    msg: str = ""
-    superseded: bool = False
-    waiting_for: tuple[str, int] | None = None
-    command: tuple[str, ...] = ()
-    gen: int = 0  # bumps on every transition; stale scheduled ends are ignored
-
-
 class SimAgent:
-    """A deterministic EEAgent model: the supervisor's launch/terminate/cleanup rules on
-    virtual time, level-based heartbeats to the PD, nothing left when its VM dies."""
+    """An EEAgent on virtual time: the real agent's process table and rules
+    (:mod:`cei_actors.eeagent.logic`), simulated commands instead of unix processes,
+    level-based heartbeats to the PD, nothing left when its VM dies.
+
+    A started command gets a simulated pid (the system's launch count). SIGTERM ends it
+    ``terminate_grace`` later (as a death by SIGTERM), SIGKILL at once; the agent's own
+    SIGTERM-to-SIGKILL grace is longer, so simulated commands always obey SIGTERM."""
 
     def __init__(self, system: CEISystem, node_id: str) -> None:
         self.system = system
@@ -136,11 +132,17 @@ class SimAgent:
         self.name = f"eeagent:{node_id}"
         self.slots = system.config.slots
         self.period = system.config.heartbeat_period
-        self.grace = system.config.terminate_grace
-        self.records: dict[tuple[str, int], _Rec] = {}
+        self.grace = system.config.terminate_grace  # SIGTERM to the command's end
+        self.kill_grace = KILL_GRACE_FACTOR * self.grace  # the agent's SIGTERM-to-SIGKILL grace
+        self.table = ProcessTable()
         self.alive = False
         self.last_sent = -math.inf
         self.pd = system.pd_of(node_id)  # the PD it reports to
+
+    @property
+    def records(self) -> dict[tuple[str, int], Record]:
+        """The process table's records by (upid, round)."""
+        return self.table.records
 
     # ---- lifecycle
 
@@ -153,7 +155,7 @@ class SimAgent:
     def die(self) -> None:
         """The VM is gone: so are the agent and every process it ran."""
         self.alive = False
-        self.records.clear()
+        self.table = ProcessTable()
         self.sim.remove_peer(self.name)
 
     def _tick(self) -> None:
@@ -170,16 +172,24 @@ class SimAgent:
         if not self.alive or isinstance(message, Ok | ErrorReply):
             return
         requests = message.requests if isinstance(message, AgentRequests) else [message]
+        now = self.sim.clock.now()
         changed = False
         for req in requests:
             if isinstance(req, LaunchProcess):
-                changed |= self._launch(req)
+                launched = core.launch(
+                    self.table, req.upid, req.round, list(req.command), req.env, req.cwd,
+                    slots=self.slots, grace=self.kill_grace, now=now, stamp=now,
+                )
+                self._apply(launched.actions)
+                changed |= launched.new
             elif isinstance(req, TerminateProcess):
-                changed |= self._terminate(req.upid, req.round)
+                _, done, actions = core.terminate(
+                    self.table, (req.upid, req.round), self.kill_grace, now=now, stamp=now
+                )
+                self._apply(actions)
+                changed |= done
             elif isinstance(req, CleanupProcess):
-                rec = self.records.get((req.upid, req.round))
-                if rec is not None and ast.is_terminal(rec.state):
-                    del self.records[rec.upid, rec.round]
+                core.cleanup(self.table, (req.upid, req.round))
             elif isinstance(req, DumpAgentState):
                 changed = True
         if changed:
@@ -188,99 +198,50 @@ class SimAgent:
     def heartbeat(self) -> None:
         now = self.sim.clock.now()
         self.last_sent = now
-        procs = [
-            {"upid": r.upid, "round": r.round, "state": r.state, "msg": r.msg}
-            for r in sorted(self.records.values(), key=lambda r: (r.upid, r.round))
-        ]
+        procs = self.table.dump()
         self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs), sender=self.name)
 
-    # ---- the supervisor's rules (eeagent/supervisor.py ProcessSupervisor.launch etc.)
+    # ---- the core's actions on virtual time
 
-    def _newest(self, upid: str) -> _Rec | None:
-        recs = [r for r in self.records.values() if r.upid == upid]
-        return max(recs, key=lambda r: r.round) if recs else None
+    def _apply(self, actions: list[core.Action]) -> None:
+        for action in actions:
+            rec = action.record
+            if isinstance(action, core.Start):
+                self._start(rec)
+            elif isinstance(action, core.Signal):
+                delay = self.grace if action.sig == signal.SIGTERM else 0.0
+                self._end_after(delay, rec.key, rec.pid, -int(action.sig))
 
-    def _launch(self, req: LaunchProcess) -> bool:
-        key = (req.upid, req.round)
-        if key in self.records:
-            return False
-        newest = self._newest(req.upid)
-        if newest is not None and newest.round > req.round:
-            return False
-        rec = _Rec(req.upid, req.round, ast.PENDING, command=tuple(req.command))
-        live = sum(1 for r in self.records.values() if ast.is_live(r.state) and not r.superseded)
-        if newest is not None and ast.is_live(newest.state):
-            live -= 1
+    def _start(self, rec: Record) -> None:
+        now = self.sim.clock.now()
         if not _valid(rec.command):
-            self._end(rec, ast.FAILED, "not a simulated command")
-        elif live >= self.slots:
-            self._end(rec, ast.REJECTED, f"no free slot: {live} of {self.slots} slots in use")
-        if newest is not None:
-            wait_for = None
-            if newest.state == ast.PENDING:
-                wait_for = newest.waiting_for
-                del self.records[newest.upid, newest.round]
-            elif ast.is_live(newest.state):
-                newest.superseded = True
-                if newest.state == ast.RUNNING:
-                    self._terminate(newest.upid, newest.round)
-                wait_for = (newest.upid, newest.round)
-            else:
-                del self.records[newest.upid, newest.round]
-            if rec.state == ast.PENDING and wait_for in self.records:
-                rec.waiting_for = wait_for
-        self.records[key] = rec
-        if rec.state == ast.PENDING and rec.waiting_for is None:
-            self._start(rec)
-        return True
-
-    def _start(self, rec: _Rec) -> None:
-        rec.state, rec.gen = ast.RUNNING, rec.gen + 1
+            core.start_failed(self.table, rec, "not a simulated command", now)
+            return
         self.system.launches += 1
+        core.started(self.table, rec, self.system.launches, None, now)
         duration = float(rec.command[1])
         if math.isfinite(duration):
-            code = 1 if rec.round < int(rec.command[2]) else 0
-            gen = rec.gen
-            self.sim.schedule(duration, lambda: self._exited(rec, gen, code))
+            self._end_after(duration, rec.key, rec.pid, 1 if rec.round < int(rec.command[2]) else 0)
 
-    def _exited(self, rec: _Rec, gen: int, code: int) -> None:
-        if not self.alive or rec.gen != gen or self.records.get((rec.upid, rec.round)) is not rec:
-            return
-        self._end(rec, ast.EXITED if code == 0 else ast.FAILED, f"exit code {code}")
-        self.heartbeat()
+    def _end_after(self, delay: float, key: tuple[str, int], pid: int | None, code: int) -> None:
+        def end() -> None:
+            if self.alive:
+                self.exited(key, pid, code)
 
-    def _terminate(self, upid: str, round_: int) -> bool:
-        rec = self.records.get((upid, round_))
+        self.sim.schedule(delay, end)
+
+    def exited(self, key: tuple[str, int], pid: int | None, code: int) -> bool:
+        """Process ``pid`` of ``key`` ended with ``code`` (an exit of no live record is
+        ignored); True if it settled a record (a heartbeat went out)."""
+        rec, actions = core.exited(self.table, key, pid, code, self.sim.clock.now())
         if rec is None:
             return False
-        if rec.state == ast.PENDING:
-            self._end(rec, ast.TERMINATED, "terminated before it started")
-            return True
-        if rec.state != ast.RUNNING:
-            return False
-        rec.state, rec.gen = ast.TERMINATING, rec.gen + 1
-        gen = rec.gen
-
-        def gone() -> None:
-            if self.alive and rec.gen == gen and self.records.get((rec.upid, rec.round)) is rec:
-                self._end(rec, ast.TERMINATED, "terminated")
-                self.heartbeat()
-
-        self.sim.schedule(self.grace, gone)
+        self._apply(actions)
+        self.heartbeat()
         return True
 
-    def _end(self, rec: _Rec, state: str, msg: str) -> None:
-        rec.state, rec.msg, rec.gen = state, msg, rec.gen + 1
-        if rec.superseded:  # an older round that made way for a newer one: forget it
-            self.records.pop((rec.upid, rec.round), None)
-            for waiter in list(self.records.values()):
-                if waiter.waiting_for == (rec.upid, rec.round):
-                    waiter.waiting_for = None
-                    if waiter.state == ast.PENDING:
-                        self._start(waiter)
-
     def live_keys(self) -> list[tuple[str, int]]:
-        return [k for k, r in self.records.items() if ast.is_live(r.state)]
+        return [k for k, r in self.table.records.items() if ast.is_live(r.state)]
 
 
 class _NoProcesses:
@@ -514,9 +475,7 @@ class CEISystem:
         upid, rnd, nid = live[index % len(live)]
         agent = self.agents[nid]
         rec = agent.records[(upid, rnd)]
-        if rec.state == ast.RUNNING:
-            agent._end(rec, ast.FAILED, "killed")
-            agent.heartbeat()
+        if rec.state == ast.RUNNING and agent.exited((upid, rnd), rec.pid, -signal.SIGKILL):
             self.faults["copy_killed"] += 1
         return upid
 

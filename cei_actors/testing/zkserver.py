@@ -37,6 +37,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..runtime import procfs
+
 if TYPE_CHECKING:
     from kazoo.client import KazooClient
 
@@ -249,12 +251,7 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
 
 
 def _pid_alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return False
-    return state not in ("Z", "X")
+    return procfs.alive(pid)
 
 
 def _pid_cmdline(pid: int) -> list[str]:

@@ -8,7 +8,7 @@ process inherits (decision PV1). Output goes in ``<state_dir>/nodes/<node_id>/ou
 table of its nodes in ``<state_dir>/nodes.json`` (under a file lock), so a new driver
 instance, e.g. after a Provisioner restart, still lists and destroys the nodes of the old
 one. A node is RUNNING while its process lives and TERMINATED once it has exited; a reused
-PID is told apart by the process start time in ``/proc/<pid>/stat``. Linux only; loopback
+PID is told apart by the process start time in ``/proc/<pid>/stat`` (:mod:`~cei_actors.runtime.procfs`). Linux only; loopback
 only (every node's address is 127.0.0.1).
 """
 
@@ -34,6 +34,7 @@ from libcloud.common.types import LibcloudError
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeLocation, NodeSize
 from libcloud.compute.types import NodeState
 
+from ...runtime import procfs
 from .simcloud import Clock, WallClock
 
 __all__ = ["CommandSpec", "LocalNodeNotFound", "LocalProcessDriver"]
@@ -211,7 +212,7 @@ class LocalProcessDriver(NodeDriver):
                 )
             with _children_lock:
                 _children[proc.pid] = proc
-            stat = _read_stat(proc.pid)
+            stat = procfs.stat(proc.pid)
             rec = {
                 "id": node_id,
                 "name": name,
@@ -382,27 +383,6 @@ class LocalProcessDriver(NodeDriver):
 # ---------------------------------------------------------------------- process helpers
 
 
-class _Stat:
-    __slots__ = ("state", "pgrp", "start_ticks")
-
-    def __init__(self, state: str, pgrp: int, start_ticks: int) -> None:
-        self.state = state
-        self.pgrp = pgrp
-        self.start_ticks = start_ticks
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    """Fields of ``/proc/<pid>/stat`` (None if there is no such process)."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
-        return None
-    # The command name (field 2) is in parentheses and may contain anything.
-    fields = raw[raw.rindex(b")") + 2 :].split()
-    # fields[0] is field 3 (state); pgrp is field 5; starttime is field 22.
-    return _Stat(fields[0].decode(), int(fields[2]), int(fields[19]))
-
-
 def _reap(pid: int) -> None:
     with _children_lock:
         proc = _children.get(pid)
@@ -423,7 +403,7 @@ def _take_exit_code(pid: int) -> int | None:
 def _process_alive(pid: int, start_ticks: int | None) -> bool:
     """True while the node's own process (not a reused pid, not a zombie) exists."""
     _reap(pid)
-    stat = _read_stat(pid)
+    stat = procfs.stat(pid)
     if stat is None:
         return False
     if start_ticks is not None and stat.start_ticks != start_ticks:
@@ -436,7 +416,7 @@ def _group_members(pgid: int) -> list[int]:
     members = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
-            stat = _read_stat(int(entry.name))
+            stat = procfs.stat(int(entry.name))
             if stat is not None and stat.pgrp == pgid and stat.state not in ("Z", "X"):
                 members.append(int(entry.name))
     return members
@@ -455,7 +435,7 @@ def _wait_group_empty(pid: int, pgid: int, timeout: float) -> bool:
 
 def _kill_group(pid: int, pgid: int, start_ticks: int | None, grace: float) -> None:
     """SIGTERM the group, SIGKILL what is left after ``grace`` seconds, wait for it."""
-    leader = _read_stat(pid)
+    leader = procfs.stat(pid)
     if leader is not None and start_ticks is not None and leader.start_ticks != start_ticks:
         # The leader's pid was reused, which the kernel only does once our group is
         # empty: any group with this id now belongs to someone else.
@@ -484,7 +464,7 @@ def marked_processes(node_dir: str) -> list[int]:
                     continue
         except OSError:
             continue
-        stat = _read_stat(int(entry.name))
+        stat = procfs.stat(int(entry.name))
         if stat is not None and stat.state not in ("Z", "X"):
             found.append(int(entry.name))
     return found

@@ -25,27 +25,40 @@ import os
 import signal
 import sys
 import time
+import types
 
 PR_SET_CHILD_SUBREAPER = 36
+def _load_procfs(up: int) -> types.ModuleType:
+    """:mod:`cei_actors.runtime.procfs`: imported, or loaded by its path when this runs as a
+    file (``python -I -S``, no package on the path); ``up``: directories up to ``cei_actors``."""
+    try:
+        from cei_actors.runtime import procfs
+    except ImportError:
+        import importlib.util
+
+        base = os.path.abspath(__file__)
+        for _ in range(up + 1):
+            base = os.path.dirname(base)
+        spec = importlib.util.spec_from_file_location(
+            "_cei_procfs", os.path.join(base, "runtime", "procfs.py")
+        )
+        assert spec is not None and spec.loader is not None
+        procfs = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = procfs
+        spec.loader.exec_module(procfs)
+    return procfs
+
+
+procfs = _load_procfs(2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCHED = {signal.SIGCHLD, *STOP_SIGNALS}
 
 
 def descendants(root: int) -> list[int]:
     """Live (non-zombie) descendants of ``root``, from the parent pids in ``/proc``."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        fields = raw[raw.rindex(b")") + 2 :].split()
-        if fields[0] in (b"Z", b"X"):
-            continue
-        children.setdefault(int(fields[1]), []).append(int(name))
+    children = {
+        ppid: [pid for pid, s in kids if not s.dead] for ppid, kids in procfs.children().items()
+    }
     out: list[int] = []
     todo = list(children.get(root, ()))
     while todo:
