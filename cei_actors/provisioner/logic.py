@@ -45,6 +45,7 @@ from . import events as ev
 from . import invariants
 from . import messages as m
 from . import registry as dtrs
+from .contextualization import for_node
 from .sealing import CredentialsKey, entry_from_event, entry_view, redact_entry, upgrade_entry
 from .state import (
     _NODE_EVENTS,
@@ -377,7 +378,7 @@ class Provisioner(Component[ProvisionerState]):
               account: str, **payload: Any) -> Work:
         site, site_def, creds = spec
         return Work(kind, {"account": account, "site": site, "definition": site_def,
-                           "credentials": creds, **payload})
+                           "credentials": creds, "system": self.prefix, **payload})
 
     def _launch(self, state: ProvisionerState, txn: _Txn, launch_id: str) -> Launch | None:
         return txn.launches.get(launch_id) or state.launches.get(launch_id)
@@ -442,7 +443,9 @@ class Provisioner(Component[ProvisionerState]):
             image=node.iaas_image,
             size=node.iaas_allocation,
             keyname=node.iaas_sshkeyname,
-            userdata=launch.userdata,
+            userdata=for_node(launch.userdata, node.node_id),
+            caller=launch.caller,
+            deployable_type=launch.deployable_type,
         ))
 
     def _issue_destroy(self, state: ProvisionerState, txn: _Txn, node: Node) -> None:

@@ -141,6 +141,7 @@ class MotoServer:
     def reset(self) -> None:
         """Delete every resource of every account and region (moto's reset API)."""
         self._api("POST", "/moto-api/reset")
+        self._images.clear()
 
     def require_auth(self) -> None:
         """Turn on moto's IAM checks: from now on only keys of :meth:`make_user` work."""

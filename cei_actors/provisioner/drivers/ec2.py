@@ -139,16 +139,17 @@ class CEIEC2NodeDriver(EC2NodeDriver):
         return None
 
 
-def ec2_driver(spec: Mapping[str, Any], access_key: str, secret_key: str) -> CEIEC2NodeDriver:
-    """The driver of a checked ``ec2`` site (``region``, ``secure``, optional ``host``,
-    ``port``). No network traffic happens here."""
+def ec2_driver(spec: Mapping[str, Any], access_key: str, secret_key: str,
+               cls: type[CEIEC2NodeDriver] = CEIEC2NodeDriver) -> CEIEC2NodeDriver:
+    """The driver (a ``cls``) of a checked ``ec2`` site (``region``, ``secure``, optional
+    ``host``, ``port``). No network traffic happens here."""
     kwargs: dict[str, Any] = {"secure": spec["secure"], "region": spec["region"],
                               "signature_version": "4"}
     if spec.get("host"):
         kwargs["host"] = spec["host"]
     if spec.get("port") is not None:
         kwargs["port"] = spec["port"]
-    return CEIEC2NodeDriver(access_key, secret_key, **kwargs)
+    return cls(access_key, secret_key, **kwargs)
 
 
 def node_tags(system: str, node_id: str, launch_id: str | None = None,
