@@ -13,7 +13,7 @@ from libcloud.compute.drivers.ec2 import EC2NodeDriver
 
 from cei_actors.provisioner.cloud import CloudWorker
 from cei_actors.provisioner.drivers import InvalidSite, driver_for_site, validate_site
-from cei_actors.provisioner.drivers.ec2 import CEIEC2NodeDriver
+from cei_actors.provisioner.drivers.ec2 import CEIEC2NodeDriver, ec2_driver
 from cei_actors.provisioner.logic import _failure
 from cei_actors.provisioner.sealing import CredentialsKey
 from cei_actors.testing.moto_server import MotoServer, unavailable_reason
@@ -168,3 +168,20 @@ def test_bad_credentials_are_iaas_auth():
             assert _failure(refused.error_kind, refused.error).startswith("IAAS_AUTH: AuthFailure")
             listed = worker.list({**payload(moto, "x", image=image, creds=creds), "seq": 1})
             assert listed.error_kind == "auth"
+
+
+def test_an_answer_that_names_no_vm_is_a_failure_not_a_crash(moto):
+    """libcloud's own response class cannot read moto's namespace: it finds no VM."""
+    from libcloud.compute.drivers.ec2 import EC2Connection
+
+    class Unreadable(CEIEC2NodeDriver):
+        connectionCls = EC2Connection  # libcloud's: no namespace fix
+
+    def factory(site, creds):
+        return ec2_driver(validate_site(site), creds["access_key"], creds["secret_key"],
+                          cls=Unreadable)
+
+    worker = CloudWorker(credentials_key=KEY, driver_factory=factory)
+    result = worker.create(payload(moto, "n-unreadable"))
+    assert result.iaas_id is None and result.error_kind == "other"
+    assert "named no VM" in result.error

@@ -161,6 +161,8 @@ class CloudWorker:
                 image=NodeImage(id=image_id, name=image_id, driver=driver),
                 **kwargs,
             )
+            if not isinstance(node, Node):  # e.g. libcloud read no VM in the answer
+                raise TypeError(f"the cloud's answer to the create named no VM ({node!r:.80})")
         except Exception as exc:  # every cloud failure becomes a result, never a crash
             return CreateResult(nid, token, error_kind=classify_error(exc),
                                 error=_error_text(exc))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -62,8 +63,8 @@ class MotoServer:
         self.host = LOOPBACK
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self._dir = tempfile.mkdtemp(prefix="cei-moto-")
-        self.log_path = Path(self._dir) / "moto.log"
+        self._dir: str | None = None
+        self.log_path: Path | None = None
         self._images: dict[str, str] = {}
 
     @property
@@ -76,6 +77,8 @@ class MotoServer:
         reason = unavailable_reason()
         if reason:
             raise MotoUnavailable(reason)
+        self._dir = tempfile.mkdtemp(prefix="cei-moto-")
+        self.log_path = Path(self._dir) / "moto.log"
         env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
         env.update(AWS_ACCESS_KEY_ID=DEFAULT_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=DEFAULT_SECRET_KEY,
                    AWS_DEFAULT_REGION="us-east-1",
@@ -93,8 +96,9 @@ class MotoServer:
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.proc.poll() is not None:
-                raise MotoUnavailable(f"moto server exited with {self.proc.returncode}: "
-                                      f"{self.log_tail()}")
+                why = f"moto server exited with {self.proc.returncode}: {self.log_tail()}"
+                self.stop()
+                raise MotoUnavailable(why)
             try:
                 self._api("GET", "/moto-api/data.json", timeout=2.0)
                 return self
@@ -116,14 +120,19 @@ class MotoServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(10)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
 
     def __enter__(self) -> MotoServer:
-        return self.start()
+        return self if self.proc is not None else self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
     def log_tail(self, chars: int = 2000) -> str:
+        if self.log_path is None:
+            return ""
         try:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
