@@ -89,12 +89,15 @@ def test_launch_describe_terminate_vanish_and_reconcile(moto, tmp_path, key_file
         client = ProvisionerClient(service)
         setup_registry(client, moto, dt(moto))
         ids = ["v-term", "v-gone", "v-deleted"]
-        client.provision("L1", "dt1", "ec2", ids, {"who": "moto"})
+        client.provision("L1", "dt1", "ec2", ids, {"who": "moto", "domain_id": "dom1"})
         wait_for(lambda: set(states(client, ids).values()) == {"RUNNING"})
         nodes = {n["node_id"]: n for n in client.describe_nodes(ids)}
         for nid, node in nodes.items():
             [inst] = instances(moto, nid)  # one VM per node, tagged with it
             assert inst["InstanceId"] == node["iaas_id"]
+            tags = {t["Key"]: t["Value"] for t in inst["Tags"]}
+            assert (tags["cei:domain"], tags["cei:launch_id"], tags["cei:system"]) == (
+                "dom1", "L1", "cei-")
             assert node["private_ip"] == inst["PrivateIpAddress"]
             assert userdata_of(moto, node["iaas_id"]) == b"hello moto"
 

@@ -151,7 +151,7 @@ class CloudWorker:
             if payload.get("system"):
                 kwargs["ex_metadata"] = node_tags(
                     payload["system"], nid, payload.get("launch_id"), payload.get("caller"),
-                    payload.get("deployable_type"))
+                    payload.get("deployable_type"), payload.get("domain"))
             size_id = payload.get("size") or "default"
             image_id = payload.get("image") or "default"
             node = driver.create_node(

@@ -122,6 +122,7 @@ class _Txn:
                 self.launches[event.launch_id] = Launch(
                     event.launch_id, event.caller, event.deployable_type, event.site, [],
                     event.at, (event.spec or {}).get("userdata"),
+                    (event.spec or {}).get("domain"),
                 )
         elif kind is ev.ProvisionerDisabled:
             self.disabled = True
@@ -446,6 +447,7 @@ class Provisioner(Component[ProvisionerState]):
             userdata=for_node(launch.userdata, node.node_id),
             caller=launch.caller,
             deployable_type=launch.deployable_type,
+            domain=launch.domain,
         ))
 
     def _issue_destroy(self, state: ProvisionerState, txn: _Txn, node: Node) -> None:
@@ -569,6 +571,9 @@ class Provisioner(Component[ProvisionerState]):
                     "iaas_sshkeyname": looked["iaas_sshkeyname"],
                     "userdata": looked["userdata"],
                 }
+                domain = (msg.vars or {}).get("domain_id")
+                if isinstance(domain, str) and domain:
+                    spec["domain"] = domain
         nodes = [
             {
                 "node_id": nid,
