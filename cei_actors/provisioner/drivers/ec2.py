@@ -1,17 +1,19 @@
 """The Provisioner's EC2 driver: libcloud's own ``EC2NodeDriver``, pointed at a region or at an
 EC2-compatible endpoint (moto's server in the tests).
 
-Two things differ from ``get_driver(Provider.EC2)`` with no options (decision CL1):
+What differs from ``get_driver(Provider.EC2)`` with no options (decisions CL1, CL2):
 
 - the endpoint is configuration: ``host``/``port``/``secure`` of the site, else the region's
   public endpoint; requests are signed with Signature Version 4 (what EC2-compatible servers
-  route by, and what every region takes);
+  route by, and what every region takes), leaving ``User-Agent`` out as the AWS SDKs do;
 - responses are read whatever EC2 API version their XML namespace names. libcloud looks its
   elements up in the namespace of the version it asks for, ``.../doc/2016-11-15/``; EC2 answers
   in it, but an EC2-compatible server may spell it otherwise (moto 5 drops the final slash),
   and libcloud would then see an empty answer: a created VM read as none. Elements of any
   ``http://ec2.amazonaws.com/doc/...`` namespace are renamed into libcloud's before it reads
-  them; an answer from EC2 itself is left as it is.
+  them; an answer from EC2 itself is left as it is. Error bodies are rewritten into EC2's
+  ``Response/Errors/Error`` form, so the cloud's error code reaches the failure reason;
+- a create with a client token first looks for the VM made for that token, by its tags.
 
 :func:`node_tags` is what each VM is tagged with, :func:`tag_filters` how a listing asks for
 this system's VMs only.
@@ -41,8 +43,9 @@ TAG_PREFIX = "cei:"
 
 
 def _normalise(root: Any) -> Any:
-    """Rename elements of any EC2 API namespace into libcloud's (in place)."""
-    if not isinstance(root, ET.Element):
+    """Rename elements of any EC2 API namespace into libcloud's (in place; ElementTree's or
+    lxml's elements, whichever libcloud parses with)."""
+    if not callable(getattr(root, "iter", None)):
         return root
     for elem in root.iter():
         tag = elem.tag
