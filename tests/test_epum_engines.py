@@ -57,6 +57,7 @@ def test_preserve_n_uses_configured_site_and_type():
     (inst,) = s.state.instances.values()
     assert (inst.site, inst.deployable_type) == ("ec2", "worker")
     assert inst.vars["node_id"] == inst.instance_id and inst.vars["heartbeat_dest"] == "epum"
+    assert inst.vars["domain_id"] == inst.domain_id  # the VM's cei:domain tag
 
 
 def test_needy_unique_values_are_handed_out_and_reused():

@@ -14,6 +14,13 @@ agent on the same ``--state-dir`` re-adopts processes that are still running.
         [--agent-id ID] [--pd-name pd] [--epum-name epum] [--heartbeat 30] [--grace 10]
         [--fence 15] [--keep-processes] [--secret-file F]
 
+On a VM booted by the Provisioner with ``cei-agent`` contextualization, ``--from-userdata FILE``
+(the userdata the VM received, e.g. from the cloud's metadata service) gives the node id, the
+PD address, the secret file (by reference) and the engine settings; options given beside it
+override what it says (e.g. an explicit ``--pd`` address or ``--state-dir``)::
+
+    python -m cei_actors.eeagent --from-userdata /var/lib/cloud/user-data [--pd ADDR] [...]
+
 ``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
 the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``, ``--secret-file`` (the system's
 key, which every message is authenticated with) to ``$CEI_SECRET_FILE``, which the local
@@ -81,10 +88,35 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the actor system's secret file (default $CEI_SECRET_FILE, set by the local driver)")
     p.add_argument("--attach-timeout", type=float, default=30.0)
     p.add_argument("--log-level", default=os.environ.get("CEI_LOG_LEVEL", "INFO"))
+    p.add_argument("--from-userdata", metavar="FILE", default=None,
+                   help="start as the cei-agent userdata in FILE says (other options override it)")
     return p
 
 
+def expand_userdata(argv: list[str]) -> list[str]:
+    """``argv`` with the options of its ``--from-userdata FILE`` put first (so that the
+    options given override them). Raises ``ValueError`` with a one-line reason."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--from-userdata", default=None)
+    known, _ = pre.parse_known_args(argv)
+    if known.from_userdata is None:
+        return argv
+    from ..provisioner.contextualization import agent_args, parse_userdata
+
+    try:
+        with open(known.from_userdata, "rb") as f:
+            raw = f.read()
+    except OSError as exc:
+        raise ValueError(f"--from-userdata {known.from_userdata}: {exc.strerror or exc}") from None
+    return [*agent_args(parse_userdata(raw)), *argv]
+
+
 def main(argv: list[str] | None = None) -> int:
+    try:
+        argv = expand_userdata(list(sys.argv[1:] if argv is None else argv))
+    except ValueError as exc:
+        print(f"eeagent: {exc}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),

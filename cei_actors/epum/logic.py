@@ -228,6 +228,7 @@ class _Control(Control):
             **extravars,
             "node_id": iid,
             "heartbeat_dest": epum.config.self_name,
+            "domain_id": dom.domain_id,  # the Provisioner tags the VM with it (decision CL4)
         }
         chef = (dom.config.get("general") or {}).get("chef_credential")
         if chef is not None:

@@ -24,6 +24,7 @@ from libcloud.common.types import InvalidCredsError
 from libcloud.compute.base import Node, NodeDriver, NodeImage, NodeSize
 
 from .drivers import driver_for_site, instance_state_for
+from .drivers.ec2 import CEIEC2NodeDriver, node_tags, tag_filters
 from .drivers.simcloud import Clock
 from .messages import CreateResult, DestroyResult, ListResult
 from .sealing import CredentialsKey, open_entry
@@ -55,7 +56,8 @@ def classify_error(exc: BaseException) -> str:
 
 
 def _error_text(exc: BaseException) -> str:
-    text = str(exc).strip()
+    value = getattr(exc, "value", None)  # libcloud's errors: str() is the repr of this
+    text = (value if isinstance(value, str) else str(exc)).strip()
     return text if text else type(exc).__name__
 
 
@@ -146,6 +148,10 @@ class CloudWorker:
                 kwargs["ex_userdata"] = payload["userdata"]
             if payload.get("keyname"):
                 kwargs["ex_keyname"] = payload["keyname"]
+            if payload.get("system"):
+                kwargs["ex_metadata"] = node_tags(
+                    payload["system"], nid, payload.get("launch_id"), payload.get("caller"),
+                    payload.get("deployable_type"), payload.get("domain"))
             size_id = payload.get("size") or "default"
             image_id = payload.get("image") or "default"
             node = driver.create_node(
@@ -155,6 +161,8 @@ class CloudWorker:
                 image=NodeImage(id=image_id, name=image_id, driver=driver),
                 **kwargs,
             )
+            if not isinstance(node, Node):  # e.g. libcloud read no VM in the answer
+                raise TypeError(f"the cloud's answer to the create named no VM ({node!r:.80})")
         except Exception as exc:  # every cloud failure becomes a result, never a crash
             return CreateResult(nid, token, error_kind=classify_error(exc),
                                 error=_error_text(exc))
@@ -181,14 +189,17 @@ class CloudWorker:
         partial = wanted is not None
         try:
             driver = self.driver(payload)
+            kwargs: dict[str, Any] = {}
+            if isinstance(driver, CEIEC2NodeDriver) and payload.get("system"):
+                kwargs["ex_filters"] = tag_filters(payload["system"])  # this system's VMs only
             if partial:
                 try:
-                    nodes = driver.list_nodes(ex_node_ids=list(wanted))
+                    nodes = driver.list_nodes(ex_node_ids=list(wanted), **kwargs)
                 except TypeError:  # the driver cannot filter: filter here
                     ids = set(wanted)
                     nodes = [n for n in driver.list_nodes() if str(n.id) in ids]
             else:
-                nodes = driver.list_nodes()
+                nodes = driver.list_nodes(**kwargs)
             vms = [vm_record(n) for n in nodes]
         except Exception as exc:
             return ListResult(account, seq, error_kind=classify_error(exc), error=_error_text(exc),

@@ -26,7 +26,8 @@ class LaunchRequested:
     ``nodes``: one dict per new node: ``node_id``, ``state`` (REQUESTED, FAILED or
     REJECTED), ``state_desc``, ``client_token``. ``spec``: what the registry lookup gave,
     shared by the nodes (``account``, ``iaas_image``, ``iaas_allocation``,
-    ``iaas_sshkeyname``, ``userdata``), or None when the lookup failed. ``absorbed``: ids
+    ``iaas_sshkeyname``, ``userdata``, and ``domain`` when the vars name a ``domain_id``), or
+    None when the lookup failed. ``absorbed``: ids
     that already existed as terminated stubs; they join the launch and stay terminated."""
 
     launch_id: str

@@ -45,6 +45,7 @@ from . import events as ev
 from . import invariants
 from . import messages as m
 from . import registry as dtrs
+from .contextualization import for_node
 from .sealing import CredentialsKey, entry_from_event, entry_view, redact_entry, upgrade_entry
 from .state import (
     _NODE_EVENTS,
@@ -121,6 +122,7 @@ class _Txn:
                 self.launches[event.launch_id] = Launch(
                     event.launch_id, event.caller, event.deployable_type, event.site, [],
                     event.at, (event.spec or {}).get("userdata"),
+                    (event.spec or {}).get("domain"),
                 )
         elif kind is ev.ProvisionerDisabled:
             self.disabled = True
@@ -377,7 +379,7 @@ class Provisioner(Component[ProvisionerState]):
               account: str, **payload: Any) -> Work:
         site, site_def, creds = spec
         return Work(kind, {"account": account, "site": site, "definition": site_def,
-                           "credentials": creds, **payload})
+                           "credentials": creds, "system": self.prefix, **payload})
 
     def _launch(self, state: ProvisionerState, txn: _Txn, launch_id: str) -> Launch | None:
         return txn.launches.get(launch_id) or state.launches.get(launch_id)
@@ -442,7 +444,10 @@ class Provisioner(Component[ProvisionerState]):
             image=node.iaas_image,
             size=node.iaas_allocation,
             keyname=node.iaas_sshkeyname,
-            userdata=launch.userdata,
+            userdata=for_node(launch.userdata, node.node_id),
+            caller=launch.caller,
+            deployable_type=launch.deployable_type,
+            domain=launch.domain,
         ))
 
     def _issue_destroy(self, state: ProvisionerState, txn: _Txn, node: Node) -> None:
@@ -566,6 +571,9 @@ class Provisioner(Component[ProvisionerState]):
                     "iaas_sshkeyname": looked["iaas_sshkeyname"],
                     "userdata": looked["userdata"],
                 }
+                domain = (msg.vars or {}).get("domain_id")
+                if isinstance(domain, str) and domain:
+                    spec["domain"] = domain
         nodes = [
             {
                 "node_id": nid,

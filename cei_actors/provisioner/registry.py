@@ -14,7 +14,8 @@ What it holds (the Provisioner's state keeps a :class:`Registry`; events change 
 
   ``contextualization`` is optional (method ``none``). The userdata is a ``${var}`` template
   rendered at lookup with the request's vars (dicts and lists JSON-encoded); a missing var
-  is a validation failure. Chef and the Nimbus context broker are not supported.
+  is a validation failure. Method ``cei-agent`` sends what a VM's EEAgent needs to start
+  instead (see :mod:`.contextualization`). Chef and the Nimbus context broker are not supported.
 - **credentials** per caller and site (``access_key``, ``secret_key``, ``key_name``). Only
   the caller's own credentials are ever used; real cloud sites need them, sim/local do not.
   They are held as entries of :mod:`.sealing` (sealed, masked for display), never in clear
@@ -33,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .contextualization import AGENT_METHOD, InvalidUserdata, render_agent, validate_agent_context
 from .sealing import entry_view, upgrade_entry
 from .states import Reason
 
@@ -66,7 +68,7 @@ MAX_USERDATA = 64 * 1024
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:@-]{0,127}$")
 _DT_KEYS = frozenset({"mappings", "contextualization", "description", "name"})
 _MAPPING_KEYS = frozenset({"iaas_image", "iaas_allocation"})
-_CTX_METHODS = ("none", "userdata")
+_CTX_METHODS = ("none", "userdata", AGENT_METHOD)
 
 SiteValidator = Callable[[Mapping[str, Any]], dict[str, Any]]
 CredentialsValidator = Callable[[Mapping[str, Any], Mapping[str, Any] | None], None]
@@ -209,6 +211,12 @@ def validate_dt(name: str, definition: Any) -> dict[str, Any]:
                 f"deployable type {name!r}: contextualization method {method!r} is not "
                 f"supported (use {' or '.join(_CTX_METHODS)})"
             )
+        if method == AGENT_METHOD:
+            try:
+                validate_agent_context(ctx)
+            except InvalidUserdata as exc:
+                raise RegistryError(f"deployable type {name!r}: {exc}") from None
+            return dict(definition)
         extra = set(ctx) - {"method", "userdata"}
         if extra:
             raise RegistryError(
@@ -304,6 +312,18 @@ def render(template: str, vars: Mapping[str, Any]) -> str:
         raise LookupFailed(Reason.DTRS_VALIDATION_FAILED, f"userdata template: {exc}") from None
 
 
+def render_agent_userdata(ctx: Mapping[str, Any], vars: Mapping[str, Any]) -> str:
+    """A ``cei-agent`` userdata; raises :class:`LookupFailed` (validation) when it cannot."""
+    try:
+        return render_agent(ctx, vars, _var_text)
+    except KeyError as exc:
+        raise LookupFailed(
+            Reason.DTRS_VALIDATION_FAILED, f"cei-agent template variable {exc.args[0]!r} is missing"
+        ) from None
+    except (InvalidUserdata, ValueError) as exc:
+        raise LookupFailed(Reason.DTRS_VALIDATION_FAILED, str(exc)) from None
+
+
 def lookup(
     reg: Registry,
     caller: str | None,
@@ -357,6 +377,8 @@ def lookup(
     ctx = definition.get("contextualization") or {}
     method = ctx.get("method", "none")
     userdata = render(ctx["userdata"], vars or {}) if method == "userdata" else None
+    if method == AGENT_METHOD:
+        userdata = render_agent_userdata(ctx, vars or {})
     if userdata is not None and len(userdata.encode()) > MAX_USERDATA:
         raise LookupFailed(
             Reason.DTRS_VALIDATION_FAILED,

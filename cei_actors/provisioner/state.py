@@ -81,6 +81,7 @@ class Launch:
     node_ids: list[str]
     at: float
     userdata: str | None = None
+    domain: str | None = None  # the EPUM domain its vars name (``domain_id``), for VM tags
 
 
 @dataclass
@@ -443,7 +444,7 @@ def apply_event(state: ProvisionerState, e: Any) -> ProvisionerState:
             ids = [spec["node_id"] for spec in e.nodes] + list(e.absorbed)
             state.launches[e.launch_id] = Launch(
                 e.launch_id, e.caller, e.deployable_type, e.site, ids, e.at,
-                (e.spec or {}).get("userdata"),
+                (e.spec or {}).get("userdata"), (e.spec or {}).get("domain"),
             )
         elif kind is ev.NodesReaped:
             for nid in e.node_ids:

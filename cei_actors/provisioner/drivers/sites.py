@@ -3,7 +3,9 @@
 Site types (every site may also carry ``name`` and ``description``; other keys are refused,
 so a misspelt key is an error rather than silently ignored):
 
-- ``ec2``: ``region`` (default ``us-east-1``; one of :data:`EC2_REGIONS`), ``secure``.
+- ``ec2``: ``region`` (default ``us-east-1``; one of :data:`EC2_REGIONS`), ``secure``, and
+  optionally ``host`` and ``port``: an EC2-compatible endpoint instead of the region's own
+  (e.g. moto's server in the tests; see :mod:`.ec2`).
 - ``nimbus``: Nimbus's EC2-compatible API at ``host``/``port`` (required), ``path``, ``secure``.
 - ``openstack``: OpenStack's EC2-compatible API at ``host``/``port`` (required), ``path``,
   ``secure`` (libcloud's Eucalyptus driver, as in the original CEI).
@@ -25,6 +27,7 @@ from libcloud.compute.base import NodeDriver
 from libcloud.compute.providers import get_driver
 from libcloud.compute.types import Provider
 
+from .ec2 import ec2_driver
 from .local import LocalProcessDriver
 from .simcloud import Clock, SimulatedCloudDriver
 
@@ -59,7 +62,7 @@ _SIM_DURATIONS = ("api_latency", "terminated_linger", "shutdown_delay")
 _SIM_BOOLS = ("auth_failure", "strict_catalog")
 _LOCAL_DURATIONS = ("grace_period", "terminated_linger", "forget_after")
 _ALLOWED_KEYS: dict[str, frozenset[str]] = {
-    "ec2": frozenset({"region", "secure"}),
+    "ec2": frozenset({"region", "secure", "host", "port"}),
     "nimbus": frozenset({"host", "port", "path", "secure"}),
     "openstack": frozenset({"host", "port", "path", "secure"}),
     "sim": frozenset(
@@ -114,13 +117,17 @@ def validate_site(site: Mapping[str, Any]) -> dict[str, Any]:
                 f"{', '.join(EC2_REGIONS)})",
                 "region",
             )
+        if site.get("host") is not None:
+            _host(kind, site["host"])
+        elif site.get("port") is not None:
+            raise InvalidSite("ec2 site has a port but no host", "port")
+        if site.get("port") is not None:
+            out["port"] = _port(site["port"])
     elif kind in ("nimbus", "openstack"):
         for key in ("host", "port"):
             if site.get(key) in (None, ""):
                 raise InvalidSite(f"{kind} site is missing key {key!r}", key)
-        host = site["host"]
-        if not isinstance(host, str) or not host.strip() or any(c in host for c in "/: "):
-            raise InvalidSite(f"{kind} site host {host!r} is not a host name", "host")
+        _host(kind, site["host"])
         out["port"] = _port(site["port"])
         if "path" in site and site["path"] is not None:
             path = site["path"]
@@ -188,8 +195,7 @@ def driver_for_site(
     key, secret = credentials["access_key"], credentials["secret_key"]
     driver: NodeDriver
     if kind == "ec2":
-        cls = get_driver(Provider.EC2)
-        driver = cls(key, secret, secure=spec["secure"], region=spec["region"])
+        driver = ec2_driver(spec, key, secret)
     elif kind == "nimbus":
         cls = get_driver(Provider.NIMBUS)
         driver = cls(key, secret, secure=spec["secure"], host=spec["host"], port=spec["port"])
@@ -220,6 +226,11 @@ def _bool(site: Mapping[str, Any], key: str, default: bool) -> bool:
     if not isinstance(value, bool):
         raise InvalidSite(f"{key} value {value!r} is not a boolean", key)
     return value
+
+
+def _host(kind: str, host: Any) -> None:
+    if not isinstance(host, str) or not host.strip() or any(c in host for c in "/: "):
+        raise InvalidSite(f"{kind} site host {host!r} is not a host name", "host")
 
 
 def _port(value: Any) -> int:
