@@ -60,7 +60,7 @@ from ..runtime.system import (
     shutdown_system,
     start_system,
 )
-from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan
+from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan, shown_log_url
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -71,6 +71,7 @@ __all__ = [
     "connect",
     "down",
     "read_info",
+    "remembered_log_url",
     "replica_name",
     "secure_home",
     "start_components",
@@ -88,6 +89,8 @@ ACTOR_CLASSES = {
 }
 AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
 INFO_FILE = "system.json"
+#: The log URL of the last system started in the home (kept after ``down``).
+LOG_URL_FILE = "log.url"
 LOG_FILE = "system.log"
 START_TIMEOUT = 60.0
 #: Errors of a failed recovery that retrying cannot cure (the stored data is bad): ``up`` and
@@ -168,6 +171,7 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
             info["helper_pids"] = [p for p in _children(info["admin_pid"]) if p not in _system_pids(info)]
             info["pid_starts"] = {str(pid): _start_ticks(pid) for pid in _system_pids(info)}
             write_info(home, info)
+            remember_log_url(home, plan.log_url)
         except BaseException:
             with contextlib.suppress(Exception):
                 shutdown_system(asys)
@@ -177,7 +181,7 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     finally:
         if remote is not None:
             detach_system(remote)
-    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {plan.log_url}")
+    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {shown_log_url(plan.log_url)}")
     return info
 
 
@@ -630,6 +634,27 @@ def read_info(home: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(home) / INFO_FILE).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def remember_log_url(home: Path, url: str) -> None:
+    """Keep ``url`` as the log of ``home`` (``HOME/log.url``): it outlives ``down``, so the
+    commands that read the log after it (``cei log ...``) read the one the system wrote."""
+    path = Path(home) / LOG_URL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    write_secret_file(tmp, (url + "\n").encode())
+    os.replace(tmp, path)
+
+
+def remembered_log_url(home: Path) -> str | None:
+    """The log URL of the last system started in ``home`` (running or not), or None."""
+    info = read_info(home)
+    if info and info.get("log_url"):
+        return str(info["log_url"])
+    try:
+        return (Path(home) / LOG_URL_FILE).read_text().strip() or None
+    except OSError:
         return None
 
 
