@@ -73,3 +73,75 @@ def test_the_home_remembers_its_log_after_down(tmp_path, capsys):
     code, out, err = run(capsys, "--home", str(home), "log", "streams")
     assert code == 0 and "memory://remembered" in out
     assert not (home / "log.sqlite").exists()
+
+
+# ---- against a real system (subprocesses, real EEAgent "VMs") ------------------------------------
+
+from test_cli_e2e import cei, cleanup, data, poll  # noqa: E402
+
+
+@pytest.fixture
+def system(tmp_path):
+    home = tmp_path / "cei"
+    try:
+        cei(home, "up", timeout=120)
+        yield home
+    finally:
+        cleanup(home)
+
+
+def one_line_error(proc, *words: str) -> None:
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("cei: "), proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+
+
+def test_domains_errors_and_backoff_reach_the_operator(system, tmp_path):
+    home = system
+    # the default node type boots with no extra keys
+    cei(home, "domain", "add", "d", "--engine", "preserve_n", "--set", "preserve_n=1")
+
+    def running():
+        """a node of d RUNNING"""
+        return [n for n in data(home, "node", "list") if n["domain_id"] == "d" and n["state"] == "RUNNING"]
+    poll(running, timeout=60)
+    assert not [n for n in data(home, "node", "list", "--all") if n["state"] == "FAILED"]
+
+    # launches that cannot work back off and say why, in describe, list and status
+    dt = tmp_path / "dt.yml"
+    dt.write_text("mappings: {local: {iaas_image: local, iaas_allocation: local}}\n"
+                  "contextualization: {method: userdata, userdata: '--slots ${nokey}'}\n")
+    cei(home, "dt", "add", "broken", "--definition", str(dt))
+    cei(home, "domain", "add", "bad", "--engine", "preserve_n", "--set", "preserve_n=2",
+        "--set", "deployable_type=broken")
+
+    def backing_off():
+        """domain bad backs off after at least 3 rounds"""
+        d = data(home, "domain", "describe", "bad")
+        held = d["launch_backoff"]
+        return d if held and held[0]["failures"] >= 3 else None
+    desc = poll(backing_off, timeout=60)
+    assert desc["status"] == "backoff" and "nokey" in desc["reason"] and "next in" in desc["reason"]
+    failed = desc["counts"].get("FAILED", 0)
+    assert failed <= 2 * desc["launch_backoff"][0]["failures"]  # one round per failure count
+    row = next(d for d in data(home, "domain", "list") if d["domain_id"] == "bad")
+    assert row["launch_backoff"][0]["last_error"].startswith("DTRS_VALIDATION_FAILED")
+    status = data(home, "status")
+    (bad,) = [d for d in status["domains"] if d["domain_id"] == "bad"]
+    assert bad["status"] == "backoff" and "nokey" in bad["reason"]
+    text = cei(home, "status", check=False)
+    assert "backoff" in text.stdout
+
+    # an overflow domain naming a site the registry does not have is refused; nothing changes
+    proc = cei(home, "domain", "add", "o", "--engine", "overflow", "--set", "preserve_n=1",
+               "--set", "clouds=[{site_name: nosite, size: 1, rank: 1}]", check=False)
+    one_line_error(proc, "unknown site 'nosite'", "local")
+    assert "o" not in data(home, "domain", "list") and "o" not in [
+        d["domain_id"] for d in data(home, "domain", "list")]
+    proc = cei(home, "domain", "reconfigure", "d", "--set", "deployable_type=nodt", check=False)
+    one_line_error(proc, "unknown deployable type 'nodt'")
+
+    # unknown node ids
+    for argv in (("node", "terminate", "nonode"), ("node", "kill", "nonode"), ("node", "describe", "nonode")):
+        one_line_error(cei(home, *argv, check=False), "unknown node 'nonode'")

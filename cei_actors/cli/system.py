@@ -113,7 +113,7 @@ def collect_status(conn: Any) -> dict[str, Any]:
     domains = []
     for domain_id in status.get("domains") or []:
         row = summary(conn.epum.describe_domain(domain_id))
-        domains.append({k: row.get(k) for k in ("domain_id", "engine", "instances", "states")}
+        domains.append({k: row.get(k) for k in ("domain_id", "engine", "instances", "states", "status", "reason")}
                        | {"need": need_of.get(domain_id)})
     status["domains"] = domains
     status["nodes"] = [{k: n.get(k) for k in ("node_id", "state", "domain_id", "site", "processes")}
@@ -130,7 +130,8 @@ def show_status(status: dict[str, Any], out: Output) -> None:
     rows = [{"component": comp, **replica}
             for comp, replicas in sorted((status.get("components") or {}).items()) for replica in replicas]
     out.table(rows, ["component", "name", "mode", "leader", "epoch", "head", "pid"], title="components")
-    out.table(status.get("domains") or [], ["domain_id", "engine", "need", "instances", "states"], title="domains")
+    out.table(status.get("domains") or [], ["domain_id", "engine", "need", "instances", "states", "status", "reason"],
+              title="domains")
     out.table(status.get("nodes") or [], ["node_id", "state", "domain_id", "site", "processes"], title="nodes")
     out.table(status.get("resources") or [], ["resource_id", "node_id", "engine", "state", "slots", "used"],
               title="resources")

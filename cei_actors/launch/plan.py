@@ -138,10 +138,24 @@ class Plan:
                 defs.setdefault(self.pd["domain_definition_id"],
                                 copy.deepcopy(self.pd["domain_definition"]))
             conf["initial_definitions"] = defs
+            conf["provisioner_vars"] = {**self.default_node_vars(), **(conf.get("provisioner_vars") or {})}
             doms = dict(conf.get("initial_domains") or {})
             doms.update(copy.deepcopy(self.epum["domains"]))
             conf["initial_domains"] = doms
         return conf
+
+    def default_node_vars(self) -> dict[str, Any]:
+        """The userdata variables a node of any EPUM domain gets unless its domain gives its
+        own (``provisioner_vars``): those of the PD's ``default`` engine (else its first), so
+        the default deployable type boots an EEAgent with no extra keys (decision OP1)."""
+        engines = self.pd["engines"]
+        spec = engines.get("default") or next(iter(engines.values()))
+        out = {"slots": spec["slots"], "replicas": spec.get("replicas", 1),
+               "heartbeat": spec.get("heartbeat_period", 30.0)}
+        pd = self.components.get("pd")
+        if pd is not None and "fence_time" in pd.config:
+            out["fence"] = pd.config["fence_time"]
+        return out
 
     def engine_of(self, node: StaticNode) -> dict[str, Any]:
         return dict(self.pd["engines"][node.engine])
