@@ -145,3 +145,53 @@ def test_domains_errors_and_backoff_reach_the_operator(system, tmp_path):
     # unknown node ids
     for argv in (("node", "terminate", "nonode"), ("node", "kill", "nonode"), ("node", "describe", "nonode")):
         one_line_error(cei(home, *argv, check=False), "unknown node 'nonode'")
+
+
+def test_status_shows_what_is_healthy_and_what_is_not(system):
+    """A component that does not answer (its process stopped): `cei status` still shows the
+    others, names it, and exits 1; --json says healthy false with the problem."""
+    import os
+    import signal
+
+    home = system
+    status = data(home, "status")
+    assert status["healthy"] is True and status["problems"] == []
+    pid = status["components"]["pd"][0]["pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        proc = cei(home, "status", check=False)
+        assert proc.returncode == 1 and proc.stderr == ""  # --json: the document says it
+        status = __import__("json").loads(proc.stdout)
+        assert status["healthy"] is False
+        assert status["problems"] == [{"component": "pd", "since": None, "error": "no replica answers"}]
+        assert status["components"]["epum"][0]["ready"] and status["domains"]  # the rest is shown
+        text = run_text(home, "status")
+        assert text.returncode == 1 and "NOT HEALTHY" in text.stdout
+        assert text.stderr.count("\n") == 1 and "not healthy: pd no replica answers" in text.stderr
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    poll(lambda: data(home, "status")["healthy"], timeout=30)
+
+
+def run_text(home, *argv):
+    from test_cli_e2e import run_cli
+
+    return run_cli("--home", str(home), *argv)
+
+
+def test_a_crash_loop_backs_off_and_shows_as_such(system):
+    home = system
+    cei(home, "process", "schedule", "--upid", "loop", "--restart-mode", "abnormal", "--", "false")
+
+    def looping():
+        """process loop in CrashLoopBackOff after 3 quick failures"""
+        p = data(home, "process", "describe", "loop")
+        return p if p["status"] == "CrashLoopBackOff" and p["restarts"] >= 3 else None
+    p = poll(looping, timeout=90)
+    assert p["state"] in ("WAITING", "DIED_REQUESTED") and p["next_start"] is not None
+    assert p["msg"].startswith("CrashLoopBackOff: ") and "quick failures in a row" in p["msg"]
+    (listed,) = [q for q in data(home, "process", "list") if q["upid"] == "loop"]
+    assert listed["restarts"] >= 3 and "status" in listed
+    # an operator's restart starts it at once and ends the backoff (it then loops afresh)
+    restarted = data(home, "process", "restart", "loop")
+    assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -92,35 +93,93 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
         out.emit(status)
     else:
         show_status(status, out)
+    problems = status["problems"]
+    if problems:
+        raise CliError("not healthy: " + "; ".join(f"{p['component']} {p['error']}" for p in problems),
+                       quiet=True)
     return 0
 
 
 def collect_status(conn: Any) -> dict[str, Any]:
     """The launcher's status with the details behind its counts.
 
-    ``components`` (replicas: leader, ready, epoch, head, pid), ``processes`` (count per
-    state), ``domains`` (each: domain_id, engine, instances, need), ``nodes`` (live ones:
-    node_id, state, domain_id, site, processes), ``node_counts`` (per state, all nodes),
-    ``resources`` (the PD's: slots and what is assigned) and ``needs`` (per PD engine).
+    ``components`` (replicas: leader, ready, epoch, head, pid, since, last_error),
+    ``processes`` (count per state), ``domains`` (each: domain_id, engine, instances, need,
+    status, reason), ``nodes`` (live ones: node_id, state, domain_id, site, processes),
+    ``node_counts`` (per state, all nodes), ``resources`` (the PD's: slots and what is
+    assigned), ``needs`` (per PD engine), ``healthy`` and ``problems`` (each: component,
+    since, error): what does not serve or answer. A part that cannot be had is left empty and
+    named in ``problems``; the rest is still shown.
     """
+    from ..launch.launcher import NotRunning
+    from ..runtime.client import OutcomeUnknown, RequestFailed
     from .domain import summary
     from .node import gather
 
     status = conn.status()
+    problems = component_problems(status.get("components") or {})
+    down = {p["component"] for p in problems}
+
+    def part(component: str, what: str, get: Callable[[], Any], empty: Any) -> Any:
+        try:
+            return get()
+        except (RequestFailed, OutcomeUnknown, NotRunning) as exc:
+            if component not in down:
+                down.add(component)
+                problems.append({"component": component, "since": None,
+                                 "error": f"{what} failed: {getattr(exc, 'message', None) or exc}"})
+            return empty
+
     status["node_counts"] = status.pop("nodes", {})
-    dump = conn.pd.dump()
+    dump = part("pd", "dump", conn.pd.dump, {}) if "pd" not in down else {}
     need_of = {f"pd_domain_{engine}": v["need"] for engine, v in (dump.get("needs") or {}).items()}
     domains = []
     for domain_id in status.get("domains") or []:
-        row = summary(conn.epum.describe_domain(domain_id))
+        if "epum" in down:
+            break
+        described = part("epum", "describe_domain", lambda d=domain_id: conn.epum.describe_domain(d), None)
+        if described is None:
+            continue
+        row = summary(described)
         domains.append({k: row.get(k) for k in ("domain_id", "engine", "instances", "states", "status", "reason")}
                        | {"need": need_of.get(domain_id)})
     status["domains"] = domains
+    nodes = [] if down & {"pd", "epum", "provisioner"} else part(
+        "provisioner", "describe_nodes", lambda: gather(conn, include_gone=False), [])
     status["nodes"] = [{k: n.get(k) for k in ("node_id", "state", "domain_id", "site", "processes")}
-                       for n in gather(conn, include_gone=False)]
-    status["resources"] = [{**r, "used": len(r.get("assigned") or [])} for r in dump["resources"]]
+                       for n in nodes]
+    status["resources"] = [{**r, "used": len(r.get("assigned") or [])} for r in dump.get("resources") or []]
     status["needs"] = dump.get("needs") or {}
+    status["problems"] = problems
+    status["healthy"] = not problems
     return status
+
+
+def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per component no replica of which serves: since when and the last error its
+    replicas give (``log unavailable``, a failed recovery, a step-down), or that none answers."""
+    out = []
+    for comp, replicas in sorted(components.items()):
+        if any(r.get("ready") for r in replicas):
+            continue
+        answering = [r for r in replicas if r.get("running")]
+        if not answering:
+            out.append({"component": comp, "since": None, "error": "no replica answers"})
+            continue
+        r = max(answering, key=lambda r: (r.get("last_error") is not None, r.get("since") or 0))
+        err = r.get("last_error") or {}
+        text = f"not serving ({r.get('mode')})"
+        if err:
+            text += f": {err.get('type')}: {err.get('message')}"
+        out.append({"component": comp, "since": r.get("since"), "error": text})
+    return out
+
+
+def _clock(at: float | None) -> str | None:
+    """``HH:MM:SS (Ns ago)`` in local time, or None."""
+    if not at:
+        return None
+    return f"{time.strftime('%H:%M:%S', time.localtime(at))} ({max(0.0, time.time() - at):.0f}s ago)"
 
 
 def show_status(status: dict[str, Any], out: Output) -> None:
@@ -138,4 +197,10 @@ def show_status(status: dict[str, Any], out: Output) -> None:
     counts = status.get("processes") or {}
     text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     Console(file=out.stream).print(f"processes: {text}")
-    Console(file=out.stream).print(f"log: {status.get('log_url')}  admin port: {status.get('admin_port')}")
+    problems = [{**p, "since": _clock(p.get("since"))} for p in status.get("problems") or []]
+    if problems:
+        out.table(problems, ["component", "since", "error"], title="NOT HEALTHY")
+    from ..launch.plan import shown_log_url
+
+    log = shown_log_url(status["log_url"]) if status.get("log_url") else None
+    Console(file=out.stream).print(f"log: {log}  admin port: {status.get('admin_port')}")

@@ -503,7 +503,7 @@ class Connection:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
         out: dict[str, Any] = {"admin_port": self.info.get("admin_port"),
                                "log_url": self.info.get("log_url"), "components": {}}
-        keys = ("mode", "ready", "leader", "epoch", "head", "pid")
+        keys = ("mode", "ready", "leader", "epoch", "head", "pid", "since", "last_error")
         remote = (self.info.get("remote") or {}).get("components", [])
         for comp in [*self.info["components"], *remote]:
             out["components"][comp] = [
@@ -511,12 +511,15 @@ class Connection:
                  **{k: (m.status or {}).get(k) for k in keys}}
                 for m in self.members(comp)
             ]
-        with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
-            out["processes"] = self.pd.process_counts()
-        if "epum" in out["components"]:
+        # only components that serve are asked (one that does not would cost a timeout)
+        serving = {c for c, replicas in out["components"].items() if any(r["ready"] for r in replicas)}
+        if "pd" in serving:
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
+                out["processes"] = self.pd.process_counts()
+        if "epum" in serving:
             with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 out["domains"] = self.epum.list_domains()
-        if "provisioner" in out["components"]:
+        if "provisioner" in serving:
             with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 nodes: dict[str, int] = {}
                 for node in self.provisioner.describe_nodes():
