@@ -195,3 +195,106 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
     # an operator's restart starts it at once and ends the backoff (it then loops afresh)
     restarted = data(home, "process", "restart", "loop")
     assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted
+
+
+# ---- Ctrl-C during `cei up` ------------------------------------------------------------------------
+
+
+def interrupted_up(home, when):
+    """Run the `cei` script's `up` in its own session (as a terminal job) and send SIGINT to
+    its process group (as Ctrl-C does) when ``when(line)`` is true for a line of its output
+    (a float: that many seconds after the start). Returns (exit status, stdout, stderr)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    script = Path(sys.executable).with_name("cei")
+    proc = subprocess.Popen([str(script), "--home", str(home), "up"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    sent = threading.Event()
+
+    def send():
+        if not sent.is_set():
+            sent.set()
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+
+    if isinstance(when, float):
+        timer = threading.Timer(when, send)
+        timer.start()
+    for line in proc.stdout:
+        lines.append(line)
+        if not isinstance(when, float) and when(line):
+            send()
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    if isinstance(when, float):
+        timer.cancel()
+    time.sleep(0)  # nothing to wait for: the checks below look at what is there
+    return proc.returncode, "".join(lines), err, sent.is_set()
+
+
+def check_finished_or_cleaned(home, code, err, sent):
+    """Either it cleaned up (says "nothing runs"; no system.json, no process of it left) or it
+    finished (says it runs, and it does); one line per message, no traceback."""
+    from test_cli_e2e import leftovers
+
+    assert "Traceback" not in err, err
+    if not sent or code == 0:
+        assert code == 0
+        assert data(home, "status")["healthy"]
+        return "up"
+    assert code == 130, (code, err)
+    last = err.strip().splitlines()[-1]
+    if "nothing runs" in last or "nothing was done" in last:
+        assert not (home / "system.json").exists()
+        poll(lambda: not leftovers(home), timeout=30)
+        return "cleaned"
+    assert "it runs" in last, last
+    assert data(home, "status")["healthy"]
+    return "up"
+
+
+def test_ctrl_c_in_the_middle_of_up_cleans_up_and_says_so(tmp_path):
+    home = tmp_path / "cei"
+    try:
+        code, out, err, sent = interrupted_up(home, lambda line: "starting pd" in line)
+        assert sent and code == 130
+        assert check_finished_or_cleaned(home, code, err, sent) == "cleaned"
+        assert "up stopped what it had started" in err
+        # the home is usable: a plain up works
+        cei(home, "up", timeout=120)
+        assert data(home, "status")["healthy"]
+    finally:
+        cleanup(home)
+
+
+def test_ctrl_c_at_the_end_of_up_leaves_it_up_and_says_so(tmp_path):
+    home = tmp_path / "cei"
+    try:
+        code, out, err, sent = interrupted_up(home, lambda line: line.lstrip().startswith(("up: admin", "[")) and "up: admin" in line)
+        assert check_finished_or_cleaned(home, code, err, sent) in ("up", "cleaned")
+    finally:
+        cleanup(home)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9])
+def test_ctrl_c_at_any_moment_of_up_finishes_or_cleans_up(tmp_path, fraction):
+    import time
+
+    home = tmp_path / "cei"
+    try:
+        t0 = time.monotonic()
+        cei(home, "up", timeout=120)
+        took = time.monotonic() - t0
+        cleanup(home)
+        code, out, err, sent = interrupted_up(home, float(took * fraction))
+        check_finished_or_cleaned(home, code, err, sent)
+    finally:
+        cleanup(home)

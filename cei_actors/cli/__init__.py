@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if not exc.quiet or not args.json:
             say_error(exc)
-        return 1
+        return getattr(exc, "exit_status", 1)
     except BrokenPipeError:  # e.g. piped into head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

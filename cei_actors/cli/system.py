@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,8 +28,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
 
-def start(args: argparse.Namespace, out: Output) -> dict[str, Any]:
-    """Load the plan and start the system under ``args.home``, showing progress (not in JSON mode)."""
+def start(args: argparse.Namespace, out: Output, asked: list[float] | None = None) -> dict[str, Any]:
+    """Load the plan and start the system under ``args.home``, showing progress (not in JSON
+    mode). ``asked`` (from :func:`interrupt_between_steps`): once it holds a Ctrl-C, the start
+    stops at its next step and undoes itself (:class:`Interrupted`)."""
     from ..launch.launcher import LaunchError, up
     from ..launch.plan import PlanError, load_plan
 
@@ -36,9 +42,55 @@ def start(args: argparse.Namespace, out: Output) -> dict[str, Any]:
         raise CliError(f"invalid plan: {exc}") from None
     try:
         with progress_shown(out, "starting the system") as progress:
-            return up(plan, home, progress=progress)
+            def step(line: str) -> None:
+                progress(line)
+                if asked:  # Ctrl-C: stop here; up stops what it started
+                    raise KeyboardInterrupt
+
+            try:
+                return up(plan, home, progress=step)
+            except KeyboardInterrupt:
+                from ..launch.launcher import read_info
+
+                if read_info(home) is not None:  # past the last step that undoes the start
+                    raise Interrupted(f"interrupted after the system was up: it runs in {home} "
+                                      "(`cei down` stops it)") from None
+                raise Interrupted(f"interrupted: up stopped what it had started; nothing runs in {home}") from None
     except LaunchError as exc:
         raise CliError(f"up failed: {exc}") from None
+
+
+class Interrupted(CliError):
+    """Ctrl-C: the command stopped; the message says what it left (exit status 130)."""
+
+    exit_status = 130
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[list[float]]:
+    """While inside, a first Ctrl-C (SIGINT) is only noted (the list it yields gets its time)
+    for the caller to act on at its next step, so a start is finished or undone, never left
+    half made; a second one interrupts at once. Processes started meanwhile (the actor
+    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either."""
+    asked: list[float] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if asked and os.getpid() == pid:
+            raise KeyboardInterrupt
+        if os.getpid() == pid:
+            asked.append(time.time())
+            print("cei: interrupt: stopping at the next step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    pid = os.getpid()
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -60,11 +112,21 @@ def progress_shown(out: Output, title: str) -> Iterator[Callable[[str], None]]:
 
 
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
-    info = start(args, out)
-    if out.json:
-        out.emit(info)
-    else:
-        out.line(f"system up in {args.home}")
+    from ..launch.launcher import read_info
+
+    with interrupt_between_steps() as asked:
+        try:
+            info = start(args, out, asked)
+        except KeyboardInterrupt:  # before the start, or a second Ctrl-C
+            if read_info(Path(args.home)) is None:
+                raise Interrupted(f"interrupted: nothing runs in {args.home}") from None
+            raise Interrupted(f"interrupted: a system may run in {args.home} (check with `cei status`)") from None
+        if out.json:
+            out.emit(info)
+        else:
+            out.line(f"system up in {args.home}")
+        if asked:
+            raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
     return 0
 
 

@@ -172,10 +172,11 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
             info["pid_starts"] = {str(pid): _start_ticks(pid) for pid in _system_pids(info)}
             write_info(home, info)
             remember_log_url(home, plan.log_url)
-        except BaseException:
+        except BaseException:  # a failure or an interrupt: nothing of this start is left
             with contextlib.suppress(Exception):
                 shutdown_system(asys)
             sweep_leftovers(_node_dirs(plan, home))
+            (home / INFO_FILE).unlink(missing_ok=True)
             raise
         detach_system(asys)  # the system runs on without this process
     finally:
