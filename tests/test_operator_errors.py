@@ -29,6 +29,18 @@ def test_a_plan_merges_with_the_defaults(tmp_path):
     assert "local" in plan.registry["sites"] and "default" in plan.pd["engines"]
 
 
+def test_nodes_of_any_domain_get_the_default_engines_userdata_variables(tmp_path):
+    """The default deployable type's userdata needs ${slots} and ${heartbeat}: EPUM gives every
+    domain's launches those of the PD's default engine (a domain's own provisioner_vars win)."""
+    plan = load_plan(None, home=tmp_path)
+    pvars = plan.start_config("epum")["provisioner_vars"]
+    assert pvars == {"slots": 4, "replicas": 1, "heartbeat": 1, "fence": 15.0}
+    from cei_actors.provisioner.registry import render
+
+    template = plan.registry["deployable_types"]["eeagent"]["contextualization"]["userdata"]
+    assert render(template, pvars) == "--slots 4 --heartbeat 1"
+
+
 def test_a_typo_is_named_with_a_suggestion(tmp_path, capsys):
     path = tmp_path / "plan.yaml"
     path.write_text("compnents:\n  pd: {replicas: 1}\n")
@@ -298,3 +310,34 @@ def test_ctrl_c_at_any_moment_of_up_finishes_or_cleans_up(tmp_path, fraction):
         check_finished_or_cleaned(home, code, err, sent)
     finally:
         cleanup(home)
+
+
+def test_the_home_keeps_its_log_across_down_and_up(tmp_path, monkeypatch):
+    """`cei up --log sqlite:///rel.sqlite` (relative to the working directory), `down`: `cei log
+    streams` reads that log, and a plain `up` starts on it again (it says so), not on a new
+    empty one under the home."""
+    monkeypatch.chdir(tmp_path)
+    home = tmp_path / "cei"
+    try:
+        from test_cli_e2e import run_cli
+
+        proc = subprocess_in(tmp_path, "--home", str(home), "up", "--log", "sqlite:///mine.sqlite")
+        assert proc.returncode == 0, proc.stderr
+        assert (tmp_path / "mine.sqlite").exists() and "//" not in proc.stdout.replace("://", "")
+        cei(home, "down", timeout=120)
+        streams = {s["stream"] for s in data(home, "log", "streams")}
+        assert {"pd", "epum", "provisioner"} <= streams
+        assert not (home / "log.sqlite").exists()
+        proc = run_cli("--home", str(home), "up", timeout=120)
+        assert proc.returncode == 0 and "using the log of this home's last system" in proc.stdout
+        assert data(home, "status")["log_url"].startswith(f"sqlite:///{tmp_path}/mine.sqlite")
+    finally:
+        cleanup(home)
+
+
+def subprocess_in(cwd, *argv):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "cei_actors.cli", *argv], cwd=cwd, capture_output=True,
+                          text=True, timeout=120)

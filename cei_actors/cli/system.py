@@ -32,12 +32,17 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
     """Load the plan and start the system under ``args.home``, showing progress (not in JSON
     mode). ``asked`` (from :func:`interrupt_between_steps`): once it holds a Ctrl-C, the start
     stops at its next step and undoes itself (:class:`Interrupted`)."""
-    from ..launch.launcher import LaunchError, up
-    from ..launch.plan import PlanError, load_plan
+    from ..launch.launcher import LaunchError, remembered_log_url, up
+    from ..launch.plan import PlanError, load_plan, shown_log_url
 
     home = Path(args.home)
+    log_url = args.explicit_log_url
+    if log_url is None and args.plan is None:  # the log this home's last system wrote
+        log_url = remembered_log_url(home)
+        if log_url is not None and not out.json:
+            out.line(f"using the log of this home's last system: {shown_log_url(log_url)} (--log to change)")
     try:
-        plan = load_plan(args.plan, home=home, log_url=args.explicit_log_url)
+        plan = load_plan(args.plan, home=home, log_url=log_url)
     except PlanError as exc:
         raise CliError(f"invalid plan: {exc}") from None
     try:
