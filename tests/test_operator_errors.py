@@ -341,3 +341,52 @@ def subprocess_in(cwd, *argv):
 
     return subprocess.run([sys.executable, "-m", "cei_actors.cli", *argv], cwd=cwd, capture_output=True,
                           text=True, timeout=120)
+
+
+# ---- set-up ----------------------------------------------------------------------------------------
+
+
+def test_the_readme_setup_commands_are_the_scripts_that_make_a_virtualenv():
+    """The README's two set-up commands are `bash scripts/demo` and `bash scripts/test`, both
+    through scripts/venv, which installs into ./.venv (never into the system Python)."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    readme = (repo / "README.md").read_text()
+    block = readme.split("## Set-up", 1)[1].split("```sh", 1)[1].split("```", 1)[0]
+    commands = [line for line in block.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert commands == ["bash scripts/demo", "bash scripts/test"]
+    for script in ("demo", "test"):
+        assert ". scripts/venv" in (repo / "scripts" / script).read_text()
+    venv = (repo / "scripts" / "venv").read_text()
+    assert "python3 -m venv .venv" in venv and "PY=.venv/bin/python" in venv
+    assert "sudo apt-get install python3-venv" in readme
+
+
+@pytest.mark.slow
+def test_the_setup_works_as_a_normal_user_with_debians_python(tmp_path):
+    """A fresh copy of the tree, owned by `nobody`, Debian's own (externally managed) Python:
+    scripts/venv makes ./.venv and installs there; `cei --help` runs from it."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    debian = Path("/usr/bin/python3")
+    runuser = shutil.which("runuser") or shutil.which("runuser", path="/usr/sbin:/sbin")
+    if os.geteuid() != 0 or not runuser or not debian.exists() or not list(
+            Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED")):
+        pytest.skip("needs root (to act as nobody) and Debian's externally managed python3")
+    repo = Path(__file__).resolve().parent.parent
+    tree = tmp_path / "tree"
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD"], capture_output=True, check=True).stdout
+    tree.mkdir()
+    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+    shutil.chown(tmp_path, "nobody")
+    subprocess.run(["chown", "-R", "nobody", str(tree)], check=True)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    proc = subprocess.run([runuser, "-u", "nobody", "--", "bash", "-c",
+                           "EXTRAS= . scripts/venv && .venv/bin/cei --help >/dev/null && echo OK"],
+                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+    assert (tree / ".venv" / "bin" / "cei").exists()
