@@ -377,16 +377,23 @@ def test_the_setup_works_as_a_normal_user_with_debians_python(tmp_path):
     if os.geteuid() != 0 or not runuser or not debian.exists() or not list(
             Path("/usr/lib").glob("python3*/EXTERNALLY-MANAGED")):
         pytest.skip("needs root (to act as nobody) and Debian's externally managed python3")
+    import tempfile
+
     repo = Path(__file__).resolve().parent.parent
-    tree = tmp_path / "tree"
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD"], capture_output=True, check=True).stdout
-    tree.mkdir()
-    subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
-    shutil.chown(tmp_path, "nobody")
-    subprocess.run(["chown", "-R", "nobody", str(tree)], check=True)
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-    proc = subprocess.run([runuser, "-u", "nobody", "--", "bash", "-c",
-                           "EXTRAS= . scripts/venv && .venv/bin/cei --help >/dev/null && echo OK"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
-    assert (tree / ".venv" / "bin" / "cei").exists()
+    top = Path(tempfile.mkdtemp(prefix="cei-setup-", dir="/tmp"))  # pytest's tmp is root's 0700
+    try:
+        top.chmod(0o755)
+        tree = top / "tree"
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "HEAD"], capture_output=True,
+                                 check=True).stdout
+        tree.mkdir()
+        subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
+        subprocess.run(["chown", "-R", "nobody", str(top)], check=True)
+        env = {"PATH": "/usr/bin:/bin", "HOME": str(top), "LANG": "C.UTF-8"}
+        proc = subprocess.run([runuser, "-u", "nobody", "--", "bash", "-c",
+                               "EXTRAS= . scripts/venv && .venv/bin/cei --help >/dev/null && echo OK"],
+                              cwd=tree, env=env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("OK"), proc.stderr[-2000:]
+        assert (tree / ".venv" / "bin" / "cei").exists()
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
