@@ -43,6 +43,7 @@ def config(**over: Any) -> dict[str, Any]:
             }
         },
         "restart_throttling_config": {"minimum_time_between_starts": 0.0},
+        "crash_backoff_base": 0.0,  # off: tests drive restarts without time (on: decision OP3 tests)
         "dispatch_retry_seconds": 10.0,
     }
     conf.update(over)

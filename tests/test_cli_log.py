@@ -168,3 +168,37 @@ def test_a_log_file_that_lost_its_events_is_refused_naming_the_file(home, capsys
         (home / "log.sqlite.id").unlink()
         with open_log(f"sqlite:///{path}") as log:
             assert log.streams() == []
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["log", "show", "nostream"], "no stream 'nostream'"),
+    (["log", "state", "example", "--at", "-5"], "--at -5"),
+    (["log", "state", "example", "--at", "7"], "--at 7"),
+    (["log", "show", "example", "--from", "-1"], "--from -1"),
+    (["log", "show", "example", "--to", "99"], "--to 99"),
+    (["log", "diff", "example", "2", "-1"], "SEQ_B -1"),
+    (["log", "check", "nostream"], "no component owns"),
+])
+def test_unknown_streams_and_offsets_are_errors(home, capsys, argv, words):
+    """An unknown stream or an offset outside 0..head: exit 1, one line naming it, nothing on
+    stdout (it used to print nothing and exit 0)."""
+    code, out, err = run(capsys, "--home", str(home), *argv)
+    assert code == 1 and out == "" and err.count("\n") == 1 and words in err, err
+    assert "offsets 0 to 6" in err or "stream" in err
+
+
+def test_offsets_at_the_bounds_are_fine(home, capsys):
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "state", "example", "--at", "0")
+    assert code == 0 and json.loads(out)["counters"] == {}
+    code, out, _ = run(capsys, "--json", "--home", str(home), "log", "show", "example", "--from", "6", "--to", "6")
+    assert code == 0 and [e["offset"] for e in json.loads(out)] == [6]
+
+
+def test_a_relative_sqlite_url_is_relative_to_the_working_directory(home, capsys, monkeypatch):
+    """``sqlite:///log.sqlite`` is ./log.sqlite (as SQLAlchemy reads it), not /log.sqlite;
+    ``sqlite:////ABS`` stays absolute; messages show the file's path, no doubled slashes."""
+    monkeypatch.chdir(home)
+    code, out, _ = run(capsys, "--json", "--log", "sqlite:///log.sqlite", "log", "streams")
+    assert code == 0 and json.loads(out) == [{"stream": "example", "head": 6, "epoch": 1}]
+    code, _, err = run(capsys, "--log", f"sqlite:///{home}/log.sqlite", "log", "show", "x")
+    assert code == 1 and f"log {home}/log.sqlite " in err and "//" not in err

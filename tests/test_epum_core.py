@@ -487,3 +487,47 @@ def test_an_epum_snapshot_and_reap_events_from_before_tombstones_still_restore()
     iid = next(iter(state.instances))
     apply(state, InstancesReaped([iid]))  # an event written before tombstones: no time
     assert state.forgotten.get(iid).forgotten_at == state.forgotten.get(iid).ended_at
+
+
+def test_launches_that_keep_failing_back_off_and_say_why():
+    """A domain whose launches all fail (a full site) retries the first round at once, then
+    after 2, 4, 8 ... s (capped), recorded as events so a new leader keeps the schedule;
+    describe says why and when; a launch that runs ends it; a reconfigure clears it (OP2)."""
+    from cei_actors.epum.events import LaunchBackoff
+
+    s = sim_with(2, quota={"local": 0}, config={"launch_backoff_max": 8.0})
+    launches = []
+    for _ in range(60):  # 60 s in 1 s decider passes
+        s.step(1.0)
+        launches.append(len(events_of(s, InstanceLaunchRequested)))
+    # without a backoff: two launches a second (120); with it: rounds at 0, 0, +2, +4, +8, +8 ...
+    assert launches[-1] <= 2 * 12, launches
+    backoffs = [e for e in events_of(s, LaunchBackoff) if e.failures]
+    assert [e.failures for e in backoffs][:4] == [1, 2, 3, 4]
+    gaps = [b.retry_at - b.at for b in backoffs]
+    assert gaps[:4] == [0.0, 2.0, 4.0, 8.0] and max(gaps) == 8.0
+    desc = s.send(DescribeDomain("d")).value
+    (held,) = desc["launch_backoff"]
+    assert held["site"] == "local" and held["failures"] == backoffs[-1].failures
+    assert held["retry_at"] > s.clock.t - 8 and "IAAS_FULL" in held["last_error"]
+    # a new leader keeps the backoff (it is state, from events)
+    s.recover()
+    assert s.send(DescribeDomain("d")).value["launch_backoff"] == desc["launch_backoff"]
+    # the site has room again: the next round runs, the backoff ends
+    s.prov.quota = {}
+    s.run(30, dt=1.0)
+    assert s.running() == 2
+    assert s.send(DescribeDomain("d")).value["launch_backoff"] == []
+    assert events_of(s, LaunchBackoff)[-1].failures == 0
+
+
+def test_a_reconfigure_clears_the_launch_backoff():
+    s = sim_with(1, quota={"local": 0}, config={"launch_backoff_max": 300.0})
+    s.run(40, dt=1.0)
+    assert s.send(DescribeDomain("d")).value["launch_backoff"][0]["failures"] >= 3
+    before = len(events_of(s, InstanceLaunchRequested))
+    s.prov.quota = {}
+    s.send(ReconfigureDomain("d", {"engine_conf": {"preserve_n": 2}}))
+    assert s.send(DescribeDomain("d")).value["launch_backoff"] == []
+    s.step(1.0)
+    assert len(events_of(s, InstanceLaunchRequested)) == before + 2

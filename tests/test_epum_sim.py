@@ -70,7 +70,7 @@ def test_preserve_n_catches_up_when_capacity_returns():
     failed = sum(1 for i in s.state.instances.values() if i.state == "FAILED")
     assert failed >= 4  # refused, retried
     s.prov.quota.clear()  # capacity returns
-    s.run(20)
+    s.run(60)  # within the launch backoff (decision OP2: at 32 s by now) and a boot
     assert s.running() == 4 and s.vms() == 4
     assert_no_decision_twice(s)
 

@@ -846,3 +846,93 @@ def test_a_new_leader_starts_every_lease_afresh():
 def test_fence_config_is_checked(bad):
     with pytest.raises(ValueError, match="fence_.* must be seconds"):
         parse_config(config(**bad))
+
+
+def crash_loop_sim(**over):
+    return Sim(config(crash_backoff_base=1.0, crash_backoff_max=8.0, crash_stable_run=10.0, **over))
+
+
+def crash(sim, aid, upid="p1"):
+    """The current round fails on its agent; the PD hears it."""
+    sim.heartbeat(aid)
+    sim.finish(upid, ps.FAILED)
+    sim.heartbeat(aid)
+
+
+def start_when_due(sim, upid="p1"):
+    """Let time pass to the throttle timer (if any) and matchmake; returns the wait."""
+    p = sim.proc(upid)
+    wait = max(0.0, p.retry_at - sim.now)
+    sim.now += wait
+    sim.handle(Matchmake())
+    return wait
+
+
+def test_a_crash_loop_backs_off_exponentially_capped_and_shows_as_such():
+    """ABNORMAL restarts of a command that always fails: the first quick failure restarts at
+    once, then 1, 2, 4, 8, 8 s (cap) between starts, as ProcessBackoff events; describe says
+    CrashLoopBackOff with the count and the next start (decision OP3)."""
+    from cei_actors.pd.events import ProcessBackoff
+
+    sim = crash_loop_sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["false"], restart_mode="ABNORMAL"))
+    waits = []
+    for _ in range(7):
+        crash(sim, aid)
+        if sim.pstate("p1") in ps.QUEUED:
+            desc = sim.ok(DescribeProcesses(["p1"]))[0]
+            if sim.proc("p1").crashes >= 2:
+                assert desc["status"] == ps.CRASH_LOOP and desc["restarts"] == sim.proc("p1").crashes
+                assert desc["next_start"] == pytest.approx(sim.now + waits_expected(sim.proc("p1").crashes))
+                assert desc["msg"].startswith("CrashLoopBackOff: ")
+                # nothing starts before the backoff ends
+                sim.now += waits_expected(sim.proc("p1").crashes) - 0.1
+                sim.handle(Matchmake())
+                assert sim.pstate("p1") in ps.QUEUED
+                sim.now -= waits_expected(sim.proc("p1").crashes) - 0.1
+        waits.append(start_when_due(sim))
+        assert sim.pstate("p1") == ps.ASSIGNED
+    assert waits == pytest.approx([0.0, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0])
+    backoffs = [e for e in events_of(sim) if isinstance(e, ProcessBackoff)]
+    assert [e.failures for e in backoffs] == [1, 2, 3, 4, 5, 6, 7]
+    # the backoff is state: a new leader keeps it
+    crash(sim, aid)
+    before = sim.ok(DescribeProcesses(["p1"]))[0]
+    sim.crash()
+    assert sim.ok(DescribeProcesses(["p1"]))[0]["next_start"] == before["next_start"]
+    assert sim.state == sim.replayed()
+
+
+def waits_expected(failures: int) -> float:
+    return min(1.0 * 2 ** (failures - 2), 8.0)
+
+
+def events_of(sim):
+    decode = sim.runner.component.registry.from_record
+    return [decode(r) for r in sim.runner.log.read("pd", 1)]
+
+
+def test_a_stable_run_resets_the_crash_loop_and_a_restart_ends_it():
+    sim = crash_loop_sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["flaky"], restart_mode="ABNORMAL"))
+    for _ in range(4):
+        crash(sim, aid)
+        start_when_due(sim)
+    assert sim.proc("p1").crashes == 4
+    sim.heartbeat(aid)  # RUNNING, and it runs for longer than crash_stable_run
+    assert sim.pstate("p1") == ps.RUNNING
+    sim.now += 11.0
+    crash(sim, aid)
+    assert sim.proc("p1").crashes == 1 and sim.proc("p1").retry_at == 0.0
+    assert start_when_due(sim) == 0.0 and sim.pstate("p1") == ps.ASSIGNED
+    # an operator's restart of a backing-off process starts it now
+    for _ in range(4):
+        crash(sim, aid)
+        start_when_due(sim)
+    crash(sim, aid)
+    assert sim.ok(DescribeProcesses(["p1"]))[0]["status"] == ps.CRASH_LOOP
+    sim.ok(RestartProcess("p1"))
+    sim.handle(Matchmake())
+    assert sim.pstate("p1") == ps.ASSIGNED and sim.proc("p1").crashes == 0

@@ -163,11 +163,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries(args.verbose)
     home = Path(args.home).absolute()
     args.home = home
-    args.explicit_log_url = args.log_url
-    if args.log_url is None:  # the running system's log, else the embedded default
-        from ..launch.launcher import read_info
+    if args.log_url is not None:
+        from ..launch.plan import absolute_log_url
 
-        args.log_url = (read_info(home) or {}).get("log_url") or f"sqlite:///{home / 'log.sqlite'}"
+        args.log_url = absolute_log_url(args.log_url)
+    args.explicit_log_url = args.log_url
+    if args.log_url is None:  # the log of the home's system (up or down), else the embedded default
+        from ..launch.launcher import remembered_log_url
+
+        args.log_url = remembered_log_url(home) or f"sqlite:///{home / 'log.sqlite'}"
     out = Output(args.output, headers=not args.no_headers)
     try:
         return int(args.func(args, out) or 0)
@@ -184,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CliError as exc:
         if not exc.quiet or not args.json:
             say_error(exc)
-        return 1
+        return getattr(exc, "exit_status", 1)
     except BrokenPipeError:  # e.g. piped into head: stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1

@@ -86,9 +86,13 @@ def load_document(path: str, what: str) -> Any:
         raise CliError(f"{what} {path}: {exc.strerror or exc}") from None
     try:
         data = yaml.safe_load(text) if not path.endswith(".json") else json.loads(text)
-    except (yaml.YAMLError, ValueError) as exc:
+    except yaml.YAMLError as exc:
+        from ..launch.plan import yaml_error_text
+
+        raise CliError(f"{what} {path}: not valid YAML ({yaml_error_text(exc)})") from None
+    except ValueError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CliError(f"{what} {path}: not valid YAML/JSON ({first})") from None
+        raise CliError(f"{what} {path}: not valid JSON ({first})") from None
     return data
 
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 from ..epum.client import dotted_config
 from ..runtime.client import NotFound
 from . import ids
 from .common import UsageError, assignments, check_with, connected, done, load_mapping
-from .output import Output
+from .output import CliError, Output
 from .watch import watch, watch_option
 
 #: The columns of a domain table (``-o wide`` adds :data:`WIDE`).
-COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version"]
+COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version", "status", "reason"]
 WIDE = ["owner", "subscribers", "engine_conf", "engine_error", "removing"]
 
 
@@ -60,7 +61,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def summary(domain: dict[str, Any]) -> dict[str, Any]:
-    """A domain as a table row: instance count and states instead of the instance records."""
+    """A domain as a table row: instance count and states instead of the instance records,
+    with its status and the reason (see :func:`health`)."""
     instances = domain.get("instances") or []
     states: dict[str, int] = {}
     for inst in instances:
@@ -69,9 +71,29 @@ def summary(domain: dict[str, Any]) -> dict[str, Any]:
         **domain,
         "engine_conf": ",".join(f"{k}={v}" for k, v in sorted(((domain.get("config") or {}).get("engine_conf")
                                                               or {}).items())),
+        **health(domain),
         "instances": len(instances),
         "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
     }
+
+
+def health(domain: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """``status`` (``ok``, ``removing``, ``engine-error``, ``backoff``) and ``reason`` (None when
+    ok): why its nodes do not come, e.g. launches failing at a site and when the next goes."""
+    now = time.time() if now is None else now
+    if domain.get("removing"):
+        return {"status": "removing", "reason": None}
+    if domain.get("engine_error"):
+        return {"status": "engine-error", "reason": domain["engine_error"]}
+    held = domain.get("launch_backoff") or []
+    if held:
+        parts = []
+        for b in held:
+            wait = max(0.0, (b.get("retry_at") or now) - now)
+            parts.append(f"{b['failures']} failed launch round(s) at {b['site']}, next in {wait:.0f}s: "
+                         f"{b.get('last_error')}")
+        return {"status": "backoff", "reason": "; ".join(parts)}
+    return {"status": "ok", "reason": None}
 
 
 def cmd_add(args: argparse.Namespace, out: Output) -> int:
@@ -88,16 +110,43 @@ def cmd_add(args: argparse.Namespace, out: Output) -> int:
                 conn.epum.add_domain_definition(definition_id, {"general": {"engine_class": args.engine}})
         if args.engine:
             config.setdefault("general", {})["engine_class"] = args.engine
+        base = (conn.epum.describe_domain_definition(definition_id).get("definition") or {})
+        check_registry_names(conn, {**(base.get("engine_conf") or {}), **(config.get("engine_conf") or {})})
         conn.epum.add_domain(args.domain_id, definition_id, config, subscriber=args.subscriber)
         domain = conn.epum.describe_domain(args.domain_id)
     done(out, domain, f"domain {args.domain_id} added (engine {domain['engine']})")
     return 0
 
 
+_SITE_KEYS = ("site", "force_site", "iaas_site")
+_DT_KEYS = ("deployable_type", "epuworker_type")
+
+
+def check_registry_names(conn: Any, engine_conf: dict[str, Any]) -> None:
+    """:class:`CliError` if ``engine_conf`` names a site or deployable type the Provisioner's
+    registry does not have (its launches would fail forever), e.g. an overflow cloud."""
+    clouds = engine_conf.get("clouds")
+    entries = [engine_conf, *(c for c in clouds if isinstance(c, dict))] if isinstance(clouds, list) else [engine_conf]
+    sites = {e.get(k) for e in entries for k in (*_SITE_KEYS, "site_name")} - {None}
+    dts = {e.get(k) for e in entries for k in _DT_KEYS} - {None}
+    for kind, wanted, listing in (("site", sites, conn.provisioner.list_sites),
+                                  ("deployable type", dts, conn.provisioner.list_dts)):
+        if not wanted:
+            continue
+        known = set(listing())
+        known |= {f"common::{k}" for k in known}
+        unknown = sorted(str(w) for w in wanted if w not in known)
+        if unknown:
+            raise CliError(f"unknown {kind} {unknown[0]!r} (the registry has: "
+                           f"{', '.join(sorted(k for k in known if not k.startswith('common::'))) or 'none'}); "
+                           "nothing changed")
+
+
 def cmd_reconfigure(args: argparse.Namespace, out: Output) -> int:
     config = dotted_config(assignments(args.settings, "--set"))
     with connected(args) as conn, check_with(f"cei domain describe {args.domain_id}"):
         args.domain_id = ids.domain_id(conn, args.domain_id)
+        check_registry_names(conn, config.get("engine_conf") or {})
         conn.epum.reconfigure_domain(args.domain_id, config)
         domain = conn.epum.describe_domain(args.domain_id)
     done(out, domain, f"domain {args.domain_id} reconfigured: engine_conf {domain['config'].get('engine_conf')}")
@@ -118,7 +167,8 @@ def cmd_list(args: argparse.Namespace, out: Output) -> int:
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
         domain_id = ids.domain_id(conn, args.domain_id)
-        out.describe(conn.epum.describe_domain(domain_id), title=f"domain {domain_id}")
+        domain = conn.epum.describe_domain(domain_id)
+        out.describe({**domain, **health(domain)}, title=f"domain {domain_id}")
     return 0
 
 

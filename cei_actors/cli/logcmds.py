@@ -10,6 +10,7 @@ import msgpack
 
 from ..eventlog import CorruptLog, Snapshot, open_log
 from ..launch.components import UnknownStream, component_for
+from ..launch.plan import shown_log_url
 from ..runtime.runner import fold
 from .output import CliError, Output, plain
 
@@ -45,9 +46,25 @@ def _open(args: argparse.Namespace):
     return open_log(args.log_url)
 
 
+def _checked(log: Any, stream: str, **offsets: int | None) -> int:
+    """The head of ``stream``; :class:`CliError` if the log has no such stream or an offset
+    (``name=value``, None: not given) lies outside ``0..head``."""
+    if stream not in log.streams():
+        known = ", ".join(sorted(log.streams())) or "none"
+        raise CliError(f"no stream {stream!r} in the log {shown_log_url(log.url)} (streams: {known})")
+    head = log.head(stream)
+    for name, value in offsets.items():
+        if value is not None and not 0 <= value <= head:
+            raise CliError(f"{name} {value}: stream {stream!r} has offsets 0 to {head}")
+    return head
+
+
 def cmd_streams(args: argparse.Namespace, out: Output) -> int:
     with _open(args) as log:
         rows = [{"stream": s, "head": log.head(s), "epoch": log.epoch(s)} for s in log.streams()]
+        if not rows and not out.json:
+            out.line(f"no streams in the log {shown_log_url(args.log_url)}")
+            return 0
     out.table(rows, ["stream", "head", "epoch"], title="streams")
     return 0
 
@@ -65,6 +82,7 @@ def _redactor(stream: str, hook: str) -> Any:
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     redact = _redactor(args.stream, "redact_event")
     with _open(args) as log:
+        _checked(log, args.stream, **{"--from": args.start, "--to": args.stop})
         records = log.read(args.stream, args.start, args.stop)
         if args.follow:
             return _follow(args, out, log, records, redact)
@@ -113,6 +131,7 @@ def _record(r: Any, body: Any) -> dict[str, Any]:
 def _state_at(args: argparse.Namespace, upto: int | None) -> tuple[Any, Any]:
     component = component_for(args.stream)
     with _open(args) as log:
+        _checked(log, args.stream, **{"--at": upto})
         state = fold(component, log.read(args.stream, 1, upto))
     return component, state
 
@@ -146,6 +165,7 @@ def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     lo, hi = sorted((args.seq_a, args.seq_b))
     component = component_for(args.stream)
     with _open(args) as log:
+        _checked(log, args.stream, **{"SEQ_A": args.seq_a, "SEQ_B": args.seq_b})
         redact = _redactor(args.stream, "redact_snapshot")
         before = fold(component, log.read(args.stream, 1, lo))
         before_data = plain(redact(component.snapshot(before)), as_text=False)
@@ -167,6 +187,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     state = component.initial_state()
     checked = 0
     with _open(args) as log:
+        _checked(log, args.stream)
         # every kept snapshot: recovery falls back from the newest to the older ones
         snaps: list[Snapshot] = []
         problems: dict[int, str] = {}

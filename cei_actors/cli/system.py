@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,21 +30,74 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
 
-def start(args: argparse.Namespace, out: Output) -> dict[str, Any]:
-    """Load the plan and start the system under ``args.home``, showing progress (not in JSON mode)."""
-    from ..launch.launcher import LaunchError, up
-    from ..launch.plan import PlanError, load_plan
+def start(args: argparse.Namespace, out: Output, asked: list[float] | None = None) -> dict[str, Any]:
+    """Load the plan and start the system under ``args.home``, showing progress (not in JSON
+    mode). ``asked`` (from :func:`interrupt_between_steps`): once it holds a Ctrl-C, the start
+    stops at its next step and undoes itself (:class:`Interrupted`)."""
+    from ..launch.launcher import LaunchError, remembered_log_url, up
+    from ..launch.plan import PlanError, load_plan, shown_log_url
 
     home = Path(args.home)
+    log_url = args.explicit_log_url
+    if log_url is None and args.plan is None:  # the log this home's last system wrote
+        log_url = remembered_log_url(home)
+        if log_url is not None and not out.json:
+            out.line(f"using the log of this home's last system: {shown_log_url(log_url)} (--log to change)")
     try:
-        plan = load_plan(args.plan, home=home, log_url=args.explicit_log_url)
+        plan = load_plan(args.plan, home=home, log_url=log_url)
     except PlanError as exc:
         raise CliError(f"invalid plan: {exc}") from None
     try:
         with progress_shown(out, "starting the system") as progress:
-            return up(plan, home, progress=progress)
+            def step(line: str) -> None:
+                progress(line)
+                if asked:  # Ctrl-C: stop here; up stops what it started
+                    raise KeyboardInterrupt
+
+            try:
+                return up(plan, home, progress=step)
+            except KeyboardInterrupt:
+                from ..launch.launcher import read_info
+
+                if read_info(home) is not None:  # past the last step that undoes the start
+                    raise Interrupted(f"interrupted after the system was up: it runs in {home} "
+                                      "(`cei down` stops it)") from None
+                raise Interrupted(f"interrupted: up stopped what it had started; nothing runs in {home}") from None
     except LaunchError as exc:
         raise CliError(f"up failed: {exc}") from None
+
+
+class Interrupted(CliError):
+    """Ctrl-C: the command stopped; the message says what it left (exit status 130)."""
+
+    exit_status = 130
+
+
+@contextlib.contextmanager
+def interrupt_between_steps() -> Iterator[list[float]]:
+    """While inside, a first Ctrl-C (SIGINT) is only noted (the list it yields gets its time)
+    for the caller to act on at its next step, so a start is finished or undone, never left
+    half made; a second one interrupts at once. Processes started meanwhile (the actor
+    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either."""
+    asked: list[float] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        if asked and os.getpid() == pid:
+            raise KeyboardInterrupt
+        if os.getpid() == pid:
+            asked.append(time.time())
+            print("cei: interrupt: stopping at the next step (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)
+
+    pid = os.getpid()
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield asked
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -50,11 +108,21 @@ def progress_shown(out: Output, title: str) -> Iterator[Callable[[str], None]]:
 
 
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
-    info = start(args, out)
-    if out.json:
-        out.emit(info)
-    else:
-        out.line(f"system up in {args.home}")
+    from ..launch.launcher import read_info
+
+    with interrupt_between_steps() as asked:
+        try:
+            info = start(args, out, asked)
+        except KeyboardInterrupt:  # before the start, or a second Ctrl-C
+            if read_info(Path(args.home)) is None:
+                raise Interrupted(f"interrupted: nothing runs in {args.home}") from None
+            raise Interrupted(f"interrupted: a system may run in {args.home} (check with `cei status`)") from None
+        if out.json:
+            out.emit(info)
+        else:
+            out.line(f"system up in {args.home}")
+        if asked:
+            raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
     return 0
 
 
@@ -84,35 +152,97 @@ def cmd_status(args: argparse.Namespace, out: Output) -> int:
             show_status(status, out)
 
     with connected(args) as conn:
-        return watch(args, out, lambda: collect_status(conn), show)
+        if getattr(args, "watch", False):
+            return watch(args, out, lambda: collect_status(conn), show)
+        status = collect_status(conn)
+    show(status)
+    problems = status["problems"]
+    if problems:
+        raise CliError("not healthy: " + "; ".join(f"{p['component']} {p['error']}" for p in problems),
+                       quiet=True)
+    return 0
 
 
 def collect_status(conn: Any) -> dict[str, Any]:
     """The launcher's status with the details behind its counts.
 
-    ``components`` (replicas: leader, ready, epoch, head, pid), ``processes`` (count per
-    state), ``domains`` (each: domain_id, engine, instances, need), ``nodes`` (live ones:
-    node_id, state, domain_id, site, processes), ``node_counts`` (per state, all nodes),
-    ``resources`` (the PD's: slots and what is assigned) and ``needs`` (per PD engine).
+    ``components`` (replicas: leader, ready, epoch, head, pid, since, last_error),
+    ``processes`` (count per state), ``domains`` (each: domain_id, engine, instances, need,
+    status, reason), ``nodes`` (live ones: node_id, state, domain_id, site, processes),
+    ``node_counts`` (per state, all nodes), ``resources`` (the PD's: slots and what is
+    assigned), ``needs`` (per PD engine), ``healthy`` and ``problems`` (each: component,
+    since, error): what does not serve or answer. A part that cannot be had is left empty and
+    named in ``problems``; the rest is still shown.
     """
+    from ..launch.launcher import NotRunning
+    from ..runtime.client import OutcomeUnknown, RequestFailed
     from .domain import summary
     from .node import gather
 
     status = conn.status()
+    problems = component_problems(status.get("components") or {})
+    down = {p["component"] for p in problems}
+
+    def part(component: str, what: str, get: Callable[[], Any], empty: Any) -> Any:
+        try:
+            return get()
+        except (RequestFailed, OutcomeUnknown, NotRunning) as exc:
+            if component not in down:
+                down.add(component)
+                problems.append({"component": component, "since": None,
+                                 "error": f"{what} failed: {getattr(exc, 'message', None) or exc}"})
+            return empty
+
     status["node_counts"] = status.pop("nodes", {})
-    dump = conn.pd.dump()
+    dump = part("pd", "dump", conn.pd.dump, {}) if "pd" not in down else {}
     need_of = {f"pd_domain_{engine}": v["need"] for engine, v in (dump.get("needs") or {}).items()}
     domains = []
     for domain_id in status.get("domains") or []:
-        row = summary(conn.epum.describe_domain(domain_id))
-        domains.append({k: row.get(k) for k in ("domain_id", "engine", "instances", "states")}
+        if "epum" in down:
+            break
+        described = part("epum", "describe_domain", lambda d=domain_id: conn.epum.describe_domain(d), None)
+        if described is None:
+            continue
+        row = summary(described)
+        domains.append({k: row.get(k) for k in ("domain_id", "engine", "instances", "states", "status", "reason")}
                        | {"need": need_of.get(domain_id)})
     status["domains"] = domains
+    nodes = [] if down & {"pd", "epum", "provisioner"} else part(
+        "provisioner", "describe_nodes", lambda: gather(conn, include_gone=False), [])
     status["nodes"] = [{k: n.get(k) for k in ("node_id", "state", "domain_id", "site", "processes")}
-                       for n in gather(conn, include_gone=False)]
-    status["resources"] = [{**r, "used": len(r.get("assigned") or [])} for r in dump["resources"]]
+                       for n in nodes]
+    status["resources"] = [{**r, "used": len(r.get("assigned") or [])} for r in dump.get("resources") or []]
     status["needs"] = dump.get("needs") or {}
+    status["problems"] = problems
+    status["healthy"] = not problems
     return status
+
+
+def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """One entry per component no replica of which serves: since when and the last error its
+    replicas give (``log unavailable``, a failed recovery, a step-down), or that none answers."""
+    out = []
+    for comp, replicas in sorted(components.items()):
+        if any(r.get("ready") for r in replicas):
+            continue
+        answering = [r for r in replicas if r.get("running")]
+        if not answering:
+            out.append({"component": comp, "since": None, "error": "no replica answers"})
+            continue
+        r = max(answering, key=lambda r: (r.get("last_error") is not None, r.get("since") or 0))
+        err = r.get("last_error") or {}
+        text = f"not serving ({r.get('mode')})"
+        if err:
+            text += f": {err.get('type')}: {err.get('message')}"
+        out.append({"component": comp, "since": r.get("since"), "error": text})
+    return out
+
+
+def _clock(at: float | None) -> str | None:
+    """``HH:MM:SS (Ns ago)`` in local time, or None."""
+    if not at:
+        return None
+    return f"{time.strftime('%H:%M:%S', time.localtime(at))} ({max(0.0, time.time() - at):.0f}s ago)"
 
 
 def show_status(status: dict[str, Any], out: Output) -> None:
@@ -120,11 +250,18 @@ def show_status(status: dict[str, Any], out: Output) -> None:
     rows = [{"component": comp, **replica}
             for comp, replicas in sorted((status.get("components") or {}).items()) for replica in replicas]
     out.table(rows, ["component", "name", "mode", "leader", "epoch", "head", "pid"], title="components")
-    out.table(status.get("domains") or [], ["domain_id", "engine", "need", "instances", "states"], title="domains")
+    out.table(status.get("domains") or [], ["domain_id", "engine", "need", "instances", "states", "status", "reason"],
+              title="domains")
     out.table(status.get("nodes") or [], ["node_id", "state", "domain_id", "site", "processes"], title="nodes")
     out.table(status.get("resources") or [], ["resource_id", "node_id", "engine", "state", "slots", "used"],
               title="resources")
     counts = status.get("processes") or {}
     text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     out.line(f"processes: {text}")
-    out.line(f"log: {status.get('log_url')}  admin port: {status.get('admin_port')}")
+    problems = [{**p, "since": _clock(p.get("since"))} for p in status.get("problems") or []]
+    if problems:
+        out.table(problems, ["component", "since", "error"], title="NOT HEALTHY")
+    from ..launch.plan import shown_log_url
+
+    log = shown_log_url(status["log_url"]) if status.get("log_url") else None
+    out.line(f"log: {log}  admin port: {status.get('admin_port')}")

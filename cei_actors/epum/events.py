@@ -132,6 +132,25 @@ class EngineFailed:
     at: float
 
 
+@events.register("LaunchBackoff")
+@dataclass(frozen=True, slots=True)
+class LaunchBackoff:
+    """Launches of a domain at ``site`` keep failing: none goes before ``retry_at``.
+
+    ``failures`` in a row (0: a launch there reached RUNNING, the backoff ends); ``error`` is
+    the last failure's reason; ``seq`` the launch sequence when counted (a failure of a launch
+    requested before it is the same round and counts once). Decision OP2."""
+
+    owner: str
+    domain_id: str
+    site: str
+    failures: int
+    retry_at: float | None
+    error: str | None
+    seq: int
+    at: float
+
+
 @events.register("SensorDataRecorded")
 @dataclass(frozen=True, slots=True)
 class SensorDataRecorded:

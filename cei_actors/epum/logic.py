@@ -63,6 +63,7 @@ from .events import (
     InstanceLaunchRequested,
     InstancesReaped,
     InstanceUpdated,
+    LaunchBackoff,
     NeedRegistered,
     SensorDataRecorded,
     events,
@@ -150,6 +151,10 @@ class EPUMConfig:
     default_deployable_type: str = "eeagent"
     default_allocation: str | None = None
     provisioner_vars: dict = field(default_factory=dict)
+    #: launches of a domain that keep failing at a site back off (decision OP2): the first
+    #: failure is retried at once, then after base, 2*base, ... seconds, at most max (base 0: off)
+    launch_backoff_base: float = 2.0
+    launch_backoff_max: float = 300.0
     initial_definitions: dict = field(default_factory=dict)  # id -> definition
     initial_domains: dict = field(default_factory=dict)  # id -> {definition, config}
     timers: bool = True  # False: passes only when sent explicitly (tests, simulator)
@@ -212,8 +217,12 @@ class _Control(Control):
         self.launched: list[str] = []
 
     def launch(self, deployable_type: str | None = None, site: str | None = None,
-               allocation: str | None = None, extravars: dict | None = None) -> str:
+               allocation: str | None = None, extravars: dict | None = None) -> str | None:
         epum, dom, ctx = self._epum, self._dom, self._ctx
+        held = dom.backoff.get(site or self.default_site)
+        if held is not None and (held.get("retry_at") or 0.0) > ctx.now:
+            self.wake_after(held["retry_at"] - ctx.now)  # launches there back off (OP2)
+            return None
         iid = ctx.new_id("i-")
         while iid in self._state.instances or iid in self._state.forgotten:  # never reuse an id
             iid = ctx.new_id("i-")
@@ -496,6 +505,8 @@ class EPUM(Component[EPUMState]):
             "engine_error": dom.engine_error,
             "sensor_data": copy.deepcopy(dom.sensor_data),
             "counts": {s: len(ids) for s, ids in dom.by_state.items() if ids},
+            "launch_backoff": [{"site": site, "failures": b["failures"], "retry_at": b["retry_at"],
+                                "last_error": b["error"]} for site, b in sorted(dom.backoff.items())],
         }
         if instances:
             out["instances"] = [state.instances[i].describe() for i in dom.instances]
@@ -655,7 +666,30 @@ class EPUM(Component[EPUMState]):
             shown = copy.copy(inst)
             shown.properties = {**inst.properties, **props}
             effects = self.notifications(dom, shown, new)
-        return Decision([ev], effects)
+        backoff = self._launch_backoff(state, inst, new, props, ctx.now)
+        return Decision([ev, *backoff], effects)
+
+    def _launch_backoff(self, state: EPUMState, inst: Instance, new: str, props: dict,
+                        now: float) -> list[LaunchBackoff]:
+        """The backoff a node update starts, raises or ends (decision OP2): a launch that
+        FAILED before it ran counts (once per round of launches), one that RUNS ends it."""
+        cfg = self.config
+        if new == inst.state or cfg.launch_backoff_base <= 0:
+            return []
+        dom = state.domains[inst.domain_key]
+        held = dom.backoff.get(inst.site)
+        if new == "RUNNING" and held is not None:
+            return [LaunchBackoff(dom.owner, dom.domain_id, inst.site, 0, None, None, state.launch_seq, now)]
+        if new != "FAILED" or inst.rank >= R_RUNNING or inst.destroy_requested or dom.removing:
+            return []
+        if held is not None and inst.seq <= held["seq"]:
+            return []  # a launch of the round already counted
+        failures = (held["failures"] if held else 0) + 1
+        delay = 0.0 if failures == 1 else min(cfg.launch_backoff_max,
+                                              cfg.launch_backoff_base * 2 ** (failures - 2))
+        error = props.get("state_desc") or inst.properties.get("state_desc") or "launch failed"
+        return [LaunchBackoff(dom.owner, dom.domain_id, inst.site, failures, now + delay,
+                              str(error), state.launch_seq, now)]
 
     def _heartbeat(self, state: EPUMState, m: NodeHeartbeat, ctx: Context) -> Decision:
         inst = state.instances.get(m.node_id)

@@ -36,6 +36,7 @@ from .events import (
     InstanceLaunchRequested,
     InstancesReaped,
     InstanceUpdated,
+    LaunchBackoff,
     NeedRegistered,
     SensorDataRecorded,
 )
@@ -134,6 +135,8 @@ class Domain:
     by_state: dict[str, set[str]] = field(default_factory=dict)
     unhealthy: set[str] = field(default_factory=set)
     failures_by_site: dict[str, int] = field(default_factory=dict)
+    #: site -> {failures, retry_at, error, seq}: launches there back off (decision OP2)
+    backoff: dict[str, dict] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -327,8 +330,19 @@ def apply(state: EPUMState, event: Any) -> EPUMState:
         dom.engine_conf["retirable_nodes"] = list(event.retirable_nodes)
         dom.config_version += 1
         vol.dirty.add(dom.key)
+    elif t is LaunchBackoff:
+        dom = state.domains.get(dkey(event.owner, event.domain_id))
+        if dom is None:
+            return state
+        if event.failures:
+            dom.backoff[event.site] = {"failures": event.failures, "retry_at": event.retry_at,
+                                       "error": event.error, "seq": event.seq}
+        else:
+            dom.backoff.pop(event.site, None)
+        vol.dirty.add(dom.key)
     elif t is DomainReconfigured:
         dom = state.domains[dkey(event.owner, event.domain_id)]
+        dom.backoff = {}  # the operator changed something: try again at once
         dom.config = merge_config(dom.config, event.changes)
         dom.config_version += 1
         vol.dirty.add(dom.key)
@@ -390,7 +404,7 @@ _INSTANCE_FIELDS = (
 _DOMAIN_FIELDS = (
     "owner", "domain_id", "definition_id", "config", "subscribers", "created", "config_version",
     "applied_version", "removing", "engine_state", "engine_error", "sensor_data",
-    "failures_by_site",
+    "failures_by_site", "backoff",
 )
 
 

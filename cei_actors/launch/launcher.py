@@ -63,7 +63,7 @@ from ..runtime.system import (
     start_system,
 )
 from ..subscribe import Watcher
-from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan
+from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan, shown_log_url
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -74,6 +74,7 @@ __all__ = [
     "connect",
     "down",
     "read_info",
+    "remembered_log_url",
     "replica_name",
     "secure_home",
     "start_components",
@@ -91,6 +92,8 @@ ACTOR_CLASSES = {
 }
 AGENT_CLASS = "cei_actors.eeagent.actor.EEAgentActor"
 INFO_FILE = "system.json"
+#: The log URL of the last system started in the home (kept after ``down``).
+LOG_URL_FILE = "log.url"
 LOG_FILE = "system.log"
 START_TIMEOUT = 60.0
 #: Errors of a failed recovery that retrying cannot cure (the stored data is bad): ``up`` and
@@ -171,16 +174,18 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
             info["helper_pids"] = [p for p in _children(info["admin_pid"]) if p not in _system_pids(info)]
             info["pid_starts"] = {str(pid): _start_ticks(pid) for pid in _system_pids(info)}
             write_info(home, info)
-        except BaseException:
+            remember_log_url(home, plan.log_url)
+        except BaseException:  # a failure or an interrupt: nothing of this start is left
             with contextlib.suppress(Exception):
                 shutdown_system(asys)
             sweep_leftovers(_node_dirs(plan, home))
+            (home / INFO_FILE).unlink(missing_ok=True)
             raise
         detach_system(asys)  # the system runs on without this process
     finally:
         if remote is not None:
             detach_system(remote)
-    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {plan.log_url}")
+    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {shown_log_url(plan.log_url)}")
     return info
 
 
@@ -521,7 +526,7 @@ class Connection:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
         out: dict[str, Any] = {"admin_port": self.info.get("admin_port"),
                                "log_url": self.info.get("log_url"), "components": {}}
-        keys = ("mode", "ready", "leader", "epoch", "head", "pid")
+        keys = ("mode", "ready", "leader", "epoch", "head", "pid", "since", "last_error")
         remote = (self.info.get("remote") or {}).get("components", [])
         for comp in [*self.info["components"], *remote]:
             out["components"][comp] = [
@@ -529,12 +534,15 @@ class Connection:
                  **{k: (m.status or {}).get(k) for k in keys}}
                 for m in self.members(comp)
             ]
-        with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
-            out["processes"] = self.pd.process_counts()
-        if "epum" in out["components"]:
+        # only components that serve are asked (one that does not would cost a timeout)
+        serving = {c for c, replicas in out["components"].items() if any(r["ready"] for r in replicas)}
+        if "pd" in serving:
+            with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
+                out["processes"] = self.pd.process_counts()
+        if "epum" in serving:
             with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 out["domains"] = self.epum.list_domains()
-        if "provisioner" in out["components"]:
+        if "provisioner" in serving:
             with contextlib.suppress(RequestFailed, OutcomeUnknown, NotRunning):
                 nodes: dict[str, int] = {}
                 for node in self.provisioner.describe_nodes():
@@ -657,6 +665,27 @@ def read_info(home: Path) -> dict[str, Any] | None:
     try:
         return json.loads((Path(home) / INFO_FILE).read_text())
     except (OSError, ValueError):
+        return None
+
+
+def remember_log_url(home: Path, url: str) -> None:
+    """Keep ``url`` as the log of ``home`` (``HOME/log.url``): it outlives ``down``, so the
+    commands that read the log after it (``cei log ...``) read the one the system wrote."""
+    path = Path(home) / LOG_URL_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    write_secret_file(tmp, (url + "\n").encode())
+    os.replace(tmp, path)
+
+
+def remembered_log_url(home: Path) -> str | None:
+    """The log URL of the last system started in ``home`` (running or not), or None."""
+    info = read_info(home)
+    if info and info.get("log_url"):
+        return str(info["log_url"])
+    try:
+        return (Path(home) / LOG_URL_FILE).read_text().strip() or None
+    except OSError:
         return None
 
 

@@ -44,6 +44,8 @@ refused.
 from __future__ import annotations
 
 import copy
+import difflib
+import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -136,10 +138,24 @@ class Plan:
                 defs.setdefault(self.pd["domain_definition_id"],
                                 copy.deepcopy(self.pd["domain_definition"]))
             conf["initial_definitions"] = defs
+            conf["provisioner_vars"] = {**self.default_node_vars(), **(conf.get("provisioner_vars") or {})}
             doms = dict(conf.get("initial_domains") or {})
             doms.update(copy.deepcopy(self.epum["domains"]))
             conf["initial_domains"] = doms
         return conf
+
+    def default_node_vars(self) -> dict[str, Any]:
+        """The userdata variables a node of any EPUM domain gets unless its domain gives its
+        own (``provisioner_vars``): those of the PD's ``default`` engine (else its first), so
+        the default deployable type boots an EEAgent with no extra keys (decision OP1)."""
+        engines = self.pd["engines"]
+        spec = engines.get("default") or next(iter(engines.values()))
+        out = {"slots": spec["slots"], "replicas": spec.get("replicas", 1),
+               "heartbeat": spec.get("heartbeat_period", 30.0)}
+        pd = self.components.get("pd")
+        if pd is not None and "fence_time" in pd.config:
+            out["fence"] = pd.config["fence_time"]
+        return out
 
     def engine_of(self, node: StaticNode) -> dict[str, Any]:
         return dict(self.pd["engines"][node.engine])
@@ -151,28 +167,95 @@ def default_plan_text() -> str:
 
 
 def load_plan(path: Path | None, *, home: Path, log_url: str | None = None) -> Plan:
-    """Load and validate a plan (``None``: the built-in default); ``log_url`` overrides ``log``."""
+    """Load and validate a plan (``None``: the built-in default); ``log_url`` overrides ``log``.
+
+    A plan file is merged over the built-in plan (:func:`merge_with_defaults`); a relative
+    ``sqlite:///PATH`` log is relative to the working directory (:func:`absolute_log_url`).
+    """
     home = Path(home).expanduser().resolve()
-    if path is None:
-        source, text = DEFAULT_SOURCE, default_plan_text()
-    else:
+    data = yaml.safe_load(default_plan_text())
+    source = DEFAULT_SOURCE
+    if path is not None:
         source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as exc:
             raise PlanError(source, "", f"cannot read the plan: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PlanError(source, "", f"expected YAML: {exc}") from None
-    if data is None:
-        data = {}
+        try:
+            given = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise PlanError(source, "", f"expected YAML: {yaml_error_text(exc)}") from None
+        if given is not None:
+            _Validator(source).mapping(given, "", _TOP)
+            data = merge_with_defaults(data, given)
     data = _substitute(data, str(home))
+    if log_url is not None:
+        log_url = absolute_log_url(log_url)
+    elif isinstance(data.get("log"), str):
+        data["log"] = absolute_log_url(data["log"])
     plan = _Validator(source).plan(data, log_url)
     if "provisioner" in plan.components:
         plan.components["provisioner"].config.setdefault(
             "credentials_key_file", str(home / CREDENTIALS_KEY_FILE))
     return plan
+
+
+def merge_with_defaults(defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (a plan file's top-level mapping) over the built-in plan ``defaults``: each
+    section the file gives replaces the default section, except ``components``: the file's
+    components are the ones that run (a subset may join another host's system), each with the
+    default ``replicas`` and ``config`` under its own (``config`` merged key by key)."""
+    out = {**defaults, **given}
+    comps = given.get("components")
+    if isinstance(comps, dict):
+        merged: dict[str, Any] = {}
+        for name, entry in comps.items():
+            base = (defaults.get("components") or {}).get(name)
+            if isinstance(entry, dict | None) and isinstance(base, dict):
+                entry = dict(entry or {})
+                config = entry.get("config")
+                if isinstance(config, dict | None):
+                    entry["config"] = {**(base.get("config") or {}), **(config or {})}
+                entry = {**base, **entry}
+            merged[name] = entry
+        out["components"] = merged
+    return out
+
+
+def absolute_log_url(url: str) -> str:
+    """``url`` with a relative SQLite path made absolute against the working directory.
+
+    As SQLAlchemy writes them: ``sqlite:///log.sqlite`` is ``./log.sqlite`` and
+    ``sqlite:////var/cei/log.sqlite`` is ``/var/cei/log.sqlite``. Other URLs are unchanged."""
+    if not isinstance(url, str) or not url.startswith("sqlite:///"):
+        return url
+    path, q, query = url[len("sqlite:///"):].partition("?")
+    if path.startswith("/"):
+        path = "/" + path.lstrip("/")
+    elif path:
+        path = os.path.abspath(path)
+    else:
+        return url
+    return f"sqlite:///{path}{q}{query}"
+
+
+def shown_log_url(url: str) -> str:
+    """``url`` as messages show it: a SQLite log by its file path (no ``////``), others as they
+    are, options (``?archive=...``) left out."""
+    base = url.partition("?")[0]
+    if base.startswith("sqlite:///"):
+        return "/" + base[len("sqlite:///"):].lstrip("/")
+    return base
+
+
+def yaml_error_text(exc: yaml.YAMLError) -> str:
+    """A YAML error as one line: ``line L, column C: PROBLEM``."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or str(exc)
+    problem = " ".join(str(problem).split())
+    if mark is None:
+        return problem
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 def _substitute(value: Any, home: str) -> Any:
@@ -202,7 +285,9 @@ class _Validator:
                 raise self.fail(key, f"expected string keys, got {k!r}")
             if allowed is not None and k not in allowed:
                 where = f"{key}.{k}" if key else k
-                raise self.fail(where, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+                close = difflib.get_close_matches(k, sorted(allowed), n=1)
+                hint = f"did you mean {close[0]!r}? " if close else ""
+                raise self.fail(where, f"unknown key {k!r} ({hint}expected one of {', '.join(sorted(allowed))})")
         return dict(value)
 
     def count(self, value: Any, key: str, low: int) -> int:

@@ -75,6 +75,19 @@ class ProcessMoved:
     msg: str = ""
 
 
+@events.register("ProcessBackoff")
+@dataclass(frozen=True, slots=True)
+class ProcessBackoff:
+    """A crash loop: the process ended on its own ``failures`` times in a row, each soon after
+    it started; its next start waits until ``retry_at`` (0.0: no wait). ``failures`` 0 ends
+    the backoff (an operator's restart). Decision OP3."""
+
+    upid: str
+    failures: int
+    retry_at: float
+    at: float
+
+
 @events.register("ProcessAssigned")
 @dataclass(frozen=True, slots=True)
 class ProcessAssigned:

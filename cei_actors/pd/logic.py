@@ -92,6 +92,7 @@ from .events import (
     NodeRemoved,
     NodeRetiring,
     ProcessAssigned,
+    ProcessBackoff,
     ProcessCreated,
     ProcessesForgotten,
     ProcessMoved,
@@ -152,6 +153,11 @@ class PDConfig:
     default_engine: str | None = None
     process_engines: dict[str, str] = field(default_factory=dict)
     minimum_time_between_starts: float = 2.0
+    #: a crash loop backs off (decision OP3): from the second quick failure in a row the next
+    #: start waits base, 2*base, ... seconds, at most max; a run of stable_run s resets it
+    crash_backoff_base: float = 1.0
+    crash_backoff_max: float = 60.0
+    crash_stable_run: float = 10.0
     dispatch_retry_seconds: float = 30.0
     static_resources: bool = False
     epum: str = "epum"
@@ -383,9 +389,28 @@ class Tx:
             # The agent had no slot: our view of it was wrong. Requeue, not a failure.
             self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or "rejected by the agent")
         elif ps.restarts_after_exit(p.restart_mode, reported):
-            self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or f"ended {reported}")
+            self.move(p, p.round + 1, ps.DIED_REQUESTED, self.crash_backoff(p, msg or f"ended {reported}"))
         else:
             self.move(p, p.round, reported, msg)
+
+    def crash_backoff(self, p: Process, why: str) -> str:
+        """Count ``p``'s end towards its crash loop (decision OP3); the message for its restart.
+
+        An end less than ``crash_stable_run`` s after it started running (or before it ran)
+        is a quick failure; from the second in a row the next start waits ``base * 2 **
+        (failures - 2)`` s (at most ``max``). A longer run starts the count afresh."""
+        cfg = self.cfg
+        if cfg.crash_backoff_base <= 0:
+            return why
+        ran = self.now - p.state_at if p.state == ps.RUNNING else 0.0
+        failures = 1 if ran >= cfg.crash_stable_run else p.crashes + 1
+        delay = 0.0 if failures < 2 else min(cfg.crash_backoff_base * 2 ** (failures - 2),
+                                             cfg.crash_backoff_max)
+        if failures != p.crashes or delay:
+            self.emit(ProcessBackoff(p.upid, failures, self.now + delay if delay else 0.0, self.now))
+        if failures < 2:
+            return why
+        return f"{ps.CRASH_LOOP}: {why}; {failures} quick failures in a row, next start in {delay:g}s"
 
     def evacuate(self, res: Resource, reason: str, *, boot: bool = False) -> None:
         for upid in list(res.assigned):
@@ -945,6 +970,12 @@ def _on_restart(pd: ProcessDispatcher, tx: Tx, m: RestartProcess) -> None:
         raise conflict(f"process {m.upid!r} {_ended(stone)}: schedule it again to run it")
     p = _proc(tx, m.upid)
     tx.reply_process = m.upid
+    if p.crashes or p.retry_at:  # the operator asks for a start now: the crash loop ends
+        looping = p.crash_looping
+        tx.emit(ProcessBackoff(p.upid, 0, 0.0, tx.now))
+        if looping:
+            tx.move(p, p.round + 1, ps.DIED_REQUESTED, "restart requested")
+            return
     if p.state in (ps.ASSIGNED, ps.PENDING, ps.RUNNING):
         res = tx.s.resources.get(p.resource_id or "")
         if res is not None and res.state in (ps.RESOURCE_OK, ps.RESOURCE_WARNING):

@@ -102,13 +102,14 @@ def engine_by_definition(
 
 
 def throttle_until(proc: Process, default_interval: float) -> float:
-    """When ``proc`` may be dispatched again: only from its third dispatch on (original)."""
+    """When ``proc`` may be dispatched again: the minimum time between starts from its third
+    dispatch on (original), and not before its crash-loop backoff ends (decision OP3)."""
     if proc.dispatches < 2 or proc.last_dispatch is None:
-        return 0.0
+        return proc.retry_at
     interval = proc.min_start_interval
     if interval is None:
         interval = default_interval
-    return proc.last_dispatch + interval if interval > 0 else 0.0
+    return max(proc.last_dispatch + interval if interval > 0 else 0.0, proc.retry_at)
 
 
 class FifoSet:

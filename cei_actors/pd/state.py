@@ -28,6 +28,7 @@ from .events import (
     NodeRemoved,
     NodeRetiring,
     ProcessAssigned,
+    ProcessBackoff,
     ProcessCreated,
     ProcessesForgotten,
     ProcessMoved,
@@ -87,6 +88,8 @@ class Process:
     created_at: float = 0.0
     state_at: float = 0.0
     msg: str = ""
+    crashes: int = 0  # quick failures in a row (decision OP3)
+    retry_at: float = 0.0  # no start before (crash-loop backoff)
 
     def spec(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in SPEC_KEYS}
@@ -119,7 +122,16 @@ class Process:
             "dispatches": self.dispatches,
             "msg": self.msg,
             "state_time": self.state_at,
+            "status": ps.CRASH_LOOP if self.crash_looping else self.state,
+            "restarts": self.crashes,
+            "next_start": self.retry_at or None,
         }
+
+    @property
+    def crash_looping(self) -> bool:
+        """Waiting for its next start after quick failures in a row (Kubernetes'
+        ``CrashLoopBackOff``)."""
+        return self.crashes >= 2 and self.state in ps.QUEUED
 
     def tombstone(self) -> dict[str, Any]:
         """What is kept of a forgotten process: its describe() without the bulky parameters
@@ -537,6 +549,11 @@ class PDState:
         elif was_queued:
             self.mm.dequeue(p.upid)
 
+    def _on_process_backoff(self, e: ProcessBackoff) -> None:
+        p = self.processes.get(e.upid)
+        if p is not None:
+            p.crashes, p.retry_at = e.failures, e.retry_at
+
     def _on_process_assigned(self, e: ProcessAssigned) -> None:
         p = self.processes.get(e.upid)
         if p is None:
@@ -660,6 +677,7 @@ _HANDLERS = {
     ProcessCreated: PDState._on_process_created,
     ProcessScheduled: PDState._on_process_scheduled,
     ProcessMoved: PDState._on_process_moved,
+    ProcessBackoff: PDState._on_process_backoff,
     ProcessAssigned: PDState._on_process_assigned,
     ProcessesForgotten: PDState._on_processes_forgotten,
     NodeAdded: PDState._on_node_added,

@@ -107,6 +107,8 @@ QUEUEING_MODES: tuple[str, ...] = (QUEUE_NEVER, QUEUE_ALWAYS, QUEUE_START_ONLY, 
 RESTART_NEVER = "NEVER"
 RESTART_ALWAYS = "ALWAYS"
 RESTART_ABNORMAL = "ABNORMAL"
+#: The ``status`` of a queued process waiting out a crash-loop backoff (decision OP3).
+CRASH_LOOP = "CrashLoopBackOff"
 RESTART_MODES: tuple[str, ...] = (RESTART_NEVER, RESTART_ALWAYS, RESTART_ABNORMAL)
 
 

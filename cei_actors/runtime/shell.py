@@ -62,6 +62,7 @@ import logging
 import os
 import queue
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -221,6 +222,16 @@ class EventSourcedActor(Actor):
     #: The peer name this actor announces (``Hello``) to its configured peers when it starts
     #: leading; None: the component's default stream (``pd``, ``epum``, ``provisioner``).
     peer_name: str | None = None
+
+    @property
+    def _mode(self) -> str:
+        return self._mode_now
+
+    @_mode.setter
+    def _mode(self, mode: str) -> None:  # ``since`` in the status: when the mode last changed
+        if mode != getattr(self, "_mode_now", None):
+            self._mode_since = time.time()
+        self._mode_now = mode
 
     def __init__(self, capabilities: dict | None = None) -> None:
         super().__init__()
@@ -492,8 +503,9 @@ class EventSourcedActor(Actor):
 
     def status(self) -> dict[str, Any]:
         """Plain data: mode, ready, leader, stream, epoch, head, held, batch, work, peers, pid,
-        standby (hot or cold), and ``last_error`` (``{type, message}`` of the last failed
-        attempt to lead or recover, None once it leads). ``head`` is the offset the replica's
+        standby (hot or cold), ``since`` (when the mode last changed, epoch seconds) and
+        ``last_error`` (``{type, message}`` of the last failed attempt to lead or recover, or
+        why it stepped down; None once it leads). ``head`` is the offset the replica's
         state reflects: a hot standby's followed head while it does not lead."""
         runner = self._runner
         leadership = self._leadership
@@ -502,6 +514,7 @@ class EventSourcedActor(Actor):
             head = runner.followed_head if runner.state is None and runner.following else runner.head
         return {
             "mode": self._mode,
+            "since": self._mode_since,
             "standby": self.standby,
             "ready": self._mode == "ready",
             "leader": bool(leadership is not None and leadership.is_leader),
@@ -666,6 +679,7 @@ class EventSourcedActor(Actor):
 
     def _step_down(self, reason: str, fenced: bool = False) -> None:
         self._log.warning("%s: stepping down: %s", self._name(), reason)
+        self._last_error = {"type": "SteppedDown", "message": reason}
         self._mode = "down"
         self._term += 1
         self._timers.clear()

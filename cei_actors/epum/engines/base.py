@@ -224,8 +224,10 @@ class Control:
         site: str | None = None,
         allocation: str | None = None,
         extravars: dict | None = None,
-    ) -> str:
-        """Ask for one new instance; returns its id (it is REQUESTING until acknowledged)."""
+    ) -> str | None:
+        """Ask for one new instance; returns its id (it is REQUESTING until acknowledged), or
+        None while launches at that site back off after failures (EPUM decides the domain
+        again when they may go; decision OP2)."""
         raise NotImplementedError
 
     def destroy_instances(self, instance_ids: Iterable[str], reason: str = "engine") -> list[str]:
