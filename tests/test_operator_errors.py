@@ -204,6 +204,8 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
     assert p["msg"].startswith("CrashLoopBackOff: ") and "quick failures in a row" in p["msg"]
     (listed,) = [q for q in data(home, "process", "list") if q["upid"] == "loop"]
     assert listed["restarts"] >= 3 and "status" in listed
+    table = run_text(home, "process", "list").stdout
+    assert any(line.split()[:2] == ["loop", "CrashLoopBackOff"] for line in table.splitlines()), table
     # an operator's restart starts it at once and ends the backoff (it then loops afresh)
     restarted = data(home, "process", "restart", "loop")
     assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted

@@ -16,8 +16,9 @@ from .output import CliError, Output, age, progress
 from .watch import watch, watch_option
 
 #: The columns of a process table (``-o wide`` adds :data:`WIDE`).
-COLUMNS = ["upid", "state", "round", "node_id", "age", "restart_mode", "command"]
-WIDE = ["name", "queueing_mode", "engine", "constraints", "starts", "last_node_id", "state_time", "msg"]
+COLUMNS = ["upid", "status", "round", "node_id", "age", "restart_mode", "command"]
+WIDE = ["name", "state", "restarts", "next_start", "queueing_mode", "engine", "constraints", "starts",
+        "last_node_id", "state_time", "msg"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,13 +99,15 @@ def brief(process: dict[str, Any], out: Output) -> None:
 
 
 def show_list(processes: list[dict[str, Any]], out: Output) -> None:
-    """Processes as a list (JSON) or a table (``age``: time in its state; ``node_id``: for an
-    ended process, the node it last ran on)."""
+    """Processes as a list (JSON) or a table (``status``: the state, or ``CrashLoopBackOff`` while
+    a crash loop waits for its next start; ``age``: time in its state; ``node_id``: for an ended
+    process, the node it last ran on)."""
     if out.json:
         out.emit(processes)
         return
     now = time.time()
     rows = [{**p, "command": " ".join(p.get("command") or []) or p.get("definition_id"),
+             "status": p.get("status") or p.get("state"),
              # an ended process: the node it ran on (as kubectl shows a completed pod's)
              "node_id": p.get("node_id") or (p.get("last_node_id") if p.get("state") in ps.TERMINAL else None),
              "age": age(now - p["state_time"]) if p.get("state_time") else None,
