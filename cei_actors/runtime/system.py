@@ -290,15 +290,26 @@ def start_actor(
     return address
 
 
-def global_actors(asys: ActorSystem, timeout: float = 5.0) -> dict[str, ActorAddress]:
-    """Every registered global name and its address, asking the admin once. Creates nothing."""
+def admin_address(host_port: str) -> ActorAddress:
+    """The actor address of the TCP admin at ``HOST:PORT`` (another host's, say)."""
+    from thespian.system.transport.IPBase import TCPv4ActorAddress
+
+    host, port = split_host_port(host_port)
+    return ActorAddress(TCPv4ActorAddress(host, port, external=True))
+
+
+def global_actors(asys: ActorSystem, timeout: float = 5.0,
+                  admin: ActorAddress | None = None) -> dict[str, ActorAddress]:
+    """Every registered global name and its address, asking the admin once (``admin``: another
+    system's admin, see :func:`admin_address`; default the one ``asys`` belongs to). Creates
+    nothing."""
     base = asys._systemBase
     if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # the simple base
         return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
     from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
 
     with asys.private() as ctx:
-        reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
+        reply = ctx.ask(admin or base.adminAddr, Thespian_StatusReq(), timeout)
     if not isinstance(reply, Thespian_SystemStatus):
         raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
     return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}
@@ -328,6 +339,7 @@ __all__ = [
     "SIMPLE_BASE",
     "TCP_BASE",
     "SystemNotRunning",
+    "admin_address",
     "attach_system",
     "detach_system",
     "free_port",
