@@ -188,12 +188,17 @@ class HostLoss:
         data["static_nodes"] = [{"node_id": n, "engine": "default"} for n in NODES] if i == AGENT_HOST else []
         data["network"] = {
             "listen": self.hosts[i].address,
-            "allow": [self.hosts.cidr],
+            "allow": self.allowlist(),
             "admin_port": ADMIN_PORT,
             "peers": [self.admin(j) for j in range(len(self.hosts)) if j != i],
             "secret_file": str(self.home(i) / "operator-secret"),
         }
         return data
+
+    def allowlist(self) -> list[str]:
+        """The peer networks every host accepts: the hosts' half of the /24 and this process."""
+        assert self.hosts is not None and self.hosts.network is not None
+        return [str(next(self.hosts.network.subnets(1))), f"{self.hosts.gateway}/32"]
 
     def write_plan(self, i: int) -> Path:
         path = self.home(i) / "plan.yaml"
@@ -312,9 +317,10 @@ class HostLoss:
     def pd(self) -> PDClient:
         return PDClient(self.client("pd"))
 
-    def wait_failover(self, lost: int, timeout: float = 60.0) -> float:
-        """Seconds until every component has a serving leader on another host than ``lost``."""
-        started = time.monotonic()
+    def wait_failover(self, lost: int, timeout: float = 60.0, since: float | None = None) -> float:
+        """Seconds (from ``since``, a ``time.monotonic()``, default now) until every component
+        has a serving leader on another host than ``lost``."""
+        started = time.monotonic() if since is None else since
 
         def led() -> bool:
             where = self.leaders()
@@ -423,3 +429,136 @@ class HostLoss:
         for comp in KILLED:
             if _normal(live[comp]) != _normal(replay[comp]):
                 raise ScenarioError(f"{comp}: live state differs from the replay of its log at head {heads[comp]}")
+
+
+# ---------------------------------------------------------------------------------- demo
+
+_OUTSIDER_PROBE = """
+import socket, sys
+with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
+    s.sendall(b"12>" + b"x" * 12)
+    try:
+        print("closed" if s.recv(100) == b"" else "answered")
+    except ConnectionError:
+        print("closed")
+"""
+
+
+def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
+    """The walkthrough of ``scripts/netns-demo`` (docs/multi-host.md, step by step): set up,
+    lose host 0, bring it back, check; tears everything down. True if every check held."""
+    failed: list[str] = []
+
+    def check(what: str, ok: bool, detail: str = "") -> None:
+        say(f"  CHECK {'ok    ' if ok else 'FAILED'} {what}{': ' + detail if detail and not ok else ''}")
+        if not ok:
+            failed.append(what)
+
+    started = time.monotonic()
+
+    def step(text: str) -> None:
+        say(f"\n[{time.monotonic() - started:6.1f}s] {text}")
+
+    step("1-5. Hosts, the operator's secret and ZooKeeper credentials, the ensemble, one plan "
+         "per host, `cei up` on each (docs/multi-host.md)")
+    try:
+        with HostLoss(workdir, say=lambda line: say(f"  {line}")) as sc:
+            assert sc.hosts is not None
+            say(f"  host 0's plan ({sc.home(0) / 'plan.yaml'}):")
+            for line in (sc.home(0) / "plan.yaml").read_text().splitlines():
+                if not line.startswith(("registry", "  sites", "  deployable", "  credentials")):
+                    say(f"    | {line}")
+            where = sc.leaders()
+            check("every component is led (by host 0, the first up)", where == {c: 0 for c in KILLED}, str(where))
+
+            step("6. Trust: a host outside the allowlist is cut off at accept; every host "
+                 "listens on its own address only")
+            net = sc.hosts.network.network_address.packed[2]  # type: ignore[union-attr]
+            outsider = sc.hosts.add_host(f"198.18.{net}.200")
+            say(f"  every host accepts {sc.allowlist()}; an outsider host {outsider.address} on the "
+                "same bridge sends a frame to host 0's admin")
+            probe = sc.workdir / "outsider.py"
+            probe.write_text(_OUTSIDER_PROBE)
+            answer = outsider.run([sys.executable, str(probe), sc.hosts[0].address, str(ADMIN_PORT)],
+                                  capture_output=True, text=True, timeout=30).stdout.strip()
+            check("the outsider's connection is closed before anything is read", answer == "closed", answer)
+            logged = [line for line in (sc.home(0) / "system.log").read_text().splitlines()
+                      if f"refused a connection from {outsider.address}" in line]
+            check("host 0 logged the refusal once", len(logged) == 1, str(logged))
+            from .zkserver import listening_sockets
+
+            wild = [(pid, a) for i in range(3) for pid in sc.hosts[i].pids()
+                    for a, _ in _quiet(listening_sockets, pid) if a != sc.hosts[i].address]
+            check("no process of a host listens on a wildcard or another address", not wild, str(wild))
+
+            step("7. Work: 4 long processes and 2 short ones, run by the EEAgents on host 2")
+            long = sc.schedule("long", 4, 600)
+            short = sc.schedule("short", 2, 2)
+            sc.wait_states(long, {"RUNNING"}, 60)
+            rounds = {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long)}
+            say(f"  running: {', '.join(long)}")
+
+            step("8. Host 0 lost: SIGKILL to every process in its namespace (its ZooKeeper "
+                 "server, admin and the leaders)")
+            t0 = time.monotonic()
+            killed = sc.kill_host(0)
+            say(f"  killed pids {killed}")
+            took = sc.wait_failover(0, since=t0)
+            after = sc.leaders()
+            say(f"  leaders now on hosts {after}, {took:.1f}s after the kill")
+            check("every component fails over to another host", all(h not in (0, None) for h in after.values()),
+                  str(after))
+            more = sc.schedule("after", 2, 600)
+            states = sc.wait_states(more, {"RUNNING"}, 60)
+            check("new work runs after the loss", all(states[u] == "RUNNING" for u in more))
+            check("the long processes kept running, not restarted",
+                  all(states[u] == "RUNNING" for u in long)
+                  and {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long)} == rounds)
+            sc.wait_states(short, {"EXITED"}, 30)
+            check("the short processes finished", True)
+
+            step("9. Host 0 back: its ZooKeeper server, then `cei up` with the same plan")
+            sc.restart_host(0)
+            modes = {m["name"]: (m["status"] or {}).get("mode") for c in KILLED for m in sc.members(c)
+                     if m["host"] == 0}
+            say(f"  host 0's replicas: {modes}")
+            check("host 0's replicas are standbys (the leaders stay where they are)",
+                  set(modes.values()) == {"standby"}, str(modes))
+
+            step("10. Outcome")
+            try:
+                sc.check_ran_once(long + short + more)
+                check("nothing lost, nothing run twice", True)
+            except ScenarioError as exc:
+                check("nothing lost, nothing run twice", False, str(exc))
+            try:
+                sc.check_replay()
+                check("live state = replay of the log, for PD, EPUM and the Provisioner", True)
+            except ScenarioError as exc:
+                check("live state = replay of the log, for PD, EPUM and the Provisioner", False, str(exc))
+            step("11. Tear down: every process of every host, the namespaces, the bridge")
+    except (ScenarioError, OSError, RuntimeError) as exc:
+        check("the scenario ran to its end", False, f"{type(exc).__name__}: {exc}")
+    say(f"\n{'every check held' if not failed else 'FAILED: ' + '; '.join(failed)} "
+        f"({time.monotonic() - started:.0f}s)")
+    return not failed
+
+
+def _quiet(fn: Callable[[int], list[Any]], pid: int) -> list[Any]:
+    try:
+        return fn(pid)
+    except OSError:
+        return []
+
+
+if __name__ == "__main__":
+    import tempfile
+
+    from .netns import unavailable_reason
+
+    reason = unavailable_reason()
+    if reason:
+        print(f"netns-demo: cannot run here: {reason}", file=sys.stderr)
+        sys.exit(2)
+    with tempfile.TemporaryDirectory(prefix="netns-demo-") as tmp:
+        sys.exit(0 if demo(Path(tmp) / "w") else 1)
