@@ -76,7 +76,8 @@ def run(runs: int, session_timeout: float, say) -> tuple[list[dict], dict]:
         with open(holder, "w") as f:
             f.write(HOLDER)
         assert sc.zk is not None and sc.hosts is not None
-        zk = KazooClient(hosts=sc.zk.hosts, timeout=10.0)
+        # on the server of the host never killed: a lost connection fires no watch of ours
+        zk = KazooClient(hosts=sc.zk.nodes[AGENT_HOST].address, timeout=10.0)
         zk.start(timeout=15)
         upids: list[str] = sc.schedule("before", 2, 3600)
         sc.wait_states(upids, {"RUNNING"}, 60)
@@ -90,7 +91,14 @@ def run(runs: int, session_timeout: float, say) -> tuple[list[dict], dict]:
                                               stdout=-1, text=True)
                 assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
                 gone: list[float] = []
-                if zk.exists(path, watch=lambda _event, at=gone: at.append(time.monotonic())) is None:
+
+                def deleted(event, at=gone, path=path) -> None:
+                    if event.type == "DELETED":
+                        at.append(time.monotonic())
+                    else:  # any other event: watch again
+                        zk.exists_async(path, watch=deleted)
+
+                if zk.exists(path, watch=deleted) is None:
                     raise RuntimeError(f"the holder's znode {path} is missing")
                 say(f"run {k + 1}/{runs}: leaders on hosts {where}; killing every process of host {victim}")
                 t0 = time.monotonic()

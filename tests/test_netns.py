@@ -184,10 +184,15 @@ def test_a_peer_outside_the_allowlist_or_without_the_secret_is_refused(hosts, tm
 
 @pytest.fixture
 def deployment(tmp_path):
+    from cei_actors.runtime.network import current_network
+
     require_netns()
     require_zookeeper()
+    before = current_network()
     with HostLoss(tmp_path / "hostloss") as scenario:
         yield scenario
+    # the tests after this one in the same process start loopback systems as before
+    assert current_network() == before and os.environ.get("THESPIAN_BASE_IPADDR") == before.advertise
 
 
 def test_a_whole_host_lost_and_brought_back(deployment):

@@ -37,7 +37,14 @@ from ..runtime.client import OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import Status
 from ..runtime.core import Context
 from ..runtime.messages import ErrorReply, Ok
-from ..runtime.network import ADVERTISE_ENV, ALLOW_ENV, LISTEN_ENV, Network, use_network
+from ..runtime.network import (
+    ADVERTISE_ENV,
+    ALLOW_ENV,
+    LISTEN_ENV,
+    Network,
+    current_network,
+    use_network,
+)
 from ..runtime.secure import SECRET_ENV, new_secret_file, use_secret_file
 from ..runtime.system import (
     SystemNotRunning,
@@ -112,6 +119,7 @@ class HostLoss:
         self._asys: Any = None
         self._asys_host: int | None = None
         self.runs_file = self.workdir / "runs.log"
+        self._previous: tuple[Network, str | None] | None = None
 
     # ------------------------------------------------------------------------- set up
 
@@ -141,7 +149,8 @@ class HostLoss:
         self.hosts.start()
         self.say(f"hosts: {', '.join(f'{h.ns} ({h.address})' for h in self.hosts)} on bridge "
                  f"{self.hosts.bridge}; this process is {self.hosts.gateway}")
-        # this process is a client on the bridge: it listens on its bridge address
+        # this process is a client on the bridge: it listens on its bridge address (until stop)
+        self._previous = (current_network(), os.environ.get(SECRET_ENV))
         use_network(Network.build(self.hosts.gateway, allow=[self.hosts.cidr]))
         secret = new_secret_file(self.workdir / "secret")
         use_secret_file(secret)
@@ -236,6 +245,14 @@ class HostLoss:
             self.hosts.stop()
         if self.zk is not None:
             self.zk.stop(grace=1.0)
+        if self._previous is not None:  # this process's own settings again
+            net, secret = self._previous
+            self._previous = None
+            use_network(net)
+            if secret is None:
+                os.environ.pop(SECRET_ENV, None)
+            else:
+                os.environ[SECRET_ENV] = secret
 
     # --------------------------------------------------------------------- host loss
 
