@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -260,3 +261,22 @@ def test_hosts_lost_in_turn_and_a_pulled_cable(deployment):
     sc.down_hosts.discard(1)
     sc.check_ran_once(all_upids)
     sc.check_replay(timeout=60)
+
+
+def test_scripts_zk_runs_a_server_in_a_namespace(hosts, tmp_path):
+    require_zookeeper()
+    host = hosts[0]
+    zk = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "zk")]
+    directory = str(tmp_path / "zk")
+    started = subprocess.run([*zk, "start", "--dir", directory, "--host", host.address, "--netns", host.ns],
+                             capture_output=True, text=True, timeout=120)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert started.stdout.strip().startswith(f"{host.address}:")
+        pids = host.pids()
+        assert len(pids) == 1 and all(a == host.address for a, _ in listening_sockets(pids[0]))
+        status = subprocess.run([*zk, "status", "--dir", directory], capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and f"{host.address}:" in status.stdout and "standalone" in status.stdout
+    finally:
+        subprocess.run([*zk, "stop", "--dir", directory], capture_output=True, timeout=60)
+    assert host.pids() == []

@@ -705,6 +705,7 @@ class _Cluster:
                     "client_port": node.client_port,
                     "peer_port": node.peer_port,
                     "election_port": node.election_port,
+                    "host": node.host,
                     "pid": node.pid,
                 }
                 for node in self.nodes
@@ -734,6 +735,8 @@ class ZkServer(_Cluster):
         jvm_args: Sequence[str] = (),
         start_timeout: float = 30.0,
         detach: bool = False,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
     ) -> None:
         super().__init__(
             1,
@@ -749,6 +752,8 @@ class ZkServer(_Cluster):
             jvm_args,
             start_timeout,
             detach,
+            [host],
+            [wrap],
         )
 
     def __enter__(self) -> ZkServer:
@@ -872,7 +877,7 @@ def directory_status(directory: str | os.PathLike[str]) -> dict[str, Any]:
             pid = None
         alive = pid is not None and _is_our_server(pid, node_dir / CONFIG_FILE)
         server["pid"] = pid if alive else None
-        server["mode"] = server_mode(server["client_port"]) if alive else None
+        server["mode"] = server_mode(server["client_port"], server.get("host", LOOPBACK)) if alive else None
     return state
 
 
