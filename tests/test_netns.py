@@ -228,6 +228,37 @@ def test_a_whole_host_lost_and_brought_back(deployment):
     sc.check_replay()
 
 
+def test_an_agent_process_on_one_host_serves_the_pd_on_another(deployment, tmp_path):
+    """``python -m cei_actors.eeagent --pd HOST:PORT --listen ADDR --allow CIDR`` on host 2 (as a
+    booted VM's agent would be started) attaches to host 0's admin, and runs work there."""
+    from cei_actors.pd.logic import parse_config
+    from cei_actors.testing.hostloss import ADMIN_PORT
+
+    sc = deployment
+    fillers = sc.schedule("filler", 8, 600)  # the static nodes' 2 x 4 slots
+    sc.wait_states(fillers, {"RUNNING"}, 60)
+    agent_host = sc.hosts[2]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
+    argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", "ep1", "--slots", "1",
+            "--heartbeat", "1", "--pd", f"{sc.hosts[0].address}:{ADMIN_PORT}",
+            "--state-dir", str(tmp_path / "ep1"), "--secret-file", str(sc.home(2) / "operator-secret"),
+            "--listen", agent_host.address, *[a for net in sc.allowlist() for a in ("--allow", net)]]
+    with open(tmp_path / "ep1.log", "w") as log:
+        agent = agent_host.popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        plan_pd = parse_config(sc.plan_data(0)["components"]["pd"]["config"]
+                               | {"engines": sc.plan_data(0)["pd"]["engines"]})
+        sc.pd().node_state("ep1", plan_pd.domain_id("default"), "RUNNING")
+        [upid] = sc.schedule("on-ep1", 1, 600)
+        sc.wait_states([upid], {"RUNNING"}, 60)
+        assert sc.pd().describe_process(upid)["node_id"] == "ep1"
+        sc.check_ran_once([*fillers, upid])
+        assert agent.poll() is None
+    finally:
+        agent.terminate()
+        agent.wait(timeout=30)
+
+
 @pytest.mark.slow
 def test_hosts_lost_in_turn_and_a_pulled_cable(deployment):
     """The long version: host 0 lost and back, then host 1 (the leaders go back to host 0 or
