@@ -5,6 +5,7 @@ a machine that cannot make namespaces fails instead, as for ZooKeeper)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -178,6 +179,37 @@ def test_a_peer_outside_the_allowlist_or_without_the_secret_is_refused(hosts, tm
     down = server.run([sys.executable, "-m", "cei_actors.cli", "--home", str(home), "down"],
                       capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
+
+
+
+def test_a_wildcard_bind_when_allowed_advertises_the_given_address(hosts, tmp_path):
+    """``cei up --listen 0.0.0.0 --allow-wildcard --advertise ADDR``: every socket binds all
+    interfaces, peers reach the system at ADDR, and the allowlist still applies."""
+    server, member = hosts[0], hosts[1]
+    home = tmp_path / "server"
+    home.mkdir(mode=0o700)
+    secret = new_secret_file(tmp_path / "secret")
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"log": f"sqlite:///{home}/log.sqlite", "components": {"pd": {}},
+                                    "pd": {"engines": {"default": {"slots": 1}}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
+    cei = [sys.executable, "-m", "cei_actors.cli", "--home", str(home)]
+    up = server.run([*cei, "up", "--plan", str(plan), "--listen", "0.0.0.0", "--allow-wildcard",
+                     "--advertise", server.address, "--allow", hosts.cidr, "--admin-port", "1900",
+                     "--secret-file", str(secret)], capture_output=True, text=True, env=env, timeout=120)
+    assert up.returncode == 0, up.stderr + up.stdout
+    try:
+        probe = tmp_path / "probe.py"
+        probe.write_text(PROBE)
+        ok = member.run([sys.executable, str(probe), member.address, f"{server.address}:1900", str(secret),
+                         hosts.cidr], capture_output=True, text=True, env=env, timeout=120)
+        assert ok.returncode == 0 and ok.stdout.startswith("closed 0 accepted ready"), ok.stdout + ok.stderr[-2000:]
+        bound = {address for pid in server.pids() for address, _port in listening_sockets(pid)}
+        assert bound == {"0.0.0.0"}
+        info = json.loads((home / "system.json").read_text())
+        assert info["admin_host"] == server.address and info["network"]["listen"] == "0.0.0.0"
+    finally:
+        server.run([*cei, "down"], capture_output=True, text=True, env=env, timeout=120)
 
 
 # ------------------------------------------------------------------------------ host loss
