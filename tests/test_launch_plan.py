@@ -33,7 +33,7 @@ def test_default_plan(tmp_path):
     assert {c: p.replicas for c, p in plan.components.items()} == {"provisioner": 1, "epum": 1, "pd": 1, "ha": 1}
     site = plan.registry["sites"]["local"]
     assert site["type"] == "local" and site["state_dir"] == f"{tmp_path.resolve()}/nodes"
-    assert "{admin_port}" in site["command"]
+    assert "--pd {admin} " in site["command"]
     pd = plan.start_config("pd")
     assert pd["engines"] == {"default": {"slots": 4, "maximum_vms": 4, "heartbeat_period": 1,
                                          "heartbeat_warning": 3, "heartbeat_missing": 5}}

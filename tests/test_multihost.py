@@ -51,7 +51,8 @@ def test_provisioner_and_epum_on_one_system_pd_on_another(homes, tmp_path, zk_ho
     with pytest.raises(LaunchError, match="cannot join"):
         up(plan_b, home_b, join=1)
     info_b = up(plan_b, home_b, join=f"127.0.0.1:{info_a['admin_port']}")
-    assert info_b["remote"] == {"admin_port": info_a["admin_port"], "components": ["epum", "provisioner"]}
+    assert info_b["remote"] == {"admin_port": info_a["admin_port"], "admin_host": "127.0.0.1",
+                                "components": ["epum", "provisioner"]}
     with connect(home_b) as conn:
         status = conn.status()
         assert sorted(status["components"]) == ["epum", "pd", "provisioner"]

@@ -22,6 +22,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("up", help="start the system in the background; return when it is ready")
     p.add_argument("--plan", type=Path, default=None, metavar="FILE", help="launch plan (YAML; default: the built-in plan)")
     p.add_argument("--log", dest="log_url", default=argparse.SUPPRESS, metavar="URL", help="event log URL (sqlite:///..., zk://...)")
+    net = p.add_argument_group("network (override the plan's network keys; docs/multi-host.md)")
+    net.add_argument("--listen", default=None, metavar="ADDR", help="address every socket binds (default 127.0.0.1)")
+    net.add_argument("--advertise", default=None, metavar="ADDR", help="address peers connect to (default: --listen)")
+    net.add_argument("--allow", action="append", default=None, metavar="CIDR",
+                     help="peer network allowed to connect (repeat; required off loopback)")
+    net.add_argument("--allow-wildcard", action="store_true", help="permit --listen 0.0.0.0 (with --advertise)")
+    net.add_argument("--admin-port", type=int, default=None, metavar="PORT", help="the admin's port (default: a free one)")
+    net.add_argument("--join", default=None, metavar="HOST:PORT", help="join the convention of that admin")
+    net.add_argument("--peer", action="append", default=None, metavar="HOST:PORT",
+                     help="another host's admin whose components this system finds (repeat)")
+    net.add_argument("--secret-file", default=None, metavar="FILE", help="the system's secret (0600, same on every host)")
     p.set_defaults(func=cmd_up)
     p = sub.add_parser("down", help="stop the system (components, nodes, processes); the log stays")
     p.set_defaults(func=cmd_down)
@@ -36,6 +47,8 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
     stops at its next step and undoes itself (:class:`Interrupted`)."""
     from ..launch.launcher import LaunchError, remembered_log_url, up
     from ..launch.plan import PlanError, load_plan, shown_log_url
+    from ..runtime.network import Network, NetworkError
+    from ..runtime.secure import SecretError
 
     home = Path(args.home)
     log_url = args.explicit_log_url
@@ -47,6 +60,16 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
         plan = load_plan(args.plan, home=home, log_url=log_url)
     except PlanError as exc:
         raise CliError(f"invalid plan: {exc}") from None
+    network = None
+    given = [getattr(args, k, None) for k in ("listen", "advertise", "allow")]
+    if any(v is not None for v in given) or getattr(args, "allow_wildcard", False):
+        base = plan.network
+        try:
+            network = Network.build(args.listen or base.listen, args.advertise,
+                                    base.allow if args.allow is None else args.allow,
+                                    allow_wildcard=args.allow_wildcard)
+        except NetworkError as exc:
+            raise CliError(f"bad network settings: {exc}") from None
     try:
         with progress_shown(out, "starting the system") as progress:
             def step(line: str) -> None:
@@ -55,7 +78,9 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
                     raise KeyboardInterrupt
 
             try:
-                return up(plan, home, progress=step)
+                return up(plan, home, progress=step, network=network,
+                          admin_port=getattr(args, "admin_port", None), join=getattr(args, "join", None),
+                          peers=getattr(args, "peer", None), secret_file=getattr(args, "secret_file", None))
             except KeyboardInterrupt:
                 from ..launch.launcher import read_info
 
@@ -63,7 +88,7 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
                     raise Interrupted(f"interrupted after the system was up: it runs in {home} "
                                       "(`cei down` stops it)") from None
                 raise Interrupted(f"interrupted: up stopped what it had started; nothing runs in {home}") from None
-    except LaunchError as exc:
+    except (LaunchError, SecretError, NetworkError) as exc:
         raise CliError(f"up failed: {exc}") from None
 
 

@@ -10,9 +10,9 @@ named ``--epum-name`` (``epum``) exists, it greets it too and sends it health he
 it terminates its processes (the "VM" is going away) unless ``--keep-processes``; a restarted
 agent on the same ``--state-dir`` re-adopts processes that are still running.
 
-    python -m cei_actors.eeagent --node-id N --pd 127.0.0.1:PORT[/NAME] --slots 4 --state-dir D
+    python -m cei_actors.eeagent --node-id N --pd [HOST:]PORT[/NAME] --slots 4 --state-dir D
         [--agent-id ID] [--pd-name pd] [--epum-name epum] [--heartbeat 30] [--grace 10]
-        [--fence 15] [--keep-processes] [--secret-file F]
+        [--fence 15] [--keep-processes] [--secret-file F] [--listen ADDR --allow CIDR]
 
 On a VM booted by the Provisioner with ``cei-agent`` contextualization, ``--from-userdata FILE``
 (the userdata the VM received, e.g. from the cloud's metadata service) gives the node id, the
@@ -41,15 +41,19 @@ from .lease import DEFAULT_FENCE
 from .retention import DEFAULT_OUTPUT_RETENTION
 
 
-def parse_pd(value: str) -> tuple[int, str | None]:
-    """``PORT``, ``127.0.0.1:PORT`` or either with ``/NAME``: (admin port, name or None)."""
+def parse_pd(value: str) -> tuple[str, str | None]:
+    """``PORT``, ``HOST:PORT`` or either with ``/NAME``: (the admin as ``PORT`` or
+    ``HOST:PORT``, name or None). A bare port is the admin on this host's address."""
+    from ..runtime.network import NetworkError, split_host_port
+
     name = None
     if "/" in value:
         value, name = value.split("/", 1)
-    host, _, port = value.rpartition(":")
-    if host not in ("", "127.0.0.1", "localhost") or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"--pd {value!r}: expected PORT or 127.0.0.1:PORT[/NAME]")
-    return int(port), (name or None)
+    try:
+        host, port = split_host_port(value, default_host="-")
+    except NetworkError:
+        raise argparse.ArgumentTypeError(f"--pd {value!r}: expected PORT or HOST:PORT[/NAME]") from None
+    return (str(port) if host == "-" else f"{host}:{port}"), (name or None)
 
 
 def parse_retention(value: str) -> float | None:
@@ -69,7 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cei_actors.eeagent", description=__doc__.split("\n")[0])
     p.add_argument("--node-id", default=os.environ.get("CEI_NODE_ID"))
     p.add_argument("--agent-id", default=None)
-    p.add_argument("--pd", required=True, type=parse_pd, help="127.0.0.1:ADMIN_PORT[/NAME]")
+    p.add_argument("--pd", required=True, type=parse_pd, help="[HOST:]ADMIN_PORT[/NAME]")
+    p.add_argument("--listen", default=None,
+                   help="this host's address to listen on (default $CEI_LISTEN, else 127.0.0.1)")
+    p.add_argument("--advertise", default=None, help="the address peers reach it at (default: --listen)")
+    p.add_argument("--allow", action="append", default=None, metavar="CIDR",
+                   help="peer network allowed to connect (repeat; default $CEI_ALLOW; required off loopback)")
     p.add_argument("--pd-name", default=None, help="the PD's global actor name (default pd)")
     p.add_argument("--epum-name", default="epum", help="EPUM's global actor name ('' = none)")
     p.add_argument("--slots", type=int, default=4)
@@ -151,8 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
 
+    from ..runtime.network import Network, NetworkError, use_network
     from ..runtime.secure import SecretError
     from ..runtime.system import SystemNotRunning, attach_system, detach_system
+
+    try:
+        if args.listen or args.advertise or args.allow:
+            env = Network.from_env()
+            use_network(Network.build(args.listen or env.listen, args.advertise,
+                                      args.allow if args.allow is not None else env.allow))
+        else:
+            use_network(Network.from_env())
+    except NetworkError as exc:
+        print(f"eeagent: {exc}", file=sys.stderr)
+        return 2
 
     deadline = time.monotonic() + args.attach_timeout
     while True:

@@ -1,6 +1,7 @@
 """The lightweight launcher: `up` a whole CEI system in the background, `connect` to it, `down`.
 
-``up(plan, home)`` starts a thespian ``multiprocTCPBase`` system on 127.0.0.1 (its admin and
+``up(plan, home)`` starts a thespian ``multiprocTCPBase`` system on 127.0.0.1 (or the plan's
+``network`` addresses; its admin and
 one process per actor outlive the caller), creates every component replica under a global
 name (``pd``, ``epum``, ``provisioner`` for replica 0; ``pd.1``, ... for standbys), starts
 them on the plan's log with each other as peers, loads the registry into the Provisioner,
@@ -42,6 +43,7 @@ from ..provisioner.sealing import CredentialsKey
 from ..runtime import procfs
 from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
+from ..runtime.network import Network, NetworkError, current_network, split_host_port, use_network
 from ..runtime.secure import (
     SECRET_FILE,
     ensure_secret_file,
@@ -54,6 +56,7 @@ from ..runtime.system import (
     SIMPLE_BASE,
     TCP_BASE,
     SystemNotRunning,
+    admin_address,
     attach_system,
     detach_system,
     global_actors,
@@ -126,24 +129,37 @@ def agent_name(node_id: str) -> str:
 
 
 def up(plan: Plan, home: Path, progress: Progress | None = None, *,
-       join: int | str | None = None, secret_file: str | Path | None = None) -> dict[str, Any]:
+       join: int | str | None = None, secret_file: str | Path | None = None,
+       network: Network | None = None, admin_port: int | None = None,
+       peers: list[str] | None = None) -> dict[str, Any]:
     """Start ``plan`` in the background; return the contents of ``HOME/system.json``.
 
-    ``join`` (``PORT`` or ``127.0.0.1:PORT``): make this actor system a member of the
-    convention led by that admin (another host's system) and find the components this plan
-    does not run there by their global names (see docs/multi-host.md). The joined system's
-    secret file (``secret_file``, else ``$CEI_SECRET_FILE``) becomes this home's ``secret``;
-    without ``join`` the home keeps its own (created at the first ``up``). Every message of
-    the system is authenticated with it (docs/decisions.md TA1).
+    ``network`` (default the plan's ``network``; loopback) is where this host's system listens,
+    what it advertises and which peer networks it accepts (:mod:`..runtime.network`);
+    ``admin_port`` (default the plan's, else a free one) its admin's port.
+    ``join`` (``PORT`` or ``HOST:PORT``; default the plan's ``network.join``): make this
+    actor system a member of the convention led by that admin (another host's system);
+    ``peers`` (default the plan's ``network.peers``): other hosts' admins (``HOST:PORT``).
+    The components of every one of them that answers are found by their global names: the
+    ones this plan does not run become its components' peers, and every replica learns every
+    other's (see docs/multi-host.md). The secret: ``secret_file`` (else the plan's
+    ``network.secret_file``; with ``join`` and neither, ``$CEI_SECRET_FILE``) becomes this
+    home's ``secret``; else the home keeps its own (created at the first ``up``). Every
+    message of the system is authenticated with it (docs/decisions.md TA1).
 
     Raises :class:`LaunchError` if a system is already up in ``home`` or a component does
     not become ready (whatever was started is shut down again).
     """
     home = Path(home).expanduser().resolve()
     say = progress or (lambda _line: None)
+    net = use_network(network or plan.network)
+    join = join if join is not None else plan.join
+    peers = list(plan.peers if peers is None else peers)
+    admin_port = admin_port or plan.admin_port
     secure_home(home, say)
 
-    joined_secret = read_secret(resolve_secret_file(secret_file)) if join is not None else None
+    given = secret_file or plan.secret_file
+    shared_secret = read_secret(resolve_secret_file(given)) if given or join is not None else None
     # this home's secret: the previous system here (probed below) holds it
     secret = use_secret_file(ensure_secret_file(home / SECRET_FILE))
     old = read_info(home)
@@ -156,19 +172,23 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
                         _recorded_pids(old), settle=0.0)
         (home / INFO_FILE).unlink(missing_ok=True)
     log_path = home / LOG_FILE
-    say(f"starting the actor system ({TCP_BASE}, 127.0.0.1), output in {log_path}")
+    say(f"starting the actor system ({TCP_BASE}, {net.listen}"
+        f"{'' if net.advertise == net.listen else ' advertised as ' + net.advertise}), output in {log_path}")
     remote = None
-    if joined_secret is not None:  # one convention, one key
-        use_secret_file(new_secret_file(secret, joined_secret))
+    if shared_secret is not None:  # one system, one key
+        use_secret_file(new_secret_file(secret, shared_secret))
+    if join is not None:
+        join = _address_of(join)
         try:
-            remote = attach_system(_port_of(join))
+            remote = attach_system(join)
         except SystemNotRunning as exc:
             raise LaunchError(f"cannot join {join}: {exc}") from None
     try:
         with _stdio_to(log_path):
-            asys = start_system(TCP_BASE, convention=join, log_defs=log_defs(log_path))
+            asys = start_system(TCP_BASE, admin_port=admin_port, convention=join, log_defs=log_defs(log_path))
         try:
-            info = start_components(asys, plan, home, say, remote=remote)
+            info = start_components(asys, plan, home, say, remote=remote,
+                                    peer_admins=[_address_of(p) for p in peers])
             info["admin_pid"] = _listener_pid(info["admin_port"])
             # the admin's children: the actors and thespian's logger, which outlives a killed admin
             info["helper_pids"] = [p for p in _children(info["admin_pid"]) if p not in _system_pids(info)]
@@ -185,16 +205,19 @@ def up(plan: Plan, home: Path, progress: Progress | None = None, *,
     finally:
         if remote is not None:
             detach_system(remote)
-    say(f"up: admin on 127.0.0.1:{info['admin_port']}, log {shown_log_url(plan.log_url)}")
+    say(f"up: admin on {info['admin_host']}:{info['admin_port']}, log {shown_log_url(plan.log_url)}")
     return info
 
 
 def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
-                     remote: ActorSystem | None = None) -> dict[str, Any]:
+                     remote: ActorSystem | None = None, peer_admins: list[str] = ()) -> dict[str, Any]:
     """Create and start every replica, load the registry, start static nodes (shared with embed).
 
-    ``remote``: a handle on the admin of the convention this system joined; components the
-    plan does not run are looked up there and told where this system's components are.
+    ``remote``: a handle on the admin of the convention this system joined; ``peer_admins``:
+    other hosts' admins (``HOST:PORT``). Their replicas are looked up by name (an admin that
+    does not answer is skipped, with a note): components the plan does not run become peers,
+    every replica here learns every replica there and the reverse. A component that also runs
+    elsewhere is started here as standbys (its leader is over there).
     """
     secure_home(home, say)
     ensure_credentials_key(plan, home, say)
@@ -206,44 +229,67 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             addresses[comp] = [asys.createActor(ACTOR_CLASSES[comp], globalName=replica_name(comp, i))
                                for i in range(n)]
     peers = {comp: addrs[0] for comp, addrs in addresses.items()}
-    remote_peers: dict[str, ActorAddress] = {}
-    remote_replicas: dict[str, list[ActorAddress]] = {}
+    admins: list[tuple[str, ActorAddress | None]] = []
     if remote is not None:
-        registered = global_actors(remote)
-        for comp in COMPONENTS:
-            found = [registered[n] for n in replica_names(comp, registered)]
-            if comp not in peers and found:
-                remote_peers[comp], remote_replicas[comp] = found[0], found
-        # Every replica over there learns this system's replicas, so whichever leads there,
-        # now or after a failover, greets the ones here (and the reverse, through Start).
-        tell = SetPeers(dict(peers), replicas={k: list(v) for k, v in addresses.items()})
-        for comp, found in remote_replicas.items():
+        admins.append((f"{remote.cei_admin_host}:{remote.cei_admin_port}", None))
+    admins += [(p, admin_address(p)) for p in peer_admins]
+    elsewhere: list[tuple[str, dict[str, list[ActorAddress]]]] = []
+    remote_replicas: dict[str, list[ActorAddress]] = {}
+    for label, admin in admins:
+        try:
+            registered = global_actors(remote if admin is None else asys, timeout=5.0, admin=admin)
+        except SystemNotRunning:
+            if admin is None:
+                raise LaunchError(f"the joined system at {label} does not answer") from None
+            say(f"the admin at {label} does not answer: skipped")
+            continue
+        found = {c: [registered[n] for n in replica_names(c, registered)] for c in COMPONENTS}
+        found = {c: v for c, v in found.items() if v}
+        elsewhere.append((label, found))
+        for comp, replicas in found.items():
+            known = remote_replicas.setdefault(comp, [])
+            known += [r for r in replicas if r not in known]
+    remote_peers = {comp: found[0] for comp, found in remote_replicas.items() if comp not in peers}
+    every = {c: [*addresses.get(c, []), *remote_replicas.get(c, [])] for c in COMPONENTS}
+    every = {c: v for c, v in every.items() if v}
+    # Every replica over there learns every replica here (the whole list: SetPeers replaces
+    # it), and the components it lacks that this system runs, so whichever leads there, now or
+    # after a failover, greets the ones here (and the reverse, through Start).
+    for label, found in elsewhere:
+        tell = SetPeers({c: a for c, a in peers.items() if c not in found},
+                        replicas={c: list(every[c]) for c in addresses})
+        for comp, replicas in found.items():
             answered = 0
-            for address in found:
+            for address in replicas:
                 try:
                     with ServiceClient(asys, address, timeout=10.0) as client:
                         client.call(tell)
                     answered += 1
                 except (RequestFailed, OutcomeUnknown) as exc:
                     say(f"{comp} replica at {address} did not take this system's peers: {exc}")
-            if not answered:
-                raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
-                                  f"{remote.cei_admin_port} answers")
+            if not answered and comp in remote_peers:
+                raise LaunchError(f"no replica of {comp} in the system at {label} answers")
     needed = {"pd"} if plan.static_nodes else set(REQUIRED)
     missing = sorted(needed - set(peers) - set(remote_peers))
-    if missing and remote is not None:
+    if missing and admins:
         raise LaunchError(f"no {', '.join(missing)}: neither in this plan's components nor in "
-                          f"the system at 127.0.0.1:{remote.cei_admin_port}")
+                          f"the system(s) at {', '.join(label for label, _ in admins)}")
     if missing:
         say(f"this system runs no {', '.join(missing)}: another system must join it (multi-host)")
     peers.update(remote_peers)
     heads: dict[str, int] = {}
     for comp, addrs in addresses.items():
-        replicas = {**remote_replicas, **addresses}
         start = Start(plan.log_url, config=plan.start_config(comp),
                       peers={k: v for k, v in peers.items() if k != comp},
-                      replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
+                      replicas={k: list(v) for k, v in every.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
+        if comp in remote_replicas:  # it leads elsewhere: these are standbys
+            for replica in addrs:
+                with ServiceClient(asys, replica) as other:
+                    other.tell(start)
+            _wait_started(asys, comp, addrs)
+            say(f"{comp} started here as standby: another host's replica leads")
+            continue
         started = _start_first(asys, comp, addrs[0], start)
         for standby in addrs[1:]:
             with ServiceClient(asys, standby) as other:
@@ -251,41 +297,84 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         heads[comp] = started.head
         say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
             f"replayed {started.head} events")
+    own = None if port is None else f"{current_network().advertise}:{port}"
     # EEAgents join the system whose admin knows the PD by name
     if "provisioner" in addresses:
-        agent_port = port if "pd" in addresses or remote is None else remote.cei_admin_port
-        load_registry(ProvisionerClient(ServiceClient(asys, peers["provisioner"])), plan,
-                      agent_port, say)
+        agent_admin = own if "pd" in addresses or remote is None else \
+            f"{remote.cei_admin_host}:{remote.cei_admin_port}"
+        load_registry(ProvisionerClient(ServiceClient(asys, _serving(asys, every["provisioner"]))),
+                      plan, agent_admin, say)
     elif "provisioner" in peers and "pd" in addresses:
-        point_agents_at(ProvisionerClient(ServiceClient(asys, peers["provisioner"])), port, say)
+        point_agents_at(ProvisionerClient(ServiceClient(asys, _serving(asys, every["provisioner"]))),
+                        own, say)
     agents: list[str] = []
     if "pd" in addresses:
-        pd = PDClient(ServiceClient(asys, peers["pd"], timeout=30.0))
-        if heads["pd"] > 0:
+        pd_leader = _serving(asys, every["pd"])
+        pd = PDClient(ServiceClient(asys, pd_leader, timeout=30.0))
+        if heads.get("pd", 0) > 0:
             # The previous run's nodes are gone (down terminated them): evacuate and requeue.
             pd.set_system_boot(True)
             pd.set_system_boot(False)
-        agents = start_static_nodes(asys, plan, home, addresses["pd"], pd, say)
+        agents = start_static_nodes(asys, plan, home, every["pd"], pd, say, leader=pd_leader)
     pids = {}
     for comp, addrs in addresses.items():
         for i, addr in enumerate(addrs):
             with ServiceClient(asys, addr, timeout=10.0) as client:
                 pids[replica_name(comp, i)] = client.call(Status())["pid"]
+    net = current_network()
     return {
         "admin_port": port,
+        "admin_host": net.advertise,
+        "network": net.as_dict(),
         "base": getattr(asys, "cei_base", TCP_BASE),
         "log_url": plan.log_url,
         "plan": plan.source,
         "home": str(home),
         "components": {comp: [replica_name(comp, i) for i in range(len(addrs))]
                        for comp, addrs in addresses.items()},
-        "remote": ({"admin_port": remote.cei_admin_port, "components": sorted(remote_peers)}
+        "remote": ({"admin_port": remote.cei_admin_port, "admin_host": remote.cei_admin_host,
+                    "components": sorted(remote_peers)}
                    if remote is not None else None),
+        "peer_admins": list(peer_admins),
         "static_nodes": agents,
         "node_dirs": [str(d) for d in _node_dirs(plan, home)],
         "pids": pids,
         "started_at": time.time(),
     }
+
+
+def _wait_started(asys: ActorSystem, comp: str, addrs: list[ActorAddress]) -> None:
+    """Wait (``START_TIMEOUT``) until every replica answers ``Status`` past its start."""
+    deadline = time.monotonic() + START_TIMEOUT
+    for address in addrs:
+        while True:
+            try:
+                with ServiceClient(asys, address, timeout=2.0) as client:
+                    mode = client.call(Status()).get("mode")
+            except (RequestFailed, OutcomeUnknown):
+                mode = None
+            if mode not in (None, "idle"):
+                break
+            if time.monotonic() > deadline:
+                raise LaunchError(f"{comp} replica at {address} did not start (mode {mode})")
+            time.sleep(0.2)
+
+
+def _serving(asys: ActorSystem, replicas: list[ActorAddress], timeout: float = START_TIMEOUT) -> ActorAddress:
+    """The replica among ``replicas`` that leads and is ready (waiting up to ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for address in replicas:
+            try:
+                with ServiceClient(asys, address, timeout=2.0) as client:
+                    status = client.call(Status())
+            except (RequestFailed, OutcomeUnknown):
+                continue
+            if status.get("ready") and status.get("leader"):
+                return address
+        if time.monotonic() > deadline:
+            raise LaunchError(f"no replica of {len(replicas)} leads and is ready")
+        time.sleep(0.2)
 
 
 def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Start) -> Started:
@@ -320,16 +409,16 @@ def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Sta
     return started
 
 
-def load_registry(prov: ProvisionerClient, plan: Plan, admin_port: int | None, say: Progress) -> None:
+def load_registry(prov: ProvisionerClient, plan: Plan, admin: str | None, say: Progress) -> None:
     """Add or update the plan's sites, deployable types and credentials; enable provisioning."""
     reg = plan.registry
     for name, site in reg["sites"].items():
         site = dict(site)
         if site.get("type") == "local":
-            if admin_port is None:
+            if admin is None:
                 raise LaunchError(f"site {name!r}: the local cloud needs the TCP base "
                                   "(its EEAgent processes join the system by its admin port)")
-            site["vars"] = {**(site.get("vars") or {}), "admin_port": admin_port}
+            site["vars"] = {**(site.get("vars") or {}), **_admin_vars(admin)}
         _put(prov.describe_site, prov.add_site, prov.update_site, name, site)
     for name, dt in reg["deployable_types"].items():
         _put(prov.describe_dt, prov.add_dt, prov.update_dt, name, dict(dt))
@@ -340,13 +429,22 @@ def load_registry(prov: ProvisionerClient, plan: Plan, admin_port: int | None, s
         f"type(s), {len(reg['credentials'])} credential set(s)")
 
 
-def point_agents_at(prov: ProvisionerClient, admin_port: int | None, say: Progress) -> None:
-    """Make the local sites of a (remote) Provisioner start EEAgents that join ``admin_port``."""
+def point_agents_at(prov: ProvisionerClient, admin: str, say: Progress) -> None:
+    """Make the local sites of a (remote) Provisioner start EEAgents that join ``admin``
+    (``HOST:PORT``)."""
     for name in prov.list_sites():
         site = prov.describe_site(name)
-        if site.get("type") == "local" and (site.get("vars") or {}).get("admin_port") != admin_port:
-            prov.update_site(name, {**site, "vars": {**(site.get("vars") or {}), "admin_port": admin_port}})
-            say(f"site {name}: new nodes join 127.0.0.1:{admin_port}")
+        wanted = _admin_vars(admin)
+        have = site.get("vars") or {}
+        if site.get("type") == "local" and any(have.get(k) != v for k, v in wanted.items()):
+            prov.update_site(name, {**site, "vars": {**have, **wanted}})
+            say(f"site {name}: new nodes join {admin}")
+
+
+def _admin_vars(admin: str) -> dict[str, Any]:
+    """A local site's command variables for the admin its EEAgents join: ``{admin}``
+    (``HOST:PORT``) and ``{admin_port}``."""
+    return {"admin": admin, "admin_port": int(admin.rpartition(":")[2])}
 
 
 def _put(describe: Callable, add: Callable, update: Callable, name: str, value: dict) -> None:
@@ -360,11 +458,12 @@ def _put(describe: Callable, add: Callable, update: Callable, name: str, value: 
 
 
 def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: list[ActorAddress],
-                       pd: PDClient, say: Progress) -> list[str]:
+                       pd: PDClient, say: Progress, leader: ActorAddress | None = None) -> list[str]:
     """Start an in-system EEAgent per static node and announce it to the PD.
 
-    Every PD replica holds the agent as a peer, so the one that leads after a failover says
-    ``Hello`` to it and the agent follows (``pd_replicas[0]`` leads at first)."""
+    Every PD replica (this host's and the others') holds the agent as a peer, so the one that
+    leads after a failover says ``Hello`` to it and the agent follows (``leader``, default
+    ``pd_replicas[0]``, leads at first)."""
     if not plan.static_nodes:
         return []
     from ..eeagent.actor import AgentConfig
@@ -377,7 +476,7 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: l
         name = agent_name(node.node_id)
         addr = asys.createActor(AGENT_CLASS, globalName=name)
         conf = AgentConfig(node.node_id, node.node_id, node.slots,
-                           str(home / "static" / node.node_id), pd_replicas[0],
+                           str(home / "static" / node.node_id), leader or pd_replicas[0],
                            heartbeat_interval=float(engine.get("heartbeat_period", 30.0)), grace=2.0)
         _ask_bare(asys, addr, conf)
         for replica in pd_replicas:
@@ -451,7 +550,8 @@ class Connection:
         if component in remote.get("components", []):
             if self._remote is None:
                 try:
-                    self._remote = attach_system(int(remote["admin_port"]))
+                    self._remote = attach_system(
+                        f"{remote.get('admin_host') or current_network().advertise}:{remote['admin_port']}")
                 except SystemNotRunning:
                     return [component], None
             return [component], self._remote
@@ -573,6 +673,15 @@ class Connection:
         self.close()
 
 
+def _adopt_network(info: dict[str, Any]) -> None:
+    """A process still on the default (loopback) settings takes the system's own (a CLI on
+    that host); one configured otherwise keeps its own (a test on the hosts' bridge)."""
+    recorded = info.get("network")
+    if recorded and current_network() == Network() and not Network(**{
+            **recorded, "allow": tuple(recorded.get("allow", ()))}).is_loopback:
+        use_network(Network(recorded["listen"], recorded["advertise"], tuple(recorded.get("allow", ()))))
+
+
 def connect(home: Path, timeout: float = 10.0) -> Connection:
     """A :class:`Connection` to the system up in ``home``; :class:`NotRunning` if there is none."""
     home = Path(home).expanduser().resolve()
@@ -585,11 +694,13 @@ def connect(home: Path, timeout: float = 10.0) -> Connection:
         raise NotRunning(f"system not up in {home}: no {SECRET_FILE} file to talk to it with "
                          f"(stale {INFO_FILE}?)")
     use_secret_file(home / SECRET_FILE)
+    _adopt_network(info)
+    admin = f"{info.get('admin_host') or current_network().advertise}:{info['admin_port']}"
     try:
-        asys = attach_system(int(info["admin_port"]))
+        asys = attach_system(admin)
     except SystemNotRunning:
-        raise NotRunning(f"system not up in {home}: nothing answers on 127.0.0.1:"
-                         f"{info['admin_port']} (stale {INFO_FILE}?)") from None
+        raise NotRunning(f"system not up in {home}: nothing answers on {admin} "
+                         f"(stale {INFO_FILE}?)") from None
     return Connection(asys, info, timeout)
 
 
@@ -619,7 +730,7 @@ def down(home: Path, progress: Progress | None = None) -> dict[str, Any]:
         finally:
             conn.close()
         with contextlib.suppress(SystemNotRunning):
-            asys = attach_system(int(info["admin_port"]))
+            asys = attach_system(f"{info.get('admin_host') or current_network().advertise}:{info['admin_port']}")
             asys.shutdown()
         say("actor system shut down")
     node_dirs = [Path(d) for d in info.get("node_dirs", [])] + [home / "static"]
@@ -767,12 +878,13 @@ def _stdio_to(path: Path) -> Iterator[None]:
         os.close(out)
 
 
-def _port_of(address: int | str) -> int:
-    text = str(address)
-    host, _, port = text.rpartition(":")
-    if host not in ("", "127.0.0.1", "localhost") or not port.isdigit():
-        raise LaunchError(f"join {address!r}: expected PORT or 127.0.0.1:PORT")
-    return int(port)
+def _address_of(address: int | str) -> str:
+    """``HOST:PORT`` of another admin given as ``PORT`` (this host) or ``HOST:PORT``."""
+    try:
+        host, port = split_host_port(address)
+    except NetworkError as exc:
+        raise LaunchError(f"admin {address!r}: {exc}") from None
+    return f"{host}:{port}"
 
 
 def _port_answers(port: int) -> bool:
@@ -797,7 +909,7 @@ def _stat(pid: int) -> tuple[str, int] | None:
 
 
 def _listener_pid(port: int) -> int | None:
-    """The pid of the process listening on 127.0.0.1:``port`` (from /proc), or None."""
+    """The pid of the process listening on ``port`` in this network namespace (from /proc), or None."""
     inodes = set()
     with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:

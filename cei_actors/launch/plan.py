@@ -29,6 +29,17 @@ it). Top-level keys, all optional except where noted::
       domains: {ID: {definition: ID, config: {...}}}
     static_nodes:                 # EEAgents announced directly to the PD (no EPUM, no
       - {node_id: n1, engine: default, slots: 4}   # Provisioner): the original's harness
+    network:                      # this host's transport (docs/multi-host.md; default loopback)
+      listen: 198.18.0.1          # the address every socket binds (0.0.0.0 only with
+      allow_wildcard: false       #   allow_wildcard: true, and then advertise is required)
+      advertise: 198.18.0.1       # the address peers connect to (default: listen)
+      allow: [198.18.0.0/24]      # peer networks accepted (CIDR); required off loopback
+      admin_port: 1900            # the admin's port (default: a free one); other hosts join it
+      join: 198.18.0.2:1900       # another host's admin: this system joins its convention
+      peers: [198.18.0.2:1900, 198.18.0.3:1900]   # other hosts' admins: their components are
+                                  # found there (those that answer at `up`)
+      secret_file: /etc/cei/secret  # the system's secret (32 bytes, 0600), the same file on
+                                  # every host; copied to HOME/secret at every `up`
 
 ``log_history`` becomes the log URL's ``archive`` and ``keep_snapshots`` options (unless the URL
 sets them itself; not for ``memory://``), so every process that opens the log, ``cei log``
@@ -54,6 +65,8 @@ from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import yaml
 
+from ..runtime.network import Network, NetworkError, split_host_port
+
 __all__ = [
     "COMPONENTS",
     "CREDENTIALS_KEY_FILE",
@@ -74,7 +87,9 @@ DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
 #: The default credentials key file under the home.
 CREDENTIALS_KEY_FILE = "credentials.key"
 
-_TOP = {"log", "session_timeout", "log_history", "components", "registry", "pd", "epum", "static_nodes"}
+_TOP = {"log", "session_timeout", "log_history", "components", "registry", "pd", "epum", "static_nodes",
+        "network"}
+_NETWORK_KEYS = {"listen", "advertise", "allow", "allow_wildcard", "admin_port", "join", "peers", "secret_file"}
 _HISTORY_KEYS = {"archive", "keep_snapshots"}
 _COMPONENT_KEYS = {"replicas", "config"}
 _REGISTRY_KEYS = {"sites", "deployable_types", "credentials"}
@@ -122,6 +137,13 @@ class Plan:
     epum: dict[str, Any]
     static_nodes: tuple[StaticNode, ...] = ()
     source: str = DEFAULT_SOURCE
+    #: this host's transport settings (:class:`~cei_actors.runtime.network.Network`)
+    network: Network = field(default_factory=Network)
+    #: the admin's port (None: a free one), the admin to join (``HOST:PORT``), the secret file
+    admin_port: int | None = None
+    join: str | None = None
+    peers: tuple[str, ...] = ()
+    secret_file: str | None = None
 
     def start_config(self, component: str) -> dict[str, Any]:
         """The ``Start.config`` of ``component``: its own config plus what the plan implies."""
@@ -317,6 +339,7 @@ class _Validator:
         pd = self.pd(top.get("pd"))
         epum = self.epum(top.get("epum"))
         registry = self.registry(top.get("registry"))
+        net = self.network(top.get("network"))
         for i, node in enumerate(static):
             engine = node.get("engine") or next(iter(pd["engines"]))
             if engine not in pd["engines"]:
@@ -332,9 +355,56 @@ class _Validator:
             epum=epum,
             static_nodes=tuple(StaticNode(**n) for n in static),
             source=self.source,
+            **net,
         )
         self.component_configs(plan)
         return plan
+
+    def network(self, value: Any) -> dict[str, Any]:
+        """The ``network`` keys as :class:`Plan` fields."""
+        raw = self.mapping(value, "network", _NETWORK_KEYS)
+        wildcard = raw.get("allow_wildcard", False)
+        if not isinstance(wildcard, bool):
+            raise self.fail("network.allow_wildcard", f"expected true or false, got {wildcard!r}")
+        allow = raw.get("allow") or []
+        if isinstance(allow, str):
+            allow = [allow]
+        if not isinstance(allow, list):
+            raise self.fail("network.allow", f"expected a list of networks (CIDR), got {allow!r}")
+        try:
+            net = Network.build(raw.get("listen"), raw.get("advertise"), [str(a) for a in allow], wildcard)
+        except NetworkError as exc:
+            raise self.fail("network", str(exc)) from None
+        port = raw.get("admin_port")
+        if port is not None:
+            port = self.count(port, "network.admin_port", 1)
+            if port > 65535:
+                raise self.fail("network.admin_port", f"expected a TCP port, got {port}")
+        join = raw.get("join")
+        if join is not None:
+            join = self.admin(join, net, "network.join")
+        peers = raw.get("peers") or []
+        if not isinstance(peers, list):
+            raise self.fail("network.peers", f"expected a list of HOST:PORT, got {peers!r}")
+        peers = tuple(self.admin(p, net, f"network.peers.{i}") for i, p in enumerate(peers))
+        secret = raw.get("secret_file")
+        if secret is not None and (not isinstance(secret, str) or not secret):
+            raise self.fail("network.secret_file", f"expected a file path, got {secret!r}")
+        if secret is not None:
+            from ..runtime.secure import SecretError, read_secret
+
+            try:  # a missing or open secret fails here, not at up
+                read_secret(secret)
+            except SecretError as exc:
+                raise self.fail("network.secret_file", str(exc)) from None
+        return {"network": net, "admin_port": port, "join": join, "peers": peers, "secret_file": secret}
+
+    def admin(self, value: Any, net: Network, key: str) -> str:
+        try:
+            host, port = split_host_port(str(value), net.advertise)
+        except NetworkError as exc:
+            raise self.fail(key, str(exc)) from None
+        return f"{host}:{port}"
 
     def session_timeout(self, value: Any, log: str) -> str:
         """``log`` with ``session_timeout=value`` in its query (zk:// only; others unchanged)."""

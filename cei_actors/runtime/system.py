@@ -1,14 +1,15 @@
-"""Starting, attaching to and stopping thespian actor systems, on 127.0.0.1 only.
+"""Starting, attaching to and stopping thespian actor systems, on 127.0.0.1 unless configured.
 
 Bases: ``simpleSystemBase`` (one thread, in process: tests, the simulator) and
 ``multiprocTCPBase`` (an admin process and one process per actor, talking TCP).
 
-**Loopback only.** thespian's TCP transport binds every listening socket to all interfaces
-(``IPActorAddress.bindname`` is ``('', port)`` for any "external" address) and advertises the
-address it finds by routing toward a public IP. ``THESPIAN_BASE_IPADDR=127.0.0.1`` fixes only
-the advertised address. :func:`ensure_loopback` therefore also replaces the one property every
-bind goes through, ``IPActorAddress.bindArgs``, so that a wildcard bind (``''`` or
-``0.0.0.0``) becomes a bind to ``127.0.0.1``. That covers the admin's, the logger's, every
+**Loopback unless configured.** thespian's TCP transport binds every listening socket to all
+interfaces (``IPActorAddress.bindname`` is ``('', port)`` for any "external" address) and
+advertises the address it finds by routing toward a public IP. ``THESPIAN_BASE_IPADDR`` fixes
+only the advertised address. :func:`.network.use_network` therefore also replaces the one
+property every bind goes through, ``IPActorAddress.bindArgs``, so that a wildcard bind (``''``
+or ``0.0.0.0``) becomes a bind to the configured listening address (default ``127.0.0.1``;
+another host's address with an allowlist of peer networks, :mod:`.network`). That covers the admin's, the logger's, every
 actor's and every external endpoint's listening socket and the admin-port probe. The patch is
 applied in the starting process before the admin is forked, and the admin and actor
 processes are forked from it (the ``fork`` start method is forced), so they inherit it.
@@ -43,7 +44,6 @@ double-forks, so it and its actors escape the caller's process group (see docs/d
 from __future__ import annotations
 
 import contextlib
-import os
 import socket
 import threading
 from collections.abc import Iterable
@@ -52,6 +52,14 @@ from typing import Any
 
 from thespian.actors import ActorAddress, ActorExitRequest, ActorSystem, InvalidActorAddress
 
+from .network import (
+    ADMIN_HOST_CAPABILITY,
+    Network,
+    NetworkError,
+    current_network,
+    split_host_port,
+    use_network,
+)
 from .secure import resolve_secret_file, use_secret_file
 
 LOOPBACK = "127.0.0.1"
@@ -59,61 +67,39 @@ TCP_BASE = "multiprocTCPBase"
 SIMPLE_BASE = "simpleSystemBase"
 BASES = (SIMPLE_BASE, TCP_BASE)
 
-_WILDCARDS = ("", "0.0.0.0", None)
-
 
 class SystemNotRunning(RuntimeError):
     """No actor system admin answers at the given port."""
 
 
-def ensure_loopback() -> None:
-    """Make thespian's IP transports bind and advertise 127.0.0.1 only (idempotent).
-
-    Sets ``THESPIAN_BASE_IPADDR`` (the advertised address) and patches
-    ``thespian.system.transport.IPBase.IPActorAddress.bindArgs`` so wildcard binds go to
-    127.0.0.1. Call it before the system starts (the functions here do).
-    """
-    os.environ["THESPIAN_BASE_IPADDR"] = LOOPBACK
-    from thespian.system.transport import IPBase
-
-    cls = IPBase.IPActorAddress
-    if getattr(cls, "_cei_loopback_only", False):
-        return
-
-    def bind_args(self: Any) -> tuple[tuple[Any, ...]]:
-        name = tuple(self.bindname)
-        if name and name[0] in _WILDCARDS:
-            name = (LOOPBACK, *name[1:])
-        return (name,)
-
-    cls.bindArgs = property(bind_args, doc="Bind address: wildcards become 127.0.0.1 (cei_actors).")
-    cls._cei_loopback_only = True
+def _own_host() -> str:
+    net = current_network()
+    return net.advertise if net.listen == "0.0.0.0" else net.listen
 
 
 def free_port() -> int:
-    """A TCP port that is free on 127.0.0.1 right now."""
+    """A TCP port that is free on this process's listening address right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((LOOPBACK, 0))
+        s.bind((_own_host(), 0))
         return s.getsockname()[1]
 
 
-def _port_open(port: int, timeout: float = 0.5) -> bool:
+def _port_open(port: int, timeout: float = 0.5, host: str | None = None) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         try:
-            s.connect((LOOPBACK, port))
+            s.connect((host or _own_host(), port))
         except OSError:
             return False
         return True
 
 
 def _convention_address(convention: int | str) -> str:
-    if isinstance(convention, int):
-        return f"{LOOPBACK}:{convention}"
-    host, _, port = str(convention).rpartition(":")
-    if host not in (LOOPBACK, "localhost") or not port.isdigit():
-        raise ValueError(f"convention {convention!r}: expected a port or 127.0.0.1:PORT")
-    return f"{LOOPBACK}:{port}"
+    try:
+        host, port = split_host_port(convention)
+    except NetworkError as exc:
+        raise ValueError(f"convention {convention!r}: expected a port or HOST:PORT ({exc})") from None
+    return f"{host}:{port}"
 
 
 def start_system(
@@ -124,12 +110,14 @@ def start_system(
     capabilities: dict[str, Any] | None = None,
     log_defs: Any = None,
     secret_file: str | Path | None = None,
+    network: Network | None = None,
 ) -> ActorSystem:
     """Start a new actor system and return a handle on it; shut it down with :func:`shutdown_system`.
 
-    TCP base: the admin listens on ``127.0.0.1:admin_port`` (a free port if None; if something
-    already listens on the given port this raises instead of joining it); ``convention`` (a
-    port or ``127.0.0.1:PORT``) makes it a member of the convention led by that admin. The
+    TCP base: the admin listens on ``LISTEN:admin_port`` (``network``, else this process's
+    settings, default 127.0.0.1; a free port if None; if something already listens on the
+    given port this raises instead of joining it); ``convention`` (a port or ``HOST:PORT``)
+    makes it a member of the convention led by that admin. The
     system outlives this process: always shut it down. Simple base: runs in this thread when
     you ``ask``/``tell``/``listen``; it does not touch logging unless ``log_defs`` is given.
 
@@ -145,10 +133,10 @@ def start_system(
         return asys
     if base != TCP_BASE:
         raise ValueError(f"unsupported actor system base {base!r}: use one of {', '.join(BASES)}")
-    ensure_loopback()
+    use_network(network)
     use_secret_file(resolve_secret_file(secret_file, create=True))
     if admin_port and _port_open(admin_port):
-        raise RuntimeError(f"127.0.0.1:{admin_port} is in use: use attach_system() to join a running system")
+        raise RuntimeError(f"{_own_host()}:{admin_port} is in use: use attach_system() to join a running system")
     attempts = 1 if admin_port else 3
     for attempt in range(attempts):
         port = admin_port or free_port()
@@ -169,8 +157,9 @@ def start_system(
     raise AssertionError("unreachable")
 
 
-def attach_system(admin_port: int, secret_file: str | Path | None = None) -> ActorSystem:
-    """Join the running TCP actor system at ``127.0.0.1:admin_port`` as an external endpoint.
+def attach_system(admin_port: int | str, secret_file: str | Path | None = None) -> ActorSystem:
+    """Join the running TCP actor system at ``admin_port`` (``PORT``: on this host's address;
+    ``HOST:PORT``: another host's admin) as an external endpoint.
 
     Starts nothing: raises :class:`SystemNotRunning` if no admin listens there or the one that
     listens does not answer (thespian's own constructor would start an admin of its own once
@@ -180,20 +169,27 @@ def attach_system(admin_port: int, secret_file: str | Path | None = None) -> Act
     (:class:`.secure.SecretError` if neither); an admin holding another key refuses us,
     which also reads as :class:`SystemNotRunning`.
     """
-    ensure_loopback()
+    use_network()
     secret = use_secret_file(resolve_secret_file(secret_file))
     _guard_admin_start()
-    if not _port_open(admin_port):
-        raise SystemNotRunning(f"no actor system admin listens on {LOOPBACK}:{admin_port}")
+    try:
+        host, port = split_host_port(admin_port, _own_host())
+    except NetworkError as exc:
+        raise ValueError(f"admin {admin_port!r}: {exc}") from None
+    if not _port_open(port, host=host):
+        raise SystemNotRunning(f"no actor system admin listens on {host}:{port}")
+    caps: dict[str, Any] = {"Admin Port": port}
+    if host != _own_host():
+        caps[ADMIN_HOST_CAPABILITY] = host
     _attach_only.on = True
     try:
-        asys = ActorSystem(TCP_BASE, capabilities={"Admin Port": admin_port}, transientUnique=True)
+        asys = ActorSystem(TCP_BASE, capabilities=caps, transientUnique=True)
     except (SystemNotRunning, InvalidActorAddress):
-        raise SystemNotRunning(f"no actor system admin answers on {LOOPBACK}:{admin_port} "
-                               f"(or it holds another secret than {secret})") from None
+        raise SystemNotRunning(f"no actor system admin answers on {host}:{port} "
+                               f"(or it holds another secret than {secret}, or refuses this host)") from None
     finally:
         _attach_only.on = False
-    asys.cei_base, asys.cei_admin_port = TCP_BASE, admin_port
+    asys.cei_base, asys.cei_admin_port, asys.cei_admin_host = TCP_BASE, port, host
     asys.cei_attached = True
     return asys
 
@@ -217,6 +213,15 @@ def _guard_admin_start() -> None:
 
     multiprocessCommon._startAdmin = start_admin
     multiprocessCommon._cei_guarded = True
+    from thespian.system.transport.TCPTransport import TCPTransport
+
+    original_probe = TCPTransport.probeAdmin
+
+    def probe_admin(addr: Any) -> bool:
+        # thespian probes by binding the admin's port here: another host's admin is not here
+        return True if getattr(_attach_only, "on", False) else original_probe(addr)
+
+    TCPTransport.probeAdmin = staticmethod(probe_admin)
 
 
 def detach_system(asys: ActorSystem) -> None:
@@ -285,15 +290,26 @@ def start_actor(
     return address
 
 
-def global_actors(asys: ActorSystem, timeout: float = 5.0) -> dict[str, ActorAddress]:
-    """Every registered global name and its address, asking the admin once. Creates nothing."""
+def admin_address(host_port: str) -> ActorAddress:
+    """The actor address of the TCP admin at ``HOST:PORT`` (another host's, say)."""
+    from thespian.system.transport.IPBase import TCPv4ActorAddress
+
+    host, port = split_host_port(host_port)
+    return ActorAddress(TCPv4ActorAddress(host, port, external=True))
+
+
+def global_actors(asys: ActorSystem, timeout: float = 5.0,
+                  admin: ActorAddress | None = None) -> dict[str, ActorAddress]:
+    """Every registered global name and its address, asking the admin once (``admin``: another
+    system's admin, see :func:`admin_address`; default the one ``asys`` belongs to). Creates
+    nothing."""
     base = asys._systemBase
     if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # the simple base
         return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
     from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
 
     with asys.private() as ctx:
-        reply = ctx.ask(base.adminAddr, Thespian_StatusReq(), timeout)
+        reply = ctx.ask(admin or base.adminAddr, Thespian_StatusReq(), timeout)
     if not isinstance(reply, Thespian_SystemStatus):
         raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
     return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}
@@ -323,9 +339,9 @@ __all__ = [
     "SIMPLE_BASE",
     "TCP_BASE",
     "SystemNotRunning",
+    "admin_address",
     "attach_system",
     "detach_system",
-    "ensure_loopback",
     "free_port",
     "global_actors",
     "lookup",

@@ -233,7 +233,7 @@ def listening_sockets(pid: int) -> list[tuple[str, int]]:
     """
     inodes = _socket_inodes(pid)
     found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):  # the process's namespace
         try:
             with open(table) as f:
                 rows = f.read().splitlines()[1:]
@@ -330,12 +330,18 @@ class ZkNode:
         client_port: int,
         peer_port: int | None = None,
         election_port: int | None = None,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
     ) -> None:
         self.sid = sid
         self.directory = directory
         self.client_port = client_port
         self.peer_port = peer_port
         self.election_port = election_port
+        #: the address it binds and is reached at (another network namespace's, say)
+        self.host = host
+        #: a command prefix it runs under, e.g. ``ip netns exec NAME`` (cei_actors.testing.netns)
+        self.wrap = list(wrap)
         self._proc: subprocess.Popen[bytes] | None = None
 
     def __repr__(self) -> str:
@@ -343,8 +349,8 @@ class ZkNode:
 
     @property
     def address(self) -> str:
-        """``"127.0.0.1:client_port"``."""
-        return f"{LOOPBACK}:{self.client_port}"
+        """``"HOST:client_port"`` (HOST: 127.0.0.1 unless given)."""
+        return f"{self.host}:{self.client_port}"
 
     @property
     def config_path(self) -> Path:
@@ -374,7 +380,7 @@ class ZkNode:
 
     def mode(self, timeout: float = _PROBE_TIMEOUT) -> str | None:
         """Mode reported by ``srvr``, or None if the server does not answer or serve."""
-        return server_mode(self.client_port, timeout=timeout)
+        return server_mode(self.client_port, host=self.host, timeout=timeout)
 
     def log_tail(self, lines: int = 30) -> str:
         """The last ``lines`` lines of this server's log."""
@@ -386,12 +392,12 @@ class ZkNode:
         cfg: dict[str, Any] = {
             "dataDir": self.data_dir,
             "clientPort": self.client_port,
-            "clientPortAddress": LOOPBACK,
+            "clientPortAddress": self.host,
             **settings,
         }
         lines = [f"{k}={v}" for k, v in cfg.items()]
         for s in servers:
-            lines.append(f"server.{s.sid}={LOOPBACK}:{s.peer_port}:{s.election_port}")
+            lines.append(f"server.{s.sid}={s.host}:{s.peer_port}:{s.election_port}")
         if servers:
             (self.data_dir / "myid").write_text(f"{self.sid}\n")
         self.config_path.write_text("\n".join(lines) + "\n")
@@ -401,10 +407,10 @@ class ZkNode:
         if self.running:
             raise ZkError(f"server {self.sid} is already running (pid {self.pid})")
         for port in (self.client_port, self.peer_port, self.election_port):
-            if port is not None and not _port_free(port):
+            if port is not None and self.host == LOOPBACK and not _port_free(port):
                 # Another server there would answer our readiness probe: refuse to start.
                 raise ZkError(f"server {self.sid}: port {LOOPBACK}:{port} is already in use")
-        argv = [*command, str(self.config_path)]
+        argv = [*self.wrap, *command, str(self.config_path)]
         # Without detach, the kernel kills the server if this process dies abruptly (the
         # parent-death signal follows the forking thread, so only from the main thread).
         setpriv = shutil.which("setpriv")
@@ -432,7 +438,7 @@ class ZkNode:
                 code = None if self._proc is None else self._proc.returncode
                 raise ZkError(self._failure(f"the process exited with code {code}", last))
             try:
-                reply = four_letter_word(self.client_port, "srvr")
+                reply = four_letter_word(self.client_port, "srvr", self.host)
                 mode = _parse_mode(reply)
                 if mode:
                     return mode
@@ -510,11 +516,15 @@ class _Cluster:
         jvm_args: Sequence[str],
         start_timeout: float,
         detach: bool,
+        hosts: Sequence[str] | None = None,
+        wrappers: Sequence[Sequence[str]] | None = None,
     ) -> None:
         if n < 1:
             raise ValueError("need at least one server")
         if client_ports is not None and len(client_ports) != n:
             raise ValueError(f"need {n} client ports, got {len(client_ports)}")
+        if hosts is not None and len(hosts) != n or wrappers is not None and len(wrappers) != n:
+            raise ValueError(f"need {n} hosts and wrappers, one per server")
         self._owns_directory = directory is None
         self.directory = Path(directory or tempfile.mkdtemp(prefix="zk-")).resolve()
         self.standalone = standalone
@@ -548,7 +558,8 @@ class _Cluster:
             peer = None if standalone else next(pool)
             election = None if standalone else next(pool)
             self.nodes.append(
-                ZkNode(i + 1, self.directory / f"server{i + 1}", client, peer, election)
+                ZkNode(i + 1, self.directory / f"server{i + 1}", client, peer, election,
+                       host=hosts[i] if hosts else LOOPBACK, wrap=wrappers[i] if wrappers else ())
             )
 
     def __repr__(self) -> str:
@@ -691,6 +702,7 @@ class _Cluster:
                     "client_port": node.client_port,
                     "peer_port": node.peer_port,
                     "election_port": node.election_port,
+                    "host": node.host,
                     "pid": node.pid,
                 }
                 for node in self.nodes
@@ -720,6 +732,8 @@ class ZkServer(_Cluster):
         jvm_args: Sequence[str] = (),
         start_timeout: float = 30.0,
         detach: bool = False,
+        host: str = LOOPBACK,
+        wrap: Sequence[str] = (),
     ) -> None:
         super().__init__(
             1,
@@ -735,6 +749,8 @@ class ZkServer(_Cluster):
             jvm_args,
             start_timeout,
             detach,
+            [host],
+            [wrap],
         )
 
     def __enter__(self) -> ZkServer:
@@ -768,7 +784,9 @@ class ZkEnsemble(_Cluster):
     """An ensemble of ``n`` ZooKeeper servers on 127.0.0.1 (server ids 1..n, indices 0..n-1).
 
     :meth:`start` returns once every server serves as leader or follower. ``directory``
-    defaults to a temporary directory removed by :meth:`stop`.
+    defaults to a temporary directory removed by :meth:`stop`. ``hosts`` (one address per
+    server) and ``wrappers`` (one command prefix per server) place the servers elsewhere, e.g.
+    one per network namespace (``cei_actors.testing.netns.Host.zk_place``).
     """
 
     def __init__(
@@ -786,6 +804,8 @@ class ZkEnsemble(_Cluster):
         jvm_args: Sequence[str] = (),
         start_timeout: float = 30.0,
         detach: bool = False,
+        hosts: Sequence[str] | None = None,
+        wrappers: Sequence[Sequence[str]] | None = None,
     ) -> None:
         super().__init__(
             n,
@@ -801,6 +821,8 @@ class ZkEnsemble(_Cluster):
             jvm_args,
             start_timeout,
             detach,
+            hosts,
+            wrappers,
         )
 
     def __enter__(self) -> ZkEnsemble:
@@ -852,7 +874,7 @@ def directory_status(directory: str | os.PathLike[str]) -> dict[str, Any]:
             pid = None
         alive = pid is not None and _is_our_server(pid, node_dir / CONFIG_FILE)
         server["pid"] = pid if alive else None
-        server["mode"] = server_mode(server["client_port"]) if alive else None
+        server["mode"] = server_mode(server["client_port"], server.get("host", LOOPBACK)) if alive else None
     return state
 
 
