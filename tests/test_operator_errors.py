@@ -399,3 +399,21 @@ def test_the_setup_works_as_a_normal_user_with_debians_python(tmp_path):
         assert (tree / ".venv" / "bin" / "cei").exists()
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_status_and_nodes_of_a_pd_with_static_nodes_only(tmp_path):
+    """A plan that runs the PD alone (static nodes, no EPUM or Provisioner) is healthy: status
+    and node list ask only the components the system runs."""
+    import yaml
+
+    home = tmp_path / "cei"
+    plan = tmp_path / "plan.yaml"
+    plan.write_text(yaml.safe_dump({"components": {"pd": {}}, "static_nodes": [{"node_id": "n1"}]}))
+    try:
+        proc = cei(home, "up", "--plan", str(plan), timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        status = data(home, "status")
+        assert status["healthy"] and set(status["components"]) == {"pd"}, status
+        assert [n["node_id"] for n in data(home, "node", "list")] == ["n1"]
+    finally:
+        cleanup(home)

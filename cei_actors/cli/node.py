@@ -46,9 +46,12 @@ def gather(conn: Any, include_gone: bool = True) -> list[dict[str, Any]]:
     """Every node: the Provisioner's record joined with its EPUM domain and PD process count.
 
     Nodes only the PD knows (static nodes, announced by hand) are included with state RUNNING.
+    A component the system does not run (a PD with static nodes only) is not asked.
     """
+    info = conn.info
+    runs = set(info["components"]) | set((info.get("remote") or {}).get("components", []))
     domain_of: dict[str, str] = {}
-    for domain_id in conn.epum.list_domains():
+    for domain_id in conn.epum.list_domains() if "epum" in runs else []:
         for inst in conn.epum.describe_domain(domain_id).get("instances") or []:
             domain_of[inst["node_id"]] = domain_id
     dump = conn.pd.dump()
@@ -58,7 +61,7 @@ def gather(conn: Any, include_gone: bool = True) -> list[dict[str, Any]]:
             running[p["node_id"]] = running.get(p["node_id"], 0) + 1
     pd_nodes = {n["node_id"]: n for n in dump["nodes"]}
     nodes = []
-    for rec in conn.provisioner.describe_nodes():
+    for rec in conn.provisioner.describe_nodes() if "provisioner" in runs else []:
         node_id = rec["node_id"]
         pd_node = pd_nodes.pop(node_id, None)
         nodes.append({
