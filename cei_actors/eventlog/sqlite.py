@@ -72,7 +72,8 @@ def read_only_uri(path: Path) -> str:
     """The SQLite URI opening ``path`` read-only; ``immutable`` (no lock, no ``-shm``) when no
     ``-wal`` shows a writer, so reading leaves the directory exactly as it was."""
     immutable = not path.with_name(path.name + "-wal").exists()
-    return f"file:{quote(str(path))}?mode=ro" + ("&immutable=1" if immutable else "")
+    absolute = "/" + str(path).lstrip("/")  # "//x" is a URI authority
+    return f"file:{quote(absolute)}?mode=ro" + ("&immutable=1" if immutable else "")
 
 
 def _stored_id(db: sqlite3.Connection) -> str | None:
@@ -134,9 +135,16 @@ class SqliteLog(EventLog):
             expected = None
         except OSError as exc:
             raise LogUnavailable(f"{self.url}: cannot read {marker}: {exc}") from exc
+        lost = (f"{self.url}: {marker} says {self.path} held the log {expected}, but the file "
+                "{how}; restore it, or remove the marker to start a new, empty log there")
         if not self.path.is_file():
-            how = f"{marker} names the log {expected} but the file is missing" if expected else "no such file"
-            raise (LogLost if expected else LogUnavailable)(f"{self.url}: no log at {self.path} ({how})")
+            if expected:
+                raise LogLost(lost.format(how="is missing"))
+            raise LogUnavailable(f"{self.url}: no log at {self.path} (no such file)")
+        if self.path.stat().st_size == 0:
+            if expected:
+                raise LogLost(lost.format(how="is empty (emptied or truncated)"))
+            raise LogLost(f"{self.url}: {self.path} is empty, not a cei log")
         try:
             db = self._conn()
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
@@ -157,7 +165,7 @@ class SqliteLog(EventLog):
             raise LogUnavailable(f"{self.url}: {exc}") from exc
         except sqlite3.DatabaseError as exc:  # not SQLite at all, or a damaged header
             self.close()
-            raise LogLost(f"{self.url}: {self.path} is not a readable log: {exc}") from exc
+            raise LogLost(f"{self.url}: {self.path} is damaged or not a log: {exc}") from exc
         try:
             self._use_archive(given, row[0] if row else None, f"sqlite:{stored}", read_only=True)
         except BaseException:
