@@ -374,3 +374,101 @@ def test_foreign_and_damaged_logs_are_one_line_errors(tmp_path, capsys):
         code, out, err = cli(capsys, "--log", f"sqlite:///{path}", "log", *argv)
         assert code == 1 and err.count("\n") == 1 and f"at offset {first}" in err, (argv, err)
         assert "Traceback" not in err
+
+
+# ---- a real system's log: SQLite and ZooKeeper --------------------------------------------------
+
+
+def _log_json(capsys, *argv: str) -> Any:
+    code, out, err = cli(capsys, "--json", *argv)
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _zk_tree(client: Any, path: str) -> dict[str, tuple[int, int, int]]:
+    """Every znode under ``path`` with its (mzxid, pzxid, version): a write of any kind shows."""
+    out = {}
+    stack = [path]
+    while stack:
+        p = stack.pop()
+        _, stat = client.get(p)
+        out[p] = (stat.mzxid, stat.pzxid, stat.version)
+        stack += [f"{p.rstrip('/')}/{c}" for c in client.get_children(p)]
+    return out
+
+
+@pytest.mark.parametrize("log", ["sqlite", "zk"])
+def test_state_at_head_equals_status_and_describe_on_a_real_system(tmp_path, log, request, capsys):
+    from test_launch_system import make_plan
+
+    from cei_actors.cli.system import collect_status
+    from cei_actors.launch.launcher import connect, down, read_info, up
+    from cei_actors.launch.plan import load_plan
+
+    home = tmp_path / "home"
+    zk_hosts = request.getfixturevalue("zk_hosts") if log == "zk" else None
+    plan = load_plan(make_plan(tmp_path), home=home, log_url=f"zk://{zk_hosts}" if zk_hosts else None)
+    up(plan, home)
+    try:
+        url = read_info(home)["log_url"]
+        with connect(home) as conn:
+            pd = conn.pd
+            pd.schedule_process("long", command=["sleep", "30"], restart_mode="never")
+            pd.schedule_process("held", command=["true"], constraints={"site": "nowhere"})
+            assert pd.wait_process("long", "RUNNING", timeout=40)["state"] == "RUNNING"
+            assert pd.wait_process("held", "WAITING", timeout=10)["state"] == "WAITING"
+            for _ in range(20):  # the system runs on: compare when nothing was appended meanwhile
+                status = collect_status(conn)
+                described = {p["upid"]: p for p in pd.describe_processes()}
+                state = _log_json(capsys, "--home", str(home), "log", "state", "pd", "--at", "HEAD")
+                heads = {s["stream"]: s["head"] for s in _log_json(capsys, "--home", str(home), "log", "streams")}
+                again = collect_status(conn)
+                if all(again["components"][c][0]["head"] == status["components"][c][0]["head"] == heads[c]
+                       for c in ("pd", "epum")):
+                    break
+            else:
+                raise AssertionError("the system never held still long enough to compare")
+    finally:
+        down(home)
+    procs = {p["upid"]: p for p in state["processes"]}
+    assert set(procs) == set(described) == {"long", "held"}
+    for upid, d in described.items():
+        p = procs[upid]
+        assert (p["state"], p["round"], p["node_id"], p["resource_id"], p["starts"], p["dispatches"], p["msg"]) \
+            == (d["state"], d["round"], d["node_id"], d["assigned"], d["starts"], d["dispatches"], d["msg"]), upid
+    counts: dict[str, int] = {}
+    for p in procs.values():
+        counts[p["state"]] = counts.get(p["state"], 0) + 1
+    assert counts == {k: v for k, v in status["processes"].items() if v}
+    logged = {r["resource_id"]: (r["node_id"], r["slots"], r["state"]) for r in state["resources"]}
+    shown = {r["resource_id"]: (r["node_id"], r["slots"], r["state"]) for r in status["resources"]}
+    assert logged == shown and logged
+    for r in status["resources"]:
+        placed = sorted(p["upid"] for p in procs.values() if p["resource_id"] == r["resource_id"])
+        assert placed == sorted(u for u, _ in r["assigned"])
+    assert {n["node_id"] for n in state["nodes"]} == {n["node_id"] for n in status["nodes"]}
+
+    # the down system's log answers why and trace, and reading it writes nothing
+    answer = _log_json(capsys, "--log", url, "log", "why", "held")
+    assert answer["state"] in ("WAITING", "TERMINATED")  # down terminates what ran
+    if zk_hosts:
+        from kazoo.client import KazooClient
+
+        server, chroot = zk_hosts.split("/", 1)
+        client = KazooClient(hosts=server)
+        client.start(timeout=15)
+        try:
+            before = _zk_tree(client, f"/{chroot}")
+            for argv in (["streams"], ["why", "long"], ["trace", "long"], ["state", "pd"], ["check", "pd"]):
+                cli(capsys, "--log", url, "log", *argv)
+            code, _, err = cli(capsys, "--log", f"zk://{server}/{chroot}-none", "log", "streams")
+            assert code == 1 and "no log at" in err
+            assert _zk_tree(client, f"/{chroot}") == before
+            assert client.exists(f"/{chroot}-none") is None
+        finally:
+            client.stop()
+            client.close()
+    rows = _log_json(capsys, "--log", url, "log", "trace", "long")
+    kinds = {(h["stream"], h["type"]) for h in rows}
+    assert {("epum", "InstanceLaunchRequested"), ("provisioner", "LaunchRequested"),
+            ("pd", "NodeAdded"), ("pd", "ProcessAssigned")} <= kinds, kinds

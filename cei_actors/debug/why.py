@@ -59,8 +59,10 @@ def _row(r: Any) -> dict[str, Any]:
 class Cut:
     """Every stream's state at one point: ``offsets[stream]`` and the time of that point."""
 
-    def __init__(self, replay: Replay, at: str | int | None, home: str | None = None) -> None:
+    def __init__(self, replay: Replay, at: str | int | None, home: str | None = None,
+                 snapshots: bool = True) -> None:
         self.replay = replay
+        self.snapshots = snapshots
         streams = [s for s in replay.streams() if s.split(".", 1)[0] in COMPONENTS]
         self.home = home or ("pd" if "pd" in streams else (streams[0] if streams else None))
         if self.home is None:
@@ -89,7 +91,7 @@ class Cut:
         if stream not in self.offsets:
             return None
         if stream not in self._states:
-            self._states[stream] = self.replay.state(stream, self.offsets[stream])
+            self._states[stream] = self.replay.state(stream, self.offsets[stream], self.snapshots)
         return self._states[stream]
 
     def where(self) -> dict[str, Any]:
@@ -148,9 +150,13 @@ def _snap(cut: Cut, stream: str) -> Any:
 # ---- why ------------------------------------------------------------------------------------------
 
 
-def why(replay: Replay, entity: str, at: str | int | None = None, home: str | None = None) -> dict[str, Any]:
-    """The entity's kind, its history up to the point and why it stands as it does there."""
-    cut = Cut(replay, at, home)
+def why(
+    replay: Replay, entity: str, at: str | int | None = None, home: str | None = None,
+    snapshots: bool = True,
+) -> dict[str, Any]:
+    """The entity's kind, its history up to the point and why it stands as it does there
+    (states folded from the newest snapshot below the point unless not ``snapshots``)."""
+    cut = Cut(replay, at, home, snapshots)
     kind = kind_of(cut, entity)
     out: dict[str, Any] = {"entity": entity, "kind": kind, "at": cut.where()}
     since: dict[str, int] = {}

@@ -51,6 +51,7 @@ PoolKey = tuple[str, tuple[tuple[str, Any], ...]]
 ClassKey = tuple[PoolKey, str | None]
 
 _EMPTY = -1  # location of a node with no used slot at all
+IDLE_POOLS = 32  # pools kept without a queued process (see Matchmaker._drop_pool_if_unused)
 
 
 def hashable(value: Any) -> Any:
@@ -278,6 +279,9 @@ class Matchmaker:
         self.fresh: dict[str, None] = {}
         self._heap: list[tuple[int, int, ClassKey]] = []  # (head seq, tiebreak, class)
         self._tie = 0
+        #: pools without a queued process, kept (and kept in step) for the next one to use,
+        #: oldest first; beyond IDLE_POOLS the oldest goes
+        self._idle: collections.OrderedDict[PoolKey, None] = collections.OrderedDict()
 
     # ---- nodes and resources --------------------------------------------------------------
 
@@ -398,6 +402,7 @@ class Matchmaker:
         pkey = (engine, ckey)
         pool = self.pools.get(pkey)
         if pool is not None:
+            self._idle.pop(pkey, None)
             return pool
         pool = Pool(pkey, engine, ckey)
         self.pools[pkey] = pool
@@ -425,13 +430,19 @@ class Matchmaker:
         return pool
 
     def _drop_pool_if_unused(self, pool: Pool) -> None:
+        """A pool whose last class went stays, idle, for the next process like it: building
+        one scans the engine's nodes, and a queue that drains after every placement would
+        rebuild it for every process. Only the oldest beyond ``IDLE_POOLS`` go."""
         if pool.classes:
             return
-        for nid in pool.members:
-            pools = self.node_pools.get(nid)
-            if pools is not None:
-                pools.discard(pool.key)
-        del self.pools[pool.key]
+        self._idle[pool.key] = None
+        while len(self._idle) > IDLE_POOLS:
+            key, _ = self._idle.popitem(last=False)
+            old = self.pools.pop(key)
+            for nid in old.members:
+                pools = self.node_pools.get(nid)
+                if pools is not None:
+                    pools.discard(key)
 
     def _klass(self, proc: Process) -> Klass:
         ckey = constraint_key(proc.constraints)
