@@ -84,6 +84,10 @@ def test_why_constraint_names_key_wanted_and_had(tmp_path):
     assert [h["type"] for h in answer["history"]] == ["ProcessScheduled", "ProcessMoved"]
     later = ask(sim.url, "p1")
     assert later["state"] in ps.PLACED and later["node_id"] == "n2" and later["nodes"] == []
+    before = ask(sim.url, "p1", 1)  # the first node's NodeAdded: the process comes later
+    assert before["state"] is None and reasons(before) == ["not_yet"] and before["history"] == []
+    domain = ask(sim.url, f"pd_domain_{ENGINE}")  # a log without EPUM: the PD's nodes name it
+    assert domain["kind"] == "domain" and len(domain["state"]["nodes"]) == 2
 
 
 def test_why_no_free_slot_until_one_frees(tmp_path):

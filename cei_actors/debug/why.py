@@ -194,8 +194,12 @@ def _why_process(cut: Cut, upid: str) -> dict[str, Any]:
     p = pd.processes.get(upid)
     if p is None:
         stone = pd.tombstones.get(upid)
-        return {"state": "FORGOTTEN", "blockers": [{"reason": "forgotten", "last": plain(stone.describe())}],
-                "nodes": []}
+        if stone is None:
+            return {"state": None, "nodes": [], "blockers": [
+                {"reason": "not_yet", "text": "the PD does not know it at this point (not created yet)"}]}
+        return {"state": "FORGOTTEN", "nodes": [], "blockers": [
+            {"reason": "forgotten", "last": plain(stone.describe()),
+             "text": "finished and forgotten after the retention; its last record is kept"}]}
     out: dict[str, Any] = {"state": p.state, "round": p.round, "since": human_time(p.state_at),
                            "msg": p.msg, "engine": p.engine, "constraints": plain(p.constraints)}
     if p.state in ps.PLACED:
@@ -334,6 +338,8 @@ def _why_node(cut: Cut, node_id: str) -> dict[str, Any]:
 
 def _why_domain(cut: Cut, domain_id: str) -> dict[str, Any]:
     epum = cut.state("epum")
+    if epum is None:  # named by the PD's nodes only: a log without EPUM's stream
+        return {"state": only_entity(_snap(cut, "pd"), domain_id) if cut.state("pd") is not None else {}}
     doms = [d for d in epum.domains.values() if d.domain_id == domain_id]
     out: dict[str, Any] = {"state": only_entity(_snap(cut, "epum"), domain_id)}
     if doms:
