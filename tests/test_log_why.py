@@ -476,3 +476,22 @@ def test_state_at_head_equals_status_and_describe_on_a_real_system(tmp_path, log
     kinds = {(h["stream"], h["type"]) for h in rows}
     assert {("epum", "InstanceLaunchRequested"), ("provisioner", "LaunchRequested"),
             ("pd", "NodeAdded"), ("pd", "ProcessAssigned")} <= kinds, kinds
+
+
+def test_why_ha_group_shows_its_state_and_history():
+    from ha_harness import World as HAWorld
+
+    from cei_actors.ha.messages import CreateGroup
+
+    w = HAWorld()
+    w.ok(CreateGroup("svc", "npreserving", {"preserve_n": 2}, {"command": ["sleep", "60"]}))
+    for _ in range(3):
+        w.tick()
+    assert len(w.running("svc")) == 2
+    with Replay(w.url) as r:
+        answer = why(r, "svc")
+    assert answer["kind"] == "group"
+    [group] = answer["state"]["groups"]
+    assert group["name"] == "svc"
+    types = [h["type"] for h in answer["history"]]
+    assert types[0] == "GroupCreated" and types.count("CopyScheduled") == 2
