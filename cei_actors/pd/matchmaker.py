@@ -402,7 +402,8 @@ class Matchmaker:
         pkey = (engine, ckey)
         pool = self.pools.get(pkey)
         if pool is not None:
-            self._idle.pop(pkey, None)
+            if self._idle.pop(pkey, 0) is None:
+                self._reorder(pool)
             return pool
         pool = Pool(pkey, engine, ckey)
         self.pools[pkey] = pool
@@ -428,6 +429,20 @@ class Matchmaker:
                 self.node_pools.setdefault(nid, set()).add(pkey)
                 self._place(pool, node)
         return pool
+
+    def _reorder(self, pool: Pool) -> None:
+        """Order an idle pool's buckets by node sequence, as a pool built now would be
+        (within a bucket the first node wins: reuse must not change the choice)."""
+        nodes = self.nodes
+        by_loc: dict[int, list[str]] = {}
+        for nid, loc in pool.where.items():
+            by_loc.setdefault(loc, []).append(nid)
+        pool.buckets = [FifoSet() for _ in pool.buckets]
+        pool.empty = FifoSet()
+        for loc, nids in by_loc.items():
+            target = pool.empty if loc == _EMPTY else pool.buckets[loc]
+            for nid in sorted(nids, key=lambda n: nodes[n].seq):
+                target.add(nid)
 
     def _drop_pool_if_unused(self, pool: Pool) -> None:
         """A pool whose last class went stays, idle, for the next process like it: building
