@@ -495,3 +495,30 @@ def test_why_ha_group_shows_its_state_and_history():
     assert group["name"] == "svc"
     types = [h["type"] for h in answer["history"]]
     assert types[0] == "GroupCreated" and types.count("CopyScheduled") == 2
+
+
+def test_the_throttle_interval_comes_from_the_plan(tmp_path, capsys):
+    import yaml
+
+    from cei_actors.launch.plan import default_plan_text
+
+    sim = pd_sim(tmp_path, restart_throttling_config={"minimum_time_between_starts": 50.0})
+    sim.add_node("n1")
+    sim.ok(ScheduleProcess("t", command=["true"], restart_mode="ALWAYS"))
+    for _ in range(2):
+        sim.heartbeat_all()
+        sim.now += 1
+        sim.finish("t", ps.FAILED)
+        sim.heartbeat_all()
+    assert sim.pstate("t") == ps.WAITING and sim.state.mm.is_throttled("t")
+    plan = yaml.safe_load(default_plan_text())
+    plan["components"]["pd"]["config"]["restart_throttling_config"] = {"minimum_time_between_starts": 50.0}
+    (tmp_path / "plan.yaml").write_text(yaml.safe_dump(plan))
+    home = ["--home", str(tmp_path / "nohome"), "--log", sim.url]
+    answer = json.loads(cli(capsys, "--json", *home, "log", "--plan", str(tmp_path / "plan.yaml"), "why", "t")[1])
+    assert [b["reason"] for b in answer["blockers"]] == ["throttled"]
+    assert answer["blockers"][0]["until"] == pytest.approx(T0 + 1 + 50.0)
+    # under the built-in plan (1 s between starts) the same log shows no throttle at that point
+    answer = json.loads(cli(capsys, "--json", *home, "log", "why", "t")[1])
+    assert answer["blockers"] == [] and node_verdict(answer, "n1")["reason"] == "fits"
+    assert not (tmp_path / "nohome").exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 import msgpack
@@ -18,6 +19,9 @@ __all__ = ["check_snapshot", "diff", "register"]
 
 def register(sub: argparse._SubParsersAction) -> None:
     log = sub.add_parser("log", help="inspect event logs (replay-based debugging; read-only)")
+    log.add_argument("--plan", type=Path, default=None, metavar="FILE",
+                     help="the plan the log was written under (default: the running system's, "
+                          "else the built-in one): the PD's throttle interval comes from it")
     cmds = log.add_subparsers(dest="log_cmd", required=True, metavar="COMMAND")
     p = cmds.add_parser("streams", help="the streams in the log")
     p.set_defaults(func=cmd_streams)
@@ -60,7 +64,26 @@ AT_HELP = "an offset, HEAD, an ISO-8601 time (UTC unless zoned) or a time before
 
 def _open(args: argparse.Namespace) -> Replay:
     """The log, read-only: no ``cei log`` command writes to it (decision DBG1)."""
-    return Replay(args.log_url)
+    return Replay(args.log_url, configs=_configs(args))
+
+
+def _configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The PD's config from the plan (``--plan``, else the running system's, else the
+    built-in one), so a replay throttles as the system did (decision DBG2)."""
+    from ..launch.launcher import read_info
+    from ..launch.plan import DEFAULT_SOURCE, PlanError, load_plan
+
+    path = getattr(args, "plan", None)
+    if path is None:
+        source = (read_info(args.home) or {}).get("plan")
+        path = Path(source) if source and source != DEFAULT_SOURCE else None
+    try:
+        plan = load_plan(path, home=args.home)
+    except PlanError:
+        if getattr(args, "plan", None) is not None:
+            raise
+        return {}  # the running system's plan file is gone: the replay configuration
+    return {"pd": {"config": plan.start_config("pd")}} if "pd" in plan.components else {}
 
 
 def cmd_streams(args: argparse.Namespace, out: Output) -> int:

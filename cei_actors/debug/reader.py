@@ -68,11 +68,15 @@ def human_time(ts: float | None) -> str:
 
 
 class Replay:
-    """A log opened read-only, its streams folded to any point. ``now`` is injected."""
+    """A log opened read-only, its streams folded to any point. ``now`` is injected;
+    ``configs`` (stream -> the component's constructor arguments, e.g. the plan's PD config,
+    whose throttle interval the fold uses) default to the replay configuration."""
 
-    def __init__(self, log: EventLog | str, now: float | None = None) -> None:
+    def __init__(self, log: EventLog | str, now: float | None = None,
+                 configs: dict[str, dict[str, Any]] | None = None) -> None:
         self.log = open_read_only(log) if isinstance(log, str) else log
         self.now = time.time() if now is None else now
+        self.configs = configs or {}
         self._heads: dict[str, int] = {}
         self._components: dict[str, Component[Any]] = {}
 
@@ -137,7 +141,7 @@ class Replay:
 
     def component(self, stream: str) -> Component[Any]:
         if stream not in self._components:
-            self._components[stream] = component_for(stream)
+            self._components[stream] = component_for(stream, self.configs.get(stream.split(".", 1)[0]))
         return self._components[stream]
 
     def records(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[Record]:
