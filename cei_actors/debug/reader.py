@@ -25,6 +25,7 @@ from ..runtime.core import Component
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_SCAN = 4096  # offsets read in one go when finding a time
 
 
 class BadAt(ValueError):
@@ -110,13 +111,17 @@ class Replay:
     def offset_at_time(self, stream: str, when: float) -> int:
         """The last offset whose record was written at or before ``when`` (0: none)."""
         lo, hi = 0, self.head(stream)  # invariant: time(lo) <= when (0: before all), time(hi+1) > when
-        while lo < hi:
+        while hi - lo > _SCAN:  # each probe decodes a batch: narrow down, then read the rest at once
             mid = (lo + hi + 1) // 2
             r = self.record(stream, mid)
             if r is not None and r.timestamp <= when:
                 lo = mid
             else:
                 hi = mid - 1
+        for r in self.records(stream, lo + 1, hi):
+            if r.timestamp > when:
+                break
+            lo = r.offset
         return lo
 
     def resolve(self, stream: str, at: str | int | None) -> int:
