@@ -6,6 +6,8 @@ import json
 import sys
 from typing import Any, TextIO
 
+from ..plaindata import plain
+
 
 class CliError(Exception):
     """A failure to report as one line on stderr with exit status 1."""
@@ -13,22 +15,6 @@ class CliError(Exception):
     def __init__(self, message: str, *, quiet: bool = False) -> None:
         super().__init__(message)
         self.quiet = quiet
-
-
-def plain(value: Any, as_text: bool = True) -> Any:
-    """``value`` as JSON-able data (bytes as hex, tuples as lists); as text when ``as_text``."""
-
-    def convert(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {str(k): convert(x) for k, x in v.items()}
-        if isinstance(v, list | tuple | set | frozenset):
-            return [convert(x) for x in v]
-        if isinstance(v, bytes):
-            return v.hex()
-        return v
-
-    data = convert(value)
-    return json.dumps(data, sort_keys=True, default=str) if as_text else data
 
 
 class Output:

@@ -25,6 +25,7 @@ from typing import Any
 from ..launch.components import COMPONENTS
 from ..pd import matchmaker as mm
 from ..pd import states as ps
+from ..plaindata import plain as convert
 from .entities import only_entity
 from .reader import Replay, human_time, parse_at
 
@@ -34,9 +35,7 @@ class UnknownEntity(LookupError):
 
 
 def plain(value: Any) -> Any:
-    """``value`` as JSON-able data (the CLI's conversion; imported late: the CLI imports us)."""
-    from ..cli.output import plain as convert
-
+    """``value`` as JSON-able data."""
     return convert(value, as_text=False)
 
 
