@@ -26,6 +26,7 @@ from ..runtime.core import Component
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
 _UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SCAN = 4096  # offsets read in one go when finding a time
+_MARK_EVERY = 1024  # remember the time of every this many offsets read, to find times faster
 
 
 class BadAt(ValueError):
@@ -79,6 +80,7 @@ class Replay:
         self.now = time.time() if now is None else now
         self.configs = configs or {}
         self._heads: dict[str, int] = {}
+        self._marks: dict[str, dict[int, float]] = {}  # stream -> offset -> its record's time
         self._components: dict[str, Component[Any]] = {}
 
     def close(self) -> None:
@@ -111,6 +113,11 @@ class Replay:
     def offset_at_time(self, stream: str, when: float) -> int:
         """The last offset whose record was written at or before ``when`` (0: none)."""
         lo, hi = 0, self.head(stream)  # invariant: time(lo) <= when (0: before all), time(hi+1) > when
+        for offset, ts in self._marks.get(stream, {}).items():  # times seen while reading
+            if ts <= when:
+                lo = max(lo, offset)
+            else:
+                hi = min(hi, offset - 1)
         while hi - lo > _SCAN:  # each probe decodes a batch: narrow down, then read the rest at once
             mid = (lo + hi + 1) // 2
             r = self.record(stream, mid)
@@ -152,6 +159,7 @@ class Replay:
     def records(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[Record]:
         """The stream's records ``start..stop``; damage is a :class:`CorruptLog` at its offset."""
         last = start - 1
+        marks = self._marks.setdefault(stream, {})
         it = self.log.read(stream, start, stop)
         while True:
             try:
@@ -163,6 +171,8 @@ class Replay:
             except (sqlite3.Error, msgpack.UnpackException, ValueError, TypeError, KeyError) as exc:
                 raise CorruptLog(stream, last + 1, f"unreadable: {type(exc).__name__}: {exc}") from None
             last = r.offset
+            if not last % _MARK_EVERY:
+                marks[last] = r.timestamp
             yield r
 
     def state(self, stream: str, offset: int, snapshots: bool = True) -> Any:
