@@ -82,8 +82,6 @@ class Cut:
             for s in streams:
                 if s not in self.offsets:
                     self.offsets[s] = replay.offset_at_time(s, self.time) if self.time is not None else 0
-            if kind == "time":
-                self.time = value
         self._states: dict[str, Any] = {}
 
     def state(self, stream: str) -> Any | None:
