@@ -3,20 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import time
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
-from ..eventlog import CorruptLog, Snapshot, open_log
+from ..debug import Replay, diff, entity_diff, human_time, only_entity, trace, why
+from ..eventlog import CorruptLog, Snapshot
 from ..launch.components import UnknownStream, component_for
 from ..launch.plan import shown_log_url
-from ..runtime.runner import fold
+from .common import UsageError
 from .output import CliError, Output, plain
+
+__all__ = ["check_snapshot", "diff", "register"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    log = sub.add_parser("log", help="inspect event logs (replay-based debugging)")
+    log = sub.add_parser("log", help="inspect event logs (replay-based debugging; read-only)")
+    log.add_argument("--plan", type=Path, default=None, metavar="FILE",
+                     help="the plan the log was written under (default: the running system's, "
+                          "else the built-in one): the PD's throttle interval comes from it")
     cmds = log.add_subparsers(dest="log_cmd", required=True, metavar="COMMAND")
     p = cmds.add_parser("streams", help="the streams in the log")
     p.set_defaults(func=cmd_streams)
@@ -27,32 +33,70 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-f", "--follow", action="store_true",
                    help="then print each new event as it is appended (until Ctrl-C or --to)")
     p.set_defaults(func=cmd_show)
-    p = cmds.add_parser("state", help="the state rebuilt by replay up to SEQ")
+    p = cmds.add_parser("state", help="the state rebuilt by replay up to SEQ or TIME (one entity's part, "
+                                      "given one)")
     p.add_argument("stream")
-    p.add_argument("--at", type=int, default=None, metavar="SEQ")
+    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY")
+    p.add_argument("--entity", default=None, metavar="ID")
+    p.add_argument("--at", default=None, metavar="SEQ|TIME", help=AT_HELP)
     p.set_defaults(func=cmd_state)
-    p = cmds.add_parser("diff", help="what changed in the state between two offsets")
+    p = cmds.add_parser("diff", help="what changed between two points, entity by entity")
     p.add_argument("stream")
-    p.add_argument("seq_a", type=int)
-    p.add_argument("seq_b", type=int)
+    p.add_argument("seq_a", metavar="A", help="an offset or a time")
+    p.add_argument("seq_b", metavar="B", help="an offset or a time")
+    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY")
+    p.add_argument("--entity", default=None, metavar="ID")
     p.set_defaults(func=cmd_diff)
     p = cmds.add_parser("check", help="replay every prefix against the invariants; the snapshot must "
                                       "restore to the state replayed up to its offset")
     p.add_argument("stream")
     p.set_defaults(func=cmd_check)
+    p = cmds.add_parser("why", help="a process, node, domain or HA group: its history and why it "
+                                    "stands as it does at a point")
+    p.add_argument("entity", metavar="ENTITY")
+    p.add_argument("--at", default=None, metavar="SEQ|TIME", help=AT_HELP)
+    p.add_argument("--stream", default=None, help="the stream an --at offset counts in (default pd)")
+    p.set_defaults(func=cmd_why)
+    p = cmds.add_parser("trace", help="one timeline across all streams for a process, node or need")
+    p.add_argument("entity", metavar="ID")
+    p.set_defaults(func=cmd_trace)
 
 
-def _open(args: argparse.Namespace):
-    return open_log(args.log_url)
+AT_HELP = "an offset, HEAD, an ISO-8601 time (UTC unless zoned) or a time before now such as -10m"
 
 
-def _checked(log: Any, stream: str, **offsets: int | None) -> int:
+def _open(args: argparse.Namespace) -> Replay:
+    """The log, read-only: no ``cei log`` command writes to it (decision DBG1)."""
+    return Replay(args.log_url, configs=_configs(args))
+
+
+def _configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The PD's config from the plan (``--plan``, else the running system's, else the
+    built-in one), so a replay throttles as the system did (decision DBG2)."""
+    from ..launch.launcher import read_info
+    from ..launch.plan import DEFAULT_SOURCE, PlanError, load_plan
+
+    path = getattr(args, "plan", None)
+    if path is None:
+        source = (read_info(args.home) or {}).get("plan")
+        path = Path(source) if source and source != DEFAULT_SOURCE else None
+    try:
+        plan = load_plan(path, home=args.home)
+    except PlanError:
+        if getattr(args, "plan", None) is not None:
+            raise
+        return {}  # the running system's plan file is gone: the replay configuration
+    return {"pd": {"config": plan.start_config("pd")}} if "pd" in plan.components else {}
+
+
+def _checked(r: Replay, stream: str, **offsets: int | None) -> int:
     """The head of ``stream``; :class:`CliError` if the log has no such stream or an offset
     (``name=value``, None: not given) lies outside ``0..head``."""
-    if stream not in log.streams():
-        known = ", ".join(sorted(log.streams())) or "none"
-        raise CliError(f"no stream {stream!r} in the log {shown_log_url(log.url)} (streams: {known})")
-    head = log.head(stream)
+    streams = r.streams()
+    if stream not in streams:
+        known = ", ".join(sorted(streams)) or "none"
+        raise CliError(f"no stream {stream!r} in the log {shown_log_url(r.log.url)} (streams: {known})")
+    head = r.head(stream)
     for name, value in offsets.items():
         if value is not None and not 0 <= value <= head:
             raise CliError(f"{name} {value}: stream {stream!r} has offsets 0 to {head}")
@@ -60,11 +104,11 @@ def _checked(log: Any, stream: str, **offsets: int | None) -> int:
 
 
 def cmd_streams(args: argparse.Namespace, out: Output) -> int:
-    with _open(args) as log:
-        rows = [{"stream": s, "head": log.head(s), "epoch": log.epoch(s)} for s in log.streams()]
-        if not rows and not out.json:
-            out.line(f"no streams in the log {shown_log_url(args.log_url)}")
-            return 0
+    with _open(args) as r:
+        rows = [{"stream": s, "head": r.head(s), "epoch": r.log.epoch(s)} for s in r.streams()]
+    if not rows and not out.json:
+        out.line(f"no streams in the log {shown_log_url(args.log_url)}")
+        return 0
     out.table(rows, ["stream", "head", "epoch"], title="streams")
     return 0
 
@@ -81,104 +125,135 @@ def _redactor(stream: str, hook: str) -> Any:
 
 def cmd_show(args: argparse.Namespace, out: Output) -> int:
     redact = _redactor(args.stream, "redact_event")
-    with _open(args) as log:
-        _checked(log, args.stream, **{"--from": args.start, "--to": args.stop})
-        records = log.read(args.stream, args.start, args.stop)
+    with _open(args) as r:
+        _checked(r, args.stream, **{"--from": args.start, "--to": args.stop})
+        records = r.records(args.stream, args.start, args.stop)
         if args.follow:
-            return _follow(args, out, log, records, redact)
+            return _follow(args, out, r, records, redact)
         if out.json:
-            out.emit([_record(r, redact(r.type, r.body)) for r in records])
+            out.emit([_record(x, redact(x.type, x.body)) for x in records])
         else:
-            for r in records:
-                _show_line(out, r, redact(r.type, r.body))
+            for x in records:
+                _show_line(out, x, redact(x.type, x.body))
     return 0
 
 
-def _show_line(out: Output, r: Any, body: Any) -> None:
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.timestamp)) + f".{int(r.timestamp * 1000) % 1000:03d}"
-    out.line(f"{r.offset:>8} e{r.epoch} {stamp} {r.type} {plain(body)}")
+def _show_line(out: Output, x: Any, body: Any) -> None:
+    out.line(f"{x.offset:>8} e{x.epoch} {human_time(x.timestamp)} {x.type} {plain(body)}")
 
 
-def _follow(args: argparse.Namespace, out: Output, log: Any, records: Any, redact: Any) -> int:
+def _follow(args: argparse.Namespace, out: Output, r: Replay, records: Any, redact: Any) -> int:
     """``log show --follow``: the events so far, then each new one as it is appended, one per
     line (one JSON document per line with ``--json``); ends at ``--to`` or on Ctrl-C."""
     last = args.start - 1
     try:
         while True:
-            for r in records:
-                if args.stop is not None and r.offset > args.stop:
+            for x in records:
+                if args.stop is not None and x.offset > args.stop:
                     return 0
                 if out.json:
-                    out.emit(_record(r, redact(r.type, r.body)))
+                    out.emit(_record(x, redact(x.type, x.body)))
                 else:
-                    _show_line(out, r, redact(r.type, r.body))
-                last = r.offset
+                    _show_line(out, x, redact(x.type, x.body))
+                last = x.offset
             out.stream.flush()
             if args.stop is not None and last >= args.stop:
                 return 0
-            records = log.tail(args.stream, last, timeout=1.0)
+            records = r.log.tail(args.stream, last, timeout=1.0)
     except KeyboardInterrupt:  # the way a follow ends
         return 0
 
 
 def _record(r: Any, body: Any) -> dict[str, Any]:
     return {
-        "offset": r.offset, "epoch": r.epoch, "timestamp": r.timestamp,
+        "offset": r.offset, "epoch": r.epoch, "timestamp": r.timestamp, "when": human_time(r.timestamp),
         "type": r.type, "version": r.version, "body": plain(body, as_text=False),
     }
 
 
-def _state_at(args: argparse.Namespace, upto: int | None) -> tuple[Any, Any]:
-    component = component_for(args.stream)
-    with _open(args) as log:
-        _checked(log, args.stream, **{"--at": upto})
-        state = fold(component, log.read(args.stream, 1, upto))
-    return component, state
+def _entity(args: argparse.Namespace) -> str | None:
+    if args.entity is not None and args.entity_pos is not None and args.entity != args.entity_pos:
+        raise UsageError(f"two entities given: {args.entity_pos!r} and --entity {args.entity!r}")
+    return args.entity if args.entity is not None else args.entity_pos
+
+
+def _data_at(r: Replay, stream: str, offset: int) -> Any:
+    component = r.component(stream)
+    redact = _redactor(stream, "redact_snapshot")
+    return plain(redact(component.snapshot(r.state(stream, offset))), as_text=False)
 
 
 def cmd_state(args: argparse.Namespace, out: Output) -> int:
-    component, state = _state_at(args, args.at)
-    redact = _redactor(args.stream, "redact_snapshot")
-    out.emit(plain(redact(component.snapshot(state)), as_text=False))
+    entity = _entity(args)
+    with _open(args) as r:
+        _checked(r, args.stream)
+        data = _data_at(r, args.stream, r.resolve(args.stream, args.at))
+    if entity is not None:
+        data = only_entity(data, entity)
+        if not data:
+            raise CliError(f"stream {args.stream!r} holds nothing about {entity!r} at that point")
+    out.emit(data)
     return 0
 
 
-def diff(a: Any, b: Any, path: str = "") -> list[dict[str, Any]]:
-    """Paths whose values differ between two plain-data trees."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        changes: list[dict[str, Any]] = []
-        for key in sorted(set(a) | set(b), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            if key not in a:
-                changes.append({"path": sub, "change": "added", "after": b[key]})
-            elif key not in b:
-                changes.append({"path": sub, "change": "removed", "before": a[key]})
-            else:
-                changes += diff(a[key], b[key], sub)
-        return changes
-    if a != b:
-        return [{"path": path or "(root)", "change": "changed", "before": a, "after": b}]
-    return []
-
-
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
-    lo, hi = sorted((args.seq_a, args.seq_b))
-    component = component_for(args.stream)
-    with _open(args) as log:
-        _checked(log, args.stream, **{"SEQ_A": args.seq_a, "SEQ_B": args.seq_b})
-        redact = _redactor(args.stream, "redact_snapshot")
-        before = fold(component, log.read(args.stream, 1, lo))
-        before_data = plain(redact(component.snapshot(before)), as_text=False)
-        after = fold(component, log.read(args.stream, lo + 1, hi), before)
-        after_data = plain(redact(component.snapshot(after)), as_text=False)
-    changes = diff(before_data, after_data)
+    entity = _entity(args)
+    with _open(args) as r:
+        _checked(r, args.stream)
+        lo, hi = sorted((r.resolve(args.stream, args.seq_a, "SEQ_A"), r.resolve(args.stream, args.seq_b, "SEQ_B")))
+        before, after = _data_at(r, args.stream, lo), _data_at(r, args.stream, hi)
+    changes = entity_diff(before, after, entity)
     if out.json:
         out.emit(changes)
     else:
         for c in changes:
             out.line(f"{c['change']:>8} {c['path']}: {plain(c.get('before'))} -> {plain(c.get('after'))}")
         if not changes:
-            out.line(f"no change between {lo} and {hi}")
+            out.line(f"no change between {lo} and {hi}" + (f" for {entity}" if entity else ""))
+    return 0
+
+
+def cmd_why(args: argparse.Namespace, out: Output) -> int:
+    with _open(args) as r:
+        answer = why(r, args.entity, args.at, args.stream)
+    if out.json:
+        out.emit(answer)
+        return 0
+    at = answer["at"]
+    where = ", ".join(f"{s} {o}" for s, o in at["offsets"].items())
+    out.line(f"{answer['kind']} {answer['entity']} at {at['when']} ({where})")
+    state = answer.get("state")
+    if isinstance(state, str):
+        line = f"  state {state}"
+        if answer.get("node_id"):
+            line += f" on node {answer['node_id']} ({answer['resource_id']})"
+        if answer.get("msg"):
+            line += f": {answer['msg']}"
+        out.line(line + (f" since {answer['since']}" if answer.get("since") else ""))
+    elif state:
+        out.line(f"  state: {plain(state)}")
+    if answer.get("need"):
+        out.line(f"  need: {plain(answer['need'])}")
+    for b in answer.get("blockers", []):
+        out.line(f"  why: {b.get('text', b['reason'])}")
+    for v in answer.get("nodes", []):
+        out.line(f"  node {v['node_id']}: {v['text']}")
+    for d in answer.get("destroyed", []):
+        out.line(f"  offset {d['offset']} at {d['when']}: {d['text']}")
+    out.line("history:")
+    for h in answer["history"]:
+        out.line(f"  {h['when']} {h['stream']:>11} {h['offset']:>8} {h['type']} {plain(h['body'])}")
+    return 0
+
+
+def cmd_trace(args: argparse.Namespace, out: Output) -> int:
+    with _open(args) as r:
+        rows = trace(r, args.entity)
+    if out.json:
+        out.emit(rows)
+    else:
+        for h in rows:
+            out.line(f"{h['when']} {h['stream']:>11} {h['offset']:>8} {h['type']} {plain(h['body'])}")
     return 0
 
 
@@ -186,8 +261,9 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     component = component_for(args.stream)
     state = component.initial_state()
     checked = 0
-    with _open(args) as log:
-        _checked(log, args.stream)
+    with _open(args) as replay:
+        _checked(replay, args.stream)
+        log = replay.log
         # every kept snapshot: recovery falls back from the newest to the older ones
         snaps: list[Snapshot] = []
         problems: dict[int, str] = {}
@@ -202,7 +278,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         # the state replayed up to each snapshot, as data (states may change in place)
         wanted = {s.offset for s in snaps}
         at: dict[int, Any] = {0: _normal(component.snapshot(state))} if 0 in wanted else {}
-        for record in log.read(args.stream):
+        for record in replay.records(args.stream):
             state = component.apply(state, component.registry.from_record(record))
             checked = record.offset
             if record.offset in wanted:

@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
 
+from ..plaindata import plain
+
 #: The output formats of ``-o``.
 FORMATS = ("json", "yaml", "wide", "name")
 
@@ -25,22 +27,6 @@ class CliError(Exception):
     def __init__(self, message: str, *, quiet: bool = False) -> None:
         super().__init__(message)
         self.quiet = quiet
-
-
-def plain(value: Any, as_text: bool = True) -> Any:
-    """``value`` as JSON-able data (bytes as hex, tuples as lists); as text when ``as_text``."""
-
-    def convert(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {str(k): convert(x) for k, x in v.items()}
-        if isinstance(v, list | tuple | set | frozenset):
-            return [convert(x) for x in v]
-        if isinstance(v, bytes):
-            return v.hex()
-        return v
-
-    data = convert(value)
-    return json.dumps(data, sort_keys=True, default=str) if as_text else data
 
 
 def age(seconds: float) -> str:

@@ -180,9 +180,13 @@ class InstanceLaunchRequested:
 @events.register("InstanceDestroyRequested")
 @dataclass(frozen=True, slots=True)
 class InstanceDestroyRequested:
+    """EPUM asked for ``instance_ids`` to go. ``decision``: the engine, the rule and the
+    figures it used (absent in logs written before; decision DBG2)."""
+
     instance_ids: list
     reason: str
     at: float
+    decision: dict | None = None
 
 
 @events.register("InstanceUpdated")

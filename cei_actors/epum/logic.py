@@ -250,7 +250,9 @@ class _Control(Control):
         self.launched.append(iid)
         return iid
 
-    def destroy_instances(self, instance_ids: Iterable[str], reason: str = "engine") -> list[str]:
+    def destroy_instances(
+        self, instance_ids: Iterable[str], reason: str = "engine", figures: dict | None = None
+    ) -> list[str]:
         state, dom, vol, now = self._state, self._dom, self._state.vol, self._ctx.now
         new: list[str] = []
         again: list[str] = []
@@ -266,7 +268,8 @@ class _Control(Control):
             elif inst.health == "ZOMBIE" and now - vol.sent_at.get(iid, float("-inf")) >= self._epum.config.resend_interval:
                 again.append(iid)  # terminate a zombie again (no new decision)
         if new:
-            self._out.events.append(InstanceDestroyRequested(new, reason, now))
+            decision = {"engine": engine_name(dom.config), "rule": reason, "figures": figures or {}}
+            self._out.events.append(InstanceDestroyRequested(new, reason, now, decision))
             for iid in new:
                 self._out.effects.extend(
                     self._epum.notifications(dom, state.instances[iid], "TERMINATING"))
@@ -867,7 +870,8 @@ class EPUM(Component[EPUMState]):
                out: _Pass, ctx: Context) -> None:
         live = list(view.ids_in(VALID_STATES))
         if live:
-            control.destroy_instances(sorted(live, key=lambda i: state.instances[i].seq), reason="domain removed")
+            control.destroy_instances(sorted(live, key=lambda i: state.instances[i].seq), reason="domain removed",
+                                       figures={"live": len(live)})
             return
         if dom.count(_BELOW_TERMINATED) > 0:
             return  # wait for the Provisioner to confirm

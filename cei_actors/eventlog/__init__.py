@@ -3,7 +3,8 @@
 ``open_log(url)`` picks the backend: ``memory://NAME``, ``sqlite:///PATH`` (the embedded
 default) or ``zk://HOST:PORT[,HOST:PORT...]/CHROOT`` (ZooKeeper). Every backend takes the
 options ``archive`` (where ``truncate`` moves history: ``sqlite:///PATH`` or a directory,
-URL-quoted in a query) and ``keep_snapshots`` (snapshots kept per stream, default 2).
+URL-quoted in a query), ``keep_snapshots`` (snapshots kept per stream, default 2) and
+``read_only`` (open an existing log without writing anything: what ``cei log`` does).
 """
 
 from __future__ import annotations

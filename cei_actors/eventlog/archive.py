@@ -57,26 +57,29 @@ def check_archive_spec(spec: str, url: str) -> str:
     return spec
 
 
-def open_archive(spec: str, namespace: str, url: str) -> Archive:
-    """Open (creating if needed) the archive ``spec`` for the log ``namespace``."""
+def open_archive(spec: str, namespace: str, url: str, read_only: bool = False) -> Archive:
+    """Open (creating if needed, unless ``read_only``) the archive ``spec`` for the log ``namespace``."""
     check_archive_spec(spec, url)
     if spec.startswith("sqlite://"):
-        return SqliteArchive(spec[len("sqlite://") :], namespace)
-    return DirArchive(spec, namespace)
+        return SqliteArchive(spec[len("sqlite://") :], namespace, read_only)
+    return DirArchive(spec, namespace, read_only)
 
 
 class SqliteArchive:
     """Archived batches in a table of a SQLite file (one connection per thread)."""
 
-    def __init__(self, path: str, namespace: str) -> None:
+    def __init__(self, path: str, namespace: str, read_only: bool = False) -> None:
         from .sqlite import private_log_files
 
         self.spec = f"sqlite://{path}"
         self.path = Path(path)
         self.namespace = namespace
+        self.read_only = read_only
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
+        if read_only:
+            return  # nothing to create; a missing file or table reads as an empty archive
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             private_log_files(self.path, f"archive {self.spec}")
@@ -90,11 +93,17 @@ class SqliteArchive:
     def _db(self) -> sqlite3.Connection:
         db = getattr(self._local, "db", None)
         if db is None:
-            db = sqlite3.connect(
-                self.path, timeout=30, isolation_level=None, check_same_thread=False
-            )
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=FULL")  # durable before the live copy goes
+            if self.read_only:
+                from .sqlite import read_only_uri
+
+                db = sqlite3.connect(read_only_uri(self.path), timeout=30, isolation_level=None,
+                                     check_same_thread=False, uri=True)
+            else:
+                db = sqlite3.connect(
+                    self.path, timeout=30, isolation_level=None, check_same_thread=False
+                )
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")  # durable before the live copy goes
             self._local.db = db
             with self._lock:
                 self._all.append(db)
@@ -118,6 +127,8 @@ class SqliteArchive:
             raise
 
     def get(self, stream: str, first: int) -> bytes | None:
+        if self._absent():
+            return None
         row = (
             self._db()
             .execute(
@@ -129,11 +140,23 @@ class SqliteArchive:
         return None if row is None else bytes(row[0])
 
     def index(self, stream: str) -> list[int]:
+        if self._absent():
+            return []
         rows = self._db().execute(
             "SELECT first FROM zk_archive WHERE log=? AND stream=? ORDER BY first",
             (self.namespace, stream),
         )
         return [r[0] for r in rows]
+
+    def _absent(self) -> bool:
+        """Read-only and nothing archived yet (no file, or no table in it)."""
+        if not self.read_only:
+            return False
+        if not self.path.is_file():
+            return True
+        found = self._db().execute(
+            "SELECT 1 FROM sqlite_master WHERE type='table' AND name='zk_archive'").fetchone()
+        return found is None
 
     def close(self) -> None:
         with self._lock:
@@ -146,9 +169,11 @@ class SqliteArchive:
 class DirArchive:
     """Archived batches as files ``DIR/<quoted namespace>/<stream>/<first>``, written atomically."""
 
-    def __init__(self, directory: str, namespace: str) -> None:
+    def __init__(self, directory: str, namespace: str, read_only: bool = False) -> None:
         self.spec = directory
         self.root = Path(directory) / quote(namespace, safe="")
+        if read_only:
+            return
         try:
             private_dir(Path(directory))
             private_dir(self.root)

@@ -59,12 +59,14 @@ class EventLog(ABC):
             return None
         return check_archive_spec(str(archive), self.url)
 
-    def _use_archive(self, given: str | None, recorded: str | None, namespace: str) -> str | None:
+    def _use_archive(
+        self, given: str | None, recorded: str | None, namespace: str, read_only: bool = False
+    ) -> str | None:
         """Open the archive named by the option (``given``) or, without one, the archive this
         log recorded when it was last opened with one; returns the spec to record (or None)."""
         spec = given or recorded
         if spec:
-            self._archive_store = open_archive(spec, namespace, self.url)
+            self._archive_store = open_archive(spec, namespace, self.url, read_only=read_only)
         return given if given and given != recorded else None
 
     @property

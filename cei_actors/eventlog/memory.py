@@ -48,17 +48,20 @@ class MemoryLog(EventLog):
 
     def __init__(
         self, url: str, name: str, *, archive: str | None = None, keep_snapshots: int | str = 2,
-        **unknown: object,
+        read_only: bool | str = False, **unknown: object,
     ) -> None:
         super().__init__(url)
         if unknown:
             raise BadLogUrl(f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
-                            "(known: archive, keep_snapshots)")
+                            "(known: archive, keep_snapshots, read_only)")
+        from .sqlite import flag
+
+        self.read_only = flag(read_only)  # the space is this process's: nothing to protect
         given = self._history_options(archive, keep_snapshots)
         self._space = _space(name)
         self._lock = self._space.changed
-        record = self._use_archive(given, self._space.archive, f"memory:{name}")
-        if record:
+        record = self._use_archive(given, self._space.archive, f"memory:{name}", read_only=self.read_only)
+        if record and not self.read_only:
             self._space.archive = record
 
     def _s(self, stream: str) -> _Stream:

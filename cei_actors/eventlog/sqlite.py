@@ -9,6 +9,11 @@ file. A marker whose log file is missing, empty (SQLite would silently start a n
 truncated or holds another id is :class:`LogLost`, naming both files; remove the marker to
 start a new log there on purpose (docs/decisions.md C4).
 
+With ``read_only`` (URL query ``?read_only=1`` or keyword; what ``cei log`` uses) the file is
+opened with SQLite's ``mode=ro`` (``immutable`` when no ``-wal`` file exists, i.e. no writer
+has it open, so not even a companion file appears): nothing is created, marked or tightened,
+and a file that is not a log is refused (decision DBG1).
+
 Options (URL query or keyword): ``archive`` (``sqlite:///PATH`` or a directory: ``truncate``
 moves history there and the batches leave this file; without it they are only marked archived
 here) and ``keep_snapshots`` (default 2). The archive is recorded in the file, so a reader that
@@ -28,6 +33,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 
 from ..private_files import private_file
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, LogLost, LogUnavailable
@@ -57,6 +63,19 @@ def private_log_files(path: Path, url: str) -> None:
         raise LogUnavailable(f"{url}: cannot create {path}: {exc}") from exc
 
 
+def flag(value: object) -> bool:
+    """A boolean log option given as a bool or as URL text (1/true/yes/on)."""
+    return value is True or str(value).lower() in ("1", "true", "yes", "on")
+
+
+def read_only_uri(path: Path) -> str:
+    """The SQLite URI opening ``path`` read-only; ``immutable`` (no lock, no ``-shm``) when no
+    ``-wal`` shows a writer, so reading leaves the directory exactly as it was."""
+    immutable = not path.with_name(path.name + "-wal").exists()
+    absolute = "/" + str(path).lstrip("/")  # "//x" is a URI authority
+    return f"file:{quote(absolute)}?mode=ro" + ("&immutable=1" if immutable else "")
+
+
 def _stored_id(db: sqlite3.Connection) -> str | None:
     """The log id in the file's ``meta`` table, or None (no table: a new or emptied file)."""
     try:
@@ -75,21 +94,25 @@ class SqliteLog(EventLog):
 
     def __init__(
         self, url: str, path: str, *, archive: str | None = None, keep_snapshots: int | str = 2,
-        **unknown: object,
+        read_only: bool | str = False, **unknown: object,
     ) -> None:
         super().__init__(url)
         if unknown:
             raise BadLogUrl(f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} "
-                            "(known: archive, keep_snapshots)")
+                            "(known: archive, keep_snapshots, read_only)")
         given = self._history_options(archive, keep_snapshots)
         self.path = Path(path)
+        self.read_only = flag(read_only)
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        if self.read_only:
+            self._open_read_only(given)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise LogUnavailable(f"{url}: cannot create {self.path.parent}: {exc}") from exc
-        self._local = threading.local()
-        self._all: list[sqlite3.Connection] = []
-        self._all_lock = threading.Lock()
         self._claim()
         with self._conn() as db:
             db.executescript(_SCHEMA)
@@ -102,6 +125,52 @@ class SqliteLog(EventLog):
             raise
         if record:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('archive', ?)", (record,))
+
+    def _open_read_only(self, given: str | None) -> None:
+        """Open an existing log without writing anything: check its marker and its tables."""
+        marker = Path(f"{self.path}.id")
+        try:
+            expected = marker.read_text().strip() or None
+        except FileNotFoundError:
+            expected = None
+        except OSError as exc:
+            raise LogUnavailable(f"{self.url}: cannot read {marker}: {exc}") from exc
+        lost = (f"{self.url}: {marker} says {self.path} held the log {expected}, but the file "
+                "{how}; restore it, or remove the marker to start a new, empty log there")
+        if not self.path.is_file():
+            if expected:
+                raise LogLost(lost.format(how="is missing"))
+            raise LogUnavailable(f"{self.url}: no log at {self.path} (no such file)")
+        if self.path.stat().st_size == 0:
+            if expected:
+                raise LogLost(lost.format(how="is empty (emptied or truncated)"))
+            raise LogLost(f"{self.url}: {self.path} is empty, not a cei log")
+        try:
+            db = self._conn()
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            missing = {"streams", "batches", "snapshots", "snapshot_chunks"} - tables
+            if missing:
+                raise LogLost(f"{self.url}: {self.path} is an SQLite file but not a cei log "
+                              f"(no {', '.join(sorted(missing))} table)")
+            stored = _stored_id(db) if "meta" in tables else None
+            if expected is not None and stored != expected:
+                raise LogLost(f"{self.url}: {marker} says {self.path} held the log {expected}, "
+                              f"but the file holds {stored or 'no log id'}")
+            row = db.execute("SELECT value FROM meta WHERE key='archive'").fetchone() if "meta" in tables else None
+        except LogLost:
+            self.close()
+            raise
+        except sqlite3.OperationalError as exc:
+            self.close()
+            raise LogUnavailable(f"{self.url}: {exc}") from exc
+        except sqlite3.DatabaseError as exc:  # not SQLite at all, or a damaged header
+            self.close()
+            raise LogLost(f"{self.url}: {self.path} is damaged or not a log: {exc}") from exc
+        try:
+            self._use_archive(given, row[0] if row else None, f"sqlite:{stored}", read_only=True)
+        except BaseException:
+            self.close()
+            raise
 
     def _claim(self) -> None:
         """Check the file against its marker (see the module docstring); mark a new log."""
@@ -163,11 +232,15 @@ class SqliteLog(EventLog):
         db = getattr(self._local, "db", None)
         if db is None:
             try:
-                db = sqlite3.connect(
-                    self.path, timeout=30, isolation_level=None, check_same_thread=False
-                )
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=NORMAL")
+                if self.read_only:
+                    db = sqlite3.connect(read_only_uri(self.path), timeout=30, isolation_level=None,
+                                         check_same_thread=False, uri=True)
+                else:
+                    db = sqlite3.connect(
+                        self.path, timeout=30, isolation_level=None, check_same_thread=False
+                    )
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=NORMAL")
             except sqlite3.Error as exc:
                 raise LogUnavailable(f"{self.url}: {exc}") from exc
             self._local.db = db

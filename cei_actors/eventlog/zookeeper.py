@@ -247,6 +247,7 @@ class ZkLog(EventLog):
         multiread: bool | str = True,
         auth_file: str | None = None,
         keep_snapshots: int | str = 2,
+        read_only: bool | str = False,
         **unknown: object,
     ) -> None:
         super().__init__(url)
@@ -254,8 +255,12 @@ class ZkLog(EventLog):
             raise BadLogUrl(
                 f"log URL {url!r}: unknown option(s) {', '.join(sorted(unknown))} (known: timeout, "
                 "session_timeout, archive, keep_snapshots, bucket, cache_bytes, readahead, "
-                "multiread, auth_file)"
+                "multiread, auth_file, read_only)"
             )
+        from .sqlite import flag
+
+        #: creates no znode, sets no ACL, records no archive (decision DBG1)
+        self.read_only = flag(read_only)
         given_archive = self._history_options(archive, keep_snapshots)
         auth = zk_auth(auth_file)
         self._acl: list[Any] | None = auth.get("default_acl")
@@ -318,10 +323,14 @@ class ZkLog(EventLog):
             ) from None
         self._connected.set()
         try:
-            self._call(
-                "creating the log root", lambda: self._client.ensure_path_async(self._p("/streams"))
-            )
-            if self._acl is not None:
+            if self.read_only:
+                if self._call("looking for the log", lambda: self._client.exists_async(self._p("/streams"))) is None:
+                    raise LogUnavailable(f"ZooKeeper at {hosts}: no log at {self.chroot} (log {url})")
+            else:
+                self._call(
+                    "creating the log root", lambda: self._client.ensure_path_async(self._p("/streams"))
+                )
+            if self._acl is not None and not self.read_only:
                 self._protect()
             self._call("reading the log root", lambda: self._client.get_children_async(self._p("/streams")))
             self._adopt_archive(given_archive)
@@ -372,8 +381,8 @@ class ZkLog(EventLog):
             recorded: str | None = data.decode() or None
         except NoNodeError:
             recorded = None
-        record = self._use_archive(given, recorded, self.chroot)
-        if record:
+        record = self._use_archive(given, recorded, self.chroot, read_only=self.read_only)
+        if record and not self.read_only:
             try:
                 self._call("naming the archive", lambda: self._client.create_async(path, record.encode()))
             except NodeExistsError:

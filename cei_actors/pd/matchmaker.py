@@ -51,6 +51,7 @@ PoolKey = tuple[str, tuple[tuple[str, Any], ...]]
 ClassKey = tuple[PoolKey, str | None]
 
 _EMPTY = -1  # location of a node with no used slot at all
+IDLE_POOLS = 32  # pools kept without a queued process (see Matchmaker._drop_pool_if_unused)
 
 
 def hashable(value: Any) -> Any:
@@ -67,18 +68,72 @@ def constraint_key(constraints: Mapping[str, Any]) -> tuple[tuple[str, Any], ...
     return tuple(sorted((k, hashable(v)) for k, v in constraints.items() if k != "engine"))
 
 
-def satisfies(properties: Mapping[str, Any], ckey: tuple[tuple[str, Any], ...]) -> bool:
-    """Do ``properties`` meet every constraint (equality, or membership for a list)?"""
+def mismatch(properties: Mapping[str, Any], ckey: tuple[tuple[str, Any], ...]) -> str | None:
+    """The first constraint key ``properties`` do not meet (equality, or membership for a
+    list), or None when they meet every one."""
     for key, want in ckey:
         if key not in properties:
-            return False
+            return key
         have = hashable(properties[key])
         if isinstance(want, tuple):
             if have not in want:
-                return False
+                return key
         elif have != want:
-            return False
-    return True
+            return key
+    return None
+
+
+def satisfies(properties: Mapping[str, Any], ckey: tuple[tuple[str, Any], ...]) -> bool:
+    """Do ``properties`` meet every constraint (equality, or membership for a list)?"""
+    return mismatch(properties, ckey) is None
+
+
+#: Why a node or resource cannot take a process now (the codes :meth:`Matchmaker.verdict`
+#: reports; placement takes the same checks).
+ENGINE = "engine"  # the node runs another engine
+CONSTRAINT = "constraint"  # a constraint key does not match
+RETIRING = "retiring"  # the node is offered to EPUM for retirement
+NO_AGENT = "no_agent"  # no EEAgent has reported from the node yet
+AGENT_STATE = "agent_state"  # the agent is not OK (WARNING, MISSING, DISABLED)
+NO_FREE_SLOT = "no_free_slot"
+NODE_EXCLUSIVE = "node_exclusive"  # the node holds a live process with the same tag
+FITS = "fits"  # nothing stops it: the next pass places it there
+
+
+def resource_block(res: Resource, ckey: tuple[tuple[str, Any], ...]) -> str | None:
+    """Why ``res`` cannot take a process with constraints ``ckey`` (None: it has a free slot)."""
+    if res.state != ps.RESOURCE_OK:
+        return AGENT_STATE
+    if res.slots - len(res.assigned) - res.foreign <= 0:
+        return NO_FREE_SLOT
+    if ckey and mismatch(res.properties, ckey) is not None:
+        return CONSTRAINT
+    return None
+
+
+def node_constraint_miss(node: Node, ckey: tuple[tuple[str, Any], ...]) -> str | None:
+    """The first constraint key no resource of ``node`` can ever meet (None: some may)."""
+    if not ckey:
+        return None
+    props = dict(node.properties)
+    props["node_id"] = node.node_id
+    props["engine"] = node.engine
+    for key, want in ckey:
+        if key == "resource_id":
+            ok = any(
+                (r in want) if isinstance(want, tuple) else r == want for r in node.resources
+            )
+            if not ok:
+                return key
+            continue
+        if mismatch(props, ((key, want),)) is not None:
+            return key
+    return None
+
+
+def exclusive_holder(node: Node, tag: str | None) -> str | None:
+    """The process holding node_exclusive ``tag`` on ``node`` (None: the tag is free there)."""
+    return node.tags.get(tag) if tag is not None else None
 
 
 def engine_by_definition(
@@ -225,6 +280,9 @@ class Matchmaker:
         self.fresh: dict[str, None] = {}
         self._heap: list[tuple[int, int, ClassKey]] = []  # (head seq, tiebreak, class)
         self._tie = 0
+        #: pools without a queued process, kept (and kept in step) for the next one to use,
+        #: oldest first; beyond IDLE_POOLS the oldest goes
+        self._idle: collections.OrderedDict[PoolKey, None] = collections.OrderedDict()
 
     # ---- nodes and resources --------------------------------------------------------------
 
@@ -250,22 +308,7 @@ class Matchmaker:
             yield ("resource_id", rid)
 
     def _may_match(self, node: Node, pool: Pool) -> bool:
-        if not pool.ckey:
-            return True
-        props = dict(node.properties)
-        props["node_id"] = node.node_id
-        props["engine"] = node.engine
-        for key, want in pool.ckey:
-            if key == "resource_id":
-                ok = any(
-                    (r in want) if isinstance(want, tuple) else r == want for r in node.resources
-                )
-                if not ok:
-                    return False
-                continue
-            if not satisfies(props, ((key, want),)):
-                return False
-        return True
+        return node_constraint_miss(node, pool.ckey) is None
 
     def remove_node(self, node: Node) -> None:
         nid = node.node_id
@@ -309,13 +352,11 @@ class Matchmaker:
             return 0
         free = 0
         ckey = pool.ckey
+        resources = self.resources
         for rid in node.resources:
-            res = self.resources[rid]
-            if res.state != ps.RESOURCE_OK:
-                continue
-            f = res.slots - len(res.assigned) - res.foreign
-            if f > 0 and (not ckey or satisfies(res.properties, ckey)):
-                free += f
+            res = resources[rid]
+            if resource_block(res, ckey) is None:
+                free += res.slots - len(res.assigned) - res.foreign
         return free
 
     def _place(self, pool: Pool, node: Node) -> int | None:
@@ -362,6 +403,8 @@ class Matchmaker:
         pkey = (engine, ckey)
         pool = self.pools.get(pkey)
         if pool is not None:
+            if self._idle.pop(pkey, 0) is None:
+                self._reorder(pool)
             return pool
         pool = Pool(pkey, engine, ckey)
         self.pools[pkey] = pool
@@ -388,14 +431,34 @@ class Matchmaker:
                 self._place(pool, node)
         return pool
 
+    def _reorder(self, pool: Pool) -> None:
+        """Order an idle pool's buckets by node sequence, as a pool built now would be
+        (within a bucket the first node wins: reuse must not change the choice)."""
+        nodes = self.nodes
+        by_loc: dict[int, list[str]] = {}
+        for nid, loc in pool.where.items():
+            by_loc.setdefault(loc, []).append(nid)
+        pool.buckets = [FifoSet() for _ in pool.buckets]
+        pool.empty = FifoSet()
+        for loc, nids in by_loc.items():
+            target = pool.empty if loc == _EMPTY else pool.buckets[loc]
+            for nid in sorted(nids, key=lambda n: nodes[n].seq):
+                target.add(nid)
+
     def _drop_pool_if_unused(self, pool: Pool) -> None:
+        """A pool whose last class went stays, idle, for the next process like it: building
+        one scans the engine's nodes, and a queue that drains after every placement would
+        rebuild it for every process. Only the oldest beyond ``IDLE_POOLS`` go."""
         if pool.classes:
             return
-        for nid in pool.members:
-            pools = self.node_pools.get(nid)
-            if pools is not None:
-                pools.discard(pool.key)
-        del self.pools[pool.key]
+        self._idle[pool.key] = None
+        while len(self._idle) > IDLE_POOLS:
+            key, _ = self._idle.popitem(last=False)
+            old = self.pools.pop(key)
+            for nid in old.members:
+                pools = self.node_pools.get(nid)
+                if pools is not None:
+                    pools.discard(key)
 
     def _klass(self, proc: Process) -> Klass:
         ckey = constraint_key(proc.constraints)
@@ -528,7 +591,7 @@ class Matchmaker:
                 return self._pick(nodes[first[0]], pool)
             for nid in bucket:
                 node = nodes[nid]
-                if tag not in node.tags:
+                if exclusive_holder(node, tag) is None:
                     return self._pick(node, pool)
         first = pool.empty.first()  # an empty node holds no process, hence no tag
         if first is not None:
@@ -541,15 +604,54 @@ class Matchmaker:
         ckey = pool.ckey
         for rid in node.resources:
             res = self.resources[rid]
-            if res.state != ps.RESOURCE_OK:
+            if resource_block(res, ckey) is not None:
                 continue
             used = len(res.assigned) + res.foreign
-            if used >= res.slots or (ckey and not satisfies(res.properties, ckey)):
-                continue
             if best is None or used < best_used:
                 best, best_used = res, used
         assert best is not None, "a bucketed node has a candidate resource"
         return best
+
+    # ---- explaining -----------------------------------------------------------------------------
+
+    def verdict(self, proc: Process, node: Node) -> dict[str, Any]:
+        """Why ``node`` cannot take ``proc`` now, by the checks placement makes (``reason``
+        one of the codes above, with the figures it used); ``FITS`` when nothing stops it."""
+        ckey = constraint_key(proc.constraints)
+        out: dict[str, Any] = {"node_id": node.node_id}
+        if node.engine != proc.engine:
+            return {**out, "reason": ENGINE, "wanted": proc.engine, "had": node.engine}
+        key = node_constraint_miss(node, ckey)
+        if key is not None:
+            want = dict(ckey)[key]
+            had = list(node.resources) if key == "resource_id" else node.properties.get(key)
+            return {**out, "reason": CONSTRAINT, "key": key, "wanted": want, "had": had}
+        if node.retiring:
+            return {**out, "reason": RETIRING}
+        if not node.resources:
+            return {**out, "reason": NO_AGENT}
+        blocks = {rid: resource_block(self.resources[rid], ckey) for rid in node.resources}
+        if all(b is not None for b in blocks.values()):
+            for code in (NO_FREE_SLOT, CONSTRAINT, AGENT_STATE):  # the most telling first
+                rids = [rid for rid, b in blocks.items() if b == code]
+                if rids:
+                    break
+            res = [self.resources[r] for r in rids]
+            if code == NO_FREE_SLOT:
+                return {**out, "reason": code, "slots": sum(r.slots for r in res),
+                        "assigned": sum(len(r.assigned) for r in res),
+                        "foreign": sum(r.foreign for r in res), "resources": rids}
+            if code == CONSTRAINT:
+                r = res[0]
+                key = mismatch(r.properties, ckey)
+                assert key is not None
+                return {**out, "reason": code, "key": key, "wanted": dict(ckey)[key],
+                        "had": r.properties.get(key), "resources": rids}
+            return {**out, "reason": code, "states": {r.resource_id: r.state for r in res}}
+        holder = exclusive_holder(node, proc.node_exclusive)
+        if holder is not None:
+            return {**out, "reason": NODE_EXCLUSIVE, "tag": proc.node_exclusive, "held_by": holder}
+        return {**out, "reason": FITS}
 
 
 def naive_place(

@@ -230,8 +230,13 @@ class Control:
         again when they may go; decision OP2)."""
         raise NotImplementedError
 
-    def destroy_instances(self, instance_ids: Iterable[str], reason: str = "engine") -> list[str]:
-        """Ask for these instances to be terminated; returns the ids newly asked for."""
+    def destroy_instances(
+        self, instance_ids: Iterable[str], reason: str = "engine", figures: dict | None = None
+    ) -> list[str]:
+        """Ask for these instances to be terminated; returns the ids newly asked for.
+
+        ``reason`` names the rule, ``figures`` what it used (plain data); both are recorded
+        with the decision, so ``cei log why`` can tell why a node went."""
         raise NotImplementedError
 
     def wake_after(self, seconds: float) -> None:
@@ -307,7 +312,15 @@ class Engine:
     def destroy_unhealthy(self, control: Control, state: State) -> list[str]:
         """Terminate unhealthy instances (RUNNING_FAILED, MISSING, errors, zombies)."""
         ids = state.unhealthy_ids()
-        return control.destroy_instances(ids, reason="unhealthy") if ids else []
+        if not ids:
+            return []
+        figures = {"unhealthy": {i: _health(state, i) for i in ids}}
+        return control.destroy_instances(ids, reason="unhealthy", figures=figures)
+
+
+def _health(state: State, iid: str) -> str:
+    inst = state.get_instance(iid)
+    return "gone" if inst is None else f"{inst.state}/{inst.health}"
 
 
 def pick_to_destroy(

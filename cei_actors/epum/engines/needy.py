@@ -58,7 +58,8 @@ class NeedyMixin:
             candidates = [i for i in state.valid_ids() if i not in gone]
             first = self.conf.get("retirable_nodes") or []
             control.destroy_instances(
-                pick_to_destroy(control, state, candidates, valid - target, first), reason="scale down"
+                pick_to_destroy(control, state, candidates, valid - target, first), reason="scale down",
+                figures={"valid": valid, "target": target, "retirable_first": list(first)},
             )
         elif valid < target:
             self.launch_n(control, state, target - valid, killed)

@@ -131,7 +131,9 @@ class OverflowEngine(Engine):
                 excess = len(have) - desired[site]
                 # newest (least likely running) first
                 control.destroy_instances(sorted(have, key=lambda i: -state.get_instance(i).seq)[:excess],  # type: ignore[union-attr]
-                                          reason="scale down")
+                                          reason="scale down",
+                                          figures={"site": site, "have": len(have), "desired": desired[site],
+                                                   "limit": limits[site], "preserve_n": c["preserve_n"]})
         for cloud in clouds:
             site = cloud["site_name"]
             if site in backing_off:

@@ -44,4 +44,4 @@ class PreserveNEngine(Engine):
             gone = set(killed)
             candidates = [i for i in state.valid_ids() if i not in gone]
             control.destroy_instances(pick_to_destroy(control, state, candidates, valid - n),
-                                      reason="scale down")
+                                      reason="scale down", figures={"valid": valid, "preserve_n": n})
