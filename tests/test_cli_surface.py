@@ -352,7 +352,7 @@ def test_log_show_follow_prints_new_events(home: Path) -> None:
     assert code == 0 and err == ""
     bounded = human(home, "log", "show", "pd", "--from", "1", "--to", "2", "--follow")
     assert [line.split()[0] for line in bounded.stdout.splitlines()] == ["1", "2"]
-    assert re.match(r"\s+1 e\d+ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3} ", bounded.stdout)
+    assert re.match(r"\s+1 e\d+ \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}Z? ", bounded.stdout)
 
 
 def _on_a_terminal(argv: list[str], timeout: float = 60.0) -> tuple[int, str]:

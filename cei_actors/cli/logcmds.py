@@ -186,6 +186,7 @@ def _data_at(r: Replay, stream: str, offset: int) -> Any:
 def cmd_state(args: argparse.Namespace, out: Output) -> int:
     entity = _entity(args)
     with _open(args) as r:
+        r.component(args.stream)  # a stream no component owns cannot be folded
         _checked(r, args.stream)
         data = _data_at(r, args.stream, r.resolve(args.stream, args.at))
     if entity is not None:
@@ -199,6 +200,7 @@ def cmd_state(args: argparse.Namespace, out: Output) -> int:
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     entity = _entity(args)
     with _open(args) as r:
+        r.component(args.stream)
         _checked(r, args.stream)
         lo, hi = sorted((r.resolve(args.stream, args.seq_a, "SEQ_A"), r.resolve(args.stream, args.seq_b, "SEQ_B")))
         before, after = _data_at(r, args.stream, lo), _data_at(r, args.stream, hi)

@@ -44,8 +44,8 @@ def parse_at(text: str | int | None, now: float, name: str = "--at") -> tuple[st
     value = text.strip()
     if value.upper() == "HEAD":
         return "head", None
-    if value.isdigit():
-        return "offset", float(int(value))
+    if value.isdigit() or (value.startswith("-") and value[1:].isdigit()):
+        return "offset", float(int(value))  # a negative one is refused with the stream's range
     m = _RELATIVE.match(value)
     if m:
         return "time", now - float(m.group(1)) * _UNITS[m.group(2)]
