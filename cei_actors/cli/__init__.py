@@ -18,6 +18,7 @@ from . import (
     domain,
     ha,
     logcmds,
+    metrics,
     node,
     process,
     provisioner,
@@ -44,7 +45,8 @@ EXIT_STATUS = """exit status:
      for `process restart` (each call is a new round: check the round first)."""
 
 #: The command groups, in the order ``cei --help`` lists them.
-GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha)
+GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha,
+          metrics)
 
 
 def say_error(message: object) -> None:

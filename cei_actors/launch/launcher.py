@@ -40,6 +40,7 @@ from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
 from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
+from ..runtime.metrics import COLLECTOR_CLASS, COLLECTOR_NAME, ReportMetrics, ServeMetrics
 from ..runtime.secure import (
     SECRET_FILE,
     ensure_secret_file,
@@ -221,6 +222,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             if not answered:
                 raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
                                   f"{remote.cei_admin_port} answers")
+    metrics = start_metrics(asys, plan, say)
     needed = {"pd"} if plan.static_nodes else set(REQUIRED)
     missing = sorted(needed - set(peers) - set(remote_peers))
     if missing and remote is not None:
@@ -236,6 +238,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
+        if metrics is not None:  # before Start: the first report tells the recovery
+            for i, address in enumerate(addrs):
+                with ServiceClient(asys, address, timeout=10.0) as client:
+                    client.call(ReportMetrics(metrics[0], replica_name(comp, i), plan.metrics["interval"]))
         started = _start_first(asys, comp, addrs[0], start)
         for standby in addrs[1:]:
             with ServiceClient(asys, standby) as other:
@@ -257,12 +263,15 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             # The previous run's nodes are gone (down terminated them): evacuate and requeue.
             pd.set_system_boot(True)
             pd.set_system_boot(False)
-        agents = start_static_nodes(asys, plan, home, addresses["pd"], pd, say)
+        agents = start_static_nodes(asys, plan, home, addresses["pd"], pd, say,
+                                    metrics[0] if metrics is not None else None)
     pids = {}
     for comp, addrs in addresses.items():
         for i, addr in enumerate(addrs):
             with ServiceClient(asys, addr, timeout=10.0) as client:
                 pids[replica_name(comp, i)] = client.call(Status())["pid"]
+    if metrics is not None:
+        pids[COLLECTOR_NAME] = metrics[1]["pid"]
     return {
         "admin_port": port,
         "base": getattr(asys, "cei_base", TCP_BASE),
@@ -276,8 +285,26 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         "static_nodes": agents,
         "node_dirs": [str(d) for d in _node_dirs(plan, home)],
         "pids": pids,
+        "metrics": ({k: metrics[1][k] for k in ("address", "port", "url")} if metrics is not None
+                    else None),
         "started_at": time.time(),
     }
+
+
+def start_metrics(asys: ActorSystem, plan: Plan,
+                  say: Progress) -> tuple[ActorAddress, dict[str, Any]] | None:
+    """Start the host's metrics collector (global name ``metrics``) serving on the plan's
+    ``metrics`` address and port; returns its address and where it serves (None: off)."""
+    if plan.metrics is None:
+        return None
+    address = asys.createActor(COLLECTOR_CLASS, globalName=COLLECTOR_NAME)
+    try:
+        with ServiceClient(asys, address, timeout=15.0) as client:
+            where = client.call(ServeMetrics(plan.metrics["address"], plan.metrics["port"]))
+    except (RequestFailed, OutcomeUnknown) as exc:
+        raise LaunchError(f"metrics: {exc.message}") from None
+    say(f"metrics on {where['url']}")
+    return address, where
 
 
 def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Start) -> Started:
@@ -352,8 +379,9 @@ def _put(describe: Callable, add: Callable, update: Callable, name: str, value: 
 
 
 def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: list[ActorAddress],
-                       pd: PDClient, say: Progress) -> list[str]:
-    """Start an in-system EEAgent per static node and announce it to the PD.
+                       pd: PDClient, say: Progress, metrics: ActorAddress | None = None) -> list[str]:
+    """Start an in-system EEAgent per static node and announce it to the PD (and tell it to
+    report to the ``metrics`` collector, if any).
 
     Every PD replica holds the agent as a peer, so the one that leads after a failover says
     ``Hello`` to it and the agent follows (``pd_replicas[0]`` leads at first)."""
@@ -372,6 +400,9 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: l
                            str(home / "static" / node.node_id), pd_replicas[0],
                            heartbeat_interval=float(engine.get("heartbeat_period", 30.0)), grace=2.0)
         _ask_bare(asys, addr, conf)
+        if metrics is not None:
+            _ask_bare(asys, addr, ReportMetrics(metrics, f"eeagent:{node.node_id}",
+                                                plan.metrics["interval"]))
         for replica in pd_replicas:
             with ServiceClient(asys, replica, timeout=10.0) as client:
                 client.call(SetPeers({f"eeagent:{node.node_id}": addr}))
