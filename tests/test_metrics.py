@@ -4,6 +4,7 @@ system scraped over HTTP (urllib) against ``cei status --json`` / ``cei process 
 from __future__ import annotations
 
 import json
+import socket
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from cei_actors.cli.metrics import parse
+from cei_actors.embed import CEI
 from cei_actors.eventlog import open_log
 from cei_actors.launch.plan import PlanError, default_plan_text, load_plan
 from cei_actors.runtime.example import Add, Counters
 from cei_actors.runtime.metrics import Histogram, Reports, make_report
 from cei_actors.runtime.runner import Runner
-from tests.test_cli_e2e import cei, cleanup, data, poll, run_cli
+from tests.test_cli_e2e import cei, cleanup, data, leftovers, poll, run_cli
 from tests.test_launch_system import make_plan
 
 # ------------------------------------------------------------------------------ the collector
@@ -193,6 +195,12 @@ def test_a_running_system_is_scraped_and_agrees_with_status(home: Path, tmp_path
         f"# metrics from {where['url']}",
         'cei_pd_processes{component="pd",replica="pd",state="RUNNING"} 3',
     ]
+    assert f"metrics: {where['url']}" in run_cli("--home", str(home), "status").stdout
+
+    # `down` stops the endpoint with the system
+    collector = info["pids"]["metrics"]
+    cei(home, "down")
+    assert listeners(where["port"]) == [] and not Path(f"/proc/{collector}").exists()
 
 
 def test_metrics_off_serves_nothing_and_says_so(home: Path, tmp_path: Path) -> None:
@@ -205,3 +213,51 @@ def test_metrics_off_serves_nothing_and_says_so(home: Path, tmp_path: Path) -> N
     got = run_cli("--home", str(home), "metrics")
     assert got.returncode == 1 and got.stdout == ""
     assert got.stderr == f"cei: the system in {home} serves no metrics (its plan says `metrics: off`)\n"
+
+
+def test_a_busy_port_fails_up_in_one_line_and_leaves_nothing(home: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        raw = yaml.safe_load(make_plan(tmp_path).read_text())
+        raw["metrics"] = {"port": port}
+        plan = tmp_path / "busy.yaml"
+        plan.write_text(yaml.safe_dump(raw))
+        got = run_cli("--home", str(home), "up", "--plan", str(plan))
+    assert got.returncode == 1
+    assert got.stderr == (f"cei: up failed: cannot serve metrics on 127.0.0.1:{port}: Address already "
+                          "in use (the plan's metrics: port, address)\n")
+    assert not (home / "system.json").exists()
+    assert leftovers(home) == []
+
+
+def test_embedded_static_agents_report_to_the_endpoint(tmp_path: Path) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({
+        "log": "sqlite:///${home}/log.sqlite",
+        "components": {"pd": {"config": {"dispatch_retry_seconds": 2.0}}},
+        "pd": {"engines": {"e1": {"slots": 2, "heartbeat_period": 0.5}}},
+        "static_nodes": [{"node_id": "n1"}],
+        "metrics": {"interval": 0.2},
+    }))
+    with CEI(load_plan(path, home=tmp_path), home=tmp_path) as system:
+        url = system.info["metrics"]["url"]
+        system.pd.schedule_process("p1", command=["sleep", "60"])
+        system.pd.wait_process("p1", ["RUNNING"], timeout=30)
+
+        def running_on_n1() -> list[dict[str, Any]] | None:
+            """the static agent reports its RUNNING process"""
+            with urllib.request.urlopen(url, timeout=10) as response:
+                families = parse(response.read().decode())
+            found = [s for s in samples(families, "cei_eeagent_processes")
+                     if s["labels"] == {"component": "eeagent", "replica": "eeagent:n1", "state": "RUNNING"}
+                     and s["value"] == 1.0]
+            return families if found else None
+
+        families = poll(running_on_n1, timeout=30)
+        [launched] = [s for s in samples(families, "cei_launches_total")
+                      if s["labels"]["replica"] == "eeagent:n1"]
+        assert launched["value"] == 1.0
+    with pytest.raises(OSError):  # stopped with the system
+        urllib.request.urlopen(url, timeout=5)

@@ -138,3 +138,5 @@ def show_status(status: dict[str, Any], out: Output) -> None:
     text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     Console(file=out.stream).print(f"processes: {text}")
     Console(file=out.stream).print(f"log: {status.get('log_url')}  admin port: {status.get('admin_port')}")
+    if status.get("metrics_url"):
+        Console(file=out.stream).print(f"metrics: {status['metrics_url']}")

@@ -302,7 +302,7 @@ def start_metrics(asys: ActorSystem, plan: Plan,
         with ServiceClient(asys, address, timeout=15.0) as client:
             where = client.call(ServeMetrics(plan.metrics["address"], plan.metrics["port"]))
     except (RequestFailed, OutcomeUnknown) as exc:
-        raise LaunchError(f"metrics: {exc.message}") from None
+        raise LaunchError(f"{exc.message} (the plan's metrics: port, address)") from None
     say(f"metrics on {where['url']}")
     return address, where
 
@@ -529,7 +529,8 @@ class Connection:
     def status(self) -> dict[str, Any]:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
         out: dict[str, Any] = {"admin_port": self.info.get("admin_port"),
-                               "log_url": self.info.get("log_url"), "components": {}}
+                               "log_url": self.info.get("log_url"), "components": {},
+                               "metrics_url": (self.info.get("metrics") or {}).get("url")}
         keys = ("mode", "ready", "leader", "epoch", "head", "pid")
         remote = (self.info.get("remote") or {}).get("components", [])
         for comp in [*self.info["components"], *remote]:

@@ -362,9 +362,11 @@ class MetricsCollector(Actor):
         try:
             validate(msg)
             reply: Any = Ok(self._serve(msg))
-        except (InvalidMessage, OSError) as exc:
-            reply = ErrorReply("bad_request", f"metrics endpoint {msg.address}:{msg.port}: {exc}",
-                               "ServeMetrics")
+        except InvalidMessage as exc:
+            reply = ErrorReply("bad_request", str(exc), "ServeMetrics")
+        except OSError as exc:
+            reply = ErrorReply("unavailable", f"cannot serve metrics on {msg.address}:{msg.port}: "
+                                              f"{exc.strerror or exc}", "ServeMetrics")
         if rid != "":
             self.send(sender, reply if rid is None else Response(rid, reply))
 
