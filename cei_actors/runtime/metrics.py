@@ -144,10 +144,15 @@ class LogStats:
     snapshot_bytes: int = 0
     snapshot_seconds: float = 0.0
 
-    def appended(self, types: Iterable[str], seconds: float) -> None:
-        self.events.update(types)
+    def appended(self, pending: Iterable[Any], seconds: float) -> None:
+        """Count one append of ``pending`` (events with a ``type``) that took ``seconds``."""
+        events = self.events
+        for event in pending:
+            events[event.type] += 1
         self.appends += 1
-        self.append_seconds.observe(seconds)
+        hist = self.append_seconds
+        hist.counts[bisect.bisect_left(hist.bounds, seconds)] += 1
+        hist.total += seconds
 
     def snapshot(self, size: int, seconds: float) -> None:
         self.snapshots += 1

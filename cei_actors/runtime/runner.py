@@ -285,7 +285,7 @@ class Runner(Generic[S]):
         except BaseException:
             self.state = None
             raise
-        self.log_stats.appended([p.type for p in pending], time.perf_counter() - started)
+        self.log_stats.appended(pending, time.perf_counter() - started)
         self._since_snapshot += len(pending)
         if self._since_snapshot >= self._snapshot_due:
             try:
