@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,9 @@ def endpoint(home: Path) -> str:
 
 def scrape(url: str, timeout: float = 10.0) -> str:
     """The exposition text served at ``url``; :class:`CliError` naming the URL if it fails."""
+    import urllib.error
+    import urllib.request
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - our URL
             return response.read().decode("utf-8")

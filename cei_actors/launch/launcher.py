@@ -238,10 +238,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
-        if metrics is not None:  # before Start: the first report tells the recovery
-            for i, address in enumerate(addrs):
-                with ServiceClient(asys, address, timeout=10.0) as client:
-                    client.call(ReportMetrics(metrics[0], replica_name(comp, i), plan.metrics["interval"]))
+        if metrics is not None:
+            _tell_each(asys, [(address, ReportMetrics(metrics[0], replica_name(comp, i),
+                                                      plan.metrics["interval"]))
+                              for i, address in enumerate(addrs)])
         started = _start_first(asys, comp, addrs[0], start)
         for standby in addrs[1:]:
             with ServiceClient(asys, standby) as other:
@@ -410,6 +410,19 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: l
         names.append(name)
     say(f"static nodes: {', '.join(n.node_id for n in plan.static_nodes)}")
     return names
+
+
+def _tell_each(asys: ActorSystem, messages: list[tuple[ActorAddress, Any]]) -> None:
+    """Tell each address its message (as a ``Request`` wanting no reply) from one endpoint."""
+    from ..runtime.control import Request
+
+    if getattr(asys, "cei_base", None) == SIMPLE_BASE:
+        for address, message in messages:
+            asys.tell(address, Request("", message))
+        return
+    with asys.private() as ctx:
+        for address, message in messages:
+            ctx.tell(address, Request("", message))
 
 
 def _ask_bare(asys: ActorSystem, address: ActorAddress, message: Any, timeout: float = 20.0) -> Any:

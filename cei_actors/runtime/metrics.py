@@ -343,6 +343,12 @@ class MetricsCollector(Actor):
         self._where: dict[str, Any] | None = None
 
     def receiveMessage(self, msg: Any, sender: Any) -> None:  # noqa: N802 - thespian's name
+        try:
+            self._receive(msg, sender)
+        except Exception:  # nothing may kill the collector
+            logger.exception("metrics: failed handling %s", type(msg).__name__)
+
+    def _receive(self, msg: Any, sender: Any) -> None:
         from thespian.actors import ActorExitRequest
 
         from .control import Request, Response

@@ -45,6 +45,12 @@ until the mailbox is drained; then ``runner.handle_many`` decides them in arriva
 against the state left by the ones before it), appends all their events at once, and the
 effects and replies of every message follow the append. A batch never exceeds ``max_batch``.
 
+Metrics. After :class:`~.metrics.ReportMetrics` the actor sends a small
+:class:`~.metrics.MetricsReport` to the host's collector every ``interval`` seconds and when it
+starts leading or steps down: the runtime's figures (``status()``, the runner's
+``log_stats``, messages and heartbeats counted at each flush, recovery time) and, on the
+leader only, the component's :meth:`metrics` of its state (docs/decisions.md MT1, MT2).
+
 Timers: ``SetTimer`` becomes ``wakeupAfter`` with a ``(key, generation)`` payload; a newer
 timer with the same key (or a change of leadership term) makes older wakeups stale, and stale
 wakeups are ignored (thespian cannot cancel them). Work: a bounded thread pool runs the work
