@@ -261,3 +261,25 @@ def test_embedded_static_agents_report_to_the_endpoint(tmp_path: Path) -> None:
         assert launched["value"] == 1.0
     with pytest.raises(OSError):  # stopped with the system
         urllib.request.urlopen(url, timeout=5)
+
+
+def test_state_figures_of_ha_and_the_provisioner() -> None:
+    from cei_actors.ha import state as ha_state
+    from cei_actors.ha.actor import metrics as ha_metrics
+    from cei_actors.ha.events import CopyScheduled, CopyTerminating, GroupCreated
+    from cei_actors.provisioner.actor import metrics as provisioner_metrics
+    from cei_actors.provisioner.state import Node, ProvisionerState
+
+    s = ha_state.HAState()
+    for event in (GroupCreated("g", "npreserving", {"preserve_n": 3}, {"command": ["true"]}, ["pd"], 3, 0.0),
+                  CopyScheduled("g", "u1", "pd", 0.0), CopyScheduled("g", "u2", "pd", 0.0),
+                  CopyTerminating("g", ["u2"], "scale down", 0.0)):
+        s = ha_state.apply(s, event)
+    assert ha_metrics(s) == [("cei_ha_groups", {}, 1.0), ("cei_ha_group_target", {"group": "g"}, 3.0),
+                             ("cei_ha_group_copies", {"group": "g"}, 1.0)]
+
+    p = ProvisionerState()
+    for nid, st in (("a", "RUNNING"), ("b", "RUNNING"), ("c", "FAILED")):
+        p.nodes[nid] = Node(nid, "l1", None, st)
+    assert provisioner_metrics(p)[:2] == [("cei_provisioner_nodes", {"state": "FAILED"}, 1.0),
+                                          ("cei_provisioner_nodes", {"state": "RUNNING"}, 2.0)]
