@@ -223,6 +223,9 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                 raise LaunchError(f"no replica of {comp} in the system at 127.0.0.1:"
                                   f"{remote.cei_admin_port} answers")
     metrics = start_metrics(asys, plan, say)
+    if metrics is not None:  # before any Start, in one go: no time added between the Starts
+        _tell_each(asys, [(address, ReportMetrics(metrics[0], replica_name(comp, i), plan.metrics["interval"]))
+                          for comp, addrs in addresses.items() for i, address in enumerate(addrs)])
     needed = {"pd"} if plan.static_nodes else set(REQUIRED)
     missing = sorted(needed - set(peers) - set(remote_peers))
     if missing and remote is not None:
@@ -238,10 +241,6 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in replicas.items() if k != comp and len(v) > 1})
         say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
-        if metrics is not None:
-            _tell_each(asys, [(address, ReportMetrics(metrics[0], replica_name(comp, i),
-                                                      plan.metrics["interval"]))
-                              for i, address in enumerate(addrs)])
         started = _start_first(asys, comp, addrs[0], start)
         for standby in addrs[1:]:
             with ServiceClient(asys, standby) as other:

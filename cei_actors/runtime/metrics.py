@@ -344,11 +344,11 @@ class MetricsCollector(Actor):
 
     def receiveMessage(self, msg: Any, sender: Any) -> None:  # noqa: N802 - thespian's name
         try:
-            self._receive(msg, sender)
+            self._on_message(msg, sender)
         except Exception:  # nothing may kill the collector
             logger.exception("metrics: failed handling %s", type(msg).__name__)
 
-    def _receive(self, msg: Any, sender: Any) -> None:
+    def _on_message(self, msg: Any, sender: Any) -> None:
         from thespian.actors import ActorExitRequest
 
         from .control import Request, Response
