@@ -201,6 +201,9 @@ def test_a_running_system_is_scraped_and_agrees_with_status(home: Path, tmp_path
     collector = info["pids"]["metrics"]
     cei(home, "down")
     assert listeners(where["port"]) == [] and not Path(f"/proc/{collector}").exists()
+    gone = run_cli("--home", str(home), "metrics")
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert gone.stderr == f"cei: system not up (no {home / 'system.json'}): run cei up\n"
 
 
 def test_metrics_off_serves_nothing_and_says_so(home: Path, tmp_path: Path) -> None:
