@@ -19,6 +19,7 @@ from . import (
     domain,
     ha,
     logcmds,
+    metrics,
     node,
     process,
     provisioner,
@@ -46,7 +47,7 @@ EXIT_STATUS = """exit status:
 
 #: The command groups, in the order ``cei --help`` lists them.
 GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha,
-          completion)
+          completion, metrics)
 
 
 def version() -> str:

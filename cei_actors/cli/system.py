@@ -290,3 +290,5 @@ def show_status(status: dict[str, Any], out: Output) -> None:
 
     log = shown_log_url(status["log_url"]) if status.get("log_url") else None
     out.line(f"log: {log}  admin port: {status.get('admin_port')}")
+    if status.get("metrics_url"):
+        out.line(f"metrics: {status['metrics_url']}")

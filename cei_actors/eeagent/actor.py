@@ -47,6 +47,14 @@ from thespian.actors import ActorAddress, ActorExitRequest, ActorTypeDispatcher,
 from ..epum.messages import HealthProbe, NodeHeartbeat
 from ..runtime.control import Hello
 from ..runtime.messages import ErrorReply, InvalidMessage, Message, Ok, validate
+from ..runtime.metrics import (
+    COLLECTOR_NAME,
+    DEFAULT_INTERVAL,
+    ReportMetrics,
+    Sample,
+    counts,
+    make_report,
+)
 from ..runtime.system import global_actors, replica_names
 from . import states as st
 from .heartbeat import HeartbeatScheduler, heartbeat_processes
@@ -140,6 +148,7 @@ class AgentCore:
         self._lock = threading.Lock()
         self.sent = 0
         self.send_failures = 0
+        self.launched = 0  #: processes started, not counting repeated launch requests (metrics)
         self.failed_at: float | None = None  # our clock at the last failed send
         self.supervisor = supervisor_factory(
             state_dir, slots, clock=clock, on_change=self._changed, grace=grace,
@@ -410,8 +419,10 @@ class AgentCore:
                 continue
             for k in range(i, j, LAUNCH_CHUNK):
                 chunk = requests[k : min(j, k + LAUNCH_CHUNK)]
+                fresh = sum(1 for m in chunk if self.supervisor.get(m.upid, m.round) is None)
                 try:
                     out.extend(info.to_dict() for info in self.supervisor.launch_many(chunk))
+                    self.launched += fresh
                 except (SupervisorClosedError, ValueError) as exc:
                     code = "unavailable" if isinstance(exc, SupervisorClosedError) else "bad_request"
                     out.extend({"error": code, "message": str(exc)} for _ in chunk)
@@ -459,7 +470,24 @@ class AgentCore:
         return ErrorReply("bad_request", f"the EEAgent does not handle {name}", name)
 
     def _launch(self, m: LaunchProcess) -> dict[str, Any]:
-        return self.supervisor.launch(m.upid, m.round, list(m.command), m.env, m.cwd).to_dict()
+        fresh = self.supervisor.get(m.upid, m.round) is None
+        info = self.supervisor.launch(m.upid, m.round, list(m.command), m.env, m.cwd).to_dict()
+        self.launched += fresh
+        return info
+
+    def metrics(self) -> list[Sample]:
+        """The agent's figures (:mod:`~cei_actors.runtime.metrics`): its processes by state,
+        launches, heartbeats sent."""
+        by_state: dict[str, int] = {}
+        for p in self.supervisor.processes():
+            by_state[p.state] = by_state.get(p.state, 0) + 1
+        return [*counts("cei_eeagent_processes", "state", by_state),
+                ("cei_launches", {}, float(self.launched)),
+                ("cei_eeagent_heartbeats_sent", {}, float(self.sent))]
+
+    def report(self, name: str, interval: float) -> Message:
+        """A :class:`~cei_actors.runtime.metrics.MetricsReport` of :meth:`metrics`."""
+        return make_report(name, "eeagent", interval, self.metrics())
 
     def close(self, kill: bool = False, grace: float | None = None) -> None:
         """Stop the supervisor; with ``kill`` its processes are terminated first."""
@@ -552,6 +580,31 @@ class EEAgentActor(ActorTypeDispatcher):
         self._gen = 0
         self._wake_at: float | None = None
         self._flush_pending = False
+        self._metrics: ReportMetrics | None = None
+
+    def receiveMsg_ReportMetrics(self, msg: ReportMetrics, sender: ActorAddress) -> None:  # noqa: N802
+        """Report to ``msg.to`` every ``msg.interval`` seconds (see :mod:`~cei_actors.runtime.metrics`)."""
+        try:
+            validate(msg)
+        except InvalidMessage as exc:
+            self.send(sender, ErrorReply("bad_request", str(exc), "ReportMetrics"))
+            return
+        first = self._metrics is None
+        self._metrics = msg if msg.to is not None else None
+        self.send(sender, Ok(None))
+        if first:
+            self._report_metrics()
+
+    def _report_metrics(self) -> None:
+        target = self._metrics
+        if target is None:
+            return
+        self.wakeupAfter(timedelta(seconds=target.interval), payload="metrics")
+        if self.core is not None:
+            try:
+                self.send(target.to, self.core.report(target.name, target.interval))
+            except Exception:
+                logger.exception("eeagent %s: reporting metrics failed", target.name)
 
     def receiveMsg_AgentConfig(self, conf: AgentConfig, sender: ActorAddress) -> None:  # noqa: N802
         try:
@@ -650,6 +703,9 @@ class EEAgentActor(ActorTypeDispatcher):
         self.wakeupAfter(timedelta(seconds=max(0.001, delay)), payload=self._gen)
 
     def receiveMsg_WakeupMessage(self, msg: WakeupMessage, sender: ActorAddress) -> None:  # noqa: N802
+        if msg.payload == "metrics":
+            self._report_metrics()
+            return
         if msg.payload == "flush":
             self._flush_pending = False
         elif msg.payload == self._gen:
@@ -749,6 +805,9 @@ class EndpointAgent:
             lookup_interval if lookup_interval is not None else heartbeat_interval
         )
         self._last_lookup = float("-inf")
+        #: the host's metrics collector (global name ``metrics``), found with the PD
+        self.metrics_to: ActorAddress | None = None
+        self._metrics_at = float("-inf")
         self._wake_event = threading.Event()
         self._my_address = asys._systemBase.transport.myAddress
         self.stopping = False
@@ -814,6 +873,7 @@ class EndpointAgent:
         except Exception as exc:
             logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
             return
+        self.metrics_to = found.get(COLLECTOR_NAME)
         for key, leader in self.leaders.items():
             if self._follow(key, leader, found, key in stale):
                 leader.last_probe = now  # the replicas were just asked; a lookup alone is no probe
@@ -950,6 +1010,19 @@ class EndpointAgent:
             message = self.asys.listen(0)
         self.core.flush()
         self.core.flush_health()
+        self._report_metrics()
+
+    def _report_metrics(self) -> None:
+        """Send the agent's figures to the collector every ``DEFAULT_INTERVAL`` seconds."""
+        now = time.monotonic()
+        if self.metrics_to is None or now - self._metrics_at < DEFAULT_INTERVAL:
+            return
+        self._metrics_at = now
+        try:
+            self.asys.tell(self.metrics_to, self.core.report(f"eeagent:{self.agent_id}",
+                                                             DEFAULT_INTERVAL))
+        except Exception as exc:
+            logger.debug("eeagent %s: metrics report failed: %s", self.agent_id, exc)
 
     def _handle(self, message: Any) -> None:
         inner, _ = _unwrap(message)

@@ -10,14 +10,42 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from ..runtime.metrics import Sample, counts
 from ..runtime.shell import EventSourcedActor
+from .engines.base import VALID_STATES
 from .logic import EPUM
 from .messages import NodeHeartbeat, ProvisionerLeads
 from .sensors import run_sensor
+from .state import EPUMState
+
+
+def metrics(state: EPUMState) -> list[Sample]:
+    """EPUM's figures (:mod:`~cei_actors.runtime.metrics`) from its state: per domain its
+    instances by state, need (the engine's ``target``, else its ``preserve_n``) and have
+    (instances below TERMINATING); requests to the Provisioner not yet acknowledged."""
+    out: list[Sample] = [("cei_epum_domains", {}, float(len(state.domains)))]
+    for dom in sorted(state.domains.values(), key=lambda d: d.key):
+        label = {"domain": dom.domain_id, "owner": dom.owner}
+        out += [(name, {**label, **lab}, v) for name, lab, v in
+                counts("cei_epum_instances", "state", {s: len(ids) for s, ids in dom.by_state.items()})]
+        engine_conf = dom.config.get("engine_conf") or {}
+        target = (dom.engine_state or {}).get("target", engine_conf.get("preserve_n"))
+        if isinstance(target, int | float) and not isinstance(target, bool):
+            out.append(("cei_epum_domain_need", label, float(target)))
+        out.append(("cei_epum_domain_have", label, float(dom.count(VALID_STATES))))
+    out.append(("cei_epum_pending_requests", {"kind": "launch"}, float(len(state.open_launches))))
+    out.append(("cei_epum_pending_requests", {"kind": "terminate"}, float(len(state.open_terminations))))
+    return out
 
 
 class EPUMActor(EventSourcedActor):
     """The EPU Management Service actor."""
+
+    heartbeat_types = ("NodeHeartbeat",)
+    launch_events = ("InstanceLaunchRequested",)
+
+    def metrics(self, state: EPUMState) -> list[Sample]:
+        return metrics(state)
 
     def make_component(self, config: dict[str, Any]) -> EPUM:
         return EPUM(dict(config or {}))

@@ -15,9 +15,21 @@ from typing import Any
 from ..epum.sensors import run_sensor
 from ..runtime.control import Response
 from ..runtime.messages import ErrorReply, Message, Ok
+from ..runtime.metrics import Sample
 from ..runtime.shell import EventSourcedActor
 from .logic import HA
 from .messages import PDReply, parse_request_id
+from .state import HAState
+
+
+def metrics(state: HAState) -> list[Sample]:
+    """HA's figures (:mod:`~cei_actors.runtime.metrics`): per group its target and copies."""
+    out: list[Sample] = [("cei_ha_groups", {}, float(len(state.groups)))]
+    for name, group in sorted(state.groups.items()):
+        out.append(("cei_ha_group_target", {"group": name}, float(group.target)))
+        live = sum(1 for c in group.copies.values() if not c.terminating)
+        out.append(("cei_ha_group_copies", {"group": name}, float(live)))
+    return out
 
 
 def pd_reply(response: Response) -> PDReply | None:
@@ -36,6 +48,11 @@ def pd_reply(response: Response) -> PDReply | None:
 
 class HAActor(EventSourcedActor):
     """The High Availability service actor."""
+
+    launch_events = ("CopyScheduled",)
+
+    def metrics(self, state: HAState) -> list[Sample]:
+        return metrics(state)
 
     def make_component(self, config: dict[str, Any]) -> HA:
         return HA(dict(config or {}))

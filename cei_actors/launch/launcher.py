@@ -43,6 +43,7 @@ from ..provisioner.sealing import CredentialsKey
 from ..runtime import procfs
 from ..runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from ..runtime.control import SetPeers, Start, Started, Status, Stop
+from ..runtime.metrics import COLLECTOR_CLASS, COLLECTOR_NAME, ReportMetrics, ServeMetrics
 from ..runtime.network import Network, NetworkError, current_network, split_host_port, use_network
 from ..runtime.secure import (
     SECRET_FILE,
@@ -269,6 +270,10 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                     say(f"{comp} replica at {address} did not take this system's peers: {exc}")
             if not answered and comp in remote_peers:
                 raise LaunchError(f"no replica of {comp} in the system at {label} answers")
+    metrics = start_metrics(asys, plan, say)
+    if metrics is not None:  # before any Start, in one go: no time added between the Starts
+        _tell_each(asys, [(address, ReportMetrics(metrics[0], replica_name(comp, i), plan.metrics["interval"]))
+                          for comp, addrs in addresses.items() for i, address in enumerate(addrs)])
     needed = {"pd"} if plan.static_nodes else set(REQUIRED)
     missing = sorted(needed - set(peers) - set(remote_peers))
     if missing and admins:
@@ -315,12 +320,15 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
             # The previous run's nodes are gone (down terminated them): evacuate and requeue.
             pd.set_system_boot(True)
             pd.set_system_boot(False)
-        agents = start_static_nodes(asys, plan, home, every["pd"], pd, say, leader=pd_leader)
+        agents = start_static_nodes(asys, plan, home, every["pd"], pd, say, leader=pd_leader,
+                                    metrics=metrics[0] if metrics is not None else None)
     pids = {}
     for comp, addrs in addresses.items():
         for i, addr in enumerate(addrs):
             with ServiceClient(asys, addr, timeout=10.0) as client:
                 pids[replica_name(comp, i)] = client.call(Status())["pid"]
+    if metrics is not None:
+        pids[COLLECTOR_NAME] = metrics[1]["pid"]
     net = current_network()
     return {
         "admin_port": port,
@@ -339,6 +347,8 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         "static_nodes": agents,
         "node_dirs": [str(d) for d in _node_dirs(plan, home)],
         "pids": pids,
+        "metrics": ({k: metrics[1][k] for k in ("address", "port", "url")} if metrics is not None
+                    else None),
         "started_at": time.time(),
     }
 
@@ -375,6 +385,22 @@ def _serving(asys: ActorSystem, replicas: list[ActorAddress], timeout: float = S
         if time.monotonic() > deadline:
             raise LaunchError(f"no replica of {len(replicas)} leads and is ready")
         time.sleep(0.2)
+
+
+def start_metrics(asys: ActorSystem, plan: Plan,
+                  say: Progress) -> tuple[ActorAddress, dict[str, Any]] | None:
+    """Start the host's metrics collector (global name ``metrics``) serving on the plan's
+    ``metrics`` address and port; returns its address and where it serves (None: off)."""
+    if plan.metrics is None:
+        return None
+    address = asys.createActor(COLLECTOR_CLASS, globalName=COLLECTOR_NAME)
+    try:
+        with ServiceClient(asys, address, timeout=15.0) as client:
+            where = client.call(ServeMetrics(plan.metrics["address"], plan.metrics["port"]))
+    except (RequestFailed, OutcomeUnknown) as exc:
+        raise LaunchError(f"{exc.message} (the plan's metrics: port, address)") from None
+    say(f"metrics on {where['url']}")
+    return address, where
 
 
 def _start_first(asys: ActorSystem, comp: str, address: ActorAddress, start: Start) -> Started:
@@ -458,8 +484,10 @@ def _put(describe: Callable, add: Callable, update: Callable, name: str, value: 
 
 
 def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: list[ActorAddress],
-                       pd: PDClient, say: Progress, leader: ActorAddress | None = None) -> list[str]:
-    """Start an in-system EEAgent per static node and announce it to the PD.
+                       pd: PDClient, say: Progress, leader: ActorAddress | None = None,
+                       metrics: ActorAddress | None = None) -> list[str]:
+    """Start an in-system EEAgent per static node and announce it to the PD (and tell it to
+    report to the ``metrics`` collector, if any).
 
     Every PD replica (this host's and the others') holds the agent as a peer, so the one that
     leads after a failover says ``Hello`` to it and the agent follows (``leader``, default
@@ -479,6 +507,9 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: l
                            str(home / "static" / node.node_id), leader or pd_replicas[0],
                            heartbeat_interval=float(engine.get("heartbeat_period", 30.0)), grace=2.0)
         _ask_bare(asys, addr, conf)
+        if metrics is not None:
+            _ask_bare(asys, addr, ReportMetrics(metrics, f"eeagent:{node.node_id}",
+                                                plan.metrics["interval"]))
         for replica in pd_replicas:
             with ServiceClient(asys, replica, timeout=10.0) as client:
                 client.call(SetPeers({f"eeagent:{node.node_id}": addr}))
@@ -486,6 +517,19 @@ def start_static_nodes(asys: ActorSystem, plan: Plan, home: Path, pd_replicas: l
         names.append(name)
     say(f"static nodes: {', '.join(n.node_id for n in plan.static_nodes)}")
     return names
+
+
+def _tell_each(asys: ActorSystem, messages: list[tuple[ActorAddress, Any]]) -> None:
+    """Tell each address its message (as a ``Request`` wanting no reply) from one endpoint."""
+    from ..runtime.control import Request
+
+    if getattr(asys, "cei_base", None) == SIMPLE_BASE:
+        for address, message in messages:
+            asys.tell(address, Request("", message))
+        return
+    with asys.private() as ctx:
+        for address, message in messages:
+            ctx.tell(address, Request("", message))
 
 
 def _ask_bare(asys: ActorSystem, address: ActorAddress, message: Any, timeout: float = 20.0) -> Any:
@@ -625,7 +669,8 @@ class Connection:
     def status(self) -> dict[str, Any]:
         """Per component its replicas (leader, ready, epoch, head, pid) and what it holds."""
         out: dict[str, Any] = {"admin_port": self.info.get("admin_port"),
-                               "log_url": self.info.get("log_url"), "components": {}}
+                               "log_url": self.info.get("log_url"), "components": {},
+                               "metrics_url": (self.info.get("metrics") or {}).get("url")}
         keys = ("mode", "ready", "leader", "epoch", "head", "pid", "since", "last_error")
         remote = (self.info.get("remote") or {}).get("components", [])
         for comp in [*self.info["components"], *remote]:

@@ -40,6 +40,10 @@ it). Top-level keys, all optional except where noted::
                                   # found there (those that answer at `up`)
       secret_file: /etc/cei/secret  # the system's secret (32 bytes, 0600), the same file on
                                   # every host; copied to HOME/secret at every `up`
+    metrics:                      # the host's Prometheus endpoint (default: on, 127.0.0.1, a
+      port: 0                     # free port recorded in HOME/system.json); `metrics: off`:
+      address: 127.0.0.1          # none. interval: seconds between two reports of a replica
+      interval: 1.0               # (docs/decisions.md MT1)
 
 ``log_history`` becomes the log URL's ``archive`` and ``keep_snapshots`` options (unless the URL
 sets them itself; not for ``memory://``), so every process that opens the log, ``cei log``
@@ -88,7 +92,8 @@ DEFAULT_SOURCE = "<built-in plan cei_actors/launch/default.yaml>"
 CREDENTIALS_KEY_FILE = "credentials.key"
 
 _TOP = {"log", "session_timeout", "log_history", "components", "registry", "pd", "epum", "static_nodes",
-        "network"}
+        "network",
+        "metrics"}
 _NETWORK_KEYS = {"listen", "advertise", "allow", "allow_wildcard", "admin_port", "join", "peers", "secret_file"}
 _HISTORY_KEYS = {"archive", "keep_snapshots"}
 _COMPONENT_KEYS = {"replicas", "config"}
@@ -97,6 +102,9 @@ _PD_KEYS = {"engines", "domain_definition", "domain_definition_id"}
 _EPUM_KEYS = {"definitions", "domains"}
 _DOMAIN_KEYS = {"definition", "config"}
 _STATIC_KEYS = {"node_id", "engine", "slots"}
+_METRICS_KEYS = {"port", "address", "interval"}
+#: The metrics endpoint when the plan does not say (``Plan.metrics``).
+DEFAULT_METRICS = {"port": 0, "address": "127.0.0.1", "interval": 1.0}
 
 
 class PlanError(ValueError):
@@ -144,6 +152,8 @@ class Plan:
     join: str | None = None
     peers: tuple[str, ...] = ()
     secret_file: str | None = None
+    #: the metrics endpoint: ``{port, address, interval}``, or None (off)
+    metrics: dict[str, Any] | None = field(default_factory=lambda: dict(DEFAULT_METRICS))
 
     def start_config(self, component: str) -> dict[str, Any]:
         """The ``Start.config`` of ``component``: its own config plus what the plan implies."""
@@ -356,6 +366,7 @@ class _Validator:
             static_nodes=tuple(StaticNode(**n) for n in static),
             source=self.source,
             **net,
+            metrics=self.metrics(top.get("metrics", {})),
         )
         self.component_configs(plan)
         return plan
@@ -405,6 +416,27 @@ class _Validator:
         except NetworkError as exc:
             raise self.fail(key, str(exc)) from None
         return f"{host}:{port}"
+    def metrics(self, value: Any) -> dict[str, Any] | None:
+        """``{port, address, interval}`` with the defaults filled in; None for ``off``."""
+        if value is False or value == "off":
+            return None
+        raw = self.mapping(value, "metrics", _METRICS_KEYS)
+        out = {**DEFAULT_METRICS, **raw}
+        port = out["port"]
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise self.fail("metrics.port", f"expected a port 0..65535 (0: a free one), got {port!r}")
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(out["address"])
+        except ValueError:
+            raise self.fail("metrics.address", f"expected an IP address such as 127.0.0.1, "
+                                               f"got {out['address']!r}") from None
+        interval = out["interval"]
+        if isinstance(interval, bool) or not isinstance(interval, int | float) or not 0 < interval <= 3600:
+            raise self.fail("metrics.interval", f"expected seconds in (0, 3600], got {interval!r}")
+        out["interval"] = float(interval)
+        return out
 
     def session_timeout(self, value: Any, log: str) -> str:
         """``log`` with ``session_timeout=value`` in its query (zk:// only; others unchanged)."""

@@ -27,13 +27,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ..runtime.core import SHELL_CONFIG_KEYS
+from ..runtime.metrics import Sample, counts
 from ..runtime.shell import EventSourcedActor
 from .cloud import CloudWorker, DriverFactory
 from .drivers import validate_credentials, validate_site
 from .logic import CONFIG_KEYS, Provisioner
 from .sealing import CredentialsKey
+from .state import ProvisionerState
 
-__all__ = ["ACTOR_KEYS", "ProvisionerActor", "check_config_keys", "resolve_factory"]
+__all__ = ["ACTOR_KEYS", "ProvisionerActor", "check_config_keys", "metrics", "resolve_factory"]
 
 #: Config keys of the actor itself (besides the core's and the shell's).
 ACTOR_KEYS = {"iaas_timeout": 60.0, "driver_factory": None, "credentials_key_file": None}
@@ -62,10 +64,25 @@ def check_config_keys(config: dict) -> None:
         )
 
 
+def metrics(state: ProvisionerState) -> list[Sample]:
+    """The Provisioner's figures (:mod:`~cei_actors.runtime.metrics`): nodes by state (every
+    record it holds, as ``describe_nodes``), nodes requested or terminating."""
+    by_state: dict[str, int] = {}
+    for node in state.nodes.values():
+        by_state[node.state] = by_state.get(node.state, 0) + 1
+    return [*counts("cei_provisioner_nodes", "state", by_state),
+            ("cei_provisioner_pending_requests", {"kind": "launch"}, float(len(state.requested))),
+            ("cei_provisioner_pending_requests", {"kind": "terminate"}, float(len(state.terminating)))]
+
+
 class ProvisionerActor(EventSourcedActor):
     """The Provisioner service actor (see the module docstring for its config)."""
 
     workers = 32
+    launch_events = ("NodeLaunched",)
+
+    def metrics(self, state: ProvisionerState) -> list[Sample]:
+        return metrics(state)
 
     def setup(self, config: dict) -> None:
         check_config_keys(config)

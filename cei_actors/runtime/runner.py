@@ -30,6 +30,7 @@ from ..eventlog import (
 )
 from .core import Component, Context, Decision, Rejected, S
 from .messages import ErrorReply, InvalidMessage, validate
+from .metrics import LogStats
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,8 @@ class Runner(Generic[S]):
         self._snapshot_bytes = 0  # size of the last snapshot saved or loaded
         self._history_job: threading.Thread | None = None
         self._truncate_again = False
+        #: What this runner appended and snapshotted (read by the shell's metrics).
+        self.log_stats = LogStats()
 
     @property
     def ready(self) -> bool:
@@ -189,7 +192,7 @@ class Runner(Generic[S]):
                 logger.warning(
                     "stream %s: recovering from the snapshot at offset %s instead of offset %s, "
                     "replaying the events after %s", self.stream, offset, skipped[0], offset)
-            self._snapshot_bytes = len(snap.data)
+            self._snapshot_bytes = self.log_stats.snapshot_bytes = len(snap.data)
             self._snapshot_due = self._due_after(len(snap.data))
             return state, offset, bool(skipped)
         if skipped:
@@ -277,10 +280,12 @@ class Runner(Generic[S]):
     def _commit(self, pending: list[PendingEvent]) -> None:
         try:
             assert self.fence is not None
+            started = time.perf_counter()
             self.head = self.log.append(self.fence, self.head, pending)
         except BaseException:
             self.state = None
             raise
+        self.log_stats.appended(pending, time.perf_counter() - started)
         self._since_snapshot += len(pending)
         if self._since_snapshot >= self._snapshot_due:
             try:
@@ -301,6 +306,7 @@ class Runner(Generic[S]):
         truncate the log in the background (see :meth:`_truncate_history`)."""
         if self.state is None:
             return False
+        started = time.perf_counter()
         data = self.component.snapshot(self.state)
         if data is None:
             return False
@@ -308,6 +314,7 @@ class Runner(Generic[S]):
         self.log.save_snapshot(
             Snapshot(self.stream, self.head, self.clock(), self.component.snapshot_version, blob)
         )
+        self.log_stats.snapshot(len(blob), time.perf_counter() - started)
         self._since_snapshot = 0
         self._snapshot_bytes = len(blob)
         self._snapshot_due = self._due_after(len(blob))
@@ -436,6 +443,7 @@ class Runner(Generic[S]):
         if self.state is None or (job is not None and job.is_alive()):
             return False
         offset, ts, version = self.head, self.clock(), self.component.snapshot_version
+        started = time.perf_counter()
         read_fd, write_fd = os.pipe()
         try:
             pid = os.fork()
@@ -459,9 +467,11 @@ class Runner(Generic[S]):
                 os._exit(code)
         os.close(write_fd)
         self._since_snapshot = 0
-        return self._start_history_job(self._finish_child_snapshot, pid, read_fd, offset, ts, version)
+        return self._start_history_job(self._finish_child_snapshot, pid, read_fd, offset, ts, version,
+                                       started)
 
-    def _finish_child_snapshot(self, pid: int, fd: int, offset: int, ts: float, version: int) -> None:
+    def _finish_child_snapshot(self, pid: int, fd: int, offset: int, ts: float, version: int,
+                               started: float) -> None:
         """Background thread: read the child's snapshot, store it, reap the child, truncate."""
         try:
             with os.fdopen(fd, "rb", buffering=0) as pipe:
@@ -489,6 +499,7 @@ class Runner(Generic[S]):
             return
         self._snapshot_bytes = len(blob)
         self._snapshot_due = self._due_after(len(blob))
+        self.log_stats.snapshot(len(blob), time.perf_counter() - started)
         self._truncate_history()
 
 

@@ -45,6 +45,12 @@ until the mailbox is drained; then ``runner.handle_many`` decides them in arriva
 against the state left by the ones before it), appends all their events at once, and the
 effects and replies of every message follow the append. A batch never exceeds ``max_batch``.
 
+Metrics. After :class:`~.metrics.ReportMetrics` the actor sends a small
+:class:`~.metrics.MetricsReport` to the host's collector every ``interval`` seconds and when it
+starts leading or steps down: the runtime's figures (``status()``, the runner's
+``log_stats``, messages and heartbeats counted at each flush, recovery time) and, on the
+leader only, the component's :meth:`metrics` of its state (docs/decisions.md MT1, MT2).
+
 Timers: ``SetTimer`` becomes ``wakeupAfter`` with a ``(key, generation)`` payload; a newer
 timer with the same key (or a change of leadership term) makes older wakeups stale, and stale
 wakeups are ignored (thespian cannot cancel them). Work: a bounded thread pool runs the work
@@ -89,6 +95,7 @@ from .control import Hello, Request, Response, SetPeers, Start, Started, Status,
 from .core import Component, Send, SetTimer, Work
 from .leadership import Leadership, leadership_for
 from .messages import ErrorReply, InvalidMessage, Message, Ok, validate
+from .metrics import ReportMetrics, Sample, ShellStats, make_report, runtime_samples
 from .runner import Runner
 
 _LOG_NAME = "cei_actors.runtime.shell"
@@ -97,6 +104,7 @@ _LOG_NAME = "cei_actors.runtime.shell"
 _FLUSH = ("cei", "flush")
 _POLL = ("cei", "poll")
 _CHECK = ("cei", "check")
+_METRICS = ("cei", "metrics")
 
 _REPLY_TYPES = (Ok, ErrorReply, Response, Started)
 
@@ -222,6 +230,10 @@ class EventSourcedActor(Actor):
     #: The peer name this actor announces (``Hello``) to its configured peers when it starts
     #: leading; None: the component's default stream (``pd``, ``epum``, ``provisioner``).
     peer_name: str | None = None
+    #: Message types counted as heartbeats received (``cei_heartbeats_received``).
+    heartbeat_types: tuple[str, ...] = ()
+    #: Event types counted as launches (``cei_launches``).
+    launch_events: tuple[str, ...] = ()
 
     @property
     def _mode(self) -> str:
@@ -266,6 +278,10 @@ class EventSourcedActor(Actor):
         self.stats = {"appends": 0, "messages": 0, "batches": 0}
         self._last_error: dict[str, str] | None = None
         self._follower: _Follower | None = None
+        self._shell_stats = ShellStats()
+        self._metrics_to: ReportMetrics | None = None
+        self._metrics_pending = False
+        self._metrics_failed = False
 
     # ---- hooks ------------------------------------------------------------------------------
 
@@ -303,6 +319,11 @@ class EventSourcedActor(Actor):
         instead of waiting for its periodic refresh. Only a leading actor gets it; a standby
         asks everything when it takes over anyway."""
         return None
+
+    def metrics(self, state: Any) -> list[Sample]:
+        """The component's figures computed from its state (leader only; see
+        :mod:`.metrics`): a pure function of ``state``; default none."""
+        return []
 
     def make_leadership(self, spec: str, log_url: str, stream: str) -> Leadership:
         """The leadership for ``stream``; default :func:`~.leadership.leadership_for`."""
@@ -496,6 +517,39 @@ class EventSourcedActor(Actor):
             status["state"] = None if state is None else runner.component.snapshot(state)
         self._reply(origin, Ok(status))
 
+    def _on_report_metrics(self, msg: ReportMetrics, origin: _Origin) -> None:
+        self._metrics_to = msg if msg.to is not None else None
+        self._reply(origin, Ok(None))
+        self._report_metrics()
+
+    def _report_metrics(self) -> None:
+        """Send this replica's figures to the collector (if told to) and schedule the next
+        report; a failure is logged (once), never raised."""
+        target = self._metrics_to
+        if target is None or self._mode == "stopped":
+            return
+        if not self._metrics_pending:
+            self._metrics_pending = True
+            self.wakeupAfter(timedelta(seconds=target.interval), _METRICS)
+        runner = self._runner
+        try:
+            samples = runtime_samples(self.status(), runner.log_stats if runner else None,
+                                      self._shell_stats, self.launch_events)
+            histograms = []
+            if runner is not None:
+                histograms.append(("cei_append_seconds", {}, runner.log_stats.append_seconds))
+                if self._mode == "ready" and runner.state is not None:
+                    samples += self.metrics(runner.state)
+            component = type(runner.component).stream if runner is not None else None
+            report = make_report(target.name, component or self._me or target.name,
+                                 target.interval, samples, histograms)
+            self.send(target.to, report)
+            self._metrics_failed = False
+        except Exception:
+            if not self._metrics_failed:
+                self._log.exception("%s: reporting metrics failed", self._name())
+            self._metrics_failed = True
+
     def _on_stop(self, msg: Stop, origin: _Origin) -> None:
         self._shutdown("stop requested")
         self._reply(origin, Ok(None))
@@ -552,6 +606,7 @@ class EventSourcedActor(Actor):
             return
         self._catch_up(start=False)  # what the follower already read need not be read again
         self._stop_following()
+        started = time.perf_counter()
         try:
             decision = self._runner.recover()
         except Exception as exc:
@@ -561,6 +616,8 @@ class EventSourcedActor(Actor):
                 self._leadership.release()
             self._schedule_retry(backoff=True)
             return
+        self._shell_stats.recoveries += 1
+        self._shell_stats.recovery_seconds = time.perf_counter() - started
         self._term += 1
         self._timers.clear()
         self._mode = "ready"
@@ -579,6 +636,7 @@ class EventSourcedActor(Actor):
             self._start_origin = None
         self._schedule_check()
         self._release_held()
+        self._report_metrics()
 
     # ---- a hot standby ------------------------------------------------------------------------
 
@@ -701,6 +759,7 @@ class EventSourcedActor(Actor):
                 self._log.exception("%s: releasing leadership failed", self._name())
         self._retry_delay = self.retry_interval
         self._schedule_retry()
+        self._report_metrics()
 
     def _hold_batch(self) -> None:
         # Undecided messages go back in front of the held ones, in arrival order.
@@ -756,6 +815,12 @@ class EventSourcedActor(Actor):
             return
         self.stats["batches"] += 1
         self.stats["messages"] += len(batch)
+        counted = self._shell_stats.messages
+        for msg, _ in batch:
+            kind = type(msg).__name__
+            counted[kind] += 1
+            if kind in self.heartbeat_types:
+                self._shell_stats.heartbeats += 1
         if runner.head != head_before:
             self.stats["appends"] += 1
             faults.crash_point("after_append")
@@ -873,6 +938,9 @@ class EventSourcedActor(Actor):
                     self._schedule_check()
         elif kind == "retry" and payload[2] == self._retry_gen:
             self._try_lead()
+        elif kind == "metrics":
+            self._metrics_pending = False
+            self._report_metrics()
 
     # ---- replies and shutdown --------------------------------------------------------------
 
@@ -950,6 +1018,7 @@ _CONTROL: dict[type, Callable[[EventSourcedActor, Any, _Origin], None]] = {
     SetPeers: EventSourcedActor._on_set_peers,
     Status: EventSourcedActor._on_status,
     Stop: EventSourcedActor._on_stop,
+    ReportMetrics: EventSourcedActor._on_report_metrics,
 }
 
 __all__ = ["EventSourcedActor"]
