@@ -32,10 +32,12 @@ def config(per_vm: int = 10) -> SystemConfig:
 
 
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
-        vms: int = 10_000, per_vm: int = 10, check_every: int = 200_000) -> dict[str, Any]:
-    """Run the scenario; the summary includes wall and CPU time and steps per second."""
+        vms: int = 10_000, per_vm: int = 10, check_every: int = 200_000,
+        system_config: SystemConfig | None = None) -> dict[str, Any]:
+    """Run the scenario (on ``system_config`` if given); the summary includes wall and CPU
+    time and steps per second."""
     wall = Clock()
-    system = make_system(seed, config(per_vm), options)
+    system = make_system(seed, system_config or config(per_vm), options)
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)

@@ -129,6 +129,7 @@ def test_cli_lists_and_refuses(capsys):
 
     assert main(["--json", "sim", "list"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha"}
+    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha", "iteration", "big",
+                                             "storm", "overflow"}
     assert main(["sim", "run", "nope"]) == 1
     assert "no scenario 'nope'" in capsys.readouterr().err
