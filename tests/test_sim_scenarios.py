@@ -96,7 +96,8 @@ def test_progress_line_shows_virtual_time_steps_vms_and_processes():
     assert any(" 0 VMs" not in d and "VMs" in d for d in seen)
 
 
-@pytest.mark.parametrize("name", ["iteration", "overflow", "storm"])
+@pytest.mark.parametrize("name", ["iteration", "overflow", "storm", "steady", "chaos", "ha",
+                                  pytest.param("scale", marks=pytest.mark.slow)])
 def test_scenario_converges_at_its_default_seed(name):
     import importlib
 
