@@ -458,7 +458,7 @@ class CEISystem:
         heap = self._boot_heap
         while heap and heap[0][0] <= now:
             _, _, site, vm = heapq.heappop(heap)
-            if vm.status == "running" and self._running.get(vm.name) is not vm:
+            if vm.status == "running" and self._running.get(vm.name, ("", None))[1] is not vm:
                 self._boot_agent(vm, site)
         self.peak_vms = max(self.peak_vms, live)
         self.sim.schedule(self.config.agent_poll, self._watch)
