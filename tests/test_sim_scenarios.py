@@ -121,3 +121,28 @@ def test_big_converges_at_full_size():
     s = big.run(0)
     assert s["violations"] == [] and s["converged"], s["convergence_problems"]
     assert s["processes_scheduled"] == 100_000 and s["vms_peak"] >= 10_000
+
+
+def test_sites_have_their_own_clouds_faults_and_agents():
+    """Two sites: each has its own simulated cloud; a fault set on one site stays there; a VM
+    killed on either site takes its agent with it and EPUM replaces it on the same site."""
+    import collections
+
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    s = CEISystem(4, SystemConfig(sites={"a": {}, "b": {}}, boot_delay=(2.0, 5.0)))
+    s.run_for(5.0)
+    clouds = [{"site_name": "a", "size": 3, "rank": 1}, {"site_name": "b", "size": 3, "rank": 2}]
+    s.add_domain("d", 6, "overflow", {"clouds": clouds})
+    assert s.run_for(120.0, check_every=100) == []
+    assert set(s.clouds) == {"a", "b"} and s.convergence() == []
+    assert collections.Counter(vm.id[:3] for vm in s.cloud_vms()) == {"i-0": 3, "i-1": 3}
+    s.set_cloud("b", max_instances=0)
+    assert s.clouds["b"].max_instances == 0 and s.clouds["a"].max_instances is None
+    s.set_cloud("b", max_instances=None)
+    killed = {s.kill_vm(0), s.kill_vm(5)}
+    assert len(killed) == 2
+    assert s.run_for(300.0, check_every=100) == []
+    assert not killed & set(s.agents) and len(s.agents) == 6
+    assert s.convergence() == []
+    assert s.summary()["vms_started"] == 8
