@@ -7,6 +7,12 @@ own :class:`~cei_actors.provisioner.cloud.CloudWorker` over a
 seeded rng. The PD's engine ``default`` gets its nodes from EPUM (domain ``pd_domain_default``,
 engine ``needy``), exactly as in the real system.
 
+``SystemConfig(sites={...})`` gives several cloud sites, each its own simulated cloud (the
+first is EPUM's default site, where the PD's nodes go; an ``overflow`` domain spreads over
+them in rank order). The VM watcher polls every ``agent_poll`` seconds but looks only at what
+changed: new VMs, VMs whose boot time passed, and the running ones after the cloud counted a
+destroy, kill or vanish.
+
 Only the EEAgent is a model (:class:`SimAgent`), because the real one runs unix processes: one
 per VM, started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``,
 heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
