@@ -44,9 +44,11 @@ def _import_sims() -> Any:
     return sims
 
 
-def baseline_config(per_vm: int = 10) -> SystemConfig:
+def baseline_config(per_vm: int = 10, processes: int = 0) -> SystemConfig:
     """The timings of the ``scale`` scenario before this benchmark existed."""
-    return SystemConfig(slots=per_vm, heartbeat_period=30.0, heartbeat_warning=90.0,
+    from sims.big import tombstones
+
+    return SystemConfig(extra=tombstones(processes), slots=per_vm, heartbeat_period=30.0, heartbeat_warning=90.0,
                         heartbeat_missing=180.0, agent_poll=5.0, create_concurrency=100,
                         terminator_concurrency=50, dispatch_retry_seconds=60.0,
                         decider_interval=10.0, leak_grace=600.0, boot_delay=(30.0, 120.0))
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['sim_per_wall']:7.0f} sim s/s, {r['steps_per_s']:6.0f} steps/s, "
                   f"{r['events_per_s']:6.0f} events/s, {r['steps']} steps, ok={r['ok']}", flush=True)
     # the old timings at the smallest size (skipped above 2,000 VMs: it takes too long)
-    base = (measure(big.run(a.seed, vms=sizes[0], system_config=baseline_config()))
+    base = (measure(big.run(a.seed, vms=sizes[0], system_config=baseline_config(10, sizes[0] * 10)))
             if sizes[0] <= 2000 else {})
     it = measure(iteration.run(a.seed))
     del sims

@@ -22,13 +22,21 @@ from . import Clock, RunOptions, finish
 from . import system as make_system
 
 
-def config(per_vm: int = 10) -> SystemConfig:
-    """The system of a large deployment."""
+def config(per_vm: int = 10, processes: int = 0) -> SystemConfig:
+    """The system of a large deployment. The PD keeps a tombstone of every finished process
+    (``tombstone_limit`` at least ``2 * processes``): past its default 20,000 the oldest are
+    dropped and a process forgotten that way cannot be told from a lost one."""
     return SystemConfig(slots=per_vm, heartbeat_period=120.0, heartbeat_warning=360.0,
                         heartbeat_missing=720.0, agent_poll=10.0, create_concurrency=500,
                         terminator_concurrency=500, dispatch_retry_seconds=120.0,
                         decider_interval=10.0, query_interval=60.0, leak_grace=1200.0,
-                        monitor_interval=30.0, needs_refresh=600.0, boot_delay=(30.0, 120.0))
+                        monitor_interval=30.0, needs_refresh=600.0, boot_delay=(30.0, 120.0),
+                        extra=tombstones(processes))
+
+
+def tombstones(processes: int) -> dict[str, Any]:
+    """PD settings keeping a tombstone of each of ``processes`` finished processes."""
+    return {"pd": {"tombstone_limit": max(20_000, 2 * processes)}}
 
 
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
@@ -37,7 +45,7 @@ def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = 
     """Run the scenario (on ``system_config`` if given); the summary includes wall and CPU
     time and steps per second."""
     wall = Clock()
-    system = make_system(seed, system_config or config(per_vm), options)
+    system = make_system(seed, system_config or config(per_vm, vms * per_vm), options)
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)

@@ -146,3 +146,16 @@ def test_sites_have_their_own_clouds_faults_and_agents():
     assert not killed & set(s.agents) and len(s.agents) == 6
     assert s.convergence() == []
     assert s.summary()["vms_started"] == 8
+
+
+def test_big_keeps_a_tombstone_of_every_finished_process():
+    """Past the PD's tombstone limit a finished process is forgotten without a trace, which
+    the invariant cannot tell from a lost one (first seen at 100,000 processes): ``big``
+    keeps room for all of them."""
+    from sims import big
+
+    assert big.config(10, 100_000).extra["pd"]["tombstone_limit"] >= 100_000
+    cramped = big.config(10)
+    cramped.extra = {"pd": {"tombstone_limit": 100}}
+    s = big.run(0, vms=30, system_config=cramped)
+    assert any("lost: not in the PD" in v for v in s["violations"])
