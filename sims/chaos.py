@@ -10,16 +10,15 @@ whether everything converged (the gaps in tests/test_sim_findings.py were found 
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 from cei_actors.sim.system import COMPONENTS, CEISystem, SystemConfig
 
-from . import finish
+from . import Clock, RunOptions, finish
+from . import system as make_system
 
 
 def chaos_step(system: CEISystem, rng: random.Random, counter: list[int]) -> None:
@@ -62,12 +61,12 @@ def chaos_step(system: CEISystem, rng: random.Random, counter: list[int]) -> Non
             system.remove_domain(d)
 
 
-def run(seed: int, report_dir: Path | None = None, operations: int = 300,
+def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
+        operations: int = 300,
         check_every: int = 500) -> dict[str, Any]:
     """Run the scenario; the summary lists violations and what did not converge."""
-    wall = time.perf_counter()
-    logging.getLogger("cei_actors").setLevel(logging.ERROR)
-    system = CEISystem(seed, SystemConfig(slots=3))
+    wall = Clock()
+    system = make_system(seed, SystemConfig(slots=3), options)
     rng = random.Random(seed)
     counter = [0]
     violations: list[str] = []
@@ -78,5 +77,6 @@ def run(seed: int, report_dir: Path | None = None, operations: int = 300,
     system.heal()
     violations += system.run_for(3600.0, check_every)
     problems = system.convergence()
-    return finish("chaos", system, wall, report_dir, violations=violations[:50],
+    return finish("chaos", system, wall, report_dir, options,
+                  violations=violations[:50],
                   convergence_problems=problems[:50], converged=not problems)

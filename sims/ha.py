@@ -13,15 +13,14 @@ group's copies may all be on one PD while another group's are on the other).
 
 from __future__ import annotations
 
-import logging
 import random
-import time
 from pathlib import Path
 from typing import Any
 
 from cei_actors.sim.system import CEISystem, SystemConfig
 
-from . import finish
+from . import Clock, RunOptions, finish
+from . import system as make_system
 
 GROUPS = ("web", "api")
 
@@ -53,12 +52,12 @@ def ha_step(system: CEISystem, rng: random.Random) -> None:
             system.create_group(name, rng.randint(1, 3))
 
 
-def run(seed: int, report_dir: Path | None = None, operations: int = 120,
+def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
+        operations: int = 120,
         check_every: int = 200) -> dict[str, Any]:
     """Run the scenario; the summary lists violations and what did not converge."""
-    wall = time.perf_counter()
-    logging.getLogger("cei_actors").setLevel(logging.ERROR)
-    system = CEISystem(seed, SystemConfig(slots=3, pds=2, ha=True, ha_poll=5.0))
+    wall = Clock()
+    system = make_system(seed, SystemConfig(slots=3, pds=2, ha=True, ha_poll=5.0), options)
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)
@@ -85,5 +84,6 @@ def run(seed: int, report_dir: Path | None = None, operations: int = 120,
     used = {pd for by_pd in spread.values() for pd in by_pd}
     if used != set(system.pd_names):  # placement is by PD load, over all groups
         problems.append(f"HA copies not across both PDs: {spread}")
-    return finish("ha", system, wall, report_dir, violations=violations[:50],
+    return finish("ha", system, wall, report_dir, options,
+                  violations=violations[:50],
                   convergence_problems=problems, converged=not problems)

@@ -8,27 +8,26 @@ are checked every ``check_every`` steps (replay only at the end: it re-folds who
 
 from __future__ import annotations
 
-import logging
 import random
-import time
 from pathlib import Path
 from typing import Any
 
-from cei_actors.sim.system import CEISystem, SystemConfig
+from cei_actors.sim.system import SystemConfig
 
-from . import finish
+from . import Clock, RunOptions, finish
+from . import system as make_system
 
 
-def run(seed: int, report_dir: Path | None = None, processes: int = 10_000, slots: int = 5,
+def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
+        processes: int = 10_000, slots: int = 5,
         check_every: int = 50_000) -> dict[str, Any]:
     """Run the scenario; the summary includes wall time and steps per second."""
-    wall = time.perf_counter()
-    logging.getLogger("cei_actors").setLevel(logging.ERROR)
+    wall = Clock()
     cfg = SystemConfig(slots=slots, heartbeat_period=30.0, heartbeat_warning=90.0,
                        heartbeat_missing=180.0, agent_poll=5.0, create_concurrency=100,
                        terminator_concurrency=50, dispatch_retry_seconds=60.0,
                        decider_interval=10.0, leak_grace=600.0)
-    system = CEISystem(seed, cfg)
+    system = make_system(seed, cfg, options)
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)
@@ -49,5 +48,6 @@ def run(seed: int, report_dir: Path | None = None, processes: int = 10_000, slot
     violations += system.run_for(9000.0, check_every, replay=False)
     violations += system.violations(replay=True)
     problems = system.convergence()
-    return finish("scale", system, wall, report_dir, violations=violations[:50],
+    return finish("scale", system, wall, report_dir, options,
+                  violations=violations[:50],
                   convergence_problems=problems[:50], converged=not problems)

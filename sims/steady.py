@@ -6,24 +6,23 @@ process finished, every service RUNNING once, the pool back to what the PD needs
 
 from __future__ import annotations
 
-import logging
 import math
 import random
-import time
 from pathlib import Path
 from typing import Any
 
-from cei_actors.sim.system import CEISystem, SystemConfig
+from cei_actors.sim.system import SystemConfig
 
-from . import finish
+from . import Clock, RunOptions, finish
+from . import system as make_system
 
 
-def run(seed: int, report_dir: Path | None = None, arrivals: int = 600,
+def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
+        arrivals: int = 600,
         check_every: int = 2000) -> dict[str, Any]:
     """Run the scenario; the summary says whether invariants held and the system converged."""
-    wall = time.perf_counter()
-    logging.getLogger("cei_actors").setLevel(logging.ERROR)
-    system = CEISystem(seed, SystemConfig(slots=4))
+    wall = Clock()
+    system = make_system(seed, SystemConfig(slots=4), options)
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)
@@ -35,5 +34,6 @@ def run(seed: int, report_dir: Path | None = None, arrivals: int = 600,
     violations += system.run_for(3600.0, check_every, replay=False)
     violations += system.violations(replay=True)
     problems = system.convergence()
-    return finish("steady", system, wall, report_dir, violations=violations[:50],
+    return finish("steady", system, wall, report_dir, options,
+                  violations=violations[:50],
                   convergence_problems=problems, converged=not problems)

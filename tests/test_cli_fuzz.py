@@ -26,7 +26,7 @@ from test_cli_e2e import cei, cleanup, data
 from cei_actors.cli import build_parser, main
 
 #: Commands that start, stop or block on the system, or run for long: not fuzzed here.
-SKIPPED = {("up",), ("down",), ("demo",), ("sim", "run"), ("process", "wait"), ("ha", "wait"), ("provisioner", "terminate-all")}
+SKIPPED = {("up",), ("down",), ("demo",), ("sim", "run"), ("sim", "check"), ("process", "wait"), ("ha", "wait"), ("provisioner", "terminate-all")}
 
 #: Options that make a command run until Ctrl-C (``--watch``, ``--follow``): not fuzzed here.
 UNENDING = {"watch", "follow"}

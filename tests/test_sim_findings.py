@@ -67,7 +67,7 @@ def test_a_dump_state_overtaking_a_provision_leaks_no_vm():
     Provision, be answered UNKNOWN_NODE, and EPUM dropped the instance whose VM then ran.
     Now EPUM asks only after acknowledged launches, and the Provisioner records an unknown id
     it is asked after (a late provision of it makes no VM). Found by TestChaos."""
-    from test_sim_system import ChaosMachine
+    from cei_actors.sim.check import ChaosMachine
 
     m = ChaosMachine()
     m.setup(seed=0)

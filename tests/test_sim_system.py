@@ -1,6 +1,6 @@
 """The whole system under the simulator: random operations and faults, invariants every step.
 
-Two machines drive :class:`~cei_actors.sim.system.CEISystem`:
+Two machines (cei_actors/sim/check.py, also run by ``cei sim check``) drive :class:`~cei_actors.sim.system.CEISystem`:
 
 - ``HealingMachine``: faults the system is built to heal (VM kills and vanishings, cloud quota,
   create failures, lost create replies, Provisioner fail-over and crashes inside a message
@@ -22,110 +22,10 @@ import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from cei_actors.sim.system import COMPONENTS, CEISystem, SystemConfig
+from cei_actors.sim.check import ChaosMachine, HealingMachine
 
 logging.getLogger("cei_actors").setLevel(logging.ERROR)
-
-DURATIONS = st.sampled_from([2.0, 20.0, 90.0, math.inf])
-
-
-def agent_link(sender: str | None, to: str) -> bool:
-    """Links whose messages are level-based and retried: EEAgent <-> PD."""
-    return (sender or "").startswith("eeagent:") or to.startswith("eeagent:")
-
-
-class HealingMachine(RuleBasedStateMachine):
-    """Operations and healable faults; invariants after every step, convergence at the end."""
-
-    crashable: tuple[str, ...] = ("provisioner",)
-    #: "mid": a crash after a message's append, before its effects (see test_sim_findings)
-    crash_modes: tuple[str, ...] = ("restart", "crash", "mid-before")
-    lossy = staticmethod(agent_link)
-
-    @initialize(seed=st.integers(0, 2**16))
-    def setup(self, seed):
-        self.s = CEISystem(seed, SystemConfig(slots=2, boot_delay=(2.0, 10.0)))
-        self.s.sim.faults.lossy = self.lossy
-        self.n = 0
-        self.s.run_for(5.0)
-
-    # ---- operations
-
-    @rule(count=st.integers(1, 4), duration=DURATIONS, fail_rounds=st.integers(0, 2))
-    def schedule(self, count, duration, fail_rounds):
-        for _ in range(count):
-            self.n += 1
-            self.s.schedule(f"p{self.n}", duration, fail_rounds)
-
-    @precondition(lambda self: self.s.scheduled)
-    @rule(i=st.integers(0, 1000))
-    def kill_process(self, i):
-        self.s.kill_process(sorted(self.s.scheduled)[i % len(self.s.scheduled)])
-
-    @rule(i=st.integers(0, 1), n=st.integers(0, 2), op=st.sampled_from(["add", "reconfigure", "remove"]))
-    def domain(self, i, n, op):
-        if op == "add":
-            self.s.add_domain(f"d{i}", n)
-        elif op == "reconfigure":
-            self.s.reconfigure_domain(f"d{i}", n)
-        else:
-            self.s.remove_domain(f"d{i}")
-
-    @rule(dt=st.sampled_from([1.0, 5.0, 20.0, 60.0]))
-    def advance(self, dt):
-        problems = self.s.run_for(dt, check_every=200, replay=False)
-        assert problems == []
-
-    # ---- faults
-
-    @rule(i=st.integers(0, 1000), vanish=st.booleans())
-    def kill_vm(self, i, vanish):
-        self.s.kill_vm(i, vanish)
-
-    @rule(i=st.integers(0, 2), j=st.integers(0, 3))
-    def crash(self, i, j):
-        name = self.crashable[i % len(self.crashable)]
-        how = self.crash_modes[j % len(self.crash_modes)]
-        if how == "restart" or not self.s.sim.nodes[name].up:
-            self.s.restart(name)
-        elif how == "crash":
-            self.s.crash(name)
-        else:
-            self.s.crash_mid_message(name, persisted=how == "mid")
-
-    @rule(drop=st.sampled_from([0.0, 0.1, 0.3]), dup=st.sampled_from([0.0, 0.1]),
-          slow=st.booleans())
-    def network(self, drop, dup, slow):
-        self.s.set_network(drop, dup, latency=(0.001, 3.0) if slow else None)
-
-    @rule(quota=st.sampled_from([None, 0, 2, 5]), fail=st.sampled_from([0.0, 0.3]),
-          lose=st.sampled_from([0.0, 0.3]))
-    def cloud(self, quota, fail, lose):
-        self.s.set_cloud(max_instances=quota, create_failure_rate=fail, lose_reply_rate=lose)
-
-    # ---- invariants
-
-    @invariant()
-    def safe(self):
-        assert self.s.violations(replay=True) == []
-
-    def teardown(self):
-        if not hasattr(self, "s"):
-            return
-        self.s.heal()
-        assert self.s.run_for(1200.0, check_every=2000) == []
-        assert self.s.convergence() == []
-
-
-class ChaosMachine(HealingMachine):
-    """Every fault."""
-
-    crashable = COMPONENTS
-    crash_modes = ("restart", "crash", "mid", "mid-before")
-    lossy = None
 
 
 _FAST = settings(max_examples=40, stateful_step_count=30, deadline=None,
@@ -163,7 +63,7 @@ _RUN = """
 import json, sys
 from sims import {name}
 s = {name}.run({seed}, **{kw!r})
-s.pop("wall_time_s"); s.pop("steps_per_s")
+s.pop("wall_time_s"); s.pop("steps_per_s"); s.pop("cpu_time_s", None)
 print(json.dumps(s, sort_keys=True))
 """
 
@@ -230,7 +130,8 @@ def test_cli_lists_and_refuses(capsys):
 
     assert main(["--json", "sim", "list"]) == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha"}
+    assert {r["scenario"] for r in rows} == {"steady", "chaos", "scale", "ha", "iteration", "big",
+                                             "storm", "overflow"}
     assert main(["sim", "run", "nope"]) == 1
     assert "no scenario 'nope'" in capsys.readouterr().err
 

@@ -7,9 +7,16 @@ own :class:`~cei_actors.provisioner.cloud.CloudWorker` over a
 seeded rng. The PD's engine ``default`` gets its nodes from EPUM (domain ``pd_domain_default``,
 engine ``needy``), exactly as in the real system.
 
+``SystemConfig(sites={...})`` gives several cloud sites, each its own simulated cloud (the
+first is EPUM's default site, where the PD's nodes go; an ``overflow`` domain spreads over
+them in rank order). The VM watcher polls every ``agent_poll`` seconds but looks only at what
+changed: new VMs, VMs whose boot time passed, and the running ones after the cloud counted a
+destroy, kill or vanish.
+
 The EEAgent (:class:`SimAgent`) keeps the real agent's process table and rules
 (:mod:`cei_actors.eeagent.logic`) and simulates only the unix processes: one agent per VM,
-started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``, heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
+started when the simulated cloud's VM is RUNNING, reachable as ``eeagent:<node id>``,
+heartbeating level-based to the PD, and gone with its VM. A process's behaviour is its
 command, ``["sim", DURATION, FAIL_ROUNDS]``: it runs DURATION virtual seconds (``inf``: until
 terminated) and exits 1 while its round is below FAIL_ROUNDS, else 0.
 
@@ -29,11 +36,12 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import heapq
 import json
 import math
 import random
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +120,11 @@ class SystemConfig:
     pds: int = 1  # PDs: "pd", then "pd2", "pd3" ... each with its own EPUM domain
     ha: bool = False  # run the HA service over every PD
     ha_poll: float = 5.0  # HA's poll_interval
+    #: cloud sites: name -> simulated cloud options (``boot_delay``, ``max_instances``,
+    #: ``create_failure_rate``...); None: one site ``local`` booting in ``boot_delay``
+    sites: dict[str, dict[str, Any]] | None = None
+    monitor_interval: float | None = None  # the PD's heartbeat monitor (None: its default)
+    needs_refresh: float | None = None  # the PD's unconditional need refresh (None: default)
     extra: dict[str, Any] = field(default_factory=dict)  # per-component config overrides
 
 
@@ -271,17 +284,23 @@ class CEISystem:
         self.config = cfg = config or SystemConfig()
         self.sim = Simulation(seed, faults or Faults(latency=cfg.latency, work_latency=cfg.work_latency))
         self.start = self.sim.clock.now()
-        self.cloud: SimulatedCloudDriver | None = None
-        self.cloud_settings: dict[str, Any] = {}
+        self.cloud: SimulatedCloudDriver | None = None  # the first site's cloud
+        self.clouds: dict[str, SimulatedCloudDriver] = {}  # site -> its cloud, once used
+        self._cloud_marks: dict[str, tuple[int, int, int, int]] = {}  # death counters seen
+        self._boot_heap: list[tuple[float, int, str, Any]] = []  # (boot_at, n, site, VM)
+        self._vm_seen_by: dict[str, int] = {}
+        #: called every ``progress_every`` steps of :meth:`run_for` (e.g. a progress bar)
+        self.progress: Callable[[CEISystem], None] | None = None
+        self.progress_every = 2000
+        self.cloud_settings: dict[str, dict[str, Any]] = {}  # site -> settings
         self.worker = CloudWorker(clock=self.sim.clock, rng=random.Random(seed * 7919 + 1),
                                   driver_factory=self._make_driver)
         self.agents: dict[str, SimAgent] = {}
         self.dead_agents = 0
         self.launches = 0  # processes started on agents (every round)
         self.peak_vms = 0  # most live VMs seen at once (sampled every ``agent_poll``)
-        self._vm_seen = 0
-        self._booting: dict[str, Any] = {}  # vm id -> internal VM record, not yet running
-        self._running: dict[str, Any] = {}  # node id -> VM record of its live agent
+        self._seq_boot = 0
+        self._running: dict[str, tuple[str, Any]] = {}  # node id -> (site, VM) of its agent
         self.up_since: dict[str, float] = {}
         self.faults: collections.Counter[str] = collections.Counter()
         self.checks = 0
@@ -300,13 +319,22 @@ class CEISystem:
     # ---- set-up
 
     def _make_driver(self, definition: Mapping[str, Any], creds: Mapping[str, Any] | None) -> Any:
+        site = str(definition.get("region", "local"))
+        n = list(self.site_names).index(site) if site in self.site_names else 0
         driver = driver_for_site(definition, creds, clock=self.sim.clock,
-                                 rng=random.Random(self.seed * 104729 + 3))
+                                 rng=random.Random(self.seed * 104729 + 3 + 7 * n))
         assert isinstance(driver, SimulatedCloudDriver)
-        for key, value in self.cloud_settings.items():
+        for key, value in self.cloud_settings.get(site, {}).items():
             setattr(driver, key, value)
-        self.cloud = driver
+        self.clouds[site] = driver
+        if n == 0:
+            self.cloud = driver
         return driver
+
+    @property
+    def site_names(self) -> list[str]:
+        """The cloud sites, the default (PD) site first."""
+        return list(self.config.sites or {"local": {}})
 
     def _build(self) -> None:
         cfg, sim, extra = self.config, self.sim, self.config.extra
@@ -318,17 +346,27 @@ class CEISystem:
             site_validator=validate_site, credentials_validator=validate_credentials,
         )
         sim.add("provisioner", prov, self.worker.handlers())
-        self._ok("provisioner", AddSite("local", {
-            "type": "sim", "seed": self.seed, "boot_delay": list(cfg.boot_delay),
-            "terminated_linger": 60.0}))
+        for i, (site, options) in enumerate((cfg.sites or {"local": {}}).items()):
+            self._ok("provisioner", AddSite(site, {
+                "type": "sim", "seed": self.seed, "boot_delay": list(cfg.boot_delay),
+                "terminated_linger": 60.0, **options, "region": site,
+                "id_prefix": f"i-{i}" if i else "i-"}))
         self._ok("provisioner", AddDeployableType("eeagent", {
-            "mappings": {"local": {"iaas_image": "ami-sim-eeagent", "iaas_allocation": "t1.micro"}},
+            "mappings": {site: {"iaas_image": "ami-sim-eeagent", "iaas_allocation": "t1.micro"}
+                         for site in self.site_names},
             "contextualization": {"method": "userdata", "userdata": "cei node"}}))
-        sim.add("epum", EPUM({"decider_interval": cfg.decider_interval, **extra.get("epum", {})}))
+        sim.add("epum", EPUM({"decider_interval": cfg.decider_interval,
+                              "default_site": self.site_names[0], **extra.get("epum", {})}))
         self._ok("epum", AddDomainDefinition("pd_default", {
             "general": {"engine_class": "needy"}, "engine_conf": {}, "health": {}}))
         self._ok("epum", AddDomainDefinition("plain", {
             "general": {"engine_class": "preserve_n"}, "engine_conf": {"preserve_n": 0},
+            "health": {}}))
+        self._ok("epum", AddDomainDefinition("overflow", {
+            "general": {"engine_class": "overflow"},
+            "engine_conf": {"preserve_n": 0, "clouds": [
+                {"site_name": site, "size": 0, "rank": i + 1}
+                for i, site in enumerate(self.site_names)]},
             "health": {}}))
         engine: dict[str, Any] = {
             "slots": cfg.slots, "heartbeat_period": cfg.heartbeat_period,
@@ -342,6 +380,8 @@ class CEISystem:
                 "dispatch_retry_seconds": cfg.dispatch_retry_seconds,
                 "restart_throttling_config": {"minimum_time_between_starts": cfg.min_time_between_starts},
                 "needs_interval": cfg.needs_interval, "self_name": name,
+                **({"monitor_interval": cfg.monitor_interval} if cfg.monitor_interval else {}),
+                **({"needs_refresh": cfg.needs_refresh} if cfg.needs_refresh is not None else {}),
                 "domain_prefix": f"{name}_domain_", **extra.get("pd", {}), **extra.get(name, {}),
             }))
         if cfg.ha:
@@ -360,30 +400,45 @@ class CEISystem:
     # ---- the VM watcher: boots and kills agents
 
     def _watch(self) -> None:
-        cloud = self.cloud
-        if cloud is not None:
+        """Boot an agent on each VM that came up, stop the agent of each VM that went.
+
+        Cheap per poll: new VMs are taken from where the last poll stopped, booting VMs wait
+        in a heap ordered by boot time, and the running ones are looked at only when the
+        cloud counted a destroy, kill or vanish since the last poll."""
+        now = self.sim.clock.now()
+        live = 0
+        for site, cloud in self.clouds.items():
             with cloud._lock:  # the simulator's view of the cloud's insides, not an API call
-                cloud._advance(self.sim.clock.now())
+                cloud._advance(now)
                 vms = cloud._vms
-                if len(vms) > self._vm_seen:
-                    for vm in list(vms.values())[self._vm_seen:]:
-                        self._booting[vm.id] = vm
-                    self._vm_seen = len(vms)
-                for vm_id, vm in list(self._booting.items()):
-                    if vm.status == "running":
-                        del self._booting[vm_id]
-                        self._boot_agent(vm)
-                    elif vm.status != "pending":
-                        del self._booting[vm_id]
-                self.peak_vms = max(self.peak_vms, cloud._live)
-                for nid, vm in list(self._running.items()):
-                    if vm.status != "running":
-                        del self._running[nid]
-                        agent = self.agents.pop(nid, None)
-                        if agent is not None:
-                            agent.die()
-                            self.dead_agents += 1
+                seen = self._vm_seen_by.get(site, 0)
+                if len(vms) > seen:
+                    for vm in list(vms.values())[seen:]:
+                        self._seq_boot += 1
+                        heapq.heappush(self._boot_heap, (vm.boot_at, self._seq_boot, site, vm))
+                    self._vm_seen_by[site] = len(vms)
+                live += cloud._live
+                mark = (cloud._vms_destroyed, cloud._destroys_attempted, cloud._killed,
+                        cloud._vanished)
+                if mark != self._cloud_marks.get(site):
+                    self._cloud_marks[site] = mark
+                    self._reap_agents(site)
+        heap = self._boot_heap
+        while heap and heap[0][0] <= now:
+            _, _, site, vm = heapq.heappop(heap)
+            if vm.status == "running" and self._running.get(vm.name, ("", None))[1] is not vm:
+                self._boot_agent(vm, site)
+        self.peak_vms = max(self.peak_vms, live)
         self.sim.schedule(self.config.agent_poll, self._watch)
+
+    def _reap_agents(self, site: str) -> None:
+        for nid, (vm_site, vm) in list(self._running.items()):
+            if vm_site == site and vm.status != "running":
+                del self._running[nid]
+                agent = self.agents.pop(nid, None)
+                if agent is not None:
+                    agent.die()
+                    self.dead_agents += 1
 
     def pd_of(self, node_id: str) -> str:
         """The PD a node belongs to: the owner of its EPUM domain (``<pd>_domain_<engine>``)."""
@@ -396,14 +451,14 @@ class CEISystem:
                 self._node_pd[node_id] = pd
         return pd or "pd"
 
-    def _boot_agent(self, vm: Any) -> None:
+    def _boot_agent(self, vm: Any, site: str) -> None:
         nid = vm.name
         old = self.agents.pop(nid, None)
         if old is not None:  # a second VM for one node: the invariant reports it
             old.die()
         agent = SimAgent(self, nid)
         self.agents[nid] = agent
-        self._running[nid] = vm
+        self._running[nid] = (site, vm)
         agent.boot()
 
     # ---- client operations (each returns the reply)
@@ -424,8 +479,12 @@ class CEISystem:
             self.killed.add(upid)
         return reply
 
-    def add_domain(self, domain_id: str, n: int) -> Any:
-        reply = self.sim.call("epum", AddDomain(domain_id, "plain", {"engine_conf": {"preserve_n": n}}))
+    def add_domain(self, domain_id: str, n: int, definition: str = "plain",
+                   engine_conf: Mapping[str, Any] | None = None) -> Any:
+        """An EPUM domain keeping ``n`` VMs (definition ``plain``: preserve_n on the first
+        site; ``overflow``: the sites in rank order, ``engine_conf`` may give ``clouds``)."""
+        conf = {**(engine_conf or {}), "preserve_n": n}
+        reply = self.sim.call("epum", AddDomain(domain_id, definition, {"engine_conf": conf}))
         if isinstance(reply, Ok):
             self.domains[domain_id] = n
             self.removed.discard(domain_id)
@@ -483,13 +542,11 @@ class CEISystem:
 
     def kill_vm(self, index: int, vanish: bool = False) -> str | None:
         """Kill (or make vanish) the ``index``-th live VM, out of band; its node id."""
-        cloud = self.cloud
-        if cloud is None:
-            return None
         live = [vm for vm in self.cloud_vms() if vm.status in _LIVE_VM]
         if not live:
             return None
         vm = live[index % len(live)]
+        cloud = self._cloud_of(vm)
         if vanish:
             cloud.vanish(vm.id)
             self.faults["vm_vanished"] += 1
@@ -517,12 +574,18 @@ class CEISystem:
         self.sim.restart(name)
         self.up_since[name] = self.sim.clock.now()
 
-    def set_cloud(self, **settings: Any) -> None:
-        """Cloud faults: ``max_instances``, ``create_failure_rate``, ``lose_reply_rate``..."""
-        self.cloud_settings.update(settings)
-        if self.cloud is not None:
-            for key, value in settings.items():
-                setattr(self.cloud, key, value)
+    def _cloud_of(self, vm: Any) -> SimulatedCloudDriver:
+        return next(c for c in self.clouds.values() if c._vms.get(vm.id) is vm)
+
+    def set_cloud(self, site: str | None = None, **settings: Any) -> None:
+        """Cloud faults at ``site`` (None: every site): ``max_instances``,
+        ``create_failure_rate``, ``lose_reply_rate``..."""
+        for name in ([site] if site is not None else self.site_names):
+            self.cloud_settings.setdefault(name, {}).update(settings)
+            cloud = self.clouds.get(name)
+            if cloud is not None:
+                for key, value in settings.items():
+                    setattr(cloud, key, value)
         for key, value in settings.items():
             if value:
                 self.faults[f"cloud_{key}"] += 1
@@ -536,10 +599,13 @@ class CEISystem:
             self.faults["network"] += 1
 
     def heal(self) -> None:
-        """Stop every fault: network clean, cloud without quota or failures, all components up."""
+        """Stop every fault: network clean, cloud without failures or quota (beyond a site's
+        configured one), all components up."""
         self.set_network()
-        self.set_cloud(max_instances=None, create_failure_rate=0.0, lose_reply_rate=0.0,
-                       timeout_rate=0.0, kill_rate=0.0, vanish_rate=0.0)
+        for site in self.site_names:
+            quota = (self.config.sites or {}).get(site, {}).get("max_instances")
+            self.set_cloud(site, max_instances=quota, create_failure_rate=0.0,
+                           lose_reply_rate=0.0, timeout_rate=0.0, kill_rate=0.0, vanish_rate=0.0)
         self.sim.disarm()
         for name in self.components:
             if not self.sim.nodes[name].up:
@@ -555,6 +621,8 @@ class CEISystem:
         while (at := sim.next_at()) is not None and at <= end:
             sim.step()
             n += 1
+            if self.progress is not None and n % self.progress_every == 0:
+                self.progress(self)
             if check_every and n % check_every == 0:
                 problems = self.violations(replay=replay)
                 if problems:
@@ -565,11 +633,12 @@ class CEISystem:
     # ---- views
 
     def cloud_vms(self) -> list[Any]:
-        if self.cloud is None:
-            return []
-        with self.cloud._lock:
-            self.cloud._advance(self.sim.clock.now())
-            return list(self.cloud._vms.values())
+        out: list[Any] = []
+        for cloud in self.clouds.values():
+            with cloud._lock:
+                cloud._advance(self.sim.clock.now())
+                out += cloud._vms.values()
+        return out
 
     def _steady(self, *names: str) -> bool:
         """Every named component is up and has been for ``leak_grace`` seconds."""
@@ -772,7 +841,7 @@ class CEISystem:
         states: collections.Counter[str] = collections.Counter()
         if pd is not None:
             states.update(pd.processes[u].state for u in self.scheduled if u in pd.processes)
-        stats = self.cloud.stats() if self.cloud is not None else None
+        all_stats = [c.stats() for c in self.clouds.values()]
         return {
             "seed": self.seed,
             "virtual_time": round(self.sim.clock.now() - self.start, 6),
@@ -783,8 +852,8 @@ class CEISystem:
             "processes_finished": sum(states[s] for s in (ps.EXITED, ps.FAILED, ps.TERMINATED, ps.REJECTED)),
             "process_states": dict(sorted(states.items())),
             "agent_launches": self.launches,
-            "vms_started": stats.vms_created if stats else 0,
-            "vms_live": stats.live if stats else 0,
+            "vms_started": sum(st.vms_created for st in all_stats),
+            "vms_live": sum(st.live for st in all_stats),
             "vms_peak": self.peak_vms,
             "agents_live": len(self.agents),
             "agents_died": self.dead_agents,
