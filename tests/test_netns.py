@@ -172,10 +172,13 @@ def test_a_peer_outside_the_allowlist_or_without_the_secret_is_refused(hosts, tm
     refusals = [line for line in log.splitlines() if "refused a connection from" in line]
     assert len(refusals) == 1 and outsider.address in refusals[0], refusals  # once, not per frame
     assert "unauthenticated frame" in log  # the keyless peer's frames, refused by the HMAC
-    # nothing of the system listens anywhere but its own address
+    # nothing of the system listens anywhere but its own address (and its metrics endpoint on
+    # the host's loopback, as the plan's default metrics key says)
+    metrics_port = json.loads((home / "system.json").read_text())["metrics"]["port"]
     for pid in server.pids():
-        for address, _port in listening_sockets(pid):
-            assert address == server.address, (pid, address)
+        for address, port in listening_sockets(pid):
+            want = "127.0.0.1" if port == metrics_port else server.address
+            assert address == want, (pid, address, port)
     down = server.run([sys.executable, "-m", "cei_actors.cli", "--home", str(home), "down"],
                       capture_output=True, text=True, env=env, timeout=120)
     assert down.returncode == 0, down.stderr
@@ -204,9 +207,10 @@ def test_a_wildcard_bind_when_allowed_advertises_the_given_address(hosts, tmp_pa
         ok = member.run([sys.executable, str(probe), member.address, f"{server.address}:1900", str(secret),
                          hosts.cidr], capture_output=True, text=True, env=env, timeout=120)
         assert ok.returncode == 0 and ok.stdout.startswith("closed 0 accepted ready"), ok.stdout + ok.stderr[-2000:]
-        bound = {address for pid in server.pids() for address, _port in listening_sockets(pid)}
-        assert bound == {"0.0.0.0"}
         info = json.loads((home / "system.json").read_text())
+        bound = {address for pid in server.pids() for address, port in listening_sockets(pid)
+                 if port != info["metrics"]["port"]}  # the metrics endpoint stays on loopback
+        assert bound == {"0.0.0.0"}
         assert info["admin_host"] == server.address and info["network"]["listen"] == "0.0.0.0"
     finally:
         server.run([*cei, "down"], capture_output=True, text=True, env=env, timeout=120)
