@@ -386,3 +386,18 @@ def test_node_states_only_move_forward(steps, seed, kills):
         for n in d.list_nodes():
             assert _ORDER[n.state] >= last[n.id]
             last[n.id] = _ORDER[n.state]
+
+
+def test_listing_builds_a_node_again_only_when_its_vm_changed():
+    clock = ManualClock()
+    d = make(clock, boot_delay=(10.0, 10.0))
+    node = create(d, "tok")
+    first = d.list_nodes()[0]
+    assert d.list_nodes()[0] is first  # unchanged: the same Node, not built again
+    clock.advance(10.0)
+    running = d.list_nodes()[0]
+    assert running is not first and running.state == NodeState.RUNNING and running.public_ips
+    assert first.state == NodeState.PENDING  # a Node already handed out is not changed
+    d.destroy_node(node)
+    gone = d.list_nodes()[0]
+    assert gone.state == NodeState.TERMINATED and gone.extra["reason"] == "destroyed"

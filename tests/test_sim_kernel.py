@@ -90,3 +90,24 @@ def test_crash_inside_a_message_keeps_its_events_and_loses_its_effects():
     sim.restart("c")
     assert sim.call("c", Get("a")) == Ok(2)
     assert sim.check() == []
+
+
+def test_trusted_in_process_deliveries_skip_validation_outside_ones_do_not():
+    """What the simulation's own code built (``trusted``) is not validated again (SIM5);
+    a message from outside is, and ``validate_own`` validates everything."""
+    got = []
+    sim = Simulation(seed=6)
+    sim.add("c", Counters())
+    sim.add_peer("p", lambda message, sender: got.append(message))
+    bad = Add("a", True)  # a bool where an int is declared: validation refuses it
+    sim.tell("c", bad, sender="p")
+    sim.run_for(1.0)
+    assert isinstance(got[-1], ErrorReply) and got[-1].code == "bad_request"
+    sim.tell("c", bad, sender="p", trusted=True)
+    sim.run_for(1.0)
+    assert got[-1] == Ok(1)
+    sim.validate_own = True
+    sim.tell("c", bad, sender="p", trusted=True)
+    sim.run_for(1.0)
+    assert isinstance(got[-1], ErrorReply) and got[-1].code == "bad_request"
+    assert isinstance(sim.call("c", bad), ErrorReply)  # an outside call is always validated

@@ -75,6 +75,8 @@ def with_code(state: str) -> str:
 
 def normalize(value: object) -> str:
     """Accept ``"RUNNING"``, ``"500-RUNNING"`` or ``("500", "RUNNING")``; return ``"RUNNING"``."""
+    if type(value) is str and value in _RANK:  # already a name: the common case, no parsing
+        return value
     if isinstance(value, (tuple, list)) and len(value) == 2:
         value = f"{value[0]}-{value[1]}"
     if not isinstance(value, str):

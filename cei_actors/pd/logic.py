@@ -552,8 +552,9 @@ class Tx:
         unretired = False
         for eid, _spec, n, sig in changed:
             nodes = s.engine_nodes.get(eid, {})
-            newest_first = (
-                (nid, s.nodes[nid].used > 0, self.broken(nid)) for nid in reversed(nodes)
+            newest_first = (  # an occupied node is never retired: whether broken is moot
+                (nid, True, False) if s.nodes[nid].used > 0 else (nid, False, self.broken(nid))
+                for nid in reversed(nodes)
             )
             retire = retirable(newest_first, len(nodes), n)
             keep = set(retire)
@@ -1152,18 +1153,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     old_kills = soft.stale_kills.get(rid, {})
     cleanups: dict[tuple[str, int], float] = {}
     kills: dict[tuple[str, int], float] = {}
+    processes, normalize, placed = s.processes, agent_states.normalize, ps.PLACED
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
-        state = agent_states.normalize(d["state"])
-        msg = d.get("msg") or ""
-        live = state in ps.AGENT_LIVE
-        p = s.processes.get(upid)
+        state = normalize(d["state"])
+        p = processes.get(upid)
         key = (upid, rnd)
-        if p is None or p.resource_id != rid or p.round != rnd or p.state not in ps.PLACED:
+        if p is None or p.resource_id != rid or p.round != rnd or p.state not in placed:
             # Not our placement here: a stale round, a copy the PD moved away or ended (or
             # forgot: a tombstone), or an unknown upid. Live ones hold a slot on the agent;
             # stale ones are ended; finished ones are cleaned up, never brought back.
-            if live:
+            if state in ps.AGENT_LIVE:
                 foreign += 1
                 if (p is not None or upid in s.tombstones) and state != ps.TERMINATING:
                     last = old_kills.get(key)
@@ -1178,17 +1178,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
                     last = now
                 cleanups[key] = last
             continue
-        seen.add((upid, rnd))
+        seen.add(key)
         if state in (ps.PENDING, ps.RUNNING):
             if p.state in (ps.ASSIGNED, ps.PENDING) and ps.rank(state) > ps.rank(p.state):
-                tx.move(p, rnd, state, msg)
+                tx.move(p, rnd, state, d.get("msg") or "")
             elif p.state == ps.TERMINATING and (first or upid not in soft.terminate_sent):
                 tx.terminate(rid, upid, rnd)
                 soft.terminate_sent[upid] = now
         elif state == ps.TERMINATING:
             pass
         else:
-            tx.ended(p, state, msg)
+            tx.ended(p, state, d.get("msg") or "")
             tx.cleanup(rid, upid, rnd)
             cleanups[key] = now
     soft.cleanups[rid] = cleanups

@@ -182,6 +182,16 @@ class FifoSet:
         self._order: collections.deque[tuple[Any, int]] = collections.deque()
         self._tick = 0
 
+    @classmethod
+    def of(cls, keys: Iterable[Any]) -> FifoSet:
+        """The set of distinct ``keys`` in this order, as if each was added in turn."""
+        made = cls()
+        entries = [(key, tick) for tick, key in enumerate(keys, 1)]
+        made._order = collections.deque(entries)
+        made._live = {key: (tick, None) for key, tick in entries}
+        made._tick = len(entries)
+        return made
+
     def add(self, key: Any, value: Any = None) -> None:
         """Add ``key`` at the end (moving it there if present)."""
         self._tick += 1
@@ -240,6 +250,8 @@ class Pool:
     empty: FifoSet = field(default_factory=FifoSet)
     members: set[str] = field(default_factory=set)
     classes: dict[ClassKey, Klass] = field(default_factory=dict)
+    #: ``members`` by node sequence (None: to be sorted again; reset when members change)
+    by_seq: list[str] | None = None
 
 
 @dataclass(eq=False)
@@ -297,6 +309,7 @@ class Matchmaker:
             if pool.engine == node.engine and pkey not in pools and self._may_match(node, pool):
                 pools.add(pkey)
                 pool.members.add(nid)
+                pool.by_seq = None
         self.touch_node(node, grew=True)
 
     def _node_entries(self, node: Node) -> Iterable[tuple[str, Any]]:
@@ -317,6 +330,7 @@ class Matchmaker:
             if pool is not None:
                 self._unplace(pool, nid)
                 pool.members.discard(nid)
+                pool.by_seq = None
         engine_nodes = self.engine_nodes.get(node.engine)
         if engine_nodes is not None:
             engine_nodes.pop(nid, None)
@@ -427,6 +441,7 @@ class Matchmaker:
             node = self.nodes[nid]
             if self._may_match(node, pool):
                 pool.members.add(nid)
+                pool.by_seq = None
                 self.node_pools.setdefault(nid, set()).add(pkey)
                 self._place(pool, node)
         return pool
@@ -434,16 +449,23 @@ class Matchmaker:
     def _reorder(self, pool: Pool) -> None:
         """Order an idle pool's buckets by node sequence, as a pool built now would be
         (within a bucket the first node wins: reuse must not change the choice)."""
-        nodes = self.nodes
+        order = pool.by_seq
+        if order is None:  # node sequences are unique and fixed: sorted once per membership
+            nodes = self.nodes
+            order = pool.by_seq = sorted(pool.members, key=lambda n: nodes[n].seq)
+        where = pool.where  # a subset of the members: the nodes with usable free slots
         by_loc: dict[int, list[str]] = {}
-        for nid, loc in pool.where.items():
-            by_loc.setdefault(loc, []).append(nid)
+        for nid in order:
+            loc = where.get(nid)
+            if loc is not None:
+                by_loc.setdefault(loc, []).append(nid)
         pool.buckets = [FifoSet() for _ in pool.buckets]
         pool.empty = FifoSet()
         for loc, nids in by_loc.items():
-            target = pool.empty if loc == _EMPTY else pool.buckets[loc]
-            for nid in sorted(nids, key=lambda n: nodes[n].seq):
-                target.add(nid)
+            if loc == _EMPTY:
+                pool.empty = FifoSet.of(nids)
+            else:
+                pool.buckets[loc] = FifoSet.of(nids)
 
     def _drop_pool_if_unused(self, pool: Pool) -> None:
         """A pool whose last class went stays, idle, for the next process like it: building

@@ -200,12 +200,16 @@ class Runner(Generic[S]):
                            self.stream, ", ".join(map(str, skipped)))
         return None, 0, bool(skipped)
 
-    def handle(self, message: Any) -> Decision:
+    def handle(self, message: Any, trusted: bool = False) -> Decision:
         """Decide on one message and persist its events; see :meth:`handle_many`."""
-        return self.handle_many([message])[0]
+        return self.handle_many([message], trusted)[0]
 
-    def handle_many(self, messages: Sequence[Any]) -> list[Decision]:
+    def handle_many(self, messages: Sequence[Any], trusted: bool = False) -> list[Decision]:
         """Decide on each message in turn, then persist all their events in one append.
+
+        ``trusted``: the messages were built in this process by the system's own pure code
+        (the simulator's in-process deliveries, docs/decisions.md SIM5), so :func:`validate`
+        is skipped; everything from outside is validated.
 
         A refused or malformed message gets an :class:`ErrorReply` and changes nothing. So does
         a message whose events would not read back equal or are too large
@@ -222,7 +226,7 @@ class Runner(Generic[S]):
         decisions: list[Decision] = []
         pending: list[PendingEvent] = []
         for message in messages:
-            decision = self._decide(message, ctx)
+            decision = self._decide(message, ctx, trusted)
             if decision.events:
                 try:
                     checked = self._checked(decision.events, ctx.now)
@@ -264,16 +268,17 @@ class Runner(Generic[S]):
         redo = self._rebuild()
         return Decision(effects=redo.effects, reply=reply)
 
-    def _decide(self, message: Any, ctx: Context) -> Decision:
-        name = type(message).__name__
+    def _decide(self, message: Any, ctx: Context, trusted: bool = False) -> Decision:
         try:
-            validate(message)
+            if not trusted:
+                validate(message)
             return self.component.decide(self.state, message, ctx)
         except Rejected as exc:
-            return Decision(reply=ErrorReply(exc.code, exc.message, name))
+            return Decision(reply=ErrorReply(exc.code, exc.message, type(message).__name__))
         except InvalidMessage as exc:
-            return Decision(reply=ErrorReply("bad_request", str(exc), name))
+            return Decision(reply=ErrorReply("bad_request", str(exc), type(message).__name__))
         except Exception as exc:
+            name = type(message).__name__
             logger.exception("stream %s: decide failed on %s", self.stream, name)
             return Decision(reply=ErrorReply("internal", f"{type(exc).__name__}: {exc}", name))
 

@@ -71,6 +71,7 @@ class SystemMachine(RuleBasedStateMachine):
     def setup(self, seed: int) -> None:
         self.s = CEISystem(seed, SystemConfig(slots=2, boot_delay=(2.0, 10.0)))
         self.s.sim.faults.lossy = self.lossy
+        self.s.sim.validate_own = True  # small systems: every message validated, as the shell does
         self.n = 0
         self.s.run_for(5.0)
         SystemMachine.last = self

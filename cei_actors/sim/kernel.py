@@ -11,6 +11,12 @@ to some links (``lossy``).
 As in the actor shell, a ``Request(rid, message)`` is handled as ``message`` and answered with
 ``Response(rid, reply)``; a component receives a ``Response`` only as what its node's
 ``peer_response`` makes of it (the HA service's ``PDReply``), else it is dropped (R3).
+
+Trusted deliveries (docs/decisions.md SIM5): what the simulation's own pure code built (a
+component's ``Send`` effects and replies, its timers' messages, work results, and what a
+plain peer sends with ``tell(..., trusted=True)``) reaches a component without
+:func:`~cei_actors.runtime.messages.validate`; everything else (``call``, ``tell``) is
+validated as the actor shell validates it. ``Simulation.validate_own = True`` validates all.
 """
 
 from __future__ import annotations
@@ -98,6 +104,8 @@ class Simulation:
         #: Plain peers (not event-sourced, e.g. simulated EEAgents): name -> handler(message, sender).
         self.peers: dict[str, Callable[[Any, str | None], None]] = {}
         self._crash_next: dict[str, bool] = {}
+        #: validate trusted in-process deliveries too (as the actor shell does; slower)
+        self.validate_own = False
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -164,10 +172,12 @@ class Simulation:
         self._perform(node, decision, sender=None)
         return decision.reply
 
-    def tell(self, name: str, message: Any, delay: float = 0.0, sender: str | None = None) -> None:
+    def tell(self, name: str, message: Any, delay: float = 0.0, sender: str | None = None,
+             trusted: bool = False) -> None:
         """Send ``message`` to ``name`` after ``delay``, through the faulty network; a reply
-        goes to ``sender`` (None: no reply)."""
-        self._send(name, message, sender=sender, delay=delay)
+        goes to ``sender`` (None: no reply). ``trusted``: built by the simulation's own pure
+        code (e.g. a simulated agent's heartbeat from its process table), not validated."""
+        self._send(name, message, sender=sender, delay=delay, trusted=trusted)
 
     def step(self) -> bool:
         """Process the next scheduled thing; False when nothing is left."""
@@ -182,13 +192,13 @@ class Simulation:
             node = self.nodes[name]
             if node.up and node.timers.get(key) == gen:
                 del node.timers[key]
-                self._deliver(name, message, None)
+                self._deliver(name, message, None, True)
         elif kind == "work":
             name, gen, handler, payload = args
             node = self.nodes[name]
             result = handler(payload)  # the side effect happens even if the node died meanwhile
             if node.up and node.generation == gen and result is not None:
-                self._deliver(name, result, None)
+                self._deliver(name, result, None, True)
         elif kind == "call":
             args[0]()
         self.steps += 1
@@ -241,7 +251,7 @@ class Simulation:
         lo, hi = self.faults.latency
         return lo if hi <= lo else self.rng.uniform(lo, hi)
 
-    def _deliver(self, name: str, message: Any, sender: str | None) -> None:
+    def _deliver(self, name: str, message: Any, sender: str | None, trusted: bool = False) -> None:
         node = self.nodes.get(name)
         if node is None and name in self.peers:
             self.delivered += 1
@@ -263,22 +273,23 @@ class Simulation:
         if isinstance(message, Request):
             rid, message = message.rid, message.message
         self.delivered += 1
+        trusted = trusted and not self.validate_own
         if name in self._crash_next:
             if self._crash_next.pop(name):
-                node.runner.handle(message)  # type: ignore[union-attr]
+                node.runner.handle(message, trusted)  # type: ignore[union-attr]
             self.crash(name)
             return
-        decision = node.runner.handle(message)  # type: ignore[union-attr]
+        decision = node.runner.handle(message, trusted)  # type: ignore[union-attr]
         self._perform(node, decision, sender, rid)
 
     def _perform(self, node: SimNode, decision: Decision, sender: str | None, rid: str | None = None) -> None:
         if sender is not None and decision.reply is not None:
             reply = decision.reply if rid is None else Response(rid, decision.reply)
             if rid != "":
-                self._send(sender, reply, sender=node.name)
+                self._send(sender, reply, sender=node.name, trusted=True)
         for effect in decision.effects:
             if isinstance(effect, Send):
-                self._send(effect.to, effect.message, sender=node.name)
+                self._send(effect.to, effect.message, sender=node.name, trusted=True)
             elif isinstance(effect, SetTimer):
                 self._seq += 1
                 gen = self._seq  # unique, so a timer of an earlier incarnation never matches
@@ -293,12 +304,13 @@ class Simulation:
                 delay = lo if hi <= lo else self.rng.uniform(lo, hi)
                 self._push(self.clock.t + delay, "work", (node.name, node.generation, handler, effect.payload))
 
-    def _send(self, to: str, message: Any, sender: str | None = None, delay: float = 0.0) -> None:
+    def _send(self, to: str, message: Any, sender: str | None = None, delay: float = 0.0,
+              trusted: bool = False) -> None:
         f = self.faults
         lossy = f.lossy is None or f.lossy(sender, to)
         if lossy and f.drop_rate and self.rng.random() < f.drop_rate:
             self.dropped += 1
             return
-        self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))
+        self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender, trusted))
         if lossy and f.duplicate_rate and self.rng.random() < f.duplicate_rate:
-            self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender))
+            self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender, trusted))

@@ -212,7 +212,8 @@ class SimAgent:
         now = self.sim.clock.now()
         self.last_sent = now
         procs = self.table.dump()
-        self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs), sender=self.name)
+        self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs),
+                      sender=self.name, trusted=True)
 
     # ---- the core's actions on virtual time
 

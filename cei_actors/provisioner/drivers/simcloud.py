@@ -116,6 +116,8 @@ class _VM:
     terminated_at: float | None = None
     gone: bool = False  # no longer listed (lingered out or vanished)
     reason: str | None = None  # why it terminated: destroyed, killed, vanished
+    #: the listing's Node for the VM as last seen (status, terminated_at, reason) and that key
+    listed: tuple[tuple[Any, ...], Node] | None = None
 
 
 def _ip(base: tuple[int, int], seq: int) -> str:
@@ -345,7 +347,7 @@ class SimulatedCloudDriver(NodeDriver):
             self._advance(self.clock.now())
             wanted = set(ex_node_ids) if ex_node_ids is not None else None
             return [
-                self._to_node(vm)
+                self._listed_node(vm)
                 for vm in self._listed.values()
                 if wanted is None or vm.id in wanted
             ]
@@ -577,6 +579,18 @@ class SimulatedCloudDriver(NodeDriver):
                     self._terminate(vm, t, "destroyed")
             elif kind == "gone" and vm.status == _TERMINATED:
                 self._unlist(vm)
+
+    def _listed_node(self, vm: _VM) -> Node:
+        """``vm``'s Node for a listing, built again only when the VM changed since the last
+        listing (a large simulated cloud is listed every query; docs/decisions.md SIM6).
+        Listings share these Nodes: readers must not change them."""
+        key = (vm.status, vm.terminated_at, vm.reason)
+        cached = vm.listed
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        node = self._to_node(vm)
+        vm.listed = (key, node)
+        return node
 
     def _to_node(self, vm: _VM) -> Node:
         public = [vm.public_ip] if vm.status == _RUNNING else []
