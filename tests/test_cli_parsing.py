@@ -153,6 +153,7 @@ class StubProvisioner:
 
 class StubConnection:
     pd, epum, provisioner = StubPD(), StubEPUM(), StubProvisioner()
+    info = {"components": {"pd": ["pd"], "epum": ["epum"], "provisioner": ["provisioner"]}}
 
     def status(self) -> dict[str, Any]:
         replica = {"name": "pd", "leader": True, "ready": True, "epoch": 2, "head": 40, "pid": 1, "mode": "ready"}

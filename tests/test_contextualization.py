@@ -99,6 +99,6 @@ def test_options_given_beside_the_userdata_override_it(tmp_path):
     args = build_parser().parse_args(expand_userdata(
         ["--from-userdata", str(path), "--pd", "127.0.0.1:2000", "--state-dir", "/tmp/x"]))
     assert (args.node_id, args.pd, args.slots, args.secret_file, args.state_dir) == (
-        "n7", (2000, None), 3, "/etc/cei/secret", "/tmp/x")
+        "n7", ("127.0.0.1:2000", None), 3, "/etc/cei/secret", "/tmp/x")
     with pytest.raises(ValueError, match="No such file"):
         expand_userdata(["--from-userdata", str(tmp_path / "missing")])
