@@ -78,6 +78,8 @@ class StreamReport:
 
     def summary(self) -> str:
         head = f"{self.stream}: {self.events} events re-folded"
+        if not self.events:
+            return f"{self.stream}: no events"
         if not self.recorded:
             return head + "; decisions cannot be checked: the log holds no recorded inputs (record_inputs off)"
         text = f"{head}, {self.decisions} recorded decisions re-run"
