@@ -88,9 +88,12 @@ class StreamReport:
         return text + (" and every one decided the same" if self.difference is None else "")
 
 
-def verify(replay: Replay, streams: list[str] | None = None) -> list[StreamReport]:
-    """Verify each of ``streams`` (default: every stream of the log) against the current code."""
-    return [verify_stream(replay, s) for s in (streams if streams is not None else replay.streams())]
+def verify(replay: Replay, streams: list[str] | None = None,
+           components: dict[str, Component[Any]] | None = None) -> list[StreamReport]:
+    """Verify each of ``streams`` (default: every stream of the log) against the current code;
+    ``components`` (stream -> component) replace the ones built from ``replay``'s configs."""
+    chosen = streams if streams is not None else replay.streams()
+    return [verify_stream(replay, s, (components or {}).get(s)) for s in chosen]
 
 
 def _normal(data: Any) -> Any:
@@ -98,9 +101,9 @@ def _normal(data: Any) -> Any:
 
 
 class _Verifier:
-    def __init__(self, replay: Replay, stream: str) -> None:
+    def __init__(self, replay: Replay, stream: str, component: Component[Any] | None = None) -> None:
         self.replay, self.stream = replay, stream
-        self.component: Component[Any] = replay.component(stream)
+        self.component: Component[Any] = component if component is not None else replay.component(stream)
         self.report = StreamReport(stream)
         self.state = self.component.initial_state()
         self.snaps: dict[int, Snapshot] = {}
@@ -258,9 +261,10 @@ class _Verifier:
                 self.report.snapshots[offset] = check_snapshot(self.component, snap, self.folded[offset], head)
 
 
-def verify_stream(replay: Replay, stream: str) -> StreamReport:
-    """Verify one stream (see the module docstring); damage raises :class:`CorruptLog`."""
-    return _Verifier(replay, stream).run()
+def verify_stream(replay: Replay, stream: str, component: Component[Any] | None = None) -> StreamReport:
+    """Verify one stream (see the module docstring) with ``component`` (default: the one
+    ``replay`` builds for it); damage raises :class:`CorruptLog`."""
+    return _Verifier(replay, stream, component).run()
 
 
 __all__ = ["Difference", "StreamReport", "verify", "verify_stream"]

@@ -192,6 +192,10 @@ class Runner(Generic[S]):
                 entry["m"] = encode_input(message)
             packed = msgpack.packb(entry, use_bin_type=True)
         except Exception:  # not recordable: later decisions cannot be checked until a recovery
+            try:
+                validate(message)
+            except InvalidMessage:
+                return  # refused before ``decide``: it changed nothing, re-running it shows nothing
             packed = msgpack.packb({"gap": 1}, use_bin_type=True)
         if len(self._inputs) >= MAX_BUFFERED_INPUTS:
             self._inputs = [msgpack.packb({"gap": len(self._inputs)}, use_bin_type=True)]
