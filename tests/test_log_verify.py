@@ -188,6 +188,51 @@ def test_random_inputs_recorded_by_a_runner_verify_clean(name):
     check()
 
 
+def _counters_log(url: str) -> None:
+    """Counters recorded on ``url``: 2 checked adds; then inputs without events beyond what
+    one event may carry (a gap: the next add is folded unchecked); a new leadership (checked
+    again from its ``recovered``) adds twice more."""
+    from cei_actors.eventlog import open_log
+    from cei_actors.runtime.example import Add, Counters, Get
+    from cei_actors.runtime.runner import MAX_INPUT_BYTES, Runner
+
+    log = open_log(url)
+    try:
+        runner = Runner(Counters(), log, stream="example", record_inputs=True)
+        runner.recover()
+        runner.handle_many([Add("a", 1), Add("b", 2)])
+        big = "x" * (MAX_INPUT_BYTES // 4)
+        runner.handle_many([Get("a" + big) for _ in range(5)])  # not_found: no events, recorded
+        runner.handle(Add("a", 3))
+        runner = Runner(Counters(), log, stream="example", record_inputs=True)
+        runner.recover()
+        runner.handle_many([Add("a", 4), Add("c", 5)])
+        assert runner.head == 5
+    finally:
+        log.close()
+
+
+def test_a_gap_in_the_recorded_inputs_is_folded_unchecked_until_a_new_leadership(tmp_path):
+    url = f"sqlite:///{tmp_path / 'log.sqlite'}"
+    _counters_log(url)
+    with Replay(url) as r:
+        [report] = verify(r)
+        rows = list(r.records("example"))
+    assert max(len(b"".join(x.input or [])) for x in rows) < 300 * 1024  # the inputs of one event are bounded
+    assert report.ok and report.recorded and report.events == 5
+    assert report.unchecked == 1  # Add("a", 3), after the gap
+    assert report.decisions == 6  # recovered, 2 adds, recovered, 2 adds
+
+
+def test_verify_reads_a_zookeeper_log(zk_hosts, capsys):
+    url = f"zk://{zk_hosts}"
+    _counters_log(url)
+    code, out, err = cli(capsys, "--log", url, "log", "verify", "--stream", "example")
+    assert code == 0, err
+    assert "example: 5 events re-folded, 6 recorded decisions re-run" in out, out
+    assert "1 events without a checkable input" in out
+
+
 def test_a_log_without_inputs_is_re_folded_and_says_so(tmp_path, capsys):
     from cei_actors.eventlog import open_log
     from cei_actors.runtime.example import Add, Counters

@@ -68,9 +68,11 @@ SNAPSHOT_BYTES_PER_EVENT = 128
 BACKGROUND_SNAPSHOT_BYTES = 256 * 1024
 _LENGTH = struct.Struct(">Q")
 
-#: Inputs without events a recording runner holds for the next stored event at most; past it
-#: they are dropped for a gap marker (docs/decisions.md DBG6).
+#: Inputs a recording runner stores with one event at most, by count and by encoded bytes;
+#: past either they are dropped for a gap marker (docs/decisions.md DBG6). With the event's own
+#: 512 KiB limit a row stays under a ZooKeeper multi's 900 KiB.
 MAX_BUFFERED_INPUTS = 1000
+MAX_INPUT_BYTES = 256 * 1024
 _TAGS = ("~m", "~t", "~l", "~s", "~f")
 
 
@@ -178,6 +180,7 @@ class Runner(Generic[S]):
         #: ``cei log verify`` (docs/decisions.md DBG6). Decisions then get a seeded randomness each.
         self.record_inputs = record_inputs
         self._inputs: list[bytes] = []  # packed inputs decided since the last stored event
+        self._inputs_bytes = 0
 
     def _context_for_input(self, now: float) -> Context:
         if self.record_inputs:
@@ -197,14 +200,18 @@ class Runner(Generic[S]):
             except InvalidMessage:
                 return  # refused before ``decide``: it changed nothing, re-running it shows nothing
             packed = msgpack.packb({"gap": 1}, use_bin_type=True)
-        if len(self._inputs) >= MAX_BUFFERED_INPUTS:
+        if len(packed) > MAX_INPUT_BYTES // 2:
+            packed = msgpack.packb({"gap": 1}, use_bin_type=True)
+        if len(self._inputs) >= MAX_BUFFERED_INPUTS or self._inputs_bytes + len(packed) > MAX_INPUT_BYTES:
             self._inputs = [msgpack.packb({"gap": len(self._inputs)}, use_bin_type=True)]
+            self._inputs_bytes = 0
         self._inputs.append(packed)
+        self._inputs_bytes += len(packed)
 
     def _with_inputs(self, first: PendingEvent, message: Any, ctx: Context, events: int) -> PendingEvent:
         """``first`` carrying the held inputs and this decision's."""
         self._note_input(message, ctx, events)
-        inputs, self._inputs = self._inputs, []
+        inputs, self._inputs, self._inputs_bytes = self._inputs, [], 0
         return PendingEvent(first.type, first.version, first.timestamp, first.body, inputs)
 
     @property
@@ -251,7 +258,7 @@ class Runner(Generic[S]):
         """Lead from ``state`` at ``head``: run ``component.recovered`` and persist its events."""
         self.state, self.head = state, head
         self._since_snapshot = 0
-        self._inputs = []  # what an earlier leadership decided without events died with it
+        self._inputs, self._inputs_bytes = [], 0  # what an earlier leadership decided without events died with it
         ctx = self._context_for_input(self.clock())
         decision = self.component.recovered(state, ctx)
         if decision.events:
