@@ -74,6 +74,7 @@ _LENGTH = struct.Struct(">Q")
 MAX_BUFFERED_INPUTS = 1000
 MAX_INPUT_BYTES = 256 * 1024
 _TAGS = ("~m", "~t", "~l", "~s", "~f")
+_KEYS = (str, int, float, bool, bytes, type(None))
 
 
 def encode_input(message: Any) -> Any:
@@ -83,6 +84,8 @@ def encode_input(message: Any) -> Any:
     if t is str or t is int or t is float or t is bool or message is None or t is bytes:
         return message
     if t is dict:
+        if not all(type(k) in _KEYS for k in message):
+            raise TypeError("a map key that would not read back")
         return {k: encode_input(v) for k, v in message.items()}
     if t is list:
         items = [encode_input(v) for v in message]
@@ -190,8 +193,10 @@ class Runner(Generic[S]):
     def _note_input(self, message: Any, ctx: Context, events: int) -> None:
         """Hold a decided input for the next stored event (None: ``recovered``)."""
         entry: dict[str, Any] = {"t": ctx.now, "m": None, "n": events, "s": ctx.seed}
+        if message is not None and not getattr(message, "recordable", True):
+            entry = {"t": ctx.now, "skip": type(message).__name__, "n": events}
         try:
-            if message is not None:
+            if message is not None and "skip" not in entry:
                 entry["m"] = encode_input(message)
             packed = msgpack.packb(entry, use_bin_type=True)
         except Exception:  # not recordable: later decisions cannot be checked until a recovery
