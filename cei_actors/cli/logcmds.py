@@ -60,6 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("trace", help="one timeline across all streams for a process, node or need")
     p.add_argument("entity", metavar="ID")
     p.set_defaults(func=cmd_trace)
+    p = cmds.add_parser("verify", help="re-fold every stream with the current code and re-run each recorded "
+                                       "decision: the first one decided differently is reported")
+    p.add_argument("log", nargs="?", default=None, metavar="LOG",
+                   help="a log URL or an SQLite file (default: --log, else the home's)")
+    p.add_argument("--stream", default=None, help="only this stream (default: every stream)")
+    p.set_defaults(func=cmd_verify)
 
 
 AT_HELP = "an offset, HEAD, an ISO-8601 time (UTC unless zoned) or a time before now such as -10m"
@@ -86,7 +92,8 @@ def _configs(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         if getattr(args, "plan", None) is not None:
             raise
         return {}  # the running system's plan file is gone: the replay configuration
-    return {"pd": {"config": plan.start_config("pd")}} if "pd" in plan.components else {}
+    # the components whose decisions depend on their config (``log verify`` re-runs them)
+    return {name: {"config": plan.start_config(name)} for name in ("pd", "epum", "ha") if name in plan.components}
 
 
 def _checked(r: Replay, stream: str, **offsets: int | None) -> int:
@@ -256,6 +263,43 @@ def cmd_trace(args: argparse.Namespace, out: Output) -> int:
     else:
         for h in rows:
             out.line(f"{h['when']} {h['stream']:>11} {h['offset']:>8} {h['type']} {plain(h['body'])}")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace, out: Output) -> int:
+    """Replay against the current code (``debug.verify``); exit 1 on the first difference."""
+    from ..debug.verify import verify
+    from ..launch.plan import absolute_log_url
+
+    if args.log is not None:
+        args.log_url = absolute_log_url(args.log if "://" in args.log else f"sqlite:///{Path(args.log).resolve()}")
+    with _open(args) as r:
+        if args.stream is not None:
+            _checked(r, args.stream)
+        streams = [args.stream] if args.stream is not None else r.streams()
+        for stream in streams:
+            component_for(stream)  # an unknown stream is a one-line error before any work
+        reports = verify(r, streams)
+    if out.json:
+        out.emit({"ok": all(x.ok for x in reports), "streams": [x.as_dict() for x in reports]})
+    else:
+        for x in reports:
+            out.line(x.summary())
+            if x.difference is not None:
+                out.line(x.difference.text())
+            if x.broken is not None:
+                out.line(f"{x.stream}: offset {x.broken['offset']} ({x.broken['type']}) breaks: "
+                         + "; ".join(x.broken["broken"]))
+            for offset, problem in sorted(x.snapshots.items()):
+                out.line(f"{x.stream}: snapshot at offset {offset}: "
+                         + (problem or "restores to the state re-folded up to it"))
+    bad = [x for x in reports if not x.ok]
+    if bad:
+        first = bad[0]
+        where = (f"decided differently at offset {first.difference.offset}" if first.difference is not None
+                 else f"invariant broken at offset {first.broken['offset']}" if first.broken is not None
+                 else "bad snapshot")
+        raise CliError(f"stream {first.stream!r}: {where}", quiet=True)
     return 0
 
 

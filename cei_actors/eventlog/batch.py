@@ -119,8 +119,11 @@ def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes:
 
 
 def encode_event(event: PendingEvent) -> bytes:
-    """One event's row as it stands inside a batch (packed once, sized and reused)."""
-    return msgpack.packb([event.type, event.version, event.timestamp, event.body], use_bin_type=True)
+    """One event's row as it stands inside a batch (packed once, sized and reused); a fifth
+    item holds its recorded inputs, if any."""
+    if event.input is None:
+        return msgpack.packb([event.type, event.version, event.timestamp, event.body], use_bin_type=True)
+    return msgpack.packb([event.type, event.version, event.timestamp, event.body, event.input], use_bin_type=True)
 
 
 def encode_rows(stream: str, first_offset: int, epoch: int, rows: Sequence[bytes], group_end: bool = True) -> bytes:
@@ -163,10 +166,18 @@ def decode_batch(
         )
     try:
         new = tuple.__new__
-        records = [
-            new(Record, (stream, first_offset + i, t, v, ts, epoch, body))
-            for i, (t, v, ts, body) in enumerate(rows)
-        ]
+        try:
+            records = [
+                new(Record, (stream, first_offset + i, t, v, ts, epoch, body, None))
+                for i, (t, v, ts, body) in enumerate(rows)
+            ]
+        except ValueError:  # rows with recorded inputs (a fifth item)
+            records = []
+            for i, row in enumerate(rows):
+                t, v, ts, body, *more = row
+                if len(more) > 1:
+                    raise ValueError("too many items") from None
+                records.append(new(Record, (stream, first_offset + i, t, v, ts, epoch, body, more[0] if more else None)))
     except (TypeError, ValueError) as exc:
         raise CorruptLog(stream, first_offset, "event row has the wrong shape") from exc
     return records, bool(group_end)

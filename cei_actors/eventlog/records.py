@@ -28,6 +28,9 @@ class PendingEvent:
     version: int
     timestamp: float
     body: dict[str, Any]
+    #: The inputs decided since the last stored event, this event's message last (a runner
+    #: with ``record_inputs``, docs/decisions.md DBG6); None: not recorded.
+    input: Any = None
 
 
 class Record(NamedTuple):
@@ -40,6 +43,8 @@ class Record(NamedTuple):
     timestamp: float
     epoch: int
     body: dict[str, Any]
+    #: The recorded inputs this event's decision came from (see :class:`PendingEvent`).
+    input: Any = None
 
 
 @dataclass(frozen=True, slots=True)

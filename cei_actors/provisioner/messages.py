@@ -269,6 +269,8 @@ class ListDeployableTypes(Message):
 class AddCredentials(Message):
     """Credentials of ``caller`` for ``site`` (the site must exist for the caller)."""
 
+    recordable = False  # clear credentials: never in a recorded input (DBG6)
+
     site: str
     credentials: dict[str, Any]
     caller: str | None = None
@@ -277,6 +279,8 @@ class AddCredentials(Message):
 
 @dataclass(frozen=True)
 class UpdateCredentials(Message):
+    recordable = False  # clear credentials: never in a recorded input (DBG6)
+
     site: str
     credentials: dict[str, Any]
     caller: str | None = None

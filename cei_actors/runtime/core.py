@@ -19,7 +19,7 @@ from ..eventlog import EventRegistry
 #: Component config keys that tune the actor shell (``runtime.shell.EventSourcedActor``), not the
 #: component; every component's config check accepts them.
 SHELL_CONFIG_KEYS = frozenset({"workers", "group_commit", "group_commit_delay", "max_batch", "standby",
-                               "crash_at"})  # crash_at: runtime/faults.py, tests only
+                               "record_inputs", "crash_at"})  # crash_at: runtime/faults.py, tests only
 
 S = TypeVar("S")
 
@@ -93,9 +93,22 @@ class Decision:
 class Context:
     """What ``decide`` may know besides state and message: the time, ids and randomness."""
 
-    def __init__(self, now: float, rng: random.Random | None = None) -> None:
+    def __init__(self, now: float, rng: random.Random | None = None, *, seed: int | None = None) -> None:
         self.now = now
-        self.rng = rng if rng is not None else random.Random()
+        self._rng = rng
+        #: Given without ``rng``: the randomness is ``random.Random(seed)``, made on first use
+        #: (a recorded decision is re-run with the same seed, docs/decisions.md DBG6).
+        self.seed = seed
+
+    @property
+    def rng(self) -> random.Random:
+        if self._rng is None:
+            self._rng = random.Random(self.seed) if self.seed is not None else random.Random()
+        return self._rng
+
+    @rng.setter
+    def rng(self, value: random.Random) -> None:
+        self._rng = value
 
     def new_id(self, prefix: str = "") -> str:
         """A fresh unique id drawn from the injected randomness."""

@@ -50,6 +50,9 @@ class Message:
     #: Largest encoded size of the fields in bytes; None: not limited here (content sized by
     #: the system, not by a client; its events are still held to the event limit).
     max_bytes: ClassVar[int | None] = MAX_REQUEST_BYTES
+    #: False for a message holding secrets: a runner recording inputs (docs/decisions.md DBG6)
+    #: stores only that it came, and ``cei log verify`` folds its events unchecked.
+    recordable: ClassVar[bool] = True
 
     def check(self) -> None:
         """Value checks beyond types; subclasses raise :class:`InvalidMessage`."""

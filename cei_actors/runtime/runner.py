@@ -7,6 +7,8 @@ tools all use it, so a component behaves the same under each.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import importlib
 import logging
 import os
 import random
@@ -66,6 +68,85 @@ SNAPSHOT_BYTES_PER_EVENT = 128
 BACKGROUND_SNAPSHOT_BYTES = 256 * 1024
 _LENGTH = struct.Struct(">Q")
 
+#: Inputs a recording runner stores with one event at most, by count and by encoded bytes;
+#: past either they are dropped for a gap marker (docs/decisions.md DBG6). With the event's own
+#: 512 KiB limit a row stays under a ZooKeeper multi's 900 KiB.
+MAX_BUFFERED_INPUTS = 1000
+MAX_INPUT_BYTES = 256 * 1024
+_TAGS = ("~m", "~t", "~l", "~s", "~f")
+_KEYS = (str, int, float, bool, bytes, type(None))
+
+
+def encode_input(message: Any) -> Any:
+    """``message`` as plain msgpack data that :func:`decode_input` turns back into an equal
+    message: dataclasses by class name and fields, tuples and sets tagged."""
+    t = type(message)
+    if t is str or t is int or t is float or t is bool or message is None or t is bytes:
+        return message
+    if t is dict:
+        if not all(type(k) in _KEYS for k in message):
+            raise TypeError("a map key that would not read back")
+        return {k: encode_input(v) for k, v in message.items()}
+    if t is list:
+        items = [encode_input(v) for v in message]
+        return ["~l", items] if items and isinstance(items[0], str) and items[0] in _TAGS else items
+    if t is tuple:
+        return ["~t", [encode_input(v) for v in message]]
+    if t is set or t is frozenset:
+        return ["~s" if t is set else "~f", [encode_input(v) for v in message]]
+    if dataclasses.is_dataclass(message) and not isinstance(message, type):
+        fields = {f.name: encode_input(getattr(message, f.name)) for f in dataclasses.fields(message) if f.init}
+        return ["~m", f"{t.__module__}:{t.__qualname__}", fields]
+    raise TypeError(f"{t.__name__} is not recordable")
+
+
+def decode_input(data: Any) -> Any:
+    """The message :func:`encode_input` recorded, built with the current code's classes (only
+    dataclasses of this package); ``ValueError`` if the current code cannot build it."""
+    if isinstance(data, dict):
+        return {k: decode_input(v) for k, v in data.items()}
+    if not isinstance(data, list):
+        return data
+    if len(data) >= 2 and isinstance(data[0], str) and data[0] in _TAGS:
+        tag = data[0]
+        if tag == "~m":
+            module, _, name = str(data[1]).partition(":")
+            if not module.startswith("cei_actors."):
+                raise ValueError(f"{data[1]}: not a class of this package")
+            try:
+                cls: Any = importlib.import_module(module)
+                for part in name.split("."):
+                    cls = getattr(cls, part)
+                if not dataclasses.is_dataclass(cls):
+                    raise TypeError("not a dataclass")
+                return cls(**{k: decode_input(v) for k, v in data[2].items()})
+            except Exception as exc:  # the class is gone or its fields changed
+                raise ValueError(f"{data[1]}: cannot be built by this code: {type(exc).__name__}: {exc}") from None
+        items = [decode_input(v) for v in data[1]]
+        return {"~t": tuple, "~s": set, "~f": frozenset}.get(tag, list)(items)
+    return [decode_input(v) for v in data]
+
+
+def decide_one(component: Component[S], state: S, message: Any, ctx: Context, stream: str = "",
+               log_failures: bool = True, trusted: bool = False) -> Decision:
+    """``validate`` (not for a ``trusted`` message, one the simulator's own cores built:
+    decision SIM5) then ``component.decide``; a refusal, a malformed message or a failure
+    becomes a decision whose reply is an :class:`ErrorReply` (what the runner does), a failure
+    logged with its traceback when ``log_failures``."""
+    name = type(message).__name__
+    try:
+        if not trusted:
+            validate(message)
+        return component.decide(state, message, ctx)
+    except Rejected as exc:
+        return Decision(reply=ErrorReply(exc.code, exc.message, name))
+    except InvalidMessage as exc:
+        return Decision(reply=ErrorReply("bad_request", str(exc), name))
+    except Exception as exc:
+        if log_failures:
+            logger.exception("stream %s: decide failed on %s", stream, name)
+        return Decision(reply=ErrorReply("internal", f"{type(exc).__name__}: {exc}", name))
+
 
 class Runner(Generic[S]):
     """One component instance: its state, its place in the log and its fence."""
@@ -79,6 +160,7 @@ class Runner(Generic[S]):
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         snapshot_every: int = 10_000,
+        record_inputs: bool = False,
     ) -> None:
         self.component = component
         self.log = log
@@ -99,6 +181,45 @@ class Runner(Generic[S]):
         self._truncate_again = False
         #: What this runner appended and snapshotted (read by the shell's metrics).
         self.log_stats = LogStats()
+        #: Store each decided input (message, time, seed) with the events it produced, for
+        #: ``cei log verify`` (docs/decisions.md DBG6). Decisions then get a seeded randomness each.
+        self.record_inputs = record_inputs
+        self._inputs: list[bytes] = []  # packed inputs decided since the last stored event
+        self._inputs_bytes = 0
+
+    def _context_for_input(self, now: float) -> Context:
+        if self.record_inputs:
+            return Context(now, seed=self.rng.getrandbits(64))
+        return Context(now, self.rng)
+
+    def _note_input(self, message: Any, ctx: Context, events: int) -> None:
+        """Hold a decided input for the next stored event (None: ``recovered``)."""
+        entry: dict[str, Any] = {"t": ctx.now, "m": None, "n": events, "s": ctx.seed}
+        if message is not None and not getattr(message, "recordable", True):
+            entry = {"t": ctx.now, "skip": type(message).__name__, "n": events}
+        try:
+            if message is not None and "skip" not in entry:
+                entry["m"] = encode_input(message)
+            packed = msgpack.packb(entry, use_bin_type=True)
+        except Exception:  # not recordable: later decisions cannot be checked until a recovery
+            try:
+                validate(message)
+            except InvalidMessage:
+                return  # refused before ``decide``: it changed nothing, re-running it shows nothing
+            packed = msgpack.packb({"gap": 1}, use_bin_type=True)
+        if len(packed) > MAX_INPUT_BYTES // 2:
+            packed = msgpack.packb({"gap": 1}, use_bin_type=True)
+        if len(self._inputs) >= MAX_BUFFERED_INPUTS or self._inputs_bytes + len(packed) > MAX_INPUT_BYTES:
+            self._inputs = [msgpack.packb({"gap": len(self._inputs)}, use_bin_type=True)]
+            self._inputs_bytes = 0
+        self._inputs.append(packed)
+        self._inputs_bytes += len(packed)
+
+    def _with_inputs(self, first: PendingEvent, message: Any, ctx: Context, events: int) -> PendingEvent:
+        """``first`` carrying the held inputs and this decision's."""
+        self._note_input(message, ctx, events)
+        inputs, self._inputs, self._inputs_bytes = self._inputs, [], 0
+        return PendingEvent(first.type, first.version, first.timestamp, first.body, inputs)
 
     @property
     def ready(self) -> bool:
@@ -144,7 +265,8 @@ class Runner(Generic[S]):
         """Lead from ``state`` at ``head``: run ``component.recovered`` and persist its events."""
         self.state, self.head = state, head
         self._since_snapshot = 0
-        ctx = self.context()
+        self._inputs, self._inputs_bytes = [], 0  # what an earlier leadership decided without events died with it
+        ctx = self._context_for_input(self.clock())
         decision = self.component.recovered(state, ctx)
         if decision.events:
             try:
@@ -154,7 +276,11 @@ class Runner(Generic[S]):
             except Exception:
                 self.state = None
                 raise
+            if self.record_inputs:
+                pending[0] = self._with_inputs(pending[0], None, ctx, len(pending))
             self._commit(pending)
+        elif self.record_inputs:
+            self._note_input(None, ctx, 0)
         return decision
 
     def _restore_snapshot(self) -> tuple[S | None, int, bool]:
@@ -225,8 +351,10 @@ class Runner(Generic[S]):
         ctx = self.context()
         decisions: list[Decision] = []
         pending: list[PendingEvent] = []
+        record = self.record_inputs
         for message in messages:
-            decision = self._decide(message, ctx, trusted)
+            mctx = self._context_for_input(ctx.now) if record else ctx
+            decision = self._decide(message, mctx, trusted)
             if decision.events:
                 try:
                     checked = self._checked(decision.events, ctx.now)
@@ -239,7 +367,11 @@ class Runner(Generic[S]):
                 except Exception:
                     self.state = None
                     raise
+                if record:
+                    checked[0] = self._with_inputs(checked[0], message, mctx, len(checked))
                 pending.extend(checked)
+            elif record:
+                self._note_input(message, mctx, 0)
             decisions.append(decision)
         if pending:
             self._commit(pending)
@@ -269,18 +401,7 @@ class Runner(Generic[S]):
         return Decision(effects=redo.effects, reply=reply)
 
     def _decide(self, message: Any, ctx: Context, trusted: bool = False) -> Decision:
-        try:
-            if not trusted:
-                validate(message)
-            return self.component.decide(self.state, message, ctx)
-        except Rejected as exc:
-            return Decision(reply=ErrorReply(exc.code, exc.message, type(message).__name__))
-        except InvalidMessage as exc:
-            return Decision(reply=ErrorReply("bad_request", str(exc), type(message).__name__))
-        except Exception as exc:
-            name = type(message).__name__
-            logger.exception("stream %s: decide failed on %s", self.stream, name)
-            return Decision(reply=ErrorReply("internal", f"{type(exc).__name__}: {exc}", name))
+        return decide_one(self.component, self.state, message, ctx, self.stream, trusted=trusted)
 
     def _commit(self, pending: list[PendingEvent]) -> None:
         try:

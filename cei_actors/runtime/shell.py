@@ -459,7 +459,8 @@ class EventSourcedActor(Actor):
         self.group_commit = bool(config.get("group_commit", self.group_commit))
         self.group_commit_delay = float(config.get("group_commit_delay", self.group_commit_delay))
         self.max_batch = int(config.get("max_batch", self.max_batch))
-        self._runner = Runner(component, log, stream=stream, snapshot_every=msg.snapshot_every)
+        self._runner = Runner(component, log, stream=stream, snapshot_every=msg.snapshot_every,
+                              record_inputs=bool(config.get("record_inputs", False)))
         self._leadership = leadership
         self._start, self._start_origin = msg, origin
         self._peers.update({k: v for k, v in msg.peers.items() if v is not None})
