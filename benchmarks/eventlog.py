@@ -236,7 +236,9 @@ def run(n: int, raw_n: int, hosts: str | None, scale: bool) -> tuple[list[dict],
             snap = log.load_snapshot("bench")
             assert snap is not None
             manifest = f"{root}/log/streams/bench/snap/manifest"
-            sid = msgpack.unpackb(client.get(manifest)[0])["id"]
+            listed = msgpack.unpackb(client.get(manifest)[0])  # {snaps: [...]} (LT2), or one entry
+            entries = listed["snaps"] if "snaps" in listed else [listed]
+            sid = next(e["id"] for e in entries if e["offset"] == snap.offset)
             chunks = [
                 f"{root}/log/streams/bench/snap/{sid}/{c}"
                 for c in sorted(client.get_children(f"{root}/log/streams/bench/snap/{sid}"))
