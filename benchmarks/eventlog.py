@@ -237,7 +237,7 @@ def run(n: int, raw_n: int, hosts: str | None, scale: bool) -> tuple[list[dict],
             assert snap is not None
             manifest = f"{root}/log/streams/bench/snap/manifest"
             listed = msgpack.unpackb(client.get(manifest)[0])  # {snaps: [...]} (LT2), or one entry
-            entries = listed["snaps"] if "snaps" in listed else [listed]
+            entries = listed.get("snaps", [listed])
             sid = next(e["id"] for e in entries if e["offset"] == snap.offset)
             chunks = [
                 f"{root}/log/streams/bench/snap/{sid}/{c}"
