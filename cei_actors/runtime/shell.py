@@ -190,8 +190,13 @@ class _Follower:
                 if notify is not None:
                     notify()
 
-    def stop(self) -> None:
+    def stop(self, join: bool = False) -> None:
+        """Stop following; with ``join``, also wait (at most a tail wait and a margin) until
+        the thread is out of the log, which must be before the log is closed: closing a SQLite
+        connection another thread is reading with crashes the process."""
         self._stop.set()
+        if join and self._thread is not threading.current_thread():
+            self._thread.join(self.wait + 5.0)
 
 
 class EventSourcedActor(Actor):
@@ -678,10 +683,10 @@ class EventSourcedActor(Actor):
             self._stop_following()
             runner.stop_following()
 
-    def _stop_following(self) -> None:
+    def _stop_following(self, join: bool = False) -> None:
         follower, self._follower = self._follower, None
         if follower is not None:
-            follower.stop()
+            follower.stop(join)
 
     def _announce(self) -> None:
         """Tell the configured peers that this replica now serves our peer name (F1).
@@ -984,7 +989,7 @@ class EventSourcedActor(Actor):
         if self._start_origin is not None:
             self._reply(self._start_origin, unavailable)
             self._start_origin = None
-        self._stop_following()
+        self._stop_following(join=True)  # before the log is closed below
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
         if self._leadership is not None:
