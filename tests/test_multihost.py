@@ -62,6 +62,9 @@ def test_provisioner_and_epum_on_one_system_pd_on_another(homes, tmp_path, zk_ho
         conn.pd.schedule_process("hello", command=["sh", "-c", "echo hello"])
         assert conn.pd.wait_process("hello", ["EXITED", "FAILED"], timeout=40)["state"] == "EXITED"
         assert conn.epum.list_domains() == ["pd_domain_default"]  # EPUM on the other system
+        # a running process keeps its node up (an idle one may be retired meanwhile)
+        conn.pd.schedule_process("stay", command=["sleep", "60.75"])
+        assert conn.pd.wait_process("stay", "RUNNING", timeout=40)["state"] == "RUNNING"
         # the EEAgent "VM" joined the PD's system (host b)
         assert processes_mentioning(f"--pd 127.0.0.1:{info_b['admin_port']} ")
     down(home_b)
