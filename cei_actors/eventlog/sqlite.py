@@ -126,8 +126,9 @@ class SqliteLog(EventLog):
         if record:
             db.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('archive', ?)", (record,))
 
-    def _open_read_only(self, given: str | None) -> None:
-        """Open an existing log without writing anything: check its marker and its tables."""
+    def _marker(self) -> tuple[Path, str | None, str]:
+        """The log's marker file, the log id it names (None: no marker) and the message for
+        a file that lost that log (``{how}`` to fill in)."""
         marker = Path(f"{self.path}.id")
         try:
             expected = marker.read_text().strip() or None
@@ -137,6 +138,11 @@ class SqliteLog(EventLog):
             raise LogUnavailable(f"{self.url}: cannot read {marker}: {exc}") from exc
         lost = (f"{self.url}: {marker} says {self.path} held the log {expected}, but the file "
                 "{how}; restore it, or remove the marker to start a new, empty log there")
+        return marker, expected, lost
+
+    def _open_read_only(self, given: str | None) -> None:
+        """Open an existing log without writing anything: check its marker and its tables."""
+        marker, expected, lost = self._marker()
         if not self.path.is_file():
             if expected:
                 raise LogLost(lost.format(how="is missing"))
@@ -174,15 +180,7 @@ class SqliteLog(EventLog):
 
     def _claim(self) -> None:
         """Check the file against its marker (see the module docstring); mark a new log."""
-        marker = Path(f"{self.path}.id")
-        try:
-            expected = marker.read_text().strip() or None
-        except FileNotFoundError:
-            expected = None
-        except OSError as exc:
-            raise LogUnavailable(f"{self.url}: cannot read {marker}: {exc}") from exc
-        lost = (f"{self.url}: {marker} says {self.path} held the log {expected}, but the file "
-                "{how}; restore it, or remove the marker to start a new, empty log there")
+        marker, expected, lost = self._marker()
         if expected is not None:  # looked at before SQLite opens (and writes) the file
             if not self.path.exists():
                 raise LogLost(lost.format(how="is missing"))
