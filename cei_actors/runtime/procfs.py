@@ -6,7 +6,8 @@ fields after the command name, which is in parentheses and may hold anything, sp
 since boot): a reused pid has another start time.
 
 The reaper and the local VM's init run as files (``python -I -S``) without the package on
-their path; they load this file by its path (``importlib.util.spec_from_file_location``).
+their path; they append the directory that holds the package to ``sys.path`` and import this
+module (the package's ``__init__`` files import nothing).
 """
 
 from __future__ import annotations

@@ -25,31 +25,14 @@ import os
 import signal
 import sys
 import time
-import types
 
 PR_SET_CHILD_SUBREAPER = 36
-def _load_procfs(up: int) -> types.ModuleType:
-    """:mod:`cei_actors.runtime.procfs`: imported, or loaded by its path when this runs as a
-    file (``python -I -S``, no package on the path); ``up``: directories up to ``cei_actors``."""
-    try:
-        from cei_actors.runtime import procfs
-    except ImportError:
-        import importlib.util
-
-        base = os.path.abspath(__file__)
-        for _ in range(up + 1):
-            base = os.path.dirname(base)
-        spec = importlib.util.spec_from_file_location(
-            "_cei_procfs", os.path.join(base, "runtime", "procfs.py")
-        )
-        assert spec is not None and spec.loader is not None
-        procfs = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = procfs
-        spec.loader.exec_module(procfs)
-    return procfs
 
 
-procfs = _load_procfs(2)
+if not __package__:  # run as a file (python -I -S): the package is beside this file's parents
+    sys.path.append(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))))
+from cei_actors.runtime import procfs  # noqa: E402
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 WATCHED = {signal.SIGCHLD, *STOP_SIGNALS}
 
