@@ -264,9 +264,13 @@ def test_a_whole_host_lost_and_brought_back(deployment):
     sc.check_replay()
 
 
-def test_an_agent_process_on_one_host_serves_the_pd_on_another(deployment, tmp_path):
-    """``python -m cei_actors.eeagent --pd HOST:PORT --listen ADDR --allow CIDR`` on host 2 (as a
-    booted VM's agent would be started) attaches to host 0's admin, and runs work there."""
+def test_an_agent_process_on_one_host_serves_the_pd_on_another_and_follows_it_when_lost(
+        deployment, tmp_path):
+    """``python -m cei_actors.eeagent --pd HOST:PORT ... --listen ADDR --allow CIDR`` on host 2
+    (as a booted VM's agent would be started), given every host's admin, attaches to host 0's
+    and runs work for the PD led there. Host 0 is lost: the agent finds the PD replicas in the
+    other hosts' admins, follows the new leader and keeps working (its process is not
+    restarted, new work runs on it). With host 0's admin only, it lost the PD (NH4's gap)."""
     from cei_actors.pd.logic import parse_config
     from cei_actors.testing.hostloss import ADMIN_PORT
 
@@ -275,8 +279,10 @@ def test_an_agent_process_on_one_host_serves_the_pd_on_another(deployment, tmp_p
     sc.wait_states(fillers, {"RUNNING"}, 60)
     agent_host = sc.hosts[2]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
-    argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", "ep1", "--slots", "1",
-            "--heartbeat", "1", "--pd", f"{sc.hosts[0].address}:{ADMIN_PORT}",
+    admins = [f"{sc.hosts[i].address}:{ADMIN_PORT}" for i in range(3)]
+    argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", "ep1", "--slots", "2",
+            "--heartbeat", "1", "--fence", str(sc.fence_time),
+            *[a for admin in admins for a in ("--pd", admin)],
             "--state-dir", str(tmp_path / "ep1"), "--secret-file", str(sc.home(2) / "operator-secret"),
             "--listen", agent_host.address, *[a for net in sc.allowlist() for a in ("--allow", net)]]
     with open(tmp_path / "ep1.log", "w") as log:
@@ -287,8 +293,18 @@ def test_an_agent_process_on_one_host_serves_the_pd_on_another(deployment, tmp_p
         sc.pd().node_state("ep1", plan_pd.domain_id("default"), "RUNNING")
         [upid] = sc.schedule("on-ep1", 1, 600)
         sc.wait_states([upid], {"RUNNING"}, 60)
-        assert sc.pd().describe_process(upid)["node_id"] == "ep1"
-        sc.check_ran_once([*fillers, upid])
+        first = sc.pd().describe_process(upid)
+        assert first["node_id"] == "ep1"
+        assert f"attached to {admins[0]}" in (tmp_path / "ep1.log").read_text()
+
+        sc.kill_host(0)  # the admin the agent attached to, and the PD leader
+        sc.wait_failover(0, timeout=60)
+        [after] = sc.schedule("on-ep1-after", 1, 600)
+        states = sc.wait_states([upid, after], {"RUNNING"}, 60)
+        assert states[upid] == states[after] == "RUNNING"
+        assert sc.pd().describe_process(after)["node_id"] == "ep1"
+        assert sc.pd().describe_process(upid).get("round") == first.get("round")
+        sc.check_ran_once([*fillers, upid, after])
         assert agent.poll() is None
     finally:
         agent.terminate()
