@@ -5,6 +5,7 @@ a machine that cannot make namespaces fails instead, as for ZooKeeper)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -214,6 +215,109 @@ def test_a_wildcard_bind_when_allowed_advertises_the_given_address(hosts, tmp_pa
         assert info["admin_host"] == server.address and info["network"]["listen"] == "0.0.0.0"
     finally:
         server.run([*cei, "down"], capture_output=True, text=True, env=env, timeout=120)
+
+
+# ------------------------------------------------------------------------------ a cloud VM
+
+
+def _cloud_plan(home: Path, host: netns.Host, cidr: str, moto, vm_secret: Path) -> dict:
+    """Host A's plan (docs/multi-host.md, "A VM's agent on another host"): PD, EPUM and the
+    Provisioner, whose only site is EC2 at ``moto``; each VM's agent joins A's admin."""
+    from cei_actors.launch.plan import default_plan_text
+    from cei_actors.testing.hostloss import ADMIN_PORT
+
+    data = yaml.safe_load(default_plan_text())
+    data["log"] = f"sqlite:///{home}/log.sqlite"
+    data["components"] = {c: data["components"][c] for c in ("provisioner", "epum", "pd")}
+    data["components"]["epum"]["config"].update(default_site="ec2", decider_interval=0.5)
+    data["components"]["provisioner"]["config"].update(query_interval=0.5)
+    data["pd"]["engines"]["default"].update(slots=1, maximum_vms=1, heartbeat_period=1)
+    data["registry"] = {
+        "sites": {"ec2": moto.site()},
+        "credentials": {"ec2": moto.credentials()},
+        "deployable_types": {"eeagent": {
+            "mappings": {"ec2": {"iaas_image": moto.image_id(), "iaas_allocation": "t2.micro"}},
+            "contextualization": {"method": "cei-agent", "pd": f"{host.address}:{ADMIN_PORT}",
+                                  "secret_ref": f"file:{vm_secret}", "slots": "${slots}",
+                                  "heartbeat": "${heartbeat}", "fence": "${fence}", "grace": 1}}},
+    }
+    data["network"] = {"listen": host.address, "allow": [cidr], "admin_port": ADMIN_PORT,
+                       "secret_file": str(home / "operator-secret")}
+    data["metrics"] = "off"
+    return data
+
+
+def test_an_agent_started_from_a_moto_vms_userdata_on_another_host_runs_work(hosts, tmp_path):
+    """The system (PD, EPUM, Provisioner with an EC2 site) on host A drives moto's EC2 server
+    (on the hosts' bridge); a process scheduled with `cei process schedule` makes EPUM launch a
+    VM; the userdata moto holds for it (DescribeInstanceAttribute) is read back and
+    `python -m cei_actors.eeagent --from-userdata FILE` started on host B from it: the agent
+    attaches to A's admin over the namespace network (allowlisted, authenticated), registers
+    and runs the process, on host B."""
+    from cei_actors.testing.moto_server import MotoServer
+    from cei_actors.testing.moto_server import unavailable_reason as moto_unavailable
+
+    if moto_unavailable():
+        pytest.skip(moto_unavailable())
+    a, b = hosts[0], hosts[1]
+    home, vm = tmp_path / "a", tmp_path / "vm"
+    home.mkdir(mode=0o700)
+    vm.mkdir(mode=0o700)
+    secret = new_secret_file(home / "operator-secret")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
+    cei = [sys.executable, "-m", "cei_actors.cli", "--home", str(home)]
+    ran = tmp_path / "ran"
+    with MotoServer(host=hosts.gateway) as moto:
+        (home / "plan.yaml").write_text(yaml.safe_dump(_cloud_plan(home, a, hosts.cidr, moto, vm / "secret")))
+        up = a.run([*cei, "up", "--plan", str(home / "plan.yaml")], capture_output=True, text=True,
+                   env=env, timeout=180)
+        agent = None
+        try:
+            assert up.returncode == 0, up.stderr + up.stdout
+            sched = a.run([*cei, "process", "schedule", "--upid", "p1", "--", "sh", "-c",
+                           f"echo $$ > {ran}; exec sleep 600"], capture_output=True, text=True,
+                          env=env, timeout=60)
+            assert sched.returncode == 0, sched.stderr
+
+            # EPUM launches one VM for the need: moto runs it with the cei-agent userdata
+            ec2 = moto.boto3()
+
+            def vms() -> list[dict]:
+                out = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
+                return [i for r in out["Reservations"] for i in r["Instances"]]
+
+            assert _wait(lambda: vms(), 60), "no VM was launched"
+            [instance] = vms()
+            attr = ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
+            userdata = base64.b64decode(attr["UserData"]["Value"])
+            doc = json.loads(userdata.decode().split("\n", 1)[1])
+            assert doc["pd"] == f"{a.address}:1900" and doc["secret_ref"] == f"file:{vm / 'secret'}"
+            assert secret.read_bytes() not in userdata
+            tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
+            assert tags["cei:node_id"] == doc["node_id"]
+
+            # the VM: its image put the secret at secret_ref; its agent starts from the userdata
+            new_secret_file(vm / "secret", secret.read_bytes())
+            (vm / "user-data").write_bytes(userdata)
+            with open(tmp_path / "agent.log", "w") as log:
+                agent = b.popen([sys.executable, "-m", "cei_actors.eeagent", "--from-userdata",
+                                 str(vm / "user-data"), "--state-dir", str(vm / "eeagent"),
+                                 "--listen", b.address, "--allow", hosts.cidr],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log)
+            wait = a.run([*cei, "process", "wait", "p1", "--state", "RUNNING", "--timeout", "60"],
+                         capture_output=True, text=True, env=env, timeout=90)
+            assert wait.returncode == 0, wait.stderr + (tmp_path / "agent.log").read_text()[-2000:]
+            described = a.run([*cei, "--json", "process", "describe", "p1"], capture_output=True,
+                              text=True, env=env, timeout=60)
+            assert json.loads(described.stdout)["node_id"] == doc["node_id"], described.stdout
+            assert _wait(lambda: ran.exists() and ran.read_text().strip(), 30)
+            assert int(ran.read_text()) in b.pids()  # it runs on host B
+            assert agent.poll() is None
+        finally:
+            if agent is not None:
+                agent.terminate()
+                agent.wait(timeout=30)
+            a.run([*cei, "down"], capture_output=True, text=True, env=env, timeout=120)
 
 
 # ------------------------------------------------------------------------------ host loss
