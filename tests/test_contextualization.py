@@ -99,6 +99,12 @@ def test_options_given_beside_the_userdata_override_it(tmp_path):
     args = build_parser().parse_args(expand_userdata(
         ["--from-userdata", str(path), "--pd", "127.0.0.1:2000", "--state-dir", "/tmp/x"]))
     assert (args.node_id, args.pd, args.slots, args.secret_file, args.state_dir) == (
-        "n7", ("127.0.0.1:2000", None), 3, "/etc/cei/secret", "/tmp/x")
+        "n7", [[("127.0.0.1:2000", None)]], 3, "/etc/cei/secret", "/tmp/x")
+    # a userdata naming every host's admin gives them all; without a --pd beside it, they stand
+    path.write_text(cz.for_node(cz.render_agent(
+        {"method": "cei-agent", "pd": "198.18.0.1:1900,198.18.0.2:1900",
+         "secret_ref": "file:/etc/cei/secret"}, {}), "n8"))
+    args = build_parser().parse_args(expand_userdata(["--from-userdata", str(path)]))
+    assert args.pd == [[("198.18.0.1:1900", None), ("198.18.0.2:1900", None)]]
     with pytest.raises(ValueError, match="No such file"):
         expand_userdata(["--from-userdata", str(tmp_path / "missing")])

@@ -551,6 +551,7 @@ def test_an_agent_that_took_a_standby_switches_to_the_leader_that_comes_later(mo
     agent.leaders = {"pd": agent_mod._Leader("pd")}
     agent.probe_interval, agent.probe_timeout, agent.lookup_interval = 2.0, 1.0, 1.0
     agent._last_lookup = float("-inf")
+    agent.admins, agent._admin_down, agent.admin_retry = [], {}, 10.0
     monkeypatch.setattr(agent, "_status", lambda addr: {"leader": addr in leading, "ready": addr in leading,
                                                         "mode": "ready" if addr in leading else "standby"})
     agent._find_pd()
@@ -559,4 +560,67 @@ def test_an_agent_that_took_a_standby_switches_to_the_leader_that_comes_later(mo
     for _ in range(8):  # 4 s of steps, a lookup every second
         clock[0] += 0.5
         agent._find_pd()
+    assert agent.pd == "addr-pd1"
+
+
+def test_an_agent_given_every_hosts_admin_merges_their_names_and_skips_a_lost_one(monkeypatch):
+    """NH6: each lookup asks every admin and merges the names (each host's admin knows its own
+    replicas); an admin that does not answer is left out for ``admin_retry`` while another
+    answers, then asked again; with none answering the agent keeps what it had."""
+    import cei_actors.eeagent.actor as agent_mod
+    from cei_actors.runtime.system import SystemNotRunning
+
+    clock = [100.0]
+    monkeypatch.setattr(agent_mod.time, "monotonic", lambda: clock[0])
+    names = {"h0": {"pd": "addr-pd"}, "h1": {"pd.1": "addr-pd1"}}
+    lost: set[str] = set()
+    asked: list[str] = []
+
+    def global_actors(asys, timeout=2.0, admin=None):
+        asked.append(admin)
+        if admin in lost:
+            raise SystemNotRunning(f"{admin} does not answer")
+        return dict(names[admin])
+
+    monkeypatch.setattr(agent_mod, "global_actors", global_actors)
+
+    class Core:
+        _dirty = False
+
+    class Asys:
+        def tell(self, addr, msg):
+            pass
+
+    agent = agent_mod.EndpointAgent.__new__(agent_mod.EndpointAgent)
+    agent.asys, agent.core, agent.agent_id = Asys(), Core(), "a1"
+    agent.leaders = {"pd": agent_mod._Leader("pd")}
+    agent.probe_interval, agent.probe_timeout, agent.lookup_interval = 2.0, 1.0, 1.0
+    agent._last_lookup = float("-inf")
+    agent.admins, agent._admin_down, agent.admin_retry = [("h0", "h0"), ("h1", "h1")], {}, 10.0
+    leading = {"addr-pd"}
+    monkeypatch.setattr(agent, "_status", lambda addr: {"leader": addr in leading, "ready": addr in leading,
+                                                        "mode": "ready" if addr in leading else "standby"})
+    agent._find_pd()
+    assert agent.pd == "addr-pd" and agent.leaders["pd"].replicated  # both hosts' replicas seen
+    assert asked == ["h0", "h1"]
+
+    lost.add("h0")  # host 0 is lost with the leader; host 1's replica leads
+    leading = {"addr-pd1"}
+    asked.clear()
+    clock[0] += 2.0
+    agent._find_pd()
+    assert agent.pd == "addr-pd1" and asked == ["h0", "h1"]
+    asked.clear()
+    for _ in range(9):  # 9 s: host 0's admin is not asked again
+        clock[0] += 1.0
+        agent._find_pd()
+    assert asked and "h0" not in asked and agent.pd == "addr-pd1"
+    clock[0] += 1.5  # past admin_retry: asked again (it may be back)
+    asked.clear()
+    agent._find_pd()
+    assert sorted(asked) == ["h0", "h1"]
+
+    lost.add("h1")  # no admin answers: the agent keeps the leader it had
+    clock[0] += 20.0
+    agent._find_pd()
     assert agent.pd == "addr-pd1"

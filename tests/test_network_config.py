@@ -3,6 +3,7 @@ flags; a wildcard or an unprotected routable address is refused and starts nothi
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -51,8 +52,14 @@ def test_addresses_of_admins():
     for bad in ("198.18.0.1:x", "198.18.0.1:70000", "host:1900", "::1:1900"):
         with pytest.raises(NetworkError):
             split_host_port(bad)
-    assert parse_pd("198.18.0.1:1900/pd.1") == ("198.18.0.1:1900", "pd.1")
-    assert parse_pd("1900") == ("1900", None)
+    assert parse_pd("198.18.0.1:1900/pd.1") == [("198.18.0.1:1900", "pd.1")]
+    assert parse_pd("1900") == [("1900", None)]
+    # every host's admin, joined by commas (a userdata's pd may list them so)
+    assert parse_pd("198.18.0.1:1900,198.18.0.2:1900") == [("198.18.0.1:1900", None),
+                                                           ("198.18.0.2:1900", None)]
+    for bad in ("198.18.0.1:1900,", ",1900", "host:1900,1900"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_pd(bad)
 
 
 def _plan(tmp_path, network):

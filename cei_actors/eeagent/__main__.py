@@ -21,6 +21,11 @@ override what it says (e.g. an explicit ``--pd`` address or ``--state-dir``)::
 
     python -m cei_actors.eeagent --from-userdata /var/lib/cloud/user-data [--pd ADDR] [...]
 
+Across hosts, give every host's admin (``--pd`` repeated, or ``HOST:PORT,HOST:PORT``; a
+``cei-agent`` userdata's ``pd`` may list several the same way): the agent attaches to the
+first that answers and looks for the replicas in all of them, so it finds a leader on any
+host and keeps working when the host it attached to is lost (decision NH6).
+
 ``--node-id`` defaults to ``$CEI_NODE_ID`` (set by the local cloud driver), ``--agent-id`` to
 the node id, ``--state-dir`` to ``$CEI_NODE_DIR/eeagent``, ``--secret-file`` (the system's
 key, which every message is authenticated with) to ``$CEI_SECRET_FILE``, which the local
@@ -41,9 +46,17 @@ from .lease import DEFAULT_FENCE
 from .retention import DEFAULT_OUTPUT_RETENTION
 
 
-def parse_pd(value: str) -> tuple[str, str | None]:
-    """``PORT``, ``HOST:PORT`` or either with ``/NAME``: (the admin as ``PORT`` or
-    ``HOST:PORT``, name or None). A bare port is the admin on this host's address."""
+def parse_pd(value: str) -> list[tuple[str, str | None]]:
+    """``PORT``, ``HOST:PORT`` or either with ``/NAME``, or several joined by commas: per
+    admin, (the admin as ``PORT`` or ``HOST:PORT``, name or None). A bare port is the admin on
+    this host's address."""
+    parts = [part.strip() for part in value.split(",")]
+    if not all(parts):
+        raise argparse.ArgumentTypeError(f"--pd {value!r}: expected [HOST:]PORT[/NAME][,...]")
+    return [_parse_one_pd(part) for part in parts]
+
+
+def _parse_one_pd(value: str) -> tuple[str, str | None]:
     from ..runtime.network import NetworkError, split_host_port
 
     name = None
@@ -73,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m cei_actors.eeagent", description=__doc__.split("\n")[0])
     p.add_argument("--node-id", default=os.environ.get("CEI_NODE_ID"))
     p.add_argument("--agent-id", default=None)
-    p.add_argument("--pd", required=True, type=parse_pd, help="[HOST:]ADMIN_PORT[/NAME]")
+    p.add_argument("--pd", required=True, type=parse_pd, action="append",
+                   help="[HOST:]ADMIN_PORT[/NAME]; repeat (or join with commas) for every host's admin")
     p.add_argument("--listen", default=None,
                    help="this host's address to listen on (default $CEI_LISTEN, else 127.0.0.1)")
     p.add_argument("--advertise", default=None, help="the address peers reach it at (default: --listen)")
@@ -107,6 +121,7 @@ def expand_userdata(argv: list[str]) -> list[str]:
     options given override them). Raises ``ValueError`` with a one-line reason."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--from-userdata", default=None)
+    pre.add_argument("--pd", action="append", default=None)
     known, _ = pre.parse_known_args(argv)
     if known.from_userdata is None:
         return argv
@@ -117,7 +132,11 @@ def expand_userdata(argv: list[str]) -> list[str]:
             raw = f.read()
     except OSError as exc:
         raise ValueError(f"--from-userdata {known.from_userdata}: {exc.strerror or exc}") from None
-    return [*agent_args(parse_userdata(raw)), *argv]
+    implied = agent_args(parse_userdata(raw))
+    if known.pd:  # the admins given replace the userdata's (--pd is repeatable, not a value)
+        implied = [a for k, a in enumerate(implied)
+                   if a != "--pd" and (k == 0 or implied[k - 1] != "--pd")]
+    return [*implied, *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.secret_file:
         print("eeagent: --secret-file is required (or set CEI_SECRET_FILE)", file=sys.stderr)
         return 2
-    port, name = args.pd
-    pd_name = args.pd_name or name or "pd"
+    admins = [admin for group in args.pd for admin in group]
+    pd_name = args.pd_name or next((name for _, name in admins if name), None) or "pd"
 
     stop = {"flag": False}
 
@@ -162,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..runtime.network import Network, NetworkError, use_network
     from ..runtime.secure import SecretError
-    from ..runtime.system import SystemNotRunning, attach_system, detach_system
+    from ..runtime.system import SystemNotRunning, admin_address, attach_system, detach_system
 
     try:
         if args.listen or args.advertise or args.allow:
@@ -176,18 +195,25 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     deadline = time.monotonic() + args.attach_timeout
-    while True:
-        try:
-            asys = attach_system(port, secret_file=args.secret_file)
-            break
-        except SecretError as exc:
-            print(f"eeagent: {exc}", file=sys.stderr)
-            return 2
-        except SystemNotRunning as exc:
-            if time.monotonic() > deadline or stop["flag"]:
+    asys, asys_label = None, ""
+    while asys is None:
+        for port, _ in admins:  # the first that answers
+            try:
+                asys, asys_label = attach_system(port, secret_file=args.secret_file), port
+                break
+            except SecretError as exc:
                 print(f"eeagent: {exc}", file=sys.stderr)
+                return 2
+            except SystemNotRunning as exc:
+                failure = exc
+        else:
+            if time.monotonic() > deadline or stop["flag"]:
+                print(f"eeagent: {failure}", file=sys.stderr)
                 return 1
             time.sleep(0.2)
+    # with several admins, each is asked for the replicas (by address: a bare port is ours)
+    others = [(port, admin_address(port if ":" in port else f"{asys.cei_admin_host}:{port}"))
+              for port, _ in admins] if len(admins) > 1 else []
     try:
         agent = EndpointAgent(
             asys,
@@ -202,12 +228,14 @@ def main(argv: list[str] | None = None) -> int:
             min_gap=args.heartbeat_gap,
             output_retention=args.output_retention,
             fence=args.fence,
+            admins=others,
         )
     except Exception as exc:
         print(f"eeagent: cannot start: {exc}", file=sys.stderr)
         detach_system(asys)
         return 1
-    log.info("agent %s on node %s: %d slots, state in %s", agent.agent_id, args.node_id, args.slots, state_dir)
+    log.info("agent %s on node %s: %d slots, state in %s; attached to %s", agent.agent_id,
+             args.node_id, args.slots, state_dir, asys_label)
     try:
         while not stop["flag"]:
             try:

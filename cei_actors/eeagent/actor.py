@@ -37,7 +37,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -789,9 +789,17 @@ class EndpointAgent:
         min_gap: float = MIN_GAP,
         output_retention: float | None = DEFAULT_OUTPUT_RETENTION,
         fence: float = DEFAULT_FENCE,
+        admins: Sequence[Any] = (),
+        admin_retry: float = 10.0,
     ) -> None:
         self.asys = asys
         self.pd_name = pd_name
+        #: the admins asked for the services' replicas (other hosts' too): ``(label,
+        #: address)``; empty: the one ``asys`` attached to
+        self.admins: list[tuple[str, Any]] = list(admins)
+        #: seconds an admin that did not answer is left out of lookups (while another answers)
+        self.admin_retry = admin_retry
+        self._admin_down: dict[str, float] = {}
         self.epum_name = epum_name
         #: the PD and EPUM leaders followed among their replicas
         self.leaders = {"pd": _Leader(pd_name)}
@@ -868,15 +876,49 @@ class EndpointAgent:
         if not lookup:
             return
         self._last_lookup = now
-        try:
-            found = global_actors(self.asys, timeout=2.0)
-        except Exception as exc:
-            logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
+        found = self._lookup(now)
+        if found is None:
             return
         self.metrics_to = found.get(COLLECTOR_NAME)
         for key, leader in self.leaders.items():
             if self._follow(key, leader, found, key in stale):
                 leader.last_probe = now  # the replicas were just asked; a lookup alone is no probe
+
+    def _lookup(self, now: float) -> dict[str, Any] | None:
+        """Every global name the admins know (one status request each), or None if none
+        answered. With several admins (one per host), an admin that does not answer is left
+        out for ``admin_retry`` seconds unless no other answers, so a lost host costs one
+        timeout per ``admin_retry``, and the agent goes on with the hosts that remain."""
+        if not self.admins:
+            try:
+                return global_actors(self.asys, timeout=2.0)
+            except Exception as exc:
+                logger.warning("eeagent %s: looking up %r failed: %s", self.agent_id, self.pd_name, exc)
+                return None
+        found: dict[str, Any] = {}
+        answered = False
+        up = [a for a in self.admins if self._admin_down.get(a[0], float("-inf")) <= now]
+        for label, admin in up + [a for a in self.admins if a not in up]:
+            if answered and label in self._admin_down and self._admin_down[label] > now:
+                continue  # left out for now: another admin answered
+            try:
+                names = global_actors(self.asys, timeout=2.0, admin=admin)
+            except Exception as exc:
+                if label not in self._admin_down:
+                    logger.warning("eeagent %s: admin %s does not answer (%s); asking the others",
+                                   self.agent_id, label, exc)
+                self._admin_down[label] = time.monotonic() + self.admin_retry
+                continue
+            if self._admin_down.pop(label, None) is not None:
+                logger.info("eeagent %s: admin %s answers again", self.agent_id, label)
+            answered = True
+            for name, addr in names.items():
+                found.setdefault(name, addr)
+        if not answered:
+            logger.warning("eeagent %s: no admin answers (%s)", self.agent_id,
+                           ", ".join(label for label, _ in self.admins))
+            return None
+        return found
 
     def _follow(self, key: str, leader: _Leader, found: dict[str, Any], force: bool) -> bool:
         """Point ``leader`` at the replica of its service that leads now (``force``: the

@@ -6,6 +6,7 @@ send each VM a small document that says how its EEAgent starts::
     contextualization:
       method: cei-agent
       pd: "198.18.0.1:1900"               # the actor system the agent joins: HOST:PORT[/NAME]
+                                          # (or every host's admin: "HOST:PORT,HOST:PORT")
       secret_ref: "file:/etc/cei/secret"  # where the system secret is *on the VM*
       epum_name: epum                     # optional (default epum; '' = none)
       slots: "${slots}"                   # optional: numbers or ${var} templates, filled

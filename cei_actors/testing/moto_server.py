@@ -56,11 +56,15 @@ def unavailable_reason() -> str | None:
 
 
 class MotoServer:
-    """One moto server process on a free loopback port (see the module docstring)."""
+    """One moto server process on a free port of ``host`` (default loopback; see the module
+    docstring)."""
 
-    def __init__(self, port: int | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(self, port: int | None = None, start_timeout: float = 60.0,
+                 host: str = LOOPBACK) -> None:
+        #: the address it listens on: loopback, or e.g. a test network's bridge address so
+        #: that network-namespace hosts reach it (never a wildcard)
+        self.host = host
         self.port = port or free_port()
-        self.host = LOOPBACK
         self.start_timeout = start_timeout
         self.proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
