@@ -380,13 +380,41 @@ class PDState:
         for node in s.nodes.values():
             if node.used:
                 s.occupied[node.engine] += 1
-            s.mm.add_node(node)
-        for p in sorted(queued, key=lambda p: p.seq):
-            s.mm.enqueue(p)
-            if p.state == ps.WAITING:
-                s.mm.waited(p.upid)
+        s._index(queued)
         s.ended = dict(sorted(s.ended.items(), key=lambda kv: kv[1]))
         return s
+
+    def _index(self, queued: list[Process]) -> None:
+        """Fill the (empty) matchmaker: every node in sequence order, then the ``queued``
+        processes in queue order, as a restore does."""
+        mm = self.mm
+        for node in sorted(self.nodes.values(), key=lambda n: n.seq):
+            mm.add_node(node)
+        for p in sorted(queued, key=lambda p: p.seq):
+            mm.enqueue(p)
+            if p.state == ps.WAITING:
+                mm.waited(p.upid)
+
+    # ---- replaying many events --------------------------------------------------------------
+
+    def defer_index(self) -> None:
+        """Fold on without keeping the matchmaker in step, nor building the records of
+        forgotten processes, until :meth:`reindex`: for a replay that looks only at the
+        state it ends with (decision RS1). Nothing may use the state before :meth:`reindex`."""
+        if not isinstance(self.mm, _Deferred):
+            self.mm = _Deferred(self.mm.min_start_interval)  # type: ignore[assignment]
+
+    def reindex(self) -> None:
+        """End :meth:`defer_index`: build the matchmaker as a restore does, and the tombstone
+        records of the processes forgotten meanwhile (from the records they had then)."""
+        mm = self.mm
+        if not isinstance(mm, _Deferred):
+            return
+        self.mm = Matchmaker(
+            self.processes, self.nodes, self.resources, min_start_interval=mm.min_start_interval
+        )
+        self._index([p for p in self.processes.values() if p.state in ps.QUEUED])
+        self.tombstones.settle(Process.tombstone)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PDState):
@@ -650,13 +678,30 @@ class PDState:
                 continue  # never forget a live process, whatever the event says
             self._uncount(p)
             del self.processes[upid]
-            self.tombstones.bury(upid, p.tombstone(), p.state_at, e.at)
+            # deferred: the process itself (left unchanged from here), settled by reindex()
+            record = p if isinstance(self.mm, _Deferred) else p.tombstone()
+            self.tombstones.bury(upid, record, p.state_at, e.at)
         if not self.ended:
             self.ended = {}  # a drained dict keeps its capacity (decision E3)
         self.tombstones.bound(DEFAULT_LIMIT if e.keep is None else e.keep, e.before)
 
     def _on_system_boot(self, e: SystemBootSet) -> None:
         self.system_boot = e.on
+
+
+class _Deferred:
+    """The matchmaker's place while :meth:`PDState.defer_index` holds: every update is
+    dropped, since :meth:`PDState.reindex` builds the index from the records."""
+
+    __slots__ = ("min_start_interval",)
+
+    def __init__(self, min_start_interval: float) -> None:
+        self.min_start_interval = min_start_interval
+
+    def _skip(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    enqueue = dequeue = waited = add_node = remove_node = refresh_node = touch_node = _skip
 
 
 def _counts_for_need(state: str) -> bool:
