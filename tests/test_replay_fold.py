@@ -18,6 +18,7 @@ from typing import Any
 from pd_harness import Sim, config
 
 from cei_actors.debug import Replay
+from cei_actors.debug.reader import Checkpoints
 from cei_actors.epum.messages import NodeState
 from cei_actors.eventlog import open_log
 from cei_actors.pd import states as ps
@@ -107,7 +108,8 @@ def _asked(state: Any) -> dict[str, Any]:
 
 def _derived(state: Any) -> dict[str, Any]:
     return {
-        "unacked": list(state.unacked), "terminating": list(state.terminating),
+        # a restore (snapshot, checkpoint) keeps these as sets, not in the order they arose
+        "unacked": set(state.unacked), "terminating": set(state.terminating),
         "live": +state.live_count, "occupied": +state.occupied, "counts": +state.state_count,
         "ended": state.ended, "used": {n.node_id: (n.used, dict(n.tags)) for n in state.nodes.values()},
         "assigned": {r.resource_id: dict(r.assigned) for r in state.resources.values()},
@@ -162,3 +164,66 @@ def test_replay_restores_the_collector_and_the_state_reads_normally(tmp_path: Pa
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def _ckpts(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.ckpt"))
+
+
+def test_checkpoints_start_later_folds_and_never_change_an_answer(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Checkpoints, "min_events", 200)
+    monkeypatch.setattr(Checkpoints, "every", 500)
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    _workload(Sim(CONF, url=url, seed=7), random.Random(11), 700)
+    cache = tmp_path / "cache"
+    configs = {"pd": {"config": CONF}}
+    with Replay(url, configs=configs, cache=None) as plain:
+        head = plain.head("pd")
+        points = [head // 3, head // 2, head - 1, head]
+        want = {at: plain.state("pd", at, snapshots=False) for at in points}
+    assert head > 1100
+    with Replay(url, configs=configs, cache=cache) as cold:
+        first = cold.state("pd", head // 2, snapshots=False)
+        assert cold.folded == ("pd", 1, head // 2)
+    assert first.to_data() == want[head // 2].to_data() and _asked(first) == _asked(want[head // 2])
+    saved = [int(p.stem) for p in _ckpts(cache)]
+    assert sorted(saved) == [500, head // 2], saved  # on the way, and where the fold ended
+    for path in _ckpts(cache):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    for at in points:
+        with Replay(url, configs=configs, cache=cache) as warm:
+            got = warm.state("pd", at, snapshots=False)
+            expected_start = max(k for k in [*saved, 0] if k <= at) + 1
+            assert warm.folded[1] == expected_start, (at, warm.folded)
+        assert got.to_data() == want[at].to_data(), at
+        assert _asked(got) == _asked(want[at]) and _derived(got) == _derived(want[at]), at
+        saved = [int(p.stem) for p in _ckpts(cache)]
+
+
+def test_a_checkpoint_of_another_log_at_the_same_url_is_not_used(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Checkpoints, "min_events", 100)
+    path = tmp_path / "pd.sqlite"
+    url = f"sqlite:///{path}"
+    cache = tmp_path / "cache"
+    configs = {"pd": {"config": CONF}}
+    _workload(Sim(CONF, url=url, seed=7), random.Random(1), 300)
+    with Replay(url, configs=configs, cache=cache) as r:
+        at = r.head("pd") - 5
+        r.state("pd", at, snapshots=False)
+    assert [int(p.stem) for p in _ckpts(cache)] == [at]
+    for leftover in tmp_path.glob("pd.sqlite*"):
+        leftover.unlink()
+    _workload(Sim(CONF, url=url, seed=7), random.Random(2), 300)  # another log, same place
+    with Replay(url, configs=configs, cache=None) as r:
+        want = r.state("pd", at, snapshots=False)
+    with Replay(url, configs=configs, cache=cache) as r:
+        got = r.state("pd", at, snapshots=False)
+        assert r.folded == ("pd", 1, at)  # the stale checkpoint was refused
+    assert got.to_data() == want.to_data() and _asked(got) == _asked(want)
+    # and a damaged cache file is no checkpoint either
+    [ckpt] = _ckpts(cache)
+    ckpt.write_bytes(b"\x93garbage")
+    with Replay(url, configs=configs, cache=cache) as r:
+        assert r.state("pd", at, snapshots=False).to_data() == want.to_data()
+        assert r.folded == ("pd", 1, at)

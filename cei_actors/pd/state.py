@@ -147,8 +147,21 @@ class Process:
 def spec_digest(spec: dict[str, Any]) -> str:
     """A short digest of a process's parameters, the same for equal specs whatever the order
     of their maps."""
-    packed = msgpack.packb(_ordered(spec), use_bin_type=True)
-    return hashlib.sha256(packed).hexdigest()[:32]
+    raw = msgpack.packb(spec, use_bin_type=True)  # equal bytes: an equal spec, the same digest
+    found = _DIGESTS.get(raw)
+    if found is None:
+        packed = msgpack.packb(_ordered(spec), use_bin_type=True)
+        found = hashlib.sha256(packed).hexdigest()[:32]
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        _DIGESTS[raw] = found
+    return found
+
+
+#: digests of specs seen lately, by their plain encoding: many processes share one spec, and
+#: ordering every map of it for each forgotten process was most of a replay's tombstone cost
+_DIGESTS: dict[bytes, str] = {}
+_DIGESTS_KEPT = 4096
 
 
 def _ordered(value: Any) -> Any:
@@ -434,25 +447,27 @@ class PDState:
     # ---- the fold ---------------------------------------------------------------------------
 
     def _uncount(self, p: Process) -> None:
-        self.state_count[p.state] -= 1
-        if _counts_for_need(p.state):
+        state = p.state
+        self.state_count[state] -= 1
+        if state in _NEED:
             self.live_count[p.engine] -= 1
-        if p.state == ps.ASSIGNED:
+        if state == ps.ASSIGNED:
             self.unacked.pop(p.upid, None)
-        elif p.state == ps.TERMINATING:
+        elif state == ps.TERMINATING:
             self.terminating.pop(p.upid, None)
-        elif p.state in ps.TERMINAL:
+        elif state in ps.TERMINAL:
             self.ended.pop(p.upid, None)
 
     def _recount(self, p: Process) -> None:
-        self.state_count[p.state] += 1
-        if _counts_for_need(p.state):
+        state = p.state
+        self.state_count[state] += 1
+        if state in _NEED:
             self.live_count[p.engine] += 1
-        if p.state == ps.ASSIGNED:
+        if state == ps.ASSIGNED:
             self.unacked[p.upid] = None
-        elif p.state == ps.TERMINATING:
+        elif state == ps.TERMINATING:
             self.terminating[p.upid] = None
-        elif p.state in ps.TERMINAL:
+        elif state in ps.TERMINAL:
             self.ended[p.upid] = p.state_at
 
     def _set_state(self, p: Process, state: str, round_: int, at: float) -> str:
@@ -704,8 +719,8 @@ class _Deferred:
     enqueue = dequeue = waited = add_node = remove_node = refresh_node = touch_node = _skip
 
 
-def _counts_for_need(state: str) -> bool:
-    return state in ps.QUEUED or state in ps.PLACED or state == ps.UNSCHEDULED_PENDING
+#: states whose processes count for the engine's need
+_NEED: frozenset[str] = ps.QUEUED | ps.PLACED | {ps.UNSCHEDULED_PENDING}
 
 
 def _canon(value: Any) -> Any:
