@@ -47,6 +47,7 @@ except ImportError:  # run as a file from a checkout
 import msgpack  # noqa: E402
 
 from cei_actors.debug import Replay, why  # noqa: E402
+from cei_actors.debug.reader import paused_gc  # noqa: E402
 from cei_actors.eventlog import Snapshot, open_log  # noqa: E402
 from cei_actors.launch.components import component_for  # noqa: E402
 from cei_actors.pd import states as ps  # noqa: E402
@@ -199,7 +200,11 @@ def measure(total: int, workdir: Path, repeat: int = 3) -> list[dict[str, Any]]:
     assert answer["state"] == ps.WAITING and answer["nodes"][0]["reason"] == "constraint", answer["nodes"][:1]
     state_full_s, state_full_c, _ = _best(url, lambda r: r.state("pd", mid, snapshots=False), 1)
     why_full_s, why_full_c, _ = _best(url, lambda r: why(r, target, mid, snapshots=False), 1)
-    read_s, read_c, _ = _best(url, lambda r: sum(1 for _ in r.records("pd", 1, mid)), 1)
+    def read(r: Replay) -> int:
+        with paused_gc():  # as a fold reads (RS1)
+            return sum(1 for _ in r.records("pd", 1, mid))
+
+    read_s, read_c, _ = _best(url, read, 1)
     # the reader's checkpoints (RS2): the first fold leaves one at the middle, later ones start there
     cache = workdir / f"cei-replay-bench-cache-{os.getpid()}"
     shutil.rmtree(cache, ignore_errors=True)

@@ -120,8 +120,9 @@ class Replay:
         """The record at ``offset``, or None outside the stream."""
         if offset < 1 or offset > self.head(stream):
             return None
-        for r in self.records(stream, offset, offset):
-            return r
+        with paused_gc():  # a whole batch is decoded for it
+            for r in self.records(stream, offset, offset):
+                return r
         return None
 
     def offset_at_time(self, stream: str, when: float) -> int:
@@ -139,10 +140,11 @@ class Replay:
                 lo = mid
             else:
                 hi = mid - 1
-        for r in self.records(stream, lo + 1, hi):
-            if r.timestamp > when:
-                break
-            lo = r.offset
+        with paused_gc():
+            for r in self.records(stream, lo + 1, hi):
+                if r.timestamp > when:
+                    break
+                lo = r.offset
         return lo
 
     def resolve(self, stream: str, at: str | int | None, name: str = "--at") -> int:
