@@ -307,8 +307,17 @@ class Checkpoints:
 
     def __init__(self, root: Path, url: str) -> None:
         self.root = Path(root)
-        self.base = self.root / code_fingerprint()
-        self.dir = self.base / hashlib.sha256(url.encode()).hexdigest()[:24]
+        self.url = url
+
+    @property
+    def base(self) -> Path:
+        """The directory of this code's checkpoints (the source is read once, when first needed)."""
+        return self.root / code_fingerprint()
+
+    @property
+    def dir(self) -> Path:
+        """The directory of this log's checkpoints."""
+        return self.base / hashlib.sha256(self.url.encode()).hexdigest()[:24]
 
     def _digest(self, sums: list[tuple[int, int]], stream: str, offset: int) -> bytes:
         return hashlib.sha256(msgpack.packb([stream, offset, [list(x) for x in sums]])).digest()
