@@ -17,7 +17,12 @@ Measured at the middle of the log, by the Python API behind ``cei log``:
 - the same two without snapshots, against reading (decoding) the events up to the middle,
   the floor of any replay.
 
-The with-snapshot figures are the best of ``--repeat`` runs (3), each with a fresh reader.
+- the same two without snapshots, from the reader's checkpoint cache (decision RS2): the
+  first fold (which leaves a checkpoint at the middle) and later ones (which start there).
+
+The with-snapshot and cached figures are the best of ``--repeat`` runs (3), each with a fresh
+reader; the reader's cache is off except for the cached figures (its own directory, removed
+after). CPU seconds are in the notes (the machine may be shared).
 
     python -m benchmarks.replay [--scale 1.0] [--workdir DIR] [--json]
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -41,6 +47,7 @@ except ImportError:  # run as a file from a checkout
 import msgpack  # noqa: E402
 
 from cei_actors.debug import Replay, why  # noqa: E402
+from cei_actors.debug.reader import paused_gc  # noqa: E402
 from cei_actors.eventlog import Snapshot, open_log  # noqa: E402
 from cei_actors.launch.components import component_for  # noqa: E402
 from cei_actors.pd import states as ps  # noqa: E402
@@ -160,16 +167,27 @@ def cached_log(workdir: Path, total: int) -> tuple[str, float]:
     return f"sqlite:///{path}", built
 
 
-def _timed(fn: Any) -> tuple[float, Any]:
-    t = time.perf_counter()
+def _timed(fn: Any) -> tuple[float, float, Any]:
+    """Wall and CPU seconds of ``fn()``, and what it returned."""
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
-    return time.perf_counter() - t, out
+    return time.perf_counter() - t, time.process_time() - c, out
+
+
+def _best(url: str, fn: Any, repeat: int, cache: Path | None = None) -> tuple[float, float, Any]:
+    """The best of ``repeat`` runs of ``fn(replay)``, each with a fresh reader."""
+    best: tuple[float, float, Any] = (float("inf"), float("inf"), None)
+    for _ in range(repeat):  # best of: this machine's load comes and goes
+        with Replay(url, cache=cache) as r:
+            got = _timed(lambda: fn(r))  # noqa: B023
+        best = min(best, got, key=lambda x: x[0])
+    return best
 
 
 def measure(total: int, workdir: Path, repeat: int = 3) -> list[dict[str, Any]]:
     url, built = cached_log(workdir, total)
     label = f"{total / 1e6:g}M" if total >= 1_000_000 else f"{total // 1000}k"
-    with Replay(url) as r:
+    with Replay(url, cache=None) as r:
         head = r.head("pd")
         mid = head // 2
         snap = max((o for o in r.log.snapshots("pd") if o <= mid), default=0)
@@ -177,37 +195,47 @@ def measure(total: int, workdir: Path, repeat: int = 3) -> list[dict[str, Any]]:
         state = r.state("pd", mid)
         target = max((p for p in state.processes.values() if p.state == ps.WAITING),
                      key=lambda p: p.seq).upid
-    results = []
-    state_s = why_s = float("inf")
-    for _ in range(repeat):  # best of: this machine's load comes and goes
-        with Replay(url) as r:
-            state_s = min(state_s, _timed(lambda: r.state("pd", mid))[0])  # noqa: B023
-        with Replay(url) as r:
-            took, answer = _timed(lambda: why(r, target, mid))  # noqa: B023
-            why_s = min(why_s, took)
-    with Replay(url) as r:
-        state_full_s, _ = _timed(lambda: r.state("pd", mid, snapshots=False))
-    with Replay(url) as r:
-        read_s, _ = _timed(lambda: sum(1 for _ in r.records("pd", 1, mid)))
+    state_s, state_c, _ = _best(url, lambda r: r.state("pd", mid), repeat)
+    why_s, why_c, answer = _best(url, lambda r: why(r, target, mid), repeat)
     assert answer["state"] == ps.WAITING and answer["nodes"][0]["reason"] == "constraint", answer["nodes"][:1]
-    with Replay(url) as r:
-        why_full_s, _ = _timed(lambda: why(r, target, mid, snapshots=False))
+    state_full_s, state_full_c, _ = _best(url, lambda r: r.state("pd", mid, snapshots=False), 1)
+    why_full_s, why_full_c, _ = _best(url, lambda r: why(r, target, mid, snapshots=False), 1)
+    def read(r: Replay) -> int:
+        with paused_gc():  # as a fold reads (RS1)
+            return sum(1 for _ in r.records("pd", 1, mid))
+
+    read_s, read_c, _ = _best(url, read, 1)
+    # the reader's checkpoints (RS2): the first fold leaves one at the middle, later ones start there
+    cache = workdir / f"cei-replay-bench-cache-{os.getpid()}"
+    shutil.rmtree(cache, ignore_errors=True)
+    try:
+        first_s, first_c, _ = _best(url, lambda r: r.state("pd", mid, snapshots=False), 1, cache)
+        cached_s, cached_c, _ = _best(url, lambda r: r.state("pd", mid, snapshots=False), repeat, cache)
+        why_cached_s, why_cached_c, _ = _best(url, lambda r: why(r, target, mid, snapshots=False), repeat, cache)
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
     note = f"offset {mid:,} of {head:,}; newest snapshot below it at {snap:,}"
-    results += [
+    decode = "baseline: decoding the events up to the middle, nothing applied"
+    return [
         _r(f"state at middle of {label} events s", state_s, "s", state_full_s,
-           note=note + "; baseline: the same state folded from offset 1"),
+           note=f"{note}; cpu {state_c:.2f} s; baseline: the same state folded from offset 1"),
         _r(f"why at middle of {label} events s", why_s, "s", why_full_s,
            note=f"why {target} (WAITING, {len(answer['history'])} events of history, "
-                f"{len(answer['nodes'])} node verdicts); baseline: snapshots ignored"),
+                f"{len(answer['nodes'])} node verdicts); cpu {why_c:.2f} s; baseline: snapshots ignored"),
         _r(f"state at middle of {label} events, no snapshots s", state_full_s, "s", read_s,
-           note="baseline: decoding the events up to the middle, nothing applied"),
+           note=f"no checkpoint either; cpu {state_full_c:.2f} s; {decode} (cpu {read_c:.2f} s)"),
         _r(f"why at middle of {label} events, no snapshots s", why_full_s, "s", read_s,
-           note="baseline: decoding the events up to the middle, nothing applied"),
-    ]
-    if built:
-        results.append(_r(f"building the {label}-event log s", built, "s", None,
-                          note="once; cached in the work directory"))
-    return results
+           note=f"no checkpoint either; cpu {why_full_c:.2f} s; {decode}"),
+        _r(f"state at middle of {label} events, no snapshots, first fold with a cache s", first_s, "s",
+           state_full_s, note=f"leaves checkpoints (RS2); cpu {first_c:.2f} s; "
+                              "baseline: the same fold without a cache"),
+        _r(f"state at middle of {label} events, no snapshots, cached s", cached_s, "s", state_full_s,
+           note=f"from the checkpoint the first fold left; cpu {cached_c:.2f} s; "
+                "baseline: the same fold without a cache"),
+        _r(f"why at middle of {label} events, no snapshots, cached s", why_cached_s, "s", why_full_s,
+           note=f"cpu {why_cached_c:.2f} s; baseline: the same why without a cache"),
+    ] + ([_r(f"building the {label}-event log s", built, "s", None, note="once; cached in the work directory")]
+         if built else [])
 
 
 def _r(metric: str, value: float, unit: str, baseline: float | None, note: str = "") -> dict[str, Any]:

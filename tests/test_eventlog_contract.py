@@ -316,6 +316,26 @@ def test_log_equals_the_successful_appends(make_log, steps):
 # ---- truncation into the archive, several snapshots, chunked snapshots (issue 13) ----------
 
 
+def test_batch_checksums_name_every_batch_archive_included(make_log):
+    """What a reader's cache checks a log against (decision RS2): the stored CRC of each
+    batch up to an offset, live or archived; another log's batches give other checksums."""
+    log = make_log()
+    fence = log.acquire("s")
+    head = 0
+    for i in range(1, 11):
+        head = log.append(fence, head, [ev(i), ev(100 + i)])
+    sums = log.batch_checksums("s", 20)
+    assert [first for first, _ in sums] == list(range(1, 21, 2))
+    assert all(crc == batch.batch_checksum(log._get("s", first), "s", first) for first, crc in sums)
+    assert log.batch_checksums("s", 6) == sums[:3]  # batches starting at or before 6
+    log.save_snapshot(Snapshot("s", 12, 0.0, 1, b"x"))
+    assert log.truncate("s", 13) == 6
+    assert log.batch_checksums("s", 20) == sums
+    other = make_log().acquire("t")
+    make_log().append(other, 0, [ev(1), ev(999)])
+    assert log.batch_checksums("t", 2)[0][1] != sums[0][1]
+
+
 @pytest.fixture(params=BACKENDS)
 def make_archived_log(request, tmp_path):
     """Like ``make_log``, but every backend has an archive (a SQLite file; a directory for

@@ -10,17 +10,24 @@ library error.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import hashlib
+import os
 import re
+import shutil
 import sqlite3
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from ..eventlog import CorruptLog, EventLog, EventLogError, Record, open_log
 from ..launch.components import component_for
+from ..private_files import private_dir, write_secret_file
 from ..runtime.core import Component
 
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhd])$")
@@ -75,10 +82,17 @@ class Replay:
     whose throttle interval the fold uses) default to the replay configuration."""
 
     def __init__(self, log: EventLog | str, now: float | None = None,
-                 configs: dict[str, dict[str, Any]] | None = None) -> None:
+                 configs: dict[str, dict[str, Any]] | None = None,
+                 cache: Path | str | None | bool = True) -> None:
         self.log = open_read_only(log) if isinstance(log, str) else log
         self.now = time.time() if now is None else now
         self.configs = configs or {}
+        #: checkpoints of long folds (RS2): True the default directory, a path, None/False off
+        root = default_cache() if cache is True else (Path(cache) if cache else None)
+        url = str(getattr(self.log, "url", ""))
+        self.checkpoints = Checkpoints(root, url) if root is not None and not url.startswith("memory:") else None
+        #: ``(stream, first offset folded, last offset)`` of the latest :meth:`state`
+        self.folded: tuple[str, int, int] | None = None
         self._heads: dict[str, int] = {}
         self._marks: dict[str, dict[int, float]] = {}  # stream -> offset -> its record's time
         self._components: dict[str, Component[Any]] = {}
@@ -106,8 +120,9 @@ class Replay:
         """The record at ``offset``, or None outside the stream."""
         if offset < 1 or offset > self.head(stream):
             return None
-        for r in self.records(stream, offset, offset):
-            return r
+        with paused_gc():  # a whole batch is decoded for it
+            for r in self.records(stream, offset, offset):
+                return r
         return None
 
     def offset_at_time(self, stream: str, when: float) -> int:
@@ -125,10 +140,11 @@ class Replay:
                 lo = mid
             else:
                 hi = mid - 1
-        for r in self.records(stream, lo + 1, hi):
-            if r.timestamp > when:
-                break
-            lo = r.offset
+        with paused_gc():
+            for r in self.records(stream, lo + 1, hi):
+                if r.timestamp > when:
+                    break
+                lo = r.offset
         return lo
 
     def resolve(self, stream: str, at: str | int | None, name: str = "--at") -> int:
@@ -178,24 +194,58 @@ class Replay:
 
     def state(self, stream: str, offset: int, snapshots: bool = True) -> Any:
         """The stream's state with every event up to ``offset`` applied; from the newest
-        snapshot at or below ``offset`` that loads (else from the start) unless not
-        ``snapshots``."""
+        snapshot at or below ``offset`` that loads (unless not ``snapshots``) or the newest
+        valid checkpoint past it (:class:`Checkpoints`), else from the start."""
         component = self.component(stream)
-        state, start = None, 1
-        if snapshots:
-            state, start = self._from_snapshot(stream, component, offset)
-        if state is None:
-            state = component.initial_state()
-        decode, apply = component.registry.from_record, component.apply
-        for record in self.records(stream, start, offset):
-            try:
-                state = apply(state, decode(record))
-            except EventLogError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
-                raise CorruptLog(stream, record.offset,
-                                 f"{record.type} does not apply: {type(exc).__name__}: {exc}") from None
+        ckpt = self.checkpoints
+        with paused_gc():
+            state, start = None, 1
+            if snapshots:
+                state, start = self._from_snapshot(stream, component, offset)
+            if ckpt is not None:  # a state folded earlier, past the snapshot
+                found = ckpt.load(self.log, stream, offset, start, component.snapshot_version)
+                if found is not None:
+                    state, start = component.restore(found[1]), found[0] + 1
+            if state is None:
+                state = component.initial_state()
+            # a state that can defer its derived indexes builds them once, at the end (RS1)
+            defer, reindex = getattr(state, "defer_index", None), getattr(state, "reindex", None)
+            deferred = start <= offset and defer is not None and reindex is not None
+            if deferred:
+                defer()
+            decode, apply = component.registry.from_record, component.apply
+            current = component.registry.current()
+            every = ckpt.every if ckpt is not None else 0
+            for record in self.records(stream, start, offset):
+                try:
+                    try:  # a current body is its event; else upcast, or the one-line error
+                        event = current[record.type, record.version](**record.body)
+                    except (KeyError, TypeError):
+                        event = decode(record)
+                    state = apply(state, event)
+                except EventLogError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
+                    raise CorruptLog(stream, record.offset,
+                                     f"{record.type} does not apply: {type(exc).__name__}: {exc}") from None
+                if every and not (record.offset - start + 1) % every and record.offset < offset:
+                    self._checkpoint(stream, component, state, record.offset, reindex, defer if deferred else None)
+            if reindex is not None:
+                reindex()
+            if ckpt is not None and offset - start + 1 >= ckpt.min_events:
+                self._checkpoint(stream, component, state, offset, None, None)
+        self.folded = (stream, start, offset)
         return state
+
+    def _checkpoint(self, stream: str, component: Component[Any], state: Any, offset: int,
+                    reindex: Any, defer: Any) -> None:
+        assert self.checkpoints is not None
+        if reindex is not None and defer is not None:
+            reindex()  # the snapshot form needs the records the fold deferred
+        data = msgpack.packb(component.snapshot(state), use_bin_type=True)
+        if reindex is not None and defer is not None:
+            defer()
+        self.checkpoints.save(self.log, stream, offset, component.snapshot_version, data)
 
     def _from_snapshot(self, stream: str, component: Component[Any], offset: int) -> tuple[Any, int]:
         try:
@@ -214,6 +264,133 @@ class Replay:
             except Exception:  # noqa: BLE001 - fall back to an older one, or to the events
                 continue
         return None, 1
+
+
+def default_cache() -> Path | None:
+    """Where :class:`Checkpoints` live: ``CEI_REPLAY_CACHE`` (a directory, or ``off``), else
+    ``$XDG_CACHE_HOME/cei/replay`` (``~/.cache/cei/replay``)."""
+    env = os.environ.get("CEI_REPLAY_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "0", "off", "no", "none") else Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cei" / "replay"
+
+
+_FINGERPRINT: list[str] = []
+
+
+def code_fingerprint() -> str:
+    """A digest of this package's source: states folded by other code are never reused."""
+    if not _FINGERPRINT:
+        root = Path(__file__).resolve().parent.parent
+        h = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")):
+            h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+        _FINGERPRINT.append(h.hexdigest()[:20])
+    return _FINGERPRINT[0]
+
+
+class Checkpoints:
+    """States that long folds reached, kept in a private cache directory for later folds
+    of the same log to start from (decision RS2); never inside the log, which stays unread-
+    only. A checkpoint at offset ``k`` holds the component's snapshot data there and a digest
+    of the ``(first offset, CRC-32)`` of every stored batch up to ``k``: it is used only
+    while the log's batches still carry those checksums (a log rebuilt or replaced at the same
+    URL invalidates it, and it is deleted), and only by the same code (the directory is
+    named by :func:`code_fingerprint`). Writing is best effort: a cache that cannot be
+    written is no cache."""
+
+    min_events = 50_000  #: a fold this long leaves its end state behind
+    every = 250_000  #: and a checkpoint every this many events folded on the way
+    kept = 8  #: per log and stream; the least recently used go
+    stale_days = 7.0  #: caches of other code not used for this long go
+
+    def __init__(self, root: Path, url: str) -> None:
+        self.root = Path(root)
+        self.url = url
+
+    @property
+    def base(self) -> Path:
+        """The directory of this code's checkpoints (the source is read once, when first needed)."""
+        return self.root / code_fingerprint()
+
+    @property
+    def dir(self) -> Path:
+        """The directory of this log's checkpoints."""
+        return self.base / hashlib.sha256(self.url.encode()).hexdigest()[:24]
+
+    def _digest(self, sums: list[tuple[int, int]], stream: str, offset: int) -> bytes:
+        return hashlib.sha256(msgpack.packb([stream, offset, [list(x) for x in sums]])).digest()
+
+    def load(self, log: EventLog, stream: str, offset: int, above: int,
+             version: int) -> tuple[int, Any] | None:
+        """``(k, snapshot data)`` of the newest valid checkpoint with ``above <= k <= offset``."""
+        try:
+            names = sorted((int(p.stem), p) for p in (self.dir / stream).glob("*.ckpt") if p.stem.isdigit())
+        except OSError:
+            return None
+        sums: list[tuple[int, int]] | None = None
+        for k, path in reversed(names):
+            if k > offset or k < above:
+                continue
+            try:
+                if sums is None:
+                    sums = log.batch_checksums(stream, offset)
+                fmt, s_stream, s_offset, s_version, digest, data = msgpack.unpackb(path.read_bytes())
+                valid = (fmt, s_stream, s_offset) == (1, stream, k) and digest == self._digest(
+                    [x for x in sums if x[0] <= k], stream, k)
+                if not valid:
+                    path.unlink(missing_ok=True)
+                    continue
+                if s_version != version:
+                    continue
+                os.utime(path)  # used: kept longer
+                return k, msgpack.unpackb(data, raw=False, strict_map_key=False)
+            except (EventLogError, sqlite3.Error):
+                return None
+            except Exception:  # noqa: BLE001 - a damaged cache file is no checkpoint
+                path.unlink(missing_ok=True)
+        return None
+
+    def save(self, log: EventLog, stream: str, offset: int, version: int, data: bytes) -> None:
+        """Keep the state at ``offset`` (``data``: its snapshot form, msgpack)."""
+        try:
+            sums = log.batch_checksums(stream, offset)
+            where = self.dir / stream
+            fresh = not self.base.is_dir()
+            private_dir(where)
+            for d in (self.root, self.base, self.dir):
+                private_dir(d)
+            blob = msgpack.packb([1, stream, offset, version, self._digest(sums, stream, offset), data])
+            tmp = where / f".{offset}.{os.getpid()}.tmp"
+            tmp.unlink(missing_ok=True)
+            write_secret_file(tmp, blob)
+            os.replace(tmp, where / f"{offset}.ckpt")
+            files = sorted(where.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+            for old in files[self.kept:]:
+                old.unlink(missing_ok=True)
+            if fresh:  # caches of other code, not used for a while
+                limit = time.time() - self.stale_days * 86400
+                for other in self.root.iterdir():
+                    if other != self.base and other.is_dir() and other.stat().st_mtime < limit:
+                        shutil.rmtree(other, ignore_errors=True)
+        except (OSError, EventLogError, sqlite3.Error):
+            return
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """No cyclic garbage collection inside: decoding a batch makes thousands of containers
+    and a fold keeps many, so the collector ran over the growing state again and again (three
+    quarters of the time spent reading a long log, decision RS1). Folds make no cycles to
+    collect; the collector is back on (if it was) at the end."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def open_read_only(url: str) -> EventLog:

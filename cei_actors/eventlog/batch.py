@@ -118,6 +118,16 @@ def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes:
         raise CorruptLog(stream, offset, f"undecodable payload: {exc}") from exc
 
 
+def batch_checksum(blob: bytes, stream: str, first_offset: int) -> int:
+    """The CRC-32 a stored batch's header carries (nothing decoded or checked beyond its magic)."""
+    if len(blob) < _HEADER.size:
+        raise CorruptLog(stream, first_offset, "stored blob is truncated")
+    found, crc = _HEADER.unpack_from(blob)
+    if found != BATCH_MAGIC:
+        raise CorruptLog(stream, first_offset, f"bad magic {found!r}")
+    return int(crc)
+
+
 def encode_event(event: PendingEvent) -> bytes:
     """One event's row as it stands inside a batch (packed once, sized and reused); a fifth
     item holds its recorded inputs, if any."""

@@ -161,6 +161,12 @@ class EventRegistry:
                 record.stream, record.offset, f"body does not fit {record.type!r}: {exc}"
             ) from exc
 
+    def current(self) -> dict[tuple[str, int], type]:
+        """``(name, version) -> class`` of every registered type at its current version: a
+        stored body of one of these is its event as it is (``cls(**body)``, no upcasting);
+        anything else goes through :meth:`from_record`."""
+        return {(e.name, e.version): e.cls for e in self._by_name.values()}
+
     def names(self) -> list[str]:
         """All registered event type names."""
         return sorted(self._by_name)

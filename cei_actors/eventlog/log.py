@@ -14,7 +14,14 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 from .archive import Archive, check_archive_spec, open_archive
-from .batch import decode_batch, decode_snapshot, encode_event, encode_rows, encode_snapshot
+from .batch import (
+    batch_checksum,
+    decode_batch,
+    decode_snapshot,
+    encode_event,
+    encode_rows,
+    encode_snapshot,
+)
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, OffsetConflict
 from .records import Fence, PendingEvent, Record, Snapshot, check_stream
 
@@ -162,6 +169,14 @@ class EventLog(ABC):
             if group_end:
                 yield from held
                 held = []
+
+    def batch_checksums(self, stream: str, stop: int) -> list[tuple[int, int]]:
+        """``(first offset, CRC-32)`` of every stored batch starting at or before ``stop``,
+        archive included, read from the batch headers (nothing decoded): what a reader's
+        cache of folded states checks a log against (decision RS2)."""
+        check_stream(stream)
+        return [(first, batch_checksum(self._get(stream, first), stream, first))
+                for first in self._all_firsts(stream) if first <= stop]
 
     def tail(self, stream: str, after: int, timeout: float) -> list[Record]:
         """Records after ``after``, waiting up to ``timeout`` seconds for at least one."""

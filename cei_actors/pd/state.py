@@ -147,8 +147,21 @@ class Process:
 def spec_digest(spec: dict[str, Any]) -> str:
     """A short digest of a process's parameters, the same for equal specs whatever the order
     of their maps."""
-    packed = msgpack.packb(_ordered(spec), use_bin_type=True)
-    return hashlib.sha256(packed).hexdigest()[:32]
+    raw = msgpack.packb(spec, use_bin_type=True)  # equal bytes: an equal spec, the same digest
+    found = _DIGESTS.get(raw)
+    if found is None:
+        packed = msgpack.packb(_ordered(spec), use_bin_type=True)
+        found = hashlib.sha256(packed).hexdigest()[:32]
+        if len(_DIGESTS) >= _DIGESTS_KEPT:
+            _DIGESTS.clear()
+        _DIGESTS[raw] = found
+    return found
+
+
+#: digests of specs seen lately, by their plain encoding: many processes share one spec, and
+#: ordering every map of it for each forgotten process was most of a replay's tombstone cost
+_DIGESTS: dict[bytes, str] = {}
+_DIGESTS_KEPT = 4096
 
 
 def _ordered(value: Any) -> Any:
@@ -380,13 +393,41 @@ class PDState:
         for node in s.nodes.values():
             if node.used:
                 s.occupied[node.engine] += 1
-            s.mm.add_node(node)
-        for p in sorted(queued, key=lambda p: p.seq):
-            s.mm.enqueue(p)
-            if p.state == ps.WAITING:
-                s.mm.waited(p.upid)
+        s._index(queued)
         s.ended = dict(sorted(s.ended.items(), key=lambda kv: kv[1]))
         return s
+
+    def _index(self, queued: list[Process]) -> None:
+        """Fill the (empty) matchmaker: every node in sequence order, then the ``queued``
+        processes in queue order, as a restore does."""
+        mm = self.mm
+        for node in sorted(self.nodes.values(), key=lambda n: n.seq):
+            mm.add_node(node)
+        for p in sorted(queued, key=lambda p: p.seq):
+            mm.enqueue(p)
+            if p.state == ps.WAITING:
+                mm.waited(p.upid)
+
+    # ---- replaying many events --------------------------------------------------------------
+
+    def defer_index(self) -> None:
+        """Fold on without keeping the matchmaker in step, nor building the records of
+        forgotten processes, until :meth:`reindex`: for a replay that looks only at the
+        state it ends with (decision RS1). Nothing may use the state before :meth:`reindex`."""
+        if not isinstance(self.mm, _Deferred):
+            self.mm = _Deferred(self.mm.min_start_interval)  # type: ignore[assignment]
+
+    def reindex(self) -> None:
+        """End :meth:`defer_index`: build the matchmaker as a restore does, and the tombstone
+        records of the processes forgotten meanwhile (from the records they had then)."""
+        mm = self.mm
+        if not isinstance(mm, _Deferred):
+            return
+        self.mm = Matchmaker(
+            self.processes, self.nodes, self.resources, min_start_interval=mm.min_start_interval
+        )
+        self._index([p for p in self.processes.values() if p.state in ps.QUEUED])
+        self.tombstones.settle(Process.tombstone)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PDState):
@@ -406,25 +447,27 @@ class PDState:
     # ---- the fold ---------------------------------------------------------------------------
 
     def _uncount(self, p: Process) -> None:
-        self.state_count[p.state] -= 1
-        if _counts_for_need(p.state):
+        state = p.state
+        self.state_count[state] -= 1
+        if state in _NEED:
             self.live_count[p.engine] -= 1
-        if p.state == ps.ASSIGNED:
+        if state == ps.ASSIGNED:
             self.unacked.pop(p.upid, None)
-        elif p.state == ps.TERMINATING:
+        elif state == ps.TERMINATING:
             self.terminating.pop(p.upid, None)
-        elif p.state in ps.TERMINAL:
+        elif state in ps.TERMINAL:
             self.ended.pop(p.upid, None)
 
     def _recount(self, p: Process) -> None:
-        self.state_count[p.state] += 1
-        if _counts_for_need(p.state):
+        state = p.state
+        self.state_count[state] += 1
+        if state in _NEED:
             self.live_count[p.engine] += 1
-        if p.state == ps.ASSIGNED:
+        if state == ps.ASSIGNED:
             self.unacked[p.upid] = None
-        elif p.state == ps.TERMINATING:
+        elif state == ps.TERMINATING:
             self.terminating[p.upid] = None
-        elif p.state in ps.TERMINAL:
+        elif state in ps.TERMINAL:
             self.ended[p.upid] = p.state_at
 
     def _set_state(self, p: Process, state: str, round_: int, at: float) -> str:
@@ -650,7 +693,9 @@ class PDState:
                 continue  # never forget a live process, whatever the event says
             self._uncount(p)
             del self.processes[upid]
-            self.tombstones.bury(upid, p.tombstone(), p.state_at, e.at)
+            # deferred: the process itself (left unchanged from here), settled by reindex()
+            record = p if isinstance(self.mm, _Deferred) else p.tombstone()
+            self.tombstones.bury(upid, record, p.state_at, e.at)
         if not self.ended:
             self.ended = {}  # a drained dict keeps its capacity (decision E3)
         self.tombstones.bound(DEFAULT_LIMIT if e.keep is None else e.keep, e.before)
@@ -659,8 +704,23 @@ class PDState:
         self.system_boot = e.on
 
 
-def _counts_for_need(state: str) -> bool:
-    return state in ps.QUEUED or state in ps.PLACED or state == ps.UNSCHEDULED_PENDING
+class _Deferred:
+    """The matchmaker's place while :meth:`PDState.defer_index` holds: every update is
+    dropped, since :meth:`PDState.reindex` builds the index from the records."""
+
+    __slots__ = ("min_start_interval",)
+
+    def __init__(self, min_start_interval: float) -> None:
+        self.min_start_interval = min_start_interval
+
+    def _skip(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+    enqueue = dequeue = waited = add_node = remove_node = refresh_node = touch_node = _skip
+
+
+#: states whose processes count for the engine's need
+_NEED: frozenset[str] = ps.QUEUED | ps.PLACED | {ps.UNSCHEDULED_PENDING}
 
 
 def _canon(value: Any) -> Any:

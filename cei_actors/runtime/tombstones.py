@@ -15,7 +15,7 @@ stay in the log: ``cei log state --at`` shows them.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +83,14 @@ class Tombstones:
         and counts as the newest)."""
         self._items.pop(key, None)
         self._items[key] = Tombstone(record, float(ended_at), float(forgotten_at))
+
+    def settle(self, build: Callable[[Any], dict[str, Any]]) -> None:
+        """Replace every record that is not yet a dict (one buried as it was, to be built
+        later) by ``build(record)``; order and times stay."""
+        items = self._items
+        for key, stone in items.items():
+            if type(stone.record) is not dict:
+                items[key] = Tombstone(build(stone.record), stone.ended_at, stone.forgotten_at)
 
     def remove(self, key: str) -> Tombstone | None:
         """Drop ``key`` (the id has a live record again); returns what was there."""

@@ -1,0 +1,229 @@
+"""Replaying a long log fast must not change an answer (decision RS1).
+
+A PD log written by the real PD core under a random workload (constraints, node_exclusive
+tags, throttles, node losses, restarts, system boots, forgetting with a small tombstone bound,
+crashes with and without snapshots) is folded by :class:`~cei_actors.debug.Replay` (garbage
+collector paused, matchmaker and tombstone records built once at the end) and, event by
+event, the way the runner folds (every index kept in step). At many offsets both give the
+same records and the same answers to what ``why`` asks the matchmaker.
+"""
+
+from __future__ import annotations
+
+import gc
+import random
+from pathlib import Path
+from typing import Any
+
+from pd_harness import Sim, config
+
+from cei_actors.debug import Replay
+from cei_actors.debug.reader import Checkpoints
+from cei_actors.epum.messages import NodeState
+from cei_actors.eventlog import open_log
+from cei_actors.pd import states as ps
+from cei_actors.pd.logic import ProcessDispatcher
+from cei_actors.pd.matchmaker import Matchmaker
+from cei_actors.pd.messages import (
+    ForgetProcesses,
+    KillProcess,
+    MonitorResources,
+    RestartProcess,
+    RetryDispatches,
+    ScheduleProcess,
+    SetSystemBoot,
+)
+
+CONF = config(
+    restart_throttling_config={"minimum_time_between_starts": 1.5},
+    dispatch_retry_seconds=2.0,
+    needs_interval=0.5,
+    retention=2.0,
+    tombstone_limit=6,
+)
+
+
+def _workload(sim: Sim, rng: random.Random, steps: int) -> None:
+    procs = nodes = 0
+    for _ in range(steps):
+        k = rng.random()
+        if k < 0.08 or not nodes:
+            sim.add_node(f"n{nodes}", zone=rng.choice("ab"))
+            nodes += 1
+        elif k < 0.35:
+            zone, tag = rng.choice([None, None, "a", "b"]), rng.choice([None, None, "T"])
+            sim.ok(ScheduleProcess(
+                f"p{procs}", command=["x"], restart_mode=rng.choice(list(ps.RESTART_MODES)),
+                queueing_mode=rng.choice(list(ps.QUEUEING_MODES)), node_exclusive=tag,
+                constraints={"zone": zone} if zone else None))
+            procs += 1
+        elif k < 0.45 and procs:
+            upid = f"p{rng.randrange(procs)}"
+            p = sim.state.processes.get(upid)
+            if p is not None and p.state in ps.TERMINAL:
+                sim.ok(ScheduleProcess(upid, command=["y"], restart_mode=p.restart_mode))
+        elif k < 0.5 and procs:
+            sim.handle(KillProcess(f"p{rng.randrange(procs)}"))
+        elif k < 0.54 and procs:
+            sim.handle(RestartProcess(f"p{rng.randrange(procs)}"))
+        elif k < 0.68:
+            copies = sorted(sim.running_copies())
+            if copies:
+                key = rng.choice(copies)
+                for aid in sim.running_copies()[key]:
+                    sim.agents[aid].procs[key] = rng.choice([ps.EXITED, ps.FAILED, ps.TERMINATED])
+                sim.heartbeat_all()
+        elif k < 0.72 and sim.state.nodes:
+            sim.lose_node(rng.choice(sorted(sim.state.nodes)), rng.choice(["TERMINATED", "FAILED"]))
+        elif k < 0.74 and sim.state.nodes:  # a node coming back (a NodeState for a known node)
+            sim.ok(NodeState(rng.choice(sorted(sim.state.nodes)), "pd_domain_e1", "RUNNING", {}))
+        elif k < 0.76:
+            sim.ok(SetSystemBoot(rng.random() < 0.5))
+        elif k < 0.78:
+            sim.crash(snapshot=rng.random() < 0.5)
+        else:
+            sim.now += rng.choice([0.5, 1.0, 2.5])
+            for message in (MonitorResources(), RetryDispatches(), ForgetProcesses()):
+                sim.handle(message)
+            for key in ("throttle", "needs"):
+                timer = sim.timers.pop(key, None)
+                if timer is not None:
+                    sim.handle(timer.message)
+            sim.heartbeat_all()
+
+
+def _asked(state: Any) -> dict[str, Any]:
+    """What ``why`` reads of the matchmaker: per queued process its class, whether it is
+    fresh or throttled (until when), and every node's verdict."""
+    mm = state.mm
+    out = {}
+    for upid in state.queue():
+        p = state.processes[upid]
+        out[upid] = (
+            mm.where.get(upid), upid in mm.fresh, mm.throttled_set.get(upid),
+            [mm.verdict(p, n) for n in sorted(state.nodes.values(), key=lambda n: n.seq)],
+        )
+    return out
+
+
+def _derived(state: Any) -> dict[str, Any]:
+    return {
+        # a restore (snapshot, checkpoint) keeps these as sets, not in the order they arose
+        "unacked": set(state.unacked), "terminating": set(state.terminating),
+        "live": +state.live_count, "occupied": +state.occupied, "counts": +state.state_count,
+        "ended": state.ended, "used": {n.node_id: (n.used, dict(n.tags)) for n in state.nodes.values()},
+        "assigned": {r.resource_id: dict(r.assigned) for r in state.resources.values()},
+    }
+
+
+def test_replay_fold_gives_the_same_state_and_verdicts_as_the_runner_fold(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=7)
+    _workload(sim, random.Random(20261203), 700)
+    pd = ProcessDispatcher(CONF)
+    log = open_log(url)
+    records = list(log.read("pd"))
+    log.close()
+    head = len(records)
+    assert head > 1500
+    checked = set(range(1, head + 1, 97)) | {head}
+    seen = {"tombstones": 0, "queued": 0, "throttled": 0, "forgotten": 0}
+    step = pd.initial_state()
+    with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+        assert replay.log.snapshots("pd"), "the workload crashes with snapshots too"
+        for r in records:
+            step = pd.apply(step, pd.registry.from_record(r))
+            if r.offset not in checked:
+                continue
+            for snapshots in (False, True):
+                fast = replay.state("pd", r.offset, snapshots=snapshots)
+                assert fast.to_data() == step.to_data(), (r.offset, snapshots)
+                assert _asked(fast) == _asked(step), (r.offset, snapshots)
+                assert _derived(fast) == _derived(step), (r.offset, snapshots)
+            seen["tombstones"] += len(step.tombstones) > 0
+            seen["queued"] += bool(step.queue())
+            seen["throttled"] += bool(step.mm.throttled_set)
+    seen["forgotten"] = sum(len(r.body["upids"]) for r in records if r.type == "ProcessesForgotten")
+    assert min(seen.values()) > 2, seen  # the points checked cover what the fast fold defers
+
+
+def test_replay_restores_the_collector_and_the_state_reads_normally(tmp_path: Path):
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=3)
+    _workload(sim, random.Random(5), 150)
+    assert gc.isenabled()
+    with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+        state = replay.state("pd", replay.head("pd"))
+    assert gc.isenabled()
+    assert state == sim.state
+    assert isinstance(state.mm, Matchmaker)  # the index is whole again
+    gc.disable()
+    try:
+        with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+            replay.state("pd", 5)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+
+
+def _ckpts(root: Path) -> list[Path]:
+    return sorted(root.rglob("*.ckpt"))
+
+
+def test_checkpoints_start_later_folds_and_never_change_an_answer(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Checkpoints, "min_events", 200)
+    monkeypatch.setattr(Checkpoints, "every", 500)
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    _workload(Sim(CONF, url=url, seed=7), random.Random(11), 700)
+    cache = tmp_path / "cache"
+    configs = {"pd": {"config": CONF}}
+    with Replay(url, configs=configs, cache=None) as plain:
+        head = plain.head("pd")
+        points = [head // 3, head // 2, head - 1, head]
+        want = {at: plain.state("pd", at, snapshots=False) for at in points}
+    assert head > 1100
+    with Replay(url, configs=configs, cache=cache) as cold:
+        first = cold.state("pd", head // 2, snapshots=False)
+        assert cold.folded == ("pd", 1, head // 2)
+    assert first.to_data() == want[head // 2].to_data() and _asked(first) == _asked(want[head // 2])
+    saved = [int(p.stem) for p in _ckpts(cache)]
+    assert sorted(saved) == [500, head // 2], saved  # on the way, and where the fold ended
+    for path in _ckpts(cache):
+        assert path.stat().st_mode & 0o777 == 0o600
+    assert (cache.stat().st_mode & 0o777) == 0o700
+    for at in points:
+        with Replay(url, configs=configs, cache=cache) as warm:
+            got = warm.state("pd", at, snapshots=False)
+            expected_start = max(k for k in [*saved, 0] if k <= at) + 1
+            assert warm.folded[1] == expected_start, (at, warm.folded)
+        assert got.to_data() == want[at].to_data(), at
+        assert _asked(got) == _asked(want[at]) and _derived(got) == _derived(want[at]), at
+        saved = [int(p.stem) for p in _ckpts(cache)]
+
+
+def test_a_checkpoint_of_another_log_at_the_same_url_is_not_used(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(Checkpoints, "min_events", 100)
+    path = tmp_path / "pd.sqlite"
+    url = f"sqlite:///{path}"
+    cache = tmp_path / "cache"
+    configs = {"pd": {"config": CONF}}
+    _workload(Sim(CONF, url=url, seed=7), random.Random(1), 300)
+    with Replay(url, configs=configs, cache=cache) as r:
+        at = r.head("pd") - 5
+        r.state("pd", at, snapshots=False)
+    assert [int(p.stem) for p in _ckpts(cache)] == [at]
+    for leftover in tmp_path.glob("pd.sqlite*"):
+        leftover.unlink()
+    _workload(Sim(CONF, url=url, seed=7), random.Random(2), 300)  # another log, same place
+    with Replay(url, configs=configs, cache=None) as r:
+        want = r.state("pd", at, snapshots=False)
+    with Replay(url, configs=configs, cache=cache) as r:
+        got = r.state("pd", at, snapshots=False)
+        assert r.folded == ("pd", 1, at)  # the stale checkpoint was refused
+    assert got.to_data() == want.to_data() and _asked(got) == _asked(want)
+    # and a damaged cache file is no checkpoint either
+    [ckpt] = _ckpts(cache)
+    ckpt.write_bytes(b"\x93garbage")
+    with Replay(url, configs=configs, cache=cache) as r:
+        assert r.state("pd", at, snapshots=False).to_data() == want.to_data()
+        assert r.folded == ("pd", 1, at)
