@@ -247,6 +247,21 @@ def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> 
     assert isinstance(data(home, "process", "describe", upid)["state_time"], float)
 
 
+def test_process_logs_from_the_agent_match_the_files(home: Path) -> None:
+    """``--from-agent`` asks a local-site node's agent (a separate process, UX4) for what this
+    host could read from its files: the same bytes, in every mode."""
+    data(home, "process", "schedule", "--upid", "asked-agent", "--restart-mode", "never", "--",
+         "sh", "-c", "seq 1 5; echo e >&2")
+    p = data(home, "process", "wait", "asked-agent", "--state", "EXITED", "--timeout", "60")
+    for extra in ((), ("--stderr",), ("--tail", "2"), ("--follow",)):
+        local = human(home, "process", "logs", "asked-agent", *extra).stdout
+        assert human(home, "process", "logs", "asked-agent", "--from-agent", *extra).stdout == local, extra
+    assert local == "1\n2\n3\n4\n5\n"
+    chunk = data(home, "process", "logs", "asked-agent", "--from-agent")
+    assert chunk["node"] == p["last_node_id"] and chunk["text"] == "1\n2\n3\n4\n5\n"
+    assert data(home, "process", "logs", "asked-agent")["path"].endswith(".out")
+
+
 def test_process_logs_follow_until_the_process_ends(home: Path) -> None:
     data(home, "process", "schedule", "--upid", "follow-me", "--restart-mode", "never", "--",
          "sh", "-c", "echo one; sleep 2; echo two")
