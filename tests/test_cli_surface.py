@@ -354,6 +354,22 @@ def test_watch_prints_the_list_again_when_it_changes(home: Path) -> None:
         assert code == 0 and err == "", argv
 
 
+def test_watch_redraws_on_a_change_in_the_logs_not_on_the_interval(home: Path) -> None:
+    """With the logs followed (S2), a watch prints a change at once, whatever its poll
+    interval (UX5): here 120 s, so only the change can have caused the new version."""
+    watch = _popen(home, "process", "list", "--watch", "--interval", "120", "--json")
+    try:
+        _lines_until(watch, lambda line: True)
+        t0 = time.monotonic()
+        data(home, "process", "schedule", "--upid", "watched-2", "--", "sleep", "300")
+        _lines_until(watch, lambda line: "watched-2" in line, timeout=60)
+        assert time.monotonic() - t0 < 60
+    finally:
+        code, err = _interrupt(watch)
+    assert code == 0 and err == ""
+    data(home, "process", "terminate", "watched-2")
+
+
 def test_log_show_follow_prints_new_events(home: Path) -> None:
     head = {s["stream"]: s["head"] for s in data(home, "log", "streams")}["pd"]
     follow = _popen(home, "--json", "log", "show", "pd", "--from", str(head), "--follow")
