@@ -249,17 +249,21 @@ def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> 
 
 def test_process_logs_from_the_agent_match_the_files(home: Path) -> None:
     """``--from-agent`` asks a local-site node's agent (a separate process, UX4) for what this
-    host could read from its files: the same bytes, in every mode."""
+    host could read from its files: the same bytes. The process keeps running, so its node
+    stays (an idle node may be retired, and its agent with it)."""
     data(home, "process", "schedule", "--upid", "asked-agent", "--restart-mode", "never", "--",
-         "sh", "-c", "seq 1 5; echo e >&2")
-    p = data(home, "process", "wait", "asked-agent", "--state", "EXITED", "--timeout", "60")
-    for extra in ((), ("--stderr",), ("--tail", "2"), ("--follow",)):
-        local = human(home, "process", "logs", "asked-agent", *extra).stdout
-        assert human(home, "process", "logs", "asked-agent", "--from-agent", *extra).stdout == local, extra
-    assert local == "1\n2\n3\n4\n5\n"
-    chunk = data(home, "process", "logs", "asked-agent", "--from-agent")
-    assert chunk["node"] == p["last_node_id"] and chunk["text"] == "1\n2\n3\n4\n5\n"
-    assert data(home, "process", "logs", "asked-agent")["path"].endswith(".out")
+         "sh", "-c", "seq 1 5; echo e >&2; exec sleep 300")
+    p = data(home, "process", "wait", "asked-agent", "--state", "RUNNING", "--timeout", "60")
+    wait_for(lambda: human(home, "process", "logs", "asked-agent", check=False).stdout == "1\n2\n3\n4\n5\n")
+    try:
+        for extra in ((), ("--stderr",), ("--tail", "2")):
+            local = human(home, "process", "logs", "asked-agent", *extra).stdout
+            assert human(home, "process", "logs", "asked-agent", "--from-agent", *extra).stdout == local, extra
+        chunk = data(home, "process", "logs", "asked-agent", "--from-agent")
+        assert chunk["node"] == p["node_id"] and chunk["text"] == "1\n2\n3\n4\n5\n"
+        assert data(home, "process", "logs", "asked-agent")["path"].endswith(".out")
+    finally:
+        data(home, "process", "terminate", "asked-agent")
 
 
 def test_process_logs_follow_until_the_process_ends(home: Path) -> None:

@@ -323,7 +323,7 @@ def cmd_logs(args: argparse.Namespace, out: Output) -> int:
             raise CliError(f"process {upid} has rounds 0 to {process['round']}, not {round_}")
         node_dirs = [Path(d) for d in conn.info.get("node_dirs") or []]
         path = None if args.from_agent else output_file(node_dirs, upid, round_, suffix)
-        source: LocalOutput | AgentOutput | None = None
+        source: LocalOutput | AgentOutput
         if path is not None:
             source = LocalOutput(node_dirs, upid, round_, suffix, path)
         else:
