@@ -59,7 +59,8 @@ def wait_for(what, timeout: float = 60.0, every: float = 0.2) -> Any:
 
 @pytest.fixture(scope="module")
 def system(tmp_path_factory) -> Any:
-    """``(home, proc_dir)``: a system whose one node's agent keeps its files in ``proc_dir``."""
+    """``(home, proc_dir, agent)``: a system whose one node's agent (the process ``agent``)
+    keeps its files in ``proc_dir``."""
     base = tmp_path_factory.mktemp("remote")
     home, elsewhere = base / "cei", base / "elsewhere"
     plan = base / "plan.yaml"
@@ -75,7 +76,7 @@ def system(tmp_path_factory) -> Any:
              "--secret-file", str(home / "secret")],
             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
         data(home, "process", "nodestate", NODE, "pd_domain_default", "RUNNING")
-        yield home, elsewhere / NODE / "proc"
+        yield home, elsewhere / NODE / "proc", agent
     finally:
         if agent is not None:
             agent.send_signal(signal.SIGTERM)
@@ -92,7 +93,7 @@ def _ran(home: Path, upid: str, script: str, state: str = "EXITED") -> dict[str,
 
 
 def test_a_finished_process_s_output_comes_from_its_agent(system) -> None:
-    home, proc_dir = system
+    home, proc_dir, _ = system
     script = "i=0; while [ $i -lt 40000 ]; do echo line $i; i=$((i+1)); done; echo oops >&2"
     p = _ran(home, "far-big", script)
     assert p["last_node_id"] == NODE
@@ -108,7 +109,7 @@ def test_a_finished_process_s_output_comes_from_its_agent(system) -> None:
 
 
 def test_follow_streams_from_the_agent_until_the_process_ends(system) -> None:
-    home, _ = system
+    home, _, _ = system
     data(home, "process", "schedule", "--upid", "far-follow", "--restart-mode", "never", "--",
          "sh", "-c", "echo one; sleep 2; echo two; echo err >&2")
     data(home, "process", "wait", "far-follow", "--state", "RUNNING", "--timeout", "60")
@@ -120,14 +121,14 @@ def test_follow_streams_from_the_agent_until_the_process_ends(system) -> None:
 
 def test_follow_from_before_the_process_is_placed(system) -> None:
     """``--follow`` of a process that has no node yet waits for it, then streams it."""
-    home, _ = system
+    home, _, _ = system
     data(home, "process", "schedule", "--upid", "far-early", "--restart-mode", "never", "--",
          "sh", "-c", "sleep 1; echo late")
     assert human(home, "process", "logs", "far-early", "--follow").stdout == "late\n"
 
 
 def test_unknown_and_cleaned_up_processes_are_one_line_errors(system) -> None:
-    home, proc_dir = system
+    home, proc_dir, _ = system
     unknown = human(home, "process", "logs", "far-nosuch", check=False)
     assert unknown.returncode == 1 and unknown.stdout == ""
     assert unknown.stderr.startswith("cei: ") and unknown.stderr.count("\n") == 1
@@ -142,3 +143,14 @@ def test_unknown_and_cleaned_up_processes_are_one_line_errors(system) -> None:
                            "there, or its files were removed after the agent's output retention\n")
     follow = human(home, "process", "logs", "far-gone", "--follow", check=False)
     assert follow.returncode == 1 and follow.stderr == gone.stderr
+
+
+def test_a_gone_node_s_agent_is_a_one_line_error(system) -> None:
+    """Last in this module: the node's agent stops (its VM went away), and its output with it."""
+    home, _, agent = system
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(30) == 0
+    gone = human(home, "process", "logs", "far-big", "--tail", "1", check=False)
+    assert gone.returncode == 1 and gone.stdout == ""
+    assert gone.stderr == (f"cei: no output of process far-big round 0: the agent of node {NODE} does "
+                           "not answer (the node is gone?)\n")
