@@ -200,7 +200,8 @@ class FakePD(ActorTypeDispatcher):
     """Stands in for the PD in agent tests: records Hellos and heartbeats, forwards on request.
 
     ``("send", peer_name, message)`` sends ``message`` to that peer; ``"dump"`` answers with
-    ``(hellos, heartbeats)`` where each heartbeat is ``(received_at, AgentHeartbeat)``.
+    ``(hellos, heartbeats)`` where each heartbeat is ``(received_at, AgentHeartbeat)``;
+    ``("peer", name)`` with the address of that peer (None if unknown).
     """
 
     def __init__(self) -> None:
@@ -221,6 +222,8 @@ class FakePD(ActorTypeDispatcher):
             self.heartbeats.append((time.time(), msg))
         elif isinstance(msg, tuple) and msg and msg[0] == "send":
             self.send(self.peers[msg[1]], msg[2])
+        elif isinstance(msg, tuple) and msg and msg[0] == "peer":
+            self.send(sender, self.peers.get(msg[1]))
         elif msg == "dump":
             self.send(sender, (list(self.hellos), list(self.heartbeats)))
         elif msg == "pid":

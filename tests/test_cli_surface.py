@@ -247,6 +247,25 @@ def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> 
     assert isinstance(data(home, "process", "describe", upid)["state_time"], float)
 
 
+def test_process_logs_from_the_agent_match_the_files(home: Path) -> None:
+    """``--from-agent`` asks a local-site node's agent (a separate process, UX4) for what this
+    host could read from its files: the same bytes. The process keeps running, so its node
+    stays (an idle node may be retired, and its agent with it)."""
+    data(home, "process", "schedule", "--upid", "asked-agent", "--restart-mode", "never", "--",
+         "sh", "-c", "seq 1 5; echo e >&2; exec sleep 300")
+    p = data(home, "process", "wait", "asked-agent", "--state", "RUNNING", "--timeout", "60")
+    wait_for(lambda: human(home, "process", "logs", "asked-agent", check=False).stdout == "1\n2\n3\n4\n5\n")
+    try:
+        for extra in ((), ("--stderr",), ("--tail", "2")):
+            local = human(home, "process", "logs", "asked-agent", *extra).stdout
+            assert human(home, "process", "logs", "asked-agent", "--from-agent", *extra).stdout == local, extra
+        chunk = data(home, "process", "logs", "asked-agent", "--from-agent")
+        assert chunk["node"] == p["node_id"] and chunk["text"] == "1\n2\n3\n4\n5\n"
+        assert data(home, "process", "logs", "asked-agent")["path"].endswith(".out")
+    finally:
+        data(home, "process", "terminate", "asked-agent")
+
+
 def test_process_logs_follow_until_the_process_ends(home: Path) -> None:
     data(home, "process", "schedule", "--upid", "follow-me", "--restart-mode", "never", "--",
          "sh", "-c", "echo one; sleep 2; echo two")
@@ -337,6 +356,22 @@ def test_watch_prints_the_list_again_when_it_changes(home: Path) -> None:
         finally:
             code, err = _interrupt(proc)
         assert code == 0 and err == "", argv
+
+
+def test_watch_redraws_on_a_change_in_the_logs_not_on_the_interval(home: Path) -> None:
+    """With the logs followed (S2), a watch prints a change at once, whatever its poll
+    interval (UX5): here 120 s, so only the change can have caused the new version."""
+    watch = _popen(home, "process", "list", "--watch", "--interval", "120", "--json")
+    try:
+        _lines_until(watch, lambda line: True)
+        t0 = time.monotonic()
+        data(home, "process", "schedule", "--upid", "watched-2", "--", "sleep", "300")
+        _lines_until(watch, lambda line: "watched-2" in line, timeout=60)
+        assert time.monotonic() - t0 < 60
+    finally:
+        code, err = _interrupt(watch)
+    assert code == 0 and err == ""
+    data(home, "process", "terminate", "watched-2")
 
 
 def test_log_show_follow_prints_new_events(home: Path) -> None:

@@ -23,6 +23,7 @@ from cei_actors.eeagent.messages import (
     DumpAgentState,
     LaunchProcess,
     LeaseGrant,
+    ReadOutput,
     TerminateProcess,
 )
 from cei_actors.epum.messages import HealthProbe, NodeHeartbeat
@@ -173,6 +174,69 @@ def test_core_refuses_bad_requests(core, message, code):
     assert core.supervisor.dump() == []
 
 
+@pytest.mark.parametrize(
+    "message, code",
+    [
+        (ReadOutput("", 0), "bad_request"),
+        (ReadOutput("u", -1), "bad_request"),
+        (ReadOutput("u", 0, offset=-1), "bad_request"),
+        (ReadOutput("u", 0, offset="0"), "bad_request"),
+        (ReadOutput("u", 0, limit=0), "bad_request"),
+        (ReadOutput("u", 0, limit=256 * 1024 + 1), "bad_request"),
+        (ReadOutput("u", 0, limit=2**70), "bad_request"),
+        (ReadOutput("u", 0, tail=-1), "bad_request"),
+        (ReadOutput("u", 0, tail=10**9), "bad_request"),
+        (ReadOutput("u", 0, stream="../etc/passwd"), "bad_request"),
+        (ReadOutput("u", 0, offset=2**62), "not_found"),  # valid, but no such process
+        (ReadOutput("../../lock", 0), "not_found"),
+    ],
+)
+def test_core_refuses_bad_output_reads(core, message, code):
+    reply = core.handle(message)
+    assert isinstance(reply, ErrorReply) and reply.code == code, reply
+
+
+def test_core_reads_output_by_offset_and_tail_in_capped_chunks(core):
+    script = "i=0; while [ $i -lt 30000 ]; do echo line $i; i=$((i+1)); done; echo err >&2"
+    core.handle(LaunchProcess("big", 0, ["sh", "-c", script]))
+    assert core.supervisor.wait("big", 0, timeout=30).state == "EXITED"
+    want = "".join(f"line {i}\n" for i in range(30000)).encode()
+    got, offset, replies = b"", 0, 0
+    while True:
+        value = core.handle(ReadOutput("big", 0, offset=offset)).value
+        assert value["offset"] == offset and value["size"] == len(want) and value["state"] == "EXITED"
+        assert len(value["data"]) <= 256 * 1024
+        if not value["data"]:
+            break
+        got += value["data"]
+        offset = value["next_offset"]
+        replies += 1
+    assert got == want and replies == 2
+    tail = core.handle(ReadOutput("big", 0, tail=2, limit=100)).value
+    assert tail["data"] == b"line 29998\nline 29999\n" and tail["next_offset"] == len(want)
+    assert core.handle(ReadOutput("big", 0, stream="stderr")).value["data"] == b"err\n"
+    assert core.handle(ReadOutput("big", 0, offset=10**12)).value["data"] == b""  # past the end
+    assert core.handle(CleanupProcess("big", 0)) == Ok(True)  # the files stay for the retention
+    value = core.handle(ReadOutput("big", 0, offset=len(want) - 11)).value
+    assert value["data"] == b"line 29999\n" and value["state"] is None
+    assert core.handle(ReadOutput("big", 1)).code == "not_found"
+
+
+def test_output_removed_by_the_retention_is_not_found(tmp_path):
+    col = Collect()
+    core = AgentCore("a1", "n1", 1, str(tmp_path / "sd"), send=col.send, grace=1.0, output_retention=0)
+    try:
+        core.handle(LaunchProcess("u", 0, ["echo", "hi"]))
+        assert core.supervisor.wait("u", 0, timeout=30).state == "EXITED"
+        assert core.handle(ReadOutput("u", 0)).value["data"] == b"hi\n"
+        core.handle(CleanupProcess("u", 0))
+        wait_for(lambda: isinstance(core.handle(ReadOutput("u", 0)), ErrorReply), timeout=30)
+        reply = core.handle(ReadOutput("u", 0))
+        assert reply.code == "not_found" and "output retention" in reply.message
+    finally:
+        core.close(kill=True, grace=0.5)
+
+
 def test_core_cleanup_of_a_live_process_is_refused(core):
     core.handle(LaunchProcess("u", 0, ["sleep", "30"]))
     assert core.handle(CleanupProcess("u", 0)).code == "conflict"
@@ -214,6 +278,13 @@ def test_agent_actor_in_a_tcp_system(tmp_path):
         reply = asys.ask(agent, DumpAgentState(), 5)
         assert isinstance(reply, Ok) and reply.value["processes"][0]["state"] == "EXITED"
         assert asys.ask(agent, TerminateProcess("ghost", 0), 5).code == "not_found"
+        from cei_actors.runtime.client import ServiceClient
+
+        with ServiceClient(asys, agent, timeout=10) as client:  # a client's call, as the CLI's
+            assert client.call(ReadOutput("u1", 0)) == {
+                "upid": "u1", "round": 0, "stream": "stdout", "offset": 0, "next_offset": 0,
+                "size": 0, "data": b"", "state": "EXITED"}
+        assert asys.ask(agent, ReadOutput("u1", 0, offset=-1), 5).code == "bad_request"
         assert asys.ask(agent, AgentStop(kill=True), 10) == Ok(None)
     finally:
         shutdown_system(asys)
@@ -254,6 +325,37 @@ def test_agent_process_reports_exits_within_50ms_and_follows_a_new_pd(tmp_path):
         wait_for(lambda: asys.ask(pd2, "dump", 5)[0] == ["eeagent:n1"] and asys.ask(pd2, "dump", 5)[1], timeout=10)
         _, hbs2 = asys.ask(pd2, "dump", 5)
         assert len(states(hbs2[-1][1])) == 8  # level-based: everything it knows
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(15) == 0
+        shutdown_system(asys)
+
+
+def test_agent_process_answers_a_client_s_output_read(tmp_path):
+    """The agent's loop answers a client's call (``Request`` with an id) to its sender: a
+    read of a process's output, a refused one, and it still serves after both."""
+    from cei_actors.runtime.client import BadRequest, NotFound, ServiceClient
+
+    asys = start_system()
+    proc = None
+    try:
+        pd = asys.createActor(FakePD, globalName="pd")
+        proc = _agent_proc(asys.cei_admin_port, tmp_path, heartbeat="0.5")
+        wait_for(lambda: asys.ask(pd, "dump", 5)[0] == ["eeagent:n1"], timeout=15)
+        asys.tell(pd, ("send", "eeagent:n1", LaunchProcess("u1", 0, ["sh", "-c", "echo hello"])))
+        wait_for(lambda: any(states(h).get(("u1", 0)) == "EXITED" for _, h in asys.ask(pd, "dump", 5)[1]),
+                 timeout=15)
+        address = asys.ask(pd, ("peer", "eeagent:n1"), 5)
+        with ServiceClient(asys, address, timeout=10) as agent:
+            got = agent.call(ReadOutput("u1", 0))
+            assert got["data"] == b"hello\n" and got["next_offset"] == 6 and got["state"] == "EXITED"
+            with pytest.raises(BadRequest, match="limit"):
+                agent.call(ReadOutput("u1", 0, limit=10**9))
+            with pytest.raises(NotFound):
+                agent.call(ReadOutput("ghost", 0))
+            assert agent.call(ReadOutput("u1", 0, offset=2))["data"] == b"llo\n"
+        assert proc.poll() is None
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)

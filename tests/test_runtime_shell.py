@@ -22,7 +22,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from thespian.actors import Actor, ActorExitRequest
+from thespian.actors import Actor, ActorAddress, ActorExitRequest
 
 import cei_actors
 from cei_actors.eventlog import LogUnavailable, open_log
@@ -36,6 +36,7 @@ from cei_actors.runtime.client import (
 )
 from cei_actors.runtime.control import (
     Hello,
+    PeerAddress,
     Request,
     Response,
     SetPeers,
@@ -235,9 +236,17 @@ def test_hello_records_a_peer_and_sends_reach_it(started):
         got.append(ctx.listen(10))
     assert Echoed("hi") in got and Ok(None) in got
     assert "watcher" in client.call(Status())["peers"]
+    known = client.call(PeerAddress("watcher"))  # the address it greeted from, for a client
+    assert isinstance(known, ActorAddress)
+    with pytest.raises(NotFound, match="no peer named 'nobody'"):
+        client.call(PeerAddress("nobody"))
+    with pytest.raises(BadRequest):
+        client.call(PeerAddress(""))
     # an unknown peer: the send is dropped (logged), the request still succeeds
     assert client.call(Echo("nobody", "hi")) is None
     assert client.call(SetPeers({"watcher": None})) == []
+    with pytest.raises(NotFound):
+        client.call(PeerAddress("watcher"))
 
 
 class _Greeted(Actor):

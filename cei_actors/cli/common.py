@@ -39,6 +39,7 @@ def connected(args: argparse.Namespace) -> Iterator[Any]:
         conn = connect(home, timeout=getattr(args, "request_timeout", 10.0))
     except NotRunning as exc:
         raise CliError(str(exc) or not_up_message(home)) from None
+    args._connection = conn  # for --watch: it follows the system's logs through it
     try:
         yield conn
     finally:

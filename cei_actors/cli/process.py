@@ -9,7 +9,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from ..eeagent.messages import MAX_TAIL_LINES, ReadOutput
+from ..eeagent.output import read_chunk
+from ..eeagent.output import tail_offset as tail_offset  # re-exported (tests, callers)
 from ..pd import states as ps
+from ..runtime.client import NotFound, OutcomeUnknown, ServiceClient, Unavailable
+from ..runtime.control import PeerAddress
 from . import ids
 from .common import UsageError, assignments, check_with, connected, done, upper_choice
 from .output import CliError, Output, age, progress
@@ -66,13 +71,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                    metavar="STATE", help="the state to wait for (repeat for any of several)")
     p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
     p.set_defaults(func=cmd_wait)
-    p = cmds.add_parser("logs", help="a process's output (stdout, or --stderr) from its node's files, "
-                                     "in any round; --follow streams it until the round ends")
+    p = cmds.add_parser("logs", help="a process's output (stdout, or --stderr) in any round, from its "
+                                     "node's files on this host or else from the node's agent; "
+                                     "--follow streams it until the round ends")
     p.add_argument("upid")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes until the round ends")
     p.add_argument("--stderr", action="store_true", help="its standard error instead of its output")
     p.add_argument("--round", type=int, default=None, metavar="N", help="that round (default: the latest)")
     p.add_argument("--tail", type=int, default=None, metavar="LINES", help="only the last LINES lines (then follow)")
+    p.add_argument("--from-agent", action="store_true",
+                   help="ask the node's agent even if this host sees the output files (a remote "
+                        "node's output is always asked of its agent)")
     p.set_defaults(func=cmd_logs)
     p = cmds.add_parser("dump", help="the PD's whole view: processes, nodes, resources, queue, needs")
     p.set_defaults(func=cmd_dump)
@@ -223,74 +232,147 @@ def output_file(node_dirs: list[Path], upid: str, round_: int, suffix: str) -> P
     return max(found, key=lambda f: f.stat().st_mtime, default=None)
 
 
+class LocalOutput:
+    """The output file of ``(upid, round)`` on a node directory of this host."""
+
+    missing: str | None = None
+
+    def __init__(self, node_dirs: list[Path], upid: str, round_: int, suffix: str,
+                 path: Path | None = None) -> None:
+        self.node_dirs, self.upid, self.round, self.suffix = node_dirs, upid, round_, suffix
+        self.stream = "stderr" if suffix == ".err" else "stdout"
+        self.path = path
+        self.where = {"path": str(path) if path else None}
+
+    def read(self, offset: int, tail: int | None = None) -> tuple[int, bytes] | None:
+        """``(start, data)`` from ``offset`` (or the last ``tail`` lines); None: no file (yet)."""
+        if self.path is None:
+            self.path = output_file(self.node_dirs, self.upid, self.round, self.suffix)
+            if self.path is None:
+                return None
+            self.where = {"path": str(self.path)}
+        try:
+            start, data, _ = read_chunk(self.path, offset, 1 << 20, tail)
+        except FileNotFoundError:  # removed after the retention
+            return None
+        return start, data
+
+    def close(self) -> None:
+        pass
+
+
+class AgentOutput:
+    """The output of ``(upid, round)`` asked of the EEAgent of ``node`` (decision UX4): its
+    address comes from the PD leader, which knows every agent as peer ``eeagent:<id>``; a
+    reply holds at most :data:`~cei_actors.eeagent.messages.MAX_OUTPUT_CHUNK` bytes."""
+
+    def __init__(self, conn: Any, upid: str, round_: int, stream: str, node: str,
+                 agent_ids: list[str]) -> None:
+        self.conn, self.upid, self.round, self.stream, self.node = conn, upid, round_, stream, node
+        self.agent_ids = list(dict.fromkeys(agent_ids))
+        self.where = {"node": node}
+        self.missing: str | None = None  # why the last read found nothing
+        self._client: ServiceClient | None = None
+
+    def _agent(self) -> ServiceClient:
+        if self._client is None:
+            for agent_id in self.agent_ids:
+                try:
+                    address = self.conn.service("pd").call(PeerAddress(f"eeagent:{agent_id}"))
+                except NotFound:
+                    continue
+                self._client = ServiceClient(self.conn.asys, address, timeout=self.conn.timeout)
+                break
+            else:
+                raise CliError(f"no output of process {self.upid} round {self.round}: the PD knows "
+                               f"no agent of node {self.node} (the node is gone?)")
+        return self._client
+
+    def read(self, offset: int, tail: int | None = None) -> tuple[int, bytes] | None:
+        """``(start, data)`` from ``offset`` (or the last ``tail`` lines); None: the agent has
+        no such output (:attr:`missing` says why)."""
+        try:
+            got = self._agent().call(ReadOutput(self.upid, self.round, self.stream, offset,
+                                                tail=tail))
+        except NotFound:
+            self.missing = (f"no output of process {self.upid} round {self.round} on node {self.node}: "
+                            "it did not run there, or its files were removed after the agent's "
+                            "output retention")
+            return None
+        except (Unavailable, OutcomeUnknown):
+            raise CliError(f"no output of process {self.upid} round {self.round}: the agent of node "
+                           f"{self.node} does not answer (the node is gone?)") from None
+        return got["offset"], got["data"]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
 def cmd_logs(args: argparse.Namespace, out: Output) -> int:
     suffix = ".err" if args.stderr else ".out"
+    if args.tail is not None and args.tail < 0:
+        raise CliError(f"--tail: expected a number of lines >= 0, got {args.tail}")
+    if args.tail is not None and args.tail > MAX_TAIL_LINES:
+        raise CliError(f"--tail: at most {MAX_TAIL_LINES} lines, got {args.tail}")
     with connected(args) as conn:
         upid = ids.process_id(conn, args.upid)
         process = conn.pd.describe_process(upid)
         round_ = process["round"] if args.round is None else args.round
         if not 0 <= round_ <= process["round"]:
             raise CliError(f"process {upid} has rounds 0 to {process['round']}, not {round_}")
-        if args.tail is not None and args.tail < 0:
-            raise CliError(f"--tail: expected a number of lines >= 0, got {args.tail}")
         node_dirs = [Path(d) for d in conn.info.get("node_dirs") or []]
-        path = output_file(node_dirs, upid, round_, suffix)
-        if path is None and not args.follow:
-            where = process.get("node_id") or process.get("last_node_id")
-            raise CliError(f"no output of process {upid} round {round_} on this host"
-                           + (f" (node {where})" if where else "") + ": not started yet, its node is "
-                           "remote, or its files went after the agent's output retention")
+        path = None if args.from_agent else output_file(node_dirs, upid, round_, suffix)
+        source: LocalOutput | AgentOutput
+        if path is not None:
+            source = LocalOutput(node_dirs, upid, round_, suffix, path)
+        else:
+            source = _agent_source(conn, process, round_, "stderr" if args.stderr else "stdout",
+                                   args.follow, [] if args.from_agent else node_dirs, suffix)
         try:
-            start = 0 if path is None or args.tail is None else tail_offset(path, args.tail)
-            return _print_output(conn, out, upid, round_, suffix, node_dirs, path, args.follow, start)
+            return _print_output(conn, out, source, args.follow, args.tail)
         except KeyboardInterrupt:  # the usual way to stop --follow
             return 0
+        finally:
+            source.close()
 
 
-def tail_offset(path: Path, lines: int, block: int = 1 << 16) -> int:
-    """The offset in ``path`` where its last ``lines`` lines begin (a last line without its
-    newline counts as one; 0 if it has fewer)."""
-    with open(path, "rb") as f:
-        end = f.seek(0, 2)
-        if lines == 0:
-            return end
-        pos, data = end, b""
-        while pos > 0:  # read back from the end until enough lines are in
-            step = min(block, pos)
-            pos -= step
-            f.seek(pos)
-            data = f.read(step) + data
-            if data[:-1].count(b"\n") >= lines:
-                break
-    cut = len(data) - 1 if data.endswith(b"\n") else len(data)
-    for _ in range(lines):
-        cut = data.rfind(b"\n", 0, cut)
-        if cut < 0:
-            return 0
-    return pos + cut + 1
+def _agent_source(conn: Any, process: dict[str, Any], round_: int, stream: str, wait: bool,
+                  node_dirs: list[Path], suffix: str) -> LocalOutput | AgentOutput:
+    """The agent of the node ``process`` runs (or last ran) on; with ``wait`` (``--follow``)
+    a process not placed yet is waited for (its output may then be on this host after all:
+    under ``node_dirs``)."""
+    upid = process["upid"]
+    while True:
+        node = process.get("node_id") or process.get("last_node_id")
+        if node:
+            return AgentOutput(conn, upid, round_, stream, node, [process.get("assigned") or node, node])
+        if not wait or process["round"] != round_ or process["state"] in ps.TERMINAL:
+            raise CliError(f"no output of process {upid} round {round_}: it has not run on a node "
+                           f"(it is {process['state']})")
+        time.sleep(0.5)  # a poll interval: the PD places it when a node has a slot
+        if output_file(node_dirs, upid, round_, suffix) is not None:
+            return LocalOutput(node_dirs, upid, round_, suffix)
+        process = conn.pd.describe_process(upid)
 
 
-def _print_output(conn: Any, out: Output, upid: str, round_: int, suffix: str, node_dirs: list[Path],
-                  path: Path | None, follow: bool, offset: int = 0) -> int:
-    """Print the file's bytes from ``offset``; with ``follow``, keep printing until the round is
-    over (the process left it, or ended) and every byte is out."""
-    stream = "stderr" if suffix == ".err" else "stdout"
+def _print_output(conn: Any, out: Output, source: LocalOutput | AgentOutput, follow: bool,
+                  tail: int | None = None) -> int:
+    """Print the output from the start (or its last ``tail`` lines); with ``follow``, keep
+    printing until the round is over (the process left it, or ended) and every byte is out."""
+    upid, round_ = source.upid, source.round
+    offset, found = 0, False
     last_check, over = 0.0, False
     while True:
-        if path is None:
-            path = output_file(node_dirs, upid, round_, suffix)
+        got = source.read(offset, tail if not found else None)
         chunk = b""
-        if path is not None:
-            try:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    chunk = f.read(1 << 20)
-            except FileNotFoundError:  # removed after the retention
-                chunk = b""
+        if got is not None:
+            found = True
+            offset, chunk = got
             offset += len(chunk)
         if chunk:
             if out.json:
-                out.emit({"upid": upid, "round": round_, "stream": stream, "path": str(path),
+                out.emit({"upid": upid, "round": round_, "stream": source.stream, **source.where,
                           "text": chunk.decode(errors="replace")})
             else:
                 out.stream.flush()
@@ -302,10 +384,14 @@ def _print_output(conn: Any, out: Output, upid: str, round_: int, suffix: str, n
                     raw.flush()
             continue  # more may be there already
         if not follow or over:
+            if not found:
+                raise CliError(source.missing or
+                               f"no output of process {upid} round {round_} on this host: not started "
+                               "yet, or its files went after the agent's output retention")
             return 0
         if time.monotonic() - last_check > 0.5:
             p = conn.pd.describe_process(upid)
             last_check = time.monotonic()
             over = p["round"] != round_ or p["state"] in ps.TERMINAL  # one more read, then stop
             continue
-        time.sleep(0.1)  # a poll interval: the file is written by another process
+        time.sleep(0.1 if isinstance(source, LocalOutput) else 0.2)  # a poll: another process writes it

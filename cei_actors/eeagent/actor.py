@@ -66,6 +66,7 @@ from .messages import (
     DumpAgentState,
     LaunchProcess,
     LeaseGrant,
+    ReadOutput,
     TerminateProcess,
 )
 from .retention import DEFAULT_OUTPUT_RETENTION
@@ -457,6 +458,9 @@ class AgentCore:
             if isinstance(message, DumpAgentState):
                 self._dirty = True
                 return Ok(_heartbeat_dict(self.heartbeat()))
+            if isinstance(message, ReadOutput):
+                return Ok(self.supervisor.read_output(message.upid, message.round, message.stream,
+                                                      message.offset, message.limit, message.tail))
         except UnknownProcessError as exc:
             logger.info("eeagent %s: %s: %s", self.agent_id, name, exc)
             return ErrorReply("not_found", str(exc), name)
@@ -466,6 +470,9 @@ class AgentCore:
             return ErrorReply("unavailable", str(exc), name)
         except ValueError as exc:
             return ErrorReply("bad_request", str(exc), name)
+        except OSError as exc:  # e.g. an output file that cannot be read
+            logger.warning("eeagent %s: %s: %s", self.agent_id, name, exc)
+            return ErrorReply("unavailable", f"{type(exc).__name__}: {exc}", name)
         logger.info("eeagent %s: ignored %s", self.agent_id, name)
         return ErrorReply("bad_request", f"the EEAgent does not handle {name}", name)
 
@@ -746,6 +753,8 @@ class EEAgentActor(ActorTypeDispatcher):
             reply = self.core.handle(inner)
             if isinstance(inner, DumpAgentState):
                 self.core.flush(force=True)
+            elif isinstance(inner, ReadOutput):
+                pass  # changes nothing: no heartbeat to flush
             elif not self._flush_pending:
                 # thespian delivers what has already arrived before this wakeup: one
                 # heartbeat then covers the whole burst
@@ -1041,15 +1050,15 @@ class EndpointAgent:
         if self.core.dirty and self.core.failed_at is not None:
             # the PD could not be reached just now: retry shortly, not at once
             wait = max(wait, min(max_wait, self.retry_delay))
-        message = self.asys.listen(wait)
+        message, sender = _listen(self.asys, wait)
         handled = 0
         while message is not None:
-            self._handle(message)
+            self._handle(message, sender)
             handled += 1
             if handled >= self.drain_max:
                 break
             # Drain what has already arrived, then send one heartbeat for all of it.
-            message = self.asys.listen(0)
+            message, sender = _listen(self.asys, 0)
         self.core.flush()
         self.core.flush_health()
         self._report_metrics()
@@ -1066,8 +1075,10 @@ class EndpointAgent:
         except Exception as exc:
             logger.debug("eeagent %s: metrics report failed: %s", self.agent_id, exc)
 
-    def _handle(self, message: Any) -> None:
-        inner, _ = _unwrap(message)
+    def _handle(self, message: Any, sender: ActorAddress | None = None) -> None:
+        """Handle one message; a ``Request`` with an id (a client's call, e.g. ``cei process
+        logs``) is answered to ``sender`` with a ``Response``."""
+        inner, rid = _unwrap(message)
         if isinstance(inner, ErrorReply):  # the PD refused something we sent
             logger.warning("eeagent %s: refused: %s: %s", self.agent_id, inner.code, inner.message)
             return
@@ -1085,6 +1096,13 @@ class EndpointAgent:
             logger.info("eeagent %s: %s: %s", self.agent_id, reply.code, reply.message)
         if isinstance(inner, DumpAgentState):
             self.core._dirty = True
+        if rid is not None and sender is not None:
+            from ..runtime.control import Response
+
+            try:
+                self.asys.tell(sender, Response(rid, reply))
+            except Exception as exc:  # the caller went away: nothing to undo
+                logger.info("eeagent %s: reply to %s failed: %s", self.agent_id, sender, exc)
 
     def run(self, should_stop: Callable[[], bool] | None = None) -> None:
         while not self.stopping and not (should_stop and should_stop()):
@@ -1101,6 +1119,23 @@ class EndpointAgent:
         self.stopping = True
         self._wake_event.set()
         self._waker_thread.join(timeout=2)
+
+
+def _listen(asys: Any, timeout: float) -> tuple[Any, ActorAddress | None]:
+    """The next message to this endpoint and its sender, or ``(None, None)`` after ``timeout``
+    seconds. ``ActorSystem.listen`` drops the sender; a client's request must be answered to
+    it (thespian's own ``listen``, keeping the envelope's sender)."""
+    from thespian.system import isInternalActorSystemMessage
+    from thespian.system.timing import toTimeDeltaOrNone
+    from thespian.system.transport import ReceiveEnvelope
+
+    base = asys._systemBase
+    while True:
+        response = base._run_transport(toTimeDeltaOrNone(timeout))
+        if not isinstance(response, ReceiveEnvelope):
+            return None, None
+        if not isInternalActorSystemMessage(response.message):
+            return response.message, response.sender
 
 
 @dataclass

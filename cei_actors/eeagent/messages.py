@@ -85,6 +85,41 @@ class AgentRequests(Message):
             validate(request)
 
 
+#: Most bytes of output one :class:`ReadOutput` reply carries (a client pages on by offset).
+MAX_OUTPUT_CHUNK = 256 * 1024
+#: Most lines :class:`ReadOutput` ``tail`` may ask for.
+MAX_TAIL_LINES = 100_000
+#: The output streams of a process.
+OUTPUT_STREAMS = ("stdout", "stderr")
+
+
+@dataclass(frozen=True)
+class ReadOutput(Message):
+    """Reply ``Ok`` with up to ``limit`` bytes of the output file of ``(upid, round)``
+    (``stream`` stdout or stderr) from byte ``offset``, or from where its last ``tail`` lines
+    begin: ``{upid, round, stream, offset, next_offset, size, data, state}`` (``state``: the
+    agent's record of it, None once cleaned up). ``not_found`` when the agent has neither a
+    record nor the file (never ran here, or removed after the output retention)."""
+
+    upid: str
+    round: int
+    stream: str = "stdout"
+    offset: int = 0
+    limit: int = MAX_OUTPUT_CHUNK
+    tail: int | None = None
+
+    def check(self) -> None:
+        _check_key("ReadOutput", self.upid, self.round)
+        if self.stream not in OUTPUT_STREAMS:
+            raise InvalidMessage(f"ReadOutput.stream: expected stdout or stderr, got {self.stream!r:.40}")
+        if self.offset < 0:
+            raise InvalidMessage("ReadOutput.offset: must be >= 0")
+        if not 0 < self.limit <= MAX_OUTPUT_CHUNK:
+            raise InvalidMessage(f"ReadOutput.limit: must be 1 to {MAX_OUTPUT_CHUNK} bytes")
+        if self.tail is not None and not 0 <= self.tail <= MAX_TAIL_LINES:
+            raise InvalidMessage(f"ReadOutput.tail: must be 0 to {MAX_TAIL_LINES} lines")
+
+
 @dataclass(frozen=True)
 class DumpAgentState(Message):
     """Reply ``Ok(heartbeat dict)`` and send a heartbeat to the PD now."""

@@ -105,6 +105,7 @@ from cei_actors.eeagent import reaper as _reaper
 from cei_actors.eeagent import states as st
 from cei_actors.eeagent.logic import DOWN_MSG as DOWN_MSG  # re-exported
 from cei_actors.eeagent.logic import FENCED_MSG as FENCED_MSG  # re-exported
+from cei_actors.eeagent.output import read_chunk
 from cei_actors.eeagent.retention import (
     DEFAULT_OUTPUT_RETENTION,
     OUTPUT_SUFFIXES,
@@ -569,6 +570,32 @@ class ProcessSupervisor:
         with self._lock:
             rec = self._records.get((upid, round))
             return rec.info() if rec else None
+
+    def read_output(self, upid: str, round: int, stream: str = "stdout", offset: int = 0,
+                    limit: int = 1 << 18, tail: int | None = None) -> dict[str, Any]:
+        """Up to ``limit`` bytes of the output file of ``(upid, round)`` (``stream`` stdout or
+        stderr) from ``offset``, or from its last ``tail`` lines: ``{upid, round, stream,
+        offset, next_offset, size, data, state}``, ``state`` None once the record is cleaned
+        up (the file stays until the output retention removes it). Raises
+        :class:`UnknownProcessError` if neither the record nor the file is here. Read without
+        the lock: the process appends meanwhile, and a file removed after the read began
+        reads as gone."""
+        suffix = {"stdout": ".out", "stderr": ".err"}.get(stream)
+        if suffix is None:
+            raise ValueError(f"stream: expected stdout or stderr, got {stream!r}")
+        info = self.get(upid, round)
+        path = os.path.join(self._proc_dir, _file_stem(upid, round) + suffix)
+        try:
+            start, data, size = read_chunk(path, offset, limit, tail)
+        except FileNotFoundError:
+            if info is None:
+                raise UnknownProcessError(
+                    f"no output of ({upid}, {round}) here: it never ran on this node, or its "
+                    "files were removed after the output retention") from None
+            start, data, size = 0, b"", 0  # not started yet (or it failed to start)
+        return {"upid": upid, "round": round, "stream": stream, "offset": start,
+                "next_offset": start + len(data), "size": size, "data": data,
+                "state": info.state if info is not None else None}
 
     def processes(self) -> list[ProcessInfo]:
         """All records, sorted by (upid, round)."""

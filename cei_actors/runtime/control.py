@@ -99,6 +99,18 @@ class SetPeers(Message):
 
 
 @dataclass(frozen=True)
+class PeerAddress(Message):
+    """Ask for the address of peer ``name`` (e.g. ``eeagent:<id>``, to reach a node's agent);
+    the reply is ``Ok(address)``, or ``not_found`` if this actor knows no such peer."""
+
+    name: str
+
+    def check(self) -> None:
+        if not self.name:
+            raise InvalidMessage("PeerAddress.name: must not be empty")
+
+
+@dataclass(frozen=True)
 class Status(Message):
     """Ask for the actor's status; the reply is ``Ok(dict)`` (see ``EventSourcedActor.status``).
 
@@ -143,6 +155,7 @@ class Response(Message):
 __all__ = [
     "LEADERSHIP_KINDS",
     "Hello",
+    "PeerAddress",
     "Request",
     "Response",
     "SetPeers",

@@ -91,7 +91,7 @@ from thespian.actors import (
 
 from ..eventlog import EventLogError, Fenced, open_log
 from . import faults
-from .control import Hello, Request, Response, SetPeers, Start, Started, Status, Stop
+from .control import Hello, PeerAddress, Request, Response, SetPeers, Start, Started, Status, Stop
 from .core import Component, Send, SetTimer, Work
 from .leadership import Leadership, leadership_for
 from .messages import ErrorReply, InvalidMessage, Message, Ok, validate
@@ -512,6 +512,13 @@ class EventSourcedActor(Actor):
         if msg.replicas and self._mode == "ready":
             self._announce()  # replicas that never heard of this leader (another system's)
         self._reply(origin, Ok(sorted(self._peers)))
+
+    def _on_peer_address(self, msg: PeerAddress, origin: _Origin) -> None:
+        address = self._peers.get(msg.name)
+        if address is None:
+            self._reply(origin, ErrorReply("not_found", f"no peer named {msg.name!r}", "PeerAddress"))
+        else:
+            self._reply(origin, Ok(address))
 
     def _on_status(self, msg: Status, origin: _Origin) -> None:
         status = self.status()
@@ -1022,6 +1029,7 @@ _CONTROL: dict[type, Callable[[EventSourcedActor, Any, _Origin], None]] = {
     Start: EventSourcedActor._on_start,
     Hello: EventSourcedActor._on_hello,
     SetPeers: EventSourcedActor._on_set_peers,
+    PeerAddress: EventSourcedActor._on_peer_address,
     Status: EventSourcedActor._on_status,
     Stop: EventSourcedActor._on_stop,
     ReportMetrics: EventSourcedActor._on_report_metrics,
