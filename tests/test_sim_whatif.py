@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from cei_actors.cli import main
+from cei_actors.eventlog import PendingEvent
 from cei_actors.eventlog.sqlite import SqliteLog
 from cei_actors.sim.savelog import save_logs
 from cei_actors.sim.system import CEISystem, SystemConfig
@@ -178,9 +179,23 @@ def _bad_logs(recorded: Path, tmp_path: Path) -> list[tuple[Path, str]]:
     db.commit()
     db.close()
     (tmp_path / "nothing").mkdir()
+    foreign = tmp_path / "foreign.sqlite"  # a pd stream whose second event is not the PD's
+    log = SqliteLog(f"sqlite:///{foreign}", str(foreign))
+    fence = log.acquire("pd")
+    log.append(fence, 0, [PendingEvent("ProcessScheduled", 1, 1.0, {"upid": "a", "round": 0, "spec": {},
+                                                                      "at": 1.0}),
+                          PendingEvent("ProcessScheduled", 1, 2.0, {"upid": "b", "colour": "red"})])
+    log.close()
+    misfit = tmp_path / "misfit.sqlite"  # the right fields, a spec that is no mapping
+    log = SqliteLog(f"sqlite:///{misfit}", str(misfit))
+    log.append(log.acquire("pd"), 0, [PendingEvent("ProcessScheduled", 1, 1.0, {
+        "upid": "a", "round": 0, "spec": "sleep 5", "at": 1.0})])
+    log.close()
     return [(junk, "damaged or not a log"), (other, "not a cei log"),
             (empty, "no pd stream in the log (streams: none)"),
             (damaged, f"stream 'pd' at offset {first}"),
+            (foreign, "stream 'pd' at offset 2: body does not fit 'ProcessScheduled'"),
+            (misfit, "stream 'pd' at offset 1: ProcessScheduled does not fit"),
             (tmp_path / "nothing", "no *.sqlite logs"), (tmp_path / "missing", "no such file")]
 
 

@@ -15,6 +15,7 @@ and said (:attr:`Workload.assumptions`). Decisions WI1-WI3.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -147,6 +148,16 @@ def _events(replay: Replay, stream: str) -> Iterator[tuple[Record, Any]]:
                              f"{record.type} does not read: {type(exc).__name__}: {exc}") from None
 
 
+@contextlib.contextmanager
+def _fits(stream: str, record: Record) -> Iterator[None]:
+    """A body whose fields are not what its type says is a :class:`CorruptLog` at its offset."""
+    try:
+        yield
+    except (AttributeError, TypeError, ValueError, KeyError) as exc:
+        raise CorruptLog(stream, record.offset,
+                         f"{record.type} does not fit: {type(exc).__name__}: {exc}") from None
+
+
 def _is_pd_domain(domain_id: str, subscribers: list[Any]) -> bool:
     return domain_id.startswith("pd_domain_") or any(str(s).split(":")[0].startswith("pd") for s in subscribers)
 
@@ -177,38 +188,39 @@ def _extract_processes(w: Workload, events: list[tuple[Record, Any]]) -> None:
     ran: dict[str, list[float]] = {}  # upid -> run times of the rounds that ended by themselves
     running_at_end: set[str] = set()
     never: dict[str, Any] = {}  # upid -> spec, for processes that never ran
-    for _, ev in events:
-        name = type(ev).__name__
-        if name == "ProcessScheduled":
-            if ev.upid not in procs:
-                spec = ev.spec
-                constraints = dict(spec.get("constraints") or {})
-                constraints.pop("engine", None)  # the what-if system has one engine
-                procs[ev.upid] = ProcessInput(
-                    ev.upid, ev.at - t0, math.inf, restart_mode=spec.get("restart_mode"),
-                    queueing_mode=spec.get("queueing_mode"), constraints=constraints or None,
-                    node_exclusive=spec.get("node_exclusive"))
-                never[ev.upid] = spec
-        elif name == "ProcessMoved" and ev.upid in procs:
-            p, key = procs[ev.upid], (ev.upid, ev.round)
-            if ev.state == ps.RUNNING:
-                started.setdefault(key, ev.at)
-                never.pop(ev.upid, None)
-                running_at_end.add(ev.upid)
-            elif ev.state in (ps.EXITED, ps.FAILED) and key in started:
-                ran.setdefault(ev.upid, []).append(ev.at - started[key])
-                p.fail_rounds += ev.state == ps.FAILED
-                running_at_end.discard(ev.upid)
-            elif ev.state in ps.QUEUED and _failed_exit(ev.msg) and (ev.upid, ev.round - 1) in started:
-                # the previous round exited non-zero and the PD restarts it
-                ran.setdefault(ev.upid, []).append(ev.at - started[(ev.upid, ev.round - 1)])
-                p.fail_rounds += 1
-                running_at_end.discard(ev.upid)
-            elif ev.state in (ps.TERMINATING, ps.TERMINATED) and p.killed_at is None:
-                p.killed_at = ev.at - t0
-                running_at_end.discard(ev.upid)
-            elif ev.state not in ps.PLACED:
-                running_at_end.discard(ev.upid)
+    for rec, ev in events:
+        with _fits("pd", rec):
+            name = type(ev).__name__
+            if name == "ProcessScheduled":
+                if ev.upid not in procs:
+                    spec = ev.spec
+                    constraints = dict(spec.get("constraints") or {})
+                    constraints.pop("engine", None)  # the what-if system has one engine
+                    procs[ev.upid] = ProcessInput(
+                        ev.upid, ev.at - t0, math.inf, restart_mode=spec.get("restart_mode"),
+                        queueing_mode=spec.get("queueing_mode"), constraints=constraints or None,
+                        node_exclusive=spec.get("node_exclusive"))
+                    never[ev.upid] = spec
+            elif name == "ProcessMoved" and ev.upid in procs:
+                p, key = procs[ev.upid], (ev.upid, ev.round)
+                if ev.state == ps.RUNNING:
+                    started.setdefault(key, ev.at)
+                    never.pop(ev.upid, None)
+                    running_at_end.add(ev.upid)
+                elif ev.state in (ps.EXITED, ps.FAILED) and key in started:
+                    ran.setdefault(ev.upid, []).append(ev.at - started[key])
+                    p.fail_rounds += ev.state == ps.FAILED
+                    running_at_end.discard(ev.upid)
+                elif ev.state in ps.QUEUED and _failed_exit(ev.msg) and (ev.upid, ev.round - 1) in started:
+                    # the previous round exited non-zero and the PD restarts it
+                    ran.setdefault(ev.upid, []).append(ev.at - started[(ev.upid, ev.round - 1)])
+                    p.fail_rounds += 1
+                    running_at_end.discard(ev.upid)
+                elif ev.state in (ps.TERMINATING, ps.TERMINATED) and p.killed_at is None:
+                    p.killed_at = ev.at - t0
+                    running_at_end.discard(ev.upid)
+                elif ev.state not in ps.PLACED:
+                    running_at_end.discard(ev.upid)
     known = [d for ds in ran.values() for d in ds]
     default = statistics.median(known) if known else DEFAULT_DURATION
     guessed = 0
@@ -249,51 +261,52 @@ def _extract_epum(w: Workload, events: list[tuple[Record, Any]]) -> None:
     pd_live: set[str] = set()
     ended: set[str] = set()
     skipped: set[str] = set()
-    for _, ev in events:
-        name = type(ev).__name__
-        if name == "DomainAdded":
-            conf = ev.config.get("engine_conf") or {}
-            engine = (ev.config.get("general") or {}).get("engine_class") or "preserve_n"
-            if _is_pd_domain(ev.domain_id, ev.subscribers):
-                if not pd_domains:
-                    w.engine = engine
-                    w.engine_conf = {k: v for k, v in conf.items() if k not in _PD_CONF_KEYS}
-                    pv = conf.get("provisioner_vars") or {}
-                    w.slots = pv.get("slots") if isinstance(pv.get("slots"), int) else None
-                    w.heartbeat = pv.get("heartbeat") if isinstance(pv.get("heartbeat"), int | float) else None
-                pd_domains.add(ev.domain_id)
-            elif engine in ("preserve_n", "simplest"):
-                w.domains.append(DomainInput(ev.at - t0, "add", ev.domain_id, int(conf.get("preserve_n", 0))))
-            else:
-                skipped.add(f"{ev.domain_id} ({engine})")
-        elif name == "DomainReconfigured" and not _is_pd_domain(ev.domain_id, []):
-            n = (ev.changes.get("engine_conf") or {}).get("preserve_n")
-            if isinstance(n, int) and any(d.domain_id == ev.domain_id for d in w.domains):
-                w.domains.append(DomainInput(ev.at - t0, "reconfigure", ev.domain_id, n))
-        elif name == "DomainRemoveRequested" and any(d.domain_id == ev.domain_id for d in w.domains):
-            w.domains.append(DomainInput(ev.at - t0, "remove", ev.domain_id))
-        elif name == "InstanceLaunchRequested":
-            launched[ev.instance_id] = ev.at
-            w.launches += 1
-            if ev.domain_id in pd_domains:
-                pd_live.add(ev.instance_id)
-                w.peak_pd_vms = max(w.peak_pd_vms, len(pd_live))
-        elif name == "InstanceDestroyRequested":
-            destroy_asked.update(ev.instance_ids)
-        elif name == "InstanceUpdated":
-            iid = ev.instance_id
-            if ev.state == "RUNNING" and iid in launched and iid not in up:
-                up.add(iid)
-                w.boot_times.append(ev.at - launched[iid])
-            elif ev.state in _ENDED and iid not in ended:
-                ended.add(iid)
-                pd_live.discard(iid)
-                if iid in destroy_asked:
-                    continue
-                if iid in up:
-                    w.node_losses.append(ev.at - t0)
-                elif iid in launched:
-                    w.launch_failures += 1
+    for rec, ev in events:
+        with _fits("epum", rec):
+            name = type(ev).__name__
+            if name == "DomainAdded":
+                conf = ev.config.get("engine_conf") or {}
+                engine = (ev.config.get("general") or {}).get("engine_class") or "preserve_n"
+                if _is_pd_domain(ev.domain_id, ev.subscribers):
+                    if not pd_domains:
+                        w.engine = engine
+                        w.engine_conf = {k: v for k, v in conf.items() if k not in _PD_CONF_KEYS}
+                        pv = conf.get("provisioner_vars") or {}
+                        w.slots = pv.get("slots") if isinstance(pv.get("slots"), int) else None
+                        w.heartbeat = pv.get("heartbeat") if isinstance(pv.get("heartbeat"), int | float) else None
+                    pd_domains.add(ev.domain_id)
+                elif engine in ("preserve_n", "simplest"):
+                    w.domains.append(DomainInput(ev.at - t0, "add", ev.domain_id, int(conf.get("preserve_n", 0))))
+                else:
+                    skipped.add(f"{ev.domain_id} ({engine})")
+            elif name == "DomainReconfigured" and not _is_pd_domain(ev.domain_id, []):
+                n = (ev.changes.get("engine_conf") or {}).get("preserve_n")
+                if isinstance(n, int) and any(d.domain_id == ev.domain_id for d in w.domains):
+                    w.domains.append(DomainInput(ev.at - t0, "reconfigure", ev.domain_id, n))
+            elif name == "DomainRemoveRequested" and any(d.domain_id == ev.domain_id for d in w.domains):
+                w.domains.append(DomainInput(ev.at - t0, "remove", ev.domain_id))
+            elif name == "InstanceLaunchRequested":
+                launched[ev.instance_id] = ev.at
+                w.launches += 1
+                if ev.domain_id in pd_domains:
+                    pd_live.add(ev.instance_id)
+                    w.peak_pd_vms = max(w.peak_pd_vms, len(pd_live))
+            elif name == "InstanceDestroyRequested":
+                destroy_asked.update(ev.instance_ids)
+            elif name == "InstanceUpdated":
+                iid = ev.instance_id
+                if ev.state == "RUNNING" and iid in launched and iid not in up:
+                    up.add(iid)
+                    w.boot_times.append(ev.at - launched[iid])
+                elif ev.state in _ENDED and iid not in ended:
+                    ended.add(iid)
+                    pd_live.discard(iid)
+                    if iid in destroy_asked:
+                        continue
+                    if iid in up:
+                        w.node_losses.append(ev.at - t0)
+                    elif iid in launched:
+                        w.launch_failures += 1
     if skipped:
         w.assumptions.append(f"domains not re-simulated (not preserve_n): {', '.join(sorted(skipped))}")
     if not w.boot_times:
