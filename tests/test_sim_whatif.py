@@ -210,6 +210,8 @@ def test_bad_requests_are_one_line_errors(recorded, capsys):
     for argv, words in ((["--engine", "nosuch"], "unknown engine"),
                         (["--set", "nokey=1"], "unknown key(s) nokey"),
                         (["--engine", "preserve_n", "--set", "preserve_n=-1"], "preserve_n"),
-                        (["--set", "novalue"], "expected KEY=VALUE")):
+                        (["--set", "novalue"], "expected KEY=VALUE"),
+                        (["--extend", "nan"], "--extend nan: expected seconds from 0"),
+                        (["--extend", "1e19"], "--extend 1e+19: expected seconds from 0")):
         code, out, err = cli(capsys, "sim", "replay", str(recorded), *argv)
         assert code in (1, 2) and err.count("\n") == 1 and words in err, (argv, err)

@@ -42,6 +42,8 @@ __all__ = ["Outcome", "ProcessInput", "WhatIfError", "Workload", "compare", "ext
 DEFAULT_DURATION = 60.0
 #: boot time (launch -> RUNNING node) assumed when the log shows none
 DEFAULT_BOOT = 30.0
+#: the longest a what-if goes on past the log's end (a week of virtual time)
+MAX_EXTEND = 7 * 86400.0
 _ENDED = ("TERMINATED", "FAILED", "REJECTED")
 _PD_CONF_KEYS = ("preserve_n", "retirable_nodes", "provisioner_vars")  # set by the PD itself
 
@@ -504,8 +506,8 @@ def compare(logs: Mapping[str, Replay], engine: str | None = None,
     """The recorded run, its re-simulation under the recorded policy and (when ``engine`` or
     ``settings`` ask for a change) under the other one: figures side by side over the
     recorded span plus ``extend`` seconds, the inputs' counts and every assumption made."""
-    if not extend >= 0.0 or math.isinf(extend):
-        raise WhatIfError(f"--extend {extend}: expected seconds >= 0")
+    if not 0.0 <= extend <= MAX_EXTEND:
+        raise WhatIfError(f"--extend {extend:g}: expected seconds from 0 to {MAX_EXTEND:g}")
     w = extract(logs)
     w.span += extend
     if extend:
