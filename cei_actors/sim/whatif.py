@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import random
 import statistics
@@ -95,12 +96,6 @@ class Workload:
     heartbeat: float | None = None
     peak_pd_vms: int = 0  # most instances of the PD's domain alive at once
     assumptions: list[str] = field(default_factory=list)
-
-    def as_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        for p in out["processes"]:
-            p["duration"] = None if math.isinf(p["duration"]) else p["duration"]
-        return out
 
 
 # ---- reading a recorded log -------------------------------------------------------------------
@@ -342,7 +337,7 @@ def _boot_range(w: Workload) -> tuple[float, float]:
     return lo, hi
 
 
-def _checked_settings(engine: str, settings: Mapping[str, Any], w: Workload) -> dict[str, Any]:
+def _checked_settings(engine: str, settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` (``--set`` KEY=VALUE, dotted as ``cei domain add`` takes them) as a
     sectioned config the engine takes, checked before anything runs."""
     try:
@@ -360,7 +355,8 @@ def _checked_settings(engine: str, settings: Mapping[str, Any], w: Workload) -> 
     try:
         cls.validate_config(conf)
     except EngineConfigError as exc:
-        raise WhatIfError(f"engine {engine}: {exc}") from None
+        raise WhatIfError(f"engine {engine} does not take the PD's domain (preserve_n, "
+                          f"provisioner_vars and the --set keys): {exc}") from None
     return config
 
 
@@ -375,7 +371,7 @@ def simulate(w: Workload, engine: str | None = None, settings: Mapping[str, Any]
     if engine in ("preserve_n", "simplest") and "preserve_n" not in settings:
         settings["preserve_n"] = max(w.peak_pd_vms, 1)
         notes.append(f"preserve_n not given: the PD domain's recorded peak, {settings['preserve_n']} VMs")
-    config = _checked_settings(engine, settings, w)
+    config = _checked_settings(engine, settings)
     cfg = SystemConfig(slots=w.slots or 4, pd_definition={
         "general": {"engine_class": engine}, "engine_conf": {}, "health": {}})
     if w.heartbeat:
@@ -390,9 +386,7 @@ def simulate(w: Workload, engine: str | None = None, settings: Mapping[str, Any]
     failure_rate = w.launch_failures / w.launches if w.launches else 0.0
     cfg.sites = {"local": {"boot_delay": list(_boot_range(w)),
                            "create_failure_rate": round(failure_rate, 6)}}
-    import logging
-
-    logging.getLogger("cei_actors").setLevel(logging.ERROR)  # refused needs and the like
+    logging.getLogger("cei_actors").setLevel(logging.ERROR)  # quiet, as the scenarios run (sims.system)
     system = CEISystem(seed, cfg)
     run = Run(label, engine, settings, system, notes)
     start, rng = system.start, random.Random(seed)
@@ -513,8 +507,8 @@ def compare(logs: Mapping[str, Replay], engine: str | None = None,
     if extend:
         w.assumptions.append(f"the runs go on {extend:g} s past the log's end; what was live at "
                              "its end stays live in the recorded figures")
-    if engine is not None:
-        _checked_settings(engine, settings or {}, w)  # a bad request fails before any run
+    if engine is not None or settings:
+        _checked_settings(engine or w.engine, settings or {})  # a bad request fails before any run
     epum_records = logs["epum"].records("epum") if "epum" in logs else []
     recorded = outcome(epum_records, logs["pd"].records("pd"), w.t0, w.span)
     runs = {"recorded": recorded}
