@@ -215,3 +215,16 @@ def test_bad_requests_are_one_line_errors(recorded, capsys):
                         (["--extend", "1e19"], "--extend 1e+19: expected seconds from 0")):
         code, out, err = cli(capsys, "sim", "replay", str(recorded), *argv)
         assert code in (1, 2) and err.count("\n") == 1 and words in err, (argv, err)
+
+
+def test_a_log_whose_history_was_cut_says_so(recorded, tmp_path, capsys):
+    cut = tmp_path / "cut"
+    shutil.copytree(recorded, cut)
+    db = sqlite3.connect(cut / "pd.sqlite")
+    [(second,)] = db.execute("SELECT first FROM batches WHERE stream='pd' ORDER BY first LIMIT 1 OFFSET 1")
+    db.execute("DELETE FROM batches WHERE stream='pd' AND first < ?", (second,))
+    db.commit()
+    db.close()
+    code, out, err = cli(capsys, "sim", "replay", str(cut))
+    assert code == 0, err
+    assert f"assumed: the pd stream's history starts at offset {second}" in out

@@ -173,6 +173,10 @@ def extract(logs: Mapping[str, Replay]) -> Workload:
     w = Workload(t0=t0, span=t1 - t0)
     if "epum" not in logs:
         w.assumptions.append("no epum stream: the PD's domain assumed needy, no boot times or VM losses")
+    for stream, evs in (("pd", pd_events), ("epum", epum_events)):
+        if evs and evs[0][0].offset > 1:
+            w.assumptions.append(f"the {stream} stream's history starts at offset {evs[0][0].offset} "
+                                 "(its archive is not there): what came before is not re-simulated")
     _extract_processes(w, pd_events)
     _extract_epum(w, epum_events)
     return w
