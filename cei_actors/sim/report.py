@@ -50,7 +50,7 @@ def fold(epum_records: Iterable[Any], pd_records: Iterable[Any], t0: float, t1: 
     into series binned over ``t1 - t0`` (VMs by state, queue length, running processes,
     placements per second) and the run's figures: VM-seconds, busy-node seconds (a node
     with a process placed on it), each process's first queue wait, request -> RUNNING
-    times, launches, instances destroyed, processes by final state."""
+    times, launches, instances destroyed, processes by final state, rounds after the first."""
     width, n = _bins(t0, t1, points)
     times = [round(i * width, 3) for i in range(n)]
 
@@ -105,6 +105,7 @@ def fold(epum_records: Iterable[Any], pd_records: Iterable[Any], t0: float, t1: 
     load: collections.Counter[str] = collections.Counter()  # resource -> processes placed
     busy_since: dict[str, float] = {}
     busy_seconds = 0.0
+    rounds: dict[str, int] = {}  # upid -> its newest round
     for r in pd_records:
         b = r.body
         if r.type == "ProcessScheduled":
@@ -118,6 +119,7 @@ def fold(epum_records: Iterable[Any], pd_records: Iterable[Any], t0: float, t1: 
         else:
             continue
         upid, when = b["upid"], b["at"]
+        rounds[upid] = max(rounds.get(upid, 0), b["round"])
         i = at(when)
         old = proc_state.get(upid)
         if old is not None:
@@ -158,6 +160,7 @@ def fold(epum_records: Iterable[Any], pd_records: Iterable[Any], t0: float, t1: 
         "launches": launches,
         "destroyed": len(destroyed),
         "process_states": dict(sorted(collections.Counter(proc_state.values()).items())),
+        "restarts": sum(rounds.values()),
     }
 
 

@@ -89,12 +89,13 @@ class Workload:
     boot_times: list[float] = field(default_factory=list)
     launches: int = 0
     launch_failures: int = 0
-    node_losses: list[float] = field(default_factory=list)
+    node_losses: list[tuple[float, bool]] = field(default_factory=list)  # (time, had processes)
     engine: str = "needy"  # the PD domain's engine as recorded
     engine_conf: dict[str, Any] = field(default_factory=dict)  # its settings (needs excluded)
     slots: int | None = None
     heartbeat: float | None = None
     peak_pd_vms: int = 0  # most instances of the PD's domain alive at once
+    busy_lost: set[str] = field(default_factory=set)  # nodes whose end moved processes (PD)
     assumptions: list[str] = field(default_factory=list)
 
 
@@ -222,6 +223,8 @@ def _extract_processes(w: Workload, events: list[tuple[Record, Any]]) -> None:
                     running_at_end.discard(ev.upid)
                 elif ev.state not in ps.PLACED:
                     running_at_end.discard(ev.upid)
+                if ev.state in ps.QUEUED and ev.msg.startswith("node "):
+                    w.busy_lost.add(ev.msg.split()[1])  # "node ID TERMINATED": its processes move
     known = [d for ds in ran.values() for d in ds]
     default = statistics.median(known) if known else DEFAULT_DURATION
     guessed = 0
@@ -305,7 +308,7 @@ def _extract_epum(w: Workload, events: list[tuple[Record, Any]]) -> None:
                     if iid in destroy_asked:
                         continue
                     if iid in up:
-                        w.node_losses.append(ev.at - t0)
+                        w.node_losses.append((ev.at - t0, iid in w.busy_lost))
                     elif iid in launched:
                         w.launch_failures += 1
     if skipped:
@@ -400,7 +403,7 @@ def simulate(w: Workload, engine: str | None = None, settings: Mapping[str, Any]
     inputs += [(p.at, 1, ("schedule", p)) for p in w.processes]
     inputs += [(p.killed_at, 2, ("kill", p.upid)) for p in w.processes if p.killed_at is not None]
     inputs += [(d.at, 1, ("domain", d)) for d in w.domains]
-    inputs += [(t, 3, ("loss", None)) for t in w.node_losses]
+    inputs += [(t, 3, ("loss", busy)) for t, busy in w.node_losses]
     inputs.sort(key=lambda x: (x[0], x[1]))
     lost_none = 0
     for at, _, (kind, item) in inputs:
@@ -422,12 +425,24 @@ def simulate(w: Workload, engine: str | None = None, settings: Mapping[str, Any]
                 system.reconfigure_domain(item.domain_id, item.preserve_n)
             else:
                 system.remove_domain(item.domain_id)
-        elif system.kill_vm(rng.randrange(1 << 30)) is None:
+        elif not _lose_vm(system, rng, busy=item):
             lost_none += 1
     if lost_none:
         notes.append(f"{lost_none} recorded VM loss(es) found no live VM to take")
     system.run_for(max(0.0, w.span - (system.sim.clock.now() - start)))
     return run
+
+
+def _lose_vm(system: CEISystem, rng: random.Random, busy: bool) -> bool:
+    """Kill a live VM drawn by ``rng``: one running processes if ``busy`` (the recorded
+    node had some), else an idle one, else any; False if none is live."""
+    live = [vm for vm in system.cloud_vms() if vm.status in ("pending", "running")]
+    if not live:
+        return False
+    working = {nid for nid, agent in system.agents.items() if agent.live_keys()}
+    fits = [i for i, vm in enumerate(live) if (vm.name in working) == busy]
+    system.kill_vm(rng.choice(fits) if fits else rng.randrange(len(live)))
+    return True
 
 
 def _configure(system: CEISystem, config: dict[str, Any], run: Run) -> None:
@@ -457,6 +472,7 @@ class Outcome:
     processes_failed: int
     processes_finished: int
     processes_unfinished: int
+    restarts: int  # rounds after a process's first (failures, lost nodes, reschedules)
     queue_wait_s: dict[str, float | None]
     need_to_running_s: dict[str, float | None]
     launches: int
@@ -484,6 +500,7 @@ def outcome(epum_records: Any, pd_records: Any, t0: float, span: float, points: 
         peak_vms=max(tl["live_vms"], default=0),
         processes_failed=failed, processes_finished=finished,
         processes_unfinished=sum(states.values()) - failed - finished,
+        restarts=tl["restarts"],
         queue_wait_s=_spread(tl["queue_wait_s"]),
         need_to_running_s=_spread(tl["request_to_running_s"]),
         launches=tl["launches"], terminations=tl["destroyed"],
@@ -549,6 +566,7 @@ ROWS: tuple[tuple[str, Any], ...] = (
     ("processes finished", lambda f: f["processes_finished"]),
     ("processes failed", lambda f: f["processes_failed"]),
     ("processes unfinished", lambda f: f["processes_unfinished"]),
+    ("process restarts", lambda f: f["restarts"]),
     ("queue wait median s", lambda f: f["queue_wait_s"]["median"]),
     ("queue wait p95 s", lambda f: f["queue_wait_s"]["p95"]),
     ("queue wait max s", lambda f: f["queue_wait_s"]["max"]),
