@@ -40,6 +40,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--save-log", type=Path, default=Path("sim-check-logs"), metavar="DIR",
                    help="where a failing run's logs go (sim-check-logs)")
     p.set_defaults(func=cmd_check)
+    p = cmds.add_parser("replay", help="what-if: re-simulate a recorded log's workload under its own "
+                                       "policy and another engine or parameters, side by side")
+    p.add_argument("log", metavar="LOG", help="a directory of saved logs (cei sim run --save-log), "
+                                              "an SQLite log file or a log URL")
+    p.add_argument("--engine", default=None, metavar="NAME",
+                   help="the PD domain's engine in the what-if run (needy, preserve_n, ...)")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="the PD domain's engine_conf KEY in the what-if run (as cei domain add "
+                        "--set; dotted keys reach other sections)")
+    p.add_argument("--seed", type=int, default=0, help="the simulations' seed (0)")
+    p.add_argument("--extend", type=float, default=0.0, metavar="SECONDS",
+                   help="compare the runs this long past the log's end (0)")
+    p.add_argument("--report", type=Path, default=None, metavar="DIR",
+                   help="write whatif.json, whatif.md and PNG plots here")
+    p.set_defaults(func=cmd_replay)
 
 
 def _sims() -> ModuleType:
@@ -145,3 +160,36 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
         for command in result.commands:
             out.line(f"  {command}")
     return 1
+
+
+def cmd_replay(args: argparse.Namespace, out: Output) -> int:
+    """``cei sim replay``: the recorded run and its re-simulations, figure by figure."""
+    from ..sim.whatif import compare, open_logs, table, write_report
+    from .common import assignments
+
+    settings = assignments(args.settings, "--set")
+    logs = open_logs(args.log)
+    try:
+        result = compare(logs, args.engine, settings, args.seed, args.extend)
+    finally:
+        for r in set(logs.values()):
+            r.close()
+    written = write_report(args.report, result, args.log) if args.report is not None else []
+    if out.json:
+        out.emit({k: v for k, v in result.items() if k != "series"}
+                 | ({"report": [str(p) for p in written]} if written else {}))
+        return 0
+    rows, columns = table(result)
+    policies = result["policies"]
+    out.table(rows, columns, title=f"{args.log}: {result['span_s']:.0f} s recorded"
+                                   + (f" + {args.extend:g} s" if args.extend else "") + ", "
+                                   + "; ".join(f"{k}: {v['engine']}" for k, v in policies.items()))
+    what_if = policies.get("what-if")
+    if what_if is not None and what_if["settings"]:
+        out.line("what-if settings: " + ", ".join(f"{k}={v}" for k, v in sorted(what_if["settings"].items())))
+    out.line("inputs: " + ", ".join(f"{k} {v}" for k, v in result["inputs"].items()))
+    for note in result["assumptions"]:
+        out.line(f"assumed: {note}")
+    if written:
+        out.line(f"report: {written[1]} (plots beside it)")
+    return 0

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import collections
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from ..pd import states as ps
 
-__all__ = ["screen", "timeline", "write_report"]
+__all__ = ["distribution", "fold", "screen", "timeline", "write_report"]
 
 #: EPUM instance states shown in the VM plot, in lifecycle order.
 VM_STATES = ("REQUESTING", "REQUESTED", "PENDING", "STARTED", "RUNNING", "TERMINATING",
@@ -30,8 +31,26 @@ def _bins(t0: float, t1: float, n: int = 200) -> tuple[float, int]:
 
 def timeline(system: Any, points: int = 200) -> dict[str, Any]:
     """Series over virtual time (seconds from the run's start) from the EPUM and PD logs."""
-    sim, t0 = system.sim, system.start
-    t1 = sim.clock.now()
+    sim = system.sim
+    epum, pd = sim.nodes["epum"], sim.nodes["pd"]
+    tl = fold(epum.log.read(epum.component.stream), pd.log.read(pd.component.stream),
+              system.start, sim.clock.now(), points)
+    tl["events_by_component"] = {name: node.log.head(node.component.stream)
+                                 for name, node in sorted(sim.nodes.items())}
+    return tl
+
+
+#: EPUM instance states after which an instance holds no VM.
+ENDED_VM_STATES = frozenset({"TERMINATED", "FAILED", "REJECTED"})
+
+
+def fold(epum_records: Iterable[Any], pd_records: Iterable[Any], t0: float, t1: float,
+         points: int = 200) -> dict[str, Any]:
+    """Fold EPUM and PD records (``.type`` and ``.body``) written between ``t0`` and ``t1``
+    into series binned over ``t1 - t0`` (VMs by state, queue length, running processes,
+    placements per second) and the run's figures: VM-seconds, busy-node seconds (a node
+    with a process placed on it), each process's first queue wait, request -> RUNNING
+    times, launches, instances destroyed, processes by final state, rounds after the first."""
     width, n = _bins(t0, t1, points)
     times = [round(i * width, 3) for i in range(n)]
 
@@ -43,16 +62,23 @@ def timeline(system: Any, points: int = 200) -> dict[str, Any]:
     inst_state: dict[str, str] = {}
     requested: dict[str, float] = {}
     to_running: list[float] = []
-    epum = sim.nodes["epum"]
-    for r in epum.log.read(epum.component.stream):
+    live_since: dict[str, float] = {}
+    vm_seconds = 0.0
+    destroyed: set[str] = set()
+    launches = 0
+    for r in epum_records:
         b = r.body
         if r.type == "InstanceLaunchRequested":
             iid, new, when = b["instance_id"], "REQUESTING", b["at"]
             requested[iid] = when
+            launches += 1
         elif r.type == "InstanceUpdated":
             iid, new, when = b["instance_id"], b["state"], b["at"]
             if new == "RUNNING" and iid in requested:
                 to_running.append(when - requested.pop(iid))
+        elif r.type == "InstanceDestroyRequested":
+            destroyed.update(b["instance_ids"])
+            continue
         else:
             continue
         old = inst_state.get(iid)
@@ -62,17 +88,29 @@ def timeline(system: Any, points: int = 200) -> dict[str, Any]:
             vm_delta[old][at(when)] -= 1
         vm_delta[new][at(when)] += 1
         inst_state[iid] = new
+        if new not in ENDED_VM_STATES:
+            live_since.setdefault(iid, when)
+        elif iid in live_since:
+            vm_seconds += _overlap(live_since.pop(iid), when, t0, t1)
+    vm_seconds += sum(_overlap(since, t1, t0, t1) for since in live_since.values())
     vms = {s: _cumulative(vm_delta[s]) for s in VM_STATES if s in vm_delta}
     vms.update({s: _cumulative(d) for s, d in vm_delta.items() if s not in vms})
 
-    # queue length, running processes and placements (the first PD)
+    # queue length, running processes and placements; node occupancy
     queue_d, running_d, placed = [0] * n, [0] * n, [0] * n
     proc_state: dict[str, str] = {}
-    pd = sim.nodes["pd"]
-    for r in pd.log.read(pd.component.stream):
+    scheduled_at: dict[str, float] = {}
+    waits: dict[str, float] = {}
+    on: dict[str, str] = {}  # upid -> the resource it is placed on
+    load: collections.Counter[str] = collections.Counter()  # resource -> processes placed
+    busy_since: dict[str, float] = {}
+    busy_seconds = 0.0
+    rounds: dict[str, int] = {}  # upid -> its newest round
+    for r in pd_records:
         b = r.body
         if r.type == "ProcessScheduled":
             new = ps.REQUESTED
+            scheduled_at.setdefault(b["upid"], b["at"])
         elif r.type == "ProcessMoved":
             new = b["state"]
         elif r.type == "ProcessAssigned":
@@ -80,7 +118,9 @@ def timeline(system: Any, points: int = 200) -> dict[str, Any]:
             placed[at(b["at"])] += 1
         else:
             continue
-        upid, i = b["upid"], at(b["at"])
+        upid, when = b["upid"], b["at"]
+        rounds[upid] = max(rounds.get(upid, 0), b["round"])
+        i = at(when)
         old = proc_state.get(upid)
         if old is not None:
             queue_d[i] -= old in ps.QUEUED
@@ -88,17 +128,45 @@ def timeline(system: Any, points: int = 200) -> dict[str, Any]:
         queue_d[i] += new in ps.QUEUED
         running_d[i] += new == ps.RUNNING
         proc_state[upid] = new
-    events = {name: node.log.head(node.component.stream) for name, node in sorted(sim.nodes.items())}
+        if new == ps.RUNNING and upid not in waits and upid in scheduled_at:
+            waits[upid] = when - scheduled_at[upid]
+        rid = b.get("resource_id") if new == ps.ASSIGNED else on.get(upid) if new in ps.PLACED else None
+        if on.get(upid) != rid:
+            for res, step in ((on.get(upid), -1), (rid, 1)):
+                if res is None:
+                    continue
+                load[res] += step
+                if load[res] == 1 and step == 1:
+                    busy_since[res] = when
+                elif load[res] == 0 and res in busy_since:
+                    busy_seconds += _overlap(busy_since.pop(res), when, t0, t1)
+            if rid is None:
+                on.pop(upid, None)
+            else:
+                on[upid] = rid
+    busy_seconds += sum(_overlap(since, t1, t0, t1) for since in busy_since.values())
     return {
         "bin_s": width,
         "t": times,
         "vms": vms,
+        "live_vms": [sum(vms[s][k] for s in vms if s not in ENDED_VM_STATES) for k in range(n)],
         "queue": _cumulative(queue_d),
         "running": _cumulative(running_d),
         "placements_per_s": [round(c / width, 4) for c in placed],
         "request_to_running_s": sorted(round(x, 3) for x in to_running),
-        "events_by_component": events,
+        "vm_seconds": round(vm_seconds, 3),
+        "busy_node_seconds": round(busy_seconds, 3),
+        "queue_wait_s": sorted(round(x, 3) for x in waits.values()),
+        "launches": launches,
+        "destroyed": len(destroyed),
+        "process_states": dict(sorted(collections.Counter(proc_state.values()).items())),
+        "restarts": sum(rounds.values()),
     }
+
+
+def _overlap(a: float, b: float, t0: float, t1: float) -> float:
+    """How much of ``[a, b]`` lies within ``[t0, t1]``."""
+    return max(0.0, min(b, t1) - max(a, t0))
 
 
 def _cumulative(deltas: list[int]) -> list[int]:

@@ -126,6 +126,8 @@ class SystemConfig:
     monitor_interval: float | None = None  # the PD's heartbeat monitor (None: its default)
     needs_refresh: float | None = None  # the PD's unconditional need refresh (None: default)
     extra: dict[str, Any] = field(default_factory=dict)  # per-component config overrides
+    #: the EPUM definition the PDs' domains are made from (None: engine ``needy``)
+    pd_definition: dict[str, Any] | None = None
 
 
 class SimAgent:
@@ -358,7 +360,7 @@ class CEISystem:
             "contextualization": {"method": "userdata", "userdata": "cei node"}}))
         sim.add("epum", EPUM({"decider_interval": cfg.decider_interval,
                               "default_site": self.site_names[0], **extra.get("epum", {})}))
-        self._ok("epum", AddDomainDefinition("pd_default", {
+        self._ok("epum", AddDomainDefinition("pd_default", cfg.pd_definition or {
             "general": {"engine_class": "needy"}, "engine_conf": {}, "health": {}}))
         self._ok("epum", AddDomainDefinition("plain", {
             "general": {"engine_class": "preserve_n"}, "engine_conf": {"preserve_n": 0},
@@ -465,9 +467,11 @@ class CEISystem:
     # ---- client operations (each returns the reply)
 
     def schedule(self, upid: str, duration: float, fail_rounds: int = 0,
-                 restart_mode: str | None = None, queueing_mode: str | None = None) -> Any:
+                 restart_mode: str | None = None, queueing_mode: str | None = None,
+                 constraints: dict[str, Any] | None = None, node_exclusive: str | None = None) -> Any:
         msg = ScheduleProcess(upid, command=sim_command(duration, fail_rounds),
-                              restart_mode=restart_mode, queueing_mode=queueing_mode)
+                              restart_mode=restart_mode, queueing_mode=queueing_mode,
+                              constraints=constraints, node_exclusive=node_exclusive)
         reply = self.sim.call("pd", msg)
         if isinstance(reply, Ok):
             self.scheduled[upid] = {"duration": duration, "fail_rounds": fail_rounds}
