@@ -30,6 +30,7 @@ from ..eventlog import (
     Snapshot,
     UnstorableEvent,
 )
+from ..eventlog.batch import unpack_state
 from .core import Component, Context, Decision, Rejected, S
 from .messages import ErrorReply, InvalidMessage, validate
 from .metrics import LogStats
@@ -305,7 +306,7 @@ class Runner(Generic[S]):
             state = None
             if snap is not None:
                 try:
-                    state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+                    state = self.component.restore(unpack_state(snap.data))
                 except Exception as exc:  # a bad snapshot costs a longer replay, never a wrong state
                     problem = f"cannot be restored: {type(exc).__name__}: {exc}"
             if state is None:
