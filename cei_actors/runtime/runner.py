@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import logging
 import os
@@ -585,6 +586,7 @@ class Runner(Generic[S]):
                     with contextlib.suppress(Exception):
                         signal.signal(sig, signal.SIG_DFL)
                 os.close(read_fd)
+                gc.disable()  # a collection would write to every object's page: copies of the heap
                 data = self.component.snapshot(self.state)
                 blob = b"" if data is None else msgpack.packb(data, use_bin_type=True)
                 _write_all(write_fd, _LENGTH.pack(len(blob)))
