@@ -42,9 +42,8 @@ from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import msgpack
-
 from .eventlog import EventLog, EventLogError, Record, open_log
+from .eventlog.batch import unpack_state
 from .ha.state import Observed
 from .launch.components import component_for
 
@@ -359,7 +358,7 @@ class Watcher:
         snap = self.log.load_snapshot(stream)
         if snap is not None and snap.offset <= head and snap.version == comp.snapshot_version:
             try:
-                state = comp.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+                state = comp.restore(unpack_state(snap.data))
                 pos = snap.offset
             except Exception:
                 logger.exception("stream %s: snapshot at %s unusable, replaying all", stream, snap.offset)

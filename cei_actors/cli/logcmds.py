@@ -10,6 +10,7 @@ import msgpack
 
 from ..debug import Replay, diff, entity_diff, human_time, only_entity, trace, why
 from ..eventlog import CorruptLog, Snapshot
+from ..eventlog.batch import unpack_state
 from ..launch.components import UnknownStream, component_for
 from ..launch.plan import shown_log_url
 from .common import UsageError
@@ -368,7 +369,7 @@ def check_snapshot(component: Any, snap: Snapshot, want: Any, head: int) -> str 
     if snap.version != component.snapshot_version:
         return None  # recovery ignores it and replays the whole log, which was checked above
     try:
-        restored = component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+        restored = component.restore(unpack_state(snap.data))
         have = _normal(component.snapshot(restored))
     except Exception as exc:  # noqa: BLE001 - whatever the component raises is the finding
         return f"cannot be restored: {type(exc).__name__}: {exc}"

@@ -26,6 +26,7 @@ from typing import Any
 import msgpack
 
 from ..eventlog import CorruptLog, EventLog, EventLogError, Record, open_log
+from ..eventlog.batch import unpack_state
 from ..launch.components import component_for
 from ..private_files import private_dir, write_secret_file
 from ..runtime.core import Component
@@ -259,7 +260,7 @@ class Replay:
                 snap = self.log.load_snapshot(stream, at)
                 if snap is None or snap.version != component.snapshot_version:
                     continue
-                data = msgpack.unpackb(snap.data, raw=False, strict_map_key=False)
+                data = unpack_state(snap.data)
                 return component.restore(data), at + 1
             except Exception:  # noqa: BLE001 - fall back to an older one, or to the events
                 continue

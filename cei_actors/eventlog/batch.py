@@ -261,3 +261,116 @@ def decode_snapshot(
     if len(data) != size or zlib.crc32(data) != crc:
         raise CorruptLog(stream, None, f"snapshot at {offset}: data does not match its head")
     return Snapshot(stream, offset, ts, version, bytes(data))
+
+
+# ---- a snapshot's data, decoded in pieces --------------------------------------------------
+
+#: Encoded bytes a single C call of :func:`unpack_state` decodes at most (about: one element
+#: bigger than this is still decoded at once). ~64 KiB is a few ms of ``unpackb``.
+STATE_PIECE_BYTES = 64 * 1024
+_WALK_LIMIT = 32  # nesting levels walked one element at a time; deeper is decoded at once
+_FEW = 64  # a bigger container is decoded in pieces of whole elements; a smaller one, walked
+_MAP16, _MAP32, _ARRAY16, _ARRAY32 = 0xDE, 0xDF, 0xDC, 0xDD
+
+
+def unpack_state(data: bytes | bytearray | memoryview) -> object:
+    """``msgpack.unpackb(data, raw=False, strict_map_key=False)`` for a snapshot's data, with
+    the same result, but never in one long C call: a big map or array is decoded a few
+    thousand elements at a time (a piece of about :data:`STATE_PIECE_BYTES`), with Python code
+    in between, so other threads (kazoo's pings that keep a ZooKeeper session alive, a
+    follower) get the GIL every few ms. A one-call ``unpackb`` of a 1M-entry state held it
+    for 1.5-2 s, and the session of a recovering leader expired (docs/decisions.md FO3)."""
+    view = memoryview(data).cast("B")
+    if len(view) <= STATE_PIECE_BYTES:
+        return msgpack.unpackb(view, raw=False, strict_map_key=False)
+    value, end = _unpack_walk(view, 0, len(view), 0)
+    if end != len(view):
+        raise msgpack.ExtraData(value, bytes(view[end:]))
+    return value
+
+
+def _unpacker(size: int) -> msgpack.Unpacker:
+    return msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=size + 16)
+
+
+def _unpack_one(view: memoryview, pos: int, prefix: bytes = b"", skip: bool = False) -> tuple[object, int]:
+    """Decode (or with ``skip`` only measure) the value at ``pos``, behind ``prefix`` (the
+    header of a piece); returns it and the position after it. Fed in growing windows, so a
+    small value costs no copy of the rest of the data."""
+    unpacker = _unpacker(len(view) + len(prefix))
+    if prefix:
+        unpacker.feed(prefix)
+    at, window = pos, 4096
+    while True:
+        if at < len(view):
+            unpacker.feed(view[at : at + window])
+            at, window = at + window, min(window * 4, 4 * 1024 * 1024)
+        try:
+            value = None if skip else unpacker.unpack()
+            if skip:
+                unpacker.skip()
+            break
+        except msgpack.OutOfData:
+            if at >= len(view):
+                raise ValueError("snapshot data is incomplete") from None
+    return value, pos + unpacker.tell() - len(prefix)
+
+
+def _container(view: memoryview, pos: int) -> tuple[bool, int, int] | None:
+    """(is_map, element count, header length) of a map or array at ``pos``, else None."""
+    if pos >= len(view):
+        return None
+    b = view[pos]
+    if 0x80 <= b <= 0x9F:
+        return b < 0x90, b & 0x0F, 1
+    width = {_MAP16: 2, _ARRAY16: 2, _MAP32: 4, _ARRAY32: 4}.get(b)
+    if width is None or pos + 1 + width > len(view):
+        return None
+    return b in (_MAP16, _MAP32), int.from_bytes(view[pos + 1 : pos + 1 + width], "big"), 1 + width
+
+
+def _unpack_walk(view: memoryview, pos: int, size: int, depth: int) -> tuple[object, int]:
+    """Decode the value of ``size`` encoded bytes at ``pos``: at once when small, else a
+    container with many elements in pieces, one with few element by element."""
+    head = _container(view, pos)
+    if head is None or size <= STATE_PIECE_BYTES or depth >= _WALK_LIMIT:
+        return _unpack_one(view, pos)
+    is_map, count, head_len = head
+    at = pos + head_len
+    if count >= _FEW:
+        return _unpack_pieces(view, at, count, is_map)
+    if is_map:
+        out: dict = {}
+        for _ in range(count):
+            if _container(view, at) is not None:  # a list as a key reads back as a tuple: decode in C
+                return _unpack_one(view, pos)
+            key, at = _unpack_one(view, at)
+            _, end = _unpack_one(view, at, skip=True)
+            out[key], at = _unpack_walk(view, at, end - at, depth + 1)
+        return out, at
+    items: list = []
+    for _ in range(count):
+        _, end = _unpack_one(view, at, skip=True)
+        item, at = _unpack_walk(view, at, end - at, depth + 1)
+        items.append(item)
+    return items, at
+
+
+def _unpack_pieces(view: memoryview, at: int, count: int, is_map: bool) -> tuple[object, int]:
+    """The ``count`` elements of a map or array whose body starts at ``at``, decoded in pieces
+    of about :data:`STATE_PIECE_BYTES` (each a map or array of its own, behind a made-up
+    header), joined in order: the same value as one ``unpackb``."""
+    out: dict | list = {} if is_map else []
+    done, step = 0, 16
+    while done < count:
+        k = min(step, count - done)
+        prefix = struct.pack(">BI", _MAP32 if is_map else _ARRAY32, k)
+        piece, end = _unpack_one(view, at, prefix)
+        if is_map:
+            out.update(piece)  # type: ignore[union-attr, call-overload]
+        else:
+            out.extend(piece)  # type: ignore[union-attr, arg-type]
+        per_element = max((end - at) / k, 1.0)
+        done, at = done + k, end
+        step = max(1, min(int(STATE_PIECE_BYTES / per_element), 1 << 20))
+    return out, at

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import importlib
 import logging
 import os
@@ -30,6 +31,7 @@ from ..eventlog import (
     Snapshot,
     UnstorableEvent,
 )
+from ..eventlog.batch import unpack_state
 from .core import Component, Context, Decision, Rejected, S
 from .messages import ErrorReply, InvalidMessage, validate
 from .metrics import LogStats
@@ -305,7 +307,7 @@ class Runner(Generic[S]):
             state = None
             if snap is not None:
                 try:
-                    state = self.component.restore(msgpack.unpackb(snap.data, raw=False, strict_map_key=False))
+                    state = self.component.restore(unpack_state(snap.data))
                 except Exception as exc:  # a bad snapshot costs a longer replay, never a wrong state
                     problem = f"cannot be restored: {type(exc).__name__}: {exc}"
             if state is None:
@@ -584,6 +586,7 @@ class Runner(Generic[S]):
                     with contextlib.suppress(Exception):
                         signal.signal(sig, signal.SIG_DFL)
                 os.close(read_fd)
+                gc.disable()  # a collection would write to every object's page: copies of the heap
                 data = self.component.snapshot(self.state)
                 blob = b"" if data is None else msgpack.packb(data, use_bin_type=True)
                 _write_all(write_fd, _LENGTH.pack(len(blob)))
