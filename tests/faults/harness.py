@@ -317,7 +317,14 @@ class FaultSystem:
                 new = conn.asys.createActor(ACTOR_CLASSES[comp], globalName=name)
                 with ServiceClient(conn.asys, new) as c:
                     c.tell(Start(self.plan.log_url, config=config, peers=peers, replicas=replicas))
-                    self.pids[name] = c.call(Status())["pid"]
+                    try:
+                        self.pids[name] = c.call(Status())["pid"]
+                    except FAILURES:
+                        # no other replica led, so it led at once and its crash point (after
+                        # recovery, say) ended it before it answered: the next round counts it
+                        if self.armed_pids_pending.pop(name, None) is None:
+                            raise
+                        self.pids[name] = None
                 if name in self.armed_pids_pending:
                     self.armed_pids[self.pids[name]] = self.armed_pids_pending.pop(name)
                 self.restarts += 1
