@@ -485,7 +485,9 @@ class FaultSystem:
     def capture(self, killed: str | None, problem: str) -> str:
         """Why the system has not converged: the problem, every replica's leadership, the
         leaders' view of nodes and needs, and ``cei log why`` of what is stuck."""
-        parts = [f"NOT CONVERGED after killing {killed}: {problem}", "replicas:"]
+        parts = [f"NOT CONVERGED after killing {killed}: {problem}",
+                 f"kills so far {self.kills}, by crash points {self.crash_kills}, restarts {self.restarts}",
+                 "replicas:"]
         for step in (self.replicas, self.diagnosis):
             try:
                 parts.append(step())
