@@ -52,7 +52,7 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
 #: WAITING after a PD failover" (an agent whose Hello was lost is now learnt from its heartbeats;
 #: an agent that took a standby while no replica led probes again and switches: decision F2),
 #: and an EPUM instance left TERMINATING after a Provisioner leader died between an append and
-#: its effects (EPUM now asks a new Provisioner leader at once: H4). Since then 14 of 15 short
+#: its effects (EPUM now asks a new Provisioner leader at once: H4). Since then 17 of 18 short
 #: runs converged after every kill; one did not within 45 s on a heavily loaded machine, cause
 #: not captured (a NotConverged now prints its cause: FaultSystem.capture). Open (decision F3):
 #: the 20-kill run's node churn terminates the PD's own nodes, and each termination SIGTERMs a
