@@ -14,6 +14,8 @@ import json
 import os
 import random
 import re
+import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +160,8 @@ class FaultSystem:
     armed_pids: dict[int, str] = field(default_factory=dict)
     #: seconds of load an armed leader gets to reach its crash point before kill -9
     armed_grace: float = 20.0
+    #: what the last ``converged`` found unsettled (upids, node ids, a domain or group)
+    stuck: list[str] = field(default_factory=list)
 
     # ---- connection and leaders ------------------------------------------------------------
 
@@ -313,7 +317,14 @@ class FaultSystem:
                 new = conn.asys.createActor(ACTOR_CLASSES[comp], globalName=name)
                 with ServiceClient(conn.asys, new) as c:
                     c.tell(Start(self.plan.log_url, config=config, peers=peers, replicas=replicas))
-                    self.pids[name] = c.call(Status())["pid"]
+                    try:
+                        self.pids[name] = c.call(Status())["pid"]
+                    except FAILURES:
+                        # no other replica led, so it led at once and its crash point (after
+                        # recovery, say) ended it before it answered: the next round counts it
+                        if self.armed_pids_pending.pop(name, None) is None:
+                            raise
+                        self.pids[name] = None
                 if name in self.armed_pids_pending:
                     self.armed_pids[self.pids[name]] = self.armed_pids_pending.pop(name)
                 self.restarts += 1
@@ -364,7 +375,9 @@ class FaultSystem:
         return {k: r for k, r in table["nodes"].items() if live(r["pid"])}
 
     def converged(self) -> str | None:
-        """None once everything has settled; else what has not yet."""
+        """None once everything has settled; else what has not yet (and ``stuck`` names the
+        processes, nodes, domain or group concerned, for ``capture``)."""
+        self.stuck = []
         try:
             for comp in KILLED:
                 reps = self.members(comp)
@@ -385,15 +398,18 @@ class FaultSystem:
             assert not lost, f"processes lost by the PD: {lost}"
             waiting = [u for u in self.short_acked if procs[u]["state"] not in ("EXITED",)]
             if waiting:
+                self.stuck = sorted(waiting)[:3]
                 return f"{len(waiting)} short processes not EXITED yet (e.g. {procs[waiting[0]]})"
             markers = self.marker_pids()
             for upid in self.long_upids:
                 p = procs[upid]
+                self.stuck = [upid]
                 if p["state"] != "RUNNING":
                     return f"{upid} is {p['state']}"
                 if len(markers.get(upid, [])) != 1:
                     return f"{upid}: {len(markers.get(upid, []))} live copies"
             group = self.client("ha", timeout=10.0).describe_group(HA_GROUP)
+            self.stuck = [HA_GROUP]
             if group["status"] != "STEADY":
                 return f"{HA_GROUP}: {group['status']} ({group['why']})"
             copies = markers.get("ha", [])
@@ -401,6 +417,7 @@ class FaultSystem:
                 return f"{HA_GROUP}: {len(copies)} copies run, {HA_N} wanted"
             self.ha_converged = True
             dom = epum.describe_domain("fdom")
+            self.stuck = ["fdom"]
             insts = [i for i in dom["instances"] if i["state"] not in ("TERMINATED", "FAILED", "REJECTED")]
             if len(insts) != self.domain_target or any(i["state"] != "RUNNING" for i in insts):
                 return f"fdom: {[i['state'] for i in insts]} for a target of {self.domain_target}"
@@ -411,11 +428,14 @@ class FaultSystem:
             assert len(iaas) == len(set(iaas)), f"a VM is held by two nodes: {held}"
             leaked = sorted(set(vms) - set(iaas))
             if leaked:
+                self.stuck = [n["node_id"] for n in nodes if n.get("iaas_id") in leaked][:3] or ["fdom"]
                 return f"VMs no node holds (yet): {leaked}"
             missing = sorted(n["node_id"] for n in held if n["state"] == "RUNNING" and n["iaas_id"] not in vms)
             if missing:
+                self.stuck = missing[:3]
                 return f"RUNNING nodes without a live VM: {missing}"
             if any(n["state"] != "RUNNING" for n in held):
+                self.stuck = [n["node_id"] for n in held if n["state"] != "RUNNING"][:3]
                 return f"nodes still changing: {sorted(n['state'] for n in held)}"
         except FAILURES as exc:
             return f"{type(exc).__name__}: {exc}"
@@ -433,6 +453,50 @@ class FaultSystem:
                     f"resources {len(dump['resources'])}; EPUM domains {doms}; replicas {pids}")
         except Exception as exc:  # noqa: BLE001 - a diagnosis only
             return f"(no diagnosis: {exc})"
+
+    def replicas(self) -> str:
+        """One line per replica: its pid and what ``Status`` says of its leadership."""
+        lines = []
+        for comp in KILLED:
+            for name, _, s in self.members(comp):
+                if s is None:
+                    lines.append(f"  {name}: no answer (pid {self.pids.get(name)})")
+                    continue
+                armed = self.armed_pids.get(s.get("pid"))
+                lines.append(f"  {name}: pid {s.get('pid')} mode {s.get('mode')} leader {s.get('leader')} "
+                             f"epoch {s.get('epoch')} head {s.get('head')} held {s.get('held')}"
+                             + (f" armed {armed}" if armed else "")
+                             + (f" last_error {s.get('last_error')}" if s.get("last_error") else ""))
+        return "\n".join(lines)
+
+    def log_why(self, entity: str, tail: int = 30) -> str:
+        """``cei log why ENTITY`` on this system's log (its last ``tail`` lines of history)."""
+        cmd = [sys.executable, "-c", "from cei_actors.cli_entry import entry; entry()",
+               "--home", str(self.home), "--log", self.plan.log_url, "log", "why", entity]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return f"  (cei log why {entity}: timed out)"
+        lines = (done.stdout + done.stderr).splitlines()
+        if len(lines) > tail + 8:
+            lines = [*lines[:8], f"  ... {len(lines) - tail - 8} lines ...", *lines[-tail:]]
+        return "\n".join(f"  | {line}" for line in lines)
+
+    def capture(self, killed: str | None, problem: str) -> str:
+        """Why the system has not converged: the problem, every replica's leadership, the
+        leaders' view of nodes and needs, and ``cei log why`` of what is stuck."""
+        parts = [f"NOT CONVERGED after killing {killed}: {problem}",
+                 f"kills so far {self.kills}, by crash points {self.crash_kills}, restarts {self.restarts}",
+                 "replicas:"]
+        for step in (self.replicas, self.diagnosis):
+            try:
+                parts.append(step())
+            except Exception as exc:  # noqa: BLE001 - a diagnosis only
+                parts.append(f"  ({step.__name__} failed: {exc})")
+        for entity in self.stuck:
+            parts.append(f"cei log why {entity}:")
+            parts.append(self.log_why(entity))
+        return "\n".join(parts)
 
     def check_epochs(self, killed: str | None) -> None:
         for comp in KILLED:
@@ -494,8 +558,9 @@ class FaultSystem:
         try:
             wait_for(settled, timeout, 0.25, "convergence")
         except AssertionError:
-            raise NotConverged(f"no convergence after killing {killed}: {last[0]}; "
-                                 f"{self.diagnosis()}") from None
+            text = self.capture(killed, last[0])
+            print(text, flush=True)  # an xfail's message is not shown; -s shows this
+            raise NotConverged(text) from None
         self.check_epochs(killed)
 
         def replay_matches() -> bool:
@@ -537,6 +602,7 @@ def run_faults(system: FaultSystem, kills_per_component: int, dwell: tuple[float
             system.settle_and_check(comp)
             assert system.kills[comp] >= before + 1
             lines.append(f"{comp}: {how}, settled in {time.monotonic() - t0:.1f}s")
+            print(lines[-1], flush=True)  # progress, for a long run under -s
     # an armed replica that came to lead at the last kill gets its load too (some points need
     # a create or an append, which a settling system without load does not make)
     for comp in KILLED:
@@ -546,4 +612,5 @@ def run_faults(system: FaultSystem, kills_per_component: int, dwell: tuple[float
             how = system.kill_leader(comp, t0)
             system.settle_and_check(comp)
             lines.append(f"{comp} (armed, last): {how}, settled in {time.monotonic() - t0:.1f}s")
+            print(lines[-1], flush=True)
     return lines

@@ -37,8 +37,7 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
         system.add_domain()
         system.add_ha_group()
         system.settle_and_check(None, timeout=45)
-        lines = run_faults(system, kills, dwell=(0.5, 4.0))
-        print("\n".join(lines))
+        run_faults(system, kills, dwell=(0.5, 4.0))
         print(f"kills {system.kills}, by crash points {system.crash_kills}, restarts {system.restarts}")
         for comp in KILLED:
             assert system.kills[comp] >= kills
@@ -53,15 +52,20 @@ def run(home, tmp_path, zk_hosts, kills: int, seed: int, **arming) -> FaultSyste
 #: WAITING after a PD failover" (an agent whose Hello was lost is now learnt from its heartbeats;
 #: an agent that took a standby while no replica led probes again and switches: decision F2),
 #: and an EPUM instance left TERMINATING after a Provisioner leader died between an append and
-#: its effects (EPUM now asks a new Provisioner leader at once: H4). Since then 11 of 12 short
+#: its effects (EPUM now asks a new Provisioner leader at once: H4). Since then 17 of 18 short
 #: runs converged after every kill; one did not within 45 s on a heavily loaded machine, cause
-#: not captured. Only "did not converge" is expected: a process run twice, more HA copies than
-#: N, a VM leaked or doubled, an epoch going down or a live state unlike the replay still fail.
+#: not captured (a NotConverged now prints its cause: FaultSystem.capture). Open (decision F3):
+#: the 20-kill run's node churn terminates the PD's own nodes, and each termination SIGTERMs a
+#: long process; the PD counts that as a quick failure (OP3 means ends "on its own"), so after
+#: 8 in a row it waits 60 s in CrashLoopBackOff, past the 45 s. Only "did not converge" is
+#: expected: a process run twice, more HA copies than N, a VM leaked or doubled, an epoch going
+#: down or a live state unlike the replay still fail.
 LIVENESS_FINDING = pytest.mark.xfail(raises=NotConverged, strict=False,
                                      reason="liveness after some failovers (see above): a finding, not yet fixed")
 
 
 @LIVENESS_FINDING
+@pytest.mark.timeout(600)  # about three minutes on a busy 2-core host; the default cap is 300 s
 def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
     """Two kills per component: the first by kill -9; the replica restarted after it is armed
     with a crash point (probability 1), so once the second kill makes it lead it dies there."""
@@ -72,6 +76,7 @@ def test_leaders_killed_under_load_short(home, tmp_path, zk_hosts):
 
 @pytest.mark.slow
 @LIVENESS_FINDING
+@pytest.mark.timeout(4 * 3600)  # 80+ kills at 10-30 s each: far past the default 300 s cap
 def test_leaders_killed_under_load_20_each(home, tmp_path, zk_hosts):
     system = run(home, tmp_path, zk_hosts, kills=20, seed=random.randrange(10**6))
     assert sum(system.crash_kills.values()) > 0
