@@ -185,17 +185,6 @@ def _alive(pid: int) -> bool:
     return data[data.rfind(b")") + 2 :][:1] not in (b"Z", b"X")
 
 
-def wait_for(fn: Any, timeout: float = 20.0, every: float = 0.05) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(every)
-    raise AssertionError(f"condition not reached in {timeout}s (last: {last!r})")
-
-
 class FakePD(ActorTypeDispatcher):
     """Stands in for the PD in agent tests: records Hellos and heartbeats, forwards on request.
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from libcloud.compute.base import NodeDriver
 from libcloud.compute.types import NodeState
+from waiting import wait_for
 
 from cei_actors.provisioner.drivers import LocalNodeNotFound, LocalProcessDriver
 
@@ -51,15 +52,6 @@ def group_members(pgid: int) -> list[int]:
             if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
                 out.append(int(entry))
     return out
-
-
-def wait_for(pred, timeout: float = 5.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = pred()
-        if value or time.monotonic() > deadline:
-            return value
-        time.sleep(0.02)
 
 
 def by_id(d: LocalProcessDriver) -> dict:

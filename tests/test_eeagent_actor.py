@@ -12,8 +12,9 @@ import threading
 import time
 
 import pytest
-from pd_system import REPO, FakePD, wait_for
+from pd_system import REPO, FakePD
 from thespian.actors import ActorTypeDispatcher
+from waiting import wait_for
 
 from cei_actors.eeagent.actor import AgentConfig, AgentCore, AgentStop, EEAgentActor
 from cei_actors.eeagent.messages import (

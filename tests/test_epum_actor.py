@@ -11,6 +11,8 @@ import pytest
 shell = pytest.importorskip("cei_actors.runtime.shell")
 prov_actor = pytest.importorskip("cei_actors.provisioner.actor")
 
+from waiting import wait_for  # noqa: E402
+
 from cei_actors.epum.actor import EPUMActor  # noqa: E402
 from cei_actors.epum.messages import (  # noqa: E402
     AddDomain,
@@ -30,16 +32,6 @@ def call(asys, addr, msg, timeout=10.0):
     reply = asys.ask(addr, Request(rid, msg), timeout)
     assert isinstance(reply, Response) and reply.rid == rid, reply
     return reply.reply
-
-
-def wait_for(fn, timeout=30.0, every=0.2):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = fn()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("condition not reached")
 
 
 def test_epum_actor_with_provisioner_on_zookeeper(zk_hosts):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_for
 
 from cei_actors.eeagent.supervisor import read_table
 from cei_actors.launch.launcher import connect, down, read_info, up
@@ -39,15 +40,6 @@ def home(tmp_path):
     finally:
         if read_info(path) is not None:
             down(path)
-
-
-def wait_for(fn, timeout=30.0, every=0.05):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(every)
 
 
 def live(pid: int) -> bool:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from waiting import wait_for
 
 from cei_actors.launch.launcher import LaunchError, NotRunning, connect, down, read_info, up
 from cei_actors.launch.plan import default_plan_text, load_plan
@@ -85,15 +86,6 @@ def home(tmp_path):
     finally:
         if read_info(path) is not None:
             down(path)
-
-
-def wait_for(fn, timeout=30.0, every=0.1):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(every)
 
 
 @pytest.mark.parametrize("log", ["sqlite", "zk"])
@@ -211,6 +203,29 @@ def test_up_after_a_crash_cleans_up_and_recovers(home, tmp_path):
         assert conn.pd.describe_process("long")["state"] in ("FAILED", "TERMINATED")
     down(home)
     assert_nothing_left(home, again)
+
+
+def test_down_with_no_provisioner_replica_left_still_stops_everything(home, tmp_path):
+    """`down` when every Provisioner replica is dead: its terminate-all cannot be asked, so the
+    local nodes are cleaned up directly; nothing is left running and `down` does not raise."""
+    plan = load_plan(make_plan(tmp_path), home=home)
+    info = up(plan, home)
+    marker = f"40.{os.getpid()}{time.monotonic_ns() % 10**6:06d}"  # this test's own sleep
+    with connect(home) as conn:
+        conn.pd.schedule_process("long", command=["sleep", marker], restart_mode="never")
+        conn.pd.wait_process("long", "RUNNING", timeout=30)
+    agents = processes_mentioning(f"--pd 127.0.0.1:{info['admin_port']} ")
+    assert agents
+    provisioner = info["pids"]["provisioner"]
+    os.kill(provisioner, signal.SIGKILL)
+    wait_for(lambda: not live(provisioner), timeout=10, what="the Provisioner's death")
+    steps: list[str] = []
+    result = down(home, progress=steps.append)
+    assert any("terminate-all failed" in s for s in steps), steps
+    assert "provisioner" not in result["stopped"]
+    assert not [p for p, _ in agents if live(p)]
+    assert not processes_mentioning(f"sleep {marker} ")
+    assert_nothing_left(home, info)
 
 
 def test_pd_standby_takes_over_and_agents_and_epum_follow(home, tmp_path):

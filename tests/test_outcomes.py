@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 from test_cli_e2e import cleanup, data, leftovers, run_cli
+from waiting import wait_for
 
 from cei_actors.embed import CEI, OutcomeUnknown
 from cei_actors.eventlog import open_log
@@ -27,17 +28,6 @@ from cei_actors.runtime.example import Add, Get
 from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
-
-
-def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @contextlib.contextmanager

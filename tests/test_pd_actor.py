@@ -7,7 +7,8 @@ import collections
 import time
 
 import pytest
-from pd_system import CallError, PDSystem, pd_config, wait_for
+from pd_system import CallError, PDSystem, pd_config
+from waiting import wait_for
 
 from cei_actors.pd import states as ps
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from cei_actors.eventlog import open_log
 from cei_actors.provisioner.actor import ProvisionerActor
@@ -44,17 +45,6 @@ DT = {
 }
 FAST = {"query_interval": 0.3, "boot_query_interval": 0.1, "disappear_grace": 2.0,
         "reaper_interval": 0.0}
-
-
-def wait_for(fn, timeout=20.0, every=0.05):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"condition not reached in {timeout}s (last: {value!r})")
-        time.sleep(every)
 
 
 def states(client, ids=None):

@@ -11,6 +11,7 @@ import uuid
 
 import pytest
 from thespian.actors import ActorExitRequest
+from waiting import wait_for
 
 from cei_actors.runtime.client import ServiceClient, Unavailable
 from cei_actors.runtime.control import Request, Response, Start, Status, Stop
@@ -35,17 +36,6 @@ from cei_actors.runtime.system import (
 from cei_actors.testing.zkserver import ZkServer, expire_session
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from thespian.actors import Actor, ActorAddress, ActorExitRequest
+from waiting import wait_for
 
 import cei_actors
 from cei_actors.eventlog import LogUnavailable, open_log
@@ -106,17 +107,6 @@ def pid_listening_on(port: int) -> int:
             except (FileNotFoundError, PermissionError, ProcessLookupError):
                 continue
     raise AssertionError(f"nobody listens on 127.0.0.1:{port}")
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 # ---- fixtures ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from thespian.actors import ActorExitRequest
+from waiting import wait_for
 
 from cei_actors.eventlog import Fenced, open_log
 from cei_actors.runtime.client import BadRequest, ServiceClient
@@ -159,17 +160,6 @@ def tcp_system():
         yield asys
     finally:
         shutdown_system(asys)
-
-
-def wait_for(predicate, timeout: float = 20.0, interval: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 def kill9(pid: int) -> None:

@@ -792,7 +792,7 @@ def stop_components(conn: Connection, say: Progress, result: dict[str, Any]) -> 
         say("terminating every node")
         try:
             result["nodes_terminated"] = conn.provisioner.terminate_all(wait=True, timeout=60.0)
-        except (RequestFailed, OutcomeUnknown) as exc:
+        except (RequestFailed, OutcomeUnknown, NotRunning) as exc:
             say(f"terminate-all failed ({exc}); the local nodes are cleaned up directly")
     from ..eeagent.actor import AgentStop
 

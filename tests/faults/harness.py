@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from waiting import wait_for
 
 from cei_actors.cli.logcmds import check_snapshot
 from cei_actors.epum.client import EPUMClient
@@ -50,17 +51,6 @@ POINTS = {
     "provisioner": ["after_work.create", "after_work.list", "after_append", "after_effects"],
 }
 FAILURES = (RequestFailed, OutcomeUnknown)
-
-
-def wait_for(fn, timeout: float, every: float = 0.1, what: str = "condition"):
-    end = time.monotonic() + timeout
-    while True:
-        value = fn()
-        if value:
-            return value
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
 
 
 def live(pid: int | None) -> bool:

@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from cei_actors.eventlog import open_log
 from cei_actors.runtime import faults
@@ -21,15 +21,6 @@ from cei_actors.runtime.runner import replay
 from cei_actors.runtime.system import TCP_BASE, lookup, shutdown_system, start_actor, start_system
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
-
-
-def wait_for(fn, timeout=15.0, every=0.02, what="condition"):
-    end = time.monotonic() + timeout
-    while not (value := fn()):
-        if time.monotonic() > end:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(every)
-    return value
 
 
 def alive(pid: int) -> bool:
