@@ -630,6 +630,8 @@ class ProcessDispatcher(Component[PDState]):
                 pre.popleft()
                 return state
             pre.clear()  # left over from a decision whose events were applied elsewhere
+        if state.soft.quiet:
+            state.soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
         state.apply(event)
         return state
 
