@@ -350,6 +350,34 @@ def test_stale_heartbeat_of_an_older_round_gets_terminated():
     assert sim.state.resources[aid].foreign == 1
 
 
+def test_an_unchanged_quiet_heartbeat_is_short_circuited_until_the_pd_changes_its_processes():
+    """Decision SIM7: a heartbeat equal to the agent's last one that asked for nothing is
+    not looked at again; any event on one of its processes makes the next one count."""
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["x"]))
+    sim.ok(ScheduleProcess("p2", command=["x"]))
+    sim.heartbeat(aid)  # ASSIGNED -> RUNNING: not quiet
+    assert aid not in sim.state.soft.quiet
+    sim.heartbeat(aid)
+    assert sim.state.soft.quiet[aid] == [
+        {"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2")]
+    head = sim.runner.head
+    sim.sent.clear()
+    sim.heartbeat(aid)
+    assert sim.runner.head == head and sim.sent == []
+    # the PD restarts p1 while the agent misses it: the same heartbeat now reports a stale round
+    sim.agents[aid].up = False
+    sim.ok(RestartProcess("p1"))
+    sim.agents[aid].up = True
+    assert aid not in sim.state.soft.quiet
+    sim.sent.clear()
+    sim.heartbeat(aid)
+    assert [s.message for s in sim.sent if isinstance(s.message, TerminateProcess)] == [TerminateProcess("p1", 0)]
+    assert sim.state.resources[aid].foreign == 1 and aid not in sim.state.soft.quiet
+    check_invariants(sim.state)
+
+
 # ---- nodes, resources, failures ---------------------------------------------------------------
 
 

@@ -111,3 +111,21 @@ def test_trusted_in_process_deliveries_skip_validation_outside_ones_do_not():
     sim.run_for(1.0)
     assert isinstance(got[-1], ErrorReply) and got[-1].code == "bad_request"
     assert isinstance(sim.call("c", bad), ErrorReply)  # an outside call is always validated
+
+
+def test_run_steps_stops_after_max_steps_with_the_clock_at_the_last_one():
+    """The run loop CEISystem.run_for uses between its progress and check points: a chunk
+    that stops early leaves the clock at the last thing it ran, so the next chunk goes on
+    exactly as one long run would (same steps, same times)."""
+    sim = Simulation(seed=1)
+    seen: list[float] = []
+    for i in range(5):
+        sim.schedule(10.0 * (i + 1), lambda: seen.append(sim.clock.now()))
+    start = sim.clock.now()
+    assert sim.run_steps(start + 100.0, 2) == 2
+    assert sim.clock.now() == start + 20.0 and sim.steps == 2
+    assert sim.run_steps(start + 35.0, 10) == 1
+    assert sim.clock.now() == start + 30.0
+    assert sim.run_until(start + 100.0) == 2
+    assert seen == [start + 10.0 * (i + 1) for i in range(5)] and sim.clock.now() == start + 100.0
+    assert sim.step() is False

@@ -294,6 +294,9 @@ class Tx:
     # ---- primitives ---------------------------------------------------------------------------
 
     def emit(self, event: Any) -> None:
+        quiet = self.s.soft.quiet
+        if quiet:
+            _unquiet(self.s, quiet, event)
         try:
             self.s.apply(event)
         except Exception as exc:
@@ -487,6 +490,7 @@ class Tx:
             soft.heard.discard(rid)
             soft.cleanups.pop(rid, None)
             soft.stale_kills.pop(rid, None)
+            soft.quiet.pop(rid, None)
 
     # ---- the end of every decision ------------------------------------------------------------
 
@@ -626,6 +630,8 @@ class ProcessDispatcher(Component[PDState]):
                 pre.popleft()
                 return state
             pre.clear()  # left over from a decision whose events were applied elsewhere
+        if state.soft.quiet:
+            state.soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
         state.apply(event)
         return state
 
@@ -1144,6 +1150,8 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             lv.warned_at = now
     first = rid not in soft.heard
     soft.heard.add(rid)
+    if soft.quiet.get(rid) == m.processes:
+        return  # as the last heartbeat, which asked for nothing; nothing here changed since
     foreign = 0
     seen: set[tuple[str, int]] = set()
     # Cleanups and stale-copy terminations are level-triggered by what the agent reports,
@@ -1154,6 +1162,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     cleanups: dict[tuple[str, int], float] = {}
     kills: dict[tuple[str, int], float] = {}
     processes, normalize, placed = s.processes, agent_states.normalize, ps.PLACED
+    acted = False  # a process needed something: not a quiet heartbeat
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
         state = normalize(d["state"])
@@ -1179,9 +1188,12 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
                 cleanups[key] = last
             continue
         seen.add(key)
+        if p.state == ps.TERMINATING:
+            acted = True
         if state in (ps.PENDING, ps.RUNNING):
             if p.state in (ps.ASSIGNED, ps.PENDING) and ps.rank(state) > ps.rank(p.state):
                 tx.move(p, rnd, state, d.get("msg") or "")
+                acted = True
             elif p.state == ps.TERMINATING and (first or upid not in soft.terminate_sent):
                 tx.terminate(rid, upid, rnd)
                 soft.terminate_sent[upid] = now
@@ -1198,6 +1210,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     for upid, rnd in list(res.assigned.items()):
         if (upid, rnd) in seen:
             continue
+        acted = True
         p = s.processes[upid]
         if p.state == ps.ASSIGNED:
             if first:
@@ -1208,6 +1221,31 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             tx.ended(p, ps.FAILED, "the agent no longer reports it")
         elif p.state == ps.TERMINATING:
             tx.move(p, p.round, ps.TERMINATED, "not on the agent")
+    if acted or foreign or cleanups or kills:
+        soft.quiet.pop(rid, None)
+    else:
+        soft.quiet[rid] = m.processes
+
+
+#: events that change one process (``upid``) or one resource (``resource_id``) only
+_ONE_PROCESS = (ProcessMoved, ProcessAssigned, ProcessScheduled, ProcessBackoff, ProcessCreated)
+_ONE_RESOURCE = (ResourceStateChanged, ResourceOccupancy, ResourceAdded)
+
+
+def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
+    """``event`` is about to be applied: forget the quiet heartbeat (decision SIM7) of every
+    agent whose processes or resource it may change (of all agents for any other event)."""
+    if isinstance(event, _ONE_PROCESS):
+        p = s.processes.get(event.upid)
+        if p is not None and p.resource_id is not None:
+            quiet.pop(p.resource_id, None)
+        rid = getattr(event, "resource_id", None)
+        if rid is not None:
+            quiet.pop(rid, None)
+    elif isinstance(event, _ONE_RESOURCE):
+        quiet.pop(event.resource_id, None)
+    else:
+        quiet.clear()
 
 
 def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:

@@ -272,6 +272,8 @@ class Soft:
     #: node_id -> the loss state EPUM reported, for nodes lost but not known dead: their
     #: processes move once every agent's lease there has run out (decision PD9)
     doomed: dict[str, str] = field(default_factory=dict)
+    #: agent -> the process list of its last heartbeat that asked for nothing (decision SIM7)
+    quiet: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
 class PDState:

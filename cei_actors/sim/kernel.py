@@ -181,41 +181,48 @@ class Simulation:
 
     def step(self) -> bool:
         """Process the next scheduled thing; False when nothing is left."""
-        if not self._heap:
-            return False
-        when, _, kind, args = heapq.heappop(self._heap)
-        self.clock.t = max(self.clock.t, when)
-        if kind == "deliver":
-            self._deliver(*args)
-        elif kind == "timer":
-            name, key, gen, message = args
-            node = self.nodes[name]
-            if node.up and node.timers.get(key) == gen:
-                del node.timers[key]
-                self._deliver(name, message, None, True)
-        elif kind == "work":
-            name, gen, handler, payload = args
-            node = self.nodes[name]
-            result = handler(payload)  # the side effect happens even if the node died meanwhile
-            if node.up and node.generation == gen and result is not None:
-                self._deliver(name, result, None, True)
-        elif kind == "call":
-            args[0]()
-        self.steps += 1
-        for hook in self.step_hooks:
-            hook(self)
-        return True
+        return self.run_steps(float("inf"), 1) == 1
 
     def next_at(self) -> float | None:
         """The virtual time of the next scheduled thing (None: nothing is left)."""
         return self._heap[0][0] if self._heap else None
 
+    def run_steps(self, t: float, max_steps: int) -> int:
+        """Process scheduled things due at or before virtual time ``t``, at most
+        ``max_steps`` of them, in order; returns how many. The clock stays at the last one
+        processed (:meth:`run_until` moves it on to ``t``)."""
+        heap, clock, nodes, hooks = self._heap, self.clock, self.nodes, self.step_hooks
+        pop, deliver = heapq.heappop, self._deliver
+        n = 0
+        while heap and n < max_steps and heap[0][0] <= t:
+            when, _, kind, args = pop(heap)
+            if when > clock.t:
+                clock.t = when
+            if kind == "deliver":
+                deliver(*args)
+            elif kind == "call":
+                args[0]()
+            elif kind == "timer":
+                name, key, gen, message = args
+                node = nodes[name]
+                if node.up and node.timers.get(key) == gen:
+                    del node.timers[key]
+                    deliver(name, message, None, True)
+            elif kind == "work":
+                name, gen, handler, payload = args
+                node = nodes[name]
+                result = handler(payload)  # the side effect happens even if the node died meanwhile
+                if node.up and node.generation == gen and result is not None:
+                    deliver(name, result, None, True)
+            n += 1
+            self.steps += 1
+            for hook in hooks:
+                hook(self)
+        return n
+
     def run_until(self, t: float, max_steps: int = 10_000_000) -> int:
         """Run every scheduled thing up to virtual time ``t``; returns the steps taken."""
-        steps = 0
-        while self._heap and self._heap[0][0] <= t and steps < max_steps:
-            self.step()
-            steps += 1
+        steps = self.run_steps(t, max_steps)
         self.clock.t = max(self.clock.t, t)
         return steps
 

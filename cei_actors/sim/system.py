@@ -623,9 +623,13 @@ class CEISystem:
         every that many steps (and at the end); returns the first violations found."""
         sim, end = self.sim, self.sim.clock.now() + seconds
         n = 0
-        while (at := sim.next_at()) is not None and at <= end:
-            sim.step()
-            n += 1
+        every = [k for k in (self.progress_every if self.progress is not None else 0, check_every) if k > 0]
+        while True:
+            chunk = min(k - n % k for k in every) if every else 1 << 62
+            done = sim.run_steps(end, chunk)
+            n += done
+            if done < chunk:
+                break
             if self.progress is not None and n % self.progress_every == 0:
                 self.progress(self)
             if check_every and n % check_every == 0:
