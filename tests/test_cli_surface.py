@@ -144,7 +144,7 @@ def test_human_times_in_tables_and_describe_raw_in_json() -> None:
     now = 1796233940.28
     assert age(45) == "45s" and age(200) == "3m20s" and age(7500) == "2h5m" and age(3 * 86400 + 7200) == "3d2h"
     text = human_time(now - 180, now)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(3m ago\)", text)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(3m ago\)", text)
     assert human_time(now + 60, now).endswith("(in 1m)")
     data = {"state_time": now - 5, "round": 3, "heartbeat_timeout": 30.0, "nodes": [{"changed_at": now}]}
     shown = humanized(data, now)
@@ -157,6 +157,42 @@ def test_human_times_in_tables_and_describe_raw_in_json() -> None:
     stream = io.StringIO()
     Output(True, stream).describe({"upid": "u1", "state_time": now})
     assert json.loads(stream.getvalue())["state_time"] == now
+
+
+def test_times_are_utc_everywhere_and_at_takes_them_back(monkeypatch) -> None:
+    """One rule (decision OP5): people's times are UTC marked Z, in tables and describe as in
+    the log tools, whatever the host's time zone, and ``--at`` reads what they show."""
+    from cei_actors.debug import human_time as log_time
+    from cei_actors.debug import parse_at
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # +05:30: a local time would show 05:30 here
+    time.tzset()
+    try:
+        ts = 1796233940.28  # 2026-12-02 17:52:20.280 UTC
+        assert human_time(ts, ts + 90) == "2026-12-02 17:52:20Z (1m30s ago)"
+        assert log_time(ts) == "2026-12-02 17:52:20.280Z"
+        assert parse_at("2026-12-02 17:52:20Z", now=ts) == ("time", 1796233940.0)
+        shown = humanized({"next_start": ts, "retry_at": ts, "min_start_interval": 5.0}, ts - 16)
+        assert shown == {"next_start": "2026-12-02 17:52:20Z (in 16s)", "retry_at": "2026-12-02 17:52:20Z (in 16s)",
+                         "min_start_interval": 5.0}
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_every_option_says_what_it_does() -> None:
+    """``--help`` documents every flag and argument (many had none: `--seed`, `--from`,
+    `--allocation`, ...). The `process` group is another engineer's area (left out here)."""
+    import argparse
+
+    from cei_actors.cli import _subcommand_parsers
+
+    parser = build_parser()
+    bare = [f"{p.prog} {a.option_strings or a.dest}" for p in [parser, *_subcommand_parsers(parser)]
+            if not p.prog.startswith("cei process ")
+            for a in p._actions
+            if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and not a.help]
+    assert bare == []
 
 
 def test_ids_by_unique_prefix() -> None:
