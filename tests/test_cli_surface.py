@@ -327,6 +327,22 @@ def test_ids_by_prefix_against_the_system(home: Path) -> None:
     assert unknown.returncode == 1 and unknown.stderr == "cei: unknown node 'zz-no-such-node'\n"
 
 
+def test_a_second_up_and_ha_list_wide(home: Path) -> None:
+    """A second ``up`` refuses in one line without first saying which log it would use (it
+    did); ``ha list -o wide`` adds why, wants, pds and created_at (it showed the plain columns)."""
+    again = human(home, "up", check=False)
+    assert again.returncode == 1 and again.stdout == "" and "already up" in again.stderr
+    data(home, "ha", "create", "wide-one", "--preserve-n", "0", "--", "sleep", "300")
+    try:
+        wide = human(home, "ha", "list", "-o", "wide").stdout.splitlines()
+        assert wide[1].split() == ["name", "policy", "status", "target", "copies", "removing", "why", "wants",
+                                   "pds", "created_at"]
+        row = next(line for line in wide if line.startswith("wide-one "))
+        assert "pd" in row.split() and re.search(r"\d\d:\d\d:\d\dZ \(\d+s ago\)", row), row
+    finally:
+        data(home, "ha", "remove", "wide-one")
+
+
 def _lines_until(proc: subprocess.Popen, found, timeout: float = 60.0) -> list[str]:
     """Lines of ``proc``'s stdout until ``found(line)`` is true."""
     lines: list[str] = []
