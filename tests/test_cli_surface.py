@@ -343,6 +343,32 @@ def test_a_second_up_and_ha_list_wide(home: Path) -> None:
         data(home, "ha", "remove", "wide-one")
 
 
+def test_a_read_without_a_reply_says_it_changed_nothing(home: Path) -> None:
+    """A read that times out (the PD stopped) exits 3 as any request without a reply, but its
+    line does not say the read "may have taken effect" (it did): it points at ``cei status``."""
+    from test_outcomes import suspended
+
+    pid = json.loads((home / "system.json").read_text())["pids"]["pd"]
+    with suspended(pid):
+        proc = human(home, "--request-timeout", "1", "process", "list", check=False)
+    assert proc.returncode == 3 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("cei: no reply: DescribeProcesses: sent to ") and "taken effect" not in proc.stderr
+    assert "a read changes nothing (`cei status` shows what serves)" in proc.stderr
+
+
+def test_status_says_what_a_mode_means() -> None:
+    """NOT HEALTHY said only "not serving (suspended)" while the log was unreachable: the mode
+    is now explained (here: a leader that lost its ZooKeeper session)."""
+    from cei_actors.cli.system import component_problems
+
+    replicas = {"pd": [{"mode": "suspended", "running": True, "ready": False, "since": 1796233940.0}],
+                "epum": [{"mode": "ready", "running": True, "ready": True}]}
+    assert component_problems(replicas) == [{
+        "component": "pd", "since": 1796233940.0,
+        "error": "not serving (suspended: its leadership is in doubt (its log session is lost); requests wait "
+                 "until the log is back)"}]
+
+
 def _lines_until(proc: subprocess.Popen, found, timeout: float = 60.0) -> list[str]:
     """Lines of ``proc``'s stdout until ``found(line)`` is true."""
     lines: list[str] = []

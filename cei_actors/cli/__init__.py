@@ -45,6 +45,10 @@ EXIT_STATUS = """exit status:
      `system-boot` and `provisioner provision` (same --node-id, printed likewise); it does
      for `process restart` (each call is a new round: check the round first)."""
 
+#: Requests that only read (their timeout changes nothing), by message type (``DumpState``
+#: and ``DumpAgentState`` are not: they make a component resend what it knows).
+READS = ("Dump", "Status", "Get")
+
 #: The command groups, in the order ``cei --help`` lists them.
 GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha,
           completion, metrics)
@@ -183,6 +187,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say_error(exc.message)
         return 1
     except OutcomeUnknown as exc:
+        if exc.request.startswith(("Describe", "List")) or exc.request in READS:  # nothing to have taken effect: say what to look at
+            text = exc.message.split(": it may have taken effect")[0]
+            say_error(f"no reply: {text}; a read changes nothing (`cei status` shows what serves)")
+            return 3
         check = f"; check with `{exc.check}`" if exc.check else ""
         print(f"cei: outcome unknown: {exc.message}{check}", file=sys.stderr)
         return 3

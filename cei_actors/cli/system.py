@@ -243,6 +243,15 @@ def collect_status(conn: Any) -> dict[str, Any]:
     return status
 
 
+#: What a replica's mode means, for people (``cei status``'s NOT HEALTHY table).
+MODES = {
+    "suspended": "its leadership is in doubt (its log session is lost); requests wait until the log is back",
+    "recovering": "replaying its log",
+    "standby": "a standby: no leader serves",
+    "idle": "not started",
+}
+
+
 def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One entry per component no replica of which serves: since when and the last error its
     replicas give (``log unavailable``, a failed recovery, a step-down), or that none answers."""
@@ -256,7 +265,7 @@ def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict
             continue
         r = max(answering, key=lambda r: (r.get("last_error") is not None, r.get("since") or 0))
         err = r.get("last_error") or {}
-        text = f"not serving ({r.get('mode')})"
+        text = f"not serving ({r.get('mode')}{': ' + MODES[r.get('mode')] if r.get('mode') in MODES else ''})"
         if err:
             text += f": {err.get('type')}: {err.get('message')}"
         out.append({"component": comp, "since": r.get("since"), "error": text})
