@@ -356,6 +356,12 @@ def test_a_read_without_a_reply_says_it_changed_nothing(home: Path) -> None:
     assert "a read changes nothing (`cei status` shows what serves)" in proc.stderr
 
 
+def test_metrics_by_name(home: Path) -> None:
+    """``cei metrics -o name`` lists the metric names (it was an error: "no id to print")."""
+    names = human(home, "metrics", "-o", "name", "cei_pd_").stdout.splitlines()
+    assert names and all(n.startswith("cei_pd_") for n in names) and len(set(names)) == len(names), names
+
+
 def test_status_says_what_a_mode_means() -> None:
     """NOT HEALTHY said only "not serving (suspended)" while the log was unreachable: the mode
     is now explained (here: a leader that lost its ZooKeeper session)."""
