@@ -362,6 +362,17 @@ def test_metrics_by_name(home: Path) -> None:
     assert names and all(n.startswith("cei_pd_") for n in names) and len(set(names)) == len(names), names
 
 
+def test_a_domains_instances_count_its_live_nodes() -> None:
+    """After a ``down`` (the Provisioner disabled, EPUM still replacing) and an ``up``, a
+    domain of one showed ``instances 12``: its rejected and terminated launches counted. The
+    column now counts live nodes (as ``cei_epum_domain_have``); ``states`` still shows all."""
+    from cei_actors.cli.domain import summary
+
+    row = summary({"domain_id": "d1", "instances": [{"state": s} for s in (
+        "REJECTED", "REJECTED", "TERMINATED", "FAILED", "RUNNING", "PENDING")]})
+    assert row["instances"] == 2 and row["states"] == "FAILED 1, PENDING 1, REJECTED 2, RUNNING 1, TERMINATED 1"
+
+
 def test_status_says_what_a_mode_means() -> None:
     """NOT HEALTHY said only "not serving (suspended)" while the log was unreachable: the mode
     is now explained (here: a leader that lost its ZooKeeper session)."""

@@ -64,8 +64,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def summary(domain: dict[str, Any]) -> dict[str, Any]:
-    """A domain as a table row: instance count and states instead of the instance records,
-    with its status and the reason (see :func:`health`)."""
+    """A domain as a table row: ``instances`` counts its live nodes (as the metric
+    ``cei_epum_domain_have``: rejected and terminated launches stay in its record, which once
+    showed 12 for a domain of one), ``states`` every record by state; with its status and the
+    reason (see :func:`health`)."""
+    from ..epum.engines.base import VALID_STATES
+
     instances = domain.get("instances") or []
     states: dict[str, int] = {}
     for inst in instances:
@@ -75,7 +79,7 @@ def summary(domain: dict[str, Any]) -> dict[str, Any]:
         "engine_conf": ",".join(f"{k}={v}" for k, v in sorted(((domain.get("config") or {}).get("engine_conf")
                                                               or {}).items())),
         **health(domain),
-        "instances": len(instances),
+        "instances": sum(1 for inst in instances if inst["state"] in VALID_STATES),
         "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
     }
 
