@@ -28,7 +28,7 @@ from . import (
     system,
     systemboot,
 )
-from .common import UsageError
+from .common import UsageError, seconds
 from .output import FORMATS, CliError, Output
 
 #: Exit statuses, as ``cei --help`` lists them.
@@ -85,13 +85,6 @@ def say_error(message: object) -> None:
     print(f"cei: {text}", file=sys.stderr)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
         say_error(message)
@@ -104,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     output_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"cei {version()}")
     parser.add_argument("--home", default=os.environ.get("CEI_HOME", ".cei"), help="runtime files and the embedded log (default ./.cei or $CEI_HOME)")
-    parser.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    parser.add_argument("--request-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for each reply of the system (default 10; "
                              "no reply in time: exit 3)")
     parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: the running system's, else sqlite under --home)")

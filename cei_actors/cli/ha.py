@@ -8,7 +8,7 @@ from typing import Any
 from ..ha.logic import STATUSES
 from ..pd import states as ps
 from . import ids
-from .common import UsageError, assignments, connected, done, load_mapping, upper_choice
+from .common import UsageError, assignments, connected, done, load_mapping, seconds, upper_choice
 from .output import CliError, Output, progress
 from .watch import watch, watch_option
 
@@ -77,7 +77,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.add_argument("--status", action="append", default=None, type=upper_choice(STATUSES, lower=False),
                    metavar="STATUS", help="the status to wait for (default STEADY; repeatable)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
                    help="how long to wait (default 60)")
     p.set_defaults(func=cmd_wait)
 

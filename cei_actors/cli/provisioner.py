@@ -6,7 +6,7 @@ import argparse
 import sys
 import uuid
 
-from .common import check_with, connected, done, load_mapping
+from .common import check_with, connected, done, load_mapping, seconds
 from .output import CliError, Output, progress
 
 
@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "a retry with the same --node-id launches nothing more)")
     p.set_defaults(func=cmd_provision)
     p = cmds.add_parser("terminate-all", help="disable provisioning and terminate every node")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for all nodes to go")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="how long to wait for all nodes to go (default 60)")
     p.add_argument("--no-wait", action="store_true", help="ask once, do not wait")
     p.set_defaults(func=cmd_terminate_all)
     p = cmds.add_parser("enable", help="allow provisioning again (after terminate-all)")
