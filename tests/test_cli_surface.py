@@ -279,7 +279,7 @@ def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> 
     [row] = [line for line in wide.splitlines() if line.startswith(upid)]
     assert row.split().count(ran_on) == 2  # node_id and last_node_id and re.search(r"\d\d:\d\d:\d\d \(\d+[smhd]", row)
     described = human(home, "process", "describe", upid[:10]).stdout
-    assert f"upid: {upid}\n" in described and re.search(r"state_time: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(", described)
+    assert f"upid: {upid}\n" in described and re.search(r"state_time: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(", described)
     assert isinstance(data(home, "process", "describe", upid)["state_time"], float)
 
 
