@@ -43,7 +43,8 @@ EXIT_STATUS = """exit status:
      printed first), `process terminate`, `definition create|update|remove`, `domain
      add|reconfigure|remove` (a retried add may answer "already exists"), `node terminate`,
      `system-boot` and `provisioner provision` (same --node-id, printed likewise); it does
-     for `process restart` (each call is a new round: check the round first)."""
+     for `process restart` (each call is a new round: check the round first). A read
+     (list, describe, status) without a reply changed nothing: see `cei status`."""
 
 #: Requests that only read (their timeout changes nothing), by message type (``DumpState``
 #: and ``DumpAgentState`` are not: they make a component resend what it knows).
