@@ -71,7 +71,7 @@ def test_check_reports_first_broken_event(home, capsys, monkeypatch):
 
 def test_errors_are_one_line(home, capsys):
     code, _, err = run(capsys, "--home", str(home), "log", "state", "nosuch")
-    assert code == 1 and err.count("\n") == 1 and "no component owns stream" in err
+    assert code == 1 and err.count("\n") == 1 and "no stream 'nosuch' in the log" in err
     code, _, err = run(capsys, "--log", "bogus://x", "log", "streams")
     assert code == 1 and "unknown scheme" in err
     with pytest.raises(SystemExit) as info:
@@ -177,11 +177,17 @@ def test_a_log_file_that_lost_its_events_is_refused_naming_the_file(home, capsys
     (["log", "show", "example", "--from", "-1"], "--from -1"),
     (["log", "show", "example", "--to", "99"], "--to 99"),
     (["log", "diff", "example", "2", "-1"], "SEQ_B -1"),
-    (["log", "check", "nostream"], "no component owns"),
+    (["log", "check", "nostream"], "no stream 'nostream' in the log"),
+    (["log", "state", "nostream"], "no stream 'nostream' in the log"),
+    (["log", "diff", "nostream", "1", "2"], "no stream 'nostream' in the log"),
+    (["log", "show", "example", "--from", "5", "--to", "2"], "--from 5 is after --to 2"),
+    (["log", "diff", "example", "1", "6", "nobody"], "holds nothing about 'nobody'"),
 ])
 def test_unknown_streams_and_offsets_are_errors(home, capsys, argv, words):
     """An unknown stream or an offset outside 0..head: exit 1, one line naming it, nothing on
-    stdout (it used to print nothing and exit 0)."""
+    stdout (it used to print nothing and exit 0). Every command names a stream missing from
+    the log alike; an empty range and a diff of an entity neither point holds are errors too
+    (they printed nothing, or "no change", and exited 0)."""
     code, out, err = run(capsys, "--home", str(home), *argv)
     assert code == 1 and out == "" and err.count("\n") == 1 and words in err, err
     assert "offsets 0 to 6" in err or "stream" in err

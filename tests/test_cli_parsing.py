@@ -79,6 +79,18 @@ def test_meaningless_command_lines_exit_2(capsys, tmp_path, argv) -> None:
 
 
 @pytest.mark.parametrize("argv", [
+    ["ha", "wait", "g", "--timeout", "-1"], ["provisioner", "terminate-all", "--timeout", "-5"],
+    ["provisioner", "terminate-all", "--timeout", "nan"], ["demo", "--work", "0"], ["demo", "--timeout", "inf"],
+])
+def test_a_timeout_must_be_a_positive_number_of_seconds(capsys, tmp_path, argv) -> None:
+    """A negative or endless timeout is a usage error before anything is sent (terminate-all
+    with --timeout -5 disabled the Provisioner and terminated every node, then said "still
+    running after -5s")."""
+    code, out, err = run(capsys, "--home", str(tmp_path), *argv)
+    assert code == 2 and out == "" and "expected a positive number of seconds" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("argv", [
     ["status"], ["down"], ["process", "list"], ["process", "describe", "u1"], ["node", "list"],
     ["domain", "list"], ["system-boot", "off"], ["provisioner", "status"], ["site", "list"],
 ])

@@ -144,7 +144,7 @@ def test_human_times_in_tables_and_describe_raw_in_json() -> None:
     now = 1796233940.28
     assert age(45) == "45s" and age(200) == "3m20s" and age(7500) == "2h5m" and age(3 * 86400 + 7200) == "3d2h"
     text = human_time(now - 180, now)
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(3m ago\)", text)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(3m ago\)", text)
     assert human_time(now + 60, now).endswith("(in 1m)")
     data = {"state_time": now - 5, "round": 3, "heartbeat_timeout": 30.0, "nodes": [{"changed_at": now}]}
     shown = humanized(data, now)
@@ -157,6 +157,42 @@ def test_human_times_in_tables_and_describe_raw_in_json() -> None:
     stream = io.StringIO()
     Output(True, stream).describe({"upid": "u1", "state_time": now})
     assert json.loads(stream.getvalue())["state_time"] == now
+
+
+def test_times_are_utc_everywhere_and_at_takes_them_back(monkeypatch) -> None:
+    """One rule (decision OP5): people's times are UTC marked Z, in tables and describe as in
+    the log tools, whatever the host's time zone, and ``--at`` reads what they show."""
+    from cei_actors.debug import human_time as log_time
+    from cei_actors.debug import parse_at
+
+    monkeypatch.setenv("TZ", "Asia/Kolkata")  # +05:30: a local time would show 05:30 here
+    time.tzset()
+    try:
+        ts = 1796233940.28  # 2026-12-02 17:52:20.280 UTC
+        assert human_time(ts, ts + 90) == "2026-12-02 17:52:20Z (1m30s ago)"
+        assert log_time(ts) == "2026-12-02 17:52:20.280Z"
+        assert parse_at("2026-12-02 17:52:20Z", now=ts) == ("time", 1796233940.0)
+        shown = humanized({"next_start": ts, "retry_at": ts, "min_start_interval": 5.0}, ts - 16)
+        assert shown == {"next_start": "2026-12-02 17:52:20Z (in 16s)", "retry_at": "2026-12-02 17:52:20Z (in 16s)",
+                         "min_start_interval": 5.0}
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_every_option_says_what_it_does() -> None:
+    """``--help`` documents every flag and argument (many had none: `--seed`, `--from`,
+    `--allocation`, ...). The `process` group is another engineer's area (left out here)."""
+    import argparse
+
+    from cei_actors.cli import _subcommand_parsers
+
+    parser = build_parser()
+    bare = [f"{p.prog} {a.option_strings or a.dest}" for p in [parser, *_subcommand_parsers(parser)]
+            if not p.prog.startswith("cei process ")
+            for a in p._actions
+            if not isinstance(a, argparse._HelpAction | argparse._SubParsersAction) and not a.help]
+    assert bare == []
 
 
 def test_ids_by_unique_prefix() -> None:
@@ -243,7 +279,7 @@ def test_process_logs_in_every_round_and_describe_keeps_the_node(home: Path) -> 
     [row] = [line for line in wide.splitlines() if line.startswith(upid)]
     assert row.split().count(ran_on) == 2  # node_id and last_node_id and re.search(r"\d\d:\d\d:\d\d \(\d+[smhd]", row)
     described = human(home, "process", "describe", upid[:10]).stdout
-    assert f"upid: {upid}\n" in described and re.search(r"state_time: \d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(", described)
+    assert f"upid: {upid}\n" in described and re.search(r"state_time: \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ \(", described)
     assert isinstance(data(home, "process", "describe", upid)["state_time"], float)
 
 
@@ -308,6 +344,65 @@ def test_ids_by_prefix_against_the_system(home: Path) -> None:
     data(home, "ha", "remove", "web-")
     unknown = human(home, "node", "describe", "zz-no-such-node", check=False)
     assert unknown.returncode == 1 and unknown.stderr == "cei: unknown node 'zz-no-such-node'\n"
+
+
+def test_a_second_up_and_ha_list_wide(home: Path) -> None:
+    """A second ``up`` refuses in one line without first saying which log it would use (it
+    did); ``ha list -o wide`` adds why, wants, pds and created_at (it showed the plain columns)."""
+    again = human(home, "up", check=False)
+    assert again.returncode == 1 and again.stdout == "" and "already up" in again.stderr
+    data(home, "ha", "create", "wide-one", "--preserve-n", "0", "--", "sleep", "300")
+    try:
+        wide = human(home, "ha", "list", "-o", "wide").stdout.splitlines()
+        assert wide[1].split() == ["name", "policy", "status", "target", "copies", "removing", "why", "wants",
+                                   "pds", "created_at"]
+        row = next(line for line in wide if line.startswith("wide-one "))
+        assert "pd" in row.split() and re.search(r"\d\d:\d\d:\d\dZ \(\d+s ago\)", row), row
+    finally:
+        data(home, "ha", "remove", "wide-one")
+
+
+def test_a_read_without_a_reply_says_it_changed_nothing(home: Path) -> None:
+    """A read that times out (the PD stopped) exits 3 as any request without a reply, but its
+    line does not say the read "may have taken effect" (it did): it points at ``cei status``."""
+    from test_outcomes import suspended
+
+    pid = json.loads((home / "system.json").read_text())["pids"]["pd"]
+    with suspended(pid):
+        proc = human(home, "--request-timeout", "1", "process", "list", check=False)
+    assert proc.returncode == 3 and proc.stdout == "" and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("cei: no reply: DescribeProcesses: sent to ") and "taken effect" not in proc.stderr
+    assert "a read changes nothing (`cei status` shows what serves)" in proc.stderr
+
+
+def test_metrics_by_name(home: Path) -> None:
+    """``cei metrics -o name`` lists the metric names (it was an error: "no id to print")."""
+    names = human(home, "metrics", "-o", "name", "cei_pd_").stdout.splitlines()
+    assert names and all(n.startswith("cei_pd_") for n in names) and len(set(names)) == len(names), names
+
+
+def test_a_domains_instances_count_its_live_nodes() -> None:
+    """After a ``down`` (the Provisioner disabled, EPUM still replacing) and an ``up``, a
+    domain of one showed ``instances 12``: its rejected and terminated launches counted. The
+    column now counts live nodes (as ``cei_epum_domain_have``); ``states`` still shows all."""
+    from cei_actors.cli.domain import summary
+
+    row = summary({"domain_id": "d1", "instances": [{"state": s} for s in (
+        "REJECTED", "REJECTED", "TERMINATED", "FAILED", "RUNNING", "PENDING")]})
+    assert row["instances"] == 2 and row["states"] == "FAILED 1, PENDING 1, REJECTED 2, RUNNING 1, TERMINATED 1"
+
+
+def test_status_says_what_a_mode_means() -> None:
+    """NOT HEALTHY said only "not serving (suspended)" while the log was unreachable: the mode
+    is now explained (here: a leader that lost its ZooKeeper session)."""
+    from cei_actors.cli.system import component_problems
+
+    replicas = {"pd": [{"mode": "suspended", "running": True, "ready": False, "since": 1796233940.0}],
+                "epum": [{"mode": "ready", "running": True, "ready": True}]}
+    assert component_problems(replicas) == [{
+        "component": "pd", "since": 1796233940.0,
+        "error": "not serving (suspended: its leadership is in doubt (its log session is lost); requests wait "
+                 "until the log is back)"}]
 
 
 def _lines_until(proc: subprocess.Popen, found, timeout: float = 60.0) -> list[str]:

@@ -28,7 +28,7 @@ from . import (
     system,
     systemboot,
 )
-from .common import UsageError
+from .common import UsageError, seconds
 from .output import FORMATS, CliError, Output
 
 #: Exit statuses, as ``cei --help`` lists them.
@@ -43,7 +43,12 @@ EXIT_STATUS = """exit status:
      printed first), `process terminate`, `definition create|update|remove`, `domain
      add|reconfigure|remove` (a retried add may answer "already exists"), `node terminate`,
      `system-boot` and `provisioner provision` (same --node-id, printed likewise); it does
-     for `process restart` (each call is a new round: check the round first)."""
+     for `process restart` (each call is a new round: check the round first). A read
+     (list, describe, status) without a reply changed nothing: see `cei status`."""
+
+#: Requests that only read (their timeout changes nothing), by message type (``DumpState``
+#: and ``DumpAgentState`` are not: they make a component resend what it knows).
+READS = ("Dump", "Status", "Get")
 
 #: The command groups, in the order ``cei --help`` lists them.
 GROUPS = (system, demo, process, definition, domain, node, systemboot, provisioner, registry, logcmds, simcmds, ha,
@@ -81,13 +86,6 @@ def say_error(message: object) -> None:
     print(f"cei: {text}", file=sys.stderr)
 
 
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
-
-
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # usage errors: one line, exit 2
         say_error(message)
@@ -100,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     output_options(parser, top=True)
     parser.add_argument("--version", action="version", version=f"cei {version()}")
     parser.add_argument("--home", default=os.environ.get("CEI_HOME", ".cei"), help="runtime files and the embedded log (default ./.cei or $CEI_HOME)")
-    parser.add_argument("--request-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+    parser.add_argument("--request-timeout", type=seconds, default=10.0, metavar="SECONDS",
                         help="how long to wait for each reply of the system (default 10; "
                              "no reply in time: exit 3)")
     parser.add_argument("--log", dest="log_url", default=None, help="log URL (default: the running system's, else sqlite under --home)")
@@ -183,6 +181,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say_error(exc.message)
         return 1
     except OutcomeUnknown as exc:
+        if exc.request.startswith(("Describe", "List")) or exc.request in READS:  # nothing to have taken effect: say what to look at
+            text = exc.message.split(": it may have taken effect")[0]
+            say_error(f"no reply: {text}; a read changes nothing (`cei status` shows what serves)")
+            return 3
         check = f"; check with `{exc.check}`" if exc.check else ""
         print(f"cei: outcome unknown: {exc.message}{check}", file=sys.stderr)
         return 3

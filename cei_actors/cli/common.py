@@ -105,6 +105,17 @@ def load_mapping(path: str, what: str) -> dict[str, Any]:
     return data
 
 
+def seconds(text: str) -> float:
+    """An argparse ``type``: a positive, finite number of seconds (a timeout, an interval)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
 def upper_choice(choices: tuple[str, ...], lower: bool = True) -> Any:
     """An argparse ``type`` that accepts any case of ``choices`` and gives the upper-case name."""
     shown = ", ".join(c.lower() if lower else c for c in choices)

@@ -15,7 +15,7 @@ ID_LISTS = {"upid": "process list", "node_id": "node list", "domain_id": "domain
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("completion", help="print a shell completion script: "
                                           "`source <(cei completion bash)` (zsh: ... zsh)")
-    p.add_argument("shell", choices=("bash", "zsh"))
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
     p.set_defaults(func=cmd_completion)
 
 

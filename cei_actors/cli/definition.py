@@ -17,23 +17,23 @@ def register(sub: argparse._SubParsersAction) -> None:
         ("update", cmd_update, "replace a definition"),
     ):
         p = cmds.add_parser(name, help=text)
-        p.add_argument("definition_id", metavar="ID")
+        p.add_argument("definition_id", metavar="ID", help="the definition's id")
         p.add_argument("--file", default=None, metavar="FILE.yml",
                        help="YAML with executable {exec, argv, working_directory, env}, "
                             "and optionally definition_type, name, description")
         p.add_argument("--type", dest="definition_type", default=None, help="definition type (default supd)")
-        p.add_argument("--name", default=None)
-        p.add_argument("--description", default=None)
+        p.add_argument("--name", default=None, help="a human name")
+        p.add_argument("--description", default=None, help="a description")
         p.add_argument("--cwd", default=None, metavar="DIR", help="working directory")
         p.add_argument("cmdline", nargs="*", metavar="COMMAND", help="after --: the command and its arguments")
         p.set_defaults(func=func)
     p = cmds.add_parser("describe", help="one definition")
-    p.add_argument("definition_id", metavar="ID")
+    p.add_argument("definition_id", metavar="ID", help="the definition's id")
     p.set_defaults(func=cmd_describe)
     p = cmds.add_parser("list", help="definition ids")
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("remove", help="remove a definition")
-    p.add_argument("definition_id", metavar="ID")
+    p.add_argument("definition_id", metavar="ID", help="the definition's id")
     p.set_defaults(func=cmd_remove)
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .common import seconds
 from .node import crash_node
 from .output import CliError, Output
 
@@ -33,9 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dir", default=None, metavar="DIR",
                    help="home of the demo system (default: a new temporary directory, removed after a success)")
     p.add_argument("--processes", type=int, default=20, metavar="N", help="how many processes (default 20)")
-    p.add_argument("--work", type=float, default=4.0, metavar="SECONDS", help="seconds of work per process (default 4)")
+    p.add_argument("--work", type=seconds, default=4.0, metavar="SECONDS", help="seconds of work per process (default 4)")
     p.add_argument("--no-kill", action="store_true", help="do not kill a node")
-    p.add_argument("--timeout", type=float, default=100.0, metavar="SECONDS",
+    p.add_argument("--timeout", type=seconds, default=100.0, metavar="SECONDS",
                    help="give up when the work is not done by then (default 100)")
     p.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ from .watch import watch, watch_option
 
 #: The columns of a domain table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["domain_id", "engine", "definition_id", "instances", "states", "config_version", "status", "reason"]
+ID_HELP = "a domain id, or a unique prefix of one"
 WIDE = ["owner", "subscribers", "engine_conf", "engine_error", "removing"]
 
 
@@ -22,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("domain", help="EPUM domains: sets of nodes a decision engine sizes")
     cmds = group.add_subparsers(dest="domain_cmd", required=True, metavar="COMMAND")
     p = cmds.add_parser("add", help="add a domain")
-    p.add_argument("domain_id", metavar="ID")
+    p.add_argument("domain_id", metavar="ID", help="the new domain's id")
     p.add_argument("--engine", default=None, metavar="ENGINE",
                    help="decision engine: preserve_n, needy, sensor, overflow or a dotted class path")
     p.add_argument("--definition", default=None, metavar="DEF",
@@ -32,37 +33,43 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--subscriber", default=None, metavar="NAME", help="peer told of node state changes (e.g. pd)")
     p.set_defaults(func=cmd_add)
     p = cmds.add_parser("reconfigure", help="change a domain's configuration")
-    p.add_argument("domain_id", metavar="ID")
-    p.add_argument("--set", dest="settings", action="append", required=True, metavar="KEY=VALUE")
+    p.add_argument("domain_id", metavar="ID", help=ID_HELP)
+    p.add_argument("--set", dest="settings", action="append", required=True, metavar="KEY=VALUE",
+                   help="engine_conf KEY to change (repeatable; dotted keys reach other sections)")
     p.set_defaults(func=cmd_reconfigure)
     p = cmds.add_parser("list", help="domains")
     watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one domain with its instances")
-    p.add_argument("domain_id", metavar="ID")
+    p.add_argument("domain_id", metavar="ID", help=ID_HELP)
     p.set_defaults(func=cmd_describe)
     p = cmds.add_parser("remove", help="remove a domain (its nodes are terminated)")
-    p.add_argument("domain_id", metavar="ID")
+    p.add_argument("domain_id", metavar="ID", help=ID_HELP)
     p.set_defaults(func=cmd_remove)
 
     group = sub.add_parser("domain-definition", help="EPUM domain definitions (templates of domains)")
     cmds = group.add_subparsers(dest="domain_definition_cmd", required=True, metavar="COMMAND")
     for name, func in (("add", cmd_def_add), ("update", cmd_def_update)):
         p = cmds.add_parser(name, help=f"{name} a definition from a YAML file (general, engine_conf, health)")
-        p.add_argument("definition_id", metavar="ID")
-        p.add_argument("--definition", dest="file", required=True, metavar="FILE.yml")
+        p.add_argument("definition_id", metavar="ID", help="the definition's id")
+        p.add_argument("--definition", dest="file", required=True, metavar="FILE.yml",
+                       help="YAML/JSON mapping with general, engine_conf and health sections")
         p.set_defaults(func=func)
     for name, func in (("describe", cmd_def_describe), ("remove", cmd_def_remove)):
         p = cmds.add_parser(name, help=f"{name} a definition")
-        p.add_argument("definition_id", metavar="ID")
+        p.add_argument("definition_id", metavar="ID", help="the definition's id")
         p.set_defaults(func=func)
     p = cmds.add_parser("list", help="definition ids")
     p.set_defaults(func=cmd_def_list)
 
 
 def summary(domain: dict[str, Any]) -> dict[str, Any]:
-    """A domain as a table row: instance count and states instead of the instance records,
-    with its status and the reason (see :func:`health`)."""
+    """A domain as a table row: ``instances`` counts its live nodes (as the metric
+    ``cei_epum_domain_have``: rejected and terminated launches stay in its record, which once
+    showed 12 for a domain of one), ``states`` every record by state; with its status and the
+    reason (see :func:`health`)."""
+    from ..epum.engines.base import VALID_STATES
+
     instances = domain.get("instances") or []
     states: dict[str, int] = {}
     for inst in instances:
@@ -72,7 +79,7 @@ def summary(domain: dict[str, Any]) -> dict[str, Any]:
         "engine_conf": ",".join(f"{k}={v}" for k, v in sorted(((domain.get("config") or {}).get("engine_conf")
                                                               or {}).items())),
         **health(domain),
-        "instances": len(instances),
+        "instances": sum(1 for inst in instances if inst["state"] in VALID_STATES),
         "states": ", ".join(f"{k} {v}" for k, v in sorted(states.items())),
     }
 

@@ -8,12 +8,15 @@ from typing import Any
 from ..ha.logic import STATUSES
 from ..pd import states as ps
 from . import ids
-from .common import UsageError, assignments, connected, done, load_mapping, upper_choice
+from .common import UsageError, assignments, connected, done, load_mapping, seconds, upper_choice
 from .output import CliError, Output, progress
 from .watch import watch, watch_option
 
 #: The columns of a group table.
 COLUMNS = ["name", "policy", "status", "target", "copies", "removing"]
+#: More columns with ``-o wide``.
+WIDE = ["why", "wants", "pds", "created_at"]
+NAME_HELP = "a group's name, or a unique prefix of one"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,8 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = group.add_subparsers(dest="ha_cmd", required=True, metavar="COMMAND")
 
     p = cmds.add_parser("create", help="create a group (COMMAND after --, or --definition)")
-    p.add_argument("name", metavar="NAME")
-    p.add_argument("--policy", choices=("npreserving", "sensor"), default="npreserving")
+    p.add_argument("name", metavar="NAME", help="the new group's name")
+    p.add_argument("--policy", choices=("npreserving", "sensor"), default="npreserving",
+                   help="npreserving: keep N copies (default); sensor: scale on a metric")
     p.add_argument("--preserve-n", type=int, default=None, metavar="N",
                    help="npreserving: the number of copies")
     p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
@@ -31,9 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="policy parameters from a YAML/JSON mapping (--set overrides)")
     p.add_argument("--definition", default=None, metavar="ID", help="process definition to run")
     p.add_argument("--restart-mode", type=upper_choice(ps.RESTART_MODES), default=None,
-                   metavar="{never,always,abnormal}")
+                   metavar="{never,always,abnormal}", help="when the PD restarts a copy that ended")
     p.add_argument("--queueing-mode", type=upper_choice(ps.QUEUEING_MODES), default=None,
-                   metavar="{never,always,start_only,restart_only}")
+                   metavar="{never,always,start_only,restart_only}",
+                   help="when a copy may wait in the queue for a slot")
     p.add_argument("--constraint", action="append", default=[], metavar="KEY=VALUE",
                    help="match only resources whose property KEY is VALUE (repeatable)")
     p.add_argument("--engine", default=None, metavar="ID", help="execution engine")
@@ -50,27 +55,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one group: its copies (where, in which state) and what "
                                          "the policy wants next")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.set_defaults(func=cmd_describe)
     p = cmds.add_parser("status", help="the status of one group, or of every group")
-    p.add_argument("name", nargs="?", metavar="NAME")
+    p.add_argument("name", nargs="?", metavar="NAME", help=NAME_HELP + " (default: every group)")
     p.set_defaults(func=cmd_status)
     p = cmds.add_parser("reconfigure", help="change a group's policy or its parameters live")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.add_argument("--policy", choices=("npreserving", "sensor"), default=None,
                    help="switch policy (its parameters are then exactly those given)")
-    p.add_argument("--preserve-n", type=int, default=None, metavar="N")
-    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--policy-file", default=None, metavar="FILE.yml")
+    p.add_argument("--preserve-n", type=int, default=None, metavar="N", help="npreserving: the number of copies")
+    p.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                   help="a policy parameter (repeatable)")
+    p.add_argument("--policy-file", default=None, metavar="FILE.yml",
+                   help="policy parameters from a YAML/JSON mapping (--set overrides)")
     p.set_defaults(func=cmd_reconfigure)
     p = cmds.add_parser("remove", help="terminate a group's copies, then forget it")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.set_defaults(func=cmd_remove)
     p = cmds.add_parser("wait", help="wait until a group is in STATUS (exit 1 on timeout or FAILED)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help=NAME_HELP)
     p.add_argument("--status", action="append", default=None, type=upper_choice(STATUSES, lower=False),
                    metavar="STATUS", help="the status to wait for (default STEADY; repeatable)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="how long to wait (default 60)")
     p.set_defaults(func=cmd_wait)
 
 
@@ -104,8 +112,15 @@ def cmd_create(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
+    def groups(conn: Any) -> list[dict[str, Any]]:
+        found = conn.ha.list_groups()
+        if not out.wide:
+            return found
+        return [{**g, **{k: v for k, v in conn.ha.describe_group(g["name"]).items() if k in WIDE}} for g in found]
+
     with connected(args) as conn:
-        return watch(args, out, conn.ha.list_groups, lambda groups: out.table(groups, COLUMNS, title="HA groups"))
+        return watch(args, out, lambda: groups(conn),
+                     lambda found: out.table(found, COLUMNS, title="HA groups", wide=WIDE))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:

@@ -28,38 +28,38 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("streams", help="the streams in the log")
     p.set_defaults(func=cmd_streams)
     p = cmds.add_parser("show", help="the events of a stream, one per line")
-    p.add_argument("stream")
-    p.add_argument("--from", dest="start", type=int, default=1, metavar="SEQ")
-    p.add_argument("--to", dest="stop", type=int, default=None, metavar="SEQ")
+    p.add_argument("stream", help=STREAM_HELP)
+    p.add_argument("--from", dest="start", type=int, default=1, metavar="SEQ", help="first offset (default 1)")
+    p.add_argument("--to", dest="stop", type=int, default=None, metavar="SEQ", help="last offset (default: the head)")
     p.add_argument("-f", "--follow", action="store_true",
                    help="then print each new event as it is appended (until Ctrl-C or --to)")
     p.set_defaults(func=cmd_show)
     p = cmds.add_parser("state", help="the state rebuilt by replay up to SEQ or TIME (one entity's part, "
                                       "given one)")
-    p.add_argument("stream")
-    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY")
-    p.add_argument("--entity", default=None, metavar="ID")
+    p.add_argument("stream", help=STREAM_HELP)
+    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY", help=ENTITY_HELP)
+    p.add_argument("--entity", default=None, metavar="ID", help="the same as ENTITY")
     p.add_argument("--at", default=None, metavar="SEQ|TIME", help=AT_HELP)
     p.set_defaults(func=cmd_state)
     p = cmds.add_parser("diff", help="what changed between two points, entity by entity")
-    p.add_argument("stream")
+    p.add_argument("stream", help=STREAM_HELP)
     p.add_argument("seq_a", metavar="A", help="an offset or a time")
     p.add_argument("seq_b", metavar="B", help="an offset or a time")
-    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY")
-    p.add_argument("--entity", default=None, metavar="ID")
+    p.add_argument("entity_pos", nargs="?", default=None, metavar="ENTITY", help=ENTITY_HELP)
+    p.add_argument("--entity", default=None, metavar="ID", help="the same as ENTITY")
     p.set_defaults(func=cmd_diff)
     p = cmds.add_parser("check", help="replay every prefix against the invariants; the snapshot must "
                                       "restore to the state replayed up to its offset")
-    p.add_argument("stream")
+    p.add_argument("stream", help=STREAM_HELP)
     p.set_defaults(func=cmd_check)
     p = cmds.add_parser("why", help="a process, node, domain or HA group: its history and why it "
                                     "stands as it does at a point")
-    p.add_argument("entity", metavar="ENTITY")
+    p.add_argument("entity", metavar="ENTITY", help="a upid, node id, domain id or HA group name")
     p.add_argument("--at", default=None, metavar="SEQ|TIME", help=AT_HELP)
     p.add_argument("--stream", default=None, help="the stream an --at offset counts in (default pd)")
     p.set_defaults(func=cmd_why)
     p = cmds.add_parser("trace", help="one timeline across all streams for a process, node or need")
-    p.add_argument("entity", metavar="ID")
+    p.add_argument("entity", metavar="ID", help="a upid, node id or need")
     p.set_defaults(func=cmd_trace)
     p = cmds.add_parser("verify", help="re-fold every stream with the current code and re-run each recorded "
                                        "decision: the first one decided differently is reported")
@@ -69,7 +69,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_verify)
 
 
-AT_HELP = "an offset, HEAD, an ISO-8601 time (UTC unless zoned) or a time before now such as -10m"
+AT_HELP = ("an offset, HEAD, a time as shown (2026-12-03 06:10:12Z; ISO-8601, UTC unless zoned) or a time "
+           "before now such as -10m")
+STREAM_HELP = "a stream of the log (`cei log streams`): pd, epum, provisioner, ha"
+ENTITY_HELP = "only what is about this process, node, domain or group"
 
 
 def _open(args: argparse.Namespace) -> Replay:
@@ -135,6 +138,8 @@ def cmd_show(args: argparse.Namespace, out: Output) -> int:
     redact = _redactor(args.stream, "redact_event")
     with _open(args) as r:
         _checked(r, args.stream, **{"--from": args.start, "--to": args.stop})
+        if args.stop is not None and args.start > args.stop:
+            raise CliError(f"--from {args.start} is after --to {args.stop} in stream {args.stream!r}")
         records = r.records(args.stream, args.start, args.stop)
         if args.follow:
             return _follow(args, out, r, records, redact)
@@ -194,8 +199,8 @@ def _data_at(r: Replay, stream: str, offset: int) -> Any:
 def cmd_state(args: argparse.Namespace, out: Output) -> int:
     entity = _entity(args)
     with _open(args) as r:
-        r.component(args.stream)  # a stream no component owns cannot be folded
         _checked(r, args.stream)
+        r.component(args.stream)  # a stream no component owns cannot be folded
         data = _data_at(r, args.stream, r.resolve(args.stream, args.at))
     if entity is not None:
         data = only_entity(data, entity)
@@ -208,10 +213,12 @@ def cmd_state(args: argparse.Namespace, out: Output) -> int:
 def cmd_diff(args: argparse.Namespace, out: Output) -> int:
     entity = _entity(args)
     with _open(args) as r:
-        r.component(args.stream)
         _checked(r, args.stream)
+        r.component(args.stream)
         lo, hi = sorted((r.resolve(args.stream, args.seq_a, "SEQ_A"), r.resolve(args.stream, args.seq_b, "SEQ_B")))
         before, after = _data_at(r, args.stream, lo), _data_at(r, args.stream, hi)
+    if entity is not None and not only_entity(before, entity) and not only_entity(after, entity):
+        raise CliError(f"stream {args.stream!r} holds nothing about {entity!r} at {lo} or at {hi}")
     changes = entity_diff(before, after, entity)
     if out.json:
         out.emit(changes)
@@ -305,11 +312,11 @@ def cmd_verify(args: argparse.Namespace, out: Output) -> int:
 
 
 def cmd_check(args: argparse.Namespace, out: Output) -> int:
-    component = component_for(args.stream)
-    state = component.initial_state()
     checked = 0
     with _open(args) as replay:
         _checked(replay, args.stream)
+        component = component_for(args.stream)
+        state = component.initial_state()
         log = replay.log
         # every kept snapshot: recovery falls back from the newest to the older ones
         snaps: list[Snapshot] = []

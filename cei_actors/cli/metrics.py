@@ -81,6 +81,9 @@ def cmd_metrics(args: argparse.Namespace, out: Output) -> int:
         print(text, end="", file=out.stream)
         return 0
     families = parse(text, args.prefixes)
+    if out.format == "name":  # one metric name a line, as -o name lists ids elsewhere
+        out.emit(families, key="name")
+        return 0
     if out.json:
         out.emit({"url": url, "metrics": families})
         return 0

@@ -17,6 +17,7 @@ from .watch import watch, watch_option
 
 #: The columns of a node table (``-o wide`` adds :data:`WIDE`).
 COLUMNS = ["node_id", "state", "domain_id", "site", "iaas_id", "processes"]
+ID_HELP = "a node id, or a unique prefix of one"
 WIDE = ["public_ip", "deployable_type", "launch_id", "state_desc", "requested_at", "changed_at"]
 
 
@@ -28,14 +29,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     watch_option(p)
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("describe", help="one node: Provisioner record, EPUM instance, PD resources, processes")
-    p.add_argument("node_id", metavar="ID")
+    p.add_argument("node_id", metavar="ID", help=ID_HELP)
     p.set_defaults(func=cmd_describe)
     p = cmds.add_parser("terminate", help="terminate a node through the Provisioner")
-    p.add_argument("node_id", metavar="ID")
+    p.add_argument("node_id", metavar="ID", help=ID_HELP)
     p.set_defaults(func=cmd_terminate)
     p = cmds.add_parser("kill", help="crash a local node out of band: SIGKILL its EEAgent and every "
                                      "process it runs (the system must notice by itself)")
-    p.add_argument("node_id", metavar="ID")
+    p.add_argument("node_id", metavar="ID", help=ID_HELP)
     p.set_defaults(func=cmd_kill)
 
 

@@ -1,7 +1,8 @@
 """How the ``cei`` command prints: JSON or YAML (machine), ids only (``-o name``), or tables
 for people (``-o wide``: more columns). Tables never cut a cell: piped, they are plain aligned
 text; on a terminal, rich folds long cells instead of eliding them. Times read as
-``2026-12-03 06:10:12 (3m ago)`` for people and stay raw numbers in JSON/YAML."""
+``2026-12-03 06:10:12Z (3m ago)`` (UTC, as the log tools show event times) for people and stay
+raw numbers in JSON/YAML."""
 
 from __future__ import annotations
 
@@ -44,14 +45,15 @@ def age(seconds: float) -> str:
 
 
 def human_time(ts: float, now: float | None = None) -> str:
-    """An epoch time as ``2026-12-03 06:10:12 (3m ago)`` (local time; ``in 3m`` if ahead)."""
+    """An epoch time as ``2026-12-03 06:10:12Z (3m ago)`` (UTC, ``in 3m`` if ahead): the clock
+    and form of the log tools' times (``cei log show``), which ``--at`` takes back."""
     now = time.time() if now is None else now
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
+    stamp = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(ts))
     delta = now - ts
     return f"{stamp} ({age(delta)} ago)" if delta >= 0 else f"{stamp} (in {age(-delta)})"
 
 
-_TIME_SUFFIXES = ("_time", "_at", "timestamp", "since", "heartbeat", "deadline", "_until")
+_TIME_SUFFIXES = ("_time", "_at", "timestamp", "since", "heartbeat", "deadline", "_until", "_start")
 
 
 def is_time(key: str, value: Any) -> bool:

@@ -6,7 +6,7 @@ import argparse
 import sys
 import uuid
 
-from .common import check_with, connected, done, load_mapping
+from .common import check_with, connected, done, load_mapping, seconds
 from .output import CliError, Output, progress
 
 
@@ -14,27 +14,28 @@ def register(sub: argparse._SubParsersAction) -> None:
     group = sub.add_parser("provisioner", help="the Provisioner: describe, provision, terminate-all, enable")
     cmds = group.add_subparsers(dest="provisioner_cmd", required=True, metavar="COMMAND")
     p = cmds.add_parser("describe", help="node records (all, or the NODE ids given)")
-    p.add_argument("node_ids", nargs="*", metavar="NODE")
+    p.add_argument("node_ids", nargs="*", metavar="NODE", help="node ids (default: every node)")
     p.set_defaults(func=cmd_describe)
     p = cmds.add_parser("status", help="node counts per state, in-flight cloud calls, disabled flag")
     p.set_defaults(func=cmd_status)
     p = cmds.add_parser("provision", help="launch one node of a deployable type on a site, by hand")
-    p.add_argument("deployable_type", metavar="DT")
-    p.add_argument("site")
-    p.add_argument("--allocation", default=None)
+    p.add_argument("deployable_type", metavar="DT", help="a deployable type (`cei dt list`)")
+    p.add_argument("site", help="a site (`cei site list`)")
+    p.add_argument("--allocation", default=None, help="the instance size (default: the site's)")
     p.add_argument("--vars", default=None, metavar="FILE", help="YAML/JSON mapping of template vars")
     p.add_argument("--node-id", default=None,
                    help="the new node's id (default: a new one, printed on stderr before it is sent; "
                         "a retry with the same --node-id launches nothing more)")
     p.set_defaults(func=cmd_provision)
     p = cmds.add_parser("terminate-all", help="disable provisioning and terminate every node")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS", help="how long to wait for all nodes to go")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="how long to wait for all nodes to go (default 60)")
     p.add_argument("--no-wait", action="store_true", help="ask once, do not wait")
     p.set_defaults(func=cmd_terminate_all)
     p = cmds.add_parser("enable", help="allow provisioning again (after terminate-all)")
     p.set_defaults(func=cmd_enable)
     p = cmds.add_parser("dump-state", help="resend the records of NODEs to the subscribers (EPUM)")
-    p.add_argument("node_ids", nargs="+", metavar="NODE")
+    p.add_argument("node_ids", nargs="+", metavar="NODE", help="node ids")
     p.set_defaults(func=cmd_dump_state)
 
 

@@ -22,13 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         cmds = group.add_subparsers(dest=f"{group_name}_cmd", required=True, metavar="COMMAND")
         for op in ("add", "update"):
             p = cmds.add_parser(op, help=f"{op} one from a YAML file")
-            p.add_argument("name")
-            p.add_argument("--definition", dest="file", required=True, metavar="FILE.yml")
+            p.add_argument("name", help="its name")
+            p.add_argument("--definition", dest="file", required=True, metavar="FILE.yml",
+                           help="YAML/JSON mapping to store")
             _type_option(p, group_name)
             p.set_defaults(func=_command(group_name, op))
         for op in ("describe", "remove"):
             p = cmds.add_parser(op, help=f"{op} one")
-            p.add_argument("name")
+            p.add_argument("name", help="its name")
             _type_option(p, group_name)
             p.set_defaults(func=_command(group_name, op))
         p = cmds.add_parser("list", help="names")
@@ -38,7 +39,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _type_option(p: argparse.ArgumentParser, group_name: str) -> None:
     if group_name == "credentials":
-        p.add_argument("--type", dest="credential_type", choices=("site", "chef"), default="site")
+        p.add_argument("--type", dest="credential_type", choices=("site", "chef"), default="site",
+                       help="site (a cloud's keys, the default) or chef")
 
 
 def _command(group_name: str, op: str) -> Any:

@@ -20,8 +20,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = cmds.add_parser("list", help="the scenarios")
     p.set_defaults(func=cmd_list)
     p = cmds.add_parser("run", help="run a scenario: same seed, same run")
-    p.add_argument("scenario")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("scenario", help="a scenario name (`cei sim list`)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same run (default 0)")
     p.add_argument("--report", type=Path, default=None, metavar="DIR",
                    help="write <scenario>-<seed>.json, .md and PNG plots here")
     p.add_argument("--save-log", type=Path, default=None, metavar="DIR",

@@ -45,7 +45,7 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
     """Load the plan and start the system under ``args.home``, showing progress (not in JSON
     mode). ``asked`` (from :func:`interrupt_between_steps`): once it holds a Ctrl-C, the start
     stops at its next step and undoes itself (:class:`Interrupted`)."""
-    from ..launch.launcher import LaunchError, remembered_log_url, up
+    from ..launch.launcher import LaunchError, read_info, remembered_log_url, up
     from ..launch.plan import PlanError, load_plan, shown_log_url
     from ..runtime.network import Network, NetworkError
     from ..runtime.secure import SecretError
@@ -54,7 +54,9 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
     log_url = args.explicit_log_url
     if log_url is None and args.plan is None:  # the log this home's last system wrote
         log_url = remembered_log_url(home)
-        if log_url is not None and not out.json:
+        # said only when no system.json is left: else up refuses (one up), or cleans up after a
+        # crashed system, and its last line names the log
+        if log_url is not None and not out.json and read_info(home) is None:
             out.line(f"using the log of this home's last system: {shown_log_url(log_url)} (--log to change)")
     try:
         plan = load_plan(args.plan, home=home, log_url=log_url)
@@ -82,8 +84,6 @@ def start(args: argparse.Namespace, out: Output, asked: list[float] | None = Non
                           admin_port=getattr(args, "admin_port", None), join=getattr(args, "join", None),
                           peers=getattr(args, "peer", None), secret_file=getattr(args, "secret_file", None))
             except KeyboardInterrupt:
-                from ..launch.launcher import read_info
-
                 if read_info(home) is not None:  # past the last step that undoes the start
                     raise Interrupted(f"interrupted after the system was up: it runs in {home} "
                                       "(`cei down` stops it)") from None
@@ -243,6 +243,15 @@ def collect_status(conn: Any) -> dict[str, Any]:
     return status
 
 
+#: What a replica's mode means, for people (``cei status``'s NOT HEALTHY table).
+MODES = {
+    "suspended": "its leadership is in doubt (its log session is lost); requests wait until the log is back",
+    "recovering": "replaying its log",
+    "standby": "a standby: no leader serves",
+    "idle": "not started",
+}
+
+
 def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
     """One entry per component no replica of which serves: since when and the last error its
     replicas give (``log unavailable``, a failed recovery, a step-down), or that none answers."""
@@ -256,18 +265,11 @@ def component_problems(components: dict[str, list[dict[str, Any]]]) -> list[dict
             continue
         r = max(answering, key=lambda r: (r.get("last_error") is not None, r.get("since") or 0))
         err = r.get("last_error") or {}
-        text = f"not serving ({r.get('mode')})"
+        text = f"not serving ({r.get('mode')}{': ' + MODES[r.get('mode')] if r.get('mode') in MODES else ''})"
         if err:
             text += f": {err.get('type')}: {err.get('message')}"
         out.append({"component": comp, "since": r.get("since"), "error": text})
     return out
-
-
-def _clock(at: float | None) -> str | None:
-    """``HH:MM:SS (Ns ago)`` in local time, or None."""
-    if not at:
-        return None
-    return f"{time.strftime('%H:%M:%S', time.localtime(at))} ({max(0.0, time.time() - at):.0f}s ago)"
 
 
 def show_status(status: dict[str, Any], out: Output) -> None:
@@ -283,7 +285,7 @@ def show_status(status: dict[str, Any], out: Output) -> None:
     counts = status.get("processes") or {}
     text = ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none"
     out.line(f"processes: {text}")
-    problems = [{**p, "since": _clock(p.get("since"))} for p in status.get("problems") or []]
+    problems = status.get("problems") or []
     if problems:
         out.table(problems, ["component", "since", "error"], title="NOT HEALTHY")
     from ..launch.plan import shown_log_url

@@ -10,7 +10,7 @@ from .output import Output
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("system-boot", help="begin (on) or end (off) the PD's system-boot mode")
-    p.add_argument("mode", choices=("on", "off"))
+    p.add_argument("mode", choices=("on", "off"), help="on: processes wait; off: they are dispatched")
     p.set_defaults(func=cmd_system_boot)
 
 
