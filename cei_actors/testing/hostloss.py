@@ -21,6 +21,7 @@ import collections
 import contextlib
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +70,12 @@ NODES = ("n1", "n2")
 
 class ScenarioError(AssertionError):
     """A check of the scenario did not hold (the message says which)."""
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its own network and secret settings (``CEI_*``,
+    ``THESPIAN_*``), for a command that must take a host's from its plan or options."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
 
 
 def _wait(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
@@ -348,14 +355,39 @@ class HostLoss:
 
     # ------------------------------------------------------------------------- work
 
-    def schedule(self, prefix: str, n: int, seconds: float) -> list[str]:
-        """Schedule ``n`` processes that note their start in the runs file, then sleep."""
+    def schedule(self, prefix: str, n: int, seconds: float,
+                 constraints: dict[str, Any] | None = None) -> list[str]:
+        """Schedule ``n`` processes that note their start in the runs file, then sleep
+        (``constraints``, e.g. ``{"node_id": "ep1"}``: only where they hold)."""
         pd = self.pd()
         upids = [f"{prefix}-{k}" for k in range(n)]
         for upid in upids:
             pd.schedule_process(upid, command=["sh", "-c", f"echo {upid} >> {self.runs_file}; "
-                                                          f"exec sleep {seconds}"])
+                                                          f"exec sleep {seconds}"],
+                                constraints=constraints)
         return upids
+
+    def start_agent(self, node_id: str, state_dir: Path, log: Path, host: int = AGENT_HOST,
+                    slots: int = 2) -> subprocess.Popen[bytes]:
+        """``python -m cei_actors.eeagent --node-id NODE --pd ADMIN ...`` on host ``host``,
+        given every host's admin (as a VM's agent is, decision NH6), listening on that host,
+        with the operator's secret; then the node announced to the PD leader (the agents
+        here are static nodes: nothing launches them). Its stderr goes to ``log``."""
+        from ..pd.logic import parse_config
+
+        assert self.hosts is not None
+        where = self.hosts[host]
+        argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", node_id, "--slots", str(slots),
+                "--heartbeat", "1", "--fence", str(self.fence_time),
+                *[a for i in range(len(self.hosts)) for a in ("--pd", self.admin(i))],
+                "--state-dir", str(state_dir), "--secret-file", str(self.home(host) / "operator-secret"),
+                "--listen", where.address, *[a for net in self.allowlist() for a in ("--allow", net)]]
+        with open(log, "w") as out:
+            agent = where.popen(argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=out)
+        plan = self.plan_data(0)
+        config = parse_config(plan["components"]["pd"]["config"] | {"engines": plan["pd"]["engines"]})
+        self.pd().node_state(node_id, config.domain_id("default"), "RUNNING")
+        return agent
 
     def states(self) -> dict[str, str]:
         return {p["upid"]: p["state"] for p in self.pd().describe_processes()}
