@@ -641,7 +641,7 @@ def _cloud_part(workdir: Path, check: _Checks) -> None:
     from .moto_server import MotoServer
 
     say, step = check.say, check.step
-    step("W. A VM's agent on another host: two new hosts A and B; moto's EC2 server on their "
+    step("W0. A VM's agent on another host: two new hosts A and B; moto's EC2 server on their "
          "bridge stands for the region's endpoint")
     runs = workdir / "cloud-runs.log"
     with Hosts(2) as hosts, MotoServer(host=hosts.gateway) as moto:
