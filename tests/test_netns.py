@@ -5,7 +5,6 @@ a machine that cannot make namespaces fails instead, as for ZooKeeper)."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import subprocess
@@ -220,33 +219,6 @@ def test_a_wildcard_bind_when_allowed_advertises_the_given_address(hosts, tmp_pa
 # ------------------------------------------------------------------------------ a cloud VM
 
 
-def _cloud_plan(home: Path, host: netns.Host, cidr: str, moto, vm_secret: Path) -> dict:
-    """Host A's plan (docs/multi-host.md, "A VM's agent on another host"): PD, EPUM and the
-    Provisioner, whose only site is EC2 at ``moto``; each VM's agent joins A's admin."""
-    from cei_actors.launch.plan import default_plan_text
-    from cei_actors.testing.hostloss import ADMIN_PORT
-
-    data = yaml.safe_load(default_plan_text())
-    data["log"] = f"sqlite:///{home}/log.sqlite"
-    data["components"] = {c: data["components"][c] for c in ("provisioner", "epum", "pd")}
-    data["components"]["epum"]["config"].update(default_site="ec2", decider_interval=0.5)
-    data["components"]["provisioner"]["config"].update(query_interval=0.5)
-    data["pd"]["engines"]["default"].update(slots=1, maximum_vms=1, heartbeat_period=1)
-    data["registry"] = {
-        "sites": {"ec2": moto.site()},
-        "credentials": {"ec2": moto.credentials()},
-        "deployable_types": {"eeagent": {
-            "mappings": {"ec2": {"iaas_image": moto.image_id(), "iaas_allocation": "t2.micro"}},
-            "contextualization": {"method": "cei-agent", "pd": f"{host.address}:{ADMIN_PORT}",
-                                  "secret_ref": f"file:{vm_secret}", "slots": "${slots}",
-                                  "heartbeat": "${heartbeat}", "fence": "${fence}", "grace": 1}}},
-    }
-    data["network"] = {"listen": host.address, "allow": [cidr], "admin_port": ADMIN_PORT,
-                       "secret_file": str(home / "operator-secret")}
-    data["metrics"] = "off"
-    return data
-
-
 def test_an_agent_started_from_a_moto_vms_userdata_on_another_host_runs_work(hosts, tmp_path):
     """The system (PD, EPUM, Provisioner with an EC2 site) on host A drives moto's EC2 server
     (on the hosts' bridge); a process scheduled with `cei process schedule` makes EPUM launch a
@@ -254,70 +226,41 @@ def test_an_agent_started_from_a_moto_vms_userdata_on_another_host_runs_work(hos
     `python -m cei_actors.eeagent --from-userdata FILE` started on host B from it: the agent
     attaches to A's admin over the namespace network (allowlisted, authenticated), registers
     and runs the process, on host B."""
+    from cei_actors.testing.cloudvm import CloudVM
     from cei_actors.testing.moto_server import MotoServer
     from cei_actors.testing.moto_server import unavailable_reason as moto_unavailable
 
     if moto_unavailable():
         pytest.skip(moto_unavailable())
     a, b = hosts[0], hosts[1]
-    home, vm = tmp_path / "a", tmp_path / "vm"
-    home.mkdir(mode=0o700)
-    vm.mkdir(mode=0o700)
-    secret = new_secret_file(home / "operator-secret")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
-    cei = [sys.executable, "-m", "cei_actors.cli", "--home", str(home)]
     ran = tmp_path / "ran"
     with MotoServer(host=hosts.gateway) as moto:
-        (home / "plan.yaml").write_text(yaml.safe_dump(_cloud_plan(home, a, hosts.cidr, moto, vm / "secret")))
-        up = a.run([*cei, "up", "--plan", str(home / "plan.yaml")], capture_output=True, text=True,
-                   env=env, timeout=180)
-        agent = None
+        cloud = CloudVM(hosts, tmp_path / "cloud", moto)
         try:
-            assert up.returncode == 0, up.stderr + up.stdout
-            sched = a.run([*cei, "process", "schedule", "--upid", "p1", "--", "sh", "-c",
-                           f"echo $$ > {ran}; exec sleep 600"], capture_output=True, text=True,
-                          env=env, timeout=60)
+            cloud.up()
+            sched = cloud.cei("process", "schedule", "--upid", "p1", "--", "sh", "-c",
+                              f"echo $$ > {ran}; exec sleep 600")
             assert sched.returncode == 0, sched.stderr
 
             # EPUM launches one VM for the need: moto runs it with the cei-agent userdata
-            ec2 = moto.boto3()
-
-            def vms() -> list[dict]:
-                out = ec2.describe_instances(Filters=[{"Name": "instance-state-name", "Values": ["running"]}])
-                return [i for r in out["Reservations"] for i in r["Instances"]]
-
-            assert _wait(lambda: vms(), 60), "no VM was launched"
-            [instance] = vms()
-            attr = ec2.describe_instance_attribute(InstanceId=instance["InstanceId"], Attribute="userData")
-            userdata = base64.b64decode(attr["UserData"]["Value"])
-            doc = json.loads(userdata.decode().split("\n", 1)[1])
-            assert doc["pd"] == f"{a.address}:1900" and doc["secret_ref"] == f"file:{vm / 'secret'}"
-            assert secret.read_bytes() not in userdata
+            instance = cloud.launched_vm()
+            userdata, doc = cloud.userdata(instance)
+            assert doc["pd"] == f"{a.address}:1900" and doc["secret_ref"] == f"file:{cloud.vm / 'secret'}"
+            assert cloud.secret.read_bytes() not in userdata
             tags = {t["Key"]: t["Value"] for t in instance["Tags"]}
             assert tags["cei:node_id"] == doc["node_id"]
 
             # the VM: its image put the secret at secret_ref; its agent starts from the userdata
-            new_secret_file(vm / "secret", secret.read_bytes())
-            (vm / "user-data").write_bytes(userdata)
-            with open(tmp_path / "agent.log", "w") as log:
-                agent = b.popen([sys.executable, "-m", "cei_actors.eeagent", "--from-userdata",
-                                 str(vm / "user-data"), "--state-dir", str(vm / "eeagent"),
-                                 "--listen", b.address, "--allow", hosts.cidr],
-                                env=env, stdout=subprocess.DEVNULL, stderr=log)
-            wait = a.run([*cei, "process", "wait", "p1", "--state", "RUNNING", "--timeout", "60"],
-                         capture_output=True, text=True, env=env, timeout=90)
-            assert wait.returncode == 0, wait.stderr + (tmp_path / "agent.log").read_text()[-2000:]
-            described = a.run([*cei, "--json", "process", "describe", "p1"], capture_output=True,
-                              text=True, env=env, timeout=60)
+            agent = cloud.boot(userdata)
+            wait = cloud.cei("process", "wait", "p1", "--state", "RUNNING", "--timeout", "60", timeout=90)
+            assert wait.returncode == 0, wait.stderr + cloud.agent_log_tail()
+            described = cloud.cei("--json", "process", "describe", "p1")
             assert json.loads(described.stdout)["node_id"] == doc["node_id"], described.stdout
             assert _wait(lambda: ran.exists() and ran.read_text().strip(), 30)
             assert int(ran.read_text()) in b.pids()  # it runs on host B
             assert agent.poll() is None
         finally:
-            if agent is not None:
-                agent.terminate()
-                agent.wait(timeout=30)
-            a.run([*cei, "down"], capture_output=True, text=True, env=env, timeout=120)
+            cloud.down()
 
 
 # ------------------------------------------------------------------------------ host loss
@@ -375,26 +318,14 @@ def test_an_agent_process_on_one_host_serves_the_pd_on_another_and_follows_it_wh
     and runs work for the PD led there. Host 0 is lost: the agent finds the PD replicas in the
     other hosts' admins, follows the new leader and keeps working (its process is not
     restarted, new work runs on it). With host 0's admin only, it lost the PD (NH4's gap)."""
-    from cei_actors.pd.logic import parse_config
     from cei_actors.testing.hostloss import ADMIN_PORT
 
     sc = deployment
     fillers = sc.schedule("filler", 8, 600)  # the static nodes' 2 x 4 slots
     sc.wait_states(fillers, {"RUNNING"}, 60)
-    agent_host = sc.hosts[2]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
     admins = [f"{sc.hosts[i].address}:{ADMIN_PORT}" for i in range(3)]
-    argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", "ep1", "--slots", "2",
-            "--heartbeat", "1", "--fence", str(sc.fence_time),
-            *[a for admin in admins for a in ("--pd", admin)],
-            "--state-dir", str(tmp_path / "ep1"), "--secret-file", str(sc.home(2) / "operator-secret"),
-            "--listen", agent_host.address, *[a for net in sc.allowlist() for a in ("--allow", net)]]
-    with open(tmp_path / "ep1.log", "w") as log:
-        agent = agent_host.popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    agent = sc.start_agent("ep1", tmp_path / "ep1", tmp_path / "ep1.log")
     try:
-        plan_pd = parse_config(sc.plan_data(0)["components"]["pd"]["config"]
-                               | {"engines": sc.plan_data(0)["pd"]["engines"]})
-        sc.pd().node_state("ep1", plan_pd.domain_id("default"), "RUNNING")
         [upid] = sc.schedule("on-ep1", 1, 600)
         sc.wait_states([upid], {"RUNNING"}, 60)
         first = sc.pd().describe_process(upid)

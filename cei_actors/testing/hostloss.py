@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import json
 import os
 import secrets
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -69,6 +71,12 @@ NODES = ("n1", "n2")
 
 class ScenarioError(AssertionError):
     """A check of the scenario did not hold (the message says which)."""
+
+
+def child_env() -> dict[str, str]:
+    """This process's environment without its own network and secret settings (``CEI_*``,
+    ``THESPIAN_*``), for a command that must take a host's from its plan or options."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("CEI_", "THESPIAN_"))}
 
 
 def _wait(fn: Callable[[], Any], timeout: float, what: str, every: float = 0.2) -> Any:
@@ -348,14 +356,39 @@ class HostLoss:
 
     # ------------------------------------------------------------------------- work
 
-    def schedule(self, prefix: str, n: int, seconds: float) -> list[str]:
-        """Schedule ``n`` processes that note their start in the runs file, then sleep."""
+    def schedule(self, prefix: str, n: int, seconds: float,
+                 constraints: dict[str, Any] | None = None) -> list[str]:
+        """Schedule ``n`` processes that note their start in the runs file, then sleep
+        (``constraints``, e.g. ``{"node_id": "ep1"}``: only where they hold)."""
         pd = self.pd()
         upids = [f"{prefix}-{k}" for k in range(n)]
         for upid in upids:
             pd.schedule_process(upid, command=["sh", "-c", f"echo {upid} >> {self.runs_file}; "
-                                                          f"exec sleep {seconds}"])
+                                                          f"exec sleep {seconds}"],
+                                constraints=constraints)
         return upids
+
+    def start_agent(self, node_id: str, state_dir: Path, log: Path, host: int = AGENT_HOST,
+                    slots: int = 2) -> subprocess.Popen[bytes]:
+        """``python -m cei_actors.eeagent --node-id NODE --pd ADMIN ...`` on host ``host``,
+        given every host's admin (as a VM's agent is, decision NH6), listening on that host,
+        with the operator's secret; then the node announced to the PD leader (the agents
+        here are static nodes: nothing launches them). Its stderr goes to ``log``."""
+        from ..pd.logic import parse_config
+
+        assert self.hosts is not None
+        where = self.hosts[host]
+        argv = [sys.executable, "-m", "cei_actors.eeagent", "--node-id", node_id, "--slots", str(slots),
+                "--heartbeat", "1", "--fence", str(self.fence_time),
+                *[a for i in range(len(self.hosts)) for a in ("--pd", self.admin(i))],
+                "--state-dir", str(state_dir), "--secret-file", str(self.home(host) / "operator-secret"),
+                "--listen", where.address, *[a for net in self.allowlist() for a in ("--allow", net)]]
+        with open(log, "w") as out:
+            agent = where.popen(argv, env=child_env(), stdout=subprocess.DEVNULL, stderr=out)
+        plan = self.plan_data(0)
+        config = parse_config(plan["components"]["pd"]["config"] | {"engines": plan["pd"]["engines"]})
+        self.pd().node_state(node_id, config.domain_id("default"), "RUNNING")
+        return agent
 
     def states(self) -> dict[str, str]:
         return {p["upid"]: p["state"] for p in self.pd().describe_processes()}
@@ -461,61 +494,99 @@ with socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5) as s:
 """
 
 
-def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
-    """The walkthrough of ``scripts/netns-demo`` (docs/multi-host.md, step by step): set up,
-    lose host 0, bring it back, check; tears everything down. True if every check held."""
-    failed: list[str] = []
+class _Checks:
+    """The demo's narration: numbered steps with the time since the start, and checks."""
 
-    def check(what: str, ok: bool, detail: str = "") -> None:
-        say(f"  CHECK {'ok    ' if ok else 'FAILED'} {what}{': ' + detail if detail and not ok else ''}")
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.failed: list[str] = []
+        self.started = time.monotonic()
+
+    def step(self, text: str) -> None:
+        self.say(f"\n[{time.monotonic() - self.started:6.1f}s] {text}")
+
+    def __call__(self, what: str, ok: bool, detail: str = "") -> bool:
+        self.say(f"  CHECK {'ok    ' if ok else 'FAILED'} {what}{': ' + detail if detail and not ok else ''}")
         if not ok:
-            failed.append(what)
+            self.failed.append(what)
+        return ok
 
-    started = time.monotonic()
 
-    def step(text: str) -> None:
-        say(f"\n[{time.monotonic() - started:6.1f}s] {text}")
+def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
+    """The walkthrough of ``scripts/netns-demo`` (docs/multi-host.md, step by step): the
+    three-host deployment loses host 0 and gets it back (:func:`_deployment_part`), then a VM
+    launched on moto's EC2 gets its agent on another host (:func:`_cloud_part`). Tears
+    everything down after each part, also after a failure. True if every check held."""
+    check = _Checks(say)
+    for part in (_deployment_part, _cloud_part):
+        try:
+            part(workdir, check)
+        except Exception as exc:  # a failed step: the part's `with` blocks tore it down
+            check(f"{part.__doc__.split(':')[0]} ran to its end", False,  # type: ignore[union-attr]
+                  f"{type(exc).__name__}: {exc}")
+    say(f"\n{'every check held' if not check.failed else 'FAILED: ' + '; '.join(check.failed)} "
+        f"({time.monotonic() - check.started:.0f}s)")
+    return not check.failed
 
-    step("1-5. Hosts, the operator's secret and ZooKeeper credentials, the ensemble, one plan "
-         "per host, `cei up` on each (docs/multi-host.md)")
-    try:
-        with HostLoss(workdir, say=lambda line: say(f"  {line}")) as sc:
-            assert sc.hosts is not None
-            say(f"  host 0's plan ({sc.home(0) / 'plan.yaml'}):")
-            for line in (sc.home(0) / "plan.yaml").read_text().splitlines():
-                if not line.startswith(("registry", "  sites", "  deployable", "  credentials")):
-                    say(f"    | {line}")
-            where = sc.leaders()
-            check("every component is led (by host 0, the first up)", where == {c: 0 for c in KILLED}, str(where))
 
-            step("6. Trust: a host outside the allowlist is cut off at accept; every host "
-                 "listens on its own address only")
-            net = sc.hosts.network.network_address.packed[2]  # type: ignore[union-attr]
-            outsider = sc.hosts.add_host(f"198.18.{net}.200")
-            say(f"  every host accepts {sc.allowlist()}; an outsider host {outsider.address} on the "
-                "same bridge sends a frame to host 0's admin")
-            probe = sc.workdir / "outsider.py"
-            probe.write_text(_OUTSIDER_PROBE)
-            answer = outsider.run([sys.executable, str(probe), sc.hosts[0].address, str(ADMIN_PORT)],
-                                  capture_output=True, text=True, timeout=30).stdout.strip()
-            check("the outsider's connection is closed before anything is read", answer == "closed", answer)
-            logged = [line for line in (sc.home(0) / "system.log").read_text().splitlines()
-                      if f"refused a connection from {outsider.address}" in line]
-            check("host 0 logged the refusal once", len(logged) == 1, str(logged))
-            from .zkserver import listening_sockets
+def _deployment_part(workdir: Path, check: _Checks) -> None:
+    """The three-host deployment: sections 1-7 of docs/multi-host.md, host 0 lost and back."""
+    say, step = check.say, check.step
+    step("§1-5. Hosts, the operator's secret and ZooKeeper credentials, the ensemble, one plan "
+         "per host, `cei up` on each")
+    with HostLoss(workdir / "hosts", say=lambda line: say(f"  {line}")) as sc:
+        assert sc.hosts is not None
+        say(f"  host 0's plan ({sc.home(0) / 'plan.yaml'}):")
+        for line in (sc.home(0) / "plan.yaml").read_text().splitlines():
+            if not line.startswith(("registry", "  sites", "  deployable", "  credentials")):
+                say(f"    | {line}")
+        where = sc.leaders()
+        check("every component is led (by host 0, the first up)", where == {c: 0 for c in KILLED}, str(where))
 
-            wild = [(pid, a) for i in range(3) for pid in sc.hosts[i].pids()
-                    for a, _ in _quiet(listening_sockets, pid) if a != sc.hosts[i].address]
-            check("no process of a host listens on a wildcard or another address", not wild, str(wild))
+        step("§1-2. Trust: a host outside the allowlist is cut off at accept; every host "
+             "listens on its own address only")
+        net = sc.hosts.network.network_address.packed[2]  # type: ignore[union-attr]
+        outsider = sc.hosts.add_host(f"198.18.{net}.200")
+        say(f"  every host accepts {sc.allowlist()}; an outsider host {outsider.address} on the "
+            "same bridge sends a frame to host 0's admin")
+        probe = sc.workdir / "outsider.py"
+        probe.write_text(_OUTSIDER_PROBE)
+        answer = outsider.run([sys.executable, str(probe), sc.hosts[0].address, str(ADMIN_PORT)],
+                              capture_output=True, text=True, timeout=30).stdout.strip()
+        check("the outsider's connection is closed before anything is read", answer == "closed", answer)
+        logged = [line for line in (sc.home(0) / "system.log").read_text().splitlines()
+                  if f"refused a connection from {outsider.address}" in line]
+        check("host 0 logged the refusal once", len(logged) == 1, str(logged))
+        from .zkserver import listening_sockets
 
-            step("7. Work: 4 long processes and 2 short ones, run by the EEAgents on host 2")
-            long = sc.schedule("long", 4, 600)
-            short = sc.schedule("short", 2, 2)
-            sc.wait_states(long, {"RUNNING"}, 60)
-            rounds = {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long)}
-            say(f"  running: {', '.join(long)}")
+        # each host's metrics endpoint is on its own loopback (the plan's default `metrics`),
+        # which in a namespace only that host reaches
+        metrics = [json.loads((sc.home(i) / "system.json").read_text())["metrics"]["port"] for i in range(3)]
+        wild = [(i, pid, a, port) for i in range(3) for pid in sc.hosts[i].pids()
+                for a, port in _quiet(listening_sockets, pid)
+                if a != sc.hosts[i].address and (a, port) != ("127.0.0.1", metrics[i])]
+        check("no process of a host listens on a wildcard or another address (but its metrics "
+              "endpoint on its own loopback)", not wild, str(wild))
 
-            step("8. Host 0 lost: SIGKILL to every process in its namespace (its ZooKeeper "
+        step("§6. Work: 4 long processes and 2 short ones on the static EEAgents of host 2; an "
+             "agent process `ep1` on host 2 given every host's admin, as a VM's is, runs one more")
+        static = {"node_id": list(NODES)}
+        long = sc.schedule("long", 4, 600, constraints=static)
+        short = sc.schedule("short", 2, 2, constraints=static)
+        ep1_log = sc.workdir / "ep1.log"
+        agent = sc.start_agent("ep1", sc.workdir / "ep1", ep1_log)
+        try:
+            say(f"  python -m cei_actors.eeagent --node-id ep1 "
+                f"{' '.join('--pd ' + sc.admin(i) for i in range(3))} --listen {sc.hosts[AGENT_HOST].address} ...")
+            pinned = sc.schedule("on-ep1", 1, 600, constraints={"node_id": "ep1"})
+            sc.wait_states(long + pinned, {"RUNNING"}, 60)
+            rounds = {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long + pinned)}
+            say(f"  running: {', '.join(long + pinned)}")
+            check("ep1 runs its process, attached to host 0's admin",
+                  sc.pd().describe_process(pinned[0])["node_id"] == "ep1"
+                  and f"attached to {sc.admin(0)}" in ep1_log.read_text())
+
+            step("§7. Host 0 lost: SIGKILL to every process in its namespace (its ZooKeeper "
                  "server, admin and the leaders)")
             t0 = time.monotonic()
             killed = sc.kill_host(0)
@@ -523,18 +594,28 @@ def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
             took = sc.wait_failover(0, since=t0)
             after = sc.leaders()
             say(f"  leaders now on hosts {after}, {took:.1f}s after the kill")
-            check("every component fails over to another host", all(h not in (0, None) for h in after.values()),
-                  str(after))
-            more = sc.schedule("after", 2, 600)
+            check("every component fails over to another host",
+                  all(h not in (0, None) for h in after.values()), str(after))
+            more = sc.schedule("after", 2, 600, constraints=static)
+            pinned_after = sc.schedule("on-ep1-after", 1, 600, constraints={"node_id": "ep1"})
             states = sc.wait_states(more, {"RUNNING"}, 60)
             check("new work runs after the loss", all(states[u] == "RUNNING" for u in more))
-            check("the long processes kept running, not restarted",
-                  all(states[u] == "RUNNING" for u in long)
-                  and {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long)} == rounds)
+            check("the long processes and ep1's kept running, not restarted",
+                  all(states[u] == "RUNNING" for u in long + pinned)
+                  and {p["upid"]: p.get("round") for p in sc.pd().describe_processes(long + pinned)} == rounds)
+            try:
+                sc.wait_states(pinned_after, {"RUNNING"}, 60)
+                why = ""
+            except ScenarioError as exc:
+                why = f"{exc}; ep1's log: {ep1_log.read_text(errors='replace')[-300:]}"
+            check(f"ep1 follows the PD, led on host {after['pd']} now: new work runs on it, the agent "
+                  "process lives on",
+                  not why and sc.pd().describe_process(pinned_after[0])["node_id"] == "ep1"
+                  and agent.poll() is None, why or f"agent exit code {agent.poll()}")
             sc.wait_states(short, {"EXITED"}, 30)
             check("the short processes finished", True)
 
-            step("9. Host 0 back: its ZooKeeper server, then `cei up` with the same plan")
+            step("§7. Host 0 back: its ZooKeeper server, then `cei up` with the same plan")
             sc.restart_host(0)
             modes = {m["name"]: (m["status"] or {}).get("mode") for c in KILLED for m in sc.members(c)
                      if m["host"] == 0}
@@ -542,9 +623,9 @@ def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
             check("host 0's replicas are standbys (the leaders stay where they are)",
                   set(modes.values()) == {"standby"}, str(modes))
 
-            step("10. Outcome")
+            step("Outcome")
             try:
-                sc.check_ran_once(long + short + more)
+                sc.check_ran_once(long + short + more + pinned + pinned_after)
                 check("nothing lost, nothing run twice", True)
             except ScenarioError as exc:
                 check("nothing lost, nothing run twice", False, str(exc))
@@ -553,12 +634,83 @@ def demo(workdir: Path, say: Callable[[str], None] = print) -> bool:
                 check("live state = replay of the log, for PD, EPUM and the Provisioner", True)
             except ScenarioError as exc:
                 check("live state = replay of the log, for PD, EPUM and the Provisioner", False, str(exc))
-            step("11. Tear down: every process of every host, the namespaces, the bridge")
-    except (ScenarioError, OSError, RuntimeError) as exc:
-        check("the scenario ran to its end", False, f"{type(exc).__name__}: {exc}")
-    say(f"\n{'every check held' if not failed else 'FAILED: ' + '; '.join(failed)} "
-        f"({time.monotonic() - started:.0f}s)")
-    return not failed
+        finally:
+            agent.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                agent.wait(timeout=30)
+        step("Tear down: every process of every host, the namespaces, the bridge")
+
+
+def _cloud_part(workdir: Path, check: _Checks) -> None:
+    """The VM walkthrough: docs/multi-host.md, "Walkthrough: a VM's agent on another host"."""
+    from .cloudvm import CloudVM
+    from .moto_server import MotoServer
+
+    say, step = check.say, check.step
+    step("W0. A VM's agent on another host: two new hosts A and B; moto's EC2 server on their "
+         "bridge stands for the region's endpoint")
+    runs = workdir / "cloud-runs.log"
+    with Hosts(2) as hosts, MotoServer(host=hosts.gateway) as moto:
+        say(f"  hosts: A {hosts[0].address}, B {hosts[1].address}; EC2 endpoint {moto.endpoint}")
+        cloud = CloudVM(hosts, workdir / "cloud", moto)
+        down = None
+        try:
+            step("W1-2. Host A's plan (PD, EPUM, Provisioner; site `ec2`, the `cei-agent` "
+                 "contextualization); `cei up` on host A")
+            cloud.up()
+            plan = yaml.safe_load(cloud.plan.read_text())
+            plan["registry"]["credentials"] = {site: "..." for site in plan["registry"]["credentials"]}
+            excerpt = {"components": list(plan["components"]),
+                       "epum.config.default_site": plan["components"]["epum"]["config"]["default_site"],
+                       "registry": plan["registry"], "network": plan["network"]}
+            say(f"  host A's plan ({cloud.plan}), in part:")
+            for line in yaml.safe_dump(excerpt, sort_keys=False).splitlines():
+                say(f"    | {line}")
+
+            step("W3. `cei process schedule --upid p1` on host A: EPUM launches a VM at `ec2`")
+            sched = cloud.cei("process", "schedule", "--upid", "p1", "--", "sh", "-c",
+                              f"echo p1 $$ >> {runs}; exec sleep 600")
+            check("p1 is scheduled", sched.returncode == 0, sched.stderr.strip())
+            instance = cloud.launched_vm()
+            tags = {t["Key"]: t["Value"] for t in instance.get("Tags", [])}
+            say(f"  VM {instance['InstanceId']} ({instance['InstanceType']}, {instance['ImageId']}), "
+                f"tags {tags}")
+            check("the VM is tagged with its node and launch", "cei:node_id" in tags and "cei:launch_id" in tags,
+                  str(tags))
+
+            step("W4. The VM boots: its userdata read back (DescribeInstanceAttribute), the secret "
+                 "put at its secret_ref, `python -m cei_actors.eeagent --from-userdata` started on host B")
+            userdata, doc = cloud.userdata(instance)
+            say(f"  userdata: {userdata.decode().strip()}")
+            check("the userdata names A's admin and the secret's path on the VM, never the secret",
+                  doc["pd"] == f"{hosts[0].address}:{ADMIN_PORT}" and doc["secret_ref"] == f"file:{cloud.vm / 'secret'}"
+                  and doc["node_id"] == tags.get("cei:node_id") and cloud.secret.read_bytes() not in userdata,
+                  str(doc))
+            agent = cloud.boot(userdata)
+
+            step("W5. The agent attaches to A's admin, registers; the PD places p1 on the VM's node, "
+                 "the agent runs it on host B")
+            wait = cloud.cei("process", "wait", "p1", "--state", "RUNNING", "--timeout", "60", timeout=90)
+            check("p1 is RUNNING (`cei process wait p1 --state RUNNING`)", wait.returncode == 0,
+                  wait.stderr.strip() + " " + cloud.agent_log_tail(500))
+            described = cloud.cei("--json", "process", "describe", "p1")
+            node = json.loads(described.stdout).get("node_id") if described.returncode == 0 else None
+            check("p1 was placed on the VM's node", node == doc["node_id"], f"{node} (VM: {doc['node_id']})")
+            lines = _wait(lambda: runs.exists() and runs.read_text().splitlines(), 30, "p1 to start")
+            pids = [int(line.split()[1]) for line in lines]
+            check("p1 ran exactly once, on host B", len(lines) == 1 and pids[0] in hosts[1].pids(),
+                  f"runs {lines}, host B's pids {hosts[1].pids()}")
+            check("the VM's agent process lives on", agent.poll() is None, cloud.agent_log_tail(500))
+
+            step("W6. `cei down` on host A: it terminates the VM first")
+            down = cloud.down()
+            check("`cei down` on host A", down.returncode == 0, down.stderr.strip())
+            check("the VM is terminated at EC2", not cloud.vms("running")
+                  and [i["InstanceId"] for i in cloud.vms("terminated")] == [instance["InstanceId"]])
+        finally:
+            if down is None:
+                cloud.down()
+        step("Tear down: the agent, host A's system, moto's server, the namespaces, the bridge")
 
 
 def _quiet(fn: Callable[[int], list[Any]], pid: int) -> list[Any]:
