@@ -401,3 +401,17 @@ def test_scripts_zk_runs_a_server_in_a_namespace(hosts, tmp_path):
     finally:
         subprocess.run([*zk, "stop", "--dir", directory], capture_output=True, timeout=60)
     assert host.pids() == []
+
+
+@pytest.mark.slow
+def test_the_netns_demo_holds_every_check():
+    """`bash scripts/netns-demo` without its install step: both parts, every check, exit 0, and
+    none of its namespaces left."""
+    require_netns()
+    require_zookeeper()
+    demo = subprocess.Popen([sys.executable, "-m", "cei_actors.testing.hostloss"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = demo.communicate(timeout=900)
+    assert demo.returncode == 0, out[-4000:] + err[-2000:]
+    left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert f"{netns.PREFIX}-{demo.pid}-" not in left
