@@ -758,3 +758,12 @@ def test_agent_process_stopped_with_its_node_reports_the_node_as_the_cause(tmp_p
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
         shutdown_system(asys)
+
+
+def test_a_heartbeat_cause_must_be_a_string():
+    from cei_actors.runtime.messages import InvalidMessage
+
+    row = {"upid": "u", "round": 0, "state": "TERMINATED", "msg": ""}
+    validate(AgentHeartbeat("a", "n", 1.0, [{**row, "cause": "node"}, row]))
+    with pytest.raises(InvalidMessage, match=r"processes\[0\]\.cause: expected a str"):
+        validate(AgentHeartbeat("a", "n", 1.0, [{**row, "cause": 7}]))
