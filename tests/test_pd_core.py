@@ -1007,10 +1007,10 @@ def test_an_end_caused_by_its_node_is_restarted_without_backoff_and_a_crash_stil
     start_when_due(sim)
     node_stops(sim, aid, cause=None)
     assert sim.proc("p1").crashes == 3
-    # NEVER restarts nothing: an end with its node is FAILED, as after a node loss
+    # NEVER restarts nothing: the end is recorded as the agent reports it
     sim.ok(ScheduleProcess("p2", command=["once"], restart_mode="NEVER"))
     node_stops(sim, aid, upid="p2")
-    assert sim.pstate("p2") == ps.FAILED and sim.proc("p2").crashes == 0
+    assert sim.pstate("p2") == ps.TERMINATED and sim.proc("p2").crashes == 0
     assert sim.state == sim.replayed()
 
 
@@ -1033,4 +1033,19 @@ def test_an_end_on_a_node_epum_said_is_going_is_not_a_crash():
     assert sim.pstate("p1") in ps.QUEUED  # nowhere to go: n1 is going
     [a2] = sim.add_node("n2")
     assert start_when_due(sim) == 0.0 and sim.proc("p1").resource_id == a2
+    assert sim.state == sim.replayed()
+
+
+def test_a_stable_run_ended_by_its_node_still_ends_the_crash_count():
+    sim = crash_loop_sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["flaky"], restart_mode="ABNORMAL"))
+    for _ in range(2):
+        crash(sim, aid)
+        start_when_due(sim)
+    assert sim.proc("p1").crashes == 2
+    sim.heartbeat(aid)  # RUNNING, for longer than crash_stable_run, then its node goes
+    sim.now += 11.0
+    node_stops(sim, aid)
+    assert sim.proc("p1").crashes == 0 and sim.pstate("p1") == ps.ASSIGNED
     assert sim.state == sim.replayed()

@@ -384,7 +384,7 @@ class Tx:
     def ended(self, p: Process, reported: str, msg: str, cause: str | None = None) -> None:
         """The agent reports the end of ``p``'s current round (``reported`` is terminal).
         An end caused by its node (the agent's ``cause`` says so, or EPUM said the node is
-        going) is a node loss: restarted as after one, not counted as a crash (OP5)."""
+        going) is restarted per the restart mode but not counted as a crash (OP5)."""
         if reported == ps.EXITED and p.state in (ps.ASSIGNED, ps.PENDING):
             # It ran and exited between two heartbeats: record the start we did not see.
             self.move(p, p.round, ps.RUNNING)
@@ -393,10 +393,13 @@ class Tx:
         elif reported == ps.REJECTED:
             # The agent had no slot: our view of it was wrong. Requeue, not a failure.
             self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or "rejected by the agent")
-        elif cause == agent_states.CAUSE_NODE or self.node_going(p):
-            self.node_ended(p, msg or f"ended {reported} with its node")
         elif ps.restarts_after_exit(p.restart_mode, reported):
-            self.move(p, p.round + 1, ps.DIED_REQUESTED, self.crash_backoff(p, msg or f"ended {reported}"))
+            why = msg or f"ended {reported}"
+            if cause == agent_states.CAUSE_NODE or self.node_going(p):
+                self.node_ended(p)
+            else:
+                why = self.crash_backoff(p, why)
+            self.move(p, p.round + 1, ps.DIED_REQUESTED, why)
         else:
             self.move(p, p.round, reported, msg)
 
@@ -425,16 +428,12 @@ class Tx:
         res = self.s.resources.get(p.resource_id) if p.resource_id is not None else None
         return res is not None and res.node_id in self.s.soft.doomed
 
-    def node_ended(self, p: Process, reason: str) -> None:
-        """``p`` ended because its node went away: as a node loss (restarted if its restart
-        mode restarts after one), not a crash; a stable run still ends a crash loop's count."""
+    def node_ended(self, p: Process) -> None:
+        """``p`` ended because its node went away, and is restarted: not a quick failure (the
+        count stays, as after REJECTED); a stable run before it still ends the count (OP3)."""
         if (p.crashes and p.state == ps.RUNNING
                 and self.now - p.state_at >= self.cfg.crash_stable_run):
             self.emit(ProcessBackoff(p.upid, 0, 0.0, self.now))
-        if ps.restarts_after_loss(p.restart_mode):
-            self.move(p, p.round + 1, ps.DIED_REQUESTED, reason)
-        else:
-            self.move(p, p.round, ps.FAILED, reason)
 
     def evacuate(self, res: Resource, reason: str, *, boot: bool = False) -> None:
         for upid in list(res.assigned):
@@ -443,8 +442,10 @@ class Tx:
                 self.move(p, p.round, ps.TERMINATED, reason)
             elif boot:
                 self.boot_park(p, reason)
+            elif ps.restarts_after_loss(p.restart_mode):
+                self.move(p, p.round + 1, ps.DIED_REQUESTED, reason)
             else:
-                self.node_ended(p, reason)
+                self.move(p, p.round, ps.FAILED, reason)
 
     def boot_park(self, p: Process, reason: str) -> None:
         if ps.restarts_after_loss(p.restart_mode) and not p.omit_from_system_restart:
