@@ -727,3 +727,43 @@ def test_an_agent_given_every_hosts_admin_merges_their_names_and_skips_a_lost_on
     clock[0] += 20.0
     agent._find_pd()
     assert agent.pd == "addr-pd1"
+
+
+def test_agent_process_stopped_with_its_node_reports_the_node_as_the_cause(tmp_path):
+    """F3/OP5: the agent gets SIGTERM (its VM is going away): the heartbeat it sends last
+    reports the processes it stopped with ``cause`` node; one that had crashed on its own
+    carries no cause."""
+    asys = start_system()
+    proc = None
+    try:
+        pd = asys.createActor(FakePD, globalName="pd")
+        proc = _agent_proc(asys.cei_admin_port, tmp_path, heartbeat="0.5")
+        wait_for(lambda: asys.ask(pd, "dump", 5)[0] == ["eeagent:n1"], timeout=15)
+        asys.tell(pd, ("send", "eeagent:n1", LaunchProcess("long", 0, ["sleep", "60"])))
+        asys.tell(pd, ("send", "eeagent:n1", LaunchProcess("crash", 0, ["sh", "-c", "exit 3"])))
+
+        def settled():
+            hbs = asys.ask(pd, "dump", 5)[1]
+            return hbs and states(hbs[-1][1]) == {("long", 0): "RUNNING", ("crash", 0): "FAILED"}
+        wait_for(settled, timeout=15)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        proc = None
+        last = {p["upid"]: p for p in asys.ask(pd, "dump", 5)[1][-1][1].processes}
+        assert last["long"]["state"] == "TERMINATED" and last["long"]["cause"] == "node"
+        assert "stopped with its node" in last["long"]["msg"]
+        assert "cause" not in last["crash"]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(15)
+        shutdown_system(asys)
+
+
+def test_a_heartbeat_cause_must_be_a_string():
+    from cei_actors.runtime.messages import InvalidMessage
+
+    row = {"upid": "u", "round": 0, "state": "TERMINATED", "msg": ""}
+    validate(AgentHeartbeat("a", "n", 1.0, [{**row, "cause": "node"}, row]))
+    with pytest.raises(InvalidMessage, match=r"processes\[0\]\.cause: expected a str"):
+        validate(AgentHeartbeat("a", "n", 1.0, [{**row, "cause": 7}]))

@@ -777,3 +777,30 @@ def test_real_agent_and_pure_table_obey_the_same_slot_and_supersede_rules(make_s
     pure.after(grace)
     assert _rows(sup) == pure.rows()
     assert sup.get("b", 0) is None and pure.t.get(("b", 0)) is None
+
+
+def test_ends_caused_by_the_node_going_away_carry_the_cause(make_sup, tmp_path):
+    """F3/OP5: the processes a shutdown (the agent's SIGTERM) or the reaper's SIGTERM stops end
+    with ``cause`` node in the dump (and the table); one that ended on its own, or one the PD
+    asked to terminate, has none."""
+    sup = make_sup(state_dir=tmp_path / "a")
+    sup.launch("crash", 0, ["sh", "-c", "exit 3"])
+    sup.wait("crash", 0, timeout=10)
+    asked = sup.launch("asked", 0, ["sleep", "30"]).pid
+    sup.launch("long", 0, ["sleep", "30"])
+    sup.terminate("asked", 0)
+    sup.shutdown(kill=True, grace=2.0)
+    rows = {r["upid"]: r for r in sup.dump()}
+    assert rows["long"]["state"] == st.TERMINATED and rows["long"]["cause"] == st.CAUSE_NODE
+    assert "stopped with its node" in rows["long"]["msg"]
+    assert "cause" not in rows["crash"] and rows["crash"]["state"] == st.FAILED
+    assert "cause" not in rows["asked"] and not alive(asked)
+    table = {p["upid"]: p for p in json.loads((tmp_path / "a" / "processes.json").read_text())["processes"]}
+    assert table["long"]["cause"] == st.CAUSE_NODE and table["crash"]["cause"] is None
+    # the reaper's SIGTERM (the VM's init stops everything) stops the processes for the node too
+    sup2 = make_sup(state_dir=tmp_path / "b")
+    sup2.launch("long", 0, ["sleep", "30"])
+    os.kill(sup2.reaper_pid, signal.SIGTERM)
+    row = sup2.wait("long", 0, timeout=10)
+    assert row.state == st.FAILED and "killed by signal SIGTERM" in row.msg
+    assert sup2.dump()[0]["cause"] == st.CAUSE_NODE

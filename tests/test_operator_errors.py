@@ -211,6 +211,28 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
     assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted
 
 
+def test_a_process_whose_node_is_terminated_restarts_without_crash_loop_backoff(system):
+    """F3 (decision OP5): a long process whose node is terminated under it three times, each
+    within seconds of its start, is restarted each time at once and never counted as a quick
+    failure (its agent reports the ends as its node's)."""
+    home = system
+    cei(home, "process", "schedule", "--upid", "long", "--restart-mode", "abnormal", "--", "sleep", "300")
+    seen: set[str] = set()
+    for _ in range(3):
+        def running_on_a_new_node():
+            """process long RUNNING on a node not terminated yet"""
+            p = data(home, "process", "describe", "long")
+            assert p["status"] != "CrashLoopBackOff" and p["restarts"] == 0, p
+            return p if p["state"] == "RUNNING" and p["node_id"] not in seen else None
+        p = poll(running_on_a_new_node, timeout=90)
+        seen.add(p["node_id"])
+        cei(home, "node", "terminate", p["node_id"])
+        ended = data(home, "process", "describe", "long")
+        assert ended["restarts"] == 0, ended
+    p = poll(running_on_a_new_node, timeout=90)
+    assert p["round"] >= 3 and p["restarts"] == 0
+
+
 # ---- Ctrl-C during `cei up` ------------------------------------------------------------------------
 
 

@@ -964,3 +964,88 @@ def test_a_stable_run_resets_the_crash_loop_and_a_restart_ends_it():
     sim.ok(RestartProcess("p1"))
     sim.handle(Matchmake())
     assert sim.pstate("p1") == ps.ASSIGNED and sim.proc("p1").crashes == 0
+
+
+def node_stops(sim, aid, upid="p1", state=ps.TERMINATED, cause="node"):
+    """The agent stops ``upid``'s current round because its node is going away and reports it
+    with the cause the real agent gives (decision OP5)."""
+    sim.heartbeat(aid)
+    key = (upid, sim.proc(upid).round)
+    sim.agents[aid].procs[key] = state
+    procs = [{"upid": u, "round": r, "state": s, "msg": "terminated: killed by signal SIGTERM"}
+             for (u, r), s in sorted(sim.agents[aid].procs.items())]
+    for d in procs:
+        if (d["upid"], d["round"]) == key and cause is not None:
+            d["cause"] = cause
+    sim.handle(AgentHeartbeat(aid, sim.agents[aid].node_id, sim.now, procs))
+
+
+def test_an_end_caused_by_its_node_is_restarted_without_backoff_and_a_crash_still_backs_off():
+    """F3: ends the agent reports as caused by its node (SIGTERM with the VM) restart at once,
+    however many in a row, and leave the crash count alone; real crashes still back off."""
+    sim = crash_loop_sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["long"], restart_mode="ABNORMAL"))
+    for _ in range(5):
+        before = sim.proc("p1").round
+        node_stops(sim, aid)
+        p = sim.proc("p1")  # restarted at once: a new round placed again
+        assert p.round == before + 1 and p.state == ps.ASSIGNED and p.crashes == 0 and p.retry_at == 0.0
+        desc = sim.ok(DescribeProcesses(["p1"]))[0]
+        assert desc["status"] != ps.CRASH_LOOP and desc["restarts"] == 0
+    crash(sim, aid)
+    start_when_due(sim)
+    crash(sim, aid)
+    assert sim.proc("p1").crashes == 2 and sim.proc("p1").retry_at == pytest.approx(sim.now + 1.0)
+    assert sim.ok(DescribeProcesses(["p1"]))[0]["status"] == ps.CRASH_LOOP
+    # a node-caused end in the middle of a crash loop neither adds to it nor ends it
+    start_when_due(sim)
+    before = sim.proc("p1").round
+    node_stops(sim, aid, state=ps.FAILED)
+    assert sim.proc("p1").crashes == 2 and sim.proc("p1").round == before + 1
+    # the same end without the agent's cause is a crash (what F3 saw)
+    start_when_due(sim)
+    node_stops(sim, aid, cause=None)
+    assert sim.proc("p1").crashes == 3
+    # NEVER restarts nothing: the end is recorded as the agent reports it
+    sim.ok(ScheduleProcess("p2", command=["once"], restart_mode="NEVER"))
+    node_stops(sim, aid, upid="p2")
+    assert sim.pstate("p2") == ps.TERMINATED and sim.proc("p2").crashes == 0
+    assert sim.state == sim.replayed()
+
+
+def test_an_end_on_a_node_epum_said_is_going_is_not_a_crash():
+    """The PD's own side: EPUM said the node is TERMINATING; an end reported there without
+    the agent's cause (an older agent, a process that died of the VM's SIGTERM first) is
+    the node's, and the process restarts at once elsewhere."""
+    sim = crash_loop_sim()
+    [a1] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["long"], restart_mode="ABNORMAL"))
+    crash(sim, a1)
+    start_when_due(sim)
+    assert sim.proc("p1").crashes == 1
+    sim.lose_node("n1", "TERMINATING")
+    sim.agents[a1].up = True  # it still reports while its VM goes down
+    sim.finish("p1", ps.FAILED)
+    before = sim.proc("p1").round
+    sim.heartbeat(a1)
+    assert sim.proc("p1").round == before + 1 and sim.proc("p1").crashes == 1
+    assert sim.pstate("p1") in ps.QUEUED  # nowhere to go: n1 is going
+    [a2] = sim.add_node("n2")
+    assert start_when_due(sim) == 0.0 and sim.proc("p1").resource_id == a2
+    assert sim.state == sim.replayed()
+
+
+def test_a_stable_run_ended_by_its_node_still_ends_the_crash_count():
+    sim = crash_loop_sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p1", command=["flaky"], restart_mode="ABNORMAL"))
+    for _ in range(2):
+        crash(sim, aid)
+        start_when_due(sim)
+    assert sim.proc("p1").crashes == 2
+    sim.heartbeat(aid)  # RUNNING, for longer than crash_stable_run, then its node goes
+    sim.now += 11.0
+    node_stops(sim, aid)
+    assert sim.proc("p1").crashes == 0 and sim.pstate("p1") == ps.ASSIGNED
+    assert sim.state == sim.replayed()

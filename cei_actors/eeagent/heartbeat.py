@@ -31,16 +31,19 @@ from cei_actors.eeagent import states as st
 
 
 def heartbeat_processes(dump: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """The ``processes`` list of a heartbeat: ``{upid, round, state, msg}`` per entry, sorted."""
-    out = [
-        {
+    """The ``processes`` list of a heartbeat: ``{upid, round, state, msg}`` per entry (and
+    ``cause`` where the entry has one: an end the process did not come to on its own), sorted."""
+    out = []
+    for p in dump:
+        entry = {
             "upid": str(p["upid"]),
             "round": int(p["round"]),
             "state": st.normalize(p["state"]),
             "msg": str(p.get("msg") or ""),
         }
-        for p in dump
-    ]
+        if p.get("cause"):
+            entry["cause"] = str(p["cause"])
+        out.append(entry)
     out.sort(key=lambda p: (p["upid"], p["round"]))
     return out
 

@@ -44,6 +44,8 @@ DOWN_MSG = "exited while agent was down"
 #: The message of a process the reaper stopped because the lease ran out.
 FENCED_MSG = "the lease ran out: stopped by the reaper"
 NOT_STARTED_MSG = "terminated before it started"
+#: Added to the message of a process stopped because its node is going away.
+NODE_MSG = "stopped with its node"
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,13 +201,20 @@ def terminate(
     return rec, False, []
 
 
-def terminate_all(table: ProcessTable, grace: float, *, now: float, stamp: float) -> list[Action]:
-    """Terminate every live record; a SIGKILL already due later comes within ``grace``."""
+def terminate_all(
+    table: ProcessTable, grace: float, *, now: float, stamp: float, cause: str | None = None
+) -> list[Action]:
+    """Terminate every live record; a SIGKILL already due later comes within ``grace``.
+    ``cause`` (:data:`~.states.CAUSE_NODE`: the node is going away) marks the records this
+    stops, so their end is reported as not their own; one already TERMINATING (asked for by
+    the PD) stays unmarked."""
     out: list[Action] = []
     for rec in list(table.records.values()):
         if rec.state == st.PENDING:
-            end(table, rec, st.TERMINATED, NOT_STARTED_MSG, stamp)
+            rec.cause = cause
+            end(table, rec, st.TERMINATED, _with_cause(NOT_STARTED_MSG, rec), stamp)
         elif rec.state == st.RUNNING:
+            rec.cause = cause
             out += _terminate(table, rec, grace, now)
         elif rec.state == st.TERMINATING and rec.kill_at is not None:
             rec.kill_at = min(rec.kill_at, now + grace)
@@ -273,14 +282,21 @@ def settle(
     ended_at: float | None = None,
     while_down: bool = False,
     fenced: bool = False,
+    node: bool = False,
 ) -> list[Action]:
     """``rec``'s process has ended with ``code`` (None: unknown). ``while_down``: while no
-    agent ran (``ended_at``: when); ``fenced``: stopped because the lease ran out. A
-    superseded record is forgotten and the round waiting for it starts."""
+    agent ran (``ended_at``: when); ``fenced``: stopped because the lease ran out; ``node``:
+    stopped because its node is going away (the reaper's SIGTERM), which marks a record not
+    already TERMINATING with :data:`~.states.CAUSE_NODE`. A superseded record is forgotten
+    and the round waiting for it starts."""
     if while_down and ended_at is not None:
         rec.ended_at = float(ended_at)
     rec.exit_code = code
+    if node and rec.cause is None and rec.state != st.TERMINATING:
+        rec.cause = st.CAUSE_NODE
     down = f" ({DOWN_MSG})" if while_down else ""
+    if rec.cause == st.CAUSE_NODE:
+        down += f" ({NODE_MSG})"
     if rec.state == st.TERMINATING:
         how = f"SIGKILL after {rec.grace:g} s grace" if rec.killed else describe(code)
         end(table, rec, st.TERMINATED, f"terminated: {how}{down}", stamp)
@@ -336,6 +352,10 @@ def end(table: ProcessTable, rec: Record, state: str, msg: str, stamp: float) ->
     table.ended = True
     if rec.ended_at is None:
         rec.ended_at = stamp
+
+
+def _with_cause(msg: str, rec: Record) -> str:
+    return f"{msg} ({NODE_MSG})" if rec.cause == st.CAUSE_NODE else msg
 
 
 def forget(table: ProcessTable, rec: Record) -> list[Action]:

@@ -127,7 +127,9 @@ class DumpAgentState(Message):
 
 @dataclass(frozen=True)
 class AgentHeartbeat(Message):
-    """Level-based: every process the agent knows, ``{upid, round, state, msg}`` each.
+    """Level-based: every process the agent knows, ``{upid, round, state, msg}`` each, plus
+    ``cause`` (:data:`~.states.CAUSE_NODE`) for an end the agent caused because its node is
+    going away.
 
     ``timestamp`` is the agent's clock (seconds since the epoch); ``state`` an agent state
     name (``RUNNING``; the original's ``"500-RUNNING"`` is accepted too). ``seq`` > 0 asks
@@ -157,8 +159,11 @@ class AgentHeartbeat(Message):
                 problem = f"round: expected an int >= 0, got {round_!r:.40}"
             else:
                 msg = p.get("msg")
+                cause = p.get("cause")
                 if msg is not None and not isinstance(msg, str):
                     problem = "msg: expected a str"
+                elif cause is not None and not isinstance(cause, str):
+                    problem = f"cause: expected a str, got {cause!r:.40}"
                 else:
                     try:
                         normalize(p.get("state"))

@@ -30,7 +30,8 @@ What it does:
   frozen (SIGSTOP, a hang): the reaper runs in its own session. A reaper that never got a
   ``lease`` enforces nothing (standalone use, an agent older than this request).
 - **lifetime**: ``stop`` (with ``kill``: SIGKILL to every group) or SIGTERM (SIGTERM to every
-  group) makes it exit once it has no children. With no children and no supervisor
+  group; their exits are marked ``"stopped": true``: the node is going away) makes it exit
+  once it has no children. With no children and no supervisor
   connected for ``IDLE_SECONDS`` (default 5) it exits by itself.
 
 Protocol: one JSON object per line (at most :data:`MAX_LINE` bytes) each way. A request has
@@ -155,7 +156,7 @@ class BadRequest(Exception):
 
 
 class _Child:
-    __slots__ = ("key", "pid", "ticks", "fenced")
+    __slots__ = ("key", "pid", "ticks", "fenced", "stopped")
 
     def __init__(self, key: list, pid: int, ticks: int | None) -> None:
         self.key = key
@@ -163,6 +164,7 @@ class _Child:
         self.ticks = ticks
         #: stopped because the lease ran out
         self.fenced = False
+        self.stopped = False  # stopped on the reaper's SIGTERM: the node is going away
 
 
 class _Client:
@@ -390,6 +392,8 @@ class Reaper:
         if signal.SIGTERM in data and not self.stopping:
             _log("SIGTERM: terminating every group, exiting once they are gone")
             self.stopping = True
+            for child in self.children.values():
+                child.stopped = True
             self._signal_all(signal.SIGTERM)
 
     def _check_lease(self, now: float) -> float | None:
@@ -457,6 +461,8 @@ class Reaper:
             }
             if child.fenced:
                 ev["fenced"] = True
+            if child.stopped:
+                ev["stopped"] = True
             new.append(ev)
         if not new:
             return

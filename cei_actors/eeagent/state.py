@@ -2,7 +2,7 @@
 
 :class:`ProcessTable` holds the records and keeps in step, on every change, what the agent
 asks of it often: the records of each upid, the live records that hold a slot, the dump
-(sorted rows ``{upid, round, state, msg, exit_code, pid}``, rebuilt only where a record
+(sorted rows ``{upid, round, state, msg, exit_code, pid}`` and ``cause`` if set, rebuilt only where a record
 changed) and the keys changed since the journal was last written (:attr:`ProcessTable.dirty`).
 It does no I/O and reads no clock; the rules that change it are in :mod:`.logic`. The real
 agent (:class:`~cei_actors.eeagent.supervisor.ProcessSupervisor`) and the simulated one
@@ -44,6 +44,8 @@ class Record:
     killed: bool = False
     superseded: bool = False
     waiting_for: Key | None = None
+    #: why it ended if not on its own (:data:`~.states.CAUSE_NODE`), else None
+    cause: str | None = None
     # not persisted
     kill_at: float | None = None
     starting: bool = False
@@ -53,8 +55,9 @@ class Record:
         return (self.upid, self.round)
 
     def row(self) -> dict[str, Any]:
-        """The dump entry: ``{upid, round, state, msg, exit_code, pid}``."""
-        return {
+        """The dump entry: ``{upid, round, state, msg, exit_code, pid}``, and ``cause``
+        when it is set."""
+        row = {
             "upid": self.upid,
             "round": self.round,
             "state": self.state,
@@ -62,6 +65,9 @@ class Record:
             "exit_code": self.exit_code,
             "pid": self.pid,
         }
+        if self.cause is not None:
+            row["cause"] = self.cause
+        return row
 
     def to_json(self) -> dict[str, Any]:
         """The persisted fields (the journal's and the table file's format)."""
@@ -83,6 +89,7 @@ class Record:
             "killed": self.killed,
             "superseded": self.superseded,
             "waiting_for": list(self.waiting_for) if self.waiting_for else None,
+            "cause": self.cause,
         }
 
     @classmethod
@@ -107,6 +114,7 @@ class Record:
             killed=bool(d.get("killed")),
             superseded=bool(d.get("superseded")),
             waiting_for=(str(wf[0]), int(wf[1])) if wf else None,
+            cause=d.get("cause") if isinstance(d.get("cause"), str) else None,
         )
 
 

@@ -657,17 +657,18 @@ class ProcessSupervisor:
     def shutdown(self, kill: bool = True, grace: float | None = None) -> None:
         """Terminate every live process and stop the reaper (when ``kill``), then :meth:`close`.
 
-        Each process gets SIGTERM, SIGKILL after ``grace`` (default: the supervisor's grace).
-        Without ``kill`` this is :meth:`close`.
+        Each process gets SIGTERM, SIGKILL after ``grace`` (default: the supervisor's grace);
+        their ends carry the cause :data:`~.states.CAUSE_NODE` (the node is going away, not
+        their own end). Without ``kill`` this is :meth:`close`.
         """
         if kill:
             g = self.grace if grace is None else float(grace)
             with self._lock:
                 if self._closed:
                     return
-                self._apply_locked(
-                    logic.terminate_all(self._table, g, now=time.monotonic(), stamp=self._clock())
-                )
+                self._apply_locked(logic.terminate_all(
+                    self._table, g, now=time.monotonic(), stamp=self._clock(), cause=st.CAUSE_NODE
+                ))
                 self._changed_locked()
                 self._commit_locked()
             self._wake()
@@ -825,14 +826,16 @@ class ProcessSupervisor:
         ended_at: float | None = None,
         while_down: bool = False,
         fenced: bool = False,
+        node: bool = False,
     ) -> None:
         """``rec``'s process has ended with ``code`` (None: unknown): settle the record.
-        ``fenced``: the reaper stopped it because the lease ran out."""
+        ``fenced``: the reaper stopped it because the lease ran out; ``node``: because the
+        reaper got SIGTERM (the node is going away)."""
         self._unwatch_locked(rec)
         rec.orphan = False
         self._apply_locked(logic.settle(
             self._table, rec, code, stamp=self._clock(), ended_at=ended_at,
-            while_down=while_down, fenced=fenced,
+            while_down=while_down, fenced=fenced, node=node,
         ))
 
     # -- internals: the reaper -------------------------------------------------------------
@@ -910,7 +913,8 @@ class ProcessSupervisor:
                 continue
             code = ev.get("code")
             self._settle_locked(
-                rec, code if isinstance(code, int) else None, fenced=ev.get("fenced") is True
+                rec, code if isinstance(code, int) else None, fenced=ev.get("fenced") is True,
+                node=ev.get("stopped") is True,
             )
 
     def _exit_record_locked(self, ev: Mapping[str, Any]) -> _Record | None:
@@ -1179,6 +1183,7 @@ class ProcessSupervisor:
                     ended_at=ev.get("ended_at"),
                     while_down=initial,
                     fenced=ev.get("fenced") is True,
+                    node=ev.get("stopped") is True,
                 )
                 covered.add(rec.key)
         for rec in list(self._records.values()):

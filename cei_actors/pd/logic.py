@@ -381,8 +381,10 @@ class Tx:
         for sub in p.subscribers:
             self.send(sub, notice)
 
-    def ended(self, p: Process, reported: str, msg: str) -> None:
-        """The agent reports the end of ``p``'s current round (``reported`` is terminal)."""
+    def ended(self, p: Process, reported: str, msg: str, cause: str | None = None) -> None:
+        """The agent reports the end of ``p``'s current round (``reported`` is terminal).
+        An end caused by its node (the agent's ``cause`` says so, or EPUM said the node is
+        going) is restarted per the restart mode but not counted as a crash (OP5)."""
         if reported == ps.EXITED and p.state in (ps.ASSIGNED, ps.PENDING):
             # It ran and exited between two heartbeats: record the start we did not see.
             self.move(p, p.round, ps.RUNNING)
@@ -392,7 +394,12 @@ class Tx:
             # The agent had no slot: our view of it was wrong. Requeue, not a failure.
             self.move(p, p.round + 1, ps.DIED_REQUESTED, msg or "rejected by the agent")
         elif ps.restarts_after_exit(p.restart_mode, reported):
-            self.move(p, p.round + 1, ps.DIED_REQUESTED, self.crash_backoff(p, msg or f"ended {reported}"))
+            why = msg or f"ended {reported}"
+            if cause == agent_states.CAUSE_NODE or self.node_going(p):
+                self.node_ended(p)
+            else:
+                why = self.crash_backoff(p, why)
+            self.move(p, p.round + 1, ps.DIED_REQUESTED, why)
         else:
             self.move(p, p.round, reported, msg)
 
@@ -414,6 +421,19 @@ class Tx:
         if failures < 2:
             return why
         return f"{ps.CRASH_LOOP}: {why}; {failures} quick failures in a row, next start in {delay:g}s"
+
+    def node_going(self, p: Process) -> bool:
+        """True if EPUM said the node ``p`` is placed on is going (doomed: TERMINATING or
+        RUNNING_FAILED), so an end reported there is its node's, not the process's own."""
+        res = self.s.resources.get(p.resource_id) if p.resource_id is not None else None
+        return res is not None and res.node_id in self.s.soft.doomed
+
+    def node_ended(self, p: Process) -> None:
+        """``p`` ended because its node went away, and is restarted: not a quick failure (the
+        count stays, as after REJECTED); a stable run before it still ends the count (OP3)."""
+        if (p.crashes and p.state == ps.RUNNING
+                and self.now - p.state_at >= self.cfg.crash_stable_run):
+            self.emit(ProcessBackoff(p.upid, 0, 0.0, self.now))
 
     def evacuate(self, res: Resource, reason: str, *, boot: bool = False) -> None:
         for upid in list(res.assigned):
@@ -1200,7 +1220,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         elif state == ps.TERMINATING:
             pass
         else:
-            tx.ended(p, state, d.get("msg") or "")
+            tx.ended(p, state, d.get("msg") or "", d.get("cause"))
             tx.cleanup(rid, upid, rnd)
             cleanups[key] = now
     soft.cleanups[rid] = cleanups
