@@ -227,3 +227,40 @@ def test_a_checkpoint_of_another_log_at_the_same_url_is_not_used(tmp_path: Path,
     with Replay(url, configs=configs, cache=cache) as r:
         assert r.state("pd", at, snapshots=False).to_data() == want.to_data()
         assert r.folded == ("pd", 1, at)
+
+
+def test_field_handlers_take_exactly_the_event_fields_and_defaults():
+    """A replay folds these bodies straight into the handler (``fn(state, **body)``, RS3): a
+    parameter named or defaulted unlike the event's field would fold a body differently."""
+    import dataclasses
+    import inspect
+
+    from cei_actors.pd.state import FIELD_HANDLERS
+
+    assert FIELD_HANDLERS
+    pd = ProcessDispatcher(CONF)
+    assert set(pd.body_appliers(pd.initial_state()).values()) == set(FIELD_HANDLERS.values())
+    for cls, fn in FIELD_HANDLERS.items():
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        want = [(f.name, None if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)]
+        got = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params]
+        assert got == want, cls.__name__
+
+
+def test_a_body_that_does_not_fit_is_named_at_its_offset(tmp_path: Path):
+    from cei_actors.eventlog import CorruptLog, PendingEvent
+
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    log = open_log(url)
+    fence = log.acquire("pd")
+    body = {"upid": "p", "round": 0, "state": ps.RUNNING, "at": 1.0, "extra": 1}
+    log.append(fence, 0, [PendingEvent("ProcessMoved", 1, 1.0, body)])
+    log.close()
+    with Replay(url, cache=None) as replay:
+        try:
+            replay.state("pd", 1)
+        except CorruptLog as exc:
+            assert "offset 1" in str(exc) and "body does not fit 'ProcessMoved'" in str(exc), exc
+        else:
+            raise AssertionError("a foreign body folded")
