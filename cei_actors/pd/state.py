@@ -546,7 +546,7 @@ class PDState:
 
     # The hottest events are folded from their fields (decision RS3): the event's handler
     # passes them, and a replay's fold passes a stored body straight (``fn(state, **body)``,
-    # :data:`BODY_APPLIERS`), without building the event. Parameters are the event's fields,
+    # ProcessDispatcher.body_appliers), without building the event. Parameters are the event's fields,
     # same names and defaults (checked by tests/test_replay_fold.py).
 
     def _scheduled(self, upid: str, round: int, spec: dict[str, Any], at: float) -> PDState:  # noqa: A002
