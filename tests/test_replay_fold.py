@@ -227,3 +227,74 @@ def test_a_checkpoint_of_another_log_at_the_same_url_is_not_used(tmp_path: Path,
     with Replay(url, configs=configs, cache=cache) as r:
         assert r.state("pd", at, snapshots=False).to_data() == want.to_data()
         assert r.folded == ("pd", 1, at)
+
+
+def test_field_handlers_take_exactly_the_event_fields_and_defaults():
+    """A replay folds these bodies straight into the handler (``fn(state, **body)``, RS3): a
+    parameter named or defaulted unlike the event's field would fold a body differently."""
+    import dataclasses
+    import inspect
+
+    from cei_actors.pd.state import FIELD_HANDLERS
+
+    assert FIELD_HANDLERS
+    pd = ProcessDispatcher(CONF)
+    assert set(pd.body_appliers(pd.initial_state()).values()) == set(FIELD_HANDLERS.values())
+    for cls, fn in FIELD_HANDLERS.items():
+        params = list(inspect.signature(fn).parameters.values())[1:]
+        want = [(f.name, None if f.default is dataclasses.MISSING else f.default)
+                for f in dataclasses.fields(cls)]
+        got = [(p.name, None if p.default is inspect.Parameter.empty else p.default) for p in params]
+        assert got == want, cls.__name__
+
+
+def test_a_body_that_does_not_fit_is_named_at_its_offset(tmp_path: Path):
+    from cei_actors.eventlog import CorruptLog, PendingEvent
+
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    log = open_log(url)
+    fence = log.acquire("pd")
+    body = {"upid": "p", "round": 0, "state": ps.RUNNING, "at": 1.0, "extra": 1}
+    log.append(fence, 0, [PendingEvent("ProcessMoved", 1, 1.0, body)])
+    log.close()
+    with Replay(url, cache=None) as replay:
+        try:
+            replay.state("pd", 1)
+        except CorruptLog as exc:
+            assert "offset 1" in str(exc) and "body does not fit 'ProcessMoved'" in str(exc), exc
+        else:
+            raise AssertionError("a foreign body folded")
+
+
+def test_a_stored_row_of_the_wrong_shape_is_named_at_its_offset(tmp_path: Path):
+    """The fold reads stored rows straight (RS3): a damaged row is a one-line error at its
+    offset, whether its type is one folded from the body or not."""
+    import sqlite3
+
+    import msgpack
+
+    from cei_actors.eventlog import CorruptLog, PendingEvent
+    from cei_actors.eventlog.batch import encode_rows
+
+    moved = {"upid": "p", "round": 0, "state": ps.RUNNING, "at": 1.0, "msg": ""}
+    for k, (bad, words) in enumerate(((["ProcessMoved", 1, 1.0], "wrong shape"), ([["x"], 1, 1.0, {}], "does not apply"),
+                       (["ProcessMoved", 1, 1.0, [1]], "body does not fit"),
+                       (["SystemBootSet", 1, 1.0, {"on": True}], "body does not fit"))):
+        path = tmp_path / f"pd{k}.sqlite"
+        log = open_log(f"sqlite:///{path}")
+        log.append(log.acquire("pd"), 0, [PendingEvent("ProcessMoved", 1, 1.0, moved)] * 3)
+        log.close()
+        good = msgpack.packb(["ProcessMoved", 1, 1.0, moved], use_bin_type=True)
+        db = sqlite3.connect(path)
+        db.execute("UPDATE batches SET blob = ? WHERE stream = 'pd' AND first = 1",
+                   (encode_rows("pd", 1, 1, [good, msgpack.packb(bad, use_bin_type=True), good]),))
+        db.commit()
+        db.close()
+        with Replay(f"sqlite:///{path}", cache=None) as replay:
+            assert replay.state("pd", 1).processes == {}
+            try:
+                replay.state("pd", 3)
+            except CorruptLog as exc:
+                assert "offset 2" in str(exc) and words in str(exc), (bad, exc)
+            else:
+                raise AssertionError(f"{bad} folded")

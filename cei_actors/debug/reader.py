@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from ..eventlog import CorruptLog, EventLog, EventLogError, Record, open_log
-from ..eventlog.batch import unpack_state
+from ..eventlog.batch import records_of, unpack_state
 from ..launch.components import component_for
 from ..private_files import private_dir, write_secret_file
 from ..runtime.core import Component
@@ -176,22 +176,31 @@ class Replay:
 
     def records(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[Record]:
         """The stream's records ``start..stop``; damage is a :class:`CorruptLog` at its offset."""
+        for first, epoch, rows in self.rows(stream, start, stop):
+            yield from records_of(stream, first, epoch, rows)
+
+    def rows(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[tuple[int, int, list]]:
+        """The stream's stored rows ``start..stop`` a batch at a time (:meth:`EventLog.read_rows`:
+        ``(first offset, epoch, rows)``, rows unchecked); damage is a :class:`CorruptLog` at
+        its offset."""
         last = start - 1
         marks = self._marks.setdefault(stream, {})
-        it = self.log.read(stream, start, stop)
+        it = self.log.read_rows(stream, start, stop)
         while True:
             try:
-                r = next(it)
+                first, epoch, rows = next(it)
             except StopIteration:
                 return
             except EventLogError:
                 raise
             except (sqlite3.Error, msgpack.UnpackException, ValueError, TypeError, KeyError) as exc:
                 raise CorruptLog(stream, last + 1, f"unreadable: {type(exc).__name__}: {exc}") from None
-            last = r.offset
-            if not last % _MARK_EVERY:
-                marks[last] = r.timestamp
-            yield r
+            last = first + len(rows) - 1
+            for k in range(-(-first // _MARK_EVERY) * _MARK_EVERY, last + 1, _MARK_EVERY):
+                row = rows[k - first]
+                if type(row) is list and len(row) > 2 and type(row[2]) in (float, int):
+                    marks[k] = row[2]
+            yield first, epoch, rows
 
     def state(self, stream: str, offset: int, snapshots: bool = True) -> Any:
         """The stream's state with every event up to ``offset`` applied; from the newest
@@ -216,21 +225,36 @@ class Replay:
                 defer()
             decode, apply = component.registry.from_record, component.apply
             current = component.registry.current()
+            fast = component.body_appliers(state)  # folded from the body, no event built (RS3)
             every = ckpt.every if ckpt is not None else 0
-            for record in self.records(stream, start, offset):
-                try:
-                    try:  # a current body is its event; else upcast, or the one-line error
-                        event = current[record.type, record.version](**record.body)
-                    except (KeyError, TypeError):
-                        event = decode(record)
-                    state = apply(state, event)
-                except EventLogError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
-                    raise CorruptLog(stream, record.offset,
-                                     f"{record.type} does not apply: {type(exc).__name__}: {exc}") from None
-                if every and not (record.offset - start + 1) % every and record.offset < offset:
-                    self._checkpoint(stream, component, state, record.offset, reindex, defer if deferred else None)
+            due = start - 1 + every if every else -1  # the next checkpoint on the way
+            for first, epoch, rows in self.rows(stream, start, offset):
+                at = first - 1
+                for row in rows:
+                    at += 1
+                    fn = None
+                    try:
+                        fn = fast.get((row[0], row[1]))
+                        if fn is not None:
+                            state = fn(state, **row[3])
+                        else:
+                            record = _record(stream, at, epoch, row)
+                            try:  # a current body is its event; else upcast, or the one-line error
+                                event = current[record.type, record.version](**record.body)
+                            except (KeyError, TypeError):
+                                event = decode(record)
+                            state = apply(state, event)
+                    except EventLogError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
+                        record = _record(stream, at, epoch, row)  # a row of the wrong shape says so
+                        if fn is not None:
+                            decode(record)  # a body that does not fit says so, as the event would
+                        raise CorruptLog(stream, at, f"{record.type} does not apply: "
+                                                     f"{type(exc).__name__}: {exc}") from None
+                    if at == due and at < offset:
+                        self._checkpoint(stream, component, state, at, reindex, defer if deferred else None)
+                        due += every
             if reindex is not None:
                 reindex()
             if ckpt is not None and offset - start + 1 >= ckpt.min_events:
@@ -265,6 +289,11 @@ class Replay:
             except Exception:  # noqa: BLE001 - fall back to an older one, or to the events
                 continue
         return None, 1
+
+
+def _record(stream: str, offset: int, epoch: int, row: Any) -> Record:
+    """The record of one stored row (:class:`CorruptLog` for a row of the wrong shape)."""
+    return records_of(stream, offset, epoch, [row])[0]
 
 
 def default_cache() -> Path | None:

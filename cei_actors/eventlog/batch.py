@@ -157,27 +157,35 @@ def encode_batch(
     return encode_rows(stream, first_offset, epoch, [encode_event(e) for e in events], group_end)
 
 
-def decode_batch(
+def open_batch(
     blob: bytes, stream: str, first_offset: int, max_bytes: int | None = None
-) -> tuple[list[Record], bool]:
-    """Decode a stored batch; returns its records and its ``group_end`` flag.
-
-    Raises :class:`CorruptLog` if the blob is damaged or does not belong where it was found.
-    """
+) -> tuple[int, bool, list]:
+    """A stored batch's epoch, ``group_end`` flag and rows as stored (each ``[type, version,
+    timestamp, body]``, a fifth item the recorded inputs; their shape is not checked here:
+    :func:`records_of` does). Raises :class:`CorruptLog` if the blob is damaged or does not
+    belong where it was found."""
     limit = DEFAULT_MAX_DECODE_BYTES if max_bytes is None else max_bytes
     value = _open(BATCH_MAGIC, blob, stream, first_offset, limit)
     try:
         b_stream, b_first, epoch, group_end, rows = value  # type: ignore[misc]
     except (TypeError, ValueError) as exc:
         raise CorruptLog(stream, first_offset, "batch payload has the wrong shape") from exc
+    if type(rows) is not list:
+        raise CorruptLog(stream, first_offset, "batch payload has the wrong shape")
     if b_stream != stream or b_first != first_offset:
         raise CorruptLog(
             stream, first_offset, f"batch belongs to {b_stream!r} at offset {b_first}"
         )
+    return epoch, bool(group_end), rows
+
+
+def records_of(stream: str, first_offset: int, epoch: int, rows: list) -> list[Record]:
+    """The records of stored ``rows`` (from :func:`open_batch`), the first at ``first_offset``;
+    a row of the wrong shape is a :class:`CorruptLog`."""
     try:
         new = tuple.__new__
         try:
-            records = [
+            return [
                 new(Record, (stream, first_offset + i, t, v, ts, epoch, body, None))
                 for i, (t, v, ts, body) in enumerate(rows)
             ]
@@ -188,9 +196,20 @@ def decode_batch(
                 if len(more) > 1:
                     raise ValueError("too many items") from None
                 records.append(new(Record, (stream, first_offset + i, t, v, ts, epoch, body, more[0] if more else None)))
+            return records
     except (TypeError, ValueError) as exc:
         raise CorruptLog(stream, first_offset, "event row has the wrong shape") from exc
-    return records, bool(group_end)
+
+
+def decode_batch(
+    blob: bytes, stream: str, first_offset: int, max_bytes: int | None = None
+) -> tuple[list[Record], bool]:
+    """Decode a stored batch; returns its records and its ``group_end`` flag.
+
+    Raises :class:`CorruptLog` if the blob is damaged or does not belong where it was found.
+    """
+    epoch, group_end, rows = open_batch(blob, stream, first_offset, max_bytes)
+    return records_of(stream, first_offset, epoch, rows), group_end
 
 
 def snapshot_chunk_limit(backend_chunk: int) -> int:

@@ -21,6 +21,8 @@ from .batch import (
     encode_event,
     encode_rows,
     encode_snapshot,
+    open_batch,
+    records_of,
 )
 from .errors import BadLogUrl, CorruptLog, EventLogError, Fenced, OffsetConflict
 from .records import Fence, PendingEvent, Record, Snapshot, check_stream
@@ -141,6 +143,14 @@ class EventLog(ABC):
 
     def read(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[Record]:
         """Yield the records with ``start <= offset <= stop`` in order, archive included."""
+        for first, epoch, rows in self.read_rows(stream, start, stop):
+            yield from records_of(stream, first, epoch, rows)
+
+    def read_rows(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[tuple[int, int, list]]:
+        """What :meth:`read` reads, a stored batch (or its part in range) at a time, as
+        stored: ``(offset of the first row, epoch, rows)``, each row ``[type, version,
+        timestamp, body]`` (a fifth item: recorded inputs) and its shape not checked, for a
+        reader that makes no :class:`Record` of it (a replay's fold, decision RS3)."""
         check_stream(stream)
         firsts = self._all_firsts(stream)
         if not firsts:
@@ -148,26 +158,31 @@ class EventLog(ABC):
         i = max(bisect.bisect_right(firsts, max(start, 1)) - 1, 0)
         expected = firsts[i]
         last_epoch = 0
-        held: list[Record] = []
+        held: list[tuple[int, int, list]] = []
         for first in firsts[i:]:
             if stop is not None and first > stop:
                 break
             if first != expected:
                 raise CorruptLog(stream, expected, f"gap: next stored batch starts at {first}")
-            records, group_end = decode_batch(self._get(stream, first), stream, first)
-            if not records:
+            epoch, group_end, rows = open_batch(self._get(stream, first), stream, first)
+            if not rows:
                 raise CorruptLog(stream, first, "empty batch")
-            epoch = records[0].epoch
             if epoch < last_epoch:
                 raise CorruptLog(stream, first, f"epoch went back from {last_epoch} to {epoch}")
             last_epoch = epoch
-            expected = first + len(records)
-            if group_end and not held and first >= start and (stop is None or expected - 1 <= stop):
-                yield from records  # the common case: a whole, complete batch in range
+            n = len(rows)
+            expected = first + n
+            lo = max(start - first, 0)
+            hi = n if stop is None else min(n, stop - first + 1)
+            if lo or hi < n:
+                rows = rows[lo:hi]
+            if group_end and not held:  # the common case: a complete batch
+                if rows:
+                    yield first + lo, epoch, rows
                 continue
-            held.extend(r for r in records if r.offset >= start and (stop is None or r.offset <= stop))
+            held.append((first + lo, epoch, rows))
             if group_end:
-                yield from held
+                yield from (chunk for chunk in held if chunk[2])
                 held = []
 
     def batch_checksums(self, stream: str, stop: int) -> list[tuple[int, int]]:

@@ -129,7 +129,7 @@ from .messages import (
     UpdateDefinition,
 )
 from .needs import EngineSpec, need, retirable
-from .state import Liveness, PDState, Process, Resource, Soft, spec_digest
+from .state import FIELD_HANDLERS, Liveness, PDState, Process, Resource, Soft, spec_digest
 
 logger = logging.getLogger(__name__)
 
@@ -654,6 +654,13 @@ class ProcessDispatcher(Component[PDState]):
             state.soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
         state.apply(event)
         return state
+
+    def body_appliers(self, state: PDState) -> dict[tuple[str, int], Any]:
+        """The hottest events, folded from their stored bodies (decision RS3); none for a
+        state a decision is under way in (it has events applied ahead, or quiet agents)."""
+        if state.broken is not None or state.pre or state.soft.quiet:
+            return {}
+        return _BODY_APPLIERS
 
     def decide(self, state: PDState, message: Any, ctx: Context) -> Decision:
         state.pre.clear()
@@ -1386,4 +1393,10 @@ _HANDLERS: dict[type, Handler] = {
     Matchmake: _on_matchmake,
     FlushNeeds: _on_flush_needs,
     FlushOutbox: _on_flush_outbox,
+}
+
+
+#: ``(type, current version) -> fn(state, **body)`` (decision RS3)
+_BODY_APPLIERS: dict[tuple[str, int], Any] = {
+    key: FIELD_HANDLERS[cls] for key, cls in events.current().items() if cls in FIELD_HANDLERS
 }

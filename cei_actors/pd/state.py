@@ -301,6 +301,8 @@ class PDState:
         self.state_count: collections.Counter[str] = collections.Counter()
         #: finished (TERMINAL) upids -> when they finished, in the order they did
         self.ended: dict[str, float] = {}
+        #: False while :meth:`defer_index` holds: the counts above are rebuilt by :meth:`reindex`
+        self.counting = True
         # not derived from events at all
         self.soft = Soft()
         self.pre: collections.deque[Any] = collections.deque()  # events decide applied already
@@ -418,6 +420,7 @@ class PDState:
         state it ends with (decision RS1). Nothing may use the state before :meth:`reindex`."""
         if not isinstance(self.mm, _Deferred):
             self.mm = _Deferred(self.mm.min_start_interval)  # type: ignore[assignment]
+            self.counting = False
 
     def reindex(self) -> None:
         """End :meth:`defer_index`: build the matchmaker as a restore does, and the tombstone
@@ -430,6 +433,13 @@ class PDState:
         )
         self._index([p for p in self.processes.values() if p.state in ps.QUEUED])
         self.tombstones.settle(Process.tombstone)
+        # the counts, as a restore makes them (finished processes in the order they finished)
+        self.counting = True
+        self.state_count, self.live_count = collections.Counter(), collections.Counter()
+        self.unacked, self.terminating, self.ended = {}, {}, {}
+        for p in self.processes.values():
+            self._recount(p)
+        self.ended = dict(sorted(self.ended.items(), key=lambda kv: kv[1]))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, PDState):
@@ -471,15 +481,6 @@ class PDState:
             self.terminating[p.upid] = None
         elif state in ps.TERMINAL:
             self.ended[p.upid] = p.state_at
-
-    def _set_state(self, p: Process, state: str, round_: int, at: float) -> str:
-        old = p.state
-        self._uncount(p)
-        p.state = state
-        p.round = round_
-        p.state_at = at
-        self._recount(p)
-        return old
 
     def _release(self, p: Process) -> None:
         rid = p.resource_id
@@ -540,88 +541,131 @@ class PDState:
             state_at=e.at,
         )
         self.processes[e.upid] = p
-        self._recount(p)
-
-    def _on_process_scheduled(self, e: ProcessScheduled) -> None:
-        p = self.processes.get(e.upid)
-        if p is None:
-            self.tombstones.remove(e.upid)
-            p = Process(e.upid, ps.REQUESTED, e.round, created_at=e.at, state_at=e.at)
-            self.processes[e.upid] = p
-            self._apply_spec(p, e.spec)
+        if self.counting:
             self._recount(p)
+
+    # The hottest events are folded from their fields (decision RS3): the event's handler
+    # passes them, and a replay's fold passes a stored body straight (``fn(state, **body)``,
+    # ProcessDispatcher.body_appliers), without building the event. Parameters are the event's fields,
+    # same names and defaults (checked by tests/test_replay_fold.py).
+
+    def _scheduled(self, upid: str, round: int, spec: dict[str, Any], at: float) -> PDState:  # noqa: A002
+        """ProcessScheduled."""
+        p = self.processes.get(upid)
+        counting = self.counting
+        if p is None:
+            self.tombstones.remove(upid)
+            if _SPEC_SET.issuperset(spec):  # (the usual spec: made in one go)
+                p = Process(upid, ps.REQUESTED, round, created_at=at, state_at=at, **spec)
+            else:
+                p = Process(upid, ps.REQUESTED, round, created_at=at, state_at=at)
+                for key, value in spec.items():
+                    if key in _SPEC_SET:
+                        setattr(p, key, value)
+            self.processes[upid] = p
+            if counting:
+                self._recount(p)
         else:
             if p.state in ps.QUEUED:
-                self.mm.dequeue(p.upid)
+                self.mm.dequeue(upid)
             self._release(p)
-            self._uncount(p)  # under the old engine: the spec may change it
-            self._apply_spec(p, e.spec)
+            if counting:
+                self._uncount(p)  # under the old engine: the spec may change it
+            for key, value in spec.items():
+                if key in _SPEC_SET:
+                    setattr(p, key, value)
             p.state = ps.REQUESTED
-            p.round = e.round
-            p.state_at = e.at
+            p.round = round
+            p.state_at = at
             p.msg = ""
-            self._recount(p)
-        self._enqueue(p)
+            if counting:
+                self._recount(p)
+        p.seq = self.next_seq
+        self.next_seq += 1
+        self.mm.enqueue(p)
+        return self
 
-    @staticmethod
-    def _apply_spec(p: Process, spec: dict[str, Any]) -> None:
-        for key in SPEC_KEYS:
-            if key in spec:
-                setattr(p, key, spec[key])
-
-    def _on_process_moved(self, e: ProcessMoved) -> None:
-        p = self.processes.get(e.upid)
+    def _moved(self, upid: str, round: int, state: str, at: float, msg: str = "") -> PDState:  # noqa: A002
+        """ProcessMoved."""
+        p = self.processes.get(upid)
         if p is None:
-            return
-        was_queued = p.state in ps.QUEUED
-        old = self._set_state(p, e.state, e.round, e.at)
-        if e.msg:
-            p.msg = e.msg
-        if e.state == ps.RUNNING and (old != ps.RUNNING):
-            p.starts += 1
-        if e.state not in ps.PLACED:
-            self._release(p)
-        if e.state in ps.FRESH:
+            return self
+        old = p.state
+        was_queued = old in ps.QUEUED
+        counting = self.counting
+        if counting:
+            self._uncount(p)
+        p.state = state
+        p.round = round
+        p.state_at = at
+        if counting:
+            self._recount(p)
+        if msg:
+            p.msg = msg
+        if state == ps.RUNNING:  # the most common move: stays on its resource
+            if old != ps.RUNNING:
+                p.starts += 1
             if was_queued:
-                self.mm.dequeue(p.upid)
-            self._enqueue(p)
-        elif e.state == ps.WAITING:
-            if was_queued:
-                self.mm.waited(p.upid)
+                self.mm.dequeue(upid)
+            return self
+        if state not in ps.PLACED:
+            if p.resource_id is not None:
+                self._release(p)
             else:
+                p.node_id = None
+        if state in ps.FRESH:
+            if was_queued:
+                self.mm.dequeue(upid)
+            self._enqueue(p)
+        elif state == ps.WAITING:
+            if not was_queued:
                 self._enqueue(p)
-                self.mm.waited(p.upid)
+            self.mm.waited(upid)
         elif was_queued:
-            self.mm.dequeue(p.upid)
+            self.mm.dequeue(upid)
+        return self
 
     def _on_process_backoff(self, e: ProcessBackoff) -> None:
         p = self.processes.get(e.upid)
         if p is not None:
             p.crashes, p.retry_at = e.failures, e.retry_at
 
-    def _on_process_assigned(self, e: ProcessAssigned) -> None:
-        p = self.processes.get(e.upid)
+    def _assigned(self, upid: str, round: int, resource_id: str, at: float) -> PDState:  # noqa: A002
+        """ProcessAssigned."""
+        p = self.processes.get(upid)
         if p is None:
-            return
+            return self
         if p.state in ps.QUEUED:
-            self.mm.dequeue(p.upid)
-        self._release(p)
-        self._set_state(p, ps.ASSIGNED, e.round, e.at)
+            self.mm.dequeue(upid)
+        if p.resource_id is not None:
+            self._release(p)
+        else:
+            p.node_id = None
+        counting = self.counting
+        if counting:
+            self._uncount(p)
+        p.state = ps.ASSIGNED
+        p.round = round
+        p.state_at = at
+        if counting:
+            self._recount(p)
         p.dispatches += 1
-        p.last_dispatch = e.at
+        p.last_dispatch = at
         p.msg = ""
-        res = self.resources.get(e.resource_id)
-        p.resource_id = e.resource_id
+        res = self.resources.get(resource_id)
+        p.resource_id = resource_id
         if res is None:
-            return
-        p.node_id = res.node_id
-        p.last_node_id = res.node_id
-        res.assigned[p.upid] = e.round
-        node = self.nodes[res.node_id]
-        self._use(node, 1)
+            return self
+        node_id = p.node_id = p.last_node_id = res.node_id
+        res.assigned[upid] = round
+        node = self.nodes[node_id]
+        if not node.used:
+            self.occupied[node.engine] += 1
+        node.used += 1
         if p.node_exclusive is not None:
-            node.tags[p.node_exclusive] = p.upid
+            node.tags[p.node_exclusive] = upid
         self.mm.touch_node(node)
+        return self
 
     def _on_node_added(self, e: NodeAdded) -> None:
         if e.node_id in self.nodes:
@@ -693,7 +737,8 @@ class PDState:
             p = self.processes.get(upid)
             if p is None or p.state not in ps.TERMINAL:
                 continue  # never forget a live process, whatever the event says
-            self._uncount(p)
+            if self.counting:
+                self._uncount(p)
             del self.processes[upid]
             # deferred: the process itself (left unchanged from here), settled by reindex()
             record = p if isinstance(self.mm, _Deferred) else p.tombstone()
@@ -737,10 +782,10 @@ _HANDLERS = {
     DefinitionSet: PDState._on_definition_set,
     DefinitionRemoved: PDState._on_definition_removed,
     ProcessCreated: PDState._on_process_created,
-    ProcessScheduled: PDState._on_process_scheduled,
-    ProcessMoved: PDState._on_process_moved,
+    ProcessScheduled: lambda s, e: s._scheduled(e.upid, e.round, e.spec, e.at),
+    ProcessMoved: lambda s, e: s._moved(e.upid, e.round, e.state, e.at, e.msg),
     ProcessBackoff: PDState._on_process_backoff,
-    ProcessAssigned: PDState._on_process_assigned,
+    ProcessAssigned: lambda s, e: s._assigned(e.upid, e.round, e.resource_id, e.at),
     ProcessesForgotten: PDState._on_processes_forgotten,
     NodeAdded: PDState._on_node_added,
     NodeRemoved: PDState._on_node_removed,
@@ -750,3 +795,11 @@ _HANDLERS = {
     ResourceOccupancy: PDState._on_resource_occupancy,
     SystemBootSet: PDState._on_system_boot,
 }
+
+#: event class -> its handler in field form (``fn(state, **body)``, decision RS3)
+FIELD_HANDLERS: dict[type, Any] = {
+    ProcessScheduled: PDState._scheduled,
+    ProcessMoved: PDState._moved,
+    ProcessAssigned: PDState._assigned,
+}
+_SPEC_SET: frozenset[str] = frozenset(SPEC_KEYS)

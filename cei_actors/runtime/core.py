@@ -146,6 +146,13 @@ class Component(ABC, Generic[S]):
         """Called once the state is rebuilt: re-drive open intents, start timers."""
         return Decision()
 
+    def body_appliers(self, state: S) -> dict[tuple[str, int], Any]:
+        """For a fold of stored events into ``state`` (a replay): ``(type, version) -> fn``
+        where ``fn(state, **body)`` returns what ``apply(state, cls(**body))`` would, for
+        the types this component folds straight from a stored body (a body that does not
+        fit raises TypeError). Empty (the default): every event is built, then applied."""
+        return {}
+
     def snapshot(self, state: S) -> Any:
         """The state as msgpack-able plain data; None means this component takes no snapshots."""
         return None
