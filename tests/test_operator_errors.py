@@ -212,7 +212,7 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
 
 
 def test_a_process_whose_node_is_terminated_restarts_without_crash_loop_backoff(system):
-    """F3 (decision OP5): a long process whose node is terminated under it three times, each
+    """F3 (decision OP7): a long process whose node is terminated under it three times, each
     within seconds of its start, is restarted each time at once and never counted as a quick
     failure (its agent reports the ends as its node's)."""
     home = system

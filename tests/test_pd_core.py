@@ -968,7 +968,7 @@ def test_a_stable_run_resets_the_crash_loop_and_a_restart_ends_it():
 
 def node_stops(sim, aid, upid="p1", state=ps.TERMINATED, cause="node"):
     """The agent stops ``upid``'s current round because its node is going away and reports it
-    with the cause the real agent gives (decision OP5)."""
+    with the cause the real agent gives (decision OP7)."""
     sim.heartbeat(aid)
     key = (upid, sim.proc(upid).round)
     sim.agents[aid].procs[key] = state

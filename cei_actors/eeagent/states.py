@@ -42,7 +42,7 @@ TERMINAL_STATES: frozenset[str] = frozenset({TERMINATED, EXITED, FAILED, REJECTE
 #: The ``cause`` of an end the process did not come to on its own: the agent stopped it
 #: because its node is going away (the agent or its reaper got SIGTERM, ``AgentStop``). The
 #: agent's report carries it (``"cause": "node"``); the PD restarts such a process as after a
-#: node loss and does not count it as a crash (decision OP5).
+#: node loss and does not count it as a crash (decision OP7).
 CAUSE_NODE = "node"
 
 _RANK = {name: i for i, name in enumerate(ORDER)}
