@@ -730,7 +730,7 @@ def test_an_agent_given_every_hosts_admin_merges_their_names_and_skips_a_lost_on
 
 
 def test_agent_process_stopped_with_its_node_reports_the_node_as_the_cause(tmp_path):
-    """F3/OP5: the agent gets SIGTERM (its VM is going away): the heartbeat it sends last
+    """F3/OP7: the agent gets SIGTERM (its VM is going away): the heartbeat it sends last
     reports the processes it stopped with ``cause`` node; one that had crashed on its own
     carries no cause."""
     asys = start_system()

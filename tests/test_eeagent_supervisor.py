@@ -780,7 +780,7 @@ def test_real_agent_and_pure_table_obey_the_same_slot_and_supersede_rules(make_s
 
 
 def test_ends_caused_by_the_node_going_away_carry_the_cause(make_sup, tmp_path):
-    """F3/OP5: the processes a shutdown (the agent's SIGTERM) or the reaper's SIGTERM stops end
+    """F3/OP7: the processes a shutdown (the agent's SIGTERM) or the reaper's SIGTERM stops end
     with ``cause`` node in the dump (and the table); one that ended on its own, or one the PD
     asked to terminate, has none."""
     sup = make_sup(state_dir=tmp_path / "a")

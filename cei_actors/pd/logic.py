@@ -384,7 +384,7 @@ class Tx:
     def ended(self, p: Process, reported: str, msg: str, cause: str | None = None) -> None:
         """The agent reports the end of ``p``'s current round (``reported`` is terminal).
         An end caused by its node (the agent's ``cause`` says so, or EPUM said the node is
-        going) is restarted per the restart mode but not counted as a crash (OP5)."""
+        going) is restarted per the restart mode but not counted as a crash (OP7)."""
         if reported == ps.EXITED and p.state in (ps.ASSIGNED, ps.PENDING):
             # It ran and exited between two heartbeats: record the start we did not see.
             self.move(p, p.round, ps.RUNNING)
