@@ -422,8 +422,11 @@ def _lines_until(proc: subprocess.Popen, found, timeout: float = 60.0) -> list[s
 
 
 def _popen(home: Path, *argv: str) -> subprocess.Popen:
+    # Ctrl-C as a terminal sends it: a process started with SIGINT ignored (by a pytest-xdist
+    # worker, or as a background job of a shell) keeps it ignored and would never see one
     return subprocess.Popen([sys.executable, "-m", "cei_actors.cli", "--home", str(home), *argv],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _interrupt(proc: subprocess.Popen) -> tuple[int, str]:

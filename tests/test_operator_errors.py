@@ -250,7 +250,9 @@ def interrupted_up(home, when):
 
     script = Path(sys.executable).with_name("cei")
     proc = subprocess.Popen([str(script), "--home", str(home), "up"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            # as from a terminal: not SIGINT ignored, as a pytest-xdist worker has it
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines: list[str] = []
     sent = threading.Event()
 
