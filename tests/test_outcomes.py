@@ -25,7 +25,7 @@ from cei_actors.launch.plan import load_plan
 from cei_actors.runtime.client import RequestFailed, ServiceClient
 from cei_actors.runtime.control import Start, Status, Stop
 from cei_actors.runtime.example import Add, Get
-from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
+from cei_actors.runtime.system import start_actor
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
 
@@ -38,15 +38,6 @@ def suspended(pid: int) -> Iterator[None]:
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-@pytest.fixture(scope="module")
-def tcp_system():
-    asys = start_system(TCP_BASE)
-    try:
-        yield asys
-    finally:
-        shutdown_system(asys)
 
 
 def static_plan_file(tmp_path: Path) -> Path:

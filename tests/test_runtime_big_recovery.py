@@ -23,7 +23,7 @@ from cei_actors.runtime.client import ServiceClient
 from cei_actors.runtime.control import Start, Status, Stop
 from cei_actors.runtime.example import Add, CounterAdded, Counters
 from cei_actors.runtime.runner import Runner
-from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
+from cei_actors.runtime.system import start_actor
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
 
@@ -108,15 +108,6 @@ def test_the_forked_snapshot_child_runs_without_the_collector(tmp_path, monkeypa
 
 
 # ---- a real leader process on ZooKeeper with the shortest session ---------------------------
-
-
-@pytest.fixture(scope="module")
-def tcp_system():
-    asys = start_system(TCP_BASE)
-    try:
-        yield asys
-    finally:
-        shutdown_system(asys)
 
 
 def test_a_leader_recovering_a_big_snapshot_keeps_its_short_zookeeper_session(tcp_system, zk_hosts):

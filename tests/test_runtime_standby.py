@@ -23,7 +23,7 @@ from cei_actors.runtime.core import Decision, SetTimer
 from cei_actors.runtime.example import Add, Counters, Dump, Tick
 from cei_actors.runtime.messages import Ok
 from cei_actors.runtime.runner import Runner, replay
-from cei_actors.runtime.system import TCP_BASE, shutdown_system, start_actor, start_system
+from cei_actors.runtime.system import start_actor
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
 
@@ -151,15 +151,6 @@ def test_an_unusable_followed_state_is_rebuilt_from_the_log():
 
 
 # ---- real processes: a leader and a hot standby on the TCP base ------------------------------
-
-
-@pytest.fixture(scope="module")
-def tcp_system():
-    asys = start_system(TCP_BASE)
-    try:
-        yield asys
-    finally:
-        shutdown_system(asys)
 
 
 def kill9(pid: int) -> None:

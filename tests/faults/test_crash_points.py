@@ -18,7 +18,7 @@ from cei_actors.runtime.control import Start, Status, Stop
 from cei_actors.runtime.example import Add, Counters, Dump
 from cei_actors.runtime.example_actor import AddLater
 from cei_actors.runtime.runner import replay
-from cei_actors.runtime.system import TCP_BASE, lookup, shutdown_system, start_actor, start_system
+from cei_actors.runtime.system import lookup, start_actor
 
 ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
 
@@ -71,15 +71,6 @@ def test_a_point_fires_by_name_or_detail_and_never_when_unarmed(tmp_path):
     run = subprocess.run([sys.executable, "-c", code, "after_work:1"], capture_output=True, text=True,
                          timeout=30)
     assert (run.returncode, run.stdout) == (faults.EXIT_CODE, "")  # 'after_work' matches every kind
-
-
-@pytest.fixture(scope="module")
-def tcp_system():
-    asys = start_system(TCP_BASE)
-    try:
-        yield asys
-    finally:
-        shutdown_system(asys)
 
 
 def crash_at(tcp_system, tmp_path, point: str, message) -> tuple[dict, int]:
