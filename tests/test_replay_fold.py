@@ -298,3 +298,27 @@ def test_a_stored_row_of_the_wrong_shape_is_named_at_its_offset(tmp_path: Path):
                 assert "offset 2" in str(exc) and words in str(exc), (bad, exc)
             else:
                 raise AssertionError(f"{bad} folded")
+
+
+def test_a_replay_builds_a_tombstone_record_only_when_asked_for(tmp_path: Path, monkeypatch):
+    """RS4: the records of processes forgotten during a replay's fold are built on demand,
+    one per :meth:`Tombstones.get`, all for ``to_data``; each the same as the live fold's."""
+    from cei_actors.pd.state import Process
+
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=7)
+    _workload(sim, random.Random(20261203), 400)
+    live = sim.state
+    buried = list(live.tombstones)
+    assert len(buried) >= 3
+    built: list[str] = []
+    real = Process.tombstone
+    monkeypatch.setattr(Process, "tombstone", lambda p: (built.append(p.upid), real(p))[1])
+    with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+        state = replay.state("pd", replay.head("pd"), snapshots=False)
+    assert built == []
+    assert state.tombstones.get(buried[0]) == live.tombstones.get(buried[0])
+    assert state.tombstones.get(buried[0]) == live.tombstones.get(buried[0])  # built once
+    assert built == [buried[0]]
+    assert state.tombstones.to_data() == live.tombstones.to_data()
+    assert sorted(built) == sorted(buried)

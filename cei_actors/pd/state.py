@@ -423,8 +423,9 @@ class PDState:
             self.counting = False
 
     def reindex(self) -> None:
-        """End :meth:`defer_index`: build the matchmaker as a restore does, and the tombstone
-        records of the processes forgotten meanwhile (from the records they had then)."""
+        """End :meth:`defer_index`: build the matchmaker as a restore does; the tombstone
+        records of the processes forgotten meanwhile are built from the records they had
+        then, each when first asked for (RS4)."""
         mm = self.mm
         if not isinstance(mm, _Deferred):
             return

@@ -51,10 +51,12 @@ class Tombstone:
 class Tombstones:
     """A bounded map ``id -> Tombstone`` in burial order (pure: part of a component's fold)."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_build", "_items")
 
     def __init__(self) -> None:
         self._items: dict[str, Tombstone] = {}
+        #: set by :meth:`settle`: builds the records still buried as they were, when asked for
+        self._build: Callable[[Any], dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -68,6 +70,8 @@ class Tombstones:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Tombstones):
             return NotImplemented
+        self._settle_all()
+        other._settle_all()
         return self._items == other._items
 
     __hash__ = None  # type: ignore[assignment]
@@ -76,7 +80,10 @@ class Tombstones:
         return f"Tombstones({len(self._items)})"
 
     def get(self, key: str) -> Tombstone | None:
-        return self._items.get(key)
+        stone = self._items.get(key)
+        if stone is not None and self._build is not None and type(stone.record) is not dict:
+            stone = self._items[key] = Tombstone(self._build(stone.record), stone.ended_at, stone.forgotten_at)
+        return stone
 
     def bury(self, key: str, record: dict[str, Any], ended_at: float, forgotten_at: float) -> None:
         """Remember ``record`` for ``key`` (a second burial of the same id replaces the first
@@ -85,16 +92,29 @@ class Tombstones:
         self._items[key] = Tombstone(record, float(ended_at), float(forgotten_at))
 
     def settle(self, build: Callable[[Any], dict[str, Any]]) -> None:
-        """Replace every record that is not yet a dict (one buried as it was, to be built
-        later) by ``build(record)``; order and times stay."""
+        """Have every record that is not yet a dict (one buried as it was, to be built later)
+        replaced by ``build(record)``, order and times kept: each when it is first asked for
+        (:meth:`get`, :meth:`remove`), all of them for :meth:`to_data` or a comparison, so a
+        record the bound drops, or nobody asks for, is never built (decision RS4). ``build``
+        must give the same record whenever it is called (the buried object is left as it was)."""
+        self._build = build
+
+    def _settle_all(self) -> None:
+        build = self._build
+        if build is None:
+            return
         items = self._items
         for key, stone in items.items():
             if type(stone.record) is not dict:
                 items[key] = Tombstone(build(stone.record), stone.ended_at, stone.forgotten_at)
+        self._build = None
 
     def remove(self, key: str) -> Tombstone | None:
         """Drop ``key`` (the id has a live record again); returns what was there."""
-        return self._items.pop(key, None)
+        stone = self._items.pop(key, None)
+        if stone is not None and self._build is not None and type(stone.record) is not dict:
+            stone = Tombstone(self._build(stone.record), stone.ended_at, stone.forgotten_at)
+        return stone
 
     def bound(self, keep: int | None = None, before: float | None = None) -> None:
         """Drop tombstones forgotten before ``before``, then the oldest beyond ``keep``.
@@ -133,6 +153,7 @@ class Tombstones:
 
     def to_data(self) -> list[list[Any]]:
         """Plain data, oldest first: ``[[id, record, ended_at, forgotten_at], ...]``."""
+        self._settle_all()
         return [[k, t.record, t.ended_at, t.forgotten_at] for k, t in self._items.items()]
 
     @classmethod
