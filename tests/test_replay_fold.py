@@ -322,3 +322,22 @@ def test_a_replay_builds_a_tombstone_record_only_when_asked_for(tmp_path: Path, 
     assert built == [buried[0]]
     assert state.tombstones.to_data() == live.tombstones.to_data()
     assert sorted(built) == sorted(buried)
+
+
+def test_a_fold_leaves_its_state_in_the_oldest_generation(tmp_path: Path):
+    """RS4: what a fold built is counted as old when the collector comes back on, so the
+    next young collections do not scan the whole new state (and the collector stays on)."""
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=3)
+    _workload(sim, random.Random(5), 150)
+    before = gc.get_threshold()
+    gc.set_threshold(10**9, 10**9, 10**9)  # no collection of its own during the test
+    try:
+        with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+            state = replay.state("pd", replay.head("pd"), snapshots=False)
+        p = next(iter(state.processes.values()))
+        assert gc.isenabled() and gc.get_freeze_count() == 0
+        assert any(o is p for o in gc.get_objects(generation=2))
+        assert not any(o is p for o in gc.get_objects(generation=0))
+    finally:
+        gc.set_threshold(*before)
