@@ -81,6 +81,8 @@ def test_meaningless_command_lines_exit_2(capsys, tmp_path, argv) -> None:
 @pytest.mark.parametrize("argv", [
     ["ha", "wait", "g", "--timeout", "-1"], ["provisioner", "terminate-all", "--timeout", "-5"],
     ["provisioner", "terminate-all", "--timeout", "nan"], ["demo", "--work", "0"], ["demo", "--timeout", "inf"],
+    ["process", "wait", "u1", "--state", "RUNNING", "--timeout", "-1"],
+    ["process", "list", "--watch", "--interval", "-2"], ["node", "list", "--watch", "--interval", "0"],
 ])
 def test_a_timeout_must_be_a_positive_number_of_seconds(capsys, tmp_path, argv) -> None:
     """A negative or endless timeout is a usage error before anything is sent (terminate-all

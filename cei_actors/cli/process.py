@@ -16,7 +16,7 @@ from ..pd import states as ps
 from ..runtime.client import NotFound, OutcomeUnknown, ServiceClient, Unavailable
 from ..runtime.control import PeerAddress
 from . import ids
-from .common import UsageError, assignments, check_with, connected, done, upper_choice
+from .common import UsageError, assignments, check_with, connected, done, seconds, upper_choice
 from .output import CliError, Output, age, progress
 from .watch import watch, watch_option
 
@@ -36,9 +36,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--upid", default=None,
                    help="the process id (default: a new one, printed on stderr before it is sent)")
     p.add_argument("--restart-mode", type=upper_choice(ps.RESTART_MODES), default=None,
-                   metavar="{never,always,abnormal}")
+                   metavar="{never,always,abnormal}",
+                   help="run it again after it ends: never, always, or only after a failure "
+                        "(default: the PD's, never)")
     p.add_argument("--queueing-mode", type=upper_choice(ps.QUEUEING_MODES), default=None,
-                   metavar="{never,always,start_only,restart_only}")
+                   metavar="{never,always,start_only,restart_only}",
+                   help="whether it may wait in the queue when no slot is free, on its first start "
+                        "or its restarts (default: always)")
     p.add_argument("--constraint", action="append", default=[], metavar="KEY=VALUE",
                    help="match only resources whose property KEY is VALUE (repeatable)")
     p.add_argument("--engine", default=None, metavar="ID", help="execution engine (default: the PD's default)")
@@ -52,7 +56,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_schedule)
 
     p = cmds.add_parser("list", help="processes (all, or in one state)")
-    p.add_argument("--state", type=upper_choice(ps.ORDER, lower=False), default=None, metavar="STATE")
+    p.add_argument("--state", type=upper_choice(ps.ORDER, lower=False), default=None, metavar="STATE",
+                   help="only processes in this state (e.g. RUNNING, WAITING, FAILED)")
     watch_option(p)
     p.set_defaults(func=cmd_list)
     for name, func, text in (
@@ -62,19 +67,20 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "requeued); not retry-safe: each call is a new round"),
     ):
         p = cmds.add_parser(name, help=text)
-        p.add_argument("upid")
+        p.add_argument("upid", help="the process id (or a unique prefix of it)")
         p.set_defaults(func=globals()[func])
     p = cmds.add_parser("wait", help="wait until a process is in STATE (exit 1 on timeout or when it "
                                      "ends in another state)")
-    p.add_argument("upid")
+    p.add_argument("upid", help="the process id (or a unique prefix of it)")
     p.add_argument("--state", required=True, action="append", type=upper_choice(ps.ORDER, lower=False),
                    metavar="STATE", help="the state to wait for (repeat for any of several)")
-    p.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds, default=60.0, metavar="SECONDS",
+                   help="give up after this long (default 60)")
     p.set_defaults(func=cmd_wait)
     p = cmds.add_parser("logs", help="a process's output (stdout, or --stderr) in any round, from its "
                                      "node's files on this host or else from the node's agent; "
                                      "--follow streams it until the round ends")
-    p.add_argument("upid")
+    p.add_argument("upid", help="the process id (or a unique prefix of it)")
     p.add_argument("-f", "--follow", action="store_true", help="keep printing what it writes until the round ends")
     p.add_argument("--stderr", action="store_true", help="its standard error instead of its output")
     p.add_argument("--round", type=int, default=None, metavar="N", help="that round (default: the latest)")
@@ -87,9 +93,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_dump)
     p = cmds.add_parser("nodestate", help="tell the PD a node's state by hand, as EPUM would (RUNNING adds "
                                           "the node, a later state evacuates it)")
-    p.add_argument("node_id", metavar="NODE")
+    p.add_argument("node_id", metavar="NODE", help="the node's id")
     p.add_argument("domain_id", metavar="DOMAIN", help="pd_domain_<engine>")
-    p.add_argument("state", type=str.upper, metavar="STATE")
+    p.add_argument("state", type=str.upper, metavar="STATE", help="the node's state (RUNNING, TERMINATED, ...)")
     p.set_defaults(func=cmd_nodestate)
 
 

@@ -27,7 +27,9 @@ MIN_GAP = 0.2
 def watch_option(p: argparse.ArgumentParser) -> None:
     """Add ``-w/--watch`` and ``--interval`` to a listing's parser."""
     p.add_argument("-w", "--watch", action="store_true", help="print it again whenever it changes (until Ctrl-C)")
-    p.add_argument("--interval", type=float, default=None, metavar="SECONDS",
+    from .common import seconds
+
+    p.add_argument("--interval", type=seconds, default=None, metavar="SECONDS",
                    help=f"with --watch: how often to look again (default {POLL_INTERVAL:g}; "
                         f"{SLOW_POLL_INTERVAL:g} when the system's logs are followed, as a change "
                         "is then shown at once)")
@@ -56,11 +58,7 @@ def watch(args: argparse.Namespace, out: Output, fetch: Callable[[], Any], rende
     if not getattr(args, "watch", False):
         render(fetch())
         return 0
-    interval = args.interval
-    if interval is not None and not 0 < interval < float("inf"):
-        from .common import UsageError
-
-        raise UsageError(f"--interval: expected a positive number of seconds, got {interval:g}")
+    interval = args.interval  # positive and finite: the parser's `seconds`
     try:
         with _changes(getattr(args, "_connection", None)) as sub:
             if interval is None:
@@ -83,7 +81,7 @@ def _loop(out: Output, fetch: Callable[[], Any], render: Callable[[Any], None], 
         if key != last:
             if out.tty and not out.json:
                 out.stream.write("\x1b[H\x1b[2J")  # home, clear: redraw in place
-                out.line(f"{every}, {time.strftime('%H:%M:%S')} (Ctrl-C ends)")
+                out.line(f"{every}, {time.strftime('%H:%M:%SZ', time.gmtime())} (Ctrl-C ends)")
             elif not first and out.format == "yaml":
                 out.stream.write("---\n")
             elif not first and not out.json:
