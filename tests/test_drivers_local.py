@@ -86,6 +86,32 @@ def test_idempotent_by_client_token(tmp_path, drivers):
     assert c.id == a.id and len(d.list_nodes()) == 1
 
 
+def _lose_record(state_dir: Path, node_id: str) -> None:
+    """As if the Provisioner died between the node's spawn and its record: the table forgets it."""
+    path = state_dir / "nodes.json"
+    table = json.loads(path.read_text())
+    del table["nodes"][node_id]
+    path.write_text(json.dumps(table))
+
+
+def test_a_create_that_died_before_its_record_is_not_doubled_or_leaked(tmp_path, drivers):
+    """The next create of the same client token stops the unrecorded node's process before it
+    starts the one it records; `kill_unrecorded` (used by `cei down`) stops any other."""
+    d = drivers(tmp_path)
+    lost = d.create_node("vm", None, None, ex_clienttoken="tok")
+    other = d.create_node("vm2", None, None, ex_clienttoken="tok2")
+    _lose_record(tmp_path, lost.id)
+    _lose_record(tmp_path, other.id)
+    assert group_members(lost.extra["pgid"]) and group_members(other.extra["pgid"])
+    again = d.create_node("vm", None, None, ex_clienttoken="tok")
+    assert again.id != lost.id
+    wait_for(lambda: not group_members(lost.extra["pgid"]), timeout=10, what="the unrecorded node's end")
+    assert group_members(again.extra["pgid"]) and group_members(other.extra["pgid"])
+    assert other.extra["pid"] in d.kill_unrecorded()
+    wait_for(lambda: not group_members(other.extra["pgid"]), timeout=10, what="the other unrecorded node's end")
+    assert group_members(again.extra["pgid"])  # the recorded one lives
+
+
 def test_concurrent_creates_same_token_start_one_process(tmp_path, drivers):
     d1, d2 = drivers(tmp_path), drivers(tmp_path)
     results: list[str] = []

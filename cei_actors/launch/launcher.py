@@ -1039,6 +1039,7 @@ def sweep_leftovers(node_dirs: list[Path], pids: list[int] | None = None,
     for base in node_dirs:
         if (base / "nodes.json").exists():
             driver = LocalProcessDriver(base, grace_period=grace)
+            killed += driver.kill_unrecorded()
             for node in driver.list_nodes():
                 if node.extra.get("status") == "running":
                     killed.append(int(node.extra["pid"]))

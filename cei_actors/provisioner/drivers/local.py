@@ -48,6 +48,8 @@ _TABLE_VERSION = 1
 #: Set to the node's directory in the environment of a node's every process (the EEAgent
 #: passes it on to its commands): how the remains of a node whose init died are found.
 VM_MARKER_ENV = "CEI_LOCAL_VM"
+#: The client token of a node, in its directory, written before its process is started.
+TOKEN_FILE = "client_token"
 _VMINIT = str(Path(__file__).with_name("vminit.py"))
 
 
@@ -166,6 +168,9 @@ class LocalProcessDriver(NodeDriver):
                     if rec.get("client_token") == ex_clienttoken:
                         self._refresh(rec, now)
                         return self._to_node(rec)
+                # a create of this token that died between its spawn and its record: that VM
+                # is unknown to everyone; stop it before making the one that will be recorded
+                self._kill_unrecorded(table, ex_clienttoken)
             while True:  # ids are never reused, even after a crash mid-create
                 table["next_seq"] += 1
                 node_id = f"local-{table['next_seq']:06d}"
@@ -175,6 +180,7 @@ class LocalProcessDriver(NodeDriver):
             node_dir.mkdir(parents=True)
             userdata_file = node_dir / "userdata"
             userdata_file.write_text(ex_userdata or "")
+            (node_dir / TOKEN_FILE).write_text(ex_clienttoken or "")  # before the spawn
             tvars: dict[str, Any] = {
                 "python": sys.executable,
                 **self.vars,
@@ -274,7 +280,29 @@ class LocalProcessDriver(NodeDriver):
                     rec["exited_at"] = now
         return True
 
+    def kill_unrecorded(self) -> list[int]:
+        """Stop every process of a node directory that the table does not record (a create
+        that died between its spawn and its record); their pids."""
+        with self._locked_table() as table:
+            return self._kill_unrecorded(table, None)
+
     # ------------------------------------------------------------------ internals
+
+    def _kill_unrecorded(self, table: dict[str, Any], token: str | None) -> list[int]:
+        """Kill the processes of unrecorded node directories (of ``token`` only, if given)."""
+        recorded = {rec.get("node_dir") for rec in table["nodes"].values()}
+        base = str(self.state_dir / "nodes") + os.sep
+        killed: list[int] = []
+        for node_dir in sorted(d for d in marked_dirs() if d.startswith(base) and d not in recorded):
+            if token is not None:
+                try:
+                    if Path(node_dir, TOKEN_FILE).read_text() != token:
+                        continue
+                except OSError:
+                    continue
+            killed += _kill_marked(node_dir)
+        return killed
+
 
     def _argv(self, name: str, userdata: str | None, tvars: dict[str, Any]) -> list[str]:
         command = self.command
@@ -468,6 +496,26 @@ def marked_processes(node_dir: str) -> list[int]:
         if stat is not None and stat.state not in ("Z", "X"):
             found.append(int(entry.name))
     return found
+
+
+def marked_dirs() -> set[str]:
+    """The node directories named by the ``CEI_LOCAL_VM`` marker of some live process (one
+    /proc scan)."""
+    prefix = f"{VM_MARKER_ENV}=".encode()
+    me = os.getpid()
+    dirs: set[str] = set()
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == me:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/environ", "rb") as f:
+                found = [v[len(prefix):] for v in f.read().split(b"\0") if v.startswith(prefix)]
+        except OSError:
+            continue
+        stat = procfs.stat(int(entry.name)) if found else None
+        if stat is not None and stat.state not in ("Z", "X"):
+            dirs.add(os.fsdecode(found[0]))
+    return dirs
 
 
 def _kill_marked(node_dir: str, timeout: float = 5.0) -> list[int]:
