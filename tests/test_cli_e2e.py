@@ -10,11 +10,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from waiting import wait_for
 
 from cei_actors.launch.launcher import NotRunning, down
 
@@ -83,17 +83,6 @@ def home(tmp_path: Path):
         cleanup(path)
 
 
-def poll(what, timeout: float = 30.0, every: float = 0.3) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what.__doc__ or what}")
-        time.sleep(every)
-
-
 def test_up_schedule_kill_restart_terminate_down_up(home: Path) -> None:
     info = data(home, "up")
     assert info["admin_port"] and (home / "system.json").exists()
@@ -116,7 +105,7 @@ def test_up_schedule_kill_restart_terminate_down_up(home: Path) -> None:
         p = data(home, "process", "describe", "e1")
         return p if p["state"] == "RUNNING" and p["round"] >= 1 and p["node_id"] != first_node else None
 
-    p = poll(restarted, timeout=40)
+    p = wait_for(restarted, timeout=40, every=0.3)
     assert p["round"] == 1
     lost = {n["node_id"]: n["state"] for n in data(home, "node", "list", "--all")}
     assert lost[first_node] in ("TERMINATED", "FAILED")

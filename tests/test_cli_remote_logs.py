@@ -8,53 +8,22 @@ home's node directories), so every byte ``process logs`` prints came through the
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_cli_e2e import REPO, cleanup
 from test_cli_e2e import data as data_in_child
+from test_cli_surface import data, human
 
-from cei_actors.cli import main
 from cei_actors.eeagent.supervisor import _file_stem
 
 NODE = "far-1"
-
-
-def human(home: Path, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    """``cei --home HOME ARGV`` in this process: its exit status, stdout and stderr."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(["--home", str(home), *argv])
-        except SystemExit as exc:
-            code = int(exc.code or 0)
-    proc = subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"cei {' '.join(argv)} exited {proc.returncode}: {proc.stderr.strip()}")
-    return proc
-
-
-def data(home: Path, *argv: str) -> Any:
-    return json.loads(human(home, "--json", *argv).stdout)
-
-
-def wait_for(what, timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = what()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what.__doc__ or what}")
-        time.sleep(every)
 
 
 @pytest.fixture(scope="module")
