@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import shlex
@@ -48,8 +49,9 @@ _TABLE_VERSION = 1
 #: Set to the node's directory in the environment of a node's every process (the EEAgent
 #: passes it on to its commands): how the remains of a node whose init died are found.
 VM_MARKER_ENV = "CEI_LOCAL_VM"
-#: The client token of a node, in its directory, written before its process is started.
-TOKEN_FILE = "client_token"
+#: ``STATE_DIR/tokens/<sha256 of a client token>`` names the directory of the node made for that
+#: token; written before the node's process is started (the table records it after).
+TOKENS_DIR = "tokens"
 _VMINIT = str(Path(__file__).with_name("vminit.py"))
 
 
@@ -170,7 +172,10 @@ class LocalProcessDriver(NodeDriver):
                         return self._to_node(rec)
                 # a create of this token that died between its spawn and its record: that VM
                 # is unknown to everyone; stop it before making the one that will be recorded
-                self._kill_unrecorded(table, ex_clienttoken)
+                with contextlib.suppress(OSError):
+                    earlier = self._token_path(ex_clienttoken).read_text()
+                    if earlier not in {rec.get("node_dir") for rec in table["nodes"].values()}:
+                        _kill_marked(earlier)
             while True:  # ids are never reused, even after a crash mid-create
                 table["next_seq"] += 1
                 node_id = f"local-{table['next_seq']:06d}"
@@ -180,7 +185,9 @@ class LocalProcessDriver(NodeDriver):
             node_dir.mkdir(parents=True)
             userdata_file = node_dir / "userdata"
             userdata_file.write_text(ex_userdata or "")
-            (node_dir / TOKEN_FILE).write_text(ex_clienttoken or "")  # before the spawn
+            if ex_clienttoken is not None:  # before the spawn
+                self._token_path(ex_clienttoken).parent.mkdir(exist_ok=True)
+                self._token_path(ex_clienttoken).write_text(str(node_dir))
             tvars: dict[str, Any] = {
                 "python": sys.executable,
                 **self.vars,
@@ -252,6 +259,8 @@ class LocalProcessDriver(NodeDriver):
                 if gone_at is not None:
                     if now >= gone_at + self.forget_after:
                         del table["nodes"][node_id]
+                        if rec.get("client_token") is not None:
+                            self._token_path(rec["client_token"]).unlink(missing_ok=True)
                     continue
                 if wanted is None or node_id in wanted:
                     nodes.append(self._to_node(rec))
@@ -284,24 +293,17 @@ class LocalProcessDriver(NodeDriver):
         """Stop every process of a node directory that the table does not record (a create
         that died between its spawn and its record); their pids."""
         with self._locked_table() as table:
-            return self._kill_unrecorded(table, None)
+            recorded = {rec.get("node_dir") for rec in table["nodes"].values()}
+            base = str(self.state_dir / "nodes") + os.sep
+            killed: list[int] = []
+            for node_dir in sorted(d for d in marked_dirs() if d.startswith(base) and d not in recorded):
+                killed += _kill_marked(node_dir)
+            return killed
 
     # ------------------------------------------------------------------ internals
 
-    def _kill_unrecorded(self, table: dict[str, Any], token: str | None) -> list[int]:
-        """Kill the processes of unrecorded node directories (of ``token`` only, if given)."""
-        recorded = {rec.get("node_dir") for rec in table["nodes"].values()}
-        base = str(self.state_dir / "nodes") + os.sep
-        killed: list[int] = []
-        for node_dir in sorted(d for d in marked_dirs() if d.startswith(base) and d not in recorded):
-            if token is not None:
-                try:
-                    if Path(node_dir, TOKEN_FILE).read_text() != token:
-                        continue
-                except OSError:
-                    continue
-            killed += _kill_marked(node_dir)
-        return killed
+    def _token_path(self, token: str) -> Path:
+        return self.state_dir / TOKENS_DIR / hashlib.sha256(token.encode()).hexdigest()
 
 
     def _argv(self, name: str, userdata: str | None, tvars: dict[str, Any]) -> list[str]:
