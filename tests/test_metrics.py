@@ -13,6 +13,7 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
+from waiting import wait_for as poll
 
 from cei_actors.cli.metrics import parse
 from cei_actors.embed import CEI
@@ -21,7 +22,7 @@ from cei_actors.launch.plan import PlanError, default_plan_text, load_plan
 from cei_actors.runtime.example import Add, Counters
 from cei_actors.runtime.metrics import Histogram, Reports, make_report
 from cei_actors.runtime.runner import Runner
-from tests.test_cli_e2e import cei, cleanup, data, leftovers, poll, run_cli
+from tests.test_cli_e2e import cei, cleanup, data, leftovers, run_cli
 from tests.test_launch_system import make_plan
 
 # ------------------------------------------------------------------------------ the collector

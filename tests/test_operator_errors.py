@@ -89,7 +89,8 @@ def test_the_home_remembers_its_log_after_down(tmp_path, capsys):
 
 # ---- against a real system (subprocesses, real EEAgent "VMs") ------------------------------------
 
-from test_cli_e2e import cei, cleanup, data, poll  # noqa: E402
+from test_cli_e2e import cei, cleanup, data  # noqa: E402
+from waiting import wait_for as poll  # noqa: E402
 
 
 @pytest.fixture
