@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import Any, cast
 
 from ..runtime.core import Component
 
@@ -27,14 +27,19 @@ class UnknownStream(LookupError):
     """A stream no known component owns."""
 
 
-def component_for(stream: str, config: dict[str, Any] | None = None) -> Component[Any]:
-    """A component able to fold ``stream`` (its replicas share a stream, e.g. ``pd``)."""
+def component_class(stream: str) -> type[Component[Any]]:
+    """The class of the component that owns ``stream`` (its replicas share a stream, e.g. ``pd``)."""
     spec = COMPONENTS.get(stream) or COMPONENTS.get(stream.split(".", 1)[0])
     if spec is None:
         known = ", ".join(sorted(COMPONENTS))
         raise UnknownStream(f"no component owns stream {stream!r} (known: {known})")
     module, _, name = spec.partition(":")
-    cls = getattr(importlib.import_module(module), name)
+    return cast("type[Component[Any]]", getattr(importlib.import_module(module), name))
+
+
+def component_for(stream: str, config: dict[str, Any] | None = None) -> Component[Any]:
+    """A component able to fold ``stream`` (its replicas share a stream, e.g. ``pd``)."""
+    cls = component_class(stream)
     if config is None:
         config = REPLAY_CONFIG.get(stream.split(".", 1)[0], {})
     return cls(**config)

@@ -10,11 +10,14 @@ import contextlib
 import dataclasses
 import gc
 import importlib
+import json
 import logging
 import os
 import random
 import signal
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -178,6 +181,9 @@ class Runner(Generic[S]):
         self._followed: tuple[S, int] | None = None  # a hot standby's (state, head)
         #: Take due snapshots of big states in a forked child (see :meth:`_snapshot_in_child`).
         self.background_snapshots = hasattr(os, "fork")
+        #: ... by a snapshotter process folding the log where it can (see :meth:`_snapshot_in_child`).
+        self.snapshot_process = True
+        self._snapshotter_failed = False  # the last snapshotter failed: the next one is forked
         self._snapshot_bytes = 0  # size of the last snapshot saved or loaded
         self._history_job: threading.Thread | None = None
         self._truncate_again = False
@@ -435,10 +441,9 @@ class Runner(Generic[S]):
         if self.state is None:
             return False
         started = time.perf_counter()
-        data = self.component.snapshot(self.state)
-        if data is None:
+        blob = snapshot_blob(self.component, self.state)
+        if blob is None:
             return False
-        blob = msgpack.packb(data, use_bin_type=True)
         self.log.save_snapshot(
             Snapshot(self.stream, self.head, self.clock(), self.component.snapshot_version, blob)
         )
@@ -564,12 +569,78 @@ class Runner(Generic[S]):
                 return
 
     def _snapshot_in_child(self) -> bool:
-        """Take a snapshot without stalling: a forked child serializes the state from its
-        copy-on-write memory into a pipe and exits; a background thread here stores it and
-        truncates. The actor waits for the fork only. Returns False if one is still running."""
+        """Take a snapshot without stalling, in another process; a background thread here
+        waits for it and truncates. Returns False if one is still running.
+
+        Where it can (:meth:`_snapshotter_can`), a snapshotter process folds the log up to the
+        head from the last snapshot and stores the state (decision FO5): the actor only
+        spawns it, whatever the size of the state. Otherwise a forked child serializes the
+        state from copy-on-write memory (LT3): the actor waits for the fork, which grows with
+        the heap."""
         job = self._history_job
         if self.state is None or (job is not None and job.is_alive()):
             return False
+        if self._snapshotter_can():
+            return self._snapshot_by_snapshotter()
+        self._snapshotter_failed = False  # a fork stands in once; the next one tries a snapshotter again
+        return self._snapshot_by_fork()
+
+    def _snapshotter_can(self) -> bool:
+        """True if a snapshotter process can write this runner's snapshots: the log is shared
+        between processes (SQLite, ZooKeeper), the component's class owns the stream (so the
+        snapshotter builds the same one), and the last snapshotter did not fail."""
+        if not self.snapshot_process or self._snapshotter_failed:
+            return False
+        if self.log.url.partition("://")[0] not in ("sqlite", "zk"):
+            return False
+        from .snapshotter import owns
+
+        return owns(self.component, self.stream)
+
+    def _snapshot_by_snapshotter(self) -> bool:
+        offset, started = self.head, time.perf_counter()
+        job: dict[str, Any] = {
+            "log": self.log.url, "stream": self.stream, "upto": offset, "ts": self.clock(),
+            "options": {"keep_snapshots": self.log.keep_snapshots,
+                        **({"archive": self.log.archive} if self.log.archive else {})},
+            "chunk_bytes": self.log.snapshot_chunk_bytes,
+        }
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "cei_actors.runtime.snapshotter"], env=_snapshotter_env(),
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
+            )
+        except OSError as exc:
+            logger.warning("stream %s: cannot start a snapshotter (%s); this snapshot is taken by a forked child",
+                           self.stream, exc)
+            return self._snapshot_by_fork()
+        self._since_snapshot = 0
+        return self._start_history_job(self._finish_snapshotter, proc, json.dumps(job).encode(), offset, started)
+
+    def _finish_snapshotter(self, proc: subprocess.Popen[bytes], job: bytes, offset: int, started: float) -> None:
+        """Background thread: wait for the snapshotter; note its snapshot and truncate. A failed
+        one is a warning, and the next snapshot is taken by a forked child."""
+        try:
+            out, err = proc.communicate(job)
+            saved = int(json.loads(out)["bytes"]) if proc.returncode == 0 else None
+        except Exception as exc:  # noqa: BLE001 - a snapshot is a shortcut, never a step down
+            with contextlib.suppress(Exception):
+                proc.kill()
+                proc.wait()
+            saved, err = None, str(exc).encode()
+        if saved is None:
+            why = (err.decode(errors="replace").strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            logger.warning("stream %s: the snapshotter for offset %s failed (%s); the next snapshot is "
+                           "taken by a forked child", self.stream, offset, why)
+            self._snapshotter_failed = True
+            return
+        if saved:
+            self._snapshot_bytes = saved
+            self._snapshot_due = self._due_after(saved)
+            self.log_stats.snapshot(saved, time.perf_counter() - started)
+        self._truncate_history()
+
+    def _snapshot_by_fork(self) -> bool:
         offset, ts, version = self.head, self.clock(), self.component.snapshot_version
         started = time.perf_counter()
         read_fd, write_fd = os.pipe()
@@ -587,8 +658,7 @@ class Runner(Generic[S]):
                         signal.signal(sig, signal.SIG_DFL)
                 os.close(read_fd)
                 gc.disable()  # a collection would write to every object's page: copies of the heap
-                data = self.component.snapshot(self.state)
-                blob = b"" if data is None else msgpack.packb(data, use_bin_type=True)
+                blob = snapshot_blob(self.component, self.state) or b""
                 _write_all(write_fd, _LENGTH.pack(len(blob)))
                 _write_all(write_fd, blob)
                 code = 0
@@ -630,6 +700,20 @@ class Runner(Generic[S]):
         self._snapshot_due = self._due_after(len(blob))
         self.log_stats.snapshot(len(blob), time.perf_counter() - started)
         self._truncate_history()
+
+
+def snapshot_blob(component: Component[S], state: S) -> bytes | None:
+    """``state`` as a snapshot's data (msgpack), or None if ``component`` takes no snapshots."""
+    data = component.snapshot(state)
+    return None if data is None else msgpack.packb(data, use_bin_type=True)
+
+
+def _snapshotter_env() -> dict[str, str]:
+    """The environment of a snapshotter: this one, with this package importable first."""
+    env = dict(os.environ)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,0 +1,100 @@
+"""A snapshot written by another process, so that the leader never pays for it (decision FO5).
+
+The leader spawns ``python -m cei_actors.runtime.snapshotter`` (a fresh interpreter: nothing of
+the leader's heap is copied) and sends it, as one JSON object on stdin, the log URL and options,
+the stream and the offset ``upto`` it has appended. The snapshotter folds the log from the
+newest usable snapshot up to ``upto`` with the component that owns the stream (as ``cei log
+state`` does), saves the snapshot at ``upto`` and prints ``{"bytes": N}`` (0: a newer snapshot
+was already stored, nothing to do). A failure is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+from ..eventlog import EventLog, Snapshot, open_log
+from ..launch.components import component_class, component_for
+from .core import Component
+from .runner import Runner, snapshot_blob
+
+logger = logging.getLogger(__name__)
+
+#: How long to wait for the log to show the offset asked for (a ZooKeeper server the
+#: snapshotter reads from may lag the one the leader wrote to by a moment).
+HEAD_WAIT_S = 10.0
+
+
+class SnapshotterError(Exception):
+    """The snapshot asked for cannot be written (the message says why)."""
+
+
+def owns(component: Component[Any], stream: str) -> bool:
+    """True if a snapshotter can rebuild ``component``'s state: it is of the class that owns
+    ``stream`` (what ``component_for`` builds), not a variant known to this process only."""
+    try:
+        return type(component) is component_class(stream)
+    except (LookupError, ImportError, AttributeError):
+        return False
+
+
+def write_snapshot(component: Component[Any], log: EventLog, stream: str, upto: int, ts: float) -> int:
+    """Fold ``stream`` from its newest usable snapshot up to ``upto`` and save the state as the
+    snapshot at ``upto``; returns its size in bytes (0: a snapshot at or past ``upto`` exists)."""
+    deadline = time.monotonic() + HEAD_WAIT_S
+    while log.head(stream) < upto:
+        if time.monotonic() > deadline:
+            raise SnapshotterError(f"stream {stream}: the log's head {log.head(stream)} is below offset {upto}")
+        time.sleep(0.05)
+    folder = Runner(component, log, stream=stream)
+    state, head, _ = folder._restore_snapshot()
+    if head >= upto:
+        return 0
+    if state is None:
+        state = component.initial_state()
+    decode, apply = component.registry.from_record, component.apply
+    for record in log.read(stream, head + 1, upto):
+        if record.offset != head + 1:
+            raise SnapshotterError(f"stream {stream}: folded up to {head}, next record is {record.offset}")
+        state = apply(state, decode(record))
+        head = record.offset
+    if head != upto:
+        raise SnapshotterError(f"stream {stream}: the log ends at {head}, below offset {upto}")
+    blob = snapshot_blob(component, state)
+    if blob is None:
+        return 0
+    log.save_snapshot(Snapshot(stream, upto, ts, component.snapshot_version, blob))
+    return len(blob)
+
+
+def run(job: dict[str, Any]) -> int:
+    """Carry out one job as the leader sends it (see the module's doc); returns the bytes saved."""
+    stream, upto, ts = str(job["stream"]), int(job["upto"]), float(job["ts"])
+    component = component_for(stream)
+    log = open_log(str(job["log"]), **dict(job.get("options") or {}))
+    try:
+        if job.get("chunk_bytes"):
+            log.snapshot_chunk_bytes = int(job["chunk_bytes"])
+        return write_snapshot(component, log, stream, upto, ts)
+    finally:
+        log.close()
+
+
+def main() -> int:
+    gc.disable()  # a one-shot fold makes no cycles to collect (RS1); it only slows the fold
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="snapshotter: %(message)s")
+    try:
+        saved = run(json.loads(sys.stdin.read()))
+    except Exception as exc:  # noqa: BLE001 - reported to the leader as one line
+        print(f"snapshotter: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"bytes": saved}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
