@@ -1,22 +1,25 @@
-"""How long taking a snapshot stalls a component, synchronous against forked (issue 13).
+"""How long taking a snapshot stalls a component: snapshotter process against forked child
+against synchronous (issue 13).
 
-A PD state with ``100,000 x scale`` queued processes (and a node per 100) is built by folding
-events, as in ``benchmarks.pd``. The runner holding it takes one snapshot each way, into a
-SQLite log in a temporary directory:
+A PD state with N queued processes (and a node per 100) is built by folding events, as in
+``benchmarks.pd``, and stored as a snapshot at offset 0 of a SQLite log in a temporary
+directory (that is the synchronous baseline: ``Runner.take_snapshot``, ``component.snapshot``
++ ``msgpack.packb`` + save on the actor's thread, the stall is its whole duration). Then a tail
+of N/10 more scheduled processes is appended and applied, and a snapshot is taken each way:
 
-- baseline, synchronous: ``Runner.take_snapshot`` (``component.snapshot`` + ``msgpack.packb``
-  + save, all in the actor's thread): the stall is its whole duration;
-- forked (what a due snapshot of a big state does, docs/decisions.md LT3):
-  ``Runner._snapshot_in_child`` returns after the fork; a child serializes the state from
-  copy-on-write memory into a pipe and a background thread saves it. Meanwhile this thread
-  plays the actor, running small steps (~50 µs of Python each) and recording the longest gap
-  between two steps: the GIL held by the saving thread shows there, and so does the machine's
-  scheduling noise (shown: the longest gap of the same steps with nothing in the background).
-  The stall is the larger of the fork and that gap.
+- snapshotter (what a due snapshot of a big state does, docs/decisions.md FO5):
+  ``Runner._snapshot_by_snapshotter`` returns once a ``python -m cei_actors.runtime.snapshotter``
+  is spawned; it loads the snapshot at 0, folds the tail and stores the state;
+- forked (the design before, LT3): ``Runner._snapshot_by_fork`` returns after the fork; a child
+  serializes the state from copy-on-write memory into a pipe and a background thread saves it.
 
-Also shown: the time until the forked snapshot is stored, and its size.
+Meanwhile this thread plays the actor, running small steps (~50 µs of Python each) and recording
+the longest gap between two steps: the GIL held by a thread of this process shows there, and so
+does the machine's scheduling noise (shown: the longest gap of the same steps with nothing in
+the background). The stall is the larger of the call and that gap. Also shown: the time until
+each snapshot is stored, the CPU seconds and peak RSS of the process that wrote it.
 
-    python -m benchmarks.snapshot [--scale 1.0] [--json]
+    python -m benchmarks.snapshot [--scale 1.0 | --processes 100000,1000000] [--json]
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from typing import Any
 
 try:
@@ -36,8 +40,9 @@ try:
 except ImportError:  # run as a file from a checkout
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.pd import build_state, pd_component  # noqa: E402
+from benchmarks.pd import _spec, build_state, pd_component  # noqa: E402
 from cei_actors.eventlog import open_log  # noqa: E402
+from cei_actors.pd.events import ProcessScheduled  # noqa: E402
 from cei_actors.runtime.runner import Runner  # noqa: E402
 
 GOAL = "taking a snapshot stalls the actor a few ms at most, at any state size"
@@ -47,54 +52,93 @@ def _step() -> None:
     sum(range(1500))  # ~50 µs of Python: one small actor step
 
 
+def _children() -> tuple[float, float]:
+    """CPU seconds of the reaped children so far, and the largest peak RSS among them (MB)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime, ru.ru_maxrss / 1024
+
+
+def _background(runner: Runner, start: Callable[[], bool]) -> dict[str, float]:
+    """Start a background snapshot; play the actor until it is stored."""
+    cpu0, _ = _children()
+    gc.collect()
+    t = time.perf_counter()
+    assert start()
+    call_s = time.perf_counter() - t
+    job = runner._history_job
+    assert job is not None
+    worst, last = 0.0, time.perf_counter()
+    while job.is_alive():
+        _step()
+        now = time.perf_counter()
+        worst, last = max(worst, now - last), now
+    stored_s = time.perf_counter() - t
+    cpu1, peak = _children()
+    return {"call": call_s, "gap": worst, "stall": max(call_s, worst), "stored": stored_s,
+            "cpu": cpu1 - cpu0, "peak": peak}
+
+
+def _append(runner: Runner, events: list[Any]) -> None:
+    registry, apply = runner.component.registry, runner.component.apply
+    assert runner.fence is not None
+    for k in range(0, len(events), 1000):
+        chunk = events[k:k + 1000]
+        runner.head = runner.log.append(runner.fence, runner.head, [registry.to_pending(e, 1.0) for e in chunk])
+        for e in chunk:
+            runner.state = apply(runner.state, e)
+
+
 def measure(processes: int) -> list[dict[str, Any]]:
     t = time.perf_counter()
     state = build_state(max(1, processes // 100), processes)
     build_s = time.perf_counter() - t
+    spec = _spec()
     with tempfile.TemporaryDirectory(prefix="cei-snapbench-") as tmp:
         log = open_log(f"sqlite:///{tmp}/log.db")
         runner = Runner(pd_component(), log)
         runner.state, runner.head = state, 0
+        runner.fence = log.acquire(runner.stream)
         gc.collect()
-
         t = time.perf_counter()
         assert runner.take_snapshot()
         sync_s = time.perf_counter() - t
         size = len(log.load_snapshot(runner.stream).data)
-
-        gc.collect()
-        t = time.perf_counter()
-        assert runner._snapshot_in_child()
-        fork_s = time.perf_counter() - t
-        job = runner._history_job
-        assert job is not None
-        worst, last, steps = 0.0, time.perf_counter(), 0
-        while job.is_alive():
-            _step()
-            now = time.perf_counter()
-            worst, last, steps = max(worst, now - last), now, steps + 1
-        stored_s = time.perf_counter() - t
-        assert log.snapshots(runner.stream) == [0]
+        tail = max(1, processes // 10)
+        _append(runner, [ProcessScheduled(f"q{i}", 0, spec, 1.0) for i in range(tail)])
+        assert runner._snapshotter_can()
+        spawned = _background(runner, runner._snapshot_by_snapshotter)
+        assert log.snapshots(runner.stream)[0] == runner.head, "the snapshotter stored nothing"
+        _append(runner, [ProcessScheduled("r0", 0, spec, 1.0)])
+        forked = _background(runner, runner._snapshot_by_fork)
+        assert log.snapshots(runner.stream)[0] == runner.head
         log.close()
     # the noise floor: the same steps for as long with nothing in the background (a busy
     # machine deschedules this thread now and then; that is not the snapshot's doing)
-    idle, last, end = 0.0, time.perf_counter(), time.perf_counter() + stored_s
+    idle, last, end = 0.0, time.perf_counter(), time.perf_counter() + max(spawned["stored"], forked["stored"])
     while last < end:
         _step()
         now = time.perf_counter()
         idle, last = max(idle, now - last), now
-    stall_s = max(fork_s, worst)
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     label = f"{processes // 1000}k" if processes < 1_000_000 else f"{processes / 1e6:g}M"
+    ms = 1000
     return [
-        _r(f"snapshot stall ms (PD, {label} processes)", stall_s * 1000, "ms", sync_s * 1000,
-           note=f"forked: fork {fork_s * 1000:.1f} ms, longest gap between actor steps "
-                f"{worst * 1000:.1f} ms over {steps:,} steps (with no snapshot running: {idle * 1000:.1f} ms); "
-                f"baseline: synchronous take_snapshot "
-                f"(state built in {build_s:.1f} s, RSS {rss_mb:,.0f} MB)"),
-        _r(f"forked snapshot stored s (PD, {label} processes)", stored_s, "s", sync_s,
-           note="from the fork until the snapshot is saved (not a stall); baseline: synchronous"),
-        _r(f"snapshot size MB (PD, {label} processes)", size / 1e6, "MB", None),
+        _r(f"snapshot stall ms (pd, {label} processes)", spawned["stall"] * ms, "ms", forked["stall"] * ms,
+           note=f"snapshotter: spawn {spawned['call'] * ms:.1f} ms, longest gap between actor steps "
+                f"{spawned['gap'] * ms:.1f} ms; baseline, forked child: fork {forked['call'] * ms:.1f} ms, "
+                f"longest gap {forked['gap'] * ms:.1f} ms; with no snapshot running: {idle * ms:.1f} ms; "
+                f"synchronous take_snapshot: {sync_s * ms:,.0f} ms "
+                f"(state built in {build_s:.1f} s, actor RSS {rss_mb:,.0f} MB, tail {tail:,} events)"),
+        _r(f"snapshot synchronous stall ms (pd, {label} processes)", sync_s * ms, "ms", None,
+           note="the whole take_snapshot on the actor's thread (what a small state still does)"),
+        _r(f"snapshot stored s (pd, {label} processes)", spawned["stored"], "s", forked["stored"],
+           note="from the call until the snapshot is saved (not a stall); baseline: forked child"),
+        _r(f"snapshot writer cpu s (pd, {label} processes)", spawned["cpu"], "s", forked["cpu"],
+           note="CPU of the process that wrote it (the snapshotter loads and folds; the child only "
+                "serializes); baseline: forked child"),
+        _r(f"snapshotter peak rss MB (pd, {label} processes)", spawned["peak"], "MB", None,
+           note=f"a second copy of the state while it runs (the actor's: {rss_mb:,.0f} MB)"),
+        _r(f"snapshot size MB (pd, {label} processes)", size / 1e6, "MB", None),
     ]
 
 
@@ -108,19 +152,35 @@ def _r(metric: str, value: float, unit: str, baseline: float | None, note: str =
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scale", type=float, default=1.0, help="processes = 100,000 x scale")
+    parser.add_argument("--processes", help="comma-separated sizes, each measured in a fresh process "
+                                            "(e.g. 100000,1000000); overrides --scale")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    results = measure(max(1, int(100_000 * args.scale)))
+    if args.processes:
+        sizes = [int(s) for s in args.processes.split(",") if s.strip()]
+        results = [r for n in sizes for r in _in_fresh_process(n)]
+    else:
+        results = measure(max(1, int(100_000 * args.scale)))
     if args.json:
         print(json.dumps({"benchmark": "snapshot", "goal": GOAL, "results": results}, indent=2))
     else:
         print(f"goal: {GOAL}")
         for r in results:
             base = "" if r["baseline"] is None else f"  (baseline {r['baseline']:,} {r['unit']}, ratio {r['ratio']})"
-            print(f"{r['metric']:<48} {r['value']:>10,} {r['unit']}{base}")
+            print(f"{r['metric']:<52} {r['value']:>10,} {r['unit']}{base}")
             if r["note"]:
                 print(f"    {r['note']}")
     return 0
+
+
+def _in_fresh_process(processes: int) -> list[dict[str, Any]]:
+    """``measure(processes)`` in a fresh interpreter (a big heap left by a smaller size would
+    inflate the next size's fork)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks.snapshot", "--scale", str(processes / 100_000), "--json"],
+                         check=True, stdout=subprocess.PIPE, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return list(json.loads(out.stdout)["results"])
 
 
 if __name__ == "__main__":

@@ -605,31 +605,30 @@ class Runner(Generic[S]):
                         **({"archive": self.log.archive} if self.log.archive else {})},
             "chunk_bytes": self.log.snapshot_chunk_bytes,
         }
+        self._since_snapshot = 0
+        return self._start_history_job(self._run_snapshotter, json.dumps(job).encode(), offset, started)
+
+    def _run_snapshotter(self, job: bytes, offset: int, started: float) -> None:
+        """Background thread: spawn the snapshotter (here, so that the actor does not wait for
+        its exec either), wait for it, note its snapshot and truncate. A failure is a warning,
+        and the next snapshot is taken by a forked child."""
+        proc = None
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "cei_actors.runtime.snapshotter"], env=_snapshotter_env(),
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
             )
-        except OSError as exc:
-            logger.warning("stream %s: cannot start a snapshotter (%s); this snapshot is taken by a forked child",
-                           self.stream, exc)
-            return self._snapshot_by_fork()
-        self._since_snapshot = 0
-        return self._start_history_job(self._finish_snapshotter, proc, json.dumps(job).encode(), offset, started)
-
-    def _finish_snapshotter(self, proc: subprocess.Popen[bytes], job: bytes, offset: int, started: float) -> None:
-        """Background thread: wait for the snapshotter; note its snapshot and truncate. A failed
-        one is a warning, and the next snapshot is taken by a forked child."""
-        try:
             out, err = proc.communicate(job)
             saved = int(json.loads(out)["bytes"]) if proc.returncode == 0 else None
         except Exception as exc:  # noqa: BLE001 - a snapshot is a shortcut, never a step down
-            with contextlib.suppress(Exception):
-                proc.kill()
-                proc.wait()
-            saved, err = None, str(exc).encode()
+            if proc is not None:
+                with contextlib.suppress(Exception):
+                    proc.kill()
+                    proc.wait()
+            saved, err = None, f"{type(exc).__name__}: {exc}".encode()
         if saved is None:
-            why = (err.decode(errors="replace").strip().splitlines() or [f"exit status {proc.returncode}"])[-1]
+            status = "not started" if proc is None else f"exit status {proc.returncode}"
+            why = (err.decode(errors="replace").strip().splitlines() or [status])[-1]
             logger.warning("stream %s: the snapshotter for offset %s failed (%s); the next snapshot is "
                            "taken by a forked child", self.stream, offset, why)
             self._snapshotter_failed = True
