@@ -8,9 +8,11 @@ from __future__ import annotations
 import logging
 import os
 import random
+import threading
 
 import msgpack
 import pytest
+from waiting import wait_for
 
 from cei_actors.eventlog import Snapshot, open_log
 from cei_actors.eventlog.batch import unpack_state
@@ -18,9 +20,12 @@ from cei_actors.pd import states as ps
 from cei_actors.pd.events import NodeAdded, ProcessScheduled, ResourceAdded
 from cei_actors.pd.logic import ProcessDispatcher
 from cei_actors.runtime import runner as runner_module
+from cei_actors.runtime.client import BadRequest, ServiceClient
+from cei_actors.runtime.control import Start, Status, Stop
 from cei_actors.runtime.example import Add, Counters
 from cei_actors.runtime.runner import Runner, replay, snapshot_blob
 from cei_actors.runtime.snapshotter import owns, write_snapshot
+from cei_actors.runtime.system import start_actor
 
 
 @pytest.fixture
@@ -127,13 +132,24 @@ def test_a_snapshotter_that_cannot_start_gives_way_to_a_fork(forks, tmp_path, ca
 class _Variant(Counters):
     """A component of this process only: a snapshotter would build Counters instead."""
 
+    def snapshot(self, state):
+        return {**super().snapshot(state), "variant": True}
+
+
+class _Decides(Counters):
+    """Decides otherwise, folds and snapshots as Counters: a snapshotter can write for it."""
+
+    def decide(self, state, message, ctx):
+        return super().decide(state, message, ctx)
+
 
 def test_what_a_snapshotter_cannot_rebuild_is_forked(forks, tmp_path):
     mem = leader(f"memory://{tmp_path.name}", every=5)
     variant = Runner(_Variant(), open_log(f"sqlite:///{tmp_path}/log.db"), snapshot_every=5)
     variant.recover()
     assert not mem._snapshotter_can() and not variant._snapshotter_can()
-    assert owns(Counters(), "example") and not owns(_Variant(), "example") and not owns(Counters(), "other")
+    assert owns(Counters(), "example") and owns(_Decides(), "example")
+    assert not owns(_Variant(), "example") and not owns(Counters(), "other")
     for r in (mem, variant):
         for _ in range(5):
             r.handle(Add("a", 1))
@@ -172,3 +188,77 @@ def test_the_snapshotters_pd_snapshot_is_the_leaders(tmp_path):
     assert unpack_state(log.load_snapshot("pd").data) == msgpack.unpackb(msgpack.packb(leaders, use_bin_type=True), raw=False, strict_map_key=False)
     assert write_snapshot(pd, log, "pd", head - 5, 3.0) == 0  # a newer one is stored: nothing to do
     log.close()
+
+
+# ---- in a real actor process ----------------------------------------------------------------
+
+ACTOR = "cei_actors.runtime.example_actor.ExampleActor"
+
+
+def _children_of(pid: int) -> list[str]:
+    """Command lines of the processes whose parent is ``pid``."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid == pid:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found.append(f.read().replace(b"\0", b" ").decode(errors="replace"))
+        except (OSError, IndexError, ValueError):
+            continue
+    return found
+
+
+def test_an_actor_process_has_its_big_snapshots_written_by_a_snapshotter(tcp_system, tmp_path):
+    """The example actor on SQLite: its state passes BACKGROUND_SNAPSHOT_BYTES, and the next
+    due snapshot is written by a ``cei_actors.runtime.snapshotter`` child of the actor."""
+    url = f"sqlite:///{tmp_path}/log.db"
+    address = start_actor(tcp_system, ACTOR, Start(url, snapshot_every=10))
+    seen: list[str] = []
+    stop = threading.Event()
+    with ServiceClient(tcp_system, address, timeout=30) as client:
+        pid = client.call(Status())["pid"]
+
+        def watch() -> None:
+            while not stop.is_set():
+                seen.extend(c for c in _children_of(pid) if "cei_actors.runtime.snapshotter" in c)
+                stop.wait(0.005)
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        try:
+            for i in range(10):  # ~300 KB of state; the snapshot at 10 is taken in place
+                client.call(Add(f"big{i}-" + "x" * 30_000, 1))
+            with open_log(url) as log:
+                assert log.snapshots("example") == [10]
+                due = 10 + len(log.load_snapshot("example").data) // runner_module.SNAPSHOT_BYTES_PER_EVENT
+            for _ in range(10, due):
+                client.call(Add("small", 1))
+            wait_for(lambda: _snapshots(url) == [due, 10], timeout=60)
+        finally:
+            stop.set()
+            watcher.join()
+        assert seen, "no snapshotter process was seen"
+        with open_log(url) as log:
+            snap = log.load_snapshot("example")
+            assert Counters().restore(unpack_state(snap.data)).counters == replay(Counters(), log, "example", due).counters
+        client.call(Stop())
+
+
+def _snapshots(url: str) -> list[int]:
+    with open_log(url) as log:
+        return log.snapshots("example")
+
+
+def test_a_bad_snapshot_writer_setting_is_refused(tcp_system, tmp_path):
+    address = tcp_system.createActor(ACTOR)
+    with ServiceClient(tcp_system, address) as client:
+        with pytest.raises(BadRequest, match="snapshot_writer: expected process or fork"):
+            client.call(Start(f"sqlite:///{tmp_path}/log.db", config={"snapshot_writer": "thread"}))
+        assert client.call(Status())["mode"] == "idle"  # nothing changed: it may start again
+        client.call(Start(f"sqlite:///{tmp_path}/log.db", config={"snapshot_writer": "fork"}))
+        assert client.call(Add("a", 2)) == 2
+        client.call(Stop())

@@ -204,7 +204,8 @@ class EventSourcedActor(Actor):
 
     Hooks: :meth:`make_component` (required), :meth:`setup`, :meth:`teardown`,
     :meth:`work_handlers`, :meth:`make_leadership`. Tunables are class attributes; ``config``
-    keys of the same name (``workers``, ``group_commit``, ``group_commit_delay``, ``max_batch``, ``standby``) override them per
+    keys of the same name (``workers``, ``group_commit``, ``group_commit_delay``, ``max_batch``, ``standby``,
+    ``snapshot_writer``) override them per
     instance.
     """
 
@@ -220,6 +221,10 @@ class EventSourcedActor(Actor):
     #: ``hot``: a replica that does not lead follows the log (mode ``standby``); ``cold``: it
     #: waits in ``recovering`` and replays snapshot + tail only once it wins.
     standby: str = "hot"
+    #: Who writes a due snapshot of a big state: ``process``, a snapshotter process folding
+    #: the log (the actor only spawns it, at the cost of a second copy of the state while it
+    #: runs; decision FO5), or ``fork``, a forked child (the actor stalls for the fork; LT3).
+    snapshot_writer: str = "process"
     #: Seconds between leadership/recovery attempts while not leading (doubles up to 8x).
     retry_interval: float = 0.2
     #: Seconds between leadership checks while leading (a pipe wakes it sooner when it can).
@@ -440,6 +445,9 @@ class EventSourcedActor(Actor):
             standby = str(config.get("standby", self.standby))
             if standby not in ("hot", "cold"):
                 raise ValueError(f"config standby: expected hot or cold, got {standby!r}")
+            writer = str(config.get("snapshot_writer", self.snapshot_writer))
+            if writer not in ("process", "fork"):
+                raise ValueError(f"config snapshot_writer: expected process or fork, got {writer!r}")
             self.setup(config)
             self._set_up = True
             component = self.make_component(config)
@@ -466,6 +474,7 @@ class EventSourcedActor(Actor):
         self.max_batch = int(config.get("max_batch", self.max_batch))
         self._runner = Runner(component, log, stream=stream, snapshot_every=msg.snapshot_every,
                               record_inputs=bool(config.get("record_inputs", False)))
+        self._runner.snapshot_process = writer == "process"
         self._leadership = leadership
         self._start, self._start_origin = msg, origin
         self._peers.update({k: v for k, v in msg.peers.items() if v is not None})

@@ -33,13 +33,21 @@ class SnapshotterError(Exception):
     """The snapshot asked for cannot be written (the message says why)."""
 
 
+#: What a snapshot depends on: a component that keeps these of the class owning its stream
+#: folds and serializes as the snapshotter's does (it may decide differently).
+_FOLD = ("registry", "snapshot_version", "initial_state", "apply", "body_appliers", "snapshot", "restore")
+
+
 def owns(component: Component[Any], stream: str) -> bool:
-    """True if a snapshotter can rebuild ``component``'s state: it is of the class that owns
-    ``stream`` (what ``component_for`` builds), not a variant known to this process only."""
+    """True if a snapshotter can rebuild ``component``'s state: it is an instance of the class
+    that owns ``stream`` (what ``component_for`` builds) and overrides nothing of its fold or
+    snapshot (:data:`_FOLD`); a variant that does is known to this process only."""
     try:
-        return type(component) is component_class(stream)
+        cls = component_class(stream)
     except (LookupError, ImportError, AttributeError):
         return False
+    mine = type(component)
+    return isinstance(component, cls) and all(getattr(mine, name) is getattr(cls, name) for name in _FOLD)
 
 
 def write_snapshot(component: Component[Any], log: EventLog, stream: str, upto: int, ts: float) -> int:
