@@ -5,6 +5,7 @@ rebuild (a memory log, a component of this process only) is forked as before (LT
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import random
@@ -74,10 +75,15 @@ def test_a_due_snapshot_is_written_by_a_snapshotter_without_a_fork(backend, fork
            else f"zk://{request.getfixturevalue('zk_hosts')}?{archive}")
     r = leader(url)
     assert r._snapshotter_can()
+    pids = set()
     for i in range(25):
         r.handle(Add(f"c{i % 3}", i))  # the 10th and 20th make one due
         assert r.wait_history(60)
+        if r._snapshotter is not None:
+            pids.add(r._snapshotter.pid)
     assert forks == [] and calls == [], "the leader forked or serialized its state itself"
+    assert len(pids) == 1, "one snapshotter process serves every snapshot"
+    proc = r._snapshotter
     check_snapshotted(r, [20, 10])
     assert r.log_stats.snapshot_bytes == len(r.log.load_snapshot("example").data)
     assert r.log._index("example")[0] == 11  # truncated below the oldest kept, as after any snapshot
@@ -86,18 +92,22 @@ def test_a_due_snapshot_is_written_by_a_snapshotter_without_a_fork(backend, fork
     assert again.state.counters == r.state.counters
     r.log.close()
     again.log.close()
+    del r
+    gc.collect()
+    assert proc.poll() == 0  # gone with its runner
 
 
 def test_a_failed_snapshotter_is_a_warning_and_the_next_snapshot_is_forked(forks, tmp_path, caplog):
     warnings_of_the_runner(caplog)
     url = f"sqlite:///{tmp_path}/log.db"
     r = leader(url, every=5)
-    r.log.url = f"sqlite:///{tmp_path}/no-such-dir/log.db"  # what the snapshotter opens: it fails
+    r.log.url = f"{url}?bogus=1"  # what the snapshotter opens: it refuses it
     for _ in range(5):
         r.handle(Add("a", 1))
     assert r.wait_history(60)
     assert r.log.snapshots("example") == [] and forks == []
-    assert "the snapshotter for offset 5 failed (snapshotter: " in caplog.text
+    assert "the snapshotter for offset 5 failed (BadLogUrl: log URL " in caplog.text
+    assert r._snapshotter is None  # stopped
     assert "the next snapshot is taken by a forked child" in caplog.text
     assert r.state.counters == {"a": 5} and r.ready  # the leader goes on
     for _ in range(5):

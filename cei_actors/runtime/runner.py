@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Generic, cast
 
@@ -184,6 +185,7 @@ class Runner(Generic[S]):
         #: ... by a snapshotter process folding the log where it can (see :meth:`_snapshot_in_child`).
         self.snapshot_process = True
         self._snapshotter_failed = False  # the last snapshotter failed: the next one is forked
+        self._snapshotter: subprocess.Popen[bytes] | None = None  # used by the history thread only
         self._snapshot_bytes = 0  # size of the last snapshot saved or loaded
         self._history_job: threading.Thread | None = None
         self._truncate_again = False
@@ -609,30 +611,31 @@ class Runner(Generic[S]):
         return self._start_history_job(self._run_snapshotter, json.dumps(job).encode(), offset, started)
 
     def _run_snapshotter(self, job: bytes, offset: int, started: float) -> None:
-        """Background thread: spawn the snapshotter (here, so that the actor does not wait for
-        its exec either), wait for it, note its snapshot and truncate. A failure is a warning,
-        and the next snapshot is taken by a forked child."""
-        proc = None
+        """Background thread: hand ``job`` to the snapshotter (spawned here the first time, so
+        that the actor does not wait for its exec), wait for its answer, note the snapshot and
+        truncate. A failure is a warning, the snapshotter is stopped, and the next snapshot is
+        taken by a forked child."""
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "cei_actors.runtime.snapshotter"], env=_snapshotter_env(),
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, close_fds=True,
-            )
-            out, err = proc.communicate(job)
-            saved = int(json.loads(out)["bytes"]) if proc.returncode == 0 else None
+            proc = self._snapshotter
+            if proc is None or proc.poll() is not None:
+                proc = self._snapshotter = _spawn_snapshotter()
+                weakref.finalize(self, _stop_snapshotter, proc)
+            assert proc.stdin is not None and proc.stdout is not None
+            proc.stdin.write(job + b"\n")
+            proc.stdin.flush()
+            line = proc.stdout.readline()
+            answer = json.loads(line) if line else {"error": f"it exited (status {proc.wait()})"}
         except Exception as exc:  # noqa: BLE001 - a snapshot is a shortcut, never a step down
-            if proc is not None:
-                with contextlib.suppress(Exception):
-                    proc.kill()
-                    proc.wait()
-            saved, err = None, f"{type(exc).__name__}: {exc}".encode()
-        if saved is None:
-            status = "not started" if proc is None else f"exit status {proc.returncode}"
-            why = (err.decode(errors="replace").strip().splitlines() or [status])[-1]
+            answer = {"error": f"{type(exc).__name__}: {exc}"}
+        if "error" in answer:
             logger.warning("stream %s: the snapshotter for offset %s failed (%s); the next snapshot is "
-                           "taken by a forked child", self.stream, offset, why)
+                           "taken by a forked child", self.stream, offset, answer["error"])
+            if self._snapshotter is not None:
+                _stop_snapshotter(self._snapshotter)
+                self._snapshotter = None
             self._snapshotter_failed = True
             return
+        saved = int(answer["bytes"])
         if saved:
             self._snapshot_bytes = saved
             self._snapshot_due = self._due_after(saved)
@@ -707,12 +710,29 @@ def snapshot_blob(component: Component[S], state: S) -> bytes | None:
     return None if data is None else msgpack.packb(data, use_bin_type=True)
 
 
-def _snapshotter_env() -> dict[str, str]:
-    """The environment of a snapshotter: this one, with this package importable first."""
+def _spawn_snapshotter() -> subprocess.Popen[bytes]:
+    """Start a snapshotter process (:mod:`.snapshotter`), with this package importable first;
+    its warnings go to this process's stderr."""
     env = dict(os.environ)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
-    return env
+    return subprocess.Popen([sys.executable, "-m", "cei_actors.runtime.snapshotter"], env=env,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+
+
+def _stop_snapshotter(proc: subprocess.Popen[bytes]) -> None:
+    """End a snapshotter: the end of its input, then a kill if it is still busy after 2 s (a
+    snapshot cut short is never seen: its head is written last)."""
+    with contextlib.suppress(Exception):
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            proc.wait(2)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -1,21 +1,25 @@
 """A snapshot written by another process, so that the leader never pays for it (decision FO5).
 
-The leader spawns ``python -m cei_actors.runtime.snapshotter`` (a fresh interpreter: nothing of
-the leader's heap is copied) and sends it, as one JSON object on stdin, the log URL and options,
-the stream and the offset ``upto`` it has appended. The snapshotter folds the log from the
-newest usable snapshot up to ``upto`` with the component that owns the stream (as ``cei log
-state`` does), saves the snapshot at ``upto`` and prints ``{"bytes": N}`` (0: a newer snapshot
-was already stored, nothing to do). A failure is one line on stderr and exit status 1.
+A leader's runner spawns ``python -m cei_actors.runtime.snapshotter`` once (a fresh
+interpreter: nothing of the leader's heap is copied) and sends it a job for each due snapshot,
+one JSON object a line on its stdin: the log URL and options, the stream and the offset
+``upto`` it has appended. The snapshotter folds the log from the newest usable snapshot up to
+``upto`` with the component that owns the stream (as ``cei log state`` does), saves the
+snapshot at ``upto`` and answers one line, ``{"bytes": N}`` (0: a snapshot at or past ``upto``
+was already stored) or ``{"error": "..."}``; it keeps no state between jobs and exits at the end
+of its input (when the leader exits). It runs at a lower CPU priority (:data:`NICE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import logging
+import os
 import sys
 import time
-from typing import Any
+from typing import IO, Any
 
 from ..eventlog import EventLog, Snapshot, open_log
 from ..launch.components import component_class, component_for
@@ -23,6 +27,10 @@ from .core import Component
 from .runner import Runner, snapshot_blob
 
 logger = logging.getLogger(__name__)
+
+#: The snapshotter's niceness: it is background work, the leader's messages come first (on a
+#: busy host a snapshotter at the leader's priority took a CPU from it for a minute).
+NICE = 10
 
 #: How long to wait for the log to show the offset asked for (a ZooKeeper server the
 #: snapshotter reads from may lag the one the leader wrote to by a moment).
@@ -92,15 +100,25 @@ def run(job: dict[str, Any]) -> int:
         log.close()
 
 
+def serve(jobs: IO[str], answers: IO[str]) -> None:
+    """Carry out each job (one JSON object a line) of ``jobs``, answering each with one line
+    on ``answers``: ``{"bytes": N}`` or ``{"error": "one line"}``; return at end of input."""
+    for line in jobs:
+        try:
+            answer: dict[str, Any] = {"bytes": run(json.loads(line))}
+        except Exception as exc:  # noqa: BLE001 - reported to the leader as one line
+            answer = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
+        gc.collect()  # what the fold left (cycles, if any) goes before the next job
+        answers.write(json.dumps(answer) + "\n")
+        answers.flush()
+
+
 def main() -> int:
-    gc.disable()  # a one-shot fold makes no cycles to collect (RS1); it only slows the fold
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
+    gc.disable()  # a fold makes no cycles to collect (RS1); the collector would only slow it
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="snapshotter: %(message)s")
-    try:
-        saved = run(json.loads(sys.stdin.read()))
-    except Exception as exc:  # noqa: BLE001 - reported to the leader as one line
-        print(f"snapshotter: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 1
-    print(json.dumps({"bytes": saved}), flush=True)
+    serve(sys.stdin, sys.stdout)
     return 0
 
 
