@@ -158,14 +158,15 @@ def measure(processes: int) -> list[dict[str, Any]]:
         forked = _background(runner, runner._snapshot_by_fork)
         assert log.snapshots(runner.stream)[0] == runner.head
         log.close()
-    # the noise floor: the same steps for as long with nothing in the background (a busy
-    # machine deschedules this thread now and then; that is not the snapshot's doing)
-    idle, end = _Gaps(), time.perf_counter() + max(spawned["stored"], forked["stored"])
     if runner._snapshotter is not None:
         _stop_snapshotter(runner._snapshotter)
+    # the noise floor: the same steps for as long (a minute at most) with nothing in the
+    # background (a busy machine deschedules this thread now and then: not the snapshot's doing)
+    idle, end = _Gaps(), time.perf_counter() + min(60.0, max(spawned["stored"], forked["stored"]))
     while time.perf_counter() < end:
         _step()
         idle.step()
+    idle.close()
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     label = f"{processes // 1000}k" if processes < 1_000_000 else f"{processes / 1e6:g}M"
     ms = 1000
