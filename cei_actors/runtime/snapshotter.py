@@ -13,6 +13,7 @@ of its input (when the leader exits). It runs at a lower CPU priority (:data:`NI
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import gc
 import json
 import logging
@@ -100,6 +101,13 @@ def run(job: dict[str, Any]) -> int:
         log.close()
 
 
+def _give_back_memory() -> None:
+    """Return the free pages of the C heap to the system (glibc's ``malloc_trim``): a job's
+    state is gone, but without this a 1M-process PD job left ~0.9 GB resident until the next."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def serve(jobs: IO[str], answers: IO[str]) -> None:
     """Carry out each job (one JSON object a line) of ``jobs``, answering each with one line
     on ``answers``: ``{"bytes": N}`` or ``{"error": "one line"}``; return at end of input."""
@@ -109,6 +117,7 @@ def serve(jobs: IO[str], answers: IO[str]) -> None:
         except Exception as exc:  # noqa: BLE001 - reported to the leader as one line
             answer = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         gc.collect()  # what the fold left (cycles, if any) goes before the next job
+        _give_back_memory()
         answers.write(json.dumps(answer) + "\n")
         answers.flush()
 
