@@ -575,8 +575,8 @@ class Runner(Generic[S]):
         waits for it and truncates. Returns False if one is still running.
 
         Where it can (:meth:`_snapshotter_can`), a snapshotter process folds the log up to the
-        head from the last snapshot and stores the state (decision FO5): the actor only
-        spawns it, whatever the size of the state. Otherwise a forked child serializes the
+        head from the last snapshot and stores the state (decision FO5): the actor only hands
+        the job to the history thread, whatever the size of the state. Otherwise a forked child serializes the
         state from copy-on-write memory (LT3): the actor waits for the fork, which grows with
         the heap."""
         job = self._history_job
@@ -589,8 +589,9 @@ class Runner(Generic[S]):
 
     def _snapshotter_can(self) -> bool:
         """True if a snapshotter process can write this runner's snapshots: the log is shared
-        between processes (SQLite, ZooKeeper), the component's class owns the stream (so the
-        snapshotter builds the same one), and the last snapshotter did not fail."""
+        between processes (SQLite, ZooKeeper), the component folds and snapshots as the one
+        the snapshotter builds for the stream (:func:`.snapshotter.owns`), the component config
+        did not say ``snapshot_writer: fork``, and the last snapshotter did not fail."""
         if not self.snapshot_process or self._snapshotter_failed:
             return False
         if self.log.url.partition("://")[0] not in ("sqlite", "zk"):
