@@ -29,8 +29,8 @@ from .runner import Runner, snapshot_blob
 
 logger = logging.getLogger(__name__)
 
-#: The snapshotter's niceness: it is background work, the leader's messages come first (on a
-#: busy host a snapshotter at the leader's priority took a CPU from it for a minute).
+#: The snapshotter's niceness: it is background work (~30 s of CPU for a PD of 1M processes),
+#: the leader's messages come first; on a busy host the snapshot waits instead.
 NICE = 10
 
 #: How long to wait for the log to show the offset asked for (a ZooKeeper server the
