@@ -16,6 +16,7 @@ from cei_actors.pd.messages import (
     DescribeProcess,
     DescribeProcesses,
     Dump,
+    ForgetProcesses,
     KillProcess,
     ListDefinitions,
     Matchmake,
@@ -375,6 +376,41 @@ def test_an_unchanged_quiet_heartbeat_is_short_circuited_until_the_pd_changes_it
     sim.heartbeat(aid)
     assert [s.message for s in sim.sent if isinstance(s.message, TerminateProcess)] == [TerminateProcess("p1", 0)]
     assert sim.state.resources[aid].foreign == 1 and aid not in sim.state.soft.quiet
+    check_invariants(sim.state)
+
+
+def test_a_quiet_heartbeat_stays_quiet_through_events_that_cannot_change_its_pass():
+    """Decision SC1: a new node, a node retiring, a forget of finished processes and a
+    definition do not forget an agent's quiet heartbeat; a removed node forgets its own
+    agents' only."""
+    sim = Sim(config(retention=1.0))
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("done", command=["x"]))
+    done_on = sim.proc("done").resource_id
+    sim.heartbeat(done_on)
+    sim.finish("done", ps.EXITED)
+    sim.heartbeat(done_on)  # EXITED: cleaned up, and its slot is free again
+    sim.ok(ScheduleProcess("p1", command=["x"]))
+    sim.ok(ScheduleProcess("p2", command=["x"]))
+    sim.ok(ScheduleProcess("p3", command=["x"]))
+    for _ in range(2):
+        sim.heartbeat(a1)
+        sim.heartbeat(a2)
+    assert set(sim.state.soft.quiet) == {a1, a2}
+    assert sim.state.resources[a1].assigned and sim.state.resources[a2].assigned
+    sim.ok(CreateDefinition("d1", {"exec": "x"}))
+    sim.add_node("n3")  # NodeAdded (its agent's first heartbeat asks for nothing either)
+    sim.now += 5.0
+    sim.handle(ForgetProcesses())  # ProcessesForgotten of "done"
+    assert "done" in sim.state.tombstones
+    assert {a1, a2} <= set(sim.state.soft.quiet)
+    head = sim.runner.head
+    sim.sent.clear()
+    sim.heartbeat(a1)
+    assert sim.runner.head == head and sim.sent == []
+    sim.lose_node("n2")
+    assert a2 not in sim.state.soft.quiet and a1 in sim.state.soft.quiet
     check_invariants(sim.state)
 
 
@@ -1049,3 +1085,17 @@ def test_a_stable_run_ended_by_its_node_still_ends_the_crash_count():
     node_stops(sim, aid)
     assert sim.proc("p1").crashes == 0 and sim.pstate("p1") == ps.ASSIGNED
     assert sim.state == sim.replayed()
+
+
+def test_spec_digest_is_the_one_tombstones_have_always_had():
+    """Decision SC1: the digest of a spec (kept in tombstones, compared by ``once``) is
+    unchanged by the faster ordering; map order never matters."""
+    from cei_actors.pd.state import spec_digest
+
+    spec = {"command": ["a", 1, 2.5, None, True, b"x", ("t", [1, {"z": 1, "a": [2]}])],
+            "env": {"B": "1", "A": "2"}, "cwd": None, "flag": False,
+            "configuration": {1: "int key", "1": "str key", None: {}, "n": {"x": (1, 2)}}}
+    assert spec_digest(spec) == "8bca0c1fd1168de7b11f29ecdc2548d8"  # as computed before SC1
+    again = dict(reversed(list(spec.items())))
+    again["env"] = {"A": "2", "B": "1"}
+    assert spec_digest(again) == spec_digest(spec)

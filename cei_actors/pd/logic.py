@@ -1257,11 +1257,16 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
 #: events that change one process (``upid``) or one resource (``resource_id``) only
 _ONE_PROCESS = (ProcessMoved, ProcessAssigned, ProcessScheduled, ProcessBackoff, ProcessCreated)
 _ONE_RESOURCE = (ResourceStateChanged, ResourceOccupancy, ResourceAdded)
+#: events that change nothing a heartbeat's per-process pass reads: a quiet list holds only
+#: placed processes of its agent (never a finished one, which is all a forget removes), and
+#: the pass does not look at nodes, their retirement or definitions (decision SC1)
+_NO_AGENT = (ProcessesForgotten, NodeAdded, NodeRetiring, DefinitionSet, DefinitionRemoved)
 
 
 def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
     """``event`` is about to be applied: forget the quiet heartbeat (decision SIM7) of every
-    agent whose processes or resource it may change (of all agents for any other event)."""
+    agent whose processes or resource it may change (of a removed node's agents; of all
+    agents for an event not named here)."""
     if isinstance(event, _ONE_PROCESS):
         p = s.processes.get(event.upid)
         if p is not None and p.resource_id is not None:
@@ -1271,6 +1276,12 @@ def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
             quiet.pop(rid, None)
     elif isinstance(event, _ONE_RESOURCE):
         quiet.pop(event.resource_id, None)
+    elif isinstance(event, _NO_AGENT):
+        pass
+    elif isinstance(event, NodeRemoved):
+        node = s.nodes.get(event.node_id)
+        for rid in node.resources if node is not None else ():
+            quiet.pop(rid, None)
     else:
         quiet.clear()
 

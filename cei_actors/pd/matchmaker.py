@@ -65,6 +65,8 @@ def hashable(value: Any) -> Any:
 
 def constraint_key(constraints: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constraints other than ``engine`` as a sorted hashable tuple."""
+    if len(constraints) == 1 and "engine" in constraints:
+        return ()  # the usual case
     return tuple(sorted((k, hashable(v)) for k, v in constraints.items() if k != "engine"))
 
 

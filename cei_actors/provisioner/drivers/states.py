@@ -24,4 +24,12 @@ NODE_STATE_TO_INSTANCE_STATE: dict[str, str] = {
 
 def instance_state_for(state: NodeState | str) -> str:
     """The Provisioner state name for a libcloud node state ("ERROR_RETRYING" if unmapped)."""
+    if type(state) is NodeState:  # every VM of every listing: no str() of the enum
+        return _BY_MEMBER[state]
     return NODE_STATE_TO_INSTANCE_STATE.get(str(state).lower(), "ERROR_RETRYING")
+
+
+_BY_MEMBER: dict[NodeState, str] = {
+    member: NODE_STATE_TO_INSTANCE_STATE.get(str(member).lower(), "ERROR_RETRYING")
+    for member in NodeState
+}
