@@ -798,7 +798,9 @@ class EPUM(Component[EPUMState]):
         for iid in stale:
             vol.refreshed[iid] = now
         for k in range(0, len(stale), _DUMP_CHUNK):
-            out.effects.append(Send(self.config.provisioner, DumpState(stale[k:k + _DUMP_CHUNK])))
+            part = stale[k:k + _DUMP_CHUNK]  # with what we hold: only news come back (SC2)
+            counters = [instances[i].update_counter for i in part]
+            out.effects.append(Send(self.config.provisioner, DumpState(part, counters)))
 
     def _pull_sensors(self, state: EPUMState, ctx: Context, out: _Pass) -> None:
         vol, now = state.vol, ctx.now
