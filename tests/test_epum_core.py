@@ -331,12 +331,16 @@ def test_subscribe_answers_with_the_current_node_states():
     assert s.state.instances[first].state == "TERMINATED"
     s.inbox.clear()
     head = s.runner.head
-    # a subscriber naming the nodes it holds hears RUNNING and the loss of the ones it named
+    # a subscriber naming the nodes it holds hears the loss of the ones it named, and nothing
+    # of a running one it holds (SC3)
     assert s.send(SubscribeDomain("d", "pd", known=[first, second, "i-unknown"])) == Ok(["pd"])
-    assert [(m.node_id, m.state) for m in s.inbox["pd"]] == [(second, "RUNNING"), (first, "TERMINATED")]
+    assert [(m.node_id, m.state) for m in s.inbox["pd"]] == [(first, "TERMINATED")]
     assert s.runner.head == head  # a repeat subscription writes nothing
     assert s.send(SubscribeDomain("d", "pd", known=[second])) == Ok(["pd"])
-    assert [m.state for m in s.inbox["pd"][2:]] == ["RUNNING"]
+    assert s.inbox["pd"][1:] == []
+    # one that does not name a running node hears it is RUNNING
+    assert s.send(SubscribeDomain("d", "pd", known=[])) == Ok(["pd"])
+    assert [(m.node_id, m.state) for m in s.inbox["pd"][1:]] == [(second, "RUNNING")]
     # a new subscriber without ``known``: every loss still on record
     s.send(SubscribeDomain("d", "late"))
     assert [(m.node_id, m.state) for m in s.inbox["late"]] == [(second, "RUNNING"), (first, "TERMINATED")]

@@ -438,12 +438,15 @@ class EPUM(Component[EPUMState]):
     def current_states(self, state: EPUMState, dom: Domain, to: str,
                        known: list[str] | None) -> list[Send]:
         """The level-based answer to a ``SubscribeDomain``: ``NodeState`` RUNNING of every
-        running instance, and the loss of every instance past RUNNING that ``known`` names
-        (``known`` None: of every one still on record)."""
+        running instance ``known`` does not name (a subscriber holds those it names: SC3),
+        and the loss of every instance past RUNNING that ``known`` names (``known`` None: of
+        every one still on record)."""
         by, out = dom.by_state, []
         order = state.instances
+        held = set(known or ())
         for iid in sorted(by.get("RUNNING", ()), key=lambda i: order[i].seq):
-            out += self.notifications(dom, order[iid], "RUNNING", [to])
+            if iid not in held:
+                out += self.notifications(dom, order[iid], "RUNNING", [to])
         if known is None:
             past = [i for s, ids in by.items() if RANK[s] > R_RUNNING for i in ids]
         else:
