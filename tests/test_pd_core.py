@@ -620,6 +620,24 @@ def test_needs_sent_to_epum_and_idle_nodes_retired_newest_first():
     assert not sim.state.nodes["n1"].retiring
 
 
+def test_a_recovered_pd_gives_back_to_service_the_nodes_its_need_no_longer_retires():
+    """Decision SC5: a leader looks only at the nodes its last need named when it un-retires;
+    a new leader (no need sent yet) looks at every node."""
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "base_need": 1}}, needs_interval=5.0))
+    for i in range(4):
+        sim.add_node(f"n{i}")
+    sim.now += 5.0
+    sim.handle(sim.timers["needs"].message)
+    assert sim.needs[-1].retirable_nodes == ["n3", "n2", "n1"]
+    assert [n for n in ("n0", "n1", "n2", "n3") if sim.state.nodes[n].retiring] == ["n1", "n2", "n3"]
+    for i in range(3):  # the need rises, but is held back by needs_interval
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    sim.crash()
+    assert sim.needs[-1].count == 2 and sim.needs[-1].retirable_nodes == ["n3", "n2"]
+    assert [n for n in ("n0", "n1", "n2", "n3") if sim.state.nodes[n].retiring] == ["n2", "n3"]
+    assert sim.state == sim.replayed()
+
+
 def test_needs_are_rate_limited_and_flushed_by_timer():
     sim = Sim(config(needs_interval=5.0))
     sent = len(sim.needs)

@@ -516,6 +516,8 @@ class Tx:
 
     def matchmake(self) -> None:
         s, mm = self.s, self.s.mm
+        if not mm.pending():
+            return  # nothing queued to place, judge or release (most decisions)
         mm.release_throttled(self.now)
         while True:
             pick = mm.next_placement()
@@ -559,10 +561,12 @@ class Tx:
             soft.needs_refresh_at = self.now + cfg.needs_refresh
             force = True
         changed = []
+        sent = soft.needs_sent
         for eid, spec in cfg.engines.items():
-            n = need(spec, s.live_count[eid], s.occupied[eid])
-            sig = (n, len(s.engine_nodes.get(eid, ())), s.occupied[eid])
-            if force or soft.needs_sent.get(eid, (None,))[0:1] != (sig,):
+            occupied = s.occupied[eid]
+            n = need(spec, s.live_count[eid], occupied)
+            sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
+            if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
         if not changed:
             return False
@@ -582,9 +586,8 @@ class Tx:
             )
             retire = retirable(newest_first, len(nodes), n)
             keep = set(retire)
-            for nid in nodes:
-                node = s.nodes[nid]
-                if node.retiring and nid not in keep:
+            for nid in self.retiring(eid, nodes):
+                if nid not in keep:
                     self.emit(NodeRetiring(nid, False, self.now))
                     unretired = True
             for nid in retire:
@@ -593,6 +596,18 @@ class Tx:
             soft.needs_sent[eid] = (sig, n, tuple(retire))
             self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
         return unretired
+
+    def retiring(self, engine: str, nodes: dict[str, None]) -> list[str]:
+        """The engine's retiring nodes (``nodes``), in node order. Only :meth:`needs` retires
+        nodes, and after it sent a need exactly the nodes it named retire: those still here
+        are looked at, not every node (SC5); after a recovery, every node."""
+        sent = self.s.soft.needs_sent.get(engine)
+        known = self.s.nodes
+        if sent is None:
+            return [nid for nid in nodes if known[nid].retiring]
+        named = [nid for nid in sent[2] if nid in nodes and known[nid].retiring]
+        named.sort(key=lambda nid: known[nid].seq)  # ``nodes`` is in node order
+        return named
 
     def subscribe(self, engine: str) -> None:
         """(Re-)subscribe to the engine's EPUM domain, naming the nodes we hold."""

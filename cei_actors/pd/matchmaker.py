@@ -584,6 +584,11 @@ class Matchmaker:
     def is_throttled(self, upid: str) -> bool:
         return upid in self.throttled_set
 
+    def pending(self) -> bool:
+        """False when a pass would do nothing: no class to try, no process waiting for a
+        verdict, none throttled."""
+        return bool(self._heap or self.fresh or self.throttled)
+
     # ---- matching -------------------------------------------------------------------------------
 
     def next_placement(self) -> tuple[Process, Resource] | None:
