@@ -619,7 +619,9 @@ class Tx:
         """True if the node has agents and every one of them is MISSING."""
         rids = self.s.nodes[node_id].resources
         res = self.s.resources
-        return bool(rids) and all(res[r].state == ps.RESOURCE_MISSING for r in rids)
+        missing = ps.RESOURCE_MISSING  # (the first one decides for almost every node)
+        return bool(rids) and res[rids[0]].state == missing and all(
+            res[r].state == missing for r in rids)
 
     def finish(self) -> None:
         self.matchmake()

@@ -219,14 +219,17 @@ class FifoSet:
         upto, key = self._sort  # type: ignore[misc]
         self._sort = None
         live = self._live
-        order = [(k, t) for k, t in self._order if live.get(k, (0,))[0] == t]
+        order: Iterable[tuple[Any, int]] = self._order
+        if len(self._order) > len(live):  # stale entries among them
+            order = [(k, t) for k, t in order if live.get(k, (0,))[0] == t]
         head = [k for k, t in order if t <= upto]
         if len(head) < 2:
             return
         head.sort(key=key)
         keys = head + [k for k, t in order if t > upto]
-        self._order = collections.deque((k, tick) for tick, k in enumerate(keys, 1))
-        self._live = {k: (tick, live[k][1]) for tick, k in enumerate(keys, 1)}
+        ticks = range(1, len(keys) + 1)
+        self._order = collections.deque(zip(keys, ticks, strict=True))
+        self._live = dict(zip(keys, zip(ticks, [live[k][1] for k in keys], strict=True), strict=True))
         self._tick = len(keys)
 
     def _compact(self) -> None:
