@@ -808,6 +808,37 @@ def test_a_failing_handler_does_not_leave_the_outbox_stuck(monkeypatch):
     assert sim.pstate("p") == ps.EXITED and sim.agents[aid].procs == {}
 
 
+def test_a_heartbeat_is_answered_with_its_decision_unless_requests_wait_for_the_agent():
+    """Decision SC6: the requests a heartbeat leads to (here a cleanup) go to its agent with
+    the decision, as one message; if earlier requests wait in the outbox for that agent, they
+    join them there, after them."""
+    from cei_actors.eeagent.messages import AgentRequests, CleanupProcess
+    from cei_actors.pd.messages import FlushOutbox
+    from cei_actors.runtime.core import SetTimer
+
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.heartbeat(aid)
+    sim.finish("p", ps.EXITED)
+    report = [{"upid": "p", "round": 0, "state": ps.EXITED, "msg": ""}]
+    d = sim.runner.handle(AgentHeartbeat(aid, "n1", sim.now, report, 0))
+    assert [(e.to, e.message) for e in d.effects if isinstance(e, Send)] == [
+        (f"eeagent:{aid}", CleanupProcess("p", 0))]
+    assert not any(isinstance(e, SetTimer) and e.key == "outbox" for e in d.effects)
+    assert sim.state.soft.outbox == {}
+    # a launch to the agent waits in the outbox: the next heartbeat's requests go after it
+    d1 = sim.runner.handle(ScheduleProcess("q", command=["x"]))
+    assert [e.key for e in d1.effects if isinstance(e, SetTimer)] == ["outbox"]
+    sim.now += 10.0  # the agent still reports p: the cleanup is asked again
+    d2 = sim.runner.handle(AgentHeartbeat(aid, "n1", sim.now, report, 0))
+    assert not [e for e in d2.effects if isinstance(e, Send) and e.to.startswith("eeagent:")]
+    d3 = sim.runner.handle(FlushOutbox())  # the outbox timer
+    [(to, batch)] = [(e.to, e.message) for e in d3.effects if isinstance(e, Send)]
+    assert to == f"eeagent:{aid}" and isinstance(batch, AgentRequests)
+    assert [type(r).__name__ for r in batch.requests] == ["LaunchProcess", "CleanupProcess"]
+
+
 def test_component_has_a_stream_and_registry():
     pd = ProcessDispatcher(config())
     assert pd.stream == "pd" and "ProcessAssigned" in pd.registry.names()

@@ -290,6 +290,10 @@ class Tx:
         self.reply: Any = None
         self.reply_process: str | None = None
         self.reply_many: list[Any] | None = None
+        #: the agent whose heartbeat this decision answers, when nothing waits in the outbox
+        #: for it: its requests go out with this decision, as one message (decision SC6)
+        self.direct_rid: str | None = None
+        self.direct: list[Any] = []
 
     # ---- primitives ---------------------------------------------------------------------------
 
@@ -341,12 +345,29 @@ class Tx:
 
     def to_agent(self, rid: str, message: Any) -> None:
         """Queue a request for agent ``rid``: the outbox goes out as one message per agent
-        when the current burst of messages is done (a zero-delay timer)."""
+        when the current burst of messages is done (a zero-delay timer); the requests to the
+        agent whose heartbeat this is go with this decision (SC6)."""
+        if rid == self.direct_rid:
+            self.direct.append(message)
+            return
         soft = self.s.soft
         soft.outbox.setdefault(rid, []).append(message)
         if not soft.outbox_timer:
             soft.outbox_timer = True
             self.timer("outbox", 0.0, FlushOutbox())
+
+    def answer_directly(self, rid: str) -> None:
+        """Send this decision's requests to agent ``rid`` with it, unless earlier ones wait
+        in the outbox for it (they go first, in order)."""
+        if rid not in self.s.soft.outbox:
+            self.direct_rid = rid
+
+    def undo_direct(self) -> None:
+        """The decision is dropped: its requests to the agent wait in the outbox, as any
+        other's do (its next flush takes them)."""
+        if self.direct:
+            self.s.soft.outbox.setdefault(self.direct_rid, []).extend(self.direct)  # type: ignore[arg-type]
+            self.direct = []
 
     def flush_outbox(self) -> None:
         soft = self.s.soft
@@ -629,6 +650,10 @@ class Tx:
             self.matchmake()  # a node given back to service may take queued processes
 
     def decision(self) -> Decision:
+        if self.direct:
+            requests, self.direct = self.direct, []
+            msg: Any = requests[0] if len(requests) == 1 else AgentRequests(requests)
+            self.send(self.agent(self.direct_rid), msg)  # type: ignore[arg-type]
         reply = self.reply
         if reply is None and self.reply_many is not None:
             procs = self.s.processes
@@ -701,11 +726,13 @@ class ProcessDispatcher(Component[PDState]):
         except Rejected as exc:
             if not tx.events:
                 tx.forget_timers()
+                tx.undo_direct()
                 raise
             tx.reply = ErrorReply(exc.code, exc.message, type(message).__name__)
         except Exception as exc:
             if not tx.events:
                 tx.forget_timers()
+                tx.undo_direct()
                 raise
             logger.exception("pd: %s failed after emitting events", type(message).__name__)
             tx.reply = ErrorReply(
@@ -1164,6 +1191,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             res.node_id,
         )
         return
+    tx.answer_directly(rid)
     ts = min(m.timestamp, now) if math.isfinite(m.timestamp) else now
     lv = soft.live.get(rid)
     in_order = True
