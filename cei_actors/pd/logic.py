@@ -1234,10 +1234,14 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     cleanups: dict[tuple[str, int], float] = {}
     kills: dict[tuple[str, int], float] = {}
     processes, normalize, placed = s.processes, agent_states.normalize, ps.PLACED
+    names, reported_up, unacked = _AGENT_NAMES, _REPORTED_UP, _UNACKED_UP
+    TERMINATING, rank = ps.TERMINATING, ps.rank  # noqa: N806 (hoisted: this loop is hot)
     acted = False  # a process needed something: not a quiet heartbeat
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
-        state = normalize(d["state"])
+        state = d["state"]
+        if type(state) is not str or state not in names:  # (normalize's own fast path)
+            state = normalize(state)
         p = processes.get(upid)
         key = (upid, rnd)
         if p is None or p.resource_id != rid or p.round != rnd or p.state not in placed:
@@ -1260,16 +1264,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
                 cleanups[key] = last
             continue
         seen.add(key)
-        if p.state == ps.TERMINATING:
+        pstate = p.state
+        if pstate == TERMINATING:
             acted = True
-        if state in (ps.PENDING, ps.RUNNING):
-            if p.state in (ps.ASSIGNED, ps.PENDING) and ps.rank(state) > ps.rank(p.state):
+        if state in reported_up:
+            if pstate in unacked and rank(state) > rank(pstate):
                 tx.move(p, rnd, state, d.get("msg") or "")
                 acted = True
-            elif p.state == ps.TERMINATING and (first or upid not in soft.terminate_sent):
+            elif pstate == TERMINATING and (first or upid not in soft.terminate_sent):
                 tx.terminate(rid, upid, rnd)
                 soft.terminate_sent[upid] = now
-        elif state == ps.TERMINATING:
+        elif state == TERMINATING:
             pass
         else:
             tx.ended(p, state, d.get("msg") or "", d.get("cause"))
@@ -1298,6 +1303,11 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     else:
         soft.quiet[rid] = m.processes
 
+
+#: the agent's state names; reported states a placed process moves up to; its states then
+_AGENT_NAMES = frozenset(agent_states.ORDER)
+_REPORTED_UP = frozenset({ps.PENDING, ps.RUNNING})
+_UNACKED_UP = frozenset({ps.ASSIGNED, ps.PENDING})
 
 #: events that change one process (``upid``) or one resource (``resource_id``) only
 _ONE_PROCESS = (ProcessMoved, ProcessAssigned, ProcessScheduled, ProcessBackoff, ProcessCreated)
