@@ -792,12 +792,23 @@ class EPUM(Component[EPUMState]):
         if gap <= 0 or now < vol.refresh_at:
             return
         vol.refresh_at = now + gap / 4
-        instances, asked, never = state.instances, vol.refreshed, float("-inf")
-        live = [i for dom in state.domains.values() for s in _BELOW_TERMINATED
-                for i in dom.by_state.get(s, ()) if i not in state.open_launches]
-        vol.refreshed = {i: asked[i] for i in live if i in asked}
-        stale = sorted(i for i in live
-                       if now - max(instances[i].state_time, asked.get(i, never)) >= gap)
+        instances, asked, opened = state.instances, vol.refreshed, state.open_launches
+        kept: dict[str, float] = {}  # the asks of live instances (others are forgotten)
+        stale: list[str] = []
+        for dom in state.domains.values():  # one pass over the live ones: it runs every
+            by = dom.by_state  # quarter interval over every instance (SC7)
+            for s in _BELOW_TERMINATED:
+                for i in by.get(s, ()):
+                    if i in opened:
+                        continue
+                    at = asked.get(i)
+                    if at is not None:
+                        kept[i] = at
+                    seen = instances[i].state_time
+                    if now - (seen if at is None or at < seen else at) >= gap:
+                        stale.append(i)
+        stale.sort()
+        vol.refreshed = kept
         for iid in stale:
             vol.refreshed[iid] = now
         for k in range(0, len(stale), _DUMP_CHUNK):
