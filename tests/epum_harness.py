@@ -114,9 +114,12 @@ class FakeProvisioner:
                     self._move(n, "TERMINATING")
                     n.gone_at = now + 1.0
         elif isinstance(msg, DumpState):
+            held = dict(zip(msg.node_ids, msg.counters or [], strict=False))
             for nid in msg.node_ids:
                 if nid in self.nodes:
-                    self.outbox.append(NodeStateChanged(self.nodes[nid].record()))
+                    record = self.nodes[nid].record()
+                    if held.get(nid) != record["update_counter"]:  # as the real one (SC2)
+                        self.outbox.append(NodeStateChanged(record))
                 else:  # as the real one: an id it never had is recorded as gone
                     n = FakeNode(nid, "provisioner-unknown-launch", "?", "?", "TERMINATED", desc="UNKNOWN_NODE")
                     self.nodes[nid] = n

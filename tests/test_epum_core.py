@@ -25,7 +25,7 @@ from cei_actors.epum.messages import (
     UpdateDomainDefinition,
 )
 from cei_actors.epum.state import restore, snapshot
-from cei_actors.provisioner.messages import NodeStateChanged, Provision
+from cei_actors.provisioner.messages import DumpState, NodeStateChanged, Provision
 from cei_actors.runtime.core import Send
 from cei_actors.runtime.messages import ErrorReply, Ok
 from cei_actors.runtime.runner import replay
@@ -331,12 +331,16 @@ def test_subscribe_answers_with_the_current_node_states():
     assert s.state.instances[first].state == "TERMINATED"
     s.inbox.clear()
     head = s.runner.head
-    # a subscriber naming the nodes it holds hears RUNNING and the loss of the ones it named
+    # a subscriber naming the nodes it holds hears the loss of the ones it named, and nothing
+    # of a running one it holds (SC3)
     assert s.send(SubscribeDomain("d", "pd", known=[first, second, "i-unknown"])) == Ok(["pd"])
-    assert [(m.node_id, m.state) for m in s.inbox["pd"]] == [(second, "RUNNING"), (first, "TERMINATED")]
+    assert [(m.node_id, m.state) for m in s.inbox["pd"]] == [(first, "TERMINATED")]
     assert s.runner.head == head  # a repeat subscription writes nothing
     assert s.send(SubscribeDomain("d", "pd", known=[second])) == Ok(["pd"])
-    assert [m.state for m in s.inbox["pd"][2:]] == ["RUNNING"]
+    assert s.inbox["pd"][1:] == []
+    # one that does not name a running node hears it is RUNNING
+    assert s.send(SubscribeDomain("d", "pd", known=[])) == Ok(["pd"])
+    assert [(m.node_id, m.state) for m in s.inbox["pd"][1:]] == [(second, "RUNNING")]
     # a new subscriber without ``known``: every loss still on record
     s.send(SubscribeDomain("d", "late"))
     assert [(m.node_id, m.state) for m in s.inbox["late"]] == [(second, "RUNNING"), (first, "TERMINATED")]
@@ -375,6 +379,34 @@ def test_live_instances_unchanged_for_a_while_are_asked_for_again():
     assert s.state.instances[iid].state == "TERMINATED"
     s.run(20)
     assert s.running() == 1 and len(s.state.instances) == 2
+
+
+def test_a_refresh_names_the_counters_held_and_hears_only_news():
+    """Decision SC2: EPUM's refresh sends the update counters it holds; the Provisioner
+    answers only records that changed since, so an unchanged pool costs no notices."""
+    s = sim_with(2, config={"refresh_interval": 60.0})
+    s.run(20)
+    assert s.running() == 2
+    asked: list[tuple[DumpState, int]] = []  # (request, notices it brought)
+    real = s.prov.handle
+
+    def handle(msg):
+        before = len(s.prov.outbox)
+        real(msg)
+        if isinstance(msg, DumpState):
+            asked.append((msg, len(s.prov.outbox) - before))
+
+    s.prov.handle = handle
+    s.run(80)  # past refresh_interval: both are asked for, and nothing comes back
+    assert asked and all(m.counters == [s.state.instances[i].update_counter for i in m.node_ids]
+                         for m, _ in asked)
+    assert sorted(i for m, _ in asked for i in m.node_ids) == sorted(s.state.instances)
+    assert [n for _, n in asked] == [0] * len(asked)
+    victim = next(iter(s.state.instances))
+    s.prov.kill(victim)
+    s.prov.outbox.clear()  # its TERMINATED is lost; the next refresh brings it
+    s.run(80)
+    assert s.state.instances[victim].state == "TERMINATED"
 
 
 def test_a_new_provisioner_leader_is_asked_for_every_live_instance_at_once():

@@ -16,6 +16,7 @@ from cei_actors.pd.messages import (
     DescribeProcess,
     DescribeProcesses,
     Dump,
+    ForgetProcesses,
     KillProcess,
     ListDefinitions,
     Matchmake,
@@ -378,6 +379,41 @@ def test_an_unchanged_quiet_heartbeat_is_short_circuited_until_the_pd_changes_it
     check_invariants(sim.state)
 
 
+def test_a_quiet_heartbeat_stays_quiet_through_events_that_cannot_change_its_pass():
+    """Decision SC1: a new node, a node retiring, a forget of finished processes and a
+    definition do not forget an agent's quiet heartbeat; a removed node forgets its own
+    agents' only."""
+    sim = Sim(config(retention=1.0))
+    [a1] = sim.add_node("n1")
+    [a2] = sim.add_node("n2")
+    sim.ok(ScheduleProcess("done", command=["x"]))
+    done_on = sim.proc("done").resource_id
+    sim.heartbeat(done_on)
+    sim.finish("done", ps.EXITED)
+    sim.heartbeat(done_on)  # EXITED: cleaned up, and its slot is free again
+    sim.ok(ScheduleProcess("p1", command=["x"]))
+    sim.ok(ScheduleProcess("p2", command=["x"]))
+    sim.ok(ScheduleProcess("p3", command=["x"]))
+    for _ in range(2):
+        sim.heartbeat(a1)
+        sim.heartbeat(a2)
+    assert set(sim.state.soft.quiet) == {a1, a2}
+    assert sim.state.resources[a1].assigned and sim.state.resources[a2].assigned
+    sim.ok(CreateDefinition("d1", {"exec": "x"}))
+    sim.add_node("n3")  # NodeAdded (its agent's first heartbeat asks for nothing either)
+    sim.now += 5.0
+    sim.handle(ForgetProcesses())  # ProcessesForgotten of "done"
+    assert "done" in sim.state.tombstones
+    assert {a1, a2} <= set(sim.state.soft.quiet)
+    head = sim.runner.head
+    sim.sent.clear()
+    sim.heartbeat(a1)
+    assert sim.runner.head == head and sim.sent == []
+    sim.lose_node("n2")
+    assert a2 not in sim.state.soft.quiet and a1 in sim.state.soft.quiet
+    check_invariants(sim.state)
+
+
 # ---- nodes, resources, failures ---------------------------------------------------------------
 
 
@@ -584,6 +620,24 @@ def test_needs_sent_to_epum_and_idle_nodes_retired_newest_first():
     assert not sim.state.nodes["n1"].retiring
 
 
+def test_a_recovered_pd_gives_back_to_service_the_nodes_its_need_no_longer_retires():
+    """Decision SC5: a leader looks only at the nodes its last need named when it un-retires;
+    a new leader (no need sent yet) looks at every node."""
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "base_need": 1}}, needs_interval=5.0))
+    for i in range(4):
+        sim.add_node(f"n{i}")
+    sim.now += 5.0
+    sim.handle(sim.timers["needs"].message)
+    assert sim.needs[-1].retirable_nodes == ["n3", "n2", "n1"]
+    assert [n for n in ("n0", "n1", "n2", "n3") if sim.state.nodes[n].retiring] == ["n1", "n2", "n3"]
+    for i in range(3):  # the need rises, but is held back by needs_interval
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    sim.crash()
+    assert sim.needs[-1].count == 2 and sim.needs[-1].retirable_nodes == ["n3", "n2"]
+    assert [n for n in ("n0", "n1", "n2", "n3") if sim.state.nodes[n].retiring] == ["n2", "n3"]
+    assert sim.state == sim.replayed()
+
+
 def test_needs_are_rate_limited_and_flushed_by_timer():
     sim = Sim(config(needs_interval=5.0))
     sent = len(sim.needs)
@@ -752,6 +806,37 @@ def test_a_failing_handler_does_not_leave_the_outbox_stuck(monkeypatch):
     monkeypatch.setattr(logic.Tx, "ended", real)
     sim.heartbeat(aid)
     assert sim.pstate("p") == ps.EXITED and sim.agents[aid].procs == {}
+
+
+def test_a_heartbeat_is_answered_with_its_decision_unless_requests_wait_for_the_agent():
+    """Decision SC6: the requests a heartbeat leads to (here a cleanup) go to its agent with
+    the decision, as one message; if earlier requests wait in the outbox for that agent, they
+    join them there, after them."""
+    from cei_actors.eeagent.messages import AgentRequests, CleanupProcess
+    from cei_actors.pd.messages import FlushOutbox
+    from cei_actors.runtime.core import SetTimer
+
+    sim = Sim()
+    [aid] = sim.add_node("n1")
+    sim.ok(ScheduleProcess("p", command=["x"]))
+    sim.heartbeat(aid)
+    sim.finish("p", ps.EXITED)
+    report = [{"upid": "p", "round": 0, "state": ps.EXITED, "msg": ""}]
+    d = sim.runner.handle(AgentHeartbeat(aid, "n1", sim.now, report, 0))
+    assert [(e.to, e.message) for e in d.effects if isinstance(e, Send)] == [
+        (f"eeagent:{aid}", CleanupProcess("p", 0))]
+    assert not any(isinstance(e, SetTimer) and e.key == "outbox" for e in d.effects)
+    assert sim.state.soft.outbox == {}
+    # a launch to the agent waits in the outbox: the next heartbeat's requests go after it
+    d1 = sim.runner.handle(ScheduleProcess("q", command=["x"]))
+    assert [e.key for e in d1.effects if isinstance(e, SetTimer)] == ["outbox"]
+    sim.now += 10.0  # the agent still reports p: the cleanup is asked again
+    d2 = sim.runner.handle(AgentHeartbeat(aid, "n1", sim.now, report, 0))
+    assert not [e for e in d2.effects if isinstance(e, Send) and e.to.startswith("eeagent:")]
+    d3 = sim.runner.handle(FlushOutbox())  # the outbox timer
+    [(to, batch)] = [(e.to, e.message) for e in d3.effects if isinstance(e, Send)]
+    assert to == f"eeagent:{aid}" and isinstance(batch, AgentRequests)
+    assert [type(r).__name__ for r in batch.requests] == ["LaunchProcess", "CleanupProcess"]
 
 
 def test_component_has_a_stream_and_registry():
@@ -1049,3 +1134,17 @@ def test_a_stable_run_ended_by_its_node_still_ends_the_crash_count():
     node_stops(sim, aid)
     assert sim.proc("p1").crashes == 0 and sim.pstate("p1") == ps.ASSIGNED
     assert sim.state == sim.replayed()
+
+
+def test_spec_digest_is_the_one_tombstones_have_always_had():
+    """Decision SC1: the digest of a spec (kept in tombstones, compared by ``once``) is
+    unchanged by the faster ordering; map order never matters."""
+    from cei_actors.pd.state import spec_digest
+
+    spec = {"command": ["a", 1, 2.5, None, True, b"x", ("t", [1, {"z": 1, "a": [2]}])],
+            "env": {"B": "1", "A": "2"}, "cwd": None, "flag": False,
+            "configuration": {1: "int key", "1": "str key", None: {}, "n": {"x": (1, 2)}}}
+    assert spec_digest(spec) == "8bca0c1fd1168de7b11f29ecdc2548d8"  # as computed before SC1
+    again = dict(reversed(list(spec.items())))
+    again["env"] = {"A": "2", "B": "1"}
+    assert spec_digest(again) == spec_digest(spec)

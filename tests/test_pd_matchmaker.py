@@ -151,3 +151,33 @@ def test_capacity_formula_matches_placements():
     place_all(s)
     assert sum(n.used for n in s.nodes.values()) == 25
     assert sum(1 for n in s.nodes.values() if n.used) == math.ceil(25 / 3)
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "sort", "read"]), st.integers(0, 9)),
+                max_size=60))
+@settings(max_examples=200, deadline=None)
+def test_a_lazy_sort_of_a_bucket_reads_as_the_eager_one(ops):
+    """Decision SC4: ``FifoSet.sort_members`` (done when the order is next read) gives the
+    order an immediate sort of the members then present would give, later adds after."""
+    from cei_actors.pd.matchmaker import FifoSet
+
+    lazy, eager = FifoSet(), []  # the model: sorted at once
+
+    def key(k: int) -> int:
+        return (k * 7) % 10  # an order unlike the keys' own and unlike arrival
+
+    for op, k in ops:
+        if op == "add":
+            lazy.add(k)
+            eager = [x for x in eager if x != k] + [k]
+        elif op == "discard":
+            lazy.discard(k)
+            eager = [x for x in eager if x != k]
+        elif op == "sort":
+            lazy.sort_members(key)
+            eager.sort(key=key)
+        else:
+            assert list(lazy) == eager
+            assert lazy.first() == ((eager[0], None) if eager else None)
+        assert len(lazy) == len(eager) and all(x in lazy for x in eager)
+    assert list(lazy) == eager

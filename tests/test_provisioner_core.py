@@ -460,6 +460,14 @@ def test_subscribers_get_every_change_with_a_growing_counter(h):
     assert h.ok(DumpState([])) == 0 and h.ok(DumpState(["n1", "n1"])) == 1
     assert h.runner.head == head  # a known id is only re-sent
     assert h.error(DumpState(["n1", " "])).code == "bad_request"
+    # with the counters the asker holds (SC2): a record at that counter is not sent again
+    h.sent.clear()
+    assert h.ok(DumpState(["n1", "unknown", "new"], [5, 0, 3])) == 2
+    assert [(s.message.node["node_id"], s.message.node["state"]) for s in h.sent] == [
+        ("unknown", "TERMINATED"), ("new", "TERMINATED")]
+    h.sent.clear()
+    assert h.ok(DumpState(["n1"], [4])) == 1 and h.sent[0].message.node["update_counter"] == 5
+    assert h.error(DumpState(["n1", "new"], [5])).code == "bad_request"
 
 
 def test_configured_subscribers_and_ip_refresh_counts():

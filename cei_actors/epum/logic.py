@@ -438,12 +438,15 @@ class EPUM(Component[EPUMState]):
     def current_states(self, state: EPUMState, dom: Domain, to: str,
                        known: list[str] | None) -> list[Send]:
         """The level-based answer to a ``SubscribeDomain``: ``NodeState`` RUNNING of every
-        running instance, and the loss of every instance past RUNNING that ``known`` names
-        (``known`` None: of every one still on record)."""
+        running instance ``known`` does not name (a subscriber holds those it names: SC3),
+        and the loss of every instance past RUNNING that ``known`` names (``known`` None: of
+        every one still on record)."""
         by, out = dom.by_state, []
         order = state.instances
+        held = set(known or ())
         for iid in sorted(by.get("RUNNING", ()), key=lambda i: order[i].seq):
-            out += self.notifications(dom, order[iid], "RUNNING", [to])
+            if iid not in held:
+                out += self.notifications(dom, order[iid], "RUNNING", [to])
         if known is None:
             past = [i for s, ids in by.items() if RANK[s] > R_RUNNING for i in ids]
         else:
@@ -789,16 +792,29 @@ class EPUM(Component[EPUMState]):
         if gap <= 0 or now < vol.refresh_at:
             return
         vol.refresh_at = now + gap / 4
-        instances, asked, never = state.instances, vol.refreshed, float("-inf")
-        live = [i for dom in state.domains.values() for s in _BELOW_TERMINATED
-                for i in dom.by_state.get(s, ()) if i not in state.open_launches]
-        vol.refreshed = {i: asked[i] for i in live if i in asked}
-        stale = sorted(i for i in live
-                       if now - max(instances[i].state_time, asked.get(i, never)) >= gap)
+        instances, asked, opened = state.instances, vol.refreshed, state.open_launches
+        kept: dict[str, float] = {}  # the asks of live instances (others are forgotten)
+        stale: list[str] = []
+        for dom in state.domains.values():  # one pass over the live ones: it runs every
+            by = dom.by_state  # quarter interval over every instance (SC7)
+            for s in _BELOW_TERMINATED:
+                for i in by.get(s, ()):
+                    if i in opened:
+                        continue
+                    at = asked.get(i)
+                    if at is not None:
+                        kept[i] = at
+                    seen = instances[i].state_time
+                    if now - (seen if at is None or at < seen else at) >= gap:
+                        stale.append(i)
+        stale.sort()
+        vol.refreshed = kept
         for iid in stale:
             vol.refreshed[iid] = now
         for k in range(0, len(stale), _DUMP_CHUNK):
-            out.effects.append(Send(self.config.provisioner, DumpState(stale[k:k + _DUMP_CHUNK])))
+            part = stale[k:k + _DUMP_CHUNK]  # with what we hold: only news come back (SC2)
+            counters = [instances[i].update_counter for i in part]
+            out.effects.append(Send(self.config.provisioner, DumpState(part, counters)))
 
     def _pull_sensors(self, state: EPUMState, ctx: Context, out: _Pass) -> None:
         vol, now = state.vol, ctx.now

@@ -138,10 +138,11 @@ class SubscribeDomain(Message):
     """Send ``NodeState`` notifications of the domain's nodes to peer ``subscriber``.
 
     Idempotent and level-based: every ``SubscribeDomain`` (a new one or a repeat) is answered
-    with the current state of the domain's nodes: ``RUNNING`` for each running node, and the
-    loss of each node past RUNNING that ``known`` names (``known`` None: of every such node
-    EPUM still has a record of). A subscriber that re-subscribes now and then with the node
-    ids it holds thereby heals any ``NodeState`` it missed.
+    with the current state of the domain's nodes: ``RUNNING`` for each running node that
+    ``known`` does not name, and the loss of each node past RUNNING that ``known`` names
+    (``known`` None: of every such node EPUM still has a record of). A subscriber that
+    re-subscribes now and then with the node ids it holds thereby heals any ``NodeState`` it
+    missed, and hears nothing of the running nodes it holds (decision SC3).
     """
 
     domain_id: str

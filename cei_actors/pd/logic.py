@@ -290,6 +290,10 @@ class Tx:
         self.reply: Any = None
         self.reply_process: str | None = None
         self.reply_many: list[Any] | None = None
+        #: the agent whose heartbeat this decision answers, when nothing waits in the outbox
+        #: for it: its requests go out with this decision, as one message (decision SC6)
+        self.direct_rid: str | None = None
+        self.direct: list[Any] = []
 
     # ---- primitives ---------------------------------------------------------------------------
 
@@ -341,12 +345,29 @@ class Tx:
 
     def to_agent(self, rid: str, message: Any) -> None:
         """Queue a request for agent ``rid``: the outbox goes out as one message per agent
-        when the current burst of messages is done (a zero-delay timer)."""
+        when the current burst of messages is done (a zero-delay timer); the requests to the
+        agent whose heartbeat this is go with this decision (SC6)."""
+        if rid == self.direct_rid:
+            self.direct.append(message)
+            return
         soft = self.s.soft
         soft.outbox.setdefault(rid, []).append(message)
         if not soft.outbox_timer:
             soft.outbox_timer = True
             self.timer("outbox", 0.0, FlushOutbox())
+
+    def answer_directly(self, rid: str) -> None:
+        """Send this decision's requests to agent ``rid`` with it, unless earlier ones wait
+        in the outbox for it (they go first, in order)."""
+        if rid not in self.s.soft.outbox:
+            self.direct_rid = rid
+
+    def undo_direct(self) -> None:
+        """The decision is dropped: its requests to the agent wait in the outbox, as any
+        other's do (its next flush takes them)."""
+        if self.direct:
+            self.s.soft.outbox.setdefault(self.direct_rid, []).extend(self.direct)  # type: ignore[arg-type]
+            self.direct = []
 
     def flush_outbox(self) -> None:
         soft = self.s.soft
@@ -516,6 +537,8 @@ class Tx:
 
     def matchmake(self) -> None:
         s, mm = self.s, self.s.mm
+        if not mm.pending():
+            return  # nothing queued to place, judge or release (most decisions)
         mm.release_throttled(self.now)
         while True:
             pick = mm.next_placement()
@@ -559,10 +582,12 @@ class Tx:
             soft.needs_refresh_at = self.now + cfg.needs_refresh
             force = True
         changed = []
+        sent = soft.needs_sent
         for eid, spec in cfg.engines.items():
-            n = need(spec, s.live_count[eid], s.occupied[eid])
-            sig = (n, len(s.engine_nodes.get(eid, ())), s.occupied[eid])
-            if force or soft.needs_sent.get(eid, (None,))[0:1] != (sig,):
+            occupied = s.occupied[eid]
+            n = need(spec, s.live_count[eid], occupied)
+            sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
+            if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
         if not changed:
             return False
@@ -582,9 +607,8 @@ class Tx:
             )
             retire = retirable(newest_first, len(nodes), n)
             keep = set(retire)
-            for nid in nodes:
-                node = s.nodes[nid]
-                if node.retiring and nid not in keep:
+            for nid in self.retiring(eid, nodes):
+                if nid not in keep:
                     self.emit(NodeRetiring(nid, False, self.now))
                     unretired = True
             for nid in retire:
@@ -593,6 +617,18 @@ class Tx:
             soft.needs_sent[eid] = (sig, n, tuple(retire))
             self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
         return unretired
+
+    def retiring(self, engine: str, nodes: dict[str, None]) -> list[str]:
+        """The engine's retiring nodes (``nodes``), in node order. Only :meth:`needs` retires
+        nodes, and after it sent a need exactly the nodes it named retire: those still here
+        are looked at, not every node (SC5); after a recovery, every node."""
+        sent = self.s.soft.needs_sent.get(engine)
+        known = self.s.nodes
+        if sent is None:
+            return [nid for nid in nodes if known[nid].retiring]
+        named = [nid for nid in sent[2] if nid in nodes and known[nid].retiring]
+        named.sort(key=lambda nid: known[nid].seq)  # ``nodes`` is in node order
+        return named
 
     def subscribe(self, engine: str) -> None:
         """(Re-)subscribe to the engine's EPUM domain, naming the nodes we hold."""
@@ -604,7 +640,9 @@ class Tx:
         """True if the node has agents and every one of them is MISSING."""
         rids = self.s.nodes[node_id].resources
         res = self.s.resources
-        return bool(rids) and all(res[r].state == ps.RESOURCE_MISSING for r in rids)
+        missing = ps.RESOURCE_MISSING  # (the first one decides for almost every node)
+        return bool(rids) and res[rids[0]].state == missing and all(
+            res[r].state == missing for r in rids)
 
     def finish(self) -> None:
         self.matchmake()
@@ -612,6 +650,10 @@ class Tx:
             self.matchmake()  # a node given back to service may take queued processes
 
     def decision(self) -> Decision:
+        if self.direct:
+            requests, self.direct = self.direct, []
+            msg: Any = requests[0] if len(requests) == 1 else AgentRequests(requests)
+            self.send(self.agent(self.direct_rid), msg)  # type: ignore[arg-type]
         reply = self.reply
         if reply is None and self.reply_many is not None:
             procs = self.s.processes
@@ -684,11 +726,13 @@ class ProcessDispatcher(Component[PDState]):
         except Rejected as exc:
             if not tx.events:
                 tx.forget_timers()
+                tx.undo_direct()
                 raise
             tx.reply = ErrorReply(exc.code, exc.message, type(message).__name__)
         except Exception as exc:
             if not tx.events:
                 tx.forget_timers()
+                tx.undo_direct()
                 raise
             logger.exception("pd: %s failed after emitting events", type(message).__name__)
             tx.reply = ErrorReply(
@@ -1147,6 +1191,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             res.node_id,
         )
         return
+    tx.answer_directly(rid)
     ts = min(m.timestamp, now) if math.isfinite(m.timestamp) else now
     lv = soft.live.get(rid)
     in_order = True
@@ -1189,10 +1234,14 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     cleanups: dict[tuple[str, int], float] = {}
     kills: dict[tuple[str, int], float] = {}
     processes, normalize, placed = s.processes, agent_states.normalize, ps.PLACED
+    names, reported_up, unacked = _AGENT_NAMES, _REPORTED_UP, _UNACKED_UP
+    TERMINATING, rank = ps.TERMINATING, ps.rank  # noqa: N806 (hoisted: this loop is hot)
     acted = False  # a process needed something: not a quiet heartbeat
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
-        state = normalize(d["state"])
+        state = d["state"]
+        if type(state) is not str or state not in names:  # (normalize's own fast path)
+            state = normalize(state)
         p = processes.get(upid)
         key = (upid, rnd)
         if p is None or p.resource_id != rid or p.round != rnd or p.state not in placed:
@@ -1215,16 +1264,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
                 cleanups[key] = last
             continue
         seen.add(key)
-        if p.state == ps.TERMINATING:
+        pstate = p.state
+        if pstate == TERMINATING:
             acted = True
-        if state in (ps.PENDING, ps.RUNNING):
-            if p.state in (ps.ASSIGNED, ps.PENDING) and ps.rank(state) > ps.rank(p.state):
+        if state in reported_up:
+            if pstate in unacked and rank(state) > rank(pstate):
                 tx.move(p, rnd, state, d.get("msg") or "")
                 acted = True
-            elif p.state == ps.TERMINATING and (first or upid not in soft.terminate_sent):
+            elif pstate == TERMINATING and (first or upid not in soft.terminate_sent):
                 tx.terminate(rid, upid, rnd)
                 soft.terminate_sent[upid] = now
-        elif state == ps.TERMINATING:
+        elif state == TERMINATING:
             pass
         else:
             tx.ended(p, state, d.get("msg") or "", d.get("cause"))
@@ -1254,14 +1304,24 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         soft.quiet[rid] = m.processes
 
 
+#: the agent's state names; reported states a placed process moves up to; its states then
+_AGENT_NAMES = frozenset(agent_states.ORDER)
+_REPORTED_UP = frozenset({ps.PENDING, ps.RUNNING})
+_UNACKED_UP = frozenset({ps.ASSIGNED, ps.PENDING})
+
 #: events that change one process (``upid``) or one resource (``resource_id``) only
 _ONE_PROCESS = (ProcessMoved, ProcessAssigned, ProcessScheduled, ProcessBackoff, ProcessCreated)
 _ONE_RESOURCE = (ResourceStateChanged, ResourceOccupancy, ResourceAdded)
+#: events that change nothing a heartbeat's per-process pass reads: a quiet list holds only
+#: placed processes of its agent (never a finished one, which is all a forget removes), and
+#: the pass does not look at nodes, their retirement or definitions (decision SC1)
+_NO_AGENT = (ProcessesForgotten, NodeAdded, NodeRetiring, DefinitionSet, DefinitionRemoved)
 
 
 def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
     """``event`` is about to be applied: forget the quiet heartbeat (decision SIM7) of every
-    agent whose processes or resource it may change (of all agents for any other event)."""
+    agent whose processes or resource it may change (of a removed node's agents; of all
+    agents for an event not named here)."""
     if isinstance(event, _ONE_PROCESS):
         p = s.processes.get(event.upid)
         if p is not None and p.resource_id is not None:
@@ -1271,6 +1331,12 @@ def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
             quiet.pop(rid, None)
     elif isinstance(event, _ONE_RESOURCE):
         quiet.pop(event.resource_id, None)
+    elif isinstance(event, _NO_AGENT):
+        pass
+    elif isinstance(event, NodeRemoved):
+        node = s.nodes.get(event.node_id)
+        for rid in node.resources if node is not None else ():
+            quiet.pop(rid, None)
     else:
         quiet.clear()
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import collections
 import heapq
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +65,8 @@ def hashable(value: Any) -> Any:
 
 def constraint_key(constraints: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     """Constraints other than ``engine`` as a sorted hashable tuple."""
+    if len(constraints) == 1 and "engine" in constraints:
+        return ()  # the usual case
     return tuple(sorted((k, hashable(v)) for k, v in constraints.items() if k != "engine"))
 
 
@@ -175,12 +177,15 @@ class FifoSet:
     Deletion here is lazy; the deque is compacted when it holds mostly stale entries.
     """
 
-    __slots__ = ("_live", "_order", "_tick")
+    __slots__ = ("_live", "_order", "_tick", "_sort")
 
     def __init__(self) -> None:
         self._live: dict[Any, tuple[int, Any]] = {}
         self._order: collections.deque[tuple[Any, int]] = collections.deque()
         self._tick = 0
+        #: (tick, key): the members added up to tick are to be ordered by key, before the
+        #: later ones (see :meth:`sort_members`)
+        self._sort: tuple[int, Callable[[Any], Any]] | None = None
 
     @classmethod
     def of(cls, keys: Iterable[Any]) -> FifoSet:
@@ -203,12 +208,38 @@ class FifoSet:
     def discard(self, key: Any) -> None:
         self._live.pop(key, None)
 
+    def sort_members(self, key: Callable[[Any], Any]) -> None:
+        """Order the present members by ``key`` (stable); later adds go after them as ever.
+
+        Done when the order is next read (``first``, iteration), not now: a bucket of a pool
+        reused after idling is re-sorted only if a placement looks at it (decision SC4)."""
+        self._sort = (self._tick, key)
+
+    def _settle(self) -> None:
+        upto, key = self._sort  # type: ignore[misc]
+        self._sort = None
+        live = self._live
+        order: Iterable[tuple[Any, int]] = self._order
+        if len(self._order) > len(live):  # stale entries among them
+            order = [(k, t) for k, t in order if live.get(k, (0,))[0] == t]
+        head = [k for k, t in order if t <= upto]
+        if len(head) < 2:
+            return
+        head.sort(key=key)
+        keys = head + [k for k, t in order if t > upto]
+        ticks = range(1, len(keys) + 1)
+        self._order = collections.deque(zip(keys, ticks, strict=True))
+        self._live = dict(zip(keys, zip(ticks, [live[k][1] for k in keys], strict=True), strict=True))
+        self._tick = len(keys)
+
     def _compact(self) -> None:
         live = self._live
         self._order = collections.deque((k, t) for k, t in self._order if live.get(k, (0,))[0] == t)
 
     def first(self) -> tuple[Any, Any] | None:
         """``(key, value)`` of the oldest member, or None."""
+        if self._sort is not None:
+            self._settle()
         order, live = self._order, self._live
         while order:
             key, tick = order[0]
@@ -219,7 +250,7 @@ class FifoSet:
         return None
 
     def __iter__(self) -> Iterator[Any]:
-        self.first()  # drop the stale head first
+        self.first()  # drop the stale head first (and order the members if asked)
         live = self._live
         for key, tick in self._order:
             entry = live.get(key)
@@ -250,8 +281,6 @@ class Pool:
     empty: FifoSet = field(default_factory=FifoSet)
     members: set[str] = field(default_factory=set)
     classes: dict[ClassKey, Klass] = field(default_factory=dict)
-    #: ``members`` by node sequence (None: to be sorted again; reset when members change)
-    by_seq: list[str] | None = None
 
 
 @dataclass(eq=False)
@@ -309,7 +338,6 @@ class Matchmaker:
             if pool.engine == node.engine and pkey not in pools and self._may_match(node, pool):
                 pools.add(pkey)
                 pool.members.add(nid)
-                pool.by_seq = None
         self.touch_node(node, grew=True)
 
     def _node_entries(self, node: Node) -> Iterable[tuple[str, Any]]:
@@ -330,7 +358,6 @@ class Matchmaker:
             if pool is not None:
                 self._unplace(pool, nid)
                 pool.members.discard(nid)
-                pool.by_seq = None
         engine_nodes = self.engine_nodes.get(node.engine)
         if engine_nodes is not None:
             engine_nodes.pop(nid, None)
@@ -441,31 +468,24 @@ class Matchmaker:
             node = self.nodes[nid]
             if self._may_match(node, pool):
                 pool.members.add(nid)
-                pool.by_seq = None
                 self.node_pools.setdefault(nid, set()).add(pkey)
                 self._place(pool, node)
         return pool
 
     def _reorder(self, pool: Pool) -> None:
         """Order an idle pool's buckets by node sequence, as a pool built now would be
-        (within a bucket the first node wins: reuse must not change the choice)."""
-        order = pool.by_seq
-        if order is None:  # node sequences are unique and fixed: sorted once per membership
-            nodes = self.nodes
-            order = pool.by_seq = sorted(pool.members, key=lambda n: nodes[n].seq)
-        where = pool.where  # a subset of the members: the nodes with usable free slots
-        by_loc: dict[int, list[str]] = {}
-        for nid in order:
-            loc = where.get(nid)
-            if loc is not None:
-                by_loc.setdefault(loc, []).append(nid)
-        pool.buckets = [FifoSet() for _ in pool.buckets]
-        pool.empty = FifoSet()
-        for loc, nids in by_loc.items():
-            if loc == _EMPTY:
-                pool.empty = FifoSet.of(nids)
-            else:
-                pool.buckets[loc] = FifoSet.of(nids)
+        (within a bucket the first node wins: reuse must not change the choice). Each bucket
+        is sorted when a placement first reads it (decision SC4): most are never read."""
+        nodes = self.nodes
+
+        def seq(nid: str) -> int:  # node sequences are unique and fixed
+            return nodes[nid].seq
+
+        for bucket in pool.buckets:
+            if bucket:
+                bucket.sort_members(seq)
+        if pool.empty:
+            pool.empty.sort_members(seq)
 
     def _drop_pool_if_unused(self, pool: Pool) -> None:
         """A pool whose last class went stays, idle, for the next process like it: building
@@ -566,6 +586,11 @@ class Matchmaker:
 
     def is_throttled(self, upid: str) -> bool:
         return upid in self.throttled_set
+
+    def pending(self) -> bool:
+        """False when a pass would do nothing: no class to try, no process waiting for a
+        verdict, none throttled."""
+        return bool(self._heap or self.fresh or self.throttled)
 
     # ---- matching -------------------------------------------------------------------------------
 

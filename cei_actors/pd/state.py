@@ -165,13 +165,23 @@ _DIGESTS_KEPT = 4096
 
 
 def _ordered(value: Any) -> Any:
+    # scalars are returned as they are without a call (most of a spec): same result, faster
     if isinstance(value, dict):
-        pairs = [[k, _ordered(v)] for k, v in value.items()]
-        pairs.sort(key=lambda kv: (type(kv[0]).__name__, repr(kv[0])))
+        pairs = [[k, v if type(v) in _SCALARS else _ordered(v)] for k, v in value.items()]
+        pairs.sort(key=_map_order)
         return ["<map>", pairs]
     if isinstance(value, list | tuple):
-        return [_ordered(v) for v in value]
+        return [v if type(v) in _SCALARS else _ordered(v) for v in value]
     return value
+
+
+def _map_order(pair: list[Any]) -> tuple[str, str]:
+    key = pair[0]
+    return type(key).__name__, repr(key)
+
+
+#: types :func:`_ordered` returns unchanged
+_SCALARS = frozenset({str, int, float, bool, type(None), bytes})
 
 
 @dataclass(slots=True, eq=False)

@@ -632,11 +632,19 @@ class Provisioner(Component[ProvisionerState]):
         """Re-send the listed records: a reaped one is answered with its last record; an id
         with neither (never had, or forgotten past the tombstones) becomes a TERMINATED
         ``UNKNOWN_NODE`` stub, as with a terminate, so a subscriber asking after it stops
-        counting it as live and a provision of it that arrives later makes no VM."""
+        counting it as live and a provision of it that arrives later makes no VM. A record
+        at the counter the asker holds is not sent (SC2): most refreshes find nothing new."""
+        held = dict(zip(msg.node_ids, msg.counters, strict=True)) if msg.counters is not None else {}
         unknown = []
         for nid in dict.fromkeys(msg.node_ids):
-            if nid in state.nodes or nid in state.reaped:
-                txn.touched[nid] = None
+            node = state.nodes.get(nid)
+            if node is not None:
+                if held.get(nid) != node.update_counter:
+                    txn.touched[nid] = None
+            elif nid in state.reaped:
+                stone = state.reaped.get(nid)
+                if stone is None or held.get(nid) != stone.record.get("update_counter"):
+                    txn.touched[nid] = None
             else:
                 unknown.append(nid)
         for k in range(0, len(unknown), EVENT_CHUNK):

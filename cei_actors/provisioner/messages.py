@@ -153,13 +153,21 @@ class DescribeNodes(Message):
 class DumpState(Message):
     """Re-send the listed nodes' current records to the subscribers (empty: nothing); an id
     with no record is recorded TERMINATED ``UNKNOWN_NODE`` (as by a terminate) and that is
-    sent. Replies the count sent."""
+    sent. With ``counters`` (the ``update_counter`` the asker holds of each listed node, in
+    the same order), a record still at that counter is not sent again: the asker has it
+    (decision SC2). Replies the count sent."""
 
     node_ids: list[str]
+    counters: list[int] | None = None
 
     def check(self) -> None:
         if not all(nid.strip() for nid in self.node_ids):
             raise InvalidMessage("DumpState.node_ids: node ids must not be empty")
+        if self.counters is not None and len(self.counters) != len(self.node_ids):
+            raise InvalidMessage(
+                f"DumpState.counters: one per node id ({len(self.node_ids)}), "
+                f"got {len(self.counters)}"
+            )
 
 
 @dataclass(frozen=True)

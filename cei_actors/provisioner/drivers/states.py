@@ -24,4 +24,14 @@ NODE_STATE_TO_INSTANCE_STATE: dict[str, str] = {
 
 def instance_state_for(state: NodeState | str) -> str:
     """The Provisioner state name for a libcloud node state ("ERROR_RETRYING" if unmapped)."""
+    found = _BY_MEMBER.get(id(state))  # every VM of every listing: no str() nor hash() of
+    if found is not None:  # the enum (libcloud's compute both through a property)
+        return found
     return NODE_STATE_TO_INSTANCE_STATE.get(str(state).lower(), "ERROR_RETRYING")
+
+
+#: id of each ``NodeState`` member (a singleton) -> its state name
+_BY_MEMBER: dict[int, str] = {
+    id(member): NODE_STATE_TO_INSTANCE_STATE.get(str(member).lower(), "ERROR_RETRYING")
+    for member in NodeState
+}
