@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -413,6 +413,10 @@ class PDState:
                 mm.waited(p.upid)
 
     # ---- replaying many events --------------------------------------------------------------
+
+    #: event class -> body fields a replay may decode once and share between events, since
+    #: the fold only reads them (a spec's values go to the process as they are; decision RS5)
+    REPLAY_SHARED: ClassVar[dict[type, tuple[str, ...]]] = {ProcessScheduled: ("spec",)}
 
     def defer_index(self) -> None:
         """Fold on without keeping the matchmaker in step, nor building the records of
