@@ -419,3 +419,55 @@ def test_shared_values_fall_back_to_a_plain_decode_when_a_placeholder_is_lost():
     assert rows == open_batch(good, "pd", 1)[2] and rows[0][3]["spec"] is rows[2][3]["spec"]
     copy = shared.unshared(rows[1])  # for a reader that may change it
     assert copy == rows[1] and copy[3]["spec"] is not rows[1][3]["spec"]
+
+
+def test_a_replay_buries_forgotten_processes_without_making_tombstones(tmp_path: Path, monkeypatch):
+    """RS6: a replay's fold buries each forgotten process as a plain tuple (most are dropped
+    by the bound before anyone asks); a tombstone is made when one is asked for, and the map
+    bounds, orders and reads back as the live fold's."""
+    import cei_actors.runtime.tombstones as tmod
+
+    made: list[str] = []
+
+    class Counted(tmod.Tombstone):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            made.append("x")
+            super().__init__(*args)
+
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=7)
+    _workload(sim, random.Random(20261203), 400)
+    live = sim.state
+    assert len(live.tombstones) == CONF["tombstone_limit"]
+    monkeypatch.setattr(tmod, "Tombstone", Counted)
+    with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+        state = replay.state("pd", replay.head("pd"), snapshots=False)
+    assert made == []
+    first = next(iter(live.tombstones))
+    assert list(state.tombstones) == list(live.tombstones)
+    assert state.tombstones.over(keep=CONF["tombstone_limit"] - 1) and not state.tombstones.over(keep=99)
+    got, want = state.tombstones.get(first), live.tombstones.get(first)
+    assert (got.record, got.ended_at, got.forgotten_at) == (want.record, want.ended_at, want.forgotten_at)
+    assert len(made) == 1
+    assert state.tombstones.to_data() == live.tombstones.to_data()
+
+
+def test_tombstones_buried_later_bound_and_read_like_buried_ones():
+    from cei_actors.runtime.tombstones import Tombstones
+
+    now, later = Tombstones(), Tombstones()
+    for k in range(6):
+        now.bury(f"u{k}", {"upid": f"u{k}"}, k, 10 + k)
+        later.bury_later(f"u{k}", f"u{k}", k, 10 + k)
+    now.bury("u1", {"upid": "u1"}, 1, 20)  # a second burial counts as the newest
+    later.bury_later("u1", "u1", 1, 20)
+    assert list(later) == list(now) == ["u0", "u2", "u3", "u4", "u5", "u1"]
+    assert later.over(before=11) and not later.over(before=10)
+    later.bound(keep=4, before=11)
+    now.bound(keep=4, before=11)
+    assert list(later) == list(now) == ["u3", "u4", "u5", "u1"]
+    later.settle(lambda upid: {"upid": upid})
+    assert later.remove("u3") == now.remove("u3")
+    assert later == now and later.to_data() == now.to_data()

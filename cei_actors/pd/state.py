@@ -738,6 +738,7 @@ class PDState:
         self.mm.touch_node(node)
 
     def _on_processes_forgotten(self, e: ProcessesForgotten) -> None:
+        deferred = isinstance(self.mm, _Deferred)
         for upid in e.upids:
             p = self.processes.get(upid)
             if p is None or p.state not in ps.TERMINAL:
@@ -745,9 +746,10 @@ class PDState:
             if self.counting:
                 self._uncount(p)
             del self.processes[upid]
-            # deferred: the process itself (left unchanged from here), settled by reindex()
-            record = p if isinstance(self.mm, _Deferred) else p.tombstone()
-            self.tombstones.bury(upid, record, p.state_at, e.at)
+            if deferred:  # the process itself (left unchanged from here), settled by reindex()
+                self.tombstones.bury_later(upid, p, p.state_at, e.at)
+            else:
+                self.tombstones.bury(upid, p.tombstone(), p.state_at, e.at)
         if not self.ended:
             self.ended = {}  # a drained dict keeps its capacity (decision E3)
         self.tombstones.bound(DEFAULT_LIMIT if e.keep is None else e.keep, e.before)
