@@ -242,10 +242,13 @@ class SharedValues:
         if id(value) in self._ids:
             return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False)
         if type(value) is dict:
-            return {k: self.unshared(v) for k, v in value.items()}
+            return {k: self.unshared(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
         if type(value) is list:
-            return [self.unshared(v) for v in value]
+            return [self.unshared(v) if type(v) in _CONTAINERS else v for v in value]
         return value
+
+
+_CONTAINERS = (dict, list)
 
 
 def batch_checksum(blob: bytes, stream: str, first_offset: int) -> int:
