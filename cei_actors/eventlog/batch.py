@@ -143,7 +143,7 @@ class SharedValues:
     put in: a pattern replaced inside a ``bin`` value would lose one (a ``str`` cannot hold
     one: the pattern is not UTF-8)."""
 
-    every = 7  #: one row in this many is looked at for a repeated value
+    every = 16  #: one row in this many is looked at for a repeated value
     kept = 8  #: values shared at a time; the oldest learnt goes first
 
     def __init__(self, fields: dict[str, tuple[str, ...]]) -> None:
