@@ -14,8 +14,8 @@ Measured at the middle of the log, by the Python API behind ``cei log``:
   below it; baseline: the same state folded from the first event (no snapshot).
 - ``why at middle``: :func:`why` for a process waiting there (its kind, its history, every
   node's verdict), with snapshots; baseline: the same with the snapshots ignored.
-- the same two without snapshots, against reading (decoding) the events up to the middle,
-  the floor of any replay.
+- the same two without snapshots, against reading (decoding) the events up to the middle
+  as the fold reads them (rows, a repeated spec decoded once: RS5), the floor of any replay.
 
 - the same two without snapshots, from the reader's checkpoint cache (decision RS2): the
   first fold (which leaves a checkpoint at the middle) and later ones (which start there).
@@ -49,6 +49,7 @@ import msgpack  # noqa: E402
 from cei_actors.debug import Replay, why  # noqa: E402
 from cei_actors.debug.reader import paused_gc  # noqa: E402
 from cei_actors.eventlog import Snapshot, open_log  # noqa: E402
+from cei_actors.eventlog.batch import SharedValues  # noqa: E402
 from cei_actors.launch.components import component_for  # noqa: E402
 from cei_actors.pd import states as ps  # noqa: E402
 from cei_actors.pd.events import (  # noqa: E402
@@ -202,8 +203,9 @@ def measure(total: int, workdir: Path, repeat: int = 3) -> list[dict[str, Any]]:
     state_full_s, state_full_c, _ = _best(url, lambda r: r.state("pd", mid, snapshots=False), repeat)
     why_full_s, why_full_c, _ = _best(url, lambda r: why(r, target, mid, snapshots=False), repeat)
     def read(r: Replay) -> int:
-        with paused_gc():  # as a fold reads (RS1)
-            return sum(1 for _ in r.records("pd", 1, mid))
+        fields = r.component("pd").shared_fields()
+        with paused_gc():  # as a fold reads (RS1): rows, a repeated spec decoded once (RS5)
+            return sum(len(rows) for _, _, rows in r.rows("pd", 1, mid, SharedValues(fields)))
 
     read_s, read_c, _ = _best(url, read, 1)
     # the reader's checkpoints (RS2): the first fold leaves one at the middle, later ones start there
@@ -216,7 +218,7 @@ def measure(total: int, workdir: Path, repeat: int = 3) -> list[dict[str, Any]]:
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     note = f"offset {mid:,} of {head:,}; newest snapshot below it at {snap:,}"
-    decode = "baseline: decoding the events up to the middle, nothing applied"
+    decode = "baseline: decoding the events up to the middle as the fold reads them, nothing applied"
     return [
         _r(f"state at middle of {label} events s", state_s, "s", state_full_s,
            note=f"{note}; cpu {state_c:.2f} s; baseline: the same state folded from offset 1"),

@@ -341,3 +341,133 @@ def test_a_fold_leaves_its_state_in_the_oldest_generation(tmp_path: Path):
         assert not any(o is p for o in gc.get_objects(generation=0))
     finally:
         gc.set_threshold(*before)
+
+
+def _spec_log(path: Path, procs: int, batch: int) -> tuple[str, Any]:
+    """A PD log of ``procs`` processes scheduled with one spec (and one with its own), in
+    appends of ``batch`` events, and the state the runner's fold reaches."""
+    from cei_actors.eventlog import PendingEvent  # noqa: F401 - the log's row form
+    from cei_actors.pd.events import NodeAdded, ProcessMoved, ProcessScheduled, ResourceAdded
+
+    pd = ProcessDispatcher(CONF)
+    spec = {"command": ["sleep", "60"], "constraints": {"engine": "e1"}, "engine": "e1",
+            "node_exclusive": None, "queueing_mode": ps.QUEUE_ALWAYS, "restart_mode": ps.RESTART_NEVER,
+            "subscribers": [], "configuration": {"k": [1, 2]}, "min_start_interval": None,
+            "omit_from_system_restart": False, "env": {"A": "b"}, "cwd": None, "definition_id": None,
+            "name": None}
+    events: list[Any] = [NodeAdded("n0", "pd_domain_e1", "e1", {"site": "here"}, 1.0),
+                         ResourceAdded("a0", "n0", 4, 1.0)]
+    for i in range(procs):
+        own = dict(spec, command=["own"]) if i == procs // 2 else spec
+        events.append(ProcessScheduled(f"p{i}", 0, own, 2.0 + i))
+        events.append(ProcessMoved(f"p{i}", 0, ps.WAITING, 2.0 + i))
+    url = f"sqlite:///{path}"
+    log = open_log(url)
+    fence = log.acquire("pd")
+    state, head = pd.initial_state(), 0
+    for k in range(0, len(events), batch):
+        chunk = events[k:k + batch]
+        head = log.append(fence, head, [pd.registry.to_pending(e, 1.0) for e in chunk])
+        for e in chunk:
+            state = pd.apply(state, e)
+    log.close()
+    return url, state
+
+
+def test_a_repeated_spec_is_decoded_once_and_the_fold_answers_the_same(tmp_path: Path):
+    """RS5: processes scheduled with one spec share its decoded values in a replay; the
+    state is the runner's, and a process with a spec of its own keeps its own."""
+    url, live = _spec_log(tmp_path / "pd.sqlite", 120, 30)
+    with Replay(url, configs={"pd": {"config": CONF}}, cache=None) as replay:
+        state = replay.state("pd", replay.head("pd"), snapshots=False)
+    assert state.to_data() == live.to_data()
+    assert _asked(state) == _asked(live)
+    commands = {id(p.command) for p in state.processes.values()}
+    configs = {id(p.configuration) for p in state.processes.values()}
+    # learnt once seen twice in a sample of the rows: the first batches decode it each time
+    assert len(commands) < 40 and len(configs) < 40, (len(commands), len(configs))
+    own = state.processes["p60"]
+    assert own.command == ["own"] and all(p.command is not own.command for p in state.processes.values()
+                                          if p.upid != "p60")
+
+
+def test_shared_values_fall_back_to_a_plain_decode_when_a_placeholder_is_lost():
+    """RS5: a pattern replaced inside a ``bin`` value, or an ext value of the placeholder's
+    type already in the payload, makes the count of placeholders differ: the payload is
+    decoded plainly, to the same rows as without sharing."""
+    import msgpack
+
+    from cei_actors.eventlog.batch import SharedValues, encode_rows, open_batch
+
+    spec = {"command": ["x"], "env": None}
+    row = ["ProcessScheduled", 1, 1.0, {"upid": "p", "round": 0, "spec": spec, "at": 1.0}]
+    shared = SharedValues({"ProcessScheduled": ("spec",)})
+    shared.every = 1
+    shared.learn([row, row])
+    hidden = b"\xa4spec" + msgpack.packb(spec, use_bin_type=True)
+    for k, extra in enumerate(([hidden], msgpack.ExtType(127, b"\x00"), [b"a" + hidden + b"z", 5])):
+        odd = ["Other", 1, 1.0, {"blob": extra}]
+        rows = [msgpack.packb(r, use_bin_type=True) for r in (row, odd, row)]
+        blob = encode_rows("pd", 1, 1, rows)
+        plain = open_batch(blob, "pd", 1)
+        before = shared.shared
+        got = open_batch(blob, "pd", 1, shared=shared)
+        assert got == plain, k
+        assert shared.shared == before, k  # nothing was shared from this payload
+    good = encode_rows("pd", 1, 1, [msgpack.packb(row, use_bin_type=True)] * 3)
+    _, _, rows = open_batch(good, "pd", 1, shared=shared)
+    assert rows == open_batch(good, "pd", 1)[2] and rows[0][3]["spec"] is rows[2][3]["spec"]
+    copy = shared.unshared(rows[1])  # for a reader that may change it
+    assert copy == rows[1] and copy[3]["spec"] is not rows[1][3]["spec"]
+
+
+def test_a_replay_buries_forgotten_processes_without_making_tombstones(tmp_path: Path, monkeypatch):
+    """RS6: a replay's fold buries each forgotten process as a plain tuple (most are dropped
+    by the bound before anyone asks); a tombstone is made when one is asked for, and the map
+    bounds, orders and reads back as the live fold's."""
+    import cei_actors.runtime.tombstones as tmod
+
+    made: list[str] = []
+
+    class Counted(tmod.Tombstone):
+        __slots__ = ()
+
+        def __init__(self, *args: Any) -> None:
+            made.append("x")
+            super().__init__(*args)
+
+    url = f"sqlite:///{tmp_path / 'pd.sqlite'}"
+    sim = Sim(CONF, url=url, seed=7)
+    _workload(sim, random.Random(20261203), 400)
+    live = sim.state
+    assert len(live.tombstones) == CONF["tombstone_limit"]
+    monkeypatch.setattr(tmod, "Tombstone", Counted)
+    with Replay(url, configs={"pd": {"config": CONF}}) as replay:
+        state = replay.state("pd", replay.head("pd"), snapshots=False)
+    assert made == []
+    first = next(iter(live.tombstones))
+    assert list(state.tombstones) == list(live.tombstones)
+    assert state.tombstones.over(keep=CONF["tombstone_limit"] - 1) and not state.tombstones.over(keep=99)
+    got, want = state.tombstones.get(first), live.tombstones.get(first)
+    assert (got.record, got.ended_at, got.forgotten_at) == (want.record, want.ended_at, want.forgotten_at)
+    assert len(made) == 1
+    assert state.tombstones.to_data() == live.tombstones.to_data()
+
+
+def test_tombstones_buried_later_bound_and_read_like_buried_ones():
+    from cei_actors.runtime.tombstones import Tombstones
+
+    now, later = Tombstones(), Tombstones()
+    for k in range(6):
+        now.bury(f"u{k}", {"upid": f"u{k}"}, k, 10 + k)
+        later.bury_later(f"u{k}", f"u{k}", k, 10 + k)
+    now.bury("u1", {"upid": "u1"}, 1, 20)  # a second burial counts as the newest
+    later.bury_later("u1", "u1", 1, 20)
+    assert list(later) == list(now) == ["u0", "u2", "u3", "u4", "u5", "u1"]
+    assert later.over(before=11) and not later.over(before=10)
+    later.bound(keep=4, before=11)
+    now.bound(keep=4, before=11)
+    assert list(later) == list(now) == ["u3", "u4", "u5", "u1"]
+    later.settle(lambda upid: {"upid": upid})
+    assert later.remove("u3") == now.remove("u3")
+    assert later == now and later.to_data() == now.to_data()

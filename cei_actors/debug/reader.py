@@ -26,7 +26,7 @@ from typing import Any
 import msgpack
 
 from ..eventlog import CorruptLog, EventLog, EventLogError, Record, open_log
-from ..eventlog.batch import records_of, unpack_state
+from ..eventlog.batch import SharedValues, records_of, unpack_state
 from ..launch.components import component_for
 from ..private_files import private_dir, write_secret_file
 from ..runtime.core import Component
@@ -179,13 +179,14 @@ class Replay:
         for first, epoch, rows in self.rows(stream, start, stop):
             yield from records_of(stream, first, epoch, rows)
 
-    def rows(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[tuple[int, int, list]]:
+    def rows(self, stream: str, start: int = 1, stop: int | None = None,
+             shared: SharedValues | None = None) -> Iterator[tuple[int, int, list]]:
         """The stream's stored rows ``start..stop`` a batch at a time (:meth:`EventLog.read_rows`:
-        ``(first offset, epoch, rows)``, rows unchecked); damage is a :class:`CorruptLog` at
-        its offset."""
+        ``(first offset, epoch, rows)``, rows unchecked, ``shared`` values decoded once); damage
+        is a :class:`CorruptLog` at its offset."""
         last = start - 1
         marks = self._marks.setdefault(stream, {})
-        it = self.log.read_rows(stream, start, stop)
+        it = self.log.read_rows(stream, start, stop, shared=shared)
         while True:
             try:
                 first, epoch, rows = next(it)
@@ -226,9 +227,12 @@ class Replay:
             decode, apply = component.registry.from_record, component.apply
             current = component.registry.current()
             fast = component.body_appliers(state)  # folded from the body, no event built (RS3)
+            # a repeated spec decoded once, shared by the events the fold only reads (RS5)
+            fields = component.shared_fields() if fast else None
+            shared = SharedValues(fields) if fields else None
             every = ckpt.every if ckpt is not None else 0
             due = start - 1 + every if every else -1  # the next checkpoint on the way
-            for first, epoch, rows in self.rows(stream, start, offset):
+            for first, epoch, rows in self.rows(stream, start, offset, shared):
                 at = first - 1
                 for row in rows:
                     at += 1
@@ -238,6 +242,8 @@ class Replay:
                         if fn is not None:
                             state = fn(state, **row[3])
                         else:
+                            if shared is not None:  # an event may keep what it is given
+                                row = shared.unshared(row)  # noqa: PLW2901
                             record = _record(stream, at, epoch, row)
                             try:  # a current body is its event; else upcast, or the one-line error
                                 event = current[record.type, record.version](**record.body)

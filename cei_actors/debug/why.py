@@ -41,13 +41,27 @@ def plain(value: Any) -> Any:
 
 def mentions(value: Any, ids: set[str] | frozenset[str]) -> bool:
     """Does ``value`` (an event body: plain data) hold one of ``ids``, as a value or a key?"""
-    if isinstance(value, str):
+    t = type(value)
+    if t is str:
         return value in ids
-    if isinstance(value, dict):
-        return any(isinstance(k, str) and k in ids or mentions(v, ids) for k, v in value.items())
-    if isinstance(value, list | tuple):
-        return any(mentions(v, ids) for v in value)
+    if t is dict:
+        for k, v in value.items():  # a loop, not any(): history walks thousands of bodies
+            tv = type(v)
+            if (type(k) is str and k in ids) or (v in ids if tv is str else tv in _NESTED and mentions(v, ids)):
+                return True
+        return False
+    if t in _NESTED:
+        for v in value:
+            if v in ids if type(v) is str else type(v) in _NESTED and mentions(v, ids):
+                return True
+        return False
+    if isinstance(value, str | dict | list | tuple):  # a subclass: read as its base
+        return mentions(str(value) if isinstance(value, str) else
+                        dict(value) if isinstance(value, dict) else list(value), ids)
     return False
+
+
+_NESTED = (dict, list, tuple)
 
 
 def _row(r: Any) -> dict[str, Any]:

@@ -17,9 +17,11 @@ the first offending item. One event row is at most :data:`MAX_EVENT_BYTES` on ev
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import msgpack
 
@@ -101,7 +103,8 @@ def _seal(magic: bytes, payload: bytes) -> bytes:
     return _HEADER.pack(magic, zlib.crc32(payload)) + payload
 
 
-def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes: int) -> object:
+def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes: int,
+          shared: SharedValues | None = None) -> object:
     if len(blob) > max_bytes:
         raise CorruptLog(stream, offset, f"stored blob of {len(blob)} bytes exceeds the {max_bytes}-byte limit")
     if len(blob) < _HEADER.size:
@@ -112,10 +115,140 @@ def _open(magic: bytes, blob: bytes, stream: str, offset: int | None, max_bytes:
     payload = memoryview(blob)[_HEADER.size :]
     if zlib.crc32(payload) != crc:
         raise CorruptLog(stream, offset, "checksum mismatch")
+    if shared is not None:
+        found = shared.unpack(blob, _HEADER.size)
+        if found is not _MISS:
+            return found
     try:
         return msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
         raise CorruptLog(stream, offset, f"undecodable payload: {exc}") from exc
+
+
+_MISS = object()
+_MARK_TYPE = 127  # the msgpack ext type a shared value's placeholder has while decoding
+
+
+class SharedValues:
+    """Big values that repeat in a stream's event bodies, such as the spec every process of a
+    workload is scheduled with, decoded once and shared (decision RS5): for a reader that
+    only reads them (a replay's fold), not for one that changes what it reads.
+
+    ``fields`` names, per event type, the body fields whose values are worth sharing. A value
+    is learnt (:meth:`learn`, from a sample of the rows) once it is seen twice; from then on
+    every ``key + value`` as stored in a payload is replaced by a 3-byte msgpack ext
+    placeholder that decodes to the one shared object. The stored bytes and the decoded value
+    are equal, so nothing read changes but its identity. A payload is decoded plainly instead
+    (the same as without sharing) unless exactly as many placeholders were decoded as were
+    put in: a pattern replaced inside a ``bin`` value would lose one (a ``str`` cannot hold
+    one: the pattern is not UTF-8)."""
+
+    every = 16  #: one row in this many is looked at for a repeated value
+    kept = 8  #: values shared at a time; the oldest learnt goes first
+
+    def __init__(self, fields: dict[str, tuple[str, ...]]) -> None:
+        self.fields = {t: tuple(f) for t, f in fields.items() if f}
+        self._keys = {f: msgpack.packb(f, use_bin_type=True) for fs in self.fields.values() for f in fs}
+        self._known: dict[bytes, int] = {}  # key + value as stored -> placeholder index
+        self._values: list[Any] = []  # placeholder index -> the shared value
+        self._ids: set[int] = set()  # of the shared values
+        self._seen: dict[bytes, None] = {}  # values sampled once
+        self._subs: list[tuple[Any, Any]] = []  # per key: (regex of its values, replacement)
+        self._phase = 0
+        self._found = 0
+        self.shared = 0  #: values handed out shared so far
+
+    def unpack(self, blob: bytes, start: int) -> Any:
+        """``blob[start:]`` decoded with the shared values in place, or ``_MISS`` (no known
+        value in it, or a mismatch: the caller decodes it plainly)."""
+        if not self._subs:
+            return _MISS
+        data, put = bytes(blob[start:]), 0
+        for regex, repl in self._subs:  # one scan per key, whatever the number of values
+            data, n = regex.subn(repl, data)
+            put += n
+        if not put:
+            return _MISS
+        self._found = 0
+        try:
+            value = msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self._hook)
+        except Exception:  # noqa: BLE001 - decoded plainly instead, which names the damage
+            return _MISS
+        if self._found != put:
+            return _MISS
+        self.shared += put
+        return value
+
+    def _hook(self, code: int, data: bytes) -> Any:
+        if code != _MARK_TYPE or len(data) != 1 or data[0] >= len(self._values):
+            return msgpack.ExtType(code, data)
+        self._found += 1
+        return self._values[data[0]]
+
+    def learn(self, rows: list) -> None:
+        """Look at a sample of the rows of the named types (one in :attr:`every`, in step
+        across batches) for values not shared yet; share one seen twice from the next payload."""
+        start = self._phase
+        self._phase = (start - len(rows)) % self.every
+        fields, ids, seen = self.fields, self._ids, self._seen
+        for row in rows[start :: self.every]:  # rows as stored: their shape is not checked yet
+            if type(row) is not list or len(row) < 4 or type(row[0]) is not str or type(row[3]) is not dict:
+                continue
+            for name in fields.get(row[0], ()):
+                value = row[3].get(name)
+                if type(value) not in (dict, list) or id(value) in ids:
+                    continue
+                try:
+                    raw = self._keys[name] + msgpack.packb(value, use_bin_type=True)
+                except Exception:  # noqa: BLE001 - not plain data: nothing to share
+                    continue
+                if raw in seen:
+                    self._add(raw)
+                else:
+                    if len(seen) >= 256:
+                        seen.clear()
+                    seen[raw] = None
+
+    def _add(self, raw: bytes) -> None:
+        if raw in self._known:
+            return
+        if len(self._known) >= self.kept:  # the oldest learnt goes; its placeholder is reused
+            old = next(iter(self._known))
+            index = self._known.pop(old)
+            self._ids.discard(id(self._values[index]))
+        else:
+            index = len(self._values)
+            self._values.append(None)
+        key = next(k for k in self._keys.values() if raw.startswith(k))
+        value = msgpack.unpackb(raw[len(key) :], raw=False, strict_map_key=False)
+        self._values[index] = value
+        self._ids.add(id(value))
+        self._known[raw] = index
+        self._seen.pop(raw, None)
+        self._subs = []
+        for k in self._keys.values():  # a regex per key: the key, then one of its values
+            mine = [(r, i) for r, i in self._known.items() if r.startswith(k)]
+            if mine:
+                marks = [b""] + [k + bytes((0xD4, _MARK_TYPE, i)) for _, i in mine]
+                alternatives = b"|".join(b"(" + re.escape(r[len(k) :]) + b")" for r, _ in mine)
+                regex = re.compile(re.escape(k) + b"(?:" + alternatives + b")")
+                self._subs.append((regex, lambda m, marks=marks: marks[m.lastindex]))
+
+    def unshared(self, value: Any) -> Any:
+        """``value`` with a copy in place of every shared value inside it (for a reader that
+        may change what it was given)."""
+        if not self.shared:
+            return value
+        if id(value) in self._ids:
+            return msgpack.unpackb(msgpack.packb(value, use_bin_type=True), raw=False, strict_map_key=False)
+        if type(value) is dict:
+            return {k: self.unshared(v) if type(v) in _CONTAINERS else v for k, v in value.items()}
+        if type(value) is list:
+            return [self.unshared(v) if type(v) in _CONTAINERS else v for v in value]
+        return value
+
+
+_CONTAINERS = (dict, list)
 
 
 def batch_checksum(blob: bytes, stream: str, first_offset: int) -> int:
@@ -158,14 +291,15 @@ def encode_batch(
 
 
 def open_batch(
-    blob: bytes, stream: str, first_offset: int, max_bytes: int | None = None
+    blob: bytes, stream: str, first_offset: int, max_bytes: int | None = None,
+    shared: SharedValues | None = None,
 ) -> tuple[int, bool, list]:
     """A stored batch's epoch, ``group_end`` flag and rows as stored (each ``[type, version,
     timestamp, body]``, a fifth item the recorded inputs; their shape is not checked here:
     :func:`records_of` does). Raises :class:`CorruptLog` if the blob is damaged or does not
-    belong where it was found."""
+    belong where it was found. With ``shared``, its values are decoded once (RS5)."""
     limit = DEFAULT_MAX_DECODE_BYTES if max_bytes is None else max_bytes
-    value = _open(BATCH_MAGIC, blob, stream, first_offset, limit)
+    value = _open(BATCH_MAGIC, blob, stream, first_offset, limit, shared)
     try:
         b_stream, b_first, epoch, group_end, rows = value  # type: ignore[misc]
     except (TypeError, ValueError) as exc:

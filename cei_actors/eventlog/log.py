@@ -15,6 +15,7 @@ from collections.abc import Iterator, Sequence
 
 from .archive import Archive, check_archive_spec, open_archive
 from .batch import (
+    SharedValues,
     batch_checksum,
     decode_batch,
     decode_snapshot,
@@ -146,11 +147,13 @@ class EventLog(ABC):
         for first, epoch, rows in self.read_rows(stream, start, stop):
             yield from records_of(stream, first, epoch, rows)
 
-    def read_rows(self, stream: str, start: int = 1, stop: int | None = None) -> Iterator[tuple[int, int, list]]:
+    def read_rows(self, stream: str, start: int = 1, stop: int | None = None,
+                  shared: SharedValues | None = None) -> Iterator[tuple[int, int, list]]:
         """What :meth:`read` reads, a stored batch (or its part in range) at a time, as
         stored: ``(offset of the first row, epoch, rows)``, each row ``[type, version,
         timestamp, body]`` (a fifth item: recorded inputs) and its shape not checked, for a
-        reader that makes no :class:`Record` of it (a replay's fold, decision RS3)."""
+        reader that makes no :class:`Record` of it (a replay's fold, decision RS3). With
+        ``shared``, the values it learns from the rows are decoded once and shared (RS5)."""
         check_stream(stream)
         firsts = self._all_firsts(stream)
         if not firsts:
@@ -159,12 +162,16 @@ class EventLog(ABC):
         expected = firsts[i]
         last_epoch = 0
         held: list[tuple[int, int, list]] = []
+        learn: list | None = None  # the rows ``shared`` learns from next
         for first in firsts[i:]:
             if stop is not None and first > stop:
                 break
             if first != expected:
                 raise CorruptLog(stream, expected, f"gap: next stored batch starts at {first}")
-            epoch, group_end, rows = open_batch(self._get(stream, first), stream, first)
+            if learn is not None and not held:  # the reader is done with them: a value may go
+                shared.learn(learn)  # type: ignore[union-attr]
+            epoch, group_end, rows = open_batch(self._get(stream, first), stream, first, shared=shared)
+            learn = rows if shared is not None else None
             if not rows:
                 raise CorruptLog(stream, first, "empty batch")
             if epoch < last_epoch:

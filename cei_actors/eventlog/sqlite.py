@@ -233,6 +233,7 @@ class SqliteLog(EventLog):
                 if self.read_only:
                     db = sqlite3.connect(read_only_uri(self.path), timeout=30, isolation_level=None,
                                          check_same_thread=False, uri=True)
+                    db.execute("PRAGMA mmap_size=1073741824")  # a reader maps pages, no read() each (RS5)
                 else:
                     db = sqlite3.connect(
                         self.path, timeout=30, isolation_level=None, check_same_thread=False

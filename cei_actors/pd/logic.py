@@ -704,6 +704,10 @@ class ProcessDispatcher(Component[PDState]):
             return {}
         return _BODY_APPLIERS
 
+    def shared_fields(self) -> dict[str, tuple[str, ...]]:
+        """A workload's processes are scheduled with one spec (decision RS5)."""
+        return _SHARED_FIELDS
+
     def decide(self, state: PDState, message: Any, ctx: Context) -> Decision:
         state.pre.clear()
         if state.broken is not None:
@@ -1465,4 +1469,8 @@ _HANDLERS: dict[type, Handler] = {
 #: ``(type, current version) -> fn(state, **body)`` (decision RS3)
 _BODY_APPLIERS: dict[tuple[str, int], Any] = {
     key: FIELD_HANDLERS[cls] for key, cls in events.current().items() if cls in FIELD_HANDLERS
+}
+#: ``type -> fields`` a replay decodes once per value (decision RS5)
+_SHARED_FIELDS: dict[str, tuple[str, ...]] = {
+    key[0]: PDState.REPLAY_SHARED[cls] for key, cls in events.current().items() if cls in PDState.REPLAY_SHARED
 }

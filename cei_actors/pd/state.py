@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import msgpack
 
@@ -424,6 +424,10 @@ class PDState:
 
     # ---- replaying many events --------------------------------------------------------------
 
+    #: event class -> body fields a replay may decode once and share between events, since
+    #: the fold only reads them (a spec's values go to the process as they are; decision RS5)
+    REPLAY_SHARED: ClassVar[dict[type, tuple[str, ...]]] = {ProcessScheduled: ("spec",)}
+
     def defer_index(self) -> None:
         """Fold on without keeping the matchmaker in step, nor building the records of
         forgotten processes, until :meth:`reindex`: for a replay that looks only at the
@@ -744,6 +748,7 @@ class PDState:
         self.mm.touch_node(node)
 
     def _on_processes_forgotten(self, e: ProcessesForgotten) -> None:
+        deferred = isinstance(self.mm, _Deferred)
         for upid in e.upids:
             p = self.processes.get(upid)
             if p is None or p.state not in ps.TERMINAL:
@@ -751,9 +756,10 @@ class PDState:
             if self.counting:
                 self._uncount(p)
             del self.processes[upid]
-            # deferred: the process itself (left unchanged from here), settled by reindex()
-            record = p if isinstance(self.mm, _Deferred) else p.tombstone()
-            self.tombstones.bury(upid, record, p.state_at, e.at)
+            if deferred:  # the process itself (left unchanged from here), settled by reindex()
+                self.tombstones.bury_later(upid, p, p.state_at, e.at)
+            else:
+                self.tombstones.bury(upid, p.tombstone(), p.state_at, e.at)
         if not self.ended:
             self.ended = {}  # a drained dict keeps its capacity (decision E3)
         self.tombstones.bound(DEFAULT_LIMIT if e.keep is None else e.keep, e.before)

@@ -153,6 +153,12 @@ class Component(ABC, Generic[S]):
         fit raises TypeError). Empty (the default): every event is built, then applied."""
         return {}
 
+    def shared_fields(self) -> dict[str, tuple[str, ...]]:
+        """Per event type of :meth:`body_appliers`, the body fields whose values repeat across
+        events and that the fold only reads: a replay decodes each repeated value once and
+        shares it (decision RS5). Empty (the default): nothing is shared."""
+        return {}
+
     def snapshot(self, state: S) -> Any:
         """The state as msgpack-able plain data; None means this component takes no snapshots."""
         return None

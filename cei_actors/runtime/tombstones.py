@@ -15,6 +15,7 @@ stay in the log: ``cei log state --at`` shows them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,7 @@ class Tombstones:
     __slots__ = ("_build", "_items")
 
     def __init__(self) -> None:
+        #: a burial of :meth:`bury_later` is a tuple ``(object, ended_at, forgotten_at)``
         self._items: dict[str, Tombstone] = {}
         #: set by :meth:`settle`: builds the records still buried as they were, when asked for
         self._build: Callable[[Any], dict[str, Any]] | None = None
@@ -81,15 +83,33 @@ class Tombstones:
 
     def get(self, key: str) -> Tombstone | None:
         stone = self._items.get(key)
-        if stone is not None and self._build is not None and type(stone.record) is not dict:
-            stone = self._items[key] = Tombstone(self._build(stone.record), stone.ended_at, stone.forgotten_at)
+        if stone is not None and (type(stone) is tuple or type(stone.record) is not dict):
+            stone = self._stone(stone)
+            if type(stone.record) is dict:
+                self._items[key] = stone
         return stone
+
+    def _stone(self, stone: Tombstone | tuple[Any, float, float]) -> Tombstone:
+        """The tombstone of an entry: its record built if :meth:`settle` says how."""
+        record, ended_at, forgotten_at = (stone if type(stone) is tuple  # a burial of :meth:`bury_later`
+                                          else (stone.record, stone.ended_at, stone.forgotten_at))
+        if self._build is not None and type(record) is not dict:
+            record = self._build(record)
+        return Tombstone(record, float(ended_at), float(forgotten_at))
 
     def bury(self, key: str, record: dict[str, Any], ended_at: float, forgotten_at: float) -> None:
         """Remember ``record`` for ``key`` (a second burial of the same id replaces the first
         and counts as the newest)."""
         self._items.pop(key, None)
         self._items[key] = Tombstone(record, float(ended_at), float(forgotten_at))
+
+    def bury_later(self, key: str, obj: Any, ended_at: float, forgotten_at: float) -> None:
+        """:meth:`bury` ``obj`` as it is, its record to be built by :meth:`settle`'s ``build``
+        (a replay's fold, RS4), kept as a plain tuple until then: most of a long fold's
+        burials are dropped by a bound before anything asks for them (RS6)."""
+        items = self._items
+        items.pop(key, None)
+        items[key] = (obj, ended_at, forgotten_at)  # type: ignore[assignment]
 
     def settle(self, build: Callable[[Any], dict[str, Any]]) -> None:
         """Have every record that is not yet a dict (one buried as it was, to be built later)
@@ -105,15 +125,15 @@ class Tombstones:
             return
         items = self._items
         for key, stone in items.items():
-            if type(stone.record) is not dict:
-                items[key] = Tombstone(build(stone.record), stone.ended_at, stone.forgotten_at)
+            if type(stone) is tuple or type(stone.record) is not dict:
+                items[key] = self._stone(stone)
         self._build = None
 
     def remove(self, key: str) -> Tombstone | None:
         """Drop ``key`` (the id has a live record again); returns what was there."""
         stone = self._items.pop(key, None)
-        if stone is not None and self._build is not None and type(stone.record) is not dict:
-            stone = Tombstone(self._build(stone.record), stone.ended_at, stone.forgotten_at)
+        if stone is not None and (type(stone) is tuple or type(stone.record) is not dict):
+            stone = self._stone(stone)
         return stone
 
     def bound(self, keep: int | None = None, before: float | None = None) -> None:
@@ -125,16 +145,13 @@ class Tombstones:
         drop: list[str] = []
         if before is not None:
             for key, stone in items.items():
-                if stone.forgotten_at >= before:
+                if (stone[2] if type(stone) is tuple else stone.forgotten_at) >= before:
                     break
                 drop.append(key)
         if keep is not None:
             excess = len(items) - len(drop) - max(0, keep)
             if excess > 0:
-                it = iter(items)
-                for _ in range(len(drop)):
-                    next(it)
-                drop.extend(next(it) for _ in range(excess))
+                drop.extend(itertools.islice(items, len(drop), len(drop) + excess))
         if drop:
             for key in drop:
                 del items[key]
@@ -146,7 +163,8 @@ class Tombstones:
         if keep is not None and len(self._items) > max(0, keep):
             return True
         if before is not None and self._items:
-            return next(iter(self._items.values())).forgotten_at < before
+            stone = next(iter(self._items.values()))
+            return (stone[2] if type(stone) is tuple else stone.forgotten_at) < before
         return False
 
     # ---- snapshot form ----------------------------------------------------------------------
