@@ -123,6 +123,31 @@ def test_sim_invariant_catches_a_live_copy_ha_does_not_hold():
     assert any(f"HA copy {upid} runs" in v for v in system.violations(replay=False))
 
 
+def test_replay_check_catches_a_live_state_that_differs_from_its_log():
+    """The check folds each component's whole log (the reader's fast fold, with the node's own
+    component and config) and compares it with the live state: equal after a run with
+    finished, forgotten and running processes; a change to the live PD made without an event
+    (as a bug would) is reported, and so is one to the Provisioner."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(3, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
+    system.run_for(10.0)
+    for i in range(6):
+        system.schedule(f"p{i}", 30.0 if i < 4 else math.inf)
+    assert system.run_for(900.0, check_every=100) == []
+    pd = system.sim.state("pd")
+    assert pd.tombstones and any(p.state == "RUNNING" for p in pd.processes.values())
+    assert system.violations(replay=True) == []
+    proc = next(p for p in pd.processes.values() if p.state == "RUNNING")
+    proc.round += 1
+    assert "pd: state differs from the replay of its log" in system.violations(replay=True)
+    proc.round -= 1
+    assert system.violations(replay=True) == []
+    node = next(iter(system.sim.state("provisioner").nodes.values()))
+    node.state = "FAILED"
+    assert "provisioner: state differs from the replay of its log" in system.sim.check()
+
+
 def test_cli_lists_and_refuses(capsys):
     import json
 

@@ -33,7 +33,7 @@ from ..eventlog import EventLog, open_log
 from ..runtime.control import Request, Response
 from ..runtime.core import Component, Decision, Send, SetTimer, Work
 from ..runtime.messages import ErrorReply, Ok
-from ..runtime.runner import Runner, replay
+from ..runtime.runner import Runner
 
 logger = logging.getLogger(__name__)
 
@@ -232,14 +232,23 @@ class Simulation:
     # ---- checks -----------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Every component's invariant violations, plus any state that differs from its replay."""
+        """Every component's invariant violations, plus any state that differs from its replay.
+
+        The replay folds the whole log from offset 1 (no snapshot) as ``cei log`` does
+        (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
+        once at the end, decisions RS1-RS4) with the node's own component, and compares the
+        snapshot forms."""
+        from ..debug.reader import Replay
+
         problems: list[str] = []
         for node in self.nodes.values():
             if not node.up:
                 continue
             state = node.runner.state  # type: ignore[union-attr]
             problems += [f"{node.name}: {p}" for p in node.component.invariants(state)]
-            rebuilt = replay(node.component, node.log, node.runner.stream)  # type: ignore[union-attr]
+            stream = node.runner.stream  # type: ignore[union-attr]
+            reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
+            rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
             if node.component.snapshot(rebuilt) != node.component.snapshot(state):
                 problems.append(f"{node.name}: state differs from the replay of its log")
         return problems
