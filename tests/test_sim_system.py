@@ -148,6 +148,28 @@ def test_replay_check_catches_a_live_state_that_differs_from_its_log():
     assert "provisioner: state differs from the replay of its log" in system.sim.check()
 
 
+def test_simulated_heartbeats_share_rows_the_pd_never_changes():
+    """A simulated agent's heartbeat carries its table's own row dicts (no copy per heartbeat,
+    SIM8): after a run with launches, ends, cleanups and VM kills, every agent's rows are
+    still exactly what its records say, so nothing that read them changed them."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(5, SystemConfig(slots=3))
+    system.run_for(10.0)
+    for i in range(12):
+        system.schedule(f"p{i}", 40.0 + i, fail_rounds=int(i % 3 == 0))
+    rows = 0
+    for k in range(30):
+        if k == 5:
+            system.kill_vm(0)
+        assert system.run_for(10.0, check_every=100) == []
+        for agent in system.agents.values():
+            assert agent.table.rows() == [r.row() for r in agent.table.sorted()]
+            assert agent.table.dump() == agent.table.rows()
+            rows += len(agent.table)
+    assert rows > 50 and system.faults["vm_killed"] == 1
+
+
 def test_cli_lists_and_refuses(capsys):
     import json
 

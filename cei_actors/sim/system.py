@@ -213,7 +213,7 @@ class SimAgent:
     def heartbeat(self) -> None:
         now = self.sim.clock.now()
         self.last_sent = now
-        procs = self.table.dump()
+        procs = self.table.rows()  # the table's own rows: the PD only reads them (SIM8)
         self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs),
                       sender=self.name, trusted=True)
 
