@@ -146,7 +146,9 @@ class LogStats:
 
     def appended(self, pending: Iterable[Any], seconds: float) -> None:
         """Count one append of ``pending`` (events with a ``type``) that took ``seconds``."""
-        self.events.update(event.type for event in pending)
+        events = self.events
+        for event in pending:
+            events[event.type] += 1
         self.appends += 1
         hist = self.append_seconds
         hist.counts[bisect.bisect_left(hist.bounds, seconds)] += 1
