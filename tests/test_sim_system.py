@@ -170,6 +170,30 @@ def test_simulated_heartbeats_share_rows_the_pd_never_changes():
     assert rows > 50 and system.faults["vm_killed"] == 1
 
 
+def test_the_vm_watcher_stops_the_agents_of_destroyed_and_killed_vms_only():
+    """When the cloud counted only destroys since the last poll, the watcher looks at the VMs
+    destroy_node was asked for (not at every VM): their agents stop at the next poll, the
+    others keep running; a kill (counted otherwise) is found by looking at every VM."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(4, SystemConfig(slots=1, agent_poll=1.0))
+    system.run_for(10.0)
+    system.add_domain("plain", 5)
+    system.run_for(120.0)
+    assert len(system.agents) == 5
+    cloud = system.cloud
+    vms = sorted((vm for vm in system.cloud_vms() if vm.status == "running"), key=lambda v: v.id)
+    cloud.destroy_node(vms[0].id)
+    cloud.destroy_node(vms[0].id)  # twice: one agent stopped once
+    system.sim.run_for(1.5)  # the watcher only: EPUM's replacement is not running yet
+    assert set(system.agents) == {vm.name for vm in vms[1:]}
+    assert system.dead_agents == 1
+    cloud.kill(vms[1].id)
+    system.sim.run_for(1.5)
+    assert set(system.agents) == {vm.name for vm in vms[2:]}
+    assert system.dead_agents == 2
+
+
 def test_cli_lists_and_refuses(capsys):
     import json
 
