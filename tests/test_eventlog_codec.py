@@ -102,3 +102,61 @@ def test_batch_round_trip_property(rows):
 def test_random_bytes_never_decode_silently(data):
     with pytest.raises(CorruptLog):
         decode_batch(data, "s", 1)
+
+
+@pytest.mark.parametrize("n", [0, 1, 15, 16, 65535, 65536])
+@pytest.mark.parametrize("group_end", [True, False])
+def test_batch_bytes_are_msgpack_packers_own(n, group_end):
+    """A batch's header is written by hand (no Packer per batch): the bytes are the ones
+    msgpack's Packer writes, at every array header size."""
+    import msgpack
+
+    from cei_actors.eventlog.batch import _seal, encode_rows
+
+    rows = [msgpack.packb(["T", 1, 0.5, {"i": i % 3}]) for i in range(n)]
+    packer = msgpack.Packer(use_bin_type=True)
+    head = (packer.pack_array_header(5) + packer.pack("st") + packer.pack(70_000) + packer.pack(3)
+            + packer.pack(group_end) + packer.pack_array_header(n))
+    assert encode_rows("st", 70_000, 3, rows, group_end) == _seal(b"CEB1", head + b"".join(rows))
+
+
+def test_the_row_checked_is_the_row_stored():
+    """``to_checked`` keeps the row it encoded and read back; a batch stores exactly it (no
+    second encoding), and an event carrying recorded inputs is encoded with them."""
+    import msgpack
+
+    from cei_actors.eventlog.batch import encode_event
+
+    e = NodeRequested("n1", "ec2", 2)
+    p = events.to_checked(e, 12.5)
+    assert p == events.to_pending(e, 12.5)  # the row is not part of the event's identity
+    assert p.row == msgpack.packb(["NodeRequested", 3, 12.5, {"node_id": "n1", "site": "ec2", "count": 2}])
+    assert encode_event(p) is p.row
+    records, _ = decode_batch(encode_batch("s", 1, 1, [p]), "s", 1)
+    assert events.from_record(records[0]) == e
+    with_input = PendingEvent(p.type, p.version, p.timestamp, p.body, [b"x"])
+    assert msgpack.unpackb(encode_event(with_input))[4] == [b"x"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Loose:
+    items: object
+    when: float
+
+
+events.register("Loose")(_Loose)
+
+
+@pytest.mark.parametrize("value, why", [
+    ((1, 2), "a tuple reads back as a list"),
+    ({1, 2}, "a set is not msgpack data"),
+    (float("nan"), "NaN never reads back equal"),
+    ([object()], "object is not plain data"),
+    (2**64, "out of msgpack's range"),
+])
+def test_to_checked_refuses_what_would_not_read_back_equal(value, why):
+    from cei_actors.eventlog import UnstorableEvent
+
+    with pytest.raises(UnstorableEvent, match=why):
+        events.to_checked(_Loose(value, 1.0), 0.0)
+    assert events.to_checked(_Loose([1, 2], 1.0), 0.0).row is not None

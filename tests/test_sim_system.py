@@ -123,6 +123,77 @@ def test_sim_invariant_catches_a_live_copy_ha_does_not_hold():
     assert any(f"HA copy {upid} runs" in v for v in system.violations(replay=False))
 
 
+def test_replay_check_catches_a_live_state_that_differs_from_its_log():
+    """The check folds each component's whole log (the reader's fast fold, with the node's own
+    component and config) and compares it with the live state: equal after a run with
+    finished, forgotten and running processes; a change to the live PD made without an event
+    (as a bug would) is reported, and so is one to the Provisioner."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(3, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
+    system.run_for(10.0)
+    for i in range(6):
+        system.schedule(f"p{i}", 30.0 if i < 4 else math.inf)
+    assert system.run_for(900.0, check_every=100) == []
+    pd = system.sim.state("pd")
+    assert pd.tombstones and any(p.state == "RUNNING" for p in pd.processes.values())
+    assert system.violations(replay=True) == []
+    proc = next(p for p in pd.processes.values() if p.state == "RUNNING")
+    proc.round += 1
+    assert "pd: state differs from the replay of its log" in system.violations(replay=True)
+    proc.round -= 1
+    assert system.violations(replay=True) == []
+    node = next(iter(system.sim.state("provisioner").nodes.values()))
+    node.state = "FAILED"
+    assert "provisioner: state differs from the replay of its log" in system.sim.check()
+
+
+def test_simulated_heartbeats_share_rows_the_pd_never_changes():
+    """A simulated agent's heartbeat carries its table's own row dicts (no copy per heartbeat,
+    SIM8): after a run with launches, ends, cleanups and VM kills, every agent's rows are
+    still exactly what its records say, so nothing that read them changed them."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(5, SystemConfig(slots=3))
+    system.run_for(10.0)
+    for i in range(12):
+        system.schedule(f"p{i}", 40.0 + i, fail_rounds=int(i % 3 == 0))
+    rows = 0
+    for k in range(30):
+        if k == 5:
+            system.kill_vm(0)
+        assert system.run_for(10.0, check_every=100) == []
+        for agent in system.agents.values():
+            assert agent.table.rows() == [r.row() for r in agent.table.sorted()]
+            assert agent.table.dump() == agent.table.rows()
+            rows += len(agent.table)
+    assert rows > 50 and system.faults["vm_killed"] == 1
+
+
+def test_the_vm_watcher_stops_the_agents_of_destroyed_and_killed_vms_only():
+    """When the cloud counted only destroys since the last poll, the watcher looks at the VMs
+    destroy_node was asked for (not at every VM): their agents stop at the next poll, the
+    others keep running; a kill (counted otherwise) is found by looking at every VM."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(4, SystemConfig(slots=1, agent_poll=1.0))
+    system.run_for(10.0)
+    system.add_domain("plain", 5)
+    system.run_for(120.0)
+    assert len(system.agents) == 5
+    cloud = system.cloud
+    vms = sorted((vm for vm in system.cloud_vms() if vm.status == "running"), key=lambda v: v.id)
+    cloud.destroy_node(vms[0].id)
+    cloud.destroy_node(vms[0].id)  # twice: one agent stopped once
+    system.sim.run_for(1.5)  # the watcher only: EPUM's replacement is not running yet
+    assert set(system.agents) == {vm.name for vm in vms[1:]}
+    assert system.dead_agents == 1
+    cloud.kill(vms[1].id)
+    system.sim.run_for(1.5)
+    assert set(system.agents) == {vm.name for vm in vms[2:]}
+    assert system.dead_agents == 2
+
+
 def test_cli_lists_and_refuses(capsys):
     import json
 

@@ -80,11 +80,13 @@ def human_time(ts: float | None) -> str:
 class Replay:
     """A log opened read-only, its streams folded to any point. ``now`` is injected;
     ``configs`` (stream -> the component's constructor arguments, e.g. the plan's PD config,
-    whose throttle interval the fold uses) default to the replay configuration."""
+    whose throttle interval the fold uses) default to the replay configuration; ``components``
+    (stream -> a component) folds those streams with the caller's own (the simulator's check)."""
 
     def __init__(self, log: EventLog | str, now: float | None = None,
                  configs: dict[str, dict[str, Any]] | None = None,
-                 cache: Path | str | None | bool = True) -> None:
+                 cache: Path | str | None | bool = True,
+                 components: dict[str, Component[Any]] | None = None) -> None:
         self.log = open_read_only(log) if isinstance(log, str) else log
         self.now = time.time() if now is None else now
         self.configs = configs or {}
@@ -96,7 +98,8 @@ class Replay:
         self.folded: tuple[str, int, int] | None = None
         self._heads: dict[str, int] = {}
         self._marks: dict[str, dict[int, float]] = {}  # stream -> offset -> its record's time
-        self._components: dict[str, Component[Any]] = {}
+        #: stream -> the component that folds it (given ones are used as they are)
+        self._components: dict[str, Component[Any]] = dict(components or {})
 
     def close(self) -> None:
         self.log.close()

@@ -216,6 +216,13 @@ class ProcessTable:
 
     def dump(self) -> list[dict[str, Any]]:
         """Every record's row, sorted by (upid, round) (fresh dicts)."""
+        return list(map(dict.copy, self.rows()))
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every record's row, sorted by (upid, round): a new list of the table's own row
+        dicts, which it never changes (a changed record gets a new row) and nobody may. For a
+        reader in this process that only reads them (the simulator's heartbeat, SIM8);
+        :meth:`dump` copies them."""
         order, rows = self._order, self._rows
         for key in self._stale:
             r = self.records.get(key)
@@ -223,7 +230,7 @@ class ProcessTable:
             if r is not None and i < len(order) and order[i] == key:
                 rows[i] = r.row()
         self._stale.clear()
-        return list(map(dict.copy, rows))  # type: ignore[arg-type]
+        return list(rows)  # type: ignore[arg-type]
 
     def sorted(self) -> list[Record]:
         """Every record, sorted by (upid, round)."""

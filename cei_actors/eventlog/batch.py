@@ -262,25 +262,28 @@ def batch_checksum(blob: bytes, stream: str, first_offset: int) -> int:
 
 
 def encode_event(event: PendingEvent) -> bytes:
-    """One event's row as it stands inside a batch (packed once, sized and reused); a fifth
-    item holds its recorded inputs, if any."""
+    """One event's row as it stands inside a batch (packed once, sized and reused: the row
+    :meth:`~.codec.EventRegistry.to_checked` read back, if it holds one); a fifth item holds
+    its recorded inputs, if any."""
     if event.input is None:
+        if event.row is not None:
+            return event.row
         return msgpack.packb([event.type, event.version, event.timestamp, event.body], use_bin_type=True)
     return msgpack.packb([event.type, event.version, event.timestamp, event.body, event.input], use_bin_type=True)
 
 
 def encode_rows(stream: str, first_offset: int, epoch: int, rows: Sequence[bytes], group_end: bool = True) -> bytes:
     """A stored batch from rows already packed by :func:`encode_event`."""
-    packer = msgpack.Packer(use_bin_type=True)
-    head = (
-        packer.pack_array_header(5)
-        + packer.pack(stream)
-        + packer.pack(first_offset)
-        + packer.pack(epoch)
-        + packer.pack(group_end)
-        + packer.pack_array_header(len(rows))
-    )
+    n = len(rows)
+    # msgpack's array headers (what ``Packer.pack_array_header`` writes), 5 items then the rows
+    rows_head = (bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536
+                 else b"\xdd" + n.to_bytes(4, "big"))
+    head = b"\x95" + _packb([stream, first_offset, epoch, group_end])[1:] + rows_head
     return _seal(BATCH_MAGIC, head + b"".join(rows))
+
+
+def _packb(value: object) -> bytes:
+    return msgpack.packb(value, use_bin_type=True)
 
 
 def encode_batch(

@@ -27,11 +27,12 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from .batch import MAX_EVENT_BYTES, encode_event, why_not_plain
+from .batch import MAX_EVENT_BYTES, why_not_plain
 from .errors import CorruptLog, NewerEventVersion, UnknownEventType
 from .records import PendingEvent, Record
 
 E = TypeVar("E")
+_packb, _unpackb = msgpack.packb, msgpack.unpackb
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -102,31 +103,36 @@ class EventRegistry:
     def to_checked(self, event: object, timestamp: float) -> PendingEvent:
         """:meth:`to_pending`, once the event is known to encode within :data:`MAX_EVENT_BYTES`
         and to decode (:meth:`from_record`) to an equal event; else :class:`UnstorableEvent`
-        naming the field."""
-        pending = self.to_pending(event, timestamp)
-        name = pending.type
+        naming the field. The row checked is the one stored (``PendingEvent.row``)."""
+        entry = self._by_class.get(type(event))
+        if entry is None:
+            self._entry_for(event)  # raises the TypeError naming it
+        assert entry is not None
+        name, version = entry.name, entry.version
+        body = {f: getattr(event, f) for f in entry.fields}
         try:
-            row = encode_event(pending)
+            row = _packb([name, version, timestamp, body], use_bin_type=True)
         except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, UnicodeError
-            raise UnstorableEvent(self._why(name, pending.body) or f"event {name}: {exc}") from None
+            raise UnstorableEvent(self._why(name, body) or f"event {name}: {exc}") from None
         if len(row) > MAX_EVENT_BYTES:
-            sizes = {f: len(msgpack.packb(v, use_bin_type=True)) for f, v in pending.body.items()}
+            sizes = {f: len(msgpack.packb(v, use_bin_type=True)) for f, v in body.items()}
             big = max(sizes, key=sizes.__getitem__) if sizes else "?"
             raise UnstorableEvent(
                 f"event {name} is {len(row)} bytes encoded, over the limit of {MAX_EVENT_BYTES} "
                 f"bytes for one event (its field {big} is {sizes.get(big, 0)} bytes)"
             )
         try:
-            t, v, ts, body = msgpack.unpackb(row, raw=False, strict_map_key=False)
-            back = self.from_record(Record("", 0, t, v, ts, 0, body))
+            t, v, ts, back_body = _unpackb(row, raw=False, strict_map_key=False)
+            if t == name and v == version:  # what from_record does with a current row
+                back = entry.cls(**back_body)
+            else:
+                back = self.from_record(Record("", 0, t, v, ts, 0, back_body))
             same = back == event
         except Exception:
             same = False
         if not same:
-            raise UnstorableEvent(
-                self._why(name, pending.body) or f"event {name}: does not read back equal"
-            )
-        return pending
+            raise UnstorableEvent(self._why(name, body) or f"event {name}: does not read back equal")
+        return PendingEvent(name, version, timestamp, body, None, row)
 
     @staticmethod
     def _why(name: str, body: dict[str, Any]) -> str | None:

@@ -283,10 +283,12 @@ class EventLog(ABC):
         self, stream: str, epoch: int, after: int, events: Sequence[PendingEvent]
     ) -> list[list[tuple[int, bytes]]]:
         """Split an append into batches (<= max_batch_bytes) and atomic puts (<= max_atomic_bytes)."""
+        rows = [encode_event(event) for event in events]
+        if sum(map(len, rows)) <= self.max_batch_bytes:  # one batch, one put: the usual append
+            return [[(after + 1, encode_rows(stream, after + 1, epoch, rows))]]
         groups: list[list[bytes]] = []
         size = 0
-        for event in events:
-            row = encode_event(event)
+        for row in rows:
             n = len(row)
             if groups and size + n <= self.max_batch_bytes:
                 groups[-1].append(row)

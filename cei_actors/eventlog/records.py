@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .errors import InvalidStream
@@ -31,6 +31,9 @@ class PendingEvent:
     #: The inputs decided since the last stored event, this event's message last (a runner
     #: with ``record_inputs``, docs/decisions.md DBG6); None: not recorded.
     input: Any = None
+    #: The row as :meth:`~.codec.EventRegistry.to_checked` encoded and read back (without
+    #: ``input``): what is stored, not encoded again (decision SIM8); None: encoded when stored.
+    row: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class Record(NamedTuple):

@@ -33,11 +33,25 @@ from ..eventlog import EventLog, open_log
 from ..runtime.control import Request, Response
 from ..runtime.core import Component, Decision, Send, SetTimer, Work
 from ..runtime.messages import ErrorReply, Ok
-from ..runtime.runner import Runner, replay
+from ..runtime.runner import Runner
 
 logger = logging.getLogger(__name__)
 
 WorkHandler = Callable[[Any], Any]
+
+
+_PLAIN, _RESPONSE, _REPLY, _REQUEST = 0, 1, 2, 3
+_KINDS: dict[type, int] = {}  # message class -> how a delivery takes it (cached)
+
+
+def _kind(message: Any) -> int:
+    if isinstance(message, Response):
+        return _RESPONSE
+    if isinstance(message, Ok | ErrorReply):
+        return _REPLY
+    if isinstance(message, Request):
+        return _REQUEST
+    return _PLAIN
 
 
 class VirtualClock:
@@ -193,31 +207,35 @@ class Simulation:
         processed (:meth:`run_until` moves it on to ``t``)."""
         heap, clock, nodes, hooks = self._heap, self.clock, self.nodes, self.step_hooks
         pop, deliver = heapq.heappop, self._deliver
-        n = 0
-        while heap and n < max_steps and heap[0][0] <= t:
-            when, _, kind, args = pop(heap)
-            if when > clock.t:
-                clock.t = when
-            if kind == "deliver":
-                deliver(*args)
-            elif kind == "call":
-                args[0]()
-            elif kind == "timer":
-                name, key, gen, message = args
-                node = nodes[name]
-                if node.up and node.timers.get(key) == gen:
-                    del node.timers[key]
-                    deliver(name, message, None, True)
-            elif kind == "work":
-                name, gen, handler, payload = args
-                node = nodes[name]
-                result = handler(payload)  # the side effect happens even if the node died meanwhile
-                if node.up and node.generation == gen and result is not None:
-                    deliver(name, result, None, True)
-            n += 1
-            self.steps += 1
-            for hook in hooks:
-                hook(self)
+        n, before = 0, self.steps
+        try:
+            while heap and n < max_steps and heap[0][0] <= t:
+                when, _, kind, args = pop(heap)
+                if when > clock.t:
+                    clock.t = when
+                if kind == "deliver":
+                    deliver(*args)
+                elif kind == "call":
+                    args[0]()
+                elif kind == "timer":
+                    name, key, gen, message = args
+                    node = nodes[name]
+                    if node.up and node.timers.get(key) == gen:
+                        del node.timers[key]
+                        deliver(name, message, None, True)
+                elif kind == "work":
+                    name, gen, handler, payload = args
+                    node = nodes[name]
+                    result = handler(payload)  # the side effect happens even if the node died meanwhile
+                    if node.up and node.generation == gen and result is not None:
+                        deliver(name, result, None, True)
+                n += 1
+                if hooks:  # a hook sees the step counted
+                    self.steps = before + n
+                    for hook in hooks:
+                        hook(self)
+        finally:
+            self.steps = before + n
         return n
 
     def run_until(self, t: float, max_steps: int = 10_000_000) -> int:
@@ -232,14 +250,23 @@ class Simulation:
     # ---- checks -----------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Every component's invariant violations, plus any state that differs from its replay."""
+        """Every component's invariant violations, plus any state that differs from its replay.
+
+        The replay folds the whole log from offset 1 (no snapshot) as ``cei log`` does
+        (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
+        once at the end, decisions RS1-RS4) with the node's own component, and compares the
+        snapshot forms."""
+        from ..debug.reader import Replay
+
         problems: list[str] = []
         for node in self.nodes.values():
             if not node.up:
                 continue
             state = node.runner.state  # type: ignore[union-attr]
             problems += [f"{node.name}: {p}" for p in node.component.invariants(state)]
-            rebuilt = replay(node.component, node.log, node.runner.stream)  # type: ignore[union-attr]
+            stream = node.runner.stream  # type: ignore[union-attr]
+            reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
+            rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
             if node.component.snapshot(rebuilt) != node.component.snapshot(state):
                 problems.append(f"{node.name}: state differs from the replay of its log")
         return problems
@@ -260,25 +287,36 @@ class Simulation:
 
     def _deliver(self, name: str, message: Any, sender: str | None, trusted: bool = False) -> None:
         node = self.nodes.get(name)
-        if node is None and name in self.peers:
-            self.delivered += 1
-            self.peers[name](message, sender)
+        if node is None:
+            peer = self.peers.get(name)
+            if peer is not None:
+                self.delivered += 1
+                peer(message, sender)
+            else:
+                self.dropped += 1
             return
-        if node is None or not node.up:
+        runner = node.runner
+        if runner is None or not runner.ready:
             self.dropped += 1
             return
-        if isinstance(message, Response):
-            made = node.peer_response(message) if node.peer_response is not None else None
-            if made is None:
-                return
-            message, sender = made, None
-        if isinstance(message, Ok | ErrorReply):
-            if isinstance(message, ErrorReply):
-                node.errors.append(message)
-            return
+        cls = type(message)
+        kind = _KINDS.get(cls)
+        if kind is None:
+            kind = _KINDS[cls] = _kind(message)
         rid = None
-        if isinstance(message, Request):
-            rid, message = message.rid, message.message
+        if kind:  # not a plain message: as the actor shell takes each (R3)
+            if kind == _RESPONSE:
+                made = node.peer_response(message) if node.peer_response is not None else None
+                if made is None:
+                    return
+                message, sender = made, None
+                kind = _kind(message)
+            if kind == _REPLY:
+                if isinstance(message, ErrorReply):
+                    node.errors.append(message)
+                return
+            if kind == _REQUEST:
+                rid, message = message.rid, message.message
         self.delivered += 1
         trusted = trusted and not self.validate_own
         if name in self._crash_next:
@@ -286,7 +324,7 @@ class Simulation:
                 node.runner.handle(message, trusted)  # type: ignore[union-attr]
             self.crash(name)
             return
-        decision = node.runner.handle(message, trusted)  # type: ignore[union-attr]
+        decision = runner.handle(message, trusted)
         self._perform(node, decision, sender, rid)
 
     def _perform(self, node: SimNode, decision: Decision, sender: str | None, rid: str | None = None) -> None:
@@ -318,6 +356,9 @@ class Simulation:
         if lossy and f.drop_rate and self.rng.random() < f.drop_rate:
             self.dropped += 1
             return
-        self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender, trusted))
+        lo, hi = f.latency  # _latency and _push, inline: one send per delivery
+        when = self.clock.t + delay + (lo if hi <= lo else self.rng.uniform(lo, hi))
+        self._seq += 1
+        heapq.heappush(self._heap, (when, self._seq, "deliver", (to, message, sender, trusted)))
         if lossy and f.duplicate_rate and self.rng.random() < f.duplicate_rate:
             self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender, trusted))

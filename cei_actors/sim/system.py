@@ -213,7 +213,7 @@ class SimAgent:
     def heartbeat(self) -> None:
         now = self.sim.clock.now()
         self.last_sent = now
-        procs = self.table.dump()
+        procs = self.table.rows()  # the table's own rows: the PD only reads them (SIM8)
         self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs),
                       sender=self.name, trusted=True)
 
@@ -290,6 +290,7 @@ class CEISystem:
         self.cloud: SimulatedCloudDriver | None = None  # the first site's cloud
         self.clouds: dict[str, SimulatedCloudDriver] = {}  # site -> its cloud, once used
         self._cloud_marks: dict[str, tuple[int, int, int, int]] = {}  # death counters seen
+        self._destroyed: dict[str, list[Any]] = {}  # site -> what destroy_node was asked since
         self._boot_heap: list[tuple[float, int, str, Any]] = []  # (boot_at, n, site, VM)
         self._vm_seen_by: dict[str, int] = {}
         #: called every ``progress_every`` steps of :meth:`run_for` (e.g. a progress bar)
@@ -329,6 +330,14 @@ class CEISystem:
         assert isinstance(driver, SimulatedCloudDriver)
         for key, value in self.cloud_settings.get(site, {}).items():
             setattr(driver, key, value)
+        asked = self._destroyed.setdefault(site, [])
+        destroy = driver.destroy_node
+
+        def destroy_node(node: Any) -> bool:  # noted for the VM watcher, then the cloud's own
+            asked.append(node)
+            return destroy(node)
+
+        driver.destroy_node = destroy_node  # type: ignore[method-assign]
         self.clouds[site] = driver
         if n == 0:
             self.cloud = driver
@@ -423,9 +432,15 @@ class CEISystem:
                 live += cloud._live
                 mark = (cloud._vms_destroyed, cloud._destroys_attempted, cloud._killed,
                         cloud._vanished)
-                if mark != self._cloud_marks.get(site):
+                old = self._cloud_marks.get(site)
+                asked = self._destroyed.get(site, [])
+                if mark != old:
                     self._cloud_marks[site] = mark
-                    self._reap_agents(site)
+                    if old is not None and mark[2:] == old[2:]:  # destroys only: of those asked
+                        self._reap_agents(site, [cloud._vms.get(getattr(n, "id", n)) for n in asked])
+                    else:
+                        self._reap_agents(site)
+                asked.clear()
         heap = self._boot_heap
         while heap and heap[0][0] <= now:
             _, _, site, vm = heapq.heappop(heap)
@@ -434,9 +449,17 @@ class CEISystem:
         self.peak_vms = max(self.peak_vms, live)
         self.sim.schedule(self.config.agent_poll, self._watch)
 
-    def _reap_agents(self, site: str) -> None:
-        for nid, (vm_site, vm) in list(self._running.items()):
-            if vm_site == site and vm.status != "running":
+    def _reap_agents(self, site: str, vms: list[Any] | None = None) -> None:
+        """Stop the agent of each VM of ``site`` that no longer runs: of every VM with an
+        agent, or only of ``vms`` (those asked to be destroyed since the last poll, when the
+        cloud counted nothing else: no other VM can have stopped running)."""
+        if vms is None:
+            entries = list(self._running.items())
+        else:
+            entries = [(vm.name, self._running[vm.name]) for vm in vms
+                       if vm is not None and self._running.get(vm.name, ("", None))[1] is vm]
+        for nid, (vm_site, vm) in entries:
+            if vm_site == site and vm.status != "running" and nid in self._running:
                 del self._running[nid]
                 agent = self.agents.pop(nid, None)
                 if agent is not None:
