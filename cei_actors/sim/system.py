@@ -290,7 +290,6 @@ class CEISystem:
         self.cloud: SimulatedCloudDriver | None = None  # the first site's cloud
         self.clouds: dict[str, SimulatedCloudDriver] = {}  # site -> its cloud, once used
         self._cloud_marks: dict[str, tuple[int, int, int, int]] = {}  # death counters seen
-        self._destroyed: dict[str, list[Any]] = {}  # site -> what destroy_node was asked since
         self._boot_heap: list[tuple[float, int, str, Any]] = []  # (boot_at, n, site, VM)
         self._vm_seen_by: dict[str, int] = {}
         #: called every ``progress_every`` steps of :meth:`run_for` (e.g. a progress bar)
@@ -330,14 +329,7 @@ class CEISystem:
         assert isinstance(driver, SimulatedCloudDriver)
         for key, value in self.cloud_settings.get(site, {}).items():
             setattr(driver, key, value)
-        asked = self._destroyed.setdefault(site, [])
-        destroy = driver.destroy_node
-
-        def destroy_node(node: Any) -> bool:  # noted for the VM watcher, then the cloud's own
-            asked.append(node)
-            return destroy(node)
-
-        driver.destroy_node = destroy_node  # type: ignore[method-assign]
+        driver.destroy_requests = []  # noted for the VM watcher (see _watch)
         self.clouds[site] = driver
         if n == 0:
             self.cloud = driver
@@ -433,11 +425,11 @@ class CEISystem:
                 mark = (cloud._vms_destroyed, cloud._destroys_attempted, cloud._killed,
                         cloud._vanished)
                 old = self._cloud_marks.get(site)
-                asked = self._destroyed.get(site, [])
+                asked = cloud.destroy_requests if cloud.destroy_requests is not None else []
                 if mark != old:
                     self._cloud_marks[site] = mark
                     if old is not None and mark[2:] == old[2:]:  # destroys only: of those asked
-                        self._reap_agents(site, [cloud._vms.get(getattr(n, "id", n)) for n in asked])
+                        self._reap_agents(site, [cloud._vms.get(node_id) for node_id in asked])
                     else:
                         self._reap_agents(site)
                 asked.clear()

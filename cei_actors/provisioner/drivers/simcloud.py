@@ -231,6 +231,9 @@ class SimulatedCloudDriver(NodeDriver):
         self._vms_destroyed = 0
         self._killed = 0
         self._vanished = 0
+        #: if a list, every id ``destroy_node`` is asked for is appended (the simulator's VM
+        #: watcher sets and drains it); None: nothing is kept
+        self.destroy_requests: list[str] | None = None
 
     @property
     def vanish_rate(self) -> float:
@@ -358,6 +361,8 @@ class SimulatedCloudDriver(NodeDriver):
         node_id = _object_id(node)
         with self._lock:
             self._destroys_attempted += 1
+            if self.destroy_requests is not None:
+                self.destroy_requests.append(node_id)
         self._api_call()
         with self._lock:
             now = self.clock.now()
