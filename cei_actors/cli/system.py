@@ -99,11 +99,14 @@ class Interrupted(CliError):
 
 
 @contextlib.contextmanager
-def interrupt_between_steps() -> Iterator[list[float]]:
+def interrupt_between_steps(then_ignore: bool = False) -> Iterator[list[float]]:
     """While inside, a first Ctrl-C (SIGINT) is only noted (the list it yields gets its time)
     for the caller to act on at its next step, so a start is finished or undone, never left
     half made; a second one interrupts at once. Processes started meanwhile (the actor
-    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either."""
+    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either.
+    ``then_ignore`` (the process ends after this command): on leaving, SIGINT is ignored
+    instead of given back to Python's handler, so a Ctrl-C between the last step and the
+    exit cannot turn a finished start into a bare "interrupted" (decision OP8)."""
     asked: list[float] = []
     if threading.current_thread() is not threading.main_thread():
         yield asked
@@ -122,7 +125,7 @@ def interrupt_between_steps() -> Iterator[list[float]]:
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if then_ignore else previous)
 
 
 @contextlib.contextmanager
@@ -135,7 +138,7 @@ def progress_shown(out: Output, title: str) -> Iterator[Callable[[str], None]]:
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
     from ..launch.launcher import read_info
 
-    with interrupt_between_steps() as asked:
+    with interrupt_between_steps(then_ignore=getattr(args, "exiting", False)) as asked:
         try:
             info = start(args, out, asked)
         except KeyboardInterrupt:  # before the start, or a second Ctrl-C
@@ -146,8 +149,8 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
             out.emit(info)
         else:
             out.line(f"system up in {args.home}")
-        if asked:
-            raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
+    if asked:  # noted up to the end of the block; past it a console `cei` ignores Ctrl-C
+        raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
     return 0
 
 
