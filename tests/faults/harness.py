@@ -3,7 +3,8 @@
 The system is the launcher's (``up``): thespian TCP base, ZooKeeper log, two replicas each of
 PD, EPUM and Provisioner, EEAgent "VMs" booted by the local cloud driver. The test looks only
 at its own processes: the replicas' pids (``Status``), the VMs of its home's local driver
-(``nodes.json``) and the worker processes it scheduled, whose command line carries a marker
+(``nodes.json`` and the processes marked with its node directories: ``live_vms``) and the
+worker processes it scheduled, whose command line carries a marker
 made of this run's random tag.
 """
 
@@ -33,6 +34,7 @@ from cei_actors.launch.launcher import ACTOR_CLASSES, Connection, connect
 from cei_actors.launch.plan import Plan, default_plan_text, load_plan
 from cei_actors.pd.client import PDClient
 from cei_actors.provisioner.client import ProvisionerClient
+from cei_actors.provisioner.drivers import LocalProcessDriver
 from cei_actors.runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
 from cei_actors.runtime.control import SetPeers, Start, Status
 from cei_actors.runtime.core import Context
@@ -61,6 +63,22 @@ def live(pid: int | None) -> bool:
     except OSError:
         return False
     return raw[raw.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def live_vms(state_dir: Path) -> dict[str, dict]:
+    """iaas_id -> the local driver's record (``nodes.json`` under ``state_dir``), for every VM
+    whose init lives or whose processes carry its ``CEI_LOCAL_VM`` marker; plus, as
+    ``unrecorded <node dir>``, each node directory of that driver whose marked processes run
+    though the table does not record it (a create that died before its record): a VM no node
+    can hold, so a leak. Only this driver's node directories are looked at."""
+    if not (state_dir / "nodes.json").exists():
+        return {}
+    table = json.loads((state_dir / "nodes.json").read_text())
+    marked = LocalProcessDriver(state_dir).marked_node_dirs()
+    out = {k: r for k, r in table["nodes"].items() if live(r["pid"]) or r["node_dir"] in marked}
+    recorded = {r["node_dir"] for r in table["nodes"].values()}
+    out.update({f"unrecorded {d}": {"node_dir": d} for d in sorted(marked - recorded)})
+    return out
 
 
 def make_plan(tmp_path: Path, home: Path, zk_hosts: str) -> Plan:
@@ -362,10 +380,8 @@ class FaultSystem:
             assert len(copies) <= HA_N, f"{len(copies)} HA copies run for a group of {HA_N}: {copies}"
 
     def vms(self) -> dict[str, dict]:
-        """iaas_id -> the local driver's record, for every VM whose process lives."""
-        path = self.home / "nodes" / "nodes.json"
-        table = json.loads(path.read_text()) if path.exists() else {"nodes": {}}
-        return {k: r for k, r in table["nodes"].items() if live(r["pid"])}
+        """The VMs of this system's local driver that have a live process (:func:`live_vms`)."""
+        return live_vms(self.home / "nodes")
 
     def converged(self) -> str | None:
         """None once everything has settled; else what has not yet (and ``stuck`` names the
