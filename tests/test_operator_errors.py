@@ -212,6 +212,26 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
     assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted
 
 
+def test_a_process_held_back_by_a_constraint_says_why_in_describe_and_list(system):
+    """A process no node can take (its constraint matches no node) is WAITING with no message;
+    describe and list say why (from the live PD's matchmaker verdicts)."""
+    home = system
+    cei(home, "process", "schedule", "--upid", "far", "--constraint", "site=nowhere", "--", "sleep", "60")
+
+    def explained():
+        """process far WAITING with a why naming its constraint, once a node runs"""
+        p = data(home, "process", "describe", "far")
+        return p if p["state"] == "WAITING" and "constraint site='nowhere'" in (p["why"] or "") else None
+    p = poll(explained, timeout=90)
+    assert p["msg"] == "" and p["why"].startswith("no node fits (constraint site='nowhere', 1 node has ")
+    text = run_text(home, "process", "describe", "far").stdout.splitlines()
+    state_at = text.index("state: WAITING")
+    assert text[state_at + 1] == f"why: {p['why']}", text
+    table = run_text(home, "process", "list").stdout
+    assert any(line.split()[:2] == ["far", "WAITING"] and line.endswith(p["why"]) for line in table.splitlines()), table
+    assert data(home, "process", "list")[0]["why"] == p["why"]
+
+
 def test_a_process_whose_node_is_terminated_restarts_without_crash_loop_backoff(system):
     """F3 (decision OP7): a long process whose node is terminated under it three times, each
     within seconds of its start, is restarted each time at once and never counted as a quick
