@@ -87,6 +87,20 @@ def test_the_home_remembers_its_log_after_down(tmp_path, capsys):
     assert not (home / "log.sqlite").exists()
 
 
+def test_counts_in_titles_are_singular_for_one():
+    """"1 process", not "1 processes", in a list's title (`up`'s lines: the Ctrl-C test below)."""
+    import io
+
+    from cei_actors.cli.output import Output
+    from cei_actors.cli.process import show_list
+
+    for n, title in ((1, "1 process"), (2, "2 processes")):
+        stream = io.StringIO()
+        show_list([{"upid": f"u{i}", "state": "RUNNING", "command": ["true"]} for i in range(n)],
+                  Output(None, stream, tty=False))
+        assert stream.getvalue().splitlines()[0] == title
+
+
 # ---- against a real system (subprocesses, real EEAgent "VMs") ------------------------------------
 
 from test_cli_e2e import cei, cleanup, data  # noqa: E402
@@ -374,6 +388,9 @@ def test_ctrl_c_between_the_last_step_of_up_and_the_exit_leaves_it_up(tmp_path):
         proc = subprocess.run([sys.executable, "-c", LATE_CTRL_C, str(home)], capture_output=True, text=True,
                               timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         assert "system up in" in proc.stdout, proc.stderr
+        # counts in its narrative: singular for one (item "1 processes")
+        assert "starting pd (1 replica)" in proc.stdout and "replayed 0 events" in proc.stdout
+        assert "registry: 1 site, 1 deployable type, 0 credential sets" in proc.stdout, proc.stdout
         assert check_finished_or_cleaned(home, proc.returncode, proc.stderr, True) == "up"
     finally:
         cleanup(home)

@@ -13,6 +13,7 @@ from ..eeagent.messages import MAX_TAIL_LINES, ReadOutput
 from ..eeagent.output import read_chunk
 from ..eeagent.output import tail_offset as tail_offset  # re-exported (tests, callers)
 from ..pd import states as ps
+from ..plaindata import count
 from ..runtime.client import NotFound, OutcomeUnknown, ServiceClient, Unavailable
 from ..runtime.control import PeerAddress
 from . import ids
@@ -135,7 +136,7 @@ def show_list(processes: list[dict[str, Any]], out: Output) -> None:
              "age": age(now - p["state_time"]) if p.get("state_time") else None,
              "constraints": ",".join(f"{k}={v}" for k, v in sorted((p.get("constraints") or {}).items()))}
             for p in processes]
-    out.table(rows, COLUMNS, title=f"{len(rows)} processes", wide=WIDE)
+    out.table(rows, COLUMNS, title=count(len(rows), "process"), wide=WIDE)
 
 
 def cmd_schedule(args: argparse.Namespace, out: Output) -> int:

@@ -37,6 +37,7 @@ from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
 from ..ha.client import HAClient
 from ..pd.client import PDClient
+from ..plaindata import count
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
@@ -287,7 +288,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         start = Start(plan.log_url, config=plan.start_config(comp),
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in every.items() if k != comp and len(v) > 1})
-        say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
+        say(f"starting {comp} ({count(len(addrs), 'replica')})")
         if comp in remote_replicas:  # it leads elsewhere: these are standbys
             for replica in addrs:
                 with ServiceClient(asys, replica) as other:
@@ -301,7 +302,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                 other.tell(start)
         heads[comp] = started.head
         say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
-            f"replayed {started.head} events")
+            f"replayed {count(started.head, 'event')}")
     own = None if port is None else f"{current_network().advertise}:{port}"
     # EEAgents join the system whose admin knows the PD by name
     if "provisioner" in addresses:
@@ -451,8 +452,8 @@ def load_registry(prov: ProvisionerClient, plan: Plan, admin: str | None, say: P
     for site, creds in reg["credentials"].items():
         _put(prov.describe_credentials, prov.add_credentials, prov.update_credentials, site, dict(creds))
     prov.enable()  # `down` disabled it; does nothing when already enabled
-    say(f"registry: {len(reg['sites'])} site(s), {len(reg['deployable_types'])} deployable "
-        f"type(s), {len(reg['credentials'])} credential set(s)")
+    say(f"registry: {count(len(reg['sites']), 'site')}, {count(len(reg['deployable_types']), 'deployable type')}, "
+        f"{count(len(reg['credentials']), 'credential set')}")
 
 
 def point_agents_at(prov: ProvisionerClient, admin: str, say: Progress) -> None:
