@@ -246,6 +246,41 @@ def test_a_process_held_back_by_a_constraint_says_why_in_describe_and_list(syste
     assert data(home, "process", "list")[0]["why"] == p["why"]
 
 
+def test_a_killed_replica_is_started_again_by_replica_start(system):
+    """`cei replica start NAME` (launcher.start_replica, OP10) starts a replica that died under
+    its name again; the system is healthy after; bad names and a running replica are one-line
+    errors that change nothing; `down` stops the new process too."""
+    import json
+    import os
+    import signal
+
+    from test_launch_system import live
+
+    home = system
+    (old,) = data(home, "status")["components"]["ha"]
+    os.kill(old["pid"], signal.SIGKILL)
+    for bad, words in ((["nope"], ["not a replica name"]), (["ha.x"], ["not a replica name"]),
+                       (["pd.3"], ["not a replica of this system"]), (["pd"], ["runs already"])):
+        one_line_error(run_text(home, "replica", "start", *bad), *words)
+
+    def started():
+        """replica ha started again (once its name is freed)"""
+        proc = run_text(home, "--json", "replica", "start", "ha")
+        assert proc.returncode == 0 or "runs already" in proc.stderr, proc.stderr
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+    new = poll(started, timeout=30)
+    assert new["name"] == "ha" and new["pid"] != old["pid"] and live(new["pid"])
+
+    def healthy():
+        """cei status healthy, ha led by the new replica"""
+        status = data(home, "status")
+        (ha,) = status["components"]["ha"]
+        return status["healthy"] and ha["leader"] and ha["pid"] == new["pid"]
+    poll(healthy, timeout=30)
+    cei(home, "down", timeout=120)
+    assert not live(new["pid"])
+
+
 def test_a_process_whose_node_is_terminated_restarts_without_crash_loop_backoff(system):
     """F3 (decision OP7): a long process whose node is terminated under it three times, each
     within seconds of its start, is restarted each time at once and never counted as a quick
