@@ -431,8 +431,8 @@ def start_replica(conn: Connection, component: str, index: int,
     peers = {}
     for other, addresses in every.items():
         if other != component:
-            try:
-                peers[other] = _serving(asys, addresses, timeout=5.0)
+            try:  # asked once, not waited for
+                peers[other] = _serving(asys, addresses, timeout=0.0)
             except LaunchError:  # none leads now: the first; a leader's Hello corrects it
                 peers[other] = addresses[0]
     new = asys.createActor(ACTOR_CLASSES[component], globalName=name)
