@@ -14,6 +14,6 @@ def entry() -> None:
     except KeyboardInterrupt:
         print("cei: interrupted (nothing was done)", file=sys.stderr)
         raise SystemExit(130) from None
-    status = main()
+    status = main(exiting=True)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # exiting: a late Ctrl-C changes nothing now
     raise SystemExit(status)

@@ -22,4 +22,14 @@ def plain(value: Any, as_text: bool = True) -> Any:
     return json.dumps(data, sort_keys=True, default=str) if as_text else data
 
 
-__all__ = ["plain"]
+def count(n: int, noun: str, plural: str | None = None) -> str:
+    """``n`` and the noun, singular for 1: ``1 process``, ``2 processes`` (``plural``: default
+    the noun plus ``es`` after s/x/ch/sh, else ``s``)."""
+    if n == 1:
+        return f"1 {noun}"
+    if plural is None:
+        plural = noun + ("es" if noun.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{n} {plural}"
+
+
+__all__ = ["count", "plain"]

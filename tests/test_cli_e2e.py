@@ -144,7 +144,7 @@ def test_demo(tmp_path: Path) -> None:
         proc = run_cli("demo", "--dir", str(demo_home), timeout=150)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
         out = proc.stdout
-        for needle in ("needs 4 node(s)", "asks the Provisioner", "KILL -9 node", "restarted on node",
+        for needle in ("needs 4 nodes", "asks the Provisioner", "KILL -9 node", "restarted on node",
                        "all the work is done", "no node left", "summary: 20/20 processes finished successfully"):
             assert needle in out, needle
         assert leftovers(demo_home) == []

@@ -87,6 +87,20 @@ def test_the_home_remembers_its_log_after_down(tmp_path, capsys):
     assert not (home / "log.sqlite").exists()
 
 
+def test_counts_in_titles_are_singular_for_one():
+    """"1 process", not "1 processes", in a list's title (`up`'s lines: the Ctrl-C test below)."""
+    import io
+
+    from cei_actors.cli.output import Output
+    from cei_actors.cli.process import show_list
+
+    for n, title in ((1, "1 process"), (2, "2 processes")):
+        stream = io.StringIO()
+        show_list([{"upid": f"u{i}", "state": "RUNNING", "command": ["true"]} for i in range(n)],
+                  Output(None, stream, tty=False))
+        assert stream.getvalue().splitlines()[0] == title
+
+
 # ---- against a real system (subprocesses, real EEAgent "VMs") ------------------------------------
 
 from test_cli_e2e import cei, cleanup, data  # noqa: E402
@@ -212,6 +226,61 @@ def test_a_crash_loop_backs_off_and_shows_as_such(system):
     assert restarted["restarts"] == 0 and restarted["status"] != "CrashLoopBackOff", restarted
 
 
+def test_a_process_held_back_by_a_constraint_says_why_in_describe_and_list(system):
+    """A process no node can take (its constraint matches no node) is WAITING with no message;
+    describe and list say why (from the live PD's matchmaker verdicts)."""
+    home = system
+    cei(home, "process", "schedule", "--upid", "far", "--constraint", "site=nowhere", "--", "sleep", "60")
+
+    def explained():
+        """process far WAITING with a why naming its constraint, once a node runs"""
+        p = data(home, "process", "describe", "far")
+        return p if p["state"] == "WAITING" and "constraint site='nowhere'" in (p["why"] or "") else None
+    p = poll(explained, timeout=90)
+    assert p["msg"] == "" and p["why"].startswith("no node fits (constraint site='nowhere', 1 node has ")
+    text = run_text(home, "process", "describe", "far").stdout.splitlines()
+    state_at = text.index("state: WAITING")
+    assert text[state_at + 1] == f"why: {p['why']}", text
+    table = run_text(home, "process", "list").stdout
+    assert any(line.split()[:2] == ["far", "WAITING"] and line.endswith(p["why"]) for line in table.splitlines()), table
+    assert data(home, "process", "list")[0]["why"] == p["why"]
+
+
+def test_a_killed_replica_is_started_again_by_replica_start(system):
+    """`cei replica start NAME` (launcher.start_replica, OP10) starts a replica that died under
+    its name again; the system is healthy after; bad names and a running replica are one-line
+    errors that change nothing; `down` stops the new process too."""
+    import json
+    import os
+    import signal
+
+    from test_launch_system import live
+
+    home = system
+    (old,) = data(home, "status")["components"]["ha"]
+    os.kill(old["pid"], signal.SIGKILL)
+    for bad, words in ((["nope"], ["not a replica name"]), (["ha.x"], ["not a replica name"]),
+                       (["pd.3"], ["not a replica of this system"]), (["pd"], ["runs already"])):
+        one_line_error(run_text(home, "replica", "start", *bad), *words)
+
+    def started():
+        """replica ha started again (once its name is freed)"""
+        proc = run_text(home, "--json", "replica", "start", "ha")
+        assert proc.returncode == 0 or "runs already" in proc.stderr, proc.stderr
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+    new = poll(started, timeout=30)
+    assert new["name"] == "ha" and new["pid"] != old["pid"] and live(new["pid"])
+
+    def healthy():
+        """cei status healthy, ha led by the new replica"""
+        status = data(home, "status")
+        (ha,) = status["components"]["ha"]
+        return status["healthy"] and ha["leader"] and ha["pid"] == new["pid"]
+    poll(healthy, timeout=30)
+    cei(home, "down", timeout=120)
+    assert not live(new["pid"])
+
+
 def test_a_process_whose_node_is_terminated_restarts_without_crash_loop_backoff(system):
     """F3 (decision OP7): a long process whose node is terminated under it three times, each
     within seconds of its start, is restarted each time at once and never counted as a quick
@@ -318,6 +387,46 @@ def test_ctrl_c_at_the_end_of_up_leaves_it_up_and_says_so(tmp_path):
     try:
         code, out, err, sent = interrupted_up(home, lambda line: line.lstrip().startswith(("up: admin", "[")) and "up: admin" in line)
         assert check_finished_or_cleaned(home, code, err, sent) in ("up", "cleaned")
+    finally:
+        cleanup(home)
+
+
+LATE_CTRL_C = """
+import contextlib, os, signal, sys, time
+from cei_actors.cli import system
+real = system.interrupt_between_steps
+
+@contextlib.contextmanager
+def then_ctrl_c(*args, **kwargs):
+    with real(*args, **kwargs) as asked:
+        yield asked
+    os.kill(os.getpid(), signal.SIGINT)  # a Ctrl-C just after up's last step, before the exit
+    time.sleep(0.5)
+
+system.interrupt_between_steps = then_ctrl_c
+sys.argv = ["cei", "--home", sys.argv[1], "up"]
+from cei_actors.cli_entry import entry
+entry()
+"""
+
+
+def test_ctrl_c_between_the_last_step_of_up_and_the_exit_leaves_it_up(tmp_path):
+    """The window the Ctrl-C test above hit now and then on a busy host (decision OP8): a
+    Ctrl-C after up's steps are done and before the process ends does not make it say a bare
+    "cei: interrupted" (nor a traceback): the system runs and it says so (or exits 0)."""
+    import signal
+    import subprocess
+    import sys
+
+    home = tmp_path / "cei"
+    try:
+        proc = subprocess.run([sys.executable, "-c", LATE_CTRL_C, str(home)], capture_output=True, text=True,
+                              timeout=120, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert "system up in" in proc.stdout, proc.stderr
+        # counts in its narrative: singular for one (item "1 processes")
+        assert "starting pd (1 replica)" in proc.stdout and "replayed 0 events" in proc.stdout
+        assert "registry: 1 site, 1 deployable type, 0 credential sets" in proc.stdout, proc.stdout
+        assert check_finished_or_cleaned(home, proc.returncode, proc.stderr, True) == "up"
     finally:
         cleanup(home)
 

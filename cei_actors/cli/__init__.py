@@ -156,9 +156,12 @@ def quiet_libraries(verbose: int) -> None:
         root.addHandler(logging.NullHandler())  # no handler would mean logging's lastResort: stderr
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``cei`` command; returns the exit status (the console script exits with it)."""
+def main(argv: Sequence[str] | None = None, *, exiting: bool = False) -> int:
+    """Run the ``cei`` command; returns the exit status (the console script exits with it).
+    ``exiting``: the process ends when this returns (the console script), so a command may
+    leave SIGINT ignored once its outcome is settled (``up``, decision OP8)."""
     args = parse(argv)
+    args.exiting = exiting
     quiet_libraries(args.verbose)
     home = Path(args.home).absolute()
     args.home = home
@@ -204,4 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def entry() -> None:
-    raise SystemExit(main())
+    """``python -m cei_actors.cli``: the console script's :func:`cei_actors.cli_entry.entry`."""
+    from ..cli_entry import entry as console
+
+    console()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..plaindata import count
 from .common import seconds
 from .node import crash_node
 from .output import CliError, Output
@@ -67,7 +68,7 @@ class Watch:
         dump = conn.pd.dump()
         for engine, v in sorted((dump.get("needs") or {}).items()):
             if self.need.get(engine) != v["need"]:
-                self.say(f"PD: engine {engine!r} needs {v['need']} node(s) (has {v['nodes']})")
+                self.say(f"PD: engine {engine!r} needs {count(v['need'], 'node')} (has {v['nodes']})")
                 self.need[engine] = v["need"]
         for domain_id in conn.epum.list_domains():
             for inst in conn.epum.describe_domain(domain_id).get("instances") or []:
@@ -84,7 +85,7 @@ class Watch:
         resources = {r["resource_id"]: r for r in dump["resources"]}
         for rid in sorted(set(resources) - self.resources):
             r = resources[rid]
-            self.say(f"PD: the EEAgent of node {short(r['node_id'])} reports in: {r['slots']} slot(s)")
+            self.say(f"PD: the EEAgent of node {short(r['node_id'])} reports in: {count(r['slots'], 'slot')}")
         self.resources |= set(resources)
         pd_nodes = {n["node_id"] for n in dump["nodes"]}
         for node_id in sorted(self.pd_nodes - pd_nodes):
@@ -152,7 +153,7 @@ def cmd_demo(args: argparse.Namespace, out: Output) -> int:
     else:
         say(f"summary: {summary['exited']}/{args.processes} processes finished successfully, "
             f"{summary['failed']} failed, {summary['restarts']} restarted after the node loss, "
-            f"{summary['nodes_used']} nodes used, {summary['elapsed']}s elapsed")
+            f"{count(summary['nodes_used'], 'node')} used, {summary['elapsed']}s elapsed")
         if not ok:
             say(f"NOT OK: processes left: {summary['unfinished']}; the system's files are in {home}")
     return 0 if ok else 1
@@ -162,7 +163,7 @@ def run(conn: Any, args: argparse.Namespace, say: Any) -> dict[str, Any]:
     """Schedule the work, watch it, kill a node, wait for the end and the domain to shrink."""
     watch = Watch(say)
     command = ["sh", "-c", f"sleep {args.work:g}; echo done"]
-    say(f"scheduling {args.processes} processes: {' '.join(command)}")
+    say(f"scheduling {count(args.processes, 'process')}: {' '.join(command)}")
     upids = [f"p{i:02d}" for i in range(1, args.processes + 1)]
     for upid in upids:
         conn.pd.schedule_process(upid, command=command, restart_mode="ABNORMAL")
@@ -218,5 +219,5 @@ def maybe_kill(conn: Any, processes: list[dict[str, Any]], watch: Watch, say: An
     rounds = {p["upid"]: p["round"] for p in processes}
     watch.victims.update({u: rounds[u] for u in running})
     say(f"KILL -9 node {short(node_id)} ({result['iaas_id']}): its EEAgent (group {result['pgid']}) "
-        f"and its {len(running)} running processes {', '.join(sorted(running))}")
+        f"and its {count(len(running), 'running process', 'running processes')} {', '.join(sorted(running))}")
     return {**result, "processes": sorted(running)}

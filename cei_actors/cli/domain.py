@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from ..epum.client import dotted_config
+from ..plaindata import count
 from ..runtime.client import NotFound
 from . import ids
 from .common import UsageError, assignments, check_with, connected, done, load_mapping
@@ -97,7 +98,7 @@ def health(domain: dict[str, Any], now: float | None = None) -> dict[str, Any]:
         parts = []
         for b in held:
             wait = max(0.0, (b.get("retry_at") or now) - now)
-            parts.append(f"{b['failures']} failed launch round(s) at {b['site']}, next in {wait:.0f}s: "
+            parts.append(f"{count(b['failures'], 'failed launch round')} at {b['site']}, next in {wait:.0f}s: "
                          f"{b.get('last_error')}")
         return {"status": "backoff", "reason": "; ".join(parts)}
     return {"status": "ok", "reason": None}

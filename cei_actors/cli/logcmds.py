@@ -13,6 +13,7 @@ from ..eventlog import CorruptLog, Snapshot
 from ..eventlog.batch import unpack_state
 from ..launch.components import UnknownStream, component_for
 from ..launch.plan import shown_log_url
+from ..plaindata import count
 from .common import UsageError
 from .output import CliError, Output, plain
 
@@ -356,7 +357,7 @@ def cmd_check(args: argparse.Namespace, out: Output) -> int:
     if out.json:
         out.emit({"ok": ok, "checked": checked, "snapshot": snapshot, "snapshots": reports})
     else:
-        out.line(f"{args.stream}: {checked} events replayed, every invariant held")
+        out.line(f"{args.stream}: {count(checked, 'event')} replayed, every invariant held")
         for report in reports:
             out.line(f"snapshot at offset {report['offset']}: "
                      + (report["problem"] or "restores to the state replayed up to it"))

@@ -8,6 +8,7 @@ import os
 import signal
 from typing import Any
 
+from ..plaindata import count
 from ..runtime import procfs
 from ..runtime.client import NotFound
 from . import ids
@@ -83,7 +84,7 @@ def gather(conn: Any, include_gone: bool = True) -> list[dict[str, Any]]:
 def cmd_list(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
         return watch(args, out, lambda: gather(conn, include_gone=args.all),
-                     lambda nodes: out.table(nodes, COLUMNS, title=f"{len(nodes)} nodes", wide=WIDE))
+                     lambda nodes: out.table(nodes, COLUMNS, title=count(len(nodes), "node"), wide=WIDE))
 
 
 def cmd_describe(args: argparse.Namespace, out: Output) -> int:
@@ -177,5 +178,5 @@ def cmd_kill(args: argparse.Namespace, out: Output) -> int:
         args.node_id = ids.node_id(conn.provisioner.describe_nodes(), args.node_id)
         result = crash_node(conn, args.node_id)
     done(out, result, f"node {args.node_id} killed (EEAgent group {result['pgid']}, "
-                      f"{len(result['process_groups'])} process group(s))")
+                      f"{count(len(result['process_groups']), 'process group')})")
     return 0

@@ -13,6 +13,7 @@ from ..eeagent.messages import MAX_TAIL_LINES, ReadOutput
 from ..eeagent.output import read_chunk
 from ..eeagent.output import tail_offset as tail_offset  # re-exported (tests, callers)
 from ..pd import states as ps
+from ..plaindata import count
 from ..runtime.client import NotFound, OutcomeUnknown, ServiceClient, Unavailable
 from ..runtime.control import PeerAddress
 from . import ids
@@ -21,7 +22,7 @@ from .output import CliError, Output, age, progress
 from .watch import watch, watch_option
 
 #: The columns of a process table (``-o wide`` adds :data:`WIDE`).
-COLUMNS = ["upid", "status", "round", "node_id", "age", "restart_mode", "command"]
+COLUMNS = ["upid", "status", "round", "node_id", "age", "restart_mode", "command", "why"]
 WIDE = ["name", "state", "restarts", "next_start", "queueing_mode", "engine", "constraints", "starts",
         "last_node_id", "state_time", "msg"]
 
@@ -100,7 +101,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def show(process: dict[str, Any], out: Output) -> None:
-    """One process: the whole record in a machine format, ``key: value`` lines otherwise."""
+    """One process: the whole record in a machine format, ``key: value`` lines otherwise (a
+    waiting process's ``why``, what keeps it from a slot, right after its state)."""
+    if not out.json and "why" in process:
+        items = [(k, v) for k, v in process.items() if k != "why"]
+        if process["why"] and "state" in process:
+            at = [k for k, _ in items].index("state") + 1
+            items.insert(at, ("why", process["why"]))
+        process = dict(items)
     out.describe(process, title=f"process {process.get('upid')}")
 
 
@@ -128,7 +136,7 @@ def show_list(processes: list[dict[str, Any]], out: Output) -> None:
              "age": age(now - p["state_time"]) if p.get("state_time") else None,
              "constraints": ",".join(f"{k}={v}" for k, v in sorted((p.get("constraints") or {}).items()))}
             for p in processes]
-    out.table(rows, COLUMNS, title=f"{len(rows)} processes", wide=WIDE)
+    out.table(rows, COLUMNS, title=count(len(rows), "process"), wide=WIDE)
 
 
 def cmd_schedule(args: argparse.Namespace, out: Output) -> int:

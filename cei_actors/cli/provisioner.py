@@ -6,6 +6,7 @@ import argparse
 import sys
 import uuid
 
+from ..plaindata import count
 from .common import check_with, connected, done, load_mapping, seconds
 from .output import CliError, Output, progress
 
@@ -88,5 +89,5 @@ def cmd_enable(args: argparse.Namespace, out: Output) -> int:
 def cmd_dump_state(args: argparse.Namespace, out: Output) -> int:
     with connected(args) as conn:
         sent = conn.provisioner.dump_state(args.node_ids)
-    done(out, {"sent": sent}, f"resent {sent} node record(s) to the subscribers")
+    done(out, {"sent": sent}, f"resent {count(sent, 'node record')} to the subscribers")
     return 0

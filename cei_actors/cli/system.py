@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .common import connected, not_up_message
+from .common import connected, done, not_up_message
 from .output import CliError, Output, progress
 from .watch import watch, watch_option
 
@@ -39,6 +39,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="leaders, domains, nodes, resources, process counts")
     watch_option(p)
     p.set_defaults(func=cmd_status)
+    p = sub.add_parser("replica", help="a replica of this system's components")
+    cmds = p.add_subparsers(dest="replica_cmd", required=True, metavar="COMMAND")
+    p = cmds.add_parser("start", help="start again a replica that does not run (e.g. after a kill -9): a "
+                                      "standby while another leads; every replica of the other "
+                                      "components, on the systems joined to this one too, learns it")
+    p.add_argument("name", metavar="NAME", help="the replica as `cei status` names it (pd, pd.1, epum, ...)")
+    p.set_defaults(func=cmd_replica_start)
 
 
 def start(args: argparse.Namespace, out: Output, asked: list[float] | None = None) -> dict[str, Any]:
@@ -99,11 +106,14 @@ class Interrupted(CliError):
 
 
 @contextlib.contextmanager
-def interrupt_between_steps() -> Iterator[list[float]]:
+def interrupt_between_steps(then_ignore: bool = False) -> Iterator[list[float]]:
     """While inside, a first Ctrl-C (SIGINT) is only noted (the list it yields gets its time)
     for the caller to act on at its next step, so a start is finished or undone, never left
     half made; a second one interrupts at once. Processes started meanwhile (the actor
-    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either."""
+    system) inherit the handler, so a Ctrl-C in the terminal does not kill them either.
+    ``then_ignore`` (the process ends after this command): on leaving, SIGINT is ignored
+    instead of given back to Python's handler, so a Ctrl-C between the last step and the
+    exit cannot turn a finished start into a bare "interrupted" (decision OP8)."""
     asked: list[float] = []
     if threading.current_thread() is not threading.main_thread():
         yield asked
@@ -122,7 +132,7 @@ def interrupt_between_steps() -> Iterator[list[float]]:
     try:
         yield asked
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.SIG_IGN if then_ignore else previous)
 
 
 @contextlib.contextmanager
@@ -135,7 +145,7 @@ def progress_shown(out: Output, title: str) -> Iterator[Callable[[str], None]]:
 def cmd_up(args: argparse.Namespace, out: Output) -> int:
     from ..launch.launcher import read_info
 
-    with interrupt_between_steps() as asked:
+    with interrupt_between_steps(then_ignore=getattr(args, "exiting", False)) as asked:
         try:
             info = start(args, out, asked)
         except KeyboardInterrupt:  # before the start, or a second Ctrl-C
@@ -146,8 +156,27 @@ def cmd_up(args: argparse.Namespace, out: Output) -> int:
             out.emit(info)
         else:
             out.line(f"system up in {args.home}")
-        if asked:
-            raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
+    if asked:  # noted up to the end of the block; past it a console `cei` ignores Ctrl-C
+        raise Interrupted(f"interrupted after the system was up: it runs in {args.home} (`cei down` stops it)")
+    return 0
+
+
+def cmd_replica_start(args: argparse.Namespace, out: Output) -> int:
+    from ..launch.launcher import LaunchError, start_replica
+    from ..launch.plan import COMPONENTS
+
+    component, dot, index = args.name.partition(".")
+    if component not in COMPONENTS or (dot and not (index.isdigit() and int(index) > 0)):
+        raise CliError(f"replica start: {args.name!r} is not a replica name ({', '.join(COMPONENTS)}, "
+                       "or one of them and .N)")
+    with connected(args) as conn:
+        try:
+            start_replica(conn, component, int(index or 0))
+        except LaunchError as exc:
+            raise CliError(f"replica start: {exc}") from None
+        status = next((m.status for m in conn.members(component) if m.name == args.name), None) or {}
+    role = "leads" if status.get("leader") else "standby"
+    done(out, {"name": args.name, **status}, f"replica {args.name} started (pid {status.get('pid')}, {role})")
     return 0
 
 

@@ -37,6 +37,7 @@ from ..eeagent.supervisor import SupervisorError, read_table
 from ..epum.client import EPUMClient
 from ..ha.client import HAClient
 from ..pd.client import PDClient
+from ..plaindata import count
 from ..private_files import private_dir, private_file, write_secret_file
 from ..provisioner.client import ProvisionerClient
 from ..provisioner.sealing import CredentialsKey
@@ -59,6 +60,7 @@ from ..runtime.system import (
     SystemNotRunning,
     admin_address,
     attach_system,
+    convention_admins,
     detach_system,
     global_actors,
     lookup,
@@ -67,7 +69,15 @@ from ..runtime.system import (
     start_system,
 )
 from ..subscribe import Watcher
-from .plan import COMPONENTS, CREDENTIALS_KEY_FILE, REQUIRED, Plan, shown_log_url
+from .plan import (
+    COMPONENTS,
+    CREDENTIALS_KEY_FILE,
+    DEFAULT_SOURCE,
+    REQUIRED,
+    Plan,
+    load_plan,
+    shown_log_url,
+)
 
 __all__ = [
     "ACTOR_CLASSES",
@@ -75,13 +85,16 @@ __all__ = [
     "LaunchError",
     "NotRunning",
     "Progress",
+    "announce_replicas",
     "connect",
     "down",
     "read_info",
     "remembered_log_url",
     "replica_name",
+    "replicas_everywhere",
     "secure_home",
     "start_components",
+    "start_replica",
     "stop_components",
     "sweep_leftovers",
     "up",
@@ -287,7 +300,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
         start = Start(plan.log_url, config=plan.start_config(comp),
                       peers={k: v for k, v in peers.items() if k != comp},
                       replicas={k: list(v) for k, v in every.items() if k != comp and len(v) > 1})
-        say(f"starting {comp} ({len(addrs)} replica{'s' if len(addrs) > 1 else ''})")
+        say(f"starting {comp} ({count(len(addrs), 'replica')})")
         if comp in remote_replicas:  # it leads elsewhere: these are standbys
             for replica in addrs:
                 with ServiceClient(asys, replica) as other:
@@ -301,7 +314,7 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                 other.tell(start)
         heads[comp] = started.head
         say(f"{comp} ready: leads stream {started.stream!r} at epoch {started.epoch}, "
-            f"replayed {started.head} events")
+            f"replayed {count(started.head, 'event')}")
     own = None if port is None else f"{current_network().advertise}:{port}"
     # EEAgents join the system whose admin knows the PD by name
     if "provisioner" in addresses:
@@ -351,6 +364,90 @@ def start_components(asys: ActorSystem, plan: Plan, home: Path, say: Progress,
                     else None),
         "started_at": time.time(),
     }
+
+
+def replicas_everywhere(asys: ActorSystem, info: dict[str, Any],
+                        timeout: float = 5.0) -> dict[str, list[ActorAddress]]:
+    """Every replica of each component registered now, on this system and on the systems it
+    is joined with: the other admins of its convention (the one it joined, or those that
+    joined it) and its peer admins (``network.peers``). An admin that does not answer is
+    skipped. In replica order, this system's first."""
+    admins: list[ActorAddress | None] = [None, *convention_admins(asys, timeout)]
+    admins += [a for a in (admin_address(p) for p in info.get("peer_admins") or ()) if a not in admins]
+    out: dict[str, list[ActorAddress]] = {}
+    for admin in admins:
+        try:
+            registered = global_actors(asys, timeout, admin=admin)
+        except SystemNotRunning:
+            if admin is None:
+                raise
+            continue
+        for comp in COMPONENTS:
+            known = out.setdefault(comp, [])
+            known += [registered[n] for n in replica_names(comp, registered) if registered[n] not in known]
+    return {c: v for c, v in out.items() if v}
+
+
+def announce_replicas(asys: ActorSystem, component: str,
+                      every: dict[str, list[ActorAddress]]) -> list[ActorAddress]:
+    """Tell every replica of the other components in ``every`` (here and on the joined
+    systems) the whole list of ``component``'s replicas (``SetPeers.replicas`` replaces it;
+    a leader among them greets the new ones at once), so a replica started after the join is
+    known everywhere. Returns the replicas that did not answer."""
+    tell = SetPeers({}, replicas={component: list(every.get(component, []))})
+    missed = []
+    for other, addresses in every.items():
+        if other == component:
+            continue
+        for address in addresses:
+            try:
+                with ServiceClient(asys, address, timeout=10.0) as client:
+                    client.call(tell)
+            except (RequestFailed, OutcomeUnknown):
+                missed.append(address)
+    return missed
+
+
+def start_replica(conn: Connection, component: str, index: int,
+                  config: dict[str, Any] | None = None) -> ActorAddress:
+    """(Re)start replica ``index`` of ``component`` on the system of ``conn`` under its name,
+    e.g. after it died (it gets a new address): a standby while another replica leads. Its
+    ``Start`` names every replica of the other components, here and on the joined systems
+    (:func:`replicas_everywhere`), their leaders as its peers; then it is announced to all of
+    them (:func:`announce_replicas`), so their lists follow across systems (decision OP10).
+    ``config``: the component's start config (default: the plan's, as ``up`` gave it). Its
+    pid is recorded in ``system.json`` (``down`` sweeps it)."""
+    asys, info = conn.asys, conn.info
+    name = replica_name(component, index)
+    if component not in info["components"] or name not in info["components"][component]:
+        raise LaunchError(f"{name} is not a replica of this system (its plan runs "
+                          f"{', '.join(info['components'].get(component, [])) or f'no {component}'})")
+    if lookup(asys, name) is not None:
+        raise LaunchError(f"{name} runs already")
+    home = Path(info["home"])
+    source = info.get("plan")
+    plan = load_plan(None if source in (None, DEFAULT_SOURCE) else Path(source), home=home, log_url=info["log_url"])
+    every = replicas_everywhere(asys, info)
+    peers = {}
+    for other, addresses in every.items():
+        if other != component:
+            try:  # asked once, not waited for
+                peers[other] = _serving(asys, addresses, timeout=0.0)
+            except LaunchError:  # none leads now: the first; a leader's Hello corrects it
+                peers[other] = addresses[0]
+    new = asys.createActor(ACTOR_CLASSES[component], globalName=name)
+    collector = lookup(asys, COLLECTOR_NAME) if plan.metrics is not None else None
+    with ServiceClient(asys, new, timeout=30.0) as client:
+        if collector is not None:
+            client.tell(ReportMetrics(collector, name, plan.metrics["interval"]))
+        client.tell(Start(plan.log_url, config=plan.start_config(component) if config is None else config,
+                          peers=peers, replicas={c: list(v) for c, v in every.items() if c != component}))
+        pid = client.call(Status())["pid"]
+    announce_replicas(asys, component, replicas_everywhere(asys, info))
+    info.setdefault("pids", {})[name] = pid
+    info.setdefault("pid_starts", {})[str(pid)] = _start_ticks(pid)
+    write_info(home, info)
+    return new
 
 
 def _wait_started(asys: ActorSystem, comp: str, addrs: list[ActorAddress]) -> None:
@@ -451,8 +548,8 @@ def load_registry(prov: ProvisionerClient, plan: Plan, admin: str | None, say: P
     for site, creds in reg["credentials"].items():
         _put(prov.describe_credentials, prov.add_credentials, prov.update_credentials, site, dict(creds))
     prov.enable()  # `down` disabled it; does nothing when already enabled
-    say(f"registry: {len(reg['sites'])} site(s), {len(reg['deployable_types'])} deployable "
-        f"type(s), {len(reg['credentials'])} credential set(s)")
+    say(f"registry: {count(len(reg['sites']), 'site')}, {count(len(reg['deployable_types']), 'deployable type')}, "
+        f"{count(len(reg['credentials']), 'credential set')}")
 
 
 def point_agents_at(prov: ProvisionerClient, admin: str, say: Progress) -> None:

@@ -1076,22 +1076,31 @@ def _on_describe(pd: ProcessDispatcher, tx: Tx, m: DescribeProcess) -> None:
     if stone is not None:
         tx.reply = Ok(stone.describe())  # marked forgotten, with when it ended and was forgotten
         return
-    tx.reply = Ok(_proc(tx, m.upid).describe())
+    tx.reply = Ok(_described(tx, _proc(tx, m.upid), {}))
+
+
+def _described(tx: Tx, p: Process, held: dict[Any, str]) -> dict[str, Any]:
+    """``p.describe()`` plus ``why``: for a queued process, what keeps it from a slot now
+    (:meth:`Matchmaker.held_back`; ``held`` its cache for one read), else None."""
+    d = p.describe()
+    d["why"] = tx.s.mm.held_back(p, tx.now, held) if p.state in ps.QUEUED else None
+    return d
 
 
 def _on_describe_many(pd: ProcessDispatcher, tx: Tx, m: DescribeProcesses) -> None:
     """The named processes (a forgotten one by its tombstone), or every live record."""
     procs, stones = tx.s.processes, tx.s.tombstones
+    held: dict[Any, str] = {}
     if m.upids is not None:
         chosen: list[dict[str, Any]] = []
         for u in m.upids:
             p = procs.get(u)
             if p is not None:
-                chosen.append(p.describe())
+                chosen.append(_described(tx, p, held))
             elif (stone := stones.get(u)) is not None:
                 chosen.append(stone.describe())
     else:
-        chosen = [p.describe() for p in procs.values()]
+        chosen = [_described(tx, p, held) for p in procs.values()]
     if m.state is not None:
         want = m.state.upper()
         chosen = [d for d in chosen if d["state"] == want]

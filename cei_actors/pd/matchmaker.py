@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..plaindata import count
 from . import states as ps
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -699,6 +700,58 @@ class Matchmaker:
         if holder is not None:
             return {**out, "reason": NODE_EXCLUSIVE, "tag": proc.node_exclusive, "held_by": holder}
         return {**out, "reason": FITS}
+
+    def held_back(self, proc: Process, now: float, cache: dict[Any, str] | None = None) -> str:
+        """One line (no ": ", so YAML shows it plain): what keeps queued ``proc`` from a slot
+        now, from :meth:`verdict` on each node of its engine (what ``cei log why`` shows node
+        by node), and its throttle; "" when a node fits (the next pass places it). ``cache``:
+        one dict across the calls of one read, so one engine, constraints and tag are judged
+        once."""
+        parts = []
+        until = self.throttled_set.get(proc.upid)
+        if until is not None and until > now:
+            parts.append(f"throttled, next start in {until - now:.0f} s")
+        key = (proc.engine, constraint_key(proc.constraints), proc.node_exclusive)
+        nodes = cache.get(key) if cache is not None else None
+        if nodes is None:
+            nodes = self._nodes_held_back(proc)
+            if cache is not None:
+                cache[key] = nodes
+        return "; ".join(parts + ([nodes] if nodes else []))
+
+    def _nodes_held_back(self, proc: Process) -> str:
+        ids = self.engine_nodes.get(proc.engine) or {}
+        if not ids:
+            return f"no node of engine {proc.engine!r} yet"
+        by: dict[str, list[dict[str, Any]]] = {}
+        for nid in ids:
+            v = self.verdict(proc, self.nodes[nid])
+            if v["reason"] == FITS:
+                return ""
+            by.setdefault(v["reason"], []).append(v)
+        misses: dict[str, list[dict[str, Any]]] = {}
+        for v in by.get(CONSTRAINT, ()):
+            misses.setdefault(v["key"], []).append(v)
+        texts = []
+        for key, vs in misses.items():
+            had = ", ".join(dict.fromkeys(repr(_shown(v["had"])) for v in vs))
+            texts.append(f"constraint {key}={_shown(vs[0]['wanted'])!r}, "
+                         f"{count(len(vs), 'node')} {'has' if len(vs) == 1 else 'have'} {had}")
+        for code, one, many in ((NO_FREE_SLOT, "has no free slot", "have no free slot"),
+                                (NODE_EXCLUSIVE, f"holds node_exclusive {proc.node_exclusive!r}",
+                                 f"hold node_exclusive {proc.node_exclusive!r}"),
+                                (NO_AGENT, "has no EEAgent yet", "have no EEAgent yet"),
+                                (AGENT_STATE, "has its agent not OK", "have their agents not OK"),
+                                (RETIRING, "is retiring", "are retiring")):
+            n = len(by.get(code, ()))
+            if n:
+                texts.append(f"{count(n, 'node')} {one if n == 1 else many}")
+        return f"no node fits ({'; '.join(texts)})"
+
+
+def _shown(value: Any) -> Any:
+    """A constraint or property value as given (a tuple made from a list is a list again)."""
+    return [_shown(v) for v in value] if isinstance(value, tuple) else value
 
 
 def naive_place(

@@ -298,21 +298,45 @@ def admin_address(host_port: str) -> ActorAddress:
     return ActorAddress(TCPv4ActorAddress(host, port, external=True))
 
 
-def global_actors(asys: ActorSystem, timeout: float = 5.0,
-                  admin: ActorAddress | None = None) -> dict[str, ActorAddress]:
-    """Every registered global name and its address, asking the admin once (``admin``: another
-    system's admin, see :func:`admin_address`; default the one ``asys`` belongs to). Creates
-    nothing."""
+def _admin_status(asys: ActorSystem, timeout: float, admin: ActorAddress | None) -> Any:
+    """The admin's ``Thespian_SystemStatus`` (None on the simple base, which has no admin)."""
     base = asys._systemBase
     if hasattr(base, "_globalNames") or not hasattr(base, "adminAddr"):  # the simple base
-        return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
+        return None
     from thespian.actors import Thespian_StatusReq, Thespian_SystemStatus
 
     with asys.private() as ctx:
         reply = ctx.ask(admin or base.adminAddr, Thespian_StatusReq(), timeout)
     if not isinstance(reply, Thespian_SystemStatus):
         raise SystemNotRunning(f"the actor system admin did not answer a status request in {timeout}s")
+    return reply
+
+
+def global_actors(asys: ActorSystem, timeout: float = 5.0,
+                  admin: ActorAddress | None = None) -> dict[str, ActorAddress]:
+    """Every registered global name and its address, asking the admin once (``admin``: another
+    system's admin, see :func:`admin_address`; default the one ``asys`` belongs to). Creates
+    nothing."""
+    reply = _admin_status(asys, timeout, admin)
+    if reply is None:
+        base = asys._systemBase
+        return {n: a for n, a in dict(getattr(base, "_globalNames", {})).items() if a is not None}
     return {n: a for n, a in (reply.globalActors or {}).items() if a is not None}
+
+
+def convention_admins(asys: ActorSystem, timeout: float = 5.0) -> list[ActorAddress]:
+    """The admins of the other actor systems in this one's convention: the leader's if it
+    joined one, the members' if it leads one (asking its admin once; none on the simple
+    base)."""
+    reply = _admin_status(asys, timeout, None)
+    if reply is None:
+        return []
+    found = [reply.conventionLeader, *(member for member, _ in reply.conventionAttendees or ())]
+    out: list[ActorAddress] = []
+    for admin in found:
+        if admin is not None and admin != reply.adminAddress and admin not in out:
+            out.append(admin)
+    return out
 
 
 def lookup(asys: ActorSystem, global_name: str, timeout: float = 5.0) -> ActorAddress | None:
@@ -341,6 +365,7 @@ __all__ = [
     "SystemNotRunning",
     "admin_address",
     "attach_system",
+    "convention_admins",
     "detach_system",
     "free_port",
     "global_actors",

@@ -3,7 +3,8 @@
 The system is the launcher's (``up``): thespian TCP base, ZooKeeper log, two replicas each of
 PD, EPUM and Provisioner, EEAgent "VMs" booted by the local cloud driver. The test looks only
 at its own processes: the replicas' pids (``Status``), the VMs of its home's local driver
-(``nodes.json``) and the worker processes it scheduled, whose command line carries a marker
+(``nodes.json`` and the processes marked with its node directories: ``live_vms``) and the
+worker processes it scheduled, whose command line carries a marker
 made of this run's random tag.
 """
 
@@ -29,12 +30,13 @@ from cei_actors.epum.client import EPUMClient
 from cei_actors.eventlog import open_log
 from cei_actors.ha.client import HAClient
 from cei_actors.launch.components import component_for
-from cei_actors.launch.launcher import ACTOR_CLASSES, Connection, connect
+from cei_actors.launch.launcher import Connection, connect, start_replica
 from cei_actors.launch.plan import Plan, default_plan_text, load_plan
 from cei_actors.pd.client import PDClient
 from cei_actors.provisioner.client import ProvisionerClient
+from cei_actors.provisioner.drivers import LocalProcessDriver
 from cei_actors.runtime.client import NotFound, OutcomeUnknown, RequestFailed, ServiceClient
-from cei_actors.runtime.control import SetPeers, Start, Status
+from cei_actors.runtime.control import Status
 from cei_actors.runtime.core import Context
 from cei_actors.runtime.messages import ErrorReply, Ok
 from cei_actors.runtime.system import lookup
@@ -61,6 +63,22 @@ def live(pid: int | None) -> bool:
     except OSError:
         return False
     return raw[raw.rindex(b")") + 2:][:1] not in (b"Z", b"X")
+
+
+def live_vms(state_dir: Path) -> dict[str, dict]:
+    """iaas_id -> the local driver's record (``nodes.json`` under ``state_dir``), for every VM
+    whose init lives or whose processes carry its ``CEI_LOCAL_VM`` marker; plus, as
+    ``unrecorded <node dir>``, each node directory of that driver whose marked processes run
+    though the table does not record it (a create that died before its record): a VM no node
+    can hold, so a leak. Only this driver's node directories are looked at."""
+    if not (state_dir / "nodes.json").exists():
+        return {}
+    table = json.loads((state_dir / "nodes.json").read_text())
+    marked = LocalProcessDriver(state_dir).marked_node_dirs()
+    out = {k: r for k, r in table["nodes"].items() if live(r["pid"]) or r["node_dir"] in marked}
+    recorded = {r["node_dir"] for r in table["nodes"].values()}
+    out.update({f"unrecorded {d}": {"node_dir": d} for d in sorted(marked - recorded)})
+    return out
 
 
 def make_plan(tmp_path: Path, home: Path, zk_hosts: str) -> Plan:
@@ -275,17 +293,14 @@ class FaultSystem:
         return how
 
     def restart_dead(self) -> None:
-        """Start every dead replica again under its name, as a standby; with probability
-        ``arm_chance`` it carries a random crash point (so it may die at one once it leads). Every
-        replica of the other components learns the new replica list (as an operator's tool
-        would tell them)."""
+        """Start every dead replica again under its name, as a standby, by the launcher's
+        ``start_replica`` (every replica of the other components learns it); with probability
+        ``arm_chance`` it carries a random crash point (so it may die at one once it leads)."""
         conn = self.connection()
         for comp in KILLED:
-            dead = 0
             for name, _address, status in self.members(comp):
                 if status is not None and live(status.get("pid")):
                     continue
-                dead += 1
                 pid = self.pids.get(name)
                 self.kills[comp] += 1  # every death is a kill: ours, or a crash point's
                 if pid not in self.sigkilled:
@@ -299,39 +314,19 @@ class FaultSystem:
                     config["crash_at"] = f"{comp}:{point}:{p}"
                     self.armed_pids_pending[name] = point
                     self.armed_restarts[comp] += 1
-                peers = {}
-                for other in KILLED:
-                    if other == comp:
-                        continue
-                    found = self.leader(other)
-                    peers[other] = found[0] if found else lookup(conn.asys, other)
-                replicas = {o: [a for _, a, _ in self.members(o) if a is not None]
-                            for o in KILLED if o != comp}
-                new = conn.asys.createActor(ACTOR_CLASSES[comp], globalName=name)
-                with ServiceClient(conn.asys, new) as c:
-                    c.tell(Start(self.plan.log_url, config=config, peers=peers, replicas=replicas))
-                    try:
+                try:
+                    new = start_replica(conn, comp, conn.info["components"][comp].index(name), config=config)
+                    with ServiceClient(conn.asys, new) as c:
                         self.pids[name] = c.call(Status())["pid"]
-                    except FAILURES:
-                        # no other replica led, so it led at once and its crash point (after
-                        # recovery, say) ended it before it answered: the next round counts it
-                        if self.armed_pids_pending.pop(name, None) is None:
-                            raise
-                        self.pids[name] = None
+                except FAILURES:
+                    # no other replica led, so it led at once and its crash point (after
+                    # recovery, say) ended it before it answered: the next round counts it
+                    if self.armed_pids_pending.pop(name, None) is None:
+                        raise
+                    self.pids[name] = None
                 if name in self.armed_pids_pending:
                     self.armed_pids[self.pids[name]] = self.armed_pids_pending.pop(name)
                 self.restarts += 1
-            if not dead:
-                continue
-            mine = [a for _, a, _ in self.members(comp) if a is not None]
-            for other in KILLED:
-                if other == comp:
-                    continue
-                for _, address, _ in self.members(other):
-                    if address is not None:
-                        with contextlib.suppress(*FAILURES), \
-                                ServiceClient(conn.asys, address, timeout=5.0) as c:
-                            c.call(SetPeers({}, replicas={comp: mine}))
 
     # ---- checks ----------------------------------------------------------------------------
 
@@ -362,10 +357,8 @@ class FaultSystem:
             assert len(copies) <= HA_N, f"{len(copies)} HA copies run for a group of {HA_N}: {copies}"
 
     def vms(self) -> dict[str, dict]:
-        """iaas_id -> the local driver's record, for every VM whose process lives."""
-        path = self.home / "nodes" / "nodes.json"
-        table = json.loads(path.read_text()) if path.exists() else {"nodes": {}}
-        return {k: r for k, r in table["nodes"].items() if live(r["pid"])}
+        """The VMs of this system's local driver that have a live process (:func:`live_vms`)."""
+        return live_vms(self.home / "nodes")
 
     def converged(self) -> str | None:
         """None once everything has settled; else what has not yet (and ``stuck`` names the

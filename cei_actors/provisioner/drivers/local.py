@@ -289,14 +289,19 @@ class LocalProcessDriver(NodeDriver):
                     rec["exited_at"] = now
         return True
 
+    def marked_node_dirs(self) -> set[str]:
+        """This driver's node directories that a live process is marked with (recorded in
+        the table or not; one /proc scan), e.g. to find a VM the table does not show."""
+        base = str(self.state_dir / "nodes") + os.sep
+        return {d for d in marked_dirs() if d.startswith(base)}
+
     def kill_unrecorded(self) -> list[int]:
         """Stop every process of a node directory that the table does not record (a create
         that died between its spawn and its record); their pids."""
         with self._locked_table() as table:
             recorded = {rec.get("node_dir") for rec in table["nodes"].values()}
-            base = str(self.state_dir / "nodes") + os.sep
             killed: list[int] = []
-            for node_dir in sorted(d for d in marked_dirs() if d.startswith(base) and d not in recorded):
+            for node_dir in sorted(self.marked_node_dirs() - recorded):
                 killed += _kill_marked(node_dir)
             return killed
 
