@@ -16,13 +16,6 @@ COMPONENTS: dict[str, str] = {
     "example": "cei_actors.runtime.example:Counters",
 }
 
-#: configuration used when a tool replays a stream without the plan that wrote it (folding
-#: events does not depend on it; the PD merely refuses to be built without an engine)
-REPLAY_CONFIG: dict[str, dict[str, Any]] = {
-    "pd": {"config": {"engines": {"default": {"slots": 1}}}},
-}
-
-
 class UnknownStream(LookupError):
     """A stream no known component owns."""
 
@@ -40,6 +33,4 @@ def component_class(stream: str) -> type[Component[Any]]:
 def component_for(stream: str, config: dict[str, Any] | None = None) -> Component[Any]:
     """A component able to fold ``stream`` (its replicas share a stream, e.g. ``pd``)."""
     cls = component_class(stream)
-    if config is None:
-        config = REPLAY_CONFIG.get(stream.split(".", 1)[0], {})
-    return cls(**config)
+    return cls.for_replay() if config is None else cls(**config)

@@ -704,6 +704,11 @@ class ProcessDispatcher(Component[PDState]):
             return {}
         return _BODY_APPLIERS
 
+    @classmethod
+    def for_replay(cls) -> ProcessDispatcher:
+        """A PD able to fold any PD stream: it merely refuses to be built without an engine."""
+        return cls(config={"engines": {"default": {"slots": 1}}})
+
     def shared_fields(self) -> dict[str, tuple[str, ...]]:
         """A workload's processes are scheduled with one spec (decision RS5)."""
         return _SHARED_FIELDS

@@ -153,6 +153,13 @@ class Component(ABC, Generic[S]):
         fit raises TypeError). Empty (the default): every event is built, then applied."""
         return {}
 
+    @classmethod
+    def for_replay(cls) -> Component[Any]:
+        """An instance able to fold this component's events without the plan that wrote them
+        (folding does not depend on the configuration; a component that cannot be built
+        without one says what to build it with)."""
+        return cls()
+
     def shared_fields(self) -> dict[str, tuple[str, ...]]:
         """Per event type of :meth:`body_appliers`, the body fields whose values repeat across
         events and that the fold only reads: a replay decodes each repeated value once and

@@ -590,20 +590,23 @@ class Runner(Generic[S]):
     def _snapshotter_can(self) -> bool:
         """True if a snapshotter process can write this runner's snapshots: the log is shared
         between processes (SQLite, ZooKeeper), the component folds and snapshots as the one
-        the snapshotter builds for the stream (:func:`.snapshotter.owns`), the component config
+        of this package the snapshotter builds (:func:`.snapshotter.fold_class`), the component config
         did not say ``snapshot_writer: fork``, and the last snapshotter did not fail."""
         if not self.snapshot_process or self._snapshotter_failed:
             return False
         if self.log.url.partition("://")[0] not in ("sqlite", "zk"):
             return False
-        from .snapshotter import owns
+        from .snapshotter import fold_class
 
-        return owns(self.component, self.stream)
+        return fold_class(self.component) is not None
 
     def _snapshot_by_snapshotter(self) -> bool:
+        from .snapshotter import fold_class
+
         offset, started = self.head, time.perf_counter()
         job: dict[str, Any] = {
             "log": self.log.url, "stream": self.stream, "upto": offset, "ts": self.clock(),
+            "component": fold_class(self.component),
             "options": {"keep_snapshots": self.log.keep_snapshots,
                         **({"archive": self.log.archive} if self.log.archive else {})},
             "chunk_bytes": self.log.snapshot_chunk_bytes,

@@ -4,7 +4,8 @@ A leader's runner spawns ``python -m cei_actors.runtime.snapshotter`` once (a fr
 interpreter: nothing of the leader's heap is copied) and sends it a job for each due snapshot,
 one JSON object a line on its stdin: the log URL and options, the stream and the offset
 ``upto`` it has appended. The snapshotter folds the log from the newest usable snapshot up to
-``upto`` with the component that owns the stream (as ``cei log state`` does), saves the
+``upto`` with the component class the job names (:func:`fold_class`: the leader's own, or the
+package class it folds as), saves the
 snapshot at ``upto`` and answers one line, ``{"bytes": N}`` (0: a snapshot at or past ``upto``
 was already stored) or ``{"error": "..."}``; it keeps no state between jobs and exits at the end
 of its input (when the leader exits). It runs at a lower CPU priority (:data:`NICE`).
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
+import importlib
 import json
 import logging
 import os
@@ -23,7 +25,6 @@ import time
 from typing import IO, Any
 
 from ..eventlog import EventLog, Snapshot, open_log
-from ..launch.components import component_class, component_for
 from .core import Component
 from .runner import Runner, snapshot_blob
 
@@ -47,16 +48,29 @@ class SnapshotterError(Exception):
 _FOLD = ("registry", "snapshot_version", "initial_state", "apply", "body_appliers", "snapshot", "restore")
 
 
-def owns(component: Component[Any], stream: str) -> bool:
-    """True if a snapshotter can rebuild ``component``'s state: it is an instance of the class
-    that owns ``stream`` (what ``component_for`` builds) and overrides nothing of its fold or
-    snapshot (:data:`_FOLD`); a variant that does is known to this process only."""
-    try:
-        cls = component_class(stream)
-    except (LookupError, ImportError, AttributeError):
-        return False
+def fold_class(component: Component[Any]) -> str | None:
+    """``module:Class`` of the class a snapshotter builds to fold ``component``'s stream: the
+    least derived class of this package's whose fold and snapshot (:data:`_FOLD`) ``component``
+    keeps unchanged, or None if there is none (a variant known to this process only, e.g. one
+    defined in a test or an embedding application, whose snapshots are forked instead)."""
     mine = type(component)
-    return isinstance(component, cls) and all(getattr(mine, name) is getattr(cls, name) for name in _FOLD)
+    for cls in reversed(mine.__mro__):
+        if cls is Component or not issubclass(cls, Component):
+            continue
+        if (cls.__module__.startswith("cei_actors.") and "<" not in cls.__qualname__
+                and all(getattr(mine, name) is getattr(cls, name) for name in _FOLD)):
+            return f"{cls.__module__}:{cls.__qualname__}"
+    return None
+
+
+def _build(path: str) -> Component[Any]:
+    module, _, name = path.partition(":")
+    if not module.startswith("cei_actors."):
+        raise SnapshotterError(f"{path!r} is not a component of this package")
+    cls = getattr(importlib.import_module(module), name)
+    if not (isinstance(cls, type) and issubclass(cls, Component)):
+        raise SnapshotterError(f"{path!r} is not a component")
+    return cls.for_replay()
 
 
 def write_snapshot(component: Component[Any], log: EventLog, stream: str, upto: int, ts: float) -> int:
@@ -91,7 +105,7 @@ def write_snapshot(component: Component[Any], log: EventLog, stream: str, upto: 
 def run(job: dict[str, Any]) -> int:
     """Carry out one job as the leader sends it (see the module's doc); returns the bytes saved."""
     stream, upto, ts = str(job["stream"]), int(job["upto"]), float(job["ts"])
-    component = component_for(stream)
+    component = _build(str(job["component"]))
     log = open_log(str(job["log"]), **dict(job.get("options") or {}))
     try:
         if job.get("chunk_bytes"):
