@@ -272,3 +272,18 @@ def test_a_bad_snapshot_writer_setting_is_refused(tcp_system, tmp_path):
         client.call(Start(f"sqlite:///{tmp_path}/log.db", config={"snapshot_writer": "fork"}))
         assert client.call(Add("a", 2)) == 2
         client.call(Stop())
+
+
+@pytest.mark.parametrize("path", ["os:path", "cei_actors.runtime.core:Context", "cei_actors.nowhere:X"])
+def test_a_job_naming_anything_but_a_component_of_the_package_is_refused(path, tmp_path):
+    import io
+    import json
+
+    from cei_actors.runtime.snapshotter import serve
+
+    job = {"log": f"sqlite:///{tmp_path}/log.db", "stream": "example", "upto": 1, "ts": 0.0, "component": path}
+    answers = io.StringIO()
+    serve(io.StringIO(json.dumps(job) + "\n"), answers)
+    answer = json.loads(answers.getvalue())
+    assert set(answer) == {"error"} and answer["error"].count("\n") == 0
+    assert not (tmp_path / "log.db").exists() or open_log(f"sqlite:///{tmp_path}/log.db").snapshots("example") == []
