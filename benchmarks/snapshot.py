@@ -83,10 +83,8 @@ def _background(runner: Runner, start: Callable[[], bool]) -> dict[str, float]:
     t = time.perf_counter()
     assert start()
     call_s = time.perf_counter() - t
-    job = runner._history_job
-    assert job is not None
     gaps = _Gaps()
-    while job.is_alive():
+    while runner.history_busy():
         _step()
         gaps.step()
     stored_s = time.perf_counter() - t
