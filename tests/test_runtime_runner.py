@@ -252,3 +252,38 @@ def test_a_core_that_applies_in_decide_is_rebuilt_from_the_log_after_a_refusal()
     assert r.ready and r.fence.epoch == epoch and r.head == 2
     assert r.state.counters == {"a": 3}  # neither "x" nor ("t", 1) from the refused decision
     assert replay(EagerSloppy(), r.log, "example") == r.state
+
+
+def test_the_history_worker_is_one_thread_that_survives_a_failed_job_and_ends_with_its_owner():
+    import gc
+    import threading
+
+    from cei_actors.runtime.runner import _HistoryWorker
+
+    worker = _HistoryWorker("history-test")
+    ran: list[int] = []
+
+    def boom() -> None:
+        raise RuntimeError("planted")
+
+    assert worker.submit(ran.append, (1,)) and worker.wait(10)
+    thread = worker._thread
+    assert thread is not None and thread.is_alive()
+    started = threading.Event()
+    release = threading.Event()
+
+    def held() -> None:
+        started.set()
+        release.wait(10)
+
+    assert worker.submit(held, ())
+    assert started.wait(10) and worker.busy() and not worker.submit(ran.append, (2,))  # one at a time
+    release.set()
+    assert worker.wait(10) and not worker.busy()
+    assert worker.submit(boom, ()) and worker.wait(10)
+    assert worker.submit(ran.append, (3,)) and worker.wait(10)
+    assert ran == [1, 3] and worker._thread is thread  # never a second thread
+    del worker
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()
