@@ -287,3 +287,27 @@ def test_a_job_naming_anything_but_a_component_of_the_package_is_refused(path, t
     answer = json.loads(answers.getvalue())
     assert set(answer) == {"error"} and answer["error"].count("\n") == 0
     assert not (tmp_path / "log.db").exists() or open_log(f"sqlite:///{tmp_path}/log.db").snapshots("example") == []
+
+
+def test_a_snapshotter_whose_leader_died_exits_quietly(tmp_path):
+    """A leader killed (-9) while its snapshotter works: the snapshot is saved, the answer
+    cannot be written, and the snapshotter ends with status 0 and nothing on stderr."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    url = f"sqlite:///{tmp_path}/log.db"
+    r = leader(url, every=1000)
+    for _ in range(3):
+        r.handle(Add("a", 1))
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the leader's end of the answers: gone
+    job = {"log": url, "stream": "example", "upto": r.head, "ts": 1.0,
+           "component": "cei_actors.runtime.example:Counters"}
+    proc = subprocess.run([sys.executable, "-m", "cei_actors.runtime.snapshotter"],
+                          input=(json.dumps(job) + "\n").encode(), stdout=write_end,
+                          stderr=subprocess.PIPE, timeout=60)
+    os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == b""
+    assert open_log(url).snapshots("example") == [r.head]

@@ -124,7 +124,8 @@ def _give_back_memory() -> None:
 
 def serve(jobs: IO[str], answers: IO[str]) -> None:
     """Carry out each job (one JSON object a line) of ``jobs``, answering each with one line
-    on ``answers``: ``{"bytes": N}`` or ``{"error": "one line"}``; return at end of input."""
+    on ``answers``: ``{"bytes": N}`` or ``{"error": "one line"}``; return at end of input or
+    when the leader can no longer be answered (it died: a snapshot saved is kept)."""
     for line in jobs:
         try:
             answer: dict[str, Any] = {"bytes": run(json.loads(line))}
@@ -132,8 +133,11 @@ def serve(jobs: IO[str], answers: IO[str]) -> None:
             answer = {"error": f"{type(exc).__name__}: {exc}".splitlines()[0]}
         gc.collect()  # what the fold left (cycles, if any) goes before the next job
         _give_back_memory()
-        answers.write(json.dumps(answer) + "\n")
-        answers.flush()
+        try:
+            answers.write(json.dumps(answer) + "\n")
+            answers.flush()
+        except (BrokenPipeError, ValueError):  # the leader is gone (e.g. kill -9): so is the job
+            return
 
 
 def main() -> int:
@@ -142,6 +146,8 @@ def main() -> int:
     gc.disable()  # a fold makes no cycles to collect (RS1); the collector would only slow it
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="snapshotter: %(message)s")
     serve(sys.stdin, sys.stdout)
+    with contextlib.suppress(OSError):
+        sys.stdout.close()  # nothing more to say: no second broken pipe at exit
     return 0
 
 
