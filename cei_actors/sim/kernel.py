@@ -48,11 +48,12 @@ RUN_GC_YOUNG = 20_000
 
 @contextlib.contextmanager
 def run_gc() -> Iterator[None]:
-    """The cyclic collector's settings for a stretch of a run (decision SIM9): what exists on
-    entry is frozen (``gc.freeze``: the simulated system's state, which only grows, is not
-    scanned again by each full collection) and young collections are rarer; on exit both are
-    as they were, the frozen objects back in the oldest generation. Left alone when the
-    collector is off or the program keeps objects frozen itself."""
+    """The cyclic collector's settings for a stretch of a run, a recovery or a replay check
+    (decision SIM9): what exists on entry is frozen (``gc.freeze``: the simulated system's
+    state, which only grows, is not scanned again by each full collection) and young
+    collections are rarer; on exit both are as they were, the frozen objects back in the
+    oldest generation. Left alone when the collector is off or the program keeps objects
+    frozen itself."""
     if not gc.isenabled() or gc.get_freeze_count():
         yield
         return
@@ -190,8 +191,10 @@ class Simulation:
         """Cancel every crash armed with :meth:`crash_on_next`."""
         self._crash_next.clear()
 
+    @run_gc()
     def restart(self, name: str) -> Decision:
-        """Start the component again: a new runner recovers from its log."""
+        """Start the component again: a new runner recovers from its log (with
+        :func:`run_gc`'s collector settings, as a run)."""
         node = self.nodes[name]
         node.generation += 1
         runner = Runner(
@@ -281,8 +284,10 @@ class Simulation:
 
     # ---- checks -----------------------------------------------------------------------------
 
+    @run_gc()
     def check(self) -> list[str]:
-        """Every component's invariant violations, plus any state that differs from its replay.
+        """Every component's invariant violations, plus any state that differs from its replay
+        (with :func:`run_gc`'s collector settings, as a run).
 
         The replay folds the whole log from offset 1 (no snapshot) as ``cei log`` does
         (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
