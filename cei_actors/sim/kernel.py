@@ -207,8 +207,10 @@ class Simulation:
 
     # ---- driving ----------------------------------------------------------------------------
 
+    @run_gc()
     def call(self, name: str, message: Any) -> Any:
-        """Deliver ``message`` to ``name`` now, as an outside client; return the reply."""
+        """Deliver ``message`` to ``name`` now, as an outside client; return the reply (with
+        :func:`run_gc`'s collector settings: a scenario's clients call between runs)."""
         node = self.nodes[name]
         if not node.up:
             return ErrorReply("unavailable", f"{name} is down", type(message).__name__)
