@@ -53,19 +53,26 @@ def run_gc() -> Iterator[None]:
     state, which only grows, is not scanned again by each full collection) and young
     collections are rarer; on exit both are as they were, the frozen objects back in the
     oldest generation. Left alone when the collector is off or the program keeps objects
-    frozen itself."""
-    if not gc.isenabled() or gc.get_freeze_count():
+    frozen itself. A nested use is told by a flag: ``gc.get_freeze_count`` walks every frozen
+    object."""
+    global _RUN_GC_HELD
+    if _RUN_GC_HELD or not gc.isenabled() or gc.get_freeze_count():
         yield
         return
     was = gc.get_threshold()
     gc.freeze()
+    _RUN_GC_HELD = True
     if 0 < was[0] < RUN_GC_YOUNG:
         gc.set_threshold(RUN_GC_YOUNG, *was[1:])
     try:
         yield
     finally:
+        _RUN_GC_HELD = False
         gc.set_threshold(*was)
         gc.unfreeze()
+
+
+_RUN_GC_HELD = False  # run_gc's settings are on (its outermost use holds them)
 
 
 _PLAIN, _RESPONSE, _REPLY, _REQUEST = 0, 1, 2, 3
@@ -207,10 +214,8 @@ class Simulation:
 
     # ---- driving ----------------------------------------------------------------------------
 
-    @run_gc()
     def call(self, name: str, message: Any) -> Any:
-        """Deliver ``message`` to ``name`` now, as an outside client; return the reply (with
-        :func:`run_gc`'s collector settings: a scenario's clients call between runs)."""
+        """Deliver ``message`` to ``name`` now, as an outside client; return the reply."""
         node = self.nodes[name]
         if not node.up:
             return ErrorReply("unavailable", f"{name} is down", type(message).__name__)

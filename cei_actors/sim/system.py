@@ -76,7 +76,7 @@ from ..provisioner.logic import Provisioner
 from ..provisioner.messages import AddDeployableType, AddSite
 from ..provisioner.states import FINAL_STATES
 from ..runtime.messages import ErrorReply, Ok
-from .kernel import Faults, Simulation, run_gc
+from .kernel import Faults, Simulation
 
 __all__ = ["COMPONENTS", "ENGINE", "PD_DOMAIN", "CEISystem", "SimAgent", "SystemConfig", "sim_command"]
 
@@ -641,11 +641,9 @@ class CEISystem:
 
     # ---- driving
 
-    @run_gc()
     def run_for(self, seconds: float, check_every: int = 0, replay: bool = True) -> list[str]:
         """Run ``seconds`` of virtual time; with ``check_every`` > 0, check the invariants
-        every that many steps (and at the end); returns the first violations found. The
-        collector keeps :func:`~.kernel.run_gc`'s settings throughout, checks included."""
+        every that many steps (and at the end); returns the first violations found."""
         sim, end = self.sim, self.sim.clock.now() + seconds
         n = 0
         every = [k for k in (self.progress_every if self.progress is not None else 0, check_every) if k > 0]
