@@ -198,10 +198,8 @@ class Simulation:
         """Cancel every crash armed with :meth:`crash_on_next`."""
         self._crash_next.clear()
 
-    @run_gc()
     def restart(self, name: str) -> Decision:
-        """Start the component again: a new runner recovers from its log (with
-        :func:`run_gc`'s collector settings, as a run)."""
+        """Start the component again: a new runner recovers from its log."""
         node = self.nodes[name]
         node.generation += 1
         runner = Runner(
@@ -291,10 +289,8 @@ class Simulation:
 
     # ---- checks -----------------------------------------------------------------------------
 
-    @run_gc()
     def check(self) -> list[str]:
-        """Every component's invariant violations, plus any state that differs from its replay
-        (with :func:`run_gc`'s collector settings, as a run).
+        """Every component's invariant violations, plus any state that differs from its replay.
 
         The replay folds the whole log from offset 1 (no snapshot) as ``cei log`` does
         (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
