@@ -5,8 +5,9 @@ For each size N (VMs; 10 processes per VM) the ``big`` scenario runs its whole l
 arrivals, boots, placements, runs, node failures, a PD failover, drain. Per size: wall and CPU
 seconds, simulated seconds per wall second, steps and events (appended to the components'
 logs) per wall second. ``growth`` = wall time per VM at the largest size / at the smallest
-(1: linear). The iteration's test (``iteration``: 1,850 VMs at once across two sites) runs
-once.
+(1: linear); ``peak rss`` = the process's peak resident memory after that size (sizes run
+smallest first, so it is that size's peak). The iteration's test (``iteration``: 1,850 VMs
+at once across two sites) runs once.
 
 Baseline, measured in the same run at the smallest size (if at most 2,000 VMs): the same scenario with the timings
 the simulator used before (the ``scale`` scenario's: heartbeats every 30 s, the PD's monitor
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 from typing import Any
 
@@ -59,7 +61,8 @@ def measure(summary: dict[str, Any]) -> dict[str, float]:
     events = sum(summary["log_heads"].values())
     return {"wall": wall, "cpu": cpu, "sim_per_wall": summary["virtual_time"] / wall,
             "steps_per_s": summary["steps"] / wall, "events_per_s": events / wall,
-            "steps": summary["steps"], "ok": not summary["violations"] and summary["converged"]}
+            "steps": summary["steps"], "ok": not summary["violations"] and summary["converged"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     sims = _import_sims()
     from sims import big, iteration
 
-    sizes = ([int(x) for x in a.sizes.split(",")] if a.sizes else
+    sizes = (sorted(int(x) for x in a.sizes.split(",")) if a.sizes else
              [1000, 2000, 5000, 10000] if a.scale else [100, 200])
     rows: dict[int, dict[str, float]] = {}
     for n in sizes:
@@ -102,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         add(f"sim steps per s ({n} vms)", r["steps_per_s"], "1/s", b.get("steps_per_s"))
         add(f"sim steps ({n} vms)", r["steps"], "steps", b.get("steps"))
         add(f"sim events per s ({n} vms)", r["events_per_s"], "1/s", b.get("events_per_s"))
+        add(f"sim peak rss MB ({n} vms)", r["peak_rss_mb"], "MB")
     lo, hi = sizes[0], sizes[-1]
     if hi > lo:
         add(f"sim growth (wall per VM, {hi} vs {lo} vms)",

@@ -1148,3 +1148,26 @@ def test_spec_digest_is_the_one_tombstones_have_always_had():
     again = dict(reversed(list(spec.items())))
     again["env"] = {"A": "2", "B": "1"}
     assert spec_digest(again) == spec_digest(spec)
+
+
+def test_spec_digest_with_kept_key_orders_is_the_one_sorted_each_time():
+    """Decision SIM10: maps whose keys are all ``str`` are ordered by their key set's sorted
+    keys, kept; the same digest as sorting by ``repr`` each time (quotes make ``repr``'s
+    order differ from the strings'), cold or kept, whatever the map's own order."""
+    from cei_actors.pd import state
+
+    def spec(flip: bool) -> dict:
+        env = {"b'": "1", 'a"': "2", "A": "3"}
+        inner = {"b'": [1], 'a"': {}}
+        if flip:
+            env, inner = dict(reversed(env.items())), dict(reversed(inner.items()))
+        return {"command": ["sim", "1.5", "0"], "env": env, "configuration": {"x": inner},
+                "constraints": {}}
+
+    state._KEY_ORDERS.clear()
+    state._DIGESTS.clear()
+    assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"  # before SIM10
+    assert tuple(spec(False)["env"]) in state._KEY_ORDERS
+    state._DIGESTS.clear()  # the same spec again: ordered from the kept key orders
+    assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
+    assert state.spec_digest(spec(True)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"

@@ -129,3 +129,49 @@ def test_run_steps_stops_after_max_steps_with_the_clock_at_the_last_one():
     assert sim.run_until(start + 100.0) == 2
     assert seen == [start + 10.0 * (i + 1) for i in range(5)] and sim.clock.now() == start + 100.0
     assert sim.step() is False
+
+
+def test_a_run_freezes_the_set_up_and_leaves_the_collector_as_it_found_it():
+    """Decision SIM9: while the kernel runs, what existed before is frozen (full collections
+    do not scan the simulated system's state again) and young collections are rarer; after
+    the run, even one that raised, the collector's settings and frozen set are as before; a
+    program that keeps objects frozen itself, or has the collector off, is left alone."""
+    import gc
+
+    import pytest
+
+    from cei_actors.sim.kernel import RUN_GC_YOUNG
+
+    before = (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count())
+    assert before[0] and before[2] == 0  # pytest runs with the collector on, nothing frozen
+    sim = Simulation(seed=1)
+    seen: list[tuple[int, int]] = []
+    sim.schedule(1.0, lambda: seen.append((gc.get_freeze_count(), gc.get_threshold()[0])))
+    sim.run_for(2.0)
+    assert seen and seen[0][0] > 0 and seen[0][1] >= RUN_GC_YOUNG
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    sim.schedule(1.0, fail)
+    with pytest.raises(RuntimeError):
+        sim.run_for(2.0)
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+
+    gc.freeze()  # the program's own frozen objects: not ours to unfreeze
+    try:
+        frozen = gc.get_freeze_count()
+        sim.schedule(1.0, lambda: seen.append((gc.get_freeze_count(), gc.get_threshold()[0])))
+        sim.run_for(2.0)
+        assert seen[-1] == (frozen, before[1][0]) and gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
+    gc.disable()
+    try:
+        sim.schedule(1.0, lambda: seen.append((gc.get_freeze_count(), gc.get_threshold()[0])))
+        sim.run_for(2.0)
+        assert seen[-1] == (0, before[1][0]) and not gc.isenabled()
+    finally:
+        gc.enable()
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before

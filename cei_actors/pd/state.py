@@ -167,12 +167,31 @@ _DIGESTS_KEPT = 4096
 def _ordered(value: Any) -> Any:
     # scalars are returned as they are without a call (most of a spec): same result, faster
     if isinstance(value, dict):
-        pairs = [[k, v if type(v) in _SCALARS else _ordered(v)] for k, v in value.items()]
-        pairs.sort(key=_map_order)
+        keys = tuple(value)
+        order = _KEY_ORDERS.get(keys)
+        if order is None:
+            if any(type(k) is not str for k in keys):
+                pairs = [[k, v if type(v) in _SCALARS else _ordered(v)] for k, v in value.items()]
+                pairs.sort(key=_map_order)
+                return ["<map>", pairs]
+            order = tuple(sorted(keys, key=repr))  # _map_order's when every key is a str
+            if len(_KEY_ORDERS) >= _DIGESTS_KEPT:
+                _KEY_ORDERS.clear()
+            _KEY_ORDERS[keys] = order
+        pairs = [[k, value[k]] for k in order]
+        for pair in pairs:
+            if type(pair[1]) not in _SCALARS:
+                pair[1] = _ordered(pair[1])
         return ["<map>", pairs]
     if isinstance(value, list | tuple):
         return [v if type(v) in _SCALARS else _ordered(v) for v in value]
     return value
+
+
+#: the sorted keys of maps whose keys are all ``str``, by their keys in the map's own order:
+#: a spec's maps have the same few key sets, so sorting each of them again (a ``repr`` per key)
+#: was most of a digest that the cache above misses (every process its own command, SIM10)
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
 
 
 def _map_order(pair: list[Any]) -> tuple[str, str]:

@@ -21,11 +21,13 @@ validated as the actor shell validates it. ``Simulation.validate_own = True`` va
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +40,39 @@ from ..runtime.runner import Runner
 logger = logging.getLogger(__name__)
 
 WorkHandler = Callable[[Any], Any]
+
+
+#: the collector's youngest threshold while the kernel runs (Python's default: 700)
+RUN_GC_YOUNG = 20_000
+
+
+@contextlib.contextmanager
+def run_gc() -> Iterator[None]:
+    """The cyclic collector's settings for a stretch of a run, a recovery or a replay check
+    (decision SIM9): what exists on entry is frozen (``gc.freeze``: the simulated system's
+    state, which only grows, is not scanned again by each full collection) and young
+    collections are rarer; on exit both are as they were, the frozen objects back in the
+    oldest generation. Left alone when the collector is off or the program keeps objects
+    frozen itself. A nested use is told by a flag: ``gc.get_freeze_count`` walks every frozen
+    object."""
+    global _RUN_GC_HELD
+    if _RUN_GC_HELD or not gc.isenabled() or gc.get_freeze_count():
+        yield
+        return
+    was = gc.get_threshold()
+    gc.freeze()
+    _RUN_GC_HELD = True
+    if 0 < was[0] < RUN_GC_YOUNG:
+        gc.set_threshold(RUN_GC_YOUNG, *was[1:])
+    try:
+        yield
+    finally:
+        _RUN_GC_HELD = False
+        gc.set_threshold(*was)
+        gc.unfreeze()
+
+
+_RUN_GC_HELD = False  # run_gc's settings are on (its outermost use holds them)
 
 
 _PLAIN, _RESPONSE, _REPLY, _REQUEST = 0, 1, 2, 3
@@ -204,7 +239,12 @@ class Simulation:
     def run_steps(self, t: float, max_steps: int) -> int:
         """Process scheduled things due at or before virtual time ``t``, at most
         ``max_steps`` of them, in order; returns how many. The clock stays at the last one
-        processed (:meth:`run_until` moves it on to ``t``)."""
+        processed (:meth:`run_until` moves it on to ``t``). The collector runs with
+        :func:`run_gc`'s settings meanwhile."""
+        with run_gc():
+            return self._run_steps(t, max_steps)
+
+    def _run_steps(self, t: float, max_steps: int) -> int:
         heap, clock, nodes, hooks = self._heap, self.clock, self.nodes, self.step_hooks
         pop, deliver = heapq.heappop, self._deliver
         n, before = 0, self.steps
