@@ -146,7 +146,7 @@ def measure(processes: int) -> list[dict[str, Any]]:
         size = len(log.load_snapshot(runner.stream).data)
         tail = max(1, processes // 10)
         _append(runner, [ProcessScheduled(f"q{i}", 0, spec, 1.0) for i in range(tail)])
-        assert runner._snapshotter_can()
+        assert runner._snapshotter_fold_class() is not None
         first = _background(runner, runner._snapshot_by_snapshotter)  # spawns the snapshotter
         assert log.snapshots(runner.stream)[0] == runner.head, "the snapshotter stored nothing"
         _append(runner, [ProcessScheduled("r0", 0, spec, 1.0)])

@@ -74,7 +74,7 @@ def test_a_due_snapshot_is_written_by_a_snapshotter_without_a_fork(backend, fork
     url = (f"sqlite:///{tmp_path}/log.db?{archive}" if backend == "sqlite"
            else f"zk://{request.getfixturevalue('zk_hosts')}?{archive}")
     r = leader(url)
-    assert r._snapshotter_can()
+    assert r._snapshotter_fold_class() is not None
     pids = set()
     for i in range(25):
         r.handle(Add(f"c{i % 3}", i))  # the 10th and 20th make one due
@@ -157,7 +157,7 @@ def test_what_a_snapshotter_cannot_rebuild_is_forked(forks, tmp_path):
     mem = leader(f"memory://{tmp_path.name}", every=5)
     variant = Runner(_Variant(), open_log(f"sqlite:///{tmp_path}/log.db"), snapshot_every=5)
     variant.recover()
-    assert not mem._snapshotter_can() and not variant._snapshotter_can()
+    assert mem._snapshotter_fold_class() is None and variant._snapshotter_fold_class() is None
     assert fold_class(Counters()) == fold_class(_Decides()) == "cei_actors.runtime.example:Counters"
     assert fold_class(_Variant()) is None
     for r in (mem, variant):

@@ -568,38 +568,38 @@ class Runner(Generic[S]):
         """Take a snapshot without stalling, in another process; a background thread here
         waits for it and truncates. Returns False if one is still running.
 
-        Where it can (:meth:`_snapshotter_can`), a snapshotter process folds the log up to the
+        Where it can (:meth:`_snapshotter_fold_class`), a snapshotter process folds the log up to the
         head from the last snapshot and stores the state (decision FO5): the actor only hands
         the job to the history thread, whatever the size of the state. Otherwise a forked child serializes the
         state from copy-on-write memory (LT3): the actor waits for the fork, which grows with
         the heap."""
         if self.state is None or self._history.busy():
             return False
-        if self._snapshotter_can():
-            return self._snapshot_by_snapshotter()
+        fold = self._snapshotter_fold_class()
+        if fold is not None:
+            return self._snapshot_by_snapshotter(fold)
         self._snapshotter_failed = False  # a fork stands in once; the next one tries a snapshotter again
         return self._snapshot_by_fork()
 
-    def _snapshotter_can(self) -> bool:
-        """True if a snapshotter process can write this runner's snapshots: the log is shared
+    def _snapshotter_fold_class(self) -> str | None:
+        """The class a snapshotter process folds with if one can write this runner's snapshots
+        (else None): the log is shared
         between processes (SQLite, ZooKeeper), the component folds and snapshots as the one
         of this package the snapshotter builds (:func:`.snapshotter.fold_class`), the component config
         did not say ``snapshot_writer: fork``, and the last snapshotter did not fail."""
         if not self.snapshot_process or self._snapshotter_failed:
-            return False
+            return None
         if self.log.url.partition("://")[0] not in ("sqlite", "zk"):
-            return False
+            return None
         from .snapshotter import fold_class
 
-        return fold_class(self.component) is not None
+        return fold_class(self.component)
 
-    def _snapshot_by_snapshotter(self) -> bool:
-        from .snapshotter import fold_class
-
+    def _snapshot_by_snapshotter(self, fold: str) -> bool:
         offset, started = self.head, time.perf_counter()
         job: dict[str, Any] = {
             "log": self.log.url, "stream": self.stream, "upto": offset, "ts": self.clock(),
-            "component": fold_class(self.component),
+            "component": fold,
             "options": {"keep_snapshots": self.log.keep_snapshots,
                         **({"archive": self.log.archive} if self.log.archive else {})},
             "chunk_bytes": self.log.snapshot_chunk_bytes,
