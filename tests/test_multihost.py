@@ -75,6 +75,17 @@ def test_provisioner_and_epum_on_one_system_pd_on_another(homes, tmp_path, zk_ho
     assert_nothing_left(home_a, info_a)
 
 
+def up_epum_and_pd_apart(tmp_path, homes, zk_hosts) -> tuple[dict, dict]:
+    """System A runs the Provisioner and EPUM (2 replicas), system B joins it with the PD (2
+    replicas), one ZooKeeper log; returns both systems' info."""
+    home_a, home_b = homes
+    log = f"zk://{zk_hosts}"
+    plan_a = load_plan(split_plan(tmp_path, "a", {"provisioner", "epum"}, epum=2), home=home_a, log_url=log)
+    plan_b = load_plan(split_plan(tmp_path, "b", {"pd"}, pd=2), home=home_b, log_url=log)
+    info_a = up(plan_a, home_a)
+    return info_a, up(plan_b, home_b, join=f"127.0.0.1:{info_a['admin_port']}")
+
+
 def test_failovers_on_either_system_reach_the_other(homes, tmp_path, zk_hosts):
     """EPUM (2 replicas) on one system, the PD (2 replicas) on another. kill -9 of the EPUM
     leader, then of the PD leader, no client re-pointing anything: every replica on each side
@@ -82,11 +93,7 @@ def test_failovers_on_either_system_reach_the_other(homes, tmp_path, zk_hosts):
     own components' Start), so each new leader's greeting crosses the systems, and processes
     that need a new node get one."""
     home_a, home_b = homes
-    log = f"zk://{zk_hosts}"
-    plan_a = load_plan(split_plan(tmp_path, "a", {"provisioner", "epum"}, epum=2), home=home_a, log_url=log)
-    plan_b = load_plan(split_plan(tmp_path, "b", {"pd"}, pd=2), home=home_b, log_url=log)
-    info_a = up(plan_a, home_a)
-    info_b = up(plan_b, home_b, join=f"127.0.0.1:{info_a['admin_port']}")
+    info_a, info_b = up_epum_and_pd_apart(tmp_path, homes, zk_hosts)
     with connect(home_b) as conn:
         conn.pd.schedule_process("long", command=["sleep", "60.625"])
         before = conn.pd.wait_process("long", "RUNNING", timeout=40)

@@ -9,7 +9,7 @@ import signal
 
 import pytest
 from test_launch_system import assert_nothing_left, processes_mentioning, wait_for
-from test_multihost import homes, split_plan  # noqa: F401 (homes: a fixture)
+from test_multihost import homes, up_epum_and_pd_apart  # noqa: F401 (homes: a fixture)
 
 from cei_actors.launch.launcher import (
     LaunchError,
@@ -18,9 +18,7 @@ from cei_actors.launch.launcher import (
     read_info,
     replicas_everywhere,
     start_replica,
-    up,
 )
-from cei_actors.launch.plan import load_plan
 from cei_actors.pd.client import PDClient
 from cei_actors.runtime.client import ServiceClient
 from cei_actors.runtime.system import lookup
@@ -41,11 +39,7 @@ def test_a_restarted_replica_is_announced_to_the_joined_system(homes, tmp_path, 
     replica leads, and processes that need a new node get one only if it heard of the new
     EPUM leader (else its needs go to the dead one)."""
     home_a, home_b = homes
-    log = f"zk://{zk_hosts}"
-    plan_a = load_plan(split_plan(tmp_path, "a", {"provisioner", "epum"}, epum=2), home=home_a, log_url=log)
-    plan_b = load_plan(split_plan(tmp_path, "b", {"pd"}, pd=2), home=home_b, log_url=log)
-    info_a = up(plan_a, home_a)
-    info_b = up(plan_b, home_b, join=f"127.0.0.1:{info_a['admin_port']}")
+    info_a, info_b = up_epum_and_pd_apart(tmp_path, homes, zk_hosts)
     with connect(home_a) as conn_a, connect(home_b) as conn_b:
         # each side finds the other's replicas through its convention (A was told nothing of B)
         for conn in (conn_a, conn_b):
