@@ -11,6 +11,7 @@ and a progress callback.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cei_actors.debug.reader import paused_gc
 from cei_actors.sim.system import CEISystem, SystemConfig
 
 #: Scenario name -> one-line description.
@@ -51,6 +53,24 @@ class Clock:
 
     def elapsed(self) -> tuple[float, float]:
         return time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+Run = Callable[..., dict[str, Any]]
+
+
+def scenario(run: Run) -> Run:
+    """A scenario's ``run``, with the cyclic collector off for the whole run (decision
+    SIM11): a simulated system makes next to no cyclic garbage, and with the collector on its
+    full collections scanned the whole growing state again and again, in the run loop (SIM9)
+    and outside it (the workload's calls, a recovery, the checks, the digest). The collector
+    is as it was afterwards (``paused_gc``: on again if it was, the survivors counted as old)."""
+
+    @functools.wraps(run)
+    def wrapped(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        with paused_gc():
+            return run(*args, **kwargs)
+
+    return wrapped
 
 
 def system(seed: int, config: SystemConfig, options: RunOptions | None = None) -> CEISystem:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
@@ -39,6 +39,7 @@ def tombstones(processes: int) -> dict[str, Any]:
     return {"pd": {"tombstone_limit": max(20_000, 2 * processes)}}
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         vms: int = 10_000, per_vm: int = 10, check_every: int = 200_000,
         system_config: SystemConfig | None = None) -> dict[str, Any]:

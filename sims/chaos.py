@@ -17,7 +17,7 @@ from typing import Any
 
 from cei_actors.sim.system import COMPONENTS, CEISystem, SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
@@ -61,6 +61,7 @@ def chaos_step(system: CEISystem, rng: random.Random, counter: list[int]) -> Non
             system.remove_domain(d)
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         operations: int = 300,
         check_every: int = 500) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from typing import Any
 
 from cei_actors.sim.system import CEISystem, SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 GROUPS = ("web", "api")
@@ -52,6 +52,7 @@ def ha_step(system: CEISystem, rng: random.Random) -> None:
             system.create_group(name, rng.randint(1, 3))
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         operations: int = 120,
         check_every: int = 200) -> dict[str, Any]:

@@ -16,10 +16,11 @@ from typing import Any
 
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         vms: int = 1850, site_a: int = 1000, boot_delay: tuple[float, float] = (30.0, 240.0),
         failure_rate: float = 0.02, check_every: int = 20_000) -> dict[str, Any]:

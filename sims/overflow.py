@@ -19,10 +19,11 @@ from typing import Any
 
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         want: int = 120, quota: int = 60, processes: int = 40,
         check_every: int = 5000) -> dict[str, Any]:

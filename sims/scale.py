@@ -14,10 +14,11 @@ from typing import Any
 
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         processes: int = 10_000, slots: int = 5,
         check_every: int = 50_000) -> dict[str, Any]:

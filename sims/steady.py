@@ -13,10 +13,11 @@ from typing import Any
 
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         arrivals: int = 600,
         check_every: int = 2000) -> dict[str, Any]:

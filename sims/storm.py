@@ -20,10 +20,11 @@ from typing import Any
 from cei_actors.sim.check import agent_link
 from cei_actors.sim.system import SystemConfig
 
-from . import Clock, RunOptions, finish
+from . import Clock, RunOptions, finish, scenario
 from . import system as make_system
 
 
+@scenario
 def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = None,
         processes: int = 1200, slots: int = 4, quiet: float = 5400.0,
         check_every: int = 5000) -> dict[str, Any]:
