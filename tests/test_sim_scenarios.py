@@ -21,7 +21,7 @@ _SAVE = """
 import json, sys
 from sims import RunOptions, {name}
 s = {name}.run({seed}, options=RunOptions(save_log=sys.argv[1]), **{kw!r})
-print(json.dumps(s["saved_logs"], sort_keys=True))
+print(json.dumps({{**s["saved_logs"], "state_digest": s["state_digest"]}}, sort_keys=True))
 """
 
 
@@ -30,20 +30,23 @@ def _saved_hashes(tmp: Path, name: str, seed: int, hashseed: str, **kw) -> dict[
                          cwd=ROOT, env={**os.environ, "PYTHONHASHSEED": hashseed},
                          capture_output=True, text=True, timeout=300, check=True)
     urls = json.loads(out.stdout)
-    return {n: hashlib.sha256(Path(u.removeprefix("sqlite:///")).read_bytes()).hexdigest()
-            for n, u in urls.items()}
+    digest = urls.pop("state_digest")
+    return {"state_digest": digest,
+            **{n: hashlib.sha256(Path(u.removeprefix("sqlite:///")).read_bytes()).hexdigest()
+               for n, u in urls.items()}}
 
 
 def test_saved_logs_are_byte_identical_across_runs_and_hash_seeds(tmp_path):
     """chaos, seed 7: two runs in fresh interpreters under two PYTHONHASHSEEDs save the same
-    bytes; ``cei log`` opens the files and every invariant holds over their whole history."""
+    bytes and end with the same state digest (SIM12: maps hashed in their own order);
+    ``cei log`` opens the files and every invariant holds over their whole history."""
     a = _saved_hashes(tmp_path / "a", "chaos", 7, "1", operations=30)
     b = _saved_hashes(tmp_path / "b", "chaos", 7, "2", operations=30)
-    assert set(a) == {"provisioner", "epum", "pd"}
+    assert set(a) == {"provisioner", "epum", "pd", "state_digest"}
     assert a == b
     c = _saved_hashes(tmp_path / "c", "chaos", 8, "1", operations=30)
-    assert c != a  # another seed, another run: the hash compares something
-    for name in a:
+    assert c["state_digest"] != a["state_digest"] and c != a  # another seed, another run
+    for name in set(a) - {"state_digest"}:
         url = f"sqlite:///{tmp_path / 'a' / name}.sqlite"
         assert main(["--log", url, "log", "check", name]) == 0
 

@@ -148,6 +148,41 @@ def test_replay_check_catches_a_live_state_that_differs_from_its_log():
     assert "provisioner: state differs from the replay of its log" in system.sim.check()
 
 
+
+def test_a_final_check_and_the_digest_make_one_snapshot_of_each_state():
+    """The live state's snapshot form the replay check made is the one the summary's digest
+    hashes (SIM12), while nothing happened since; after a step, or for a new runner, it is
+    made again; and the digest is the one fresh snapshots give."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(5, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
+    system.run_for(10.0)
+    for i in range(4):
+        system.schedule(f"p{i}", 30.0)
+    assert system.run_for(600.0, check_every=100) == []
+    made: dict[str, int] = {}
+    for name in system.components:
+        comp = system.sim.nodes[name].component
+        def counted(state, comp=comp, name=name, plain=type(comp).snapshot):
+            made[name] = made.get(name, 0) + 1
+            return plain(comp, state)
+        comp.snapshot = counted
+    assert system.violations(replay=True) == []
+    assert made == dict.fromkeys(system.components, 2)  # the live state's and the replay's
+    digest = system.digest()
+    assert made == dict.fromkeys(system.components, 2)  # none made again
+    assert system.digest() == digest  # made afresh now: the same
+    assert made == dict.fromkeys(system.components, 3)
+    system.violations(replay=True)
+    system.run_for(30.0)
+    system.digest()
+    assert made == dict.fromkeys(system.components, 6)  # the state moved on: made again
+    system.violations(replay=True)
+    system.restart("pd")
+    system.digest()
+    assert made["pd"] == 9 and made["epum"] == 8
+
+
 def test_simulated_heartbeats_share_rows_the_pd_never_changes():
     """A simulated agent's heartbeat carries its table's own row dicts (no copy per heartbeat,
     SIM8): after a run with launches, ends, cleanups and VM kills, every agent's rows are

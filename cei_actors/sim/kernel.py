@@ -155,6 +155,8 @@ class Simulation:
         self._crash_next: dict[str, bool] = {}
         #: validate trusted in-process deliveries too (as the actor shell does; slower)
         self.validate_own = False
+        #: name -> (runner, its head, steps, snapshot form): the last one :meth:`check` made
+        self._snapshots: dict[str, tuple[Runner[Any], int, int, Any]] = {}
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -295,21 +297,37 @@ class Simulation:
         The replay folds the whole log from offset 1 (no snapshot) as ``cei log`` does
         (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
         once at the end, decisions RS1-RS4) with the node's own component, and compares the
-        snapshot forms."""
+        snapshot forms. The live state's snapshot form is made afresh (a change made without
+        an event is seen) and kept for :meth:`snapshot` until the simulation moves on."""
         from ..debug.reader import Replay
 
         problems: list[str] = []
         for node in self.nodes.values():
-            if not node.up:
+            runner = node.runner
+            if runner is None or not runner.ready:
                 continue
-            state = node.runner.state  # type: ignore[union-attr]
+            state = runner.state
             problems += [f"{node.name}: {p}" for p in node.component.invariants(state)]
-            stream = node.runner.stream  # type: ignore[union-attr]
+            stream = runner.stream
             reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
             rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
-            if node.component.snapshot(rebuilt) != node.component.snapshot(state):
+            live = node.component.snapshot(state)
+            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
+            if node.component.snapshot(rebuilt) != live:
                 problems.append(f"{node.name}: state differs from the replay of its log")
         return problems
+
+    def snapshot(self, name: str) -> Any:
+        """The snapshot form of ``name``'s live state (None: down). The one :meth:`check`
+        made is reused while the state is the same version (same runner and head, no step
+        since), so a final check and the summary's digest build it once."""
+        runner = self.nodes[name].runner
+        if runner is None or not runner.ready:
+            return None
+        kept = self._snapshots.pop(name, None)
+        if kept is not None and kept[0] is runner and kept[1] == runner.head and kept[2] == self.steps:
+            return kept[3]
+        return self.nodes[name].component.snapshot(runner.state)
 
     def state(self, name: str) -> Any:
         runner = self.nodes[name].runner
