@@ -163,10 +163,7 @@ def test_a_final_check_and_the_digest_make_one_snapshot_of_each_state():
     made: dict[str, int] = {}
     for name in system.components:
         comp = system.sim.nodes[name].component
-        def counted(state, comp=comp, name=name, plain=type(comp).snapshot):
-            made[name] = made.get(name, 0) + 1
-            return plain(comp, state)
-        comp.snapshot = counted
+        comp.snapshot = counting(made, name, comp.snapshot)
     assert system.violations(replay=True) == []
     assert made == dict.fromkeys(system.components, 2)  # the live state's and the replay's
     digest = system.digest()
@@ -182,6 +179,59 @@ def test_a_final_check_and_the_digest_make_one_snapshot_of_each_state():
     system.digest()
     assert made["pd"] == 9 and made["epum"] == 8
 
+
+def counting(made, name, snapshot):
+    """``snapshot``, counting its calls in ``made[name]``."""
+    def counted(state):
+        made[name] = made.get(name, 0) + 1
+        return snapshot(state)
+    return counted
+
+
+
+def test_violations_name_each_broken_rule_in_the_order_they_are_met():
+    """The safety checks' verdicts, one planted fault at a time and two at once (SIM13: the
+    set-based gates must send every broken rule to the exact, ordered report)."""
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(4, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
+    system.run_for(10.0)
+    for i in range(6):
+        system.schedule(f"p{i}", 30.0 if i < 2 else math.inf)
+    assert system.run_for(900.0, check_every=100) == []
+    pd = system.sim.state("pd")
+    assert pd.tombstones and "p0" not in pd.processes
+    running = [p for p in pd.processes.values() if p.state == "RUNNING"]
+    a, b = running[0], running[1]
+    key = (a.upid, a.round)
+
+    system.scheduled["ghost"] = {"duration": 1.0, "fail_rounds": 0}
+    assert system.violations(replay=False) == ["process ghost lost: not in the PD"]
+    a.state = "BOGUS"
+    assert system.violations(replay=False) == [
+        f"process {a.upid} is BOGUS: neither queued, placed nor finished",
+        "process ghost lost: not in the PD"]
+    del system.scheduled["ghost"]
+    a.state = "RUNNING"
+    was, b.resource_id = b.resource_id, "nowhere"
+    assert system.violations(replay=False) == [f"process {b.upid} RUNNING on unknown resource nowhere"]
+    b.resource_id = was
+    a.round -= 1
+    assert system.violations(replay=False) == [
+        f"agent {was_on(system, key)} runs {a.upid} round {key[1]}, which pd never placed"]
+    a.round += 1
+    owner = was_on(system, key)
+    other = next(nid for nid in system.agents if nid != owner)
+    system.agents[other].table.records[key] = system.agents[owner].table.records[key]
+    assert system.violations(replay=False) == [
+        f"process {a.upid} round {key[1]} live on 2 agents: {sorted([owner, other])}"]
+    del system.agents[other].table.records[key]
+    assert system.violations(replay=False) == []
+
+
+def was_on(system, key):
+    """The agent whose table has ``key`` live."""
+    return next(nid for nid, agent in system.agents.items() if key in agent.live_keys())
 
 def test_simulated_heartbeats_share_rows_the_pd_never_changes():
     """A simulated agent's heartbeat carries its table's own row dicts (no copy per heartbeat,

@@ -258,7 +258,10 @@ class SimAgent:
         return True
 
     def live_keys(self) -> list[tuple[str, int]]:
-        return [k for k, r in self.table.records.items() if ast.is_live(r.state)]
+        """The keys of the live records (PENDING, RUNNING, TERMINATING), in table order;
+        ``ValueError`` for a record in an unknown state, as ``states.is_live``."""
+        live, rank = ast.LIVE_STATES, ast.rank
+        return [k for k, r in self.table.records.items() if r.state in live or rank(r.state) < 0]
 
 
 class _NoProcesses:
@@ -696,7 +699,7 @@ class CEISystem:
                     if inst is None or inst.state in ("TERMINATED", "FAILED", "REJECTED"):
                         out.append(f"VM {vm.id} (node {nid}) leaked: EPUM has "
                                    f"{'no instance' if inst is None else inst.state}")
-        if pd is not None:
+        if pd is not None and self._processes_unsound(pd):
             for upid in self.scheduled:
                 p = pd.processes.get(upid)
                 if p is None and upid in pd.tombstones:
@@ -707,23 +710,30 @@ class CEISystem:
                     out.append(f"process {upid} is {p.state}: neither queued, placed nor finished")
                 elif p.state in ps.PLACED and p.resource_id not in pd.resources:
                     out.append(f"process {upid} {p.state} on unknown resource {p.resource_id}")
-        for nid, agent in self.agents.items():
-            apd = self.sim.state(agent.pd)
+        live = [(nid, agent, agent.live_keys()) for nid, agent in self.agents.items()]
+        pds = {name: self.sim.state(name) for name in self.pd_names}
+        for nid, agent, keys in live:
+            apd = pds[agent.pd] if agent.pd in pds else self.sim.state(agent.pd)
             if apd is None:
                 continue
-            for upid, rnd in agent.live_keys():
-                p = apd.processes.get(upid)
+            procs = apd.processes
+            for upid, rnd in keys:
+                p = procs.get(upid)
+                if p is not None and p.round >= rnd:
+                    continue
                 stone = apd.tombstones.get(upid) if p is None else None
                 last = p.round if p is not None else (stone.record["round"] if stone is not None else -1)
                 if last < rnd:
                     out.append(f"agent {nid} runs {upid} round {rnd}, which {agent.pd} never placed")
-        copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
-        for nid, agent in self.agents.items():
-            for key in agent.live_keys():
-                copies[key].append(nid)
-        out += [f"process {u} round {r} live on {len(ns)} agents: {sorted(ns)}"
-                for (u, r), ns in copies.items() if len(ns) > 1]
         ha = self.sim.state("ha") if self.config.ha else None
+        every = [key for _, _, keys in live for key in keys]
+        if ha is not None or len(set(every)) != len(every):  # else no key is live twice
+            copies: dict[tuple[str, int], list[str]] = collections.defaultdict(list)
+            for nid, _, keys in live:
+                for key in keys:
+                    copies[key].append(nid)
+            out += [f"process {u} round {r} live on {len(ns)} agents: {sorted(ns)}"
+                    for (u, r), ns in copies.items() if len(ns) > 1]
         if ha is not None:
             # none forgotten, none doubled: every live copy on an agent is one HA holds, on
             # the PD HA placed it with; so at most N run once the terminations are confirmed
@@ -739,6 +749,21 @@ class CEISystem:
         if replay:
             out += self.sim.check()
         return out
+
+    def _processes_unsound(self, pd: Any) -> bool:
+        """False when every scheduled process is sound (in the PD, queued, placed on a known
+        resource or finished, or forgotten with a tombstone), found with set operations and
+        one pass over the PD's processes; True sends :meth:`violations` to its exact,
+        ordered pass over the scheduled ones (decision SIM13)."""
+        procs, resources = pd.processes, pd.resources
+        gone = self.scheduled.keys() - procs.keys()
+        if gone:
+            gone.difference_update(pd.tombstones)  # C-level: no tombstone lookup per upid
+            if gone:
+                return True
+        placed, accounted = ps.PLACED, _ACCOUNTED
+        return any(p.state not in accounted or (p.state in placed and p.resource_id not in resources)
+                   for p in procs.values())
 
     def pd_need(self, name: str = "pd") -> int | None:
         pd = self.sim.state(name)
