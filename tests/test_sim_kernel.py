@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from cei_actors.runtime.example import Add, Counters, Get
 from cei_actors.runtime.messages import ErrorReply, Ok
 from cei_actors.sim import Simulation
@@ -175,3 +178,56 @@ def test_a_run_freezes_the_set_up_and_leaves_the_collector_as_it_found_it():
     finally:
         gc.enable()
     assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 0.5, 1.0, 2.0, 7.5]),
+                          st.lists(st.tuples(st.integers(0, 3), st.sampled_from([0.0, 1.0, 3.0])),
+                                   max_size=3)),
+                min_size=1, max_size=25))
+def test_lanes_run_their_calls_in_the_order_plain_scheduling_would(plan):
+    """Calls scheduled through lanes (SIM14) run at the same steps, in the same order and at
+    the same virtual times as the same calls given to ``Simulation.schedule``, ties, calls
+    scheduled by calls and a lane that empties and fills again included; the heap holds one
+    entry per lane, not one per call."""
+
+    def run(use_lanes: bool) -> tuple[list[tuple[str, float]], int, int]:
+        sim = Simulation(seed=1)
+        lanes = [sim.lane() for _ in range(3)]
+        seen: list[tuple[str, float]] = []
+        biggest = [0]
+
+        def put(where: int, delay: float, name: str, then: list[tuple[int, float]]) -> None:
+            def call() -> None:
+                seen.append((name, sim.clock.now()))
+                biggest[0] = max(biggest[0], len(sim._heap))
+                for i, (w, d) in enumerate(then):
+                    put(w, d, f"{name}.{i}", [])
+            if use_lanes and where < 3:
+                lanes[where].schedule(delay, call)
+            else:
+                sim.schedule(delay, call)
+
+        for i, (where, delay, then) in enumerate(plan):
+            put(where, delay, f"c{i}", then)
+        heap_at_start = len(sim._heap)
+        steps = sim.run_for(100.0)
+        assert all(len(lane) == 0 for lane in lanes)
+        return seen, steps, heap_at_start
+
+    plain, plain_steps, plain_heap = run(False)
+    laned, laned_steps, laned_heap = run(True)
+    assert laned == plain and laned_steps == plain_steps == len(plain)
+    assert laned_heap <= plain_heap
+
+
+def test_a_lane_keeps_one_entry_on_the_heap_for_its_later_calls():
+    """A lane puts a call on the simulation's heap only when it is the lane's new earliest."""
+    sim = Simulation(seed=1)
+    lane, ran = sim.lane(), []
+    for i in range(100):
+        lane.schedule(10.0 + i, lambda i=i: ran.append(i))
+    assert len(sim._heap) == 1 and len(lane) == 100
+    lane.schedule(1.0, lambda: ran.append(-1))  # a new earliest: a second entry
+    assert len(sim._heap) == 2
+    assert sim.run_for(200.0) == 101 and ran == [-1, *range(100)]

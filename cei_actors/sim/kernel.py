@@ -134,6 +134,50 @@ class Faults:
     lossy: Callable[[str | None, str], bool] | None = None
 
 
+class Lane:
+    """Calls one owner schedules (e.g. a simulated agent's process ends and ticks), kept in
+    a heap of their own with only the earliest on the simulation's heap (decision SIM14):
+    that heap then holds one entry per lane instead of every pending call, and a step pops
+    from a heap that many times smaller. Each call keeps the (time, sequence) that
+    :meth:`Simulation.schedule` would have given it and takes one step, so the order of
+    every step is the same as with :meth:`Simulation.schedule`."""
+
+    __slots__ = ("_calls", "_posted", "_sim")
+
+    def __init__(self, sim: Simulation) -> None:
+        self._sim = sim
+        self._calls: list[tuple[float, int, Callable[[], None]]] = []  # (when, seq, fn), a heap
+        self._posted: set[int] = set()  # sequences of the calls on the simulation's heap
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def schedule(self, delay: float, fn: Callable[[], None]) -> None:
+        """Call ``fn()`` after ``delay`` virtual seconds, as :meth:`Simulation.schedule`."""
+        sim = self._sim
+        sim._seq += 1
+        entry = (sim.clock.t + max(delay, 0.0), sim._seq, fn)
+        calls = self._calls
+        if not calls or entry < calls[0]:  # the new earliest (sequences differ): on the main heap too
+            self._posted.add(entry[1])
+            heapq.heappush(sim._heap, (entry[0], entry[1], "lane", (self,)))
+        heapq.heappush(calls, entry)
+
+    def pop(self) -> Callable[[], None]:
+        """The earliest call (the one the simulation's heap just gave up), its successor
+        put on the simulation's heap unless it is there already."""
+        calls = self._calls
+        _, seq, fn = heapq.heappop(calls)
+        posted = self._posted
+        posted.discard(seq)
+        if calls:
+            when, nxt, _ = calls[0]
+            if nxt not in posted:
+                posted.add(nxt)
+                heapq.heappush(self._sim._heap, (when, nxt, "lane", (self,)))
+        return fn
+
+
 class Simulation:
     """Runs components' cores together in virtual time, deterministically for a seed."""
 
@@ -180,6 +224,10 @@ class Simulation:
     def schedule(self, delay: float, fn: Callable[[], None]) -> None:
         """Call ``fn()`` after ``delay`` virtual seconds (one step of the simulation)."""
         self._push(self.clock.t + max(delay, 0.0), "call", (fn,))
+
+    def lane(self) -> Lane:
+        """A new :class:`Lane` of scheduled calls on this simulation."""
+        return Lane(self)
 
     # ---- faults -----------------------------------------------------------------------------
 
@@ -259,6 +307,8 @@ class Simulation:
                     deliver(*args)
                 elif kind == "call":
                     args[0]()
+                elif kind == "lane":
+                    args[0].pop()()
                 elif kind == "timer":
                     name, key, gen, message = args
                     node = nodes[name]

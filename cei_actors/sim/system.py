@@ -154,6 +154,7 @@ class SimAgent:
         self.alive = False
         self.last_sent = -math.inf
         self.pd = system.pd_of(node_id)  # the PD it reports to
+        self.lane = self.sim.lane()  # its ticks and its commands' ends
 
     @property
     def records(self) -> dict[tuple[str, int], Record]:
@@ -180,7 +181,7 @@ class SimAgent:
         now = self.sim.clock.now()
         if now - self.last_sent >= self.period:
             self.heartbeat()
-        self.sim.schedule(max(0.0, self.last_sent + self.period - now), self._tick)
+        self.lane.schedule(max(0.0, self.last_sent + self.period - now), self._tick)
 
     # ---- messages
 
@@ -245,7 +246,7 @@ class SimAgent:
             if self.alive:
                 self.exited(key, pid, code)
 
-        self.sim.schedule(delay, end)
+        self.lane.schedule(delay, end)
 
     def exited(self, key: tuple[str, int], pid: int | None, code: int) -> bool:
         """Process ``pid`` of ``key`` ended with ``code`` (an exit of no live record is
