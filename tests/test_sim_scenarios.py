@@ -117,6 +117,35 @@ def test_big_converges_small():
     assert s["processes_scheduled"] == 600 and s["vms_peak"] >= 60
 
 
+def test_a_scenario_runs_without_the_collector_and_leaves_it_as_it_found_it():
+    """SIM11: the collector is off for a whole scenario run (seen from its progress calls and
+    its workload), and afterwards on, off or holding frozen objects exactly as before."""
+    import gc
+
+    from sims import RunOptions, big
+
+    seen: list[bool] = []
+    options = RunOptions(progress=lambda system: seen.append(gc.isenabled()))
+    before = (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count())
+    s = big.run(0, vms=20, options=options)
+    assert s["converged"] and seen and not any(seen)
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+    gc.disable()
+    try:
+        big.run(0, vms=5)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    gc.freeze()  # the program's own frozen objects: not the scenario's to unfreeze
+    try:
+        frozen = gc.get_freeze_count()
+        big.run(0, vms=5)
+        assert gc.get_freeze_count() == frozen and gc.isenabled()
+    finally:
+        gc.unfreeze()
+    assert (gc.isenabled(), gc.get_threshold(), gc.get_freeze_count()) == before
+
+
 @pytest.mark.slow
 def test_big_converges_at_full_size():
     from sims import big
