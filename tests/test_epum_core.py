@@ -6,6 +6,8 @@ import logging
 
 import pytest
 from epum_harness import Sim, definition
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from cei_actors.epum.events import InstanceDestroyRequested, InstanceLaunchRequested
 from cei_actors.epum.logic import EPUM
@@ -563,3 +565,99 @@ def test_a_reconfigure_clears_the_launch_backoff():
     assert s.send(DescribeDomain("d")).value["launch_backoff"] == []
     s.step(1.0)
     assert len(events_of(s, InstanceLaunchRequested)) == before + 2
+
+
+# ---- RT3: the refresh looks only at instances not asked for within an interval -------------
+
+
+def _old_refresh(state, vol, now, gap, below):
+    """The refresh before RT3 (SC7's one pass over every live instance), on its own ``vol``:
+    the stale ids it asks for, sorted."""
+    if gap <= 0 or now < vol["refresh_at"]:
+        return []
+    vol["refresh_at"] = now + gap / 4
+    kept, stale = {}, []
+    for dom in state.domains.values():
+        for s in below:
+            for i in dom.by_state.get(s, ()):
+                if i in state.open_launches:
+                    continue
+                at = vol["refreshed"].get(i)
+                if at is not None:
+                    kept[i] = at
+                seen = state.instances[i].state_time
+                if now - (seen if at is None or at < seen else at) >= gap:
+                    stale.append(i)
+    stale.sort()
+    vol["refreshed"] = kept
+    for i in stale:
+        kept[i] = now
+    return stale
+
+
+@settings(max_examples=150, deadline=None)
+@example([("wait", 8, 0), ("ask_all", 0, 0), ("open", 1, 0), ("wait", 4, 0), ("close", 1, 0), ("wait", 8, 0)],
+         60.0)  # an ask forgotten while its launch was open no longer hides the instance
+@example([("wait", 8, 0), ("ask_all", 0, 0), ("wait", 16, 0)], 60.0)  # stale exactly an interval after the ask
+@given(st.lists(st.tuples(st.sampled_from(["wait", "news", "end", "open", "close", "new", "ask_all"]),
+                          st.integers(0, 40), st.integers(0, 9)), max_size=80),
+       st.sampled_from([60.0, 0.7, 13.0]))
+def test_the_refresh_asks_for_what_the_pass_over_every_instance_asked_for(ops, gap):
+    """RT3 against the code before it: the same asks (ids and counters) at every refresh,
+    through news, ends, open launches, new instances and asks of every live instance (a
+    recovery, a new Provisioner leader), with time moving by odd fractions of the interval."""
+    from types import SimpleNamespace
+
+    from cei_actors.epum.logic import _BELOW_TERMINATED, R_TERMINATED, _Pass
+    from cei_actors.epum.state import Volatile
+    from cei_actors.runtime.core import Context
+
+    epum = EPUM(refresh_interval=gap)
+    live_states = ["RUNNING", "PENDING", "REQUESTED"]
+    state = SimpleNamespace(domains={"a": SimpleNamespace(by_state={}), "b": SimpleNamespace(by_state={})},
+                            instances={}, open_launches=set(), vol=Volatile(refresh_at=gap / 4))
+    old = {"refresh_at": gap / 4, "refreshed": {}}
+    now, n = 0.0, 0
+
+    def add(now):
+        nonlocal n
+        iid = f"i{n:03d}"
+        dom = state.domains["ab"[n % 2]]
+        dom.by_state.setdefault(live_states[n % 3], set()).add(iid)
+        state.instances[iid] = SimpleNamespace(instance_id=iid, state_time=now, update_counter=n, rank=0,
+                                               dom=dom, state=live_states[n % 3])
+        n += 1
+
+    for _ in range(6):
+        add(now)
+    for op, k, j in ops:
+        ids = sorted(state.instances)
+        pick = ids[(k * 7 + j) % len(ids)] if ids else None
+        inst = state.instances.get(pick)
+        if op == "wait":
+            now += gap * k / 16 + j * 0.001
+        elif op == "news" and inst is not None:
+            inst.state_time = now
+            inst.update_counter += 1
+        elif op == "end" and inst is not None and inst.rank == 0:
+            inst.dom.by_state[inst.state].discard(pick)
+            inst.rank = R_TERMINATED
+        elif op == "open" and pick is not None:
+            state.open_launches.add(pick)
+        elif op == "close":
+            state.open_launches.discard(pick)
+        elif op == "new":
+            add(now)
+        elif op == "ask_all":  # what a recovery or a new Provisioner leader does
+            live = sorted(i for i, x in state.instances.items() if x.rank == 0 and i not in state.open_launches)
+            epum._ask_every_live(state, now)
+            old["refreshed"].update(dict.fromkeys(live, now))
+        out = _Pass()
+        epum._refresh(state, Context(now, None), out)
+        asked = [(e.message.node_ids, e.message.counters) for e in out.effects]
+        stale = _old_refresh(state, old, now, gap, _BELOW_TERMINATED)
+        expected = [(stale[i:i + 1000], [state.instances[x].update_counter for x in stale[i:i + 1000]])
+                    for i in range(0, len(stale), 1000)]
+        assert asked == expected, (op, now)
+        assert state.vol.refreshed == old["refreshed"]
+        assert state.vol.refresh_at == old["refresh_at"]

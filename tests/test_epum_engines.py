@@ -206,3 +206,34 @@ def test_overflow_validation():
                    [{"site_name": "a", "size": -1, "rank": 1}], []):
         reply = s.send(AddDomain("d", "def", {"engine_conf": {"clouds": clouds, "preserve_n": 1}}))
         assert isinstance(reply, ErrorReply) and "clouds" in reply.message, reply
+
+
+def test_pick_to_destroy_from_a_set_picks_as_from_the_launch_ordered_list():
+    """RT5: the needy engines hand ``pick_to_destroy`` the valid ids as a set; they are put in
+    launch order only when the random pick needs them, and the pick (retirable first, then the
+    seeded sample) is the one the ordered list gives."""
+    import random
+    from types import SimpleNamespace
+
+    from cei_actors.epum.engines.base import State, pick_to_destroy
+
+    ids = [f"i{k:02d}" for k in range(30)]
+    seqs = list(range(30))
+    random.Random(3).shuffle(seqs)  # launch order differs from the ids' order
+    instances = {i: SimpleNamespace(seq=s) for i, s in zip(ids, seqs, strict=True)}
+    dom = SimpleNamespace(by_state={"RUNNING": set(ids[:20]), "PENDING": set(ids[20:25]), "TERMINATED": set(ids[25:])},
+                          instances=set(ids))
+    state = State(dom, instances, 0.0)
+    assert state.valid_id_set() == set(ids[:25])
+    ordered = state.valid_ids()
+    assert ordered == sorted(ids[:25], key=lambda i: instances[i].seq)
+    orderings = []
+    real = state.in_launch_order
+    state.in_launch_order = lambda got: orderings.append(1) or real(got)
+    for n, first in ((3, ["i03", "i27", "i05", "i07"]), (6, ["i03", "i27"]), (25, []), (40, ["i01"])):
+        picks = []
+        for candidates in (ordered, state.valid_id_set()):
+            control = SimpleNamespace(rng=random.Random(n))
+            picks.append(pick_to_destroy(control, state, candidates, n, first))
+        assert picks[0] == picks[1], (n, first)
+    assert len(orderings) == 3  # not for the pick that the retirable ids cover

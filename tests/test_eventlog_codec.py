@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import pytest
@@ -160,3 +161,116 @@ def test_to_checked_refuses_what_would_not_read_back_equal(value, why):
     with pytest.raises(UnstorableEvent, match=why):
         events.to_checked(_Loose(value, 1.0), 0.0)
     assert events.to_checked(_Loose([1, 2], 1.0), 0.0).row is not None
+
+
+# ---- RT1: the read-back check compares bodies for plain dataclasses -------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Tupled:  # normalizes in __post_init__: a list field reads back equal as a tuple
+    items: object
+
+    def __post_init__(self):
+        if isinstance(self.items, list):
+            object.__setattr__(self, "items", tuple(self.items))
+
+
+@dataclass(frozen=True)
+class _LooseEq:  # equal whatever its value: anything that packs reads back "equal"
+    items: object
+
+    def __eq__(self, other):
+        return isinstance(other, _LooseEq)
+
+    __hash__ = object.__hash__
+
+
+@dataclass(frozen=True, eq=False)
+class _NoEq:  # identity: never reads back equal
+    items: object
+
+
+@dataclass(frozen=True)
+class _Uncompared:  # a field the generated __eq__ does not compare
+    items: object
+    note: object = dataclasses.field(default=None, compare=False)
+
+
+for _cls in (_Tupled, _LooseEq, _NoEq, _Uncompared):
+    events.register(_cls.__name__)(_cls)
+
+
+def _old_to_checked(event, ts):
+    """What ``to_checked`` decided before RT1: build the event from the row read back and
+    compare it with ``==``."""
+    import msgpack
+
+    from cei_actors.eventlog import UnstorableEvent
+
+    body = {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+    try:
+        row = msgpack.packb([events.type_name(event), 1, ts, body], use_bin_type=True)
+    except Exception:
+        raise UnstorableEvent("does not pack") from None
+    try:
+        same = type(event)(**msgpack.unpackb(row, raw=False, strict_map_key=False)[3]) == event
+    except Exception:
+        same = False
+    if not same:
+        raise UnstorableEvent("does not read back equal")
+
+
+_VALUES = [1, -2, 2.5, float("inf"), float("nan"), "x", b"y", None, True, [1, [2]], (1, 2),
+           {"a": (1,)}, {"a": [1, {"b": None}]}, {1: "int key"}, {(1, 2): "tuple key"}, {1, 2},
+           2**64, [float("nan")], _Tupled([1]), "\ud800"]
+
+
+@pytest.mark.parametrize("cls", [_Loose, _Tupled, _LooseEq, _NoEq, _Uncompared])
+@pytest.mark.parametrize("value", _VALUES, ids=repr)
+def test_to_checked_accepts_and_refuses_what_it_did_before_rt1(cls, value):
+    """The plain dataclass path (body compared with the body read back) decides as building
+    the event and comparing did, for plain classes and every other kind."""
+    from cei_actors.eventlog import UnstorableEvent
+
+    event = cls(value, 1.0) if cls is _Loose else cls(value)
+    try:
+        _old_to_checked(event, 0.0)
+        expected = None
+    except UnstorableEvent:
+        expected = UnstorableEvent
+    if expected is None:
+        assert events.to_checked(event, 0.0).row is not None
+    else:
+        with pytest.raises(UnstorableEvent):
+            events.to_checked(event, 0.0)
+
+
+def test_only_dataclasses_built_and_compared_as_generated_take_the_body_comparison():
+    from cei_actors.epum import events as epum_events
+    from cei_actors.eventlog.codec import _plain_dataclass
+    from cei_actors.pd import events as pd_events
+    from cei_actors.provisioner import events as prov_events
+
+    assert _plain_dataclass(_Loose) and _plain_dataclass(NodeRequested)
+    assert not any(map(_plain_dataclass, (_Tupled, _LooseEq, _NoEq, _Uncompared)))
+    for registry in (pd_events.events, epum_events.events, prov_events.events):  # the fast path is the one taken
+        assert all(e.plain for e in registry._by_name.values()), registry.namespace
+
+
+def test_packb_is_msgpacks_with_a_reused_packer():
+    import msgpack
+
+    from cei_actors.eventlog import batch
+
+    values = [[1, "a", b"b", 2.5, None, {"k": [True]}], "x" * 70_000, {1: 2}, []]
+    for value in values:
+        assert batch.packb(value) == msgpack.packb(value, use_bin_type=True)
+    packer = batch._PACKERS.packer
+    for bad in ([1, {2}], [1, 2**70]):
+        with pytest.raises((TypeError, OverflowError)):
+            batch.packb(bad)
+        assert batch.packb([1, 2]) == msgpack.packb([1, 2])  # nothing of the failed pack is left
+    assert batch._PACKERS.packer is not packer  # a failed packer is replaced
+    packer = batch._PACKERS.packer
+    assert batch.packb(b"z" * (2 << 20)) == msgpack.packb(b"z" * (2 << 20))
+    assert not hasattr(batch._PACKERS, "packer")  # a packer whose buffer grew that big is dropped

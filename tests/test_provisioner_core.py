@@ -787,3 +787,38 @@ def test_boot_queries_ask_only_about_booting_vms():
     assert h.state.nodes["n2"].state_desc == "NODE_DISAPPEARED"
     h.fire("boot")
     assert h.work == [] and "boot" not in h.timers  # nothing left booting
+
+
+def test_listings_of_a_cloud_that_shares_unchanged_nodes_share_their_records():
+    """RT4: the simulated cloud lists an unchanged VM as the same Node, so its record is built
+    once and shared; a VM that changed gets a new record, equal to ``vm_record`` of its Node.
+    A driver that does not say it shares Nodes gets records built at each listing."""
+    from cei_actors.provisioner.cloud import vm_record
+    from cei_actors.provisioner.drivers.simcloud import SimulatedCloudDriver
+
+    clock = FakeClock()
+    cloud = SimulatedCloudDriver(clock=clock, boot_delay=10.0)
+    assert cloud.shares_listed_nodes
+    for name in ("a", "b"):
+        cloud.create_node(name, "t1.micro", "ami-1", ex_clienttoken=f"tok-{name}")
+
+    def listing(worker):
+        return worker.list({"account": "acct", "seq": 1, "definition": {"type": "sim"}}).vms
+
+    worker = CloudWorker(clock=clock, driver_factory=lambda definition, creds: cloud)
+    first, again = listing(worker), listing(worker)
+    assert [r["state"] for r in first] == ["PENDING", "PENDING"]
+    assert all(x is y for x, y in zip(first, again, strict=True))
+    clock.t += 11  # both boot
+    booted = listing(worker)
+    assert [r["state"] for r in booted] == ["STARTED", "STARTED"] and booted[0] is not first[0]
+    assert booted == [vm_record(n) for n in cloud.list_nodes()]
+
+    class Fresh(SimulatedCloudDriver):
+        shares_listed_nodes = False
+
+    plain = Fresh(clock=clock)
+    plain.create_node("c", "t1.micro", "ami-1")
+    worker = CloudWorker(clock=clock, driver_factory=lambda definition, creds: plain)
+    one, two = listing(worker), listing(worker)
+    assert one == two and one[0] is not two[0]

@@ -287,3 +287,62 @@ def test_the_history_worker_is_one_thread_that_survives_a_failed_job_and_ends_wi
     gc.collect()
     thread.join(10)
     assert not thread.is_alive()
+
+
+class _FieldCounters(Counters):
+    """Counters whose ``CounterAdded`` folds straight from a stored body, counting the folds."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.folded: list[str] = []
+
+    def body_appliers(self, state):
+        def added(state, name, amount, at):
+            self.folded.append(name)
+            state.counters[name] = state.counters.get(name, 0) + amount
+            return state
+
+        return {("CounterAdded", 1): added}
+
+
+def test_recovery_folds_stored_rows_as_building_and_applying_each_record_would():
+    """RT2: recovery reads stored rows, folds the component's body-folded types from the body
+    and builds the rest from it; rows with recorded inputs, and every kind of bad row, go the
+    way of ``from_record`` and say what they said before."""
+    from cei_actors.eventlog import CorruptLog, UnknownEventType
+    from cei_actors.eventlog.batch import encode_rows, packb
+
+    url = f"memory://{uuid.uuid4().hex}"
+    r = fresh(url)
+    for i in range(30):
+        r.handle(Add(f"c{i % 7}", i))
+    r.handle(Tick())
+    recording = Runner(Counters(), open_log(url), clock=lambda: 100.0, rng=random.Random(1), record_inputs=True)
+    recording.recover()
+    for i in range(5):  # rows with a fifth item: the inputs
+        recording.handle(Add("rec", i))
+    again = Runner(_FieldCounters(), open_log(url), snapshot_every=10**9)
+    again.recover()
+    assert again.state == replay(Counters(), again.log, "example") == recording.state
+    assert again.head == recording.head == 36
+    assert again.component.folded == [f"c{i % 7}" for i in range(30)]  # not the rows with inputs
+
+    def broken(row):
+        log = open_log(f"memory://{uuid.uuid4().hex}")
+        fence = log.acquire("example")
+        log._put("example", fence.epoch, [(1, encode_rows("example", 1, fence.epoch, [packb(row)]))])
+        runner = Runner(_FieldCounters(), log, snapshot_every=10**9)
+        with pytest.raises(Exception) as caught:
+            runner.recover()
+        assert not runner.ready
+        return caught.value
+
+    err = broken(["CounterAdded", 1, 1.0])
+    assert isinstance(err, CorruptLog) and "wrong shape" in str(err)
+    err = broken(["Nope", 1, 1.0, {}])
+    assert isinstance(err, UnknownEventType)
+    for body in ({"name": "a"}, {"name": "a", "amount": 1, "at": 1.0, "x": 2}, [1]):
+        err = broken(["CounterAdded", 1, 1.0, body])
+        assert isinstance(err, CorruptLog) and "does not fit" in str(err), body
+    err = broken(["TickRecorded", 1, 1.0, {"when": 1.0}])
+    assert isinstance(err, CorruptLog) and "does not fit" in str(err)

@@ -355,6 +355,27 @@ def test_messages_held_until_recovery_are_served_in_order(system, tmp_path):
     lock.close()
 
 
+def test_a_standby_that_won_and_stopped_at_once_closes_its_log_after_its_follower_left_it(simple_system, tmp_path):
+    """RT7: winning stops the hot standby's follower without waiting (it may be inside a
+    one-second tail of the log); a Stop right after must wait for it before closing the log:
+    closing a SQLite connection another thread reads with crashed the process (seen once,
+    in the test above under load)."""
+    import threading
+
+    url = f"sqlite:///{tmp_path}/log.db"
+    lock = FileLockLeadership(f"{tmp_path}/log.db.example.lock")
+    assert lock.try_acquire()
+    address = start_actor(simple_system, ACTOR, Start(url), wait=False)
+    followers = lambda: [t for t in threading.enumerate() if t.name == "follow-example" and t.is_alive()]  # noqa: E731
+    assert simple_system.ask(address, Request("s", Status()), 10).reply.value["mode"] == "standby"
+    assert followers()  # a hot standby follows the log
+    lock.release()
+    assert simple_system.ask(address, Request("a", Add("h", 1)), 10).reply == Ok(1)  # it won and leads
+    simple_system.tell(address, Stop())
+    assert followers() == []  # joined before the log was closed
+    lock.close()
+
+
 # ---- fencing -----------------------------------------------------------------------------
 
 

@@ -345,6 +345,7 @@ class EPUM(Component[EPUMState]):
         live = sorted(i.instance_id for i in state.instances.values()
                       if i.rank < R_TERMINATED and i.instance_id not in state.open_launches)
         state.vol.refreshed.update(dict.fromkeys(live, now))
+        state.vol.asks.setdefault(now, set()).update(live)
         return [Send(self.config.provisioner, DumpState(live[k:k + _DUMP_CHUNK]))
                 for k in range(0, len(live), _DUMP_CHUNK)]
 
@@ -787,30 +788,43 @@ class EPUM(Component[EPUMState]):
         """``DumpState`` for the live instances neither changed nor asked for during the last
         ``refresh_interval``, so a lost ``NodeStateChanged`` is answered again (the
         Provisioner's answers for unchanged nodes are stale updates: no events). Looks every
-        quarter interval: an instance is asked for at most 1.25 intervals after its news."""
+        quarter interval: an instance is asked for at most 1.25 intervals after its news.
+        The live ones are found by set operations; the asks of the last interval (``vol.asks``)
+        rule out most of them at once."""
         vol, now, gap = state.vol, ctx.now, self.config.refresh_interval
         if gap <= 0 or now < vol.refresh_at:
             return
         vol.refresh_at = now + gap / 4
-        instances, asked, opened = state.instances, vol.refreshed, state.open_launches
-        kept: dict[str, float] = {}  # the asks of live instances (others are forgotten)
-        stale: list[str] = []
-        for dom in state.domains.values():  # one pass over the live ones: it runs every
-            by = dom.by_state  # quarter interval over every instance (SC7)
+        instances, asked, recent = state.instances, vol.refreshed, vol.asks
+        live: set[str] = set()
+        for dom in state.domains.values():
+            by = dom.by_state
             for s in _BELOW_TERMINATED:
-                for i in by.get(s, ()):
-                    if i in opened:
-                        continue
-                    at = asked.get(i)
-                    if at is not None:
-                        kept[i] = at
-                    seen = instances[i].state_time
-                    if now - (seen if at is None or at < seen else at) >= gap:
-                        stale.append(i)
+                ids = by.get(s)
+                if ids:
+                    live |= ids
+        live -= state.open_launches
+        gone = asked.keys() - live  # the asks of instances not live or opened are forgotten
+        if gone:
+            for i in gone:
+                del asked[i]
+            for group in recent.values():
+                group -= gone
+        for t in [t for t in recent if now - t >= gap]:
+            del recent[t]
+        # an instance asked for less than an interval ago is not stale, whatever its news: only
+        # the others are looked at, each as before (RT3)
+        stale: list[str] = []
+        for i in live.difference(*recent.values()) if recent else live:
+            at = asked.get(i)
+            seen = instances[i].state_time
+            if now - (seen if at is None or at < seen else at) >= gap:
+                stale.append(i)
         stale.sort()
-        vol.refreshed = kept
         for iid in stale:
-            vol.refreshed[iid] = now
+            asked[iid] = now
+        if stale:
+            recent.setdefault(now, set()).update(stale)
         for k in range(0, len(stale), _DUMP_CHUNK):
             part = stale[k:k + _DUMP_CHUNK]  # with what we hold: only news come back (SC2)
             counters = [instances[i].update_counter for i in part]

@@ -169,6 +169,9 @@ class Volatile:
     monitor_start: float | None = None
     refresh_at: float = 0.0  # next look for instances unchanged for refresh_interval
     refreshed: dict[str, float] = field(default_factory=dict)  # live instance -> last DumpState
+    #: the ids of ``refreshed`` by the time they were asked at, for the asks less than a
+    #: refresh interval old (decision RT3)
+    asks: dict[float, set[str]] = field(default_factory=dict)
     bootstrapped: bool = False  # initial definitions/domains checked (first decider pass)
     engines: dict[str, Any] = field(default_factory=dict)
 

@@ -27,12 +27,12 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from .batch import MAX_EVENT_BYTES, why_not_plain
+from .batch import MAX_EVENT_BYTES, packb, why_not_plain
 from .errors import CorruptLog, NewerEventVersion, UnknownEventType
 from .records import PendingEvent, Record
 
 E = TypeVar("E")
-_packb, _unpackb = msgpack.packb, msgpack.unpackb
+_unpackb = msgpack.unpackb
 Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -46,6 +46,29 @@ class _EventType:
     version: int
     cls: type
     fields: tuple[str, ...]
+    #: built and compared field by field, as its body is (see :func:`_plain_dataclass`)
+    plain: bool
+
+
+def _generated(cls: type, name: str) -> bool:
+    """``cls`` has a ``name`` method that ``dataclasses`` generated for it (not inherited, not
+    written by hand)."""
+    fn = cls.__dict__.get(name)
+    code = getattr(fn, "__code__", None)
+    return code is not None and code.co_filename == "<string>" and fn.__qualname__ == f"{cls.__qualname__}.{name}"
+
+
+def _plain_dataclass(cls: type) -> bool:
+    """True if ``cls(**body) == event`` holds exactly when ``body`` equals ``event``'s fields
+    as a dict, compared value by value in field order (decision RT1): ``dataclasses``'
+    own ``__init__`` and ``__eq__``, no ``__post_init__``, every field set by ``__init__`` and
+    compared, no init-only pseudo-fields."""
+    fields = dataclasses.fields(cls)
+    return (
+        _generated(cls, "__init__") and _generated(cls, "__eq__") and not hasattr(cls, "__post_init__")
+        and len(fields) == len(cls.__dataclass_fields__)  # type: ignore[attr-defined]
+        and all(f.init and f.compare for f in fields)
+    )
 
 
 class EventRegistry:
@@ -66,7 +89,7 @@ class EventRegistry:
             if name in self._by_name:
                 raise ValueError(f"event type {name!r} is registered twice in {self.namespace!r}")
             fields = tuple(f.name for f in dataclasses.fields(cls))
-            entry = _EventType(name, version, cls, fields)
+            entry = _EventType(name, version, cls, fields, _plain_dataclass(cls))
             self._by_name[name] = entry
             self._by_class[cls] = entry
             return cls
@@ -111,7 +134,7 @@ class EventRegistry:
         name, version = entry.name, entry.version
         body = {f: getattr(event, f) for f in entry.fields}
         try:
-            row = _packb([name, version, timestamp, body], use_bin_type=True)
+            row = packb([name, version, timestamp, body])
         except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, UnicodeError
             raise UnstorableEvent(self._why(name, body) or f"event {name}: {exc}") from None
         if len(row) > MAX_EVENT_BYTES:
@@ -123,11 +146,12 @@ class EventRegistry:
             )
         try:
             t, v, ts, back_body = _unpackb(row, raw=False, strict_map_key=False)
-            if t == name and v == version:  # what from_record does with a current row
-                back = entry.cls(**back_body)
-            else:
-                back = self.from_record(Record("", 0, t, v, ts, 0, back_body))
-            same = back == event
+            if t != name or v != version:
+                same = self.from_record(Record("", 0, t, v, ts, 0, back_body)) == event
+            elif entry.plain:  # what ``cls(**back_body) == event`` compares, without building it
+                same = type(back_body) is dict and body == back_body
+            else:  # what from_record does with a current row
+                same = entry.cls(**back_body) == event
         except Exception:
             same = False
         if not same:

@@ -65,7 +65,10 @@ class MemoryLog(EventLog):
             self._space.archive = record
 
     def _s(self, stream: str) -> _Stream:
-        return self._space.streams.setdefault(stream, _Stream())
+        s = self._space.streams.get(stream)
+        if s is None:  # not ``setdefault(stream, _Stream())``: that builds one per call
+            s = self._space.streams[stream] = _Stream()
+        return s
 
     def _streams(self) -> list[str]:
         with self._lock:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -72,6 +73,20 @@ def vm_record(node: Node) -> dict[str, Any]:
         "private_ip": node.private_ips[0] if node.private_ips else None,
         "hostname": extra.get("dns_name") or None,
     }
+
+
+#: A driver whose listings hand out the same Node again while its VM is unchanged, and
+#: never change a Node handed out, says so by this attribute (the simulated cloud, SIM6):
+#: a listed Node's record is then built once, and listings share it (read-only; RT4).
+SHARES_LISTED_NODES = "shares_listed_nodes"
+_SHARED_RECORDS: weakref.WeakKeyDictionary[Node, dict[str, Any]] = weakref.WeakKeyDictionary()
+
+
+def _shared_record(node: Node) -> dict[str, Any]:
+    record = _SHARED_RECORDS.get(node)
+    if record is None:
+        record = _SHARED_RECORDS[node] = vm_record(node)
+    return record
 
 
 class CloudWorker:
@@ -200,7 +215,8 @@ class CloudWorker:
                     nodes = [n for n in driver.list_nodes() if str(n.id) in ids]
             else:
                 nodes = driver.list_nodes(**kwargs)
-            vms = [vm_record(n) for n in nodes]
+            record = _shared_record if getattr(driver, SHARES_LISTED_NODES, False) else vm_record
+            vms = [record(n) for n in nodes]
         except Exception as exc:
             return ListResult(account, seq, error_kind=classify_error(exc), error=_error_text(exc),
                               partial=partial)

@@ -198,6 +198,9 @@ class _Follower:
         if join and self._thread is not threading.current_thread():
             self._thread.join(self.wait + 5.0)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
 
 class EventSourcedActor(Actor):
     """A thespian actor that runs an event-sourced component; subclass and override the hooks.
@@ -288,6 +291,9 @@ class EventSourcedActor(Actor):
         self.stats = {"appends": 0, "messages": 0, "batches": 0}
         self._last_error: dict[str, str] | None = None
         self._follower: _Follower | None = None
+        #: followers stopped without waiting (a win, a restart of following): joined before the
+        #: log is closed, since one may still be reading it (RT7)
+        self._stopped: list[_Follower] = []
         self._shell_stats = ShellStats()
         self._metrics_to: ReportMetrics | None = None
         self._metrics_pending = False
@@ -700,9 +706,17 @@ class EventSourcedActor(Actor):
             runner.stop_following()
 
     def _stop_following(self, join: bool = False) -> None:
+        """Stop the follower; with ``join``, wait until it and every follower stopped before
+        are out of the log (before the log is closed)."""
         follower, self._follower = self._follower, None
         if follower is not None:
             follower.stop(join)
+            if not join:
+                self._stopped = [f for f in self._stopped if f.alive()] + [follower]
+        if join:
+            stopped, self._stopped = self._stopped, []
+            for old in stopped:
+                old.stop(join=True)
 
     def _announce(self) -> None:
         """Tell the configured peers that this replica now serves our peer name (F1).

@@ -175,9 +175,17 @@ class State:
 
     def valid_ids(self) -> list[str]:
         """Instances that count against a target (state below TERMINATING), launch order."""
-        ids = list(self.ids_in(VALID_STATES))
-        ids.sort(key=lambda i: self._all[i].seq)
-        return ids
+        return self.in_launch_order(self.ids_in(VALID_STATES))
+
+    def valid_id_set(self) -> set[str]:
+        """The ids of :meth:`valid_ids`, unordered (no sort)."""
+        by = self._d.by_state
+        return set().union(*(by[s] for s in VALID_STATES if s in by))
+
+    def in_launch_order(self, ids: Iterable[str]) -> list[str]:
+        """``ids`` (of this domain's instances) in launch order."""
+        every = self._all
+        return [i for _, i in sorted((every[i].seq, i) for i in ids)]
 
     def count_valid(self) -> int:
         return self._d.count(VALID_STATES)
@@ -324,14 +332,17 @@ def _health(state: State, iid: str) -> str:
 
 
 def pick_to_destroy(
-    control: Control, state: State, candidates: list[str], n: int, first: Iterable[str] = ()
+    control: Control, state: State, candidates: list[str] | set[str], n: int, first: Iterable[str] = ()
 ) -> list[str]:
-    """Choose ``n`` of ``candidates``: ``first`` ones (in order) first, then at random."""
+    """Choose ``n`` of ``candidates`` (in launch order, or a set: put in launch order only if
+    the random pick needs it, decision RT5): ``first`` ones (in order) first, then at random."""
     if n <= 0:
         return []
-    cand = set(candidates)
+    cand = candidates if isinstance(candidates, set) else set(candidates)
     chosen = [i for i in dict.fromkeys(first) if i in cand][:n]
     if len(chosen) < n:
-        rest = [i for i in candidates if i not in set(chosen)]
+        taken = set(chosen)
+        ordered = state.in_launch_order(cand) if isinstance(candidates, set) else candidates
+        rest = [i for i in ordered if i not in taken]
         chosen += control.rng.sample(rest, min(n - len(chosen), len(rest)))
     return chosen

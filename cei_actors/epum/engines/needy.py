@@ -54,8 +54,7 @@ class NeedyMixin:
     def reconcile(self, control: Control, state: State, target: int, killed: list[str]) -> None:
         valid = state.count_valid() - len(killed)
         if valid > target:
-            gone = set(killed)
-            candidates = [i for i in state.valid_ids() if i not in gone]
+            candidates = state.valid_id_set().difference(killed)  # ordered only if needed (RT5)
             first = self.conf.get("retirable_nodes") or []
             control.destroy_instances(
                 pick_to_destroy(control, state, candidates, valid - target, first), reason="scale down",

@@ -168,6 +168,9 @@ class SimulatedCloudDriver(NodeDriver):
     type = "cei-simcloud"
     name = "CEI simulated cloud"
     website = "https://example.invalid/cei-simcloud"
+    #: an unchanged VM is listed as the same Node, which is never changed (see
+    #: :meth:`_listed_node`): ``CloudWorker`` builds its record once (decision RT4)
+    shares_listed_nodes = True
     api_name = "cei-simcloud"
     features: dict[str, list[str]] = {"create_node": []}
 
