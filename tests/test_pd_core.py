@@ -1165,9 +1165,39 @@ def test_spec_digest_with_kept_key_orders_is_the_one_sorted_each_time():
                 "constraints": {}}
 
     state._KEY_ORDERS.clear()
-    state._DIGESTS.clear()
     assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"  # before SIM10
     assert tuple(spec(False)["env"]) in state._KEY_ORDERS
-    state._DIGESTS.clear()  # the same spec again: ordered from the kept key orders
+    # the same spec again: ordered from the kept key orders
     assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
     assert state.spec_digest(spec(True)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
+
+
+def test_a_tombstone_is_describe_without_the_bulky_parameters_plus_their_digest():
+    """Decision SC10: ``Process.tombstone`` builds its record directly; it is exactly (keys,
+    their order, values) describe() without command, env, cwd, configuration, subscribers,
+    plus ``spec_digest(spec())``, for plain and unusual specs (crash loop, non-str map keys,
+    maps in another order)."""
+    from cei_actors.pd.state import Process, spec_digest
+
+    def expected(p: Process) -> list:
+        out = p.describe()
+        for key in ("command", "env", "cwd", "configuration", "subscribers"):
+            del out[key]
+        out["spec_digest"] = spec_digest(p.spec())
+        return list(out.items())
+
+    plain = Process("p1", ps.EXITED, 2, command=["sim", "12.5", "0"],
+                    constraints={"engine": ENGINE}, engine=ENGINE, last_node_id="n1",
+                    starts=2, dispatches=3, msg="ended", state_at=5.0)
+    odd = Process("p2", ps.DIED_REQUESTED, 1, definition_id="d", name="odd",
+                  command=["x", 1, 2.5, None, True, b"b", ("t", [{"z": 1, "a": 2}])],
+                  env={"B": "1", "A": "2"}, cwd="/tmp",
+                  configuration={1: "int key", "1": "str key", None: {}, "n": {"x": (1, 2)}},
+                  subscribers=["s"], constraints={"engine": ENGINE, "site": ["a", "b"]},
+                  engine=ENGINE, node_exclusive="tag", min_start_interval=0.5,
+                  omit_from_system_restart=True, crashes=3, retry_at=9.0)
+    assert odd.crash_looping
+    for p in (plain, odd):
+        assert list(p.tombstone().items()) == expected(p)
+    flipped = Process("p2", ps.DIED_REQUESTED, 1, **{**odd.spec(), "env": {"A": "2", "B": "1"}})
+    assert flipped.tombstone()["spec_digest"] == odd.tombstone()["spec_digest"]
