@@ -1201,3 +1201,45 @@ def test_a_tombstone_is_describe_without_the_bulky_parameters_plus_their_digest(
         assert list(p.tombstone().items()) == expected(p)
     flipped = Process("p2", ps.DIED_REQUESTED, 1, **{**odd.spec(), "env": {"A": "2", "B": "1"}})
     assert flipped.tombstone()["spec_digest"] == odd.tombstone()["spec_digest"]
+
+
+def test_doomed_nodes_are_looked_at_again_only_once_the_lease_found_could_have_run_out(monkeypatch):
+    """Decision SC11: a doomed node whose agent was found not fenced is not checked again
+    until that agent's grant has run out (grants only grow); a seq-0 agent's renewal still
+    keeps its node, and a clock that went back makes the PD look again."""
+    from cei_actors.pd.logic import PDConfig
+
+    checks: list[float] = []
+    expired = PDConfig.lease_expired
+
+    def counting(self, lv, now):  # noqa: ANN001, ANN202
+        checks.append(now)
+        return expired(self, lv, now)
+
+    monkeypatch.setattr(PDConfig, "lease_expired", counting)
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    agents = [sim.add_node(f"n{i}")[0] for i in range(20)]
+    t0 = sim.now
+    for i in range(20):
+        sim.ok(NodeState(f"n{i}", "pd_domain_" + ENGINE, "TERMINATING", {}))
+    checks.clear()
+    for k in range(1, 9):  # within the leases: nothing to check again
+        sim.now = t0 + k * 0.5
+        sim.handle(RetryDispatches())
+    assert checks == [] and all(f"n{i}" in sim.state.nodes for i in range(20))
+    sim.now = t0 + 5.0
+    sim.heartbeat(agents[0])  # seq 0: asks for no lease, renewed at every heartbeat
+    sim.now = t0 + 9.0  # the others' leases are out; n0's runs until t0 + 14
+    sim.handle(RetryDispatches())
+    assert [f"n{i}" in sim.state.nodes for i in range(20)] == [True] + [False] * 19
+    checks.clear()
+    sim.now = t0 + 13.9
+    sim.handle(RetryDispatches())
+    assert checks == [] and "n0" in sim.state.nodes
+    sim.now = t0 + 4.0  # our clock went back: look again (the grant may be later than now)
+    sim.handle(RetryDispatches())
+    assert checks == [t0 + 4.0] and "n0" in sim.state.nodes
+    sim.now = t0 + 14.0
+    sim.handle(RetryDispatches())
+    assert "n0" not in sim.state.nodes
+    check_invariants(sim.state)

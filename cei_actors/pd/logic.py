@@ -514,18 +514,35 @@ class Tx:
         return self.cfg.lease_expired(lv, self.now)
 
     def expire_doomed(self) -> None:
-        """Lose the doomed nodes whose agents' leases have all run out."""
+        """Lose the doomed nodes whose agents' leases have all run out.
+
+        A node found with an agent not yet fenced keeps that agent's grant time: grants only
+        grow, so the node is not looked at again until that grant has run out (decision SC11;
+        a clock that went back since makes it look again)."""
         soft = self.s.soft
+        if not soft.doomed:
+            return
+        now, waits, limit = self.now, soft.doomed_wait, self.cfg.fence_time + self.cfg.fence_margin
         for node_id, state in list(soft.doomed.items()):
             node = self.s.nodes.get(node_id)
             if node is None:
                 del soft.doomed[node_id]
-            elif all(self.fenced(rid) for rid in node.resources):
+                waits.pop(node_id, None)
+                continue
+            wait = waits.get(node_id)
+            if wait is not None and wait[0] <= now and now - wait[1] < limit:
+                continue  # (the agent found unfenced is so still: now - granted < limit)
+            for rid in node.resources:
+                if not self.fenced(rid):
+                    waits[node_id] = (now, soft.live[rid].granted)
+                    break
+            else:
                 self.lose_node(node_id, state, f"node {node_id} {state}")
 
     def forget_node(self, node_id: str) -> None:
         soft = self.s.soft
         soft.doomed.pop(node_id, None)
+        soft.doomed_wait.pop(node_id, None)
         for rid in self.s.nodes[node_id].resources:
             soft.live.pop(rid, None)
             soft.heard.discard(rid)

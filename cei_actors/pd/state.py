@@ -317,6 +317,9 @@ class Soft:
     #: node_id -> the loss state EPUM reported, for nodes lost but not known dead: their
     #: processes move once every agent's lease there has run out (decision PD9)
     doomed: dict[str, str] = field(default_factory=dict)
+    #: doomed node_id -> (our clock then, the grant time of an agent there found not fenced
+    #: then): the node is not looked at again before that grant has run out (decision SC11)
+    doomed_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: agent -> the process list of its last heartbeat that asked for nothing (decision SIM7)
     quiet: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
