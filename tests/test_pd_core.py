@@ -1243,3 +1243,49 @@ def test_doomed_nodes_are_looked_at_again_only_once_the_lease_found_could_have_r
     sim.handle(RetryDispatches())
     assert "n0" not in sim.state.nodes
     check_invariants(sim.state)
+
+
+def test_a_need_looks_only_at_idle_nodes_for_retirement(monkeypatch):
+    """Decision SC12: the nodes a need may retire are found among the engine's idle nodes
+    (the fold keeps them), newest first, broken ones first, not by a walk of every node;
+    the index follows placements, ends, foreign copies, node losses, snapshots and replay."""
+    from cei_actors.pd import invariants, logic
+
+    seen: list[list[tuple[str, bool, bool]]] = []
+    real = logic.retirable
+
+    def recording(nodes, count, needed):  # noqa: ANN001, ANN202
+        nodes = list(nodes)
+        seen.append(nodes)
+        return real(nodes, count, needed)
+
+    monkeypatch.setattr(logic, "retirable", recording)
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "heartbeat_period": 1.0, "heartbeat_warning": 3.0,
+                                       "heartbeat_missing": 5.0}}, needs_interval=0.0))
+    for i in range(6):
+        sim.add_node(f"n{i}")
+    for i in range(8):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    assert {n for n in sim.state.nodes if sim.state.nodes[n].used} == {"n0", "n1", "n2", "n3"}
+    for step in (3.0, 2.5):  # n4's agent falls silent: WARNING, then MISSING (n4 is broken)
+        sim.now += step
+        for aid, agent in sim.agents.items():
+            if agent.node_id != "n4":
+                sim.heartbeat(aid)
+        sim.handle(MonitorResources())
+    assert sim.state.resources["n4-a0"].state == ps.RESOURCE_MISSING
+    assert sim.state.idle[ENGINE] == {"n4", "n5"}
+    seen.clear()
+    for upid in ("p6", "p7"):  # n3 ends up idle: the need drops to 3
+        sim.ok(KillProcess(upid))
+    sim.heartbeat_all()
+    assert sim.state.idle[ENGINE] == {"n3", "n4", "n5"}
+    assert seen and all(not occupied for nodes in seen for _, occupied, _ in nodes)
+    assert [nid for nid, _, _ in seen[-1]] == ["n5", "n4", "n3"]
+    assert sim.needs[-1].retirable_nodes == ["n4", "n5", "n3"]  # the broken one first
+    sim.lose_node("n0")  # its processes move; n0 leaves the index with it
+    assert "n0" not in sim.state.idle[ENGINE]
+    assert invariants.broken(sim.state) == []
+    sim.crash(snapshot=True)
+    assert sim.state.idle == sim.replayed().idle
+    assert sim.state.idle[ENGINE] == {n for n, node in sim.state.nodes.items() if not node.used}

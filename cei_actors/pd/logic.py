@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -618,11 +618,7 @@ class Tx:
         unretired = False
         for eid, _spec, n, sig in changed:
             nodes = s.engine_nodes.get(eid, {})
-            newest_first = (  # an occupied node is never retired: whether broken is moot
-                (nid, True, False) if s.nodes[nid].used > 0 else (nid, False, self.broken(nid))
-                for nid in reversed(nodes)
-            )
-            retire = retirable(newest_first, len(nodes), n)
+            retire = retirable(self.idle_newest_first(eid), len(nodes), n)
             keep = set(retire)
             for nid in self.retiring(eid, nodes):
                 if nid not in keep:
@@ -634,6 +630,15 @@ class Tx:
             soft.needs_sent[eid] = (sig, n, tuple(retire))
             self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
         return unretired
+
+    def idle_newest_first(self, engine: str) -> Iterator[tuple[str, bool, bool]]:
+        """``retirable``'s nodes: the engine's idle ones (an occupied node is never retired,
+        so it is not looked at: SC12), newest first (node order), each with whether it is
+        broken; sorted only if ``retirable`` asks for the first."""
+        nodes = self.s.nodes
+        for nid in sorted(self.s.idle.get(engine, ()), key=lambda nid: nodes[nid].seq,
+                          reverse=True):
+            yield nid, False, self.broken(nid)
 
     def retiring(self, engine: str, nodes: dict[str, None]) -> list[str]:
         """The engine's retiring nodes (``nodes``), in node order. Only :meth:`needs` retires

@@ -346,6 +346,9 @@ class PDState:
         self.live_count: collections.Counter[str] = collections.Counter()  # engine -> n
         self.occupied: collections.Counter[str] = collections.Counter()  # engine -> nodes used
         self.engine_nodes: dict[str, dict[str, None]] = {}
+        #: engine -> its nodes with no slot used (``used == 0``): the only ones a need may
+        #: retire, so the need looks at them, not at every node (decision SC12)
+        self.idle: dict[str, set[str]] = {}
         self.state_count: collections.Counter[str] = collections.Counter()
         #: finished (TERMINAL) upids -> when they finished, in the order they did
         self.ended: dict[str, float] = {}
@@ -445,6 +448,8 @@ class PDState:
         for node in s.nodes.values():
             if node.used:
                 s.occupied[node.engine] += 1
+            else:
+                s.idle.setdefault(node.engine, set()).add(node.node_id)
         s._index(queued)
         s.ended = dict(sorted(s.ended.items(), key=lambda kv: kv[1]))
         return s
@@ -555,8 +560,10 @@ class PDState:
         node.used += delta
         if before == 0 and node.used > 0:
             self.occupied[node.engine] += 1
+            self.idle[node.engine].discard(node.node_id)
         elif before > 0 and node.used == 0:
             self.occupied[node.engine] -= 1
+            self.idle.setdefault(node.engine, set()).add(node.node_id)
 
     def _enqueue(self, p: Process) -> None:
         p.seq = self.next_seq
@@ -714,6 +721,7 @@ class PDState:
         node = self.nodes[node_id]
         if not node.used:
             self.occupied[node.engine] += 1
+            self.idle[node.engine].discard(node_id)
         node.used += 1
         if p.node_exclusive is not None:
             node.tags[p.node_exclusive] = upid
@@ -727,6 +735,7 @@ class PDState:
         self.node_seq += 1
         self.nodes[e.node_id] = node
         self.engine_nodes.setdefault(e.engine, {})[e.node_id] = None
+        self.idle.setdefault(e.engine, set()).add(e.node_id)
         self.mm.add_node(node)
 
     def _on_node_removed(self, e: NodeRemoved) -> None:
@@ -745,6 +754,8 @@ class PDState:
                     p.node_id = None
         if node.used:
             self.occupied[node.engine] -= 1
+        else:
+            self.idle[node.engine].discard(e.node_id)
         del self.nodes[e.node_id]
         engine_nodes = self.engine_nodes.get(node.engine)
         if engine_nodes is not None:
