@@ -358,8 +358,9 @@ def test_an_unchanged_quiet_heartbeat_is_short_circuited_until_the_pd_changes_it
     [aid] = sim.add_node("n1")
     sim.ok(ScheduleProcess("p1", command=["x"]))
     sim.ok(ScheduleProcess("p2", command=["x"]))
-    sim.heartbeat(aid)  # ASSIGNED -> RUNNING: not quiet
-    assert aid not in sim.state.soft.quiet
+    sim.heartbeat(aid)  # ASSIGNED -> RUNNING: the same list again asks for nothing (SC13)
+    rows = [{"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2")]
+    assert sim.state.soft.quiet[aid] == rows
     sim.heartbeat(aid)
     assert sim.state.soft.quiet[aid] == [
         {"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2")]
@@ -1289,3 +1290,44 @@ def test_a_need_looks_only_at_idle_nodes_for_retirement(monkeypatch):
     sim.crash(snapshot=True)
     assert sim.state.idle == sim.replayed().idle
     assert sim.state.idle[ENGINE] == {n for n, node in sim.state.nodes.items() if not node.used}
+
+
+def test_a_heartbeat_that_only_moved_up_or_ended_processes_leaves_the_list_to_come_as_its_memo():
+    """Decision SC13: after a heartbeat whose rows were quiet, acknowledged (PENDING/RUNNING)
+    or ended (cleaned up now), the same rows less the ended ones would ask for nothing: that
+    list is the agent's memo, so the next heartbeat after the cleanup is not looked at again.
+    A row reported again after all is handled as ever (its cleanup resent at once, as a pass
+    of the shorter list would have let it be); a placement on the agent forgets the memo."""
+    from cei_actors.eeagent.messages import CleanupProcess
+
+    sim = Sim(config(engines={ENGINE: {"slots": 4}}, dispatch_retry_seconds=30.0, needs_interval=0.0))
+    [aid] = sim.add_node("n1")
+    for u in ("p1", "p2", "p3"):
+        sim.ok(ScheduleProcess(u, command=["x"], restart_mode="NEVER"))
+    sim.heartbeat(aid)
+    running = [{"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2", "p3")]
+    assert sim.state.soft.quiet[aid] == running
+    sim.finish("p2", ps.EXITED)
+    sim.agents[aid].up = False  # the cleanup is lost: the agent keeps reporting p2
+    sim.heartbeat(aid)
+    sim.agents[aid].up = True
+    assert sim.pstate("p2") == ps.EXITED
+    assert sim.state.soft.quiet[aid] == [running[0], running[2]]
+    assert sim.state.soft.cleanups[aid] == {("p2", 0): sim.now}
+    sim.agents[aid].procs.pop(("p2", 0))  # as if it had cleaned up after all
+    head, sent = sim.runner.head, len(sim.sent)
+    sim.now += 1.0
+    sim.heartbeat(aid)
+    assert sim.runner.head == head and len(sim.sent) == sent
+    assert sim.state.soft.cleanups[aid] == {}  # as the pass it skipped leaves it
+    sim.agents[aid].procs[("p2", 0)] = ps.EXITED  # reported again: cleaned up again, at once
+    sim.now += 1.0
+    sim.heartbeat(aid)
+    assert [s.message for s in sim.sent[sent:]] == [CleanupProcess("p2", 0)]
+    assert aid not in sim.state.soft.quiet
+    sim.heartbeat(aid)  # cleaned up: p1 and p3 again
+    assert sim.state.soft.quiet[aid] == [running[0], running[2]]
+    sim.ok(ScheduleProcess("p4", command=["x"]))  # placed there: the memo goes
+    assert sim.proc("p4").resource_id == aid and aid not in sim.state.soft.quiet
+    check_invariants(sim.state)
+    assert sim.state == sim.replayed()

@@ -1263,7 +1263,12 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     first = rid not in soft.heard
     soft.heard.add(rid)
     if soft.quiet.get(rid) == m.processes:
-        return  # as the last heartbeat, which asked for nothing; nothing here changed since
+        # as the last heartbeat, which asked for nothing, or as the list the last one left
+        # (SC13); nothing here changed since: the pass would decide nothing and ask for
+        # no cleanup or stale kill
+        if soft.cleanups.get(rid):
+            soft.cleanups[rid] = {}
+        return
     foreign = 0
     seen: set[tuple[str, int]] = set()
     # Cleanups and stale-copy terminations are level-triggered by what the agent reports,
@@ -1277,6 +1282,9 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     names, reported_up, unacked = _AGENT_NAMES, _REPORTED_UP, _UNACKED_UP
     TERMINATING, rank = ps.TERMINATING, ps.rank  # noqa: N806 (hoisted: this loop is hot)
     acted = False  # a process needed something: not a quiet heartbeat
+    #: every row was quiet, moved up (PENDING/RUNNING acknowledged) or ended and is cleaned
+    #: up now, and every process placed here was reported (decision SC13)
+    settled = True
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
         state = d["state"]
@@ -1288,6 +1296,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             # Not our placement here: a stale round, a copy the PD moved away or ended (or
             # forgot: a tombstone), or an unknown upid. Live ones hold a slot on the agent;
             # stale ones are ended; finished ones are cleaned up, never brought back.
+            settled = False
             if state in ps.AGENT_LIVE:
                 foreign += 1
                 if (p is not None or upid in s.tombstones) and state != ps.TERMINATING:
@@ -1306,7 +1315,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         seen.add(key)
         pstate = p.state
         if pstate == TERMINATING:
-            acted = True
+            acted, settled = True, False
         if state in reported_up:
             if pstate in unacked and rank(state) > rank(pstate):
                 tx.move(p, rnd, state, d.get("msg") or "")
@@ -1327,7 +1336,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     for upid, rnd in list(res.assigned.items()):
         if (upid, rnd) in seen:
             continue
-        acted = True
+        acted, settled = True, False
         p = s.processes[upid]
         if p.state == ps.ASSIGNED:
             if first:
@@ -1338,10 +1347,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             tx.ended(p, ps.FAILED, "the agent no longer reports it")
         elif p.state == ps.TERMINATING:
             tx.move(p, p.round, ps.TERMINATED, "not on the agent")
-    if acted or foreign or cleanups or kills:
-        soft.quiet.pop(rid, None)
-    else:
+    if not (acted or foreign or cleanups or kills):
         soft.quiet[rid] = m.processes
+    elif settled:
+        # The same rows again, less those ended (the agent drops them at the cleanup sent
+        # now), would ask for nothing: moved-up processes are where the agent says, ended
+        # ones are off this agent. That list is the memo (SC13); any event on an agent's
+        # processes or resource after this still forgets it (``_unquiet``).
+        soft.quiet[rid] = ([d for d in m.processes if (d["upid"], d["round"]) not in cleanups]
+                           if cleanups else m.processes)
+    else:
+        soft.quiet.pop(rid, None)
 
 
 #: the agent's state names; reported states a placed process moves up to; its states then
