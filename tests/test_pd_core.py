@@ -1331,3 +1331,83 @@ def test_a_heartbeat_that_only_moved_up_or_ended_processes_leaves_the_list_to_co
     assert sim.proc("p4").resource_id == aid and aid not in sim.state.soft.quiet
     check_invariants(sim.state)
     assert sim.state == sim.replayed()
+
+
+def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(monkeypatch):
+    """Decision SC14: while no resource is WARNING or MISSING and no agent can have been
+    silent for ``heartbeat_warning`` (every agent's ts is at least the bound the last full
+    pass left, lowered by each agent heard since), a monitor tick looks at no resource. The
+    resource states, their times and the moves are those of a full pass at every tick: an
+    agent falling silent, one first heard with a lagging clock, our clock going back."""
+    from cei_actors.pd.logic import PDConfig
+
+    engines = {ENGINE: {"slots": 2, "heartbeat_period": 1.0, "heartbeat_warning": 3.0,
+                        "heartbeat_missing": 5.0}}
+
+    def drive(sim: Sim) -> tuple[list, list]:
+        states: list = []
+        events: list = []  # every event, in order
+        handle = sim.runner.handle
+
+        def recording(message):  # noqa: ANN001, ANN202
+            decision = handle(message)
+            events.extend(decision.events)
+            return decision
+
+        sim.runner.handle = recording
+        for i in range(5):
+            sim.add_node(f"n{i}")
+        for i in range(4):
+            sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+        for tick in range(50):
+            sim.now += 0.5
+            for aid, agent in sim.agents.items():
+                silent = (agent.node_id == "n1" and tick > 24) or (agent.node_id == "n5" and tick < 13)
+                if not silent and tick % 2 == 0:
+                    sim.heartbeat(aid, seq=tick + 1)
+            if tick == 8:  # a new agent whose clock lags 2.9 s behind ours
+                sim.ok(NodeState("n5", "pd_domain_" + ENGINE, "RUNNING", {}))
+                sim.agents["n5-a0"] = type(sim.agents["n0-a0"])("n5-a0", "n5")
+                sim.heartbeat("n5-a0", timestamp=sim.now - 2.9)
+            if tick == 16:  # lost by EPUM's word: MISSING while its agent still talks
+                sim.ok(NodeState("n0", "pd_domain_" + ENGINE, "RUNNING_FAILED", {}))
+            if tick == 30:
+                sim.now -= 3.0  # our clock steps back
+            sim.handle(MonitorResources())
+            states.append((sim.now, sorted((r, x.state) for r, x in sim.state.resources.items()),
+                           sorted((u, p.state, p.resource_id, p.msg)
+                                  for u, p in sim.state.processes.items())))
+        return states, events
+
+    conf = config(engines=engines, fence_time=2.0, fence_margin=0.5)
+    full = Sim(conf)
+    with monkeypatch.context() as m:
+        m.setattr(PDConfig, "least_warning", lambda self: 0.0)  # now - bound < 0: always a full pass
+        expected, expected_events = drive(full)
+    sim = Sim(conf)
+    assert drive(sim) == (expected, expected_events)
+    assert any(dict(s[1]).get("n1-a0") == ps.RESOURCE_MISSING for s in expected)
+    assert any(dict(s[1]).get("n5-a0") == ps.RESOURCE_WARNING for s in expected)
+    assert "n0" not in sim.state.nodes
+    assert [e for e in expected_events if getattr(e, "msg", "") == "resource n0-a0 missing"]
+    assert sim.state == full.state and sim.state.unwell == full.state.unwell
+
+    class Counting(dict):
+        gets = 0
+
+        def get(self, *a):  # noqa: ANN002, ANN202
+            Counting.gets += 1
+            return super().get(*a)
+
+    quiet = Sim(config(engines=engines))
+    for i in range(3):
+        quiet.add_node(f"n{i}")
+    quiet.handle(MonitorResources())  # the first tick after a recovery: a full pass
+    quiet.state.soft.live = Counting(quiet.state.soft.live)
+    quiet.now += 1.0
+    quiet.handle(MonitorResources())
+    assert Counting.gets == 0
+    quiet.now += 2.0  # silent for 3 s: a full pass, WARNING for all
+    quiet.handle(MonitorResources())
+    assert Counting.gets == 3
+    assert all(r.state == ps.RESOURCE_WARNING for r in quiet.state.resources.values())

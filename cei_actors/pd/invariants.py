@@ -49,6 +49,9 @@ def broken(state: PDState) -> list[str]:
                     )
         elif proc.resource_id is not None and upid in placed_on:
             problems.append(f"process {upid} is {proc.state} yet still holds a slot on {proc.resource_id}")
+    unwell = {rid for rid, res in state.resources.items() if res.state != ps.RESOURCE_OK}
+    if unwell != state.unwell:
+        problems.append(f"the unwell index holds {sorted(state.unwell)}, not {sorted(unwell)}")
     for nid, node in state.nodes.items():
         if (node.used == 0) != (nid in state.idle.get(node.engine, ())):
             problems.append(f"node {nid} uses {node.used} slots, but the idle index says otherwise")

@@ -196,6 +196,11 @@ class PDConfig:
         sent before we received it, plus ``fence_margin`` for its kill and clock rates."""
         return now - lv.granted >= self.fence_time + self.fence_margin
 
+    def least_warning(self) -> float | None:
+        """The least ``heartbeat_warning`` of the monitored engines (None: none monitored)."""
+        warnings = [e.heartbeat_warning for e in self.engines.values() if e.monitored]
+        return min(warnings) if warnings else None  # type: ignore[type-var]
+
     def grant_every(self) -> float:
         """Least seconds between two lease grants to one agent."""
         return self.fence_time / 8
@@ -510,7 +515,7 @@ class Tx:
         soft = self.s.soft
         lv = soft.live.get(rid)
         if lv is None:
-            lv = soft.live[rid] = Liveness(self.now, self.now)
+            lv = soft.new_live(rid, self.now, self.now)
         return self.cfg.lease_expired(lv, self.now)
 
     def expire_doomed(self) -> None:
@@ -1236,7 +1241,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     lv = soft.live.get(rid)
     in_order = True
     if lv is None:
-        lv = soft.live[rid] = Liveness(ts, now)
+        lv = soft.new_live(rid, ts, now)
     else:
         lv.seen = now  # any heartbeat proves the agent alive (its clock may have jumped back)
         if ts >= lv.ts:
@@ -1399,6 +1404,24 @@ def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
 
 def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
     s, soft, now = tx.s, tx.s.soft, tx.now
+    least = pd.cfg.least_warning()
+    if least is None or (not s.unwell and now - soft.live_ts_min < least):
+        # Nothing monitored; or no resource WARNING or MISSING and none silent for a warning
+        # yet (every agent's ts >= live_ts_min): the pass would change nothing (SC14).
+        pass
+    else:
+        _monitor_pass(pd, tx)
+    tx.expire_doomed()
+    every = pd.cfg.monitor_every()
+    if every is not None:
+        tx.timer("monitor", every, MonitorResources())
+
+
+def _monitor_pass(pd: ProcessDispatcher, tx: Tx) -> None:
+    """Look at every monitored resource: WARNING after ``heartbeat_warning`` s of silence,
+    MISSING after ``heartbeat_missing``, its work moved once its lease is out (PD9)."""
+    s, soft, now = tx.s, tx.s.soft, tx.now
+    ts_min = float("inf")
     for rid in list(s.resources):
         res = s.resources.get(rid)
         if res is None:
@@ -1409,6 +1432,8 @@ def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
         lv = soft.live.get(rid)
         if lv is None:
             lv = soft.live[rid] = Liveness(now, now)
+        if lv.ts < ts_min:
+            ts_min = lv.ts
         warning, missing = spec.heartbeat_warning, spec.heartbeat_missing
         assert warning is not None and missing is not None
         if res.state == ps.RESOURCE_OK:
@@ -1428,10 +1453,7 @@ def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
                     tx.evacuate(res, f"resource {rid} missing")
         elif res.state == ps.RESOURCE_MISSING and res.assigned and tx.fenced(rid):
             tx.evacuate(res, f"resource {rid} missing")
-    tx.expire_doomed()
-    every = pd.cfg.monitor_every()
-    if every is not None:
-        tx.timer("monitor", every, MonitorResources())
+    soft.live_ts_min = ts_min
 
 
 def _on_retry(pd: ProcessDispatcher, tx: Tx, m: RetryDispatches) -> None:

@@ -322,6 +322,16 @@ class Soft:
     doomed_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: agent -> the process list of its last heartbeat that asked for nothing (decision SIM7)
     quiet: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: a lower bound of every agent's ``Liveness.ts`` (-inf: unknown): the monitor's last full
+    #: pass saw every one, and each made since lowers it (:meth:`new_live`; decision SC14)
+    live_ts_min: float = float("-inf")
+
+    def new_live(self, rid: str, ts: float, now: float) -> Liveness:
+        """A new liveness record for agent ``rid`` (heard at ``ts`` its clock, ``now`` ours)."""
+        lv = self.live[rid] = Liveness(ts, now)
+        if ts < self.live_ts_min:
+            self.live_ts_min = ts
+        return lv
 
 
 class PDState:
@@ -349,6 +359,9 @@ class PDState:
         #: engine -> its nodes with no slot used (``used == 0``): the only ones a need may
         #: retire, so the need looks at them, not at every node (decision SC12)
         self.idle: dict[str, set[str]] = {}
+        #: resources whose state is not OK (WARNING, MISSING): while there are none, the
+        #: monitor need not look at every resource (decision SC14)
+        self.unwell: set[str] = set()
         self.state_count: collections.Counter[str] = collections.Counter()
         #: finished (TERMINAL) upids -> when they finished, in the order they did
         self.ended: dict[str, float] = {}
@@ -431,6 +444,8 @@ class PDState:
             )
             s.resources[res.resource_id] = res
             s.nodes[res.node_id].used += res.foreign
+            if res.state != ps.RESOURCE_OK:
+                s.unwell.add(res.resource_id)
         queued: list[Process] = []
         for d in data["processes"]:
             p = Process(**d)
@@ -747,6 +762,7 @@ class PDState:
             res = self.resources.pop(rid, None)
             if res is None:
                 continue
+            self.unwell.discard(rid)
             for upid in list(res.assigned):  # defensive: moved away by earlier events
                 p = self.processes.get(upid)
                 if p is not None and p.resource_id == rid:
@@ -785,6 +801,10 @@ class PDState:
         if res is None or res.state == e.state:
             return
         res.state = e.state
+        if e.state == ps.RESOURCE_OK:
+            self.unwell.discard(e.resource_id)
+        else:
+            self.unwell.add(e.resource_id)
         self.mm.touch_node(self.nodes[res.node_id], grew=e.state == ps.RESOURCE_OK)
 
     def _on_resource_occupancy(self, e: ResourceOccupancy) -> None:
