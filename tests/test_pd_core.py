@@ -358,8 +358,9 @@ def test_an_unchanged_quiet_heartbeat_is_short_circuited_until_the_pd_changes_it
     [aid] = sim.add_node("n1")
     sim.ok(ScheduleProcess("p1", command=["x"]))
     sim.ok(ScheduleProcess("p2", command=["x"]))
-    sim.heartbeat(aid)  # ASSIGNED -> RUNNING: not quiet
-    assert aid not in sim.state.soft.quiet
+    sim.heartbeat(aid)  # ASSIGNED -> RUNNING: the same list again asks for nothing (SC13)
+    rows = [{"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2")]
+    assert sim.state.soft.quiet[aid] == rows
     sim.heartbeat(aid)
     assert sim.state.soft.quiet[aid] == [
         {"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2")]
@@ -1165,9 +1166,248 @@ def test_spec_digest_with_kept_key_orders_is_the_one_sorted_each_time():
                 "constraints": {}}
 
     state._KEY_ORDERS.clear()
-    state._DIGESTS.clear()
     assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"  # before SIM10
     assert tuple(spec(False)["env"]) in state._KEY_ORDERS
-    state._DIGESTS.clear()  # the same spec again: ordered from the kept key orders
+    # the same spec again: ordered from the kept key orders
     assert state.spec_digest(spec(False)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
     assert state.spec_digest(spec(True)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
+
+
+def test_a_tombstone_is_describe_without_the_bulky_parameters_plus_their_digest():
+    """Decision SC10: ``Process.tombstone`` builds its record directly; it is exactly (keys,
+    their order, values) describe() without command, env, cwd, configuration, subscribers,
+    plus ``spec_digest(spec())``, for plain and unusual specs (crash loop, non-str map keys,
+    maps in another order)."""
+    from cei_actors.pd.state import Process, spec_digest
+
+    def expected(p: Process) -> list:
+        out = p.describe()
+        for key in ("command", "env", "cwd", "configuration", "subscribers"):
+            del out[key]
+        out["spec_digest"] = spec_digest(p.spec())
+        return list(out.items())
+
+    plain = Process("p1", ps.EXITED, 2, command=["sim", "12.5", "0"],
+                    constraints={"engine": ENGINE}, engine=ENGINE, last_node_id="n1",
+                    starts=2, dispatches=3, msg="ended", state_at=5.0)
+    odd = Process("p2", ps.DIED_REQUESTED, 1, definition_id="d", name="odd",
+                  command=["x", 1, 2.5, None, True, b"b", ("t", [{"z": 1, "a": 2}])],
+                  env={"B": "1", "A": "2"}, cwd="/tmp",
+                  configuration={1: "int key", "1": "str key", None: {}, "n": {"x": (1, 2)}},
+                  subscribers=["s"], constraints={"engine": ENGINE, "site": ["a", "b"]},
+                  engine=ENGINE, node_exclusive="tag", min_start_interval=0.5,
+                  omit_from_system_restart=True, crashes=3, retry_at=9.0)
+    assert odd.crash_looping
+    for p in (plain, odd):
+        assert list(p.tombstone().items()) == expected(p)
+    flipped = Process("p2", ps.DIED_REQUESTED, 1, **{**odd.spec(), "env": {"A": "2", "B": "1"}})
+    assert flipped.tombstone()["spec_digest"] == odd.tombstone()["spec_digest"]
+
+
+def test_doomed_nodes_are_looked_at_again_only_once_the_lease_found_could_have_run_out(monkeypatch):
+    """Decision SC11: a doomed node whose agent was found not fenced is not checked again
+    until that agent's grant has run out (grants only grow); a seq-0 agent's renewal still
+    keeps its node, and a clock that went back makes the PD look again."""
+    from cei_actors.pd.logic import PDConfig
+
+    checks: list[float] = []
+    expired = PDConfig.lease_expired
+
+    def counting(self, lv, now):  # noqa: ANN001, ANN202
+        checks.append(now)
+        return expired(self, lv, now)
+
+    monkeypatch.setattr(PDConfig, "lease_expired", counting)
+    sim = Sim(config(fence_time=8.0, fence_margin=1.0))
+    agents = [sim.add_node(f"n{i}")[0] for i in range(20)]
+    t0 = sim.now
+    for i in range(20):
+        sim.ok(NodeState(f"n{i}", "pd_domain_" + ENGINE, "TERMINATING", {}))
+    checks.clear()
+    for k in range(1, 9):  # within the leases: nothing to check again
+        sim.now = t0 + k * 0.5
+        sim.handle(RetryDispatches())
+    assert checks == [] and all(f"n{i}" in sim.state.nodes for i in range(20))
+    sim.now = t0 + 5.0
+    sim.heartbeat(agents[0])  # seq 0: asks for no lease, renewed at every heartbeat
+    sim.now = t0 + 9.0  # the others' leases are out; n0's runs until t0 + 14
+    sim.handle(RetryDispatches())
+    assert [f"n{i}" in sim.state.nodes for i in range(20)] == [True] + [False] * 19
+    checks.clear()
+    sim.now = t0 + 13.9
+    sim.handle(RetryDispatches())
+    assert checks == [] and "n0" in sim.state.nodes
+    sim.now = t0 + 4.0  # our clock went back: look again (the grant may be later than now)
+    sim.handle(RetryDispatches())
+    assert checks == [t0 + 4.0] and "n0" in sim.state.nodes
+    sim.now = t0 + 14.0
+    sim.handle(RetryDispatches())
+    assert "n0" not in sim.state.nodes
+    check_invariants(sim.state)
+
+
+def test_a_need_looks_only_at_idle_nodes_for_retirement(monkeypatch):
+    """Decision SC12: the nodes a need may retire are found among the engine's idle nodes
+    (the fold keeps them), newest first, broken ones first, not by a walk of every node;
+    the index follows placements, ends, foreign copies, node losses, snapshots and replay."""
+    from cei_actors.pd import invariants, logic
+
+    seen: list[list[tuple[str, bool, bool]]] = []
+    real = logic.retirable
+
+    def recording(nodes, count, needed):  # noqa: ANN001, ANN202
+        nodes = list(nodes)
+        seen.append(nodes)
+        return real(nodes, count, needed)
+
+    monkeypatch.setattr(logic, "retirable", recording)
+    sim = Sim(config(engines={ENGINE: {"slots": 2, "heartbeat_period": 1.0, "heartbeat_warning": 3.0,
+                                       "heartbeat_missing": 5.0}}, needs_interval=0.0))
+    for i in range(6):
+        sim.add_node(f"n{i}")
+    for i in range(8):
+        sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+    assert {n for n in sim.state.nodes if sim.state.nodes[n].used} == {"n0", "n1", "n2", "n3"}
+    for step in (3.0, 2.5):  # n4's agent falls silent: WARNING, then MISSING (n4 is broken)
+        sim.now += step
+        for aid, agent in sim.agents.items():
+            if agent.node_id != "n4":
+                sim.heartbeat(aid)
+        sim.handle(MonitorResources())
+    assert sim.state.resources["n4-a0"].state == ps.RESOURCE_MISSING
+    assert sim.state.idle[ENGINE] == {"n4", "n5"}
+    seen.clear()
+    for upid in ("p6", "p7"):  # n3 ends up idle: the need drops to 3
+        sim.ok(KillProcess(upid))
+    sim.heartbeat_all()
+    assert sim.state.idle[ENGINE] == {"n3", "n4", "n5"}
+    assert seen and all(not occupied for nodes in seen for _, occupied, _ in nodes)
+    assert [nid for nid, _, _ in seen[-1]] == ["n5", "n4", "n3"]
+    assert sim.needs[-1].retirable_nodes == ["n4", "n5", "n3"]  # the broken one first
+    sim.lose_node("n0")  # its processes move; n0 leaves the index with it
+    assert "n0" not in sim.state.idle[ENGINE]
+    assert invariants.broken(sim.state) == []
+    sim.crash(snapshot=True)
+    assert sim.state.idle == sim.replayed().idle
+    assert sim.state.idle[ENGINE] == {n for n, node in sim.state.nodes.items() if not node.used}
+
+
+def test_a_heartbeat_that_only_moved_up_or_ended_processes_leaves_the_list_to_come_as_its_memo():
+    """Decision SC13: after a heartbeat whose rows were quiet, acknowledged (PENDING/RUNNING)
+    or ended (cleaned up now), the same rows less the ended ones would ask for nothing: that
+    list is the agent's memo, so the next heartbeat after the cleanup is not looked at again.
+    A row reported again after all is handled as ever (its cleanup resent at once, as a pass
+    of the shorter list would have let it be); a placement on the agent forgets the memo."""
+    from cei_actors.eeagent.messages import CleanupProcess
+
+    sim = Sim(config(engines={ENGINE: {"slots": 4}}, dispatch_retry_seconds=30.0, needs_interval=0.0))
+    [aid] = sim.add_node("n1")
+    for u in ("p1", "p2", "p3"):
+        sim.ok(ScheduleProcess(u, command=["x"], restart_mode="NEVER"))
+    sim.heartbeat(aid)
+    running = [{"upid": u, "round": 0, "state": ps.RUNNING, "msg": ""} for u in ("p1", "p2", "p3")]
+    assert sim.state.soft.quiet[aid] == running
+    sim.finish("p2", ps.EXITED)
+    sim.agents[aid].up = False  # the cleanup is lost: the agent keeps reporting p2
+    sim.heartbeat(aid)
+    sim.agents[aid].up = True
+    assert sim.pstate("p2") == ps.EXITED
+    assert sim.state.soft.quiet[aid] == [running[0], running[2]]
+    assert sim.state.soft.cleanups[aid] == {("p2", 0): sim.now}
+    sim.agents[aid].procs.pop(("p2", 0))  # as if it had cleaned up after all
+    head, sent = sim.runner.head, len(sim.sent)
+    sim.now += 1.0
+    sim.heartbeat(aid)
+    assert sim.runner.head == head and len(sim.sent) == sent
+    assert sim.state.soft.cleanups[aid] == {}  # as the pass it skipped leaves it
+    sim.agents[aid].procs[("p2", 0)] = ps.EXITED  # reported again: cleaned up again, at once
+    sim.now += 1.0
+    sim.heartbeat(aid)
+    assert [s.message for s in sim.sent[sent:]] == [CleanupProcess("p2", 0)]
+    assert aid not in sim.state.soft.quiet
+    sim.heartbeat(aid)  # cleaned up: p1 and p3 again
+    assert sim.state.soft.quiet[aid] == [running[0], running[2]]
+    sim.ok(ScheduleProcess("p4", command=["x"]))  # placed there: the memo goes
+    assert sim.proc("p4").resource_id == aid and aid not in sim.state.soft.quiet
+    check_invariants(sim.state)
+    assert sim.state == sim.replayed()
+
+
+def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(monkeypatch):
+    """Decision SC14: while no resource is WARNING or MISSING and no agent can have been
+    silent for ``heartbeat_warning`` (every agent's ts is at least the bound the last full
+    pass left, lowered by each agent heard since), a monitor tick looks at no resource. The
+    resource states, their times and the moves are those of a full pass at every tick: an
+    agent falling silent, one first heard with a lagging clock, our clock going back."""
+    from cei_actors.pd.logic import PDConfig
+
+    engines = {ENGINE: {"slots": 2, "heartbeat_period": 1.0, "heartbeat_warning": 3.0,
+                        "heartbeat_missing": 5.0}}
+
+    def drive(sim: Sim) -> tuple[list, list]:
+        states: list = []
+        events: list = []  # every event, in order
+        handle = sim.runner.handle
+
+        def recording(message):  # noqa: ANN001, ANN202
+            decision = handle(message)
+            events.extend(decision.events)
+            return decision
+
+        sim.runner.handle = recording
+        for i in range(5):
+            sim.add_node(f"n{i}")
+        for i in range(4):
+            sim.ok(ScheduleProcess(f"p{i}", command=["x"]))
+        for tick in range(50):
+            sim.now += 0.5
+            for aid, agent in sim.agents.items():
+                silent = (agent.node_id == "n1" and tick > 24) or (agent.node_id == "n5" and tick < 13)
+                if not silent and tick % 2 == 0:
+                    sim.heartbeat(aid, seq=tick + 1)
+            if tick == 8:  # a new agent whose clock lags 2.9 s behind ours
+                sim.ok(NodeState("n5", "pd_domain_" + ENGINE, "RUNNING", {}))
+                sim.agents["n5-a0"] = type(sim.agents["n0-a0"])("n5-a0", "n5")
+                sim.heartbeat("n5-a0", timestamp=sim.now - 2.9)
+            if tick == 16:  # lost by EPUM's word: MISSING while its agent still talks
+                sim.ok(NodeState("n0", "pd_domain_" + ENGINE, "RUNNING_FAILED", {}))
+            if tick == 30:
+                sim.now -= 3.0  # our clock steps back
+            sim.handle(MonitorResources())
+            states.append((sim.now, sorted((r, x.state) for r, x in sim.state.resources.items()),
+                           sorted((u, p.state, p.resource_id, p.msg)
+                                  for u, p in sim.state.processes.items())))
+        return states, events
+
+    conf = config(engines=engines, fence_time=2.0, fence_margin=0.5)
+    full = Sim(conf)
+    with monkeypatch.context() as m:
+        m.setattr(PDConfig, "least_warning", lambda self: 0.0)  # now - bound < 0: always a full pass
+        expected, expected_events = drive(full)
+    sim = Sim(conf)
+    assert drive(sim) == (expected, expected_events)
+    assert any(dict(s[1]).get("n1-a0") == ps.RESOURCE_MISSING for s in expected)
+    assert any(dict(s[1]).get("n5-a0") == ps.RESOURCE_WARNING for s in expected)
+    assert "n0" not in sim.state.nodes
+    assert [e for e in expected_events if getattr(e, "msg", "") == "resource n0-a0 missing"]
+    assert sim.state == full.state and sim.state.unwell == full.state.unwell
+
+    class Counting(dict):
+        gets = 0
+
+        def get(self, *a):  # noqa: ANN002, ANN202
+            Counting.gets += 1
+            return super().get(*a)
+
+    quiet = Sim(config(engines=engines))
+    for i in range(3):
+        quiet.add_node(f"n{i}")
+    quiet.handle(MonitorResources())  # the first tick after a recovery: a full pass
+    quiet.state.soft.live = Counting(quiet.state.soft.live)
+    quiet.now += 1.0
+    quiet.handle(MonitorResources())
+    assert Counting.gets == 0
+    quiet.now += 2.0  # silent for 3 s: a full pass, WARNING for all
+    quiet.handle(MonitorResources())
+    assert Counting.gets == 3
+    assert all(r.state == ps.RESOURCE_WARNING for r in quiet.state.resources.values())

@@ -146,6 +146,32 @@ def test_random_operations_keep_the_invariants(ops):
     assert sim.state == sim.replayed()
 
 
+def test_a_later_sort_of_a_bucket_looks_only_at_the_members_added_since():
+    """Decision SC9: members sorted once stay sorted; a sort after a few adds calls the key
+    for those adds only (a reused pool's bucket costs what changed, not its size)."""
+    from cei_actors.pd.matchmaker import FifoSet
+
+    calls: list[int] = []
+
+    def key(k: int) -> int:
+        calls.append(k)
+        return -k
+
+    bucket = FifoSet()
+    for k in range(1000):
+        bucket.add(k)
+    bucket.sort_members(key)
+    assert bucket.first() == (999, None)
+    calls.clear()
+    bucket.discard(999)
+    bucket.add(5000)
+    bucket.add(3)  # moved to the end: it is a later add
+    bucket.sort_members(key)
+    assert sorted(calls) == [3, 5000]
+    assert list(bucket)[:3] == [5000, 998, 997] and list(bucket)[-1] == 0
+    assert len(bucket) == 1000
+
+
 def test_capacity_formula_matches_placements():
     s = build(10, 3, 25)
     place_all(s)
@@ -153,18 +179,24 @@ def test_capacity_formula_matches_placements():
     assert sum(1 for n in s.nodes.values() if n.used) == math.ceil(25 / 3)
 
 
-@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "sort", "read"]), st.integers(0, 9)),
-                max_size=60))
-@settings(max_examples=200, deadline=None)
+def _unique_key(k: int) -> int:
+    return (k * 7) % 10  # an order unlike the keys' own and unlike arrival
+
+
+def _tied_key(k: int) -> int:
+    return k % 3  # ties: a stable sort keeps them in their order
+
+
+@given(st.lists(st.tuples(st.sampled_from(["add", "discard", "sort", "sort2", "read"]),
+                          st.integers(0, 9)), max_size=80))
+@settings(max_examples=300, deadline=None)
 def test_a_lazy_sort_of_a_bucket_reads_as_the_eager_one(ops):
-    """Decision SC4: ``FifoSet.sort_members`` (done when the order is next read) gives the
-    order an immediate sort of the members then present would give, later adds after."""
+    """Decisions SC4, SC9: ``FifoSet.sort_members`` (members sorted so far kept in a heap,
+    later adds joining it at the next sort) gives the order an immediate stable sort of the
+    members then present would give, later adds after; also with ties and another key."""
     from cei_actors.pd.matchmaker import FifoSet
 
     lazy, eager = FifoSet(), []  # the model: sorted at once
-
-    def key(k: int) -> int:
-        return (k * 7) % 10  # an order unlike the keys' own and unlike arrival
 
     for op, k in ops:
         if op == "add":
@@ -173,7 +205,8 @@ def test_a_lazy_sort_of_a_bucket_reads_as_the_eager_one(ops):
         elif op == "discard":
             lazy.discard(k)
             eager = [x for x in eager if x != k]
-        elif op == "sort":
+        elif op in ("sort", "sort2"):
+            key = _unique_key if op == "sort" else _tied_key
             lazy.sort_members(key)
             eager.sort(key=key)
         else:

@@ -49,6 +49,16 @@ def broken(state: PDState) -> list[str]:
                     )
         elif proc.resource_id is not None and upid in placed_on:
             problems.append(f"process {upid} is {proc.state} yet still holds a slot on {proc.resource_id}")
+    unwell = {rid for rid, res in state.resources.items() if res.state != ps.RESOURCE_OK}
+    if unwell != state.unwell:
+        problems.append(f"the unwell index holds {sorted(state.unwell)}, not {sorted(unwell)}")
+    for nid, node in state.nodes.items():
+        if (node.used == 0) != (nid in state.idle.get(node.engine, ())):
+            problems.append(f"node {nid} uses {node.used} slots, but the idle index says otherwise")
+    for engine, idle in state.idle.items():
+        for nid in idle:
+            if nid not in state.nodes or state.nodes[nid].engine != engine:
+                problems.append(f"the idle index of engine {engine} holds node {nid}, not its node")
     for upid in state.tombstones:
         if upid in state.processes:
             problems.append(f"process {upid} is both a live record and a tombstone")

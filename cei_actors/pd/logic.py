@@ -49,7 +49,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,6 +195,11 @@ class PDConfig:
         (decision PD9): ``fence_time`` after the heartbeat that renewed its lease, which it
         sent before we received it, plus ``fence_margin`` for its kill and clock rates."""
         return now - lv.granted >= self.fence_time + self.fence_margin
+
+    def least_warning(self) -> float | None:
+        """The least ``heartbeat_warning`` of the monitored engines (None: none monitored)."""
+        warnings = [e.heartbeat_warning for e in self.engines.values() if e.monitored]
+        return min(warnings) if warnings else None  # type: ignore[type-var]
 
     def grant_every(self) -> float:
         """Least seconds between two lease grants to one agent."""
@@ -510,22 +515,39 @@ class Tx:
         soft = self.s.soft
         lv = soft.live.get(rid)
         if lv is None:
-            lv = soft.live[rid] = Liveness(self.now, self.now)
+            lv = soft.new_live(rid, self.now, self.now)
         return self.cfg.lease_expired(lv, self.now)
 
     def expire_doomed(self) -> None:
-        """Lose the doomed nodes whose agents' leases have all run out."""
+        """Lose the doomed nodes whose agents' leases have all run out.
+
+        A node found with an agent not yet fenced keeps that agent's grant time: grants only
+        grow, so the node is not looked at again until that grant has run out (decision SC11;
+        a clock that went back since makes it look again)."""
         soft = self.s.soft
+        if not soft.doomed:
+            return
+        now, waits, limit = self.now, soft.doomed_wait, self.cfg.fence_time + self.cfg.fence_margin
         for node_id, state in list(soft.doomed.items()):
             node = self.s.nodes.get(node_id)
             if node is None:
                 del soft.doomed[node_id]
-            elif all(self.fenced(rid) for rid in node.resources):
+                waits.pop(node_id, None)
+                continue
+            wait = waits.get(node_id)
+            if wait is not None and wait[0] <= now and now - wait[1] < limit:
+                continue  # (the agent found unfenced is so still: now - granted < limit)
+            for rid in node.resources:
+                if not self.fenced(rid):
+                    waits[node_id] = (now, soft.live[rid].granted)
+                    break
+            else:
                 self.lose_node(node_id, state, f"node {node_id} {state}")
 
     def forget_node(self, node_id: str) -> None:
         soft = self.s.soft
         soft.doomed.pop(node_id, None)
+        soft.doomed_wait.pop(node_id, None)
         for rid in self.s.nodes[node_id].resources:
             soft.live.pop(rid, None)
             soft.heard.discard(rid)
@@ -601,11 +623,7 @@ class Tx:
         unretired = False
         for eid, _spec, n, sig in changed:
             nodes = s.engine_nodes.get(eid, {})
-            newest_first = (  # an occupied node is never retired: whether broken is moot
-                (nid, True, False) if s.nodes[nid].used > 0 else (nid, False, self.broken(nid))
-                for nid in reversed(nodes)
-            )
-            retire = retirable(newest_first, len(nodes), n)
+            retire = retirable(self.idle_newest_first(eid), len(nodes), n)
             keep = set(retire)
             for nid in self.retiring(eid, nodes):
                 if nid not in keep:
@@ -617,6 +635,15 @@ class Tx:
             soft.needs_sent[eid] = (sig, n, tuple(retire))
             self.send(cfg.epum, RegisterNeed(cfg.domain_id(eid), n, list(retire)))
         return unretired
+
+    def idle_newest_first(self, engine: str) -> Iterator[tuple[str, bool, bool]]:
+        """``retirable``'s nodes: the engine's idle ones (an occupied node is never retired,
+        so it is not looked at: SC12), newest first (node order), each with whether it is
+        broken; sorted only if ``retirable`` asks for the first."""
+        nodes = self.s.nodes
+        for nid in sorted(self.s.idle.get(engine, ()), key=lambda nid: nodes[nid].seq,
+                          reverse=True):
+            yield nid, False, self.broken(nid)
 
     def retiring(self, engine: str, nodes: dict[str, None]) -> list[str]:
         """The engine's retiring nodes (``nodes``), in node order. Only :meth:`needs` retires
@@ -1214,7 +1241,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     lv = soft.live.get(rid)
     in_order = True
     if lv is None:
-        lv = soft.live[rid] = Liveness(ts, now)
+        lv = soft.new_live(rid, ts, now)
     else:
         lv.seen = now  # any heartbeat proves the agent alive (its clock may have jumped back)
         if ts >= lv.ts:
@@ -1241,7 +1268,12 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     first = rid not in soft.heard
     soft.heard.add(rid)
     if soft.quiet.get(rid) == m.processes:
-        return  # as the last heartbeat, which asked for nothing; nothing here changed since
+        # as the last heartbeat, which asked for nothing, or as the list the last one left
+        # (SC13); nothing here changed since: the pass would decide nothing and ask for
+        # no cleanup or stale kill
+        if soft.cleanups.get(rid):
+            soft.cleanups[rid] = {}
+        return
     foreign = 0
     seen: set[tuple[str, int]] = set()
     # Cleanups and stale-copy terminations are level-triggered by what the agent reports,
@@ -1255,6 +1287,9 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     names, reported_up, unacked = _AGENT_NAMES, _REPORTED_UP, _UNACKED_UP
     TERMINATING, rank = ps.TERMINATING, ps.rank  # noqa: N806 (hoisted: this loop is hot)
     acted = False  # a process needed something: not a quiet heartbeat
+    #: every row was quiet, moved up (PENDING/RUNNING acknowledged) or ended and is cleaned
+    #: up now, and every process placed here was reported (decision SC13)
+    settled = True
     for d in m.processes:
         upid, rnd = d["upid"], d["round"]
         state = d["state"]
@@ -1266,6 +1301,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             # Not our placement here: a stale round, a copy the PD moved away or ended (or
             # forgot: a tombstone), or an unknown upid. Live ones hold a slot on the agent;
             # stale ones are ended; finished ones are cleaned up, never brought back.
+            settled = False
             if state in ps.AGENT_LIVE:
                 foreign += 1
                 if (p is not None or upid in s.tombstones) and state != ps.TERMINATING:
@@ -1284,7 +1320,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         seen.add(key)
         pstate = p.state
         if pstate == TERMINATING:
-            acted = True
+            acted, settled = True, False
         if state in reported_up:
             if pstate in unacked and rank(state) > rank(pstate):
                 tx.move(p, rnd, state, d.get("msg") or "")
@@ -1305,7 +1341,7 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     for upid, rnd in list(res.assigned.items()):
         if (upid, rnd) in seen:
             continue
-        acted = True
+        acted, settled = True, False
         p = s.processes[upid]
         if p.state == ps.ASSIGNED:
             if first:
@@ -1316,10 +1352,17 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             tx.ended(p, ps.FAILED, "the agent no longer reports it")
         elif p.state == ps.TERMINATING:
             tx.move(p, p.round, ps.TERMINATED, "not on the agent")
-    if acted or foreign or cleanups or kills:
-        soft.quiet.pop(rid, None)
-    else:
+    if not (acted or foreign or cleanups or kills):
         soft.quiet[rid] = m.processes
+    elif settled:
+        # The same rows again, less those ended (the agent drops them at the cleanup sent
+        # now), would ask for nothing: moved-up processes are where the agent says, ended
+        # ones are off this agent. That list is the memo (SC13); any event on an agent's
+        # processes or resource after this still forgets it (``_unquiet``).
+        soft.quiet[rid] = ([d for d in m.processes if (d["upid"], d["round"]) not in cleanups]
+                           if cleanups else m.processes)
+    else:
+        soft.quiet.pop(rid, None)
 
 
 #: the agent's state names; reported states a placed process moves up to; its states then
@@ -1361,6 +1404,24 @@ def _unquiet(s: PDState, quiet: dict[str, Any], event: Any) -> None:
 
 def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
     s, soft, now = tx.s, tx.s.soft, tx.now
+    least = pd.cfg.least_warning()
+    if least is None or (not s.unwell and now - soft.live_ts_min < least):
+        # Nothing monitored; or no resource WARNING or MISSING and none silent for a warning
+        # yet (every agent's ts >= live_ts_min): the pass would change nothing (SC14).
+        pass
+    else:
+        _monitor_pass(pd, tx)
+    tx.expire_doomed()
+    every = pd.cfg.monitor_every()
+    if every is not None:
+        tx.timer("monitor", every, MonitorResources())
+
+
+def _monitor_pass(pd: ProcessDispatcher, tx: Tx) -> None:
+    """Look at every monitored resource: WARNING after ``heartbeat_warning`` s of silence,
+    MISSING after ``heartbeat_missing``, its work moved once its lease is out (PD9)."""
+    s, soft, now = tx.s, tx.s.soft, tx.now
+    ts_min = float("inf")
     for rid in list(s.resources):
         res = s.resources.get(rid)
         if res is None:
@@ -1371,6 +1432,8 @@ def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
         lv = soft.live.get(rid)
         if lv is None:
             lv = soft.live[rid] = Liveness(now, now)
+        if lv.ts < ts_min:
+            ts_min = lv.ts
         warning, missing = spec.heartbeat_warning, spec.heartbeat_missing
         assert warning is not None and missing is not None
         if res.state == ps.RESOURCE_OK:
@@ -1390,10 +1453,7 @@ def _on_monitor(pd: ProcessDispatcher, tx: Tx, m: MonitorResources) -> None:
                     tx.evacuate(res, f"resource {rid} missing")
         elif res.state == ps.RESOURCE_MISSING and res.assigned and tx.fenced(rid):
             tx.evacuate(res, f"resource {rid} missing")
-    tx.expire_doomed()
-    every = pd.cfg.monitor_every()
-    if every is not None:
-        tx.timer("monitor", every, MonitorResources())
+    soft.live_ts_min = ts_min
 
 
 def _on_retry(pd: ProcessDispatcher, tx: Tx, m: RetryDispatches) -> None:

@@ -176,17 +176,23 @@ class FifoSet:
     A plain dict is not enough: after many deletions at its front, ``next(iter(d))`` walks
     every deleted slot until the dict is resized, which made a large pass quadratic.
     Deletion here is lazy; the deque is compacted when it holds mostly stale entries.
+
+    After :meth:`sort_members` the members then present are kept in a heap by the sort key
+    (ties by arrival), ahead of the deque of later adds: a later sort moves only the adds
+    since the last one into the heap (decision SC9).
     """
 
-    __slots__ = ("_live", "_order", "_tick", "_sort")
+    __slots__ = ("_live", "_order", "_tick", "_heap", "_key")
 
     def __init__(self) -> None:
         self._live: dict[Any, tuple[int, Any]] = {}
+        #: members added since the last sort (all of them if never sorted), in arrival order
         self._order: collections.deque[tuple[Any, int]] = collections.deque()
         self._tick = 0
-        #: (tick, key): the members added up to tick are to be ordered by key, before the
-        #: later ones (see :meth:`sort_members`)
-        self._sort: tuple[int, Callable[[Any], Any]] | None = None
+        #: (sort key, tick, member): the members present at the last sort, lazily deleted
+        #: (an entry is live while ``_live`` holds its member with its tick)
+        self._heap: list[tuple[Any, int, Any]] = []
+        self._key: Callable[[Any], Any] | None = None
 
     @classmethod
     def of(cls, keys: Iterable[Any]) -> FifoSet:
@@ -203,7 +209,7 @@ class FifoSet:
         self._tick += 1
         self._live[key] = (self._tick, value)
         self._order.append((key, self._tick))
-        if len(self._order) > 2 * len(self._live) + 32:
+        if len(self._order) + len(self._heap) > 2 * len(self._live) + 32:
             self._compact()
 
     def discard(self, key: Any) -> None:
@@ -212,36 +218,41 @@ class FifoSet:
     def sort_members(self, key: Callable[[Any], Any]) -> None:
         """Order the present members by ``key`` (stable); later adds go after them as ever.
 
-        Done when the order is next read (``first``, iteration), not now: a bucket of a pool
-        reused after idling is re-sorted only if a placement looks at it (decision SC4)."""
-        self._sort = (self._tick, key)
-
-    def _settle(self) -> None:
-        upto, key = self._sort  # type: ignore[misc]
-        self._sort = None
-        live = self._live
-        order: Iterable[tuple[Any, int]] = self._order
-        if len(self._order) > len(live):  # stale entries among them
-            order = [(k, t) for k, t in order if live.get(k, (0,))[0] == t]
-        head = [k for k, t in order if t <= upto]
-        if len(head) < 2:
-            return
-        head.sort(key=key)
-        keys = head + [k for k, t in order if t > upto]
-        ticks = range(1, len(keys) + 1)
-        self._order = collections.deque(zip(keys, ticks, strict=True))
-        self._live = dict(zip(keys, zip(ticks, [live[k][1] for k in keys], strict=True), strict=True))
-        self._tick = len(keys)
+        The members added since the last sort go into the heap of sorted members (all of
+        them again if ``key`` is another function than the last sort's): a bucket of a pool
+        reused after idling costs what changed in it, not its size (decisions SC4, SC9)."""
+        if key != self._key:  # (a bound method equals the same one made again)
+            if self._heap:  # ties keep the present order: renumber the members in it
+                members = [(k, self._live[k][1]) for k in self]
+                self._heap, self._order, self._live = [], collections.deque(), {}
+                self._tick = 0
+                for k, value in members:
+                    self.add(k, value)
+            self._key = key
+        live, heap = self._live, self._heap
+        for k, t in self._order:
+            if live.get(k, (0,))[0] == t:
+                heapq.heappush(heap, (key(k), t, k))
+        self._order.clear()
 
     def _compact(self) -> None:
         live = self._live
         self._order = collections.deque((k, t) for k, t in self._order if live.get(k, (0,))[0] == t)
+        if len(self._heap) > len(live):
+            self._heap = [e for e in self._heap if live.get(e[2], (0,))[0] == e[1]]
+            heapq.heapify(self._heap)
 
     def first(self) -> tuple[Any, Any] | None:
         """``(key, value)`` of the oldest member, or None."""
-        if self._sort is not None:
-            self._settle()
-        order, live = self._order, self._live
+        live = self._live
+        heap = self._heap
+        while heap:
+            _, tick, key = heap[0]
+            entry = live.get(key)
+            if entry is not None and entry[0] == tick:
+                return key, entry[1]
+            heapq.heappop(heap)
+        order = self._order
         while order:
             key, tick = order[0]
             entry = live.get(key)
@@ -251,8 +262,11 @@ class FifoSet:
         return None
 
     def __iter__(self) -> Iterator[Any]:
-        self.first()  # drop the stale head first (and order the members if asked)
         live = self._live
+        for _, tick, key in sorted(self._heap) if self._heap else ():
+            entry = live.get(key)
+            if entry is not None and entry[0] == tick:
+                yield key
         for key, tick in self._order:
             entry = live.get(key)
             if entry is not None and entry[0] == tick:
@@ -475,18 +489,18 @@ class Matchmaker:
 
     def _reorder(self, pool: Pool) -> None:
         """Order an idle pool's buckets by node sequence, as a pool built now would be
-        (within a bucket the first node wins: reuse must not change the choice). Each bucket
-        is sorted when a placement first reads it (decision SC4): most are never read."""
-        nodes = self.nodes
-
-        def seq(nid: str) -> int:  # node sequences are unique and fixed
-            return nodes[nid].seq
-
+        (within a bucket the first node wins: reuse must not change the choice). A bucket's
+        members since its last sort join its sorted ones (decisions SC4, SC9)."""
+        seq = self._node_seq
         for bucket in pool.buckets:
             if bucket:
                 bucket.sort_members(seq)
         if pool.empty:
             pool.empty.sort_members(seq)
+
+    def _node_seq(self, nid: str) -> int:
+        """A node's sequence (unique and fixed): the order :meth:`_reorder` sorts by."""
+        return self.nodes[nid].seq
 
     def _drop_pool_if_unused(self, pool: Pool) -> None:
         """A pool whose last class went stays, idle, for the next process like it: building

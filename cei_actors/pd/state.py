@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import hashlib
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Any, ClassVar
 
 import msgpack
@@ -135,33 +136,48 @@ class Process:
 
     def tombstone(self) -> dict[str, Any]:
         """What is kept of a forgotten process: its describe() without the bulky parameters
-        (command, env, cwd, configuration, subscribers), plus a digest of all of them, so a
-        ``once`` retry can still be told same from different."""
-        out = self.describe()
-        for key in ("command", "env", "cwd", "configuration", "subscribers"):
-            del out[key]
-        out["spec_digest"] = spec_digest(self.spec())
-        return out
+        (command, env, cwd, configuration, subscribers), plus a digest of all of them
+        (``spec_digest(self.spec())``), so a ``once`` retry can still be told same from
+        different. Built directly, in describe()'s key order (decision SC10)."""
+        return {
+            "upid": self.upid,
+            "state": self.state,
+            "round": self.round,
+            "node_id": self.node_id,
+            "last_node_id": self.last_node_id,
+            "assigned": self.resource_id,
+            "definition_id": self.definition_id,
+            "name": self.name,
+            "constraints": dict(self.constraints),
+            "engine": self.engine,
+            "queueing_mode": self.queueing_mode,
+            "restart_mode": self.restart_mode,
+            "node_exclusive": self.node_exclusive,
+            "starts": self.starts,
+            "dispatches": self.dispatches,
+            "msg": self.msg,
+            "state_time": self.state_at,
+            "status": ps.CRASH_LOOP if self.crash_looping else self.state,
+            "restarts": self.crashes,
+            "next_start": self.retry_at or None,
+            "spec_digest": _digest(
+                ["<map>", [[k, v if type(v) in _SCALARS else _ordered(v)]
+                           for k, v in zip(_SPEC_ORDER, _SPEC_VALUES(self), strict=True)]]
+            ),
+        }
 
 
 def spec_digest(spec: dict[str, Any]) -> str:
     """A short digest of a process's parameters, the same for equal specs whatever the order
     of their maps."""
-    raw = msgpack.packb(spec, use_bin_type=True)  # equal bytes: an equal spec, the same digest
-    found = _DIGESTS.get(raw)
-    if found is None:
-        packed = msgpack.packb(_ordered(spec), use_bin_type=True)
-        found = hashlib.sha256(packed).hexdigest()[:32]
-        if len(_DIGESTS) >= _DIGESTS_KEPT:
-            _DIGESTS.clear()
-        _DIGESTS[raw] = found
-    return found
+    return _digest(_ordered(spec))
 
 
-#: digests of specs seen lately, by their plain encoding: many processes share one spec, and
-#: ordering every map of it for each forgotten process was most of a replay's tombstone cost
-_DIGESTS: dict[bytes, str] = {}
-_DIGESTS_KEPT = 4096
+def _digest(ordered: Any) -> str:
+    return hashlib.sha256(msgpack.packb(ordered, use_bin_type=True)).hexdigest()[:32]
+
+
+_KEY_ORDERS_KEPT = 4096
 
 
 def _ordered(value: Any) -> Any:
@@ -175,7 +191,7 @@ def _ordered(value: Any) -> Any:
                 pairs.sort(key=_map_order)
                 return ["<map>", pairs]
             order = tuple(sorted(keys, key=repr))  # _map_order's when every key is a str
-            if len(_KEY_ORDERS) >= _DIGESTS_KEPT:
+            if len(_KEY_ORDERS) >= _KEY_ORDERS_KEPT:
                 _KEY_ORDERS.clear()
             _KEY_ORDERS[keys] = order
         pairs = [[k, value[k]] for k in order]
@@ -301,8 +317,21 @@ class Soft:
     #: node_id -> the loss state EPUM reported, for nodes lost but not known dead: their
     #: processes move once every agent's lease there has run out (decision PD9)
     doomed: dict[str, str] = field(default_factory=dict)
+    #: doomed node_id -> (our clock then, the grant time of an agent there found not fenced
+    #: then): the node is not looked at again before that grant has run out (decision SC11)
+    doomed_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
     #: agent -> the process list of its last heartbeat that asked for nothing (decision SIM7)
     quiet: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    #: a lower bound of every agent's ``Liveness.ts`` (-inf: unknown): the monitor's last full
+    #: pass saw every one, and each made since lowers it (:meth:`new_live`; decision SC14)
+    live_ts_min: float = float("-inf")
+
+    def new_live(self, rid: str, ts: float, now: float) -> Liveness:
+        """A new liveness record for agent ``rid`` (heard at ``ts`` its clock, ``now`` ours)."""
+        lv = self.live[rid] = Liveness(ts, now)
+        if ts < self.live_ts_min:
+            self.live_ts_min = ts
+        return lv
 
 
 class PDState:
@@ -327,6 +356,12 @@ class PDState:
         self.live_count: collections.Counter[str] = collections.Counter()  # engine -> n
         self.occupied: collections.Counter[str] = collections.Counter()  # engine -> nodes used
         self.engine_nodes: dict[str, dict[str, None]] = {}
+        #: engine -> its nodes with no slot used (``used == 0``): the only ones a need may
+        #: retire, so the need looks at them, not at every node (decision SC12)
+        self.idle: dict[str, set[str]] = {}
+        #: resources whose state is not OK (WARNING, MISSING): while there are none, the
+        #: monitor need not look at every resource (decision SC14)
+        self.unwell: set[str] = set()
         self.state_count: collections.Counter[str] = collections.Counter()
         #: finished (TERMINAL) upids -> when they finished, in the order they did
         self.ended: dict[str, float] = {}
@@ -409,6 +444,8 @@ class PDState:
             )
             s.resources[res.resource_id] = res
             s.nodes[res.node_id].used += res.foreign
+            if res.state != ps.RESOURCE_OK:
+                s.unwell.add(res.resource_id)
         queued: list[Process] = []
         for d in data["processes"]:
             p = Process(**d)
@@ -426,6 +463,8 @@ class PDState:
         for node in s.nodes.values():
             if node.used:
                 s.occupied[node.engine] += 1
+            else:
+                s.idle.setdefault(node.engine, set()).add(node.node_id)
         s._index(queued)
         s.ended = dict(sorted(s.ended.items(), key=lambda kv: kv[1]))
         return s
@@ -536,8 +575,10 @@ class PDState:
         node.used += delta
         if before == 0 and node.used > 0:
             self.occupied[node.engine] += 1
+            self.idle[node.engine].discard(node.node_id)
         elif before > 0 and node.used == 0:
             self.occupied[node.engine] -= 1
+            self.idle.setdefault(node.engine, set()).add(node.node_id)
 
     def _enqueue(self, p: Process) -> None:
         p.seq = self.next_seq
@@ -695,6 +736,7 @@ class PDState:
         node = self.nodes[node_id]
         if not node.used:
             self.occupied[node.engine] += 1
+            self.idle[node.engine].discard(node_id)
         node.used += 1
         if p.node_exclusive is not None:
             node.tags[p.node_exclusive] = upid
@@ -708,6 +750,7 @@ class PDState:
         self.node_seq += 1
         self.nodes[e.node_id] = node
         self.engine_nodes.setdefault(e.engine, {})[e.node_id] = None
+        self.idle.setdefault(e.engine, set()).add(e.node_id)
         self.mm.add_node(node)
 
     def _on_node_removed(self, e: NodeRemoved) -> None:
@@ -719,6 +762,7 @@ class PDState:
             res = self.resources.pop(rid, None)
             if res is None:
                 continue
+            self.unwell.discard(rid)
             for upid in list(res.assigned):  # defensive: moved away by earlier events
                 p = self.processes.get(upid)
                 if p is not None and p.resource_id == rid:
@@ -726,6 +770,8 @@ class PDState:
                     p.node_id = None
         if node.used:
             self.occupied[node.engine] -= 1
+        else:
+            self.idle[node.engine].discard(e.node_id)
         del self.nodes[e.node_id]
         engine_nodes = self.engine_nodes.get(node.engine)
         if engine_nodes is not None:
@@ -755,6 +801,10 @@ class PDState:
         if res is None or res.state == e.state:
             return
         res.state = e.state
+        if e.state == ps.RESOURCE_OK:
+            self.unwell.discard(e.resource_id)
+        else:
+            self.unwell.add(e.resource_id)
         self.mm.touch_node(self.nodes[res.node_id], grew=e.state == ps.RESOURCE_OK)
 
     def _on_resource_occupancy(self, e: ResourceOccupancy) -> None:
@@ -839,3 +889,6 @@ FIELD_HANDLERS: dict[type, Any] = {
     ProcessAssigned: PDState._assigned,
 }
 _SPEC_SET: frozenset[str] = frozenset(SPEC_KEYS)
+#: the spec keys in the order :func:`_ordered` puts a spec's keys in (all are ``str``)
+_SPEC_ORDER: tuple[str, ...] = tuple(sorted(SPEC_KEYS, key=repr))
+_SPEC_VALUES = attrgetter(*_SPEC_ORDER)
