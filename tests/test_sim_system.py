@@ -315,3 +315,33 @@ def test_sim_agent_runs_the_real_agent_rules():
     rows = {(r["upid"], r["round"]): (r["state"], r["msg"]) for r in agent.table.dump()}
     assert rows == {("a", 1): (ast.RUNNING, ""),
                     ("b", 0): (ast.REJECTED, "no free slot: 1 of 1 slots in use")}
+
+
+def test_a_burst_of_schedules_is_one_mailbox_drain_with_the_same_run():
+    """Decision SIM15: ``schedule_many`` hands the PD a burst as one batch (one append per
+    ``max_batch`` messages, a refused one answered alone) and the run is the one that
+    scheduling them one by one gives: same steps, same state digest."""
+    from cei_actors.runtime.messages import ErrorReply
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    def run(batched: bool) -> tuple[dict, int, list]:
+        system = CEISystem(5, SystemConfig(slots=2))
+        system.run_for(5.0)
+        procs = [{"upid": f"p{i}", "duration": 20.0 + i, "fail_rounds": int(i % 4 == 0)} for i in range(12)]
+        procs.insert(3, {"upid": "", "duration": 1.0})  # refused: an empty upid
+        runner = system.sim.nodes["pd"].runner
+        appends = runner.log_stats.appends
+        if batched:
+            replies = system.schedule_many(procs)
+        else:
+            replies = [system.schedule(p["upid"], p["duration"], p.get("fail_rounds", 0)) for p in procs]
+        appends = runner.log_stats.appends - appends
+        assert system.run_for(300.0, check_every=500) == []
+        summary = system.summary()
+        return {k: summary[k] for k in ("steps", "state_digest", "process_states", "log_heads")}, appends, replies
+
+    one_by_one, appends_one, replies_one = run(False)
+    batched, appends_batched, replies = run(True)
+    assert batched == one_by_one and batched["process_states"] == {"EXITED": 12}
+    assert replies == replies_one and isinstance(replies[3], ErrorReply)
+    assert (appends_one, appends_batched) == (12, 1)

@@ -27,7 +27,7 @@ import heapq
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +41,10 @@ logger = logging.getLogger(__name__)
 
 WorkHandler = Callable[[Any], Any]
 
+
+#: the largest batch :meth:`Simulation.call_many` decides and appends at once: the actor
+#: shell's default (``EventSourcedActor.max_batch``; a test holds them equal)
+MAX_BATCH = 512
 
 #: the collector's youngest threshold while the kernel runs (Python's default: 700)
 RUN_GC_YOUNG = 20_000
@@ -264,12 +268,28 @@ class Simulation:
 
     def call(self, name: str, message: Any) -> Any:
         """Deliver ``message`` to ``name`` now, as an outside client; return the reply."""
+        return self.call_many(name, [message])[0]
+
+    def call_many(self, name: str, messages: Sequence[Any], max_batch: int = MAX_BATCH) -> list[Any]:
+        """Deliver ``messages`` to ``name`` now, as outside clients sending them at once;
+        their replies, in order. As the actor shell drains a mailbox (decision SIM15): each
+        batch of at most ``max_batch`` is decided in order, each message against the state
+        the ones before it left, and appended at once
+        (:meth:`~cei_actors.runtime.runner.Runner.handle_many`); then every message's effects
+        happen, in order. Every message is validated (outside input); a refused one gets its
+        ``ErrorReply`` and does not disturb the others."""
         node = self.nodes[name]
-        if not node.up:
-            return ErrorReply("unavailable", f"{name} is down", type(message).__name__)
-        decision = node.runner.handle(message)  # type: ignore[union-attr]
-        self._perform(node, decision, sender=None)
-        return decision.reply
+        replies: list[Any] = []
+        for at in range(0, len(messages), max(max_batch, 1)):
+            chunk = messages[at:at + max(max_batch, 1)]
+            runner = node.runner
+            if runner is None or not runner.ready:
+                replies += [ErrorReply("unavailable", f"{name} is down", type(m).__name__) for m in chunk]
+                continue
+            for decision in runner.handle_many(chunk):
+                self._perform(node, decision, sender=None)
+                replies.append(decision.reply)
+        return replies
 
     def tell(self, name: str, message: Any, delay: float = 0.0, sender: str | None = None,
              trusted: bool = False) -> None:
