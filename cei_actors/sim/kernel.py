@@ -25,7 +25,11 @@ import contextlib
 import gc
 import heapq
 import logging
+import os
 import random
+import select
+import signal
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,6 +49,9 @@ WorkHandler = Callable[[Any], Any]
 #: the largest batch :meth:`Simulation.call_many` decides and appends at once: the actor
 #: shell's default (``EventSourcedActor.max_batch``; a test holds them equal)
 MAX_BATCH = 512
+
+#: :attr:`Simulation.fork_check_events`'s default: below it a fork costs more than it saves
+FORK_CHECK_EVENTS = 50_000
 
 #: the collector's youngest threshold while the kernel runs (Python's default: 700)
 RUN_GC_YOUNG = 20_000
@@ -205,6 +212,10 @@ class Simulation:
         self.validate_own = False
         #: name -> (runner, its head, steps, snapshot form): the last one :meth:`check` made
         self._snapshots: dict[str, tuple[Runner[Any], int, int, Any]] = {}
+        #: :meth:`check` folds the largest log of at least this many events in a forked
+        #: child (None: never), which must answer within ``fork_check_timeout`` seconds
+        self.fork_check_events: int | None = FORK_CHECK_EVENTS
+        self.fork_check_timeout = 600.0
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -368,24 +379,96 @@ class Simulation:
         (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
         once at the end, decisions RS1-RS4) with the node's own component, and compares the
         snapshot forms. The live state's snapshot form is made afresh (a change made without
-        an event is seen) and kept for :meth:`snapshot` until the simulation moves on."""
+        an event is seen) and kept for :meth:`snapshot` until the simulation moves on.
+
+        The largest log holding at least ``fork_check_events`` events is folded and compared
+        in a forked child (:meth:`_fork_replay`, decision SIM16) while this process checks
+        the others: the same comparison on the machine's second core; a child that fails,
+        dies or overruns ``fork_check_timeout`` is a violation that says so."""
+        problems: dict[str, list[str]] = {}
+        nodes = [n for n in self.nodes.values() if n.runner is not None and n.runner.ready]
+        lives = {}
+        for node in nodes:
+            runner = node.runner
+            assert runner is not None
+            problems[node.name] = [f"{node.name}: {p}" for p in node.component.invariants(runner.state)]
+            lives[node.name] = live = node.component.snapshot(runner.state)
+            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
+        forked = self._fork_replay(nodes, lives)
+        for node in nodes:
+            if (forked is None or node is not forked[0]) and self._replay_differs(node, lives[node.name]):
+                problems[node.name].append(f"{node.name}: state differs from the replay of its log")
+        if forked is not None:
+            problems[forked[0].name] += self._forked_verdict(*forked)
+        return [p for node in nodes for p in problems[node.name]]
+
+    def _replay_differs(self, node: SimNode, live: Any) -> bool:
+        """True when the fold of ``node``'s whole log has another snapshot form than ``live``."""
         from ..debug.reader import Replay
 
-        problems: list[str] = []
-        for node in self.nodes.values():
-            runner = node.runner
-            if runner is None or not runner.ready:
-                continue
-            state = runner.state
-            problems += [f"{node.name}: {p}" for p in node.component.invariants(state)]
-            stream = runner.stream
-            reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
-            rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
-            live = node.component.snapshot(state)
-            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
-            if node.component.snapshot(rebuilt) != live:
-                problems.append(f"{node.name}: state differs from the replay of its log")
-        return problems
+        runner = node.runner
+        assert runner is not None
+        stream = runner.stream
+        reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
+        rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
+        return bool(node.component.snapshot(rebuilt) != live)
+
+    def _fork_replay(self, nodes: list[SimNode], lives: dict[str, Any]) -> tuple[SimNode, int, int] | None:
+        """Start the replay check of the largest log in a forked child: (node, pid, read end
+        of its pipe), or None to check every log here (no ``os.fork``, every log below
+        ``fork_check_events``, or a runner's background history job still busy: a child
+        forked then could inherit a lock that thread holds)."""
+        limit = self.fork_check_events
+        if limit is None or not hasattr(os, "fork") or not nodes:
+            return None
+        node = max(nodes, key=lambda n: n.runner.head)  # type: ignore[union-attr]
+        if node.runner.head < limit:  # type: ignore[union-attr]
+            return None
+        if not all(n.runner.wait_history(self.fork_check_timeout) for n in nodes):  # type: ignore[union-attr]
+            return None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one byte of verdict (or an error's text), then gone
+            code = 1
+            try:
+                os.close(read)
+                verdict = b"D" if self._replay_differs(node, lives[node.name]) else b"="
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 -- any failure is the parent's violation
+                verdict = f"E{type(exc).__name__}: {exc}".encode()[:1000]
+            finally:
+                try:
+                    os.write(write, verdict)
+                finally:
+                    os._exit(code)
+        os.close(write)
+        return node, pid, read
+
+    def _forked_verdict(self, node: SimNode, pid: int, read: int) -> list[str]:
+        """The forked child's verdict on ``node``'s replay, as violations (empty: equal)."""
+        deadline = time.monotonic() + self.fork_check_timeout
+        data = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([read], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return [f"{node.name}: the replay check in a child took more than "
+                            f"{self.fork_check_timeout:g} s; killed"]
+                chunk = os.read(read, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(read)
+        if data == b"=":
+            return []
+        if data == b"D":
+            return [f"{node.name}: state differs from the replay of its log"]
+        why = data[1:].decode(errors="replace") if data[:1] == b"E" else f"exit status {status}, no verdict"
+        return [f"{node.name}: the replay check in a child failed: {why}"]
 
     def snapshot(self, name: str) -> Any:
         """The snapshot form of ``name``'s live state (None: down). The one :meth:`check`
