@@ -174,10 +174,11 @@ class Lane:
             heapq.heappush(sim._heap, (entry[0], entry[1], "lane", (self,)))
         heapq.heappush(calls, entry)
 
-    def pop(self) -> Callable[[], None]:
-        """The earliest call (the one the simulation's heap just gave up), its successor
-        put on the simulation's heap unless it is there already."""
-        calls = self._calls
+    def take(self) -> Callable[[], None]:
+        """The earliest call, whose entry is the simulation's earliest (``heap[0]``): that
+        entry leaves the heap, replaced in one sift by the lane's successor unless the
+        successor is on the heap already (decision SIM17)."""
+        calls, heap = self._calls, self._sim._heap
         _, seq, fn = heapq.heappop(calls)
         posted = self._posted
         posted.discard(seq)
@@ -185,7 +186,9 @@ class Lane:
             when, nxt, _ = calls[0]
             if nxt not in posted:
                 posted.add(nxt)
-                heapq.heappush(self._sim._heap, (when, nxt, "lane", (self,)))
+                heapq.heapreplace(heap, (when, nxt, "lane", (self,)))
+                return fn
+        heapq.heappop(heap)
         return fn
 
 
@@ -330,28 +333,37 @@ class Simulation:
         pop, deliver = heapq.heappop, self._deliver
         n, before = 0, self.steps
         try:
-            while heap and n < max_steps and heap[0][0] <= t:
-                when, _, kind, args = pop(heap)
+            while heap and n < max_steps:
+                top = heap[0]
+                when = top[0]
+                if when > t:
+                    break
                 if when > clock.t:
                     clock.t = when
-                if kind == "deliver":
+                kind, args = top[2], top[3]
+                if kind == "lane":  # the lane takes its entry off the heap (SIM17)
+                    args[0].take()()
+                elif kind == "deliver":
+                    pop(heap)
                     deliver(*args)
                 elif kind == "call":
+                    pop(heap)
                     args[0]()
-                elif kind == "lane":
-                    args[0].pop()()
                 elif kind == "timer":
+                    pop(heap)
                     name, key, gen, message = args
                     node = nodes[name]
                     if node.up and node.timers.get(key) == gen:
                         del node.timers[key]
                         deliver(name, message, None, True)
-                elif kind == "work":
-                    name, gen, handler, payload = args
-                    node = nodes[name]
-                    result = handler(payload)  # the side effect happens even if the node died meanwhile
-                    if node.up and node.generation == gen and result is not None:
-                        deliver(name, result, None, True)
+                else:
+                    pop(heap)
+                    if kind == "work":
+                        name, gen, handler, payload = args
+                        node = nodes[name]
+                        result = handler(payload)  # the side effect happens even if the node died meanwhile
+                        if node.up and node.generation == gen and result is not None:
+                            deliver(name, result, None, True)
                 n += 1
                 if hooks:  # a hook sees the step counted
                     self.steps = before + n
