@@ -15,7 +15,7 @@ As in the actor shell, a ``Request(rid, message)`` is handled as ``message`` and
 Trusted deliveries (docs/decisions.md SIM5): what the simulation's own pure code built (a
 component's ``Send`` effects and replies, its timers' messages, work results, and what a
 plain peer sends with ``tell(..., trusted=True)``) reaches a component without
-:func:`~cei_actors.runtime.messages.validate`; everything else (``call``, ``tell``) is
+:func:`~cei_actors.runtime.messages.validate`; everything else (``call``, ``call_many``, ``tell``) is
 validated as the actor shell validates it. ``Simulation.validate_own = True`` validates all.
 """
 
