@@ -53,10 +53,12 @@ def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = 
     processes = vms * per_vm
     bursts, n = 10, 0
     for b in range(bursts):
+        burst = []
         for _ in range(processes // bursts if b < bursts - 1 else processes - n):
-            system.schedule(f"p{n:06d}", rng.uniform(1800.0, 3600.0),
-                            fail_rounds=int(rng.random() < 0.02))
+            burst.append({"upid": f"p{n:06d}", "duration": rng.uniform(1800.0, 3600.0),
+                          "fail_rounds": int(rng.random() < 0.02)})
             n += 1
+        system.schedule_many(burst)  # one instant: one mailbox drain (SIM15)
         violations += system.run_for(30.0, check_every, replay=False)
     violations += system.run_for(900.0, check_every, replay=False)
     for _ in range(max(vms // 100, 1)):

@@ -36,8 +36,8 @@ def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = 
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)
-    for i in range(processes):
-        system.schedule(f"p{i:04d}", rng.uniform(600.0, 1800.0))
+    system.schedule_many([{"upid": f"p{i:04d}", "duration": rng.uniform(600.0, 1800.0)}
+                          for i in range(processes)])  # one instant: one mailbox drain (SIM15)
     clouds = [{"site_name": "site-a", "size": want, "rank": 1},
               {"site_name": "site-b", "size": want, "rank": 2}]
     step = max(want // 6, 1)

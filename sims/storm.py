@@ -39,9 +39,11 @@ def run(seed: int, report_dir: Path | None = None, options: RunOptions | None = 
     rng = random.Random(seed)
     violations: list[str] = []
     system.run_for(10.0)
+    burst = []
     for i in range(processes):
         duration = math.inf if i % 10 == 0 else rng.uniform(900.0, 2400.0)
-        system.schedule(f"p{i:05d}", duration, fail_rounds=int(rng.random() < 0.05))
+        burst.append({"upid": f"p{i:05d}", "duration": duration, "fail_rounds": int(rng.random() < 0.05)})
+    system.schedule_many(burst)  # one instant: one mailbox drain (SIM15)
     violations += system.run_for(600.0, check_every, replay=False)
     live = sum(1 for vm in system.cloud_vms() if vm.status == "running")
     for _ in range(live // 3):

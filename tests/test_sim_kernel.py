@@ -231,3 +231,29 @@ def test_a_lane_keeps_one_entry_on_the_heap_for_its_later_calls():
     lane.schedule(1.0, lambda: ran.append(-1))  # a new earliest: a second entry
     assert len(sim._heap) == 2
     assert sim.run_for(200.0) == 101 and ran == [-1, *range(100)]
+
+
+def test_call_many_is_one_mailbox_drain_per_batch_validated_and_in_order():
+    """Decision SIM15: messages sent at once are decided in order and appended once per
+    batch of at most ``max_batch`` (the shell's default), each validated as outside input;
+    a refused one changes nothing and leaves the others alone."""
+    from cei_actors.runtime.shell import EventSourcedActor
+    from cei_actors.sim.kernel import MAX_BATCH
+
+    assert EventSourcedActor.max_batch == MAX_BATCH
+    sim = Simulation(seed=4)
+    sim.add("c", Counters())
+    runner = sim.nodes["c"].runner
+    appends = runner.log_stats.appends
+    replies = sim.call_many("c", [Add("a", 1)] * 5 + [Add("", 1)] + [Add("a", 2)] * 4, max_batch=4)
+    assert replies[:5] == [Ok(i) for i in range(1, 6)]
+    assert isinstance(replies[5], ErrorReply) and replies[5].code == "bad_request"
+    assert replies[6:] == [Ok(7), Ok(9), Ok(11), Ok(13)]
+    assert runner.log_stats.appends - appends == 3  # batches of 4, 4 and 2 messages
+    assert sim.call_many("c", [Add("a", 1)] * 3) == [Ok(14), Ok(15), Ok(16)]
+    assert runner.log_stats.appends - appends == 4
+    assert sim.check() == []
+    sim.crash("c")
+    assert [r.code for r in sim.call_many("c", [Add("a", 1), Get("a")])] == ["unavailable"] * 2
+    sim.restart("c")
+    assert sim.call("c", Get("a")) == Ok(16)

@@ -315,3 +315,99 @@ def test_sim_agent_runs_the_real_agent_rules():
     rows = {(r["upid"], r["round"]): (r["state"], r["msg"]) for r in agent.table.dump()}
     assert rows == {("a", 1): (ast.RUNNING, ""),
                     ("b", 0): (ast.REJECTED, "no free slot: 1 of 1 slots in use")}
+
+
+def test_a_burst_of_schedules_is_one_mailbox_drain_with_the_same_run():
+    """Decision SIM15: ``schedule_many`` hands the PD a burst as one batch (one append per
+    ``max_batch`` messages, a refused one answered alone) and the run is the one that
+    scheduling them one by one gives: same steps, same state digest."""
+    from cei_actors.runtime.messages import ErrorReply
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    def run(batched: bool) -> tuple[dict, int, list]:
+        system = CEISystem(5, SystemConfig(slots=2))
+        system.run_for(5.0)
+        procs = [{"upid": f"p{i}", "duration": 20.0 + i, "fail_rounds": int(i % 4 == 0)} for i in range(12)]
+        procs.insert(3, {"upid": "", "duration": 1.0})  # refused: an empty upid
+        runner = system.sim.nodes["pd"].runner
+        appends = runner.log_stats.appends
+        if batched:
+            replies = system.schedule_many(procs)
+        else:
+            replies = [system.schedule(p["upid"], p["duration"], p.get("fail_rounds", 0)) for p in procs]
+        appends = runner.log_stats.appends - appends
+        assert system.run_for(300.0, check_every=500) == []
+        summary = system.summary()
+        return {k: summary[k] for k in ("steps", "state_digest", "process_states", "log_heads")}, appends, replies
+
+    one_by_one, appends_one, replies_one = run(False)
+    batched, appends_batched, replies = run(True)
+    assert batched == one_by_one and batched["process_states"] == {"EXITED": 12}
+    assert replies == replies_one and isinstance(replies[3], ErrorReply)
+    assert (appends_one, appends_batched) == (12, 1)
+
+
+def test_the_largest_logs_replay_check_in_a_forked_child_says_what_it_found(monkeypatch):
+    """Decision SIM16: with ``fork_check_events`` reached, the largest log (the PD's) is
+    folded and compared in a forked child: the same verdicts as in process (equal; a change
+    made without an event), and a child that fails or overruns its timeout is a violation
+    that says so, never a hang or a pass."""
+    import os
+    import time
+
+    from cei_actors.debug import reader
+    from cei_actors.sim.system import CEISystem, SystemConfig
+
+    system = CEISystem(3, SystemConfig(slots=2))
+    system.run_for(10.0)
+    for i in range(6):
+        system.schedule(f"p{i}", 30.0 if i < 4 else math.inf)
+    assert system.run_for(300.0, check_every=100) == []
+    sim = system.sim
+    sim.fork_check_events = 1
+    forks = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid:
+            forks.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    assert sim.check() == [] and len(forks) == 1
+    proc = next(p for p in sim.state("pd").processes.values() if p.state == "RUNNING")
+    proc.round += 1
+    assert sim.check()[-1] == "pd: state differs from the replay of its log" and len(forks) == 2
+    proc.round -= 1
+    node = next(iter(sim.state("provisioner").nodes.values()))
+    was, node.state = node.state, "FAILED"  # checked in this process meanwhile
+    assert sim.check()[-1] == "provisioner: state differs from the replay of its log" and len(forks) == 3
+    node.state = was
+    real_state = reader.Replay.state
+
+    def broken(self, stream, *args, **kwargs):
+        if stream == "pd" and os.getpid() != parent:
+            raise RuntimeError("planted")
+        return real_state(self, stream, *args, **kwargs)
+
+    parent = os.getpid()
+    monkeypatch.setattr(reader.Replay, "state", broken)
+    assert sim.check() == ["pd: the replay check in a child failed: RuntimeError: planted"]
+
+    def stuck(self, stream, *args, **kwargs):
+        if stream == "pd" and os.getpid() != parent:
+            time.sleep(60)
+        return real_state(self, stream, *args, **kwargs)
+
+    monkeypatch.setattr(reader.Replay, "state", stuck)
+    sim.fork_check_timeout = 0.5
+    started = time.monotonic()
+    assert sim.check() == ["pd: the replay check in a child took more than 0.5 s; killed"]
+    assert time.monotonic() - started < 30
+    for pid in forks:  # every child was waited for
+        with pytest.raises(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+    monkeypatch.setattr(reader.Replay, "state", real_state)
+    sim.fork_check_events = None
+    assert sim.check() == [] and len(forks) == 5

@@ -15,7 +15,7 @@ As in the actor shell, a ``Request(rid, message)`` is handled as ``message`` and
 Trusted deliveries (docs/decisions.md SIM5): what the simulation's own pure code built (a
 component's ``Send`` effects and replies, its timers' messages, work results, and what a
 plain peer sends with ``tell(..., trusted=True)``) reaches a component without
-:func:`~cei_actors.runtime.messages.validate`; everything else (``call``, ``tell``) is
+:func:`~cei_actors.runtime.messages.validate`; everything else (``call``, ``call_many``, ``tell``) is
 validated as the actor shell validates it. ``Simulation.validate_own = True`` validates all.
 """
 
@@ -25,9 +25,13 @@ import contextlib
 import gc
 import heapq
 import logging
+import os
 import random
+import select
+import signal
+import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +45,13 @@ logger = logging.getLogger(__name__)
 
 WorkHandler = Callable[[Any], Any]
 
+
+#: the largest batch :meth:`Simulation.call_many` decides and appends at once: the actor
+#: shell's default (``EventSourcedActor.max_batch``; a test holds them equal)
+MAX_BATCH = 512
+
+#: :attr:`Simulation.fork_check_events`'s default: below it a fork costs more than it saves
+FORK_CHECK_EVENTS = 50_000
 
 #: the collector's youngest threshold while the kernel runs (Python's default: 700)
 RUN_GC_YOUNG = 20_000
@@ -163,10 +174,11 @@ class Lane:
             heapq.heappush(sim._heap, (entry[0], entry[1], "lane", (self,)))
         heapq.heappush(calls, entry)
 
-    def pop(self) -> Callable[[], None]:
-        """The earliest call (the one the simulation's heap just gave up), its successor
-        put on the simulation's heap unless it is there already."""
-        calls = self._calls
+    def take(self) -> Callable[[], None]:
+        """The earliest call, whose entry is the simulation's earliest (``heap[0]``): that
+        entry leaves the heap, replaced in one sift by the lane's successor unless the
+        successor is on the heap already (decision SIM17)."""
+        calls, heap = self._calls, self._sim._heap
         _, seq, fn = heapq.heappop(calls)
         posted = self._posted
         posted.discard(seq)
@@ -174,7 +186,9 @@ class Lane:
             when, nxt, _ = calls[0]
             if nxt not in posted:
                 posted.add(nxt)
-                heapq.heappush(self._sim._heap, (when, nxt, "lane", (self,)))
+                heapq.heapreplace(heap, (when, nxt, "lane", (self,)))
+                return fn
+        heapq.heappop(heap)
         return fn
 
 
@@ -201,6 +215,10 @@ class Simulation:
         self.validate_own = False
         #: name -> (runner, its head, steps, snapshot form): the last one :meth:`check` made
         self._snapshots: dict[str, tuple[Runner[Any], int, int, Any]] = {}
+        #: :meth:`check` folds the largest log of at least this many events in a forked
+        #: child (None: never), which must answer within ``fork_check_timeout`` seconds
+        self.fork_check_events: int | None = FORK_CHECK_EVENTS
+        self.fork_check_timeout = 600.0
 
     # ---- set-up -----------------------------------------------------------------------------
 
@@ -264,12 +282,28 @@ class Simulation:
 
     def call(self, name: str, message: Any) -> Any:
         """Deliver ``message`` to ``name`` now, as an outside client; return the reply."""
+        return self.call_many(name, [message])[0]
+
+    def call_many(self, name: str, messages: Sequence[Any], max_batch: int = MAX_BATCH) -> list[Any]:
+        """Deliver ``messages`` to ``name`` now, as outside clients sending them at once;
+        their replies, in order. As the actor shell drains a mailbox (decision SIM15): each
+        batch of at most ``max_batch`` is decided in order, each message against the state
+        the ones before it left, and appended at once
+        (:meth:`~cei_actors.runtime.runner.Runner.handle_many`); then every message's effects
+        happen, in order. Every message is validated (outside input); a refused one gets its
+        ``ErrorReply`` and does not disturb the others."""
         node = self.nodes[name]
-        if not node.up:
-            return ErrorReply("unavailable", f"{name} is down", type(message).__name__)
-        decision = node.runner.handle(message)  # type: ignore[union-attr]
-        self._perform(node, decision, sender=None)
-        return decision.reply
+        replies: list[Any] = []
+        for at in range(0, len(messages), max(max_batch, 1)):
+            chunk = messages[at:at + max(max_batch, 1)]
+            runner = node.runner
+            if runner is None or not runner.ready:
+                replies += [ErrorReply("unavailable", f"{name} is down", type(m).__name__) for m in chunk]
+                continue
+            for decision in runner.handle_many(chunk):
+                self._perform(node, decision, sender=None)
+                replies.append(decision.reply)
+        return replies
 
     def tell(self, name: str, message: Any, delay: float = 0.0, sender: str | None = None,
              trusted: bool = False) -> None:
@@ -299,28 +333,37 @@ class Simulation:
         pop, deliver = heapq.heappop, self._deliver
         n, before = 0, self.steps
         try:
-            while heap and n < max_steps and heap[0][0] <= t:
-                when, _, kind, args = pop(heap)
+            while heap and n < max_steps:
+                top = heap[0]
+                when = top[0]
+                if when > t:
+                    break
                 if when > clock.t:
                     clock.t = when
-                if kind == "deliver":
+                kind, args = top[2], top[3]
+                if kind == "lane":  # the lane takes its entry off the heap (SIM17)
+                    args[0].take()()
+                elif kind == "deliver":
+                    pop(heap)
                     deliver(*args)
                 elif kind == "call":
+                    pop(heap)
                     args[0]()
-                elif kind == "lane":
-                    args[0].pop()()
                 elif kind == "timer":
+                    pop(heap)
                     name, key, gen, message = args
                     node = nodes[name]
                     if node.up and node.timers.get(key) == gen:
                         del node.timers[key]
                         deliver(name, message, None, True)
-                elif kind == "work":
-                    name, gen, handler, payload = args
-                    node = nodes[name]
-                    result = handler(payload)  # the side effect happens even if the node died meanwhile
-                    if node.up and node.generation == gen and result is not None:
-                        deliver(name, result, None, True)
+                else:
+                    pop(heap)
+                    if kind == "work":
+                        name, gen, handler, payload = args
+                        node = nodes[name]
+                        result = handler(payload)  # the side effect happens even if the node died meanwhile
+                        if node.up and node.generation == gen and result is not None:
+                            deliver(name, result, None, True)
                 n += 1
                 if hooks:  # a hook sees the step counted
                     self.steps = before + n
@@ -348,24 +391,96 @@ class Simulation:
         (:meth:`~cei_actors.debug.reader.Replay.state`: stored bodies, derived indexes built
         once at the end, decisions RS1-RS4) with the node's own component, and compares the
         snapshot forms. The live state's snapshot form is made afresh (a change made without
-        an event is seen) and kept for :meth:`snapshot` until the simulation moves on."""
+        an event is seen) and kept for :meth:`snapshot` until the simulation moves on.
+
+        The largest log holding at least ``fork_check_events`` events is folded and compared
+        in a forked child (:meth:`_fork_replay`, decision SIM16) while this process checks
+        the others: the same comparison on the machine's second core; a child that fails,
+        dies or overruns ``fork_check_timeout`` is a violation that says so."""
+        problems: dict[str, list[str]] = {}
+        nodes = [n for n in self.nodes.values() if n.runner is not None and n.runner.ready]
+        lives = {}
+        for node in nodes:
+            runner = node.runner
+            assert runner is not None
+            problems[node.name] = [f"{node.name}: {p}" for p in node.component.invariants(runner.state)]
+            lives[node.name] = live = node.component.snapshot(runner.state)
+            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
+        forked = self._fork_replay(nodes, lives)
+        for node in nodes:
+            if (forked is None or node is not forked[0]) and self._replay_differs(node, lives[node.name]):
+                problems[node.name].append(f"{node.name}: state differs from the replay of its log")
+        if forked is not None:
+            problems[forked[0].name] += self._forked_verdict(*forked)
+        return [p for node in nodes for p in problems[node.name]]
+
+    def _replay_differs(self, node: SimNode, live: Any) -> bool:
+        """True when the fold of ``node``'s whole log has another snapshot form than ``live``."""
         from ..debug.reader import Replay
 
-        problems: list[str] = []
-        for node in self.nodes.values():
-            runner = node.runner
-            if runner is None or not runner.ready:
-                continue
-            state = runner.state
-            problems += [f"{node.name}: {p}" for p in node.component.invariants(state)]
-            stream = runner.stream
-            reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
-            rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
-            live = node.component.snapshot(state)
-            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
-            if node.component.snapshot(rebuilt) != live:
-                problems.append(f"{node.name}: state differs from the replay of its log")
-        return problems
+        runner = node.runner
+        assert runner is not None
+        stream = runner.stream
+        reader = Replay(node.log, now=self.clock.t, cache=False, components={stream: node.component})
+        rebuilt = reader.state(stream, node.log.head(stream), snapshots=False)
+        return bool(node.component.snapshot(rebuilt) != live)
+
+    def _fork_replay(self, nodes: list[SimNode], lives: dict[str, Any]) -> tuple[SimNode, int, int] | None:
+        """Start the replay check of the largest log in a forked child: (node, pid, read end
+        of its pipe), or None to check every log here (no ``os.fork``, every log below
+        ``fork_check_events``, or a runner's background history job still busy: a child
+        forked then could inherit a lock that thread holds)."""
+        limit = self.fork_check_events
+        if limit is None or not hasattr(os, "fork") or not nodes:
+            return None
+        node = max(nodes, key=lambda n: n.runner.head)  # type: ignore[union-attr]
+        if node.runner.head < limit:  # type: ignore[union-attr]
+            return None
+        if not all(n.runner.wait_history(self.fork_check_timeout) for n in nodes):  # type: ignore[union-attr]
+            return None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: one byte of verdict (or an error's text), then gone
+            code = 1
+            try:
+                os.close(read)
+                verdict = b"D" if self._replay_differs(node, lives[node.name]) else b"="
+                code = 0
+            except BaseException as exc:  # noqa: BLE001 -- any failure is the parent's violation
+                verdict = f"E{type(exc).__name__}: {exc}".encode()[:1000]
+            finally:
+                try:
+                    os.write(write, verdict)
+                finally:
+                    os._exit(code)
+        os.close(write)
+        return node, pid, read
+
+    def _forked_verdict(self, node: SimNode, pid: int, read: int) -> list[str]:
+        """The forked child's verdict on ``node``'s replay, as violations (empty: equal)."""
+        deadline = time.monotonic() + self.fork_check_timeout
+        data = b""
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([read], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    return [f"{node.name}: the replay check in a child took more than "
+                            f"{self.fork_check_timeout:g} s; killed"]
+                chunk = os.read(read, 4096)
+                if not chunk:
+                    break
+                data += chunk
+            _, status = os.waitpid(pid, 0)
+        finally:
+            os.close(read)
+        if data == b"=":
+            return []
+        if data == b"D":
+            return [f"{node.name}: state differs from the replay of its log"]
+        why = data[1:].decode(errors="replace") if data[:1] == b"E" else f"exit status {status}, no verdict"
+        return [f"{node.name}: the replay check in a child failed: {why}"]
 
     def snapshot(self, name: str) -> Any:
         """The snapshot form of ``name``'s live state (None: down). The one :meth:`check`

@@ -40,7 +40,7 @@ import heapq
 import math
 import random
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -489,14 +489,25 @@ class CEISystem:
     def schedule(self, upid: str, duration: float, fail_rounds: int = 0,
                  restart_mode: str | None = None, queueing_mode: str | None = None,
                  constraints: dict[str, Any] | None = None, node_exclusive: str | None = None) -> Any:
-        msg = ScheduleProcess(upid, command=sim_command(duration, fail_rounds),
-                              restart_mode=restart_mode, queueing_mode=queueing_mode,
-                              constraints=constraints, node_exclusive=node_exclusive)
-        reply = self.sim.call("pd", msg)
-        if isinstance(reply, Ok):
-            self.scheduled[upid] = {"duration": duration, "fail_rounds": fail_rounds}
-            self.killed.discard(upid)
-        return reply
+        return self.schedule_many([{
+            "upid": upid, "duration": duration, "fail_rounds": fail_rounds,
+            "restart_mode": restart_mode, "queueing_mode": queueing_mode,
+            "constraints": constraints, "node_exclusive": node_exclusive}])[0]
+
+    def schedule_many(self, processes: Sequence[Mapping[str, Any]]) -> list[Any]:
+        """Schedule processes that clients ask for at the same instant (each a mapping of
+        :meth:`schedule`'s arguments): the PD takes them as one mailbox drain
+        (:meth:`~.kernel.Simulation.call_many`, decision SIM15); the replies, in order."""
+        msgs = [ScheduleProcess(p["upid"], command=sim_command(p["duration"], p.get("fail_rounds", 0)),
+                                restart_mode=p.get("restart_mode"), queueing_mode=p.get("queueing_mode"),
+                                constraints=p.get("constraints"), node_exclusive=p.get("node_exclusive"))
+                for p in processes]
+        replies = self.sim.call_many("pd", msgs)
+        for p, reply in zip(processes, replies, strict=True):
+            if isinstance(reply, Ok):
+                self.scheduled[p["upid"]] = {"duration": p["duration"], "fail_rounds": p.get("fail_rounds", 0)}
+                self.killed.discard(p["upid"])
+        return replies
 
     def kill_process(self, upid: str) -> Any:
         reply = self.sim.call("pd", KillProcess(upid))
