@@ -3,11 +3,11 @@ and cloud) on virtual time, at growing sizes.
 
 For each size N (VMs; 10 processes per VM) the ``big`` scenario runs its whole lifecycle:
 arrivals, boots, placements, runs, node failures, a PD failover, drain. Per size: wall and CPU
-seconds, simulated seconds per wall second, steps and events (appended to the components'
-logs) per wall second. ``growth`` = wall time per VM at the largest size / at the smallest
-(1: linear); ``peak rss`` = the process's peak resident memory after that size (sizes run
-smallest first, so it is that size's peak). The iteration's test (``iteration``: 1,850 VMs
-at once across two sites) runs once.
+seconds (CPU includes the final check's forked child, SIM16), simulated seconds per wall
+second, steps and events (appended to the components' logs) per wall second. ``growth`` =
+wall time per VM at the largest size / at the smallest (1: linear); ``peak rss`` = the
+run's peak resident memory. Every run (each size, the baseline and the iteration's test:
+1,850 VMs at once across two sites, once) is a fresh interpreter, as ``cei sim run`` is.
 
 Baseline, measured in the same run at the smallest size (if at most 2,000 VMs): the same scenario with the timings
 the simulator used before (the ``scale`` scenario's: heartbeats every 30 s, the PD's monitor
@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import subprocess
 import sys
 from typing import Any
 
@@ -57,6 +58,7 @@ def baseline_config(per_vm: int = 10, processes: int = 0) -> SystemConfig:
 
 
 def measure(summary: dict[str, Any]) -> dict[str, float]:
+    """The benchmark's figures of one scenario run (in this process)."""
     wall, cpu = summary["wall_time_s"], summary["cpu_time_s"]
     events = sum(summary["log_heads"].values())
     return {"wall": wall, "cpu": cpu, "sim_per_wall": summary["virtual_time"] / wall,
@@ -65,31 +67,53 @@ def measure(summary: dict[str, Any]) -> dict[str, float]:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def measure_one(what: str, seed: int) -> dict[str, float]:
+    """Run ``big:N``, ``baseline:N`` (``big`` with the old timings) or ``iteration`` here."""
+    _import_sims()
+    from sims import big, iteration
+
+    kind, _, n = what.partition(":")
+    if kind == "iteration":
+        return measure(iteration.run(seed))
+    vms = int(n)
+    config = baseline_config(10, vms * 10) if kind == "baseline" else None
+    return measure(big.run(seed, vms=vms, system_config=config))
+
+
+def fresh(what: str, seed: int) -> dict[str, float]:
+    """:func:`measure_one` in a new interpreter: each size is measured as a user's ``cei sim
+    run`` would run it, not on the heap (and the peak memory) the sizes before it left."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "benchmarks.sim", "--measure", what, "--seed", str(seed)],
+                         cwd=root, check=True, stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", action="store_true")
     p.add_argument("--scale", action="store_true", help="1k, 2k, 5k and 10k VMs")
     p.add_argument("--sizes", default=None, help="comma-separated VM counts (overrides)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # one run: see fresh()
     a = p.parse_args(argv)
-    sims = _import_sims()
-    from sims import big, iteration
+    if a.measure is not None:
+        print(json.dumps(measure_one(a.measure, a.seed)))
+        return 0
 
     sizes = (sorted(int(x) for x in a.sizes.split(",")) if a.sizes else
              [1000, 2000, 5000, 10000] if a.scale else [100, 200])
     rows: dict[int, dict[str, float]] = {}
     for n in sizes:
-        rows[n] = measure(big.run(a.seed, vms=n))
+        rows[n] = fresh(f"big:{n}", a.seed)
         if not a.json:
             r = rows[n]
             print(f"{n:6d} VMs, {n * 10:7d} processes: {r['wall']:7.1f} s wall, {r['cpu']:7.1f} s CPU, "
                   f"{r['sim_per_wall']:7.0f} sim s/s, {r['steps_per_s']:6.0f} steps/s, "
                   f"{r['events_per_s']:6.0f} events/s, {r['steps']} steps, ok={r['ok']}", flush=True)
     # the old timings at the smallest size (skipped above 2,000 VMs: it takes too long)
-    base = (measure(big.run(a.seed, vms=sizes[0], system_config=baseline_config(10, sizes[0] * 10)))
-            if sizes[0] <= 2000 else {})
-    it = measure(iteration.run(a.seed))
-    del sims
+    base = fresh(f"baseline:{sizes[0]}", a.seed) if sizes[0] <= 2000 else {}
+    it = fresh("iteration", a.seed)
     results: list[dict[str, Any]] = []
 
     def add(metric: str, value: float, unit: str, baseline: float | None = None) -> None:
