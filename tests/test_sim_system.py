@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from cei_actors.sim.check import ChaosMachine, HealingMachine
+from cei_actors.sim.system import CEISystem
 
 logging.getLogger("cei_actors").setLevel(logging.ERROR)
 
@@ -123,18 +124,26 @@ def test_sim_invariant_catches_a_live_copy_ha_does_not_hold():
     assert any(f"HA copy {upid} runs" in v for v in system.violations(replay=False))
 
 
+
+def _short_run(seed: int, durations: list[float], seconds: float) -> CEISystem:
+    """A two-slot system (PD retention 60 s) that ran processes ``p0``, ``p1``, ... of these
+    durations for ``seconds`` with the invariants checked every 100 steps (none broken)."""
+    from cei_actors.sim.system import SystemConfig
+
+    system = CEISystem(seed, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
+    system.run_for(10.0)
+    for i, duration in enumerate(durations):
+        system.schedule(f"p{i}", duration)
+    assert system.run_for(seconds, check_every=100) == []
+    return system
+
+
 def test_replay_check_catches_a_live_state_that_differs_from_its_log():
     """The check folds each component's whole log (the reader's fast fold, with the node's own
     component and config) and compares it with the live state: equal after a run with
     finished, forgotten and running processes; a change to the live PD made without an event
     (as a bug would) is reported, and so is one to the Provisioner."""
-    from cei_actors.sim.system import CEISystem, SystemConfig
-
-    system = CEISystem(3, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
-    system.run_for(10.0)
-    for i in range(6):
-        system.schedule(f"p{i}", 30.0 if i < 4 else math.inf)
-    assert system.run_for(900.0, check_every=100) == []
+    system = _short_run(3, [30.0] * 4 + [math.inf] * 2, 900.0)
     pd = system.sim.state("pd")
     assert pd.tombstones and any(p.state == "RUNNING" for p in pd.processes.values())
     assert system.violations(replay=True) == []
@@ -153,13 +162,7 @@ def test_a_final_check_and_the_digest_make_one_snapshot_of_each_state():
     """The live state's snapshot form the replay check made is the one the summary's digest
     hashes (SIM12), while nothing happened since; after a step, or for a new runner, it is
     made again; and the digest is the one fresh snapshots give."""
-    from cei_actors.sim.system import CEISystem, SystemConfig
-
-    system = CEISystem(5, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
-    system.run_for(10.0)
-    for i in range(4):
-        system.schedule(f"p{i}", 30.0)
-    assert system.run_for(600.0, check_every=100) == []
+    system = _short_run(5, [30.0] * 4, 600.0)
     made: dict[str, int] = {}
     for name in system.components:
         comp = system.sim.nodes[name].component
@@ -192,13 +195,7 @@ def counting(made, name, snapshot):
 def test_violations_name_each_broken_rule_in_the_order_they_are_met():
     """The safety checks' verdicts, one planted fault at a time and two at once (SIM13: the
     set-based gates must send every broken rule to the exact, ordered report)."""
-    from cei_actors.sim.system import CEISystem, SystemConfig
-
-    system = CEISystem(4, SystemConfig(slots=2, extra={"pd": {"retention": 60}}))
-    system.run_for(10.0)
-    for i in range(6):
-        system.schedule(f"p{i}", 30.0 if i < 2 else math.inf)
-    assert system.run_for(900.0, check_every=100) == []
+    system = _short_run(4, [30.0] * 2 + [math.inf] * 4, 900.0)
     pd = system.sim.state("pd")
     assert pd.tombstones and "p0" not in pd.processes
     running = [p for p in pd.processes.values() if p.state == "RUNNING"]
