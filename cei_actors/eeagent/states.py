@@ -68,9 +68,12 @@ def is_terminal(state: str) -> bool:
 
 
 def is_live(state: str) -> bool:
-    """True for PENDING, RUNNING and TERMINATING (the states that hold a slot)."""
+    """True for PENDING, RUNNING and TERMINATING (the states that hold a slot); ``ValueError``
+    for an unknown state."""
+    if state in LIVE_STATES:
+        return True
     rank(state)
-    return state in LIVE_STATES
+    return False
 
 
 def with_code(state: str) -> str:

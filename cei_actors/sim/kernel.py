@@ -294,8 +294,9 @@ class Simulation:
         ``ErrorReply`` and does not disturb the others."""
         node = self.nodes[name]
         replies: list[Any] = []
-        for at in range(0, len(messages), max(max_batch, 1)):
-            chunk = messages[at:at + max(max_batch, 1)]
+        size = max(max_batch, 1)
+        for at in range(0, len(messages), size):
+            chunk = messages[at:at + size]
             runner = node.runner
             if runner is None or not runner.ready:
                 replies += [ErrorReply("unavailable", f"{name} is down", type(m).__name__) for m in chunk]

@@ -260,9 +260,9 @@ class SimAgent:
 
     def live_keys(self) -> list[tuple[str, int]]:
         """The keys of the live records (PENDING, RUNNING, TERMINATING), in table order;
-        ``ValueError`` for a record in an unknown state, as ``states.is_live``."""
-        live, rank = ast.LIVE_STATES, ast.rank
-        return [k for k, r in self.table.records.items() if r.state in live or rank(r.state) < 0]
+        ``ValueError`` for a record in an unknown state."""
+        is_live = ast.is_live
+        return [k for k, r in self.table.records.items() if is_live(r.state)]
 
 
 class _NoProcesses:
