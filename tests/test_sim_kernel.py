@@ -257,3 +257,29 @@ def test_call_many_is_one_mailbox_drain_per_batch_validated_and_in_order():
     assert [r.code for r in sim.call_many("c", [Add("a", 1), Get("a")])] == ["unavailable"] * 2
     sim.restart("c")
     assert sim.call("c", Get("a")) == Ok(16)
+
+
+def test_runners_snapshot_in_place_never_forking(monkeypatch):
+    """Decision SIM19: a simulated component's runner takes its snapshots in place, even a
+    state big enough for a forked child elsewhere: no fork, and the same snapshot offsets in
+    two runs of a seed."""
+    import os
+
+    from cei_actors.runtime import runner
+
+    monkeypatch.setattr(runner, "BACKGROUND_SNAPSHOT_BYTES", 1)  # every state "big"
+
+    def no_fork():
+        raise AssertionError("a simulated runner forked")
+
+    monkeypatch.setattr(os, "fork", no_fork)
+
+    def run():
+        sim = Simulation(seed=9)
+        node = sim.add("c", Counters())
+        sim.call_many("c", [Add(f"k{i % 500}", 1) for i in range(35_000)])
+        assert sim.state("c").counters["k7"] == 70
+        return node.log.snapshots("example")
+
+    offsets = run()
+    assert len(offsets) == 2 and offsets == run()

@@ -408,3 +408,124 @@ def test_the_largest_logs_replay_check_in_a_forked_child_says_what_it_found(monk
     monkeypatch.setattr(reader.Replay, "state", real_state)
     sim.fork_check_events = None
     assert sim.check() == [] and len(forks) == 5
+
+
+def _warm_run(seed: int = 3) -> CEISystem:
+    """A short run whose mid-run checks (no replay) start the PD's replay check folding
+    ahead in a child (every log past ``fork_check_events``) and feed it."""
+    from cei_actors.sim.system import SystemConfig
+
+    system = CEISystem(seed, SystemConfig(slots=2))
+    system.run_for(10.0)
+    for i in range(6):
+        system.schedule(f"p{i}", 30.0 if i < 4 else math.inf)
+    system.run_for(30.0)  # the PD's log is the largest from here on
+    system.sim.fork_check_events = 1
+    assert system.run_for(30.0, check_every=100, replay=False) == []
+    return system
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return True
+    return False
+
+
+def test_the_pd_replay_check_folds_ahead_in_a_child_fed_as_the_log_grows(monkeypatch):
+    """Decision SIM20: the first mid-run check past ``fork_check_events`` forks a child folding
+    the PD's log; later checks feed it what was appended since, and the final check takes its
+    verdict: the one the in-process replay gives (equal; a change made without an event found,
+    also after a map's order changed, which alone is no difference), with the live snapshot's
+    packing kept for the digest; no child left behind."""
+    from cei_actors.sim import kernel
+
+    sent, real_send = [], kernel._WarmReplay._send
+
+    def send(self, kind, *args):
+        sent.append(kind)
+        return real_send(self, kind, *args)
+
+    monkeypatch.setattr(kernel._WarmReplay, "_send", send)
+    system = _warm_run()
+    sim = system.sim
+    warm = sim._warm
+    assert warm is not None and warm.node.name == "pd"
+    started = warm.head
+    assert system.run_for(240.0, check_every=100, replay=False) == []
+    head = sim.nodes["pd"].log.head("pd")
+    assert warm.head == head > started  # fed: the batches appended after the fork
+    pd = sim.state("pd")
+    assert any(p.state == "EXITED" for p in pd.processes.values())
+    assert any(p.state == "RUNNING" for p in pd.processes.values())
+    assert sim.check() == [] and sim._warm is None and _gone(warm.pid)
+    digest = system.digest()
+    sim.fork_check_events = None
+    assert sim.check() == [] and system.digest() == digest  # the same verdict and digest in process
+
+    sim.fork_check_events = 1
+    props = next(iter(pd.nodes.values())).properties
+    items = list(props.items())
+    props.clear()
+    props.update(reversed(items))  # another order, the same map: another hash, equal unpacked
+    sim.warm_replay()
+    del sent[:]
+    assert sim.check() == [] and sent == [b"V", b"P"]  # the packed forms compared
+    props.clear()
+    props.update(items)
+    proc = next(p for p in pd.processes.values() if p.state == "RUNNING")
+    proc.round += 1  # a change made without an event
+    sim.warm_replay()
+    warm = sim._warm
+    assert sim.check()[-1] == "pd: state differs from the replay of its log" and _gone(warm.pid)
+    proc.round -= 1
+    sim.warm_replay()
+    warm = sim._warm
+    sim.close()
+    assert sim._warm is None and _gone(warm.pid)
+    assert sim.check() == []  # no warm child: forked at the check, as before
+
+
+def test_a_warm_replay_child_that_dies_errs_or_overruns_is_a_violation(monkeypatch):
+    """The warm child killed mid-run, failing in its fold or stuck past ``fork_check_timeout``:
+    each a violation that says so, never a pass or a hang; every child reaped."""
+    import signal
+    import time
+
+    from cei_actors.debug import reader
+
+    system = _warm_run(4)
+    sim = system.sim
+    warm = sim._warm
+    name = warm.node.name
+    os.kill(warm.pid, signal.SIGKILL)
+    assert system.run_for(60.0, check_every=100, replay=False) == []  # fed on: nobody reads
+    assert sim.check() == [f"{name}: the replay check in a child failed: killed by signal 9, no verdict"]
+    assert _gone(warm.pid)
+
+    parent, real_fold = os.getpid(), reader.Replay.fold
+
+    def broken(self, stream, state, start, offset, settle=True):
+        if os.getpid() != parent and start > 1:
+            raise RuntimeError("planted")
+        return real_fold(self, stream, state, start, offset, settle)
+
+    monkeypatch.setattr(reader.Replay, "fold", broken)
+    sim.warm_replay()
+    name = sim._warm.node.name
+    assert system.run_for(30.0, check_every=100, replay=False) == []
+    assert sim.check() == [f"{name}: the replay check in a child failed: RuntimeError: planted"]
+
+    def stuck(self, stream, state, start, offset, settle=True):
+        if os.getpid() != parent:
+            time.sleep(60)
+        return real_fold(self, stream, state, start, offset, settle)
+
+    monkeypatch.setattr(reader.Replay, "fold", stuck)
+    sim.warm_replay()
+    warm = sim._warm
+    sim.fork_check_timeout = 0.5
+    began = time.monotonic()
+    assert sim.check() == [f"{warm.node.name}: the replay check in a child took more than 0.5 s; killed"]
+    assert time.monotonic() - began < 30 and _gone(warm.pid)

@@ -222,53 +222,71 @@ class Replay:
                     state, start = component.restore(found[1]), found[0] + 1
             if state is None:
                 state = component.initial_state()
-            # a state that can defer its derived indexes builds them once, at the end (RS1)
-            defer, reindex = getattr(state, "defer_index", None), getattr(state, "reindex", None)
-            deferred = start <= offset and defer is not None and reindex is not None
-            if deferred:
-                defer()
-            decode, apply = component.registry.from_record, component.apply
-            current = component.registry.current()
-            fast = component.body_appliers(state)  # folded from the body, no event built (RS3)
-            # a repeated spec decoded once, shared by the events the fold only reads (RS5)
-            fields = component.shared_fields() if fast else None
-            shared = SharedValues(fields) if fields else None
-            every = ckpt.every if ckpt is not None else 0
-            due = start - 1 + every if every else -1  # the next checkpoint on the way
-            for first, epoch, rows in self.rows(stream, start, offset, shared):
-                at = first - 1
-                for row in rows:
-                    at += 1
-                    fn = None
-                    try:
-                        fn = fast.get((row[0], row[1]))
-                        if fn is not None:
-                            state = fn(state, **row[3])
-                        else:
-                            if shared is not None:  # an event may keep what it is given
-                                row = shared.unshared(row)  # noqa: PLW2901
-                            record = _record(stream, at, epoch, row)
-                            try:  # a current body is its event; else upcast, or the one-line error
-                                event = current[record.type, record.version](**record.body)
-                            except (KeyError, TypeError):
-                                event = decode(record)
-                            state = apply(state, event)
-                    except EventLogError:
-                        raise
-                    except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
-                        record = _record(stream, at, epoch, row)  # a row of the wrong shape says so
-                        if fn is not None:
-                            decode(record)  # a body that does not fit says so, as the event would
-                        raise CorruptLog(stream, at, f"{record.type} does not apply: "
-                                                     f"{type(exc).__name__}: {exc}") from None
-                    if at == due and at < offset:
-                        self._checkpoint(stream, component, state, at, reindex, defer if deferred else None)
-                        due += every
-            if reindex is not None:
-                reindex()
+            state = self._fold(stream, component, state, start, offset, True)
             if ckpt is not None and offset - start + 1 >= ckpt.min_events:
                 self._checkpoint(stream, component, state, offset, None, None)
         self.folded = (stream, start, offset)
+        return state
+
+    def fold(self, stream: str, state: Any, start: int, offset: int, settle: bool = True) -> Any:
+        """``state`` (the stream's state after offset ``start - 1``) with the events
+        ``start..offset`` applied, by the fold :meth:`state` uses. Its derived indexes are
+        deferred meanwhile (RS1) and rebuilt at the end; with ``settle=False`` they stay
+        deferred, for a caller folding on from ``offset + 1`` later (nothing may read the state
+        until a call with ``settle``, which may fold no events: ``start = offset + 1``).
+        No checkpoints are read or written."""
+        with paused_gc():
+            return self._fold(stream, self.component(stream), state, start, offset, settle, False)
+
+    def _fold(self, stream: str, component: Component[Any], state: Any, start: int, offset: int,
+              settle: bool, checkpoints: bool = True) -> Any:
+        """The fold loop of :meth:`state` and :meth:`fold` (the collector paused by the caller);
+        with ``checkpoints``, one is saved every :attr:`Checkpoints.every` events on the way."""
+        # a state that can defer its derived indexes builds them once, at the end (RS1)
+        defer, reindex = getattr(state, "defer_index", None), getattr(state, "reindex", None)
+        deferred = start <= offset and defer is not None and reindex is not None
+        if deferred:
+            defer()
+        decode, apply = component.registry.from_record, component.apply
+        current = component.registry.current()
+        fast = component.body_appliers(state)  # folded from the body, no event built (RS3)
+        # a repeated spec decoded once, shared by the events the fold only reads (RS5)
+        fields = component.shared_fields() if fast else None
+        shared = SharedValues(fields) if fields else None
+        ckpt = self.checkpoints if checkpoints else None
+        every = ckpt.every if ckpt is not None else 0
+        due = start - 1 + every if every else -1  # the next checkpoint on the way
+        for first, epoch, rows in self.rows(stream, start, offset, shared):
+            at = first - 1
+            for row in rows:
+                at += 1
+                fn = None
+                try:
+                    fn = fast.get((row[0], row[1]))
+                    if fn is not None:
+                        state = fn(state, **row[3])
+                    else:
+                        if shared is not None:  # an event may keep what it is given
+                            row = shared.unshared(row)  # noqa: PLW2901
+                        record = _record(stream, at, epoch, row)
+                        try:  # a current body is its event; else upcast, or the one-line error
+                            event = current[record.type, record.version](**record.body)
+                        except (KeyError, TypeError):
+                            event = decode(record)
+                        state = apply(state, event)
+                except EventLogError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - a foreign body the fold cannot take
+                    record = _record(stream, at, epoch, row)  # a row of the wrong shape says so
+                    if fn is not None:
+                        decode(record)  # a body that does not fit says so, as the event would
+                    raise CorruptLog(stream, at, f"{record.type} does not apply: "
+                                                 f"{type(exc).__name__}: {exc}") from None
+                if at == due and at < offset:
+                    self._checkpoint(stream, component, state, at, reindex, defer if deferred else None)
+                    due += every
+        if settle and reindex is not None:
+            reindex()
         return state
 
     def _checkpoint(self, stream: str, component: Component[Any], state: Any, offset: int,

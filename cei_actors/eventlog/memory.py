@@ -164,6 +164,14 @@ class MemoryLog(EventLog):
         with self._lock:
             self._lock.wait(timeout)
 
+    def put_stored(self, stream: str, batches: list[tuple[int, bytes]]) -> None:
+        """Hold ``batches`` as another log stored them (:meth:`EventLog.stored_batches`),
+        unfenced and unchecked, one at a first offset held replaced: for a copy of a log
+        (the simulator's replay check in a forked child)."""
+        with self._lock:
+            self._s(stream).batches.update(batches)
+            self._lock.notify_all()
+
     # test hooks: damage a stored batch, or a stored snapshot's last chunk, in place
     def _corrupt(self, stream: str, first: int, blob: bytes) -> None:
         with self._lock:

@@ -23,17 +23,23 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import hashlib
 import heapq
 import logging
 import os
 import random
 import select
 import signal
+import struct
+import tempfile
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import msgpack
 
 from ..eventlog import EventLog, open_log
 from ..runtime.control import Request, Response
@@ -98,6 +104,228 @@ def _kind(message: Any) -> int:
     if isinstance(message, Request):
         return _REQUEST
     return _PLAIN
+
+
+def pack_form(form: Any) -> bytes:
+    """A snapshot form's msgpack encoding, as the simulation's digest and replay check hash
+    it (decision SIM12): maps in their own order, what msgpack cannot pack as its ``str``."""
+    return msgpack.packb(form, use_bin_type=True, default=str)
+
+
+_CMD = struct.Struct(">cQQQ")  # kind, data position, data length, log head: parent -> warm child
+_ANSWER = struct.Struct(">cQ")  # kind, payload length: warm child -> parent
+
+
+class _WarmReplay:
+    """The replay check of one node's log, folding ahead in a forked child (decision SIM20).
+
+    The child folds the log it inherited from offset 1 (:meth:`~cei_actors.debug.reader.Replay.fold`,
+    indexes deferred), then waits for commands on a pipe: ``B`` holds the batches appended
+    since (as stored, in a memory file this process writes and the child reads, so feeding
+    never blocks on the child), which it adds to its copy of the log and folds on; ``V``
+    settles the state and answers the SHA-256 of its packed snapshot form (:func:`pack_form`);
+    ``P`` answers that packed form. An error is answered as ``E`` and its text."""
+
+    def __init__(self, node: SimNode, now: float) -> None:
+        self.node = node
+        self.stream = node.component.stream
+        self.head = node.log.head(self.stream)  # what the child holds
+        self.end = 0  # bytes written to the data file
+        self.broken: str | None = None  # why feeding it failed
+        self.status: int | None = None  # its wait status once reaped
+        if hasattr(os, "memfd_create"):
+            self.data = os.memfd_create("cei-warm-replay", os.MFD_CLOEXEC)
+        else:  # pragma: no cover - no memfd: an unlinked temporary file
+            with tempfile.TemporaryFile() as tmp:
+                self.data = os.dup(tmp.fileno())
+        cmd_read, self.cmd = os.pipe()
+        self.answers, answer_write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child: folds, answers, then gone
+            code = 1
+            try:
+                os.close(self.cmd)
+                os.close(self.answers)
+                code = self._child(cmd_read, answer_write, now)
+            finally:
+                os._exit(code)
+        self.pid = pid
+        os.close(cmd_read)
+        os.close(answer_write)
+        self._end = weakref.finalize(self, _end_child, pid, [self.cmd, self.answers, self.data])
+
+    # ---- the parent's side
+
+    def feed(self) -> None:
+        """Send the child the batches appended since it was last fed."""
+        head = self.node.log.head(self.stream)
+        if head <= self.head or self.broken is not None:
+            return
+        blob = msgpack.packb(self.node.log.stored_batches(self.stream, self.head), use_bin_type=True)
+        os.pwrite(self.data, blob, self.end)
+        if self._send(b"B", self.end, len(blob), head):
+            self.end += len(blob)
+            self.head = head
+
+    def ask(self) -> None:
+        """Feed the child the last batches and ask for its verdict (answered by :meth:`verdict`)."""
+        self.feed()
+        self._send(b"V", 0, 0, self.head)
+
+    def verdict(self, live: bytes, timeout: float) -> list[str]:
+        """The child's verdict on the node's replay against ``live`` (the live state's
+        packed snapshot form), as violations (empty: equal); then the child is gone. Equal
+        hashes are equal forms; else the child's packed form and ``live`` are compared
+        unpacked, so an order of map entries never differs."""
+        name = self.node.name
+        deadline = time.monotonic() + timeout
+        try:
+            kind, payload = self._answer(deadline)
+            if kind == b"H":
+                if payload == hashlib.sha256(live).digest():
+                    return []
+                kind, payload = self._answer(deadline) if self._send(b"P", 0, 0, self.head) else (b"", b"")
+                if kind == b"P":
+                    return [] if _unpack(payload) == _unpack(live) else [f"{name}: state differs from the replay of its log"]
+            if kind == b"T":
+                self.close()
+                return [f"{name}: the replay check in a child took more than {timeout:g} s; killed"]
+            if kind == b"E":
+                why = payload.decode(errors="replace")
+            else:
+                self.close()
+                why = f"{_exit_text(self.status)}, no verdict"
+            return [f"{name}: the replay check in a child failed: {why}"]
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Kill the child (if it runs), reap it, close the pipes: idempotent."""
+        if self.status is None:
+            self.status = self._end()
+
+    def _send(self, kind: bytes, at: int, size: int, head: int) -> bool:
+        if self.broken is None:
+            try:
+                os.write(self.cmd, _CMD.pack(kind, at, size, head))
+                return True
+            except OSError as exc:  # the child is gone: its verdict says how
+                self.broken = f"{type(exc).__name__}: {exc}"
+        return False
+
+    def _answer(self, deadline: float) -> tuple[bytes, bytes]:
+        """The child's next answer: (kind, payload); ``(b"T", b"")`` past ``deadline``,
+        ``(b"", b"")`` when it closed its end without one."""
+        head = self._read(_ANSWER.size, deadline)
+        if head is None or len(head) < _ANSWER.size:
+            return (b"T" if head is None else b""), b""
+        kind, size = _ANSWER.unpack(head)
+        payload = self._read(size, deadline)
+        if payload is None or len(payload) < size:
+            return (b"T" if payload is None else b""), b""
+        return kind, payload
+
+    def _read(self, size: int, deadline: float) -> bytes | None:
+        """``size`` bytes of answer (fewer: the child closed its end), None past ``deadline``."""
+        parts, got = [], 0
+        while got < size:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.answers], [], [], left)[0]:
+                return None
+            chunk = os.read(self.answers, min(size - got, 1 << 20))
+            if not chunk:
+                break
+            parts.append(chunk)
+            got += len(chunk)
+        return b"".join(parts)
+
+    # ---- the child's side
+
+    def _child(self, commands: int, answers: int, now: float) -> int:  # pragma: no cover - in the child
+        from ..debug.reader import Replay
+
+        gc.disable()  # a collection would write to every object's page: copies of the heap
+        node, stream, head = self.node, self.stream, self.head
+        packed = b""
+        try:
+            reader = Replay(node.log, now=now, cache=False, components={stream: node.component})
+            state = reader.fold(stream, node.component.initial_state(), 1, head, settle=False)
+            while True:
+                command = _read_fd(commands, _CMD.size)
+                if len(command) < _CMD.size:  # the parent closed its end (or is gone)
+                    return 0
+                kind, at, size, upto = _CMD.unpack(command)
+                if kind == b"B":
+                    blob = b"".join(_pread_all(self.data, size, at))
+                    node.log.put_stored(stream, [(first, b) for first, b in msgpack.unpackb(blob)])  # type: ignore[attr-defined]
+                    state = reader.fold(stream, state, head + 1, upto, settle=False)
+                    head = upto
+                elif kind == b"V":
+                    state = reader.fold(stream, state, head + 1, head)  # no events: settles
+                    packed = pack_form(node.component.snapshot(state))
+                    _write_fd(answers, _ANSWER.pack(b"H", 32) + hashlib.sha256(packed).digest())
+                elif kind == b"P":
+                    _write_fd(answers, _ANSWER.pack(b"P", len(packed)))
+                    _write_fd(answers, packed)
+        except BaseException as exc:  # noqa: BLE001 -- any failure is the parent's violation
+            text = f"{type(exc).__name__}: {exc}".encode()[:1000]
+            with contextlib.suppress(OSError):
+                _write_fd(answers, _ANSWER.pack(b"E", len(text)) + text)
+            return 1
+
+
+def _end_child(pid: int, fds: list[int]) -> int:
+    """Kill and reap ``pid`` (gone already: reap it), close ``fds``; its wait status."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    try:
+        status = os.waitpid(pid, 0)[1]
+    except ChildProcessError:
+        status = -1
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return status
+
+
+def _exit_text(status: int | None) -> str:
+    """How a child ended, from its wait status."""
+    if status is None or status < 0:
+        return "exit status unknown"
+    code = os.waitstatus_to_exitcode(status)
+    return f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+
+
+def _unpack(packed: bytes) -> Any:
+    return msgpack.unpackb(packed, raw=False, strict_map_key=False)
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    """``size`` bytes from ``fd`` (fewer at its end)."""
+    parts, got = [], 0
+    while got < size:
+        chunk = os.read(fd, size - got)
+        if not chunk:
+            break
+        parts.append(chunk)
+        got += len(chunk)
+    return b"".join(parts)
+
+
+def _pread_all(fd: int, size: int, at: int) -> Iterator[bytes]:
+    while size > 0:
+        chunk = os.pread(fd, min(size, 1 << 24), at)
+        if not chunk:
+            raise EOFError(f"the data file ends at {at}")
+        yield chunk
+        at += len(chunk)
+        size -= len(chunk)
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 class VirtualClock:
@@ -213,8 +441,10 @@ class Simulation:
         self._crash_next: dict[str, bool] = {}
         #: validate trusted in-process deliveries too (as the actor shell does; slower)
         self.validate_own = False
-        #: name -> (runner, its head, steps, snapshot form): the last one :meth:`check` made
-        self._snapshots: dict[str, tuple[Runner[Any], int, int, Any]] = {}
+        #: name -> (runner, its head, steps, snapshot form, its packing or None): the last
+        #: one :meth:`check` made
+        self._snapshots: dict[str, tuple[Runner[Any], int, int, Any, bytes | None]] = {}
+        self._warm: _WarmReplay | None = None  # the replay check folding ahead (warm_replay)
         #: :meth:`check` folds the largest log of at least this many events in a forked
         #: child (None: never), which must answer within ``fork_check_timeout`` seconds
         self.fork_check_events: int | None = FORK_CHECK_EVENTS
@@ -267,12 +497,16 @@ class Simulation:
         self._crash_next.clear()
 
     def restart(self, name: str) -> Decision:
-        """Start the component again: a new runner recovers from its log."""
+        """Start the component again: a new runner recovers from its log. It takes its
+        snapshots in place (decision SIM19)."""
         node = self.nodes[name]
         node.generation += 1
         runner = Runner(
             node.component, node.log, clock=self.clock, rng=random.Random(self.rng.getrandbits(64))
         )
+        # snapshots in place: no stall in virtual time, none skipped by timing, no forked
+        # copy of the heap making the run's writes copy-on-write faults (decision SIM19)
+        runner.background_snapshots = False
         node.runner = runner
         decision = runner.recover()
         self._perform(node, decision, sender=None)
@@ -385,6 +619,34 @@ class Simulation:
 
     # ---- checks -----------------------------------------------------------------------------
 
+    def warm_replay(self) -> None:
+        """Let :meth:`check`'s replay of the largest log fold ahead, on the machine's second
+        core (decision SIM20): the first call that finds a log of at least
+        ``fork_check_events`` events forks a child folding it from offset 1 (not while a
+        runner's background history job is busy: :meth:`_fork_replay`'s rule); later calls
+        feed it the batches appended since. :meth:`check` then feeds it the last ones and
+        takes its verdict. Without ``os.fork`` or with ``fork_check_events`` None, nothing."""
+        if self._warm is not None:
+            self._warm.feed()
+            return
+        limit = self.fork_check_events
+        if limit is None or not hasattr(os, "fork"):
+            return
+        nodes = [n for n in self.nodes.values() if n.runner is not None and n.runner.ready]
+        if not nodes:
+            return
+        node = max(nodes, key=lambda n: n.runner.head)  # type: ignore[union-attr]
+        if node.runner.head < limit:  # type: ignore[union-attr]
+            return
+        if all(n.runner.wait_history(self.fork_check_timeout) for n in nodes):  # type: ignore[union-attr]
+            self._warm = _WarmReplay(node, self.clock.t)
+
+    def close(self) -> None:
+        """End the replay check folding ahead, if any (its child killed and reaped)."""
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            warm.close()
+
     def check(self) -> list[str]:
         """Every component's invariant violations, plus any state that differs from its replay.
 
@@ -397,22 +659,42 @@ class Simulation:
         The largest log holding at least ``fork_check_events`` events is folded and compared
         in a forked child (:meth:`_fork_replay`, decision SIM16) while this process checks
         the others: the same comparison on the machine's second core; a child that fails,
-        dies or overruns ``fork_check_timeout`` is a violation that says so."""
+        dies or overruns ``fork_check_timeout`` is a violation that says so. After
+        :meth:`warm_replay` started, that log's child, folded ahead, answers instead: it is
+        fed the last batches and answers the hash of its snapshot form's packing, compared
+        with the live form's (kept for the digest); unequal hashes compare the packed forms
+        unpacked (decision SIM20)."""
         problems: dict[str, list[str]] = {}
         nodes = [n for n in self.nodes.values() if n.runner is not None and n.runner.ready]
-        lives = {}
-        for node in nodes:
-            runner = node.runner
-            assert runner is not None
-            problems[node.name] = [f"{node.name}: {p}" for p in node.component.invariants(runner.state)]
-            lives[node.name] = live = node.component.snapshot(runner.state)
-            self._snapshots[node.name] = (runner, runner.head, self.steps, live)
-        forked = self._fork_replay(nodes, lives)
-        for node in nodes:
-            if (forked is None or node is not forked[0]) and self._replay_differs(node, lives[node.name]):
-                problems[node.name].append(f"{node.name}: state differs from the replay of its log")
-        if forked is not None:
-            problems[forked[0].name] += self._forked_verdict(*forked)
+        warm, self._warm = self._warm, None
+        try:
+            if warm is not None and not any(n is warm.node for n in nodes):
+                warm.close()  # its node is down: nothing to compare
+                warm = None
+            if warm is not None:
+                warm.ask()  # the child folds the last batches while this process goes on
+            lives = {}
+            for node in nodes:
+                runner = node.runner
+                assert runner is not None
+                problems[node.name] = [f"{node.name}: {p}" for p in node.component.invariants(runner.state)]
+                lives[node.name] = live = node.component.snapshot(runner.state)
+                packed = pack_form(live) if warm is not None and node is warm.node else None
+                self._snapshots[node.name] = (runner, runner.head, self.steps, live, packed)
+            forked = self._fork_replay(nodes, lives) if warm is None else None
+            apart = forked[0] if forked is not None else warm.node if warm is not None else None
+            for node in nodes:
+                if node is not apart and self._replay_differs(node, lives[node.name]):
+                    problems[node.name].append(f"{node.name}: state differs from the replay of its log")
+            if forked is not None:
+                problems[forked[0].name] += self._forked_verdict(*forked)
+            if warm is not None:
+                packed = self._snapshots[warm.node.name][4]
+                assert packed is not None
+                problems[warm.node.name] += warm.verdict(packed, self.fork_check_timeout)
+        finally:
+            if warm is not None:
+                warm.close()
         return [p for node in nodes for p in problems[node.name]]
 
     def _replay_differs(self, node: SimNode, live: Any) -> bool:
@@ -490,10 +772,27 @@ class Simulation:
         runner = self.nodes[name].runner
         if runner is None or not runner.ready:
             return None
-        kept = self._snapshots.pop(name, None)
-        if kept is not None and kept[0] is runner and kept[1] == runner.head and kept[2] == self.steps:
+        kept = self._kept(name, runner)
+        if kept is not None:
             return kept[3]
         return self.nodes[name].component.snapshot(runner.state)
+
+    def packed_snapshot(self, name: str) -> bytes:
+        """:func:`pack_form` of :meth:`snapshot`, the packing :meth:`check` made reused as
+        the form is (SIM20)."""
+        runner = self.nodes[name].runner
+        if runner is not None and runner.ready:
+            kept = self._snapshots.get(name)
+            if kept is not None and kept[4] is not None and self._kept(name, runner) is not None:
+                return kept[4]
+        return pack_form(self.snapshot(name))
+
+    def _kept(self, name: str, runner: Runner[Any]) -> tuple[Runner[Any], int, int, Any, bytes | None] | None:
+        """The snapshot form :meth:`check` made of ``name`` if still current; taken (used once)."""
+        kept = self._snapshots.pop(name, None)
+        if kept is not None and kept[0] is runner and kept[1] == runner.head and kept[2] == self.steps:
+            return kept
+        return None
 
     def state(self, name: str) -> Any:
         runner = self.nodes[name].runner
