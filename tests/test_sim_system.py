@@ -411,8 +411,8 @@ def test_the_largest_logs_replay_check_in_a_forked_child_says_what_it_found(monk
 
 
 def _warm_run(seed: int = 3) -> CEISystem:
-    """A short run whose mid-run checks (no replay) start the PD's replay check folding
-    ahead in a child (every log past ``fork_check_events``) and feed it."""
+    """A short run whose mid-run checks (no replay) start the replay check folding ahead in
+    a child (every log past ``fork_check_events``, the PD's the largest) and feed it."""
     from cei_actors.sim.system import SystemConfig
 
     system = CEISystem(seed, SystemConfig(slots=2))
@@ -435,10 +435,10 @@ def _gone(pid: int) -> bool:
 
 def test_the_pd_replay_check_folds_ahead_in_a_child_fed_as_the_log_grows(monkeypatch):
     """Decision SIM20: the first mid-run check past ``fork_check_events`` forks a child folding
-    the PD's log; later checks feed it what was appended since, and the final check takes its
-    verdict: the one the in-process replay gives (equal; a change made without an event found,
-    also after a map's order changed, which alone is no difference), with the live snapshot's
-    packing kept for the digest; no child left behind."""
+    every log; later checks feed it what was appended since, and the final check takes its
+    verdicts: those the in-process replay gives (equal; a change made without an event to the
+    PD or the Provisioner found, none after a map's order changed, which alone is no
+    difference), with the live snapshots' packings kept for the digest; no child left behind."""
     from cei_actors.sim import kernel
 
     sent, real_send = [], kernel._WarmReplay._send
@@ -452,10 +452,11 @@ def test_the_pd_replay_check_folds_ahead_in_a_child_fed_as_the_log_grows(monkeyp
     sim = system.sim
     warm = sim._warm
     assert warm is not None and warm.node.name == "pd"
-    started = warm.head
+    assert [n.name for n in warm.nodes] == ["pd", "provisioner", "epum"]  # every log, the largest first
+    started = list(warm.heads)
     assert system.run_for(240.0, check_every=100, replay=False) == []
-    head = sim.nodes["pd"].log.head("pd")
-    assert warm.head == head > started  # fed: the batches appended after the fork
+    heads = [n.log.head(n.component.stream) for n in warm.nodes]
+    assert warm.heads == heads and heads[0] > started[0]  # fed: the batches appended after the fork
     pd = sim.state("pd")
     assert any(p.state == "EXITED" for p in pd.processes.values())
     assert any(p.state == "RUNNING" for p in pd.processes.values())
@@ -480,6 +481,11 @@ def test_the_pd_replay_check_folds_ahead_in_a_child_fed_as_the_log_grows(monkeyp
     warm = sim._warm
     assert sim.check()[-1] == "pd: state differs from the replay of its log" and _gone(warm.pid)
     proc.round -= 1
+    node = next(iter(sim.state("provisioner").nodes.values()))
+    was, node.state = node.state, "FAILED"
+    sim.warm_replay()
+    assert sim.check()[-1] == "provisioner: state differs from the replay of its log"
+    node.state = was
     sim.warm_replay()
     warm = sim._warm
     sim.close()

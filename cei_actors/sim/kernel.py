@@ -112,24 +112,27 @@ def pack_form(form: Any) -> bytes:
     return msgpack.packb(form, use_bin_type=True, default=str)
 
 
-_CMD = struct.Struct(">cQQQ")  # kind, data position, data length, log head: parent -> warm child
-_ANSWER = struct.Struct(">cQ")  # kind, payload length: warm child -> parent
+_CMD = struct.Struct(">cIQQQ")  # kind, log, data position, data length, log head: to the warm child
+_ANSWER = struct.Struct(">cQ")  # kind, payload length: from the warm child
+_HASH = 32  # bytes of a SHA-256
 
 
 class _WarmReplay:
-    """The replay check of one node's log, folding ahead in a forked child (decision SIM20).
+    """The replay check of the nodes' logs, folding ahead in a forked child (decision SIM20).
 
-    The child folds the log it inherited from offset 1 (:meth:`~cei_actors.debug.reader.Replay.fold`,
+    The child folds the logs it inherited from offset 1 (:meth:`~cei_actors.debug.reader.Replay.fold`,
     indexes deferred), then waits for commands on a pipe: ``B`` holds the batches appended
-    since (as stored, in a memory file this process writes and the child reads, so feeding
-    never blocks on the child), which it adds to its copy of the log and folds on; ``V``
-    settles the state and answers the SHA-256 of its packed snapshot form (:func:`pack_form`);
-    ``P`` answers that packed form. An error is answered as ``E`` and its text."""
+    to one log since (as stored, in a memory file this process writes and the child reads,
+    so feeding never blocks on the child), which it adds to its copy of that log and folds
+    on; ``V`` settles every state and answers the SHA-256 of each one's packed snapshot form
+    (:func:`pack_form`), in the nodes' order; ``P`` answers one log's packed form. An error
+    is answered as ``E`` and its text."""
 
-    def __init__(self, node: SimNode, now: float) -> None:
-        self.node = node
-        self.stream = node.component.stream
-        self.head = node.log.head(self.stream)  # what the child holds
+    def __init__(self, nodes: list[SimNode], now: float) -> None:
+        self.nodes = nodes  # the largest log's node first: a failure is reported under it
+        self.node = nodes[0]
+        self.streams = [node.component.stream for node in nodes]
+        self.heads = [node.log.head(stream) for node, stream in zip(nodes, self.streams, strict=True)]
         self.end = 0  # bytes written to the data file
         self.broken: str | None = None  # why feeding it failed
         self.status: int | None = None  # its wait status once reaped
@@ -158,44 +161,54 @@ class _WarmReplay:
 
     def feed(self) -> None:
         """Send the child the batches appended since it was last fed."""
-        head = self.node.log.head(self.stream)
-        if head <= self.head or self.broken is not None:
-            return
-        blob = msgpack.packb(self.node.log.stored_batches(self.stream, self.head), use_bin_type=True)
-        os.pwrite(self.data, blob, self.end)
-        if self._send(b"B", self.end, len(blob), head):
-            self.end += len(blob)
-            self.head = head
+        for i, (node, stream) in enumerate(zip(self.nodes, self.streams, strict=True)):
+            head, after = node.log.head(stream), self.heads[i]
+            if head <= after or self.broken is not None:
+                continue
+            blob = msgpack.packb(node.log.stored_batches(stream, after), use_bin_type=True)
+            os.pwrite(self.data, blob, self.end)
+            if self._send(b"B", i, self.end, len(blob), head):
+                self.end += len(blob)
+                self.heads[i] = head
 
     def ask(self) -> None:
-        """Feed the child the last batches and ask for its verdict (answered by :meth:`verdict`)."""
+        """Feed the child the last batches and ask for its verdicts (see :meth:`verdict`)."""
         self.feed()
-        self._send(b"V", 0, 0, self.head)
+        self._send(b"V", 0, 0, 0, 0)
 
-    def verdict(self, live: bytes, timeout: float) -> list[str]:
-        """The child's verdict on the node's replay against ``live`` (the live state's
-        packed snapshot form), as violations (empty: equal); then the child is gone. Equal
-        hashes are equal forms; else the child's packed form and ``live`` are compared
-        unpacked, so an order of map entries never differs."""
-        name = self.node.name
+    def verdict(self, lives: dict[str, bytes], timeout: float) -> list[tuple[str, str]]:
+        """The child's verdicts on the replays of the nodes named in ``lives`` (name -> the
+        live state's packed snapshot form), as ``(name, violation)`` (empty: all equal); a
+        failure is one, under the first name. Then the child is gone. Equal hashes are equal
+        forms; else the child's packed form and the live one are compared unpacked, so an
+        order of map entries never differs."""
+        first = next(iter(lives))
         deadline = time.monotonic() + timeout
         try:
             kind, payload = self._answer(deadline)
-            if kind == b"H":
-                if payload == hashlib.sha256(live).digest():
-                    return []
-                kind, payload = self._answer(deadline) if self._send(b"P", 0, 0, self.head) else (b"", b"")
-                if kind == b"P":
-                    return [] if _unpack(payload) == _unpack(live) else [f"{name}: state differs from the replay of its log"]
+            if kind == b"H" and len(payload) == _HASH * len(self.nodes):
+                out = []
+                for i, node in enumerate(self.nodes):
+                    live = lives.get(node.name)
+                    if live is None or payload[i * _HASH:(i + 1) * _HASH] == hashlib.sha256(live).digest():
+                        continue
+                    kind, packed = self._answer(deadline) if self._send(b"P", i, 0, 0, 0) else (b"", b"")
+                    if kind != b"P":
+                        break
+                    if _unpack(packed) != _unpack(live):
+                        out.append((node.name, f"{node.name}: state differs from the replay of its log"))
+                else:
+                    return out
+                payload = packed
             if kind == b"T":
                 self.close()
-                return [f"{name}: the replay check in a child took more than {timeout:g} s; killed"]
+                return [(first, f"{first}: the replay check in a child took more than {timeout:g} s; killed")]
             if kind == b"E":
                 why = payload.decode(errors="replace")
             else:
                 self.close()
                 why = f"{_exit_text(self.status)}, no verdict"
-            return [f"{name}: the replay check in a child failed: {why}"]
+            return [(first, f"{first}: the replay check in a child failed: {why}")]
         finally:
             self.close()
 
@@ -204,10 +217,10 @@ class _WarmReplay:
         if self.status is None:
             self.status = self._end()
 
-    def _send(self, kind: bytes, at: int, size: int, head: int) -> bool:
+    def _send(self, kind: bytes, log: int, at: int, size: int, head: int) -> bool:
         if self.broken is None:
             try:
-                os.write(self.cmd, _CMD.pack(kind, at, size, head))
+                os.write(self.cmd, _CMD.pack(kind, log, at, size, head))
                 return True
             except OSError as exc:  # the child is gone: its verdict says how
                 self.broken = f"{type(exc).__name__}: {exc}"
@@ -245,28 +258,34 @@ class _WarmReplay:
         from ..debug.reader import Replay
 
         gc.disable()  # a collection would write to every object's page: copies of the heap
-        node, stream, head = self.node, self.stream, self.head
-        packed = b""
+        nodes, streams, heads = self.nodes, self.streams, list(self.heads)
+        packed: list[bytes] = []
         try:
-            reader = Replay(node.log, now=now, cache=False, components={stream: node.component})
-            state = reader.fold(stream, node.component.initial_state(), 1, head, settle=False)
+            readers = [Replay(node.log, now=now, cache=False, components={stream: node.component})
+                       for node, stream in zip(nodes, streams, strict=True)]
+            states = [reader.fold(stream, node.component.initial_state(), 1, head, settle=False)
+                      for reader, node, stream, head in zip(readers, nodes, streams, heads, strict=True)]
             while True:
                 command = _read_fd(commands, _CMD.size)
                 if len(command) < _CMD.size:  # the parent closed its end (or is gone)
                     return 0
-                kind, at, size, upto = _CMD.unpack(command)
+                kind, i, at, size, upto = _CMD.unpack(command)
                 if kind == b"B":
                     blob = b"".join(_pread_all(self.data, size, at))
-                    node.log.put_stored(stream, [(first, b) for first, b in msgpack.unpackb(blob)])  # type: ignore[attr-defined]
-                    state = reader.fold(stream, state, head + 1, upto, settle=False)
-                    head = upto
+                    batches = [(first, b) for first, b in msgpack.unpackb(blob)]
+                    nodes[i].log.put_stored(streams[i], batches)  # type: ignore[attr-defined]
+                    states[i] = readers[i].fold(streams[i], states[i], heads[i] + 1, upto, settle=False)
+                    heads[i] = upto
                 elif kind == b"V":
-                    state = reader.fold(stream, state, head + 1, head)  # no events: settles
-                    packed = pack_form(node.component.snapshot(state))
-                    _write_fd(answers, _ANSWER.pack(b"H", 32) + hashlib.sha256(packed).digest())
+                    packed = []
+                    for k, node in enumerate(nodes):  # a fold of no events settles
+                        states[k] = readers[k].fold(streams[k], states[k], heads[k] + 1, heads[k])
+                        packed.append(pack_form(node.component.snapshot(states[k])))
+                    hashes = b"".join(hashlib.sha256(p).digest() for p in packed)
+                    _write_fd(answers, _ANSWER.pack(b"H", len(hashes)) + hashes)
                 elif kind == b"P":
-                    _write_fd(answers, _ANSWER.pack(b"P", len(packed)))
-                    _write_fd(answers, packed)
+                    _write_fd(answers, _ANSWER.pack(b"P", len(packed[i])))
+                    _write_fd(answers, packed[i])
         except BaseException as exc:  # noqa: BLE001 -- any failure is the parent's violation
             text = f"{type(exc).__name__}: {exc}".encode()[:1000]
             with contextlib.suppress(OSError):
@@ -620,12 +639,12 @@ class Simulation:
     # ---- checks -----------------------------------------------------------------------------
 
     def warm_replay(self) -> None:
-        """Let :meth:`check`'s replay of the largest log fold ahead, on the machine's second
-        core (decision SIM20): the first call that finds a log of at least
-        ``fork_check_events`` events forks a child folding it from offset 1 (not while a
-        runner's background history job is busy: :meth:`_fork_replay`'s rule); later calls
-        feed it the batches appended since. :meth:`check` then feeds it the last ones and
-        takes its verdict. Without ``os.fork`` or with ``fork_check_events`` None, nothing."""
+        """Let :meth:`check`'s replays fold ahead, on the machine's second core (decision
+        SIM20): the first call that finds a log of at least ``fork_check_events`` events
+        forks a child folding every running node's log from offset 1 (not while a runner's
+        background history job is busy: :meth:`_fork_replay`'s rule); later calls feed it
+        the batches appended since. :meth:`check` then feeds it the last ones and takes its
+        verdicts. Without ``os.fork`` or with ``fork_check_events`` None, nothing."""
         if self._warm is not None:
             self._warm.feed()
             return
@@ -639,7 +658,7 @@ class Simulation:
         if node.runner.head < limit:  # type: ignore[union-attr]
             return
         if all(n.runner.wait_history(self.fork_check_timeout) for n in nodes):  # type: ignore[union-attr]
-            self._warm = _WarmReplay(node, self.clock.t)
+            self._warm = _WarmReplay([node, *(n for n in nodes if n is not node)], self.clock.t)
 
     def close(self) -> None:
         """End the replay check folding ahead, if any (its child killed and reaped)."""
@@ -660,16 +679,17 @@ class Simulation:
         in a forked child (:meth:`_fork_replay`, decision SIM16) while this process checks
         the others: the same comparison on the machine's second core; a child that fails,
         dies or overruns ``fork_check_timeout`` is a violation that says so. After
-        :meth:`warm_replay` started, that log's child, folded ahead, answers instead: it is
-        fed the last batches and answers the hash of its snapshot form's packing, compared
-        with the live form's (kept for the digest); unequal hashes compare the packed forms
-        unpacked (decision SIM20)."""
+        :meth:`warm_replay` started, its child, folded ahead, answers for the nodes it folds
+        (the others are checked here): it is fed the last batches and answers the hash of
+        each snapshot form's packing, compared with the live form's (kept for the digest);
+        unequal hashes compare the packed forms unpacked (decision SIM20)."""
         problems: dict[str, list[str]] = {}
         nodes = [n for n in self.nodes.values() if n.runner is not None and n.runner.ready]
         warm, self._warm = self._warm, None
         try:
-            if warm is not None and not any(n is warm.node for n in nodes):
-                warm.close()  # its node is down: nothing to compare
+            warmed = [n for n in warm.nodes if any(n is m for m in nodes)] if warm is not None else []
+            if warm is not None and not warmed:
+                warm.close()  # its nodes are down: nothing to compare
                 warm = None
             if warm is not None:
                 warm.ask()  # the child folds the last batches while this process goes on
@@ -679,19 +699,20 @@ class Simulation:
                 assert runner is not None
                 problems[node.name] = [f"{node.name}: {p}" for p in node.component.invariants(runner.state)]
                 lives[node.name] = live = node.component.snapshot(runner.state)
-                packed = pack_form(live) if warm is not None and node is warm.node else None
+                packed = pack_form(live) if any(node is n for n in warmed) else None
                 self._snapshots[node.name] = (runner, runner.head, self.steps, live, packed)
             forked = self._fork_replay(nodes, lives) if warm is None else None
-            apart = forked[0] if forked is not None else warm.node if warm is not None else None
             for node in nodes:
-                if node is not apart and self._replay_differs(node, lives[node.name]):
+                if forked is not None and node is forked[0] or any(node is n for n in warmed):
+                    continue
+                if self._replay_differs(node, lives[node.name]):
                     problems[node.name].append(f"{node.name}: state differs from the replay of its log")
             if forked is not None:
                 problems[forked[0].name] += self._forked_verdict(*forked)
             if warm is not None:
-                packed = self._snapshots[warm.node.name][4]
-                assert packed is not None
-                problems[warm.node.name] += warm.verdict(packed, self.fork_check_timeout)
+                packs = {n.name: self._snapshots[n.name][4] for n in warmed}
+                for name, problem in warm.verdict(packs, self.fork_check_timeout):  # type: ignore[arg-type]
+                    problems[name].append(problem)
         finally:
             if warm is not None:
                 warm.close()
