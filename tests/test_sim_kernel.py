@@ -283,3 +283,26 @@ def test_runners_snapshot_in_place_never_forking(monkeypatch):
 
     offsets = run()
     assert len(offsets) == 2 and offsets == run()
+
+
+def test_a_memory_logs_copy_takes_the_batches_appended_since_as_stored():
+    """``EventLog.stored_batches`` gives the batches past a head as stored; ``MemoryLog.put_stored``
+    makes another memory log hold them, reading the same records (the warm replay's feed, SIM20)."""
+    from cei_actors.eventlog import open_log
+    from cei_actors.eventlog.memory import forget
+
+    sim = Simulation(seed=5)
+    node = sim.add("c", Counters())
+    log = node.log
+    sim.call_many("c", [Add("a", 1)] * 3)
+    head = log.head("example")
+    copy = open_log(f"memory://copy-{id(sim)}")
+    copy.put_stored("example", log.stored_batches("example"))
+    sim.call_many("c", [Add("b", 2)] * 4)
+    sim.call("c", Add("a", 5))
+    fresh = log.stored_batches("example", head)
+    assert [first for first, _ in fresh] == [head + 1, head + 5]  # two appends: two batches
+    assert log.stored_batches("example", log.head("example")) == []
+    copy.put_stored("example", fresh)
+    assert list(copy.read("example")) == list(log.read("example"))
+    forget(f"copy-{id(sim)}")

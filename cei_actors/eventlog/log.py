@@ -201,13 +201,13 @@ class EventLog(ABC):
                 for first in self._all_firsts(stream) if first <= stop]
 
     def stored_batches(self, stream: str, after: int = 0) -> list[tuple[int, bytes]]:
-        """``(first offset, blob)`` of the stored batches from the one holding offset
-        ``after + 1`` on, live or archived, as stored (nothing decoded or checked): for a
-        copy of the log kept elsewhere (the simulator's replay check in a forked child)."""
+        """``(first offset, blob)`` of the stored batches starting past offset ``after`` (a
+        head the log had, where a batch ends), live or archived, as stored (nothing decoded
+        or checked): for a copy of the log kept elsewhere (the simulator's replay check in a
+        forked child)."""
         check_stream(stream)
         firsts = self._all_firsts(stream)
-        i = max(bisect.bisect_right(firsts, after + 1) - 1, 0)
-        return [(first, self._get(stream, first)) for first in firsts[i:]]
+        return [(first, self._get(stream, first)) for first in firsts[bisect.bisect_right(firsts, after):]]
 
     def tail(self, stream: str, after: int, timeout: float) -> list[Record]:
         """Records after ``after``, waiting up to ``timeout`` seconds for at least one."""

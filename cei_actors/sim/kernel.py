@@ -162,9 +162,11 @@ class _WarmReplay:
     def feed(self) -> None:
         """Send the child the batches appended since it was last fed."""
         for i, (node, stream) in enumerate(zip(self.nodes, self.streams, strict=True)):
-            head, after = node.log.head(stream), self.heads[i]
-            if head <= after or self.broken is not None:
+            runner = node.runner  # the log's one writer: its head is the log's
+            head = runner.head if runner is not None and runner.ready else node.log.head(stream)
+            if head <= self.heads[i] or self.broken is not None:
                 continue
+            after = self.heads[i]
             blob = msgpack.packb(node.log.stored_batches(stream, after), use_bin_type=True)
             os.pwrite(self.data, blob, self.end)
             if self._send(b"B", i, self.end, len(blob), head):
