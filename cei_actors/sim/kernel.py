@@ -143,7 +143,12 @@ class _WarmReplay:
                 self.data = os.dup(tmp.fileno())
         cmd_read, self.cmd = os.pipe()
         self.answers, answer_write = os.pipe()
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError:
+            for fd in (cmd_read, self.cmd, self.answers, answer_write, self.data):
+                os.close(fd)
+            raise
         if pid == 0:  # pragma: no cover - the child: folds, answers, then gone
             code = 1
             try:
@@ -660,7 +665,10 @@ class Simulation:
         if node.runner.head < limit:  # type: ignore[union-attr]
             return
         if all(n.runner.wait_history(self.fork_check_timeout) for n in nodes):  # type: ignore[union-attr]
-            self._warm = _WarmReplay([node, *(n for n in nodes if n is not node)], self.clock.t)
+            try:
+                self._warm = _WarmReplay([node, *(n for n in nodes if n is not node)], self.clock.t)
+            except OSError as exc:  # no fork now: check() forks or folds here, as without warm-up
+                logger.warning("the replay check could not fork to fold ahead: %s", exc)
 
     def close(self) -> None:
         """End the replay check folding ahead, if any (its child killed and reaped)."""
