@@ -1411,3 +1411,90 @@ def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(
     quiet.handle(MonitorResources())
     assert Counting.gets == 3
     assert all(r.state == ps.RESOURCE_WARNING for r in quiet.state.resources.values())
+
+
+class _CountingGets(dict):
+    """A process map that records the upids ``get`` is asked for."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.asked: list[str] = []
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201
+        self.asked.append(key)
+        return super().get(key, default)
+
+
+def test_a_heartbeat_looks_only_at_the_rows_that_differ_from_its_agents_memo():
+    """Decision SC16: a row equal to the quiet memo's row at the same place is quiet as it
+    was (nothing on the agent changed since, or the memo would be gone), so the pass only
+    notes it as seen; the decision, the memo and the cleanup times are those of a full pass.
+    A process event on the agent forgets the memo: every row is looked at again."""
+
+    def build() -> tuple[Sim, str]:
+        sim = Sim(config(engines={ENGINE: {"slots": 8}}, dispatch_retry_seconds=30.0, needs_interval=0.0))
+        [aid] = sim.add_node("n1")
+        for u in ("p1", "p2", "p3", "p4", "p5"):
+            sim.ok(ScheduleProcess(u, command=["x"], restart_mode="NEVER"))
+        sim.heartbeat(aid)  # acknowledged: the running list is the memo (SC13)
+        sim.heartbeat(aid)
+        return sim, aid
+
+    def step(sim: Sim, aid: str, full: bool, act) -> tuple[list, list]:  # noqa: ANN001
+        act(sim)
+        if full:
+            sim.state.soft.quiet.pop(aid, None)  # the pass over every row, as before SC16
+        head, sent = sim.runner.head, len(sim.sent)
+        events = []
+        handle = sim.runner.handle
+
+        def recording(message):  # noqa: ANN001, ANN202
+            decision = handle(message)
+            events.extend(decision.events)
+            return decision
+
+        sim.runner.handle = recording
+        counting = _CountingGets(sim.state.processes)
+        sim.state.processes = sim.state.mm.processes = counting
+        sim.now += 1.0
+        sim.heartbeat(aid)
+        sim.state.processes = sim.state.mm.processes = dict(counting)
+        sim.runner.handle = handle
+        assert sim.runner.head >= head
+        return counting.asked, [events, [s.message for s in sim.sent[sent:]],
+                                sim.state.soft.quiet.get(aid), sim.state.soft.cleanups.get(aid)]
+
+    def finish(upid: str):  # noqa: ANN202
+        return lambda sim: sim.finish(upid, ps.EXITED)
+
+    def finish_unheard(upid: str):  # noqa: ANN202 (its cleanup is lost: it is reported again)
+        def act(sim: Sim) -> None:
+            sim.finish(upid, ps.EXITED)
+            sim.agents["n1-a0"].up = False
+        return act
+
+    def up(sim: Sim) -> None:  # heard again, once the cleanup is due to be resent
+        sim.agents["n1-a0"].up = True
+        sim.now += 5.0
+
+    acts = [finish("p3"), lambda sim: None, finish_unheard("p1"), up, lambda sim: None,
+            lambda sim: None, finish("p5"), lambda sim: sim.ok(KillProcess("p2"))]
+    fast, full = build(), build()
+    looked_at = []
+    for act in acts:
+        asked, result = step(*fast, False, act)
+        _, expected = step(*full, True, act)
+        assert result == expected
+        looked_at.append(sorted(set(asked)))
+    assert looked_at == [
+        ["p3"],  # the exited row; p1, p2, p4, p5 as in the memo
+        [],  # the list the last heartbeat left as memo: not looked at (SC13)
+        ["p1"],
+        ["p1", "p2", "p4", "p5"],  # p1 reported again: the rows after it are out of place
+        ["p2", "p4", "p5"],  # its cleanup (resent) left no memo: every row
+        [],
+        ["p5"],
+        ["p2", "p4"],  # the kill forgot the memo: every row (p2 TERMINATING, p4 running)
+    ]
+    check_invariants(fast[0].state)
+    assert fast[0].state == fast[0].replayed()

@@ -276,7 +276,7 @@ class Resource:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Liveness:
     """What the leader knows of one agent's heartbeats (soft state)."""
 
