@@ -1498,3 +1498,51 @@ def test_a_heartbeat_looks_only_at_the_rows_that_differ_from_its_agents_memo():
     ]
     check_invariants(fast[0].state)
     assert fast[0].state == fast[0].replayed()
+
+
+def test_a_recovery_folds_the_tail_after_its_snapshot_without_the_matchmaker_in_step(monkeypatch):
+    """Decision SC17: the runner folds the records after the snapshot with the PD's index
+    deferred (as a replay does, RS1) and builds it once at the end: no matchmaker update per
+    tail event; the recovered leader's state, queue and next placements are those of one
+    restored from a snapshot taken at the end (no tail)."""
+    from cei_actors.pd.matchmaker import Matchmaker
+
+    def history() -> Sim:
+        sim = Sim(config(engines={ENGINE: {"slots": 2}}, needs_interval=0.0))
+        sim.add_node("n1")
+        for u in ("a1", "a2"):
+            sim.ok(ScheduleProcess(u, command=["x"]))
+        sim.heartbeat_all()
+        sim.crash(snapshot=True)  # the snapshot: a1, a2 placed on n1
+        sim.add_node("n2")  # the tail: a node, processes placed, queued, one ended
+        for i in range(7):
+            sim.ok(ScheduleProcess(f"t{i}", command=["x"], queueing_mode="ALWAYS"))
+        sim.heartbeat_all()
+        sim.finish("a1")
+        sim.heartbeat_all()
+        return sim
+
+    tailed, whole = history(), history()
+    enqueued: list[str] = []
+    enqueue = Matchmaker.enqueue
+
+    def counting(self, p):  # noqa: ANN001, ANN202
+        enqueued.append(p.upid)
+        return enqueue(self, p)
+
+    monkeypatch.setattr(Matchmaker, "enqueue", counting)
+    tailed.crash()  # the snapshot, then every record after it
+    folded = list(enqueued)
+    whole.crash(snapshot=True)  # a snapshot at the head: nothing to fold after it
+    monkeypatch.setattr(Matchmaker, "enqueue", enqueue)
+    queued = sorted(u for u, p in tailed.state.processes.items() if p.state in ps.QUEUED)
+    assert queued and sorted(folded) == queued  # once each, when the index is built
+    assert tailed.state == whole.state and tailed.state.queue() == whole.state.queue()
+    check_invariants(tailed.state)
+    for sim in (tailed, whole):
+        sim.add_node("n3")
+        sim.add_node("n4")
+        sim.heartbeat_all()
+    assert {u: p.resource_id for u, p in tailed.state.processes.items()} == {
+        u: p.resource_id for u, p in whole.state.processes.items()}
+    assert tailed.sent[-20:] == whole.sent[-20:]
