@@ -1546,3 +1546,49 @@ def test_a_recovery_folds_the_tail_after_its_snapshot_without_the_matchmaker_in_
     assert {u: p.resource_id for u, p in tailed.state.processes.items()} == {
         u: p.resource_id for u, p in whole.state.processes.items()}
     assert tailed.sent[-20:] == whole.sent[-20:]
+
+
+def test_the_need_is_computed_again_only_when_its_counts_changed(monkeypatch):
+    """Decision SC18: every decision ends with the needs check; the need of an engine is
+    computed again only when its live processes or occupied nodes changed since the last
+    one, and is then what ``need`` gives for the counts at that point."""
+    from cei_actors.pd import logic
+
+    calls: list[tuple[int, int]] = []
+
+    def counting(spec, live, occupied):  # noqa: ANN001, ANN202
+        calls.append((live, occupied))
+        return need(spec, live, occupied)
+
+    monkeypatch.setattr(logic, "need", counting)
+    sim = Sim(config(engines={ENGINE: {"slots": 2}}, needs_interval=0.0))
+    [aid] = sim.add_node("n1")
+
+    def counts() -> tuple[int, int]:
+        return sim.state.live_count[ENGINE], sim.state.occupied[ENGINE]
+
+    def step(act) -> list[tuple[int, int]]:  # noqa: ANN001
+        del calls[:]
+        act()
+        memo = sim.state.soft.needs_memo[ENGINE]
+        spec = sim.runner.component.cfg.engines[ENGINE]
+        assert memo == (*counts(), need(spec, *counts()))
+        return list(calls)
+
+    assert step(lambda: sim.heartbeat(aid)) == []  # nothing changed
+    # queued (live), then placed on the idle node (occupied)
+    assert step(lambda: sim.ok(ScheduleProcess("p1", command=["x"]))) == [(1, 0), (1, 1)]
+    assert step(lambda: sim.heartbeat(aid)) == []  # acknowledged: the same counts
+    assert step(lambda: sim.ok(ScheduleProcess("p2", command=["x"]))) == [(2, 1)]  # live
+    assert step(lambda: sim.ok(ScheduleProcess("p3", command=["x"]))) == [(3, 1)]  # queued
+    assert step(lambda: sim.heartbeat(aid)) == []
+    sim.finish("p1")
+    assert step(lambda: sim.heartbeat(aid)) == [(2, 1)]  # p1 ended, p3 placed: (2, 1) once
+    assert step(lambda: sim.ok(KillProcess("p2"))) == []  # TERMINATING still counts
+    sim.heartbeat(aid)
+    sim.finish("p3")
+    assert step(lambda: sim.heartbeat(aid)) == [(0, 0)]  # the node is idle again
+    del calls[:]
+    sim.crash()  # a recovery starts with no memo: the need is computed at once
+    assert calls == [counts()]
+    assert step(lambda: sim.heartbeat(aid)) == []

@@ -604,10 +604,15 @@ class Tx:
             soft.needs_refresh_at = self.now + cfg.needs_refresh
             force = True
         changed = []
-        sent = soft.needs_sent
+        sent, memo = soft.needs_sent, soft.needs_memo
         for eid, spec in cfg.engines.items():
-            occupied = s.occupied[eid]
-            n = need(spec, s.live_count[eid], occupied)
+            occupied, live = s.occupied[eid], s.live_count[eid]
+            last = memo.get(eid)  # need() of the same counts: the same need (SC18)
+            if last is not None and last[0] == live and last[1] == occupied:
+                n = last[2]
+            else:
+                n = need(spec, live, occupied)
+                memo[eid] = (live, occupied, n)
             sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
             if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
