@@ -1411,3 +1411,184 @@ def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(
     quiet.handle(MonitorResources())
     assert Counting.gets == 3
     assert all(r.state == ps.RESOURCE_WARNING for r in quiet.state.resources.values())
+
+
+class _CountingGets(dict):
+    """A process map that records the upids ``get`` is asked for."""
+
+    def __init__(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self.asked: list[str] = []
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201
+        self.asked.append(key)
+        return super().get(key, default)
+
+
+def test_a_heartbeat_looks_only_at_the_rows_that_differ_from_its_agents_memo():
+    """Decision SC16: a row equal to the quiet memo's row at the same place is quiet as it
+    was (nothing on the agent changed since, or the memo would be gone), so the pass only
+    notes it as seen; the decision, the memo and the cleanup times are those of a full pass.
+    A process event on the agent forgets the memo: every row is looked at again."""
+
+    def build() -> tuple[Sim, str]:
+        sim = Sim(config(engines={ENGINE: {"slots": 8}}, dispatch_retry_seconds=30.0, needs_interval=0.0))
+        [aid] = sim.add_node("n1")
+        for u in ("p1", "p2", "p3", "p4", "p5"):
+            sim.ok(ScheduleProcess(u, command=["x"], restart_mode="NEVER"))
+        sim.heartbeat(aid)  # acknowledged: the running list is the memo (SC13)
+        sim.heartbeat(aid)
+        return sim, aid
+
+    def step(sim: Sim, aid: str, full: bool, act) -> tuple[list, list]:  # noqa: ANN001
+        act(sim)
+        if full:
+            sim.state.soft.quiet.pop(aid, None)  # the pass over every row, as before SC16
+        head, sent = sim.runner.head, len(sim.sent)
+        events = []
+        handle = sim.runner.handle
+
+        def recording(message):  # noqa: ANN001, ANN202
+            decision = handle(message)
+            events.extend(decision.events)
+            return decision
+
+        sim.runner.handle = recording
+        counting = _CountingGets(sim.state.processes)
+        sim.state.processes = sim.state.mm.processes = counting
+        sim.now += 1.0
+        sim.heartbeat(aid)
+        sim.state.processes = sim.state.mm.processes = dict(counting)
+        sim.runner.handle = handle
+        assert sim.runner.head >= head
+        return counting.asked, [events, [s.message for s in sim.sent[sent:]],
+                                sim.state.soft.quiet.get(aid), sim.state.soft.cleanups.get(aid)]
+
+    def finish(upid: str):  # noqa: ANN202
+        return lambda sim: sim.finish(upid, ps.EXITED)
+
+    def finish_unheard(upid: str):  # noqa: ANN202 (its cleanup is lost: it is reported again)
+        def act(sim: Sim) -> None:
+            sim.finish(upid, ps.EXITED)
+            sim.agents["n1-a0"].up = False
+        return act
+
+    def up(sim: Sim) -> None:  # heard again, once the cleanup is due to be resent
+        sim.agents["n1-a0"].up = True
+        sim.now += 5.0
+
+    acts = [finish("p3"), lambda sim: None, finish_unheard("p1"), up, lambda sim: None,
+            lambda sim: None, finish("p5"), lambda sim: sim.ok(KillProcess("p2"))]
+    fast, full = build(), build()
+    looked_at = []
+    for act in acts:
+        asked, result = step(*fast, False, act)
+        _, expected = step(*full, True, act)
+        assert result == expected
+        looked_at.append(sorted(set(asked)))
+    assert looked_at == [
+        ["p3"],  # the exited row; p1, p2, p4, p5 as in the memo
+        [],  # the list the last heartbeat left as memo: not looked at (SC13)
+        ["p1"],
+        ["p1", "p2", "p4", "p5"],  # p1 reported again: the rows after it are out of place
+        ["p2", "p4", "p5"],  # its cleanup (resent) left no memo: every row
+        [],
+        ["p5"],
+        ["p2", "p4"],  # the kill forgot the memo: every row (p2 TERMINATING, p4 running)
+    ]
+    check_invariants(fast[0].state)
+    assert fast[0].state == fast[0].replayed()
+
+
+def test_a_recovery_folds_the_tail_after_its_snapshot_without_the_matchmaker_in_step(monkeypatch):
+    """Decision SC17: the runner folds the records after the snapshot with the PD's index
+    deferred (as a replay does, RS1) and builds it once at the end: no matchmaker update per
+    tail event; the recovered leader's state, queue and next placements are those of one
+    restored from a snapshot taken at the end (no tail)."""
+    from cei_actors.pd.matchmaker import Matchmaker
+
+    def history() -> Sim:
+        sim = Sim(config(engines={ENGINE: {"slots": 2}}, needs_interval=0.0))
+        sim.add_node("n1")
+        for u in ("a1", "a2"):
+            sim.ok(ScheduleProcess(u, command=["x"]))
+        sim.heartbeat_all()
+        sim.crash(snapshot=True)  # the snapshot: a1, a2 placed on n1
+        sim.add_node("n2")  # the tail: a node, processes placed, queued, one ended
+        for i in range(7):
+            sim.ok(ScheduleProcess(f"t{i}", command=["x"], queueing_mode="ALWAYS"))
+        sim.heartbeat_all()
+        sim.finish("a1")
+        sim.heartbeat_all()
+        return sim
+
+    tailed, whole = history(), history()
+    enqueued: list[str] = []
+    enqueue = Matchmaker.enqueue
+
+    def counting(self, p):  # noqa: ANN001, ANN202
+        enqueued.append(p.upid)
+        return enqueue(self, p)
+
+    monkeypatch.setattr(Matchmaker, "enqueue", counting)
+    tailed.crash()  # the snapshot, then every record after it
+    folded = list(enqueued)
+    whole.crash(snapshot=True)  # a snapshot at the head: nothing to fold after it
+    monkeypatch.setattr(Matchmaker, "enqueue", enqueue)
+    queued = sorted(u for u, p in tailed.state.processes.items() if p.state in ps.QUEUED)
+    assert queued and sorted(folded) == queued  # once each, when the index is built
+    assert tailed.state == whole.state and tailed.state.queue() == whole.state.queue()
+    check_invariants(tailed.state)
+    for sim in (tailed, whole):
+        sim.add_node("n3")
+        sim.add_node("n4")
+        sim.heartbeat_all()
+    assert {u: p.resource_id for u, p in tailed.state.processes.items()} == {
+        u: p.resource_id for u, p in whole.state.processes.items()}
+    assert tailed.sent[-20:] == whole.sent[-20:]
+
+
+def test_the_need_is_computed_again_only_when_its_counts_changed(monkeypatch):
+    """Decision SC18: every decision ends with the needs check; the need of an engine is
+    computed again only when its live processes or occupied nodes changed since the last
+    one, and is then what ``need`` gives for the counts at that point."""
+    from cei_actors.pd import logic
+
+    calls: list[tuple[int, int]] = []
+
+    def counting(spec, live, occupied):  # noqa: ANN001, ANN202
+        calls.append((live, occupied))
+        return need(spec, live, occupied)
+
+    monkeypatch.setattr(logic, "need", counting)
+    sim = Sim(config(engines={ENGINE: {"slots": 2}}, needs_interval=0.0))
+    [aid] = sim.add_node("n1")
+
+    def counts() -> tuple[int, int]:
+        return sim.state.live_count[ENGINE], sim.state.occupied[ENGINE]
+
+    def step(act) -> list[tuple[int, int]]:  # noqa: ANN001
+        del calls[:]
+        act()
+        memo = sim.state.soft.needs_memo[ENGINE]
+        spec = sim.runner.component.cfg.engines[ENGINE]
+        assert memo == (*counts(), need(spec, *counts()))
+        return list(calls)
+
+    assert step(lambda: sim.heartbeat(aid)) == []  # nothing changed
+    # queued (live), then placed on the idle node (occupied)
+    assert step(lambda: sim.ok(ScheduleProcess("p1", command=["x"]))) == [(1, 0), (1, 1)]
+    assert step(lambda: sim.heartbeat(aid)) == []  # acknowledged: the same counts
+    assert step(lambda: sim.ok(ScheduleProcess("p2", command=["x"]))) == [(2, 1)]  # live
+    assert step(lambda: sim.ok(ScheduleProcess("p3", command=["x"]))) == [(3, 1)]  # queued
+    assert step(lambda: sim.heartbeat(aid)) == []
+    sim.finish("p1")
+    assert step(lambda: sim.heartbeat(aid)) == [(2, 1)]  # p1 ended, p3 placed: (2, 1) once
+    assert step(lambda: sim.ok(KillProcess("p2"))) == []  # TERMINATING still counts
+    sim.heartbeat(aid)
+    sim.finish("p3")
+    assert step(lambda: sim.heartbeat(aid)) == [(0, 0)]  # the node is idle again
+    del calls[:]
+    sim.crash()  # a recovery starts with no memo: the need is computed at once
+    assert calls == [counts()]
+    assert step(lambda: sim.heartbeat(aid)) == []

@@ -604,10 +604,15 @@ class Tx:
             soft.needs_refresh_at = self.now + cfg.needs_refresh
             force = True
         changed = []
-        sent = soft.needs_sent
+        sent, memo = soft.needs_sent, soft.needs_memo
         for eid, spec in cfg.engines.items():
-            occupied = s.occupied[eid]
-            n = need(spec, s.live_count[eid], occupied)
+            occupied, live = s.occupied[eid], s.live_count[eid]
+            last = memo.get(eid)  # need() of the same counts: the same need (SC18)
+            if last is not None and last[0] == live and last[1] == occupied:
+                n = last[2]
+            else:
+                n = need(spec, live, occupied)
+                memo[eid] = (live, occupied, n)
             sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
             if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
@@ -1267,13 +1272,20 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
             lv.warned_at = now
     first = rid not in soft.heard
     soft.heard.add(rid)
-    if soft.quiet.get(rid) == m.processes:
+    memo = soft.quiet.get(rid)
+    if memo == m.processes:
         # as the last heartbeat, which asked for nothing, or as the list the last one left
         # (SC13); nothing here changed since: the pass would decide nothing and ask for
         # no cleanup or stale kill
         if soft.cleanups.get(rid):
             soft.cleanups[rid] = {}
         return
+    # A row equal to the memo's row at the same place is quiet as it was: the pass only
+    # notes it as seen (decision SC16). (A memo holds only rows of processes placed here,
+    # not TERMINATING, at their state; any event on them since forgot the memo.)
+    if memo is None:
+        memo = ()
+    n_memo = len(memo)
     foreign = 0
     seen: set[tuple[str, int]] = set()
     # Cleanups and stale-copy terminations are level-triggered by what the agent reports,
@@ -1290,8 +1302,11 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     #: every row was quiet, moved up (PENDING/RUNNING acknowledged) or ended and is cleaned
     #: up now, and every process placed here was reported (decision SC13)
     settled = True
-    for d in m.processes:
+    for i, d in enumerate(m.processes):
         upid, rnd = d["upid"], d["round"]
+        if i < n_memo and (d is memo[i] or d == memo[i]):
+            seen.add((upid, rnd))
+            continue
         state = d["state"]
         if type(state) is not str or state not in names:  # (normalize's own fast path)
             state = normalize(state)

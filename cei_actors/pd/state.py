@@ -276,7 +276,7 @@ class Resource:
         }
 
 
-@dataclass
+@dataclass(slots=True)
 class Liveness:
     """What the leader knows of one agent's heartbeats (soft state)."""
 
@@ -308,6 +308,8 @@ class Soft:
     stale_kills: dict[str, dict[tuple[str, int], float]] = field(default_factory=dict)
     needs_sent: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # (signature, n, retire)
     needs_sent_at: float = float("-inf")
+    #: engine -> (live processes, occupied nodes, need) of the last need computed (SC18)
+    needs_memo: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     needs_timer: bool = False
     needs_refresh_at: float = float("-inf")  # next unconditional RegisterNeed + SubscribeDomain
     recovered_at: float | None = None

@@ -266,7 +266,14 @@ class Runner(Generic[S]):
             self._snapshot_due = 1
         if state is None:
             state = self.component.initial_state()
-        return self._fold_log(state, head)
+        # a state that can defer its derived indexes builds them once, after the tail (SC17)
+        defer, reindex = getattr(state, "defer_index", None), getattr(state, "reindex", None)
+        if defer is None or reindex is None:
+            return self._fold_log(state, head)
+        defer()
+        state, head = self._fold_log(state, head)
+        reindex()
+        return state, head
 
     def _fold_log(self, state: S, head: int) -> tuple[S, int]:
         """``state`` (at offset ``head``) with every stored record after ``head`` applied:
