@@ -414,7 +414,7 @@ def _shown(n):
     seed=st.integers(0, 2**16),
 )
 def test_a_listing_shows_every_vm_as_a_node_built_now_would(ops, seed):
-    """RT10: a VM's Node is kept until a field it shows changes (whatever changes it): each
+    """RT9: a VM's Node is kept until a field it shows changes (whatever changes it): each
     listing equals Nodes built afresh, through boots, shutdowns, kills, vanishes and lingers."""
     clock = ManualClock()
     d = make(clock, seed=seed, boot_delay=(0, 30), shutdown_delay=5.0, terminated_linger=60.0, kill_rate=0.01)

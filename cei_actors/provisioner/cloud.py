@@ -78,7 +78,7 @@ def vm_record(node: Node) -> dict[str, Any]:
 #: never change a Node handed out, says so by this attribute (the simulated cloud, SIM6):
 #: a listed Node's record is then built once, and listings share it (read-only; RT4).
 SHARES_LISTED_NODES = "shares_listed_nodes"
-#: Where such a Node keeps its record: on itself, so it goes with the Node (RT10: a lookup by
+#: Where such a Node keeps its record: on itself, so it goes with the Node (RT9: a lookup by
 #: attribute, where a ``WeakKeyDictionary`` made a weak reference per lookup).
 _RECORD = "_cei_vm_record"
 

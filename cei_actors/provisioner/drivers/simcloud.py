@@ -121,7 +121,7 @@ class _VM:
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)
-        if name in _LISTED_FIELDS:  # a listing builds the VM's Node again (RT10)
+        if name in _LISTED_FIELDS:  # a listing builds the VM's Node again (RT9)
             object.__setattr__(self, "listed", None)
 
 
