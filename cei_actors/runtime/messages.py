@@ -110,8 +110,15 @@ def _shape(cls: type, fields: list[tuple[str, Any, Check]]) -> tuple[list[str], 
     per class)."""
     found = _shapes.get(cls)
     if found is None:
-        found = _shapes[cls] = ([f for f, _, _ in fields], [bool(check(None)) for _, _, check in fields])
+        found = _shapes[cls] = ([f for f, _, _ in fields], [_accepts_none(check) for _, _, check in fields])
     return found
+
+
+def _accepts_none(check: Check) -> bool:
+    try:
+        return bool(check(None))
+    except Exception:  # noqa: BLE001 - a check that fails on None is asked each time, as before
+        return False
 
 
 _checkers: dict[tuple[Any, bool], Check] = {}
