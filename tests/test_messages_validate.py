@@ -49,3 +49,20 @@ def test_refusals_name_the_field_as_before():
     with pytest.raises(InvalidMessage, match="_Small: field 'name' is missing"):
         validate(odd)
     validate(ScheduleProcesses([ScheduleProcess("p1"), ScheduleProcess("p2", command=["x"])]))
+
+
+def test_a_message_missing_a_field_is_refused_for_its_first_field_in_error():
+    odd = _Small.__new__(_Small)  # unpickled without __init__, a bad field before the missing one
+    object.__setattr__(odd, "data", (1,))
+    with pytest.raises(InvalidMessage, match="_Small: field 'name' is missing"):
+        validate(odd)
+
+    @dataclass(frozen=True)
+    class _Two(Message):
+        first: int
+        second: str
+
+    odd = _Two.__new__(_Two)
+    object.__setattr__(odd, "first", "x")
+    with pytest.raises(InvalidMessage, match="_Two.first: expected int"):
+        validate(odd)

@@ -223,23 +223,31 @@ def validate(message: object) -> None:
     names, nullables = _shape(cls, fields)
     try:
         values = [getattr(message, field) for field in names]
-    except AttributeError:
-        missing = next(f for f in names if not hasattr(message, f))
-        raise InvalidMessage(f"{name}: field {missing!r} is missing") from None
+    except AttributeError:  # unpickled without a field: the first field in error, in order
+        for field, hint, check in fields:
+            if not hasattr(message, field):
+                raise InvalidMessage(f"{name}: field {field!r} is missing") from None
+            if not check(getattr(message, field)):
+                raise _bad_field(cls, field, hint, getattr(message, field)) from None
+        raise
     for (field, hint, check), value, nullable in zip(fields, values, nullables, strict=True):
         if value is None and nullable:  # what ``check`` says of None, asked once (RT10)
             continue
         if not check(value):
-            if cls.plain_data and _checker(hint, False)(value):  # the type is right, the data not
-                why = why_not_plain(value, f"{name}.{field}") or f"{name}.{field}: does not read back equal"
-                raise InvalidMessage(f"{why} (requests hold plain msgpack data only)")
-            raise InvalidMessage(
-                f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {_short(value)}"
-            )
+            raise _bad_field(cls, field, hint, value)
     limit = cls.max_bytes
     if limit is not None:
         _check_size(name, names, values, limit)
     message.check()
+
+
+def _bad_field(cls: type, field: str, hint: Any, value: Any) -> InvalidMessage:
+    """The refusal of ``value`` in ``field`` of a ``cls`` message, its check having failed."""
+    name = cls.__name__
+    if getattr(cls, "plain_data", False) and _checker(hint, False)(value):  # the type is right, the data not
+        why = why_not_plain(value, f"{name}.{field}") or f"{name}.{field}: does not read back equal"
+        return InvalidMessage(f"{why} (requests hold plain msgpack data only)")
+    return InvalidMessage(f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {_short(value)}")
 
 
 def _short(value: Any) -> str:
