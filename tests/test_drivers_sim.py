@@ -401,3 +401,32 @@ def test_listing_builds_a_node_again_only_when_its_vm_changed():
     d.destroy_node(node)
     gone = d.list_nodes()[0]
     assert gone.state == NodeState.TERMINATED and gone.extra["reason"] == "destroyed"
+
+
+def _shown(n):
+    return (n.id, n.state, n.public_ips, n.private_ips, dict(n.extra))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    ops=st.lists(st.tuples(st.sampled_from(["wait", "kill", "vanish", "destroy", "create"]),
+                           st.integers(0, 9), st.floats(0, 40)), max_size=30),
+    seed=st.integers(0, 2**16),
+)
+def test_a_listing_shows_every_vm_as_a_node_built_now_would(ops, seed):
+    """RT9: a VM's Node is kept until a field it shows changes (whatever changes it): each
+    listing equals Nodes built afresh, through boots, shutdowns, kills, vanishes and lingers."""
+    clock = ManualClock()
+    d = make(clock, seed=seed, boot_delay=(0, 30), shutdown_delay=5.0, terminated_linger=60.0, kill_rate=0.01)
+    nodes = [create(d, f"t{i}") for i in range(4)]
+    for op, k, dt in ops:
+        pick = nodes[k % len(nodes)]
+        if op == "wait":
+            clock.advance(dt)
+        elif op == "create":
+            nodes.append(create(d, f"t{len(nodes)}"))
+        else:
+            with contextlib.suppress(Exception):  # a VM already gone
+                getattr(d, op if op != "destroy" else "destroy_node")(pick.id if op != "destroy" else pick)
+        listed = d.list_nodes()
+        assert [_shown(n) for n in listed] == [_shown(d._to_node(d._vms[n.id])) for n in listed]

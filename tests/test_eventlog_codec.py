@@ -274,3 +274,89 @@ def test_packb_is_msgpacks_with_a_reused_packer():
     packer = batch._PACKERS.packer
     assert batch.packb(b"z" * (2 << 20)) == msgpack.packb(b"z" * (2 << 20))
     assert not hasattr(batch._PACKERS, "packer")  # a packer whose buffer grew that big is dropped
+
+
+# ---- RT8: rows of scalars are not decoded, their round trip is exact --------------------------
+
+
+class _Mode(str):  # a str subclass that reads back as a plain str, equal only to itself
+    def __eq__(self, other):
+        return other is self
+
+    __hash__ = str.__hash__
+
+
+class _Odd(float):
+    pass
+
+
+def _scalars():
+    import enum
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    return [0, -1, 2**64 - 1, 2**64, -(2**63), -(2**63) - 1, 0.0, -0.0, 1e308, float("inf"),
+            float("-inf"), float("nan"), _Odd(1.5), _Odd("nan"), True, False, None, "", "é€😀",
+            "\ud800", "a\0b", _Mode("x"), Level.HIGH, b"", [1], {"a": 1}]
+
+
+@pytest.mark.parametrize("value", _scalars(), ids=repr)
+def test_a_row_of_scalars_is_accepted_and_stored_as_the_decoding_check_decided(value, monkeypatch):
+    """Without the decode, ``to_checked`` accepts and refuses what the check before RT8 (and
+    before RT1) did, and stores the same bytes; only rows of exact scalar types skip it."""
+    import msgpack
+
+    from cei_actors.eventlog import UnstorableEvent, codec
+
+    decoded = []
+    real = codec._unpackb
+    monkeypatch.setattr(codec, "_unpackb", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    event = _Loose(value, 2.5)
+    try:
+        _old_to_checked(event, 0.0)
+        accepted = True
+    except UnstorableEvent:
+        accepted = False
+    if accepted:
+        p = events.to_checked(event, 0.0)
+        assert p == PendingEvent("Loose", 1, 0.0, {"items": value, "when": 2.5})
+        assert p.row == msgpack.packb(["Loose", 1, 0.0, {"items": value, "when": 2.5}], use_bin_type=True)
+    else:
+        with pytest.raises(UnstorableEvent):
+            events.to_checked(event, 0.0)
+    try:
+        msgpack.packb(value, use_bin_type=True)
+        packs = True
+    except Exception:
+        packs = False
+    exact = type(value) in (int, float, str, bool, type(None)) and value == value
+    assert bool(decoded) == (packs and not exact)
+
+
+def test_only_exactly_registered_plain_classes_skip_the_decode(monkeypatch):
+    from cei_actors.eventlog import codec
+
+    decoded = []
+    real = codec._unpackb
+    monkeypatch.setattr(codec, "_unpackb", lambda *a, **k: decoded.append(1) or real(*a, **k))
+    events.to_checked(NodeRequested("n1", "s", 2), 1.0)
+    assert not decoded
+    events.to_checked(_Uncompared("x", None), 1.0)  # not a plain dataclass: decoded, built
+    assert decoded
+    odd = EventRegistry("odd")
+    named = odd.register(_Mode("Named"))(dataclass(frozen=True)(type("Named", (), {"__annotations__": {"a": int}})))
+    decoded.clear()
+    odd.to_checked(named(1), 1.0)  # a name that is not an exact str: decoded
+    assert decoded
+
+
+def test_a_pending_event_built_by_its_slots_is_the_constructors():
+    from cei_actors.eventlog.codec import _pending
+
+    p = _pending("T", 2, 1.5, {"a": 1}, b"row")
+    q = PendingEvent("T", 2, 1.5, {"a": 1}, None, b"row")
+    assert type(p) is PendingEvent and p == q and repr(p) == repr(q)
+    assert all(getattr(p, f.name) == getattr(q, f.name) for f in dataclasses.fields(PendingEvent))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.body = {}  # type: ignore[misc]

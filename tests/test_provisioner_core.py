@@ -822,3 +822,21 @@ def test_listings_of_a_cloud_that_shares_unchanged_nodes_share_their_records():
     worker = CloudWorker(clock=clock, driver_factory=lambda definition, creds: plain)
     one, two = listing(worker), listing(worker)
     assert one == two and one[0] is not two[0]
+
+
+def test_a_previewed_node_is_a_copy_of_every_field_with_its_own_history():
+    """RT12: ``copy_node`` gives what ``copy.copy`` and a new ``state_changes`` list gave."""
+    import copy
+    import dataclasses
+
+    from cei_actors.provisioner.state import Node, copy_node
+
+    values = {f.name: f"v-{i}" for i, f in enumerate(dataclasses.fields(Node))}
+    values.update(update_counter=7, requested_at=1.5, changed_at=2.5, state_changes=[["RUNNING", 2.5]])
+    node = Node(**values)
+    copied = copy_node(node)
+    assert copied == copy.copy(node) and copied is not node
+    assert copied.state_changes == node.state_changes and copied.state_changes is not node.state_changes
+    copied.state_changes.append(["TERMINATED", 3.0])
+    copied.state = "TERMINATED"
+    assert node.state_changes == [["RUNNING", 2.5]] and node.state == "v-3"

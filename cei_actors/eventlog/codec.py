@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgpack
 
@@ -48,6 +48,50 @@ class _EventType:
     fields: tuple[str, ...]
     #: built and compared field by field, as its body is (see :func:`_plain_dataclass`)
     plain: bool
+    #: ``event -> (body, scalar)``: its fields as a dict, and whether a row of them is known to
+    #: read back equal once it packs (see :func:`_body_builder`)
+    body: Callable[[Any], tuple[dict[str, Any], bool]]
+
+
+#: Values whose msgpack round trip is exact once they pack (decision RT8): ``None``, ``bool``,
+#: ``int`` (packing refuses one out of range), ``float`` (not NaN, tested apart), ``str``
+#: (packing refuses one that is not UTF-8); exact types only (a subclass may compare otherwise).
+_SCALARS = frozenset((type(None), bool, int, float, str))
+
+
+def _body_builder(fields: tuple[str, ...], exact: bool) -> Callable[[Any], tuple[dict[str, Any], bool]]:
+    """A function of an event giving its body (``{field: value}`` in field order) and True
+    when every value is of a type in :data:`_SCALARS` and equal to itself (no NaN); always
+    False unless ``exact``. Generated per class, as ``dataclasses`` generates ``__init__``."""
+    names = [f"_{i}" for i in range(len(fields))]
+    loads = "".join(f"    {n} = e.{f}\n" for n, f in zip(names, fields, strict=True))
+    body = ", ".join(f"{f!r}: {n}" for n, f in zip(names, fields, strict=True))
+    scalar = " and ".join(f"type({n}) in S and {n} == {n}" for n in names) if exact else "False"
+    src = f"def body(e):\n{loads}    return {{{body}}}, ({scalar or 'True'})\n"
+    namespace: dict[str, Any] = {"S": _SCALARS}
+    exec(src, namespace)  # noqa: S102 - built from a dataclass's own field names only
+    return cast(Callable[[Any], tuple[dict[str, Any], bool]], namespace["body"])
+
+
+_new = object.__new__
+_SET_PENDING = tuple(
+    PendingEvent.__dict__[f.name].__set__ for f in dataclasses.fields(PendingEvent)  # type: ignore[arg-type]
+)
+assert [f.name for f in dataclasses.fields(PendingEvent)] == ["type", "version", "timestamp", "body", "input", "row"]
+
+
+def _pending(name: str, version: int, timestamp: float, body: dict[str, Any], row: bytes) -> PendingEvent:
+    """``PendingEvent(name, version, timestamp, body, None, row)``, its slots set directly
+    (a frozen dataclass's ``__init__`` sets each through ``object.__setattr__``: half the cost)."""
+    p = _new(PendingEvent)
+    s_type, s_version, s_timestamp, s_body, s_input, s_row = _SET_PENDING
+    s_type(p, name)
+    s_version(p, version)
+    s_timestamp(p, timestamp)
+    s_body(p, body)
+    s_input(p, None)
+    s_row(p, row)
+    return p
 
 
 def _generated(cls: type, name: str) -> bool:
@@ -89,7 +133,9 @@ class EventRegistry:
             if name in self._by_name:
                 raise ValueError(f"event type {name!r} is registered twice in {self.namespace!r}")
             fields = tuple(f.name for f in dataclasses.fields(cls))
-            entry = _EventType(name, version, cls, fields, _plain_dataclass(cls))
+            plain = _plain_dataclass(cls)
+            exact = plain and type(name) is str and type(version) is int and all(type(f) is str for f in fields)
+            entry = _EventType(name, version, cls, fields, plain, _body_builder(fields, exact))
             self._by_name[name] = entry
             self._by_class[cls] = entry
             return cls
@@ -120,19 +166,22 @@ class EventRegistry:
     def to_pending(self, event: object, timestamp: float) -> PendingEvent:
         """Turn a domain event into a :class:`PendingEvent` ready to append."""
         entry = self._entry_for(event)
-        body = {f: getattr(event, f) for f in entry.fields}
-        return PendingEvent(entry.name, entry.version, timestamp, body)
+        return PendingEvent(entry.name, entry.version, timestamp, entry.body(event)[0])
 
     def to_checked(self, event: object, timestamp: float) -> PendingEvent:
         """:meth:`to_pending`, once the event is known to encode within :data:`MAX_EVENT_BYTES`
         and to decode (:meth:`from_record`) to an equal event; else :class:`UnstorableEvent`
-        naming the field. The row checked is the one stored (``PendingEvent.row``)."""
+        naming the field. The row checked is the one stored (``PendingEvent.row``).
+
+        A row is decoded and compared unless the round trip is exact by construction: a plain
+        dataclass (:func:`_plain_dataclass`) whose values are all scalars that pack
+        (:data:`_SCALARS`, decision RT8)."""
         entry = self._by_class.get(type(event))
         if entry is None:
             self._entry_for(event)  # raises the TypeError naming it
         assert entry is not None
         name, version = entry.name, entry.version
-        body = {f: getattr(event, f) for f in entry.fields}
+        body, scalar = entry.body(event)
         try:
             row = packb([name, version, timestamp, body])
         except Exception as exc:  # msgpack: TypeError, OverflowError, ValueError, UnicodeError
@@ -144,6 +193,8 @@ class EventRegistry:
                 f"event {name} is {len(row)} bytes encoded, over the limit of {MAX_EVENT_BYTES} "
                 f"bytes for one event (its field {big} is {sizes.get(big, 0)} bytes)"
             )
+        if scalar:  # it packed, so it reads back as it is: what the decode below would find
+            return _pending(name, version, timestamp, body, row)
         try:
             t, v, ts, back_body = _unpackb(row, raw=False, strict_map_key=False)
             if t != name or v != version:
@@ -156,7 +207,7 @@ class EventRegistry:
             same = False
         if not same:
             raise UnstorableEvent(self._why(name, body) or f"event {name}: does not read back equal")
-        return PendingEvent(name, version, timestamp, body, None, row)
+        return _pending(name, version, timestamp, body, row)
 
     @staticmethod
     def _why(name: str, body: dict[str, Any]) -> str | None:

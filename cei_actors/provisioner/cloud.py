@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import random
 import threading
-import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -79,13 +78,15 @@ def vm_record(node: Node) -> dict[str, Any]:
 #: never change a Node handed out, says so by this attribute (the simulated cloud, SIM6):
 #: a listed Node's record is then built once, and listings share it (read-only; RT4).
 SHARES_LISTED_NODES = "shares_listed_nodes"
-_SHARED_RECORDS: weakref.WeakKeyDictionary[Node, dict[str, Any]] = weakref.WeakKeyDictionary()
+#: Where such a Node keeps its record: on itself, so it goes with the Node (RT9: a lookup by
+#: attribute, where a ``WeakKeyDictionary`` made a weak reference per lookup).
+_RECORD = "_cei_vm_record"
 
 
 def _shared_record(node: Node) -> dict[str, Any]:
-    record = _SHARED_RECORDS.get(node)
+    record: dict[str, Any] | None = node.__dict__.get(_RECORD)
     if record is None:
-        record = _SHARED_RECORDS[node] = vm_record(node)
+        record = node.__dict__[_RECORD] = vm_record(node)
     return record
 
 
@@ -215,8 +216,10 @@ class CloudWorker:
                     nodes = [n for n in driver.list_nodes() if str(n.id) in ids]
             else:
                 nodes = driver.list_nodes(**kwargs)
-            record = _shared_record if getattr(driver, SHARES_LISTED_NODES, False) else vm_record
-            vms = [record(n) for n in nodes]
+            if getattr(driver, SHARES_LISTED_NODES, False):
+                vms = [n.__dict__.get(_RECORD) or _shared_record(n) for n in nodes]
+            else:
+                vms = [vm_record(n) for n in nodes]
         except Exception as exc:
             return ListResult(account, seq, error_kind=classify_error(exc), error=_error_text(exc),
                               partial=partial)

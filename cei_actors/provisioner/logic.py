@@ -993,11 +993,14 @@ class Provisioner(Component[ProvisionerState]):
         members = state.by_account.get(account, {})
         seen: set[str] = set()
         updates: list[dict[str, Any]] = []
+        # the per-VM pass, with its lookups bound once (a listing holds every VM of the account)
+        token_of, node_of, observe = state.by_token.get, state.nodes.get, self._observe
+        unmiss, unsure, mark = v.missing_since.pop, v.uncertain.pop, seen.add
         for vm in msg.vms:
             iaas_id, vm_state, token = vm["iaas_id"], vm.get("state"), vm.get("client_token")
             live = vm_state != "TERMINATED"
-            nid = state.by_token.get(token) if token else None
-            node = state.nodes.get(nid) if nid is not None else None
+            nid = token_of(token) if token else None
+            node = node_of(nid) if nid is not None else None
             if node is None:
                 if live and token and token.startswith(self.prefix):
                     self._destroy_vm(state, txn, account, iaas_id)  # a zombie
@@ -1008,14 +1011,17 @@ class Provisioner(Component[ProvisionerState]):
                 if live:
                     self._destroy_vm(state, txn, account, iaas_id)  # an orphan or a double
                 continue
-            seen.add(node.node_id)
-            v.missing_since.pop(node.node_id, None)
-            v.uncertain.pop(node.node_id, None)
-            update = self._observe(node, vm, live)
+            nid = node.node_id
+            mark(nid)
+            unmiss(nid, None)
+            unsure(nid, None)
+            update = observe(node, vm, live)
             if update:
                 updates.append(update)
-            if update.get("state", node.state) in ("PENDING", "STARTED"):
-                self._watch_boot(state, txn, account, node.node_id)
+                if update.get("state", node.state) in ("PENDING", "STARTED"):
+                    self._watch_boot(state, txn, account, nid)
+            elif node.state in ("PENDING", "STARTED"):
+                self._watch_boot(state, txn, account, nid)
         for nid in members:
             if nid in seen:
                 continue
@@ -1073,10 +1079,15 @@ class Provisioner(Component[ProvisionerState]):
             return update  # its create (in flight or re-driven) records it
         if node.iaas_id is None:
             update["iaas_id"] = vm["iaas_id"]
-        for key in ("public_ip", "private_ip", "hostname"):
-            value = vm.get(key)
-            if value is not None and value != getattr(node, key):
-                update[key] = value
+        value = vm.get("public_ip")
+        if value is not None and value != node.public_ip:
+            update["public_ip"] = value
+        value = vm.get("private_ip")
+        if value is not None and value != node.private_ip:
+            update["private_ip"] = value
+        value = vm.get("hostname")
+        if value is not None and value != node.hostname:
+            update["hostname"] = value
         vm_state = vm.get("state")
         if not live:
             update["state"] = "TERMINATED"

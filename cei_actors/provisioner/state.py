@@ -11,9 +11,9 @@ recovery re-drives what may have been lost. State equality ignores it.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,6 +70,18 @@ class Node:
     requested_at: float = 0.0
     changed_at: float = 0.0
     state_changes: list[list[Any]] = field(default_factory=list)
+
+
+_node_values = operator.attrgetter(*(f.name for f in dataclasses.fields(Node)))
+
+
+def copy_node(node: Node) -> Node:
+    """A copy of ``node`` with its own ``state_changes`` list (the other fields are shared:
+    strings, numbers, None). Built by the constructor from every field, as ``copy.copy``
+    would set them (RT12: ``copy.copy`` of a slotted dataclass goes through ``__reduce_ex__``)."""
+    copied = Node(*_node_values(node))
+    copied.state_changes = list(node.state_changes)
+    return copied
 
 
 @dataclass(slots=True)
@@ -521,8 +533,7 @@ class PreviewView(NodeView):
             return self.nodes[node_id]
         node = self.state.nodes.get(node_id)
         if node is not None:
-            node = copy.copy(node)
-            node.state_changes = list(node.state_changes)
+            node = copy_node(node)
             self.nodes[node_id] = node
         return node
 

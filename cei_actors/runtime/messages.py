@@ -28,7 +28,7 @@ from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
 import msgpack
 
-from ..eventlog.batch import is_plain, why_not_plain
+from ..eventlog.batch import is_plain, packb, why_not_plain
 
 #: Largest encoded size (msgpack) of one message's fields, unless its class sets ``max_bytes``.
 #: Half of ``eventlog.batch.MAX_EVENT_BYTES``, so the event a request becomes fits its limit.
@@ -99,6 +99,26 @@ def _checked_fields(cls: type) -> list[tuple[str, Any, Check]]:
         ]
         _fields_cache[cls] = found
     return found
+
+
+_shapes: dict[type, tuple[list[str], list[bool]]] = {}
+
+
+def _shape(cls: type, fields: list[tuple[str, Any, Check]]) -> tuple[list[str], list[bool]]:
+    """The names of the fields of ``cls`` (as :func:`_checked_fields` gives them) and, per
+    field, whether its check accepts None (checks are pure functions of the value: asked once
+    per class)."""
+    found = _shapes.get(cls)
+    if found is None:
+        found = _shapes[cls] = ([f for f, _, _ in fields], [_accepts_none(check) for _, _, check in fields])
+    return found
+
+
+def _accepts_none(check: Check) -> bool:
+    try:
+        return bool(check(None))
+    except Exception:  # noqa: BLE001 - a check that fails on None is asked each time, as before
+        return False
 
 
 _checkers: dict[tuple[Any, bool], Check] = {}
@@ -200,22 +220,34 @@ def validate(message: object) -> None:
     cls = type(message)
     name = cls.__name__
     fields = _checked_fields(cls)
-    for field, hint, check in fields:
-        try:
-            value = getattr(message, field)
-        except AttributeError:
-            raise InvalidMessage(f"{name}: field {field!r} is missing") from None
+    names, nullables = _shape(cls, fields)
+    try:
+        values = [getattr(message, field) for field in names]
+    except AttributeError:  # unpickled without a field: the first field in error, in order
+        for field, hint, check in fields:
+            if not hasattr(message, field):
+                raise InvalidMessage(f"{name}: field {field!r} is missing") from None
+            if not check(getattr(message, field)):
+                raise _bad_field(cls, field, hint, getattr(message, field)) from None
+        raise
+    for (field, hint, check), value, nullable in zip(fields, values, nullables, strict=True):
+        if value is None and nullable:  # what ``check`` says of None, asked once (RT10)
+            continue
         if not check(value):
-            if cls.plain_data and _checker(hint, False)(value):  # the type is right, the data not
-                why = why_not_plain(value, f"{name}.{field}") or f"{name}.{field}: does not read back equal"
-                raise InvalidMessage(f"{why} (requests hold plain msgpack data only)")
-            raise InvalidMessage(
-                f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {_short(value)}"
-            )
+            raise _bad_field(cls, field, hint, value)
     limit = cls.max_bytes
     if limit is not None:
-        _check_size(message, name, [f for f, _, _ in fields], limit)
+        _check_size(name, names, values, limit)
     message.check()
+
+
+def _bad_field(cls: type, field: str, hint: Any, value: Any) -> InvalidMessage:
+    """The refusal of ``value`` in ``field`` of a ``cls`` message, its check having failed."""
+    name = cls.__name__
+    if getattr(cls, "plain_data", False) and _checker(hint, False)(value):  # the type is right, the data not
+        why = why_not_plain(value, f"{name}.{field}") or f"{name}.{field}: does not read back equal"
+        return InvalidMessage(f"{why} (requests hold plain msgpack data only)")
+    return InvalidMessage(f"{name}.{field}: expected {_show(hint)}, got {type(value).__name__} {_short(value)}")
 
 
 def _short(value: Any) -> str:
@@ -234,11 +266,15 @@ def _packable(o: Any) -> Any:
 
 
 def _encoded_size(value: Any) -> int:
-    return len(msgpack.packb(value, use_bin_type=True, default=_packable))
+    try:  # plain data: the reused packer (RT10), the same bytes
+        return len(packb(value))
+    except Exception:  # noqa: BLE001 - messages inside, a set, or not msgpack data at all
+        return len(msgpack.packb(value, use_bin_type=True, default=_packable))
 
 
-def _check_size(message: Message, name: str, fields: list[str], limit: int) -> None:
-    values = [getattr(message, f) for f in fields]
+def _check_size(name: str, fields: list[str], values: list[Any], limit: int) -> None:
+    """Refuse the message whose field ``values`` encode to more than ``limit`` bytes, naming
+    its largest field."""
     try:
         size = _encoded_size(values)
     except Exception as exc:  # not plain though typed (a declared non-msgpack type): not ours to size

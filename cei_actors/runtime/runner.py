@@ -404,21 +404,27 @@ class Runner(Generic[S]):
         if self.state is None:
             raise NotReady(f"stream {self.stream}: not recovered")
         ctx = self.context()
+        now = ctx.now
         decisions: list[Decision] = []
         pending: list[PendingEvent] = []
         record = self.record_inputs
+        component = self.component
+        to_checked, apply = component.registry.to_checked, component.apply
         for message in messages:
-            mctx = self._context_for_input(ctx.now) if record else ctx
-            decision = self._decide(message, mctx, trusted)
-            if decision.events:
+            mctx = self._context_for_input(now) if record else ctx
+            decision = decide_one(component, self.state, message, mctx, self.stream, trusted=trusted)
+            events = decision.events
+            if events:
                 try:
-                    checked = self._checked(decision.events, ctx.now)
+                    checked = [to_checked(event, now) for event in events]
                 except UnstorableEvent as exc:
                     decisions.append(self._refuse(message, exc, pending))
                     continue
                 try:
-                    for event in decision.events:
-                        self.state = self.component.apply(self.state, event)
+                    state = self.state
+                    for event in events:
+                        state = apply(state, event)
+                    self.state = state
                 except Exception:
                     self.state = None
                     raise
@@ -454,9 +460,6 @@ class Runner(Generic[S]):
             pending.clear()
         redo = self._rebuild()
         return Decision(effects=redo.effects, reply=reply)
-
-    def _decide(self, message: Any, ctx: Context, trusted: bool = False) -> Decision:
-        return decide_one(self.component, self.state, message, ctx, self.stream, trusted=trusted)
 
     def _commit(self, pending: list[PendingEvent]) -> None:
         try:

@@ -116,8 +116,17 @@ class _VM:
     terminated_at: float | None = None
     gone: bool = False  # no longer listed (lingered out or vanished)
     reason: str | None = None  # why it terminated: destroyed, killed, vanished
-    #: the listing's Node for the VM as last seen (status, terminated_at, reason) and that key
-    listed: tuple[tuple[Any, ...], Node] | None = None
+    #: the listing's Node for the VM as it is; None once a field the Node shows changes
+    listed: Node | None = None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in _LISTED_FIELDS:  # a listing builds the VM's Node again (RT9)
+            object.__setattr__(self, "listed", None)
+
+
+#: The fields of a :class:`_VM` that change after it is created and that its Node shows.
+_LISTED_FIELDS = frozenset(("status", "terminated_at", "reason"))
 
 
 def _ip(base: tuple[int, int], seq: int) -> str:
@@ -351,12 +360,11 @@ class SimulatedCloudDriver(NodeDriver):
         self._api_call()
         with self._lock:
             self._advance(self.clock.now())
-            wanted = set(ex_node_ids) if ex_node_ids is not None else None
-            return [
-                self._listed_node(vm)
-                for vm in self._listed.values()
-                if wanted is None or vm.id in wanted
-            ]
+            vms = self._listed.values()
+            if ex_node_ids is not None:
+                wanted = set(ex_node_ids)
+                vms = [vm for vm in vms if vm.id in wanted]
+            return [n if (n := vm.listed) is not None else self._listed_node(vm) for vm in vms]
 
     def destroy_node(self, node: Node | str) -> bool:  # type: ignore[override]
         """Terminate a node. Destroying a listed TERMINATED node is a no-op success;
@@ -590,14 +598,12 @@ class SimulatedCloudDriver(NodeDriver):
 
     def _listed_node(self, vm: _VM) -> Node:
         """``vm``'s Node for a listing, built again only when the VM changed since the last
-        listing (a large simulated cloud is listed every query; docs/decisions.md SIM6).
-        Listings share these Nodes: readers must not change them."""
-        key = (vm.status, vm.terminated_at, vm.reason)
-        cached = vm.listed
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        node = self._to_node(vm)
-        vm.listed = (key, node)
+        listing (a large simulated cloud is listed every query; docs/decisions.md SIM6: a
+        change of a field in ``_LISTED_FIELDS`` drops it). Listings share these Nodes:
+        readers must not change them."""
+        node = vm.listed
+        if node is None:
+            node = vm.listed = self._to_node(vm)
         return node
 
     def _to_node(self, vm: _VM) -> Node:
