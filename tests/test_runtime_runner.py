@@ -346,3 +346,41 @@ def test_recovery_folds_stored_rows_as_building_and_applying_each_record_would()
         assert isinstance(err, CorruptLog) and "does not fit" in str(err), body
     err = broken(["TickRecorded", 1, 1.0, {"when": 1.0}])
     assert isinstance(err, CorruptLog) and "does not fit" in str(err)
+
+
+@pytest.mark.parametrize("core", [Sloppy, EagerSloppy])
+def test_handle_of_one_message_is_handle_many_of_it_without_the_batch_path(core, monkeypatch):
+    """Decision RT13: ``handle`` decides one message on its own path (not through
+    ``handle_many``) with ``handle_many([message])``'s outcome: replies, effects, heads, the
+    log's records and the state, for accepted, refused, unstorable and query messages, a
+    core that applies in ``decide`` included; a runner recording its inputs takes
+    ``handle_many``."""
+    messages = [Add("a", 1), Add("tuple", 1), Get("a"), Add("a", -9), Add("huge", 1), Add("b", 2),
+                Get("zz"), Add("nan", 1), Add("a", 2), Dump()]
+
+    def run(one: bool) -> tuple[list, list, Runner]:
+        r = Runner(core(), open_log(f"memory://{uuid.uuid4().hex}"), clock=lambda: 100.0,
+                   rng=random.Random(3))
+        r.recover()
+        if one:
+            def refused(*args, **kwargs):
+                raise AssertionError("handle went through handle_many")
+            monkeypatch.setattr(r, "handle_many", refused)
+        out, heads = [], []
+        for m in messages:
+            d = r.handle(m) if one else r.handle_many([m])[0]
+            out.append((d.reply, [getattr(e, "key", e) for e in d.effects]))
+            heads.append(r.head)
+        return out, heads, r
+
+    single, single_heads, a = run(True)
+    batched, batched_heads, b = run(False)
+    assert single == batched and single_heads == batched_heads
+    assert a.state.counters == b.state.counters
+    rows = [[(x.type, x.body) for x in r.log.read("example", 1, r.head)] for r in (a, b)]
+    assert rows[0] == rows[1] and len(rows[0]) == a.head > 0
+    recording = fresh(record_inputs=True)
+    calls = []
+    real = recording.handle_many
+    monkeypatch.setattr(recording, "handle_many", lambda ms, trusted=False: calls.append(ms) or real(ms, trusted))
+    assert recording.handle(Add("a", 1)).reply == Ok(1) and calls == [[Add("a", 1)]]

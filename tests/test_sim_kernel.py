@@ -306,3 +306,44 @@ def test_a_memory_logs_copy_takes_the_batches_appended_since_as_stored():
     copy.put_stored("example", fresh)
     assert list(copy.read("example")) == list(log.read("example"))
     forget(f"copy-{id(sim)}")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["tell", "call", "lane"]), st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+                          st.lists(st.tuples(st.sampled_from(["tell", "call", "lane"]),
+                                             st.sampled_from([0.0, 1.0])), max_size=3)),
+                min_size=1, max_size=25))
+def test_messages_in_flight_wait_in_their_own_heap_and_keep_the_order(plan):
+    """Decision SIM23: a message in flight waits in the network's heap (``_net``), not in the
+    heap of calls, lanes and timers; every step still comes in (time, sequence) order: each
+    thing at its time, ties in the order they were sent or scheduled, things sent or
+    scheduled by a step included, and ``next_at`` is the earlier of the two heaps."""
+    sim = Simulation(seed=1, faults=Faults(latency=(0.0, 0.0)))  # no draw: times are exact
+    lane = sim.lane()
+    seen: list[tuple[str, float]] = []
+    expected: list[tuple[float, int, str]] = []
+
+    def put(how: str, delay: float, name: str, then: list[tuple[str, float]]) -> None:
+        expected.append((sim.clock.now() + delay, len(expected), name))
+
+        def step() -> None:
+            seen.append((name, sim.clock.now()))
+            for i, (h, d) in enumerate(then):
+                put(h, d, f"{name}.{i}", [])
+        if how == "tell":
+            sim.add_peer(name, lambda message, sender: step())
+            sim.tell(name, "m", delay=delay)
+        elif how == "call":
+            sim.schedule(delay, step)
+        else:
+            lane.schedule(delay, step)
+
+    for i, (how, delay, then) in enumerate(plan):
+        put(how, delay, f"c{i}", then)
+    tells = sum(how == "tell" for how, _, _ in plan)
+    assert len(sim._net) == tells and len(sim._heap) <= len(plan) - tells
+    assert sim.next_at() == sim.clock.now() + min(delay for _, delay, _ in plan)
+    steps = sim.run_for(100.0)
+    assert steps == len(expected) == len(seen)
+    assert seen == [(name, when) for when, _, name in sorted(expected)]
+    assert not sim._net and not sim._heap and sim.next_at() is None

@@ -382,8 +382,37 @@ class Runner(Generic[S]):
         return None, 0, bool(skipped)
 
     def handle(self, message: Any, trusted: bool = False) -> Decision:
-        """Decide on one message and persist its events; see :meth:`handle_many`."""
-        return self.handle_many([message], trusted)[0]
+        """Decide on one message and persist its events: :meth:`handle_many` of ``[message]``,
+        the same rules without a batch's lists and loops (decision RT13; a runner recording
+        its inputs takes :meth:`handle_many`)."""
+        state = self.state
+        if state is None:
+            raise NotReady(f"stream {self.stream}: not recovered")
+        if self.record_inputs:
+            return self.handle_many([message], trusted)[0]
+        component = self.component
+        ctx = Context(self.clock(), self.rng)
+        decision = decide_one(component, state, message, ctx, self.stream, trusted=trusted)
+        events = decision.events
+        if not events:
+            return decision
+        now = ctx.now
+        to_checked = component.registry.to_checked
+        try:
+            pending = [to_checked(event, now) for event in events]
+        except UnstorableEvent as exc:
+            return self._refuse(message, exc, [])
+        apply = component.apply
+        try:
+            state = self.state
+            for event in events:
+                state = apply(state, event)
+            self.state = state
+        except Exception:
+            self.state = None
+            raise
+        self._commit(pending)
+        return decision
 
     def handle_many(self, messages: Sequence[Any], trusted: bool = False) -> list[Decision]:
         """Decide on each message in turn, then persist all their events in one append.

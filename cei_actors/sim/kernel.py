@@ -456,6 +456,9 @@ class Simulation:
         self.faults = faults or Faults()
         self.nodes: dict[str, SimNode] = {}
         self._heap: list[tuple[float, int, str, tuple[Any, ...]]] = []
+        #: the messages in flight (``deliver`` entries), a heap of their own: few at a time,
+        #: so a delivery does not sift the big heap of lanes and timers (decision SIM23)
+        self._net: list[tuple[float, int, str, tuple[Any, ...]]] = []
         self._seq = 0
         self._log_space = f"sim-{uuid.uuid4().hex}"  # unique per run; not drawn from the seed
         self.delivered = 0
@@ -579,7 +582,10 @@ class Simulation:
 
     def next_at(self) -> float | None:
         """The virtual time of the next scheduled thing (None: nothing is left)."""
-        return self._heap[0][0] if self._heap else None
+        heap, net = self._heap, self._net
+        if net:
+            return heap[0][0] if heap and heap[0] < net[0] else net[0][0]
+        return heap[0][0] if heap else None
 
     def run_steps(self, t: float, max_steps: int) -> int:
         """Process scheduled things due at or before virtual time ``t``, at most
@@ -590,12 +596,18 @@ class Simulation:
             return self._run_steps(t, max_steps)
 
     def _run_steps(self, t: float, max_steps: int) -> int:
-        heap, clock, nodes, hooks = self._heap, self.clock, self.nodes, self.step_hooks
+        heap, net, clock, nodes, hooks = self._heap, self._net, self.clock, self.nodes, self.step_hooks
         pop, deliver = heapq.heappop, self._deliver
         n, before = 0, self.steps
         try:
-            while heap and n < max_steps:
-                top = heap[0]
+            while n < max_steps:
+                # the earlier of the two heaps' first entries: (time, sequence) order (SIM23)
+                if net:
+                    top = heap[0] if heap and heap[0] < net[0] else net[0]
+                elif heap:
+                    top = heap[0]
+                else:
+                    break
                 when = top[0]
                 if when > t:
                     break
@@ -605,7 +617,7 @@ class Simulation:
                 if kind == "lane":  # the lane takes its entry off the heap (SIM17)
                     args[0].take()()
                 elif kind == "deliver":
-                    pop(heap)
+                    pop(net)
                     deliver(*args)
                 elif kind == "call":
                     pop(heap)
@@ -833,7 +845,7 @@ class Simulation:
 
     def _push(self, when: float, kind: str, args: tuple[Any, ...]) -> None:
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, kind, args))
+        heapq.heappush(self._net if kind == "deliver" else self._heap, (when, self._seq, kind, args))
 
     def _latency(self) -> float:
         lo, hi = self.faults.latency
@@ -911,8 +923,9 @@ class Simulation:
             self.dropped += 1
             return
         lo, hi = f.latency  # _latency and _push, inline: one send per delivery
-        when = self.clock.t + delay + (lo if hi <= lo else self.rng.uniform(lo, hi))
+        # rng.uniform(lo, hi), inline: the same float (SIM21)
+        when = self.clock.t + delay + (lo if hi <= lo else lo + (hi - lo) * self.rng.random())
         self._seq += 1
-        heapq.heappush(self._heap, (when, self._seq, "deliver", (to, message, sender, trusted)))
+        heapq.heappush(self._net, (when, self._seq, "deliver", (to, message, sender, trusted)))
         if lossy and f.duplicate_rate and self.rng.random() < f.duplicate_rate:
             self._push(self.clock.t + delay + self._latency(), "deliver", (to, message, sender, trusted))
