@@ -303,7 +303,9 @@ class Tx:
     # ---- primitives ---------------------------------------------------------------------------
 
     def emit(self, event: Any) -> None:
-        quiet = self.s.soft.quiet
+        soft = self.s.soft
+        soft.needs_rest = False
+        quiet = soft.quiet
         if quiet:
             _unquiet(self.s, quiet, event)
         try:
@@ -597,7 +599,10 @@ class Tx:
         if cfg.static_resources:
             return False
         soft = s.soft
-        if cfg.needs_refresh > 0 and self.now >= soft.needs_refresh_at:
+        refresh = cfg.needs_refresh > 0 and self.now >= soft.needs_refresh_at
+        if soft.needs_rest and not (force or refresh):
+            return False  # no event since a check that found nothing changed (SC20)
+        if refresh:
             if soft.needs_refresh_at > float("-inf"):  # not at recovery: it subscribes itself
                 for eid in cfg.engines:
                     self.subscribe(eid)
@@ -616,6 +621,7 @@ class Tx:
             sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
             if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
+        soft.needs_rest = not changed
         if not changed:
             return False
         wait = soft.needs_sent_at + cfg.needs_interval - self.now
@@ -724,8 +730,10 @@ class ProcessDispatcher(Component[PDState]):
                 pre.popleft()
                 return state
             pre.clear()  # left over from a decision whose events were applied elsewhere
-        if state.soft.quiet:
-            state.soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
+        soft = state.soft
+        soft.needs_rest = False  # an event not decided here: the needs are looked at again
+        if soft.quiet:
+            soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
         state.apply(event)
         return state
 
@@ -734,6 +742,7 @@ class ProcessDispatcher(Component[PDState]):
         state a decision is under way in (it has events applied ahead, or quiet agents)."""
         if state.broken is not None or state.pre or state.soft.quiet:
             return {}
+        state.soft.needs_rest = False  # events folded outside a decision (SC20)
         return _BODY_APPLIERS
 
     @classmethod

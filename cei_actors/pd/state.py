@@ -312,6 +312,9 @@ class Soft:
     needs_memo: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     needs_timer: bool = False
     needs_refresh_at: float = float("-inf")  # next unconditional RegisterNeed + SubscribeDomain
+    #: the last needs check found no need changed, and no event was applied since: the next
+    #: one finds the same until an event or the refresh time (decision SC20)
+    needs_rest: bool = False
     recovered_at: float | None = None
     outbox: dict[str, list[Any]] = field(default_factory=dict)  # agent -> queued requests
     outbox_timer: bool = False
