@@ -284,6 +284,9 @@ class _Broken(Exception):  # noqa: N818
 class Tx:
     """One decision in the making: emits (and applies) events, collects effects."""
 
+    __slots__ = ("pd", "cfg", "s", "ctx", "now", "events", "effects", "reply", "reply_process",
+                 "reply_many", "direct_rid", "direct")
+
     def __init__(self, pd: ProcessDispatcher, state: PDState, ctx: Context) -> None:
         self.pd = pd
         self.cfg = pd.cfg
@@ -714,6 +717,8 @@ class ProcessDispatcher(Component[PDState]):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.cfg = parse_config(config)
+        #: ``cfg.grant_every()``, read at every heartbeat (the config is fixed)
+        self.grant_every = self.cfg.grant_every()
 
     # ---- the component contract ---------------------------------------------------------------
 
@@ -1265,14 +1270,13 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     doomed = res.node_id in soft.doomed
     if m.seq == 0:
         lv.granted = now  # it asks for no lease: all we know is that it was alive now
-    elif not doomed and now - lv.grant_sent >= pd.cfg.grant_every():
+    elif not doomed and now - lv.grant_sent >= pd.grant_every:
         # first in the outbox: a batch that also relaunches work here is run after it
         tx.to_agent(rid, LeaseGrant(m.seq, pd.cfg.fence_time))
         lv.granted = lv.grant_sent = now
-    spec = pd.cfg.engines[res.engine]
     if doomed:
         pass  # lost by EPUM's word: it stays MISSING until its node is gone
-    elif spec.monitored and res.state in (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING):
+    elif res.state in _UNWELL and (spec := pd.cfg.engines[res.engine]).monitored:
         age = now - lv.ts
         if age < spec.heartbeat_warning:  # type: ignore[operator]
             tx.emit(ResourceStateChanged(rid, ps.RESOURCE_OK, now))
@@ -1389,6 +1393,8 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         soft.quiet.pop(rid, None)
 
 
+#: resource states a heartbeat may bring back to OK (or MISSING to WARNING)
+_UNWELL = (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING)
 #: the agent's state names; reported states a placed process moves up to; its states then
 _AGENT_NAMES = frozenset(agent_states.ORDER)
 _REPORTED_UP = frozenset({ps.PENDING, ps.RUNNING})
