@@ -1173,6 +1173,16 @@ def test_spec_digest_with_kept_key_orders_is_the_one_sorted_each_time():
     assert state.spec_digest(spec(True)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
 
 
+def test_spec_digest_of_empty_and_nested_containers_is_the_one_before_the_exact_type_paths():
+    """Decision SC22: lists and empty maps take exact-type paths in the ordering; the digest
+    is the one computed before them (empty lists and maps, nested too)."""
+    from cei_actors.pd.state import spec_digest
+
+    spec = {"command": [], "configuration": {}, "subscribers": [[], {}, ["x", {}]],
+            "constraints": {"engine": "e"}, "env": None}
+    assert spec_digest(spec) == "abc5e37d59aa07f64f83f5c747bd5c9c"  # as computed before SC22
+
+
 def test_a_tombstone_is_describe_without_the_bulky_parameters_plus_their_digest():
     """Decision SC10: ``Process.tombstone`` builds its record directly; it is exactly (keys,
     their order, values) describe() without command, env, cwd, configuration, subscribers,
