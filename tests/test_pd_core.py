@@ -1173,6 +1173,16 @@ def test_spec_digest_with_kept_key_orders_is_the_one_sorted_each_time():
     assert state.spec_digest(spec(True)) == "e5fd97ad5fcc2101d2c9e30c8940efe7"
 
 
+def test_spec_digest_of_empty_and_nested_containers_is_the_one_before_the_exact_type_paths():
+    """Decision SC22: lists and empty maps take exact-type paths in the ordering; the digest
+    is the one computed before them (empty lists and maps, nested too)."""
+    from cei_actors.pd.state import spec_digest
+
+    spec = {"command": [], "configuration": {}, "subscribers": [[], {}, ["x", {}]],
+            "constraints": {"engine": "e"}, "env": None}
+    assert spec_digest(spec) == "abc5e37d59aa07f64f83f5c747bd5c9c"  # as computed before SC22
+
+
 def test_a_tombstone_is_describe_without_the_bulky_parameters_plus_their_digest():
     """Decision SC10: ``Process.tombstone`` builds its record directly; it is exactly (keys,
     their order, values) describe() without command, env, cwd, configuration, subscribers,
@@ -1592,3 +1602,61 @@ def test_the_need_is_computed_again_only_when_its_counts_changed(monkeypatch):
     sim.crash()  # a recovery starts with no memo: the need is computed at once
     assert calls == [counts()]
     assert step(lambda: sim.heartbeat(aid)) == []
+
+
+class _CountingMemo(dict):
+    """``Soft.needs_memo`` that counts the needs check's per-engine reads."""
+
+    reads = 0
+
+    def get(self, key, default=None):  # noqa: ANN001, ANN201
+        type(self).reads += 1
+        return super().get(key, default)
+
+
+def test_the_needs_are_looked_at_again_only_after_an_event_or_at_the_refresh():
+    """Decision SC20: a decision with no event after a needs check that found nothing changed
+    does not look at the engines again; an event in a decision, an event folded outside one,
+    a forced check and the refresh time each make it look (and send what changed)."""
+    from cei_actors.pd.events import NodeAdded
+
+    sim = Sim(config(engines={ENGINE: {"slots": 2}}, needs_interval=0.0, needs_refresh=30.0))
+    [aid] = sim.add_node("n1")
+    sim.state.soft.needs_memo = _CountingMemo(sim.state.soft.needs_memo)
+
+    def reads(act) -> int:  # noqa: ANN001
+        _CountingMemo.reads = 0
+        act()
+        return _CountingMemo.reads
+
+    # the node's agent's first heartbeat (its resource added) found no need changed, and
+    # this one has no event: nothing to look at
+    assert reads(lambda: sim.heartbeat(aid)) == 0
+    # queued, n1 brought back from retirement (a need sent), placed; the outbox's flush
+    # after it looks once more, as the last check sent something
+    assert reads(lambda: sim.ok(ScheduleProcess("p1", command=["x"]))) == 2
+    assert reads(lambda: sim.heartbeat(aid)) == 1  # acknowledged (an event)
+    assert reads(lambda: sim.heartbeat(aid)) == 0
+    # an event folded outside a decision: the next check looks and sends the new need
+    sent = len(sim.needs)
+    sim.runner.component.apply(sim.state, NodeAdded("n2", f"pd_domain_{ENGINE}", ENGINE, {}, sim.now))
+    assert not sim.state.soft.needs_rest
+    assert reads(lambda: sim.heartbeat(aid)) == 1
+    assert len(sim.needs) == sent + 1
+    assert reads(lambda: sim.heartbeat(aid)) == 1  # a check that sent is not a rest
+    assert reads(lambda: sim.heartbeat(aid)) == 0
+    # the refresh time: the needs go out again unchanged, with the subscription
+    sim.now += 31.0
+    head = len(sim.sent)
+    assert reads(lambda: sim.heartbeat(aid)) == 1
+    to_epum = [type(e.message) for e in sim.sent[head:] if e.to == "epum"]
+    assert to_epum == [SubscribeDomain, RegisterNeed]
+    assert reads(lambda: sim.heartbeat(aid)) == 1
+    assert reads(lambda: sim.heartbeat(aid)) == 0
+    # a fold of stored bodies outside a decision (offered only with no quiet agent) forgets
+    # the rest too
+    sim.state.soft.quiet.clear()
+    assert sim.runner.component.body_appliers(sim.state)
+    assert not sim.state.soft.needs_rest
+    assert reads(lambda: sim.heartbeat(aid)) == 1
+    check_invariants(sim.state)

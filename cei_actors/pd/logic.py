@@ -284,6 +284,9 @@ class _Broken(Exception):  # noqa: N818
 class Tx:
     """One decision in the making: emits (and applies) events, collects effects."""
 
+    __slots__ = ("pd", "cfg", "s", "ctx", "now", "events", "effects", "reply", "reply_process",
+                 "reply_many", "direct_rid", "direct")
+
     def __init__(self, pd: ProcessDispatcher, state: PDState, ctx: Context) -> None:
         self.pd = pd
         self.cfg = pd.cfg
@@ -303,7 +306,9 @@ class Tx:
     # ---- primitives ---------------------------------------------------------------------------
 
     def emit(self, event: Any) -> None:
-        quiet = self.s.soft.quiet
+        soft = self.s.soft
+        soft.needs_rest = False
+        quiet = soft.quiet
         if quiet:
             _unquiet(self.s, quiet, event)
         try:
@@ -597,7 +602,10 @@ class Tx:
         if cfg.static_resources:
             return False
         soft = s.soft
-        if cfg.needs_refresh > 0 and self.now >= soft.needs_refresh_at:
+        refresh = cfg.needs_refresh > 0 and self.now >= soft.needs_refresh_at
+        if soft.needs_rest and not (force or refresh):
+            return False  # no event since a check that found nothing changed (SC20)
+        if refresh:
             if soft.needs_refresh_at > float("-inf"):  # not at recovery: it subscribes itself
                 for eid in cfg.engines:
                     self.subscribe(eid)
@@ -616,6 +624,7 @@ class Tx:
             sig = (n, len(s.engine_nodes.get(eid, ())), occupied)
             if force or eid not in sent or sent[eid][0] != sig:
                 changed.append((eid, spec, n, sig))
+        soft.needs_rest = not changed
         if not changed:
             return False
         wait = soft.needs_sent_at + cfg.needs_interval - self.now
@@ -708,6 +717,8 @@ class ProcessDispatcher(Component[PDState]):
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         self.cfg = parse_config(config)
+        #: ``cfg.grant_every()``, read at every heartbeat (the config is fixed)
+        self.grant_every = self.cfg.grant_every()
 
     # ---- the component contract ---------------------------------------------------------------
 
@@ -724,8 +735,10 @@ class ProcessDispatcher(Component[PDState]):
                 pre.popleft()
                 return state
             pre.clear()  # left over from a decision whose events were applied elsewhere
-        if state.soft.quiet:
-            state.soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
+        soft = state.soft
+        soft.needs_rest = False  # an event not decided here: the needs are looked at again
+        if soft.quiet:
+            soft.quiet.clear()  # an event not decided here: no heartbeat is quiet (SIM7)
         state.apply(event)
         return state
 
@@ -734,6 +747,7 @@ class ProcessDispatcher(Component[PDState]):
         state a decision is under way in (it has events applied ahead, or quiet agents)."""
         if state.broken is not None or state.pre or state.soft.quiet:
             return {}
+        state.soft.needs_rest = False  # events folded outside a decision (SC20)
         return _BODY_APPLIERS
 
     @classmethod
@@ -1256,14 +1270,13 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
     doomed = res.node_id in soft.doomed
     if m.seq == 0:
         lv.granted = now  # it asks for no lease: all we know is that it was alive now
-    elif not doomed and now - lv.grant_sent >= pd.cfg.grant_every():
+    elif not doomed and now - lv.grant_sent >= pd.grant_every:
         # first in the outbox: a batch that also relaunches work here is run after it
         tx.to_agent(rid, LeaseGrant(m.seq, pd.cfg.fence_time))
         lv.granted = lv.grant_sent = now
-    spec = pd.cfg.engines[res.engine]
     if doomed:
         pass  # lost by EPUM's word: it stays MISSING until its node is gone
-    elif spec.monitored and res.state in (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING):
+    elif res.state in _UNWELL and (spec := pd.cfg.engines[res.engine]).monitored:
         age = now - lv.ts
         if age < spec.heartbeat_warning:  # type: ignore[operator]
             tx.emit(ResourceStateChanged(rid, ps.RESOURCE_OK, now))
@@ -1380,6 +1393,8 @@ def _on_heartbeat(pd: ProcessDispatcher, tx: Tx, m: AgentHeartbeat) -> None:
         soft.quiet.pop(rid, None)
 
 
+#: resource states a heartbeat may bring back to OK (or MISSING to WARNING)
+_UNWELL = (ps.RESOURCE_WARNING, ps.RESOURCE_MISSING)
 #: the agent's state names; reported states a placed process moves up to; its states then
 _AGENT_NAMES = frozenset(agent_states.ORDER)
 _REPORTED_UP = frozenset({ps.PENDING, ps.RUNNING})

@@ -182,6 +182,11 @@ _KEY_ORDERS_KEPT = 4096
 
 def _ordered(value: Any) -> Any:
     # scalars are returned as they are without a call (most of a spec): same result, faster
+    t = type(value)
+    if t is list:  # (exact types first: a spec's command, subscribers; decision SC22)
+        return [v if type(v) in _SCALARS else _ordered(v) for v in value] if value else []
+    if t is dict and not value:  # a spec's configuration, often
+        return ["<map>", []]
     if isinstance(value, dict):
         keys = tuple(value)
         order = _KEY_ORDERS.get(keys)
@@ -312,6 +317,9 @@ class Soft:
     needs_memo: dict[str, tuple[int, int, int]] = field(default_factory=dict)
     needs_timer: bool = False
     needs_refresh_at: float = float("-inf")  # next unconditional RegisterNeed + SubscribeDomain
+    #: the last needs check found no need changed, and no event was applied since: the next
+    #: one finds the same until an event or the refresh time (decision SC20)
+    needs_rest: bool = False
     recovered_at: float | None = None
     outbox: dict[str, list[Any]] = field(default_factory=dict)  # agent -> queued requests
     outbox_timer: bool = False
