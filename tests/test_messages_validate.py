@@ -94,3 +94,19 @@ def test_messages_of_one_and_no_field_and_non_messages_are_judged_as_before_rt16
             with pytest.raises(InvalidMessage, match="not a message"):
                 validate(odd)
     assert _NotMessage not in messages._shapes and _One in messages._shapes
+
+
+@pytest.mark.parametrize("upid, refusal", [
+    ("", "ScheduleProcess.upid: must not be empty"),
+    ("a\0b", "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("a\nb", "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("x" * 257, "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("x" * 256, None), ("p-1\t\r", None),
+])
+def test_a_process_id_is_refused_as_before_rt17(upid, refusal):
+    if refusal is None:
+        validate(ScheduleProcess(upid))
+        return
+    with pytest.raises(InvalidMessage) as caught:
+        validate(ScheduleProcess(upid))
+    assert str(caught.value) == refusal
