@@ -66,3 +66,47 @@ def test_a_message_missing_a_field_is_refused_for_its_first_field_in_error():
     object.__setattr__(odd, "first", "x")
     with pytest.raises(InvalidMessage, match="_Two.first: expected int"):
         validate(odd)
+
+
+def test_messages_of_one_and_no_field_and_non_messages_are_judged_as_before_rt16():
+    """RT16 reads every field of a message class at once, kept per class: a class of one
+    field or none is read as such, and what is not a message dataclass is refused each time
+    (nothing is kept for it)."""
+
+    @dataclass(frozen=True)
+    class _One(Message):
+        only: int
+
+    @dataclass(frozen=True)
+    class _None(Message):
+        pass
+
+    @dataclass(frozen=True)
+    class _NotMessage:  # a dataclass, not a Message
+        only: int = 1
+
+    for _ in range(2):  # the second time from what the first kept
+        validate(_One(3))
+        validate(_None())
+        with pytest.raises(InvalidMessage, match="_One.only: expected int, got str"):
+            validate(_One("x"))  # type: ignore[arg-type]
+        for odd in (_NotMessage(), {"a": 1}, None):
+            with pytest.raises(InvalidMessage, match="not a message"):
+                validate(odd)
+    assert _NotMessage not in messages._shapes and _One in messages._shapes
+
+
+@pytest.mark.parametrize("upid, refusal", [
+    ("", "ScheduleProcess.upid: must not be empty"),
+    ("a\0b", "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("a\nb", "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("x" * 257, "ScheduleProcess.upid: at most 256 characters, no NUL or newline"),
+    ("x" * 256, None), ("p-1\t\r", None),
+])
+def test_a_process_id_is_refused_as_before_rt17(upid, refusal):
+    if refusal is None:
+        validate(ScheduleProcess(upid))
+        return
+    with pytest.raises(InvalidMessage) as caught:
+        validate(ScheduleProcess(upid))
+    assert str(caught.value) == refusal

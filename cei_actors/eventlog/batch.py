@@ -279,8 +279,8 @@ def encode_rows(stream: str, first_offset: int, epoch: int, rows: Sequence[bytes
     # msgpack's array headers (what ``Packer.pack_array_header`` writes), 5 items then the rows
     rows_head = (bytes((0x90 | n,)) if n < 16 else b"\xdc" + n.to_bytes(2, "big") if n < 65536
                  else b"\xdd" + n.to_bytes(4, "big"))
-    head = b"\x95" + packb([stream, first_offset, epoch, group_end])[1:] + rows_head
-    return _seal(BATCH_MAGIC, head + b"".join(rows))
+    payload = b"\x95" + packb([stream, first_offset, epoch, group_end])[1:] + rows_head + b"".join(rows)
+    return _HEADER.pack(BATCH_MAGIC, zlib.crc32(payload)) + payload  # ``_seal``'s, inline
 
 
 _PACKERS = threading.local()

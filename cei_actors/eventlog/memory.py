@@ -24,7 +24,12 @@ class _Stream:
 class _Space:
     def __init__(self) -> None:
         self.streams: dict[str, _Stream] = {}
-        self.changed = threading.Condition()
+        #: held for every read and change; ``changed`` is notified under it, only when a
+        #: reader waits (``waiting``): a held ``RLock`` is entered in C, a ``Condition`` in
+        #: Python, and a notify with no waiter does nothing but cost (decision RT15)
+        self.lock = threading.RLock()
+        self.changed = threading.Condition(self.lock)
+        self.waiting = 0
         self.archive: str | None = None  # the archive last configured for this space
 
 
@@ -59,7 +64,7 @@ class MemoryLog(EventLog):
         self.read_only = flag(read_only)  # the space is this process's: nothing to protect
         given = self._history_options(archive, keep_snapshots)
         self._space = _space(name)
-        self._lock = self._space.changed
+        self._lock = self._space.lock
         record = self._use_archive(given, self._space.archive, f"memory:{name}", read_only=self.read_only)
         if record and not self.read_only:
             self._space.archive = record
@@ -94,7 +99,8 @@ class MemoryLog(EventLog):
                 if first in s.batches or first in s.archive:
                     raise BatchExists(stream, first)
             s.batches.update(batches)
-            self._lock.notify_all()
+            if self._space.waiting:
+                self._space.changed.notify_all()
 
     def _get(self, stream: str, first: int) -> bytes:
         with self._lock:
@@ -161,8 +167,13 @@ class MemoryLog(EventLog):
             return list(chunks) if chunks is not None else None
 
     def _wait(self, stream: str, timeout: float) -> None:
+        space = self._space
         with self._lock:
-            self._lock.wait(timeout)
+            space.waiting += 1
+            try:
+                space.changed.wait(timeout)
+            finally:
+                space.waiting -= 1
 
     def put_stored(self, stream: str, batches: list[tuple[int, bytes]]) -> None:
         """Hold ``batches`` as another log stored them (:meth:`EventLog.stored_batches`),
@@ -170,7 +181,8 @@ class MemoryLog(EventLog):
         (the simulator's replay check in a forked child)."""
         with self._lock:
             self._s(stream).batches.update(batches)
-            self._lock.notify_all()
+            if self._space.waiting:
+                self._space.changed.notify_all()
 
     # test hooks: damage a stored batch, or a stored snapshot's last chunk, in place
     def _corrupt(self, stream: str, first: int, blob: bytes) -> None:

@@ -25,8 +25,9 @@ def _nonempty(where: str, value: str) -> None:
 
 
 def _check_upid(cls: str, upid: str) -> None:
-    _nonempty(f"{cls}.upid", upid)
-    if len(upid) > 256 or any(c in upid for c in "\0\n"):
+    if not upid:  # ``_nonempty``'s test, its message built only for a refusal (RT17)
+        _nonempty(f"{cls}.upid", upid)
+    if len(upid) > 256 or "\0" in upid or "\n" in upid:
         raise InvalidMessage(f"{cls}.upid: at most 256 characters, no NUL or newline")
 
 

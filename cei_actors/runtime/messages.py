@@ -20,9 +20,10 @@ request from producing an event that cannot be stored or read back (docs/decisio
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Union, get_args, get_origin, get_type_hints
 
@@ -101,17 +102,28 @@ def _checked_fields(cls: type) -> list[tuple[str, Any, Check]]:
     return found
 
 
-_shapes: dict[type, tuple[list[str], list[bool]]] = {}
+_Shape = tuple[list[str], list[tuple[str, Any, Check, bool]], Callable[[Any], tuple]]
+_shapes: dict[type, _Shape] = {}
 
 
-def _shape(cls: type, fields: list[tuple[str, Any, Check]]) -> tuple[list[str], list[bool]]:
-    """The names of the fields of ``cls`` (as :func:`_checked_fields` gives them) and, per
-    field, whether its check accepts None (checks are pure functions of the value: asked once
-    per class)."""
-    found = _shapes.get(cls)
-    if found is None:
-        found = _shapes[cls] = ([f for f, _, _ in fields], [_accepts_none(check) for _, _, check in fields])
-    return found
+def _shape_of(cls: type, fields: list[tuple[str, Any, Check]]) -> _Shape:
+    """The names of the fields of ``cls`` (as :func:`_checked_fields` gives them), each field's
+    ``(name, hint, check, whether check accepts None)`` (checks are pure functions of the
+    value: asked once per class), and a function reading every field of a message at once
+    (into a tuple, in that order; an ``AttributeError`` for a missing one). :func:`validate`
+    keeps it per message class in ``_shapes``."""
+    names = [f for f, _, _ in fields]
+    if len(names) >= 2:
+        read = operator.attrgetter(*names)
+    elif names:
+        one = operator.attrgetter(names[0])
+
+        def read(message: Any) -> tuple:
+            return (one(message),)
+    else:
+        def read(message: Any) -> tuple:
+            return ()
+    return names, [(f, hint, check, _accepts_none(check)) for f, hint, check in fields], read
 
 
 def _accepts_none(check: Check) -> bool:
@@ -215,22 +227,27 @@ def _build_checker(hint: Any, plain: bool) -> Check:  # noqa: PLR0911, PLR0912
 
 def validate(message: object) -> None:
     """Raise :class:`InvalidMessage` unless ``message`` is a well-formed :class:`Message`."""
-    if not isinstance(message, Message) or not dataclasses.is_dataclass(message):
-        raise InvalidMessage(f"not a message: {type(message).__name__}")
     cls = type(message)
+    found = _shapes.get(cls)  # only a Message dataclass's shape is kept (RT16)
+    if found is None:
+        if not isinstance(message, Message) or not dataclasses.is_dataclass(message):
+            raise InvalidMessage(f"not a message: {cls.__name__}")
+        if not (issubclass(cls, Message) and dataclasses.is_dataclass(cls)):  # not by its type
+            found = _shape_of(cls, _checked_fields(cls))
+        else:
+            found = _shapes[cls] = _shape_of(cls, _checked_fields(cls))
     name = cls.__name__
-    fields = _checked_fields(cls)
-    names, nullables = _shape(cls, fields)
+    names, shape, read = found
     try:
-        values = [getattr(message, field) for field in names]
+        values = read(message)  # every field at once (RT16)
     except AttributeError:  # unpickled without a field: the first field in error, in order
-        for field, hint, check in fields:
+        for field, hint, check, _ in shape:
             if not hasattr(message, field):
                 raise InvalidMessage(f"{name}: field {field!r} is missing") from None
             if not check(getattr(message, field)):
                 raise _bad_field(cls, field, hint, getattr(message, field)) from None
         raise
-    for (field, hint, check), value, nullable in zip(fields, values, nullables, strict=True):
+    for (field, hint, check, nullable), value in zip(shape, values, strict=True):
         if value is None and nullable:  # what ``check`` says of None, asked once (RT10)
             continue
         if not check(value):
@@ -272,7 +289,7 @@ def _encoded_size(value: Any) -> int:
         return len(msgpack.packb(value, use_bin_type=True, default=_packable))
 
 
-def _check_size(name: str, fields: list[str], values: list[Any], limit: int) -> None:
+def _check_size(name: str, fields: list[str], values: Sequence[Any], limit: int) -> None:
     """Refuse the message whose field ``values`` encode to more than ``limit`` bytes, naming
     its largest field."""
     try:
