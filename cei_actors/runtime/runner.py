@@ -382,36 +382,14 @@ class Runner(Generic[S]):
         return None, 0, bool(skipped)
 
     def handle(self, message: Any, trusted: bool = False) -> Decision:
-        """Decide on one message and persist its events: :meth:`handle_many` of ``[message]``,
-        the same rules without a batch's lists and loops (decision RT13; a runner recording
-        its inputs takes :meth:`handle_many`)."""
-        state = self.state
-        if state is None:
+        """Decide on one message and persist its events: :meth:`handle_many` of ``[message]``
+        without a batch's lists and loops (decision RT13)."""
+        if self.state is None:
             raise NotReady(f"stream {self.stream}: not recovered")
-        if self.record_inputs:
-            return self.handle_many([message], trusted)[0]
-        component = self.component
-        ctx = Context(self.clock(), self.rng)
-        decision = decide_one(component, state, message, ctx, self.stream, trusted=trusted)
-        events = decision.events
-        if not events:
-            return decision
-        now = ctx.now
-        to_checked = component.registry.to_checked
-        try:
-            pending = [to_checked(event, now) for event in events]
-        except UnstorableEvent as exc:
-            return self._refuse(message, exc, [])
-        apply = component.apply
-        try:
-            state = self.state
-            for event in events:
-                state = apply(state, event)
-            self.state = state
-        except Exception:
-            self.state = None
-            raise
-        self._commit(pending)
+        pending: list[PendingEvent] = []
+        decision = self._take(message, self.context(), trusted, pending)
+        if pending:
+            self._commit(pending)
         return decision
 
     def handle_many(self, messages: Sequence[Any], trusted: bool = False) -> list[Decision]:
@@ -433,39 +411,44 @@ class Runner(Generic[S]):
         if self.state is None:
             raise NotReady(f"stream {self.stream}: not recovered")
         ctx = self.context()
-        now = ctx.now
-        decisions: list[Decision] = []
         pending: list[PendingEvent] = []
-        record = self.record_inputs
-        component = self.component
-        to_checked, apply = component.registry.to_checked, component.apply
-        for message in messages:
-            mctx = self._context_for_input(now) if record else ctx
-            decision = decide_one(component, self.state, message, mctx, self.stream, trusted=trusted)
-            events = decision.events
-            if events:
-                try:
-                    checked = [to_checked(event, now) for event in events]
-                except UnstorableEvent as exc:
-                    decisions.append(self._refuse(message, exc, pending))
-                    continue
-                try:
-                    state = self.state
-                    for event in events:
-                        state = apply(state, event)
-                    self.state = state
-                except Exception:
-                    self.state = None
-                    raise
-                if record:
-                    checked[0] = self._with_inputs(checked[0], message, mctx, len(checked))
-                pending.extend(checked)
-            elif record:
-                self._note_input(message, mctx, 0)
-            decisions.append(decision)
+        take = self._take
+        decisions = [take(message, ctx, trusted, pending) for message in messages]
         if pending:
             self._commit(pending)
         return decisions
+
+    def _take(self, message: Any, ctx: Context, trusted: bool, pending: list[PendingEvent]) -> Decision:
+        """One message of :meth:`handle_many`: decided against the state the ones before it
+        left, its events checked (a refusal: :meth:`_refuse`), applied and added to
+        ``pending``; its decision."""
+        record = self.record_inputs
+        component = self.component
+        now = ctx.now
+        mctx = self._context_for_input(now) if record else ctx
+        decision = decide_one(component, self.state, message, mctx, self.stream, trusted=trusted)
+        events = decision.events
+        if events:
+            to_checked = component.registry.to_checked
+            try:
+                checked = [to_checked(event, now) for event in events]
+            except UnstorableEvent as exc:
+                return self._refuse(message, exc, pending)
+            apply = component.apply
+            try:
+                state = self.state
+                for event in events:
+                    state = apply(state, event)
+                self.state = state
+            except Exception:
+                self.state = None
+                raise
+            if record:
+                checked[0] = self._with_inputs(checked[0], message, mctx, len(checked))
+            pending.extend(checked)
+        elif record:
+            self._note_input(message, mctx, 0)
+        return decision
 
     def _checked(self, events: list[Any], now: float) -> list[PendingEvent]:
         to_checked = self.component.registry.to_checked
