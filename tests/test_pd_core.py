@@ -1343,6 +1343,20 @@ def test_a_heartbeat_that_only_moved_up_or_ended_processes_leaves_the_list_to_co
     assert sim.state == sim.replayed()
 
 
+def _record_events(sim: Sim, events: list) -> object:
+    """Every event ``sim``'s runner decides from now on is added to ``events``, in order;
+    returns the runner's own ``handle``."""
+    handle = sim.runner.handle
+
+    def recording(message):  # noqa: ANN001, ANN202
+        decision = handle(message)
+        events.extend(decision.events)
+        return decision
+
+    sim.runner.handle = recording
+    return handle
+
+
 def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(monkeypatch):
     """Decision SC14: while no resource is WARNING or MISSING and no agent can have been
     silent for ``heartbeat_warning`` (every agent's ts is at least the bound the last full
@@ -1357,14 +1371,7 @@ def test_the_monitor_looks_at_every_resource_only_when_one_may_have_gone_silent(
     def drive(sim: Sim) -> tuple[list, list]:
         states: list = []
         events: list = []  # every event, in order
-        handle = sim.runner.handle
-
-        def recording(message):  # noqa: ANN001, ANN202
-            decision = handle(message)
-            events.extend(decision.events)
-            return decision
-
-        sim.runner.handle = recording
+        _record_events(sim, events)
         for i in range(5):
             sim.add_node(f"n{i}")
         for i in range(4):
@@ -1456,14 +1463,7 @@ def test_a_heartbeat_looks_only_at_the_rows_that_differ_from_its_agents_memo():
             sim.state.soft.quiet.pop(aid, None)  # the pass over every row, as before SC16
         head, sent = sim.runner.head, len(sim.sent)
         events = []
-        handle = sim.runner.handle
-
-        def recording(message):  # noqa: ANN001, ANN202
-            decision = handle(message)
-            events.extend(decision.events)
-            return decision
-
-        sim.runner.handle = recording
+        handle = _record_events(sim, events)
         counting = _CountingGets(sim.state.processes)
         sim.state.processes = sim.state.mm.processes = counting
         sim.now += 1.0
