@@ -215,8 +215,8 @@ class SimAgent:
         now = self.clock.t
         self.last_sent = now
         procs = self.table.rows()  # the table's own rows: the PD only reads them (SIM8)
-        # Simulation.tell(pd, heartbeat, sender=self.name, trusted=True), one call less (SIM22)
-        self.sim._send(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs), self.name, 0.0, True)
+        self.sim.tell(self.pd, AgentHeartbeat(self.agent_id, self.node_id, now, procs),
+                      sender=self.name, trusted=True)
 
     # ---- the core's actions on virtual time
 
@@ -260,8 +260,8 @@ class SimAgent:
     def live_keys(self) -> list[tuple[str, int]]:
         """The keys of the live records (PENDING, RUNNING, TERMINATING), in table order;
         ``ValueError`` for a record in an unknown state."""
-        live, is_live = ast.LIVE_STATES, ast.is_live  # a live state without a call (SIM22)
-        return [k for k, r in self.table.records.items() if r.state in live or is_live(r.state)]
+        is_live = ast.is_live
+        return [k for k, r in self.table.records.items() if is_live(r.state)]
 
 
 class _NoProcesses:
